@@ -1,0 +1,27 @@
+"""Run every kernel in Numba's CUDA simulator unless a real GPU run is asked for.
+
+Numba reads NUMBA_ENABLE_CUDASIM once, when numba.cuda is first imported, so it is set here, before any
+test module imports numbattn. On a GPU machine, `NUMBATTN_TEST_GPU=1 pytest` runs the same tests (and the
+`gpu`-marked large-shape ones) on the real device.
+"""
+import os
+
+import pytest
+
+GPU_RUN = os.environ.get("NUMBATTN_TEST_GPU", "") not in ("", "0")
+if not GPU_RUN:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+os.environ.setdefault("NUMBATTN_STRICT", "1")  # a broken kernel must fail its test, not fall back to NumPy
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: large shapes that need a real CUDA GPU (NUMBATTN_TEST_GPU=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU_RUN:
+        return
+    skip = pytest.mark.skip(reason="needs a real GPU: run with NUMBATTN_TEST_GPU=1 on a CUDA machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

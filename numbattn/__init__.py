@@ -1,0 +1,13 @@
+"""numbattn: FlashAttention-style attention and KV-cache kernels written in Numba CUDA.
+
+    out = numbattn.attention(q, k, v, causal=True)      # prefill, tiled online softmax
+    numbattn.available_backends()                        # e.g. ["sim", "numpy"]
+    numbattn.reference.attention(q, k, v, causal=True)   # the NumPy oracle, same signature
+
+See numbattn/backend.py for how the engine (GPU, simulator, NumPy) is chosen.
+"""
+from . import reference
+from .backend import available_backends
+from .prefill import attention, flash_attention
+
+__all__ = ["attention", "flash_attention", "available_backends", "reference"]

@@ -1,0 +1,246 @@
+"""Prefill attention kernels: softmax(Q K^T * scale) V without ever building the N×N score matrix.
+
+What you will learn here
+------------------------
+Naive attention writes an [q_len, kv_len] score matrix per head to memory, reads it back for the softmax
+and again for the product with V: O(N²) bytes of traffic and storage. FlashAttention never stores it.
+It walks over K and V in tiles and keeps, for each query row i, three running quantities:
+
+    m_i   the largest score seen so far                    (so exp() never overflows)
+    l_i   sum_j exp(s_ij - m_i) over the keys seen so far  (the softmax denominator)
+    acc   sum_j exp(s_ij - m_i) * v_j                      (the un-normalised output row)
+
+When a new tile raises the maximum from m_old to m_new, everything accumulated so far was scaled by
+exp(-m_old) and must be rescaled by alpha = exp(m_old - m_new); then the tile's terms are added. After the
+last tile a single division acc / l_i gives the exact softmax-weighted sum. (FlashAttention-2, Alg. 1.)
+We fold log2(e) into the scale and use exp2, as the FlashAttention kernels do: exp(x) = exp2(x * log2 e).
+
+Three versions live side by side (llm.c style); all run unchanged in Numba's CUDA simulator and are
+validated by the same tests, and `cli.py bench` / benchmarks/bench.py compares them on a GPU:
+
+    v0  naive: one thread per query row reads every key and value straight from global memory.
+        Global traffic per head: each of q_len threads reads all of K and V -> q_len * kv_len * d * 2 loads.
+    v1  tiled (the teaching version): a block of BLOCK_M threads, one per query row, stages its Q tile and
+        then each BLOCK_N-key tile of K and V in shared memory; every K/V element fetched from global memory
+        now serves BLOCK_M query rows -> K/V traffic drops by BLOCK_M (64x on the GPU).
+    v2  register-tiled (the fast one, see numbattn/prefill_v2.py).
+
+Causal masking is bottom-right aligned (FlashAttention-2): with q_len <= kv_len, query i sees keys
+j <= i + (kv_len - q_len). Key tiles that lie entirely above the diagonal are never loaded (the loop simply
+stops early); only the tile that straddles the diagonal is masked element by element.
+
+Grouped-query attention: query head h reads KV head h // (n_heads // n_kv_heads). K and V are never copied.
+
+Tile sizes are compile-time constants (they size shared and local arrays), so kernels come from a cached
+factory: tests run 4×4 tiles in the simulator, the GPU runs 64×64.
+"""
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda, float32
+
+from . import backend as _backend
+from . import reference
+from .validate import check_qkv, check_scale
+
+LOG2E = 1.4426950408889634
+NEG_INF = float32(-np.inf)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape of one kernel version: query rows per block, keys per tile, threads per block."""
+    block_m: int
+    block_n: int
+    threads: int
+
+
+# --------------------------------------------------------------------------------------------------------
+# v0: naive. One thread = one query row; K and V come straight from global memory, one key at a time.
+# --------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def make_v0(head_dim, block_m):
+    D = head_dim
+
+    @cuda.jit(fastmath=True)
+    def attention_v0(q, k, v, out, scale_log2, causal):
+        q_len, kv_len = q.shape[2], k.shape[2]
+        b, h = cuda.blockIdx.z, cuda.blockIdx.y
+        hk = h // (q.shape[1] // k.shape[1])                # GQA: which KV head this query head reads
+        i = cuda.blockIdx.x * block_m + cuda.threadIdx.x    # this thread's query row
+        if i >= q_len:
+            return
+        acc = cuda.local.array(D, float32)
+        for d in range(D):
+            acc[d] = 0.0
+        m_i = NEG_INF
+        l_i = float32(0.0)
+        n_keys = min(kv_len, i + (kv_len - q_len) + 1) if causal else kv_len
+        for j in range(n_keys):
+            s = float32(0.0)
+            for d in range(D):
+                s += float32(q[b, h, i, d]) * float32(k[b, hk, j, d])
+            s *= scale_log2
+            m_new = max(m_i, s)
+            alpha = math.exp2(m_i - m_new)                  # rescale what was accumulated under m_i
+            p = math.exp2(s - m_new)
+            l_i = l_i * alpha + p
+            for d in range(D):
+                acc[d] = acc[d] * alpha + p * float32(v[b, hk, j, d])
+            m_i = m_new
+        for d in range(D):
+            out[b, h, i, d] = acc[d] / l_i
+
+    return attention_v0
+
+
+# --------------------------------------------------------------------------------------------------------
+# v1: tiled. Q, K and V tiles in shared memory; one thread per query row; online softmax per key tile.
+# --------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def make_v1(head_dim, block_m, block_n):
+    D, BM, BN = head_dim, block_m, block_n
+    DP = D + 1  # pad Q rows by one word: thread t reads Qs[t, d], and a stride of D (a multiple of 32
+    #             banks) would put every thread of a warp on the same shared-memory bank
+
+    @cuda.jit(fastmath=True)
+    def attention_v1(q, k, v, out, scale_log2, causal):
+        q_len, kv_len = q.shape[2], k.shape[2]
+        b, h = cuda.blockIdx.z, cuda.blockIdx.y
+        hk = h // (q.shape[1] // k.shape[1])
+        t = cuda.threadIdx.x
+        q0 = cuda.blockIdx.x * BM           # first query row of this block's tile
+        i = q0 + t                          # this thread's query row
+        offset = kv_len - q_len             # bottom-right causal alignment: row i sees keys j <= i + offset
+
+        Qs = cuda.shared.array((BM, DP), float32)
+        Ks = cuda.shared.array((BN, D), float32)
+        Vs = cuda.shared.array((BN, D), float32)
+        s = cuda.local.array(BN, float32)   # this row's scores for the current key tile
+        acc = cuda.local.array(D, float32)
+
+        # Q tile -> shared memory, pre-multiplied by scale * log2(e) so the loop below can use exp2 directly.
+        for idx in range(t, BM * D, BM):
+            r, c = idx // D, idx % D
+            Qs[r, c] = float32(q[b, h, q0 + r, c]) * scale_log2 if q0 + r < q_len else 0.0
+        for d in range(D):
+            acc[d] = 0.0
+        m_i = NEG_INF
+        l_i = float32(0.0)
+
+        # Causal: the block's last row sees keys up to q0 + BM - 1 + offset; tiles past that are skipped.
+        kv_end = min(kv_len, q0 + BM + offset) if causal else kv_len
+        for j0 in range(0, kv_end, BN):
+            cuda.syncthreads()              # everyone is done with the previous K/V tile
+            for idx in range(t, BN * D, BM):  # consecutive threads read consecutive addresses (coalesced)
+                r, c = idx // D, idx % D
+                inside = j0 + r < kv_len
+                Ks[r, c] = float32(k[b, hk, j0 + r, c]) if inside else 0.0
+                Vs[r, c] = float32(v[b, hk, j0 + r, c]) if inside else 0.0
+            cuda.syncthreads()
+            if i < q_len:
+                # scores for this tile; keys past kv_len or above the diagonal get -inf
+                last_key = min(kv_len - 1, i + offset) if causal else kv_len - 1
+                m_tile = NEG_INF
+                for jj in range(BN):
+                    if j0 + jj <= last_key:
+                        x = float32(0.0)
+                        for d in range(D):
+                            x += Qs[t, d] * Ks[jj, d]   # every thread reads the same Ks word: a broadcast
+                        s[jj] = x
+                        m_tile = max(m_tile, x)
+                    else:
+                        s[jj] = NEG_INF
+                m_new = max(m_i, m_tile)    # finite: every row sees key 0 in the first tile
+                alpha = math.exp2(m_i - m_new)
+                l_i *= alpha
+                for d in range(D):
+                    acc[d] *= alpha
+                for jj in range(BN):
+                    p = math.exp2(s[jj] - m_new)        # exp2(-inf) = 0 for masked keys
+                    l_i += p
+                    for d in range(D):
+                        acc[d] += p * Vs[jj, d]
+                m_i = m_new
+        if i < q_len:
+            inv_l = 1.0 / l_i               # the one division, at the very end
+            for d in range(D):
+                out[b, h, i, d] = acc[d] * inv_l
+
+    return attention_v1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launching
+# --------------------------------------------------------------------------------------------------------
+def _make(version, head_dim, tiles):
+    if version == "v0":
+        return make_v0(head_dim, tiles.block_m)
+    if version == "v1":
+        return make_v1(head_dim, tiles.block_m, tiles.block_n)
+    if version == "v2":
+        from .prefill_v2 import make_v2
+        return make_v2(head_dim, tiles.block_m, tiles.block_n, tiles.threads)
+    raise ValueError(f"version={version!r}: expected one of {VERSIONS}")
+
+
+VERSIONS = ("v0", "v1", "v2")
+DEFAULT_VERSION = "v1"
+# GPU tiles are sized for an H100; the simulator runs one Python thread per CUDA thread, so tests use tiny ones.
+GPU_TILES = {"v0": Tiles(64, 1, 64), "v1": Tiles(64, 64, 64), "v2": Tiles(64, 64, 128)}
+SIM_TILES = {"v0": Tiles(4, 1, 4), "v1": Tiles(4, 4, 4), "v2": Tiles(4, 4, 4)}
+
+
+def default_tiles(version, backend):
+    return (SIM_TILES if backend == "sim" else GPU_TILES)[version]
+
+
+def launch(q, k, v, out, causal, scale, version=DEFAULT_VERSION, tiles=None, stream=0):
+    """Launch one prefill kernel on device arrays (already validated). Returns out."""
+    tiles = tiles or default_tiles(version, "cuda")
+    batch, n_heads, q_len, head_dim = q.shape
+    kernel = _make(version, head_dim, tiles)
+    grid = ((q_len + tiles.block_m - 1) // tiles.block_m, n_heads, batch)
+    kernel[grid, tiles.threads, stream](q, k, v, out, float32(scale * LOG2E), bool(causal))
+    return out
+
+
+def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None, version=DEFAULT_VERSION,
+                    tiles=None):
+    """numbattn.attention with the kernel version, tile sizes and output buffer exposed (tests, lessons, bench).
+
+    q [batch, n_heads, q_len, head_dim], k, v [batch, n_kv_heads, kv_len, head_dim]: float32 or float16,
+    host NumPy arrays (-> host result) or Numba device arrays (-> device result). Returns float32.
+    `out`, if given, is a float32 device array of q's shape that the kernel fills (e.g. NaN-poisoned by a test).
+    """
+    check_qkv(q, k, v, causal)
+    scale = check_scale(scale, q.shape[-1])
+    if out is not None and (tuple(out.shape) != tuple(q.shape) or np.dtype(out.dtype) != np.float32):
+        raise ValueError(f"out has shape {tuple(out.shape)} and dtype {np.dtype(out.dtype).name}; "
+                         f"expected {tuple(q.shape)} float32")
+    be = _backend.resolve(backend)
+    on_device = _backend.is_device_array(q)
+
+    def numpy_path():
+        o = reference.attention(*(_backend.to_host(x) for x in (q, k, v)), causal=causal, scale=scale)
+        o = np.ascontiguousarray(o, dtype=np.float32)
+        if out is not None:
+            out.copy_to_device(o)
+            return out if on_device else o
+        return cuda.to_device(o) if on_device else o
+
+    def kernel_path():
+        dq, dk, dv = (x if _backend.is_device_array(x) else cuda.to_device(np.ascontiguousarray(x))
+                      for x in (q, k, v))
+        o = out if out is not None else cuda.device_array(q.shape, dtype=np.float32)
+        launch(dq, dk, dv, o, causal, scale, version, tiles or default_tiles(version, be))
+        return o if on_device else o.copy_to_host()
+
+    return _backend.run(f"prefill attention {version}", be, kernel_path, numpy_path)
+
+
+def attention(q, k, v, causal=False, scale=None, backend="auto"):
+    """softmax(q k^T * scale, causal) v with the default (fastest correct) kernel. See flash_attention."""
+    return flash_attention(q, k, v, causal=causal, scale=scale, backend=backend)

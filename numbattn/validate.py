@@ -1,0 +1,64 @@
+"""Argument checks shared by the kernel launchers: kernels never see unchecked input.
+
+Every failure is a ValueError naming the argument and its shape or dtype.
+"""
+import numpy as np
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (np.float32, np.float16)
+
+
+def check_dtype(name, x, allowed=DTYPES):
+    if np.dtype(x.dtype) not in [np.dtype(d) for d in allowed]:
+        names = ", ".join(np.dtype(d).name for d in allowed)
+        raise ValueError(f"{name} has dtype {np.dtype(x.dtype).name}; expected one of: {names}")
+
+
+def check_rank(name, x, rank, layout):
+    if len(x.shape) != rank:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {rank} dimensions {layout}")
+
+
+def check_head_dim(name, head_dim):
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{name} has head_dim {head_dim}; the kernels support {SUPPORTED_HEAD_DIMS}")
+
+
+def check_heads(q_name, n_heads, kv_name, n_kv_heads):
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"{q_name} has {n_heads} heads, {kv_name} has {n_kv_heads}: "
+                         f"n_heads must be a multiple of n_kv_heads (grouped-query attention)")
+
+
+def check_scale(scale, head_dim):
+    scale = 1.0 / np.sqrt(head_dim) if scale is None else float(scale)
+    if not np.isfinite(scale):
+        raise ValueError(f"scale={scale} must be a finite number")
+    return scale
+
+
+def check_qkv(q, k, v, causal):
+    """Validate prefill inputs q [b, h, q_len, d], k, v [b, h_kv, kv_len, d]."""
+    layout = "[batch, n_heads, seq_len, head_dim]"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_rank(name, x, 4, layout)
+        check_dtype(name, x)
+    if np.dtype(k.dtype) != np.dtype(v.dtype):
+        raise ValueError(f"k has dtype {np.dtype(k.dtype).name} but v has {np.dtype(v.dtype).name}")
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; they must match")
+    b, h, q_len, d = q.shape
+    if k.shape[0] != b:
+        raise ValueError(f"q has batch {b} (shape {tuple(q.shape)}) but k has batch {k.shape[0]} "
+                         f"(shape {tuple(k.shape)})")
+    if k.shape[3] != d:
+        raise ValueError(f"q has head_dim {d} (shape {tuple(q.shape)}) but k has head_dim {k.shape[3]} "
+                         f"(shape {tuple(k.shape)})")
+    check_head_dim("q", d)
+    check_heads("q", h, "k", k.shape[1])
+    kv_len = k.shape[2]
+    if q_len < 1 or kv_len < 1 or b < 1:
+        raise ValueError(f"empty input: q has shape {tuple(q.shape)}, k has shape {tuple(k.shape)}")
+    if causal and q_len > kv_len:
+        raise ValueError(f"causal attention needs q_len <= kv_len (bottom-right aligned mask); "
+                         f"q has q_len {q_len} (shape {tuple(q.shape)}), k has kv_len {kv_len}")

@@ -1,0 +1,30 @@
+"""numbattn + tinyllm: FlashAttention-style Numba CUDA kernels and a NumPy TinyLlama that chats on them."""
+from setuptools import find_packages, setup
+
+setup(
+    name="numbattn",
+    version="0.1.0",
+    description="Teaching-grade FlashAttention and KV-cache kernels in Numba CUDA, and a NumPy TinyLlama on top",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["numbattn", "numbattn.*", "tinyllm", "tinyllm.*"]),
+    py_modules=["cli"],
+    install_requires=[
+        "numba>=0.60",
+        "numba-cuda>=0.20",
+        # numba-cuda 0.30 cannot compile kernels with NumPy 2.5 (np.row_stack is gone)
+        "numpy>=1.24,<2.5",
+        "tokenizers>=0.15",
+        "click>=8.0",
+        "jinja2>=3.0",  # chat templates, rendered in jinja2's sandbox
+        "huggingface_hub>=0.20",  # the one explicit network step: downloading TinyLlama
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+        # what a GPU user adds: NVVM, NVRTC and the CUDA runtime as wheels, matched to a CUDA 13 driver
+        "cuda": ["numba-cuda[cu13]"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["tinyllm=cli:main"]},
+)
