@@ -23,7 +23,8 @@ validated by the same tests, and `cli.py bench` / benchmarks/bench.py compares t
     v1  tiled (the teaching version): a block of BLOCK_M threads, one per query row, stages its Q tile and
         then each BLOCK_N-key tile of K and V in shared memory; every K/V element fetched from global memory
         now serves BLOCK_M query rows -> K/V traffic drops by BLOCK_M (64x on the GPU).
-    v2  register-tiled (the fast one, see numbattn/prefill_v2.py).
+    v2  register-tiled (the fast one and the default; see numbattn/prefill_v2.py): each thread owns a small
+        block of scores and outputs in registers, so every shared-memory load feeds several FMAs.
 
 Causal masking is bottom-right aligned (FlashAttention-2): with q_len <= kv_len, query i sees keys
 j <= i + (kv_len - q_len). Key tiles that lie entirely above the diagonal are never loaded (the loop simply
@@ -32,7 +33,7 @@ stops early); only the tile that straddles the diagonal is masked element by ele
 Grouped-query attention: query head h reads KV head h // (n_heads // n_kv_heads). K and V are never copied.
 
 Tile sizes are compile-time constants (they size shared and local arrays), so kernels come from a cached
-factory: tests run 4×4 tiles in the simulator, the GPU runs 64×64.
+factory: tests run 4×4 tiles in the simulator, the GPU runs 64-row query tiles.
 """
 import functools
 import math
@@ -187,20 +188,29 @@ def _make(version, head_dim, tiles):
 
 
 VERSIONS = ("v0", "v1", "v2")
-DEFAULT_VERSION = "v1"
-# GPU tiles are sized for an H100; the simulator runs one Python thread per CUDA thread, so tests use tiny ones.
-GPU_TILES = {"v0": Tiles(64, 1, 64), "v1": Tiles(64, 64, 64), "v2": Tiles(64, 64, 128)}
+DEFAULT_VERSION = "v2"
+# The simulator runs one Python thread per CUDA thread, so tests use tiny tiles (several tiles per sequence).
 SIM_TILES = {"v0": Tiles(4, 1, 4), "v1": Tiles(4, 4, 4), "v2": Tiles(4, 4, 4)}
 
 
-def default_tiles(version, backend):
-    return (SIM_TILES if backend == "sim" else GPU_TILES)[version]
+def gpu_tiles(version, head_dim):
+    """Tiles for a real GPU, sized to stay under the 48 KB static shared-memory limit per block."""
+    big = head_dim > 64
+    return {"v0": Tiles(64, 1, 64),
+            "v1": Tiles(32, 16, 32) if big else Tiles(64, 64, 64),
+            "v2": Tiles(32, 16, 64) if big else Tiles(64, 32, 128)}[version]
+
+
+def default_tiles(version, backend, head_dim):
+    if version not in VERSIONS:
+        raise ValueError(f"version={version!r}: expected one of {VERSIONS}")
+    return SIM_TILES[version] if backend == "sim" else gpu_tiles(version, head_dim)
 
 
 def launch(q, k, v, out, causal, scale, version=DEFAULT_VERSION, tiles=None, stream=0):
     """Launch one prefill kernel on device arrays (already validated). Returns out."""
-    tiles = tiles or default_tiles(version, "cuda")
     batch, n_heads, q_len, head_dim = q.shape
+    tiles = tiles or default_tiles(version, "cuda", head_dim)
     kernel = _make(version, head_dim, tiles)
     grid = ((q_len + tiles.block_m - 1) // tiles.block_m, n_heads, batch)
     kernel[grid, tiles.threads, stream](q, k, v, out, float32(scale * LOG2E), bool(causal))
@@ -216,11 +226,13 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None,
     `out`, if given, is a float32 device array of q's shape that the kernel fills (e.g. NaN-poisoned by a test).
     """
     check_qkv(q, k, v, causal)
-    scale = check_scale(scale, q.shape[-1])
+    scale = check_scale(scale, q.shape[3])
     if out is not None and (tuple(out.shape) != tuple(q.shape) or np.dtype(out.dtype) != np.float32):
         raise ValueError(f"out has shape {tuple(out.shape)} and dtype {np.dtype(out.dtype).name}; "
                          f"expected {tuple(q.shape)} float32")
     be = _backend.resolve(backend)
+    if version not in VERSIONS:
+        raise ValueError(f"version={version!r}: expected one of {VERSIONS}")
     on_device = _backend.is_device_array(q)
 
     def numpy_path():
@@ -235,7 +247,7 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None,
         dq, dk, dv = (x if _backend.is_device_array(x) else cuda.to_device(np.ascontiguousarray(x))
                       for x in (q, k, v))
         o = out if out is not None else cuda.device_array(q.shape, dtype=np.float32)
-        launch(dq, dk, dv, o, causal, scale, version, tiles or default_tiles(version, be))
+        launch(dq, dk, dv, o, causal, scale, version, tiles or default_tiles(version, be, q.shape[3]))
         return o if on_device else o.copy_to_host()
 
     return _backend.run(f"prefill attention {version}", be, kernel_path, numpy_path)

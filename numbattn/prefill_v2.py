@@ -1,0 +1,238 @@
+"""Prefill attention v2: the register-tiled FlashAttention kernel (the fast one).
+
+What v2 changes over v1 (numbattn/prefill.py), and why
+------------------------------------------------------
+v1 gives each thread one whole query row. Every score then costs a shared-memory load of a K element
+(broadcast to the warp) and a Q element for a single FMA, and the output update loads a V element per
+FMA: the kernel is bound by shared-memory loads, not arithmetic, and a block has only BLOCK_M threads.
+
+v2 treats each tile as two small matrix products and tiles them over threads the way a SIMT GEMM does.
+The threads of a block form a TR × TC grid. Thread (rg, cg) owns
+
+    rows    r = rg + TR*i,  i < TM = BLOCK_M / TR      (its query rows)
+    keys    c = cg + TC*j,  j < TN = BLOCK_N / TC      (its columns of the score tile S = Q K^T)
+    dims    e = cg + TC*j,  j < TE = D / TC            (its columns of the output tile O = P V)
+
+and keeps its TM×TN scores and TM×TE accumulator in registers (local arrays with compile-time sizes,
+fully unrolled, so no local-memory traffic). For each of the D (or BLOCK_N) steps of a product it loads TM
+values of one operand and TN (or TE) of the other and does TM×TN FMAs: with TM=4, TN=TE=8 that is 32 FMAs
+per 12 shared loads instead of 1 per 2. Strided ownership (cg + TC*j) puts the TC threads of a row group on
+consecutive shared-memory words, so the loads are conflict-free; Q and K rows are padded by one word.
+
+The softmax of a row is spread over the TC threads of its group: each takes the max of its TN scores, the
+group combines them (`group_max`), and all apply the same m_new, so alpha and exp2(s - m_new) agree. The
+row sums l_i need no per-tile exchange at all: every thread keeps the partial sum over its own columns,
+rescaled by the same alpha, and the group adds the partials once at the very end.
+
+P (the exponentiated tile) goes through shared memory between the two products, because the output
+columns a thread owns need every key of the tile, while it computed only TN of them.
+
+Warp shuffles and the simulator
+-------------------------------
+On a GPU the TC threads of a row group are consecutive lanes of one warp, so `group_max`/`group_sum` are
+log2(TC) `shfl_xor_sync` steps. Numba's simulator has no warp shuffles, so the same functions have a
+shared-memory twin (`reduce="shared"`), chosen automatically when the simulator is active; the GPU tests
+run both. Everything else is one code path.
+
+Memory traffic per (batch, head): Q and O once; K and V once per query tile, i.e. kv_len*D*2*4 bytes
+times ceil(q_len / BLOCK_M) (halved again for causal, since tiles above the diagonal are skipped).
+Shared memory: (BM*(D+1) + BN*(D+1) + BN*D + BM*(BN+1)) * 4 bytes, under the 48 KB static limit:
+BM=64, BN=32 at D=64 (41.6 KB); BM=32, BN=16 at D=128 (35 KB).
+"""
+import functools
+import math
+
+import numpy as np
+from numba import config, cuda, float32
+
+NEG_INF = float32(-np.inf)
+FULL_MASK = 0xFFFFFFFF
+
+
+def layout(block_m, block_n, threads, head_dim):
+    """The thread grid (TR, TC) and per-thread register tile (TM, TN, TE) for one launch shape."""
+    TC = min(8, block_n, threads)
+    TR = threads // TC
+    if threads % TC or block_m % TR or block_n % TC or head_dim % TC:
+        raise ValueError(f"v2 tiles block_m={block_m}, block_n={block_n}, threads={threads} do not divide "
+                         f"into a thread grid for head_dim {head_dim}")
+    return TR, TC, block_m // TR, block_n // TC, head_dim // TC
+
+
+def shared_bytes(block_m, block_n, head_dim):
+    return 4 * (block_m * (head_dim + 1) + block_n * (head_dim + 1) + block_n * head_dim
+                + block_m * (block_n + 1))
+
+
+def make_group_reduce(TC, TM, use_shuffle):
+    """group_max(x, red) / group_sum(x, red): combine x[0:TM] across the TC threads of a row group, in place."""
+    LOG_TC = int(math.log2(TC))
+
+    if use_shuffle:
+        @cuda.jit(device=True, inline=True)
+        def group_max(x, red):
+            for i in range(TM):
+                v = x[i]
+                for s in range(LOG_TC):
+                    v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, TC >> (s + 1)))
+                x[i] = v
+
+        @cuda.jit(device=True, inline=True)
+        def group_sum(x, red):
+            for i in range(TM):
+                v = x[i]
+                for s in range(LOG_TC):
+                    v += cuda.shfl_xor_sync(FULL_MASK, v, TC >> (s + 1))
+                x[i] = v
+
+        return group_max, group_sum
+
+    # shared-memory twin: every thread posts its values, waits, and reads its group's TC values
+    @cuda.jit(device=True, inline=True)
+    def group_max(x, red):
+        t = cuda.threadIdx.x
+        g0 = t - t % TC
+        for i in range(TM):
+            red[i, t] = x[i]
+        cuda.syncthreads()
+        for i in range(TM):
+            v = red[i, g0]
+            for c in range(1, TC):
+                v = max(v, red[i, g0 + c])
+            x[i] = v
+        cuda.syncthreads()
+
+    @cuda.jit(device=True, inline=True)
+    def group_sum(x, red):
+        t = cuda.threadIdx.x
+        g0 = t - t % TC
+        for i in range(TM):
+            red[i, t] = x[i]
+        cuda.syncthreads()
+        for i in range(TM):
+            v = float32(0.0)
+            for c in range(TC):
+                v += red[i, g0 + c]
+            x[i] = v
+        cuda.syncthreads()
+
+    return group_max, group_sum
+
+
+@functools.lru_cache(maxsize=None)
+def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
+    D, BM, BN, NT = head_dim, block_m, block_n, threads
+    TR, TC, TM, TN, TE = layout(BM, BN, NT, D)
+    if reduce == "auto":
+        reduce = "shared" if config.ENABLE_CUDASIM else "shuffle"
+    group_max, group_sum = make_group_reduce(TC, TM, reduce == "shuffle")
+    DP, BNP = D + 1, BN + 1                         # one word of padding per row: conflict-free columns
+    RED = (TM, NT) if reduce == "shared" else (1, 1)
+
+    @cuda.jit(fastmath=True)
+    def attention_v2(q, k, v, out, scale_log2, causal):
+        q_len, kv_len = q.shape[2], k.shape[2]
+        b, h = cuda.blockIdx.z, cuda.blockIdx.y
+        hk = h // (q.shape[1] // k.shape[1])
+        t = cuda.threadIdx.x
+        rg, cg = t // TC, t % TC
+        q0 = cuda.blockIdx.x * BM
+        offset = kv_len - q_len
+
+        Qs = cuda.shared.array((BM, DP), float32)
+        Ks = cuda.shared.array((BN, DP), float32)
+        Vs = cuda.shared.array((BN, D), float32)
+        Ps = cuda.shared.array((BM, BNP), float32)
+        red = cuda.shared.array(RED, float32)
+
+        s = cuda.local.array((TM, TN), float32)     # this thread's piece of S = Q K^T, then of P
+        acc = cuda.local.array((TM, TE), float32)   # this thread's piece of the output
+        m_i = cuda.local.array(TM, float32)
+        l_i = cuda.local.array(TM, float32)         # partial row sums over this thread's columns only
+        m_tile = cuda.local.array(TM, float32)
+        a = cuda.local.array(TM, float32)
+        bvec = cuda.local.array(TN if TN > TE else TE, float32)
+
+        for idx in range(t, BM * D, NT):            # Q tile, scaled by scale*log2(e) for exp2
+            r, c = idx // D, idx % D
+            Qs[r, c] = float32(q[b, h, q0 + r, c]) * scale_log2 if q0 + r < q_len else float32(0.0)
+        for i in range(TM):
+            m_i[i] = NEG_INF
+            l_i[i] = 0.0
+            for e in range(TE):
+                acc[i, e] = 0.0
+
+        kv_end = min(kv_len, q0 + BM + offset) if causal else kv_len
+        for j0 in range(0, kv_end, BN):
+            cuda.syncthreads()                      # the previous tile's Ks, Vs and Ps are no longer read
+            for idx in range(t, BN * D, NT):
+                r, c = idx // D, idx % D
+                inside = j0 + r < kv_len
+                Ks[r, c] = float32(k[b, hk, j0 + r, c]) if inside else float32(0.0)
+                Vs[r, c] = float32(v[b, hk, j0 + r, c]) if inside else float32(0.0)
+            cuda.syncthreads()
+
+            # S = Q K^T on this thread's TM×TN piece: outer products over d
+            for i in range(TM):
+                for j in range(TN):
+                    s[i, j] = 0.0
+            for d in range(D):
+                for i in range(TM):
+                    a[i] = Qs[rg + TR * i, d]
+                for j in range(TN):
+                    bvec[j] = Ks[cg + TC * j, d]
+                for i in range(TM):
+                    for j in range(TN):
+                        s[i, j] += a[i] * bvec[j]
+
+            # mask only where this tile crosses kv_len or the causal diagonal
+            if j0 + BN > kv_len or (causal and j0 + BN - 1 > q0 + offset):
+                for i in range(TM):
+                    last = kv_len - 1
+                    if causal:
+                        last = min(last, q0 + rg + TR * i + offset)
+                    for j in range(TN):
+                        if j0 + cg + TC * j > last:
+                            s[i, j] = NEG_INF
+
+            # online softmax: new row max over the group, rescale, exponentiate
+            for i in range(TM):
+                mx = NEG_INF
+                for j in range(TN):
+                    mx = max(mx, s[i, j])
+                m_tile[i] = mx
+            group_max(m_tile, red)
+            for i in range(TM):
+                m_new = max(m_i[i], m_tile[i])
+                m_safe = m_new if m_new != NEG_INF else float32(0.0)  # padding rows beyond q_len see only -inf
+                alpha = math.exp2(m_i[i] - m_safe)
+                m_i[i] = m_new
+                l_i[i] *= alpha
+                for e in range(TE):
+                    acc[i, e] *= alpha
+                r = rg + TR * i
+                for j in range(TN):
+                    p = math.exp2(s[i, j] - m_safe)
+                    l_i[i] += p
+                    Ps[r, cg + TC * j] = p
+            cuda.syncthreads()
+
+            # O += P V on this thread's TM×TE piece
+            for jj in range(BN):
+                for i in range(TM):
+                    a[i] = Ps[rg + TR * i, jj]
+                for e in range(TE):
+                    bvec[e] = Vs[jj, cg + TC * e]
+                for i in range(TM):
+                    for e in range(TE):
+                        acc[i, e] += a[i] * bvec[e]
+
+        group_sum(l_i, red)                         # the row sums, combined once
+        for i in range(TM):
+            r = q0 + rg + TR * i
+            if r < q_len:
+                inv_l = float32(1.0) / l_i[i]
+                for e in range(TE):
+                    out[b, h, r, cg + TC * e] = acc[i, e] * inv_l
+
+    return attention_v2

@@ -1,0 +1,69 @@
+"""The backend chooser (numbattn/backend.py): what is available, what is logged, and the NumPy fallback."""
+import logging
+
+import numpy as np
+import pytest
+
+import numbattn
+from numbattn import backend, prefill, reference
+
+
+def qkv(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((1, 2, 5, 16)).astype(np.float32) for _ in range(3)]
+
+
+def test_available_backends_end_with_numpy():
+    got = numbattn.available_backends()
+    assert got[-1] == "numpy"
+    assert got[0] in ("cuda", "sim", "numpy")
+
+
+def test_choice_is_logged_once_at_info(caplog):
+    backend.default_backend.cache_clear()
+    with caplog.at_level(logging.INFO, logger="numbattn"):
+        first = backend.resolve("auto")
+        backend.resolve("auto")
+    lines = [r for r in caplog.records if "numbattn backend:" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    assert first in lines[0].getMessage()
+
+
+def test_explicit_backend_overrides_and_unavailable_one_is_rejected():
+    q, k, v = qkv()
+    out = numbattn.attention(q, k, v, causal=True, backend="numpy")
+    np.testing.assert_allclose(out, reference.attention(q, k, v, causal=True), rtol=1e-6)
+    missing = [b for b in backend.BACKENDS if b not in numbattn.available_backends()]
+    for name in missing:
+        with pytest.raises(ValueError, match=f"backend='{name}' is not available"):
+            numbattn.attention(q, k, v, backend=name)
+
+
+@pytest.mark.skipif(numbattn.available_backends() == ["numpy"], reason="needs a kernel backend")
+def test_failing_kernel_falls_back_to_numpy_with_a_warning(monkeypatch, caplog):
+    def broken_launch(*args, **kwargs):
+        raise RuntimeError("simulated driver failure")
+
+    monkeypatch.setattr(prefill, "launch", broken_launch)
+    q, k, v = qkv(1)
+    monkeypatch.setenv("NUMBATTN_STRICT", "1")  # strict (the test suite's default): the error surfaces
+    with pytest.raises(RuntimeError, match="simulated driver failure"):
+        numbattn.attention(q, k, v, causal=True)
+    monkeypatch.delenv("NUMBATTN_STRICT")  # a user's default: fall back, warn, stay correct
+    with caplog.at_level(logging.WARNING, logger="numbattn"):
+        out = numbattn.attention(q, k, v, causal=True)
+    np.testing.assert_allclose(out, reference.attention(q, k, v, causal=True), rtol=1e-6)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned and "simulated driver failure" in warned[0].getMessage()
+    assert "NumPy reference" in warned[0].getMessage()
+
+
+@pytest.mark.skipif(numbattn.available_backends() == ["numpy"], reason="needs a kernel backend")
+def test_fallback_keeps_device_arrays_on_the_device(monkeypatch):
+    from numba import cuda
+    monkeypatch.setattr(prefill, "launch", lambda *a, **k: 1 / 0)
+    monkeypatch.delenv("NUMBATTN_STRICT")
+    q, k, v = qkv(2)
+    out = numbattn.attention(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v))
+    assert backend.is_device_array(out)
+    np.testing.assert_allclose(out.copy_to_host(), reference.attention(q, k, v), rtol=1e-6)

@@ -1,0 +1,192 @@
+"""Prefill kernels (numbattn/prefill.py, prefill_v2.py) against the fp64 NumPy reference.
+
+Without a GPU these run in Numba's CUDA simulator (conftest.py) with tiny tiles, so lengths like 7, 17 and 33
+cross several tiles and end in a ragged one. Tolerance: 1e-5 relative to the largest reference value (fp32
+arithmetic over <= 64 keys lands near 1e-7; a wrong mask, a missed rescale or a lost tile is off by >1e-2).
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import numbattn
+from numbattn import prefill, reference
+from numbattn.backend import available_backends
+
+RTOL = 1e-5
+KERNEL = available_backends()[0]  # "sim" in CI, "cuda" with NUMBATTN_TEST_GPU=1
+VERSIONS = prefill.VERSIONS
+pytestmark = pytest.mark.skipif(KERNEL == "numpy", reason="numba.cuda unavailable: nothing to test")
+
+
+def rand_qkv(rng, batch, n_heads, n_kv_heads, q_len, kv_len, d, dtype=np.float32, magnitude=1.0):
+    q = rng.standard_normal((batch, n_heads, q_len, d)) * magnitude
+    k = rng.standard_normal((batch, n_kv_heads, kv_len, d))
+    v = rng.standard_normal((batch, n_kv_heads, kv_len, d))
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def reference_fp64(q, k, v, causal, scale):
+    """The fp64 oracle; at GPU-test sizes (32 heads × 8192²) it runs through torch on the GPU if present."""
+    if q.shape[2] * k.shape[2] * q.shape[1] * q.shape[0] > 2**26:
+        try:
+            import torch
+            t = [torch.from_numpy(x).to("cuda", torch.float64) for x in (q, k, v)]
+            return torch.nn.functional.scaled_dot_product_attention(
+                t[0], t[1], t[2], is_causal=False, scale=scale, enable_gqa=True,
+                attn_mask=torch.from_numpy(reference.causal_mask(q.shape[2], k.shape[2])).cuda()
+                if causal else None).cpu().numpy()
+        except ImportError:
+            pass
+    return reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=causal, scale=scale)
+
+
+def check(q, k, v, causal=False, scale=None, version="v1", tiles=None, rtol=RTOL):
+    """Run the kernel into a NaN-poisoned device buffer and compare with the fp64 reference."""
+    from numba import cuda
+    out = cuda.to_device(np.full(q.shape, np.nan, np.float32))  # an unwritten element stays NaN and fails
+    got = prefill.flash_attention(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), causal=causal,
+                                  scale=scale, backend=KERNEL, out=out, version=version, tiles=tiles)
+    got = got.copy_to_host()
+    want = reference_fp64(q, k, v, causal, scale)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.isfinite(got).all(), "kernel left unwritten (NaN) or non-finite outputs"
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < rtol, f"relative error {err:.2e} >= {rtol:.0e}"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("q_len,kv_len,causal", [
+    (1, 1, False), (1, 7, True),                     # one token; one token over a cache (decode through prefill)
+    (7, 7, True), (17, 17, True), (17, 33, True),    # ragged last tiles; causal with more keys than queries
+    (33, 17, False), (7, 17, False),                 # non-causal, more queries than keys and fewer
+])
+def test_matches_reference_lengths(version, q_len, kv_len, causal):
+    rng = np.random.default_rng(q_len * 100 + kv_len)
+    check(*rand_qkv(rng, 1, 2, 1, q_len, kv_len, 16), causal=causal, version=version)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(2, 2), (4, 1), (8, 1), (8, 2)])  # GQA ratios 1, 4, 8, 4
+def test_grouped_query_heads(version, n_heads, n_kv_heads):
+    rng = np.random.default_rng(n_heads * 10 + n_kv_heads)
+    # the kv heads get very different values so reading the wrong one cannot pass
+    q, k, v = rand_qkv(rng, 1, n_heads, n_kv_heads, 5, 9, 16)
+    v += np.arange(n_kv_heads, dtype=np.float32)[None, :, None, None] * 10
+    check(q, k, v, causal=True, version=version)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_batch_head_dim_32_and_custom_scale(version):
+    rng = np.random.default_rng(3)
+    q, k, v = rand_qkv(rng, 2, 4, 2, 6, 11, 32)
+    k[1] *= 3  # batches must not mix
+    check(q, k, v, causal=True, scale=0.3, version=version)
+    check(q, k, v, causal=False, scale=0.3, version=version)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_large_logits_are_stable(version):
+    """Scores around ±80: exp() overflows fp32 at 88, so only a correct running max keeps this finite."""
+    rng = np.random.default_rng(4)
+    q, k, v = rand_qkv(rng, 1, 2, 2, 9, 13, 16)
+    q = (q / np.linalg.norm(q, axis=-1, keepdims=True) * 80).astype(np.float32)
+    k = (k / np.linalg.norm(k, axis=-1, keepdims=True)).astype(np.float32)
+    check(q, k, v, causal=True, scale=1.0, version=version)
+    check(q, k, v, causal=False, scale=1.0, version=version)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_float16_inputs_compute_in_fp32(version):
+    rng = np.random.default_rng(5)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 6, 6, 16, dtype=np.float16)
+    check(q, k, v, causal=True, version=version)  # the reference sees the same fp16-rounded values
+
+
+def test_host_arrays_in_host_array_out():
+    rng = np.random.default_rng(6)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 5, 5, 16)
+    out = numbattn.attention(q, k, v, causal=True)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_allclose(out, reference.attention(q, k, v, causal=True), rtol=1e-5, atol=1e-6)
+
+
+def test_tile_sizes_do_not_change_the_answer():
+    rng = np.random.default_rng(7)
+    q, k, v = rand_qkv(rng, 1, 1, 1, 11, 11, 16)
+    for tiles in (prefill.Tiles(2, 8, 2), prefill.Tiles(8, 2, 8), prefill.Tiles(16, 16, 16)):
+        check(q, k, v, causal=True, version="v1", tiles=tiles)
+    # v2: several rows per thread (TM), several keys per thread (TN), row groups of 2, 4 and 8 threads
+    for tiles in (prefill.Tiles(4, 8, 4), prefill.Tiles(8, 4, 8), prefill.Tiles(8, 8, 4), prefill.Tiles(2, 16, 16)):
+        check(q, k, v, causal=True, version="v2", tiles=tiles)
+
+
+@settings(max_examples=12, deadline=None)
+@given(q_len=st.integers(1, 12), extra=st.integers(0, 9), group=st.sampled_from([1, 2, 4]),
+       n_kv_heads=st.integers(1, 2), causal=st.booleans(), seed=st.integers(0, 2**16),
+       version=st.sampled_from(VERSIONS))
+def test_property_sweep(q_len, extra, group, n_kv_heads, causal, seed, version):
+    rng = np.random.default_rng(seed)
+    check(*rand_qkv(rng, 1, group * n_kv_heads, n_kv_heads, q_len, q_len + extra, 16), causal=causal,
+          version=version)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=np.zeros((2, 4, 16), np.float32)), r"q has shape \(2, 4, 16\); expected 4 dimensions"),
+    (dict(k=np.zeros((1, 2, 5, 32), np.float32), v=np.zeros((1, 2, 5, 32), np.float32)),
+     r"q has head_dim 16 .* k has head_dim 32"),
+    (dict(q=np.zeros((1, 3, 5, 16), np.float32)), r"3 heads.*2.*multiple"),
+    (dict(k=np.zeros((2, 2, 5, 16), np.float32), v=np.zeros((2, 2, 5, 16), np.float32)), r"batch 1 .* batch 2"),
+    (dict(q=np.zeros((1, 2, 6, 16), np.float32)), r"causal.*q_len 6.*kv_len 5"),
+    (dict(q=np.zeros((1, 2, 5, 16), np.float64)), r"q has dtype float64"),
+    (dict(q=np.zeros((1, 2, 5, 24), np.float32), k=np.zeros((1, 2, 5, 24), np.float32),
+          v=np.zeros((1, 2, 5, 24), np.float32)), r"head_dim 24"),
+    (dict(v=np.zeros((1, 2, 4, 16), np.float32)), r"k has shape .* but v has"),
+    (dict(scale=float("nan")), r"scale=nan"),
+])
+def test_validation_errors_name_the_argument(bad, match):
+    args = dict(q=np.zeros((1, 2, 5, 16), np.float32), k=np.zeros((1, 2, 5, 16), np.float32),
+                v=np.zeros((1, 2, 5, 16), np.float32), causal=True)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        numbattn.attention(**args)
+
+
+def test_unknown_backend_and_version_rejected():
+    q = np.zeros((1, 1, 2, 16), np.float32)
+    with pytest.raises(ValueError, match="backend='tpu'"):
+        numbattn.attention(q, q, q, backend="tpu")
+    with pytest.raises(ValueError, match="version='v9'"):
+        prefill.flash_attention(q, q, q, version="v9")
+
+
+# ---- real GPU only: realistic sizes (run with NUMBATTN_TEST_GPU=1 on a CUDA machine) ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("batch,n,d", [(1, 4096, 64), (1, 8192, 64), (4, 1000, 128), (8, 513, 64),
+                                       (16, 257, 64)])
+def test_gpu_realistic_shapes(version, batch, n, d):
+    rng = np.random.default_rng(n + d)
+    q, k, v = rand_qkv(rng, batch, 32, 4, n, n, d)  # TinyLlama's 32 query / 4 KV heads
+    check(q, k, v, causal=True, version=version, tiles=prefill.gpu_tiles(version, d), rtol=1e-4 if n > 4096 else RTOL)
+    if n <= 1024:
+        check(q, k, v, causal=False, version=version, tiles=prefill.gpu_tiles(version, d))
+
+
+@pytest.mark.gpu
+def test_gpu_v2_shared_memory_reduction_twin():
+    """On the GPU v2 reduces rows with warp shuffles; its shared-memory twin (the simulator's) must agree."""
+    from numba import cuda
+    from numbattn.prefill_v2 import make_v2
+    rng = np.random.default_rng(11)
+    q, k, v = rand_qkv(rng, 2, 32, 4, 777, 1000, 64)
+    t = prefill.gpu_tiles("v2", 64)
+    kernel = make_v2(64, t.block_m, t.block_n, t.threads, reduce="shared")
+    out = cuda.to_device(np.full(q.shape, np.nan, np.float32))
+    grid = ((q.shape[2] + t.block_m - 1) // t.block_m, 32, 2)
+    kernel[grid, t.threads](cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), out,
+                            np.float32(0.125 * prefill.LOG2E), True)
+    want = reference_fp64(q, k, v, True, 0.125)
+    got = out.copy_to_host()
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() / np.abs(want).max() < RTOL

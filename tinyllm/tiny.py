@@ -1,0 +1,183 @@
+"""A miniature TinyLlama: same files, same layout, same code paths, 150 thousand random parameters.
+
+    make_tiny("tests/tiny")            # or: python weights/make_tiny.py OUTDIR [--seed N]
+    model = tinyllm.load_model("tests/tiny", backend="numpy")
+
+Tests, tutorials and the CLI's offline demo need a checkpoint that loads in milliseconds and never touches
+the network. This writes one in exactly the Hugging Face layout of TinyLlama-1.1B-Chat-v1.0:
+
+    config.json               LlamaForCausalLM, hidden 64, 2 layers, 4 query heads / 2 KV heads (head_dim 16)
+    generation_config.json    bos / eos ids
+    model.safetensors         bf16, HF tensor names, [out, in] linear layout
+    tokenizer.json            a byte-fallback BPE with a Metaspace pre-tokenizer and Llama's decoder, trained
+                              here with `tokenizers` on the text below: <unk> <s> </s> are ids 0, 1, 2, then
+                              the 256 byte tokens <0x00>..<0xFF> (as in Llama's vocabulary), then merges
+    tokenizer_config.json     bos/eos strings and TinyLlama's chat template, verbatim
+
+Weights are random: the model talks nonsense, but deterministic nonsense. Projections have std
+1/sqrt(fan_in) so attention scores are O(1) (a RoPE or mask bug changes the logits visibly), and the output
+head is scaled so logits spread over several units: the greedy argmax is far from ties and does not flip
+between the NumPy and kernel backends.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .weights import save_file
+
+# TinyLlama-1.1B-Chat-v1.0's chat template, verbatim (the model was fine-tuned on exactly this format).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
+    "{% endfor %}"
+)
+
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "initializer_range": 0.02,
+    "intermediate_size": 172,
+    "max_position_embeddings": 256,
+    "model_type": "llama",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.35.0",
+    "use_cache": True,
+    "vocab_size": 512,
+}
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+
+# Training text for the tokenizer: the chat markup, everyday words, a few accented letters (which become
+# single tokens). No euro sign or emoji on purpose: those must go through the byte-fallback tokens.
+CORPUS = [
+    "<|system|>\nYou are a friendly chatbot who always responds in the style of a pirate.</s>",
+    "<|user|>\nHow many helicopters can a human eat in one sitting?</s>",
+    "<|assistant|>\nNone, my friend! A human cannot eat a helicopter.</s>",
+    "<|user|>\nWhat is the capital of France?</s>\n<|assistant|>\nThe capital of France is Paris.</s>",
+    "<|user|>\nTell me a story about a small robot.</s>\n<|assistant|>\nOnce upon a time there was a robot.",
+    "The quick brown fox jumps over the lazy dog. The dog was not amused, and the fox ran into the woods.",
+    "Attention is all you need: queries, keys and values, a softmax over the scores, and a weighted sum.",
+    "A language model predicts the next token from the tokens before it, one step at a time.",
+    "Hello world! Hello there, how are you today? I am fine, thank you, and you?",
+    "Numbers like 1, 2, 3, 10, 42 and 2048 appear in text; so do dates like 2024-01-31.",
+    "Café, naïve, résumé and déjà vu are words with accents; the tokenizer learns them as pieces.",
+    "The model reads the prompt, fills its cache with keys and values, and then writes one word after another.",
+    "Good morning, good evening, good night. Please and thank you. Yes, no, maybe.",
+    "def forward(x): return x @ w  # code appears in chats too, with (parentheses) and [brackets] and {braces}",
+    "Water boils at one hundred degrees. Ice melts at zero. The sun is a star; the moon is not.",
+    "She said that they would come back tomorrow, but nobody knew where they had gone or why.",
+]
+
+
+def build_tokenizer(vocab_size):
+    """Train a Llama-style byte-fallback BPE on CORPUS -> tokenizers.Tokenizer with exactly vocab_size ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    # 1. learn merges; split=True keeps merges inside words, as SentencePiece does for Llama
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    n_learned = vocab_size - len(BYTE_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=n_learned, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    trainer_tok.train_from_iterator(CORPUS, trainer)
+    learned = json.loads(trainer_tok.to_str())["model"]
+    if len(learned["vocab"]) != n_learned:
+        raise RuntimeError(f"tokenizer training produced {len(learned['vocab'])} tokens, wanted {n_learned}: "
+                           f"add text to tinyllm/tiny.py CORPUS")
+
+    # 2. lay the vocabulary out like Llama's: specials, the 256 byte tokens, then the learned pieces
+    pieces = [p for p, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if p not in SPECIAL_TOKENS]
+    vocab = {p: i for i, p in enumerate(SPECIAL_TOKENS + BYTE_TOKENS + pieces)}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return tok
+
+
+def random_weights(config, rng):
+    """{HF tensor name: fp32 array} for a LlamaForCausalLM config dict, reproducible from rng."""
+    dim, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    n_heads, n_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or dim // n_heads
+
+    def linear(n_out, n_in):
+        return rng.standard_normal((n_out, n_in), dtype=np.float32) / np.sqrt(n_in)
+
+    def norm():  # near 1, but not 1: a forgotten norm weight must change the output
+        return 1.0 + 0.1 * rng.standard_normal(dim, dtype=np.float32)
+
+    w = {"model.embed_tokens.weight": rng.standard_normal((vocab, dim), dtype=np.float32)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = norm()
+        w[p + "self_attn.q_proj.weight"] = linear(n_heads * hd, dim)
+        w[p + "self_attn.k_proj.weight"] = linear(n_kv_heads * hd, dim)
+        w[p + "self_attn.v_proj.weight"] = linear(n_kv_heads * hd, dim)
+        w[p + "self_attn.o_proj.weight"] = linear(dim, n_heads * hd) * 0.5   # keep the residual stream O(1)
+        w[p + "post_attention_layernorm.weight"] = norm()
+        w[p + "mlp.gate_proj.weight"] = linear(ffn, dim)
+        w[p + "mlp.up_proj.weight"] = linear(ffn, dim)
+        w[p + "mlp.down_proj.weight"] = linear(dim, ffn) * 0.5
+    w["model.norm.weight"] = norm()
+    if not config["tie_word_embeddings"]:
+        w["lm_head.weight"] = linear(vocab, dim) * 4.0   # logits with a std of ~4: no near-ties at the argmax
+    return w
+
+
+def make_tiny(outdir, seed=0, **overrides):
+    """Write the miniature checkpoint to outdir (created if needed) -> Path(outdir).
+
+    overrides replace config.json fields, e.g. make_tiny(d, tie_word_embeddings=True, num_hidden_layers=1).
+    The tokenizer always has TINY_CONFIG["vocab_size"] (512) tokens; a larger vocab_size pads the embedding
+    table with rows no token uses, as real checkpoints often do.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    config = dict(TINY_CONFIG, **overrides)
+    tok = build_tokenizer(TINY_CONFIG["vocab_size"])
+
+    (outdir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (outdir / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "max_length": config["max_position_embeddings"],
+         "pad_token_id": 0}, indent=2) + "\n", encoding="utf-8")
+    tok.save(str(outdir / "tokenizer.json"))
+    (outdir / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "legacy": False,
+        "model_max_length": config["max_position_embeddings"],
+        "pad_token": "</s>",
+        "padding_side": "right",
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+    }, indent=2) + "\n", encoding="utf-8")
+
+    rng = np.random.default_rng(seed)
+    save_file(outdir / "model.safetensors", random_weights(config, rng), dtype="BF16", metadata={"format": "pt"})
+    return outdir

@@ -1,0 +1,209 @@
+"""Text <-> token ids, chat prompts, and streaming detokenisation, from a Hugging Face model directory.
+
+    tok = Tokenizer("path/to/TinyLlama")
+    ids = tok.encode_chat([{"role": "user", "content": "Hi!"}])   # one BOS, then the rendered template
+    tok.decode(ids)
+    stream = StreamDecoder(tok)
+    for i in new_ids: print(stream.feed(i), end="")                # text pieces as tokens arrive
+    print(stream.flush())
+
+The vocabulary and splitting rules are `tokenizer.json`, run by the Rust `tokenizers` library (exactly what
+transformers' fast tokenizer runs). The special-token strings and the chat template come from
+`tokenizer_config.json`; the template is Jinja2, rendered the way transformers renders it: in an immutable
+sandbox (a template is data from the internet and must not reach Python objects), with trim_blocks and
+lstrip_blocks, given messages, bos_token, eos_token, add_generation_prompt and a raise_exception helper.
+
+BOS: TinyLlama's template does not write "<s>"; its tokenizer's post-processor adds BOS when asked for
+special tokens. Other templates (Llama 2's) write "{{ bos_token }}" themselves. We always encode the text
+without the post-processor and then put BOS in front unless the text already produced it, so a prompt
+starts with exactly one BOS either way.
+"""
+import json
+from datetime import datetime
+from pathlib import Path
+
+
+class TokenizerError(ValueError):
+    """tokenizer.json / tokenizer_config.json missing or unusable, or a chat that cannot be rendered."""
+
+
+class Tokenizer:
+    def __init__(self, model_dir):
+        from tokenizers import Tokenizer as _RustTokenizer
+
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"{path}: file not found (the fast-tokenizer file; slow tokenizer.model "
+                                 f"files are not read)")
+        try:
+            self._tok = _RustTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception on malformed files
+            raise TokenizerError(f"{path}: cannot load ({e})") from e
+
+        config_path = model_dir / "tokenizer_config.json"
+        if not config_path.is_file():
+            raise TokenizerError(f"{config_path}: file not found (it names the BOS/EOS tokens and holds the "
+                                 f"chat template)")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise TokenizerError(f"{config_path}: cannot read ({e})") from e
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{config_path}: expected a JSON object")
+
+        self.bos_token = _token_string(config.get("bos_token"))
+        self.eos_token = _token_string(config.get("eos_token"))
+        self.bos_id = self._id_of(self.bos_token, config_path, "bos_token")
+        self.eos_id = self._id_of(self.eos_token, config_path, "eos_token")
+        self.add_bos = bool(config.get("add_bos_token", True)) and self.bos_id is not None
+        self.chat_template = _chat_template(config, model_dir)
+        self._template = None
+        self.source = model_dir
+
+    def _id_of(self, token, source, field):
+        if token is None:
+            return None
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise TokenizerError(f"{source}: {field} {token!r} is not in the vocabulary of tokenizer.json")
+        return i
+
+    @property
+    def vocab_size(self):
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def id_to_token(self, i):
+        return self._tok.id_to_token(int(i))
+
+    # ----------------------------------------------------------------------------------------------------
+    def encode(self, text, add_bos=None):
+        """str -> list of ids, with exactly one BOS in front when add_bos (default: tokenizer_config's)."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            if not ids or ids[0] != self.bos_id:
+                ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        """ids -> str. Special tokens (<s>, </s>) are dropped unless skip_special_tokens=False."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # ----------------------------------------------------------------------------------------------------
+    def render_chat(self, messages, add_generation_prompt=True):
+        """Render messages [{"role": "system"|"user"|"assistant", "content": str}, ...] with the model's chat
+        template -> the prompt text (without BOS unless the template writes it)."""
+        if self.chat_template is None:
+            raise TokenizerError(f"{self.source / 'tokenizer_config.json'}: no chat_template, so chat prompts "
+                                 f"cannot be built for this model")
+        check_messages(messages)
+        if self._template is None:
+            self._template = compile_template(self.chat_template)
+        from jinja2 import TemplateError
+        try:
+            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as e:
+            raise TokenizerError(f"chat template refused the conversation: {e}") from e
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        """Messages -> prompt ids: the rendered template with exactly one BOS in front."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=self.bos_id is not None)
+
+
+def _token_string(value):
+    """tokenizer_config writes special tokens as a string or as {"content": "<s>", ...} (an AddedToken)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _chat_template(config, model_dir):
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (model_dir / "chat_template.jinja").is_file():  # newer transformers save it here
+        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    return template if isinstance(template, str) else None
+
+
+def check_messages(messages):
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, "
+                         f"got {messages!r:.80}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}] = {m!r:.80}: expected a dict with string 'role' and 'content'")
+
+
+def compile_template(source):
+    """A chat template compiled as transformers compiles it (same environment, helpers and filters)."""
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise TokenizerError(f"chat_template does not compile: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------------------
+# Streaming detokenisation
+# --------------------------------------------------------------------------------------------------------
+class StreamDecoder:
+    """Feed token ids one at a time, get the text they add.
+
+    Decoding token by token is wrong twice over for a Llama tokenizer:
+      * a character outside the vocabulary is spelled as UTF-8 bytes, one byte-fallback token each
+        ("€" = <0xE2><0x82><0xAC>); alone, a partial byte sequence decodes to U+FFFD;
+      * the decoder drops the leading space of the *first* token it sees ("▁world" alone -> "world"),
+        so pieces decoded separately lose the spaces between words.
+    So we decode a short window of recent ids twice, with and without the new ones, and emit the difference,
+    and only once the text no longer ends in U+FFFD (an unfinished character). The window starts at the
+    tokens of the previous emitted piece, so the new token is never first in it and keeps its space.
+    Concatenating every piece (plus flush()) gives exactly decode(all ids); each step costs O(piece), not
+    O(everything so far). (This is text-generation-inference's prefix/read offset scheme.)
+
+    context_ids: ids that come before the stream (e.g. the end of the prompt); they are not emitted, but a
+    first generated "▁word" then keeps its leading space, as in a continuation of the prompt.
+    """
+
+    def __init__(self, tokenizer, context_ids=(), skip_special_tokens=True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = [int(i) for i in list(context_ids)[-4:]]
+        self.prefix_offset = 0              # window start: first id of the last emitted piece
+        self.read_offset = len(self.ids)    # ids before this have been emitted
+
+    def _decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def feed(self, token_id):
+        """Add one id -> the new text ("" while a character is incomplete)."""
+        self.ids.append(int(token_id))
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self):
+        """Whatever is still held back (an incomplete character at the very end comes out as U+FFFD)."""
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        piece = self._decode(self.ids[self.prefix_offset:])[len(before):]
+        if piece:
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return piece

@@ -1,0 +1,392 @@
+"""Reading (and writing) safetensors checkpoints with nothing but NumPy: no torch, no pickle.
+
+The format (https://huggingface.co/docs/safetensors) is deliberately simple:
+
+    [8 bytes]  N, the header length, unsigned little-endian
+    [N bytes]  JSON: {"name": {"dtype": "BF16", "shape": [2048, 2048], "data_offsets": [begin, end]}, ...,
+                      "__metadata__": {"format": "pt"}}              (optional string -> string map)
+    [rest]     the data section; a tensor's bytes are data[begin:end], little-endian, row-major
+
+So a tensor is just a view into the file: we np.memmap the file and slice it, and the OS pages bytes in
+only when they are converted. A checkpoint is untrusted input, so the header is checked before any byte is
+interpreted: the header size is bounded and inside the file, every entry's dtype is known, its byte count
+equals prod(shape) * itemsize, and the tensors tile the data section exactly (no overlaps, no holes, nothing
+past the end) -- the same rules as the reference Rust implementation. Every failure is a WeightsError
+naming the file and the problem.
+
+NumPy has no bfloat16. bf16 is simply the top half of an fp32 (same 8-bit exponent, mantissa cut from 23 to
+7 bits), so the conversion is exact and vectorised: widen the uint16 to uint32, shift left by 16, reinterpret
+the bits as float32. The reverse (for the writer) rounds to nearest even.
+
+Big checkpoints come in shards: `model.safetensors.index.json` maps each tensor name to its shard file.
+"""
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("tinyllm")
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024   # the Rust implementation's limit too; real headers are ~100 KB
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype -> how its bytes are read (little-endian). BF16 is read as raw uint16 bits.
+DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+# dtypes the format defines but a Llama checkpoint never needs: recognised, refused with a clear reason
+OTHER_DTYPES = ("F64", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL", "F8_E4M3", "F8_E5M2")
+
+
+class WeightsError(ValueError):
+    """A checkpoint file is missing, malformed, or does not match the model's config."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# bf16 <-> fp32
+# --------------------------------------------------------------------------------------------------------
+def bf16_to_f32(bits):
+    """uint16 bf16 bit patterns -> float32, exactly: the bf16 bits are the fp32's top 16 bits."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x):
+    """float32 -> uint16 bf16 bit patterns, rounding to nearest, ties to even (as torch does).
+
+    Adding 0x7FFF plus the lowest kept bit before truncating rounds up exactly when the dropped half is
+    above 0x8000, or equal to it with an odd kept part. NaNs are kept NaN (quiet bit set) instead of being
+    rounded into infinity.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return np.where(np.isnan(x), (u >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+# --------------------------------------------------------------------------------------------------------
+# One .safetensors file
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str          # "F32" | "F16" | "BF16"
+    shape: tuple
+    begin: int          # byte offsets into the data section
+    end: int
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped .safetensors file.
+
+        f = SafetensorsFile("model.safetensors")
+        f.tensors["lm_head.weight"].shape       # TensorInfo, straight from the header
+        w = f.get("lm_head.weight")             # float32 ndarray (converted from bf16/f16)
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.tensors, self.metadata, self.data_start = read_header(self.path)
+        self._mm = None
+
+    def _map(self):
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._mm
+
+    def raw(self, name):
+        """The tensor as stored, a read-only view of the file: float32, float16, or uint16 bf16 bits."""
+        if name not in self.tensors:
+            raise WeightsError(f"{self.path}: no tensor named {name!r}")
+        t = self.tensors[name]
+        data = self._map()[self.data_start + t.begin:self.data_start + t.end]
+        return data.view(DTYPES[t.dtype]).reshape(t.shape)
+
+    def get(self, name):
+        """The tensor as a new float32 array."""
+        x = self.raw(name)
+        if self.tensors[name].dtype == "BF16":
+            return bf16_to_f32(x)
+        return x.astype(np.float32)
+
+
+def _reject_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+        raise ValueError(f"duplicate key(s) {sorted(dup)}")
+    return dict(pairs)
+
+
+def read_header(path):
+    """Parse and validate a safetensors header -> ({name: TensorInfo}, metadata dict, data_start offset)."""
+    path = Path(path)
+
+    def fail(msg):
+        raise WeightsError(f"{path}: {msg}")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                fail(f"truncated file: {size} bytes, too short for the 8-byte header length")
+            n = int.from_bytes(prefix, "little")
+            if n > MAX_HEADER_BYTES:
+                fail(f"header length {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt file?)")
+            if 8 + n > size:
+                fail(f"header length {n} bytes reaches beyond the end of the file ({size} bytes): truncated?")
+            raw = f.read(n)
+    except FileNotFoundError:
+        fail("file not found")
+    except OSError as e:
+        fail(f"cannot read ({e})")
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        fail(f"header is not valid UTF-8 JSON ({e})")
+    if not isinstance(header, dict):
+        fail(f"header must be a JSON object, got {type(header).__name__}")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        fail("__metadata__ must map strings to strings")
+
+    data_start = 8 + n
+    data_size = size - data_start
+    tensors = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            fail(f"tensor {name!r}: expected exactly the keys dtype, shape, data_offsets, got {entry!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            why = "not supported for Llama weights" if dtype in OTHER_DTYPES else "unknown dtype"
+            fail(f"tensor {name!r}: dtype {dtype!r} {why} (expected one of {sorted(DTYPES)})")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            fail(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+            fail(f"tensor {name!r}: data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end")
+        begin, end = offsets
+        if end > data_size:
+            fail(f"tensor {name!r}: data_offsets [{begin}, {end}] lie outside the data section "
+                 f"({data_size} bytes after the header): truncated file?")
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        if end - begin != nbytes:
+            fail(f"tensor {name!r}: shape {shape} in {dtype} needs {nbytes} bytes but data_offsets "
+                 f"[{begin}, {end}] hold {end - begin}")
+        tensors[name] = TensorInfo(dtype, tuple(shape), begin, end)
+
+    # The tensors must tile the data section: sorted by offset, each starts where the previous one ended.
+    pos, prev = 0, None
+    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if t.begin < pos:
+            fail(f"tensors {prev!r} and {name!r} overlap (bytes {t.begin}..{pos} of the data section)")
+        if t.begin > pos:
+            fail(f"gap of {t.begin - pos} unused bytes before tensor {name!r} in the data section")
+        pos, prev = t.end, name
+    if pos != data_size:
+        fail(f"data section has {data_size} bytes but the tensors cover {pos}: truncated or padded file")
+    return tensors, metadata, data_start
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing (make_tiny, tests)
+# --------------------------------------------------------------------------------------------------------
+def save_file(path, tensors, dtype="BF16", metadata=None):
+    """Write {name: array} as a .safetensors file, every tensor stored as `dtype` (F32, F16 or BF16).
+
+    `dtype` may also be a {name: dtype} dict. The header is padded with spaces to a multiple of 8 bytes so
+    the data section is aligned, as the reference writer does.
+    """
+    header, blobs, pos = {}, [], 0
+    for name, x in tensors.items():
+        kind = dtype[name] if isinstance(dtype, dict) else dtype
+        x = np.asarray(x)
+        if kind == "BF16":
+            data = f32_to_bf16(x).astype("<u2")
+        elif kind in ("F32", "F16"):
+            data = np.ascontiguousarray(x, dtype=DTYPES[kind])
+        else:
+            raise ValueError(f"save_file: dtype {kind!r} for {name!r}; expected F32, F16 or BF16")
+        blob = data.tobytes()
+        header[name] = {"dtype": kind, "shape": list(x.shape), "data_offsets": [pos, pos + len(blob)]}
+        blobs.append(blob)
+        pos += len(blob)
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A checkpoint directory: one file, or shards listed in model.safetensors.index.json
+# --------------------------------------------------------------------------------------------------------
+class Checkpoint:
+    """All tensors of a model directory, by name, whichever file holds them.
+
+        ckpt = Checkpoint("path/to/TinyLlama")
+        ckpt.shapes["model.norm.weight"]        # (2048,)
+        ckpt.get("model.norm.weight")           # float32 ndarray
+    """
+
+    def __init__(self, model_dir):
+        model_dir = Path(model_dir)
+        single, index = model_dir / SINGLE_FILE, model_dir / INDEX_FILE
+        self.files = {}      # file name -> SafetensorsFile
+        self.where = {}      # tensor name -> file name
+        if single.is_file():
+            self._add(single)
+            self.where = {name: SINGLE_FILE for name in self.files[SINGLE_FILE].tensors}
+        elif index.is_file():
+            for name, shard in self._read_index(index).items():
+                if shard not in self.files:
+                    self._add(model_dir / shard)
+                if name not in self.files[shard].tensors:
+                    raise WeightsError(f"{index}: maps {name!r} to {shard}, but {model_dir / shard} has no "
+                                       f"such tensor")
+                self.where[name] = shard
+        else:
+            raise WeightsError(f"{model_dir}: no {SINGLE_FILE} and no {INDEX_FILE} (a safetensors checkpoint "
+                               f"is needed; .bin/.pth pickles are not read)")
+        self.shapes = {name: self.files[f].tensors[name].shape for name, f in self.where.items()}
+
+    def _add(self, path):
+        self.files[path.name] = SafetensorsFile(path)
+
+    @staticmethod
+    def _read_index(index):
+        try:
+            d = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise WeightsError(f"{index}: cannot read the shard index ({e})") from e
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+        for name, shard in weight_map.items():
+            # shard names come from the file: never let them point outside the model directory
+            if not isinstance(shard, str) or not re.fullmatch(r"[\w.\-]+\.safetensors", shard) or ".." in shard:
+                raise WeightsError(f"{index}: tensor {name!r} maps to {shard!r}, not a .safetensors file name "
+                                   f"in this directory")
+        return weight_map
+
+    def get(self, name):
+        if name not in self.where:
+            raise WeightsError(f"checkpoint has no tensor {name!r}")
+        return self.files[self.where[name]].get(name)
+
+    def file_of(self, name):
+        return self.files[self.where[name]].path
+
+
+# --------------------------------------------------------------------------------------------------------
+# Llama: the tensors a config implies, checked, converted and laid out for x @ W
+# --------------------------------------------------------------------------------------------------------
+def expected_shapes(config):
+    """{Hugging Face tensor name: shape} for a LlamaForCausalLM with this config. Linear weights are
+    stored [out_features, in_features] (torch's nn.Linear layout)."""
+    dim, hd, ffn = config.hidden_size, config.head_dim, config.intermediate_size
+    q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, dim)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (dim,),
+            p + "self_attn.q_proj.weight": (q_dim, dim),
+            p + "self_attn.k_proj.weight": (kv_dim, dim),
+            p + "self_attn.v_proj.weight": (kv_dim, dim),
+            p + "self_attn.o_proj.weight": (dim, q_dim),
+            p + "post_attention_layernorm.weight": (dim,),
+            p + "mlp.gate_proj.weight": (ffn, dim),
+            p + "mlp.up_proj.weight": (ffn, dim),
+            p + "mlp.down_proj.weight": (dim, ffn),
+        })
+    shapes["model.norm.weight"] = (dim,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, dim)
+    return shapes
+
+
+def check_checkpoint(ckpt, config, source="config.json"):
+    """Every tensor the config implies is present with the right shape, before anything is converted."""
+    for name, shape in expected_shapes(config).items():
+        if name not in ckpt.shapes:
+            raise WeightsError(f"checkpoint is missing tensor {name!r} (expected shape {shape} from {source})")
+        if ckpt.shapes[name] != shape:
+            raise WeightsError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {ckpt.shapes[name]} but "
+                               f"{source} implies {shape}: config and weights do not match")
+    extra = sorted(set(ckpt.shapes) - set(expected_shapes(config)))
+    if extra:  # e.g. old checkpoints' rotary_emb.inv_freq buffers, or an lm_head next to tied embeddings
+        log.info("tinyllm: ignoring %d unused tensor(s) in the checkpoint, e.g. %s", len(extra), extra[0])
+
+
+@dataclass
+class LayerWeights:
+    """One transformer block. Matrices are [in, out] so a layer is `x @ W` on contiguous memory."""
+    attn_norm: np.ndarray   # [dim]
+    wq: np.ndarray          # [dim, n_heads * head_dim]
+    wk: np.ndarray          # [dim, n_kv_heads * head_dim]
+    wv: np.ndarray          # [dim, n_kv_heads * head_dim]
+    wo: np.ndarray          # [n_heads * head_dim, dim]
+    ffn_norm: np.ndarray    # [dim]
+    w_gate: np.ndarray      # [dim, ffn]
+    w_up: np.ndarray        # [dim, ffn]
+    w_down: np.ndarray      # [ffn, dim]
+
+
+@dataclass
+class LlamaWeights:
+    embed: np.ndarray       # [vocab, dim]   row i is token i's embedding
+    layers: list            # [LayerWeights] * n_layers
+    norm: np.ndarray        # [dim]
+    lm_head: np.ndarray     # [dim, vocab]   (embed.T when the embeddings are tied)
+
+
+def load_weights(model_dir, config, progress=None):
+    """Read, check and convert a Llama checkpoint to fp32 -> LlamaWeights.
+
+    progress(i, n, name) is called before each tensor is converted (n = number of tensors), so a CLI can
+    draw a bar: converting 1.1B bf16 parameters takes a few seconds.
+    """
+    ckpt = Checkpoint(model_dir)
+    check_checkpoint(ckpt, config, source=str(Path(model_dir) / "config.json"))
+    names = list(expected_shapes(config))
+    done = iter(range(len(names)))
+
+    def tensor(name):
+        i = next(done)
+        if progress is not None:
+            progress(i, len(names), name)
+        return ckpt.get(name)
+
+    def linear(name):
+        return np.ascontiguousarray(tensor(name).T)   # [out, in] -> [in, out], once, at load
+
+    embed = tensor("model.embed_tokens.weight")
+    layers = []
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        layers.append(LayerWeights(
+            attn_norm=tensor(p + "input_layernorm.weight"),
+            wq=linear(p + "self_attn.q_proj.weight"),
+            wk=linear(p + "self_attn.k_proj.weight"),
+            wv=linear(p + "self_attn.v_proj.weight"),
+            wo=linear(p + "self_attn.o_proj.weight"),
+            ffn_norm=tensor(p + "post_attention_layernorm.weight"),
+            w_gate=linear(p + "mlp.gate_proj.weight"),
+            w_up=linear(p + "mlp.up_proj.weight"),
+            w_down=linear(p + "mlp.down_proj.weight"),
+        ))
+    norm = tensor("model.norm.weight")
+    lm_head = np.ascontiguousarray(embed.T) if config.tie_word_embeddings else linear("lm_head.weight")
+    if progress is not None:
+        progress(len(names), len(names), "")
+    return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
