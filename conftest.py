@@ -16,6 +16,12 @@ os.environ.setdefault("NUMBATTN_STRICT", "1")  # a broken kernel must fail its t
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: large shapes that need a real CUDA GPU (NUMBATTN_TEST_GPU=1)")
+    # The kernel tests must run on the engine asked for; none may quietly pass on the NumPy fallback.
+    from numbattn.backend import probe
+    backends, reason = probe()
+    want = "cuda" if GPU_RUN else "sim"
+    if backends[0] != want:
+        raise pytest.UsageError(f"tests need the {want!r} backend but got {backends[0]!r}: {reason}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -70,12 +70,13 @@ def tiles(report, out, args):
             fn = lambda: prefill.launch(dq, dk, dv, o, True, 0.125, ver, t)
             ms = bench.timed(fn, "cuda", repeat=args.repeat)
             kern = prefill._make(ver, 64, t)
-            sig = list(kern.overloads)[0]
+            one = lambda d: list(d.values())[0]  # per-signature dicts; the sweep compiled one signature
             rows.append(dict(impl=f"{ver} {t.block_m}x{t.block_n}/{t.threads}thr", ms=ms, tflops=flops / ms / 1e9,
-                             regs=kern.get_regs_per_thread(sig), local_bytes=kern.get_local_mem_per_thread(sig),
-                             smem_bytes=kern.get_shared_mem_per_block(sig)))
+                             regs=one(kern.get_regs_per_thread()), local_bytes=one(kern.get_local_mem_per_thread()),
+                             smem_bytes=one(kern.get_shared_mem_per_block())))
         except Exception as e:
-            rows.append(dict(impl=f"{ver} {t}", ms=float("nan"), error=str(e)[:80]))
+            rows.append(dict(impl=f"{ver} {t.block_m}x{t.block_n}/{t.threads}thr", ms=float("nan"),
+                             error=f"{type(e).__name__}: {e}"[:100]))
     emit(report, "Tile sweep, causal prefill n = 4096, batch 1", rows,
          ["impl", "ms", "tflops", "regs", "local_bytes", "smem_bytes", "error"])
     return rows
@@ -116,7 +117,7 @@ def memory(report, out, args):
     rows = [dict(impl="numbattn v2", extra_MiB=(free0 - free1) / 2**20, qkvo_MiB=qkvo / 2**20,
                  nxn_fp32_MiB=32 * n * n * 4 / 2**20)]
     del o
-    t = [torch.from_numpy(x).cuda() for x in (q, k, v)]
+    t = [torch.from_numpy(x).cuda().repeat_interleave(8 if i else 1, dim=1) for i, x in enumerate((q, k, v))]
     from torch.nn.attention import SDPBackend, sdpa_kernel
     for label, sdp in (("torch SDPA mem-efficient fp32", SDPBackend.EFFICIENT_ATTENTION),
                        ("torch SDPA math fp32", SDPBackend.MATH)):
@@ -125,7 +126,7 @@ def memory(report, out, args):
         base = torch.cuda.memory_allocated()
         try:
             with sdpa_kernel(sdp):
-                r = torch.nn.functional.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True)
+                r = torch.nn.functional.scaled_dot_product_attention(*t, is_causal=True)
             torch.cuda.synchronize()
             rows.append(dict(impl=label, extra_MiB=(torch.cuda.max_memory_allocated() - base) / 2**20,
                              qkvo_MiB=qkvo / 2**20, nxn_fp32_MiB=32 * n * n * 4 / 2**20))

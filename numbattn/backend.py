@@ -38,7 +38,9 @@ def probe():
         return ["sim", "numpy"], "NUMBA_ENABLE_CUDASIM=1: kernels run in Numba's CUDA simulator"
     try:
         if cuda.is_available():
-            return ["cuda", "numpy"], f"CUDA GPU found: {cuda.get_current_device().name.decode()}"
+            name = cuda.get_current_device().name
+            name = name.decode() if isinstance(name, bytes) else name
+            return ["cuda", "numpy"], f"CUDA GPU found: {name}"
         reason = "no usable CUDA GPU (numba.cuda.is_available() is False)"
     except Exception as e:
         reason = f"CUDA driver probe failed ({type(e).__name__}: {e})"

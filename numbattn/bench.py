@@ -98,14 +98,16 @@ def prefill_impls(be, versions, q, k, v, causal, with_reference):
     if torch is not None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         import torch.nn.functional as F
-        t32 = [torch.from_numpy(x).cuda() for x in (q, k, v)]
+        # K/V repeated to all query heads up front (not timed): the memory-efficient kernel takes no GQA
+        group = q.shape[1] // k.shape[1]
+        t32 = [torch.from_numpy(x).cuda().repeat_interleave(group if i else 1, dim=1) for i, x in enumerate((q, k, v))]
         t16 = [x.half() for x in t32]
         for label, sdp, ts in (("torch SDPA flash fp16", SDPBackend.FLASH_ATTENTION, t16),
                                ("torch SDPA mem-efficient fp32", SDPBackend.EFFICIENT_ATTENTION, t32),
                                ("torch SDPA math fp32", SDPBackend.MATH, t32)):
             def run(sdp=sdp, ts=ts):
                 with sdpa_kernel(sdp):
-                    return F.scaled_dot_product_attention(*ts, is_causal=causal, enable_gqa=True)
+                    return F.scaled_dot_product_attention(*ts, is_causal=causal)
             impls[label] = run
     return impls
 

@@ -107,7 +107,7 @@ def make_v1(head_dim, block_m, block_n):
     #             banks) would put every thread of a warp on the same shared-memory bank
 
     @cuda.jit(fastmath=True)
-    def attention_v1(q, k, v, out, scale_log2, causal):
+    def attention_v1(q, k, v, out, scale_log2, causal, trace):
         q_len, kv_len = q.shape[2], k.shape[2]
         b, h = cuda.blockIdx.z, cuda.blockIdx.y
         hk = h // (q.shape[1] // k.shape[1])
@@ -165,6 +165,9 @@ def make_v1(head_dim, block_m, block_n):
                     for d in range(D):
                         acc[d] += p * Vs[jj, d]
                 m_i = m_new
+                if trace.shape[4] == 2:     # lessons only (see trace_v1): m_i, l_i after this key tile
+                    trace[b, h, i, j0 // BN, 0] = m_i
+                    trace[b, h, i, j0 // BN, 1] = l_i
         if i < q_len:
             inv_l = 1.0 / l_i               # the one division, at the very end
             for d in range(D):
@@ -207,13 +210,16 @@ def default_tiles(version, backend, head_dim):
     return SIM_TILES[version] if backend == "sim" else gpu_tiles(version, head_dim)
 
 
-def launch(q, k, v, out, causal, scale, version=DEFAULT_VERSION, tiles=None, stream=0):
+def launch(q, k, v, out, causal, scale, version=DEFAULT_VERSION, tiles=None, stream=0, trace=None):
     """Launch one prefill kernel on device arrays (already validated). Returns out."""
     batch, n_heads, q_len, head_dim = q.shape
     tiles = tiles or default_tiles(version, "cuda", head_dim)
     kernel = _make(version, head_dim, tiles)
     grid = ((q_len + tiles.block_m - 1) // tiles.block_m, n_heads, batch)
-    kernel[grid, tiles.threads, stream](q, k, v, out, float32(scale * LOG2E), bool(causal))
+    args = (q, k, v, out, float32(scale * LOG2E), bool(causal))
+    if version == "v1":
+        args += (trace if trace is not None else cuda.device_array((1, 1, 1, 1, 1), np.float32),)  # no trace
+    kernel[grid, tiles.threads, stream](*args)
     return out
 
 
@@ -256,3 +262,24 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None,
 def attention(q, k, v, causal=False, scale=None, backend="auto"):
     """softmax(q k^T * scale, causal) v with the default (fastest correct) kernel. See flash_attention."""
     return flash_attention(q, k, v, causal=causal, scale=scale, backend=backend)
+
+
+def trace_v1(q, k, v, causal=False, scale=None, tiles=None):
+    """Run the v1 kernel and record each query row's running max and sum after every key tile (for lessons).
+
+    -> (out [b, h, q_len, d], trace [b, h, q_len, n_key_tiles, 2]) with trace[..., t, 0] = m_i and
+    trace[..., t, 1] = l_i after tile t, in the kernel's base-2 units (scores scaled by log2 e); NaN where a
+    row never reached tile t (causal rows stop at their diagonal).
+    """
+    check_qkv(q, k, v, causal)
+    scale = check_scale(scale, q.shape[3])
+    be = _backend.resolve("auto")
+    if be == "numpy":
+        raise ValueError("trace_v1 runs the kernel itself: it needs the cuda or sim backend")
+    tiles = tiles or default_tiles("v1", be, q.shape[3])
+    n_tiles = (k.shape[2] + tiles.block_n - 1) // tiles.block_n
+    trace = cuda.to_device(np.full(tuple(q.shape[:3]) + (n_tiles, 2), np.nan, np.float32))
+    out = cuda.device_array(q.shape, np.float32)
+    launch(*(cuda.to_device(np.ascontiguousarray(x)) for x in (q, k, v)), out, causal, scale, "v1", tiles,
+           trace=trace)
+    return out.copy_to_host(), trace.copy_to_host()

@@ -43,7 +43,7 @@ import functools
 import math
 
 import numpy as np
-from numba import config, cuda, float32
+from numba import config, cuda, float32, uint32
 
 NEG_INF = float32(-np.inf)
 FULL_MASK = 0xFFFFFFFF
@@ -53,7 +53,7 @@ def layout(block_m, block_n, threads, head_dim):
     """The thread grid (TR, TC) and per-thread register tile (TM, TN, TE) for one launch shape."""
     TC = min(8, block_n, threads)
     TR = threads // TC
-    if threads % TC or block_m % TR or block_n % TC or head_dim % TC:
+    if threads % TC or block_m % TR or block_n % TC or head_dim % TC or block_n % 4:
         raise ValueError(f"v2 tiles block_m={block_m}, block_n={block_n}, threads={threads} do not divide "
                          f"into a thread grid for head_dim {head_dim}")
     return TR, TC, block_m // TR, block_n // TC, head_dim // TC
@@ -129,6 +129,36 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
     DP, BNP = D + 1, BN + 1                         # one word of padding per row: conflict-free columns
     RED = (TM, NT) if reduce == "shared" else (1, 1)
 
+    # One step of each tile product. The loops over d and over keys call these four times per iteration: an
+    # unroll by hand, because Numba's loops over d stayed rolled and every step then recomputed all its
+    # shared-memory addresses (2 integer instructions per load in the SASS). Unrolled, the offsets d+1..d+3
+    # become immediate operands of the loads.
+    # Indices are unsigned (uint32) in these two: Numba wraps negative indices around Python-style, and for a
+    # signed index it emits a compare-and-select per load unless the compiler can prove the index >= 0.
+    @cuda.jit(device=True, inline=True)
+    def outer_product(Qs, Ks, d, rows, keys, a, bvec, s):
+        """s[i, j] += Q[row i, d] * K[key j, d]"""
+        du = uint32(d)
+        for i in range(TM):
+            a[i] = Qs[rows[i], du]
+        for j in range(TN):
+            bvec[j] = Ks[keys[j], du]
+        for i in range(TM):
+            for j in range(TN):
+                s[i, j] += a[i] * bvec[j]
+
+    @cuda.jit(device=True, inline=True)
+    def outer_product_v(Ps, Vs, jj, rows, dims, a, bvec, acc):
+        """acc[i, e] += P[row i, key jj] * V[key jj, dim e]"""
+        ju = uint32(jj)
+        for i in range(TM):
+            a[i] = Ps[rows[i], ju]
+        for e in range(TE):
+            bvec[e] = Vs[ju, dims[e]]
+        for i in range(TM):
+            for e in range(TE):
+                acc[i, e] += a[i] * bvec[e]
+
     @cuda.jit(fastmath=True)
     def attention_v2(q, k, v, out, scale_log2, causal):
         q_len, kv_len = q.shape[2], k.shape[2]
@@ -152,6 +182,15 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
         m_tile = cuda.local.array(TM, float32)
         a = cuda.local.array(TM, float32)
         bvec = cuda.local.array(TN if TN > TE else TE, float32)
+        rows = cuda.local.array(TM, uint32)         # this thread's rows, keys and output dims within the tile
+        keys = cuda.local.array(TN, uint32)
+        dims = cuda.local.array(TE, uint32)
+        for i in range(TM):
+            rows[i] = rg + TR * i
+        for j in range(TN):
+            keys[j] = cg + TC * j
+        for e in range(TE):
+            dims[e] = cg + TC * e
 
         for idx in range(t, BM * D, NT):            # Q tile, scaled by scale*log2(e) for exp2
             r, c = idx // D, idx % D
@@ -176,14 +215,11 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
             for i in range(TM):
                 for j in range(TN):
                     s[i, j] = 0.0
-            for d in range(D):
-                for i in range(TM):
-                    a[i] = Qs[rg + TR * i, d]
-                for j in range(TN):
-                    bvec[j] = Ks[cg + TC * j, d]
-                for i in range(TM):
-                    for j in range(TN):
-                        s[i, j] += a[i] * bvec[j]
+            for d in range(0, D, 4):                # four explicit steps: unrolled by hand (see outer_product)
+                outer_product(Qs, Ks, d, rows, keys, a, bvec, s)
+                outer_product(Qs, Ks, d + 1, rows, keys, a, bvec, s)
+                outer_product(Qs, Ks, d + 2, rows, keys, a, bvec, s)
+                outer_product(Qs, Ks, d + 3, rows, keys, a, bvec, s)
 
             # mask only where this tile crosses kv_len or the causal diagonal
             if j0 + BN > kv_len or (causal and j0 + BN - 1 > q0 + offset):
@@ -210,22 +246,18 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
                 l_i[i] *= alpha
                 for e in range(TE):
                     acc[i, e] *= alpha
-                r = rg + TR * i
                 for j in range(TN):
                     p = math.exp2(s[i, j] - m_safe)
                     l_i[i] += p
-                    Ps[r, cg + TC * j] = p
+                    Ps[rows[i], keys[j]] = p
             cuda.syncthreads()
 
             # O += P V on this thread's TM×TE piece
-            for jj in range(BN):
-                for i in range(TM):
-                    a[i] = Ps[rg + TR * i, jj]
-                for e in range(TE):
-                    bvec[e] = Vs[jj, cg + TC * e]
-                for i in range(TM):
-                    for e in range(TE):
-                        acc[i, e] += a[i] * bvec[e]
+            for jj in range(0, BN, 4):
+                outer_product_v(Ps, Vs, jj, rows, dims, a, bvec, acc)
+                outer_product_v(Ps, Vs, jj + 1, rows, dims, a, bvec, acc)
+                outer_product_v(Ps, Vs, jj + 2, rows, dims, a, bvec, acc)
+                outer_product_v(Ps, Vs, jj + 3, rows, dims, a, bvec, acc)
 
         group_sum(l_i, red)                         # the row sums, combined once
         for i in range(TM):

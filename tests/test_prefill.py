@@ -14,9 +14,8 @@ from numbattn import prefill, reference
 from numbattn.backend import available_backends
 
 RTOL = 1e-5
-KERNEL = available_backends()[0]  # "sim" in CI, "cuda" with NUMBATTN_TEST_GPU=1
+KERNEL = available_backends()[0]  # "sim" in CI, "cuda" with NUMBATTN_TEST_GPU=1 (conftest.py checks which)
 VERSIONS = prefill.VERSIONS
-pytestmark = pytest.mark.skipif(KERNEL == "numpy", reason="numba.cuda unavailable: nothing to test")
 
 
 def rand_qkv(rng, batch, n_heads, n_kv_heads, q_len, kv_len, d, dtype=np.float32, magnitude=1.0):
