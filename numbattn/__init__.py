@@ -8,6 +8,8 @@ See numbattn/backend.py for how the engine (GPU, simulator, NumPy) is chosen.
 """
 from . import reference
 from .backend import available_backends
+from .decode import decode_attention
+from .kvcache import KVCache
 from .prefill import attention, flash_attention
 
-__all__ = ["attention", "flash_attention", "available_backends", "reference"]
+__all__ = ["attention", "flash_attention", "available_backends", "reference", "KVCache", "decode_attention"]

@@ -124,18 +124,124 @@ def bench_prefill(seq_lens, batches=(1,), causal=(True,), versions=("v1", "v2"),
         vers = [x for x in versions if x != "v0" or b * n * n <= naive_max_work * N_KV_HEADS]
         impls = prefill_impls(be, vers, q, k, v, c, with_reference=n <= reference_max_n)
         flops = attention_flops(b, N_HEADS, n, n, HEAD_DIM, c)
-        for name, fn in impls.items():
-            clock = "torch" if name.startswith("torch") else ("cuda" if be == "cuda" else "host")
-            try:
-                ms = timed(fn, clock, warmup=1 if be != "cuda" else 3, repeat=repeat if be == "cuda" else 1)
-            except Exception as e:  # e.g. an SDPA backend that refuses this shape: record, keep going
-                log.warning("bench: %s failed at batch %d n %d: %s", name, b, n, e)
-                continue
-            tflops = flops / ms / 1e9
-            rows.append(dict(what="prefill", impl=name, batch=b, n=n, causal=c, ms=ms, tflops=tflops,
-                             frac_fp32_peak=tflops / FP32_PEAK_TFLOPS))
+        before = len(rows)
+        _time_impls(impls, be, repeat, rows, what="prefill", batch=b, n=n, causal=c)
+        for r in rows[before:]:
+            r.update(tflops=flops / r["ms"] / 1e9, frac_fp32_peak=flops / r["ms"] / 1e9 / FP32_PEAK_TFLOPS)
         if progress:
             progress(1)
+    return rows
+
+
+def _clock(name, be):
+    return "torch" if name.startswith("torch") else ("cuda" if be == "cuda" else "host")
+
+
+def _time_impls(impls, be, repeat, rows, **fields):
+    """Time each implementation and append one row per success; a refusal (e.g. SDPA shape) is logged, not fatal."""
+    for name, fn in impls.items():
+        try:
+            ms = timed(fn, _clock(name, be), warmup=3 if be == "cuda" else 1, repeat=repeat if be == "cuda" else 1)
+        except Exception as e:
+            log.warning("bench: %s failed at %s: %s", name, fields, e)
+            continue
+        rows.append(dict(fields, impl=name, ms=ms))
+    return rows
+
+
+def _torch_kv(q, k, v):
+    """q [b, h, d] and a cache k, v [b, h_kv, n, d] as torch tensors with K/V repeated to every query head."""
+    torch = torch_cuda()
+    group = q.shape[1] // k.shape[1]
+    tq = torch.from_numpy(np.ascontiguousarray(q[:, :, None, :])).cuda()
+    tk, tv = (torch.from_numpy(x).cuda().repeat_interleave(group, dim=1) for x in (k, v))
+    return tq, tk, tv
+
+
+def bench_decode(cache_lens, batches=(1,), dtypes=("float32", "float16"), backend="auto", repeat=50,
+                 reference_max_n=4096, progress=None):
+    """One decode step (one query token per row, all rows holding n tokens) at TinyLlama's head shape.
+
+    Rows carry ms, the K/V bytes the step must read, and the effective GB/s and fraction of HBM bandwidth.
+    """
+    from . import decode
+    be = _backend.resolve(backend)
+    rows = []
+    for b in batches:
+        for n in cache_lens:
+            for dt in dtypes:
+                rng = np.random.default_rng(n)
+                q = rng.standard_normal((b, N_HEADS, HEAD_DIM), dtype=np.float32)
+                k, v = (rng.standard_normal((b, N_KV_HEADS, n, HEAD_DIM), dtype=np.float32).astype(dt)
+                        for _ in range(2))
+                lengths = np.full(b, n, np.int32)
+                impls = {}
+                if be in ("cuda", "sim"):
+                    from numba import cuda
+                    dq, dk, dv, dl = (cuda.to_device(x) for x in (q, k, v, lengths))
+                    out = cuda.device_array(q.shape, np.float32)
+                    config = decode.default_config(be, HEAD_DIM, N_HEADS // N_KV_HEADS)
+                    split = config.split or decode.choose_split(n, b, N_KV_HEADS, config.block_n)
+                    scratch = decode.make_scratch(b, N_HEADS, HEAD_DIM, decode.n_splits_for(n, split))
+                    impls[f"numbattn decode {dt}"] = lambda: decode.launch(dq, dk, dv, dl, out, max_length=n,
+                                                                            config=config, scratch=scratch)
+                if n <= reference_max_n and dt == "float32":
+                    impls["numpy reference"] = lambda: reference.decode_attention(q, k, v, lengths)
+                if be == "cuda" and torch_cuda() is not None:
+                    import torch.nn.functional as F
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+                    tq, tk, tv = _torch_kv(q, k.astype(np.float32), v.astype(np.float32))
+                    if dt == "float16":
+                        def flash(ts=(tq.half(), tk.half(), tv.half())):
+                            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                                return F.scaled_dot_product_attention(*ts)
+                        impls["torch SDPA flash fp16"] = flash
+                    elif n <= 32768:
+                        def math_(ts=(tq, tk, tv)):
+                            with sdpa_kernel(SDPBackend.MATH):
+                                return F.scaled_dot_product_attention(*ts)
+                        impls["torch SDPA math fp32"] = math_
+                before = len(rows)
+                _time_impls(impls, be, repeat, rows, what="decode", batch=b, n=n, cache=dt)
+                kv_bytes = 2 * b * N_KV_HEADS * n * HEAD_DIM * np.dtype(dt).itemsize
+                for r in rows[before:]:
+                    r.update(kv_MB=kv_bytes / 1e6, gbps=kv_bytes / r["ms"] / 1e6,
+                             frac_hbm=kv_bytes / r["ms"] / 1e6 / HBM_GBPS)
+                if progress:
+                    progress(1)
+    return rows
+
+
+def bench_append(token_counts=(1, 16, 512, 2048), batches=(1,), dtypes=("float32", "float16"), max_len=4096,
+                 backend="auto", repeat=50, progress=None):
+    """KV-cache append of t new tokens per row into one layer (one launch for K and V): ms and GB/s moved."""
+    from . import kvcache
+    be = _backend.resolve(backend)
+    rows = []
+    for b in batches:
+        for t in token_counts:
+            for dt in dtypes:
+                rng = np.random.default_rng(t)
+                k, v = (rng.standard_normal((b, N_KV_HEADS, t, HEAD_DIM), dtype=np.float32).astype(dt)
+                        for _ in range(2))
+                impls = {}
+                if be in ("cuda", "sim"):
+                    from numba import cuda
+                    dk, dv = cuda.to_device(k), cuda.to_device(v)
+                    kc, vc = (cuda.device_array((b, N_KV_HEADS, max_len, HEAD_DIM), dt) for _ in range(2))
+                    l_in, l_out = cuda.to_device(np.zeros(b, np.int32)), cuda.device_array(b, np.int32)
+                    impls[f"numbattn append {dt}"] = lambda: kvcache.launch_append(dk, dv, kc, vc, l_in, l_out)
+                else:
+                    hk, hv = (np.empty((b, N_KV_HEADS, max_len, HEAD_DIM), dt) for _ in range(2))
+                    impls["numpy copy"] = lambda: (hk.__setitem__((slice(None), slice(None), slice(0, t)), k),
+                                                   hv.__setitem__((slice(None), slice(None), slice(0, t)), v))
+                before = len(rows)
+                _time_impls(impls, be, repeat, rows, what="append", batch=b, n=t, cache=dt)
+                moved = 2 * 2 * k.nbytes  # K and V, each read once and written once
+                for r in rows[before:]:
+                    r.update(gbps=moved / r["ms"] / 1e6, frac_hbm=moved / r["ms"] / 1e6 / HBM_GBPS)
+                if progress:
+                    progress(1)
     return rows
 
 

@@ -1,0 +1,276 @@
+"""Split-K decode attention (numbattn/decode.py) against the fp64 NumPy reference.
+
+Without a GPU these run in Numba's CUDA simulator (conftest.py) with tiny splits (4 or 8 keys) and tiles (2 or 3
+keys), so lengths like 31 and 100 cross many splits, end in a ragged split, and splits end in ragged tiles.
+
+Tolerance: 1e-5 relative to the largest reference value, for fp32 AND fp16 storage. The reference is fed
+float64 copies of exactly what the kernel reads (the cache's storage copied back, q as given), so fp16 storage
+adds no error to the comparison; what remains is fp32 arithmetic over <= 100 keys, near 1e-7. A wrong mask, a
+lost split, a wrong merge weight or a wrong KV head is off by > 1e-2.
+"""
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import numbattn
+from numbattn import decode, reference
+from numbattn.backend import available_backends
+from numbattn.decode import Config
+
+RTOL = 1e-5
+KERNEL = available_backends()[0]  # "sim" in CI, "cuda" with NUMBATTN_TEST_GPU=1
+pytestmark = pytest.mark.skipif(KERNEL == "numpy", reason="numba.cuda unavailable: nothing to test")
+TINY = Config(split=4, block_n=3, threads=8, merge_threads=4)       # tiles of 3, 1 keys in every split of 4
+LONG = Config(split=8, block_n=3, threads=8, merge_threads=4)       # 100 keys: 13 splits, the last holds 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_simulator_barriers():
+    """The simulator's block manager polls its threads under the GIL, so each syncthreads round waits out
+    switch intervals (5 ms by default); a short interval makes the simulated kernels ~5x faster here."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+def host(x):
+    return x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
+
+
+def filled_cache(rng, lengths, n_heads=2, n_kv_heads=1, d=16, max_len=None, dtype=np.float32,
+                 backend=KERNEL, n_layers=1):
+    """A cache whose rows hold `lengths` tokens (append max(lengths), then a per-row truncate), and a query."""
+    lengths = np.asarray(lengths)
+    batch, top = len(lengths), int(lengths.max())
+    cache = numbattn.KVCache(n_layers, batch, n_kv_heads, max_len or top + 3, d, dtype=dtype, backend=backend)
+    if top:
+        k = rng.standard_normal((batch, n_kv_heads, top, d)).astype(np.float32)
+        v = rng.standard_normal((batch, n_kv_heads, top, d)).astype(np.float32)
+        v += np.arange(n_kv_heads, dtype=np.float32)[None, :, None, None] * 10  # reading the wrong KV head fails
+        for layer in range(n_layers):
+            cache.append(layer, k, v)
+        cache.truncate(lengths)
+    q = rng.standard_normal((batch, n_heads, d)).astype(dtype)
+    return cache, q
+
+
+def reference_fp64(q, cache, layer=0, scale=None):
+    """The oracle on float64 copies of exactly what the kernel reads."""
+    return reference.decode_attention(host(q).astype(np.float64), host(cache.k(layer)).astype(np.float64),
+                                      host(cache.v(layer)).astype(np.float64), cache.layer_lengths(layer),
+                                      scale=scale)
+
+
+def check(q, cache, layer=0, scale=None, config=None, rtol=RTOL):
+    """Decode into a NaN-poisoned device buffer and compare with the fp64 reference."""
+    from numba import cuda
+    out = cuda.to_device(np.full(q.shape, np.nan, np.float32))  # an unwritten element stays NaN and fails
+    got = numbattn.decode_attention(cuda.to_device(q), cache, layer, scale=scale, out=out, config=config)
+    got = got.copy_to_host()
+    want = reference_fp64(q, cache, layer, scale)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.isfinite(got).all(), "kernel left unwritten (NaN) outputs or read a NaN-poisoned slot"
+    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+    assert err < rtol, f"relative error {err:.2e} >= {rtol:.0e}"
+    return got
+
+
+@pytest.mark.parametrize("length,config", [(1, TINY), (2, TINY), (31, TINY), (100, LONG)])
+def test_matches_reference_lengths(length, config):
+    rng = np.random.default_rng(length)
+    cache, q = filled_cache(rng, [length], max_len=length + 5)   # unused NaN slots right after the last key
+    check(q, cache, config=config)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(2, 2), (4, 1), (8, 1), (8, 2)])  # GQA ratios 1, 4, 8, 4
+def test_grouped_query_heads(n_heads, n_kv_heads):
+    rng = np.random.default_rng(n_heads * 10 + n_kv_heads)
+    cache, q = filled_cache(rng, [9], n_heads=n_heads, n_kv_heads=n_kv_heads)
+    check(q, cache, config=TINY)
+
+
+def test_rows_of_different_lengths_and_an_empty_row():
+    rng = np.random.default_rng(11)
+    cache, q = filled_cache(rng, [0, 1, 6, 13], n_heads=4, n_kv_heads=2, max_len=16)
+    got = check(q, cache, config=TINY)
+    assert (got[0] == 0).all()                   # a row holding no tokens returns zeros
+
+
+def test_all_rows_empty_gives_zeros():
+    cache, q = filled_cache(np.random.default_rng(12), [0, 0], max_len=4)
+    got = numbattn.decode_attention(q, cache, 0, config=TINY)
+    assert isinstance(got, np.ndarray) and (got == 0).all()
+
+
+def test_float16_storage_and_query_compute_in_fp32():
+    rng = np.random.default_rng(13)
+    cache, q = filled_cache(rng, [3, 14], n_heads=4, n_kv_heads=1, d=32, dtype=np.float16)
+    assert host(cache.k(0)).dtype == np.float16 and q.dtype == np.float16
+    check(q, cache, config=TINY)   # same rounded values in the reference: fp32 math still lands near 1e-7
+
+
+def test_large_logits_across_splits_are_stable():
+    """Scores around ±80 with the maximum in a late split: only a correct log-sum-exp merge stays finite and right."""
+    rng = np.random.default_rng(14)
+    k = rng.standard_normal((1, 1, 11, 16)).astype(np.float32)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.standard_normal((1, 1, 11, 16)).astype(np.float32)
+    q = np.concatenate([k[:, :, 9] * 80, -k[:, :, 2] * 80], axis=1)   # [1, 2, 16]: peaks in split 3, or spread
+    cache = numbattn.KVCache(1, 1, 1, 16, 16, backend=KERNEL)
+    cache.append(0, k, v)
+    check(q.astype(np.float32), cache, scale=1.0, config=TINY)
+
+
+def test_custom_scale_and_head_dim_64():
+    rng = np.random.default_rng(15)
+    cache, q = filled_cache(rng, [10, 5], n_heads=4, n_kv_heads=2, d=64)
+    check(q, cache, scale=0.3, config=TINY)
+
+
+def test_the_unused_nan_slots_never_leak_with_the_default_config():
+    """The shipped simulator config (and the automatic split, one split here) over a mostly empty cache."""
+    rng = np.random.default_rng(16)
+    cache, q = filled_cache(rng, [5, 2], n_heads=4, n_kv_heads=2, max_len=24)
+    check(q, cache)
+    check(q, cache, config=Config(split=None, block_n=4, threads=8, merge_threads=4))
+
+
+def test_host_in_host_out_and_device_in_device_out():
+    rng = np.random.default_rng(17)
+    cache, q = filled_cache(rng, [7])
+    got = numbattn.decode_attention(q, cache, 0)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_allclose(got, reference_fp64(q, cache), rtol=1e-5, atol=1e-6)
+    from numba import cuda
+    got_dev = numbattn.decode_attention(cuda.to_device(q), cache, 0)
+    assert hasattr(got_dev, "copy_to_host")
+    np.testing.assert_array_equal(got_dev.copy_to_host(), got)
+
+
+def test_repeated_host_calls_do_not_share_results():
+    """Host q reuses the cache's device staging buffers: each call's result must still be its own."""
+    rng = np.random.default_rng(22)
+    cache, q1 = filled_cache(rng, [5, 3], n_heads=4, n_kv_heads=2)
+    q2 = rng.standard_normal(q1.shape).astype(np.float32)
+    a, b = numbattn.decode_attention(q1, cache, 0), numbattn.decode_attention(q2, cache, 0)
+    np.testing.assert_allclose(a, reference_fp64(q1, cache), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, reference_fp64(q2, cache), rtol=1e-5, atol=1e-6)
+    cache.append(0, *(rng.standard_normal((2, 2, 1, 16)).astype(np.float32) for _ in range(2)))
+    c = numbattn.decode_attention(q1, cache, 0)
+    np.testing.assert_allclose(c, reference_fp64(q1, cache), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a, c)    # the appended token changed the answer; a is untouched
+
+
+def test_numpy_and_kernel_backends_agree():
+    caches, outs = [], []
+    for be in (KERNEL, "numpy"):
+        rng = np.random.default_rng(18)                    # the same draws for both caches
+        cache, q = filled_cache(rng, [4, 9, 0], n_heads=4, n_kv_heads=2, backend=be, n_layers=2)
+        cache.append(1, *(rng.standard_normal((3, 2, 1, 16)).astype(np.float32) for _ in range(2)))
+        caches.append(cache)
+        outs.append([numbattn.decode_attention(q, cache, layer) for layer in (0, 1)])
+    assert caches[0].layer_lengths(1).tolist() == caches[1].layer_lengths(1).tolist() == [5, 10, 1]
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_then_decode_equals_one_long_prefill():
+    """n prompt tokens through the prefill kernel, then k decode steps, equal causal prefill of all n + k."""
+    rng = np.random.default_rng(19)
+    n, steps, b, h, h_kv, d = 7, 3, 2, 4, 2, 16
+    q = rng.standard_normal((b, h, n + steps, d)).astype(np.float32)
+    k = rng.standard_normal((b, h_kv, n + steps, d)).astype(np.float32)
+    v = rng.standard_normal((b, h_kv, n + steps, d)).astype(np.float32)
+    full = numbattn.attention(q, k, v, causal=True, backend=KERNEL)        # [b, h, n + steps, d]
+
+    cache = numbattn.KVCache(1, b, h_kv, n + steps, d, backend=KERNEL)
+    prompt = numbattn.attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], causal=True, backend=KERNEL)
+    cache.append(0, k[:, :, :n], v[:, :, :n])
+    np.testing.assert_allclose(prompt, full[:, :, :n], rtol=1e-5, atol=1e-6)
+    for i in range(n, n + steps):
+        cache.append(0, k[:, :, i:i + 1], v[:, :, i:i + 1])       # the new token's K/V, then its query
+        out = numbattn.decode_attention(q[:, :, i], cache, 0)
+        np.testing.assert_allclose(out, full[:, :, i], rtol=1e-5, atol=1e-6)
+    assert cache.lengths.tolist() == [n + steps] * b
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(0, 19), min_size=1, max_size=3), group=st.sampled_from([1, 2, 4]),
+       n_kv_heads=st.integers(1, 2), split=st.integers(1, 6), block_n=st.integers(1, 4),
+       threads=st.sampled_from([4, 8, 16, 32]), dtype=st.sampled_from([np.float32, np.float16]),
+       seed=st.integers(0, 2**16))
+def test_property_sweep(lengths, group, n_kv_heads, split, block_n, threads, dtype, seed):
+    rng = np.random.default_rng(seed)
+    cache, q = filled_cache(rng, lengths, n_heads=group * n_kv_heads, n_kv_heads=n_kv_heads, dtype=dtype)
+    check(q, cache, config=Config(split=split, block_n=block_n, threads=threads, merge_threads=threads // 4))
+
+
+def test_split_grows_with_the_length_and_fills_the_gpu():
+    """The GPU's automatic split: >= MIN_SPLIT keys, a multiple of the tile, and a long context fills 132 SMs."""
+    for length in (1, 100, 2048, 4096, 32768, 131072):
+        split = decode.choose_split(length, 1, 4, 32, n_sm=132)
+        assert split >= decode.MIN_SPLIT and split % 32 == 0
+        if length >= 32768:
+            assert 4 * decode.n_splits_for(length, split) >= 132 * decode.BLOCKS_PER_SM * 0.9
+    assert decode.choose_split(131072, 1, 4, 32, n_sm=132) > decode.choose_split(32768, 1, 4, 32, n_sm=132)
+    for head_dim in (16, 32, 64, 128):
+        for group in (1, 4, 8, 32):
+            cfg = decode.gpu_config(head_dim, group)
+            assert decode.shared_bytes(head_dim, group, cfg.block_n) <= decode.SHARED_LIMIT
+
+
+def test_device_launcher_with_reused_scratch():
+    """decode.launch on device arrays (the benchmark's hot path): reused scratch, max_length bound."""
+    from numba import cuda
+    rng = np.random.default_rng(20)
+    cache, q = filled_cache(rng, [6, 3], n_heads=4, n_kv_heads=2, max_len=12)
+    cfg = Config(split=2, block_n=2, threads=8, merge_threads=4)
+    scratch = decode.make_scratch(2, 4, 16, decode.n_splits_for(6, 2))
+    dq, out = cuda.to_device(q), cuda.device_array(q.shape, np.float32)
+    for _ in range(2):
+        decode.launch(dq, cache.k(0), cache.v(0), cache.device_lengths(0), out, None, max_length=6, config=cfg,
+                      scratch=scratch)
+    np.testing.assert_allclose(out.copy_to_host(), reference_fp64(q, cache), rtol=RTOL, atol=1e-6)
+    with pytest.raises(ValueError, match=r"scratch has shape \(2, 4, 3, 18\); this call needs \(2, 4, >= 6, 18\)"):
+        decode.launch(dq, cache.k(0), cache.v(0), cache.device_lengths(0), out, None, max_length=12,
+                      config=cfg, scratch=scratch)
+    with pytest.raises(ValueError, match=r"max_length=13"):
+        decode.launch(dq, cache.k(0), cache.v(0), cache.device_lengths(0), out, None, max_length=13, config=cfg)
+    with pytest.raises(ValueError, match=r"lengths has shape \(2,\) and dtype int64"):
+        decode.launch(dq, cache.k(0), cache.v(0), cuda.to_device(np.array([1, 2])), out, None)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=np.zeros((2, 4, 1, 16), np.float32)), r"q has shape \(2, 4, 1, 16\); expected 3 dimensions"),
+    (dict(q=np.zeros((2, 4, 16), np.float64)), r"q has dtype float64"),
+    (dict(q=np.zeros((3, 4, 16), np.float32)), r"q has shape \(3, 4, 16\) but the cache holds batch 2"),
+    (dict(q=np.zeros((2, 4, 32), np.float32)), r"head_dim 16"),
+    (dict(q=np.zeros((2, 3, 16), np.float32)), r"q has 3 heads, the cache has 2.*multiple"),
+    (dict(layer=1), r"layer=1 is out of range"),
+    (dict(cache="cache"), r"cache must be a numbattn.KVCache; got str"),
+    (dict(scale=float("inf")), r"scale=inf"),
+    (dict(out=np.zeros((2, 4, 16), np.float32)), r"out has shape .* expected a device array"),
+    (dict(config=Config(split=4, block_n=2, threads=6, merge_threads=4)), r"threads a power of two"),
+    (dict(config=Config(split=0, block_n=2, threads=8, merge_threads=4)), r"split None or >= 1"),
+])
+def test_validation_errors_name_the_argument(bad, match):
+    cache, _ = filled_cache(np.random.default_rng(21), [2, 3], n_heads=4, n_kv_heads=2)
+    args = dict(q=np.zeros((2, 4, 16), np.float32), cache=cache, layer=0)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        numbattn.decode_attention(**args)
+
+
+# ---- real GPU only: realistic sizes (run with NUMBATTN_TEST_GPU=1 on a CUDA machine) ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("lengths", [[4096], [32768], [1, 777, 2048, 0], [100] * 8])
+def test_gpu_realistic_shapes(dtype, lengths):
+    rng = np.random.default_rng(len(lengths))
+    cache, q = filled_cache(rng, lengths, n_heads=32, n_kv_heads=4, d=64, dtype=dtype,
+                            max_len=max(lengths) + 17)    # TinyLlama's 32 query / 4 KV heads, automatic split
+    check(q, cache)

@@ -1,0 +1,239 @@
+"""The KV cache (numbattn/kvcache.py): appends land where they should, failures change nothing, NaN stays unread.
+
+Without a GPU these run in Numba's CUDA simulator (conftest.py). Storage is compared exactly: an append is a
+copy (plus an fp32 -> fp16 rounding that NumPy's astype reproduces bit for bit), and unused slots must still
+hold the NaN they were poisoned with.
+"""
+import sys
+
+import numpy as np
+import pytest
+
+import numbattn
+from numbattn import kvcache
+from numbattn.backend import available_backends
+
+KERNEL = available_backends()[0]  # "sim" in CI, "cuda" with NUMBATTN_TEST_GPU=1
+pytestmark = pytest.mark.skipif(KERNEL == "numpy", reason="numba.cuda unavailable: nothing to test")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_simulator_barriers():
+    """The simulator's block manager polls its threads under the GIL, so each syncthreads round waits out
+    switch intervals (5 ms by default); a short interval makes the simulated kernels ~5x faster here."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+def host(x):
+    return x.copy_to_host() if hasattr(x, "copy_to_host") else np.array(x)
+
+
+def rand_kv(rng, batch, n_kv_heads, t, d, dtype=np.float32):
+    return (rng.standard_normal((batch, n_kv_heads, t, d)).astype(dtype),
+            rng.standard_normal((batch, n_kv_heads, t, d)).astype(dtype))
+
+
+def snapshot(cache):
+    """Everything a failed call must leave untouched: storage of every layer and all lengths."""
+    return ([host(cache.k(i)) for i in range(cache.n_layers)], [host(cache.v(i)) for i in range(cache.n_layers)],
+            [cache.layer_lengths(i) for i in range(cache.n_layers)])
+
+
+def assert_same(a, b):
+    for xs, ys in zip(a, b, strict=True):
+        for x, y in zip(xs, ys, strict=True):
+            assert np.array_equal(x, y, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", [KERNEL, "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_bulk_then_single_token_appends_land_in_order(backend, dtype):
+    rng = np.random.default_rng(0)
+    cache = numbattn.KVCache(2, 2, 2, 12, 16, dtype=dtype, backend=backend)
+    assert all(np.isnan(host(cache.k(i))).all() and np.isnan(host(cache.v(i))).all() for i in range(2))
+    chunks = [rand_kv(rng, 2, 2, 5, 16)] + [rand_kv(rng, 2, 2, 1, 16) for _ in range(3)]
+    for n, (k, v) in enumerate(chunks):
+        for layer in range(2):
+            # layer 1 gets device arrays (no host round trip), in fp16 when the cache stores fp16
+            if layer == 1 and backend != "numpy":
+                from numba import cuda
+                k_in, v_in = cuda.to_device(k.astype(dtype)), cuda.to_device(v.astype(dtype))
+            else:
+                k_in, v_in = k, v
+            cache.append(layer, k_in, v_in)
+        assert cache.lengths.tolist() == [5 + n] * 2 and cache.lengths.dtype == np.int32
+    want_k = np.concatenate([k for k, _ in chunks], axis=2).astype(dtype)
+    want_v = np.concatenate([v for _, v in chunks], axis=2).astype(dtype)
+    for layer in range(2):
+        K, V = host(cache.k(layer)), host(cache.v(layer))
+        assert K.dtype == dtype and K.shape == (2, 2, 12, 16)
+        assert np.array_equal(K[:, :, :8], want_k) and np.array_equal(V[:, :, :8], want_v)
+        assert np.isnan(K[:, :, 8:]).all() and np.isnan(V[:, :, 8:]).all()
+
+
+@pytest.mark.parametrize("backend", [KERNEL, "numpy"])
+def test_rows_append_at_their_own_lengths_after_per_row_truncate(backend):
+    rng = np.random.default_rng(1)
+    cache = numbattn.KVCache(1, 3, 1, 10, 16, backend=backend)
+    k0, v0 = rand_kv(rng, 3, 1, 6, 16)
+    cache.append(0, k0, v0)
+    cache.truncate(np.array([2, 6, 0]))
+    assert cache.lengths.tolist() == [2, 6, 0]
+    K = host(cache.k(0))
+    assert np.array_equal(K[0, :, :2], k0[0, :, :2]) and np.isnan(K[0, :, 2:]).all()  # rewound: NaN again
+    assert np.isnan(K[2]).all()
+    k1, v1 = rand_kv(rng, 3, 1, 2, 16)
+    cache.append(0, k1, v1)
+    K, V = host(cache.k(0)), host(cache.v(0))
+    for b, start in enumerate([2, 6, 0]):
+        assert np.array_equal(K[b, :, start:start + 2], k1[b]) and np.array_equal(V[b, :, start:start + 2], v1[b])
+        assert np.isnan(K[b, :, start + 2:]).all()
+    assert cache.lengths.tolist() == [4, 8, 2]
+
+
+@pytest.mark.parametrize("backend", [KERNEL, "numpy"])
+def test_single_tokens_with_mixed_input_dtypes(backend):
+    """One-token host appends go through a reused staging buffer: mixed fp16/fp32 k, v, repeated steps."""
+    rng = np.random.default_rng(8)
+    cache = numbattn.KVCache(1, 2, 1, 6, 16, dtype=np.float16, backend=backend)
+    steps = [rand_kv(rng, 2, 1, 1, 16) for _ in range(3)]
+    for k, v in steps:
+        cache.append(0, k.astype(np.float16), v)            # k fp16, v fp32
+    K, V = host(cache.k(0)), host(cache.v(0))
+    assert np.array_equal(K[:, :, :3], np.concatenate([k for k, _ in steps], axis=2).astype(np.float16))
+    assert np.array_equal(V[:, :, :3], np.concatenate([v for _, v in steps], axis=2).astype(np.float16))
+    assert np.isnan(K[:, :, 3:]).all() and cache.lengths.tolist() == [3, 3]
+
+
+def test_truncate_int_keeps_the_common_prefix_and_never_grows():
+    rng = np.random.default_rng(2)
+    cache = numbattn.KVCache(2, 2, 1, 8, 16, backend=KERNEL)
+    k, v = rand_kv(rng, 2, 1, 5, 16)
+    for layer in range(2):
+        cache.append(layer, k, v)
+    cache.truncate(7)                       # more than held: nothing changes
+    assert cache.lengths.tolist() == [5, 5]
+    cache.truncate(3)
+    assert cache.lengths.tolist() == [3, 3]
+    for layer in range(2):
+        K = host(cache.k(layer))
+        assert np.array_equal(K[:, :, :3], k[:, :, :3]) and np.isnan(K[:, :, 3:]).all()
+    cache.reset()
+    assert cache.lengths.tolist() == [0, 0] and np.isnan(host(cache.k(1))).all()
+
+
+def test_lengths_is_what_every_layer_holds():
+    rng = np.random.default_rng(3)
+    cache = numbattn.KVCache(3, 1, 1, 8, 16, backend=KERNEL)
+    k, v = rand_kv(rng, 1, 1, 2, 16)
+    cache.append(0, k, v)                   # mid-step: only layer 0 has the new tokens
+    assert cache.lengths.tolist() == [0]
+    assert cache.layer_lengths(0).tolist() == [2] and cache.layer_lengths(2).tolist() == [0]
+    cache.append(1, k, v)
+    cache.append(2, k, v)
+    assert cache.lengths.tolist() == [2]
+    assert host(cache.device_lengths(2)).tolist() == [2]   # the device copy decode reads
+
+
+def test_overflow_is_rejected_and_nothing_is_written():
+    rng = np.random.default_rng(4)
+    cache = numbattn.KVCache(2, 2, 1, 8, 16, backend=KERNEL)
+    k, v = rand_kv(rng, 2, 1, 6, 16)
+    cache.append(0, k, v)
+    cache.truncate(np.array([6, 3]))
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match=r"append of 3 tokens to layer 0 overflows max_len 8: rows \[0\] hold \[6\]"):
+        cache.append(0, *rand_kv(rng, 2, 1, 3, 16))       # row 1 would fit: still nothing is written
+    with pytest.raises(ValueError, match="overflows max_len 8"):
+        cache.append(1, *rand_kv(rng, 2, 1, 9, 16))
+    assert_same(snapshot(cache), before)
+    cache.append(0, *rand_kv(rng, 2, 1, 2, 16))          # exactly full is fine
+    assert cache.layer_lengths(0).tolist() == [8, 5]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(layer=2), r"layer=2 is out of range: the cache has 2 layers"),
+    (dict(layer=-1), r"layer=-1 is out of range"),
+    (dict(layer=1.0), r"layer=1.0 must be an integer"),
+    (dict(k=np.zeros((2, 2, 1, 16), np.float64)), r"k has dtype float64"),
+    (dict(v=np.zeros((2, 2, 1, 16), np.int32)), r"v has dtype int32"),
+    (dict(k=np.zeros((2, 2, 16), np.float32)), r"k has shape \(2, 2, 16\); expected 4 dimensions"),
+    (dict(k=np.zeros((2, 2, 2, 16), np.float32)), r"k has shape \(2, 2, 2, 16\) but v has \(2, 2, 1, 16\)"),
+    (dict(k=np.zeros((2, 1, 1, 16), np.float32), v=np.zeros((2, 1, 1, 16), np.float32)),
+     r"k has shape \(2, 1, 1, 16\); expected \(2, 2, t, 16\)"),
+    (dict(k=np.zeros((2, 2, 1, 32), np.float32), v=np.zeros((2, 2, 1, 32), np.float32)), r"expected \(2, 2, t, 16\)"),
+    (dict(k=np.zeros((2, 2, 0, 16), np.float32), v=np.zeros((2, 2, 0, 16), np.float32)), r"t >= 1"),
+    (dict(k=[[1.0]]), r"k must be a NumPy or device array"),
+])
+def test_bad_append_arguments_are_named_and_change_nothing(bad, match):
+    rng = np.random.default_rng(5)
+    cache = numbattn.KVCache(2, 2, 2, 4, 16, backend=KERNEL)
+    cache.append(0, *rand_kv(rng, 2, 2, 2, 16))
+    before = snapshot(cache)
+    args = dict(layer=0, k=np.ones((2, 2, 1, 16), np.float32), v=np.ones((2, 2, 1, 16), np.float32))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        cache.append(args["layer"], args["k"], args["v"])
+    assert_same(snapshot(cache), before)
+
+
+@pytest.mark.parametrize("args,match", [
+    (dict(head_dim=24), r"head_dim=24"),
+    (dict(dtype=np.float64), r"dtype=float64"),
+    (dict(n_layers=0), r"n_layers=0 must be >= 1"),
+    (dict(max_len=2.5), r"max_len=2.5 must be an integer"),
+    (dict(backend="tpu"), r"backend='tpu'"),
+])
+def test_bad_constructor_arguments_are_named(args, match):
+    kw = dict(n_layers=1, batch=1, n_kv_heads=1, max_len=4, head_dim=16)
+    kw.update(args)
+    with pytest.raises(ValueError, match=match):
+        numbattn.KVCache(**kw)
+
+
+@pytest.mark.parametrize("n,match", [(-1, r"must be >= 0"), (np.array([1, 2, 3]), r"n has shape \(3,\)"),
+                                     (1.5, r"dtype float64")])
+def test_bad_truncate_is_rejected(n, match):
+    cache = numbattn.KVCache(1, 2, 1, 4, 16, backend=KERNEL)
+    with pytest.raises(ValueError, match=match):
+        cache.truncate(n)
+
+
+def test_device_launcher_is_idempotent_for_timing():
+    """launch_append with fixed lengths_in/lengths_out writes the same slots each call (how the bench times it)."""
+    from numba import cuda
+    rng = np.random.default_rng(6)
+    cache = numbattn.KVCache(1, 2, 2, 8, 16, backend=KERNEL)
+    k, v = rand_kv(rng, 2, 2, 3, 16)
+    dk, dv = cuda.to_device(k), cuda.to_device(v)
+    lengths_in, lengths_out = cuda.to_device(np.array([1, 4], np.int32)), cuda.device_array(2, np.int32)
+    copy = kvcache.SIM_COPY if KERNEL == "sim" else kvcache.GPU_COPY
+    for _ in range(2):
+        kvcache.launch_append(dk, dv, cache.k(0), cache.v(0), lengths_in, lengths_out, copy)
+    assert lengths_out.copy_to_host().tolist() == [4, 7]
+    K = cache.k(0).copy_to_host()
+    assert np.array_equal(K[0, :, 1:4], k[0]) and np.array_equal(K[1, :, 4:7], k[1])
+    assert np.isnan(K[0, :, 4:]).all() and np.isnan(K[1, :, :4]).all() and np.isnan(K[1, :, 7:]).all()
+    with pytest.raises(ValueError, match=r"lengths_in has shape \(3,\)"):
+        kvcache.launch_append(dk, dv, cache.k(0), cache.v(0), cuda.to_device(np.zeros(3, np.int32)), lengths_out)
+
+
+def test_append_falls_back_to_numpy_when_the_kernel_fails(monkeypatch):
+    """NUMBATTN_STRICT unset: a failing append kernel is replaced by host copies, with the same result."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated launch failure")
+
+    monkeypatch.setenv("NUMBATTN_STRICT", "0")
+    monkeypatch.setattr(kvcache, "launch_append", broken)
+    rng = np.random.default_rng(7)
+    cache = numbattn.KVCache(1, 2, 1, 6, 16, backend=KERNEL)
+    k, v = rand_kv(rng, 2, 1, 2, 16)
+    cache.append(0, k, v)
+    cache.append(0, k, v)
+    assert cache.lengths.tolist() == [4, 4]
+    assert host(cache.device_lengths(0)).tolist() == [4, 4]
+    K = host(cache.k(0))
+    assert np.array_equal(K[:, :, 2:4], k) and np.isnan(K[:, :, 4:]).all()
