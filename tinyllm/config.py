@@ -63,7 +63,7 @@ def load_config(model_dir):
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (every Hugging Face model directory has a config.json)")
+        raise ConfigError(f"{path}: file not found (every Hugging Face model directory has a config.json)") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e})") from e
     try:

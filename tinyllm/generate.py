@@ -139,7 +139,7 @@ class GenerationStats:
 
 def common_prefix_length(a, b):
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):   # stops at the shorter one
         if x != y:
             break
         n += 1
@@ -167,8 +167,8 @@ def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, 
         raise ContextOverflowError(f"prompt has {n_prompt} tokens but the context holds {model.max_len} "
                                    f"(max_len), leaving no room for a reply: shorten the prompt or the chat "
                                    f"history")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
     budget = min(max_new_tokens, model.max_len - n_prompt)
     if budget < max_new_tokens:
         log.info("tinyllm: max_new_tokens %d capped to %d: the prompt has %d of %d context tokens",

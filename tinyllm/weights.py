@@ -50,7 +50,9 @@ class WeightsError(ValueError):
 # --------------------------------------------------------------------------------------------------------
 def bf16_to_f32(bits):
     """uint16 bf16 bit patterns -> float32, exactly: the bf16 bits are the fp32's top 16 bits."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    wide = np.asarray(bits, dtype=np.uint16).astype(np.uint32)
+    wide <<= 16                                   # in place: one temporary per tensor, not two
+    return wide.view(np.float32)
 
 
 def f32_to_bf16(x):

@@ -1,0 +1,80 @@
+"""tinyllm/config.py: config.json -> LlamaConfig, and the refusal of models tinyllm does not implement."""
+import json
+
+import pytest
+
+from tinyllm.config import ConfigError, LlamaConfig, load_config
+
+# TinyLlama/TinyLlama-1.1B-Chat-v1.0's config.json, verbatim.
+TINYLLAMA = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5632,
+    "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 22,
+    "num_key_value_heads": 4, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.35.0", "use_cache": True, "vocab_size": 32000,
+}
+
+
+def test_tinyllama_config():
+    c = LlamaConfig.from_dict(TINYLLAMA)
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (2048, 5632, 22)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (32, 4, 64)
+    assert (c.vocab_size, c.max_position_embeddings, c.rope_theta, c.rms_norm_eps) == (32000, 2048, 10000.0, 1e-5)
+    assert (c.bos_token_id, c.eos_token_id, c.eos_token_ids) == (1, 2, (2,))
+    assert c.torch_dtype == "bfloat16" and c.tie_word_embeddings is False and c.rope_scaling_factor == 1.0
+
+
+def test_load_config_from_directory(tiny_model_dir):
+    c = load_config(tiny_model_dir)
+    assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (64, 4, 2, 16)
+
+
+def test_defaults_and_variants():
+    d = dict(TINYLLAMA)
+    del d["num_key_value_heads"], d["architectures"]       # model_type "llama" is enough; MHA by default
+    d.update(eos_token_id=[2, 7], rope_scaling={"type": "linear", "factor": 2.0}, head_dim=128)
+    c = LlamaConfig.from_dict(d)
+    assert c.num_key_value_heads == 32 and c.eos_token_ids == (2, 7) and c.rope_scaling_factor == 2.0
+    assert c.head_dim == 128   # an explicit head_dim wins over hidden_size // num_attention_heads
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"architectures": ["MistralForCausalLM"]}, "architectures"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ({"rope_scaling": {"type": "linear", "factor": -1}}, "factor"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_size": 2048 + 32 * 8}, "head_dim"),          # head_dim 72: no kernel for it
+    ({"hidden_size": 2050}, "divisible"),
+    ({"num_key_value_heads": 5}, "multiple"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ({"vocab_size": "32000"}, "vocab_size"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
+    ({"torch_dtype": "int8"}, "torch_dtype"),
+    ({"eos_token_id": 32000}, "eos_token_id"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings"),
+])
+def test_rejects_unsupported(change, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        LlamaConfig.from_dict(dict(TINYLLAMA, **change), source="my/config.json")
+    assert "my/config.json" in str(e.value)
+
+
+def test_rejects_missing_field():
+    d = dict(TINYLLAMA)
+    del d["intermediate_size"]
+    with pytest.raises(ConfigError, match="missing field 'intermediate_size'"):
+        LlamaConfig.from_dict(d)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.json: file not found"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINYLLAMA, hidden_act="relu")))
+    with pytest.raises(ConfigError, match=str(tmp_path)):
+        load_config(tmp_path)

@@ -1,0 +1,203 @@
+"""tinyllm/generate.py: the sampler's rules, and the generation loop on the tiny model (NumPy backend).
+
+Every generation here is checked against something computed another way: a greedy loop that recomputes
+the whole sequence with no KV cache, or a fresh model that reuses nothing.
+"""
+import numpy as np
+import pytest
+
+from tinyllm import ContextOverflowError, load_model
+from tinyllm.generate import (Sampler, apply_repetition_penalty, common_prefix_length, softmax, top_k_filter,
+                              top_p_filter)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sampling rules
+# --------------------------------------------------------------------------------------------------------
+def random_logits(seed, n=50):
+    return np.random.default_rng(seed).standard_normal(n) * 3
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens():
+    logits = random_logits(0)
+    draw = lambda seed: [Sampler(temperature=1.0, seed=seed)(logits) for _ in range(30)]  # noqa: E731
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_greedy_and_top_k_1_are_the_argmax():
+    for seed in range(10):
+        logits = random_logits(seed)
+        assert Sampler()(logits) == int(np.argmax(logits))
+        assert Sampler(temperature=1.5, top_k=1, seed=seed)(logits) == int(np.argmax(logits))
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = np.array([1.0, 5.0, 3.0, 4.0, 2.0])
+    assert np.isfinite(top_k_filter(logits, 2)).tolist() == [False, True, False, True, False]
+    assert np.array_equal(top_k_filter(logits, 0), logits)
+    drawn = {Sampler(temperature=5.0, top_k=3, seed=s)(logits) for s in range(100)}
+    assert drawn == {1, 2, 3}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([0.05, 0.5, 0.15, 0.3])
+    kept = lambda p: set(np.flatnonzero(top_p_filter(probs, p)).tolist())   # noqa: E731
+    assert kept(0.5) == {1}               # 0.5 alone reaches 0.5
+    assert kept(0.51) == {1, 3}           # 0.5 + 0.3 = 0.8
+    assert kept(0.8) == {1, 3}
+    assert kept(0.81) == {1, 3, 2}        # 0.95
+    assert kept(1.0) == {0, 1, 2, 3}
+    assert np.isclose(top_p_filter(probs, 0.6).sum(), 1.0)
+    logits = np.log(probs)
+    drawn = {Sampler(temperature=1.0, top_p=0.75, seed=s)(logits) for s in range(200)}
+    assert drawn == {1, 3}
+
+
+def test_sampling_follows_the_distribution():
+    logits = np.log(np.array([0.1, 0.6, 0.3]))
+    s = Sampler(temperature=1.0, seed=0)
+    counts = np.bincount([s(logits) for _ in range(3000)], minlength=3) / 3000
+    assert np.allclose(counts, [0.1, 0.6, 0.3], atol=0.03)
+    assert np.allclose(softmax(logits), [0.1, 0.6, 0.3])
+
+
+def test_repetition_penalty_rule():
+    logits = np.array([2.0, -2.0, 1.0, 0.5])
+    got = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert got.tolist() == [1.0, -4.0, 1.0, 0.5]      # seen: positive / 2, negative * 2; unseen untouched
+    assert logits.tolist() == [2.0, -2.0, 1.0, 0.5]   # the input is not modified
+    assert Sampler()(logits, previous_ids=[0]) == 0
+    assert Sampler(repetition_penalty=2.5)(logits, previous_ids=[0]) == 2   # 2 / 2.5 = 0.8 < 1.0
+
+
+@pytest.mark.parametrize("kw, words", [({"temperature": -1}, "temperature"), ({"top_k": -2}, "top_k"),
+                                       ({"top_k": 1.5}, "top_k"), ({"top_p": 0.0}, "top_p"),
+                                       ({"top_p": 1.2}, "top_p"), ({"repetition_penalty": 0}, "repetition")])
+def test_sampler_rejects_bad_settings(kw, words):
+    with pytest.raises(ValueError, match=words):
+        Sampler(**kw)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loop on the tiny model
+# --------------------------------------------------------------------------------------------------------
+PROMPT = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+@pytest.fixture
+def prompt_ids(tiny_model):
+    return tiny_model.tokenizer.encode_chat(PROMPT)
+
+
+def greedy_without_cache(model, prompt, n):
+    """Greedy decoding the slow way: the whole sequence from position 0 at every step."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(np.argmax(model.forward(np.array([ids]))[0, -1])))
+    return ids[len(prompt):]
+
+
+def test_greedy_generation_equals_recomputing_everything(tiny_model, tiny_model_dir, prompt_ids):
+    got = tiny_model.generate(prompt_ids, max_new_tokens=8)
+    assert len(got) == 8 and tiny_model.last_stats.stop_reason == "length"
+    other = load_model(tiny_model_dir, backend="numpy")
+    assert greedy_without_cache(other, prompt_ids, 8) == got
+    s = tiny_model.last_stats
+    assert (s.prompt_tokens, s.prefill_tokens, s.reused_tokens, s.new_tokens, s.decode_tokens) == \
+        (len(prompt_ids), len(prompt_ids), 0, 8, 7)
+    assert s.prefill_seconds > 0 and s.decode_seconds > 0 and s.decode_tokens_per_s > 0
+
+
+def test_seeded_sampling_is_reproducible(tiny_model, tiny_model_dir, prompt_ids):
+    kw = dict(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=123)
+    a = tiny_model.generate(prompt_ids, **kw)
+    b = load_model(tiny_model_dir, backend="numpy").generate(prompt_ids, **kw)
+    assert a == b
+    assert tiny_model.generate(prompt_ids, **kw) == a      # again on the same model (cache reused)
+
+
+def test_stops_at_eos_and_on_callback(tiny_model, prompt_ids):
+    free = tiny_model.generate(prompt_ids, max_new_tokens=6)
+    tiny_model.stop_ids = {free[2]}                         # pretend the third token is EOS
+    assert tiny_model.generate(prompt_ids, max_new_tokens=6) == free[:3]
+    assert tiny_model.last_stats.stop_reason == "eos"
+    tiny_model.stop_ids = set()
+    seen = []
+    got = tiny_model.generate(prompt_ids, max_new_tokens=6, on_token=lambda t: seen.append(t) or len(seen) == 4)
+    assert got == seen == free[:4] and tiny_model.last_stats.stop_reason == "callback"
+
+
+def test_prompt_longer_than_context(tiny_model_dir):
+    model = load_model(tiny_model_dir, backend="numpy", max_len=16)
+    with pytest.raises(ContextOverflowError, match="prompt has 17 tokens but the context holds 16"):
+        model.generate(list(range(3, 20)))
+    with pytest.raises(ContextOverflowError, match="no room"):
+        model.generate(list(range(3, 19)))                   # 16 tokens: full, nothing left to generate
+
+
+def test_max_new_tokens_is_capped_so_the_cache_never_overflows(tiny_model_dir):
+    model = load_model(tiny_model_dir, backend="numpy", max_len=16)
+    got = model.generate(list(range(3, 16)), max_new_tokens=10)     # 13 prompt tokens, room for 3
+    assert len(got) == 3 and model.last_stats.stop_reason == "context"
+    assert model.cache.lengths.max() <= 16 and model.n_cached == 15  # the last token is returned, not fed
+    assert model.generate([5], max_new_tokens=0) == []
+
+
+def test_prefix_reuse_across_calls_equals_a_fresh_model(tiny_model, tiny_model_dir, prompt_ids):
+    first = tiny_model.generate(prompt_ids, max_new_tokens=5)
+    # the next chat turn: the previous prompt + reply + a new user message
+    messages = PROMPT + [{"role": "assistant", "content": tiny_model.tokenizer.decode(first)},
+                         {"role": "user", "content": "Tell me more."}]
+    second_prompt = tiny_model.tokenizer.encode_chat(messages)
+    second = tiny_model.generate(second_prompt, max_new_tokens=5)
+    reused = tiny_model.last_stats.reused_tokens
+    assert reused >= len(prompt_ids) and reused + tiny_model.last_stats.prefill_tokens == len(second_prompt)
+    assert second == load_model(tiny_model_dir, backend="numpy").generate(second_prompt, max_new_tokens=5)
+    # a prompt that diverges early: the cache is truncated to the shared prefix, the rest recomputed
+    third_prompt = prompt_ids[:3] + [300, 301, 302]
+    third = tiny_model.generate(third_prompt, max_new_tokens=4)
+    assert tiny_model.last_stats.reused_tokens == 3
+    assert third == load_model(tiny_model_dir, backend="numpy").generate(third_prompt, max_new_tokens=4)
+    # the same prompt again: everything but the last prompt token is reused
+    assert tiny_model.generate(third_prompt, max_new_tokens=4) == third
+    assert tiny_model.last_stats.reused_tokens == len(third_prompt) - 1
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
+
+
+def test_chunked_prefill_equals_one_prefill(tiny_model, tiny_model_dir, prompt_ids):
+    from tinyllm.generate import Sampler, generate
+    want = tiny_model.generate(prompt_ids, max_new_tokens=4)
+    other = load_model(tiny_model_dir, backend="numpy")
+    assert generate(other, prompt_ids, 4, Sampler(), prefill_chunk=3) == want
+
+
+def test_keyboard_interrupt_keeps_what_was_generated(tiny_model, tiny_model_dir, prompt_ids):
+    free = load_model(tiny_model_dir, backend="numpy").generate(prompt_ids, max_new_tokens=6)
+
+    def interrupt_at_third(token):
+        if len(tiny_model.last_generated) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model.generate(prompt_ids, max_new_tokens=6, on_token=interrupt_at_third)
+    assert tiny_model.last_generated == free[:3]
+    assert tiny_model.cached_ids == prompt_ids + free[:2]            # the third was chosen, not yet fed
+    assert tiny_model.cache.lengths.tolist() == [len(prompt_ids) + 2]
+    assert tiny_model.last_stats.stop_reason == "interrupted"
+    # carry on from where it stopped: the same tokens as an uninterrupted run
+    assert tiny_model.generate(prompt_ids + free[:3], max_new_tokens=3) == free[3:]
+    assert tiny_model.last_stats.reused_tokens == len(prompt_ids) + 2
+
+
+def test_chat_returns_the_decoded_reply(tiny_model, prompt_ids):
+    text = tiny_model.chat(PROMPT, max_new_tokens=6)
+    ids = tiny_model.last_generated
+    assert isinstance(text, str) and text == tiny_model.tokenizer.decode(ids)
+    assert tiny_model.cached_ids[:len(prompt_ids)] == prompt_ids
+
+
+def test_generate_on_the_kernel_backend(tiny_model_dir, tiny_model, prompt_ids, kernel_backend):
+    """Greedy tokens through the prefill and decode kernels (simulator or GPU) equal the NumPy backend's."""
+    kernels = load_model(tiny_model_dir, backend=kernel_backend)
+    assert kernels.generate(prompt_ids, max_new_tokens=3) == tiny_model.generate(prompt_ids, max_new_tokens=3)

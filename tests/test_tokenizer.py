@@ -1,0 +1,157 @@
+"""tinyllm/tokenizer.py: encoding with one BOS, TinyLlama's chat template, streaming detokenisation."""
+import json
+import shutil
+
+import pytest
+
+from tinyllm.tiny import CHAT_TEMPLATE
+from tinyllm.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a friendly chatbot."},
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello, how are you?"},
+    {"role": "user", "content": "Fine, thanks."},
+]
+# What transformers' apply_chat_template(tokenize=False, add_generation_prompt=True) returns for TinyLlama.
+EXPECTED = ("<|system|>\nYou are a friendly chatbot.</s>\n<|user|>\nHi!</s>\n"
+            "<|assistant|>\nHello, how are you?</s>\n<|user|>\nFine, thanks.</s>\n<|assistant|>\n")
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return Tokenizer(tiny_model_dir)
+
+
+def with_config(tmp_path, tiny_model_dir, **changes):
+    """A copy of the tiny model's tokenizer files with tokenizer_config.json fields changed (None deletes)."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return Tokenizer(tmp_path)
+
+
+def test_template_is_tinyllamas():
+    assert CHAT_TEMPLATE == (  # the JSON string from TinyLlama-1.1B-Chat-v1.0's tokenizer_config.json
+        "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] "
+        "+ eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + "
+        "eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + "
+        "eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n"
+        "{% endif %}\n{% endfor %}")
+
+
+def test_chat_template_exact_string(tok):
+    assert tok.render_chat(CONVERSATION) == EXPECTED
+    assert tok.render_chat(CONVERSATION[:2], add_generation_prompt=False) == \
+        "<|system|>\nYou are a friendly chatbot.</s>\n<|user|>\nHi!</s>\n"
+
+
+def test_chat_ids_have_exactly_one_bos(tok):
+    ids = tok.encode_chat(CONVERSATION)
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+    assert ids.count(tok.eos_id) == 4                      # each message's </s> is the special token
+    assert tok.decode(ids, skip_special_tokens=False).replace("<s> ", "<s>") == "<s>" + EXPECTED
+    assert tok.decode(ids) == EXPECTED.replace("</s>", "")
+
+
+def test_template_that_writes_bos_still_gives_one(tmp_path, tiny_model_dir):
+    llama2_style = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+    t = with_config(tmp_path, tiny_model_dir, chat_template=llama2_style)
+    ids = t.encode_chat(CONVERSATION[1:2])
+    assert ids[0] == t.bos_id and ids.count(t.bos_id) == 1
+
+
+def test_encode_bos_rules(tok):
+    assert tok.encode("Hello world")[0] == tok.bos_id
+    assert tok.encode("Hello world", add_bos=False)[0] != tok.bos_id
+    assert tok.encode("<s>Hello").count(tok.bos_id) == 1
+    assert tok.decode(tok.encode("Hello world")) == "Hello world"
+
+
+def test_special_tokens_as_added_token_dicts(tmp_path, tiny_model_dir):
+    t = with_config(tmp_path, tiny_model_dir, bos_token={"__type": "AddedToken", "content": "<s>"},
+                    eos_token={"content": "</s>", "lstrip": False})
+    assert (t.bos_token, t.bos_id, t.eos_token, t.eos_id) == ("<s>", 1, "</s>", 2)
+
+
+def test_template_helpers_and_sandbox(tmp_path, tiny_model_dir):
+    t = with_config(tmp_path, tiny_model_dir, chat_template=(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with the user') }}"
+        "{% endif %}{{ messages | tojson }}"))
+    assert json.loads(t.render_chat(CONVERSATION[1:2])) == CONVERSATION[1:2]
+    with pytest.raises(TokenizerError, match="Conversations must start with the user"):
+        t.render_chat(CONVERSATION)
+    t = with_config(tmp_path, tiny_model_dir, chat_template="{{ messages.append(1) }}")
+    with pytest.raises(TokenizerError, match="chat template refused"):   # immutable sandbox: no mutation
+        t.render_chat(CONVERSATION)
+
+
+def test_bad_messages_and_missing_template(tmp_path, tiny_model_dir, tok):
+    with pytest.raises(ValueError, match="messages\\[1\\]"):
+        tok.render_chat([{"role": "user", "content": "hi"}, {"role": "user"}])
+    with pytest.raises(ValueError, match="non-empty list"):
+        tok.render_chat([])
+    t = with_config(tmp_path, tiny_model_dir, chat_template=None)
+    with pytest.raises(TokenizerError, match="no chat_template"):
+        t.render_chat(CONVERSATION)
+
+
+def test_missing_files_are_named(tmp_path, tiny_model_dir):
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: file not found"):
+        Tokenizer(tmp_path)
+    shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: file not found"):
+        Tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<nope>"}))
+    with pytest.raises(TokenizerError, match="'<nope>' is not in the vocabulary"):
+        Tokenizer(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Streaming
+# --------------------------------------------------------------------------------------------------------
+def stream(tok, ids, **kw):
+    s = StreamDecoder(tok, **kw)
+    pieces = [s.feed(i) for i in ids]
+    return pieces, s.flush()
+
+
+def test_stream_multibyte_characters_split_over_byte_tokens(tok):
+    ids = tok.encode("Price: 5€ or 🙂, café", add_bos=False)
+    tokens = [tok.id_to_token(i) for i in ids]
+    euro = tokens.index("<0xE2>")
+    assert tokens[euro:euro + 3] == ["<0xE2>", "<0x82>", "<0xAC>"]     # the euro sign is 3 byte tokens
+    pieces, rest = stream(tok, ids)
+    assert pieces[euro:euro + 3] == ["", "", "€"]                      # held back until the character is whole
+    assert "🙂" in pieces and not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) + rest == tok.decode(ids) == "Price: 5€ or 🙂, café"
+
+
+def test_stream_keeps_spaces_between_words(tok):
+    ids = tok.encode("Hello world, how are you today?", add_bos=False)
+    assert tok.decode(ids[1:2]) == tok.decode(ids[1:2]).lstrip()     # alone, a token loses its space...
+    pieces, rest = stream(tok, ids)
+    assert "".join(pieces) + rest == "Hello world, how are you today?"   # ...in the stream it keeps it
+    assert any(p.startswith(" ") for p in pieces)
+
+
+def test_stream_equals_full_decode_for_a_chat(tok):
+    ids = tok.encode_chat(CONVERSATION)
+    pieces, rest = stream(tok, ids)
+    assert "".join(pieces) + rest == tok.decode(ids)
+    assert tok.eos_id in ids and "" in pieces                          # </s> is skipped, emits nothing
+
+
+def test_stream_context_keeps_the_first_space_and_flush_emits_an_unfinished_char(tok):
+    prompt = tok.encode("The quick brown")
+    new = tok.encode(" fox jumps", add_bos=False)
+    pieces, rest = stream(tok, new, context_ids=prompt)
+    assert "".join(pieces) + rest == " fox jumps"
+    ids = tok.encode("ok €", add_bos=False)[:-1]                       # ends inside the euro sign
+    pieces, rest = stream(tok, ids)
+    assert "".join(pieces) == "ok " and rest and set(rest) == {"\ufffd"}     # one U+FFFD per stray byte
+    assert "".join(pieces) + rest == tok.decode(ids)
