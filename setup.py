@@ -21,7 +21,7 @@ setup(
         "huggingface_hub>=0.20",  # the one explicit network step: downloading TinyLlama
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8"],
         # what a GPU user adds: NVVM, NVRTC and the CUDA runtime as wheels, matched to a CUDA 13 driver
         "cuda": ["numba-cuda[cu13]"],
         "bench": ["matplotlib"],

@@ -1,0 +1,692 @@
+"""tinyllm's command line: chat with TinyLlama in a terminal, or generate, inspect, download and benchmark.
+
+    python cli.py chat                               # TinyLlama-1.1B-Chat; downloaded once (~2.2 GB), then offline
+    python cli.py chat -m path/to/model -sys "You are a pirate." --temp 0 -n 128
+    echo "Why is the sky blue?" | python cli.py generate - > answer.txt
+    python cli.py generate --raw "Once upon a time"
+    python cli.py info                               # backends, GPU, and the model if it is downloaded
+    python cli.py download [--dir DIR]
+    python cli.py bench --what prefill --seq-lens 128,512,2048 --plot prefill.png
+
+Flags take llama.cpp's names where it has one: -m/--model, -n/--n-predict, -c/--ctx-size, --temp, --top-k,
+--top-p, --repeat-penalty, -s/--seed, -sys/--system-prompt (next to this project's own spellings).
+
+Output: replies, tables and paths go to stdout; everything else (progress bars, notes, --verbose logs and
+timings) goes to stderr, so `generate` pipes. Exit codes: 0 done; 1 an error, reported as one "error: ..."
+line (--verbose adds the traceback); 2 a bad command line; 130 interrupted (Ctrl-C at the chat prompt, or
+while loading, generating or benchmarking outside a chat).
+
+The chat, turn by turn: the history is a list of chat-template messages; each user line is appended, the
+whole conversation is rendered with the model's template and tokenized, and tinyllm's generate() reuses
+the KV cache for the longest prefix it shares with the previous turn (see "KV-cache reuse" in ChatSession).
+"""
+import inspect
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+# tinyllm and numbattn are imported inside the commands, not here: `--help` stays instant, and `--backend sim`
+# can still switch Numba's CUDA simulator on (Numba reads NUMBA_ENABLE_CUDASIM once, when it is first imported).
+
+MODEL_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"   # = tinyllm.hub.MODEL_ID, spelled out to keep the import lazy
+BACKENDS = ("auto", "cuda", "sim", "numpy")
+VERBOSE = "tinyllm.cli.verbose"                   # ctx.meta key: set by --verbose, read by the error handler
+USER_ERRORS = (ValueError, RuntimeError, OSError, MemoryError)   # tinyllm's errors, and the OS's
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+CHAT_HELP = """\
+/reset   start a new conversation (the system prompt stays)
+/exit    quit (also /quit, or Ctrl-D)
+/help    this list
+Ctrl-C stops a reply; what was said so far stays in the conversation. Ctrl-C at the prompt quits."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Errors: one line on stderr, not a traceback
+# --------------------------------------------------------------------------------------------------------
+class UserError(click.ClickException):
+    """A problem the user can fix (missing model, corrupt file, offline...): shown as one line, exit 1."""
+
+
+def one_line(e):
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+class CLI(click.Group):
+    """click.Group that reports every failure as a single "error: ..." line on stderr."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, BrokenPipeError):   # click's own (RuntimeErrors), and
+            raise                                                      # `generate | head`: click quietens it
+        except USER_ERRORS as e:
+            if ctx.meta.get(VERBOSE):
+                traceback.print_exc()
+            raise UserError(one_line(e)) from e
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NO_ARGS_IS_HELP as e:    # bare `cli.py`: the help text is the message
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:   # click would print usage, a hint and the error on three lines
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:             # KeyboardInterrupt outside a chat reply; click printed the newline
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output helpers
+# --------------------------------------------------------------------------------------------------------
+def note(text):
+    """A line for the user that is not the answer: stderr."""
+    click.echo(text, err=True)
+
+
+# C0 controls but tab and newline, DEL, and C1 controls, made visible: a model's ESC must not drive the terminal
+_VISIBLE_CONTROLS = str.maketrans({**{c: 0x2400 + c for c in range(32) if c not in (9, 10)}, 0x7F: 0x2421,
+                                    **{c: 0xFFFD for c in range(0x80, 0xA0)}})
+
+
+def write_piece(text):
+    """Write generated text to stdout at once. On a terminal, control characters are shown, not obeyed;
+    piped output is the exact text (click.echo would strip ANSI sequences from it)."""
+    out = sys.stdout
+    if out.isatty():
+        text = text.translate(_VISIBLE_CONTROLS)
+    out.write(text)
+    out.flush()
+
+
+class ProgressBar:
+    """A progress(i, n, name) callback (tinyllm's load_model) drawing a click.progressbar on stderr.
+
+    The bar opens on the first call, when n is known; use it as a context manager so it always closes.
+    """
+
+    def __init__(self, label):
+        self.label, self.bar, self.open = label, None, False
+
+    def __call__(self, i, n, name=""):
+        if self.bar is None:
+            self.bar = click.progressbar(length=n, label=self.label, file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+            self.open = True
+        self.bar.update(i - self.bar.pos)
+        if i >= n:              # finish the line now, before anything else is logged
+            self.__exit__(None, None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.open:
+            self.open = False
+            self.bar.__exit__(*exc)
+
+
+class IntList(click.ParamType):
+    """"128,512,2048" -> (128, 512, 2048)."""
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            out = tuple(int(x) for x in str(value).split(",") if x.strip())
+        except ValueError:
+            out = ()
+        if not out or min(out) < 1:
+            self.fail(f"{value!r} is not a comma-separated list of positive integers", param, ctx)
+        return out
+
+
+def human_bytes(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+
+
+def human_count(n):
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit} ({n:,})"
+    return f"{n:,}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Options shared by the commands
+# --------------------------------------------------------------------------------------------------------
+def _set_verbose(ctx, param, verbose):
+    """--verbose: INFO logs of numbattn and tinyllm to stderr (removed again when the command ends), and
+    tracebacks for errors."""
+    if not verbose:
+        return verbose
+    ctx.meta[VERBOSE] = True
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    loggers = [logging.getLogger(name) for name in ("numbattn", "tinyllm")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+
+    def restore():
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+    ctx.call_on_close(restore)
+    return verbose
+
+
+def options(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+verbose_option = click.option("-v", "--verbose", is_flag=True, is_eager=True, callback=_set_verbose,
+                              help="Log backend choice and loading to stderr, print timings; tracebacks on errors.")
+backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                              help="Attention engine: auto picks cuda, else sim (if NUMBA_ENABLE_CUDASIM=1), "
+                                   "else numpy. --backend sim switches the simulator on (slow!).")
+model_option = click.option("-m", "--model", default=MODEL_ID, show_default=True,
+                            help="Hugging Face repo id (downloaded once into its cache) or a model directory.")
+model_options = options(
+    model_option,
+    backend_option,
+    click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
+                 help="Context size in tokens (KV-cache length). Default: the model's maximum."),
+)
+sampling_options = options(
+    click.option("-n", "--max-new-tokens", "--n-predict", "max_new_tokens", type=click.IntRange(min=1),
+                 default=256, show_default=True, help="Most tokens in one reply."),
+    click.option("--temp", "--temperature", "temperature", type=click.FloatRange(min=0), default=0.8,
+                 show_default=True, help="Sampling temperature; 0 is greedy."),
+    click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
+                 help="Sample among the k most likely tokens; 0 means all."),
+    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+                 help="Nucleus sampling: the smallest set of tokens with this much probability; 1 means all."),
+    click.option("--repeat-penalty", "--repetition-penalty", "repeat_penalty",
+                 type=click.FloatRange(min=0, min_open=True), default=1.1, show_default=True,
+                 help="Penalise tokens already in the context (CTRL's rule); 1 means none."),
+    click.option("-s", "--seed", type=int, default=-1, show_default=True,
+                 help="Random seed; negative: a different one each run."),
+)
+
+
+def sampling_kwargs(max_new_tokens, temperature, top_k, top_p, repeat_penalty, seed):
+    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                repetition_penalty=repeat_penalty, seed=seed if seed >= 0 else None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Finding and loading a model
+# --------------------------------------------------------------------------------------------------------
+def prepare_backend(backend):
+    """--backend sim needs Numba's CUDA simulator, which can only be switched on before numba is imported."""
+    if backend == "sim" and "numba" not in sys.modules:
+        os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+
+def find_model(model, download=True):
+    """A model directory or Hub id -> the local directory, downloading (with progress bars) if allowed."""
+    from tinyllm import hub
+    try:
+        return hub.resolve_model(model, download=False)     # a directory, or the cache: never the network
+    except hub.HubError:
+        if not download or Path(model).expanduser().exists() or not hub.is_repo_id(str(model)):
+            raise
+    note(f"{model} is not in the Hugging Face cache: downloading it once (TinyLlama: ~2.2 GB); "
+         f"later runs work offline")
+    return hub.download(model)
+
+
+def describe_backend(chosen, asked):
+    """Why this attention backend: the line --verbose prints."""
+    from numbattn.backend import probe
+    backends, reason = probe()
+    if asked in (None, "auto"):
+        return f"attention backend: {chosen} (auto: {reason})"
+    return (f"attention backend: {chosen} (--backend {asked}; available here: {', '.join(backends)}; "
+            f"auto would pick {backends[0]}: {reason})")
+
+
+def open_model(model, backend, ctx_size=None, verbose=False, download=True):
+    """Find, check and load a model with a progress bar -> tinyllm.Llama."""
+    prepare_backend(backend)
+    import tinyllm
+    from numbattn.backend import resolve
+    resolve(backend)                     # an unavailable backend fails now, not after loading 2 GB of weights
+    model_dir = find_model(model, download=download)
+    config = tinyllm.load_config(model_dir)
+    if ctx_size is not None and ctx_size > config.max_position_embeddings:
+        raise click.BadParameter(f"{ctx_size} is more than the model's {config.max_position_embeddings} "
+                                 f"positions", param_hint="'-c' / '--ctx-size'")
+    t0 = time.perf_counter()
+    with ProgressBar("loading weights") as bar:
+        llm = tinyllm.load_model(model_dir, backend=backend, max_len=ctx_size, progress=bar, download=False)
+    if verbose:
+        note(f"loaded {model_dir} in {time.perf_counter() - t0:.2f} s")
+        note(describe_backend(llm.backend, backend))
+    return llm
+
+
+def stats_line(llm):
+    """--verbose's summary of the last generate(): prefill, decode speed, context used."""
+    s = llm.last_stats
+    return (f"[prompt {s.prompt_tokens} tokens: {s.reused_tokens} reused from the KV cache, {s.prefill_tokens} "
+            f"prefilled in {s.prefill_seconds * 1e3:.1f} ms | reply {s.new_tokens} tokens, decode "
+            f"{s.decode_tokens_per_s:.1f} tok/s | context {s.prompt_tokens + s.new_tokens}/{llm.max_len} "
+            f"tokens | stop: {s.stop_reason}]")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The conversation
+# --------------------------------------------------------------------------------------------------------
+class ChatSession:
+    """A multi-turn chat: the history as chat-template messages, fitted to the context, replies streamed.
+
+    KV-cache reuse. Each turn renders the whole history with the model's chat template and tokenizes it;
+    tinyllm's generate() keeps the K/V of the longest prefix this shares with model.cached_ids (the previous
+    prompt and reply) and prefills only the rest. The reply enters the history as its decoded text (EOS
+    dropped; the template closes the turn with "</s>" as the generated EOS did), so the next render
+    re-tokenizes it:
+      * when the reply's ids are the tokenization of its text (what a trained model nearly always emits),
+        the next prompt starts with every cached id and only the new user turn is prefilled (tests/test_cli.py
+        checks this on the miniature checkpoint: TinyLlama's template, a Llama-style tokenizer);
+      * when they are not (a leading "▁" the decoder drops, an unusual split, byte tokens that are not
+        valid UTF-8: the random miniature model does all of these), reuse stops at the first differing id
+        and the rest of the reply is prefilled again with the new message: one reply's worth of tokens,
+        never the whole conversation. --verbose prints the reused and prefilled counts of every turn.
+    Feeding the generated ids back unchanged would always reuse them, but the prompt would then depend on
+    how the conversation was produced, not only on what was said; the template stays the one truth.
+
+    Context. Before each reply the oldest exchanges (user + assistant) are dropped, never the system
+    prompt, until the prompt leaves room for a reply of min(max_new_tokens, ctx/2) tokens; dropping
+    changes the prompt right after the system prompt, so that turn re-prefills everything after it. If
+    the new message alone leaves no room at all, it is refused and the history kept.
+    """
+
+    def __init__(self, llm, system=None, write=write_piece, note=note, **sampling):
+        self.llm, self.tok, self.system = llm, llm.tokenizer, system
+        self.write, self.note, self.sampling = write, note, sampling
+        self.turns = 0
+        self.reset()
+
+    def reset(self):
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+
+    def fit(self, messages):
+        """Drop the oldest exchanges until the prompt leaves room for a reply -> (messages, prompt_ids,
+        exchanges dropped); prompt_ids is None when even the last message alone leaves no room."""
+        first = 1 if messages[0]["role"] == "system" else 0
+        room = min(self.sampling.get("max_new_tokens", 256), self.llm.max_len // 2)
+        dropped = 0
+        while True:
+            ids = self.tok.encode_chat(messages)
+            if len(ids) + room <= self.llm.max_len:
+                return messages, ids, dropped
+            if len(messages) - first <= 1:                 # only the new user message is left
+                return messages, (ids if len(ids) < self.llm.max_len else None), dropped
+            messages = messages[:first] + messages[first + 2:]
+            dropped += 1
+
+    def send(self, text):
+        """Answer one user message, streaming the reply through self.write -> (reply text, stop reason).
+
+        Ctrl-C (KeyboardInterrupt) during the reply stops it: the part already shown becomes the assistant
+        turn, and the model's KV cache stays consistent (tinyllm rewinds a half-done forward pass).
+        """
+        messages, prompt, dropped = self.fit(self.history + [{"role": "user", "content": text}])
+        ctx = self.llm.max_len
+        if prompt is None:
+            n = len(self.tok.encode_chat(messages))
+            self.note(f"context: this message needs {n} prompt tokens"
+                      f"{' with the system prompt' if self.system else ''}, but the context holds {ctx} "
+                      f"(--ctx-size): no room for a reply. Send something shorter, or use a larger --ctx-size.")
+            return None, "context"
+        if dropped:
+            self.note(f"context: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to stay within "
+                      f"{ctx} tokens (--ctx-size); the system prompt is kept")
+
+        stream = self._stream_decoder()
+        shown = []                                         # ids whose text has been written
+
+        def on_token(token):
+            if token not in self.llm.stop_ids:
+                self.write(stream.feed(token))
+                shown.append(token)
+
+        seed = self.sampling.get("seed")
+        sampling = dict(self.sampling, seed=None if seed is None else seed + self.turns)
+        self.turns += 1
+        try:
+            self.llm.generate(prompt, on_token=on_token, **sampling)
+            stop = self.llm.last_stats.stop_reason
+            self.write(stream.flush() + "\n")
+        except KeyboardInterrupt:
+            stop = "interrupted"
+            self.write("\n")
+        reply = self.tok.decode(shown)
+        self.history = messages + [{"role": "assistant", "content": reply}]
+        if stop == "interrupted":
+            self.note("[reply interrupted: the part shown stays in the conversation]")
+        elif stop == "context":
+            self.note(f"context: the reply reached the end of the context ({ctx} tokens, --ctx-size); the "
+                      f"oldest exchanges will be dropped next turn")
+        return reply, stop
+
+    def _stream_decoder(self):
+        from tinyllm import StreamDecoder
+        return StreamDecoder(self.tok)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------
+@click.group(cls=CLI, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """tinyllm: TinyLlama in NumPy, chatting on numbattn's Numba CUDA FlashAttention kernels."""
+
+
+@main.command()
+@model_options
+@click.option("-sys", "--system", "--system-prompt", "system", default=None,
+              help="System prompt, kept at the top of the conversation.")
+@sampling_options
+@verbose_option
+@click.pass_context
+def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
+    """Chat in the terminal; replies stream as they are generated.
+
+    Type a message and press Enter. /reset starts over, /help lists the commands, /exit or Ctrl-D quits.
+    Ctrl-C stops a reply (the part shown is kept); Ctrl-C at the prompt quits with exit code 130.
+    """
+    llm = open_model(model, backend, ctx_size, verbose)
+    if llm.tokenizer.chat_template is None:
+        raise UserError(f"{model} has no chat template: use `generate --raw` with it")
+    session = ChatSession(llm, system, **sampling_kwargs(**sampling))
+    note(f"chatting with {model} (attention: {llm.backend}, context {llm.max_len} tokens). "
+         f"/help lists the commands; Ctrl-C stops a reply; /exit or Ctrl-D quits.")
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo(err=True)
+            ctx.exit(130)
+        line = line.strip()
+        if not line:
+            continue
+        if re.fullmatch(r"/\w+", line):
+            command = line[1:].lower()
+            if command in ("exit", "quit"):
+                return
+            if command == "reset":
+                session.reset()
+                note("(new conversation)")
+            elif command == "help":
+                click.echo(CHAT_HELP)
+            else:
+                note(f"unknown command {line}: /help lists the commands")
+            continue
+        try:
+            reply, _ = session.send(line)
+        except KeyboardInterrupt:      # before the reply started: nothing was added to the conversation
+            note("\n[interrupted]")
+            continue
+        if verbose and reply is not None:
+            note(stats_line(llm))
+
+
+@main.command()
+@click.argument("prompt")
+@model_options
+@click.option("--chat/--raw", "as_chat", default=True, show_default=True,
+              help="--chat wraps PROMPT in the model's chat template; --raw continues the text as it is.")
+@click.option("-sys", "--system", "--system-prompt", "system", default=None,
+              help="System prompt (with --chat).")
+@sampling_options
+@verbose_option
+def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampling):
+    """Write one reply to PROMPT on stdout (PROMPT "-" reads stdin). Only the reply goes to stdout."""
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if as_chat:
+        text = text.strip()
+        if not text:
+            raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
+    else:
+        text = text.removesuffix("\n")
+    if system and not as_chat:
+        raise click.UsageError("--system needs --chat: a raw prompt has no system turn")
+    llm = open_model(model, backend, ctx_size, verbose)
+    from tinyllm import StreamDecoder
+    tok = llm.tokenizer
+    if as_chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids = tok.encode_chat(messages)
+        stream = StreamDecoder(tok)
+    else:
+        ids = tok.encode(text)
+        stream = StreamDecoder(tok, context_ids=ids)      # a first "▁word" keeps its space after the prompt
+    llm.generate(ids, on_token=lambda t: write_piece(stream.feed(t)), **sampling_kwargs(**sampling))
+    write_piece(stream.flush() + "\n")
+    if llm.last_stats.stop_reason == "context":
+        note(f"note: the reply reached the end of the context ({llm.max_len} tokens, --ctx-size)")
+    if verbose:
+        note(stats_line(llm))
+
+
+@main.command()
+@click.option("-m", "--model", default=None,
+              help=f"Model directory or Hub id to describe (default: {MODEL_ID}, if it is downloaded).")
+@backend_option
+@verbose_option
+def info(model, backend, verbose):
+    """Backends, GPU, and the model: configuration, parameters, memory. Never downloads."""
+    prepare_backend(backend)
+    from numbattn.backend import probe, resolve
+    from numbattn.bench import torch_cuda
+    backends, reason = probe()
+    chosen = resolve(backend)
+    click.echo(f"backends available: {', '.join(backends)} (best first)")
+    click.echo(f"backend chosen: {chosen} ({'auto' if backend == 'auto' else '--backend ' + backend}); "
+               f"probe: {reason}")
+    click.echo(f"GPU: {gpu_name() if 'cuda' in backends else 'none'}")
+    sdpa = "yes" if torch_cuda() is not None else "no (needs torch and a GPU)"
+    click.echo(f"torch SDPA for bench comparisons: {sdpa}")
+
+    from tinyllm import hub
+    name = model or MODEL_ID
+    try:
+        model_dir = hub.resolve_model(name, download=False)
+    except hub.HubError:
+        if model is not None and (Path(name).expanduser().exists() or not hub.is_repo_id(name)):
+            raise
+        click.echo(f"model: {name} is not downloaded (run `python cli.py download`, or pass -m DIR)")
+        return
+    for line in describe_model(model_dir):
+        click.echo(line)
+
+
+def gpu_name():
+    try:
+        from numba import cuda
+        device = cuda.get_current_device()
+        name = device.name.decode() if isinstance(device.name, bytes) else device.name
+        free, total = cuda.current_context().get_memory_info()
+        return f"{name} ({human_bytes(total)} memory, {human_bytes(free)} free)"
+    except Exception as e:   # a driver that answered probe() but not this: still report the rest
+        return f"unknown ({type(e).__name__}: {one_line(e)})"
+
+
+def describe_model(model_dir):
+    """Lines about a model directory: config, parameters, RAM (fp32) and disk. Reads headers, not weights."""
+    import math
+
+    from tinyllm import Tokenizer, load_config
+    from tinyllm.weights import Checkpoint, check_checkpoint, expected_shapes
+    c = load_config(model_dir)
+    ckpt = Checkpoint(model_dir)
+    check_checkpoint(ckpt, c, source=str(Path(model_dir) / "config.json"))
+    tok = Tokenizer(model_dir)
+    n_params = sum(math.prod(s) for s in expected_shapes(c).values())
+    ram = 4 * (n_params + (c.vocab_size * c.hidden_size if c.tie_word_embeddings else 0))  # tied: lm_head copy
+    kv = 4 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.max_position_embeddings * c.head_dim
+    disk = sum(f.path.stat().st_size for f in ckpt.files.values())
+    stored = sorted({t.dtype for f in ckpt.files.values() for t in f.tensors.values()})
+    return [
+        f"model: {model_dir}",
+        (f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads} "
+         f"({c.num_key_value_heads} KV heads, head_dim {c.head_dim}), ffn {c.intermediate_size}, "
+         f"vocab {c.vocab_size}, context {c.max_position_embeddings}, rope_theta {c.rope_theta:g}"
+         f"{', tied embeddings' if c.tie_word_embeddings else ''}"),
+        f"  tokenizer: {tok.vocab_size} tokens, chat template: {'yes' if tok.chat_template else 'no'}",
+        f"  parameters: {human_count(n_params)}",
+        (f"  memory: {human_bytes(ram)} of fp32 weights in RAM, + {human_bytes(kv)} of fp32 KV cache at the "
+         f"full context of {c.max_position_embeddings} tokens"),
+        f"  on disk: {human_bytes(disk)} in {len(ckpt.files)} safetensors file(s), stored as {', '.join(stored)}",
+    ]
+
+
+@main.command()
+@click.option("-m", "--model", "--repo", "model", default=MODEL_ID, show_default=True, help="Hugging Face repo id.")
+@click.option("--dir", "local_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Download into this directory instead of the Hugging Face cache.")
+@click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
+@verbose_option
+def download(model, local_dir, revision, verbose):
+    """Download a model's safetensors, tokenizer and configs; prints where they are."""
+    from tinyllm import hub
+    if not hub.is_repo_id(model):
+        raise click.BadParameter(f"{model!r} is not a Hugging Face repo id like {MODEL_ID}",
+                                 param_hint="'-m' / '--model'")
+    if local_dir is None and revision is None:
+        try:
+            path = hub.resolve_model(model, download=False)
+            note(f"{model} is already in the Hugging Face cache")
+            click.echo(path)
+            return
+        except hub.HubError:
+            pass
+    note(f"downloading {model} into {local_dir or 'the Hugging Face cache'}")
+    click.echo(hub.download(model, local_dir=local_dir, revision=revision))
+
+
+# default lengths per backend: sequence (prefill), cache (decode), new tokens (append); --what model: tinyllm.bench
+DEFAULT_LENGTHS = {
+    "cuda": {"prefill": (128, 256, 512, 1024, 2048, 4096, 8192), "decode": (128, 512, 2048, 8192, 32768),
+             "append": (1, 16, 512, 2048)},
+    "sim": {"prefill": (8, 16), "decode": (8, 16), "append": (1, 8)},   # a Python thread per CUDA thread: tiny
+    "numpy": {"prefill": (128, 256, 512, 1024), "decode": (128, 512, 2048), "append": (1, 16, 512, 2048)},
+}
+
+
+@main.command()
+@click.option("--what", type=click.Choice(["prefill", "decode", "append", "model"]), default="prefill",
+              show_default=True, help="prefill/decode/append: one attention kernel; model: the whole model.")
+@click.option("--seq-lens", type=IntList(), default=None,
+              help="Sequence lengths (decode: cache lengths; model: prompt lengths). Default depends on the backend.")
+@click.option("--batch", "batches", type=IntList(), default="1", show_default=True, help="Batch sizes (kernels).")
+@backend_option
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw ms against length into this PNG (needs matplotlib: the [bench] extra).")
+@click.option("-m", "--model", default=None,
+              help="With --what model: a model directory or Hub id (default: a miniature random checkpoint).")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=None,
+              help="With --what model: tokens decoded after each prompt (default 32; 2 on sim).")
+@verbose_option
+def bench(what, seq_lens, batches, backend, plot, model, new_tokens, verbose):
+    """Time numbattn against the NumPy reference (and torch SDPA with a GPU): a table on stdout."""
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib: pip install 'numbattn[bench]' (or matplotlib)") from None
+    prepare_backend(backend)
+    from numbattn import bench as nb
+    from numbattn.backend import resolve
+    be = resolve(backend)
+    if verbose and what != "model":          # --what model loads a model, which says it
+        note(describe_backend(be, backend))
+
+    if what == "model":
+        if batches != (1,):
+            raise click.BadParameter("--what model runs batch 1 only", param_hint="'--batch'")
+        rows = bench_whole_model(model, be, seq_lens, new_tokens, verbose)
+        title = f"model on {be}: prefill = ms for the whole prompt, decode = ms per new token"
+    else:
+        fn = getattr(nb, f"bench_{what}", None)
+        if fn is None:
+            raise UserError(f"this numbattn has no bench_{what} yet (numbattn/bench.py)")
+        seq_lens = seq_lens or DEFAULT_LENGTHS[be][what]
+        kwargs = dict(batches=batches, backend=be)
+        if what == "prefill":
+            kwargs.update(causal=(True,), versions=("v1", "v2"))
+        # progress(1) comes once per (batch, length, and cache dtype where the bench sweeps dtypes)
+        dtypes = inspect.signature(fn).parameters.get("dtypes")
+        steps = len(batches) * len(seq_lens) * (len(dtypes.default) if dtypes is not None else 1)
+        with click.progressbar(length=steps, label=f"bench {what}", file=sys.stderr, show_pos=True) as bar:
+            rows = fn(seq_lens, progress=bar.update, **kwargs)
+        title = f"{what} on {be}: milliseconds per call{', causal' if what == 'prefill' else ''}"
+    if not rows:
+        raise UserError("the benchmark produced no rows (see the warnings above)")
+    keys = ("batch", "n") + (("cache",) if any("cache" in r for r in rows) else ())   # decode/append sweep dtypes
+    table, columns = nb.pivot(rows, keys, "ms")
+    click.echo(title)
+    click.echo(nb.format_table(table, columns))
+    if plot is not None:
+        # one line per implementation and cache dtype
+        nb.plot([dict(r, impl=f"{r['impl']} {r['cache']}") if r.get("cache", "") not in r["impl"] else r
+                 for r in rows], plot, title=title)
+        note(f"plot written to {plot}")
+
+
+def bench_whole_model(model, be, seq_lens, new_tokens, verbose):
+    """--what model: tinyllm.bench on the given model, or on a miniature checkpoint written to a temp dir."""
+    from tinyllm.bench import bench_model, default_prompt_lengths
+    new_tokens = new_tokens or (2 if be == "sim" else 32)
+    with tempfile.TemporaryDirectory(prefix="tinyllm-bench-") as tmp:
+        if model is None:
+            from tinyllm import make_tiny
+            model = str(make_tiny(Path(tmp) / "tiny"))
+            note("benchmarking a miniature random checkpoint (tinyllm/tiny.py); -m picks a real model")
+        llm = open_model(model, be, verbose=verbose)
+        seq_lens = seq_lens or default_prompt_lengths(llm, be, new_tokens)
+        backends = [be] + (["numpy"] if be != "numpy" else [])
+        with click.progressbar(length=len(backends) * len(seq_lens), label="bench model", file=sys.stderr,
+                               show_pos=True) as bar:
+            return bench_model(llm, seq_lens, new_tokens=new_tokens, backends=backends, progress=bar.update)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""cli.py: every command on the miniature checkpoint, the chat's context handling and Ctrl-C, and a real terminal.
+
+Most tests run attention on the NumPy backend (the kernels have their own tests; the simulator needs ~1 s per
+kernel call); one generates two tokens on the simulator and must agree with NumPy. Nothing touches the network:
+the Hugging Face cache is an empty temporary directory and snapshot_download is replaced by fakes.
+"""
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pexpect
+import pytest
+from click.testing import CliRunner
+
+import cli
+from tinyllm import StreamDecoder, load_model
+from tinyllm.hub import MODEL_ID
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMPY = ["--backend", "numpy"]
+STATS = re.compile(r"\[prompt (\d+) tokens: (\d+) reused from the KV cache, (\d+) prefilled")
+
+
+@pytest.fixture
+def run():
+    """run(*args, input=None) -> click Result with .stdout and .stderr apart."""
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(cli.main, [str(a) for a in args], input=input)
+    return invoke
+
+
+@pytest.fixture(autouse=True)
+def empty_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, and a Hub that is unreachable (as offline) unless a test fakes it."""
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    real = huggingface_hub.snapshot_download
+
+    def offline(repo_id, **kw):
+        if kw.get("local_files_only"):
+            return real(repo_id, **kw)
+        raise ConnectionError(f"Failed to resolve 'huggingface.co' for {repo_id}\nsecond line of a long trace")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    return cache
+
+
+def put_in_cache(cache, model_dir, repo_id=MODEL_ID):
+    """model_dir's files laid out as huggingface_hub keeps a downloaded snapshot of repo_id."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+def one_error_line(result, code):
+    assert result.exit_code == code, result.output
+    assert result.stdout == "" or code == 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: "), result.stderr
+    return lines[-1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# chat
+# --------------------------------------------------------------------------------------------------------
+def test_chat_scripted_session(run, tiny_model_dir):
+    script = "Hello there!\n/help\nHow are you?\n\n/reset\nWhat is the capital of France?\n/foo\n/exit\nnever read\n"
+    r = run("chat", "-m", tiny_model_dir, *NUMPY, "-n", 6, "--seed", 0, "--verbose", input=script)
+    assert r.exit_code == 0, r.output
+    assert "/reset   start a new conversation" in r.stdout                       # /help on stdout
+    assert "(new conversation)" in r.stderr and "unknown command /foo" in r.stderr
+    assert "attention backend: numpy (--backend numpy" in r.stderr               # --verbose: which and why
+    stats = [tuple(map(int, m)) for m in STATS.findall(r.stderr)]
+    assert len(stats) == 3 and "decode" in r.stderr and "context" in r.stderr
+    # turn 2 continues turn 1: its prompt starts with turn 1's, whose K/V are reused, not recomputed
+    (p1, _, _), (p2, reused2, prefilled2), (p3, reused3, _) = stats
+    assert reused2 >= p1 - 1 and reused2 + prefilled2 == p2
+    assert p3 < p2 and reused3 < p1                                             # after /reset: a fresh prompt
+    assert r.stdout.count("> ") >= 7 and "never read" not in r.output
+
+
+def test_chat_ends_on_eof_with_code_0(run, tiny_model_dir):
+    r = run("chat", "-m", tiny_model_dir, *NUMPY, "-n", 3, input="Hi\n")
+    assert r.exit_code == 0 and "Traceback" not in r.output
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(run, tiny_model_dir):
+    script = "".join(f"Tell me a story about a small robot, part {i}.\n" for i in range(6))
+    script += "The quick brown fox jumps over the lazy dog. " * 6 + "\n"        # alone longer than the context
+    script += "Hello!\n/exit\n"
+    r = run("chat", "-m", tiny_model_dir, *NUMPY, "-c", 64, "-n", 8, "-sys", "You are a pirate.", "--seed", 1,
+            "-v", input=script)
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.stderr.splitlines() if line.startswith("context:")]
+    assert any("dropped the oldest" in n and "system prompt is kept" in n for n in notes)
+    assert any("no room for a reply" in n for n in notes)
+    stats = [tuple(map(int, m)) for m in STATS.findall(r.stderr)]
+    assert len(stats) == 7                                          # every message but the over-long one replied
+    assert all(prompt + 8 <= 64 for prompt, _, _ in stats)         # room for a full reply was always kept
+
+
+def test_chat_session_ctrl_c_keeps_the_partial_reply_and_a_consistent_cache(tiny_model_dir):
+    llm = load_model(tiny_model_dir, backend="numpy")
+    written, interrupt = [], [True]
+
+    def write(piece):
+        if len(written) == 3 and interrupt and interrupt.pop():  # ^C once, while the fourth reply token is being shown
+            raise KeyboardInterrupt
+        written.append(piece)
+    notes = []
+    session = cli.ChatSession(llm, "You are a pirate.", write=write, note=notes.append, max_new_tokens=20,
+                              temperature=0.0)
+    reply, stop = session.send("Tell me a story about a small robot.")
+    assert stop == "interrupted" and "interrupted" in notes[-1]
+    assert reply == llm.tokenizer.decode(llm.last_generated[:3]) and reply == "".join(written[:3])
+    assert [m["role"] for m in session.history] == ["system", "user", "assistant"]
+    assert session.history[-1]["content"] == reply
+
+    # the next turn reuses the cache and answers exactly as a fresh model given the same conversation
+    second, stop = session.send("What is the capital of France?")
+    assert stop == "length" and llm.last_stats.reused_tokens > 0
+    fresh = load_model(tiny_model_dir, backend="numpy")
+    assert second == fresh.chat(session.history[:-1], max_new_tokens=20)
+
+
+def test_chat_history_keeps_the_cached_prefix_of_a_well_tokenized_reply(tiny_model_dir, monkeypatch):
+    """A trained model's reply is the tokenization of its own text; then the next turn's prompt starts with
+    every cached id (previous prompt + reply) and only the new user turn is prefilled."""
+    llm = load_model(tiny_model_dir, backend="numpy")
+    tok = llm.tokenizer
+    system, question, answer = "You are a friendly chatbot.", "What is the capital of France?", "It is Paris."
+    first = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    prompt = tok.encode_chat(first)
+    full = tok.encode_chat(first + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+    assert full[:len(prompt)] == prompt
+    reply_ids = full[len(prompt):full.index(tok.eos_id, len(prompt)) + 1]          # "It is Paris." + EOS
+
+    class Scripted:                                  # a "model" that says reply_ids, whatever the logits
+        def __init__(self, **sampling):
+            self.ids = iter(reply_ids)
+
+        def __call__(self, logits, previous_ids=()):
+            return next(self.ids)
+    monkeypatch.setattr("tinyllm.model.Sampler", Scripted)
+
+    session = cli.ChatSession(llm, system, write=lambda piece: None, note=pytest.fail, max_new_tokens=32)
+    assert session.send(question) == (answer, "eos")
+    session.send("And of Spain?")
+    cached = len(prompt) + len(reply_ids) - 1        # the EOS was chosen, never fed
+    assert llm.last_stats.reused_tokens == cached
+    assert llm.last_stats.prefill_tokens == len(tok.encode_chat(session.history[:-1])) - cached
+
+
+def test_chat_ctx_size_larger_than_the_model_is_a_usage_error(run, tiny_model_dir):
+    line = one_error_line(run("chat", "-m", tiny_model_dir, *NUMPY, "-c", 5000), 2)
+    assert "5000 is more than the model's 256 positions" in line
+
+
+# --------------------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------------------
+def streamed(tokenizer, ids, context_ids=()):
+    """The text a StreamDecoder prints for ids. It equals tokenizer.decode(ids) except where the random model
+    writes invalid UTF-8: decode() turns a whole run of byte tokens into U+FFFD, even an ASCII byte that
+    streaming had already shown."""
+    stream = StreamDecoder(tokenizer, context_ids)
+    return "".join(stream.feed(i) for i in ids) + stream.flush()
+
+
+def test_generate_reads_stdin_and_prints_only_the_reply(run, tiny_model_dir):
+    r = run("generate", "-", "-m", tiny_model_dir, *NUMPY, "--temp", 0, "-n", 8,
+            input="What is the capital of France?\n")
+    assert r.exit_code == 0, r.output
+    model = load_model(tiny_model_dir, backend="numpy")
+    new = model.generate(model.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}]),
+                         max_new_tokens=8, repetition_penalty=1.1)
+    assert r.stdout == streamed(model.tokenizer, new) + "\n"
+    assert "loading weights" in r.stderr                             # progress went to stderr
+
+
+def test_generate_raw_continues_the_text(run, tiny_model_dir):
+    r = run("generate", "--raw", "The quick brown fox", "-m", tiny_model_dir, *NUMPY, "--temp", 0, "-n", 8,
+            "--repeat-penalty", 1)
+    assert r.exit_code == 0, r.output
+    model = load_model(tiny_model_dir, backend="numpy")
+    prompt = model.tokenizer.encode("The quick brown fox")
+    assert prompt[0] == model.tokenizer.bos_id
+    new = model.generate(prompt, max_new_tokens=8)
+    assert r.stdout == streamed(model.tokenizer, new, context_ids=prompt) + "\n"
+
+
+def test_generate_on_the_simulator_agrees_with_numpy(run, tiny_model_dir):
+    args = ["generate", "Hi", "-m", tiny_model_dir, "--temp", 0, "-n", 2]
+    sim = run(*args, "--backend", "sim", "-v")
+    assert sim.exit_code == 0, sim.output
+    assert "attention backend: sim" in sim.stderr
+    assert sim.stdout == run(*args, *NUMPY).stdout
+
+
+# --------------------------------------------------------------------------------------------------------
+# info, download
+# --------------------------------------------------------------------------------------------------------
+def test_info_without_a_downloaded_model(run):
+    r = run("info")
+    assert r.exit_code == 0, r.output
+    assert "backends available: sim, numpy" in r.stdout and "backend chosen: sim (auto)" in r.stdout
+    assert "NUMBA_ENABLE_CUDASIM=1" in r.stdout and "GPU: none" in r.stdout
+    assert f"model: {MODEL_ID} is not downloaded" in r.stdout
+
+
+def test_info_with_a_model_dir_and_a_cached_model(run, tiny_model_dir, empty_hub_cache):
+    r = run("info", "-m", tiny_model_dir, *NUMPY)
+    assert r.exit_code == 0, r.output
+    assert "backend chosen: numpy (--backend numpy)" in r.stdout
+    assert "layers 2, hidden 64, heads 4 (2 KV heads, head_dim 16)" in r.stdout
+    n = 512 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 172 + 2 * 64) + 64   # embed, lm_head, layers, norm
+    assert f"parameters: 156.48K ({n:,})" in r.stdout
+    assert f"memory: {cli.human_bytes(4 * n)} of fp32 weights" in r.stdout
+    assert f"on disk: {cli.human_bytes((tiny_model_dir / 'model.safetensors').stat().st_size)}" in r.stdout
+
+    snapshot = put_in_cache(empty_hub_cache, tiny_model_dir)
+    r = run("info")
+    assert r.exit_code == 0 and f"model: {snapshot}" in r.stdout and "parameters: 156.48K" in r.stdout
+
+
+def test_download_into_a_dir(run, tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_snapshot_download(repo_id, local_dir=None, **kw):
+        calls.append((repo_id, local_dir))
+        shutil.copytree(tiny_model_dir, local_dir, dirs_exist_ok=True)
+        return local_dir
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    r = run("download", "--dir", tmp_path / "m")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"{tmp_path / 'm'}\n" and calls == [(MODEL_ID, str(tmp_path / "m"))]
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_download_offline_is_one_error_line(run, tmp_path):
+    line = one_error_line(run("download", "--dir", tmp_path / "m"), 1)
+    assert line.startswith(f"error: could not download {MODEL_ID}") and "offline?" in line
+
+
+def test_download_of_a_cached_model_does_not_download(run, tiny_model_dir, empty_hub_cache):
+    snapshot = put_in_cache(empty_hub_cache, tiny_model_dir)
+    r = run("download")                            # the Hub is unreachable: only the cache can answer
+    assert r.exit_code == 0 and r.stdout == f"{snapshot}\n" and "already in the Hugging Face cache" in r.stderr
+
+
+def test_chat_offline_without_the_model_is_one_error_line(run):
+    line = one_error_line(run("chat", *NUMPY, input="Hi\n"), 1)
+    assert "could not download" in line and "offline?" in line
+
+
+# --------------------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------------------
+def test_bench_prefill_and_decode_tables(run):
+    r = run("bench", "--what", "prefill", *NUMPY, "--seq-lens", "8,16", "--batch", "1,2")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("prefill on numpy") and "numpy reference" in lines[1]
+    assert len(lines) == 3 + 4                                       # title, header, rule, 2 batches x 2 lengths
+    r = run("bench", "--what", "decode", *NUMPY, "--seq-lens", "8")
+    assert r.exit_code == 0, r.output
+    assert "decode on numpy" in r.stdout and "cache" in r.stdout.splitlines()[1]
+
+
+def test_bench_model(run, tiny_model_dir):
+    r = run("bench", "--what", "model", "-m", tiny_model_dir, *NUMPY, "--seq-lens", "8,16", "--new-tokens", 3)
+    assert r.exit_code == 0, r.output
+    assert "numpy prefill" in r.stdout and "numpy decode" in r.stdout
+    assert [line.split("|")[2].strip() for line in r.stdout.splitlines()[3:]] == ["8", "16"]
+
+
+def test_bench_model_rows(tiny_model):
+    from tinyllm.bench import bench_model
+    steps = []
+    rows = bench_model(tiny_model, (4, 8), new_tokens=3, progress=steps.append)
+    assert [(r["impl"], r["n"]) for r in rows] == [("numpy prefill", 4), ("numpy decode", 4),
+                                                   ("numpy prefill", 8), ("numpy decode", 8)]
+    assert all(r["what"] == "model" and r["batch"] == 1 and r["ms"] > 0 for r in rows) and steps == [1, 1]
+    with pytest.raises(ValueError, match="exceed the context"):
+        bench_model(tiny_model, (250,), new_tokens=10)
+
+
+def test_bench_plot_without_matplotlib_is_one_error_line(run, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)           # `import matplotlib` raises ImportError
+    line = one_error_line(run("bench", *NUMPY, "--seq-lens", "8", "--plot", tmp_path / "p.png"), 1)
+    assert "--plot needs matplotlib" in line and "[bench]" in line
+
+
+# --------------------------------------------------------------------------------------------------------
+# Mistakes a user can make: one line, the right exit code
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def corrupt_model_dir(tmp_path, tiny_model_dir):
+    d = shutil.copytree(tiny_model_dir, tmp_path / "corrupt")
+    weights = d / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return d
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["chat", "-m", "/no/such/model/dir", *NUMPY], 1, "no such model directory"),
+    (["generate", "hi", "--top-p", "2"], 2, "Invalid value for '--top-p': 2.0 is not in the range 0<x<=1"),
+    (["chat", "--backend", "tpu"], 2, "'tpu' is not one of 'auto', 'cuda', 'sim', 'numpy'"),
+    (["chat", "--backend", "cuda"], 1, "backend='cuda' is not available here"),
+    (["generate", "hi", "--temp", "-1"], 2, "Invalid value for '--temp'"),
+    (["bench", "--seq-lens", "8,x"], 2, "'8,x' is not a comma-separated list of positive integers"),
+    (["generate", "x", "--raw", "-sys", "be brief"], 2, "--system needs --chat"),
+    (["talk"], 2, "No such command 'talk'"),
+])
+def test_bad_input_is_one_line_and_an_exit_code(run, args, code, says):
+    assert says in one_error_line(run(*args), code)
+
+
+def test_corrupt_weights_are_one_line_and_a_traceback_with_verbose(run, corrupt_model_dir):
+    line = one_error_line(run("chat", "-m", corrupt_model_dir, *NUMPY), 1)
+    assert "model.safetensors" in line and "truncated" in line
+    r = run("chat", "-m", corrupt_model_dir, *NUMPY, "--verbose")
+    assert r.exit_code == 1 and "Traceback" in r.stderr and "WeightsError" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == line
+
+
+# --------------------------------------------------------------------------------------------------------
+# A real terminal
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def long_context_model_dir(tmp_path_factory):
+    """The miniature model with room for 32k tokens: a greedy reply that takes seconds, long enough to watch
+    it arrive and to interrupt it."""
+    from tinyllm.tiny import make_tiny
+    return make_tiny(tmp_path_factory.mktemp("tiny_32k"), seed=0, max_position_embeddings=32768)
+
+
+def spawn_chat(model_dir, *args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(model_dir.parent / "no_hf_cache"))
+    return pexpect.spawn(sys.executable, [str(ROOT / "cli.py"), "chat", "-m", str(model_dir), *NUMPY, *args],
+                         cwd=str(ROOT), env=env, timeout=30, encoding="utf-8", codec_errors="replace",
+                         dimensions=(40, 200))
+
+
+def test_chat_in_a_terminal_streams_and_ctrl_c_stops_only_the_reply(long_context_model_dir):
+    child = spawn_chat(long_context_model_dir, "--temp", "0", "-n", "32000", "-v")
+    try:
+        child.expect("/exit or Ctrl-D quits")
+        child.expect("> ")
+        child.sendline("Tell me a story about a small robot.")
+        child.expect_exact("robot.\r\n")                            # the terminal echoes the line
+        # the reply arrives piece by piece while it is being generated: several reads, no prompt yet
+        pieces = []
+        while len(pieces) < 3 or sum(map(len, pieces)) < 300:
+            pieces.append(child.read_nonblocking(4096, timeout=10))
+        assert "\n> " not in "".join(pieces) and child.isalive()
+        child.sendintr()                                              # Ctrl-C, delivered by the terminal
+        child.expect(r"\[reply interrupted: the part shown stays in the conversation\]")
+        child.expect(r"reply (\d+) tokens, decode [^|]*\| context \d+/32768 tokens \| stop: interrupted\]")
+        assert 0 < int(child.match.group(1)) < 32000                 # --verbose stats: the reply was cut short
+        child.expect("> ")                                            # back at the prompt
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+        assert "Traceback" not in child.before
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0 and child.signalstatus is None
+
+
+def test_chat_in_a_terminal_ctrl_c_at_the_prompt_exits_130(long_context_model_dir):
+    child = spawn_chat(long_context_model_dir)
+    try:
+        child.expect("> ")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+        assert "Traceback" not in child.before
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 130
