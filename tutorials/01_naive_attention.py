@@ -1,0 +1,234 @@
+"""
+Lesson 1: naive attention, and why its N×N score matrix is the memory problem
+=============================================================================
+
+What you will learn
+-------------------
+* Scaled dot-product attention in three lines of NumPy: scores = q k^T / sqrt(d), p = softmax(scores),
+  out = p v. You will see the shape of every intermediate array.
+* Why softmax subtracts the row maximum first (exp overflows otherwise), and why that changes nothing.
+* How to check an implementation: against the definition written as plain loops in float64, and against
+  numbattn's NumPy reference (`numbattn.reference.attention`), which every kernel in this project is tested
+  against.
+* The memory problem that the rest of the course solves: the [n, n] score matrix grows with the *square* of
+  the context. For TinyLlama's 32 heads in fp32 it is 512 MiB per layer at 2k tokens, 8 GiB at 8k and
+  128 GiB at 32k, while q, k, v and the output together are a few hundred MiB at most.
+
+Run it: `python tutorials/01_naive_attention.py`, or open it in VS Code / Jupyter and run the `# %%` cells.
+No GPU needed: without one, the NumPy parts run as they are and the benchmark shrinks to a tiny timing.
+"""
+
+# %%
+# Setup. `_setup` must come first: it decides, before numba.cuda is imported, whether numbattn's kernels
+# run on a GPU or in Numba's CUDA simulator (see tutorials/README.md).
+import _setup  # noqa: F401  (must be the first import)
+
+import tracemalloc
+
+import numpy as np
+
+import numbattn
+from numbattn import bench, reference
+
+BACKEND = numbattn.available_backends()[0]
+print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
+
+# %% [markdown]
+# ## Attention in three lines
+#
+# Every token of a sequence produces three vectors of `head_dim` numbers: a query (what am I looking for?),
+# a key (what do I contain?) and a value (what do I hand over?). The output for token i is a weighted
+# average of all values, and the weights say how well query i matches each key:
+#
+#     scores[i, j] = q_i . k_j / sqrt(d)         how much token i attends to token j
+#     p[i, :]      = softmax(scores[i, :])        weights that are positive and sum to 1
+#     out[i]       = sum_j p[i, j] v_j
+#
+# The 1/sqrt(d) keeps the dot products of random d-dimensional vectors at a spread of about 1 whatever d is;
+# without it, long heads would give huge scores and a softmax that is almost one-hot. A model has several
+# heads that do this independently on their own slice of the hidden vector; we simply carry a head axis.
+
+# %%
+def softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)   # the row max: see the next cell for why
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def naive_attention(q, k, v):
+    """q, k, v [n_heads, n, d] -> [n_heads, n, d], the textbook way: the whole score matrix at once."""
+    scale = q.shape[-1] ** -0.5   # a Python float: float32 inputs stay float32 (an np.float64 would promote)
+    scores = q @ k.swapaxes(-1, -2) * scale        # [h, n, d] @ [h, d, n] -> [h, n, n]   <- N×N per head
+    p = softmax(scores)                            # [h, n, n]                              <- and again
+    return p @ v                                   # [h, n, n] @ [h, n, d] -> [h, n, d]
+
+
+rng = np.random.default_rng(0)
+n_heads, n, d = 2, 6, 8
+q, k, v = (rng.standard_normal((n_heads, n, d)) for _ in range(3))   # float64 here: exact checks below
+out = naive_attention(q, k, v)
+print("q, k, v:", q.shape, "-> scores and p:", (n_heads, n, n), "-> out:", out.shape)
+
+p = softmax(q @ k.swapaxes(-1, -2) / np.sqrt(d))
+print("attention weights of head 0 (row i = query i, column j = key j):")
+print(np.array2string(p[0], precision=2, suppress_small=True))
+assert np.allclose(p.sum(axis=-1), 1.0), "each row of weights must sum to 1"
+assert (p > 0).all(), "softmax weights are strictly positive (no causal mask yet: every token sees all)"
+
+# %% [markdown]
+# ## Why the softmax subtracts the maximum
+#
+# exp(x) overflows float32 above x ≈ 88 (float64 above ≈ 709). Scores that large happen (a trained model's
+# attention "sinks" reach them), and then exp gives inf and inf/inf gives NaN. Subtracting the row maximum m
+# first changes nothing mathematically, because the factor exp(-m) appears in every term of the numerator
+# and of the sum, and cancels:
+#
+#     exp(x_j - m) / sum_k exp(x_k - m) = exp(x_j) exp(-m) / (exp(-m) sum_k exp(x_k)) = softmax(x)_j
+#
+# After the shift the largest exponent is exactly 0, so nothing overflows, and the sum is at least 1.
+# Remember this maximum: lesson 2 keeps it as a *running* maximum, and that is the whole FlashAttention trick.
+
+# %%
+big = np.array([1000.0, 1001.0, 1002.0], dtype=np.float32)
+with np.errstate(over="ignore", invalid="ignore"):
+    unsafe = np.exp(big) / np.exp(big).sum()
+print("exp(x) / sum(exp(x))        :", unsafe)
+print("exp(x - max) / sum(...)     :", softmax(big))
+print("same shift on small scores  :", softmax(big - 1000), "(identical: the shift cancels)")
+assert np.isnan(unsafe).all()
+assert np.allclose(softmax(big), softmax(big - 1000)) and np.isclose(softmax(big).sum(), 1.0)
+
+# %% [markdown]
+# ## Checking it twice
+#
+# A vectorised implementation can be wrong in ways that look plausible (a transposed k, the scale applied
+# twice, the softmax over the wrong axis). So we compare it with the definition written as loops, one
+# output element at a time in float64, and with numbattn's reference, which is the oracle for every kernel
+# in the later lessons. The reference takes [batch, n_heads, n, d] and supports grouped-query attention
+# (fewer k/v heads than q heads, lesson 4); with as many k/v heads as q heads it is plain attention.
+
+# %%
+def loop_attention(q, k, v):
+    """The definition, element by element: slow and obviously right."""
+    h, n, d = q.shape
+    out = np.zeros((h, n, d))
+    for hh in range(h):
+        for i in range(n):
+            s = [sum(q[hh, i, c] * k[hh, j, c] for c in range(d)) / np.sqrt(d) for j in range(n)]
+            w = np.exp(np.array(s) - max(s))
+            w /= w.sum()
+            for j in range(n):
+                out[hh, i] += w[j] * v[hh, j]
+    return out
+
+
+err_loop = np.abs(naive_attention(q, k, v) - loop_attention(q, k, v)).max()
+err_ref = np.abs(naive_attention(q, k, v) - reference.attention(q[None], k[None], v[None])[0]).max()
+print(f"max |naive - loops| = {err_loop:.1e}    max |naive - numbattn.reference| = {err_ref:.1e}")
+assert err_loop < 1e-12 and err_ref < 1e-12
+
+# %% [markdown]
+# ## The memory problem
+#
+# `scores` and `p` are [n_heads, n, n]. Everything else is [n_heads, n, d], and d is small (64 in TinyLlama).
+# So at long context the score matrix dwarfs the inputs: n / d times bigger. The table below is for
+# TinyLlama's attention shape (32 query heads; 4 key/value heads, because TinyLlama uses grouped-query
+# attention), fp32, batch 1, ONE layer.
+#
+# And it is not only the size. The naive code writes the scores to memory, reads them back for the
+# softmax, writes p, and reads p again for `p @ v`: four passes over n² numbers per head, while the useful
+# arithmetic is only ~4·n²·d FLOPs per head. The table puts a time on those passes at an H100's ~3 TB/s
+# of memory bandwidth, next to the time the matmuls need at its 67 TFLOP/s fp32 peak.
+
+# %%
+N_HEADS, N_KV_HEADS, HEAD_DIM = bench.N_HEADS, bench.N_KV_HEADS, bench.HEAD_DIM   # TinyLlama: 32, 4, 64
+FP32 = 4
+
+
+def score_bytes(n, n_heads=N_HEADS):
+    return n_heads * n * n * FP32
+
+
+def qkvo_bytes(n):
+    return (2 * N_HEADS + 2 * N_KV_HEADS) * n * HEAD_DIM * FP32   # q and out: 32 heads; k and v: 4 heads
+
+
+def human(nbytes):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.4g} {unit}"
+        nbytes /= 1024
+
+
+rows = []
+for n in (2048, 8192, 32768):
+    traffic_ms = 4 * score_bytes(n) / (bench.HBM_GBPS * 1e9) * 1e3
+    flops_ms = bench.attention_flops(1, N_HEADS, n, n, HEAD_DIM, causal=False) / (bench.FP32_PEAK_TFLOPS * 1e12) * 1e3
+    rows.append(dict(n=n, scores=human(score_bytes(n)), q_k_v_out=human(qkvo_bytes(n)),
+                     scores_over_qkvo=score_bytes(n) / qkvo_bytes(n), score_traffic_ms=traffic_ms, matmul_ms=flops_ms))
+print("one layer of TinyLlama, fp32, batch 1:")
+print(bench.format_table(rows, ["n", "scores", "q_k_v_out", "scores_over_qkvo", "score_traffic_ms", "matmul_ms"]))
+print("(an H100 has 80 GB: at 32k tokens the score matrix of one layer does not even fit)")
+
+# %% [markdown]
+# The formula is not a hypothesis: Python's `tracemalloc` sees NumPy's allocations, so we can measure the
+# peak memory of one naive attention call at 32 heads and a modest n, and find at least the score matrix.
+
+# %%
+n_meas = 512
+qm, km, vm = (rng.standard_normal((N_HEADS, n_meas, HEAD_DIM), dtype=np.float32) for _ in range(3))
+tracemalloc.start()
+naive_attention(qm, km, vm)
+_, peak = tracemalloc.get_traced_memory()
+tracemalloc.stop()
+print(f"n = {n_meas}: score matrix {human(score_bytes(n_meas))}, measured peak of naive_attention {human(peak)} "
+      f"({peak / score_bytes(n_meas):.1f}x the score matrix: scores, the shifted copy, exp, p ...)")
+assert peak >= score_bytes(n_meas), "the naive version must hold at least one full score matrix"
+
+# %% [markdown]
+# FlashAttention (lessons 2 and 3) computes exactly the same output without ever storing that matrix:
+# memory O(n·d) instead of O(n²), and the four passes over n² numbers disappear from memory traffic.
+
+# %% [markdown]
+# ## Correctness check
+#
+# The functions above agree with the loop definition and with numbattn's reference (asserted). One more,
+# at TinyLlama's real shape with grouped-query heads: numbattn's reference, fed k and v with 4 heads,
+# equals our naive attention fed k and v repeated to all 32 heads (lesson 4 explains why that repetition
+# is wasteful and how the kernels avoid it).
+
+# %%
+qg, kg, vg = bench.random_qkv(1, 64, 64)                    # [1, 32, 64, 64] and [1, 4, 64, 64]
+ours = naive_attention(qg[0], np.repeat(kg[0], 8, axis=0), np.repeat(vg[0], 8, axis=0))
+theirs = reference.attention(qg.astype(np.float64), kg.astype(np.float64), vg.astype(np.float64))[0]
+err = np.abs(ours - theirs).max()
+print(f"TinyLlama shape, GQA 32/4, n=64: max |naive - reference (fp64)| = {err:.1e}")
+assert err < 1e-5
+print("lesson 1 checks passed")
+
+# %% [markdown]
+# ## Benchmark
+#
+# On a GPU this times numbattn's FlashAttention kernel (v2) against the NumPy reference on the CPU (and
+# torch's attention when torch is installed) at TinyLlama's shape. Without a GPU there is nothing fair to
+# time for kernels, so we time the naive NumPy attention at small n instead and watch the quadratic
+# growth: doubling n multiplies the score memory by four, and the time by roughly four once n is large
+# enough for the n² work to dominate (small sizes are noisy, and a busy laptop adds its own noise).
+
+# %%
+if BACKEND == "cuda":
+    rows = bench.bench_prefill(seq_lens=(512, 1024, 2048, 4096), causal=(False,), versions=("v2",),
+                               reference_max_n=1024)
+    table, columns = bench.pivot(rows, ["n"], "ms")
+    print("milliseconds per call, batch 1, 32 heads / 4 KV heads, head_dim 64, not causal:")
+    print(bench.format_table(table, columns))
+else:
+    print("the kernel benchmark needs a CUDA GPU; timing the naive NumPy attention at tiny sizes instead:")
+    rows = []
+    for n in (128, 256, 512, 1024):
+        qt, kt, vt = (rng.standard_normal((N_HEADS, n, HEAD_DIM), dtype=np.float32) for _ in range(3))
+        ms = bench.timed(lambda: naive_attention(qt, kt, vt), "host", warmup=1, repeat=3)
+        rows.append(dict(n=n, ms=ms, score_MiB=score_bytes(n) / 2**20))
+    for r, prev in zip(rows[1:], rows):
+        r["x_prev"] = r["ms"] / prev["ms"]
+    print(bench.format_table(rows, ["n", "ms", "score_MiB", "x_prev"]))

@@ -1,0 +1,261 @@
+"""
+Lesson 6: the whole TinyLlama forward pass
+==========================================
+
+What you will learn
+-------------------
+* What a Llama model does around attention, one equation at a time: token embedding, RMSNorm, rotary
+  position embeddings (RoPE), grouped-query attention (the kernels of lessons 2-5), the SwiGLU MLP,
+  residual connections, and the output head that turns the last hidden vector into next-token logits.
+* How a checkpoint is stored: safetensors (a JSON header + raw little-endian bytes), bfloat16 weights
+  (the top 16 bits of a float32), Hugging Face's tensor names and [out, in] layout.
+* How to verify a model: we build TinyLlama's miniature sibling (same files and layout, random weights,
+  `tinyllm.make_tiny`) and compute its logits twice, with tinyllm (fp32, attention on numbattn's kernels)
+  and with an independent fp64 implementation written in this lesson from the raw bytes of the checkpoint.
+
+Run it: `python tutorials/06_tinyllama_forward.py`, or run the `# %%` cells in VS Code / Jupyter.
+"""
+
+# %%
+import _setup  # noqa: F401  (must be the first import: GPU or simulator, see tutorials/README.md)
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import numbattn
+import tinyllm
+from numbattn import bench
+from tinyllm.weights import SafetensorsFile
+
+BACKEND = numbattn.available_backends()[0]
+print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
+assert BACKEND in ("cuda", "sim"), "this lesson runs the kernels: it needs a GPU or NUMBA_ENABLE_CUDASIM=1"
+
+# %% [markdown]
+# ## A miniature TinyLlama
+#
+# TinyLlama-1.1B-Chat has 22 layers of hidden size 2048: 2.2 GB of weights, too much for a lesson that must
+# run in seconds on a laptop in the simulator. `tinyllm.make_tiny(dir)` writes a checkpoint with exactly the
+# same files, tensor names, dtypes and chat template, but 2 layers of hidden size 64, 4 query heads and
+# 2 KV heads (head_dim 16), random weights. Every code path is the real one; only the sizes shrink.
+
+# %%
+workdir = tempfile.TemporaryDirectory()
+model_dir = tinyllm.make_tiny(Path(workdir.name) / "tiny-llama", seed=0)
+print("files:", sorted(p.name for p in model_dir.iterdir()))
+cfg = json.loads((model_dir / "config.json").read_text())
+print({k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "num_key_value_heads", "vocab_size", "rope_theta", "rms_norm_eps", "torch_dtype")})
+
+model = tinyllm.load_model(model_dir)            # attention on the best numbattn backend (GPU or simulator)
+prompt = "Hello world! How are you?"
+ids = model.tokenizer.encode(prompt)
+print(f"{prompt!r} -> {len(ids)} tokens:", [model.tokenizer.id_to_token(i) for i in ids])
+
+# %% [markdown]
+# ## Reading the checkpoint ourselves
+#
+# A .safetensors file is 8 bytes of header length, a JSON header ({name: dtype, shape, byte offsets}) and
+# the raw tensor bytes. tinyllm's reader (`SafetensorsFile`) validates the header and memory-maps the file;
+# `.raw(name)` gives the stored bytes as an array without converting anything. The weights are bfloat16,
+# which NumPy lacks, but a bf16 number is just the top 16 bits of a float32 (same sign and 8-bit exponent,
+# 7 instead of 23 mantissa bits), so we widen it ourselves: shift the 16 bits up, reinterpret as float32.
+# From here on this lesson uses none of tinyllm's model code, only these bytes and NumPy in float64.
+
+# %%
+st = SafetensorsFile(model_dir / "model.safetensors")
+print(f"{len(st.tensors)} tensors, e.g.", {n: (t.dtype, t.shape) for n, t in list(st.tensors.items())[:3]})
+
+
+def W(name):
+    """A checkpoint tensor as float64, decoded from its raw bf16 bits here (not by tinyllm)."""
+    bits = st.raw(name)
+    assert st.tensors[name].dtype == "BF16"
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+dim, n_heads, n_kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+hd, eps, theta = dim // n_heads, cfg["rms_norm_eps"], cfg["rope_theta"]
+
+# %% [markdown]
+# ## RMSNorm
+#
+# Before each half of every block (and once at the end) the hidden vector is normalised: divided by its
+# root-mean-square, then multiplied by a learned per-channel weight. Unlike LayerNorm there is no mean
+# subtraction and no bias; it only fixes the scale, which is what keeps a deep residual stream stable.
+#
+#     rmsnorm(x) = x / sqrt(mean(x²) + eps) * weight
+
+# %%
+def rmsnorm(x, weight):
+    return x / np.sqrt((x ** 2).mean(axis=-1, keepdims=True) + eps) * weight
+
+
+x_demo = np.random.default_rng(0).standard_normal((3, dim)) * [[0.1], [1.0], [30.0]]    # very different scales
+print("RMS of 3 rows before:", np.round(np.sqrt((x_demo ** 2).mean(-1)), 3),
+      " after (weight 1):", np.round(np.sqrt((rmsnorm(x_demo, 1.0) ** 2).mean(-1)), 3))
+assert np.allclose(np.sqrt((rmsnorm(x_demo, 1.0) ** 2).mean(-1)), 1.0, atol=1e-3)
+
+# %% [markdown]
+# ## RoPE: positions as rotations
+#
+# Attention itself ignores order (it is a weighted sum). Llama injects position by *rotating* each query
+# and key: the head's d numbers are read as d/2 pairs, and pair i at position p is rotated by the angle
+# p · theta^(-2i/d). Early pairs spin fast, late pairs slowly. Because a rotation by angle a of q and by
+# angle b of k leaves a dot product that depends only on a - b, the score q_p · k_r depends on the content
+# and on the *relative* position p - r. Hugging Face's layout pairs element i with element i + d/2 (the
+# "rotate half" convention), not neighbours. Writing a pair as the complex number x_i + i·x_{i+d/2}, the
+# rotation is one complex multiplication:
+
+# %%
+def rope(x, positions):
+    """x [..., seq, hd] -> rotated, pair (i, i + hd/2) of position p by p * theta^(-2i/hd)."""
+    half = x.shape[-1] // 2
+    angles = np.outer(positions, theta ** (-np.arange(half) * 2 / x.shape[-1]))     # [seq, hd/2]
+    z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * angles)
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+rng = np.random.default_rng(1)
+qv, kv = rng.standard_normal(hd), rng.standard_normal(hd)
+
+
+def score(p, r):
+    """q at position p . k at position r, both rotated."""
+    return rope(qv[None], [p])[0] @ rope(kv[None], [r])[0]
+
+
+print(f"q at 5 . k at 3 = {score(5, 3):.6f};  q at 12 . k at 10 = {score(12, 10):.6f};  "
+      f"q at 5 . k at 4 = {score(5, 4):.6f}")
+assert np.isclose(score(5, 3), score(12, 10)) and not np.isclose(score(5, 3), score(5, 4))
+assert np.allclose(np.linalg.norm(rope(qv[None], [7])), np.linalg.norm(qv))          # rotations keep lengths
+
+# %% [markdown]
+# ## Attention with grouped-query heads, and the SwiGLU MLP
+#
+# The attention of lessons 1-4, written plainly: q has n_heads heads, k and v have n_kv (here 4 and 2), and
+# query head h reads KV head h // (n_heads / n_kv). Causal mask, softmax in float64.
+#
+# The MLP is SwiGLU: two projections up to the intermediate size, one passed through SiLU (x·sigmoid(x)) and
+# used as a gate on the other, then a projection back down:
+#
+#     mlp(x) = (silu(x W_gate^T) * (x W_up^T)) W_down^T
+#
+# Hugging Face stores a linear layer's weight as [out_features, in_features], hence the transposes.
+
+# %%
+def attention(q, k, v):
+    """q [n_heads, s, hd], k, v [n_kv, s, hd] -> [n_heads, s, hd]; causal; query head h reads kv head h // group."""
+    group, s = q.shape[0] // k.shape[0], q.shape[1]
+    out = np.empty_like(q)
+    future = np.triu(np.ones((s, s), bool), k=1)
+    for h in range(q.shape[0]):
+        scores = q[h] @ k[h // group].T / np.sqrt(q.shape[-1])
+        scores[future] = -np.inf
+        p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        out[h] = (p / p.sum(axis=-1, keepdims=True)) @ v[h // group]
+    return out
+
+
+def swiglu(x, layer):
+    gate = x @ W(f"{layer}mlp.gate_proj.weight").T
+    up = x @ W(f"{layer}mlp.up_proj.weight").T
+    return (gate / (1 + np.exp(-gate)) * up) @ W(f"{layer}mlp.down_proj.weight").T
+
+
+# %% [markdown]
+# ## The forward pass
+#
+# Embedding lookup, then for each layer a pre-norm attention half and a pre-norm MLP half, each added back
+# to the residual stream; a final norm; the output head. The logits of position t score every vocabulary
+# entry as the token at t + 1.
+
+# %%
+def forward_fp64(token_ids):
+    s = len(token_ids)
+    x = W("model.embed_tokens.weight")[token_ids]                            # [s, dim]
+    for i in range(cfg["num_hidden_layers"]):
+        layer = f"model.layers.{i}."
+        h = rmsnorm(x, W(layer + "input_layernorm.weight"))
+        q = (h @ W(layer + "self_attn.q_proj.weight").T).reshape(s, n_heads, hd).transpose(1, 0, 2)
+        k = (h @ W(layer + "self_attn.k_proj.weight").T).reshape(s, n_kv, hd).transpose(1, 0, 2)
+        v = (h @ W(layer + "self_attn.v_proj.weight").T).reshape(s, n_kv, hd).transpose(1, 0, 2)
+        q, k = rope(q, np.arange(s)), rope(k, np.arange(s))
+        a = attention(q, k, v).transpose(1, 0, 2).reshape(s, n_heads * hd)   # heads back side by side
+        x = x + a @ W(layer + "self_attn.o_proj.weight").T
+        x = x + swiglu(rmsnorm(x, W(layer + "post_attention_layernorm.weight")), layer)
+    x = rmsnorm(x, W("model.norm.weight"))
+    head = W("model.embed_tokens.weight") if cfg["tie_word_embeddings"] else W("lm_head.weight")
+    return x @ head.T                                                        # [s, vocab]
+
+
+t0 = time.perf_counter()
+ours = forward_fp64(ids)
+t1 = time.perf_counter()
+theirs = model.forward(np.array([ids]))[0]                                   # tinyllm: fp32, numbattn kernels
+t2 = time.perf_counter()
+print(f"fp64 lesson forward: {t1 - t0:.2f} s;  tinyllm forward on {BACKEND}: {t2 - t1:.2f} s")
+err = np.abs(ours - theirs).max()
+print(f"logits: shape {theirs.shape}, spread (std) {ours.std():.2f}, max |tinyllm - fp64| = {err:.1e}")
+print("next-token argmax per position, fp64   :", ours.argmax(-1).tolist())
+print("next-token argmax per position, tinyllm:", theirs.argmax(-1).tolist())
+
+# %% [markdown]
+# ## Correctness check
+#
+# tinyllm (float32 matmuls, bf16 weights widened by its own reader, attention in numbattn's prefill kernel)
+# must match the fp64 lesson implementation to float32 rounding, and agree on every position's most likely
+# next token. Then decoding with the KV cache (lesson 5) at the model level: prefill all but the last
+# token, feed the last one alone (decode kernel), and get the same last-position logits.
+
+# %%
+assert err < 1e-3 * np.abs(ours).max(), f"tinyllm logits differ from the fp64 forward by {err}"
+assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+model.reset()
+model.forward(np.array([ids[:-1]]))                                           # prefill, cache holds n-1 tokens
+step = model.forward(np.array([ids[-1:]]), start_pos=len(ids) - 1)[0, -1]    # one token: the decode kernel
+print(f"decode step vs full forward, last position: max |diff| = {np.abs(step - ours[-1]).max():.1e}")
+assert np.allclose(step, ours[-1], atol=1e-3 * np.abs(ours).max())
+print("lesson 6 checks passed")
+
+# %% [markdown]
+# ## Benchmark
+#
+# In tinyllm the matmuls are NumPy on the CPU and only attention runs on numbattn, so the question is how the
+# forward time splits. On a GPU we build a random model of TinyLlama's real width (hidden 2048, 32/4 heads,
+# MLP 5632, vocabulary 32000) but only 2 layers, and time a prefill at a few prompt lengths plus one decode
+# step, with attention on the GPU kernels and on the NumPy reference. Without a GPU the same code runs on the
+# miniature model at tiny lengths, with attention in the simulator.
+
+# %%
+def time_forward(model_path, seq_lens, backends, repeat):
+    rows = []
+    for be in backends:
+        m = tinyllm.load_model(model_path, backend=be)
+        vocab = m.config.vocab_size
+        for n in seq_lens:
+            prompt_ids = np.random.default_rng(n).integers(3, min(vocab, 512), size=(1, n))
+            prefill_ms = bench.timed(lambda: m.forward(prompt_ids), "host", warmup=1, repeat=repeat)
+            token = prompt_ids[:, -1:]
+            decode_ms = bench.timed(lambda: m.forward(token, start_pos=n), "host", warmup=1, repeat=repeat)
+            rows.append(dict(attention=be, prompt=n, prefill_ms=prefill_ms, prefill_tok_per_s=n / prefill_ms * 1e3,
+                             decode_ms=decode_ms))
+    return rows
+
+
+columns = ["attention", "prompt", "prefill_ms", "prefill_tok_per_s", "decode_ms"]
+if BACKEND == "cuda":
+    wide = tinyllm.make_tiny(Path(workdir.name) / "wide", seed=0, hidden_size=2048, intermediate_size=5632,
+                             num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=2,
+                             vocab_size=32000, max_position_embeddings=2048)
+    print("TinyLlama width, 2 of 22 layers, batch 1 (matmuls in NumPy on the host):")
+    print(bench.format_table(time_forward(wide, (128, 512, 1024), ("cuda", "numpy"), repeat=3), columns))
+else:
+    print("the benchmark needs a CUDA GPU; tiny-size timing of the miniature model instead (simulator):")
+    print(bench.format_table(time_forward(model_dir, (8,), ("sim", "numpy"), repeat=1), columns))
+workdir.cleanup()

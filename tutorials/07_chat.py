@@ -1,0 +1,265 @@
+"""
+Lesson 7: chatting with TinyLlama
+=================================
+
+What you will learn
+-------------------
+* The tokenizer: text to token ids and back (byte-pair pieces, and UTF-8 byte tokens for characters outside
+  the vocabulary).
+* The chat template: how a conversation becomes ONE prompt string in the exact format the model was
+  fine-tuned on (TinyLlama: <|system|>, <|user|>, <|assistant|> markers closed by </s>).
+* Sampling: turning next-token logits into a choice, illustrated on a 6-word vocabulary: greedy,
+  temperature, top-k, top-p (nucleus); and a seeded sampler drawn 2000 times against the probabilities.
+* Streaming: printing the reply as it is generated, without breaking multi-byte characters or the spaces
+  between words.
+* Then a chat: with TinyLlama-1.1B-Chat if it is already downloaded (this lesson never downloads it; run
+  `python weights/download.py` once for that), otherwise with the miniature random checkpoint of lesson 6,
+  whose replies are random tokens, not language. A second turn reuses the KV cache of the first.
+
+Run it: `python tutorials/07_chat.py`, or run the `# %%` cells in VS Code / Jupyter.
+Set NUMBATTN_TUTORIAL_TINY=1 to use the miniature even when TinyLlama is downloaded.
+"""
+
+# %%
+import _setup  # noqa: F401  (must be the first import: GPU or simulator, see tutorials/README.md)
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import numbattn
+import tinyllm
+from numbattn import bench
+from tinyllm.generate import Sampler, softmax, top_k_filter, top_p_filter
+
+BACKEND = numbattn.available_backends()[0]
+print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
+
+# %% [markdown]
+# ## Which model
+#
+# `tinyllm.resolve_model(MODEL_ID, download=False)` looks in the local Hugging Face cache only and never
+# touches the network. If TinyLlama-1.1B-Chat is not there, we write the miniature checkpoint to a temporary
+# directory instead.
+#
+# Where attention runs: on a GPU, numbattn's kernels. Without one, the simulator would run each CUDA thread
+# as a Python thread: fine for the tiny shapes of lessons 2-6, far too slow to chat (a reply takes
+# thousands of kernel launches). So on the CPU the chat uses numbattn's NumPy reference for attention, the
+# oracle that lessons 2-6 checked the kernels against; at the end, a short generation with the simulated
+# kernels is checked token for token against it.
+
+# %%
+workdir = tempfile.TemporaryDirectory()
+real = None
+if os.environ.get("NUMBATTN_TUTORIAL_TINY", "") in ("", "0"):
+    try:
+        real = tinyllm.resolve_model(tinyllm.MODEL_ID, download=False)
+    except tinyllm.HubError as e:
+        print(f"TinyLlama is not available locally ({e})")
+model_dir = real or tinyllm.make_tiny(Path(workdir.name) / "tiny-llama", seed=0)
+CHAT_BACKEND = "cuda" if BACKEND == "cuda" else "numpy"
+model = tinyllm.load_model(model_dir, backend=CHAT_BACKEND, download=False)
+tok = model.tokenizer
+if real:
+    print(f"using TinyLlama-1.1B-Chat from {model_dir}; attention on {CHAT_BACKEND}")
+else:
+    print("=" * 100)
+    print("using the MINIATURE random checkpoint (tinyllm.make_tiny): its weights are random numbers, so its")
+    print("replies below are RANDOM TOKENS, not answers. Everything else (tokenizer, template, sampling,")
+    print("streaming, KV cache) is the real machinery. `python weights/download.py` fetches TinyLlama (2.2 GB).")
+    print("=" * 100)
+
+# %% [markdown]
+# ## Tokens
+#
+# The model reads integers. The tokenizer (tokenizer.json, run by Hugging Face's `tokenizers`) splits text
+# into pieces from a fixed vocabulary (32000 for TinyLlama, 512 for the miniature) learned by byte-pair
+# encoding: frequent words are one piece, rare ones several. "▁" marks a piece that starts with a space.
+# A character with no piece of its own is spelled as its UTF-8 bytes, one byte token each (<0xF0> ...):
+# every string can be encoded, and decoding gives it back exactly.
+
+# %%
+text = "Hello world! Café au lait costs 3 € 🙂"
+ids = tok.encode(text)
+print(f"{len(ids)} tokens:", [tok.id_to_token(i) for i in ids])
+print("ids:", ids)
+assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1          # one BOS, in front
+assert tok.decode(ids) == text                                      # round trip, emoji included
+
+# %% [markdown]
+# ## The chat template
+#
+# A chat model was fine-tuned on conversations rendered in one exact format; prompting it in another works
+# badly. The format ships with the model, as a Jinja template in tokenizer_config.json, and tinyllm renders
+# it the way transformers does. `add_generation_prompt=True` ends the prompt with the assistant's marker, so
+# the most likely continuation is the assistant's reply; the model ends its turn with </s> (EOS), which
+# stops generation.
+
+# %%
+messages = [{"role": "system", "content": "You are a helpful assistant who answers in one sentence."},
+            {"role": "user", "content": "What is the capital of France?"}]
+prompt_text = tok.render_chat(messages)
+prompt_ids = tok.encode_chat(messages)
+print(prompt_text)
+print(f"-> {len(prompt_ids)} prompt tokens, starting with BOS ({tok.bos_token!r} = id {prompt_ids[0]})")
+assert prompt_text.endswith("<|assistant|>\n") and "<|user|>\nWhat is the capital of France?</s>" in prompt_text
+assert prompt_ids[0] == tok.bos_id and prompt_ids.count(tok.bos_id) == 1
+
+# %% [markdown]
+# ## Sampling: from logits to a token
+#
+# The model's output for the last position is one logit per vocabulary entry; softmax turns them into
+# probabilities. How to choose (tinyllm/generate.py applies the steps in this order, as transformers does):
+#
+#     greedy       take the argmax. Deterministic; tends to loop and repeat itself.
+#     temperature  divide the logits by T before the softmax: T < 1 sharpens, T > 1 flattens.
+#     top-k        keep only the k most likely tokens (the rest get probability 0), renormalise.
+#     top-p        keep the smallest set of most likely tokens whose probabilities add up to >= p (the
+#                  "nucleus"), renormalise: a k that adapts to how confident the model is.
+#
+# Illustrated on six made-up next words after "The capital of France is":
+
+# %%
+words = ["Paris", "London", "the", "a", "Berlin", "banana"]
+logits = np.array([4.0, 2.5, 2.0, 1.0, 0.5, -2.0])
+table = {"greedy": np.eye(len(words))[np.argmax(logits)]}
+for temperature in (0.5, 1.0, 2.0):
+    table[f"T={temperature}"] = softmax(logits / temperature)
+table["T=1, top-k=3"] = softmax(top_k_filter(logits, 3))
+table["T=1, top-p=0.9"] = top_p_filter(softmax(logits), 0.9)
+print(f"{'':>15} " + " ".join(f"{w:>7}" for w in words))
+for name, p in table.items():
+    print(f"{name:>15} " + " ".join(f"{x:7.3f}" for x in p))
+assert np.isclose(table["T=1, top-k=3"][3:], 0).all() and np.isclose(table["T=1, top-k=3"].sum(), 1)
+assert (table["T=1, top-p=0.9"] > 0).sum() == 3         # 0.694 + 0.155 + 0.094 = 0.943 >= 0.9: 3 words
+
+# %% [markdown]
+# A `Sampler` draws from those probabilities with its own seeded random generator, so a seed reproduces a
+# reply exactly. Drawn 2000 times at T=1 with top-k=3, the frequencies approach the probabilities, and a
+# word outside the top 3 never comes up:
+
+# %%
+sampler = Sampler(temperature=1.0, top_k=3, seed=0)
+draws = np.array([sampler(logits) for _ in range(2000)])
+freq = np.bincount(draws, minlength=len(words)) / len(draws)
+print("frequency  :", " ".join(f"{w}={f:.3f}" for w, f in zip(words, freq)))
+print("probability:", " ".join(f"{w}={p:.3f}" for w, p in zip(words, table["T=1, top-k=3"])))
+assert np.abs(freq - table["T=1, top-k=3"]).max() < 0.03 and freq[3:].sum() == 0
+assert Sampler(temperature=0.0)(logits) == 0                                    # greedy: Paris
+assert [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)] == \
+       [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)]             # same seed, same draws
+
+# %% [markdown]
+# ## Streaming
+#
+# To print a reply while it is generated we decode token by token, which is subtly wrong twice over: a
+# byte token alone is a partial UTF-8 character (decoding it gives "�"), and the tokenizer's decoder drops
+# the leading space of the first piece it sees, so pieces decoded one at a time lose the spaces between
+# words. `tinyllm.StreamDecoder` decodes a small window of recent tokens with and without the new one and
+# emits the difference, holding back while a character is incomplete. Fed the tokens of our sentence one
+# by one (note the empty pieces while the bytes of € and 🙂 arrive):
+
+# %%
+stream = tinyllm.StreamDecoder(tok)
+pieces = [stream.feed(i) for i in ids[1:]]
+print(pieces)
+assert "".join(pieces) + stream.flush() == text
+
+
+# %% [markdown]
+# ## Chat
+#
+# `model.chat(messages, ...)` renders the template, prefills the prompt (numbattn's prefill, lessons 2-4),
+# then decodes one token at a time (decode kernel and KV cache, lesson 5), sampling each token, calling
+# `on_token` for each so we can stream it, and stopping at EOS or after max_new_tokens. Greedy here, so the
+# reply is reproducible; the second turn samples (T=0.7, top-p=0.9, seeded). The second turn's prompt begins
+# with the first turn, whose keys and values are still in the KV cache: generation reuses the longest prefix
+# that the new prompt shares with the cached tokens and prefills only the rest (`reused_tokens`). The reply,
+# re-tokenised inside the template, need not match the generated ids token for token, so the shared prefix
+# can end at the first prompt.
+
+# %%
+def show(piece):
+    """Print a streamed piece; control characters (the miniature emits any byte) become '�'."""
+    print("".join(c if c.isprintable() or c == "\n" else "\ufffd" for c in piece), end="", flush=True)
+
+
+def reply_to(messages, max_new_tokens, **sampling):
+    stream = tinyllm.StreamDecoder(tok, context_ids=tok.encode_chat(messages))
+    print("assistant: ", end="")
+    text = model.chat(messages, max_new_tokens=max_new_tokens, on_token=lambda i: show(stream.feed(i)), **sampling)
+    show(stream.flush())
+    print()
+    return text
+
+
+MAX_NEW = 64 if BACKEND == "cuda" else 24
+print(f"user: {messages[-1]['content']}")
+answer = reply_to(messages, MAX_NEW)
+first = model.last_stats
+assert answer == tok.decode(model.last_generated)              # streamed pieces == the decoded reply
+
+messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Germany?"}]
+print(f"user: {messages[-1]['content']}")
+answer2 = reply_to(messages, MAX_NEW, temperature=0.7, top_p=0.9, seed=0)
+second = model.last_stats
+print(f"second turn: {second.prompt_tokens} prompt tokens, {second.reused_tokens} reused from the KV cache, "
+      f"{second.prefill_tokens} prefilled")
+assert second.reused_tokens > 0
+
+# %% [markdown]
+# ## Correctness check
+#
+# The chat above ran its attention on `CHAT_BACKEND`. The decisive check is that generation driven by the
+# kernels picks exactly the tokens that generation driven by the NumPy reference picks. We check it on the
+# miniature, whose logits are spread wide (no near-ties for float32 rounding to flip): greedy from a short
+# raw prompt, through the prefill kernel, the KV-cache append kernel and the decode kernel (4 new tokens in
+# the slow simulator, 32 on a GPU). With the real TinyLlama on a GPU, its logits for the chat prompt and for
+# one decode step are compared as well: real models do have near-ties, so logits, not tokens, are compared.
+
+# %%
+if BACKEND in ("cuda", "sim"):
+    tiny_dir = tinyllm.make_tiny(Path(workdir.name) / "tiny-check", seed=0) if real else model_dir
+    n_new = 32 if BACKEND == "cuda" else 4
+    kernel_model = tinyllm.load_model(tiny_dir, backend=BACKEND)
+    reference_model = tinyllm.load_model(tiny_dir, backend="numpy")
+    short = reference_model.tokenizer.encode("Hello")
+    kernel_ids = kernel_model.generate(short, max_new_tokens=n_new)
+    reference_ids = reference_model.generate(short, max_new_tokens=n_new)
+    print(f"miniature, kernel-driven greedy tokens   : {kernel_ids}")
+    print(f"miniature, reference-driven greedy tokens: {reference_ids}")
+    assert kernel_ids == reference_ids
+    if real and BACKEND == "cuda":
+        chat_ids = np.array([tok.encode_chat(messages[:2])])               # [1, prompt]
+        next_id = np.array([[tok.encode("Paris", add_bos=False)[0]]])      # any next token will do
+        reference_model = tinyllm.load_model(model_dir, backend="numpy", download=False)
+        model.reset()
+        for what, ids_in, start in (("prefill", chat_ids, 0), ("decode step", next_id, chat_ids.shape[1])):
+            got = model.forward(ids_in, start_pos=start)[0, -1]
+            want = reference_model.forward(ids_in, start_pos=start)[0, -1]
+            print(f"TinyLlama {what}: max |logits on kernels - on reference| = {np.abs(got - want).max():.1e}")
+            assert np.allclose(got, want, atol=1e-3 * np.abs(want).max())
+else:
+    print("no kernel backend (neither a GPU nor the simulator): nothing to compare")
+print("lesson 7 checks passed")
+
+# %% [markdown]
+# ## Benchmark
+#
+# Tokens per second of the two turns above: prefill (prompt tokens per second, the big matmuls of the
+# whole prompt at once) and decode (one token per step: each step reads every weight once, memory-bound
+# like lesson 5's attention). tinyllm does its matmuls in NumPy on the CPU and attention on numbattn, so on
+# a GPU this measures mostly the host. Without a GPU the timing is that of the NumPy-attention chat above.
+
+# %%
+if BACKEND != "cuda":
+    print("the GPU benchmark needs a CUDA GPU; timing of the chat above (attention: NumPy reference):")
+rows = [dict(turn=i + 1, model="TinyLlama-1.1B" if real else "miniature", attention=CHAT_BACKEND,
+             prompt=s.prompt_tokens, prefilled=s.prefill_tokens, new=s.new_tokens,
+             prefill_tok_per_s=s.prefill_tokens_per_s, decode_tok_per_s=s.decode_tokens_per_s, stop=s.stop_reason)
+        for i, s in enumerate((first, second))]
+print(bench.format_table(rows, ["turn", "model", "attention", "prompt", "prefilled", "new", "prefill_tok_per_s",
+                                "decode_tok_per_s", "stop"]))
+workdir.cleanup()
