@@ -57,28 +57,39 @@ def prefill_sweep(report, out, args):
 def tiles(report, out, args):
     """Launch-configuration sweep of v2 (and v1) at n = 4096 causal: time, registers, spills, shared memory."""
     from numba import cuda
-    q, k, v = bench.random_qkv(1, 4096, 4096)
-    dq, dk, dv = (cuda.to_device(x) for x in (q, k, v))
-    o = cuda.device_array(q.shape, np.float32)
-    flops = bench.attention_flops(1, 32, 4096, 4096, 64, True)
-    configs = [("v1", Tiles(64, 64, 64)), ("v1", Tiles(128, 32, 128))]
-    configs += [("v2", t) for t in (Tiles(64, 32, 128), Tiles(64, 32, 64), Tiles(32, 32, 64), Tiles(64, 16, 128),
-                                    Tiles(32, 32, 128), Tiles(64, 32, 256), Tiles(64, 16, 64), Tiles(32, 16, 64))]
+    v2_64 = [Tiles(64, 32, 128), Tiles(64, 32, 64), Tiles(32, 32, 64), Tiles(64, 16, 128), Tiles(32, 32, 128),
+             Tiles(64, 32, 256), Tiles(64, 16, 64), Tiles(32, 16, 64),
+             # above 48 KB of static shared memory: Numba/ptxas on sm_90 accept these and they launch
+             Tiles(64, 64, 128), Tiles(128, 32, 128), Tiles(128, 32, 256), Tiles(128, 64, 256),
+             Tiles(128, 64, 128), Tiles(128, 32, 512), Tiles(256, 32, 512), Tiles(256, 32, 256),
+             Tiles(128, 16, 256)]
+    v2_128 = [Tiles(32, 16, 64), Tiles(64, 16, 128), Tiles(64, 32, 128), Tiles(128, 16, 256), Tiles(128, 32, 256),
+              Tiles(64, 32, 256)]
+    configs = [("v1", 64, Tiles(64, 64, 64)), ("v1", 64, Tiles(128, 32, 128))]
+    configs += [("v2", 64, t) for t in v2_64] + [("v2", 128, t) for t in v2_128]
     rows = []
-    for ver, t in configs:
+    for ver, d, t in configs:
+        name = f"{ver} d{d} {t.block_m}x{t.block_n}/{t.threads}thr"
         try:
-            fn = lambda: prefill.launch(dq, dk, dv, o, True, 0.125, ver, t)
-            ms = bench.timed(fn, "cuda", repeat=args.repeat)
-            kern = prefill._make(ver, 64, t)
-            one = lambda d: list(d.values())[0]  # per-signature dicts; the sweep compiled one signature
-            rows.append(dict(impl=f"{ver} {t.block_m}x{t.block_n}/{t.threads}thr", ms=ms, tflops=flops / ms / 1e9,
-                             regs=one(kern.get_regs_per_thread()), local_bytes=one(kern.get_local_mem_per_thread()),
-                             smem_bytes=one(kern.get_shared_mem_per_block())))
+            q, k, v = bench.random_qkv(1, 4096, 4096, head_dim=d)
+            dq, dk, dv = (cuda.to_device(x) for x in (q, k, v))
+            o = cuda.device_array(q.shape, np.float32)
+            flops = bench.attention_flops(1, 32, 4096, 4096, d, True)
+            ms = bench.timed(lambda: prefill.launch(dq, dk, dv, o, True, d ** -0.5, ver, t), "cuda",
+                             repeat=args.repeat)
+            ref = prefill.flash_attention(q[:, :, -256:], k, v, causal=True, version="v1", backend="cuda")
+            kern = prefill._make(ver, d, t)
+            one = lambda x: list(x.values())[0]  # per-signature dicts; the sweep compiled one signature
+            rows.append(dict(impl=name, ms=ms, tflops=flops / ms / 1e9, regs=one(kern.get_regs_per_thread()),
+                             local_bytes=one(kern.get_local_mem_per_thread()),
+                             smem_bytes=one(kern.get_shared_mem_per_block()),
+                             err_vs_v1=float(np.abs(o.copy_to_host()[:, :, -256:] - ref).max())))
         except Exception as e:
-            rows.append(dict(impl=f"{ver} {t.block_m}x{t.block_n}/{t.threads}thr", ms=float("nan"),
-                             error=f"{type(e).__name__}: {e}"[:100]))
-    emit(report, "Tile sweep, causal prefill n = 4096, batch 1", rows,
-         ["impl", "ms", "tflops", "regs", "local_bytes", "smem_bytes", "error"])
+            rows.append(dict(impl=name, ms=float("nan"), error=f"{type(e).__name__}: {e}"[:100]))
+    emit(report, "Tile sweep, causal prefill n = 4096, batch 1, 32 q / 4 kv heads", rows,
+         ["impl", "ms", "tflops", "regs", "local_bytes", "smem_bytes", "err_vs_v1", "error"],
+         "err_vs_v1: max |difference| from the v1 kernel over the last 256 query rows (a cheap sanity check "
+         "that a launch shape is correct, not only fast).")
     return rows
 
 
@@ -141,6 +152,88 @@ def memory(report, out, args):
     return rows
 
 
+@section
+def decode(report, out, args):
+    """One decode step over cache lengths 512..32768 (131072 with fp16 storage), next to torch SDPA."""
+    lens = [n for n in (512, 2048, 8192, 32768, 131072) if n <= args.max_cache]
+    rows = bench.bench_decode([n for n in lens if n <= 32768], dtypes=("float32", "float16"), repeat=args.repeat * 5,
+                              reference_max_n=0)
+    rows += bench.bench_decode([n for n in lens if n > 32768], dtypes=("float16",), repeat=args.repeat * 5,
+                               reference_max_n=0)
+    for value, unit in (("ms", "milliseconds per step"), ("gbps", "effective GB/s of K/V read")):
+        table, cols = bench.pivot(rows, ("batch", "n"), value)
+        emit(report, f"Decode, batch 1, 32 q / 4 kv heads, d 64: {unit}", table, cols)
+    bench.plot(rows, os.path.join(out, "decode.png"), y="ms", title="decode step, batch 1, 32/4 heads, d 64")
+    return rows
+
+
+@section
+def append(report, out, args):
+    """KV-cache append (K and V of one layer, one launch) for 1 token up to a whole prompt."""
+    rows = bench.bench_append((1, 16, 512, 2048), batches=(1, 8), repeat=args.repeat * 5)
+    emit(report, "KV append, one layer (K and V in one launch), TinyLlama's 4 KV heads, d 64", rows,
+         ["batch", "n", "impl", "ms", "gbps", "frac_hbm"], "n = tokens appended per row; GB/s counts K and V "
+         "read once and written once. A decode step of TinyLlama appends 1 token in each of 22 layers: 22 launches.")
+    return rows
+
+
+@section
+def model(report, out, args):
+    """End to end: a TinyLlama-shaped random checkpoint, tinyllm (NumPy matmuls + numbattn on the GPU) next to
+    Hugging Face transformers' eager LlamaForCausalLM fp32 (on the GPU and on the CPU) on the same weights."""
+    import tempfile
+    from tinyllm import load_model, make_tiny
+    from tinyllm.bench import bench_model
+    t0 = time.time()
+    d = make_tiny(os.path.join(tempfile.mkdtemp(), "tinyllama-random"), seed=0, hidden_size=2048,
+                  intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                  vocab_size=32000, max_position_embeddings=2048)
+    print(f"[model: random TinyLlama-shaped checkpoint written in {time.time() - t0:.0f} s]", flush=True)
+    new = args.new_tokens
+    m = load_model(str(d), backend="cuda", max_len=2048)
+    timings = {}  # (impl, n) -> {"prefill_ms": .., "decode_ms": ..}
+    for r in bench_model(m, args.prompts, new_tokens=new, backends=["cuda", "numpy"]):
+        be, phase = r["impl"].split()
+        timings.setdefault((f"tinyllm, attention on numbattn {be}", r["n"]), {})[f"{phase}_ms"] = r["ms"]
+    del m
+    rng = np.random.default_rng(0)
+    for dev in ("cuda", "cpu"):
+        impl = f"HF transformers eager fp32 ({dev})"
+        try:
+            import torch
+            import transformers
+            torch.set_num_threads(os.cpu_count())
+            hf = transformers.LlamaForCausalLM.from_pretrained(str(d), torch_dtype=torch.float32,
+                                                               attn_implementation="eager").to(dev).eval()
+            for n in args.prompts:
+                ids = torch.tensor([rng.integers(3, 500, n).tolist()], device=dev)
+
+                def gen(k):  # wall time of a greedy generate() of exactly k new tokens
+                    if dev == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                                    do_sample=False, pad_token_id=0)
+                    if dev == "cuda":
+                        torch.cuda.synchronize()
+                    return time.perf_counter() - t0
+                gen(2)  # warm-up
+                t1, tn = gen(1), gen(new)
+                timings[(impl, n)] = dict(prefill_ms=t1 * 1e3, decode_ms=(tn - t1) / (new - 1) * 1e3)
+            del hf
+        except Exception as e:
+            timings[(impl, 0)] = dict(error=f"{type(e).__name__}: {e}"[:100])
+    rows = [dict(impl=impl, prompt=n, **t, decode_tok_s=1e3 / t["decode_ms"] if "decode_ms" in t else None)
+            for (impl, n), t in timings.items()]
+    emit(report, "End to end, TinyLlama-1.1B shapes (22 layers, random weights), batch 1, greedy", rows,
+         ["impl", "prompt", "prefill_ms", "decode_ms", "decode_tok_s", "error"],
+         f"tinyllm keeps every matmul in NumPy fp32 on the host CPU ({os.cpu_count()} cores here) by design; only "
+         f"attention runs on the GPU (or, for the numpy rows, in NumPy too). prefill_ms: the prompt and the first "
+         f"new token; decode_ms: each of the next {new - 1} tokens.")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-out")
@@ -148,9 +241,13 @@ def main():
     ap.add_argument("--seq-lens", default="128,512,1024,2048,4096,8192")
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--max-cache", type=int, default=131072)
+    ap.add_argument("--prompts", default="128,512")
+    ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
     args.seq_lens = [int(x) for x in args.seq_lens.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
+    args.prompts = [int(x) for x in args.prompts.split(",")]
     os.makedirs(args.out, exist_ok=True)
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip()

@@ -36,8 +36,10 @@ run both. Everything else is one code path.
 
 Memory traffic per (batch, head): Q and O once; K and V once per query tile, i.e. kv_len*D*2*4 bytes
 times ceil(q_len / BLOCK_M) (halved again for causal, since tiles above the diagonal are skipped).
-Shared memory: (BM*(D+1) + BN*(D+1) + BN*D + BM*(BN+1)) * 4 bytes, under the 48 KB static limit:
-BM=64, BN=32 at D=64 (41.6 KB); BM=32, BN=16 at D=128 (35 KB).
+Shared memory: (BM*(D+1) + BN*(D+1) + BN*D + BM*(BN+1)) * 4 bytes. On an H100 the launch-shape sweep
+(BENCHMARKS.md) picked BM=128, BN=32, 256 threads at D=64 (65 KB, 4 rows x 4 keys x 8 dims per thread) and
+BM=64, BN=32, 256 threads at D=128 (73 KB); both are above the 48 KB that CUDA documents for static
+shared memory, which ptxas accepts on sm_90 but not on older GPUs (they get BM=64, BN=32 / BM=32, BN=16).
 """
 import functools
 import math

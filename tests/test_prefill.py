@@ -173,6 +173,16 @@ def test_gpu_realistic_shapes(version, batch, n, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_pre_hopper_tiles(version, d):
+    """The tiles chosen for GPUs older than sm_90 (48 KB of static shared memory) are correct too."""
+    rng = np.random.default_rng(d)
+    q, k, v = rand_qkv(rng, 2, 32, 4, 300, 777, d)
+    check(q, k, v, causal=True, version=version, tiles=prefill.gpu_tiles(version, d, cc=(8, 0)))
+
+
+@pytest.mark.gpu
 def test_gpu_v2_shared_memory_reduction_twin():
     """On the GPU v2 reduces rows with warp shuffles; its shared-memory twin (the simulator's) must agree."""
     from numba import cuda
