@@ -55,7 +55,7 @@ fp32: 2 KiB per cached token; fp16 storage halves it), plus q, out, and the part
 Shared memory per split block: (G*(D+1) + block_n*(D+1) + block_n*D + G*block_n + 3*G) * 4 bytes
 (G=8, D=64, block_n=16: 10.9 KB); 125 registers per thread at that shape (4 blocks of 128 threads per SM).
 
-Where the time goes (H100, TinyLlama shape, see the issue report for the table): the split kernel streams
+Where the time goes (H100, TinyLlama shape; tables in BENCHMARKS.md): the split kernel streams
 ~180 G cache elements/s whatever the storage dtype, about 0.7 TB/s for fp32 and 0.3 TB/s for fp16 (HBM does
 3 TB/s), so it is bound by its shared-memory traffic and barriers, not by DRAM: every FMA reads both operands
 from shared memory (2 loads per FMA). Register tiles that reuse each loaded Ks/Vs/P word for several FMAs
