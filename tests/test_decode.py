@@ -8,7 +8,6 @@ float64 copies of exactly what the kernel reads (the cache's storage copied back
 adds no error to the comparison; what remains is fp32 arithmetic over <= 100 keys, near 1e-7. A wrong mask, a
 lost split, a wrong merge weight or a wrong KV head is off by > 1e-2.
 """
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 
 import numbattn
 from numbattn import decode, reference
-from numbattn.backend import available_backends
+from numbattn.backend import available_backends, to_host
 from numbattn.decode import Config
 
 RTOL = 1e-5
@@ -27,18 +26,7 @@ TINY = Config(split=4, block_n=3, threads=8, merge_threads=4)       # tiles of 3
 LONG = Config(split=8, block_n=3, threads=8, merge_threads=4)       # 100 keys: 13 splits, the last holds 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_simulator_barriers():
-    """The simulator's block manager polls its threads under the GIL, so each syncthreads round waits out
-    switch intervals (5 ms by default); a short interval makes the simulated kernels ~5x faster here."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
-
-
-def host(x):
-    return x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
+host = to_host
 
 
 def filled_cache(rng, lengths, n_heads=2, n_kv_heads=1, d=16, max_len=None, dtype=np.float32,

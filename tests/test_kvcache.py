@@ -4,31 +4,21 @@ Without a GPU these run in Numba's CUDA simulator (conftest.py). Storage is comp
 copy (plus an fp32 -> fp16 rounding that NumPy's astype reproduces bit for bit), and unused slots must still
 hold the NaN they were poisoned with.
 """
-import sys
 
 import numpy as np
 import pytest
 
 import numbattn
 from numbattn import kvcache
-from numbattn.backend import available_backends
+from numbattn.backend import available_backends, to_host
 
 KERNEL = available_backends()[0]  # "sim" in CI, "cuda" with NUMBATTN_TEST_GPU=1
 pytestmark = pytest.mark.skipif(KERNEL == "numpy", reason="numba.cuda unavailable: nothing to test")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_simulator_barriers():
-    """The simulator's block manager polls its threads under the GIL, so each syncthreads round waits out
-    switch intervals (5 ms by default); a short interval makes the simulated kernels ~5x faster here."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
-
-
 def host(x):
-    return x.copy_to_host() if hasattr(x, "copy_to_host") else np.array(x)
+    """A host copy (never a view: snapshots of a NumPy-backed cache must not change with it)."""
+    return np.array(to_host(x))
 
 
 def rand_kv(rng, batch, n_kv_heads, t, d, dtype=np.float32):
