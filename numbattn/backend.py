@@ -80,6 +80,17 @@ def to_host(x):
     return x.copy_to_host() if is_device_array(x) else np.asarray(x)
 
 
+def deliver(o, out, on_device):
+    """A host result o (the NumPy path) returned the way the kernel path would: in `out` if given (a device
+    array), on the device if the inputs were, else as is."""
+    from numba import cuda
+    o = np.ascontiguousarray(o, dtype=np.float32)
+    if out is not None:
+        out.copy_to_device(o)
+        return out if on_device else o
+    return cuda.to_device(o) if on_device else o
+
+
 def run(name, backend, kernel_fn, numpy_fn):
     """Run kernel_fn() on a kernel backend, numpy_fn() on "numpy"; fall back to NumPy if the kernel raises.
 

@@ -453,11 +453,7 @@ def decode_attention(q, cache, layer, scale=None, out=None, config=None):
     def numpy_path():
         o = reference.decode_attention(_backend.to_host(q), _backend.to_host(cache.k(layer)),
                                        _backend.to_host(cache.v(layer)), lengths, scale=scale)
-        o = np.ascontiguousarray(o, dtype=np.float32)
-        if out is not None:
-            out.copy_to_device(o)
-            return out if on_device else o
-        return cuda.to_device(o) if on_device else o
+        return _backend.deliver(o, out, on_device)
 
     def kernel_path():
         if on_device:

@@ -257,11 +257,7 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None,
 
     def numpy_path():
         o = reference.attention(*(_backend.to_host(x) for x in (q, k, v)), causal=causal, scale=scale)
-        o = np.ascontiguousarray(o, dtype=np.float32)
-        if out is not None:
-            out.copy_to_device(o)
-            return out if on_device else o
-        return cuda.to_device(o) if on_device else o
+        return _backend.deliver(o, out, on_device)
 
     def kernel_path():
         dq, dk, dv = (x if _backend.is_device_array(x) else cuda.to_device(np.ascontiguousarray(x))

@@ -261,17 +261,4 @@ print("lesson 2 checks passed")
 # thread, so its times measure Python, not the algorithm).
 
 # %%
-if BACKEND == "cuda":
-    rows = bench.bench_prefill(seq_lens=(512, 1024, 2048), causal=(True,), versions=("v0", "v1"),
-                               reference_max_n=1024)
-    print("causal prefill, batch 1, 32 heads / 4 KV heads, head_dim 64:")
-    for value in ("ms", "tflops"):
-        table, columns = bench.pivot(rows, ["n"], value)
-        print(f"\n{value}:\n" + bench.format_table(table, columns))
-else:
-    print("the benchmark needs a CUDA GPU; tiny-size timing in the simulator instead:")
-    qt, kt, vt = bench.random_qkv(1, 16, 16, n_heads=2, n_kv_heads=1, head_dim=16)
-    impls = bench.prefill_impls(BACKEND, ("v0", "v1"), qt, kt, vt, causal=True, with_reference=True)
-    rows = [dict(impl=name, n=16, heads=2, ms=bench.timed(fn, "host", warmup=0, repeat=1))
-            for name, fn in impls.items()]
-    print(bench.format_table(rows, ["impl", "n", "heads", "ms"]))
+bench.print_prefill_benchmark(BACKEND, versions=("v0", "v1"), seq_lens=(512, 1024, 2048))
