@@ -173,8 +173,10 @@ class StreamDecoder:
     So we decode a short window of recent ids twice, with and without the new ones, and emit the difference,
     and only once the text no longer ends in U+FFFD (an unfinished character). The window starts at the
     tokens of the previous emitted piece, so the new token is never first in it and keeps its space.
-    Concatenating every piece (plus flush()) gives exactly decode(all ids); each step costs O(piece), not
-    O(everything so far). (This is text-generation-inference's prefix/read offset scheme.)
+    For valid UTF-8 byte runs, concatenating every piece (plus flush()) gives exactly decode(all ids); for
+    byte runs that are not valid UTF-8 (random models produce them) the U+FFFD replacement characters can
+    fall differently than in decode(all). Each step costs O(piece), not O(everything so far). (This is
+    text-generation-inference's prefix/read offset scheme.)
 
     context_ids: ids that come before the stream (e.g. the end of the prompt); they are not emitted, but a
     first generated "▁word" then keeps its leading space, as in a continuation of the prompt.
