@@ -1,7 +1,8 @@
 """The GPU report: every kernel timed next to torch SDPA in one run, tables printed and written, one plot each.
 
     python benchmarks/gpu_report.py --out bench-out            # everything (about 5 minutes on an H100)
-    python benchmarks/gpu_report.py --out bench-out --sections prefill,tiles
+    python benchmarks/gpu_report.py --out bench-out --sections prefill_sweep,tiles
+    python benchmarks/gpu_report.py --out plots --replot bench-out/rows.json   # redraw plots, no GPU needed
 
 Needs a CUDA GPU (numba-cuda) and, for the comparisons, torch. Writes <out>/report.md (the tables that go into
 BENCHMARKS.md), <out>/*.png (one plot per table) and <out>/rows.json (every measurement).
@@ -50,8 +51,6 @@ def prefill_sweep(report, out, args):
             table, cols = bench.pivot(sub, ("batch", "n"), value)
             emit(report, f"Prefill, {'causal' if causal else 'non-causal'}: {unit} (32 q / 4 kv heads, d 64)",
                  table, cols)
-        bench.plot([r for r in sub if r["batch"] == 1], os.path.join(out, f"prefill_{'causal' if causal else 'full'}.png"),
-                   y="ms", title=f"prefill {'causal' if causal else 'non-causal'}, batch 1, 32/4 heads, d 64")
     return rows
 
 
@@ -181,7 +180,6 @@ def decode(report, out, args):
     for value, unit in (("ms", "milliseconds per step"), ("gbps", "effective GB/s of K/V read")):
         table, cols = bench.pivot(rows, ("batch", "n"), value)
         emit(report, f"Decode, batch 1, 32 q / 4 kv heads, d 64: {unit}", table, cols)
-    bench.plot(rows, os.path.join(out, "decode.png"), y="ms", title="decode step, batch 1, 32/4 heads, d 64")
     return rows
 
 
@@ -192,8 +190,6 @@ def append(report, out, args):
     emit(report, "KV append, one layer (K and V in one launch), TinyLlama's 4 KV heads, d 64", rows,
          ["batch", "n", "impl", "ms", "gbps", "frac_hbm"], "n = tokens appended per row; GB/s counts K and V "
          "read once and written once. A decode step of TinyLlama appends 1 token in each of 22 layers: 22 launches.")
-    bench.plot([r for r in rows if r["batch"] == 1], os.path.join(out, "append.png"), y="ms",
-               title="KV append, one layer, batch 1, 4 kv heads, d 64 (n = tokens appended)")
     return rows
 
 
@@ -254,6 +250,38 @@ def model(report, out, args):
     return rows
 
 
+def plot_all(all_rows, out):
+    """One PNG per table, from the rows alone (so --replot can redraw a finished run without a GPU)."""
+    path = lambda name: os.path.join(out, name + ".png")  # noqa: E731
+    if "prefill_sweep" in all_rows:
+        for causal, name in ((True, "causal"), (False, "non-causal")):
+            rows = [r for r in all_rows["prefill_sweep"] if r["causal"] == causal and r["batch"] == 1]
+            bench.plot(rows, path(f"prefill_{'causal' if causal else 'full'}"), y="ms",
+                       title=f"prefill {name}, batch 1, 32/4 heads, d 64")
+    if "tiles" in all_rows:
+        rows = [r for r in all_rows["tiles"] if r.get("tflops")]
+        bench.bars([r["impl"] for r in rows], [r["tflops"] for r in rows], path("tiles"), "TFLOP/s",
+                   "launch shapes, causal prefill n = 4096, batch 1")
+    if "accuracy" in all_rows:
+        rows = all_rows["accuracy"]
+        bench.bars([f"{r['impl']} causal={r['causal']}" for r in rows], [r["max_rel_err"] for r in rows],
+                   path("accuracy"), "max relative error vs fp64", "accuracy at n = 4096", log=True)
+    if "memory" in all_rows:
+        rows = [r for r in all_rows["memory"] if "extra_MiB" in r]
+        bench.bars([r["impl"] for r in rows] + ["(Q+K+V+O themselves)"],
+                   [r["extra_MiB"] for r in rows] + [rows[0]["qkvo_MiB"]], path("memory"),
+                   "MiB allocated by the call", "device memory, causal prefill n = 8192", log=True)
+    if "decode" in all_rows:
+        bench.plot(all_rows["decode"], path("decode"), y="ms", title="decode step, batch 1, 32/4 heads, d 64")
+    if "append" in all_rows:
+        bench.plot([r for r in all_rows["append"] if r["batch"] == 1], path("append"), y="ms",
+                   title="KV append, one layer, batch 1, 4 kv heads, d 64 (n = tokens appended)")
+    if "model" in all_rows:
+        rows = [r for r in all_rows["model"] if r.get("decode_tok_s")]
+        bench.bars([f"{r['impl']}, prompt {r['prompt']}" for r in rows], [r["decode_tok_s"] for r in rows],
+                   path("model"), "decode tokens/s", "TinyLlama-1.1B shapes, random weights, batch 1")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-out")
@@ -264,7 +292,16 @@ def main():
     ap.add_argument("--max-cache", type=int, default=131072)
     ap.add_argument("--prompts", default="128,512")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--replot", nargs="+", metavar="ROWS_JSON",
+                    help="no measuring: redraw the plots of finished runs (their rows.json files) into --out")
     args = ap.parse_args()
+    if args.replot:
+        os.makedirs(args.out, exist_ok=True)
+        all_rows = {}
+        for f in args.replot:
+            with open(f) as fh:
+                all_rows.update(json.load(fh))
+        return plot_all(all_rows, args.out)
     args.seq_lens = [int(x) for x in args.seq_lens.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
     args.prompts = [int(x) for x in args.prompts.split(",")]
@@ -283,6 +320,10 @@ def main():
             f.write("\n".join(report))
         with open(os.path.join(args.out, "rows.json"), "w") as f:
             json.dump(all_rows, f, indent=1, default=str)
+    try:
+        plot_all(all_rows, args.out)
+    except ImportError as e:
+        print(f"no plots ({e}): pip install matplotlib, then --replot {args.out}/rows.json", flush=True)
 
 
 if __name__ == "__main__":

@@ -286,6 +286,26 @@ def pivot(rows, key_cols, value="ms"):
     return list(table.values()), list(key_cols) + impls
 
 
+def bars(labels, values, path, xlabel, title="", log=False):
+    """Horizontal bar chart, one bar per label. Needs matplotlib (the [bench] extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.28 * len(labels)))
+    ax.barh(range(len(labels)), values)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot(rows, path, x="n", y="ms", title=""):
     """Log-log plot of y against x, one line per implementation. Needs matplotlib (the [bench] extra)."""
     import matplotlib
