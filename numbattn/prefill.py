@@ -199,12 +199,16 @@ SIM_TILES = {"v0": Tiles(4, 1, 4), "v1": Tiles(4, 4, 4), "v2": Tiles(4, 4, 4)}
 def gpu_tiles(version, head_dim, cc=None):
     """Tiles for a real GPU, from the launch-shape sweep in BENCHMARKS.md (H100, n = 4096, causal).
 
-    The big v2 tiles put 65-75 KB of *static* shared memory in one block. ptxas on sm_90 accepts that
-    (and the sweep's correctness column checks the result), but older GPUs cap static shared memory at
-    48 KB per block, so they get the smaller tiles that fit under it. cc: (major, minor), default this GPU's.
+    The big tiles (v2: 65-75 KB, v1: 48.3 KB) declare more *static* shared memory than the 48 KB that CUDA
+    documents per block. On the H100 machine Numba's kernels with them compiled (through the driver's JIT),
+    ran and matched the reference; but GPUs before sm_90 reject them, and so does ptxas inside nvJitLink
+    (`tools/compile_check.py` shows it), which some numba-cuda installs link through. So they are used only
+    on sm_90+ where a one-time probe kernel with 64 KB of static shared memory compiles and runs; otherwise
+    the tiles that fit under 48 KB. cc: (major, minor) to ask about a GPU (no probe); default: this GPU.
     """
     big_d = head_dim > 64
-    if (cc or _compute_capability()) >= (9, 0):
+    big_smem = cc >= (9, 0) if cc else _compute_capability() >= (9, 0) and _static_shared_over_48k()
+    if big_smem:
         return {"v0": Tiles(64, 1, 64),
                 "v1": Tiles(32, 16, 32) if big_d else Tiles(64, 64, 64),
                 "v2": Tiles(64, 32, 256) if big_d else Tiles(128, 32, 256)}[version]
@@ -216,6 +220,30 @@ def gpu_tiles(version, head_dim, cc=None):
 @functools.lru_cache(maxsize=None)
 def _compute_capability():
     return tuple(cuda.get_current_device().compute_capability)
+
+
+@functools.lru_cache(maxsize=None)
+def _static_shared_over_48k():
+    """Does this GPU + toolchain compile and run a kernel with 64 KB of static shared memory? (asked once)"""
+    @cuda.jit
+    def probe(out):
+        buf = cuda.shared.array(16384, float32)     # 64 KB
+        t = cuda.threadIdx.x
+        buf[16383 - t] = float32(t)
+        cuda.syncthreads()
+        out[t] = buf[16383 - t]
+
+    try:
+        out = cuda.to_device(np.zeros(32, np.float32))
+        probe[1, 32](out)
+        ok = bool((out.copy_to_host() == np.arange(32)).all())
+    except Exception as e:      # a compile or launch error: the small tiles it is
+        _backend.log.info("numbattn: more than 48 KB of static shared memory per block is not available here "
+                          "(%s: %s); using the smaller prefill tiles", type(e).__name__, str(e).splitlines()[0])
+        return False
+    _backend.log.info("numbattn: static shared memory above 48 KB per block %s: %s prefill tiles",
+                      "works" if ok else "gave a wrong result", "big" if ok else "small")
+    return ok
 
 
 def default_tiles(version, backend, head_dim):

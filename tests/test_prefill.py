@@ -159,6 +159,24 @@ def test_unknown_backend_and_version_rejected():
         prefill.flash_attention(q, q, q, version="v9")
 
 
+def test_big_tiles_only_where_the_static_shared_memory_probe_passes(monkeypatch):
+    """gpu_tiles: the > 48 KB tiles need sm_90+ AND a probe kernel that really ran; else the <= 48 KB ones."""
+    from numbattn import prefill_v2
+    small = prefill.gpu_tiles("v2", 64, cc=(8, 0))
+    big = prefill.gpu_tiles("v2", 64, cc=(9, 0))
+    assert prefill_v2.shared_bytes(small.block_m, small.block_n, 64) <= 48 * 1024 < \
+        prefill_v2.shared_bytes(big.block_m, big.block_n, 64)
+    for cc, probe_ok, want in [((9, 0), True, big), ((9, 0), False, small), ((8, 6), True, small)]:
+        monkeypatch.setattr(prefill, "_compute_capability", lambda cc=cc: cc)
+        monkeypatch.setattr(prefill, "_static_shared_over_48k", lambda ok=probe_ok: ok)
+        assert prefill.gpu_tiles("v2", 64) == want, (cc, probe_ok)
+
+
+def test_static_shared_memory_probe_kernel_runs():
+    """The probe is a real kernel (here in the simulator, which has no 48 KB limit): it must report success."""
+    assert prefill._static_shared_over_48k.__wrapped__() is (KERNEL == "sim" or prefill._compute_capability() >= (9, 0))
+
+
 # ---- real GPU only: realistic sizes (run with NUMBATTN_TEST_GPU=1 on a CUDA machine) ----
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", ["v1", "v2"])
