@@ -117,7 +117,9 @@ assert (loader_map(4, 8, 4).ravel() == np.arange(32) % 4).all()   # consecutive 
 # may declare *statically* (`cuda.shared.array`), and on GPUs before Hopper ptxas rejects more ("uses too
 # much shared data (..., 0xc000 max)"). On the H100 (compute capability 9.0) Numba's kernels with 65-115 KB
 # of static shared memory compiled, ran and matched the reference, and the bigger v2 tiles were up to 1.8x
-# faster (the launch-shape sweep in BENCHMARKS.md), so numbattn picks tiles per compute capability:
+# faster (the launch-shape sweep in BENCHMARKS.md), so numbattn picks tiles per compute capability (and,
+# on sm_90, only after a one-time probe kernel with 64 KB of static shared memory has run: ptxas inside
+# nvJitLink, which some installs link through, rejects it even there):
 
 # %%
 def v1_shared_bytes(block_m, block_n, head_dim):
