@@ -167,18 +167,20 @@ def make_split_kernel(head_dim, group, block_n, threads):
         raise ValueError(f"threads={T} and head_dim={D}: one must divide the other")
 
     @cuda.jit(device=True, inline="always")
+    def slot(r, t):
+        """(key jj, dim d) of the r-th tile element that thread t loads (element t + r*T of the tile)."""
+        if ROWS_PER_PASS:
+            return t // D + r * ROWS_PER_PASS, t % D
+        return r // PASSES_PER_ROW, t + (r % PASSES_PER_ROW) * T
+
+    @cuda.jit(device=True, inline="always")
     def load_tile(k_row, v_row, j0, nk, t, k_reg, v_reg):
         """Tile j0.. of K and V into registers; slots past the split (or the row) become 0, never read.
 
         A fixed trip count lets the compiler issue all N_LD loads back to back, so they are in flight together
         (one load at a time would leave the kernel waiting on memory latency, not bandwidth)."""
         for r in range(N_LD):
-            if ROWS_PER_PASS:
-                jj = t // D + r * ROWS_PER_PASS
-                d = t % D
-            else:
-                jj = r // PASSES_PER_ROW
-                d = t + (r % PASSES_PER_ROW) * T
+            jj, d = slot(r, t)
             if jj < nk:
                 k_reg[r] = float32(k_row[j0 + jj, d])
                 v_reg[r] = float32(v_row[j0 + jj, d])
@@ -225,12 +227,7 @@ def make_split_kernel(head_dim, group, block_n, threads):
             nk = min(int64(BN), j_end - j0)         # keys in this tile; the last tile of a split may be ragged
             cuda.syncthreads()      # the previous tile is consumed (and Qs, m_sh, l_sh are written)
             for r in range(N_LD):   # registers -> shared; consecutive threads hold consecutive d
-                if ROWS_PER_PASS:
-                    jj = t // D + r * ROWS_PER_PASS
-                    d = t % D
-                else:
-                    jj = r // PASSES_PER_ROW
-                    d = t + (r % PASSES_PER_ROW) * T
+                jj, d = slot(r, t)
                 if jj < BN:
                     Ks[jj, d] = k_reg[r]
                     Vs[jj, d] = v_reg[r]

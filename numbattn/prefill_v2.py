@@ -66,59 +66,48 @@ def shared_bytes(block_m, block_n, head_dim):
                 + block_m * (block_n + 1))
 
 
+@cuda.jit(device=True, inline=True)
+def _max2(a, b):
+    return max(a, b)
+
+
+@cuda.jit(device=True, inline=True)
+def _add2(a, b):
+    return a + b
+
+
 def make_group_reduce(TC, TM, use_shuffle):
     """group_max(x, red) / group_sum(x, red): combine x[0:TM] across the TC threads of a row group, in place."""
     LOG_TC = int(math.log2(TC))
 
-    if use_shuffle:
+    def make(combine):
+        if use_shuffle:     # a butterfly over the TC lanes: after log2(TC) steps every lane holds the result
+            @cuda.jit(device=True, inline=True)
+            def group_reduce(x, red):
+                for i in range(TM):
+                    v = x[i]
+                    for s in range(LOG_TC):
+                        v = combine(v, cuda.shfl_xor_sync(FULL_MASK, v, TC >> (s + 1)))
+                    x[i] = v
+            return group_reduce
+
+        # shared-memory twin: every thread posts its values, waits, and reads its group's TC values
         @cuda.jit(device=True, inline=True)
-        def group_max(x, red):
+        def group_reduce(x, red):
+            t = cuda.threadIdx.x
+            g0 = t - t % TC
             for i in range(TM):
-                v = x[i]
-                for s in range(LOG_TC):
-                    v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, TC >> (s + 1)))
-                x[i] = v
-
-        @cuda.jit(device=True, inline=True)
-        def group_sum(x, red):
+                red[i, t] = x[i]
+            cuda.syncthreads()
             for i in range(TM):
-                v = x[i]
-                for s in range(LOG_TC):
-                    v += cuda.shfl_xor_sync(FULL_MASK, v, TC >> (s + 1))
+                v = red[i, g0]
+                for c in range(1, TC):
+                    v = combine(v, red[i, g0 + c])
                 x[i] = v
+            cuda.syncthreads()
+        return group_reduce
 
-        return group_max, group_sum
-
-    # shared-memory twin: every thread posts its values, waits, and reads its group's TC values
-    @cuda.jit(device=True, inline=True)
-    def group_max(x, red):
-        t = cuda.threadIdx.x
-        g0 = t - t % TC
-        for i in range(TM):
-            red[i, t] = x[i]
-        cuda.syncthreads()
-        for i in range(TM):
-            v = red[i, g0]
-            for c in range(1, TC):
-                v = max(v, red[i, g0 + c])
-            x[i] = v
-        cuda.syncthreads()
-
-    @cuda.jit(device=True, inline=True)
-    def group_sum(x, red):
-        t = cuda.threadIdx.x
-        g0 = t - t % TC
-        for i in range(TM):
-            red[i, t] = x[i]
-        cuda.syncthreads()
-        for i in range(TM):
-            v = float32(0.0)
-            for c in range(TC):
-                v += red[i, g0 + c]
-            x[i] = v
-        cuda.syncthreads()
-
-    return group_max, group_sum
+    return make(_max2), make(_add2)
 
 
 @functools.lru_cache(maxsize=None)
