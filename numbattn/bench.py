@@ -124,10 +124,9 @@ def bench_prefill(seq_lens, batches=(1,), causal=(True,), versions=("v1", "v2"),
         vers = [x for x in versions if x != "v0" or b * n * n <= naive_max_work * N_KV_HEADS]
         impls = prefill_impls(be, vers, q, k, v, c, with_reference=n <= reference_max_n)
         flops = attention_flops(b, N_HEADS, n, n, HEAD_DIM, c)
-        before = len(rows)
-        _time_impls(impls, be, repeat, rows, what="prefill", batch=b, n=n, causal=c)
-        for r in rows[before:]:
-            r.update(tflops=flops / r["ms"] / 1e9, frac_fp32_peak=flops / r["ms"] / 1e9 / FP32_PEAK_TFLOPS)
+        _time_impls(impls, be, repeat, rows, lambda ms: dict(
+            tflops=flops / ms / 1e9, frac_fp32_peak=flops / ms / 1e9 / FP32_PEAK_TFLOPS),
+            what="prefill", batch=b, n=n, causal=c)
         if progress:
             progress(1)
     return rows
@@ -137,16 +136,22 @@ def _clock(name, be):
     return "torch" if name.startswith("torch") else ("cuda" if be == "cuda" else "host")
 
 
-def _time_impls(impls, be, repeat, rows, **fields):
-    """Time each implementation and append one row per success; a refusal (e.g. SDPA shape) is logged, not fatal."""
+def _time_impls(impls, be, repeat, rows, derived, **fields):
+    """Time each implementation and append one row per success: fields, impl, ms and derived(ms) (rates).
+    A refusal (e.g. SDPA shape) is logged, not fatal."""
     for name, fn in impls.items():
         try:
             ms = timed(fn, _clock(name, be), warmup=3 if be == "cuda" else 1, repeat=repeat if be == "cuda" else 1)
         except Exception as e:
             log.warning("bench: %s failed at %s: %s", name, fields, e)
             continue
-        rows.append(dict(fields, impl=name, ms=ms))
+        rows.append(dict(fields, impl=name, ms=ms, **derived(ms)))
     return rows
+
+
+def _bandwidth(nbytes, ms):
+    """Rates for nbytes moved in ms: GB/s and the fraction of HBM bandwidth."""
+    return dict(gbps=nbytes / ms / 1e6, frac_hbm=nbytes / ms / 1e6 / HBM_GBPS)
 
 
 def _torch_kv(q, k, v):
@@ -201,12 +206,9 @@ def bench_decode(cache_lens, batches=(1,), dtypes=("float32", "float16"), backen
                             with sdpa_kernel(SDPBackend.MATH):
                                 return F.scaled_dot_product_attention(*ts)
                         impls["torch SDPA math fp32"] = math_
-                before = len(rows)
-                _time_impls(impls, be, repeat, rows, what="decode", batch=b, n=n, cache=dt)
                 kv_bytes = 2 * b * N_KV_HEADS * n * HEAD_DIM * np.dtype(dt).itemsize
-                for r in rows[before:]:
-                    r.update(kv_MB=kv_bytes / 1e6, gbps=kv_bytes / r["ms"] / 1e6,
-                             frac_hbm=kv_bytes / r["ms"] / 1e6 / HBM_GBPS)
+                _time_impls(impls, be, repeat, rows, lambda ms: dict(kv_MB=kv_bytes / 1e6, **_bandwidth(kv_bytes, ms)),
+                            what="decode", batch=b, n=n, cache=dt)
                 if progress:
                     progress(1)
     return rows
@@ -235,11 +237,9 @@ def bench_append(token_counts=(1, 16, 512, 2048), batches=(1,), dtypes=("float32
                     hk, hv = (np.empty((b, N_KV_HEADS, max_len, HEAD_DIM), dt) for _ in range(2))
                     impls["numpy copy"] = lambda: (hk.__setitem__((slice(None), slice(None), slice(0, t)), k),
                                                    hv.__setitem__((slice(None), slice(None), slice(0, t)), v))
-                before = len(rows)
-                _time_impls(impls, be, repeat, rows, what="append", batch=b, n=t, cache=dt)
                 moved = 2 * 2 * k.nbytes  # K and V, each read once and written once
-                for r in rows[before:]:
-                    r.update(gbps=moved / r["ms"] / 1e6, frac_hbm=moved / r["ms"] / 1e6 / HBM_GBPS)
+                _time_impls(impls, be, repeat, rows, lambda ms: _bandwidth(moved, ms),
+                            what="append", batch=b, n=t, cache=dt)
                 if progress:
                     progress(1)
     return rows
