@@ -18,6 +18,8 @@ cannot hide behind its fallback).
 import functools
 import logging
 import os
+import sys
+import threading
 
 import numpy as np
 
@@ -35,6 +37,7 @@ def probe():
     except Exception as e:  # numba missing or broken: NumPy still answers correctly
         return ["numpy"], f"numba.cuda could not be imported ({type(e).__name__}: {e})"
     if numba.config.ENABLE_CUDASIM:
+        _make_simulated_shared_arrays_thread_safe()
         return ["sim", "numpy"], "NUMBA_ENABLE_CUDASIM=1: kernels run in Numba's CUDA simulator"
     try:
         if cuda.is_available():
@@ -45,6 +48,33 @@ def probe():
     except Exception as e:
         reason = f"CUDA driver probe failed ({type(e).__name__}: {e})"
     return ["numpy"], reason + "; set NUMBA_ENABLE_CUDASIM=1 to run the kernels in the simulator"
+
+
+def _make_simulated_shared_arrays_thread_safe():
+    """Fix a race in Numba's simulator (numba-cuda 0.30): cuda.shared.array looks its block's array up in a dict
+    and, if missing, creates and stores it, unlocked. Two threads of a block that switch between the lookup and
+    the store get *different* arrays, and the kernel silently computes garbage (seen as a rare, moving failure of
+    the test suite, more likely with the short thread switch interval the tests set). Same lookup, under a lock.
+    """
+    from numba.cuda.simulator import kernelapi
+    from numba.cuda.simulator.kernelapi import numpy_support, types
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared, "_numbattn_locked", False):
+        return
+    original, lock = shared.array, threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:     # dynamic shared memory (one buffer), or an error upstream
+            return original(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)     # one allocation per source line, as upstream
+        with lock:
+            if key not in self._allocations:
+                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                self._allocations[key] = np.empty(shape, dt)
+            return self._allocations[key]
+
+    shared.array, shared._numbattn_locked = array, True
 
 
 def available_backends():

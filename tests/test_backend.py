@@ -3,6 +3,7 @@ import logging
 
 import numpy as np
 import pytest
+from numba import cuda, float32
 
 import numbattn
 from numbattn import backend, prefill, reference
@@ -58,10 +59,37 @@ def test_failing_kernel_falls_back_to_numpy_with_a_warning(monkeypatch, caplog):
 
 
 def test_fallback_keeps_device_arrays_on_the_device(monkeypatch):
-    from numba import cuda
     monkeypatch.setattr(prefill, "launch", lambda *a, **k: 1 / 0)
     monkeypatch.delenv("NUMBATTN_STRICT")
     q, k, v = qkv(2)
     out = numbattn.attention(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v))
     assert backend.is_device_array(out)
     np.testing.assert_allclose(out.copy_to_host(), reference.attention(q, k, v), rtol=1e-6)
+
+
+def test_simulated_shared_arrays_are_one_array_per_block(monkeypatch, kernel_backend):
+    """Numba's simulator creates a block's shared array on first use, unlocked: threads switching inside that step
+    got different arrays (a rare, moving wrong answer). A slow allocation makes every thread switch there."""
+    if kernel_backend != "sim":
+        pytest.skip("a simulator bug; on a GPU shared memory is hardware")
+    import time
+
+    @cuda.jit
+    def total_of_shared(out):
+        t = cuda.threadIdx.x
+        a = cuda.shared.array(32, float32)
+        a[t] = t
+        cuda.syncthreads()
+        s = float32(0.0)
+        for i in range(32):
+            s += a[i]
+        out[cuda.blockIdx.x, t] = s
+
+    empty = np.empty
+    monkeypatch.setattr(np, "empty", lambda *a, **k: (time.sleep(1e-3), empty(*a, **k))[1])
+    out = cuda.to_device(np.zeros((4, 32), np.float32))
+    for _ in range(3):
+        total_of_shared[4, 32](out)
+        got = out.copy_to_host()
+        assert (got == 31 * 32 / 2).all(), f"threads of a block saw different shared arrays: {got}"
+
