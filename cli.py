@@ -20,7 +20,6 @@ The chat, turn by turn: the history is a list of chat-template messages; each us
 whole conversation is rendered with the model's template and tokenized, and tinyllm's generate() reuses
 the KV cache for the longest prefix it shares with the previous turn (see "KV-cache reuse" in ChatSession).
 """
-import inspect
 import logging
 import os
 import re
@@ -159,20 +158,6 @@ class IntList(click.ParamType):
         return out
 
 
-def human_bytes(n):
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-
-
-def human_count(n):
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.2f}{unit} ({n:,})"
-    return f"{n:,}"
-
-
 # --------------------------------------------------------------------------------------------------------
 # Options shared by the commands
 # --------------------------------------------------------------------------------------------------------
@@ -293,114 +278,13 @@ def open_model(model, backend, ctx_size=None, verbose=False, download=True):
     return llm
 
 
-def stats_line(llm):
-    """--verbose's summary of the last generate(): prefill, decode speed, context used."""
-    s = llm.last_stats
+def stats_line(stats, max_len):
+    """--verbose's summary of one generate(): prefill, decode speed, context used."""
+    s = stats
     return (f"[prompt {s.prompt_tokens} tokens: {s.reused_tokens} reused from the KV cache, {s.prefill_tokens} "
             f"prefilled in {s.prefill_seconds * 1e3:.1f} ms | reply {s.new_tokens} tokens, decode "
-            f"{s.decode_tokens_per_s:.1f} tok/s | context {s.prompt_tokens + s.new_tokens}/{llm.max_len} "
+            f"{s.decode_tokens_per_s:.1f} tok/s | context {s.prompt_tokens + s.new_tokens}/{max_len} "
             f"tokens | stop: {s.stop_reason}]")
-
-
-# --------------------------------------------------------------------------------------------------------
-# The conversation
-# --------------------------------------------------------------------------------------------------------
-class ChatSession:
-    """A multi-turn chat: the history as chat-template messages, fitted to the context, replies streamed.
-
-    KV-cache reuse. Each turn renders the whole history with the model's chat template and tokenizes it;
-    tinyllm's generate() keeps the K/V of the longest prefix this shares with model.cached_ids (the previous
-    prompt and reply) and prefills only the rest. The reply enters the history as its decoded text (EOS
-    dropped; the template closes the turn with "</s>" as the generated EOS did), so the next render
-    re-tokenizes it:
-      * when the reply's ids are the tokenization of its text (what a trained model nearly always emits),
-        the next prompt starts with every cached id and only the new user turn is prefilled (tests/test_cli.py
-        checks this on the miniature checkpoint: TinyLlama's template, a Llama-style tokenizer);
-      * when they are not (a leading "▁" the decoder drops, an unusual split, byte tokens that are not
-        valid UTF-8: the random miniature model does all of these), reuse stops at the first differing id
-        and the rest of the reply is prefilled again with the new message: one reply's worth of tokens,
-        never the whole conversation. --verbose prints the reused and prefilled counts of every turn.
-    Feeding the generated ids back unchanged would always reuse them, but the prompt would then depend on
-    how the conversation was produced, not only on what was said; the template stays the one truth.
-
-    Context. Before each reply the oldest exchanges (user + assistant) are dropped, never the system
-    prompt, until the prompt leaves room for a reply of min(max_new_tokens, ctx/2) tokens; dropping
-    changes the prompt right after the system prompt, so that turn re-prefills everything after it. If
-    the new message alone leaves no room at all, it is refused and the history kept.
-    """
-
-    def __init__(self, llm, system=None, write=write_piece, note=note, **sampling):
-        self.llm, self.tok, self.system = llm, llm.tokenizer, system
-        self.write, self.note, self.sampling = write, note, sampling
-        self.turns = 0
-        self.reset()
-
-    def reset(self):
-        self.history = [{"role": "system", "content": self.system}] if self.system else []
-
-    def fit(self, messages):
-        """Drop the oldest exchanges until the prompt leaves room for a reply -> (messages, prompt_ids,
-        exchanges dropped); prompt_ids is None when even the last message alone leaves no room."""
-        first = 1 if messages[0]["role"] == "system" else 0
-        room = min(self.sampling.get("max_new_tokens", 256), self.llm.max_len // 2)
-        dropped = 0
-        while True:
-            ids = self.tok.encode_chat(messages)
-            if len(ids) + room <= self.llm.max_len:
-                return messages, ids, dropped
-            if len(messages) - first <= 1:                 # only the new user message is left
-                return messages, (ids if len(ids) < self.llm.max_len else None), dropped
-            messages = messages[:first] + messages[first + 2:]
-            dropped += 1
-
-    def send(self, text):
-        """Answer one user message, streaming the reply through self.write -> (reply text, stop reason).
-
-        Ctrl-C (KeyboardInterrupt) during the reply stops it: the part already shown becomes the assistant
-        turn, and the model's KV cache stays consistent (tinyllm rewinds a half-done forward pass).
-        """
-        messages, prompt, dropped = self.fit(self.history + [{"role": "user", "content": text}])
-        ctx = self.llm.max_len
-        if prompt is None:
-            n = len(self.tok.encode_chat(messages))
-            self.note(f"context: this message needs {n} prompt tokens"
-                      f"{' with the system prompt' if self.system else ''}, but the context holds {ctx} "
-                      f"(--ctx-size): no room for a reply. Send something shorter, or use a larger --ctx-size.")
-            return None, "context"
-        if dropped:
-            self.note(f"context: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to stay within "
-                      f"{ctx} tokens (--ctx-size); the system prompt is kept")
-
-        stream = self._stream_decoder()
-        shown = []                                         # ids whose text has been written
-
-        def on_token(token):
-            if token not in self.llm.stop_ids:
-                self.write(stream.feed(token))
-                shown.append(token)
-
-        seed = self.sampling.get("seed")
-        sampling = dict(self.sampling, seed=None if seed is None else seed + self.turns)
-        self.turns += 1
-        try:
-            self.llm.generate(prompt, on_token=on_token, **sampling)
-            stop = self.llm.last_stats.stop_reason
-            self.write(stream.flush() + "\n")
-        except KeyboardInterrupt:
-            stop = "interrupted"
-            self.write("\n")
-        reply = self.tok.decode(shown)
-        self.history = messages + [{"role": "assistant", "content": reply}]
-        if stop == "interrupted":
-            self.note("[reply interrupted: the part shown stays in the conversation]")
-        elif stop == "context":
-            self.note(f"context: the reply reached the end of the context ({ctx} tokens, --ctx-size); the "
-                      f"oldest exchanges will be dropped next turn")
-        return reply, stop
-
-    def _stream_decoder(self):
-        from tinyllm import StreamDecoder
-        return StreamDecoder(self.tok)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -427,7 +311,8 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
     llm = open_model(model, backend, ctx_size, verbose)
     if llm.tokenizer.chat_template is None:
         raise UserError(f"{model} has no chat template: use `generate --raw` with it")
-    session = ChatSession(llm, system, **sampling_kwargs(**sampling))
+    from tinyllm.chat import ChatSession
+    session = ChatSession(llm, system, write=write_piece, note=note, **sampling_kwargs(**sampling))
     note(f"chatting with {model} (attention: {llm.backend}, context {llm.max_len} tokens). "
          f"/help lists the commands; Ctrl-C stops a reply; /exit or Ctrl-D quits.")
     if sys.stdin.isatty():
@@ -460,12 +345,12 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
                 note(f"unknown command {line}: /help lists the commands")
             continue
         try:
-            reply, _ = session.send(line)
+            reply, result = session.send(line)
         except KeyboardInterrupt:      # before the reply started: nothing was added to the conversation
             note("\n[interrupted]")
             continue
-        if verbose and reply is not None:
-            note(stats_line(llm))
+        if verbose and result is not None:
+            note(stats_line(result.stats, llm.max_len))
 
 
 @main.command()
@@ -498,12 +383,12 @@ def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampl
     else:
         ids = tok.encode(text)
         stream = StreamDecoder(tok, context_ids=ids)      # a first "▁word" keeps its space after the prompt
-    llm.generate(ids, on_token=lambda t: write_piece(stream.feed(t)), **sampling_kwargs(**sampling))
+    result = llm.generate(ids, on_token=lambda t: write_piece(stream.feed(t)), **sampling_kwargs(**sampling))
     write_piece(stream.flush() + "\n")
-    if llm.last_stats.stop_reason == "context":
+    if result.stop_reason == "context":
         note(f"note: the reply reached the end of the context ({llm.max_len} tokens, --ctx-size)")
     if verbose:
-        note(stats_line(llm))
+        note(stats_line(result.stats, llm.max_len))
 
 
 @main.command()
@@ -534,6 +419,7 @@ def info(model, backend, verbose):
             raise
         click.echo(f"model: {name} is not downloaded (run `python cli.py download`, or pass -m DIR)")
         return
+    from tinyllm.info import describe_model
     for line in describe_model(model_dir):
         click.echo(line)
 
@@ -544,38 +430,10 @@ def gpu_name():
         device = cuda.get_current_device()
         name = device.name.decode() if isinstance(device.name, bytes) else device.name
         free, total = cuda.current_context().get_memory_info()
+        from tinyllm.info import human_bytes
         return f"{name} ({human_bytes(total)} memory, {human_bytes(free)} free)"
     except Exception as e:   # a driver that answered probe() but not this: still report the rest
         return f"unknown ({type(e).__name__}: {one_line(e)})"
-
-
-def describe_model(model_dir):
-    """Lines about a model directory: config, parameters, RAM (fp32) and disk. Reads headers, not weights."""
-    import math
-
-    from tinyllm import Tokenizer, load_config
-    from tinyllm.weights import Checkpoint, check_checkpoint, expected_shapes
-    c = load_config(model_dir)
-    ckpt = Checkpoint(model_dir)
-    check_checkpoint(ckpt, c, source=str(Path(model_dir) / "config.json"))
-    tok = Tokenizer(model_dir)
-    n_params = sum(math.prod(s) for s in expected_shapes(c).values())
-    ram = 4 * (n_params + (c.vocab_size * c.hidden_size if c.tie_word_embeddings else 0))  # tied: lm_head copy
-    kv = 4 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.max_position_embeddings * c.head_dim
-    disk = sum(f.path.stat().st_size for f in ckpt.files.values())
-    stored = sorted({t.dtype for f in ckpt.files.values() for t in f.tensors.values()})
-    return [
-        f"model: {model_dir}",
-        (f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads} "
-         f"({c.num_key_value_heads} KV heads, head_dim {c.head_dim}), ffn {c.intermediate_size}, "
-         f"vocab {c.vocab_size}, context {c.max_position_embeddings}, rope_theta {c.rope_theta:g}"
-         f"{', tied embeddings' if c.tie_word_embeddings else ''}"),
-        f"  tokenizer: {tok.vocab_size} tokens, chat template: {'yes' if tok.chat_template else 'no'}",
-        f"  parameters: {human_count(n_params)}",
-        (f"  memory: {human_bytes(ram)} of fp32 weights in RAM, + {human_bytes(kv)} of fp32 KV cache at the "
-         f"full context of {c.max_position_embeddings} tokens"),
-        f"  on disk: {human_bytes(disk)} in {len(ckpt.files)} safetensors file(s), stored as {', '.join(stored)}",
-    ]
 
 
 @main.command()
@@ -608,6 +466,14 @@ DEFAULT_LENGTHS = {
              "append": (1, 16, 512, 2048)},
     "sim": {"prefill": (8, 16), "decode": (8, 16), "append": (1, 8)},   # a Python thread per CUDA thread: tiny
     "numpy": {"prefill": (128, 256, 512, 1024), "decode": (128, 512, 2048), "append": (1, 16, 512, 2048)},
+}
+
+
+CACHE_DTYPES = ("float32", "float16")
+KERNEL_BENCHES = {      # --what -> (numbattn.bench function, its arguments beyond lengths, batches, backend)
+    "prefill": lambda nb: (nb.bench_prefill, dict(causal=(True,), versions=("v1", "v2"))),
+    "decode": lambda nb: (nb.bench_decode, dict(dtypes=CACHE_DTYPES)),
+    "append": lambda nb: (nb.bench_append, dict(dtypes=CACHE_DTYPES)),
 }
 
 
@@ -645,18 +511,12 @@ def bench(what, seq_lens, batches, backend, plot, model, new_tokens, verbose):
         rows = bench_whole_model(model, be, seq_lens, new_tokens, verbose)
         title = f"model on {be}: prefill = ms for the whole prompt, decode = ms per new token"
     else:
-        fn = getattr(nb, f"bench_{what}", None)
-        if fn is None:
-            raise UserError(f"this numbattn has no bench_{what} yet (numbattn/bench.py)")
+        fn, kwargs = KERNEL_BENCHES[what](nb)
         seq_lens = seq_lens or DEFAULT_LENGTHS[be][what]
-        kwargs = dict(batches=batches, backend=be)
-        if what == "prefill":
-            kwargs.update(causal=(True,), versions=("v1", "v2"))
         # progress(1) comes once per (batch, length, and cache dtype where the bench sweeps dtypes)
-        dtypes = inspect.signature(fn).parameters.get("dtypes")
-        steps = len(batches) * len(seq_lens) * (len(dtypes.default) if dtypes is not None else 1)
+        steps = len(batches) * len(seq_lens) * len(kwargs.get("dtypes", (None,)))
         with click.progressbar(length=steps, label=f"bench {what}", file=sys.stderr, show_pos=True) as bar:
-            rows = fn(seq_lens, progress=bar.update, **kwargs)
+            rows = fn(seq_lens, batches=batches, backend=be, progress=bar.update, **kwargs)
         title = f"{what} on {be}: milliseconds per call{', causal' if what == 'prefill' else ''}"
     if not rows:
         raise UserError("the benchmark produced no rows (see the warnings above)")

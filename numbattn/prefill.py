@@ -16,7 +16,7 @@ last tile a single division acc / l_i gives the exact softmax-weighted sum. (Fla
 We fold log2(e) into the scale and use exp2, as the FlashAttention kernels do: exp(x) = exp2(x * log2 e).
 
 Three versions live side by side (llm.c style); all run unchanged in Numba's CUDA simulator and are
-validated by the same tests, and `cli.py bench` / benchmarks/bench.py compares them on a GPU:
+validated by the same tests, and `cli.py bench` / benchmarks/gpu_report.py compare them on a GPU:
 
     v0  naive: one thread per query row reads every key and value straight from global memory.
         Global traffic per head: each of q_len threads reads all of K and V -> q_len * kv_len * d * 2 loads.

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 import cli
 from tinyllm import StreamDecoder, load_model
 from tinyllm.hub import MODEL_ID
+from tinyllm.info import human_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMPY = ["--backend", "numpy"]
@@ -109,58 +110,6 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(run, tiny_model_di
     assert all(prompt + 8 <= 64 for prompt, _, _ in stats)         # room for a full reply was always kept
 
 
-def test_chat_session_ctrl_c_keeps_the_partial_reply_and_a_consistent_cache(tiny_model_dir):
-    llm = load_model(tiny_model_dir, backend="numpy")
-    written, interrupt = [], [True]
-
-    def write(piece):
-        if len(written) == 3 and interrupt and interrupt.pop():  # ^C once, while the fourth reply token is being shown
-            raise KeyboardInterrupt
-        written.append(piece)
-    notes = []
-    session = cli.ChatSession(llm, "You are a pirate.", write=write, note=notes.append, max_new_tokens=20,
-                              temperature=0.0)
-    reply, stop = session.send("Tell me a story about a small robot.")
-    assert stop == "interrupted" and "interrupted" in notes[-1]
-    assert reply == llm.tokenizer.decode(llm.last_generated[:3]) and reply == "".join(written[:3])
-    assert [m["role"] for m in session.history] == ["system", "user", "assistant"]
-    assert session.history[-1]["content"] == reply
-
-    # the next turn reuses the cache and answers exactly as a fresh model given the same conversation
-    second, stop = session.send("What is the capital of France?")
-    assert stop == "length" and llm.last_stats.reused_tokens > 0
-    fresh = load_model(tiny_model_dir, backend="numpy")
-    assert second == fresh.chat(session.history[:-1], max_new_tokens=20)
-
-
-def test_chat_history_keeps_the_cached_prefix_of_a_well_tokenized_reply(tiny_model_dir, monkeypatch):
-    """A trained model's reply is the tokenization of its own text; then the next turn's prompt starts with
-    every cached id (previous prompt + reply) and only the new user turn is prefilled."""
-    llm = load_model(tiny_model_dir, backend="numpy")
-    tok = llm.tokenizer
-    system, question, answer = "You are a friendly chatbot.", "What is the capital of France?", "It is Paris."
-    first = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-    prompt = tok.encode_chat(first)
-    full = tok.encode_chat(first + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
-    assert full[:len(prompt)] == prompt
-    reply_ids = full[len(prompt):full.index(tok.eos_id, len(prompt)) + 1]          # "It is Paris." + EOS
-
-    class Scripted:                                  # a "model" that says reply_ids, whatever the logits
-        def __init__(self, **sampling):
-            self.ids = iter(reply_ids)
-
-        def __call__(self, logits, previous_ids=()):
-            return next(self.ids)
-    monkeypatch.setattr("tinyllm.model.Sampler", Scripted)
-
-    session = cli.ChatSession(llm, system, write=lambda piece: None, note=pytest.fail, max_new_tokens=32)
-    assert session.send(question) == (answer, "eos")
-    session.send("And of Spain?")
-    cached = len(prompt) + len(reply_ids) - 1        # the EOS was chosen, never fed
-    assert llm.last_stats.reused_tokens == cached
-    assert llm.last_stats.prefill_tokens == len(tok.encode_chat(session.history[:-1])) - cached
-
-
 def test_chat_ctx_size_larger_than_the_model_is_a_usage_error(run, tiny_model_dir):
     line = one_error_line(run("chat", "-m", tiny_model_dir, *NUMPY, "-c", 5000), 2)
     assert "5000 is more than the model's 256 positions" in line
@@ -183,7 +132,7 @@ def test_generate_reads_stdin_and_prints_only_the_reply(run, tiny_model_dir):
     assert r.exit_code == 0, r.output
     model = load_model(tiny_model_dir, backend="numpy")
     new = model.generate(model.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}]),
-                         max_new_tokens=8, repetition_penalty=1.1)
+                         max_new_tokens=8, repetition_penalty=1.1).ids
     assert r.stdout == streamed(model.tokenizer, new) + "\n"
     assert "loading weights" in r.stderr                             # progress went to stderr
 
@@ -195,7 +144,7 @@ def test_generate_raw_continues_the_text(run, tiny_model_dir):
     model = load_model(tiny_model_dir, backend="numpy")
     prompt = model.tokenizer.encode("The quick brown fox")
     assert prompt[0] == model.tokenizer.bos_id
-    new = model.generate(prompt, max_new_tokens=8)
+    new = model.generate(prompt, max_new_tokens=8).ids
     assert r.stdout == streamed(model.tokenizer, new, context_ids=prompt) + "\n"
 
 
@@ -225,8 +174,8 @@ def test_info_with_a_model_dir_and_a_cached_model(run, tiny_model_dir, empty_hub
     assert "layers 2, hidden 64, heads 4 (2 KV heads, head_dim 16)" in r.stdout
     n = 512 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 172 + 2 * 64) + 64   # embed, lm_head, layers, norm
     assert f"parameters: 156.48K ({n:,})" in r.stdout
-    assert f"memory: {cli.human_bytes(4 * n)} of fp32 weights" in r.stdout
-    assert f"on disk: {cli.human_bytes((tiny_model_dir / 'model.safetensors').stat().st_size)}" in r.stdout
+    assert f"memory: {human_bytes(4 * n)} of fp32 weights" in r.stdout
+    assert f"on disk: {human_bytes((tiny_model_dir / 'model.safetensors').stat().st_size)}" in r.stdout
 
     snapshot = put_in_cache(empty_hub_cache, tiny_model_dir)
     r = run("info")

@@ -6,7 +6,7 @@ the whole sequence with no KV cache, or a fresh model that reuses nothing.
 import numpy as np
 import pytest
 
-from tinyllm import ContextOverflowError, load_model
+from tinyllm import ContextOverflowError, GenerationInterrupted, load_model
 from tinyllm.generate import (Sampler, apply_repetition_penalty, common_prefix_length, softmax, top_k_filter,
                               top_p_filter)
 
@@ -99,11 +99,12 @@ def greedy_without_cache(model, prompt, n):
 
 
 def test_greedy_generation_equals_recomputing_everything(tiny_model, tiny_model_dir, prompt_ids):
-    got = tiny_model.generate(prompt_ids, max_new_tokens=8)
-    assert len(got) == 8 and tiny_model.last_stats.stop_reason == "length"
+    result = tiny_model.generate(prompt_ids, max_new_tokens=8)
+    got = result.ids
+    assert len(got) == 8 and result.stop_reason == "length"
     other = load_model(tiny_model_dir, backend="numpy")
     assert greedy_without_cache(other, prompt_ids, 8) == got
-    s = tiny_model.last_stats
+    s = result.stats
     assert (s.prompt_tokens, s.prefill_tokens, s.reused_tokens, s.new_tokens, s.decode_tokens) == \
         (len(prompt_ids), len(prompt_ids), 0, 8, 7)
     assert s.prefill_seconds > 0 and s.decode_seconds > 0 and s.decode_tokens_per_s > 0
@@ -111,21 +112,21 @@ def test_greedy_generation_equals_recomputing_everything(tiny_model, tiny_model_
 
 def test_seeded_sampling_is_reproducible(tiny_model, tiny_model_dir, prompt_ids):
     kw = dict(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=123)
-    a = tiny_model.generate(prompt_ids, **kw)
-    b = load_model(tiny_model_dir, backend="numpy").generate(prompt_ids, **kw)
+    a = tiny_model.generate(prompt_ids, **kw).ids
+    b = load_model(tiny_model_dir, backend="numpy").generate(prompt_ids, **kw).ids
     assert a == b
-    assert tiny_model.generate(prompt_ids, **kw) == a      # again on the same model (cache reused)
+    assert tiny_model.generate(prompt_ids, **kw).ids == a      # again on the same model (cache reused)
 
 
 def test_stops_at_eos_and_on_callback(tiny_model, prompt_ids):
-    free = tiny_model.generate(prompt_ids, max_new_tokens=6)
+    free = tiny_model.generate(prompt_ids, max_new_tokens=6).ids
     tiny_model.stop_ids = {free[2]}                         # pretend the third token is EOS
-    assert tiny_model.generate(prompt_ids, max_new_tokens=6) == free[:3]
-    assert tiny_model.last_stats.stop_reason == "eos"
+    result = tiny_model.generate(prompt_ids, max_new_tokens=6)
+    assert result.ids == free[:3] and result.stop_reason == "eos"
     tiny_model.stop_ids = set()
     seen = []
-    got = tiny_model.generate(prompt_ids, max_new_tokens=6, on_token=lambda t: seen.append(t) or len(seen) == 4)
-    assert got == seen == free[:4] and tiny_model.last_stats.stop_reason == "callback"
+    result = tiny_model.generate(prompt_ids, max_new_tokens=6, on_token=lambda t: seen.append(t) or len(seen) == 4)
+    assert result.ids == seen == free[:4] and result.stop_reason == "callback"
 
 
 def test_prompt_longer_than_context(tiny_model_dir):
@@ -138,61 +139,64 @@ def test_prompt_longer_than_context(tiny_model_dir):
 
 def test_max_new_tokens_is_capped_so_the_cache_never_overflows(tiny_model_dir):
     model = load_model(tiny_model_dir, backend="numpy", max_len=16)
-    got = model.generate(list(range(3, 16)), max_new_tokens=10)     # 13 prompt tokens, room for 3
-    assert len(got) == 3 and model.last_stats.stop_reason == "context"
+    result = model.generate(list(range(3, 16)), max_new_tokens=10)     # 13 prompt tokens, room for 3
+    assert len(result.ids) == 3 and result.stop_reason == "context"
     assert model.cache.lengths.max() <= 16 and model.n_cached == 15  # the last token is returned, not fed
-    assert model.generate([5], max_new_tokens=0) == []
+    assert model.generate([5], max_new_tokens=0).ids == []
 
 
 def test_prefix_reuse_across_calls_equals_a_fresh_model(tiny_model, tiny_model_dir, prompt_ids):
-    first = tiny_model.generate(prompt_ids, max_new_tokens=5)
+    first = tiny_model.generate(prompt_ids, max_new_tokens=5).ids
     # the next chat turn: the previous prompt + reply + a new user message
     messages = PROMPT + [{"role": "assistant", "content": tiny_model.tokenizer.decode(first)},
                          {"role": "user", "content": "Tell me more."}]
     second_prompt = tiny_model.tokenizer.encode_chat(messages)
-    second = tiny_model.generate(second_prompt, max_new_tokens=5)
-    reused = tiny_model.last_stats.reused_tokens
-    assert reused >= len(prompt_ids) and reused + tiny_model.last_stats.prefill_tokens == len(second_prompt)
-    assert second == load_model(tiny_model_dir, backend="numpy").generate(second_prompt, max_new_tokens=5)
+    result = tiny_model.generate(second_prompt, max_new_tokens=5)
+    reused = result.stats.reused_tokens
+    assert reused >= len(prompt_ids) and reused + result.stats.prefill_tokens == len(second_prompt)
+    assert result.ids == load_model(tiny_model_dir, backend="numpy").generate(second_prompt, max_new_tokens=5).ids
     # a prompt that diverges early: the cache is truncated to the shared prefix, the rest recomputed
     third_prompt = prompt_ids[:3] + [300, 301, 302]
     third = tiny_model.generate(third_prompt, max_new_tokens=4)
-    assert tiny_model.last_stats.reused_tokens == 3
-    assert third == load_model(tiny_model_dir, backend="numpy").generate(third_prompt, max_new_tokens=4)
+    assert third.stats.reused_tokens == 3
+    assert third.ids == load_model(tiny_model_dir, backend="numpy").generate(third_prompt, max_new_tokens=4).ids
     # the same prompt again: everything but the last prompt token is reused
-    assert tiny_model.generate(third_prompt, max_new_tokens=4) == third
-    assert tiny_model.last_stats.reused_tokens == len(third_prompt) - 1
+    again = tiny_model.generate(third_prompt, max_new_tokens=4)
+    assert again.ids == third.ids and again.stats.reused_tokens == len(third_prompt) - 1
     assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
 
 
 def test_chunked_prefill_equals_one_prefill(tiny_model, tiny_model_dir, prompt_ids):
     from tinyllm.generate import Sampler, generate
-    want = tiny_model.generate(prompt_ids, max_new_tokens=4)
+    want = tiny_model.generate(prompt_ids, max_new_tokens=4).ids
     other = load_model(tiny_model_dir, backend="numpy")
-    assert generate(other, prompt_ids, 4, Sampler(), prefill_chunk=3) == want
+    assert generate(other, prompt_ids, 4, Sampler(), prefill_chunk=3).ids == want
 
 
 def test_keyboard_interrupt_keeps_what_was_generated(tiny_model, tiny_model_dir, prompt_ids):
-    free = load_model(tiny_model_dir, backend="numpy").generate(prompt_ids, max_new_tokens=6)
+    free = load_model(tiny_model_dir, backend="numpy").generate(prompt_ids, max_new_tokens=6).ids
+    seen = []
 
     def interrupt_at_third(token):
-        if len(tiny_model.last_generated) == 3:
+        seen.append(token)
+        if len(seen) == 3:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(GenerationInterrupted) as caught:
         tiny_model.generate(prompt_ids, max_new_tokens=6, on_token=interrupt_at_third)
-    assert tiny_model.last_generated == free[:3]
+    assert isinstance(caught.value, KeyboardInterrupt)               # still stops whoever does not catch it
+    result = caught.value.result
+    assert result.ids == free[:3] and result.stop_reason == "interrupted"
     assert tiny_model.cached_ids == prompt_ids + free[:2]            # the third was chosen, not yet fed
     assert tiny_model.cache.lengths.tolist() == [len(prompt_ids) + 2]
-    assert tiny_model.last_stats.stop_reason == "interrupted"
     # carry on from where it stopped: the same tokens as an uninterrupted run
-    assert tiny_model.generate(prompt_ids + free[:3], max_new_tokens=3) == free[3:]
-    assert tiny_model.last_stats.reused_tokens == len(prompt_ids) + 2
+    again = tiny_model.generate(prompt_ids + free[:3], max_new_tokens=3)
+    assert again.ids == free[3:] and again.stats.reused_tokens == len(prompt_ids) + 2
 
 
 def test_chat_returns_the_decoded_reply(tiny_model, prompt_ids):
     text = tiny_model.chat(PROMPT, max_new_tokens=6)
-    ids = tiny_model.last_generated
+    ids = load_model(tiny_model.tokenizer.source, backend="numpy").generate(prompt_ids, max_new_tokens=6).ids
     assert isinstance(text, str) and text == tiny_model.tokenizer.decode(ids)
     assert tiny_model.cached_ids[:len(prompt_ids)] == prompt_ids
 
@@ -200,4 +204,4 @@ def test_chat_returns_the_decoded_reply(tiny_model, prompt_ids):
 def test_generate_on_the_kernel_backend(tiny_model_dir, tiny_model, prompt_ids, kernel_backend):
     """Greedy tokens through the prefill and decode kernels (simulator or GPU) equal the NumPy backend's."""
     kernels = load_model(tiny_model_dir, backend=kernel_backend)
-    assert kernels.generate(prompt_ids, max_new_tokens=3) == tiny_model.generate(prompt_ids, max_new_tokens=3)
+    assert kernels.generate(prompt_ids, max_new_tokens=3).ids == tiny_model.generate(prompt_ids, max_new_tokens=3).ids

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from .config import ConfigError, LlamaConfig, load_config
-from .generate import ContextOverflowError, GenerationStats, Sampler
+from .generate import ContextOverflowError, Generation, GenerationInterrupted, GenerationStats, Sampler
 from .hub import MODEL_ID, HubError, resolve_model
 from .model import Llama
 from .tiny import make_tiny
@@ -28,8 +28,8 @@ from .weights import WeightsError, load_weights
 
 log = logging.getLogger("tinyllm")
 
-__all__ = ["load_model", "Llama", "LlamaConfig", "Tokenizer", "StreamDecoder", "Sampler", "GenerationStats",
-           "make_tiny", "resolve_model", "MODEL_ID", "ConfigError", "WeightsError", "TokenizerError",
+__all__ = ["load_model", "Llama", "LlamaConfig", "Tokenizer", "StreamDecoder", "Sampler", "Generation",
+           "GenerationInterrupted", "GenerationStats", "make_tiny", "resolve_model", "MODEL_ID", "ConfigError", "WeightsError", "TokenizerError",
            "HubError", "ContextOverflowError"]
 
 

@@ -77,5 +77,4 @@ def bench_model(model, seq_lens, new_tokens=32, backends=None, repeat=1, seed=0,
 def run(model, prompt, new_tokens):
     """One timed generation from an empty cache, exactly new_tokens long -> GenerationStats."""
     model.reset()
-    generate(model, prompt, new_tokens, Sampler(), stop_ids=())
-    return model.last_stats
+    return generate(model, prompt, new_tokens, Sampler(), stop_ids=()).stats

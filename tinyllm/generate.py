@@ -1,7 +1,8 @@
 """Sampling and the generation loop, kept apart from the model (as in llama2.c).
 
     sampler = Sampler(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1, seed=0)
-    new_ids = generate(model, prompt_ids, max_new_tokens=64, sampler=sampler, on_token=print)
+    result = generate(model, prompt_ids, max_new_tokens=64, sampler=sampler, on_token=print)
+    result.ids, result.stop_reason, result.stats.decode_tokens_per_s
 
 The model only maps token ids to next-token logits (Llama.forward); everything about choosing a token lives
 here, in the order transformers applies it:
@@ -25,7 +26,7 @@ never overflows mid-reply (the reply is just shorter, and stats.stop_reason says
 """
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -118,7 +119,7 @@ class Sampler:
 # --------------------------------------------------------------------------------------------------------
 @dataclass
 class GenerationStats:
-    """Timing of one generate() call (model.last_stats), for the CLI's --verbose."""
+    """Timing of one generate() call, for the CLI's --verbose."""
     prompt_tokens: int = 0          # length of the prompt
     reused_tokens: int = 0          # prompt tokens whose K/V were already cached (not recomputed)
     prefill_tokens: int = 0         # prompt tokens run through the model
@@ -137,6 +138,26 @@ class GenerationStats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
+@dataclass
+class Generation:
+    """What one generate() call made (llama2.c's generate writes nothing into the model; neither does ours)."""
+    ids: list = field(default_factory=list)                       # the new token ids, a final stop token included
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    @property
+    def stop_reason(self):
+        return self.stats.stop_reason
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during generate(). Still a KeyboardInterrupt (it stops the caller as ^C should); `.result` is the
+    Generation so far, every token chosen before the interrupt, stop_reason "interrupted"."""
+
+    def __init__(self, result):
+        super().__init__(f"generation interrupted after {len(result.ids)} new tokens")
+        self.result = result
+
+
 def common_prefix_length(a, b):
     n = 0
     for x, y in zip(a, b, strict=False):   # stops at the shorter one
@@ -147,12 +168,13 @@ def common_prefix_length(a, b):
 
 
 def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, stop_ids=(), prefill_chunk=256):
-    """Continue prompt_ids (batch 1) -> the list of new token ids (a final stop token included).
+    """Continue prompt_ids (batch 1) -> Generation (the new ids, a final stop token included, and stats).
 
     on_token(token_id) is called once per new token, right after it is chosen (the stop token too); return
-    True from it to stop after that token. An exception it raises (or KeyboardInterrupt, ^C) propagates out
-    of generate, and the model is left consistent: model.last_generated holds every token chosen so far,
-    model.cached_ids the ones whose K/V are in the cache, and the next generate() reuses them.
+    True from it to stop after that token. An exception it raises propagates out of generate; Ctrl-C
+    (KeyboardInterrupt) comes out as GenerationInterrupted, whose .result holds every token chosen so far. Either
+    way the model is left consistent: model.cached_ids are the ids whose K/V are in the cache, and the next
+    generate() reuses them.
 
     The prompt is prefilled in chunks of prefill_chunk tokens: each chunk attends to everything cached before
     it plus itself (bottom-right-aligned causal mask), so the result equals one big prefill while the
@@ -175,13 +197,23 @@ def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, 
                  max_new_tokens, budget, n_prompt, model.max_len)
     stop_ids = set(int(i) for i in stop_ids)
 
-    stats = GenerationStats(prompt_tokens=n_prompt, stop_reason="interrupted")
-    generated = []
-    model.last_stats, model.last_generated = stats, generated
+    result = Generation(stats=GenerationStats(prompt_tokens=n_prompt, stop_reason="interrupted"))
     if budget == 0:
-        stats.stop_reason = "length"
-        return generated
+        result.stats.stop_reason = "length"
+        return result
+    try:
+        _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token, stop_ids, prefill_chunk,
+                            result)
+    except GenerationInterrupted:
+        raise
+    except KeyboardInterrupt as e:
+        raise GenerationInterrupted(result) from e
+    return result
 
+
+def _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token, stop_ids, prefill_chunk, result):
+    """The loop of generate(), filling result (ids and stats) as it goes."""
+    stats, generated, n_prompt = result.stats, result.ids, len(prompt)
     # Prefill: skip what the cache already holds, but always recompute the last prompt token's logits.
     reused = min(common_prefix_length(prompt, model.cached_ids), n_prompt - 1)
     stats.reused_tokens, stats.prefill_tokens = reused, n_prompt - reused
@@ -217,4 +249,3 @@ def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, 
             token = sampler(logits, history)
     finally:
         stats.decode_seconds = time.perf_counter() - t0
-    return generated

@@ -2,7 +2,7 @@
 
     model = tinyllm.load_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
     logits = model.forward(ids)                  # [batch, seq] -> [batch, seq, vocab]
-    model.generate(prompt_ids, max_new_tokens=32)
+    model.generate(prompt_ids, max_new_tokens=32).ids
     model.chat([{"role": "user", "content": "Hi!"}])
 
 One transformer block (Llama 2 / TinyLlama, as in Hugging Face's LlamaForCausalLM):
@@ -89,11 +89,10 @@ def merge_heads(x):
 class Llama:
     """A LlamaForCausalLM: config, fp32 weights, a tokenizer (optional) and a KV cache.
 
-    State kept between calls (batch 1, which is what chat and generate use):
+    State kept between calls (batch 1, which is what chat and generate use): the KV cache and
       cached_ids      the token ids whose K/V are in the cache, in order; forward() extends it and
-                      generate() reuses its longest common prefix with a new prompt
-      last_generated  the ids chosen by the last generate(), updated per token (readable after ^C)
-      last_stats      GenerationStats of the last generate()
+                      generate() reuses its longest common prefix with a new prompt.
+    Nothing about the last generate() is kept here: it returns a Generation (ids, stats, stop reason).
     """
 
     def __init__(self, config, weights, tokenizer=None, backend="auto", max_len=None, stop_ids=None):
@@ -111,7 +110,6 @@ class Llama:
         self.stop_ids = set(stop_ids) if stop_ids is not None else eos
         self.cache = None
         self.batch = 0
-        self.last_stats, self.last_generated = None, []
         self._new_cache(batch=1)
 
     def _new_cache(self, batch):
@@ -222,9 +220,10 @@ class Llama:
     # ----------------------------------------------------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
                  repetition_penalty=1.0, seed=None, on_token=None):
-        """Continue prompt_ids (a list of ints, batch 1) -> list of new ids, greedy at temperature 0.
+        """Continue prompt_ids (a list of ints, batch 1) -> Generation (.ids, .stats, .stop_reason); greedy at
+        temperature 0.
 
-        Stops at EOS (included in the result), after max_new_tokens, or when on_token(id) returns True.
+        Stops at EOS (included in .ids), after max_new_tokens, or when on_token(id) returns True.
         Reuses the KV cache for the longest prefix shared with the previous call; see tinyllm/generate.py
         for the details, the context limit and what happens on ^C.
         """
@@ -242,5 +241,5 @@ class Llama:
         """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: load it with tinyllm.load_model to chat")
-        new_ids = self.generate(self.tokenizer.encode_chat(messages), **sampling)
-        return self.tokenizer.decode(new_ids)
+        result = self.generate(self.tokenizer.encode_chat(messages), **sampling)
+        return self.tokenizer.decode(result.ids)

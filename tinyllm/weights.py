@@ -292,25 +292,30 @@ class Checkpoint:
 # --------------------------------------------------------------------------------------------------------
 # Llama: the tensors a config implies, checked, converted and laid out for x @ W
 # --------------------------------------------------------------------------------------------------------
-def expected_shapes(config):
-    """{Hugging Face tensor name: shape} for a LlamaForCausalLM with this config. Linear weights are
-    stored [out_features, in_features] (torch's nn.Linear layout)."""
+def layer_tensors(config):
+    """LayerWeights field -> (Hugging Face name within a layer, shape in the checkpoint), for one block.
+    Linear weights are stored [out_features, in_features] (torch's nn.Linear layout); norms are 1-D."""
     dim, hd, ffn = config.hidden_size, config.head_dim, config.intermediate_size
     q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    return {
+        "attn_norm": ("input_layernorm.weight", (dim,)),
+        "wq": ("self_attn.q_proj.weight", (q_dim, dim)),
+        "wk": ("self_attn.k_proj.weight", (kv_dim, dim)),
+        "wv": ("self_attn.v_proj.weight", (kv_dim, dim)),
+        "wo": ("self_attn.o_proj.weight", (dim, q_dim)),
+        "ffn_norm": ("post_attention_layernorm.weight", (dim,)),
+        "w_gate": ("mlp.gate_proj.weight", (ffn, dim)),
+        "w_up": ("mlp.up_proj.weight", (ffn, dim)),
+        "w_down": ("mlp.down_proj.weight", (dim, ffn)),
+    }
+
+
+def expected_shapes(config):
+    """{Hugging Face tensor name: shape} for a LlamaForCausalLM with this config, in file order."""
+    dim = config.hidden_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, dim)}
     for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (dim,),
-            p + "self_attn.q_proj.weight": (q_dim, dim),
-            p + "self_attn.k_proj.weight": (kv_dim, dim),
-            p + "self_attn.v_proj.weight": (kv_dim, dim),
-            p + "self_attn.o_proj.weight": (dim, q_dim),
-            p + "post_attention_layernorm.weight": (dim,),
-            p + "mlp.gate_proj.weight": (ffn, dim),
-            p + "mlp.up_proj.weight": (ffn, dim),
-            p + "mlp.down_proj.weight": (dim, ffn),
-        })
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer_tensors(config).values()})
     shapes["model.norm.weight"] = (dim,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, dim)
@@ -352,43 +357,32 @@ class LlamaWeights:
     lm_head: np.ndarray     # [dim, vocab]   (embed.T when the embeddings are tied)
 
 
-def load_weights(model_dir, config, progress=None):
+def load_weights(source, config, progress=None):
     """Read, check and convert a Llama checkpoint to fp32 -> LlamaWeights.
 
-    progress(i, n, name) is called before each tensor is converted (n = number of tensors), so a CLI can
-    draw a bar: converting 1.1B bf16 parameters takes a few seconds.
+    source: a model directory (safetensors) or an already opened checkpoint with the same interface as
+    Checkpoint (shapes, get, file_of), e.g. a GGUF file's. progress(i, n, name) is called before each tensor
+    is converted (n = number of tensors), so a CLI can draw a bar: converting 1.1B bf16 parameters takes a
+    few seconds.
     """
-    ckpt = Checkpoint(model_dir)
-    check_checkpoint(ckpt, config, source=str(Path(model_dir) / "config.json"))
+    ckpt = source if hasattr(source, "shapes") else Checkpoint(source)
+    check_checkpoint(ckpt, config, source=getattr(ckpt, "config_source", str(Path(source) / "config.json")))
     names = list(expected_shapes(config))
     done = iter(range(len(names)))
 
-    def tensor(name):
+    def tensor(name, linear=True):
         i = next(done)
         if progress is not None:
             progress(i, len(names), name)
-        return ckpt.get(name)
+        x = ckpt.get(name)
+        return np.ascontiguousarray(x.T) if linear and x.ndim == 2 else x   # [out, in] -> [in, out], at load
 
-    def linear(name):
-        return np.ascontiguousarray(tensor(name).T)   # [out, in] -> [in, out], once, at load
-
-    embed = tensor("model.embed_tokens.weight")
-    layers = []
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        layers.append(LayerWeights(
-            attn_norm=tensor(p + "input_layernorm.weight"),
-            wq=linear(p + "self_attn.q_proj.weight"),
-            wk=linear(p + "self_attn.k_proj.weight"),
-            wv=linear(p + "self_attn.v_proj.weight"),
-            wo=linear(p + "self_attn.o_proj.weight"),
-            ffn_norm=tensor(p + "post_attention_layernorm.weight"),
-            w_gate=linear(p + "mlp.gate_proj.weight"),
-            w_up=linear(p + "mlp.up_proj.weight"),
-            w_down=linear(p + "mlp.down_proj.weight"),
-        ))
+    embed = tensor("model.embed_tokens.weight", linear=False)   # [vocab, dim]: rows are looked up, not multiplied
+    layers = [LayerWeights(**{field: tensor(f"model.layers.{i}.{name}")
+                              for field, (name, _) in layer_tensors(config).items()})
+              for i in range(config.num_hidden_layers)]
     norm = tensor("model.norm.weight")
-    lm_head = np.ascontiguousarray(embed.T) if config.tie_word_embeddings else linear("lm_head.weight")
+    lm_head = np.ascontiguousarray(embed.T) if config.tie_word_embeddings else tensor("lm_head.weight")
     if progress is not None:
         progress(len(names), len(names), "")
     return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)

@@ -261,4 +261,4 @@ print("lesson 2 checks passed")
 # thread, so its times measure Python, not the algorithm).
 
 # %%
-bench.print_prefill_benchmark(BACKEND, versions=("v0", "v1"), seq_lens=(512, 1024, 2048))
+print(bench.prefill_benchmark_text(BACKEND, versions=("v0", "v1"), seq_lens=(512, 1024, 2048)))

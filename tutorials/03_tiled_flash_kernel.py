@@ -341,4 +341,4 @@ print("lesson 3 checks passed")
 # only show that the code runs (they measure Python threads, not the algorithm).
 
 # %%
-bench.print_prefill_benchmark(BACKEND, versions=prefill.VERSIONS, seq_lens=(1024, 2048, 4096))
+print(bench.prefill_benchmark_text(BACKEND, versions=prefill.VERSIONS, seq_lens=(1024, 2048, 4096)))

@@ -189,22 +189,22 @@ def show(piece):
 def reply_to(messages, max_new_tokens, **sampling):
     stream = tinyllm.StreamDecoder(tok, context_ids=tok.encode_chat(messages))
     print("assistant: ", end="")
-    text = model.chat(messages, max_new_tokens=max_new_tokens, on_token=lambda i: show(stream.feed(i)), **sampling)
+    result = model.generate(tok.encode_chat(messages), max_new_tokens=max_new_tokens,
+                            on_token=lambda i: show(stream.feed(i)), **sampling)
     show(stream.flush())
     print()
-    return text
+    return tok.decode(result.ids), result
 
 
 MAX_NEW = 64 if BACKEND == "cuda" else 24
 print(f"user: {messages[-1]['content']}")
-answer = reply_to(messages, MAX_NEW)
-first = model.last_stats
-assert answer == tok.decode(model.last_generated)              # streamed pieces == the decoded reply
+answer, first = reply_to(messages, MAX_NEW)
+first = first.stats
 
 messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Germany?"}]
 print(f"user: {messages[-1]['content']}")
-answer2 = reply_to(messages, MAX_NEW, temperature=0.7, top_p=0.9, seed=0)
-second = model.last_stats
+answer2, second = reply_to(messages, MAX_NEW, temperature=0.7, top_p=0.9, seed=0)
+second = second.stats
 print(f"second turn: {second.prompt_tokens} prompt tokens, {second.reused_tokens} reused from the KV cache, "
       f"{second.prefill_tokens} prefilled")
 assert second.reused_tokens > 0
@@ -226,8 +226,8 @@ if BACKEND in ("cuda", "sim"):
     kernel_model = tinyllm.load_model(tiny_dir, backend=BACKEND)
     reference_model = tinyllm.load_model(tiny_dir, backend="numpy")
     short = reference_model.tokenizer.encode("Hello")
-    kernel_ids = kernel_model.generate(short, max_new_tokens=n_new)
-    reference_ids = reference_model.generate(short, max_new_tokens=n_new)
+    kernel_ids = kernel_model.generate(short, max_new_tokens=n_new).ids
+    reference_ids = reference_model.generate(short, max_new_tokens=n_new).ids
     print(f"miniature, kernel-driven greedy tokens   : {kernel_ids}")
     print(f"miniature, reference-driven greedy tokens: {reference_ids}")
     assert kernel_ids == reference_ids

@@ -1,0 +1,60 @@
+"""tinyllm/chat.py: a multi-turn ChatSession on the miniature checkpoint (NumPy backend): Ctrl-C mid-reply keeps
+the shown part and a consistent cache, and a well-tokenized reply's K/V are reused by the next turn."""
+import pytest
+
+from tinyllm import load_model
+from tinyllm.chat import ChatSession
+
+
+def test_chat_session_ctrl_c_keeps_the_partial_reply_and_a_consistent_cache(tiny_model_dir):
+    llm = load_model(tiny_model_dir, backend="numpy")
+    written, interrupt = [], [True]
+
+    def write(piece):
+        if len(written) == 3 and interrupt and interrupt.pop():  # ^C once, while the fourth reply token is being shown
+            raise KeyboardInterrupt
+        written.append(piece)
+    notes = []
+    session = ChatSession(llm, "You are a pirate.", write=write, note=notes.append, max_new_tokens=20,
+                              temperature=0.0)
+    reply, result = session.send("Tell me a story about a small robot.")
+    assert result.stop_reason == "interrupted" and "interrupted" in notes[-1]
+    assert len(result.ids) == 4                        # the fourth was chosen; its text was never shown
+    assert reply == llm.tokenizer.decode(result.ids[:3]) and reply == "".join(written[:3])
+    assert [m["role"] for m in session.history] == ["system", "user", "assistant"]
+    assert session.history[-1]["content"] == reply
+
+    # the next turn reuses the cache and answers exactly as a fresh model given the same conversation
+    second, result = session.send("What is the capital of France?")
+    assert result.stop_reason == "length" and result.stats.reused_tokens > 0
+    fresh = load_model(tiny_model_dir, backend="numpy")
+    assert second == fresh.chat(session.history[:-1], max_new_tokens=20)
+
+
+def test_chat_history_keeps_the_cached_prefix_of_a_well_tokenized_reply(tiny_model_dir, monkeypatch):
+    """A trained model's reply is the tokenization of its own text; then the next turn's prompt starts with
+    every cached id (previous prompt + reply) and only the new user turn is prefilled."""
+    llm = load_model(tiny_model_dir, backend="numpy")
+    tok = llm.tokenizer
+    system, question, answer = "You are a friendly chatbot.", "What is the capital of France?", "It is Paris."
+    first = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    prompt = tok.encode_chat(first)
+    full = tok.encode_chat(first + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+    assert full[:len(prompt)] == prompt
+    reply_ids = full[len(prompt):full.index(tok.eos_id, len(prompt)) + 1]          # "It is Paris." + EOS
+
+    class Scripted:                                  # a "model" that says reply_ids, whatever the logits
+        def __init__(self, **sampling):
+            self.ids = iter(reply_ids)
+
+        def __call__(self, logits, previous_ids=()):
+            return next(self.ids)
+    monkeypatch.setattr("tinyllm.model.Sampler", Scripted)
+
+    session = ChatSession(llm, system, write=lambda piece: None, note=pytest.fail, max_new_tokens=32)
+    reply, result = session.send(question)
+    assert (reply, result.stop_reason) == (answer, "eos")
+    _, result = session.send("And of Spain?")
+    cached = len(prompt) + len(reply_ids) - 1        # the EOS was chosen, never fed
+    assert result.stats.reused_tokens == cached
+    assert result.stats.prefill_tokens == len(tok.encode_chat(session.history[:-1])) - cached

@@ -1,0 +1,49 @@
+"""What a model is, without loading it: configuration, parameters, memory and disk (the CLI's `info`).
+
+    for line in describe_model("path/to/TinyLlama"): print(line)
+"""
+import math
+from pathlib import Path
+
+from .config import load_config
+from .tokenizer import Tokenizer
+from .weights import Checkpoint, check_checkpoint, expected_shapes
+
+
+def human_bytes(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+
+
+def human_count(n):
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit} ({n:,})"
+    return f"{n:,}"
+
+
+def describe_model(model_dir):
+    """Lines about a model directory: config, parameters, RAM (fp32) and disk. Reads headers, not weights."""
+    c = load_config(model_dir)
+    ckpt = Checkpoint(model_dir)
+    check_checkpoint(ckpt, c, source=str(Path(model_dir) / "config.json"))
+    tok = Tokenizer(model_dir)
+    n_params = sum(math.prod(s) for s in expected_shapes(c).values())
+    ram = 4 * (n_params + (c.vocab_size * c.hidden_size if c.tie_word_embeddings else 0))  # tied: lm_head copy
+    kv = 4 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.max_position_embeddings * c.head_dim
+    disk = sum(f.path.stat().st_size for f in ckpt.files.values())
+    stored = sorted({t.dtype for f in ckpt.files.values() for t in f.tensors.values()})
+    return [
+        f"model: {model_dir}",
+        (f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads} "
+         f"({c.num_key_value_heads} KV heads, head_dim {c.head_dim}), ffn {c.intermediate_size}, "
+         f"vocab {c.vocab_size}, context {c.max_position_embeddings}, rope_theta {c.rope_theta:g}"
+         f"{', tied embeddings' if c.tie_word_embeddings else ''}"),
+        f"  tokenizer: {tok.vocab_size} tokens, chat template: {'yes' if tok.chat_template else 'no'}",
+        f"  parameters: {human_count(n_params)}",
+        (f"  memory: {human_bytes(ram)} of fp32 weights in RAM, + {human_bytes(kv)} of fp32 KV cache at the "
+         f"full context of {c.max_position_embeddings} tokens"),
+        f"  on disk: {human_bytes(disk)} in {len(ckpt.files)} safetensors file(s), stored as {', '.join(stored)}",
+    ]
