@@ -521,9 +521,13 @@ def bench(what, seq_lens, batches, backend, plot, model, new_tokens, verbose):
     if not rows:
         raise UserError("the benchmark produced no rows (see the warnings above)")
     keys = ("batch", "n") + (("cache",) if any("cache" in r for r in rows) else ())   # decode/append sweep dtypes
-    table, columns = nb.pivot(rows, keys, "ms")
+    shown = [dict(r, ms=f"{r['ms']:.4g} [{r['ms_min']:.3g}-{r['ms_max']:.3g}]") if "ms_min" in r else r
+             for r in rows]
+    table, columns = nb.pivot(shown, keys, "ms")
     click.echo(title)
     click.echo(nb.format_table(table, columns))
+    if any("ms_min" in r for r in rows):
+        click.echo("median [min-max] of 5 calls, host clock")
     if plot is not None:
         # one line per implementation and cache dtype
         nb.plot([dict(r, impl=f"{r['impl']} {r['cache']}") if r.get("cache", "") not in r["impl"] else r

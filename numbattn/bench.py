@@ -1,12 +1,19 @@
 """Benchmarks: time numbattn's kernels next to the NumPy reference and torch's scaled_dot_product_attention.
 
-Used by `python cli.py bench` and benchmarks/gpu_report.py. Speed is shown here, in printed tables and plots,
-never asserted in tests.
+Used by `python cli.py bench` and benchmarks/gpu_report.py. Speed is shown in tables and plots (the callers
+print them), never asserted in tests.
 
-Method (see BENCHMARKS.md): on a GPU every number is the median of `repeat` calls, each timed with CUDA
-events around the call on the default stream after `warmup` untimed calls; inputs are random normal, never
-zeros. On the simulator or NumPy backends a host clock is used (those numbers only show the harness works).
-Causal FLOPs are counted as half of the full q_len×kv_len work (the diagonal tiles' extra is ignored), so
+Method (see BENCHMARKS.md). Inputs are random normal, never zeros; `warmup` untimed calls come first (on a GPU
+they compile the kernels). Every number is a median over `repeat` calls. On a GPU four times are taken:
+
+    ms       CUDA events recorded around each call on the stream (the method of earlier reports)
+    sync_ms  host clock around each call followed by a device synchronize: what a loop that needs the result
+             pays per call, host overhead included (numbattn and torch alike)
+    host_ms  host clock around the call alone: the time to launch it (Python, argument marshalling, driver)
+    gpu_ms   CUDA events around the call with the GPU kept busy while the host launches it (a sleeping kernel
+             first), so the events see only the GPU's work
+On the simulator and NumPy backends only the host clock exists: ms is the median of 5 calls, and ms_min / ms_max
+show the spread. Causal FLOPs are counted as half of the full q_len x kv_len work, so
 TFLOP/s of causal and non-causal runs are comparable.
 """
 import logging
@@ -36,35 +43,83 @@ def torch_cuda():
     return torch if torch.cuda.is_available() else None
 
 
-def timed(fn, be, warmup=3, repeat=20):
-    """Median milliseconds of fn() on backend `be` ("cuda": CUDA events; otherwise a host clock)."""
+def timed(fn, clock, warmup=3, repeat=20):
+    """Median milliseconds of fn() ("cuda"/"torch": CUDA events around each call; "host": the host clock)."""
+    return measure(fn, clock, warmup, repeat, methods=("ms",))["ms"]
+
+
+def measure(fn, clock, warmup=3, repeat=20, methods=("ms", "sync_ms", "host_ms", "gpu_ms")):
+    """{method: median milliseconds} for fn() (see the module docstring), plus ms_min / ms_max on the host."""
     for _ in range(warmup):
         fn()
-    times = []
-    if be == "cuda":
-        from numba import cuda
+    if clock == "host":
+        times = [_host_ms(fn) for _ in range(repeat)]
+        return dict(ms=statistics.median(times), ms_min=min(times), ms_max=max(times))
+    sync, events = _device_clock(clock)
+    rows = {}
+    for method in methods:
+        times = []
         for _ in range(repeat):
-            start, end = cuda.event(), cuda.event()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(cuda.event_elapsed_time(start, end))
-    elif be == "torch":
+            if method == "ms":
+                times.append(events(fn, busy=False))
+            elif method == "gpu_ms":
+                times.append(events(fn, busy=True))
+            elif method == "sync_ms":
+                sync()
+                times.append(_host_ms(lambda: (fn(), sync())))
+            else:
+                sync()
+                times.append(_host_ms(fn))
+        rows[method] = statistics.median(times)
+    return rows
+
+
+def _host_ms(fn):
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _device_clock(clock):
+    """(synchronize(), events(fn, busy) -> ms) for numba ("cuda") or torch ("torch") launches."""
+    from numba import cuda
+    if clock == "torch":
         torch = torch_cuda()
-        for _ in range(repeat):
+
+        def events(fn, busy):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if busy:
+                torch.cuda._sleep(2_000_000)     # ~1 ms of GPU time: the host enqueues while the GPU sleeps
             start.record()
             fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            return start.elapsed_time(end)
+        return torch.cuda.synchronize, events
+
+    def events(fn, busy):
+        start, end = cuda.event(), cuda.event()
+        if busy:
+            _sleep_kernel()[1, 1](1_000_000)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return cuda.event_elapsed_time(start, end)
+    return cuda.synchronize, events
+
+
+def _sleep_kernel():
+    """A kernel that keeps the GPU busy for ~ns nanoseconds (numba's default stream, like the kernels timed)."""
+    from numba import cuda
+    global _SLEEP
+    if "_SLEEP" not in globals():
+        @cuda.jit
+        def sleep(ns):
+            for _ in range(ns // 500_000):
+                cuda.nanosleep(500_000)
+        _SLEEP = sleep
+    return _SLEEP
 
 
 def attention_flops(batch, n_heads, q_len, kv_len, head_dim, causal):
@@ -136,16 +191,17 @@ def _clock(name, be):
     return "torch" if name.startswith("torch") else ("cuda" if be == "cuda" else "host")
 
 
-def _time_impls(impls, be, repeat, rows, derived, **fields):
-    """Time each implementation and append one row per success: fields, impl, ms and derived(ms) (rates).
-    A refusal (e.g. SDPA shape) is logged, not fatal."""
+def _time_impls(impls, be, repeat, rows, derived, methods=("ms",), **fields):
+    """Time each implementation and append one row per success: fields, impl, the methods' times and
+    derived(ms) (rates from the first method). A refusal (e.g. SDPA shape) is logged, not fatal."""
     for name, fn in impls.items():
         try:
-            ms = timed(fn, _clock(name, be), warmup=3 if be == "cuda" else 1, repeat=repeat if be == "cuda" else 1)
+            times = measure(fn, _clock(name, be), warmup=3 if be == "cuda" else 1,
+                            repeat=repeat if be == "cuda" else 5, methods=methods)
         except Exception as e:
             log.warning("bench: %s failed at %s: %s", name, fields, e)
             continue
-        rows.append(dict(fields, impl=name, ms=ms, **derived(ms)))
+        rows.append(dict(fields, impl=name, **times, **derived(times[methods[0]] if be == "cuda" else times["ms"])))
     return rows
 
 
@@ -164,12 +220,15 @@ def _torch_kv(q, k, v):
 
 
 def bench_decode(cache_lens, batches=(1,), dtypes=("float32", "float16"), backend="auto", repeat=50,
-                 reference_max_n=4096, progress=None):
-    """One decode step (one query token per row, all rows holding n tokens) at TinyLlama's head shape.
+                 reference_max_n=4096, progress=None, methods=("ms", "sync_ms", "host_ms", "gpu_ms")):
+    """One decode step (one query token per row, all rows holding n tokens) at TinyLlama's head shape, through
+    the public API on device arrays: numbattn.decode_attention(q_dev, cache, 0), and torch SDPA on the same data.
 
-    Rows carry ms, the K/V bytes the step must read, and the effective GB/s and fraction of HBM bandwidth.
+    Rows carry the methods' times, the K/V bytes the step must read, and the effective GB/s and fraction of HBM
+    bandwidth (from the first method).
     """
     from . import decode
+    from .kvcache import KVCache
     be = _backend.resolve(backend)
     rows = []
     for b in batches:
@@ -179,39 +238,50 @@ def bench_decode(cache_lens, batches=(1,), dtypes=("float32", "float16"), backen
                 q = rng.standard_normal((b, N_HEADS, HEAD_DIM), dtype=np.float32)
                 k, v = (rng.standard_normal((b, N_KV_HEADS, n, HEAD_DIM), dtype=np.float32).astype(dt)
                         for _ in range(2))
-                lengths = np.full(b, n, np.int32)
                 impls = {}
                 if be in ("cuda", "sim"):
                     from numba import cuda
-                    dq, dk, dv, dl = (cuda.to_device(x) for x in (q, k, v, lengths))
-                    out = cuda.device_array(q.shape, np.float32)
-                    config = decode.default_config(be, HEAD_DIM, N_HEADS // N_KV_HEADS)
-                    split = config.split or decode.choose_split(n, b, N_KV_HEADS, config.block_n)
-                    scratch = decode.make_scratch(b, N_HEADS, HEAD_DIM, decode.n_splits_for(n, split))
-                    impls[f"numbattn decode {dt}"] = lambda: decode.launch(dq, dk, dv, dl, out, max_length=n,
-                                                                            config=config, scratch=scratch)
+                    cache = KVCache(1, b, N_KV_HEADS, n, HEAD_DIM, dtype=dt, backend=be)
+                    cache.append(0, k, v)
+                    dq = cuda.to_device(q)
+                    for ver in decode.VERSIONS:
+                        impls[f"numbattn decode {ver} {dt}"] = (
+                            lambda ver=ver, cache=cache: decode.decode_attention(dq, cache, 0, version=ver))
                 if n <= reference_max_n and dt == "float32":
+                    lengths = np.full(b, n, np.int32)
                     impls["numpy reference"] = lambda: reference.decode_attention(q, k, v, lengths)
                 if be == "cuda" and torch_cuda() is not None:
-                    import torch.nn.functional as F
-                    from torch.nn.attention import SDPBackend, sdpa_kernel
-                    tq, tk, tv = _torch_kv(q, k.astype(np.float32), v.astype(np.float32))
-                    if dt == "float16":
-                        def flash(ts=(tq.half(), tk.half(), tv.half())):
-                            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                                return F.scaled_dot_product_attention(*ts)
-                        impls["torch SDPA flash fp16"] = flash
-                    elif n <= 32768:
-                        def math_(ts=(tq, tk, tv)):
-                            with sdpa_kernel(SDPBackend.MATH):
-                                return F.scaled_dot_product_attention(*ts)
-                        impls["torch SDPA math fp32"] = math_
+                    impls.update(_torch_decode(q, k, v, dt, n))
                 kv_bytes = 2 * b * N_KV_HEADS * n * HEAD_DIM * np.dtype(dt).itemsize
                 _time_impls(impls, be, repeat, rows, lambda ms: dict(kv_MB=kv_bytes / 1e6, **_bandwidth(kv_bytes, ms)),
-                            what="decode", batch=b, n=n, cache=dt)
+                            methods=methods, what="decode", batch=b, n=n, cache=dt)
                 if progress:
                     progress(1)
     return rows
+
+
+def _torch_decode(q, k, v, dt, n):
+    """torch SDPA for one decode step: flash fp16 (GQA without repeating K/V) for an fp16 cache, the math
+    kernel (K/V repeated to every query head, untimed) for fp32 up to 32768 tokens."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch = torch_cuda()
+    tq = torch.from_numpy(np.ascontiguousarray(q[:, :, None, :])).cuda()
+    if dt == "float16":
+        ts = (tq.half(), torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda())
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(*ts, enable_gqa=True)
+        return {"torch SDPA flash fp16": flash}
+    if n > 32768:
+        return {}
+    tk, tv = _torch_kv(q, k, v)[1:]
+
+    def math_():
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(tq, tk, tv)
+    return {"torch SDPA math fp32": math_}
 
 
 def bench_append(token_counts=(1, 16, 512, 2048), batches=(1,), dtypes=("float32", "float16"), max_len=4096,
@@ -232,7 +302,10 @@ def bench_append(token_counts=(1, 16, 512, 2048), batches=(1,), dtypes=("float32
                     dk, dv = cuda.to_device(k), cuda.to_device(v)
                     kc, vc = (cuda.device_array((b, N_KV_HEADS, max_len, HEAD_DIM), dt) for _ in range(2))
                     l_in, l_out = cuda.to_device(np.zeros(b, np.int32)), cuda.device_array(b, np.int32)
-                    impls[f"numbattn append {dt}"] = lambda: kvcache.launch_append(dk, dv, kc, vc, l_in, l_out)
+                    tickets = cuda.to_device(np.zeros(b, np.int32))
+                    copy = kvcache.SIM_COPY if be == "sim" else kvcache.GPU_COPY
+                    impls[f"numbattn append {dt}"] = lambda: kvcache.launch_append(dk, dv, kc, vc, l_in, l_out,
+                                                                                   tickets, copy)
                 else:
                     hk, hv = (np.empty((b, N_KV_HEADS, max_len, HEAD_DIM), dt) for _ in range(2))
                     impls["numpy copy"] = lambda: (hk.__setitem__((slice(None), slice(None), slice(0, t)), k),

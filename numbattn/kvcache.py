@@ -28,29 +28,30 @@ t * head_dim elements of its (row, KV head) with a grid-stride loop, consecutive
 elements, which are contiguous both in the new [.., t, head_dim] block and in the cache (coalesced on both
 sides). The same kernel serves a whole prompt (t = prompt length) and one decode token (t = 1); storage
 conversion fp32 -> fp16 is a plain conversion on store. Traffic: read t*D*2 elements, write the same.
+# k_new, v_new [B, Hkv, t, D] -> k_cache, v_cache [B, Hkv, max_len, D] at lengths[b]; lengths[b] += t
 
 Where does the kernel learn each row's write position without a host->device copy per append (a pageable
-copy would also synchronise the stream)? The device keeps two copies of the lengths table (ping-pong):
-the kernel reads row b's start from copy `src` and writes start + t into copy `1 - src`; the host then flips
-`src` for that layer. Reading and writing different copies keeps the launch race-free (every block of row b
-reads the start while one of them writes the new length). The host-side table is updated by the same amount,
-so cache.lengths never needs a device->host copy. Decode reads device_lengths(layer), the current copy.
+copy would also synchronise the stream)? The device keeps the lengths table itself, int32 [n_layers, batch],
+and the kernel advances it: every block reads row b's start, and the LAST block of the row to finish (one
+atomic ticket per block, numbattn/device.arrive_last) writes start + t, after every other block has read it.
+Nothing on the host has to flip or upload anything per append, and a launch sequence can be captured as a
+CUDA graph and replayed (tinyllm's GPU engine does). The host keeps a mirror of the table, advanced by the same
+amounts, so cache.lengths never needs a device->host copy. Decode reads device_lengths(layer).
 
-Host inputs: a bulk append copies k and v to the device once; a one-token append (the decode hot path, once
-per layer per token) goes through a staging buffer kept in cache.scratch, one copy for K and V together.
-Measured on the H100 machine the append kernel itself takes microseconds; the call costs host time: ~50 us
-for the launch (launch_append on device arrays) plus ~0.12-0.16 ms for the copy of host arrays.
-append_kv and fill_nan are plain @cuda.jit kernels (no compile-time sizes, so no factory is needed; Numba
-compiles one per argument dtype on first use).
+Host inputs: a bulk append copies k and v to the device once; a one-token append (the decode hot path of the
+NumPy-matmul engine, once per layer per token) goes through a staging buffer kept by the cache, one copy for K
+and V together. Host-side costs are measured in BENCHMARKS.md. append_kv and fill_nan are plain @cuda.jit
+kernels (no compile-time sizes, so no factory is needed; Numba compiles one per argument dtype on first use).
 
 Validation comes first: a call that would overflow max_len, or has a bad layer, dtype or shape, raises
 ValueError before anything is written, so the cache is unchanged after any failed call.
 """
 import numpy as np
-from numba import cuda, float32, int64
+from numba import cuda, float32, int32, int64
 
 from . import backend as _backend
-from .validate import DTYPES, SUPPORTED_HEAD_DIMS, check_dtype, check_rank
+from .device import arrive_last
+from .validate import DTYPES, SUPPORTED_HEAD_DIMS, as_count, check_dtype, check_rank
 
 NAN = float32(np.nan)
 # launch shape of the copy kernels: on the GPU enough blocks to spread a long prompt over the SMs; in the
@@ -60,21 +61,24 @@ SIM_COPY = (16, 1)
 
 
 @cuda.jit
-def append_kv(k_new, v_new, k_cache, v_cache, lengths_in, lengths_out):
-    """k_cache[b, h, lengths_in[b] + j] = k_new[b, h, j] (and v); lengths_out[b] = lengths_in[b] + t."""
+def append_kv(k_new, v_new, k_cache, v_cache, lengths_in, lengths_out, counters):
+    """k_cache[b, h, lengths_in[b] + j] = k_new[b, h, j] (and v); lengths_out[b] = lengths_in[b] + t.
+
+    lengths_in and lengths_out may be the same array (the cache's table, advanced in place): the last block of
+    row b to finish writes it, after every block has read it. counters: int32 [batch], zero (left zero)."""
     hk, b = cuda.blockIdx.y, cuda.blockIdx.z
     t_new, head_dim = k_new.shape[2], k_new.shape[3]
     start = int64(lengths_in[b])
-    if start < 0 or start + t_new > k_cache.shape[2]:
-        return      # the launchers reject this before launching; a raw launch still cannot write out of bounds
+    flag = cuda.shared.array(1, int32)
+    fits = start >= 0 and start + t_new <= k_cache.shape[2]   # the launchers check; a raw launch cannot write out
     stride = cuda.gridDim.x * cuda.blockDim.x
-    for idx in range(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, t_new * head_dim, stride):
+    for idx in range(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, t_new * head_dim if fits else 0, stride):
         j = idx // head_dim
         d = idx - j * head_dim
         k_cache[b, hk, start + j, d] = k_new[b, hk, j, d]
         v_cache[b, hk, start + j, d] = v_new[b, hk, j, d]
-    if cuda.blockIdx.x == 0 and hk == 0 and cuda.threadIdx.x == 0:
-        lengths_out[b] = start + t_new    # into the other copy: no block of this launch reads it
+    if arrive_last(counters, b, cuda.gridDim.x * cuda.gridDim.y, flag) and cuda.threadIdx.x == 0 and fits:
+        lengths_out[b] = start + t_new
 
 
 @cuda.jit
@@ -97,7 +101,7 @@ def _grid_x(n_elements, copy_shape):
     return max(1, min(most, -(-n_elements // threads)))
 
 
-def check_append(k_new, v_new, k_cache, lengths_in, lengths_out):
+def check_append(k_new, v_new, k_cache, lengths_in, lengths_out, counters):
     """Shapes and dtypes of one append: k_new, v_new [batch, n_kv_heads, t, head_dim] into the cache."""
     layout = "[batch, n_kv_heads, t, head_dim]"
     for name, x in (("k", k_new), ("v", v_new)):
@@ -109,34 +113,29 @@ def check_append(k_new, v_new, k_cache, lengths_in, lengths_out):
     if tuple(k_new.shape[:2]) != (b, h) or k_new.shape[3] != d or k_new.shape[2] < 1:
         raise ValueError(f"k has shape {tuple(k_new.shape)}; expected ({b}, {h}, t, {d}) with t >= 1 "
                          f"(the cache holds batch {b}, n_kv_heads {h}, head_dim {d})")
-    for name, x in (("lengths_in", lengths_in), ("lengths_out", lengths_out)):
+    for name, x in (("lengths_in", lengths_in), ("lengths_out", lengths_out), ("counters", counters)):
         if tuple(x.shape) != (b,) or np.dtype(x.dtype) != np.int32:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, dtype {np.dtype(x.dtype).name}; "
                              f"expected ({b},) int32")
 
 
-def launch_append(k_new, v_new, k_cache, v_cache, lengths_in, lengths_out, copy_shape=GPU_COPY, stream=0):
+def launch_append(k_new, v_new, k_cache, v_cache, lengths_in, lengths_out, counters, copy_shape=GPU_COPY,
+                  stream=0):
     """Append on device arrays, one launch: new tokens go to slots lengths_in[b].. of row b, and
-    lengths_out[b] = lengths_in[b] + t. lengths_in and lengths_out must be different int32 [batch] device
-    arrays (the ping-pong above); with the same two arrays every call writes the same slots (handy for timing).
-    The caller guarantees lengths_in[b] + t <= max_len (KVCache.append checks it on the host); rows that would
-    overflow are skipped by the kernel, never written out of bounds.
+    lengths_out[b] = lengths_in[b] + t (the same array: advanced in place). counters: int32 [batch] zeros, used
+    to find each row's last block. With two different length arrays every call writes the same slots (handy
+    for timing). The caller guarantees lengths_in[b] + t <= max_len (KVCache.append checks it on the host);
+    rows that would overflow are skipped by the kernel, never written out of bounds.
     """
     check_rank("k_cache", k_cache, 4, "[batch, n_kv_heads, max_len, head_dim]")
     check_dtype("k_cache", k_cache)
     if tuple(v_cache.shape) != tuple(k_cache.shape) or np.dtype(v_cache.dtype) != np.dtype(k_cache.dtype):
         raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, dtype {np.dtype(v_cache.dtype).name}; "
                          f"expected k_cache's {tuple(k_cache.shape)}, {np.dtype(k_cache.dtype).name}")
-    check_append(k_new, v_new, k_cache, lengths_in, lengths_out)
+    check_append(k_new, v_new, k_cache, lengths_in, lengths_out, counters)
     batch, n_kv_heads, t, head_dim = k_new.shape
     grid = (_grid_x(t * head_dim, copy_shape), n_kv_heads, batch)
-    append_kv[grid, copy_shape[0], stream](k_new, v_new, k_cache, v_cache, lengths_in, lengths_out)
-
-
-def _as_count(name, x):
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
-        raise ValueError(f"{name}={x!r} must be an integer")
-    return int(x)
+    append_kv[grid, copy_shape[0], stream](k_new, v_new, k_cache, v_cache, lengths_in, lengths_out, counters)
 
 
 class KVCache:
@@ -153,7 +152,7 @@ class KVCache:
     def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype=np.float32, backend="auto"):
         for name, x in (("n_layers", n_layers), ("batch", batch), ("n_kv_heads", n_kv_heads),
                         ("max_len", max_len), ("head_dim", head_dim)):
-            if _as_count(name, x) < 1:
+            if as_count(name, x) < 1:
                 raise ValueError(f"{name}={x} must be >= 1")
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"head_dim={head_dim}; the kernels support {SUPPORTED_HEAD_DIMS}")
@@ -169,15 +168,17 @@ class KVCache:
         self.on_device = self.backend != "numpy"
         self.shape = (self.batch, self.n_kv_heads, self.max_len, self.head_dim)
         self._copy_shape = SIM_COPY if self.backend == "sim" else GPU_COPY
-        self._lengths = np.zeros((self.n_layers, self.batch), np.int32)    # authoritative, host
-        self.scratch = {}   # device work buffers reused across steps (split partials, staging of one token)
+        self._lengths = np.zeros((self.n_layers, self.batch), np.int32)    # the host mirror of the lengths
+        self._token_buffers = {}    # dtype -> device staging buffer for one decode token's k and v
+        self.decode_workspace = None    # numbattn.decode's buffers for this cache, made on first use
         if self.on_device:
             self._k = [cuda.device_array(self.shape, dtype) for _ in range(self.n_layers)]
             self._v = [cuda.device_array(self.shape, dtype) for _ in range(self.n_layers)]
-            self._len_dev = cuda.to_device(np.zeros((2, self.n_layers, self.batch), np.int32))
+            self._len_dev = cuda.to_device(np.zeros((self.n_layers, self.batch), np.int32))
+            self._counters = cuda.to_device(np.zeros((self.n_layers, self.batch), np.int32))
             # views made once: slicing a device array per call would cost Python time on the hot path
-            self._len_views = [[self._len_dev[c, i] for i in range(self.n_layers)] for c in range(2)]
-            self._src = [0] * self.n_layers
+            self._len_views = [self._len_dev[i] for i in range(self.n_layers)]
+            self._counter_views = [self._counters[i] for i in range(self.n_layers)]
         else:
             self._k = [np.empty(self.shape, dtype) for _ in range(self.n_layers)]
             self._v = [np.empty(self.shape, dtype) for _ in range(self.n_layers)]
@@ -202,8 +203,11 @@ class KVCache:
         """Device int32 [batch]: the current device copy of layer's row lengths (what decode reads)."""
         if not self.on_device:
             raise ValueError(f"device_lengths: this cache lives on the host (backend {self.backend!r})")
-        layer = self.check_layer(layer)
-        return self._len_views[self._src[layer]][layer]
+        return self._len_views[self.check_layer(layer)]
+
+    def append_counters(self, layer):
+        """Device int32 [batch], zero between launches: the append kernels' last-block tickets for `layer`."""
+        return self._counter_views[self.check_layer(layer)]
 
     def check_layer(self, layer):
         if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
@@ -220,9 +224,17 @@ class KVCache:
         return self._v[self.check_layer(layer)]
 
     def _upload_lengths(self):
-        """Host table -> both device copies (reset/truncate only: rare, so a synchronous copy is fine)."""
-        self._len_dev.copy_to_device(np.ascontiguousarray(np.stack([self._lengths, self._lengths])))
-        self._src = [0] * self.n_layers
+        """Host table -> device (reset/truncate only: rare, so a synchronous copy is fine)."""
+        self._len_dev.copy_to_device(self._lengths)
+
+    def advance(self, t):
+        """Record on the host that a launch sequence made elsewhere (tinyllm's GPU engine: RoPE fused with the
+        append, replayed as a CUDA graph) appended t tokens to every layer and row. The device table was
+        advanced by the kernels themselves."""
+        t = as_count("t", t)
+        if int(self._lengths.max()) + t > self.max_len:
+            raise ValueError(f"advance({t}): the cache holds {self._lengths.max()} of {self.max_len} tokens")
+        self._lengths += np.int32(t)
 
     def _stage_token(self, k, v):
         """One decode token's host k, v -> device, through one reused buffer and one copy.
@@ -232,11 +244,10 @@ class KVCache:
         on the stream after the kernels that read the previous token, so reusing the buffer is safe.
         """
         dtype = np.result_type(k.dtype, v.dtype)
-        key = ("kv_token", dtype.str)
-        if key not in self.scratch:
+        if dtype.str not in self._token_buffers:
             buf = cuda.device_array((2, self.batch, self.n_kv_heads, 1, self.head_dim), dtype)
-            self.scratch[key] = (buf, buf[0], buf[1])    # views made once
-        buf, dk, dv = self.scratch[key]
+            self._token_buffers[dtype.str] = (buf, buf[0], buf[1])    # views made once
+        buf, dk, dv = self._token_buffers[dtype.str]
         buf.copy_to_device(np.stack([k, v]).astype(dtype, copy=False))
         return dk, dv
 
@@ -262,11 +273,8 @@ class KVCache:
             if not hasattr(x, "shape") or not hasattr(x, "dtype"):
                 raise ValueError(f"{name} must be a NumPy or device array; got {type(x).__name__}")
         lengths = self._lengths[layer]
-        if self.on_device:
-            src = self._src[layer]
-            check_append(k, v, self._k[layer], self._len_views[src][layer], self._len_views[1 - src][layer])
-        else:
-            check_append(k, v, self._k[layer], lengths, lengths)
+        lengths_dev = self._len_views[layer] if self.on_device else lengths
+        check_append(k, v, self._k[layer], lengths_dev, lengths_dev, lengths_dev)
         t = k.shape[2]
         if int(lengths.max()) + t > self.max_len:
             rows = np.flatnonzero(lengths + t > self.max_len).tolist()
@@ -284,7 +292,7 @@ class KVCache:
             if self.on_device:
                 self._k[layer].copy_to_device(K)
                 self._v[layer].copy_to_device(V)
-                self._len_views[1 - self._src[layer]][layer].copy_to_device(new_lengths)
+                self._len_views[layer].copy_to_device(new_lengths)
 
         def kernel_path():
             if _backend.is_device_array(k) or _backend.is_device_array(v) or t != 1:
@@ -292,13 +300,11 @@ class KVCache:
                           for x in (k, v))
             else:
                 dk, dv = self._stage_token(k, v)
-            src = self._src[layer]
-            launch_append(dk, dv, self._k[layer], self._v[layer], self._len_views[src][layer],
-                          self._len_views[1 - src][layer], self._copy_shape)
+            lengths_dev = self._len_views[layer]
+            launch_append(dk, dv, self._k[layer], self._v[layer], lengths_dev, lengths_dev,
+                          self._counter_views[layer], self._copy_shape)
 
         _backend.run("KV-cache append", self.backend, kernel_path, numpy_path)
-        if self.on_device:
-            self._src[layer] ^= 1
         self._lengths[layer] = new_lengths
 
     def truncate(self, n):
@@ -307,13 +313,17 @@ class KVCache:
         The chat CLI keeps the cached prefix that the next turn shares with this one. Rewound slots are
         NaN-poisoned again, like never-written ones.
         """
-        limit = np.asarray(n)
-        if limit.dtype.kind not in "iu" or limit.shape not in ((), (self.batch,)):
-            raise ValueError(f"n has shape {limit.shape} and dtype {limit.dtype.name}; expected an int or an "
-                             f"int array of shape ({self.batch},)")
-        if (limit < 0).any():
-            raise ValueError(f"n={limit.tolist()} must be >= 0")
-        new = np.minimum(self._lengths, limit.astype(np.int64)).astype(np.int32)   # [n_layers, batch]
+        values = n.tolist() if isinstance(n, np.ndarray) else n              # Python ints: no wrap-around
+        if isinstance(n, np.ndarray) and (n.dtype.kind not in "iu" or n.shape not in ((), (self.batch,))):
+            raise ValueError(f"n has shape {n.shape} and dtype {n.dtype.name}; expected an int or an int array "
+                             f"of shape ({self.batch},)")
+        if isinstance(n, (float, np.floating)):
+            raise ValueError(f"n={n!r} has dtype {np.asarray(n).dtype.name}; expected an int or an int array")
+        counts = [as_count("n", x) for x in (values if isinstance(values, list) else [values])]
+        if min(counts) < 0:
+            raise ValueError(f"n={counts if isinstance(values, list) else counts[0]} must be >= 0")
+        limit = np.array([min(c, self.max_len) for c in counts], np.int64)
+        new = np.minimum(self._lengths, limit).astype(np.int32)   # [n_layers, batch]
         for layer in range(self.n_layers):
             old = self._lengths[layer]
             if (new[layer] == old).all():

@@ -44,10 +44,8 @@ from numba import cuda, float32
 
 from . import backend as _backend
 from . import reference
+from .device import LOG2E, NEG_INF
 from .validate import check_qkv, check_scale
-
-LOG2E = 1.4426950408889634
-NEG_INF = float32(-np.inf)
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,7 @@ def make_v0(head_dim, block_m):
 
     @cuda.jit(fastmath=True)
     def attention_v0(q, k, v, out, scale_log2, causal):
+        # q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> out [B, H, Lq, D]
         q_len, kv_len = q.shape[2], k.shape[2]
         b, h = cuda.blockIdx.z, cuda.blockIdx.y
         hk = h // (q.shape[1] // k.shape[1])                # GQA: which KV head this query head reads
@@ -106,8 +105,11 @@ def make_v1(head_dim, block_m, block_n):
     DP = D + 1  # pad Q rows by one word: thread t reads Qs[t, d], and a stride of D (a multiple of 32
     #             banks) would put every thread of a warp on the same shared-memory bank
 
+    load_q_tile, load_kv_tile = _make_v1_loads(D, BM, BN)
+
     @cuda.jit(fastmath=True)
     def attention_v1(q, k, v, out, scale_log2, causal, trace):
+        # q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> out [B, H, Lq, D]; trace [B, H, Lq, tiles, 2] (lessons only)
         q_len, kv_len = q.shape[2], k.shape[2]
         b, h = cuda.blockIdx.z, cuda.blockIdx.y
         hk = h // (q.shape[1] // k.shape[1])
@@ -122,10 +124,7 @@ def make_v1(head_dim, block_m, block_n):
         s = cuda.local.array(BN, float32)   # this row's scores for the current key tile
         acc = cuda.local.array(D, float32)
 
-        # Q tile -> shared memory, pre-multiplied by scale * log2(e) so the loop below can use exp2 directly.
-        for idx in range(t, BM * D, BM):
-            r, c = idx // D, idx % D
-            Qs[r, c] = float32(q[b, h, q0 + r, c]) * scale_log2 if q0 + r < q_len else 0.0
+        load_q_tile(q, b, h, q0, q_len, scale_log2, t, Qs)   # pre-scaled: the loop below can use exp2 directly
         for d in range(D):
             acc[d] = 0.0
         m_i = NEG_INF
@@ -135,11 +134,7 @@ def make_v1(head_dim, block_m, block_n):
         kv_end = min(kv_len, q0 + BM + offset) if causal else kv_len
         for j0 in range(0, kv_end, BN):
             cuda.syncthreads()              # everyone is done with the previous K/V tile
-            for idx in range(t, BN * D, BM):  # consecutive threads read consecutive addresses (coalesced)
-                r, c = idx // D, idx % D
-                inside = j0 + r < kv_len
-                Ks[r, c] = float32(k[b, hk, j0 + r, c]) if inside else 0.0
-                Vs[r, c] = float32(v[b, hk, j0 + r, c]) if inside else 0.0
+            load_kv_tile(k, v, b, hk, j0, kv_len, t, Ks, Vs)
             cuda.syncthreads()
             if i < q_len:
                 # scores for this tile; keys past kv_len or above the diagonal get -inf
@@ -176,18 +171,54 @@ def make_v1(head_dim, block_m, block_n):
     return attention_v1
 
 
+def _make_v1_loads(D, BM, BN):
+    @cuda.jit(device=True, inline=True)
+    def load_q_tile(q, b, h, q0, q_len, scale_log2, t, Qs):
+        """Q tile -> shared memory, pre-multiplied by scale * log2(e); rows past q_len become 0."""
+        for idx in range(t, BM * D, BM):
+            r, c = idx // D, idx % D
+            Qs[r, c] = float32(q[b, h, q0 + r, c]) * scale_log2 if q0 + r < q_len else 0.0
+
+    @cuda.jit(device=True, inline=True)
+    def load_kv_tile(k, v, b, hk, j0, kv_len, t, Ks, Vs):
+        """K and V tiles at key j0 -> shared memory; consecutive threads read consecutive addresses (coalesced)."""
+        for idx in range(t, BN * D, BM):
+            r, c = idx // D, idx % D
+            inside = j0 + r < kv_len
+            Ks[r, c] = float32(k[b, hk, j0 + r, c]) if inside else 0.0
+            Vs[r, c] = float32(v[b, hk, j0 + r, c]) if inside else 0.0
+    return load_q_tile, load_kv_tile
+
+
 # --------------------------------------------------------------------------------------------------------
 # Launching
 # --------------------------------------------------------------------------------------------------------
+def check_version(version):
+    if version not in VERSIONS:
+        raise ValueError(f"version={version!r}: expected one of {VERSIONS}")
+
+
+def check_tiles(version, tiles, head_dim):
+    """Every version's launch shape, before anything is compiled: v0 and v1 run one thread per query row."""
+    check_version(version)
+    ok = isinstance(tiles, Tiles) and min(tiles.block_m, tiles.block_n, tiles.threads) >= 1
+    if ok and version in ("v0", "v1") and tiles.threads != tiles.block_m:
+        raise ValueError(f"{version} tiles {tiles}: threads must equal block_m (one thread per query row)")
+    if not ok:
+        raise ValueError(f"tiles={tiles!r}: expected Tiles(block_m, block_n, threads) with positive sizes")
+    if version == "v2":
+        from .prefill_v2 import layout
+        layout(tiles.block_m, tiles.block_n, tiles.threads, head_dim)
+
+
 def _make(version, head_dim, tiles):
+    check_tiles(version, tiles, head_dim)
     if version == "v0":
         return make_v0(head_dim, tiles.block_m)
     if version == "v1":
         return make_v1(head_dim, tiles.block_m, tiles.block_n)
-    if version == "v2":
-        from .prefill_v2 import make_v2
-        return make_v2(head_dim, tiles.block_m, tiles.block_n, tiles.threads)
-    raise ValueError(f"version={version!r}: expected one of {VERSIONS}")
+    from .prefill_v2 import make_v2
+    return make_v2(head_dim, tiles.block_m, tiles.block_n, tiles.threads)
 
 
 VERSIONS = ("v0", "v1", "v2")
@@ -247,8 +278,7 @@ def _static_shared_over_48k():
 
 
 def default_tiles(version, backend, head_dim):
-    if version not in VERSIONS:
-        raise ValueError(f"version={version!r}: expected one of {VERSIONS}")
+    check_version(version)
     return SIM_TILES[version] if backend == "sim" else gpu_tiles(version, head_dim)
 
 
@@ -260,9 +290,15 @@ def launch(q, k, v, out, causal, scale, version=DEFAULT_VERSION, tiles=None, str
     grid = ((q_len + tiles.block_m - 1) // tiles.block_m, n_heads, batch)
     args = (q, k, v, out, float32(scale * LOG2E), bool(causal))
     if version == "v1":
-        args += (trace if trace is not None else cuda.device_array((1, 1, 1, 1, 1), np.float32),)  # no trace
+        args += (trace if trace is not None else _no_trace(),)
     kernel[grid, tiles.threads, stream](*args)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _no_trace():
+    """The v1 kernel's trace argument when nothing is traced: one tiny device array, made once."""
+    return cuda.device_array((1, 1, 1, 1, 1), np.float32)
 
 
 def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None, version=DEFAULT_VERSION,
@@ -279,8 +315,9 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None,
         raise ValueError(f"out has shape {tuple(out.shape)} and dtype {np.dtype(out.dtype).name}; "
                          f"expected {tuple(q.shape)} float32")
     be = _backend.resolve(backend)
-    if version not in VERSIONS:
-        raise ValueError(f"version={version!r}: expected one of {VERSIONS}")
+    check_version(version)
+    if tiles is not None:
+        check_tiles(version, tiles, q.shape[3])
     on_device = _backend.is_device_array(q)
 
     def numpy_path():

@@ -44,11 +44,9 @@ shared memory, which ptxas accepts on sm_90 but not on older GPUs (they get BM=6
 import functools
 import math
 
-import numpy as np
 from numba import config, cuda, float32, uint32
 
-NEG_INF = float32(-np.inf)
-FULL_MASK = 0xFFFFFFFF
+from .device import NEG_INF, make_group_reduce, reduce_scratch_shape
 
 
 def layout(block_m, block_n, threads, head_dim):
@@ -66,50 +64,6 @@ def shared_bytes(block_m, block_n, head_dim):
                 + block_m * (block_n + 1))
 
 
-@cuda.jit(device=True, inline=True)
-def _max2(a, b):
-    return max(a, b)
-
-
-@cuda.jit(device=True, inline=True)
-def _add2(a, b):
-    return a + b
-
-
-def make_group_reduce(TC, TM, use_shuffle):
-    """group_max(x, red) / group_sum(x, red): combine x[0:TM] across the TC threads of a row group, in place."""
-    LOG_TC = int(math.log2(TC))
-
-    def make(combine):
-        if use_shuffle:     # a butterfly over the TC lanes: after log2(TC) steps every lane holds the result
-            @cuda.jit(device=True, inline=True)
-            def group_reduce(x, red):
-                for i in range(TM):
-                    v = x[i]
-                    for s in range(LOG_TC):
-                        v = combine(v, cuda.shfl_xor_sync(FULL_MASK, v, TC >> (s + 1)))
-                    x[i] = v
-            return group_reduce
-
-        # shared-memory twin: every thread posts its values, waits, and reads its group's TC values
-        @cuda.jit(device=True, inline=True)
-        def group_reduce(x, red):
-            t = cuda.threadIdx.x
-            g0 = t - t % TC
-            for i in range(TM):
-                red[i, t] = x[i]
-            cuda.syncthreads()
-            for i in range(TM):
-                v = red[i, g0]
-                for c in range(1, TC):
-                    v = combine(v, red[i, g0 + c])
-                x[i] = v
-            cuda.syncthreads()
-        return group_reduce
-
-    return make(_max2), make(_add2)
-
-
 @functools.lru_cache(maxsize=None)
 def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
     D, BM, BN, NT = head_dim, block_m, block_n, threads
@@ -118,40 +72,15 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
         reduce = "shared" if config.ENABLE_CUDASIM else "shuffle"
     group_max, group_sum = make_group_reduce(TC, TM, reduce == "shuffle")
     DP, BNP = D + 1, BN + 1                         # one word of padding per row: conflict-free columns
-    RED = (TM, NT) if reduce == "shared" else (1, 1)
-
-    # One step of each tile product. The loops over d and over keys call these four times per iteration: an
-    # unroll by hand, because Numba's loops over d stayed rolled and every step then recomputed all its
-    # shared-memory addresses (2 integer instructions per load in the SASS). Unrolled, the offsets d+1..d+3
-    # become immediate operands of the loads.
-    # Indices are unsigned (uint32) in these two: Numba wraps negative indices around Python-style, and for a
-    # signed index it emits a compare-and-select per load unless the compiler can prove the index >= 0.
-    @cuda.jit(device=True, inline=True)
-    def outer_product(Qs, Ks, d, rows, keys, a, bvec, s):
-        """s[i, j] += Q[row i, d] * K[key j, d]"""
-        du = uint32(d)
-        for i in range(TM):
-            a[i] = Qs[rows[i], du]
-        for j in range(TN):
-            bvec[j] = Ks[keys[j], du]
-        for i in range(TM):
-            for j in range(TN):
-                s[i, j] += a[i] * bvec[j]
-
-    @cuda.jit(device=True, inline=True)
-    def outer_product_v(Ps, Vs, jj, rows, dims, a, bvec, acc):
-        """acc[i, e] += P[row i, key jj] * V[key jj, dim e]"""
-        ju = uint32(jj)
-        for i in range(TM):
-            a[i] = Ps[rows[i], ju]
-        for e in range(TE):
-            bvec[e] = Vs[ju, dims[e]]
-        for i in range(TM):
-            for e in range(TE):
-                acc[i, e] += a[i] * bvec[e]
+    RED = reduce_scratch_shape(TM, NT, reduce == "shuffle")
+    load_q, load_kv = _make_loads(D, BM, BN, NT)
+    scores = _make_scores(D, BN, TR, TC, TM, TN)
+    softmax_step = _make_softmax_step(TM, TN, TE, group_max)
+    pv = _make_pv(BN, TM, TE)
 
     @cuda.jit(fastmath=True)
     def attention_v2(q, k, v, out, scale_log2, causal):
+        # q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> out [B, H, Lq, D]
         q_len, kv_len = q.shape[2], k.shape[2]
         b, h = cuda.blockIdx.z, cuda.blockIdx.y
         hk = h // (q.shape[1] // k.shape[1])
@@ -183,9 +112,7 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
         for e in range(TE):
             dims[e] = cg + TC * e
 
-        for idx in range(t, BM * D, NT):            # Q tile, scaled by scale*log2(e) for exp2
-            r, c = idx // D, idx % D
-            Qs[r, c] = float32(q[b, h, q0 + r, c]) * scale_log2 if q0 + r < q_len else float32(0.0)
+        load_q(q, b, h, q0, q_len, scale_log2, t, Qs)
         for i in range(TM):
             m_i[i] = NEG_INF
             l_i[i] = 0.0
@@ -195,60 +122,12 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
         kv_end = min(kv_len, q0 + BM + offset) if causal else kv_len
         for j0 in range(0, kv_end, BN):
             cuda.syncthreads()                      # the previous tile's Ks, Vs and Ps are no longer read
-            for idx in range(t, BN * D, NT):
-                r, c = idx // D, idx % D
-                inside = j0 + r < kv_len
-                Ks[r, c] = float32(k[b, hk, j0 + r, c]) if inside else float32(0.0)
-                Vs[r, c] = float32(v[b, hk, j0 + r, c]) if inside else float32(0.0)
+            load_kv(k, v, b, hk, j0, kv_len, t, Ks, Vs)
             cuda.syncthreads()
-
-            # S = Q K^T on this thread's TM×TN piece: outer products over d
-            for i in range(TM):
-                for j in range(TN):
-                    s[i, j] = 0.0
-            for d in range(0, D, 4):                # four explicit steps: unrolled by hand (see outer_product)
-                outer_product(Qs, Ks, d, rows, keys, a, bvec, s)
-                outer_product(Qs, Ks, d + 1, rows, keys, a, bvec, s)
-                outer_product(Qs, Ks, d + 2, rows, keys, a, bvec, s)
-                outer_product(Qs, Ks, d + 3, rows, keys, a, bvec, s)
-
-            # mask only where this tile crosses kv_len or the causal diagonal
-            if j0 + BN > kv_len or (causal and j0 + BN - 1 > q0 + offset):
-                for i in range(TM):
-                    last = kv_len - 1
-                    if causal:
-                        last = min(last, q0 + rg + TR * i + offset)
-                    for j in range(TN):
-                        if j0 + cg + TC * j > last:
-                            s[i, j] = NEG_INF
-
-            # online softmax: new row max over the group, rescale, exponentiate
-            for i in range(TM):
-                mx = NEG_INF
-                for j in range(TN):
-                    mx = max(mx, s[i, j])
-                m_tile[i] = mx
-            group_max(m_tile, red)
-            for i in range(TM):
-                m_new = max(m_i[i], m_tile[i])
-                m_safe = m_new if m_new != NEG_INF else float32(0.0)  # padding rows beyond q_len see only -inf
-                alpha = math.exp2(m_i[i] - m_safe)
-                m_i[i] = m_new
-                l_i[i] *= alpha
-                for e in range(TE):
-                    acc[i, e] *= alpha
-                for j in range(TN):
-                    p = math.exp2(s[i, j] - m_safe)
-                    l_i[i] += p
-                    Ps[rows[i], keys[j]] = p
+            scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, kv_len, offset, causal, rg, cg)
+            softmax_step(s, m_i, l_i, m_tile, acc, rows, keys, Ps, red)
             cuda.syncthreads()
-
-            # O += P V on this thread's TM×TE piece
-            for jj in range(0, BN, 4):
-                outer_product_v(Ps, Vs, jj, rows, dims, a, bvec, acc)
-                outer_product_v(Ps, Vs, jj + 1, rows, dims, a, bvec, acc)
-                outer_product_v(Ps, Vs, jj + 2, rows, dims, a, bvec, acc)
-                outer_product_v(Ps, Vs, jj + 3, rows, dims, a, bvec, acc)
+            pv(Ps, Vs, rows, dims, a, bvec, acc)
 
         group_sum(l_i, red)                         # the row sums, combined once
         for i in range(TM):
@@ -259,3 +138,117 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
                     out[b, h, r, cg + TC * e] = acc[i, e] * inv_l
 
     return attention_v2
+
+
+# One step of each tile product. The loops over d and over keys call these four times per iteration: an
+# unroll by hand, because Numba's loops over d stayed rolled and every step then recomputed all its
+# shared-memory addresses (2 integer instructions per load in the SASS). Unrolled, the offsets d+1..d+3
+# become immediate operands of the loads.
+# Indices are unsigned (uint32) in these: Numba wraps negative indices around Python-style, and for a signed
+# index it emits a compare-and-select per load unless the compiler can prove the index >= 0.
+def _make_outer_product(TM, TN, b_is_k_major):
+    """c[i, j] += A[row i, kk] * B[kk, col j] (b_is_k_major, P V) or A[row i, kk] * B[col j, kk] (Q K^T)."""
+    if b_is_k_major:
+        @cuda.jit(device=True, inline=True)
+        def b_at(B, kk, col):
+            return B[kk, col]
+    else:
+        @cuda.jit(device=True, inline=True)
+        def b_at(B, kk, col):
+            return B[col, kk]
+
+    @cuda.jit(device=True, inline=True)
+    def outer_product(A, B, a_rows, b_cols, kk, a, bvec, c):
+        ku = uint32(kk)
+        for i in range(TM):
+            a[i] = A[a_rows[i], ku]
+        for j in range(TN):
+            bvec[j] = b_at(B, ku, b_cols[j])
+        for i in range(TM):
+            for j in range(TN):
+                c[i, j] += a[i] * bvec[j]
+    return outer_product
+
+
+def _make_loads(D, BM, BN, NT):
+    @cuda.jit(device=True, inline=True)
+    def load_q(q, b, h, q0, q_len, scale_log2, t, Qs):
+        """Q tile -> shared, scaled by scale*log2(e) for exp2; rows past q_len become 0."""
+        for idx in range(t, BM * D, NT):
+            r, c = idx // D, idx % D
+            Qs[r, c] = float32(q[b, h, q0 + r, c]) * scale_log2 if q0 + r < q_len else float32(0.0)
+
+    @cuda.jit(device=True, inline=True)
+    def load_kv(k, v, b, hk, j0, kv_len, t, Ks, Vs):
+        """K and V tiles at key j0 -> shared (consecutive threads, consecutive addresses); keys past kv_len: 0."""
+        for idx in range(t, BN * D, NT):
+            r, c = idx // D, idx % D
+            inside = j0 + r < kv_len
+            Ks[r, c] = float32(k[b, hk, j0 + r, c]) if inside else float32(0.0)
+            Vs[r, c] = float32(v[b, hk, j0 + r, c]) if inside else float32(0.0)
+    return load_q, load_kv
+
+
+def _make_scores(D, BN, TR, TC, TM, TN):
+    outer_product = _make_outer_product(TM, TN, False)
+
+    @cuda.jit(device=True, inline=True)
+    def scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, kv_len, offset, causal, rg, cg):
+        """s = this thread's TM x TN piece of Q K^T for the key tile at j0, masked where the tile crosses kv_len
+        or the causal diagonal (-inf)."""
+        for i in range(TM):
+            for j in range(TN):
+                s[i, j] = 0.0
+        for d in range(0, D, 4):                # four explicit steps: unrolled by hand (see outer_product)
+            outer_product(Qs, Ks, rows, keys, d, a, bvec, s)
+            outer_product(Qs, Ks, rows, keys, d + 1, a, bvec, s)
+            outer_product(Qs, Ks, rows, keys, d + 2, a, bvec, s)
+            outer_product(Qs, Ks, rows, keys, d + 3, a, bvec, s)
+        if j0 + BN > kv_len or (causal and j0 + BN - 1 > q0 + offset):
+            for i in range(TM):
+                last = kv_len - 1
+                if causal:
+                    last = min(last, q0 + rg + TR * i + offset)
+                for j in range(TN):
+                    if j0 + cg + TC * j > last:
+                        s[i, j] = NEG_INF
+    return scores
+
+
+def _make_softmax_step(TM, TN, TE, group_max):
+    @cuda.jit(device=True, inline=True)
+    def softmax_step(s, m_i, l_i, m_tile, acc, rows, keys, Ps, red):
+        """The online-softmax update: new row max over the group, rescale acc and l_i, P = exp2(s - m) -> Ps."""
+        for i in range(TM):
+            mx = NEG_INF
+            for j in range(TN):
+                mx = max(mx, s[i, j])
+            m_tile[i] = mx
+        group_max(m_tile, red)
+        for i in range(TM):
+            m_new = max(m_i[i], m_tile[i])
+            m_safe = m_new if m_new != NEG_INF else float32(0.0)  # padding rows beyond q_len see only -inf
+            alpha = math.exp2(m_i[i] - m_safe)
+            m_i[i] = m_new
+            l_i[i] *= alpha
+            for e in range(TE):
+                acc[i, e] *= alpha
+            for j in range(TN):
+                p = math.exp2(s[i, j] - m_safe)
+                l_i[i] += p
+                Ps[rows[i], keys[j]] = p
+    return softmax_step
+
+
+def _make_pv(BN, TM, TE):
+    outer_product = _make_outer_product(TM, TE, True)
+
+    @cuda.jit(device=True, inline=True)
+    def pv(Ps, Vs, rows, dims, a, bvec, acc):
+        """acc += P V on this thread's TM x TE piece of the output (outer products over the tile's keys)."""
+        for jj in range(0, BN, 4):
+            outer_product(Ps, Vs, rows, dims, jj, a, bvec, acc)
+            outer_product(Ps, Vs, rows, dims, jj + 1, a, bvec, acc)
+            outer_product(Ps, Vs, rows, dims, jj + 2, a, bvec, acc)
+            outer_product(Ps, Vs, rows, dims, jj + 3, a, bvec, acc)
+    return pv

@@ -1,7 +1,8 @@
-"""NumPy attention: the oracle every kernel is tested against, and the lesson every kernel implements.
+"""NumPy oracle: the equation every kernel is tested against, and the lesson every kernel implements.
 
 Each function is one equation (picoGPT style). Everything is computed in float64 when any input is float64,
-else in float32, so tests can ask for an fp64 answer by passing fp64 inputs.
+else in float32, so tests can ask for an fp64 answer by passing fp64 inputs. The Llama pieces at the end
+(rms_norm, rope, silu, swiglu, linear) are also what tinyllm's NumPy engine runs: one definition of the math.
 
 Shapes: q [batch, n_heads, q_len, head_dim]; k, v [batch, n_kv_heads, kv_len, head_dim].
 """
@@ -65,3 +66,56 @@ def decode_attention(q, k_cache, v_cache, lengths, scale=None):
             v = np.asarray(v_cache[b:b + 1, :, :n], dtype=dt)
             out[b] = attention(q[b:b + 1, :, None, :], k, v, scale=scale)[0, :, 0]  # [n_heads, d]
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# The rest of a Llama block (numbattn/linear.py and numbattn/rowwise.py implement these on the GPU)
+# --------------------------------------------------------------------------------------------------------
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight: like LayerNorm without the mean subtraction and the bias. [.., dim]"""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def silu(x):
+    """x * sigmoid(x), with sigmoid written through tanh so exp() cannot overflow for large |x|."""
+    return x * (0.5 + 0.5 * np.tanh(0.5 * x))
+
+
+def linear(x, w):
+    """y = x W^T with W in Hugging Face's [out_features, in_features] layout. [.., in] -> [.., out]"""
+    return x @ np.asarray(w).T
+
+
+def swiglu(gate, up):
+    """The SwiGLU activation: silu(gate) * up, elementwise."""
+    return silu(gate) * up
+
+
+def swiglu_interleaved(y):
+    """The fused gate/up matmul's output: [.., 2 * ffn] with gate and up interleaved (2f = gate_f, 2f+1 = up_f)
+    -> silu(gate) * up, [.., ffn]."""
+    return swiglu(y[..., 0::2], y[..., 1::2])
+
+
+def rope_tables(head_dim, n_positions, theta, scaling_factor=1.0):
+    """cos and sin of every position's rotation angles -> two [n_positions, head_dim / 2] float32 tables.
+
+    Pair i of a head rotates by angle pos * theta^(-2i / head_dim): fast for the first pairs, slow for the
+    last, so relative positions from 1 to thousands of tokens stay distinguishable. Computed in float64.
+    Linear RoPE scaling stretches the context by dividing positions by the factor.
+    """
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # [head_dim / 2]
+    pos = np.arange(n_positions, dtype=np.float64) / scaling_factor                # [n_positions]
+    angles = np.outer(pos, inv_freq)                                               # [n_positions, head_dim/2]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x, cos, sin):
+    """Rotate each head's pairs (x[i], x[i + d/2]) by their position's angles (Hugging Face's rotate-half
+    layout: the first half of a head pairs with its second half, not even with odd).
+
+    x [batch, heads, seq, head_dim]; cos, sin [seq, head_dim / 2] -> same shape as x.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]                                  # [b, h, s, d/2] each
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

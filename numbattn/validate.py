@@ -8,6 +8,14 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (np.float32, np.float16)
 
 
+def as_count(name, x):
+    """An integer argument (count, length, position) as a Python int: bools, floats and strings are refused, and
+    NumPy integers are converted exactly (np.uint64(2**64 - 1) stays 18446744073709551615, never -1)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise ValueError(f"{name}={x!r} must be an integer")
+    return int(x)
+
+
 def check_dtype(name, x, allowed=DTYPES):
     if np.dtype(x.dtype) not in [np.dtype(d) for d in allowed]:
         names = ", ".join(np.dtype(d).name for d in allowed)

@@ -220,7 +220,8 @@ def test_bench_prefill_and_decode_tables(run):
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert lines[0].startswith("prefill on numpy") and "numpy reference" in lines[1]
-    assert len(lines) == 3 + 4                                       # title, header, rule, 2 batches x 2 lengths
+    assert len(lines) == 3 + 4 + 1                          # title, header, rule, 2 batches x 2 lengths, a note
+    assert re.search(r"\d \[[\d.e-]+-[\d.e-]+\]", lines[3]) and "median [min-max] of 5 calls" in lines[-1]
     r = run("bench", "--what", "decode", *NUMPY, "--seq-lens", "8")
     assert r.exit_code == 0, r.output
     assert "decode on numpy" in r.stdout and "cache" in r.stdout.splitlines()[1]

@@ -1,7 +1,7 @@
-"""Split-K decode attention (numbattn/decode.py) against the fp64 NumPy reference.
+"""Decode attention (numbattn/decode.py: v0 simple, v1 split-K with a last-block merge) against the fp64 reference.
 
-Without a GPU these run in Numba's CUDA simulator (conftest.py) with tiny splits (4 or 8 keys) and tiles (2 or 3
-keys), so lengths like 31 and 100 cross many splits, end in a ragged split, and splits end in ragged tiles.
+Without a GPU these run in Numba's CUDA simulator (conftest.py) with tiny splits (4 or 8 keys) and key slots
+(2 to 4 per block), so lengths like 31 and 100 cross many splits, end in a ragged split, and leave slots empty.
 
 Tolerance: 1e-5 relative to the largest reference value, for fp32 AND fp16 storage. The reference is fed
 float64 copies of exactly what the kernel reads (the cache's storage copied back, q as given), so fp16 storage
@@ -22,8 +22,8 @@ from numbattn.decode import Config
 RTOL = 1e-5
 KERNEL = available_backends()[0]  # "sim" in CI, "cuda" with NUMBATTN_TEST_GPU=1
 pytestmark = pytest.mark.skipif(KERNEL == "numpy", reason="numba.cuda unavailable: nothing to test")
-TINY = Config(split=4, block_n=3, threads=8, merge_threads=4)       # tiles of 3, 1 keys in every split of 4
-LONG = Config(split=8, block_n=3, threads=8, merge_threads=4)       # 100 keys: 13 splits, the last holds 4
+TINY = Config(split=4, threads=8, dims_per_lane=4)      # head_dim 16: 4 lanes per key, 2 key slots, 4-key splits
+LONG = Config(split=8, threads=8, dims_per_lane=8)      # 2 lanes per key, 4 slots; 100 keys: 13 splits, last of 4
 
 
 host = to_host
@@ -53,11 +53,12 @@ def reference_fp64(q, cache, layer=0, scale=None):
                                       scale=scale)
 
 
-def check(q, cache, layer=0, scale=None, config=None, rtol=RTOL):
+def check(q, cache, layer=0, scale=None, config=None, rtol=RTOL, version="v1"):
     """Decode into a NaN-poisoned device buffer and compare with the fp64 reference."""
     from numba import cuda
     out = cuda.to_device(np.full(q.shape, np.nan, np.float32))  # an unwritten element stays NaN and fails
-    got = numbattn.decode_attention(cuda.to_device(q), cache, layer, scale=scale, out=out, config=config)
+    got = numbattn.decode_attention(cuda.to_device(q), cache, layer, scale=scale, out=out, config=config,
+                                    version=version)
     got = got.copy_to_host()
     want = reference_fp64(q, cache, layer, scale)
     assert got.dtype == np.float32 and got.shape == want.shape
@@ -72,19 +73,22 @@ def test_matches_reference_lengths(length, config):
     rng = np.random.default_rng(length)
     cache, q = filled_cache(rng, [length], max_len=length + 5)   # unused NaN slots right after the last key
     check(q, cache, config=config)
+    check(q, cache, version="v0")
 
 
+@pytest.mark.parametrize("version", decode.VERSIONS)
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(2, 2), (4, 1), (8, 1), (8, 2)])  # GQA ratios 1, 4, 8, 4
-def test_grouped_query_heads(n_heads, n_kv_heads):
+def test_grouped_query_heads(version, n_heads, n_kv_heads):
     rng = np.random.default_rng(n_heads * 10 + n_kv_heads)
     cache, q = filled_cache(rng, [9], n_heads=n_heads, n_kv_heads=n_kv_heads)
-    check(q, cache, config=TINY)
+    check(q, cache, config=TINY if version == "v1" else None, version=version)
 
 
-def test_rows_of_different_lengths_and_an_empty_row():
+@pytest.mark.parametrize("version", decode.VERSIONS)
+def test_rows_of_different_lengths_and_an_empty_row(version):
     rng = np.random.default_rng(11)
     cache, q = filled_cache(rng, [0, 1, 6, 13], n_heads=4, n_kv_heads=2, max_len=16)
-    got = check(q, cache, config=TINY)
+    got = check(q, cache, config=TINY if version == "v1" else None, version=version)
     assert (got[0] == 0).all()                   # a row holding no tokens returns zeros
 
 
@@ -116,7 +120,8 @@ def test_large_logits_across_splits_are_stable():
 def test_custom_scale_and_head_dim_64():
     rng = np.random.default_rng(15)
     cache, q = filled_cache(rng, [10, 5], n_heads=4, n_kv_heads=2, d=64)
-    check(q, cache, scale=0.3, config=TINY)
+    check(q, cache, scale=0.3, config=Config(split=4, threads=16, dims_per_lane=8))
+    check(q, cache, scale=0.3, version="v0")
 
 
 def test_the_unused_nan_slots_never_leak_with_the_default_config():
@@ -124,7 +129,7 @@ def test_the_unused_nan_slots_never_leak_with_the_default_config():
     rng = np.random.default_rng(16)
     cache, q = filled_cache(rng, [5, 2], n_heads=4, n_kv_heads=2, max_len=24)
     check(q, cache)
-    check(q, cache, config=Config(split=None, block_n=4, threads=8, merge_threads=4))
+    check(q, cache, config=Config(split=None, threads=8, dims_per_lane=8))
 
 
 def test_host_in_host_out_and_device_in_device_out():
@@ -188,48 +193,45 @@ def test_prefill_then_decode_equals_one_long_prefill():
 
 @settings(max_examples=25, deadline=None)
 @given(lengths=st.lists(st.integers(0, 19), min_size=1, max_size=3), group=st.sampled_from([1, 2, 4]),
-       n_kv_heads=st.integers(1, 2), split=st.integers(1, 6), block_n=st.integers(1, 4),
-       threads=st.sampled_from([4, 8, 16, 32]), dtype=st.sampled_from([np.float32, np.float16]),
+       n_kv_heads=st.integers(1, 2), split=st.integers(1, 6), lanes=st.sampled_from([1, 2, 4, 8]),
+       threads=st.sampled_from([8, 16, 32]), dtype=st.sampled_from([np.float32, np.float16]),
        seed=st.integers(0, 2**16))
-def test_property_sweep(lengths, group, n_kv_heads, split, block_n, threads, dtype, seed):
+def test_property_sweep(lengths, group, n_kv_heads, split, lanes, threads, dtype, seed):
     rng = np.random.default_rng(seed)
     cache, q = filled_cache(rng, lengths, n_heads=group * n_kv_heads, n_kv_heads=n_kv_heads, dtype=dtype)
-    check(q, cache, config=Config(split=split, block_n=block_n, threads=threads, merge_threads=threads // 4))
+    check(q, cache, config=Config(split=split, threads=threads, dims_per_lane=16 // lanes))
 
 
 def test_split_grows_with_the_length_and_fills_the_gpu():
-    """The GPU's automatic split: >= MIN_SPLIT keys, a multiple of the tile, and a long context fills 132 SMs."""
+    """The GPU's automatic split: >= MIN_SPLIT keys, and a long context gives each SM BLOCKS_PER_SM blocks."""
     for length in (1, 100, 2048, 4096, 32768, 131072):
-        split = decode.choose_split(length, 1, 4, 32, n_sm=132)
-        assert split >= decode.MIN_SPLIT and split % 32 == 0
-        if length >= 32768:
-            assert 4 * decode.n_splits_for(length, split) >= 132 * decode.BLOCKS_PER_SM * 0.9
-    assert decode.choose_split(131072, 1, 4, 32, n_sm=132) > decode.choose_split(32768, 1, 4, 32, n_sm=132)
+        split = decode.choose_split(length, 1, 4, n_sm=132)
+        assert split >= decode.MIN_SPLIT and split % decode.MIN_SPLIT == 0
+        if length >= 131072:
+            assert 4 * decode.n_splits_for(length, split) >= 132 * decode.BLOCKS_PER_SM * 0.5
+    assert decode.choose_split(131072, 1, 4, n_sm=132) > decode.choose_split(32768, 1, 4, n_sm=132)
     for head_dim in (16, 32, 64, 128):
-        for group in (1, 4, 8, 32):
-            cfg = decode.gpu_config(head_dim, group)
-            assert decode.shared_bytes(head_dim, group, cfg.block_n) <= decode.SHARED_LIMIT
+        for group in (1, 4, 8):
+            cfg = decode.gpu_config("v1", head_dim, group)
+            assert decode.v1_shared_bytes(head_dim, group, cfg.threads, cfg.dims_per_lane) <= decode.SHARED_LIMIT
 
 
-def test_device_launcher_with_reused_scratch():
-    """decode.launch on device arrays (the benchmark's hot path): reused scratch, max_length bound."""
+def test_repeated_device_calls_take_the_prepared_path_and_follow_the_cache():
+    """The same device q (the benchmark's and the engine's hot path): one prepared launch, re-planned as the
+    context grows (longer splits), right after every append; without `out` the result lives in the cache's
+    buffer for that layer."""
     from numba import cuda
     rng = np.random.default_rng(20)
-    cache, q = filled_cache(rng, [6, 3], n_heads=4, n_kv_heads=2, max_len=12)
-    cfg = Config(split=2, block_n=2, threads=8, merge_threads=4)
-    scratch = decode.make_scratch(2, 4, 16, decode.n_splits_for(6, 2))
-    dq, out = cuda.to_device(q), cuda.device_array(q.shape, np.float32)
-    for _ in range(2):
-        decode.launch(dq, cache.k(0), cache.v(0), cache.device_lengths(0), out, None, max_length=6, config=cfg,
-                      scratch=scratch)
-    np.testing.assert_allclose(out.copy_to_host(), reference_fp64(q, cache), rtol=RTOL, atol=1e-6)
-    with pytest.raises(ValueError, match=r"scratch has shape \(2, 4, 3, 18\); this call needs \(2, 4, >= 6, 18\)"):
-        decode.launch(dq, cache.k(0), cache.v(0), cache.device_lengths(0), out, None, max_length=12,
-                      config=cfg, scratch=scratch)
-    with pytest.raises(ValueError, match=r"max_length=13"):
-        decode.launch(dq, cache.k(0), cache.v(0), cache.device_lengths(0), out, None, max_length=13, config=cfg)
-    with pytest.raises(ValueError, match=r"lengths has shape \(2,\) and dtype int64"):
-        decode.launch(dq, cache.k(0), cache.v(0), cuda.to_device(np.array([1, 2])), out, None)
+    cache, q = filled_cache(rng, [6, 3], n_heads=4, n_kv_heads=2, max_len=40)
+    dq = cuda.to_device(q)
+    config = Config(split=None, threads=8, dims_per_lane=8)
+    first = numbattn.decode_attention(dq, cache, 0, config=config)
+    prepared = cache.decode_workspace.calls[(0, None, config, "v1")]
+    for step in range(3):
+        got = numbattn.decode_attention(dq, cache, 0, config=config)
+        assert got is first and cache.decode_workspace.calls[(0, None, config, "v1")] is prepared
+        np.testing.assert_allclose(got.copy_to_host(), reference_fp64(q, cache), rtol=RTOL, atol=1e-6)
+        cache.append(0, *(rng.standard_normal((2, 2, 1 + 10 * step, 16)).astype(np.float32) for _ in range(2)))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -242,8 +244,9 @@ def test_device_launcher_with_reused_scratch():
     (dict(cache="cache"), r"cache must be a numbattn.KVCache; got str"),
     (dict(scale=float("inf")), r"scale=inf"),
     (dict(out=np.zeros((2, 4, 16), np.float32)), r"out has shape .* expected a device array"),
-    (dict(config=Config(split=4, block_n=2, threads=6, merge_threads=4)), r"threads a power of two"),
-    (dict(config=Config(split=0, block_n=2, threads=8, merge_threads=4)), r"split None or >= 1"),
+    (dict(config=Config(split=4, threads=6, dims_per_lane=4)), r"power of two <= 32 that divides threads"),
+    (dict(config=Config(split=0, threads=8, dims_per_lane=4)), r"split None or >= 1"),
+    (dict(version="v2"), r"version='v2': expected one of"),
 ])
 def test_validation_errors_name_the_argument(bad, match):
     cache, _ = filled_cache(np.random.default_rng(21), [2, 3], n_heads=4, n_kv_heads=2)

@@ -185,30 +185,59 @@ def test_bad_constructor_arguments_are_named(args, match):
 
 
 @pytest.mark.parametrize("n,match", [(-1, r"must be >= 0"), (np.array([1, 2, 3]), r"n has shape \(3,\)"),
-                                     (1.5, r"dtype float64")])
+                                     (1.5, r"dtype float64"), (True, r"n=True must be an integer"),
+                                     (np.array([2, -1]), r"n=\[2, -1\] must be >= 0")])
 def test_bad_truncate_is_rejected(n, match):
     cache = numbattn.KVCache(1, 2, 1, 4, 16, backend=KERNEL)
     with pytest.raises(ValueError, match=match):
         cache.truncate(n)
 
 
+@pytest.mark.parametrize("n", [np.uint64(2**63 + 5), np.uint64(2**64 - 1), 2**70, np.array([2**63, 7], np.uint64)])
+def test_huge_truncate_counts_keep_everything(n):
+    """Counts beyond int64 are taken exactly as Python ints (no wrap-around to a negative or a small length):
+    truncating to more than the cache holds keeps every token, and decode still reads only written slots."""
+    cache = numbattn.KVCache(1, 2, 1, 8, 16, backend=KERNEL)
+    rng = np.random.default_rng(9)
+    cache.append(0, *rand_kv(rng, 2, 1, 4, 16))
+    before = snapshot(cache)
+    cache.truncate(n)
+    assert cache.lengths.tolist() == [4, 4] and host(cache.device_lengths(0)).tolist() == [4, 4]
+    assert_same(before, snapshot(cache))
+    out = numbattn.decode_attention(rng.standard_normal((2, 1, 16)).astype(np.float32), cache, 0)
+    assert np.isfinite(out).all()
+
+
+def test_advance_records_kernel_appends_and_refuses_overflow():
+    cache = numbattn.KVCache(2, 1, 1, 4, 16, backend=KERNEL)
+    cache.advance(3)
+    assert cache.lengths.tolist() == [3] and cache.layer_lengths(1).tolist() == [3]
+    with pytest.raises(ValueError, match=r"advance\(2\): the cache holds 3 of 4"):
+        cache.advance(2)
+    with pytest.raises(ValueError, match=r"t=1.0 must be an integer"):
+        cache.advance(1.0)
+
+
 def test_device_launcher_is_idempotent_for_timing():
-    """launch_append with fixed lengths_in/lengths_out writes the same slots each call (how the bench times it)."""
+    """launch_append with fixed lengths_in/lengths_out writes the same slots each call (how the bench times it),
+    with several blocks per row (the last one writes the length) and the tickets reset after every launch."""
     from numba import cuda
     rng = np.random.default_rng(6)
     cache = numbattn.KVCache(1, 2, 2, 8, 16, backend=KERNEL)
     k, v = rand_kv(rng, 2, 2, 3, 16)
     dk, dv = cuda.to_device(k), cuda.to_device(v)
     lengths_in, lengths_out = cuda.to_device(np.array([1, 4], np.int32)), cuda.device_array(2, np.int32)
-    copy = kvcache.SIM_COPY if KERNEL == "sim" else kvcache.GPU_COPY
+    counters = cuda.to_device(np.zeros(2, np.int32))
+    copy = (16, 3) if KERNEL == "sim" else kvcache.GPU_COPY     # 48 elements per (row, head): 3 blocks each
     for _ in range(2):
-        kvcache.launch_append(dk, dv, cache.k(0), cache.v(0), lengths_in, lengths_out, copy)
-    assert lengths_out.copy_to_host().tolist() == [4, 7]
+        kvcache.launch_append(dk, dv, cache.k(0), cache.v(0), lengths_in, lengths_out, counters, copy)
+    assert lengths_out.copy_to_host().tolist() == [4, 7] and counters.copy_to_host().tolist() == [0, 0]
     K = cache.k(0).copy_to_host()
     assert np.array_equal(K[0, :, 1:4], k[0]) and np.array_equal(K[1, :, 4:7], k[1])
     assert np.isnan(K[0, :, 4:]).all() and np.isnan(K[1, :, :4]).all() and np.isnan(K[1, :, 7:]).all()
     with pytest.raises(ValueError, match=r"lengths_in has shape \(3,\)"):
-        kvcache.launch_append(dk, dv, cache.k(0), cache.v(0), cuda.to_device(np.zeros(3, np.int32)), lengths_out)
+        kvcache.launch_append(dk, dv, cache.k(0), cache.v(0), cuda.to_device(np.zeros(3, np.int32)), lengths_out,
+                              counters)
 
 
 def test_append_falls_back_to_numpy_when_the_kernel_fails(monkeypatch):

@@ -8,6 +8,9 @@ Where cuda.core's nvJitLink linker is installed too, each PTX also goes through 
 registers, static shared memory and local-memory (spill) bytes per thread.
 
     python tools/compile_check.py          # one line per kernel; exit code 1 if any fails to compile
+    python tools/compile_check.py --ptx-dir DIR --only "prefill v2"   # also write each kernel's PTX to DIR
+    python tools/compile_check.py --ptx-dir NEW --compare-with OLD     # ... and say which kernels' PTX changed
+                                           # (symbol names aside): a refactor that changes no kernel keeps it equal
 
 It only proves that the kernels compile; whether they are right is what the test suite checks. One known
 difference: nvJitLink's ptxas rejects more than 48 KB of static shared memory even for sm_90, while the
@@ -34,7 +37,7 @@ from numba import cuda, types  # noqa: E402
 _device = pytypes.SimpleNamespace(compute_capability=(9, 0), id=0)
 numba.cuda.api.get_current_device = numba.cuda.dispatcher.get_current_device = lambda: _device
 
-from numbattn import decode, kvcache, prefill  # noqa: E402
+from numbattn import decode, kvcache, linear, prefill, rowwise  # noqa: E402
 
 f32, f16, i32 = types.float32, types.float16, types.int32
 
@@ -55,16 +58,39 @@ def kernels(cc):
                     sig.append(arr(f32, 5))         # the trace buffer of lesson 2
                 yield f"prefill {version} d{d} {t.block_m}x{t.block_n}/{t.threads} {dt}", kernel, sig
         for group in (1, 4, 8):
-            c = decode.gpu_config(d, group)
             for dt in (f32, f16):
-                yield (f"decode split d{d} G{group} tile {c.block_n}/{c.threads} {dt} cache",
-                       decode.make_split_kernel(d, group, c.block_n, c.threads),
-                       [arr(f32, 3), arr(dt, 4), arr(dt, 4), arr(i32, 1), types.int64, f32, arr(f32, 4)])
-            yield (f"decode merge d{d}", decode.make_merge_kernel(d, c.merge_threads),
-                   [arr(i32, 1), types.int64, types.int64, types.int64, arr(f32, 4), arr(f32, 3)])
+                c = decode.gpu_config("v1", d, group)
+                yield (f"decode v1 d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl {dt} cache",
+                       decode.make_decode_v1(d, group, c.threads, c.dims_per_lane),
+                       [arr(f32, 3), arr(dt, 4), arr(dt, 4), arr(i32, 1), types.int64, f32, arr(f32, 4),
+                        arr(i32, 1), arr(f32, 3)])
+        for dt in (f32, f16):
+            yield (f"decode v0 d{d} {dt} cache", decode.make_decode_v0(d, 32),
+                   [arr(f32, 3), arr(dt, 4), arr(dt, 4), arr(i32, 1), f32, arr(f32, 3)])
     for dt in (f32, f16):
-        yield f"kvcache append_kv {dt}", kvcache.append_kv, [arr(dt, 4)] * 4 + [arr(i32, 1)] * 2
+        yield f"kvcache append_kv {dt}", kvcache.append_kv, [arr(dt, 4)] * 4 + [arr(i32, 1)] * 3
         yield f"kvcache fill_nan {dt}", kvcache.fill_nan, [arr(dt, 4)] * 2 + [arr(i32, 1)] * 2
+    yield from model_kernels()
+
+
+def model_kernels():
+    """The GPU engine's kernels (numbattn/linear.py, rowwise.py) at TinyLlama's and SmolLM2's sizes."""
+    u64 = types.uint64
+    for kind in ("bf16", "f32"):
+        for k_in in (2048, 5632, 576, 1536):
+            for epilogue in linear.EPILOGUES:
+                for norm in (False, True):
+                    yield (f"gemv K{k_in} {kind} {epilogue}{' rmsnorm' if norm else ''}",
+                           linear.make_gemv(k_in, kind, 1, epilogue, norm),
+                           [arr(f32, 2), arr(u64, 2), arr(f32, 2), arr(f32, 1), f32])
+        for epilogue in linear.EPILOGUES:
+            yield (f"gemm {kind} {epilogue} {linear.GEMM_TILES}", linear.make_gemm(kind, epilogue),
+                   [arr(f32, 2), arr(u64, 2), arr(f32, 2)])
+        yield f"embed {kind}", rowwise.make_embed(kind), [arr(i32, 1), arr(u64, 2), arr(f32, 2)]
+    yield "rms_norm", rowwise.make_rms_norm(), [arr(f32, 2), arr(f32, 1), f32, arr(f32, 2)]
+    for dt in (f32, f16):
+        yield (f"rope_append 32/4 d64 {dt} cache", rowwise.make_rope_append(32, 4, 64),
+               [arr(f32, 2), arr(f32, 2), arr(f32, 2), arr(dt, 4), arr(dt, 4), arr(i32, 1), arr(i32, 1)])
 
 
 def ptxas_report(ptx, cc):
@@ -88,18 +114,29 @@ def ptxas_report(ptx, cc):
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ptx-dir", type=Path, help="write each kernel's PTX here (one file per kernel and GPU)")
+    ap.add_argument("--only", default="", help="only kernels whose name contains this text")
+    ap.add_argument("--cc", default="90,80", help="compute capabilities, e.g. 90 or 90,80")
+    ap.add_argument("--compare-with", type=Path, help="a --ptx-dir of an earlier run: report same / changed")
+    args = ap.parse_args()
+    if args.ptx_dir:
+        args.ptx_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for cc in ((9, 0), (8, 0)):
+    for cc in [(int(c[0]), int(c[1:])) for c in args.cc.split(",")]:
         _device.compute_capability = cc
         seen = set()
         for name, kernel, sig in kernels(cc):
-            if name in seen:
+            if name in seen or args.only not in name:
                 continue
             seen.add(name)
             t0 = time.perf_counter()
             try:
                 ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(sig), cc=cc,
                                           fastmath=kernel.targetoptions.get("fastmath", False))
+                if args.ptx_dir:
+                    (args.ptx_dir / f"sm{cc[0]}{cc[1]} {name}.ptx".replace("/", "_")).write_text(ptx)
                 print(f"ok    sm_{cc[0]}{cc[1]}  {name}: {ptxas_report(ptx, cc)} ({time.perf_counter() - t0:.1f} s)",
                       flush=True)
             except Exception as e:
@@ -107,7 +144,23 @@ def main():
                 print(f"FAIL  sm_{cc[0]}{cc[1]}  {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                       flush=True)
     print(f"{failed} kernel(s) failed to compile" if failed else "every kernel compiled")
+    if args.compare_with and args.ptx_dir:
+        compare_ptx(args.compare_with, args.ptx_dir)
     return 1 if failed else 0
+
+
+def compare_ptx(old_dir, new_dir):
+    """Per kernel in both dirs: is the PTX the same, once Numba's generated symbol names are taken out?"""
+    import re
+
+    def normalized(path):
+        text = re.sub(r"_Z[\w$]+", "SYM", path.read_text())            # mangled function names
+        text = re.sub(r"_cudapy_smem_\d+", "SMEM", text)               # numbered shared arrays
+        return re.sub(r"//.*", "", text)
+    for old in sorted(old_dir.glob("*.ptx")):
+        new = new_dir / old.name
+        if new.exists():
+            print(f"{'same   ' if normalized(old) == normalized(new) else 'CHANGED'}  {old.stem}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Device-side building blocks shared by the kernels: constants, group reductions, bit casts, the last block.
+
+Each one exists twice where Numba's CUDA simulator cannot run the GPU's version (see shared/SIMULATOR.md): the
+kernel factories pick the twin once, at compile time, with `SIM = numba.config.ENABLE_CUDASIM`, so the rest of
+every kernel is one code path and the tests run both (the simulator twin in CI, the GPU one with
+NUMBATTN_TEST_GPU=1).
+
+    LOG2E, NEG_INF, FASTMATH       exp(x) = exp2(x * LOG2E); the running max starts at NEG_INF
+    make_group_reduce(...)         max / sum of TM values over the `width` consecutive threads of a group:
+                                   warp shuffles on a GPU, shared memory + barriers in the simulator
+    bf16_pair / f32_from_bits      weights arrive as raw bits: bf16 is the top half of an fp32, so a shift
+                                   and a bit cast (free on the GPU) widen it exactly
+    arrive_last(...)               "am I the last block of this group to finish?": one atomic per block, so a
+                                   launch can end with a reduction over its own blocks (no second launch)
+"""
+import math
+
+import numpy as np
+from numba import config, cuda, float32, int32, uint32
+
+LOG2E = 1.4426950408889634
+NEG_INF = float32(-np.inf)
+# fastmath without 'ninf'/'nnan': running maxima start at -inf and NaN-poisoned cache slots must stay visible if a
+# bug ever reads them, so the compiler may not assume either away. 'afn' gives the fast exp2.
+FASTMATH = {"contract", "afn", "arcp", "nsz", "reassoc"}
+FULL_MASK = 0xFFFFFFFF
+SIM = bool(config.ENABLE_CUDASIM)   # read once: Numba decides GPU or simulator when numba.cuda is first imported
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reductions over the `width` consecutive threads of a group (a row group of prefill v2, a warp of a GEMV)
+# --------------------------------------------------------------------------------------------------------
+@cuda.jit(device=True, inline=True)
+def _max2(a, b):
+    return max(a, b)
+
+
+@cuda.jit(device=True, inline=True)
+def _add2(a, b):
+    return a + b
+
+
+def make_group_reduce(width, n, use_shuffle=None):
+    """(group_max, group_sum): reduce x[0:n] in place across the `width` consecutive threads of a group, so that
+    every thread of the group ends with the result. `red` is a float32 shared array of shape (n, threads) used by
+    the simulator twin (pass a (1, 1) dummy on the GPU). width: a power of two <= 32.
+
+    GPU: a butterfly of log2(width) shfl_xor_sync steps (the group lies inside one warp). Simulator: every thread
+    posts its values to shared memory, waits at a barrier, and reads its group's; all threads of the block must
+    call it together (as with any syncthreads)."""
+    use_shuffle = not SIM if use_shuffle is None else use_shuffle
+    steps = int(math.log2(width))
+    if 1 << steps != width or width > 32:
+        raise ValueError(f"group width {width} must be a power of two <= 32")
+
+    def make(combine):
+        if use_shuffle:
+            @cuda.jit(device=True, inline=True)
+            def group_reduce(x, red):
+                for i in range(n):
+                    v = x[i]
+                    for s in range(steps):
+                        v = combine(v, cuda.shfl_xor_sync(FULL_MASK, v, width >> (s + 1)))
+                    x[i] = v
+            return group_reduce
+
+        @cuda.jit(device=True, inline=True)
+        def group_reduce(x, red):
+            t = cuda.threadIdx.x
+            g0 = t - t % width
+            for i in range(n):
+                red[i, t] = x[i]
+            cuda.syncthreads()
+            for i in range(n):
+                v = red[i, g0]
+                for c in range(1, width):
+                    v = combine(v, red[i, g0 + c])
+                x[i] = v
+            cuda.syncthreads()
+        return group_reduce
+
+    return make(_max2), make(_add2)
+
+
+def reduce_scratch_shape(n, threads, use_shuffle=None):
+    """Shape of the shared `red` array a group reduction needs: (n, threads) in the simulator, (1, 1) on a GPU."""
+    use_shuffle = not SIM if use_shuffle is None else use_shuffle
+    return (1, 1) if use_shuffle else (n, threads)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Raw bits -> float32 (bf16 and fp32 weights are read as uint64 words: one 8-byte load brings 4 bf16 or 2 fp32)
+# --------------------------------------------------------------------------------------------------------
+if SIM:
+    @cuda.jit(device=True)
+    def f32_from_bits(bits):
+        """The float32 whose bit pattern is the uint32 `bits` (simulator: a NumPy view; libdevice is absent)."""
+        return np.array([int(bits) & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
+else:
+    @cuda.jit(device=True, inline=True)
+    def f32_from_bits(bits):
+        """The float32 whose bit pattern is the uint32 `bits` (a register reinterpretation on the GPU)."""
+        return cuda.libdevice.int_as_float(int32(bits))
+
+
+@cuda.jit(device=True, inline=True)
+def bf16_pair(word):
+    """A uint32 holding two bf16 (element 0 in the low half, little-endian) -> (float32, float32), exactly."""
+    w = uint32(word)
+    return f32_from_bits(w << uint32(16)), f32_from_bits(w & uint32(0xFFFF0000))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The last block to finish
+# --------------------------------------------------------------------------------------------------------
+@cuda.jit(device=True, inline=True)
+def arrive_last(counters, i, n_arrivals, flag):
+    """Called by every thread of a block once its results are written: True in the block that arrives last among
+    the n_arrivals blocks counting on counters[i] (an int32 device array, zero before the launch), which then
+    sees every other block's writes and may combine them. The last block resets counters[i] to 0, so the next
+    launch (or CUDA-graph replay) starts clean. flag: an int32 shared array of length >= 1.
+
+    The pattern of CUDA's threadFenceReduction sample: each thread fences its own writes device-wide, the block
+    takes one ticket with an atomic add, and the ticket numbered n_arrivals - 1 is the last."""
+    cuda.threadfence()
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        ticket = cuda.atomic.add(counters, i, 1)
+        last = ticket == n_arrivals - 1
+        if last:
+            counters[i] = 0
+        flag[0] = 1 if last else 0
+    cuda.syncthreads()
+    return flag[0] == 1
