@@ -110,13 +110,21 @@ def save(fig, name):
     return path
 
 
-def grid(ax, values, title, cmap="tab20", labels=True, xlabel="", ylabel=""):
-    """A matrix as coloured cells, each labelled with its value: owner maps, bank maps, read counts."""
+def grid(ax, values, title, cmap="tab20", labels=True, xlabel="", ylabel="", vmin=None, vmax=None):
+    """A matrix as coloured cells, each labelled with its value: owner maps, bank maps, read counts.
+    cmap="distinct": one colour per integer value (up to 40), e.g. one per shared-memory bank."""
     values = np.asarray(values)
-    ax.imshow(values, cmap=cmap, aspect="auto", interpolation="nearest")
+    if cmap == "distinct":
+        from matplotlib import colormaps
+        from matplotlib.colors import ListedColormap
+        colours = list(colormaps["tab20"].colors) + list(colormaps["tab20b"].colors)
+        cmap, vmin, vmax = ListedColormap(colours), -0.5, len(colours) - 0.5
+    ax.imshow(values, cmap=cmap, aspect="auto", interpolation="nearest", vmin=vmin, vmax=vmax)
     if labels:
         for (r, c), x in np.ndenumerate(values):
             ax.text(c, r, str(x), ha="center", va="center", fontsize=7)
+    for axis, n in ((ax.set_yticks, values.shape[0]), (ax.set_xticks, values.shape[1])):
+        axis(range(0, n, 1 if n <= 16 else 4))
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
