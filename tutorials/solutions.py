@@ -33,5 +33,4 @@ def n_keys(i, q_len, kv_len):
 def merged_lse(lse):
     """Lesson 5: log(sum_s exp(lse_s)), the log-sum-exp of the splits' LSEs, computed without overflow by
     factoring out the largest: M + log(sum_s exp(lse_s - M))."""
-    M = lse.max()
-    return M + np.log(np.exp(lse - M).sum())
+    return lse.max() + np.log(np.exp(lse - lse.max()).sum())
