@@ -223,12 +223,13 @@ assert peak >= score_bytes(n_meas), \
 # ## Traffic, counted: the simplest kernel
 #
 # Not storing the matrix is not the whole story: what matters on a GPU is also how often each byte is
-# fetched from memory. numbattn's simplest kernel, v0 (lessons 2 and 3), gives every query row its own GPU
-# thread, which walks all the keys with the running max of lesson 2: it never stores a score, but every row
-# reads all of K and V itself. In Numba's CUDA simulator each of the kernel's memory reads is a Python call,
-# so numbattn/tracing.py can count them. Counted at a tiny size next to the formulas: v0 reads each K element
-# once per query row (n·n·d reads of K per head, the shape of the score matrix times d), and numbattn's
-# tiled kernel v1 (lesson 3) once per tile of BLOCK_M query rows.
+# fetched from memory. numbattn's simplest kernel, v0 (lessons 2 and 3), runs one *thread* per query row (a
+# thread is one of the thousands of copies of a kernel that a GPU runs at once, each on its own piece of the
+# data; lesson 2 says more). Each walks all the keys with the running max of lesson 2: it never stores a
+# score, but every row reads all of K and V itself. In Numba's CUDA simulator each of the kernel's memory
+# reads is a Python call, so numbattn/tracing.py can count them. Counted at a tiny size next to the
+# formulas: v0 reads each K element once per query row (n·n·d reads of K per head, the shape of the score
+# matrix times d), and numbattn's tiled kernel v1 (lesson 3) once per tile of BLOCK_M query rows.
 
 # %%
 if BACKEND == "sim":
@@ -294,7 +295,8 @@ print("lesson 1 checks passed")
 # time for kernels, so we measure the naive NumPy attention at small n instead (8 heads, d = 64), two ways:
 # its peak memory, which is deterministic, and its time, the fastest of 5 runs with one BLAS thread (the fastest
 # run is the one the rest of the machine disturbed least). Doubling n multiplies the score memory by four
-# (the peak, to within the few KiB of the small arrays), and the time by roughly four once n is large enough for the n² work to dominate.
+# (the peak, to within the few KiB of the small arrays), and the time by roughly four once n is large enough
+# for the n² work to dominate.
 
 # %%
 if BACKEND == "cuda":

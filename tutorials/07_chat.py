@@ -109,7 +109,8 @@ prompt_text = tok.render_chat(messages)
 prompt_ids = tok.encode_chat(messages)
 print(prompt_text)
 print(f"-> {len(prompt_ids)} prompt tokens, starting with BOS ({tok.bos_token!r} = id {prompt_ids[0]})")
-assert prompt_text.endswith("<|assistant|>\n"), f"the prompt must end with the assistant marker: ...{prompt_text[-30:]!r}"
+assert prompt_text.endswith("<|assistant|>\n"), \
+    f"the prompt must end with the assistant marker: ...{prompt_text[-30:]!r}"
 assert "<|user|>\nWhat is the capital of France?</s>" in prompt_text, "the user turn is not rendered as expected"
 assert prompt_ids[0] == tok.bos_id and prompt_ids.count(tok.bos_id) == 1, \
     f"expected one BOS in front of the chat prompt, got {prompt_ids.count(tok.bos_id)} (first id {prompt_ids[0]})"
@@ -181,7 +182,8 @@ for name, w, lg, tab in (("Paris", words, logits, table), ("a cup of", drinks, d
         _lesson.close(f"{name!r} {method}: kept words keep their relative odds", tab[method][kept],
                       softmax(lg[kept]), rtol=1e-12)
 assert nucleus_size(logits) < 3 < nucleus_size(drink_logits), \
-    f"the example must show top-p adapting: nucleus {nucleus_size(logits)} (sure) and {nucleus_size(drink_logits)} (unsure) vs k = 3"
+    f"the example must show top-p adapting: nucleus {nucleus_size(logits)} (sure) and " \
+    f"{nucleus_size(drink_logits)} (unsure) vs k = 3"
 
 if plt:
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.4), sharey=True)
@@ -296,8 +298,9 @@ if BACKEND in ("cuda", "sim"):
     reference_ids = reference_model.generate(short, max_new_tokens=n_new)
     print(f"miniature, kernel-driven greedy tokens   : {kernel_ids}")
     print(f"miniature, reference-driven greedy tokens: {reference_ids}")
-    assert kernel_ids == reference_ids, f"greedy tokens differ: kernels {kernel_ids}, reference {reference_ids} " \
-        f"(first difference at new token {next(i for i, (a, b) in enumerate(zip(kernel_ids, reference_ids)) if a != b)})"
+    first_difference = next((i for i, (a, b) in enumerate(zip(kernel_ids, reference_ids)) if a != b), None)
+    assert kernel_ids == reference_ids, \
+        f"greedy tokens differ: kernels {kernel_ids}, reference {reference_ids} (first at new token {first_difference})"
     if real and BACKEND == "cuda":
         chat_ids = np.array([tok.encode_chat(messages[:2])])               # [1, prompt]
         next_id = np.array([[tok.encode("Paris", add_bos=False)[0]]])      # any next token will do
