@@ -14,7 +14,8 @@ block and thread.
     tracer.reads("k", block=(0, 0, 0))       # ... by block (x, y, z) only
     tracer.rows("k", axis=2)                 # {block: {key row: reads}}: which keys each block read
 
-or, for the prefill kernels, `out, tracer = tracing.trace_prefill(q, k, v, causal, version, tiles)`.
+or, for the prefill kernels, `out, tracer = tracing.trace_prefill(q, k, v, causal, version, tiles)`. A tracer
+adds up every launch its arrays are passed to: use a new one per launch to count one kernel alone.
 
 What is counted: one read per element a thread loads (`x = k[b, hk, j, d]`), one write per element it stores,
 as the threads request them. Not bytes as the hardware moves them (no caches, no coalescing, no broadcast),
@@ -109,12 +110,6 @@ class Tracer:
         for _, thr, index, _ in self._select(name, kind, _dim3(block)):
             out.setdefault(index, set()).add(thr[0])
         return {index: sorted(ts) for index, ts in out.items()}
-
-    def summary(self):
-        """Rows of {array, reads, writes, blocks} for printing with numbattn.bench.format_table."""
-        names = dict.fromkeys(name for name, *_ in self._log)
-        return [dict(array=n, reads=self.reads(n), writes=self.writes(n),
-                     blocks=len(set(self.blocks(n, READ)) | set(self.blocks(n, WRITE)))) for n in names]
 
 
 class TracedArray:
