@@ -12,7 +12,13 @@ What you will learn
   against.
 * The memory problem that the rest of the course solves: the [n, n] score matrix grows with the *square* of
   the context. For TinyLlama's 32 heads in fp32 it is 512 MiB per layer at 2k tokens, 8 GiB at 8k and
-  128 GiB at 32k, while q, k, v and the output together are a few hundred MiB at most.
+  128 GiB at 32k, while q, k, v and the output together are a few hundred MiB at most. Measured: the peak
+  memory of a call grows 4x per doubling of n.
+* A first look at memory *traffic*, counted rather than derived: numbattn's simplest kernel never stores the
+  score matrix but still reads K and V once per query row; its reads, counted in Numba's CUDA simulator
+  (numbattn/tracing.py), have the shape of the score matrix.
+* Pictures (PNG files in tutorials/out/, when matplotlib is installed): the attention weights as a heatmap,
+  and which keys each query row of the kernel reads.
 
 Run it: `python tutorials/01_naive_attention.py`, or open it in VS Code / Jupyter and run the `# %%` cells.
 No GPU needed: without one, the NumPy parts run as they are and the benchmark shrinks to a tiny timing.
@@ -20,18 +26,30 @@ No GPU needed: without one, the NumPy parts run as they are and the benchmark sh
 
 # %%
 # Setup. `_setup` must come first: it decides, before numba.cuda is imported, whether numbattn's kernels
-# run on a GPU or in Numba's CUDA simulator (see tutorials/README.md).
+# (functions that run on the GPU, in thousands of threads at once; lesson 2 writes one) run on a GPU or in
+# Numba's CUDA simulator (see tutorials/README.md).
 import _setup  # noqa: F401  (must be the first import)
 
-import tracemalloc
+import os
 
-import numpy as np
+# One BLAS thread for NumPy's matmuls, set before NumPy loads: the timings at the end compare sizes, and
+# several threads on a shared machine make each point noisy. (In a notebook where NumPy is already loaded
+# this has no effect.)
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-import numbattn
-from numbattn import bench, reference
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import _lesson  # noqa: E402
+import numbattn  # noqa: E402
+from numbattn import bench, reference  # noqa: E402
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
+plt = _lesson.pyplot()
 
 # %% [markdown]
 # ## Attention in three lines
@@ -72,14 +90,25 @@ print("q, k, v:", q.shape, "-> scores and p:", (n_heads, n, n), "-> out:", out.s
 p = softmax(q @ k.swapaxes(-1, -2) / np.sqrt(d))
 print("attention weights of head 0 (row i = query i, column j = key j):")
 print(np.array2string(p[0], precision=2, suppress_small=True))
-assert np.allclose(p.sum(axis=-1), 1.0), "each row of weights must sum to 1"
-assert (p > 0).all(), "softmax weights are strictly positive (no causal mask yet: every token sees all)"
+_lesson.close("row sums of the attention weights [head, query]", p.sum(axis=-1), 1.0, rtol=1e-12)
+assert (p > 0).all(), f"softmax weights are strictly positive (no causal mask yet: every token sees all); " \
+                      f"smallest {p.min():.2e}"
+if plt:
+    fig, ax = plt.subplots(figsize=(4, 3.4))
+    image = ax.imshow(p[0], cmap="viridis", vmin=0, vmax=1)
+    for (i, j), w in np.ndenumerate(p[0]):
+        ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=7, color="white" if w < 0.5 else "black")
+    ax.set(xlabel="key j", ylabel="query i")
+    ax.set_title("attention weights p, head 0 (rows sum to 1)", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    _lesson.save(fig, "01_attention_weights.png")
 
 # %% [markdown]
 # ## Why the softmax subtracts the maximum
 #
-# exp(x) overflows float32 above x ≈ 88 (float64 above ≈ 709). Scores that large happen (a trained model's
-# attention "sinks" reach them), and then exp gives inf and inf/inf gives NaN. Subtracting the row maximum m
+# exp(x) overflows float32 above x ≈ 88 (float64 above ≈ 709). Scores that large happen in trained models
+# (some heads learn to put almost all their weight on one token, often the first, with scores far above the
+# rest), and then exp gives inf and inf/inf gives NaN. Subtracting the row maximum m
 # first changes nothing mathematically, because the factor exp(-m) appears in every term of the numerator
 # and of the sum, and cancels:
 #
@@ -95,8 +124,8 @@ with np.errstate(over="ignore", invalid="ignore"):
 print("exp(x) / sum(exp(x))        :", unsafe)
 print("exp(x - max) / sum(...)     :", softmax(big))
 print("same shift on small scores  :", softmax(big - 1000), "(identical: the shift cancels)")
-assert np.isnan(unsafe).all()
-assert np.allclose(softmax(big), softmax(big - 1000)) and np.isclose(softmax(big).sum(), 1.0)
+assert np.isnan(unsafe).all(), f"exp(1000) overflows float32, so the unsafe softmax should be NaN: {unsafe}"
+_lesson.close("softmax(x) vs softmax(x - 1000)", softmax(big), softmax(big - 1000), rtol=1e-6)
 
 # %% [markdown]
 # ## Checking it twice
@@ -125,7 +154,11 @@ def loop_attention(q, k, v):
 err_loop = np.abs(naive_attention(q, k, v) - loop_attention(q, k, v)).max()
 err_ref = np.abs(naive_attention(q, k, v) - reference.attention(q[None], k[None], v[None])[0]).max()
 print(f"max |naive - loops| = {err_loop:.1e}    max |naive - numbattn.reference| = {err_ref:.1e}")
-assert err_loop < 1e-12 and err_ref < 1e-12
+_lesson.close("naive attention vs the loop definition [head, query, dim]", naive_attention(q, k, v),
+              loop_attention(q, k, v), atol=1e-12, got_label="naive", want_label="loops")
+_lesson.close("naive attention vs numbattn.reference", naive_attention(q, k, v),
+              reference.attention(q[None], k[None], v[None])[0], atol=1e-12, got_label="naive",
+              want_label="reference")
 
 # %% [markdown]
 # ## The memory problem
@@ -183,7 +216,54 @@ _, peak = tracemalloc.get_traced_memory()
 tracemalloc.stop()
 print(f"n = {n_meas}: score matrix {human(score_bytes(n_meas))}, measured peak of naive_attention {human(peak)} "
       f"({peak / score_bytes(n_meas):.1f}x the score matrix: scores, the shifted copy, exp, p ...)")
-assert peak >= score_bytes(n_meas), "the naive version must hold at least one full score matrix"
+assert peak >= score_bytes(n_meas), \
+    f"the naive version must hold at least one full score matrix ({human(score_bytes(n_meas))}); peak {human(peak)}"
+
+# %% [markdown]
+# ## Traffic, counted: the simplest kernel
+#
+# Not storing the matrix is not the whole story: what matters on a GPU is also how often each byte is
+# fetched from memory. numbattn's simplest kernel, v0 (lessons 2 and 3), runs one *thread* per query row (a
+# thread is one of the thousands of copies of a kernel that a GPU runs at once, each on its own piece of the
+# data; lesson 2 says more). Each walks all the keys with the running max of lesson 2: it never stores a
+# score, but every row reads all of K and V itself. In Numba's CUDA simulator each of the kernel's memory
+# reads is a Python call, so numbattn/tracing.py can count them. Counted at a tiny size next to the
+# formulas: v0 reads each K element once per query row (n·n·d reads of K per head, the shape of the score
+# matrix times d), and numbattn's tiled kernel v1 (lesson 3) once per tile of BLOCK_M query rows.
+
+# %%
+if BACKEND == "sim":
+    from numbattn import prefill, tracing
+    NC, DC = 16, 16
+    qc, kc, vc = bench.random_qkv(1, NC, NC, n_heads=1, n_kv_heads=1, head_dim=DC, seed=1)
+    counted, reads_by_row = [], {}
+    for version, causal in (("v0", False), ("v0", True), ("v1", False)):
+        out_c, tr = tracing.trace_prefill(qc, kc, vc, causal=causal, version=version)
+        _lesson.close(f"{version} causal={causal} vs reference", out_c, reference.attention(qc, kc, vc, causal=causal),
+                      atol=1e-5, got_label=version)
+        keys_seen = NC * (NC + 1) // 2 if causal else NC * NC               # (query, key) pairs
+        bm = prefill.SIM_TILES[version].block_m
+        formula = keys_seen * DC if version == "v0" else -(-NC // bm) * NC * DC
+        counted.append(dict(kernel=version, causal=causal, k_reads=tr.reads("k"), formula=formula,
+                            naive_numpy_score_traffic=4 * keys_seen))
+        assert tr.reads("k") == formula, f"{version} causal={causal}: counted {tr.reads('k')} reads of K, " \
+                                         f"formula {formula}"
+        if version == "v0":                 # thread t of block x is query row x * BLOCK_M + t
+            reads_by_row[causal] = np.array([[sum(c for (_, _, j, _), c in tr.elements(
+                "k", block=(i // bm,), thread=(i % bm,)).items() if j == jj) for jj in range(NC)] for i in range(NC)])
+    print(f"element reads of K, counted in the simulator: one head, n = {NC}, d = {DC} "
+          f"(naive NumPy: 4 passes over the n² scores, for comparison)")
+    print(bench.format_table(counted, ["kernel", "causal", "k_reads", "formula", "naive_numpy_score_traffic"]))
+    if plt:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+        for ax, causal in zip(axes, (False, True)):
+            ax.imshow(reads_by_row[causal], cmap="Blues", vmin=0, vmax=DC)
+            ax.set(xlabel="key j", ylabel="query row i (one thread each)")
+            ax.set_title(f"v0{', causal' if causal else ''}: reads of K[j] by query row i\n(dark: all {DC} "
+                         f"elements of K[j] read, from global memory)", fontsize=9)
+        _lesson.save(fig, "01_kernel_reads.png")
+else:
+    print("(counting a kernel's memory reads needs Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1)")
 
 # %% [markdown]
 # FlashAttention (lessons 2 and 3) computes exactly the same output without ever storing that matrix:
@@ -203,7 +283,8 @@ ours = naive_attention(qg[0], np.repeat(kg[0], 8, axis=0), np.repeat(vg[0], 8, a
 theirs = reference.attention(qg.astype(np.float64), kg.astype(np.float64), vg.astype(np.float64))[0]
 err = np.abs(ours - theirs).max()
 print(f"TinyLlama shape, GQA 32/4, n=64: max |naive - reference (fp64)| = {err:.1e}")
-assert err < 1e-5
+_lesson.close("naive attention on repeated K/V vs reference (GQA 32/4, fp64)", ours, theirs, atol=1e-5,
+              got_label="naive")
 print("lesson 1 checks passed")
 
 # %% [markdown]
@@ -211,9 +292,11 @@ print("lesson 1 checks passed")
 #
 # On a GPU this times numbattn's FlashAttention kernel (v2) against the NumPy reference on the CPU (and
 # torch's attention when torch is installed) at TinyLlama's shape. Without a GPU there is nothing fair to
-# time for kernels, so we time the naive NumPy attention at small n instead and watch the quadratic
-# growth: doubling n multiplies the score memory by four, and the time by roughly four once n is large
-# enough for the n² work to dominate (small sizes are noisy, and a busy laptop adds its own noise).
+# time for kernels, so we measure the naive NumPy attention at small n instead (8 heads, d = 64), two ways:
+# its peak memory, which is deterministic, and its time, the fastest of 5 runs with one BLAS thread (the fastest
+# run is the one the rest of the machine disturbed least). Doubling n multiplies the score memory by four
+# (the peak, to within the few KiB of the small arrays), and the time by roughly four once n is large enough
+# for the n² work to dominate.
 
 # %%
 if BACKEND == "cuda":
@@ -223,12 +306,22 @@ if BACKEND == "cuda":
     print("milliseconds per call, batch 1, 32 heads / 4 KV heads, head_dim 64, not causal:")
     print(bench.format_table(table, columns))
 else:
-    print("the kernel benchmark needs a CUDA GPU; timing the naive NumPy attention at tiny sizes instead:")
-    rows = []
+    print("the kernel benchmark needs a CUDA GPU; the naive NumPy attention on this CPU instead:")
+    heads, rows = 8, []
     for n in (128, 256, 512, 1024):
-        qt, kt, vt = (rng.standard_normal((N_HEADS, n, HEAD_DIM), dtype=np.float32) for _ in range(3))
-        ms = bench.timed(lambda: naive_attention(qt, kt, vt), "host", warmup=1, repeat=3)
-        rows.append(dict(n=n, ms=ms, score_MiB=score_bytes(n) / 2**20))
+        qt, kt, vt = (rng.standard_normal((heads, n, HEAD_DIM), dtype=np.float32) for _ in range(3))
+        tracemalloc.start()
+        naive_attention(qt, kt, vt)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            naive_attention(qt, kt, vt)
+            times.append((time.perf_counter() - t0) * 1e3)
+        rows.append(dict(n=n, score_MiB=score_bytes(n, heads) / 2**20, peak_MiB=peak / 2**20, min_ms=min(times)))
     for r, prev in zip(rows[1:], rows):
-        r["x_prev"] = r["ms"] / prev["ms"]
-    print(bench.format_table(rows, ["n", "ms", "score_MiB", "x_prev"]))
+        r["peak_x_prev"], r["time_x_prev"] = r["peak_MiB"] / prev["peak_MiB"], r["min_ms"] / prev["min_ms"]
+    print(bench.format_table(rows, ["n", "score_MiB", "peak_MiB", "peak_x_prev", "min_ms", "time_x_prev"]))
+    _lesson.close("peak memory growth per doubling of n", [r["peak_x_prev"] for r in rows[1:]], 4.0, rtol=0.02,
+                  got_label="measured", want_label="n² says")

@@ -10,13 +10,18 @@ What you will learn
 * How the same rescaling carries the output along: acc = sum_j exp(s_j - m) v_j, rescaled with l, divided
   by l once at the end. Keys can then be consumed a tile at a time and the score row is never stored: this
   is the core of FlashAttention.
+* Who runs what on a GPU (kernel, thread, block, grid, warp, SM) and where the bytes live (HBM, L2, shared
+  memory, registers): the words every later lesson uses.
+* Your first CUDA kernel, ten lines of Numba: one thread per row computes the running max and sum. You
+  write its key line (exercise 2) and run it.
 * How the real numbattn kernel (prefill v1) does exactly this: we run it in the simulator on a tiny input
   and print each query row's m_i and l_i after every key tile (`numbattn.prefill.trace_v1`), next to the
-  NumPy version.
+  NumPy version, and draw them (tutorials/out/02_running_max_and_sum.png).
 * Why the kernel's m_i is in base-2 units (it folds log2(e) into the scale and uses exp2) and why its l_i
   needs no conversion at all.
 
-Run it: `python tutorials/02_online_softmax.py`, or run the `# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/02_online_softmax.py` (add `--exercise` to check your own line), or run the
+`# %%` cells in VS Code / Jupyter.
 """
 
 # %%
@@ -25,13 +30,17 @@ import _setup  # noqa: F401  (must be the first import: GPU or simulator, see tu
 import math
 
 import numpy as np
+from numba import cuda
 
+import _lesson
 import numbattn
+import solutions
 from numbattn import bench, prefill, reference
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
 assert BACKEND in ("cuda", "sim"), "this lesson runs the kernel: it needs a GPU or NUMBA_ENABLE_CUDASIM=1"
+plt = _lesson.pyplot()
 
 # %% [markdown]
 # ## The softmax needs three passes
@@ -87,7 +96,8 @@ p_online = [math.exp(xj - m) / l for xj in x]      # forming p still takes a pas
 p_three = softmax_three_pass(x)
 print("online   :", np.round(p_online, 4))
 print("3 passes :", np.round(p_three, 4))
-assert m == max(x) and np.allclose(p_online, p_three, rtol=1e-14)
+assert m == max(x), f"running max {m} != max(x) {max(x)}"
+_lesson.close("one-pass softmax vs three passes", p_online, p_three, rtol=1e-14, got_label="online")
 
 # %% [markdown]
 # ## Carrying the output along: attention without the score row
@@ -98,14 +108,15 @@ assert m == max(x) and np.allclose(p_online, p_three, rtol=1e-14)
 #     acc = acc * alpha + exp(s - m_new) * v          (a vector of head_dim numbers)
 #
 # and one division acc / l at the very end gives the output. Nothing of size n is kept per query row:
-# just m, l and acc. A GPU does not take keys one at a time but in tiles (BLOCK_N keys, staged in fast
-# shared memory, lesson 3), so we write it per tile: the max of the tile first, then the same update with
-# a sum over the tile's keys. That is the loop in numbattn/prefill.py; here it is in NumPy, for one query
-# row, in natural-log units, recording (m, l) after each tile.
+# just m, l and acc. A GPU does not take keys one at a time but in tiles (BLOCK_N keys at a time, copied
+# into fast on-chip memory: below and lesson 3), so we write it per tile: the max of the tile first, then the
+# same update with a sum over the tile's keys. That is the loop in numbattn/prefill.py; here it is in NumPy,
+# for one query row, in natural-log units, recording (m, l, alpha) after each tile.
 
 # %%
 def online_attention_row(q_row, k, v, scale, block_n):
-    """q_row [d], k, v [n, d] -> (out [d], [(m, l) after each key tile]). Never holds more than block_n scores."""
+    """q_row [d], k, v [n, d] -> (out [d], [(m, l, alpha) after each key tile]). Never holds more than block_n
+    scores."""
     m, l = -np.inf, 0.0
     acc = np.zeros(v.shape[1])
     trace = []
@@ -117,19 +128,112 @@ def online_attention_row(q_row, k, v, scale, block_n):
         l = l * alpha + p.sum()
         acc = acc * alpha + p @ v[j0:j0 + block_n]  # [block_n] @ [block_n, d] -> [d]
         m = m_new
-        trace.append((m, l))
+        trace.append((m, l, alpha))
     return acc / l, trace
 
 
 rng = np.random.default_rng(2)
 d, n = 16, 10
-q1, k1, v1 = rng.standard_normal((1, d)), rng.standard_normal((n, d)), rng.standard_normal((n, d))
 scale = d ** -0.5
-out_online, _ = online_attention_row(q1[0], k1, v1, scale, block_n=4)
+q1, k1, v1 = rng.standard_normal((1, d)), rng.standard_normal((n, d)), rng.standard_normal((n, d))
+k1[5], k1[9] = 0.8 * q1[0], 1.5 * q1[0]     # better matches in tiles 1 and 2: the row max rises twice
+out_online, row_trace = online_attention_row(q1[0], k1, v1, scale, block_n=4)
 out_ref = reference.attention(q1[None, None], k1[None, None], v1[None, None], scale=scale)[0, 0, 0]
+print("max after each tile:", [round(float(m), 3) for m, _, _ in row_trace],
+      "  alpha:", [round(float(a), 3) for _, _, a in row_trace])
 print("online, tiles of 4 :", np.round(out_online[:6], 4), "...")
 print("reference          :", np.round(out_ref[:6], 4), "...")
-assert np.allclose(out_online, out_ref, rtol=1e-12, atol=1e-12)
+# If the max never rose after the first tile, every later alpha would be 1 and a version that forgot to
+# rescale would pass this check. The data is chosen so that it cannot:
+assert any(a < 1 for _, _, a in row_trace[1:]), "test data: the row max must rise after tile 0 (some alpha < 1)"
+_lesson.close("online attention row vs reference", out_online, out_ref, atol=1e-12, rtol=1e-12,
+              got_label="online")
+
+# %% [markdown]
+# ## Who runs what, and where the bytes live
+#
+# Before the first kernel, the words. A *kernel* is a function that runs on the GPU once per *thread*, in
+# thousands of threads at once; each thread finds its share of the work from its indices. Numba writes one
+# as a Python function decorated with `@cuda.jit`, launched as `kernel[blocks, threads_per_block](args)`.
+#
+#     thread   one run of the kernel. Its local variables live in *registers*, private to it.
+#              cuda.threadIdx.x = its number within its block.
+#     block    up to 1024 threads that run together on one SM (below). They share a small *shared memory*
+#              (`cuda.shared.array`) and can wait for each other at a *barrier*, `cuda.syncthreads()`:
+#              no thread passes it until all threads of the block reached it.
+#              cuda.blockIdx.x = the block's number, cuda.blockDim.x = threads per block.
+#     grid     all the blocks of one launch. Blocks run in any order and cannot wait for each other.
+#     warp     32 consecutive threads of a block, which the hardware runs in lockstep: one instruction at a
+#              time for all 32. When they load 32 neighbouring addresses, it becomes one wide memory
+#              transaction (a *coalesced* load); threads of a warp can also swap registers directly
+#              (*warp shuffle*, lesson 3).
+#     SM       streaming multiprocessor: one of the GPU's processors (an H100 has 132). Each runs several
+#              blocks at once, as many as its registers and shared memory allow; how full it is, is its
+#              *occupancy*.
+#     FMA      fused multiply-add, a*b + c in one instruction, counted as 2 FLOPs. An H100's fp32 peak,
+#              ~67 TFLOP/s (10^12 FLOPs per second), is all its cores doing one FMA per cycle.
+#
+# And where a kernel's bytes live, from big and slow to small and fast (H100):
+#
+#     HBM (global memory)  80 GB, ~3 TB/s, read and written by every thread: q, k, v, out live here
+#     L2 cache             50 MB in front of HBM, shared by all SMs: recently read bytes come back faster
+#     shared memory        up to 228 KB per SM, on the chip, ~10x HBM's bandwidth, one block's own
+#     registers            per thread, the fastest; m, l and the accumulators of our kernels
+#
+# The gap between ~67 TFLOP/s and ~3 TB/s is the theme of lessons 3-5: a kernel that fetches each number
+# from HBM for only a few FLOPs waits on memory, so the fast kernels fetch each K and V value once and use it
+# many times from shared memory and registers.
+#
+# ## Your first kernel: one thread per row
+#
+# The one-pass max and sum above, for many rows at once: thread i takes row i of a score matrix. The
+# launch asks for enough blocks of THREADS threads to cover the rows; the last block has threads to spare,
+# so each thread first checks that its row exists. The line that makes the one pass work, the rescaled sum,
+# is exercise 2: `rescaled_sum` below is yours to write (tutorials/solutions.py has the answer; the lesson
+# runs that one unless you pass --exercise).
+
+# %%
+@cuda.jit(device=True)
+def rescaled_sum(l, m_old, m_new, x):
+    """EXERCISE 2. l = sum_k exp(x_k - m_old) over the scores so far. Return the same sum taken relative to
+    the new max m_new, plus the new score x's own term. One line, with math.exp."""
+    return 0.0      # <- replace this line with yours, then run the lesson with --exercise
+
+
+def make_row_kernel(update_sum):
+    """The kernel, built around the sum update it is given (yours, the solution, or a broken one)."""
+    @cuda.jit
+    def online_max_sum(s, m_out, l_out):
+        i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x   # this thread's row
+        if i < s.shape[0]:                                          # the last block has spare threads
+            m, l = -math.inf, 0.0
+            for j in range(s.shape[1]):
+                m_new = max(m, s[i, j])
+                l = update_sum(l, m, m_new, s[i, j])
+                m = m_new
+            m_out[i] = m
+            l_out[i] = l
+    return online_max_sum
+
+
+def row_max_and_sum(kernel, s, threads):
+    """Launch the kernel over the rows of s -> (m, l) per row, from the device."""
+    m_dev, l_dev = cuda.device_array(s.shape[0]), cuda.device_array(s.shape[0])
+    blocks = -(-s.shape[0] // threads)                              # ceil(rows / threads)
+    kernel[blocks, threads](cuda.to_device(s), m_dev, l_dev)
+    return m_dev.copy_to_host(), l_dev.copy_to_host()
+
+
+THREADS = 4
+scores = rng.standard_normal((10, 12)) + np.linspace(0.0, 3.0, 12)        # 10 rows; maxima arrive late
+assert (scores.argmax(axis=1) > 0).all(), "test data: every row's max must come after its first score"
+row_kernel = make_row_kernel(_lesson.exercise(2, rescaled_sum, solutions.rescaled_sum))
+m_rows, l_rows = row_max_and_sum(row_kernel, scores, THREADS)
+print(f"{scores.shape[0]} rows, {THREADS} threads per block -> {-(-scores.shape[0] // THREADS)} blocks; "
+      f"row i = blockIdx.x * {THREADS} + threadIdx.x, e.g. row 9 = block 2, thread 1 (threads 2, 3 of block 2 idle)")
+_lesson.close("kernel running max vs NumPy max", m_rows, scores.max(axis=1), rtol=1e-12, got_label="kernel")
+_lesson.check_exercise(2, "kernel running sum vs sum exp(s - max)", l_rows,
+                       np.exp(scores - scores.max(axis=1, keepdims=True)).sum(axis=1), rtol=1e-12)
 
 # %% [markdown]
 # ## Base 2: what the kernel actually stores
@@ -149,16 +253,16 @@ assert np.allclose(out_online, out_ref, rtol=1e-12, atol=1e-12)
 LOG2E = prefill.LOG2E
 s_demo = 1.7
 print(f"exp(s) = {math.exp(s_demo):.6f}   exp2(s * log2 e) = {2 ** (s_demo * LOG2E):.6f}")
-assert math.isclose(math.exp(s_demo), 2 ** (s_demo * LOG2E), rel_tol=1e-12)
+_lesson.close("exp(s) vs exp2(s log2 e)", math.exp(s_demo), 2 ** (s_demo * LOG2E), rtol=1e-12)
 
 # %% [markdown]
 # ## Stepping the real kernel
 #
 # `prefill.trace_v1` runs the v1 kernel (numbattn/prefill.py, the teaching version: one query row per
-# thread) and makes every thread write its m_i and l_i into a trace array after each key tile. We give it
-# 4 query rows and 10 keys with tiles of 4 rows x 4 keys: one block of 4 threads, three key tiles, and the
-# last tile is ragged (2 real keys, 2 masked to -inf). Then we put the NumPy online softmax of the cell
-# above, fed the same inputs and tiles, next to it.
+# thread, like yours, but with the keys taken in tiles) and makes every thread write its m_i and l_i into a
+# trace array after each key tile. We give it 4 query rows and 10 keys with tiles of 4 rows x 4 keys: one
+# block of 4 threads, three key tiles, and the last tile is ragged (2 real keys, 2 masked to -inf). Then we
+# put the NumPy online softmax of the cell above, fed the same inputs and tiles, next to it.
 
 # %%
 q_len, kv_len = 4, 10
@@ -172,29 +276,50 @@ out_kernel, trace = prefill.trace_v1(q, k, v, causal=False, scale=scale, tiles=t
 m2, l_kernel = trace[0, 0, :, :, 0], trace[0, 0, :, :, 1]      # [q_len, n_tiles] each, base-2 m
 n_tiles = trace.shape[3]
 
-numpy_trace = [online_attention_row(q[0, 0, i].astype(np.float64), k[0, 0].astype(np.float64),
-                                    v[0, 0].astype(np.float64), scale, tiles.block_n)[1] for i in range(q_len)]
+numpy_trace = np.array([online_attention_row(q[0, 0, i].astype(np.float64), k[0, 0].astype(np.float64),
+                                             v[0, 0].astype(np.float64), scale, tiles.block_n)[1]
+                        for i in range(q_len)])                 # [q_len, n_tiles, (m, l, alpha)]
+m_numpy, l_numpy = numpy_trace[..., 0], numpy_trace[..., 1]
 print(f"{q_len} query rows, {kv_len} keys, key tiles of {tiles.block_n}: {n_tiles} tiles "
       f"(keys 0-3, 4-7, 8-9)\n")
 print("row tile | kernel m_i (base 2)  m_i / log2(e) | NumPy m (natural) | kernel l_i | NumPy l  | alpha")
 for i in range(q_len):
     for t in range(n_tiles):
-        m_nat, l_np = numpy_trace[i][t]
         alpha = 1.0 if t == 0 else 2.0 ** (m2[i, t - 1] - m2[i, t])   # the kernel's rescale factor for tile t
-        print(f"{i:3d} {t:4d} | {m2[i, t]:19.4f}  {m2[i, t] / LOG2E:13.4f} | {m_nat:17.4f} | "
-              f"{l_kernel[i, t]:10.4f} | {l_np:8.4f} | {alpha:.3f}")
+        print(f"{i:3d} {t:4d} | {m2[i, t]:19.4f}  {m2[i, t] / LOG2E:13.4f} | {m_numpy[i, t]:17.4f} | "
+              f"{l_kernel[i, t]:10.4f} | {l_numpy[i, t]:8.4f} | {alpha:.3f}")
     print()
 
-m_numpy = np.array([[mt for mt, _ in row] for row in numpy_trace])
-l_numpy = np.array([[lt for _, lt in row] for row in numpy_trace])
-assert np.allclose(m2 / LOG2E, m_numpy, rtol=1e-5, atol=1e-5), "kernel m_i (converted) != NumPy running max"
-assert np.allclose(l_kernel, l_numpy, rtol=1e-5), "kernel l_i != NumPy running sum"
+
+def check_trace(m_kernel_natural, l_kernel_):
+    _lesson.close("kernel m_i / log2(e) vs NumPy running max [row, tile]", m_kernel_natural, m_numpy,
+                  atol=1e-5, rtol=1e-5, got_label="kernel", want_label="NumPy")
+    _lesson.close("kernel l_i vs NumPy running sum [row, tile]", l_kernel_, l_numpy, rtol=1e-5,
+                  got_label="kernel", want_label="NumPy")
+
+
+check_trace(m2 / LOG2E, l_kernel)
 
 # %% [markdown]
 # Read the table row by row: m_i only ever grows; when it grows (alpha < 1), l_i is first shrunk by alpha
 # and then the tile's terms are added, so l_i can even decrease, as row 0's does in its last tile where key 8
 # is a much better match than anything before it. In tile 0 alpha is exp2(-inf - m) = 0 (the kernel
-# starts from m_i = -inf, l_i = 0); we print 1 there because nothing was accumulated yet.
+# starts from m_i = -inf, l_i = 0); we print 1 there because nothing was accumulated yet. The picture shows
+# the same numbers, one line per query row.
+
+# %%
+if plt:
+    fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for i in range(q_len):
+        ax_m.plot(range(n_tiles), m2[i] / LOG2E, marker="o", label=f"row {i}")
+        ax_l.plot(range(n_tiles), l_kernel[i], marker="o", label=f"row {i}")
+    ax_m.set(title="running max m_i after each key tile", xlabel="key tile", ylabel="m_i / log2(e)")
+    ax_l.set(title="running sum l_i (shrinks when m_i jumps)", xlabel="key tile", ylabel="l_i")
+    for ax in (ax_m, ax_l):
+        ax.set_xticks(range(n_tiles))
+        ax.grid(alpha=0.3)
+    ax_l.legend(fontsize=8)
+    _lesson.save(fig, "02_running_max_and_sum.png")
 
 # %% [markdown]
 # ## acc / l is the softmax
@@ -210,11 +335,11 @@ l_true = np.exp(s_full - m_true[:, None]).sum(axis=1)
 print("final m_i / log2(e):", np.round(m2[:, -1] / LOG2E, 5), "   true row max:", np.round(m_true, 5))
 print("final l_i          :", np.round(l_kernel[:, -1], 5), "   sum exp(s - max):", np.round(l_true, 5))
 softmax_out = reference.softmax(s_full) @ v[0, 0].astype(np.float64)                 # [q_len, d]
-err = np.abs(out_kernel[0, 0] - softmax_out).max()
+err = _lesson.close("kernel output acc / l vs softmax(s) v", out_kernel[0, 0], softmax_out, atol=1e-5,
+                    got_label="kernel")
 print(f"max |kernel acc / l - softmax(s) v| = {err:.1e}")
-assert np.allclose(m2[:, -1] / LOG2E, m_true, rtol=1e-5, atol=1e-5)
-assert np.allclose(l_kernel[:, -1], l_true, rtol=1e-5)
-assert err < 1e-5
+_lesson.close("final m_i / log2(e) vs true row max", m2[:, -1] / LOG2E, m_true, atol=1e-5, rtol=1e-5)
+_lesson.close("final l_i vs sum exp(s - max)", l_kernel[:, -1], l_true, rtol=1e-5)
 
 # %% [markdown]
 # ## A glimpse of causal attention
@@ -228,16 +353,18 @@ qc = rng.standard_normal((1, 1, 8, d), dtype=np.float32)
 kc = rng.standard_normal((1, 1, 8, d), dtype=np.float32)
 vc = rng.standard_normal((1, 1, 8, d), dtype=np.float32)
 out_c, trace_c = prefill.trace_v1(qc, kc, vc, causal=True, tiles=tiles)
+visited = ~np.isnan(trace_c[0, 0, :, :, 1])                     # [row, tile]
 print("causal, 8 queries x 8 keys, tiles of 4: l_i after each key tile (NaN = tile never visited)")
 print(np.array2string(trace_c[0, 0, :, :, 1], precision=3))
-assert np.isnan(trace_c[0, 0, :4, 1]).all() and not np.isnan(trace_c[0, 0, 4:, :]).any()
-assert np.allclose(out_c, reference.attention(qc, kc, vc, causal=True), atol=1e-5)
+_lesson.close("tiles visited by the causal kernel [row, tile] (1 = visited)", visited,
+              [[1, 0]] * 4 + [[1, 1]] * 4, got_label="kernel", want_label="diagonal")
+_lesson.close("causal kernel output vs reference", out_c, reference.attention(qc, kc, vc, causal=True), atol=1e-5)
 
 # %% [markdown]
 # ## Correctness check
 #
 # The kernel's per-tile m_i and l_i match the NumPy online softmax and its output matches the reference
-# (asserted above). Last, the online softmax is not a special case of tiny inputs: all three kernel versions,
+# (checked above). Last, the online softmax is not a special case of tiny inputs: all three kernel versions,
 # which all use it, agree with the reference at odd lengths and with grouped-query heads.
 
 # %%
@@ -245,20 +372,50 @@ qa, ka, va = bench.random_qkv(1, 13, 13, n_heads=4, n_kv_heads=2, head_dim=16, s
 for version in prefill.VERSIONS:
     for causal in (False, True):
         o = prefill.flash_attention(qa, ka, va, causal=causal, version=version)
-        e = np.abs(o - reference.attention(qa.astype(np.float64), ka.astype(np.float64), va.astype(np.float64),
-                                           causal=causal)).max()
+        e = _lesson.close(f"{version} causal={causal} vs fp64 reference", o,
+                          reference.attention(*(x.astype(np.float64) for x in (qa, ka, va)), causal=causal),
+                          atol=1e-5, got_label=version, want_label="reference")
         print(f"{version} causal={causal!s:5}: max error vs fp64 reference {e:.1e}")
-        assert e < 1e-5
 print("lesson 2 checks passed")
+
+# %% [markdown]
+# ## Break it
+#
+# The checks above are there to catch real mistakes. Each line below makes one on purpose and shows the
+# message of the check that catches it. Try the kernel ones yourself in numbattn/prefill.py (make_v1), run
+# the lesson, and read which check fails:
+#
+#     delete `l_i *= alpha`                      -> "kernel l_i vs NumPy running sum", at the row and tile
+#                                                   where the max rose
+#     delete `for d ...: acc[d] *= alpha`        -> "kernel output acc / l vs softmax(s) v"
+#     use exp2(s) without log2(e) in the scale   -> "kernel m_i / log2(e) vs NumPy running max"
+#     loop to kv_len instead of kv_end (causal)  -> "tiles visited by the causal kernel"
+
+# %%
+@cuda.jit(device=True)
+def sum_without_rescale(l, m_old, m_new, x):
+    return l + math.exp(x - m_new)              # alpha = 1: the old terms stay relative to the old max
+
+
+_lesson.breaks("the rescale is forgotten (alpha = 1) in the row kernel", lambda: _lesson.close(
+    "kernel running sum vs sum exp(s - max)", row_max_and_sum(make_row_kernel(sum_without_rescale), scores,
+                                                              THREADS)[1],
+    np.exp(scores - scores.max(axis=1, keepdims=True)).sum(axis=1), rtol=1e-12, got_label="kernel"))
+_lesson.breaks("the kernel's base-2 max is read as if it were natural", lambda: check_trace(m2, l_kernel))
+_lesson.breaks("the first tile's max is taken as the row max (no running max)",
+               lambda: _lesson.close("final m_i vs true row max", m_numpy[:, 0], m_true, atol=1e-5))
 
 # %% [markdown]
 # ## Benchmark
 #
 # v0 is the online softmax in its purest form: one thread per query row, walking every key straight from
 # global memory. v1 adds the tiles. On a GPU this prints their times and TFLOP/s at TinyLlama's attention
-# shape (causal); lesson 3 explains the gap. Without a GPU, the simulator's times at a tiny shape are
-# printed instead: they only show that the code runs (the simulator executes each CUDA thread as a Python
-# thread, so its times measure Python, not the algorithm).
+# shape (causal); lesson 3 explains the gap. The simulator's times would measure Python threads, not the
+# algorithm, so without a GPU the lesson shows what was measured on an H100 instead.
 
 # %%
-print(bench.prefill_benchmark_text(BACKEND, versions=("v0", "v1"), seq_lens=(512, 1024, 2048)))
+if BACKEND == "cuda":
+    print(bench.prefill_benchmark_text(BACKEND, versions=("v0", "v1"), seq_lens=(512, 1024, 2048)))
+else:
+    _lesson.measured("### Causal: milliseconds", ["batch", "n", "numbattn v0", "numbattn v1"],
+                     where=lambda r: r["batch"] == "1" and r["numbattn v0"], plot="prefill_causal.png")

@@ -4,34 +4,45 @@ Lesson 3: the tiled FlashAttention kernel, tile by tile
 
 What you will learn
 -------------------
-* Where the bytes live on a GPU (global memory, shared memory, registers) and why a kernel's speed is
-  mostly a question of how often it goes back to global memory.
+* Why a kernel's speed is mostly a question of how often it goes back to global memory (HBM), using the
+  words of lesson 2 (thread, block, warp, SM, shared memory, registers).
 * numbattn's three prefill kernels, side by side (numbattn/prefill.py, numbattn/prefill_v2.py):
     v0  one thread per query row, every key and value read from global memory by every row;
     v1  a block of threads shares each K/V tile through shared memory (one query row per thread);
     v2  each thread owns a TM×TN register tile of scores and a TM×TE tile of the output, with strided
         ownership for conflict-free shared-memory reads and small group reductions for the row max and sum.
-* How many bytes each one moves, in a printed table (against the naive attention of lesson 1), and why the
-  bytes are not the whole story (caches, shared-memory loads per FMA).
+* The real v1 kernel, printed from numbattn/prefill.py with each line tied to the step of the algorithm it
+  implements, and a small tiled kernel of your own whose cooperative load you complete (exercise 3).
+* How many bytes each kernel moves: the formulas, and the same numbers *counted* on the real kernels in the
+  simulator (numbattn/tracing.py), with pictures of which keys each block reads, of the Q tile that stays
+  while K/V tiles stream past, and of who loads and owns what (tutorials/out/03_*.png).
 * The details that make or break a tiled kernel: coalesced cooperative loads, padding against shared-memory
   bank conflicts, barriers (`cuda.syncthreads()`), and the tile that crosses the end of the sequence.
 * Finally we run all three kernels in the simulator (or on your GPU) and check them against the reference.
 
-Run it: `python tutorials/03_tiled_flash_kernel.py`, or run the `# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/03_tiled_flash_kernel.py` (add `--exercise` to check your own line), or run the
+`# %%` cells in VS Code / Jupyter.
 """
 
 # %%
 import _setup  # noqa: F401  (must be the first import: GPU or simulator, see tutorials/README.md)
 
-import numpy as np
-from numba import cuda
+import inspect
+from pathlib import Path
 
+import numpy as np
+from numba import cuda, float32
+
+import _lesson
 import numbattn
-from numbattn import bench, prefill, prefill_v2, reference
+import solutions
+from numbattn import bench, prefill, prefill_v2, reference, tracing
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
 assert BACKEND in ("cuda", "sim"), "this lesson runs the kernels: it needs a GPU or NUMBA_ENABLE_CUDASIM=1"
+plt = _lesson.pyplot()
+COUNTING = BACKEND == "sim"     # numbattn.tracing counts memory accesses in the simulator only
 
 N_HEADS, N_KV_HEADS, D = bench.N_HEADS, bench.N_KV_HEADS, bench.HEAD_DIM    # TinyLlama: 32, 4, 64
 FP32 = 4
@@ -47,22 +58,15 @@ def human(nbytes):
 
 
 # %% [markdown]
-# ## Where the bytes live
+# ## Where the bytes live, and the ridge point
 #
-# A GPU kernel is a grid of *blocks*; each block is a group of threads (up to 1024) that run on one
-# streaming multiprocessor (SM) and can cooperate. Three kinds of memory matter here:
-#
-#     global memory (HBM)  80 GB, every thread can read it, ~3 TB/s in total       <- q, k, v, out live here
-#     shared memory        up to 228 KB per SM, shared by the threads of a block,    <- a tile of K and V
-#                          ~10x the bandwidth; 48 KB per block for static arrays
-#     registers            per thread, the fastest. A `cuda.local.array` of fixed    <- m_i, l_i, acc, scores
-#                          size lives there when the compiler can unroll every loop
-#                          over it; otherwise it goes to "local memory", which is
-#                          really global memory behind a cache
-#
-# An H100 does ~67 TFLOP/s of fp32 math but reads only ~3 TB/s from HBM: to keep the arithmetic units
-# busy a kernel must do ~22 FLOPs per byte it fetches from global memory. Attention does 4·d FLOPs per
-# (query, key) pair, so everything depends on how many times each K and V element is fetched.
+# Lesson 2 listed them: HBM (80 GB, ~3 TB/s), the L2 cache (50 MB), shared memory (up to 228 KB per SM,
+# ~10x HBM's bandwidth, 48 KB per block for arrays declared with a fixed size) and registers (per thread).
+# An H100 does ~67 TFLOP/s of fp32 math but reads only ~3 TB/s from HBM: to keep the arithmetic units busy
+# a kernel must do at least 67e12 / 3e12 ≈ 22 FLOPs per byte it fetches from HBM. That ratio, peak FLOP/s
+# over peak bytes/s, is the GPU's *ridge point*: below it the memory system sets the speed (memory-bound),
+# above it the arithmetic does (compute-bound). Attention does 4·d FLOPs per (query, key) pair, so
+# everything depends on how many times each K and V element is fetched.
 
 # %% [markdown]
 # ## v0: the online softmax, one thread per query row
@@ -85,17 +89,60 @@ def human(nbytes):
 #
 #     1. the block loads its Q tile into shared memory once, pre-scaled by scale * log2(e) (lesson 2)
 #     2. for each key tile:
-#          syncthreads                       (nobody still reads the previous tile)
-#          all threads together copy K[j0:j0+BN] and V[j0:j0+BN] into shared memory
-#          syncthreads                       (the tile is complete before anyone reads it)
-#          each thread: BN scores from shared memory, online softmax update, acc += p·V_tile
+#          a. syncthreads                    (nobody still reads the previous tile)
+#          b. all threads together copy K[j0:j0+BN] and V[j0:j0+BN] into shared memory
+#          c. syncthreads                    (the tile is complete before anyone reads it)
+#          d. each thread: BN scores from shared memory
+#          e. the online softmax update of lesson 2 (new max, alpha, rescale l_i and acc)
+#          f. acc += p·V_tile
 #     3. each thread writes acc / l_i for its row
 #
+# Here is the real kernel, printed from numbattn/prefill.py, with the step of the list above in the
+# margin of the lines that implement it:
+
+# %%
+V1_STEPS = [("load_q_tile(q", "1"), ("for j0 in range(0, kv_end, BN)", "2"), ("cuda.syncthreads()", "2a"),
+            ("load_kv_tile(k", "2b"), ("cuda.syncthreads()", "2c"),
+            ("x += Qs[t, d] * Ks[jj, d]", "2d"), ("m_new = max(m_i, m_tile)", "2e"),
+            ("alpha = math.exp2(m_i - m_new)", "2e"), ("l_i *= alpha", "2e"), ("acc[d] *= alpha", "2e"),
+            ("acc[d] += p * Vs[jj, d]", "2f"), ("out[b, h, i, d] = ", "3")]
+
+
+def show_kernel(factory, kernel_name, steps):
+    """Print the @cuda.jit kernel `kernel_name` defined inside `factory`, with file line numbers and, in the
+    margin, the label of each (text, label) of `steps`, matched in order."""
+    factory = inspect.unwrap(factory)                   # make_v1 is wrapped in a cache
+    lines, first = inspect.getsourcelines(factory)
+    begin = next(n for n, line in enumerate(lines) if f"def {kernel_name}(" in line) - 1    # its decorator
+    end = next(n for n, line in enumerate(lines) if line.strip() == f"return {kernel_name}")
+    todo = list(steps)
+    print(f"{Path(inspect.getsourcefile(factory)).relative_to(_lesson.ROOT)}, {kernel_name}:")
+    for n in range(begin, end):
+        label = ""
+        if todo and todo[0][0] in lines[n]:
+            label = todo.pop(0)[1]
+        print(f"{label:>3} {first + n:4d} {lines[n].rstrip()}")
+    assert not todo, f"numbattn/prefill.py's {kernel_name} changed: lesson 3 no longer finds {todo[0][0]!r} " \
+                     f"(step {todo[0][1]}); update V1_STEPS"
+
+
+show_kernel(prefill.make_v1, "attention_v1", V1_STEPS)
+print("\nand the two tile loads it calls (steps 1 and 2b), device functions inlined into the kernel:")
+print(inspect.getsource(prefill._make_v1_loads))
+
+# %% [markdown]
+# Things to notice in it: `q`, `k`, `v` and `out` are global memory; `Qs`, `Ks`, `Vs` are shared arrays
+# (one copy per block); `s` and `acc` are local arrays, each thread's own. `b, h = cuda.blockIdx.z,
+# cuda.blockIdx.y`: the grid is (query tiles, heads, batch), so a block knows its head and batch row from its
+# own index. And the `trace` argument is the hook that lesson 2 used to print m_i and l_i.
+#
+# ## The cooperative load, and exercise 3
+#
 # Each K/V element fetched from global memory now serves BLOCK_M query rows instead of one. The copy in
-# step 2 is *cooperative*: element idx of the tile goes to thread idx % BLOCK_M, so at any moment
-# consecutive threads read consecutive addresses and the hardware combines a warp's 32 loads into a few
-# wide transactions (a "coalesced" load). Here is who loads what, for a tile of 4 keys × 8 dims and
-# 4 threads:
+# step 2b is *cooperative*: the tile's BN·D elements are numbered idx = 0, 1, ... row by row, and thread t
+# copies idx = t, t + BM, t + 2·BM, ...; so at any moment consecutive threads read consecutive addresses and
+# the hardware combines a warp's 32 loads into a few wide transactions (coalesced). Here is who loads what,
+# for a tile of 4 keys × 8 dims and 4 threads:
 
 # %%
 def loader_map(block_n, head_dim, threads):
@@ -109,17 +156,78 @@ def loader_map(block_n, head_dim, threads):
 
 print("thread that loads K_tile[r, c] (rows r = keys, columns c = head dims):")
 print(loader_map(4, 8, 4))
-assert (loader_map(4, 8, 4).ravel() == np.arange(32) % 4).all()   # consecutive threads, consecutive addresses
+_lesson.close("loader map vs idx % threads", loader_map(4, 8, 4).ravel(), np.arange(32) % 4)
+
+# %% [markdown]
+# Now a small tiled kernel of your own: a block of BM threads, one query row each, computes the scores
+# S = q k^T of its rows one K tile at a time, copying each tile into shared memory cooperatively, with the two
+# barriers of the real kernel. Exercise 3 is the line that turns the running element number idx into the
+# (row, column) of the tile it names: `tile_slot` below. The check compares the scores, and (in the
+# simulator, where the loads can be counted) which thread loaded each element of K, against the loader map.
+
+# %%
+BM_EX, BN_EX, D_EX = 4, 4, 16           # query rows (= threads) per block, keys per tile, head dim
+
+
+@cuda.jit(device=True)
+def tile_slot(idx, width):
+    """EXERCISE 3. Element number idx of a row-major tile `width` columns wide -> (row, column). One line."""
+    return 0, 0     # <- replace this line with yours, then run the lesson with --exercise
+
+
+def make_tiled_scores(slot):
+    @cuda.jit
+    def tiled_scores(q, k, s):
+        t = cuda.threadIdx.x
+        i = cuda.blockIdx.x * BM_EX + t                     # this thread's query row
+        Ks = cuda.shared.array((BN_EX, D_EX), float32)
+        for j0 in range(0, k.shape[0], BN_EX):
+            cuda.syncthreads()                              # everyone is done with the previous tile
+            for idx in range(t, BN_EX * D_EX, BM_EX):       # the block copies one K tile together
+                r, c = slot(idx, D_EX)
+                Ks[r, c] = k[j0 + r, c] if j0 + r < k.shape[0] else 0.0
+            cuda.syncthreads()                              # the tile is complete
+            for jj in range(min(BN_EX, k.shape[0] - j0)):
+                if i < q.shape[0]:
+                    x = float32(0.0)
+                    for d in range(D_EX):
+                        x += q[i, d] * Ks[jj, d]
+                    s[i, j0 + jj] = x
+    return tiled_scores
+
+
+def run_tiled_scores(slot, q, k):
+    """-> (scores [q_len, kv_len], owner of each element of K's first tile or None when not counting)."""
+    s = np.zeros((q.shape[0], k.shape[0]), np.float32)
+    kernel, grid = make_tiled_scores(slot), -(-q.shape[0] // BM_EX)
+    if not COUNTING:
+        s_dev = cuda.to_device(s)
+        kernel[grid, BM_EX](cuda.to_device(q), cuda.to_device(k), s_dev)
+        return s_dev.copy_to_host(), None
+    tracer = tracing.Tracer()
+    kernel[grid, BM_EX](*tracer.wrap(q=q, k=k, s=s))
+    owner = np.full((BN_EX, D_EX), -1)                     # -1: nobody loaded it
+    for (j, c), threads in tracer.threads("k", block=(0,)).items():
+        if j < BN_EX:
+            owner[j, c] = threads[0] if len(threads) == 1 else -2   # -2: loaded by several threads
+    return s, owner
+
+
+qe = np.random.default_rng(3).standard_normal((6, D_EX)).astype(np.float32)
+ke = np.random.default_rng(4).standard_normal((10, D_EX)).astype(np.float32)
+s_ex, owner_ex = run_tiled_scores(_lesson.exercise(3, tile_slot, solutions.tile_slot), qe, ke)
+if owner_ex is not None:
+    _lesson.check_exercise(3, "thread that loaded K_tile[r, c], counted", owner_ex, loader_map(BN_EX, D_EX, BM_EX))
+_lesson.check_exercise(3, "scores q k^T from the tiled kernel", s_ex, qe @ ke.T, atol=1e-5)
 
 # %% [markdown]
 # Shared memory is finite, and that bounds the tiles. v1's shared arrays are Q [BM, D+1], K [BN, D] and
 # V [BN, D] (why D+1 comes below); v2 adds a P tile [BM, BN+1]. CUDA documents 48 KiB as the most a block
-# may declare *statically* (`cuda.shared.array`), and on GPUs before Hopper ptxas rejects more ("uses too
-# much shared data (..., 0xc000 max)"). On the H100 (compute capability 9.0) Numba's kernels with 65-115 KB
-# of static shared memory compiled, ran and matched the reference, and the bigger v2 tiles were up to 1.8x
-# faster (the launch-shape sweep in BENCHMARKS.md), so numbattn picks tiles per compute capability (and,
-# on sm_90, only after a one-time probe kernel with 64 KB of static shared memory has run: ptxas inside
-# nvJitLink, which some installs link through, rejects it even there):
+# may declare with a fixed size (`cuda.shared.array`); on the H100 larger static arrays compiled, ran and made
+# v2 up to 1.8x faster, so numbattn picks tiles per compute capability (the GPU generation: 9.0 for an H100,
+# 8.0 for an A100). Fewer bytes per block also means more blocks fit on an SM at once (occupancy), which is
+# why the biggest tile is not automatically the fastest. When the big tiles are used, and the toolchain
+# details behind that: BENCHMARKS.md.
 
 # %%
 def v1_shared_bytes(block_m, block_n, head_dim):
@@ -136,7 +244,8 @@ for cc in ((8, 0), (9, 0)):
             rows.append(dict(cc=f"{cc[0]}.{cc[1]}", version=version, head_dim=head_dim, block_m=t.block_m,
                              block_n=t.block_n, threads=t.threads, shared_bytes=smem,
                              over_48KiB="yes" if smem > SHARED_LIMIT else ""))
-            assert cc >= (9, 0) or smem <= SHARED_LIMIT   # pre-Hopper tiles must fit the static limit
+            assert cc >= (9, 0) or smem <= SHARED_LIMIT, \
+                f"{version} d={head_dim} tiles on cc {cc} need {smem} bytes of shared memory > {SHARED_LIMIT}"
 print(bench.format_table(rows, ["cc", "version", "head_dim", "block_m", "block_n", "threads", "shared_bytes",
                                 "over_48KiB"]))
 
@@ -182,15 +291,93 @@ print(bench.format_table(table, ["n", "naive", "v0", "v0_warp", "v1", "v2", "min
                                  "s_of_one_head"]))
 
 # %% [markdown]
+# ### Counted, not derived
+#
+# In the simulator every `k[b, hk, j, d]` a kernel executes is a Python call, so numbattn/tracing.py can
+# count them: it hands the kernel arrays that log each element read and write, by block and thread. Here are
+# the real kernels at a tiny shape (one head, 16 queries and keys, d = 16, the simulator's 4-row tiles),
+# counted, next to the formulas above. v0 even re-reads its own q row once per key: the formula "q read
+# once" is what the tiled kernels achieve by keeping the Q tile in shared memory.
+
+# %%
+NT, DT = 16, 16                                 # tokens and head dim of the counted runs
+qt, kt, vt = bench.random_qkv(1, NT, NT, n_heads=1, n_kv_heads=1, head_dim=DT, seed=5)
+FORMULA = {  # element reads of q and of k (= of v), per head, non-causal
+    "v0": dict(q=NT * NT * DT, k=NT * NT * DT),
+    "v1": dict(q=NT * DT, k=-(-NT // prefill.SIM_TILES["v1"].block_m) * NT * DT),
+    "v2": dict(q=NT * DT, k=-(-NT // prefill.SIM_TILES["v2"].block_m) * NT * DT),
+}
+tracers = {}
+if COUNTING:
+    counted = []
+    for version in prefill.VERSIONS:
+        out_t, tracers[version] = tracing.trace_prefill(qt, kt, vt, version=version)
+        tr = tracers[version]
+        counted.append(dict(kernel=version, block_m=prefill.SIM_TILES[version].block_m,
+                            q_reads=tr.reads("q"), q_formula=FORMULA[version]["q"],
+                            k_reads=tr.reads("k"), v_reads=tr.reads("v"), kv_formula=FORMULA[version]["k"],
+                            out_writes=tr.writes("out"), reads_per_k_element=tr.reads("k") / kt.size))
+        for name, formula in (("q", FORMULA[version]["q"]), ("k", FORMULA[version]["k"]),
+                              ("v", FORMULA[version]["k"])):
+            assert tr.reads(name) == formula, \
+                f"{version}: counted {tr.reads(name)} reads of {name}, the formula says {formula}"
+        assert tr.writes("out") == NT * DT, f"{version} wrote {tr.writes('out')} output elements, not {NT * DT}"
+        _lesson.close(f"traced {version} vs reference", out_t, reference.attention(qt, kt, vt), atol=1e-5)
+    print(f"element reads and writes counted in the simulator, {NT} queries x {NT} keys, d = {DT}, one head:")
+    print(bench.format_table(counted, ["kernel", "block_m", "q_reads", "q_formula", "k_reads", "v_reads",
+                                       "kv_formula", "out_writes", "reads_per_k_element"]))
+else:
+    print("(counting memory accesses needs the simulator: NUMBA_ENABLE_CUDASIM=1 python tutorials/03_...)")
+
+# %% [markdown]
+# Two pictures of the same runs. First, per block, how many times each key row of K was read: v0's blocks
+# read every key row once per thread (BLOCK_M·d element reads), v1's once per block (d). Second, the
+# shape of v1's loop for one block: its Q tile (rows 0-3) is loaded once and stays in shared memory while
+# the K/V tiles stream past, one per step; each step computes one BLOCK_M × BLOCK_N tile of scores.
+
+# %%
+if plt and COUNTING:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 2.6))
+    reads = {}
+    for version in prefill.VERSIONS:
+        per_block = tracers[version].rows("k", axis=2)                      # {(x, y, z): {key row: reads}}
+        reads[version] = np.array([[per_block[b][j] for j in range(NT)] for b in sorted(per_block)])
+    for ax, version in zip(axes, prefill.VERSIONS):
+        _lesson.grid(ax, reads[version], f"{version}: element reads of K row j, per block", cmap="Blues",
+                     xlabel="key row j", ylabel="block (query tile)", vmin=0, vmax=2 * reads["v0"].max())
+    _lesson.save(fig, "03_reads_per_block.png")
+
+    bm, bn = prefill.SIM_TILES["v1"].block_m, prefill.SIM_TILES["v1"].block_n
+    q_rows = sorted(tracers["v1"].rows("q", axis=2)[(0, 0, 0)])             # what block 0 loaded of q ...
+    k_rows = sorted(tracers["v1"].rows("k", axis=2)[(0, 0, 0)])             # ... and of k
+    steps = sorted({j // bn for j in k_rows})
+    fig, axes = plt.subplots(1, len(steps), figsize=(3 * len(steps), 3))
+    for ax, step in zip(axes, steps):
+        picture = np.zeros((NT, NT))
+        picture[np.ix_(q_rows, [j for j in k_rows if j // bn < step])] = 1          # score tiles done
+        picture[np.ix_(q_rows, [j for j in k_rows if j // bn == step])] = 2         # this step's tile
+        ax.imshow(picture, cmap="Greens", vmin=0, vmax=2)
+        ax.axhspan(q_rows[0] - 0.5, q_rows[-1] + 0.5, color="tab:orange", alpha=0.15)   # the Q tile stays
+        ax.set_title(f"step {step}: K/V rows {step * bn}-{step * bn + bn - 1}", fontsize=9)
+        ax.set_xlabel("key", fontsize=8)
+        ax.set_ylabel("query", fontsize=8)
+        ax.set_xticks(range(0, NT, bn))
+        ax.set_yticks(range(0, NT, bm))
+    fig.suptitle("v1, block 0: the Q tile (orange band) stays; K/V tiles stream past", fontsize=10)
+    _lesson.save(fig, "03_q_tile_and_streaming_kv.png")
+
+# %% [markdown]
 # v2's taller query tile halves the K/V re-reads, but those come from L2 anyway: with v2 on v1's tiles
-# (64 rows) it is still ~6x faster than v1 (BENCHMARKS.md). The reason is what happens *inside* the block.
+# (64 rows) it is still ~6x faster than v1 (the launch-shape sweep at the end of this lesson). The reason is
+# what happens *inside* the block.
 #
 # ## v2: a register tile per thread
 #
 # In v1 each score costs two shared-memory loads (a Q element and a K element) for one FMA, and the output
 # update one load (a V element) per FMA: the kernel is limited by shared-memory bandwidth, not arithmetic.
 # v2 (numbattn/prefill_v2.py) treats each tile as two small matrix products, S = Q·K^T and O += P·V, and
-# tiles them over threads the way a GEMM does. The threads form a TR × TC grid; thread (rg, cg) owns
+# tiles them over threads the way a GEMM (a general matrix multiply, C = A·B, the routine BLAS libraries
+# spend their lives on) does. The threads form a TR × TC grid; thread (rg, cg) owns
 #
 #     query rows   rg + TR·i   for i < TM        (its rows of S and of O)
 #     keys         cg + TC·j   for j < TN        (its columns of S)
@@ -219,40 +406,78 @@ print(f"\nowner thread of each score in the first 4 rows x 16 keys of the {t2.bl
 print(owner[:4, :16])
 print(f"rows {TR} apart belong to the same thread, e.g. thread 0 owns rows {[TR * i for i in range(TM)]} and "
       f"keys {[TC * j for j in range(TN)]}")
-assert sorted(np.bincount(owner.ravel())) == [TM * TN] * t2.threads   # every thread owns TM*TN scores
+owned = np.bincount(owner.ravel(), minlength=t2.threads)
+_lesson.close("scores owned per thread", owned, TM * TN, got_label="owned")
 
 # %% [markdown]
 # ### Why strided ownership, and why D+1: shared-memory banks
 #
 # Shared memory is split into 32 banks, 4-byte word w lives in bank w % 32, and a warp's loads are served
 # in one cycle only if no two threads hit *different* words of the same bank (the same word is a free
-# broadcast). In the S step the TC threads of a row group load K[key, d] for their keys cg + TC·j: rows
-# of the K tile, one row length apart in memory. With rows of exactly d = 64 words (a multiple of 32) every
-# one of them lands in the same bank and the loads are served one after the other; padding each row by one
-# word (the `D + 1` in the shared arrays) spreads them over consecutive banks. The same padding fixes v1's Q
-# reads, where thread t reads Q[t, d].
+# broadcast). When they do, the loads are served one after the other: a *bank conflict*. In the S step the
+# TC threads of a row group load K[key, d] for their keys cg + TC·j: rows of the K tile, one row length
+# apart in memory. With rows of exactly d = 64 words (a multiple of 32) every one of them lands in the same
+# bank; padding each row by one word (the `D + 1` in the shared arrays) spreads them over consecutive banks.
+# The same padding fixes v1's Q reads, where thread t reads Q[t, d].
 
 # %%
 def banks(keys, d, stride):
     return [(key * stride + d) % 32 for key in keys]
 
 
+def check_conflict_free(stride):
+    hit = banks(keys_of_group, 5, stride)
+    assert len(set(hit)) == TC, f"rows of {stride} words: the {TC} threads hit banks {hit}, " \
+                                f"{TC - len(set(hit)) + 1}-way conflict"
+
+
 keys_of_group = [cg for cg in range(TC)]          # j = 0: the TC threads of a row group, at the same step d
 print(f"banks hit by the {TC} threads of a row group reading K[cg, d=5]:")
 print(f"  rows of {D} words (no padding): {banks(keys_of_group, 5, D)}  -> {TC}-way conflict")
 print(f"  rows of {D + 1} words (padded)   : {banks(keys_of_group, 5, D + 1)}  -> conflict-free")
-assert len(set(banks(keys_of_group, 5, D))) == 1 and len(set(banks(keys_of_group, 5, D + 1))) == TC
+check_conflict_free(D + 1)
+
+# %% [markdown]
+# The three maps as coloured grids: who copies each element of a K tile in v1 (counted on the real kernel
+# in the simulator), who owns each score of v2's tile, and the bank of each word of a K tile with and
+# without the padding (one colour per bank: a column of one colour is a conflict).
+
+# %%
+if plt:
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    if COUNTING:
+        v1_tiles = prefill.SIM_TILES["v1"]
+        who = tracers["v1"].threads("k", block=(0, 0, 0))
+        v1_owner = np.array([[who[(0, 0, r, c)][0] for c in range(DT)] for r in range(v1_tiles.block_n)])
+        _lesson.close("v1 loader map counted on the real kernel", v1_owner,
+                      loader_map(v1_tiles.block_n, DT, v1_tiles.threads), got_label="counted",
+                      want_label="loader_map")
+        _lesson.grid(axes[0], v1_owner, "v1: thread that loads K_tile[r, c] (counted)", xlabel="dim c",
+                     ylabel="key r")
+    else:
+        _lesson.grid(axes[0], loader_map(4, 16, 4), "v1: thread that loads K_tile[r, c]", xlabel="dim c",
+                     ylabel="key r")
+    _lesson.grid(axes[1], owner[:8, :16], f"v2: thread owning S[r, c] ({t2.block_m}x{t2.block_n}, first 8x16)",
+                 labels=True, xlabel="key c", ylabel="query row r")
+    rows_shown = np.arange(TC)[:, None]         # a column: the TC threads' loads at one step d
+    _lesson.grid(axes[2], (rows_shown * D + np.arange(16)) % 32, f"bank of Ks[key, d], rows of {D} words:\n"
+                 "one colour per column = every thread on one bank", cmap="distinct", xlabel="d",
+                 ylabel="key cg (thread cg of a row group)")
+    _lesson.grid(axes[3], (rows_shown * (D + 1) + np.arange(16)) % 32, f"rows of {D + 1} words (padded):\n"
+                 f"{TC} banks per column, no conflict", cmap="distinct", xlabel="d", ylabel="key cg")
+    _lesson.save(fig, "03_owner_and_bank_maps.png")
 
 # %% [markdown]
 # ### Group reductions: a row's max and sum spread over TC threads
 #
 # The online softmax needs the max of each query row over the tile, but in v2 a row's BLOCK_N scores are
 # spread over the TC threads of its row group (TN each). Each thread takes the max of its own TN scores, then
-# the group combines TC partial maxima (`group_max`: on a GPU, log2(TC) warp-shuffle steps; in the
-# simulator, which has no shuffles, a shared-memory twin). All TC threads then use the same m_new, so their
-# alpha and exp2(s - m_new) agree. The row sum l_i needs no per-tile exchange at all: each thread keeps the
-# partial sum over its own columns (rescaled by the same alpha), and the group adds the partials once, at
-# the very end. In NumPy, for one tile:
+# the group combines TC partial maxima (`group_max`: on a GPU, log2(TC) warp-shuffle steps, each thread
+# reading a register of another thread of its warp directly; in the simulator, which has no shuffles, a
+# shared-memory twin). All TC threads then use the same m_new, so their alpha and exp2(s - m_new) agree. The
+# row sum l_i needs no per-tile exchange at all: each thread keeps the partial sum over its own columns
+# (rescaled by the same alpha), and the group adds the partials once, at the very end. In NumPy, for one
+# tile:
 
 # %%
 rng = np.random.default_rng(0)
@@ -272,11 +497,10 @@ for t in range(t2.threads):                                             # exp wi
 group_sum = np.stack([partial_sum[group_of == g].sum(axis=0) for g in range(TR)])   # [TR, TM]
 row_max = np.array([group_max[r % TR, r // TR] for r in range(t2.block_m)])
 row_sum = np.array([group_sum[r % TR, r // TR] for r in range(t2.block_m)])
-print("row maxima from group reductions == S.max(axis=1):", np.allclose(row_max, S.max(axis=1)))
-print("row sums   from group reductions == sum exp2(S - max):",
-      np.allclose(row_sum, np.exp2(S - S.max(axis=1, keepdims=True)).sum(axis=1), rtol=1e-6))
-assert np.allclose(row_max, S.max(axis=1))
-assert np.allclose(row_sum, np.exp2(S - S.max(axis=1, keepdims=True)).sum(axis=1), rtol=1e-6)
+_lesson.close("row maxima from group reductions vs S.max(axis=1)", row_max, S.max(axis=1))
+_lesson.close("row sums from group reductions vs sum exp2(S - max)", row_sum,
+              np.exp2(S - S.max(axis=1, keepdims=True)).sum(axis=1), rtol=1e-6)
+print("row maxima and row sums from the group reductions equal S.max(axis=1) and sum exp2(S - max)")
 
 # %% [markdown]
 # One more piece of v2: P (the exponentiated score tile) goes through shared memory between the two
@@ -310,15 +534,17 @@ for version in prefill.VERSIONS:
     for causal in (False, True):
         out = cuda.to_device(np.full(q.shape, np.nan, np.float32))
         got = prefill.flash_attention(q, k, v, causal=causal, version=version, out=out)
-        err = np.abs(got - reference.attention(q64, k64, v64, causal=causal)).max()
+        assert not np.isnan(got).any(), \
+            f"{version} causal={causal} left {int(np.isnan(got).sum())} output elements unwritten (NaN), " \
+            f"e.g. at {tuple(int(i) for i in np.argwhere(np.isnan(got))[0])}"
+        err = _lesson.close(f"{version} causal={causal} vs fp64 reference", got,
+                            reference.attention(q64, k64, v64, causal=causal), atol=1e-5, got_label=version)
         print(f"{version} causal={causal!s:5}: max |kernel - fp64 reference| = {err:.1e}")
-        assert not np.isnan(got).any(), f"{version} left output elements unwritten"
-        assert err < 1e-5
 
 # %% [markdown]
 # ## Correctness check
 #
-# All three kernels agree with the fp64 reference to float32 rounding (asserted above). Also at the
+# All three kernels agree with the fp64 reference to float32 rounding (checked above). Also at the
 # production head dims 64 and 128 (the tiles change with d), with fp16 inputs (stored fp16, computed fp32),
 # and with several query tiles per head:
 
@@ -327,18 +553,68 @@ for head_dim, dtype in ((64, np.float32), (128, np.float16)):
     q, k, v = bench.random_qkv(1, 9, 9, n_heads=2, n_kv_heads=1, head_dim=head_dim, seed=head_dim, dtype=dtype)
     want = reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=True)
     for version in prefill.VERSIONS:
-        err = np.abs(prefill.flash_attention(q, k, v, causal=True, version=version) - want).max()
+        err = _lesson.close(f"d={head_dim} {np.dtype(dtype).name} {version} vs fp64 reference",
+                            prefill.flash_attention(q, k, v, causal=True, version=version), want, atol=1e-5,
+                            got_label=version)
         print(f"d={head_dim:3d} {np.dtype(dtype).name}: {version} max error {err:.1e}")
-        assert err < 1e-5
 print("lesson 3 checks passed")
+
+# %% [markdown]
+# ## Break it
+#
+# Mistakes this lesson's checks catch, made on purpose (the first three run below):
+#
+#     tile_slot returns (idx % BN, idx // BN)      -> the scores are still right (every element of the tile
+#                                                     is still loaded, by some thread), but consecutive
+#                                                     threads now read addresses D words apart: not
+#                                                     coalesced. Only the counted owner map catches it
+#     a kernel loads K once per query row (v0)     -> "counted reads of k" vs the tiled formula
+#     no padding: shared rows of D words           -> the bank check names the conflict
+#
+# and in numbattn/prefill.py (make_v1), to try yourself:
+#
+#     delete the second cuda.syncthreads()         -> threads read a K tile before it is complete. In the
+#                                                     simulator this is a race, so the outputs are wrong on
+#                                                     most runs but not all ("v1 causal=... vs fp64
+#                                                     reference"); on a GPU it can pass for days, which is
+#                                                     why the barriers are argued for in the text, not tested
+#     load the Q tile without scale_log2           -> every "vs fp64 reference" check
+#     write out[b, h, i, d] only when d < D - 1    -> "left 1 output elements unwritten (NaN)"
+
+# %%
+@cuda.jit(device=True)
+def transposed_slot(idx, width):
+    return idx % BN_EX, idx // BN_EX
+
+
+s_transposed, owner_transposed = run_tiled_scores(transposed_slot, qe, ke)
+err = _lesson.close("scores with the transposed tile_slot", s_transposed, qe @ ke.T, atol=1e-5)
+print(f"transposed tile_slot: scores still right (max |diff| {err:.1e}); who loaded what:")
+if COUNTING:
+    print(owner_transposed)
+    _lesson.breaks("tile_slot transposed (idx % BN, idx // BN): uncoalesced loads", lambda: _lesson.close(
+        "thread that loaded K_tile[r, c], counted", owner_transposed, loader_map(BN_EX, D_EX, BM_EX),
+        got_label="counted", want_label="coalesced"))
+    _lesson.breaks("K read once per query row (v0) where once per query tile was promised", lambda: _lesson.close(
+        "counted reads of k vs the tiled formula", tracers["v0"].reads("k"), FORMULA["v1"]["k"]))
+_lesson.breaks("shared rows of D words, not D + 1", lambda: check_conflict_free(D))
 
 # %% [markdown]
 # ## Benchmark
 #
 # On a GPU: v0, v1 and v2 at TinyLlama's shape, causal, with the NumPy reference for scale and torch's
 # attention when torch is installed. Watch v0 fall behind as n grows (it re-reads K and V per query row),
-# and v2 beat v1 (more FMAs per shared-memory load). Without a GPU: simulator times at a tiny shape, which
-# only show that the code runs (they measure Python threads, not the algorithm).
+# and v2 beat v1 (more FMAs per shared-memory load). The simulator's times would measure Python threads, so
+# without a GPU the lesson shows the H100 measurements, and the launch-shape sweep behind "v2 on v1's
+# 64-row tiles is still ~6x faster".
 
 # %%
-print(bench.prefill_benchmark_text(BACKEND, versions=prefill.VERSIONS, seq_lens=(1024, 2048, 4096)))
+if BACKEND == "cuda":
+    print(bench.prefill_benchmark_text(BACKEND, versions=prefill.VERSIONS, seq_lens=(1024, 2048, 4096)))
+else:
+    batch1 = lambda r: r["batch"] == "1"                            # noqa: E731
+    _lesson.measured("### Causal: milliseconds", ["n", "numbattn v0", "numbattn v1", "numbattn v2"], batch1)
+    _lesson.measured("### Causal: TFLOP/s", ["n", "numbattn v0", "numbattn v1", "numbattn v2"], batch1,
+                     plot="prefill_causal.png")
+    _lesson.measured("### Launch-shape sweep", ["impl", "ms", "tflops", "smem_bytes"],
+                     lambda r: r["impl"].startswith("v1") or r["impl"].startswith("v2 d64 64x"), plot="tiles.png")

@@ -10,24 +10,37 @@ What you will learn
 * Bottom-right alignment: when there are fewer queries than keys (q_len < kv_len, the new tokens after a KV
   cache), the queries are the *last* q_len tokens, so query i sees keys j <= i + (kv_len - q_len). We print
   the mask and check that it reproduces the last rows of a full causal attention.
+* A causal attention kernel of your own (one thread per query row, lesson 2's loop) whose key range you
+  write: exercise 4, the bottom-right rule in one line.
+* The skipped tiles counted on the real kernel: numbattn/tracing.py counts every K/V element each block
+  loads in the simulator, and a picture shows which key tiles each query block reads
+  (tutorials/out/04_tiles_read_per_block.png).
 * Grouped-query attention (GQA): TinyLlama has 32 query heads but only 4 key/value heads; query head h reads
   KV head h // 8. The kernels index K and V that way instead of copying them 8 times; we check the result
   against the reference with the copy made explicit (`reference.repeat_kv`).
 
-Run it: `python tutorials/04_causal_and_gqa.py`, or run the `# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/04_causal_and_gqa.py` (add `--exercise` to check your own line), or run the `# %%`
+cells in VS Code / Jupyter.
 """
 
 # %%
 import _setup  # noqa: F401  (must be the first import: GPU or simulator, see tutorials/README.md)
 
-import numpy as np
+import math
+import warnings
 
+import numpy as np
+from numba import cuda
+
+import _lesson
 import numbattn
-from numbattn import bench, prefill, reference
+import solutions
+from numbattn import bench, prefill, reference, tracing
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
 assert BACKEND in ("cuda", "sim"), "this lesson runs the kernels: it needs a GPU or NUMBA_ENABLE_CUDASIM=1"
+plt = _lesson.pyplot()
 
 
 def show_mask(mask):
@@ -63,7 +76,8 @@ print("bottom-right aligned, q_len=3, kv_len=8 (what numbattn uses):")
 print(show_mask(reference.causal_mask(3, 8)))
 print("top-left aligned (np.tril), for comparison, WRONG for new tokens after a cache:")
 print(show_mask(np.tril(np.ones((3, 8), bool))))
-assert (reference.causal_mask(3, 8) == reference.causal_mask(8, 8)[5:]).all()
+_lesson.close("bottom-right mask (3 queries, 8 keys) vs the last 3 rows of the 8x8 mask",
+              reference.causal_mask(3, 8), reference.causal_mask(8, 8)[5:])
 
 # %% [markdown]
 # The kernel implements the same rule (`offset = kv_len - q_len`; row i sees keys j <= i + offset). Check:
@@ -74,9 +88,75 @@ assert (reference.causal_mask(3, 8) == reference.causal_mask(8, 8)[5:]).all()
 q, k, v = bench.random_qkv(1, 8, 8, n_heads=2, n_kv_heads=1, head_dim=16, seed=4)
 full = numbattn.attention(q, k, v, causal=True)                      # all 8 queries
 last3 = numbattn.attention(q[:, :, 5:], k, v, causal=True)           # queries 5, 6, 7 only, same keys
-print(f"max |last 3 rows of full - 3 queries over 8 keys| = {np.abs(full[:, :, 5:] - last3).max():.1e}")
-assert np.allclose(full[:, :, 5:], last3, atol=1e-6)
-assert np.allclose(last3, reference.attention(*fp64(q[:, :, 5:], k, v), causal=True), atol=1e-5)
+err = _lesson.close("3 queries over 8 keys vs the last 3 rows of the full causal attention", last3,
+                    full[:, :, 5:], atol=1e-6, got_label="3 queries", want_label="full")
+print(f"max |last 3 rows of full - 3 queries over 8 keys| = {err:.1e}")
+_lesson.close("3 queries over 8 keys vs fp64 reference", last3,
+              reference.attention(*fp64(q[:, :, 5:], k, v), causal=True), atol=1e-5)
+
+# %% [markdown]
+# ## Exercise 4: a causal kernel
+#
+# Lesson 2's first kernel, grown into a whole (slow but complete) causal attention: one thread per query
+# row, the online softmax over the keys the row may see, the output row accumulated in `out` itself. The one
+# line that makes it causal, and bottom-right aligned, is how many keys row i sees: `n_keys` below is yours
+# to write (the stub lets every row see every key, which is attention without a mask). The check compares
+# the kernel with the reference on a square case and on 3 queries over 8 keys, the case that tells
+# bottom-right from top-left.
+
+# %%
+@cuda.jit(device=True)
+def n_keys(i, q_len, kv_len):
+    """EXERCISE 4. How many keys (0, 1, ...) query row i may see, of kv_len, when the q_len queries are the
+    LAST q_len tokens of the sequence. One line."""
+    return kv_len   # <- replace this line with yours, then run the lesson with --exercise
+
+
+def make_causal_kernel(keys_of_row):
+    @cuda.jit
+    def causal_rows(q, k, v, out, scale):
+        i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x     # this thread's query row
+        q_len, kv_len, D = q.shape[0], k.shape[0], q.shape[1]
+        if i < q_len:
+            m, l = -math.inf, 0.0
+            for d in range(D):
+                out[i, d] = 0.0
+            for j in range(keys_of_row(i, q_len, kv_len)):          # keys 0 .. n_keys - 1
+                s = 0.0
+                for d in range(D):
+                    s += q[i, d] * k[j, d]
+                m_new = max(m, s * scale)
+                alpha, p = math.exp(m - m_new), math.exp(s * scale - m_new)
+                l = l * alpha + p
+                for d in range(D):
+                    out[i, d] = out[i, d] * alpha + p * v[j, d]
+                m = m_new
+            for d in range(D):
+                out[i, d] /= l
+    return causal_rows
+
+
+def run_causal(keys_of_row, q_len, kv_len, seed=9):
+    """-> (the kernel's output, the reference's) for one head of q_len queries over kv_len keys."""
+    qh, kh, vh = (x[0, 0].astype(np.float64) for x in bench.random_qkv(1, q_len, kv_len, n_heads=1,
+                                                                          n_kv_heads=1, head_dim=16, seed=seed))
+    out = cuda.device_array(qh.shape)
+    make_causal_kernel(keys_of_row)[-(-q_len // 4), 4](cuda.to_device(qh), cuda.to_device(kh),
+                                                       cuda.to_device(vh), out, 16 ** -0.5)
+    return out.copy_to_host(), reference.attention(qh[None, None], kh[None, None], vh[None, None], causal=True)[0, 0]
+
+
+def check_causal(keys_of_row, check=_lesson.close):
+    for q_len, kv_len in ((6, 6), (3, 8)):
+        got, want = run_causal(keys_of_row, q_len, kv_len)
+        check(f"causal kernel, {q_len} queries over {kv_len} keys [row, dim]", got, want, atol=1e-9)
+
+
+yours_n_keys = _lesson.exercise(4, n_keys, solutions.n_keys)
+if BACKEND == "sim":        # in the simulator a device function is plain Python: we can call it here
+    print("keys seen per row, 3 queries over 8 keys:", [yours_n_keys(i, 3, 8) for i in range(3)],
+          " expected:", reference.causal_mask(3, 8).sum(axis=1).tolist())
+check_causal(yours_n_keys, check=lambda what, got, want, atol: _lesson.check_exercise(4, what, got, want, atol))
 
 # %% [markdown]
 # ## Skipping tiles
@@ -121,12 +201,15 @@ print("\n".join(" ".join(r) for r in tm))
 print("visited %d of %d tiles, %d of them masked element-wise" % (count(tm)[0], tm.size, count(tm)[1]))
 
 # %% [markdown]
-# The trace of lesson 2 confirms it on the real v1 kernel: each thread records its m_i after every key tile
-# it processed and leaves NaN in the tiles its block skipped. Counting the non-NaN tiles of each block's
-# first row must give the visited tiles of the map, also for q_len < kv_len.
+# The real v1 kernel confirms it twice. The trace of lesson 2: each thread records its m_i after every key
+# tile it processed and leaves NaN in the tiles its block skipped, so counting the non-NaN tiles of each
+# block's first row must give the visited tiles of the map. And, in the simulator, numbattn/tracing.py
+# counts the K elements each block actually loaded from global memory: BLOCK_N·d per visited tile (fewer in
+# a ragged last tile), zero for a skipped one. Both must match the map, also for q_len < kv_len.
 
 # %%
 tiles = prefill.Tiles(block_m=4, block_n=4, threads=4)
+counted_maps = {}
 for q_len, kv_len in ((16, 16), (6, 14)):
     qt, kt, vt = bench.random_qkv(1, q_len, kv_len, n_heads=1, n_kv_heads=1, head_dim=16, seed=q_len)
     out, trace = prefill.trace_v1(qt, kt, vt, causal=True, tiles=tiles)
@@ -135,8 +218,39 @@ for q_len, kv_len in ((16, 16), (6, 14)):
     print(f"q_len={q_len:2d} kv_len={kv_len:2d}: the kernel visited {visited_by_kernel} key tiles, the map says "
           f"{count(tmap)[0]} of {tmap.size}")
     print("\n".join("   " + " ".join(r) for r in tmap))
-    assert visited_by_kernel == count(tmap)[0]
-    assert np.allclose(out, reference.attention(*fp64(qt, kt, vt), causal=True), atol=1e-5)
+    assert visited_by_kernel == count(tmap)[0], \
+        f"q_len={q_len} kv_len={kv_len}: the v1 trace shows {visited_by_kernel} visited tiles, the map {count(tmap)[0]}"
+    _lesson.close(f"v1 causal q_len={q_len} kv_len={kv_len} vs fp64 reference", out,
+                  reference.attention(*fp64(qt, kt, vt), causal=True), atol=1e-5)
+    if BACKEND == "sim":
+        _, tr = tracing.trace_prefill(qt, kt, vt, causal=True, version="v1", tiles=tiles)
+        loaded = np.zeros(tmap.shape, int)                 # [query block, key tile]: K elements loaded
+        for (bx, _, _), rows in tr.rows("k", axis=2).items():
+            for j, n in rows.items():
+                loaded[bx, j // tiles.block_n] += n
+        tile_keys = np.minimum(tiles.block_n, kv_len - np.arange(tmap.shape[1]) * tiles.block_n)
+        _lesson.close(f"K elements loaded per (query block, key tile), q_len={q_len} kv_len={kv_len}", loaded,
+                      np.where(tmap != ".", tile_keys * 16, 0), got_label="counted", want_label="tile map")
+        print(f"   counted K loads per (query block, key tile), in elements of d = 16:\n{loaded}")
+        counted_maps[q_len, kv_len] = (tmap, loaded)
+
+# %% [markdown]
+# The same, as a picture: one panel per case, a cell per (query block, key tile), coloured by what the map
+# says (F computed, D computed and masked, . skipped) and labelled with the K elements the real kernel
+# loaded there.
+
+# %%
+if plt and counted_maps:
+    fig, axes = plt.subplots(1, len(counted_maps), figsize=(10, 3.2))
+    for ax, ((q_len, kv_len), (tmap, loaded)) in zip(axes, counted_maps.items()):
+        kind = np.select([tmap == "F", tmap == "D"], [2, 1], 0)
+        ax.imshow(kind, cmap="Greens", vmin=-0.5, vmax=2.5, aspect="auto")
+        for (r, c), n in np.ndenumerate(loaded):
+            ax.text(c, r, f"{tmap[r, c]}\n{n} loads" if n else "skipped", ha="center", va="center", fontsize=8,
+                    color="white" if tmap[r, c] == "F" else "black")
+        ax.set(title=f"q_len={q_len}, kv_len={kv_len}: K loads per tile", xlabel="key tile (4 keys)",
+               ylabel="query block (4 rows)", xticks=range(tmap.shape[1]), yticks=range(tmap.shape[0]))
+    _lesson.save(fig, "04_tiles_read_per_block.png")
 
 # %% [markdown]
 # At real sizes and the H100 tiles of v2 (128 query rows × 32 keys), causal attention visits just over half
@@ -152,7 +266,8 @@ for n in (512, 2048, 8192):
 print(f"causal prefill, {t2.block_m}x{t2.block_n} tiles:")
 print(bench.format_table(rows, ["n", "tiles_total", "visited", "masked_elementwise", "visited_fraction"]))
 # query tile i (of T = n / BLOCK_M) visits (i + 1) * BLOCK_M / BLOCK_N key tiles: (T + 1) / 2T of them all
-assert all(r["visited_fraction"] == (r["n"] // t2.block_m + 1) / (2 * (r["n"] // t2.block_m)) for r in rows)
+_lesson.close("visited fraction vs (T + 1) / 2T", [r["visited_fraction"] for r in rows],
+              [(r["n"] // t2.block_m + 1) / (2 * (r["n"] // t2.block_m)) for r in rows], rtol=1e-12)
 
 # %% [markdown]
 # ## Grouped-query attention: fewer K/V heads than query heads
@@ -191,10 +306,13 @@ print(f"k: {k.shape} {k.nbytes} bytes; repeated for 4 query heads: {k_rep.shape}
 ours = numbattn.attention(q, k, v, causal=True)                            # the kernel, k with 2 heads
 explicit = reference.attention(*fp64(q, k_rep, v_rep), causal=True)        # plain MHA on the copies
 interleaved = reference.attention(*fp64(q, k[:, [0, 1, 0, 1]], v[:, [0, 1, 0, 1]]), causal=True)  # h % 2
-print(f"max |kernel - MHA on repeated K/V| = {np.abs(ours - explicit).max():.1e}")
+def check_gqa(result):
+    return _lesson.close("kernel with 2 KV heads vs MHA on repeated K/V [batch, head, row, dim]", result, explicit,
+                         atol=1e-5, got_label="kernel", want_label="repeated")
+
+
+print(f"max |kernel - MHA on repeated K/V| = {check_gqa(ours):.1e}")
 print(f"max |kernel - wrong mapping h % n_kv_heads| = {np.abs(ours - interleaved).max():.2f}")
-assert np.abs(ours - explicit).max() < 1e-5
-assert np.abs(ours - interleaved).max() > 0.1
 
 # %% [markdown]
 # ## Correctness check
@@ -208,21 +326,58 @@ cases = [(4, 4, 5, 5), (4, 2, 3, 9), (4, 1, 1, 7), (2, 1, 6, 11)]     # (n_heads
 for n_h, n_kv, q_len, kv_len in cases:
     q, k, v = bench.random_qkv(1, q_len, kv_len, n_heads=n_h, n_kv_heads=n_kv, head_dim=16, seed=q_len + kv_len)
     want = reference.attention(*fp64(q, k, v), causal=True)
-    errs = {ver: np.abs(prefill.flash_attention(q, k, v, causal=True, version=ver) - want).max()
+    errs = {ver: _lesson.close(f"{ver}, heads {n_h}/{n_kv}, q_len {q_len}, kv_len {kv_len} vs fp64 reference",
+                               prefill.flash_attention(q, k, v, causal=True, version=ver), want, atol=1e-5,
+                               got_label=ver)
             for ver in prefill.VERSIONS}
     print(f"heads {n_h}/{n_kv} q_len {q_len:2d} kv_len {kv_len:2d}: " +
           "  ".join(f"{ver} {e:.1e}" for ver, e in errs.items()))
-    assert max(errs.values()) < 1e-5
 print("lesson 4 checks passed")
+
+# %% [markdown]
+# ## Break it
+#
+# Mistakes this lesson's checks catch, made on purpose below:
+#
+#     n_keys = i + offset (one key short)          -> exercise 4's check, at every row
+#     n_keys = i + 1 (top-left, np.tril)           -> only the 3-queries-over-8-keys case fails: a square
+#                                                     test alone would never notice
+#     query head h reads KV head h % n_kv_heads    -> the GQA check
+#
+# and in numbattn/prefill.py (make_v1), to try yourself:
+#
+#     kv_end = min(kv_len, q0 + BM) (no offset)    -> "the v1 trace shows N visited tiles" and "K elements
+#                                                     loaded per (query block, key tile)" at q_len < kv_len
+#     last_key = i + offset - 1 (mask off by one)  -> every causal "vs fp64 reference" check
+
+# %%
+@cuda.jit(device=True)
+def one_key_short(i, q_len, kv_len):
+    return min(kv_len, i + (kv_len - q_len))
+
+
+@cuda.jit(device=True)
+def top_left(i, q_len, kv_len):
+    return min(kv_len, i + 1)
+
+
+with warnings.catch_warnings():         # row 0 then sees no key at all: its output is 0 / 0 = NaN
+    warnings.simplefilter("ignore", RuntimeWarning)
+    _lesson.breaks("the causal key range is one key short", lambda: check_causal(one_key_short))
+_lesson.breaks("the causal mask is top-left aligned", lambda: check_causal(top_left))
+_lesson.breaks("query head h reads KV head h % n_kv_heads", lambda: check_gqa(interleaved))
 
 # %% [markdown]
 # ## Benchmark
 #
 # On a GPU: v2 causal against non-causal at TinyLlama's shape. Skipping the tiles above the diagonal should
 # bring the causal time close to half (a little more: the diagonal tiles pay for their masks, and the blocks
-# near the bottom do more work than those near the top). Without a GPU: simulator times at a tiny shape.
+# near the bottom do more work than those near the top). Below n ≈ 1024 both calls are too short for it to
+# show: a launch costs ~0.1 ms of host time whatever the work. The simulator's times would measure Python
+# threads, so without a GPU the lesson shows the same ratio from the H100 measurements in BENCHMARKS.md.
 
 # %%
+columns = ["impl", "n", "full_ms", "causal_ms", "causal_over_full"]
 if BACKEND == "cuda":
     rows = bench.bench_prefill(seq_lens=(1024, 2048, 4096, 8192), causal=(False, True), versions=("v2",),
                                reference_max_n=0)
@@ -231,13 +386,13 @@ if BACKEND == "cuda":
                   causal_over_full=ms[impl, n, True] / ms[impl, n, False])
              for impl, n, causal in ms if causal and (impl, n, False) in ms]
     print("batch 1, 32 heads / 4 KV heads, head_dim 64:")
-    print(bench.format_table(table, ["impl", "n", "full_ms", "causal_ms", "causal_over_full"]))
+    print(bench.format_table(table, columns))
 else:
-    print("the benchmark needs a CUDA GPU; tiny-size timing in the simulator instead:")
-    qt, kt, vt = bench.random_qkv(1, 16, 16, n_heads=2, n_kv_heads=1, head_dim=16)
-    rows = []
-    for causal in (False, True):
-        impls = bench.prefill_impls(BACKEND, ("v2",), qt, kt, vt, causal=causal, with_reference=False)
-        for name, fn in impls.items():
-            rows.append(dict(impl=name, n=16, causal=causal, ms=bench.timed(fn, "host", warmup=0, repeat=1)))
-    print(bench.format_table(rows, ["impl", "n", "causal", "ms"]))
+    full = {r["n"]: r for r in _lesson.benchmarks_table("### Non-causal: milliseconds") if r["batch"] == "1"}
+    causal = {r["n"]: r for r in _lesson.benchmarks_table("### Causal: milliseconds") if r["batch"] == "1"}
+    table = [dict(impl=impl, n=n, full_ms=float(full[n][impl]), causal_ms=float(causal[n][impl]),
+                  causal_over_full=float(causal[n][impl]) / float(full[n][impl]))
+             for impl in ("numbattn v2", "torch SDPA mem-efficient fp32") for n in causal if n in full]
+    print("measured on an H100 (BENCHMARKS.md, batch 1, 32 heads / 4 KV heads, head_dim 64):")
+    print(bench.format_table(table, columns))
+    print(f"plots: {_lesson.ROOT / 'benchmarks' / 'plots' / 'prefill_causal.png'} and prefill_full.png beside it")

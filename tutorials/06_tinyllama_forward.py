@@ -12,6 +12,8 @@ What you will learn
 * How to verify a model: we build TinyLlama's miniature sibling (same files and layout, random weights,
   `tinyllm.make_tiny`) and compute its logits twice, with tinyllm (fp32, attention on numbattn's kernels)
   and with an independent fp64 implementation written in this lesson from the raw bytes of the checkpoint.
+* A picture of one Llama block and the residual stream it reads and adds to (tutorials/out/06_llama_block.png),
+  and what the check says when RoPE pairs the wrong elements.
 
 Run it: `python tutorials/06_tinyllama_forward.py`, or run the `# %%` cells in VS Code / Jupyter.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+import _lesson
 import numbattn
 import tinyllm
 from numbattn import bench
@@ -34,6 +37,7 @@ from tinyllm.weights import SafetensorsFile
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
 assert BACKEND in ("cuda", "sim"), "this lesson runs the kernels: it needs a GPU or NUMBA_ENABLE_CUDASIM=1"
+plt = _lesson.pyplot()
 
 # %% [markdown]
 # ## A miniature TinyLlama
@@ -74,7 +78,7 @@ print(f"{len(st.tensors)} tensors, e.g.", {n: (t.dtype, t.shape) for n, t in lis
 def W(name):
     """A checkpoint tensor as float64, decoded from its raw bf16 bits here (not by tinyllm)."""
     bits = st.raw(name)
-    assert st.tensors[name].dtype == "BF16"
+    assert st.tensors[name].dtype == "BF16", f"{name} is stored as {st.tensors[name].dtype}, not BF16"
     return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
@@ -82,11 +86,49 @@ dim, n_heads, n_kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_ke
 hd, eps, theta = dim // n_heads, cfg["rms_norm_eps"], cfg["rope_theta"]
 
 # %% [markdown]
+# ## The residual stream, and one block
+#
+# Each token's hidden vector x (hidden_size numbers, from the embedding table) travels up through the layers
+# and is never replaced, only added to: every block reads it through a norm, computes something, and adds
+# the result back, x = x + f(norm(x)). That running vector is the *residual stream*. A Llama block does this
+# twice, once with attention (which mixes information between tokens) and once with an MLP (which works on
+# each token alone); after the last block a final norm and the output head turn x into logits. The picture
+# shows one block with the miniature's sizes.
+
+# %%
+if plt:
+    from matplotlib.patches import FancyBboxPatch
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    ax.set(xlim=(0, 10), ylim=(0, 13))
+    ax.axis("off")
+    ax.annotate("", xy=(2, 12.6), xytext=(2, 0.4), arrowprops=dict(arrowstyle="->", lw=3, color="tab:blue"))
+    ax.text(1.6, 6.5, f"residual stream x  [tokens, {dim}]", rotation=90, va="center", ha="center",
+            color="tab:blue")
+    boxes = [(1.0, "embedding lookup: token ids -> x", "tab:gray"),
+             (3.0, f"RMSNorm -> q, k, v projections ({n_heads} / {n_kv} / {n_kv} heads of {hd})\n"
+                   f"-> RoPE on q, k -> causal GQA attention (numbattn) -> o projection", "tab:orange"),
+             (6.5, f"RMSNorm -> SwiGLU MLP ({dim} -> {cfg['intermediate_size']} -> {dim})", "tab:green"),
+             (10.0, f"final RMSNorm -> output head -> logits [tokens, {cfg['vocab_size']}]", "tab:gray")]
+    for y, label, colour in boxes:
+        ax.add_patch(FancyBboxPatch((3.2, y - 0.6), 6.5, 1.2, boxstyle="round,pad=0.1", fc=colour, alpha=0.25))
+        ax.text(6.45, y, label, ha="center", va="center", fontsize=8)
+    for y_out, y_in in ((3.0, 5.0), (6.5, 8.5)):      # read x through a norm, add the result back at (+)
+        ax.annotate("", xy=(3.2, y_out), xytext=(2.05, y_out - 0.9), arrowprops=dict(arrowstyle="->"))
+        ax.annotate("", xy=(2.05, y_in), xytext=(6.45, y_out + 0.7), arrowprops=dict(arrowstyle="->"))
+        ax.text(2, y_in, "+", ha="center", va="center", fontsize=16, fontweight="bold")
+    ax.annotate("", xy=(2.05, 1.0), xytext=(3.2, 1.0), arrowprops=dict(arrowstyle="->"))    # x starts here
+    ax.annotate("", xy=(3.2, 10.0), xytext=(2.05, 10.0), arrowprops=dict(arrowstyle="->"))  # and ends here
+    ax.add_patch(FancyBboxPatch((2.6, 1.9), 7.4, 7.3, boxstyle="round,pad=0.1", fill=False, ls="--"))
+    ax.text(9.9, 2.0, f"one block, x {cfg['num_hidden_layers']} here (22 in TinyLlama)", ha="right", fontsize=8)
+    _lesson.save(fig, "06_llama_block.png")
+
+# %% [markdown]
 # ## RMSNorm
 #
 # Before each half of every block (and once at the end) the hidden vector is normalised: divided by its
 # root-mean-square, then multiplied by a learned per-channel weight. Unlike LayerNorm there is no mean
-# subtraction and no bias; it only fixes the scale, which is what keeps a deep residual stream stable.
+# subtraction and no bias; it only fixes the scale, which is what keeps the residual stream stable through
+# many layers of additions.
 #
 #     rmsnorm(x) = x / sqrt(mean(x²) + eps) * weight
 
@@ -98,7 +140,7 @@ def rmsnorm(x, weight):
 x_demo = np.random.default_rng(0).standard_normal((3, dim)) * [[0.1], [1.0], [30.0]]    # very different scales
 print("RMS of 3 rows before:", np.round(np.sqrt((x_demo ** 2).mean(-1)), 3),
       " after (weight 1):", np.round(np.sqrt((rmsnorm(x_demo, 1.0) ** 2).mean(-1)), 3))
-assert np.allclose(np.sqrt((rmsnorm(x_demo, 1.0) ** 2).mean(-1)), 1.0, atol=1e-3)
+_lesson.close("RMS of each row after rmsnorm", np.sqrt((rmsnorm(x_demo, 1.0) ** 2).mean(-1)), 1.0, atol=1e-3)
 
 # %% [markdown]
 # ## RoPE: positions as rotations
@@ -131,8 +173,10 @@ def score(p, r):
 
 print(f"q at 5 . k at 3 = {score(5, 3):.6f};  q at 12 . k at 10 = {score(12, 10):.6f};  "
       f"q at 5 . k at 4 = {score(5, 4):.6f}")
-assert np.isclose(score(5, 3), score(12, 10)) and not np.isclose(score(5, 3), score(5, 4))
-assert np.allclose(np.linalg.norm(rope(qv[None], [7])), np.linalg.norm(qv))          # rotations keep lengths
+_lesson.close("score(5, 3) vs score(12, 10): same distance, same score", score(5, 3), score(12, 10), rtol=1e-9)
+assert not np.isclose(score(5, 3), score(5, 4)), f"distance 2 and 1 gave the same score {score(5, 3):.6f}"
+_lesson.close("length of q after rotation vs before", np.linalg.norm(rope(qv[None], [7])), np.linalg.norm(qv),
+              rtol=1e-12)
 
 # %% [markdown]
 # ## Attention with grouped-query heads, and the SwiGLU MLP
@@ -175,7 +219,8 @@ def swiglu(x, layer):
 # entry as the token at t + 1.
 
 # %%
-def forward_fp64(token_ids):
+def forward_fp64(token_ids, rotate=rope):
+    """token ids [s] -> logits [s, vocab]; `rotate` is the position embedding (the break-it cell swaps it)."""
     s = len(token_ids)
     x = W("model.embed_tokens.weight")[token_ids]                            # [s, dim]
     for i in range(cfg["num_hidden_layers"]):
@@ -184,7 +229,7 @@ def forward_fp64(token_ids):
         q = (h @ W(layer + "self_attn.q_proj.weight").T).reshape(s, n_heads, hd).transpose(1, 0, 2)
         k = (h @ W(layer + "self_attn.k_proj.weight").T).reshape(s, n_kv, hd).transpose(1, 0, 2)
         v = (h @ W(layer + "self_attn.v_proj.weight").T).reshape(s, n_kv, hd).transpose(1, 0, 2)
-        q, k = rope(q, np.arange(s)), rope(k, np.arange(s))
+        q, k = rotate(q, np.arange(s)), rotate(k, np.arange(s))
         a = attention(q, k, v).transpose(1, 0, 2).reshape(s, n_heads * hd)   # heads back side by side
         x = x + a @ W(layer + "self_attn.o_proj.weight").T
         x = x + swiglu(rmsnorm(x, W(layer + "post_attention_layernorm.weight")), layer)
@@ -213,15 +258,46 @@ print("next-token argmax per position, tinyllm:", theirs.argmax(-1).tolist())
 # token, feed the last one alone (decode kernel), and get the same last-position logits.
 
 # %%
-assert err < 1e-3 * np.abs(ours).max(), f"tinyllm logits differ from the fp64 forward by {err}"
-assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+def check_logits(fp64_logits):
+    _lesson.close("tinyllm logits vs the fp64 forward [position, vocab]", theirs, fp64_logits,
+                  atol=1e-3 * np.abs(fp64_logits).max(), got_label="tinyllm", want_label="fp64")
+    _lesson.close("most likely next token per position", theirs.argmax(-1), fp64_logits.argmax(-1),
+                  got_label="tinyllm", want_label="fp64")
+
+
+check_logits(ours)
 
 model.reset()
 model.forward(np.array([ids[:-1]]))                                           # prefill, cache holds n-1 tokens
 step = model.forward(np.array([ids[-1:]]), start_pos=len(ids) - 1)[0, -1]    # one token: the decode kernel
-print(f"decode step vs full forward, last position: max |diff| = {np.abs(step - ours[-1]).max():.1e}")
-assert np.allclose(step, ours[-1], atol=1e-3 * np.abs(ours).max())
+err = _lesson.close("decode step vs full forward, last position's logits", step, ours[-1],
+                    atol=1e-3 * np.abs(ours).max(), got_label="decode step", want_label="fp64 forward")
+print(f"decode step vs full forward, last position: max |diff| = {err:.1e}")
 print("lesson 6 checks passed")
+
+# %% [markdown]
+# ## Break it
+#
+# RoPE has two conventions for which elements form a pair: Hugging Face's "rotate half" (i with i + d/2,
+# used by this checkpoint) and the original paper's neighbours (2i with 2i + 1). Both are rotations, both
+# keep lengths and relative positions, and a model trained with one gives garbage with the other. The check
+# above catches the wrong one at once. Other mistakes to try in forward_fp64 and the functions above:
+#
+#     x = a @ W_o (the residual dropped)           -> "tinyllm logits vs the fp64 forward"
+#     k[h % n_kv] in attention (wrong GQA group)   -> the same check
+#     no causal mask in attention                  -> the same check, at every position but the last
+
+# %%
+def rope_neighbours(x, positions):
+    """RoPE with pairs (2i, 2i + 1): the other convention, wrong for this checkpoint."""
+    half = x.shape[-1] // 2
+    angles = np.outer(positions, theta ** (-np.arange(half) * 2 / x.shape[-1]))
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angles)
+    return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
+
+
+_lesson.breaks("RoPE pairs neighbours (2i, 2i + 1) instead of (i, i + d/2)",
+               lambda: check_logits(forward_fp64(ids, rotate=rope_neighbours)))
 
 # %% [markdown]
 # ## Benchmark
@@ -256,6 +332,10 @@ if BACKEND == "cuda":
     print("TinyLlama width, 2 of 22 layers, batch 1 (matmuls in NumPy on the host):")
     print(bench.format_table(time_forward(wide, (128, 512, 1024), ("cuda", "numpy"), repeat=3), columns))
 else:
-    print("the benchmark needs a CUDA GPU; tiny-size timing of the miniature model instead (simulator):")
-    print(bench.format_table(time_forward(model_dir, (8,), ("sim", "numpy"), repeat=1), columns))
+    print("the simulator's times measure Python threads; the whole TinyLlama-1.1B shape, measured on the GPU "
+          "machine (matmuls in NumPy on its 16 CPU cores):")
+    _lesson.measured("## End to end", ["impl", "prompt", "prefill_ms", "decode_ms", "decode_tok_s"],
+                     plot="model.png")
+    print("the miniature here, attention in NumPy (a CPU timing of this machine):")
+    print(bench.format_table(time_forward(model_dir, (8,), ("numpy",), repeat=3), columns))
 workdir.cleanup()

@@ -9,7 +9,9 @@ What you will learn
 * The chat template: how a conversation becomes ONE prompt string in the exact format the model was
   fine-tuned on (TinyLlama: <|system|>, <|user|>, <|assistant|> markers closed by </s>).
 * Sampling: turning next-token logits into a choice, illustrated on a 6-word vocabulary: greedy,
-  temperature, top-k, top-p (nucleus); and a seeded sampler drawn 2000 times against the probabilities.
+  temperature, top-k, top-p (nucleus), and how top-p keeps fewer words than top-k when the model is sure
+  and more when it is not (a picture: tutorials/out/07_sampling.png); a seeded sampler drawn 2000 times
+  against the probabilities.
 * Streaming: printing the reply as it is generated, without breaking multi-byte characters or the spaces
   between words.
 * Then a chat: with TinyLlama-1.1B-Chat if it is already downloaded (this lesson never downloads it; run
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+import _lesson
 import numbattn
 import tinyllm
 from numbattn import bench
@@ -36,6 +39,7 @@ from tinyllm.generate import Sampler, softmax, top_k_filter, top_p_filter
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
+plt = _lesson.pyplot()
 
 # %% [markdown]
 # ## Which model
@@ -85,8 +89,9 @@ text = "Hello world! Café au lait costs 3 € 🙂"
 ids = tok.encode(text)
 print(f"{len(ids)} tokens:", [tok.id_to_token(i) for i in ids])
 print("ids:", ids)
-assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1          # one BOS, in front
-assert tok.decode(ids) == text                                      # round trip, emoji included
+assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1, \
+    f"expected one BOS (id {tok.bos_id}) in front; got ids[0] = {ids[0]} and {ids.count(tok.bos_id)} BOS in all"
+assert tok.decode(ids) == text, f"round trip lost something: {text!r} -> {tok.decode(ids)!r}"
 
 # %% [markdown]
 # ## The chat template
@@ -104,8 +109,11 @@ prompt_text = tok.render_chat(messages)
 prompt_ids = tok.encode_chat(messages)
 print(prompt_text)
 print(f"-> {len(prompt_ids)} prompt tokens, starting with BOS ({tok.bos_token!r} = id {prompt_ids[0]})")
-assert prompt_text.endswith("<|assistant|>\n") and "<|user|>\nWhat is the capital of France?</s>" in prompt_text
-assert prompt_ids[0] == tok.bos_id and prompt_ids.count(tok.bos_id) == 1
+assert prompt_text.endswith("<|assistant|>\n"), \
+    f"the prompt must end with the assistant marker: ...{prompt_text[-30:]!r}"
+assert "<|user|>\nWhat is the capital of France?</s>" in prompt_text, "the user turn is not rendered as expected"
+assert prompt_ids[0] == tok.bos_id and prompt_ids.count(tok.bos_id) == 1, \
+    f"expected one BOS in front of the chat prompt, got {prompt_ids.count(tok.bos_id)} (first id {prompt_ids[0]})"
 
 # %% [markdown]
 # ## Sampling: from logits to a token
@@ -119,21 +127,76 @@ assert prompt_ids[0] == tok.bos_id and prompt_ids.count(tok.bos_id) == 1
 #     top-p        keep the smallest set of most likely tokens whose probabilities add up to >= p (the
 #                  "nucleus"), renormalise: a k that adapts to how confident the model is.
 #
-# Illustrated on six made-up next words after "The capital of France is":
+# Illustrated on six made-up next words after "The capital of France is", where the model is sure:
 
 # %%
+def sampling_table(logits, k=3, p=0.9):
+    """{method: probabilities over the words} for one set of logits."""
+    table = {"greedy": np.eye(len(logits))[np.argmax(logits)]}
+    for temperature in (0.5, 1.0, 2.0):
+        table[f"T={temperature}"] = softmax(logits / temperature)
+    table[f"T=1, top-k={k}"] = softmax(top_k_filter(logits, k))
+    table[f"T=1, top-p={p}"] = top_p_filter(softmax(logits), p)
+    return table
+
+
+def show_table(words, table):
+    print(f"{'':>15} " + " ".join(f"{w:>7}" for w in words))
+    for name, probs in table.items():
+        print(f"{name:>15} " + " ".join(f"{x:7.3f}" for x in probs))
+
+
 words = ["Paris", "London", "the", "a", "Berlin", "banana"]
-logits = np.array([4.0, 2.5, 2.0, 1.0, 0.5, -2.0])
-table = {"greedy": np.eye(len(words))[np.argmax(logits)]}
-for temperature in (0.5, 1.0, 2.0):
-    table[f"T={temperature}"] = softmax(logits / temperature)
-table["T=1, top-k=3"] = softmax(top_k_filter(logits, 3))
-table["T=1, top-p=0.9"] = top_p_filter(softmax(logits), 0.9)
-print(f"{'':>15} " + " ".join(f"{w:>7}" for w in words))
-for name, p in table.items():
-    print(f"{name:>15} " + " ".join(f"{x:7.3f}" for x in p))
-assert np.isclose(table["T=1, top-k=3"][3:], 0).all() and np.isclose(table["T=1, top-k=3"].sum(), 1)
-assert (table["T=1, top-p=0.9"] > 0).sum() == 3         # 0.694 + 0.155 + 0.094 = 0.943 >= 0.9: 3 words
+logits = np.array([5.0, 2.5, 2.0, 1.0, 0.5, -2.0])
+table = sampling_table(logits)
+show_table(words, table)
+
+# %% [markdown]
+# Top-k keeps 3 words whatever the situation; top-p keeps as many as it takes to cover 90% of the
+# probability. Here the model is sure (Paris alone has 0.86), so the nucleus is 2 words, fewer than top-k's
+# 3. After "I would like a cup of" the model is unsure between several drinks, and the nucleus grows to 5:
+
+# %%
+drinks = ["tea", "coffee", "water", "milk", "juice", "soup"]
+drink_logits = np.array([2.0, 1.9, 1.2, 1.0, 0.6, -0.5])
+drink_table = sampling_table(drink_logits)
+show_table(drinks, drink_table)
+
+
+def nucleus_size(logits, p=0.9):
+    """The number of most likely words whose probabilities first add up to >= p (computed here, not by tinyllm)."""
+    cumulative = np.cumsum(np.sort(softmax(logits))[::-1])
+    return int(np.argmax(cumulative >= p)) + 1
+
+
+for name, w, lg, tab in (("Paris", words, logits, table), ("a cup of", drinks, drink_logits, drink_table)):
+    kept_p, kept_k = tab["T=1, top-p=0.9"] > 0, tab["T=1, top-k=3"] > 0
+    print(f"{name!r}: top-p=0.9 keeps {[x for x, keep in zip(w, kept_p) if keep]}, "
+          f"top-k=3 keeps {[x for x, keep in zip(w, kept_k) if keep]}")
+    assert kept_p.sum() == nucleus_size(lg), \
+        f"{name!r}: top_p_filter kept {int(kept_p.sum())} words, the cumulative probabilities say {nucleus_size(lg)}"
+    assert kept_k.sum() == 3, f"{name!r}: top-k=3 kept {int(kept_k.sum())} words"
+    for method in ("T=1, top-k=3", "T=1, top-p=0.9"):
+        _lesson.close(f"{name!r} {method}: kept probabilities sum to 1", tab[method].sum(), 1.0, rtol=1e-12)
+        kept = tab[method] > 0
+        _lesson.close(f"{name!r} {method}: kept words keep their relative odds", tab[method][kept],
+                      softmax(lg[kept]), rtol=1e-12)
+assert nucleus_size(logits) < 3 < nucleus_size(drink_logits), \
+    f"the example must show top-p adapting: nucleus {nucleus_size(logits)} (sure) and " \
+    f"{nucleus_size(drink_logits)} (unsure) vs k = 3"
+
+if plt:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.4), sharey=True)
+    for ax, w, tab, title in ((axes[0], words, table, "The capital of France is ... (sure)"),
+                              (axes[1], drinks, drink_table, "I would like a cup of ... (unsure)")):
+        width = 0.8 / len(tab)
+        for i, (method, probs) in enumerate(tab.items()):
+            ax.bar(np.arange(len(w)) + (i - len(tab) / 2 + 0.5) * width, probs, width, label=method)
+        ax.set_xticks(range(len(w)), w)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("probability of each next word")
+    axes[1].legend(fontsize=7)
+    _lesson.save(fig, "07_sampling.png")
 
 # %% [markdown]
 # A `Sampler` draws from those probabilities with its own seeded random generator, so a seed reproduces a
@@ -146,10 +209,13 @@ draws = np.array([sampler(logits) for _ in range(2000)])
 freq = np.bincount(draws, minlength=len(words)) / len(draws)
 print("frequency  :", " ".join(f"{w}={f:.3f}" for w, f in zip(words, freq)))
 print("probability:", " ".join(f"{w}={p:.3f}" for w, p in zip(words, table["T=1, top-k=3"])))
-assert np.abs(freq - table["T=1, top-k=3"]).max() < 0.03 and freq[3:].sum() == 0
-assert Sampler(temperature=0.0)(logits) == 0                                    # greedy: Paris
-assert [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)] == \
-       [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)]             # same seed, same draws
+_lesson.close("frequency of each word in 2000 draws vs its top-k probability", freq, table["T=1, top-k=3"],
+              atol=0.03, got_label="frequency", want_label="probability")
+assert freq[3:].sum() == 0, f"words outside the top 3 were drawn: {dict(zip(words[3:], freq[3:]))}"
+assert Sampler(temperature=0.0)(logits) == 0, f"greedy chose {words[Sampler(temperature=0.0)(logits)]}, not Paris"
+first_draws = [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)]
+second_draws = [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)]
+assert first_draws == second_draws, f"the same seed drew {first_draws}, then {second_draws}"
 
 # %% [markdown]
 # ## Streaming
@@ -165,7 +231,8 @@ assert [Sampler(temperature=1.0, seed=5)(logits) for _ in range(3)] == \
 stream = tinyllm.StreamDecoder(tok)
 pieces = [stream.feed(i) for i in ids[1:]]
 print(pieces)
-assert "".join(pieces) + stream.flush() == text
+streamed = "".join(pieces) + stream.flush()
+assert streamed == text, f"streaming changed the text: {text!r} -> {streamed!r}"
 
 
 # %% [markdown]
@@ -207,7 +274,7 @@ answer2, second = reply_to(messages, MAX_NEW, temperature=0.7, top_p=0.9, seed=0
 second = second.stats
 print(f"second turn: {second.prompt_tokens} prompt tokens, {second.reused_tokens} reused from the KV cache, "
       f"{second.prefill_tokens} prefilled")
-assert second.reused_tokens > 0
+assert second.reused_tokens > 0, f"the second turn reused no cached tokens (prompt {second.prompt_tokens} tokens)"
 
 # %% [markdown]
 # ## Correctness check
@@ -230,7 +297,9 @@ if BACKEND in ("cuda", "sim"):
     reference_ids = reference_model.generate(short, max_new_tokens=n_new).ids
     print(f"miniature, kernel-driven greedy tokens   : {kernel_ids}")
     print(f"miniature, reference-driven greedy tokens: {reference_ids}")
-    assert kernel_ids == reference_ids
+    first_difference = next((i for i, (a, b) in enumerate(zip(kernel_ids, reference_ids)) if a != b), None)
+    assert kernel_ids == reference_ids, \
+        f"greedy tokens differ: kernels {kernel_ids}, reference {reference_ids} (first at new token {first_difference})"
     if real and BACKEND == "cuda":
         chat_ids = np.array([tok.encode_chat(messages[:2])])               # [1, prompt]
         next_id = np.array([[tok.encode("Paris", add_bos=False)[0]]])      # any next token will do
@@ -239,8 +308,9 @@ if BACKEND in ("cuda", "sim"):
         for what, ids_in, start in (("prefill", chat_ids, 0), ("decode step", next_id, chat_ids.shape[1])):
             got = model.forward(ids_in, start_pos=start)[0, -1]
             want = reference_model.forward(ids_in, start_pos=start)[0, -1]
-            print(f"TinyLlama {what}: max |logits on kernels - on reference| = {np.abs(got - want).max():.1e}")
-            assert np.allclose(got, want, atol=1e-3 * np.abs(want).max())
+            err = _lesson.close(f"TinyLlama {what}: logits on kernels vs on reference", got, want,
+                                atol=1e-3 * np.abs(want).max(), got_label="kernels", want_label="reference")
+            print(f"TinyLlama {what}: max |logits on kernels - on reference| = {err:.1e}")
 else:
     print("no kernel backend (neither a GPU nor the simulator): nothing to compare")
 print("lesson 7 checks passed")
