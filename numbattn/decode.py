@@ -57,7 +57,7 @@ from . import backend as _backend
 from . import reference
 from .device import FASTMATH, LOG2E, NEG_INF, SIM, arrive_last, make_group_reduce, reduce_scratch_shape
 from .launch import Launch
-from .validate import check_dtype, check_head_dim, check_heads, check_rank, check_scale
+from .validate import as_count, check_dtype, check_head_dim, check_heads, check_rank, check_scale
 
 VERSIONS = ("v0", "v1")
 DEFAULT_VERSION = "v1"
@@ -376,8 +376,9 @@ class _PreparedCall:
     """One (layer, q, out, scale, config, version) of decode_attention: validated once, launched many times.
     owns_out: out is the workspace's buffer (decode_attention was given no `out`)."""
 
-    def __init__(self, cache, layer, q, out, owns_out, scale, config, version):
+    def __init__(self, cache, layer, q, out, owns_out, scale, config, version, max_length, stream):
         self.q, self.out, self.owns_out, self.version = q, out, owns_out, version
+        self.max_length = max_length
         self.layer_lengths = cache._lengths[layer]            # the host mirror (a view): max -> the grid
         batch, n_heads, head_dim = q.shape
         self.batch, self.n_kv_heads, self.n_heads = batch, cache.n_kv_heads, n_heads
@@ -386,7 +387,8 @@ class _PreparedCall:
         scale_log2 = np.float32(scale * LOG2E)
         if version == "v0":
             kernel = make_decode_v0(head_dim, config.threads)
-            self.launch = Launch(kernel, (n_heads, batch), config.threads, (q, k, v, lengths, scale_log2, out))
+            self.launch = Launch(kernel, (n_heads, batch), config.threads, (q, k, v, lengths, scale_log2, out),
+                                 stream)
             return
         group = n_heads // cache.n_kv_heads
         kernel = make_decode_v1(head_dim, group, config.threads, config.dims_per_lane)
@@ -394,10 +396,11 @@ class _PreparedCall:
         most_splits = n_splits_for(cache.max_len, config.split or MIN_SPLIT)
         part = cache.decode_workspace.partials(n_heads, most_splits)
         self.launch = Launch(kernel, (1, cache.n_kv_heads, batch), config.threads,
-                             (q, k, v, lengths, np.int64(self.split), scale_log2, part, cache.decode_workspace.counters, out))
+                             (q, k, v, lengths, np.int64(self.split), scale_log2, part, cache.decode_workspace.counters,
+                              out), stream)
 
     def __call__(self):
-        max_length = int(self.layer_lengths.max())
+        max_length = self.max_length or int(self.layer_lengths.max())
         if self.version == "v0":
             self.launch()
             return
@@ -434,7 +437,8 @@ def check_decode_args(q, cache, layer, scale, out, config, version):
     return layer, scale, config or default_config(version, cache.backend, head_dim, n_heads // cache.n_kv_heads)
 
 
-def decode_attention(q, cache, layer, scale=None, out=None, config=None, version=DEFAULT_VERSION):
+def decode_attention(q, cache, layer, scale=None, out=None, config=None, version=DEFAULT_VERSION, max_length=None,
+                     stream=0):
     """One query token per row over the cached keys/values of `layer`: softmax(q k^T * scale) v per row.
 
     q [batch, n_heads, head_dim] float32/float16, host (-> host result) or device (-> device result).
@@ -443,15 +447,19 @@ def decode_attention(q, cache, layer, scale=None, out=None, config=None, version
     without it, a device q's result lands in a buffer the cache keeps per layer: valid until the next call for
     that layer (pass `out` to keep results apart). `config` overrides the launch shape and `version` the kernel
     (tests use tiny splits and both kernels). A device q seen before (the same object, and the same out) skips
-    every check and goes straight to one launch.
+    every check and goes straight to one launch. max_length: a bound on every row's length that fixes the grid
+    (so a launch captured into a CUDA graph stays right while the context grows up to it; default: the
+    cache's current longest row). stream: a Numba stream for the launch (device q only).
     """
     ws = getattr(cache, "decode_workspace", None)
-    key = (layer, scale, config, version)
+    key = (layer, scale, config, version, max_length, stream)
     call = ws.calls.get(key) if ws is not None else None
     if call is not None and call.q is q and (call.out is out or (out is None and call.owns_out)):
         call()                                           # the hot path: a device q (and out) seen before
         return call.out
     layer, scale, config = check_decode_args(q, cache, layer, scale, out, config, version)
+    if max_length is not None and not 1 <= as_count("max_length", max_length) <= cache.max_len:
+        raise ValueError(f"max_length={max_length} must lie in [1, {cache.max_len}] (the cache's max_len)")
     on_device = _backend.is_device_array(q)
 
     def numpy_path():
@@ -471,7 +479,8 @@ def decode_attention(q, cache, layer, scale=None, out=None, config=None, version
             o = out if out is not None else o
         prepared = ws.calls.get(key)
         if prepared is None or prepared.q is not dq or prepared.out is not o:
-            prepared = ws.calls[key] = _PreparedCall(cache, layer, dq, o, out is None, scale, config, version)
+            prepared = ws.calls[key] = _PreparedCall(cache, layer, dq, o, out is None, scale, config, version,
+                                                     max_length, stream if on_device else 0)
         prepared()
         return o if on_device else o.copy_to_host()
 

@@ -227,14 +227,15 @@ class KVCache:
         """Host table -> device (reset/truncate only: rare, so a synchronous copy is fine)."""
         self._len_dev.copy_to_device(self._lengths)
 
-    def advance(self, t):
-        """Record on the host that a launch sequence made elsewhere (tinyllm's GPU engine: RoPE fused with the
-        append, replayed as a CUDA graph) appended t tokens to every layer and row. The device table was
-        advanced by the kernels themselves."""
+    def advance(self, t, layer=None):
+        """Record on the host that kernels launched elsewhere (tinyllm's GPU engine: RoPE fused with the append,
+        or a CUDA graph's replay) appended t tokens to every row of `layer` (default: of every layer). The
+        device table was advanced by those kernels themselves."""
         t = as_count("t", t)
-        if int(self._lengths.max()) + t > self.max_len:
-            raise ValueError(f"advance({t}): the cache holds {self._lengths.max()} of {self.max_len} tokens")
-        self._lengths += np.int32(t)
+        rows = self._lengths if layer is None else self._lengths[self.check_layer(layer)]
+        if int(rows.max()) + t > self.max_len:
+            raise ValueError(f"advance({t}): the cache holds {rows.max()} of {self.max_len} tokens")
+        rows += np.int32(t)
 
     def _stage_token(self, k, v):
         """One decode token's host k, v -> device, through one reused buffer and one copy.

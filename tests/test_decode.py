@@ -226,10 +226,10 @@ def test_repeated_device_calls_take_the_prepared_path_and_follow_the_cache():
     dq = cuda.to_device(q)
     config = Config(split=None, threads=8, dims_per_lane=8)
     first = numbattn.decode_attention(dq, cache, 0, config=config)
-    prepared = cache.decode_workspace.calls[(0, None, config, "v1")]
+    prepared = cache.decode_workspace.calls[(0, None, config, "v1", None, 0)]
     for step in range(3):
         got = numbattn.decode_attention(dq, cache, 0, config=config)
-        assert got is first and cache.decode_workspace.calls[(0, None, config, "v1")] is prepared
+        assert got is first and cache.decode_workspace.calls[(0, None, config, "v1", None, 0)] is prepared
         np.testing.assert_allclose(got.copy_to_host(), reference_fp64(q, cache), rtol=RTOL, atol=1e-6)
         cache.append(0, *(rng.standard_normal((2, 2, 1 + 10 * step, 16)).astype(np.float32) for _ in range(2)))
 

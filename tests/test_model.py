@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tinyllm import ContextOverflowError, load_model, make_tiny
-from tinyllm.model import rope, rope_tables
+from numbattn.reference import rope, rope_tables
 
 RTOL = 1e-4
 
@@ -130,14 +130,14 @@ def test_kernel_backend_matches_numpy(tiny_model_dir, tiny_model, kernel_backend
 def test_interrupted_forward_leaves_the_cache_consistent(tiny_model, tiny_model_dir, monkeypatch):
     ids = random_ids(5, 1, 8)
     tiny_model.forward(ids[:, :5])
-    attention = type(tiny_model).attention
+    attention = type(tiny_model.ops).attention
 
     def interrupted(self, layer, *args):
         if layer == 1:
             raise KeyboardInterrupt              # ^C after layer 0 appended its K/V
         return attention(self, layer, *args)
 
-    monkeypatch.setattr(type(tiny_model), "attention", interrupted)
+    monkeypatch.setattr(type(tiny_model.ops), "attention", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tiny_model.forward(ids[:, 5:7], start_pos=5)
     monkeypatch.undo()

@@ -167,7 +167,7 @@ def common_prefix_length(a, b):
     return n
 
 
-def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, stop_ids=(), prefill_chunk=256):
+def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, stop_ids=(), prefill_chunk=None):
     """Continue prompt_ids (batch 1) -> Generation (the new ids, a final stop token included, and stats).
 
     on_token(token_id) is called once per new token, right after it is chosen (the stop token too); return
@@ -176,10 +176,11 @@ def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, 
     way the model is left consistent: model.cached_ids are the ids whose K/V are in the cache, and the next
     generate() reuses them.
 
-    The prompt is prefilled in chunks of prefill_chunk tokens: each chunk attends to everything cached before
-    it plus itself (bottom-right-aligned causal mask), so the result equals one big prefill while the
-    [chunk, kv_len] score matrices and [chunk, ffn] activations stay small.
+    The prompt is prefilled in chunks of prefill_chunk tokens (default: the model's engine's choice): each
+    chunk attends to everything cached before it plus itself (bottom-right-aligned causal mask), so the result
+    equals one big prefill while the [chunk, kv_len] score matrices and [chunk, ffn] activations stay small.
     """
+    prefill_chunk = prefill_chunk or getattr(model, "prefill_chunk", 256)
     sampler = sampler if sampler is not None else Sampler()
     prompt = [int(i) for i in prompt_ids]
     n_prompt = len(prompt)
@@ -221,7 +222,7 @@ def _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token
     try:
         for start in range(reused, n_prompt, prefill_chunk):
             chunk = np.array([prompt[start:start + prefill_chunk]], dtype=np.int64)   # [1, chunk]
-            logits = model.forward(chunk, start_pos=start)[0, -1]                     # [vocab]
+            logits = model.forward(chunk, start_pos=start, last_only=True)[0, -1]      # [vocab]
         history = list(prompt)
         token = sampler(logits, history)
     finally:
@@ -244,7 +245,7 @@ def _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token
                 stats.stop_reason = "length" if budget == max_new_tokens else "context"
                 break
             ids = np.array([[token]], dtype=np.int64)                                    # [1, 1]
-            logits = model.forward(ids, start_pos=n_prompt + len(generated) - 1)[0, -1]  # [vocab]
+            logits = model.forward(ids, start_pos=n_prompt + len(generated) - 1, last_only=True)[0, -1]
             stats.decode_tokens += 1
             token = sampler(logits, history)
     finally:

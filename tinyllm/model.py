@@ -1,4 +1,4 @@
-"""Llama in NumPy, with attention on numbattn: the whole forward pass in one screen.
+"""Llama, the whole forward pass in one screen, for two engines: NumPy (the reference) and the GPU.
 
     model = tinyllm.load_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
     logits = model.forward(ids)                  # [batch, seq] -> [batch, seq, vocab]
@@ -13,9 +13,12 @@ One transformer block (Llama 2 / TinyLlama, as in Hugging Face's LlamaForCausalL
 with RMSNorm before each half (pre-norm), rotary position embeddings on q and k, grouped-query attention
 (4 KV heads serve 32 query heads in TinyLlama: the KV cache is 8x smaller) and a SwiGLU MLP.
 
-Every matmul is NumPy float32 (`x @ W` with W stored [in, out] at load). Attention is numbattn: a prompt
-(or a chunk of one) appends its K/V to the KV cache and runs the FlashAttention prefill kernel over the
-whole cache with a bottom-right-aligned causal mask; a single new token runs the decode kernel.
+The arithmetic goes through an engine (tinyllm/engines.py), so the forward below is the only one there is:
+NumpyEngine (every op a line of NumPy; attention through numbattn, on its NumPy reference or its kernels) or,
+with the weights uploaded to a GPU, DeviceEngine (every op a numbattn kernel, the weights resident, a decode
+step replayed as a CUDA graph). The math itself, one function per equation, is in numbattn/reference.py.
+A prompt (or a chunk of one) appends its K/V to the KV cache and attends over the whole cache with a
+bottom-right-aligned causal mask; a single new token runs the decode kernel.
 """
 import logging
 
@@ -23,71 +26,20 @@ import numpy as np
 
 import numbattn
 from numbattn import backend as _backend
+from numbattn.reference import rope_tables
+from numbattn.validate import as_count
 
+from .engines import DeviceEngine, DeviceWeights, NumpyEngine
 from .generate import ContextOverflowError, Sampler, generate as _generate
 
 log = logging.getLogger("tinyllm")
+DEFAULT_MAX_CONTEXT = 8192      # tokens of KV cache when neither max_len nor --ctx-size asks for more
+CACHE_BYTES_LIMIT = 64 * 2**30  # a KV cache larger than this is refused before anything is allocated
 
 
-# --------------------------------------------------------------------------------------------------------
-# The math, one function per equation
-# --------------------------------------------------------------------------------------------------------
-def rms_norm(x, weight, eps):
-    """x / sqrt(mean(x^2) + eps) * weight: like LayerNorm without the mean subtraction and the bias."""
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
-
-
-def silu(x):
-    """x * sigmoid(x), with sigmoid written through tanh so exp() cannot overflow for large |x|."""
-    return x * (0.5 + 0.5 * np.tanh(0.5 * x))
-
-
-def swiglu(x, w_gate, w_up, w_down):
-    """The Llama MLP: a SiLU-gated linear unit. [.., dim] -> [.., ffn] -> [.., dim]."""
-    return (silu(x @ w_gate) * (x @ w_up)) @ w_down
-
-
-def rope_tables(head_dim, n_positions, theta, scaling_factor=1.0):
-    """cos and sin of every position's rotation angles -> two [n_positions, head_dim / 2] float32 tables.
-
-    Pair i of a head rotates by angle pos * theta^(-2i / head_dim): fast for the first pairs, slow for the
-    last, so relative positions from 1 to thousands of tokens stay distinguishable. Computed in float64.
-    Linear RoPE scaling stretches the context by dividing positions by the factor.
-    """
-    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # [head_dim / 2]
-    pos = np.arange(n_positions, dtype=np.float64) / scaling_factor                # [n_positions]
-    angles = np.outer(pos, inv_freq)                                               # [n_positions, head_dim/2]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-def rope(x, cos, sin):
-    """Rotate each head's pairs (x[i], x[i + d/2]) by their position's angles (Hugging Face's rotate-half
-    layout: the first half of a head pairs with its second half, not even with odd).
-
-    x [batch, heads, seq, head_dim]; cos, sin [seq, head_dim / 2] -> same shape as x.
-    """
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]                                  # [b, h, s, d/2] each
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def split_heads(x, n_heads):
-    """[batch, seq, n_heads * head_dim] -> [batch, n_heads, seq, head_dim]."""
-    b, s, _ = x.shape
-    return np.ascontiguousarray(x.reshape(b, s, n_heads, -1).transpose(0, 2, 1, 3))
-
-
-def merge_heads(x):
-    """[batch, n_heads, seq, head_dim] -> [batch, seq, n_heads * head_dim]."""
-    b, h, s, d = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b, s, h * d)
-
-
-# --------------------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------------------
 class Llama:
-    """A LlamaForCausalLM: config, fp32 weights, a tokenizer (optional) and a KV cache.
+    """A LlamaForCausalLM: config, weights (host fp32 for the NumPy engine, or DeviceWeights on a GPU), a
+    tokenizer (optional) and a KV cache.
 
     State kept between calls (batch 1, which is what chat and generate use): the KV cache and
       cached_ids      the token ids whose K/V are in the cache, in order; forward() extends it and
@@ -98,24 +50,36 @@ class Llama:
     def __init__(self, config, weights, tokenizer=None, backend="auto", max_len=None, stop_ids=None):
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
         self.backend = _backend.resolve(backend)
-        self.max_len = int(max_len or config.max_position_embeddings)
-        if not 1 <= self.max_len <= config.max_position_embeddings:
-            raise ValueError(f"max_len={max_len}: must be between 1 and the model's max_position_embeddings "
-                             f"({config.max_position_embeddings})")
+        if isinstance(weights, DeviceWeights) and self.backend == "numpy":
+            raise ValueError("these weights live on the GPU: backend 'numpy' needs host weights (engine='numpy')")
+        self.max_len = context_size(config, max_len)
         self.cos, self.sin = rope_tables(config.head_dim, self.max_len, config.rope_theta,
                                          config.rope_scaling_factor)         # [max_len, head_dim / 2] each
         eos = set(config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_id is not None:
             eos.add(tokenizer.eos_id)
         self.stop_ids = set(stop_ids) if stop_ids is not None else eos
-        self.cache = None
-        self.batch = 0
+        self.cache, self.ops, self.batch = None, None, 0
         self._new_cache(batch=1)
+
+    @property
+    def engine(self):
+        return self.ops.name
+
+    @property
+    def prefill_chunk(self):
+        return self.ops.prefill_chunk
+
+    def describe(self):
+        """One line: which engine runs, and where the weights and the cache live."""
+        return self.ops.describe()
 
     def _new_cache(self, batch):
         c = self.config
         self.cache = numbattn.KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, self.max_len,
                                       c.head_dim, dtype=np.float32, backend=self.backend)
+        engine = DeviceEngine if isinstance(self.weights, DeviceWeights) else NumpyEngine
+        self.ops = engine(c, self.weights, self.cache, self.cos, self.sin, self.backend)
         self.batch, self.n_cached, self.cached_ids = batch, 0, []
 
     def reset(self):
@@ -125,13 +89,14 @@ class Llama:
 
     def truncate(self, n):
         """Keep only the first n cached tokens."""
-        n = max(0, min(int(n), self.n_cached))
+        n = max(0, min(as_count("n", n), self.n_cached))
         self.cache.truncate(n)
         self.n_cached, self.cached_ids = n, self.cached_ids[:n]
 
     # ----------------------------------------------------------------------------------------------------
-    def forward(self, ids, start_pos=0):
-        """Logits for every position of ids [batch, seq] -> float32 [batch, seq, vocab].
+    def forward(self, ids, start_pos=0, last_only=False):
+        """Logits for every position of ids [batch, seq] -> float32 [batch, seq, vocab] ([batch, 1, vocab], the
+        last position only, with last_only: what generation needs, and on the GPU far less work).
 
         start_pos = the number of tokens already in the KV cache that ids continue. start_pos=0 starts over;
         a start_pos below the cached count rewinds the cache to it first (re-running a suffix); above it
@@ -141,7 +106,7 @@ class Llama:
         """
         ids = self._check_ids(ids)
         batch, seq = ids.shape
-        start_pos = int(start_pos)
+        start_pos = as_count("start_pos", start_pos)
         if batch != self.batch:
             if start_pos != 0:
                 raise ValueError(f"ids has batch {batch} but the KV cache holds batch {self.batch}: a new batch "
@@ -156,7 +121,7 @@ class Llama:
         if start_pos < self.n_cached:
             self.truncate(start_pos)
         try:
-            logits = self._forward(ids, start_pos)
+            logits = self.ops.run(self._forward, ids, start_pos, bool(last_only))
         except BaseException:
             self.cache.truncate(start_pos)    # layers that already appended this pass's K/V drop it again
             raise
@@ -164,48 +129,22 @@ class Llama:
         self.cached_ids = self.cached_ids[:start_pos] + ids[0].tolist() if batch == 1 else []
         return logits
 
-    def _forward(self, ids, start_pos):
-        c, w = self.config, self.weights
-        n_heads, n_kv_heads, eps = c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps
-        seq = ids.shape[1]
-        cos = self.cos[start_pos:start_pos + seq]                # [seq, head_dim / 2]
-        sin = self.sin[start_pos:start_pos + seq]
-
-        x = w.embed[ids]                                         # [b, seq] -> [b, seq, dim]
-        for layer, lw in enumerate(w.layers):
-            # attention: q, k, v for these positions; rotate q and k by their positions
-            h = rms_norm(x, lw.attn_norm, eps)                   # [b, seq, dim]
-            q = split_heads(h @ lw.wq, n_heads)                  # [b, seq, dim] -> [b, n_heads, seq, head_dim]
-            k = split_heads(h @ lw.wk, n_kv_heads)               # [b, seq, dim] -> [b, n_kv_heads, seq, head_dim]
-            v = split_heads(h @ lw.wv, n_kv_heads)               # [b, seq, dim] -> [b, n_kv_heads, seq, head_dim]
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
-            attn = self.attention(layer, q, k, v, start_pos)     # [b, n_heads, seq, head_dim]
-            x = x + merge_heads(attn) @ lw.wo                    # [b, seq, n_heads*head_dim] -> [b, seq, dim]
+    def _forward(self, ids, start_pos, last_only):
+        ops = self.ops
+        x = ops.embed(ids)                                       # [b, seq] -> [b, seq, dim]: the residual stream
+        for layer, lw in enumerate(ops.layers):
+            # attention: q, k, v for these positions, rotated by their positions, then over the KV cache
+            h = ops.rms_norm(x, lw.attn_norm)                    # [b, seq, dim]
+            q, k, v = ops.qkv(h, lw)                             # [b, seq, dim] -> [b, heads, seq, head_dim] each
+            q, k = ops.rope(q, k, start_pos)
+            attn = ops.attention(layer, q, k, v, start_pos)      # appends k, v to the cache -> [b, seq, H * d]
+            x = ops.linear(attn, lw.wo, residual=x)              # x + attn @ wo
 
             # feed-forward
-            h = rms_norm(x, lw.ffn_norm, eps)                    # [b, seq, dim]
-            x = x + swiglu(h, lw.w_gate, lw.w_up, lw.w_down)     # [b, seq, dim] -> [b, seq, ffn] -> [b, seq, dim]
+            h = ops.rms_norm(x, lw.ffn_norm)                     # [b, seq, dim]
+            x = ops.linear(ops.swiglu(h, lw), lw.w_down, residual=x)   # x + (silu(h @ w_gate) * (h @ w_up)) @ w_down
 
-        x = rms_norm(x, w.norm, eps)                             # [b, seq, dim]
-        return x @ w.lm_head                                     # [b, seq, dim] -> [b, seq, vocab]
-
-    def attention(self, layer, q, k, v, start_pos):
-        """Append this chunk's k, v to the cache, then attend from q to everything cached.
-
-        q [b, n_heads, seq, head_dim]; k, v [b, n_kv_heads, seq, head_dim] -> [b, n_heads, seq, head_dim].
-        A single token uses the decode kernel (one query row per head, split over the cache); a chunk uses
-        the prefill kernel over the cache so far: causal bottom-right alignment lets query i of the chunk
-        (absolute position start_pos + i) see exactly keys 0 .. start_pos + i.
-        """
-        self.cache.append(layer, k, v)
-        seq, n = q.shape[2], start_pos + q.shape[2]
-        if seq == 1:
-            out = numbattn.decode_attention(np.ascontiguousarray(q[:, :, 0]), self.cache, layer)  # [b, n_heads, d]
-            return _backend.to_host(out)[:, :, None, :]                                           # [b, n_heads, 1, d]
-        k_all = self.cache.k(layer)[:, :, :n]                    # [b, n_kv_heads, n, head_dim] (a view)
-        v_all = self.cache.v(layer)[:, :, :n]
-        out = numbattn.attention(q, k_all, v_all, causal=True, backend=self.backend)
-        return _backend.to_host(out)
+        return ops.logits(ops.rms_norm(x, ops.norm), last_only)  # [b, seq or 1, dim] -> [b, seq or 1, vocab]
 
     def _check_ids(self, ids):
         ids = np.asarray(ids)
@@ -243,3 +182,19 @@ class Llama:
             raise ValueError("this model has no tokenizer: load it with tinyllm.load_model to chat")
         result = self.generate(self.tokenizer.encode_chat(messages), **sampling)
         return self.tokenizer.decode(result.ids)
+
+
+def context_size(config, max_len):
+    """The KV cache's length in tokens: max_len if given (1 .. max_position_embeddings), else the model's
+    maximum up to DEFAULT_MAX_CONTEXT. Refused before anything is allocated if the cache would not fit."""
+    limit = config.max_position_embeddings
+    n = min(limit, DEFAULT_MAX_CONTEXT) if max_len is None else as_count("max_len", max_len)
+    if not 1 <= n <= limit:
+        raise ValueError(f"max_len={max_len}: must be between 1 and the model's max_position_embeddings ({limit})")
+    nbytes = 2 * config.num_hidden_layers * config.num_key_value_heads * n * config.head_dim * 4
+    if nbytes > CACHE_BYTES_LIMIT:
+        raise ValueError(f"a KV cache of {n} tokens for this model needs {nbytes / 2**30:.1f} GiB: ask for a "
+                         f"shorter context (max_len / --ctx-size)")
+    if max_len is None and limit > n:
+        log.info("tinyllm: context of %d tokens (the model allows %d; max_len / --ctx-size asks for more)", n, limit)
+    return n
