@@ -52,14 +52,33 @@ class Tokenizer:
         if not isinstance(config, dict):
             raise TokenizerError(f"{config_path}: expected a JSON object")
 
-        self.bos_token = _token_string(config.get("bos_token"))
-        self.eos_token = _token_string(config.get("eos_token"))
-        self.bos_id = self._id_of(self.bos_token, config_path, "bos_token")
-        self.eos_id = self._id_of(self.eos_token, config_path, "eos_token")
-        self.add_bos = bool(config.get("add_bos_token", True)) and self.bos_id is not None
-        self.chat_template = _chat_template(config, model_dir)
-        self._template = None
+        self._finish(_token_string(config.get("bos_token")), _token_string(config.get("eos_token")),
+                     bool(config.get("add_bos_token", True)), _chat_template(config, model_dir), config_path)
         self.source = model_dir
+
+    @classmethod
+    def from_gguf(cls, gguf):
+        """The tokenizer a GGUF file carries in its metadata (tokenizer.ggml.*, tokenizer.chat_template), built
+        with `tokenizers` to give the ids of the model's tokenizer.json. gguf: a path or a GGUFCheckpoint."""
+        from .gguf import GGUFCheckpoint, gguf_tokenizer
+
+        ckpt = gguf if isinstance(gguf, GGUFCheckpoint) else GGUFCheckpoint(gguf)
+        parts = gguf_tokenizer(ckpt.metadata)
+        tok = cls.__new__(cls)
+        tok._tok = parts.tokenizer
+        tok._finish(parts.bos_token, parts.eos_token, parts.add_bos, parts.chat_template, ckpt.path)
+        tok.source = ckpt.path
+        return tok
+
+    def _finish(self, bos_token, eos_token, add_bos, chat_template, source):
+        """Special tokens and the chat template; `source` (the file they came from) names them in errors."""
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = self._id_of(bos_token, source, "bos_token")
+        self.eos_id = self._id_of(eos_token, source, "eos_token")
+        self.add_bos = add_bos and self.bos_id is not None
+        self.chat_template = chat_template
+        self.template_source = source
+        self._template = None
 
     def _id_of(self, token, source, field):
         if token is None:
@@ -94,7 +113,7 @@ class Tokenizer:
         """Render messages [{"role": "system"|"user"|"assistant", "content": str}, ...] with the model's chat
         template -> the prompt text (without BOS unless the template writes it)."""
         if self.chat_template is None:
-            raise TokenizerError(f"{self.source / 'tokenizer_config.json'}: no chat_template, so chat prompts "
+            raise TokenizerError(f"{self.template_source}: no chat_template, so chat prompts "
                                  f"cannot be built for this model")
         check_messages(messages)
         if self._template is None:

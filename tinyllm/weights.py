@@ -288,6 +288,16 @@ class Checkpoint:
     def file_of(self, name):
         return self.files[self.where[name]].path
 
+    def stored_dtype(self, name):
+        """How the file stores the tensor: "F32", "F16" or "BF16"."""
+        return self.files[self.where[name]].tensors[name].dtype
+
+    def raw(self, name):
+        """The tensor as stored, a read-only view of its file (bf16 as uint16 bits): see SafetensorsFile.raw."""
+        if name not in self.where:
+            raise WeightsError(f"checkpoint has no tensor {name!r}")
+        return self.files[self.where[name]].raw(name)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Llama: the tensors a config implies, checked, converted and laid out for x @ W
@@ -366,7 +376,8 @@ def load_weights(source, config, progress=None):
     few seconds.
     """
     ckpt = source if hasattr(source, "shapes") else Checkpoint(source)
-    check_checkpoint(ckpt, config, source=getattr(ckpt, "config_source", str(Path(source) / "config.json")))
+    where = ckpt.config_source if hasattr(ckpt, "config_source") else str(Path(source) / "config.json")
+    check_checkpoint(ckpt, config, source=where)
     names = list(expected_shapes(config))
     done = iter(range(len(names)))
 
