@@ -242,6 +242,7 @@ class Checkpoint:
 
     def __init__(self, model_dir):
         model_dir = Path(model_dir)
+        self.config_source = str(model_dir / "config.json")     # what check_checkpoint's errors cite
         single, index = model_dir / SINGLE_FILE, model_dir / INDEX_FILE
         self.files = {}      # file name -> SafetensorsFile
         self.where = {}      # tensor name -> file name
@@ -376,8 +377,7 @@ def load_weights(source, config, progress=None):
     few seconds.
     """
     ckpt = source if hasattr(source, "shapes") else Checkpoint(source)
-    where = ckpt.config_source if hasattr(ckpt, "config_source") else str(Path(source) / "config.json")
-    check_checkpoint(ckpt, config, source=where)
+    check_checkpoint(ckpt, config, source=getattr(ckpt, "config_source", "the config"))
     names = list(expected_shapes(config))
     done = iter(range(len(names)))
 
