@@ -182,8 +182,8 @@ def check_layout(path):
                 h.fail(f"GGUF version {version}: only versions 2 and 3 are read")
             n_tensors, n_kv = h.number("Q", "the tensor count"), h.number("Q", "the metadata count")
             if max(n_tensors, n_kv) > size // 8:
-                h.fail(f"header claims {n_tensors} tensors and {n_kv} metadata entries, more than "
-                       f"{size} bytes can hold: corrupt file")
+                h.fail(f"header claims {n_tensors} tensors and {n_kv} metadata entries, more than a file of "
+                       f"{size} bytes can hold: truncated or corrupt file")
             alignment = DEFAULT_ALIGNMENT
             for _ in range(n_kv):
                 key = h.string("a metadata key")
@@ -377,12 +377,6 @@ def unpermute_rows(w, n_heads):
     order (row 2i + j = pair i, member j) -> Hugging Face's halves order (row j * head_dim/2 + i)."""
     head_dim = w.shape[0] // n_heads
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_rows(w, n_heads):
-    """What llama.cpp's converter does to q_proj / k_proj (the inverse of unpermute_rows): for writing tests."""
-    head_dim = w.shape[0] // n_heads
-    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 class GGUFCheckpoint:

@@ -79,6 +79,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.template_source = source
         self._template = None
+        self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def _id_of(self, token, source, field):
         if token is None:
@@ -106,7 +107,10 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         """ids -> str. Special tokens (<s>, </s>) are dropped unless skip_special_tokens=False."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:   # by id: `tokenizers` keeps special tokens marked "normalized" (as Llama's
+            ids = [i for i in ids if i not in self._special_ids]    # tokenizer.json has them) behind a normalizer
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     # ----------------------------------------------------------------------------------------------------
     def render_chat(self, messages, add_generation_prompt=True):
