@@ -555,8 +555,9 @@ KERNEL_BENCHES = {      # --what -> (numbattn.bench function, its arguments beyo
 @backend_option
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw ms against length into this PNG (needs matplotlib: the [bench] extra).")
-@click.option("-m", "--model", default=None,
-              help="With --what model: a model directory or Hub id (default: a miniature random checkpoint).")
+@click.option("-m", "--model", default=None, callback=_not_empty,
+              help="With --what model: a model directory, .gguf file, Hub id or smollm2 (default: a miniature "
+                   "random checkpoint).")
 @click.option("--new-tokens", type=click.IntRange(min=2), default=None,
               help="With --what model: tokens decoded after each prompt (default 32; 2 on sim).")
 @verbose_option
