@@ -5,10 +5,7 @@ every malformed or unsupported file must be refused with one clear error.
 import dataclasses
 import shutil
 import struct
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +22,6 @@ from tinyllm.tiny import CORPUS, make_tiny
 from tinyllm.tokenizer import Tokenizer
 from tinyllm.weights import Checkpoint, save_file
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox jumps over the lazy dog. Attention is all you need!"
 TEXTS = CORPUS + [
     "", " ", "  two leading spaces", "trailing  ", "Hello world!\n\nNew paragraph.\tTab.", "€100 and 😀 emoji",
@@ -258,6 +254,8 @@ def test_duplicate_keys_reach_the_reader_and_are_refused(tmp_path):
     (dict(raw_tensors={"blk.0.attn_q.bias": (np.zeros(64, np.float32), "F32")}), WeightsError,
      "'blk.0.attn_q.bias' has no place"),
     (dict(raw_tensors={"rope_freqs.weight": (np.ones(8, np.float32), "F32")}), WeightsError, "rope_freqs"),
+    (dict(raw_tensors={"blk.2.attn_norm.weight": (np.ones(64, np.float32), "F32")}), WeightsError,
+     "'blk.2.attn_norm.weight' has no place"),                                # a third block in a 2-layer model
 ])
 def test_models_tinyllm_does_not_implement_are_refused(tmp_path, tiny_model_dir, change, error, problem):
     path = write_gguf(tmp_path / "m.gguf", tiny_model_dir, **change)

@@ -46,7 +46,6 @@ first walks the header itself with every length, count and tensor extent checked
 only then hands the file to the reader. Every problem is a WeightsError (the file), a ConfigError (the
 model it describes) or a TokenizerError (its vocabulary), naming the file.
 """
-import logging
 import math
 import mmap
 import re
@@ -59,8 +58,6 @@ import numpy as np
 from .config import ConfigError, LlamaConfig
 from .tokenizer import TokenizerError
 from .weights import WeightsError, layer_tensors
-
-log = logging.getLogger("tinyllm")
 
 # ggml types we read; gguf.quants dequantizes each of them in NumPy
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -367,7 +364,7 @@ def hf_name(gguf_name, config):
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-    if m is None or m[2] not in LAYER_NAMES:
+    if m is None or m[2] not in LAYER_NAMES or int(m[1]) >= config.num_hidden_layers:
         return None
     return f"model.layers.{int(m[1])}.{layer_tensors(config)[LAYER_NAMES[m[2]]][0]}"
 
@@ -443,7 +440,7 @@ class GGUFCheckpoint:
         t = self._tensor(name)
         x = dequantize(t.data, t.tensor_type).reshape(self.shapes[name])
         x = self._hf_rows(name, x)
-        return x if x.flags.writeable and x.flags.owndata else np.array(x, dtype=np.float32)
+        return x if x.flags.writeable else np.array(x)     # F32 comes back as a read-only view of the file
 
     def file_of(self, name):
         return self.path

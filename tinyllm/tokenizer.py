@@ -1,6 +1,6 @@
 """Text <-> token ids, chat prompts, and streaming detokenisation, from a Hugging Face model directory.
 
-    tok = Tokenizer("path/to/TinyLlama")
+    tok = Tokenizer("path/to/TinyLlama")                           # or Tokenizer.from_gguf("model.gguf")
     ids = tok.encode_chat([{"role": "user", "content": "Hi!"}])   # one BOS, then the rendered template
     tok.decode(ids)
     stream = StreamDecoder(tok)
