@@ -130,8 +130,11 @@ def test_an_empty_model_name_is_an_error_not_the_current_directory(name):
 def test_gguf_files_resolve_and_other_files_do_not(tmp_path, tiny_gguf):
     assert resolve_model(tiny_gguf) == tiny_gguf and resolve_model(str(tiny_gguf), download=False) == tiny_gguf
     (tmp_path / "model.bin").write_bytes(b"pickle")
-    with pytest.raises(HubError, match="a file, but not a .gguf"):
+    with pytest.raises(HubError, match="a file, but not a GGUF file"):
         resolve_model(tmp_path / "model.bin")
+    blob = tmp_path / "sha256-0123abcd"                                # how ollama stores a model
+    shutil.copy(tiny_gguf, blob)
+    assert resolve_model(blob) == blob and load_model(blob, backend="numpy").config.hidden_size == 64
     with pytest.raises(HubError, match="no such model directory or .gguf file"):
         resolve_model(tmp_path / "missing.gguf")
 

@@ -447,7 +447,15 @@ class GGUFCheckpoint:
 
 
 def is_gguf(path):
-    return Path(path).suffix.lower() == ".gguf"
+    """A .gguf name, or a file that starts with GGUF's magic (ollama keeps its models as sha256-named blobs)."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:           # a directory, or nothing there
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .gguf import is_gguf
+
 log = logging.getLogger("tinyllm")
 
 MODEL_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
@@ -129,8 +131,8 @@ def resolve_model(id_or_dir, download=True, cache_dir=None):
             raise HubError(f"{path}: model directory lacks {', '.join(missing)}")
         return path
     if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise HubError(f"{path}: a file, but not a .gguf (a model is a directory or a .gguf file)")
+        if not is_gguf(path):
+            raise HubError(f"{path}: a file, but not a GGUF file (a model is a directory or a .gguf file)")
         return path
     if name.lower() == SMOLLM2:
         return fetch_smollm2() if download else _require(cached_smollm2(), "SmolLM2 has not been fetched")

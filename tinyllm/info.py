@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 from . import open_model_files
+from .gguf import is_gguf
 from .weights import expected_shapes
 
 
@@ -33,7 +34,7 @@ def describe_model(source):
     kv = 4 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.max_position_embeddings * c.head_dim
     paths = {ckpt.file_of(name) for name in ckpt.shapes}
     disk = sum(p.stat().st_size for p in paths)
-    kind = "GGUF" if files.source.suffix.lower() == ".gguf" else "safetensors"
+    kind = "GGUF" if is_gguf(files.source) else "safetensors"
     stored = Counter(ckpt.stored_dtype(name) for name in ckpt.shapes)
     return [
         f"model: {files.source}",
