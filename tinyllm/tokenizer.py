@@ -1,6 +1,6 @@
 """Text <-> token ids, chat prompts, and streaming detokenisation, from a Hugging Face model directory.
 
-    tok = Tokenizer("path/to/TinyLlama")
+    tok = Tokenizer("path/to/TinyLlama")                           # or Tokenizer.from_gguf("model.gguf")
     ids = tok.encode_chat([{"role": "user", "content": "Hi!"}])   # one BOS, then the rendered template
     tok.decode(ids)
     stream = StreamDecoder(tok)
@@ -52,14 +52,34 @@ class Tokenizer:
         if not isinstance(config, dict):
             raise TokenizerError(f"{config_path}: expected a JSON object")
 
-        self.bos_token = _token_string(config.get("bos_token"))
-        self.eos_token = _token_string(config.get("eos_token"))
-        self.bos_id = self._id_of(self.bos_token, config_path, "bos_token")
-        self.eos_id = self._id_of(self.eos_token, config_path, "eos_token")
-        self.add_bos = bool(config.get("add_bos_token", True)) and self.bos_id is not None
-        self.chat_template = _chat_template(config, model_dir)
-        self._template = None
+        self._finish(_token_string(config.get("bos_token")), _token_string(config.get("eos_token")),
+                     bool(config.get("add_bos_token", True)), _chat_template(config, model_dir), config_path)
         self.source = model_dir
+
+    @classmethod
+    def from_gguf(cls, gguf):
+        """The tokenizer a GGUF file carries in its metadata (tokenizer.ggml.*, tokenizer.chat_template), built
+        with `tokenizers` to give the ids of the model's tokenizer.json. gguf: a path or a GGUFCheckpoint."""
+        from .gguf import GGUFCheckpoint, gguf_tokenizer
+
+        ckpt = gguf if isinstance(gguf, GGUFCheckpoint) else GGUFCheckpoint(gguf)
+        parts = gguf_tokenizer(ckpt.metadata)
+        tok = cls.__new__(cls)
+        tok._tok = parts.tokenizer
+        tok._finish(parts.bos_token, parts.eos_token, parts.add_bos, parts.chat_template, ckpt.path)
+        tok.source = ckpt.path
+        return tok
+
+    def _finish(self, bos_token, eos_token, add_bos, chat_template, source):
+        """Special tokens and the chat template; `source` (the file they came from) names them in errors."""
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = self._id_of(bos_token, source, "bos_token")
+        self.eos_id = self._id_of(eos_token, source, "eos_token")
+        self.add_bos = add_bos and self.bos_id is not None
+        self.chat_template = chat_template
+        self.template_source = source
+        self._template = None
+        self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def _id_of(self, token, source, field):
         if token is None:
@@ -87,14 +107,17 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         """ids -> str. Special tokens (<s>, </s>) are dropped unless skip_special_tokens=False."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:   # by id: `tokenizers` keeps special tokens marked "normalized" (as Llama's
+            ids = [i for i in ids if i not in self._special_ids]    # tokenizer.json has them) behind a normalizer
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     # ----------------------------------------------------------------------------------------------------
     def render_chat(self, messages, add_generation_prompt=True):
         """Render messages [{"role": "system"|"user"|"assistant", "content": str}, ...] with the model's chat
         template -> the prompt text (without BOS unless the template writes it)."""
         if self.chat_template is None:
-            raise TokenizerError(f"{self.source / 'tokenizer_config.json'}: no chat_template, so chat prompts "
+            raise TokenizerError(f"{self.template_source}: no chat_template, so chat prompts "
                                  f"cannot be built for this model")
         check_messages(messages)
         if self._template is None:

@@ -242,6 +242,7 @@ class Checkpoint:
 
     def __init__(self, model_dir):
         model_dir = Path(model_dir)
+        self.config_source = str(model_dir / "config.json")     # what check_checkpoint's errors cite
         single, index = model_dir / SINGLE_FILE, model_dir / INDEX_FILE
         self.files = {}      # file name -> SafetensorsFile
         self.where = {}      # tensor name -> file name
@@ -287,6 +288,16 @@ class Checkpoint:
 
     def file_of(self, name):
         return self.files[self.where[name]].path
+
+    def stored_dtype(self, name):
+        """How the file stores the tensor: "F32", "F16" or "BF16"."""
+        return self.files[self.where[name]].tensors[name].dtype
+
+    def raw(self, name):
+        """The tensor as stored, a read-only view of its file (bf16 as uint16 bits): see SafetensorsFile.raw."""
+        if name not in self.where:
+            raise WeightsError(f"checkpoint has no tensor {name!r}")
+        return self.files[self.where[name]].raw(name)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -366,7 +377,7 @@ def load_weights(source, config, progress=None):
     few seconds.
     """
     ckpt = source if hasattr(source, "shapes") else Checkpoint(source)
-    check_checkpoint(ckpt, config, source=getattr(ckpt, "config_source", str(Path(source) / "config.json")))
+    check_checkpoint(ckpt, config, source=getattr(ckpt, "config_source", "the config"))
     names = list(expected_shapes(config))
     done = iter(range(len(names)))
 

