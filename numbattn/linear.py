@@ -47,7 +47,10 @@ from .launch import Launch
 
 EPILOGUES = ("none", "residual", "swiglu")
 WEIGHT_KINDS = {"bf16": 4, "f32": 2}        # values per uint64 word
-GEMV_THREADS = 64 if SIM else 256           # the simulator runs a Python thread per CUDA thread: two warps
+# A GEMV block is GEMV_THREADS threads in groups of LANES, each group GEMV_ROWS rows (twice that for SwiGLU's
+# gate/up pairs). On a GPU a group is a warp (its sum is a shuffle butterfly); the simulator runs a Python thread
+# per CUDA thread, so there it uses few lanes and many rows per group.
+GEMV_THREADS, LANES, GEMV_ROWS = (8, 2, 32) if SIM else (256, 32, 1)
 GEMV_CHUNK = 8                              # words per lane loaded together (in flight at once)
 GEMV_MAX_TOKENS = 4                         # more tokens than this: the GEMM
 SHARED_LIMIT = 48 * 1024
@@ -93,7 +96,7 @@ def silu(x):
 # GEMV: M <= a few tokens
 # --------------------------------------------------------------------------------------------------------
 def gemv_rows_per_warp(epilogue):
-    return 2 if epilogue == "swiglu" else 1
+    return 2 * GEMV_ROWS if epilogue == "swiglu" else GEMV_ROWS
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,14 +108,14 @@ def make_gemv(n_in, kind, n_tokens, epilogue="none", rmsnorm=False):
     """
     K, M, VPW = n_in, n_tokens, WEIGHT_KINDS[kind]
     WPR = K // VPW                               # words per row
-    ITER = -(-WPR // 32)                         # words per lane
+    ITER = -(-WPR // LANES)                      # words per lane
     R = gemv_rows_per_warp(epilogue)
     MR = M * R                                   # (shapes of local arrays must be constants, not expressions)
     if epilogue not in EPILOGUES or K % VPW or M * K * 4 > SHARED_LIMIT:
         raise ValueError(f"gemv: epilogue {epilogue!r}, K={K}, {M} tokens: not supported (x must fit in shared memory)")
     unpack = _unpack(kind)
-    _, warp_sum = make_group_reduce(32, M * R)
-    _, warp_sum_x = make_group_reduce(32, M)
+    _, warp_sum = make_group_reduce(LANES, MR)
+    _, warp_sum_x = make_group_reduce(LANES, M)
     RED = reduce_scratch_shape(M * R, GEMV_THREADS)
     stage = _make_stage_x(K, M, VPW, rmsnorm, warp_sum_x)
     store = _make_gemv_store(M, R, epilogue)
@@ -122,8 +125,8 @@ def make_gemv(n_in, kind, n_tokens, epilogue="none", rmsnorm=False):
         xs = cuda.shared.array((M, VPW, WPR), float32)      # xs[m, j, i] = x[m, i * VPW + j]
         red = cuda.shared.array(RED, float32)
         stage(x, norm_w, eps, xs, red)
-        lane = cuda.threadIdx.x % 32
-        row0 = (cuda.blockIdx.x * (GEMV_THREADS // 32) + cuda.threadIdx.x // 32) * R
+        lane = cuda.threadIdx.x % LANES
+        row0 = (cuda.blockIdx.x * (GEMV_THREADS // LANES) + cuda.threadIdx.x // LANES) * R
         acc = cuda.local.array(MR, float32)
         words = cuda.local.array(GEMV_CHUNK, uint64)
         vals = cuda.local.array(VPW, float32)
@@ -133,10 +136,10 @@ def make_gemv(n_in, kind, n_tokens, epilogue="none", rmsnorm=False):
             row = min(row0 + r, w.shape[0] - 1)             # a warp past the end reads a valid row, stores nothing
             for c0 in range(0, ITER, GEMV_CHUNK):
                 for c in range(GEMV_CHUNK):                 # issue the chunk's loads back to back
-                    i = lane + 32 * (c0 + c)
+                    i = lane + LANES * (c0 + c)
                     words[c] = w[row, i] if c0 + c < ITER and i < WPR else uint64(0)
                 for c in range(GEMV_CHUNK):
-                    i = lane + 32 * (c0 + c)
+                    i = lane + LANES * (c0 + c)
                     if c0 + c < ITER and i < WPR:
                         unpack(words[c], vals)
                         for m in range(M):
@@ -154,7 +157,7 @@ def make_gemv(n_in, kind, n_tokens, epilogue="none", rmsnorm=False):
 def _make_stage_x(K, M, VPW, rmsnorm, warp_sum):
     """Device function: x [M, K] (optionally RMS-normalised and scaled by norm_w) -> xs, de-interleaved by word.
     warp_sum reduces M values over a warp (its `red` scratch: `red`)."""
-    T, WARPS = GEMV_THREADS, GEMV_THREADS // 32
+    T, WARPS = GEMV_THREADS, GEMV_THREADS // LANES
 
     @cuda.jit(device=True, inline=True)
     def stage(x, norm_w, eps, xs, red):
@@ -169,9 +172,9 @@ def _make_stage_x(K, M, VPW, rmsnorm, warp_sum):
                     s += x[m, k] * x[m, k]
                 ss[m] = s
             warp_sum(ss, red)                       # every lane: its warp's sum of squares
-            if t % 32 == 0:
+            if t % LANES == 0:
                 for m in range(M):
-                    per_warp[t // 32, m] = ss[m]
+                    per_warp[t // LANES, m] = ss[m]
             cuda.syncthreads()
             if t < M:
                 total = float32(0.0)
@@ -192,10 +195,11 @@ def _make_stage_x(K, M, VPW, rmsnorm, warp_sum):
 def _make_gemv_store(M, R, epilogue):
     @cuda.jit(device=True, inline=True)
     def store(out, acc, row0, n_rows):
-        if epilogue == "swiglu":                     # rows row0, row0 + 1 are gate_f and up_f, f = row0 / 2
-            if row0 + 1 < n_rows:
-                for m in range(M):
-                    out[m, row0 // 2] = silu(acc[m * R]) * acc[m * R + 1]
+        if epilogue == "swiglu":                     # rows 2f, 2f + 1 are gate_f and up_f
+            for p in range(R // 2):
+                if row0 + 2 * p + 1 < n_rows:
+                    for m in range(M):
+                        out[m, row0 // 2 + p] = silu(acc[m * R + 2 * p]) * acc[m * R + 2 * p + 1]
             return
         for r in range(R):
             if row0 + r < n_rows:
@@ -208,14 +212,14 @@ def _make_gemv_store(M, R, epilogue):
 
 
 def gemv_grid(n_rows, epilogue):
-    rows_per_block = GEMV_THREADS // 32 * gemv_rows_per_warp(epilogue)
+    rows_per_block = GEMV_THREADS // LANES * gemv_rows_per_warp(epilogue)
     return -(-n_rows // rows_per_block)
 
 
 # --------------------------------------------------------------------------------------------------------
 # GEMM: a prompt chunk
 # --------------------------------------------------------------------------------------------------------
-GEMM_TILES = (8, 8, 8, 16) if SIM else (128, 128, 16, 256)    # BM, BN, BK, threads
+GEMM_TILES = (8, 32, 8, 4) if SIM else (128, 128, 16, 256)    # BM, BN, BK, threads
 
 
 def gemm_layout(BM, BN, BK, threads, VPW):

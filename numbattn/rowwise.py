@@ -31,7 +31,8 @@ from numba import cuda, float32, int32, int64
 from .device import FASTMATH, SIM, arrive_last, make_group_reduce, reduce_scratch_shape
 from .linear import WEIGHT_KINDS, _unpack
 
-THREADS = 32 if SIM else 256
+THREADS = 8 if SIM else 256               # the simulator runs a Python thread per CUDA thread
+WARP = min(32, THREADS)
 ROPE_TOKENS_PER_BLOCK = 4 if SIM else 16
 
 
@@ -56,9 +57,9 @@ def make_embed(kind):
 
 @functools.lru_cache(maxsize=None)
 def make_rms_norm():
-    _, warp_sum = make_group_reduce(32, 1)
+    _, warp_sum = make_group_reduce(WARP, 1)
     RED = reduce_scratch_shape(1, THREADS)
-    WARPS = THREADS // 32
+    WARPS = THREADS // WARP
 
     @cuda.jit(fastmath=FASTMATH)
     def rms_norm(x, g, eps, y):
@@ -72,8 +73,8 @@ def make_rms_norm():
             s += x[m, k] * x[m, k]
         ss[0] = s
         warp_sum(ss, red)
-        if t % 32 == 0:
-            per_warp[t // 32] = ss[0]
+        if t % WARP == 0:
+            per_warp[t // WARP] = ss[0]
         cuda.syncthreads()
         total = float32(0.0)
         for i in range(WARPS):

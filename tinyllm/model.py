@@ -33,8 +33,8 @@ from .engines import DeviceEngine, DeviceWeights, NumpyEngine
 from .generate import ContextOverflowError, Sampler, generate as _generate
 
 log = logging.getLogger("tinyllm")
-DEFAULT_MAX_CONTEXT = 8192      # tokens of KV cache when neither max_len nor --ctx-size asks for more
-CACHE_BYTES_LIMIT = 64 * 2**30  # a KV cache larger than this is refused before anything is allocated
+DEFAULT_CACHE_BYTES = 4 * 2**30  # the default context is the model's maximum, unless its KV cache needs more than this
+CACHE_BYTES_LIMIT = 64 * 2**30   # a KV cache larger than this is refused before anything is allocated
 
 
 class Llama:
@@ -185,16 +185,21 @@ class Llama:
 
 
 def context_size(config, max_len):
-    """The KV cache's length in tokens: max_len if given (1 .. max_position_embeddings), else the model's
-    maximum up to DEFAULT_MAX_CONTEXT. Refused before anything is allocated if the cache would not fit."""
+    """The KV cache's length in tokens: max_len if given (1 .. max_position_embeddings), else the model's maximum
+    as long as its cache fits in DEFAULT_CACHE_BYTES (else as many tokens as do, with a note). Checked before
+    anything is allocated: a cache over CACHE_BYTES_LIMIT is refused, naming max_len / --ctx-size."""
     limit = config.max_position_embeddings
-    n = min(limit, DEFAULT_MAX_CONTEXT) if max_len is None else as_count("max_len", max_len)
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4   # fp32 K and V
+    if max_len is None:
+        n = min(limit, max(1, DEFAULT_CACHE_BYTES // per_token))
+        if n < limit:
+            log.info("tinyllm: context of %d tokens (the model allows %d; max_len / --ctx-size asks for more)",
+                     n, limit)
+    else:
+        n = as_count("max_len", max_len)
     if not 1 <= n <= limit:
         raise ValueError(f"max_len={max_len}: must be between 1 and the model's max_position_embeddings ({limit})")
-    nbytes = 2 * config.num_hidden_layers * config.num_key_value_heads * n * config.head_dim * 4
-    if nbytes > CACHE_BYTES_LIMIT:
-        raise ValueError(f"a KV cache of {n} tokens for this model needs {nbytes / 2**30:.1f} GiB: ask for a "
+    if n * per_token > CACHE_BYTES_LIMIT:
+        raise ValueError(f"a KV cache of {n} tokens for this model needs {n * per_token / 2**30:.1f} GiB: ask for a "
                          f"shorter context (max_len / --ctx-size)")
-    if max_len is None and limit > n:
-        log.info("tinyllm: context of %d tokens (the model allows %d; max_len / --ctx-size asks for more)", n, limit)
     return n
