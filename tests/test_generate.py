@@ -202,6 +202,7 @@ def test_chat_returns_the_decoded_reply(tiny_model, prompt_ids):
 
 
 def test_generate_on_the_kernel_backend(tiny_model_dir, tiny_model, prompt_ids, kernel_backend):
-    """Greedy tokens through the prefill and decode kernels (simulator or GPU) equal the NumPy backend's."""
-    kernels = load_model(tiny_model_dir, backend=kernel_backend)
+    """Greedy tokens through the prefill and decode attention kernels (simulator or GPU) equal the NumPy
+    backend's (NumPy matmuls; the all-kernel device engine is tests/test_engines.py's)."""
+    kernels = load_model(tiny_model_dir, backend=kernel_backend, engine="numpy")
     assert kernels.generate(prompt_ids, max_new_tokens=3).ids == tiny_model.generate(prompt_ids, max_new_tokens=3).ids

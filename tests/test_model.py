@@ -115,9 +115,10 @@ def test_chunked_prefill_and_rewind(tiny_model, tiny_model_dir):
     assert rel_err(again, want[:, 5:]) < RTOL
 
 
-def test_kernel_backend_matches_numpy(tiny_model_dir, tiny_model, kernel_backend):
-    """The same steps through numbattn's kernels (the simulator in CI, slow: few tokens; or the GPU)."""
-    kernels = load_model(tiny_model_dir, backend=kernel_backend)
+def test_kernel_attention_matches_numpy(tiny_model_dir, tiny_model, kernel_backend):
+    """The NumPy engine with attention on numbattn's kernels (the simulator in CI; or the GPU): the same steps.
+    (The device engine, every op a kernel, is tests/test_engines.py's.)"""
+    kernels = load_model(tiny_model_dir, backend=kernel_backend, engine="numpy")
     ids = random_ids(4, 1, 7)
     got = [kernels.forward(ids[:, :5]), kernels.forward(ids[:, 5:6], start_pos=5),
            kernels.forward(ids[:, 6:], start_pos=6)]

@@ -1,0 +1,107 @@
+"""tinyllm/engines.py: the device engine (every op a numbattn kernel, weights on the device) against the NumPy
+engine, on the same forward.
+
+In CI the device engine runs in Numba's simulator on the miniature checkpoint (slow: a few tokens). With
+NUMBATTN_TEST_GPU=1 the same tests run on the GPU, where decode steps are also captured and replayed as CUDA
+graphs (the first step of a context bucket runs normally, the second is recorded, later ones replay), plus a
+TinyLlama-shaped model (22 layers, hidden 2048, 32/4 heads, vocabulary 32000, random bf16 weights).
+Tolerance: logits within 1e-4 relative to the largest (different fp32 summation orders over <= 5632 terms).
+"""
+import numpy as np
+import pytest
+
+from tinyllm import load_model, make_tiny
+from tinyllm.engines import DeviceEngine, NumpyEngine
+
+RTOL = 1e-4
+
+
+def rel_err(got, want):
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def one_layer_dir(tmp_path_factory):
+    """The miniature with one layer: every op of the forward, at half the simulator time of two layers."""
+    return make_tiny(tmp_path_factory.mktemp("tiny_one_layer"), seed=0, num_hidden_layers=1)
+
+
+@pytest.fixture(scope="module")
+def device_model(one_layer_dir, kernel_backend):
+    return load_model(one_layer_dir, backend=kernel_backend)
+
+
+@pytest.fixture
+def tiny_model(one_layer_dir):
+    return load_model(one_layer_dir, backend="numpy")
+
+
+def test_engines_are_chosen_by_backend(device_model, tiny_model, kernel_backend):
+    assert isinstance(device_model.ops, DeviceEngine) and isinstance(tiny_model.ops, NumpyEngine)
+    assert device_model.engine == "device" and "weights on the GPU" in device_model.describe()
+    assert "bf16" in device_model.describe()                         # uploaded as stored: no fp32 copy
+    mixed = load_model(device_model.tokenizer.source, backend=kernel_backend, engine="numpy")
+    assert isinstance(mixed.ops, NumpyEngine) and kernel_backend in mixed.describe()
+    with pytest.raises(ValueError, match="engine='device' runs numbattn kernels"):
+        load_model(device_model.tokenizer.source, backend="numpy", engine="device")
+
+
+def test_prefill_decode_steps_and_a_rewind_match_the_numpy_engine(device_model, tiny_model, kernel_backend):
+    """A 5-token prefill (the GEMM path), decode steps (the GEMV path; on a GPU: run, captured, replayed), and a
+    rewind that recomputes a suffix with last_only, all give the NumPy engine's logits; the caches agree."""
+    ids = np.random.default_rng(0).integers(3, 500, (1, 10))
+    steps = 4 if kernel_backend == "cuda" else 2
+    device_model.reset()
+    tiny_model.reset()
+    got = device_model.forward(ids[:, :5])
+    assert rel_err(got, tiny_model.forward(ids[:, :5])) < RTOL and got.shape == (1, 5, 512)
+    for pos in range(5, 5 + steps):
+        got = device_model.forward(ids[:, pos:pos + 1], start_pos=pos)
+        want = tiny_model.forward(ids[:, pos:pos + 1], start_pos=pos)
+        assert got.shape == (1, 1, 512) and rel_err(got, want) < RTOL, f"decode step at position {pos}"
+    assert device_model.cache.lengths.tolist() == [5 + steps]
+    assert device_model.cache.device_lengths(0).copy_to_host().tolist() == [5 + steps]
+    n = 5 + steps
+    again = device_model.forward(ids[:, 3:n], start_pos=3, last_only=True)
+    assert again.shape == (1, 1, 512) and rel_err(again, tiny_model.forward(ids[:, 3:n], start_pos=3)[:, -1:]) < RTOL
+    assert device_model.cache.device_lengths(0).copy_to_host().tolist() == [n]
+
+
+def test_greedy_generation_and_a_chat_turn_reusing_the_cache(device_model, one_layer_dir):
+    numpy_model = load_model(one_layer_dir, backend="numpy")
+    tok = numpy_model.tokenizer
+    device_model.reset()
+    first = [{"role": "user", "content": "Hi!"}]
+    a = device_model.generate(tok.encode_chat(first), max_new_tokens=2)
+    assert a.ids == numpy_model.generate(tok.encode_chat(first), max_new_tokens=2).ids
+    second = first + [{"role": "assistant", "content": tok.decode(a.ids)}, {"role": "user", "content": "Yes."}]
+    a2 = device_model.generate(tok.encode_chat(second), max_new_tokens=1)
+    assert a2.stats.reused_tokens >= len(tok.encode_chat(first)) - 1
+    assert a2.ids == load_model(one_layer_dir, backend="numpy").generate(tok.encode_chat(second), max_new_tokens=1).ids
+
+
+def test_batch_of_two_rows(device_model, tiny_model):
+    ids = np.random.default_rng(2).integers(3, 500, (2, 2))
+    assert rel_err(device_model.forward(ids), tiny_model.forward(ids)) < RTOL
+    step = np.array([[7], [9]])
+    assert rel_err(device_model.forward(step, start_pos=2), tiny_model.forward(step, start_pos=2)) < RTOL
+
+
+# ---- real GPU only ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tinyllama_shaped(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tinyllama_shape"), seed=0, hidden_size=2048, intermediate_size=5632,
+                     num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=22, vocab_size=32000,
+                     max_position_embeddings=2048)
+
+
+@pytest.mark.gpu
+def test_tinyllama_shape_greedy_64_steps_equal_the_numpy_engine(tinyllama_shaped):
+    device = load_model(tinyllama_shaped, backend="cuda")
+    host = load_model(tinyllama_shaped, backend="numpy")
+    prompt = np.random.default_rng(3).integers(3, 500, 40).tolist()
+    got, want = device.generate(prompt, max_new_tokens=64), host.generate(prompt, max_new_tokens=64)
+    assert got.ids == want.ids
+    logits_d = device.forward(np.array([prompt[:17]]))
+    logits_h = host.forward(np.array([prompt[:17]]))
+    assert rel_err(logits_d, logits_h) < RTOL
