@@ -19,7 +19,8 @@ import logging
 from pathlib import Path
 
 from .config import ConfigError, LlamaConfig, load_config
-from .generate import ContextOverflowError, Generation, GenerationInterrupted, GenerationStats, Sampler
+from .generate import (ContextOverflowError, Generation, GenerationInterrupted, GenerationStats, NonFiniteLogitsError,
+                       Sampler)
 from .hub import MODEL_ID, HubError, resolve_model
 from .model import Llama
 from .tiny import make_tiny
@@ -30,7 +31,7 @@ log = logging.getLogger("tinyllm")
 
 __all__ = ["load_model", "Llama", "LlamaConfig", "Tokenizer", "StreamDecoder", "Sampler", "Generation",
            "GenerationInterrupted", "GenerationStats", "make_tiny", "resolve_model", "MODEL_ID", "ConfigError", "WeightsError", "TokenizerError",
-           "HubError", "ContextOverflowError"]
+           "HubError", "ContextOverflowError", "NonFiniteLogitsError"]
 
 
 def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, download=True):
