@@ -386,7 +386,8 @@ def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampl
     result = llm.generate(ids, on_token=lambda t: write_piece(stream.feed(t)), **sampling_kwargs(**sampling))
     write_piece(stream.flush() + "\n")
     if result.stop_reason == "context":
-        note(f"note: the reply reached the end of the context ({llm.max_len} tokens, --ctx-size)")
+        from tinyllm.chat import describe_context
+        note(f"note: the reply reached the end of the context ({describe_context(llm)})")
     if verbose:
         note(stats_line(result.stats, llm.max_len))
 
