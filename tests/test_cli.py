@@ -4,6 +4,7 @@ Most tests run attention on the NumPy backend (the kernels have their own tests;
 kernel call); one generates two tokens on the simulator and must agree with NumPy. Nothing touches the network:
 the Hugging Face cache is an empty temporary directory and snapshot_download is replaced by fakes.
 """
+import json
 import os
 import re
 import shutil
@@ -336,3 +337,13 @@ def test_chat_in_a_terminal_ctrl_c_at_the_prompt_exits_130(long_context_model_di
     finally:
         child.close(force=True)
     assert child.exitstatus == 130
+
+
+def test_a_context_too_big_to_allocate_names_config_json_and_ctx_size(run, tmp_path, tiny_model_dir):
+    d = shutil.copytree(tiny_model_dir, tmp_path / "huge_context")
+    config = json.loads((d / "config.json").read_text())
+    config["max_position_embeddings"] = 2 ** 55         # 256 PiB of RoPE table alone: more than any address space
+    (d / "config.json").write_text(json.dumps(config))
+    line = one_error_line(run("generate", "hi", "-m", d, *NUMPY), 1)
+    assert line.startswith(f"error: {d / 'config.json'}: no memory for a context of 36,028,797,018,963,968 tokens")
+    assert "max_position_embeddings=36028797018963968" in line and "--ctx-size" in line

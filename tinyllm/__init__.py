@@ -51,8 +51,14 @@ def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, down
     weights = load_weights(model_dir, config, progress=progress)
     log.info("tinyllm: loaded %s (%d layers, hidden %d, vocab %d)", model_dir, config.num_hidden_layers,
              config.hidden_size, config.vocab_size)
-    return Llama(config, weights, tokenizer, backend=backend, max_len=max_len,
-                 stop_ids=_stop_ids(model_dir, config, tokenizer))
+    try:
+        return Llama(config, weights, tokenizer, backend=backend, max_len=max_len,
+                     stop_ids=_stop_ids(model_dir, config, tokenizer))
+    except MemoryError as e:     # the KV cache and RoPE tables are sized by the context
+        n = max_len or config.max_position_embeddings
+        asked = f"max_len={max_len}" if max_len else f"max_position_embeddings={n}"
+        raise ConfigError(f"{model_dir / 'config.json'}: no memory for a context of {n:,} tokens ({asked}; {e}): "
+                          f"ask for a shorter one with max_len (the CLI's --ctx-size)") from e
 
 
 def _stop_ids(model_dir, config, tokenizer):
@@ -64,7 +70,7 @@ def _stop_ids(model_dir, config, tokenizer):
     if path.is_file():
         try:
             eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-        except (OSError, ValueError, AttributeError) as e:
+        except (OSError, ValueError, AttributeError, RecursionError) as e:
             log.warning("tinyllm: ignoring unreadable %s (%s)", path, e)
             eos = None
         for i in eos if isinstance(eos, list) else [eos]:
