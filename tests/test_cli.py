@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -271,6 +272,9 @@ def corrupt_model_dir(tmp_path, tiny_model_dir):
     (["bench", "--seq-lens", "8,x"], 2, "'8,x' is not a comma-separated list of positive integers"),
     (["generate", "x", "--raw", "-sys", "be brief"], 2, "--system needs --chat"),
     (["talk"], 2, "No such command 'talk'"),
+    (["generate", "hi", "--temp", "nan"], 2, "Invalid value for '--temp' / '--temperature': nan is not a finite"),
+    (["chat", "--top-p", "nan"], 2, "Invalid value for '--top-p': nan is not a finite number"),
+    (["chat", "--repeat-penalty", "inf"], 2, "Invalid value for '--repeat-penalty' / '--repetition-penalty': inf"),
 ])
 def test_bad_input_is_one_line_and_an_exit_code(run, args, code, says):
     assert says in one_error_line(run(*args), code)
@@ -302,6 +306,15 @@ def spawn_chat(model_dir, *args):
                          dimensions=(40, 200))
 
 
+def exit_chat(child):
+    """/exit and the end of the session, with no traceback on the way -> the exit status."""
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    assert "Traceback" not in child.before
+    child.close()
+    return child.exitstatus
+
+
 def test_chat_in_a_terminal_streams_and_ctrl_c_stops_only_the_reply(long_context_model_dir):
     child = spawn_chat(long_context_model_dir, "--temp", "0", "-n", "32000", "-v")
     try:
@@ -319,12 +332,9 @@ def test_chat_in_a_terminal_streams_and_ctrl_c_stops_only_the_reply(long_context
         child.expect(r"reply (\d+) tokens, decode [^|]*\| context \d+/32768 tokens \| stop: interrupted\]")
         assert 0 < int(child.match.group(1)) < 32000                 # --verbose stats: the reply was cut short
         child.expect("> ")                                            # back at the prompt
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
-        assert "Traceback" not in child.before
+        assert exit_chat(child) == 0 and child.signalstatus is None
     finally:
         child.close(force=True)
-    assert child.exitstatus == 0 and child.signalstatus is None
 
 
 def test_chat_in_a_terminal_ctrl_c_at_the_prompt_exits_130(long_context_model_dir):
@@ -337,6 +347,84 @@ def test_chat_in_a_terminal_ctrl_c_at_the_prompt_exits_130(long_context_model_di
     finally:
         child.close(force=True)
     assert child.exitstatus == 130
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hostile input (issue 16): bytes that are not UTF-8, templates that fail, closed stdout, impossible contexts
+# --------------------------------------------------------------------------------------------------------
+def test_generate_replaces_prompt_bytes_that_are_not_utf8_and_says_so(run, tiny_model_dir):
+    model = load_model(tiny_model_dir, backend="numpy")
+
+    def reply_to(text):
+        ids = model.tokenizer.encode_chat([{"role": "user", "content": text}])
+        return streamed(model.tokenizer, model.generate(ids, max_new_tokens=4, repetition_penalty=1.1).ids) + "\n"
+    # an argument: Python decodes sys.argv with surrogateescape, so b"\xff\xfe" arrives as "\udcff\udcfe"
+    r = run("generate", b"hi \xff\xfe".decode("utf-8", "surrogateescape"), "-m", tiny_model_dir, *NUMPY,
+            "--temp", 0, "-n", 4)
+    assert r.exit_code == 0, r.output
+    assert "note: the prompt had 2 bytes that are not valid UTF-8, replaced by U+FFFD" in r.stderr
+    assert r.stdout == reply_to("hi \ufffd\ufffd")
+    # stdin: ED A0 80 (an encoded surrogate) is not UTF-8 either
+    r = run("generate", "-", "-m", tiny_model_dir, *NUMPY, "--temp", 0, "-n", 4, input=b"hi \xed\xa0\x80\n")
+    assert r.exit_code == 0, r.output
+    assert "note: the prompt had 3 bytes" in r.stderr and r.stdout == reply_to("hi \ufffd\ufffd\ufffd")
+    r = run("generate", "hi", "-sys", b"be \xff".decode("utf-8", "surrogateescape"), "-m", tiny_model_dir, *NUMPY,
+            "-n", 2)
+    assert r.exit_code == 0 and "note: the system prompt had 1 byte that is not valid UTF-8" in r.stderr, r.output
+
+
+def test_chat_in_a_terminal_a_line_that_is_not_utf8_is_replaced_and_the_chat_goes_on(tiny_model_dir):
+    child = spawn_chat(tiny_model_dir, "-n", "4")
+    try:
+        child.expect("> ")
+        os.write(child.child_fd, b"hi \xff\xfe\r")                    # raw bytes, as a terminal would send
+        child.expect("note: this line had 2 bytes that are not valid UTF-8, replaced by U\\+FFFD")
+        child.expect("> ")
+        child.sendline("And now in UTF-8: caf\u00e9")
+        child.expect("> ")
+        assert "error" not in child.before and exit_chat(child) == 0
+    finally:
+        child.close(force=True)
+
+
+@pytest.fixture
+def later_turn_fails_model_dir(tmp_path, tiny_model_dir):
+    """The miniature model whose chat template divides by zero once the conversation has a second exchange."""
+    d = shutil.copytree(tiny_model_dir, tmp_path / "later_turn_fails")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if messages|length > 2 %}{{ 1/0 }}{% endif %}" + config["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_chat_in_a_terminal_a_template_failing_on_a_later_turn_keeps_the_chat(later_turn_fails_model_dir):
+    child = spawn_chat(later_turn_fails_model_dir, "-n", "4", "-v")
+    try:
+        child.expect("> ")
+        child.sendline("Hello there!")
+        child.expect(r"\| stop: (length|eos)\]")
+        child.expect("> ")
+        child.sendline("How are you?")                                  # renders 3 messages: 1/0
+        child.expect(r"error: \S*tokenizer_config\.json: the chat template failed: ZeroDivisionError: division "
+                     r"by zero \[the message was not added to the conversation; /reset starts a new one\]")
+        child.expect("> ")
+        child.sendline("/reset")
+        child.expect(r"\(new conversation\)")
+        child.sendline("Hello again!")                                  # one message: renders again
+        child.expect(r"\| stop: (length|eos)\]")
+        child.expect("> ")
+        assert exit_chat(child) == 0
+    finally:
+        child.close(force=True)
+
+
+def test_generate_with_stdout_closed_is_one_error_line(tiny_model_dir):
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "generate", "hi", "-m", str(tiny_model_dir), *NUMPY],
+                       stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1), timeout=120,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: standard output is closed: nowhere to write (redirect it "
+                                             "instead, e.g. > answer.txt or > /dev/null)"]
 
 
 def test_a_context_too_big_to_allocate_names_config_json_and_ctx_size(run, tmp_path, tiny_model_dir):
