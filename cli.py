@@ -12,7 +12,9 @@ Flags take llama.cpp's names where it has one: -m/--model, -n/--n-predict, -c/--
 --top-p, --repeat-penalty, -s/--seed, -sys/--system-prompt (next to this project's own spellings).
 
 Output: replies, tables and paths go to stdout; everything else (progress bars, notes, --verbose logs and
-timings) goes to stderr, so `generate` pipes.
+timings) goes to stderr, so `generate` pipes. Numba's performance warnings (e.g. "Grid size 6 will likely
+result in GPU under-utilization", about launches that are small on purpose) are hidden; give Python any
+warning option to see them: `python -W default cli.py chat` (or PYTHONWARNINGS=default).
 
 Exit codes: 0 done; 1 an error, reported as one "error: ..." line (--verbose adds the traceback); 2 a bad
 command line; 130 interrupted (Ctrl-C at the chat prompt, or while loading, generating or benchmarking outside
@@ -25,6 +27,7 @@ The chat, turn by turn: the history is a list of chat-template messages; each us
 whole conversation is rendered with the model's template and tokenized, and tinyllm's generate() reuses
 the KV cache for the longest prefix it shares with the previous turn (see "KV-cache reuse" in ChatSession).
 """
+import importlib
 import logging
 import math
 import os
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -281,6 +285,21 @@ def prepare_backend(backend):
     """--backend sim needs Numba's CUDA simulator, which can only be switched on before numba is imported."""
     if backend == "sim" and "numba" not in sys.modules:
         os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    hide_performance_warnings()
+
+
+def hide_performance_warnings():
+    """Numba's NumbaPerformanceWarning ("Grid size 6 will likely result in GPU under-utilization due to low
+    occupancy") is about launches that are small on purpose here (decode at batch 1, the merge): noise for
+    a user. Hidden unless Python was given warning options (-W, PYTHONWARNINGS), which then decide."""
+    if sys.warnoptions:
+        return
+    for module in ("numba.cuda.core.errors", "numba.core.errors"):   # numba-cuda's class, and numba's
+        try:
+            category = importlib.import_module(module).NumbaPerformanceWarning
+        except Exception:            # numba missing or broken: probe() reports that, not this
+            continue
+        warnings.filterwarnings("ignore", category=category)
 
 
 def find_model(model, download=True):

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -435,3 +436,29 @@ def test_a_context_too_big_to_allocate_names_config_json_and_ctx_size(run, tmp_p
     line = one_error_line(run("generate", "hi", "-m", d, *NUMPY), 1)
     assert line.startswith(f"error: {d / 'config.json'}: no memory for a context of 36,028,797,018,963,968 tokens")
     assert "max_position_embeddings=36028797018963968" in line and "--ctx-size" in line
+
+
+def test_numba_performance_warnings_stay_out_of_the_cli(run, tiny_model_dir, monkeypatch, recwarn):
+    """On a GPU, numba-cuda warns "Grid size 6 will likely result in GPU under-utilization" for launches that are
+    small on purpose. The simulator never warns, so a kernel call that warns as the GPU does stands in."""
+    from numba.cuda.core.errors import NumbaPerformanceWarning
+
+    from numbattn import backend
+    real_run = backend.run
+
+    def warning_run(*args, **kwargs):
+        warnings.warn(NumbaPerformanceWarning("Grid size 6 will likely result in GPU under-utilization due to low "
+                                              "occupancy."))
+        return real_run(*args, **kwargs)
+    monkeypatch.setattr(backend, "run", warning_run)
+    args = ("generate", "hi", "-m", tiny_model_dir, *NUMPY, "-n", 2)
+    monkeypatch.setattr(sys, "warnoptions", [])          # a plain `python cli.py ...`
+    with warnings.catch_warnings():
+        r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert not [w for w in recwarn if issubclass(w.category, NumbaPerformanceWarning)]
+    monkeypatch.setattr(sys, "warnoptions", ["default"])  # `python -W default cli.py ...`: Python's rules decide
+    with warnings.catch_warnings():
+        r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert [w for w in recwarn if issubclass(w.category, NumbaPerformanceWarning)]
