@@ -12,6 +12,7 @@ NUMBATTN_TEST_GPU=1 on a machine with a GPU.
 The choice is made once, logged once at INFO with the reason, and may be overridden per call with
 backend="cuda" | "sim" | "numpy". A kernel that raises is retried on NumPy with a WARNING (like nanoGPT's
 "flash attention not available" path): a failing kernel costs speed, never a wrong answer or a crash.
+An interrupt (Ctrl-C) is never a kernel failure: it stops the call, always (see run()).
 Set NUMBATTN_STRICT=1 to make kernel errors raise instead (the test suite does, so a broken kernel
 cannot hide behind its fallback).
 """

@@ -211,3 +211,13 @@ def test_template_from_chat_template_jinja_is_named(tmp_path, tiny_model_dir):
     t = with_config(tmp_path, tiny_model_dir, chat_template=None)
     with pytest.raises(TokenizerError, match=r"chat_template\.jinja: the chat template refused the conversation"):
         t.render_chat(CONVERSATION)
+
+
+def test_a_renderer_that_died_between_renders_is_replaced(tok):
+    import os
+    import signal
+    assert tok.render_chat(CONVERSATION) == EXPECTED
+    proc = tok._template._worker[0]
+    os.kill(proc.pid, signal.SIGKILL)                  # e.g. the OOM killer, or a user's kill
+    proc.wait()
+    assert tok.render_chat(CONVERSATION) == EXPECTED

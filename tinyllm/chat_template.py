@@ -106,6 +106,8 @@ def _answer(request, compiled):
 
 def _serve():
     """The worker's loop: a JSON request per line on stdin, a JSON reply per line on stdout, until EOF."""
+    here = os.path.dirname(os.path.abspath(__file__))     # run as a script, tinyllm/ is sys.path[0]: its modules
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]   # must not shadow anyone's imports
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import resource
@@ -141,25 +143,30 @@ class TemplateRenderer:
             request = json.dumps({"source": self.source, "context": context}, ensure_ascii=True)
         except (TypeError, ValueError) as e:
             raise ChatTemplateError(f"cannot be given this conversation: not JSON data ({e})") from e
-        if self._worker is None:
+        if self._worker is None or self._worker[0].poll() is not None:    # none yet, or it died since
+            self.close()
             self._start()
-        self._worker[0].stdin.write(request + "\n")
-        reply = self._reply(RENDER_SECONDS, f"did not finish rendering within {RENDER_SECONDS:g} s: stopped")
+        reply = self._exchange(request, RENDER_SECONDS, f"did not finish rendering within {RENDER_SECONDS:g} s: "
+                                                        f"stopped")
         if "error" in reply:
             raise ChatTemplateError(reply["error"])
         return reply["text"]
 
-    def _reply(self, seconds, late):
-        """The worker's next reply (a dict), waiting at most `seconds`; on any failure the worker is stopped, so
-        that no reply can come out of turn later."""
+    def _exchange(self, request, seconds, late):
+        """Send a request line (None: only listen) and return the worker's next reply (a dict), waiting at most
+        `seconds`. On any failure the worker is stopped, so that no reply can come out of turn later."""
         proc, replies = self._worker
         try:
-            proc.stdin.flush()
+            if request is not None:
+                proc.stdin.write(request + "\n")
+                proc.stdin.flush()
             line = replies.get(timeout=seconds)
         except queue.Empty:
             self.close(kill=True)
             raise ChatTemplateError(late) from None
-        except BaseException:        # a broken pipe, or Ctrl-C while waiting
+        except OSError:              # a broken pipe: the worker is gone
+            line = None
+        except BaseException:        # Ctrl-C while waiting
             self.close(kill=True)
             raise
         if line is None:             # the worker died (killed from outside, or out of memory before replying)
@@ -181,7 +188,7 @@ class TemplateRenderer:
         threading.Thread(target=read, name="chat-template-reader", daemon=True).start()
         self._worker = (proc, replies)
         self._finalizer = weakref.finalize(self, _stop, proc)
-        self._reply(STARTUP_SECONDS, f"could not start its renderer within {STARTUP_SECONDS:g} s")
+        self._exchange(None, STARTUP_SECONDS, f"could not start its renderer within {STARTUP_SECONDS:g} s")
 
     def close(self, kill=False):
         """Stop the worker (the next render starts a new one); kill: at once, even in the middle of a render."""
