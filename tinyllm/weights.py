@@ -351,7 +351,7 @@ def check_checkpoint(ckpt, config, source="config.json"):
 def check_finite(x, name, ckpt):
     """Refuse a tensor holding NaN or inf (a corrupt or badly converted checkpoint would otherwise talk
     nonsense, or print nothing). min and max propagate NaN and show inf: two passes, no temporary array,
-    ~1 ms per million values, a fraction of the transpose that follows."""
+    ~0.5 ms per million values (5 ms for TinyLlama's 11.5M-value MLP matrices, whose transpose takes 90)."""
     if not x.size or (np.isfinite(x.min()) and np.isfinite(x.max())):
         return
     bad = ~np.isfinite(x)
