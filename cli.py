@@ -14,21 +14,31 @@ Flags take llama.cpp's names where it has one: -m/--model, -n/--n-predict, -c/--
 --top-p, --repeat-penalty, -s/--seed, -sys/--system-prompt (next to this project's own spellings).
 
 Output: replies, tables and paths go to stdout; everything else (progress bars, notes, --verbose logs and
-timings) goes to stderr, so `generate` pipes. Exit codes: 0 done; 1 an error, reported as one "error: ..."
-line (--verbose adds the traceback); 2 a bad command line; 130 interrupted (Ctrl-C at the chat prompt, or
-while loading, generating or benchmarking outside a chat).
+timings) goes to stderr, so `generate` pipes. Numba's performance warnings (e.g. "Grid size 6 will likely
+result in GPU under-utilization", about launches that are small on purpose) are hidden; give Python any
+warning option to see them: `python -W default cli.py chat` (or PYTHONWARNINGS=default).
+
+Exit codes: 0 done; 1 an error, reported as one "error: ..." line (--verbose adds the traceback); 2 a bad
+command line; 130 interrupted (Ctrl-C at the chat prompt, or while loading, generating or benchmarking outside
+a chat).
+
+Input: a prompt, system prompt or chat line whose bytes are not valid UTF-8 is not refused: each bad byte
+becomes U+FFFD (the replacement character) and a note on stderr says how many were replaced.
 
 The chat, turn by turn: the history is a list of chat-template messages; each user line is appended, the
 whole conversation is rendered with the model's template and tokenized, and tinyllm's generate() reuses
 the KV cache for the longest prefix it shares with the previous turn (see "KV-cache reuse" in ChatSession).
 """
+import importlib
 import logging
+import math
 import os
 import re
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -77,6 +87,10 @@ class CLI(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        if sys.stdout is None:          # started with stdout closed (`>&-`): Python has no sys.stdout at all
+            click.echo("error: standard output is closed: nowhere to write (redirect it instead, e.g. "
+                       "> answer.txt or > /dev/null)", err=True)
+            sys.exit(1)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except NO_ARGS_IS_HELP as e:    # bare `cli.py`: the help text is the message
@@ -115,6 +129,44 @@ def write_piece(text):
         text = text.translate(_VISIBLE_CONTROLS)
     out.write(text)
     out.flush()
+
+
+# A byte that is not valid UTF-8 reaches Python as a lone surrogate (sys.argv is decoded with surrogateescape;
+# stdin too, once tolerant_stdin() ran). The tokenizer takes valid Unicode only.
+_UNDECODABLE = re.compile("[\ud800-\udfff]")
+
+
+def tolerant_stdin():
+    """Read undecodable stdin bytes as lone surrogates (then replaced by valid_text) instead of raising a
+    UnicodeDecodeError, which would end the chat."""
+    try:
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):   # not a TextIOWrapper: it decodes (or fails) its own way
+        pass
+
+
+def valid_text(text, what):
+    """text with each byte that was not valid UTF-8 replaced by U+FFFD, and a note saying so."""
+    text, n = _UNDECODABLE.subn("\ufffd", text)
+    if n:
+        note(f"note: {what} had {n} byte{'s' * (n > 1)} that {'are' if n > 1 else 'is'} not valid UTF-8, "
+             f"replaced by U+FFFD")
+    return text
+
+
+def valid_system(ctx, param, value):
+    """--system's callback: valid_text."""
+    return value if value is None else valid_text(value, "the system prompt")
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan compares False with every bound, so it passes them)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 
 
 class ProgressBar:
@@ -219,14 +271,14 @@ model_options = options(
 sampling_options = options(
     click.option("-n", "--max-new-tokens", "--n-predict", "max_new_tokens", type=click.IntRange(min=1),
                  default=256, show_default=True, help="Most tokens in one reply."),
-    click.option("--temp", "--temperature", "temperature", type=click.FloatRange(min=0), default=0.8,
+    click.option("--temp", "--temperature", "temperature", type=FiniteFloatRange(min=0), default=0.8,
                  show_default=True, help="Sampling temperature; 0 is greedy."),
     click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
                  help="Sample among the k most likely tokens; 0 means all."),
-    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+    click.option("--top-p", type=FiniteFloatRange(0, 1, min_open=True), default=0.95, show_default=True,
                  help="Nucleus sampling: the smallest set of tokens with this much probability; 1 means all."),
     click.option("--repeat-penalty", "--repetition-penalty", "repeat_penalty",
-                 type=click.FloatRange(min=0, min_open=True), default=1.1, show_default=True,
+                 type=FiniteFloatRange(min=0, min_open=True), default=1.1, show_default=True,
                  help="Penalise tokens already in the context (CTRL's rule); 1 means none."),
     click.option("-s", "--seed", type=int, default=-1, show_default=True,
                  help="Random seed; negative: a different one each run."),
@@ -245,6 +297,21 @@ def prepare_backend(backend):
     """--backend sim needs Numba's CUDA simulator, which can only be switched on before numba is imported."""
     if backend == "sim" and "numba" not in sys.modules:
         os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    hide_performance_warnings()
+
+
+def hide_performance_warnings():
+    """Numba's NumbaPerformanceWarning ("Grid size 6 will likely result in GPU under-utilization due to low
+    occupancy") is about launches that are small on purpose here (decode at batch 1, the merge): noise for
+    a user. Hidden unless Python was given warning options (-W, PYTHONWARNINGS), which then decide."""
+    if sys.warnoptions:
+        return
+    for module in ("numba.cuda.core.errors", "numba.core.errors"):   # numba-cuda's class, and numba's
+        try:
+            category = importlib.import_module(module).NumbaPerformanceWarning
+        except Exception:            # numba missing or broken: probe() reports that, not this
+            continue
+        warnings.filterwarnings("ignore", category=category)
 
 
 OFFLINE_WAY_OUT = ("without a network, pass --model DIR (a Hugging Face model directory) or --model FILE.gguf; "
@@ -350,7 +417,7 @@ def main():
 
 @main.command()
 @model_options
-@click.option("-sys", "--system", "--system-prompt", "system", default=None,
+@click.option("-sys", "--system", "--system-prompt", "system", default=None, callback=valid_system,
               help="System prompt, kept at the top of the conversation.")
 @sampling_options
 @verbose_option
@@ -360,6 +427,8 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
 
     Type a message and press Enter. /reset starts over, /help lists the commands, /exit or Ctrl-D quits.
     Ctrl-C stops a reply (the part shown is kept); Ctrl-C at the prompt quits with exit code 130.
+    Bytes of a line that are not valid UTF-8 become U+FFFD (a note says so). A message that fails (the chat
+    template refuses it, say) is reported on one line and left out; the conversation goes on.
     """
     llm, label = open_model(model, backend, ctx_size, verbose)
     if llm.tokenizer.chat_template is None:
@@ -373,6 +442,7 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+    tolerant_stdin()
     while True:
         try:
             line = input("> ")
@@ -382,7 +452,7 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
         except KeyboardInterrupt:
             click.echo(err=True)
             ctx.exit(130)
-        line = line.strip()
+        line = valid_text(line, "this line").strip()
         if not line:
             continue
         if re.fullmatch(r"/\w+", line):
@@ -402,6 +472,11 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
         except KeyboardInterrupt:      # before the reply started: nothing was added to the conversation
             note("\n[interrupted]")
             continue
+        except USER_ERRORS as e:       # a template that fails on this conversation, NaN logits...: the chat goes on
+            if verbose:
+                traceback.print_exc()
+            note(f"error: {one_line(e)} [the message was not added to the conversation; /reset starts a new one]")
+            continue
         if verbose and result is not None:
             note(stats_line(result.stats, llm.max_len))
 
@@ -411,13 +486,17 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
 @model_options
 @click.option("--chat/--raw", "as_chat", default=True, show_default=True,
               help="--chat wraps PROMPT in the model's chat template; --raw continues the text as it is.")
-@click.option("-sys", "--system", "--system-prompt", "system", default=None,
+@click.option("-sys", "--system", "--system-prompt", "system", default=None, callback=valid_system,
               help="System prompt (with --chat).")
 @sampling_options
 @verbose_option
 def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampling):
-    """Write one reply to PROMPT on stdout (PROMPT "-" reads stdin). Only the reply goes to stdout."""
-    text = sys.stdin.read() if prompt == "-" else prompt
+    """Write one reply to PROMPT on stdout (PROMPT "-" reads stdin). Only the reply goes to stdout.
+
+    Bytes of PROMPT that are not valid UTF-8 become U+FFFD, with a note on stderr."""
+    if prompt == "-":
+        tolerant_stdin()
+    text = valid_text(sys.stdin.read() if prompt == "-" else prompt, "the prompt")
     if as_chat:
         text = text.strip()
         if not text:
@@ -439,7 +518,8 @@ def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampl
     result = llm.generate(ids, on_token=lambda t: write_piece(stream.feed(t)), **sampling_kwargs(**sampling))
     write_piece(stream.flush() + "\n")
     if result.stop_reason == "context":
-        note(f"note: the reply reached the end of the context ({llm.max_len} tokens, --ctx-size)")
+        from tinyllm.chat import describe_context
+        note(f"note: the reply reached the end of the context ({describe_context(llm)})")
     if verbose:
         note(stats_line(result.stats, llm.max_len))
 

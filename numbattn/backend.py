@@ -12,6 +12,7 @@ NUMBATTN_TEST_GPU=1 on a machine with a GPU.
 The choice is made once, logged once at INFO with the reason, and may be overridden per call with
 backend="cuda" | "sim" | "numpy". A kernel that raises is retried on NumPy with a WARNING (like nanoGPT's
 "flash attention not available" path): a failing kernel costs speed, never a wrong answer or a crash.
+An interrupt (Ctrl-C) is never a kernel failure: it stops the call, always (see run()).
 Set NUMBATTN_STRICT=1 to make kernel errors raise instead (the test suite does, so a broken kernel
 cannot hide behind its fallback).
 """
@@ -20,6 +21,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -125,14 +127,62 @@ def run(name, backend, kernel_fn, numpy_fn):
     """Run kernel_fn() on a kernel backend, numpy_fn() on "numpy"; fall back to NumPy if the kernel raises.
 
     Input validation happens before this, so an exception here is the kernel's (compiler, driver, launch).
+    An interrupt is never a kernel failure: Ctrl-C (KeyboardInterrupt), or an error raised while one was
+    being handled (Numba's simulator can turn ^C into e.g. "RuntimeError: release unlocked lock" inside
+    its thread bookkeeping), propagates as a KeyboardInterrupt; the simulator's threads are stopped first.
     """
     if backend == "numpy":
         return numpy_fn()
     try:
         return kernel_fn()
+    except KeyboardInterrupt:
+        _stop_simulated_threads(backend)
+        raise
     except Exception as e:
+        if _caused_by_interrupt(e):
+            _stop_simulated_threads(backend)
+            raise KeyboardInterrupt(f"{name} interrupted ({type(e).__name__}: {e})") from e
         if os.environ.get("NUMBATTN_STRICT", "") not in ("", "0"):
             raise
         log.warning("numbattn: %s kernel failed on backend %r (%s: %s); using the NumPy reference instead",
                     name, backend, type(e).__name__, e)
         return numpy_fn()
+
+
+def _caused_by_interrupt(e):
+    """Whether a KeyboardInterrupt is in e's chain (raised while handling one, or from one)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _stop_simulated_threads(backend, timeout=10.0):
+    """After an interrupt in the middle of a simulated kernel: stop the block's threads.
+
+    The simulator runs a block as one Python thread per CUDA thread, polled by the main thread. ^C stops only
+    the main thread; the others stay blocked in syncthreads() forever, inside the kernel's device functions,
+    where the simulator has swapped the module's `cuda` global for that launch's fake module. While any of
+    them is there, the swap is never undone: every later launch of that module's kernels runs against the
+    stale launch's grid and shared memory, and the first new kernel compiled there fails ("'FakeCUDAModule'
+    object has no attribute 'jit'"), so everything after one ^C quietly ran on the NumPy fallback. Setting the
+    simulator's abort flag and waking them makes each raise out of the kernel (undoing the swap); joining
+    them means none writes into an array after we return.
+    """
+    if backend != "sim":
+        return
+    from numba.cuda.simulator.kernel import BlockThread
+    threads = [t for t in threading.enumerate() if isinstance(t, BlockThread)]
+    for t in threads:
+        t.abort = True
+        t.syncthreads_blocked = False
+        t.syncthreads_event.set()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = sum(t.is_alive() for t in threads)
+    if alive:
+        log.warning("numbattn: %d simulated CUDA threads still running %.0f s after an interrupt", alive, timeout)

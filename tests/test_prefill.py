@@ -142,6 +142,12 @@ def test_property_sweep(q_len, extra, group, n_kv_heads, causal, seed, version):
           v=np.zeros((1, 2, 5, 24), np.float32)), r"head_dim 24"),
     (dict(v=np.zeros((1, 2, 4, 16), np.float32)), r"k has shape .* but v has"),
     (dict(scale=float("nan")), r"scale=nan"),
+    (dict(scale=1e300), r"scale=1e\+300 must be a finite number of magnitude <= 2\.359e\+38"),  # inf in float32
+    (dict(scale=1e39), r"scale=1e\+39 must be a finite number"),         # inf in float32 already
+    (dict(scale=-2.4e38), r"scale=-2\.4e\+38 must be a finite number"),  # finite in float32, inf times log2(e)
+    (dict(scale="big"), r"scale='big' must be a number"),
+    (dict(q=np.zeros((1, 2, 5, 16)).tolist()), r"q is a list; expected a NumPy array or a Numba device array"),
+    (dict(k=(1, 2)), r"k is a tuple; expected a NumPy array"),
 ])
 def test_validation_errors_name_the_argument(bad, match):
     args = dict(q=np.zeros((1, 2, 5, 16), np.float32), k=np.zeros((1, 2, 5, 16), np.float32),
@@ -149,6 +155,17 @@ def test_validation_errors_name_the_argument(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         numbattn.attention(**args)
+
+
+def test_scale_is_checked_as_the_kernels_use_it():
+    """The kernels multiply scores by float32(scale * log2(e)): the largest scale allowed stays finite there.
+    (A scale that large still makes q.k * scale overflow for |q.k| > 1: NaN rows, as in the NumPy reference.)"""
+    from numbattn.validate import LOG2E, MAX_SCALE, check_scale
+    assert np.isfinite(np.float32(MAX_SCALE * LOG2E)) and check_scale(-MAX_SCALE, 16) == -MAX_SCALE
+    assert check_scale(None, 64) == 0.125 and check_scale(np.float32(0.5), 16) == 0.5
+    q = np.full((1, 1, 3, 16), 0.01, np.float32)
+    out = numbattn.attention(q, q, q, scale=MAX_SCALE, backend=KERNEL)
+    np.testing.assert_allclose(out, reference.attention(q, q, q, scale=MAX_SCALE), rtol=1e-6)
 
 
 def test_unknown_backend_and_version_rejected():

@@ -155,3 +155,69 @@ def test_stream_context_keeps_the_first_space_and_flush_emits_an_unfinished_char
     pieces, rest = stream(tok, ids)
     assert "".join(pieces) == "ok " and rest and set(rest) == {"\ufffd"}     # one U+FFFD per stray byte
     assert "".join(pieces) + rest == tok.decode(ids)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hostile input: text that is not Unicode, templates that fail or never end
+# --------------------------------------------------------------------------------------------------------
+def test_encode_refuses_text_that_is_not_valid_unicode(tok):
+    """b"hi \xff" decoded with surrogateescape (how Python decodes sys.argv) holds a lone surrogate: the Rust
+    tokenizer raised "TypeError: TextInputSequence must be str"."""
+    with pytest.raises(TokenizerError, match=r"not valid Unicode: lone surrogate '\\udcff' at character 3"):
+        tok.encode(b"hi \xff".decode("utf-8", "surrogateescape"))
+    with pytest.raises(TokenizerError, match="not valid Unicode"):
+        tok.encode_chat([{"role": "user", "content": "\ud800"}])
+    assert tok.decode(tok.encode("hi \ufffd")) == "hi \ufffd"          # U+FFFD itself is fine
+
+
+@pytest.mark.parametrize("template, says", [
+    ("{{ 1/0 }}", "failed: ZeroDivisionError: division by zero"),
+    ("{{ 'a' + 1 }}", "failed: TypeError: can only concatenate str"),
+    ("{{ range(10**9)|length }}", "failed: OverflowError: Range too big"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "failed: RecursionError"),
+    ("{{ 'x' * 10**10 }}", "needed more than 512 MB of memory"),
+    ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "produced more than 4,194,304 characters"),
+    ("{% for m in messages %}", "does not compile"),
+    ("{{ lipsum(10**6) }}", "refused the conversation: 'lipsum' is undefined"),
+])
+def test_any_template_failure_is_one_tokenizer_error_naming_the_file(tmp_path, tiny_model_dir, template, says):
+    t = with_config(tmp_path, tiny_model_dir, chat_template=template)
+    with pytest.raises(TokenizerError) as e:
+        t.render_chat(CONVERSATION)
+    line = str(e.value)
+    assert line.startswith(f"{tmp_path / 'tokenizer_config.json'}: the chat template ") and says in line, line
+    assert "\n" not in line
+
+
+def test_a_template_that_never_ends_is_stopped_and_the_next_render_works(tmp_path, tiny_model_dir, monkeypatch):
+    import time
+
+    from tinyllm import chat_template
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 1.0)
+    t = with_config(tmp_path, tiny_model_dir, chat_template=(
+        "{% if messages|length > 1 %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+        "{% endfor %}{% endif %}{{ messages[0]['content'] }}"))
+    assert t.render_chat(CONVERSATION[:1]) == CONVERSATION[0]["content"]
+    t0 = time.perf_counter()
+    with pytest.raises(TokenizerError, match="did not finish rendering within 1 s: stopped"):
+        t.render_chat(CONVERSATION)                                    # 10**10 iterations
+    assert time.perf_counter() - t0 < 10
+    assert t.render_chat(CONVERSATION[:1]) == CONVERSATION[0]["content"]    # a fresh worker
+    t._template.close()
+
+
+def test_template_from_chat_template_jinja_is_named(tmp_path, tiny_model_dir):
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['nope'] + 1 }}")
+    t = with_config(tmp_path, tiny_model_dir, chat_template=None)
+    with pytest.raises(TokenizerError, match=r"chat_template\.jinja: the chat template refused the conversation"):
+        t.render_chat(CONVERSATION)
+
+
+def test_a_renderer_that_died_between_renders_is_replaced(tok):
+    import os
+    import signal
+    assert tok.render_chat(CONVERSATION) == EXPECTED
+    proc = tok._template._worker[0]
+    os.kill(proc.pid, signal.SIGKILL)                  # e.g. the OOM killer, or a user's kill
+    proc.wait()
+    assert tok.render_chat(CONVERSATION) == EXPECTED

@@ -3,6 +3,7 @@
 A checkpoint is untrusted input: every malformed file below must be refused with a WeightsError that names
 the file and the problem, before a byte of tensor data is interpreted.
 """
+import contextlib
 import hashlib
 import json
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tinyllm.config import load_config
 from tinyllm.tiny import make_tiny
@@ -109,6 +112,8 @@ def t(dtype, shape, begin, end):
     (b"{not json", b"", None, "not valid UTF-8 JSON"),
     (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}', b"\0" * 4, None, "duplicate"),
     (b"[1, 2]", b"", None, "must be a JSON object"),
+    (b"[" * 100000 + b"]" * 100000, b"", None, "nested too deeply"),
+    ({"a": t(["F32"], [1], 0, 4)}, b"\0" * 4, None, "unknown dtype"),
 ])
 def test_reader_rejects_malformed_files(tmp_path, header, data, header_len, problem):
     path = tmp_path / "bad.safetensors"
@@ -230,6 +235,85 @@ def test_extra_tensors_are_ignored(tmp_path, tiny_model_dir):
     d = copy_tiny(tiny_model_dir, tmp_path / "m")
     rewrite_weights(d, lambda w: w.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8)}))
     load_weights(d, load_config(d))
+
+
+def poke(name, index, value):
+    """An edit for rewrite_weights: one value of one tensor."""
+    def edit(tensors):
+        tensors[name] = tensors[name].copy()
+        tensors[name][index] = value
+    return edit
+
+
+def test_nan_or_inf_in_a_tensor_is_refused_at_load_naming_it(tmp_path, tiny_model_dir):
+    """They made the model say "ning,ning,..." or nothing at all, with a NumPy RuntimeWarning."""
+    d = copy_tiny(tiny_model_dir, tmp_path / "m")
+    rewrite_weights(d, poke("model.layers.1.mlp.down_proj.weight", (3, 5), np.nan))
+    with pytest.raises(WeightsError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.down_proj\.weight' "
+                                           r"holds 1 non-finite values \(NaN or inf\), e\.g\. nan at index \(3, 5\)"):
+        load_weights(d, load_config(d))
+    rewrite_weights(d, poke("model.layers.1.mlp.down_proj.weight", (3, 5), 0.0))
+    rewrite_weights(d, poke("model.norm.weight", 7, -np.inf))
+    with pytest.raises(WeightsError, match=r"'model\.norm\.weight' holds 1 non-finite values .* -inf at index \(7,\)"):
+        load_weights(d, load_config(d))
+
+    class Opened:            # a checkpoint object (a GGUF file's, say) is checked the same way
+        def __init__(self, ckpt):
+            self.ckpt, self.shapes = ckpt, ckpt.shapes
+
+        def get(self, name):
+            x = self.ckpt.get(name)
+            return np.full_like(x, np.inf) if name == "lm_head.weight" else x
+
+        def file_of(self, name):
+            return "model.gguf"
+    rewrite_weights(d, poke("model.norm.weight", 7, 1.0))
+    with pytest.raises(WeightsError, match=r"model\.gguf: tensor 'lm_head\.weight' holds 32,768 non-finite"):
+        load_weights(Opened(Checkpoint(d)), load_config(d))
+
+
+def test_a_config_claiming_ten_million_layers_fails_at_once(tmp_path, tiny_model_dir):
+    """It took 35 s and 6 GB to build the table of 9 * 10**7 expected tensor names before failing."""
+    d = copy_tiny(tiny_model_dir, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    config["num_hidden_layers"] = 10 ** 7
+    (d / "config.json").write_text(json.dumps(config))
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError, match=r"missing tensor 'model\.layers\.2\.input_layernorm\.weight' .*"
+                                           r"config\.json says num_hidden_layers=10,000,000"):
+        load_weights(d, load_config(d))
+    assert time.perf_counter() - t0 < 1.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fuzzing the header parser: whatever the bytes, a WeightsError or a valid header, nothing else
+# --------------------------------------------------------------------------------------------------------
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=20)
+ENTRY = st.fixed_dictionaries({"dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "Q4"]) | JSON,
+                               "shape": st.lists(st.integers(-2, 5), max_size=3) | JSON,
+                               "data_offsets": st.lists(st.integers(-2, 64), min_size=2, max_size=2) | JSON})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=200))
+def test_fuzz_header_random_bytes(tmp_path, data):
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(data)
+    with contextlib.suppress(WeightsError):
+        read_header(path)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.dictionaries(st.text(max_size=6), ENTRY | JSON, max_size=4), data=st.binary(max_size=64),
+       slack=st.integers(-4, 4))
+def test_fuzz_header_random_json(tmp_path, header, data, slack):
+    path = tmp_path / "fuzz.safetensors"
+    head = json.dumps(header).encode()
+    path.write_bytes(max(0, len(head) + slack).to_bytes(8, "little") + head + data)
+    with contextlib.suppress(WeightsError):
+        read_header(path)
 
 
 # --------------------------------------------------------------------------------------------------------

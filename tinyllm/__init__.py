@@ -25,7 +25,8 @@ from numbattn.backend import resolve as resolve_backend
 
 from .config import ConfigError, LlamaConfig, load_config
 from .engines import upload_weights
-from .generate import ContextOverflowError, Generation, GenerationInterrupted, GenerationStats, Sampler
+from .generate import (ContextOverflowError, Generation, GenerationInterrupted, GenerationStats, NonFiniteLogitsError,
+                       Sampler)
 from .gguf import GGUFCheckpoint, gguf_stop_ids, is_gguf
 from .hub import MODEL_ID, SMOLLM2, HubError, resolve_model
 from .model import Llama, context_size
@@ -37,7 +38,8 @@ log = logging.getLogger("tinyllm")
 
 __all__ = ["load_model", "open_model_files", "ModelFiles", "Llama", "LlamaConfig", "Tokenizer", "StreamDecoder",
            "Sampler", "Generation", "GenerationInterrupted", "GenerationStats", "make_tiny", "resolve_model",
-           "MODEL_ID", "SMOLLM2", "ConfigError", "WeightsError", "TokenizerError", "HubError", "ContextOverflowError"]
+           "MODEL_ID", "SMOLLM2", "ConfigError", "WeightsError", "TokenizerError", "HubError", "ContextOverflowError",
+           "NonFiniteLogitsError"]
 
 
 @dataclass
@@ -107,7 +109,7 @@ def _stop_ids(model_dir, config, tokenizer):
     if path.is_file():
         try:
             eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-        except (OSError, ValueError, AttributeError) as e:
+        except (OSError, ValueError, AttributeError, RecursionError) as e:
             log.warning("tinyllm: ignoring unreadable %s (%s)", path, e)
             eos = None
         for i in eos if isinstance(eos, list) else [eos]:

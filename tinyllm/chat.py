@@ -72,19 +72,22 @@ class ChatSession:
 
         Ctrl-C (KeyboardInterrupt) during the reply stops it: the part already shown becomes the assistant
         turn (stop_reason "interrupted"), and the model's KV cache stays consistent (tinyllm rewinds a
-        half-done forward pass).
+        half-done forward pass). Any other error (a TokenizerError when the chat template refuses or fails
+        on the conversation, a NonFiniteLogitsError...) leaves the history as it was: the caller can report
+        it and go on, or reset().
         """
         messages, prompt, dropped = self.fit(self.history + [{"role": "user", "content": text}])
-        ctx = self.llm.max_len
+        ctx = describe_context(self.llm)
         if prompt is None:
             n = len(self.tok.encode_chat(messages))
+            larger = ", or use a larger --ctx-size" if can_grow_context(self.llm) else ""
             self.note(f"context: this message needs {n} prompt tokens"
-                      f"{' with the system prompt' if self.system else ''}, but the context holds {ctx} "
-                      f"(--ctx-size): no room for a reply. Send something shorter, or use a larger --ctx-size.")
+                      f"{' with the system prompt' if self.system else ''}, but the context holds {ctx}: "
+                      f"no room for a reply. Send something shorter{larger}.")
             return None, None
         if dropped:
-            self.note(f"context: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to stay within "
-                      f"{ctx} tokens (--ctx-size); the system prompt is kept")
+            self.note(f"context: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to stay within the "
+                      f"context ({ctx}){'; the system prompt is kept' if self.system else ''}")
 
         stream = self._stream_decoder()
         shown = []                                         # ids whose text has been written
@@ -109,9 +112,22 @@ class ChatSession:
         if stop == "interrupted":
             self.note("[reply interrupted: the part shown stays in the conversation]")
         elif stop == "context":
-            self.note(f"context: the reply reached the end of the context ({ctx} tokens, --ctx-size); the "
-                      f"oldest exchanges will be dropped next turn")
+            self.note(f"context: the reply reached the end of the context ({ctx}); the oldest exchanges will be "
+                      f"dropped next turn")
         return reply, result
 
     def _stream_decoder(self):
         return StreamDecoder(self.tok)
+
+
+def can_grow_context(llm):
+    """Whether the model allows a longer context than llm has (a larger --ctx-size would help)."""
+    return llm.max_len < llm.config.max_position_embeddings
+
+
+def describe_context(llm):
+    """The context size for a note: "64 tokens, --ctx-size; the model allows 2048" or "2048 tokens, the
+    model's maximum" (suggesting a larger --ctx-size there would send the user in a circle)."""
+    if can_grow_context(llm):
+        return f"{llm.max_len} tokens, --ctx-size; the model allows {llm.config.max_position_embeddings}"
+    return f"{llm.max_len} tokens, the model's maximum"

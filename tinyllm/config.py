@@ -71,12 +71,14 @@ def load_config(model_dir):
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found (every Hugging Face model directory has a config.json)") from None
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from e
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply to parse (a config.json is two levels deep)") from None
     return _parse(d, str(path))
 
 

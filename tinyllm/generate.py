@@ -37,6 +37,11 @@ class ContextOverflowError(ValueError):
     """The prompt (plus the tokens already cached) does not fit in the model's context window."""
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The model's logits hold NaN or inf: generation stops instead of sampling from them (argmax and the
+    softmax of NaN pick an arbitrary token, and a reply of garbage is worse than an error)."""
+
+
 # --------------------------------------------------------------------------------------------------------
 # Sampling: logits [vocab] -> one token id. Each step is one small function.
 # --------------------------------------------------------------------------------------------------------
@@ -94,14 +99,15 @@ class Sampler:
     seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 means greedy)")
+        if not 0 <= self.temperature < np.inf:
+            raise ValueError(f"temperature={self.temperature}: must be a finite number >= 0 (0 means greedy)")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 means no top-k)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 means no nucleus filtering)")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1 means none)")
+        if not 0 < self.repetition_penalty < np.inf:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be a finite number > 0 (1 means "
+                             f"none)")
         self.rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits, previous_ids=()):
@@ -156,6 +162,16 @@ class GenerationInterrupted(KeyboardInterrupt):
     def __init__(self, result):
         super().__init__(f"generation interrupted after {len(result.ids)} new tokens")
         self.result = result
+
+
+def finite(logits, position):
+    """logits [vocab], or NonFiniteLogitsError naming the position they predict from."""
+    if np.isfinite(logits).all():
+        return logits
+    bad = logits.size - int(np.isfinite(logits).sum())
+    raise NonFiniteLogitsError(f"the model's logits after position {position} hold {bad} NaN/inf values (of "
+                               f"{logits.size}): numerical overflow in the forward pass, or a broken kernel; "
+                               f"stopping rather than sampling from them")
 
 
 def common_prefix_length(a, b):
@@ -224,7 +240,7 @@ def _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token
             chunk = np.array([prompt[start:start + prefill_chunk]], dtype=np.int64)   # [1, chunk]
             logits = model.forward(chunk, start_pos=start, last_only=True)[0, -1]      # [vocab]
         history = list(prompt)
-        token = sampler(logits, history)
+        token = sampler(finite(logits, n_prompt - 1), history)
     finally:
         stats.prefill_seconds = time.perf_counter() - t0
 
@@ -247,6 +263,6 @@ def _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token
             ids = np.array([[token]], dtype=np.int64)                                    # [1, 1]
             logits = model.forward(ids, start_pos=n_prompt + len(generated) - 1, last_only=True)[0, -1]
             stats.decode_tokens += 1
-            token = sampler(logits, history)
+            token = sampler(finite(logits, len(history) - 1), history)
     finally:
         stats.decode_seconds = time.perf_counter() - t0

@@ -12,6 +12,12 @@ transformers' fast tokenizer runs). The special-token strings and the chat templ
 `tokenizer_config.json`; the template is Jinja2, rendered the way transformers renders it: in an immutable
 sandbox (a template is data from the internet and must not reach Python objects), with trim_blocks and
 lstrip_blocks, given messages, bos_token, eos_token, add_generation_prompt and a raise_exception helper.
+It renders in a worker process with limits on time, memory and output (tinyllm/chat_template.py), so a
+hostile or broken template is one TokenizerError naming its file, never a hang or a crash.
+
+Text must be valid Unicode: a str holding lone surrogates (bytes decoded with errors="surrogateescape", as
+Python decodes invalid UTF-8 in sys.argv) is refused with a TokenizerError. Decode bytes with
+errors="replace" first (the CLI does, and says so).
 
 BOS: TinyLlama's template does not write "<s>"; its tokenizer's post-processor adds BOS when asked for
 special tokens. Other templates (Llama 2's) write "{{ bos_token }}" themselves. We always encode the text
@@ -19,8 +25,9 @@ without the post-processor and then put BOS in front unless the text already pro
 starts with exactly one BOS either way.
 """
 import json
-from datetime import datetime
 from pathlib import Path
+
+from .chat_template import ChatTemplateError, TemplateRenderer
 
 
 class TokenizerError(ValueError):
@@ -47,13 +54,14 @@ class Tokenizer:
                                  f"chat template)")
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise TokenizerError(f"{config_path}: cannot read ({e})") from e
         if not isinstance(config, dict):
             raise TokenizerError(f"{config_path}: expected a JSON object")
 
+        template, template_file = _chat_template(config, config_path)
         self._finish(_token_string(config.get("bos_token")), _token_string(config.get("eos_token")),
-                     bool(config.get("add_bos_token", True)), _chat_template(config, model_dir), config_path)
+                     bool(config.get("add_bos_token", True)), template, template_file)
         self.source = model_dir
 
     @classmethod
@@ -77,7 +85,7 @@ class Tokenizer:
         self.eos_id = self._id_of(eos_token, source, "eos_token")
         self.add_bos = add_bos and self.bos_id is not None
         self.chat_template = chat_template
-        self.template_source = source
+        self.template_file = source          # where the template (and the special tokens) came from
         self._template = None
         self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
@@ -99,7 +107,16 @@ class Tokenizer:
     # ----------------------------------------------------------------------------------------------------
     def encode(self, text, add_bos=None):
         """str -> list of ids, with exactly one BOS in front when add_bos (default: tokenizer_config's)."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:           # the Rust side takes valid Unicode only
+            bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+            if bad is None:
+                raise
+            raise TokenizerError(f"text is not valid Unicode: lone surrogate {text[bad]!r} at character {bad} "
+                                 f"(decode bytes with errors='replace')") from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             if not ids or ids[0] != self.bos_id:
                 ids = [self.bos_id] + ids
@@ -115,19 +132,21 @@ class Tokenizer:
     # ----------------------------------------------------------------------------------------------------
     def render_chat(self, messages, add_generation_prompt=True):
         """Render messages [{"role": "system"|"user"|"assistant", "content": str}, ...] with the model's chat
-        template -> the prompt text (without BOS unless the template writes it)."""
+        template -> the prompt text (without BOS unless the template writes it).
+
+        The template runs in a sandboxed worker process with time, memory and output limits (see
+        tinyllm/chat_template.py); whatever goes wrong is a TokenizerError naming the template's file."""
         if self.chat_template is None:
-            raise TokenizerError(f"{self.template_source}: no chat_template, so chat prompts "
+            raise TokenizerError(f"{self.template_file}: no chat_template, so chat prompts "
                                  f"cannot be built for this model")
         check_messages(messages)
         if self._template is None:
-            self._template = compile_template(self.chat_template)
-        from jinja2 import TemplateError
+            self._template = TemplateRenderer(self.chat_template)
         try:
             return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except TemplateError as e:
-            raise TokenizerError(f"chat template refused the conversation: {e}") from e
+        except ChatTemplateError as e:
+            raise TokenizerError(f"{self.template_file}: the chat template {e}") from e
 
     def encode_chat(self, messages, add_generation_prompt=True):
         """Messages -> prompt ids: the rendered template with exactly one BOS in front."""
@@ -141,14 +160,16 @@ def _token_string(value):
     return value if isinstance(value, str) else None
 
 
-def _chat_template(config, model_dir):
+def _chat_template(config, config_path):
+    """-> (the chat template or None, the file it came from)."""
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    if template is None and (model_dir / "chat_template.jinja").is_file():  # newer transformers save it here
-        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    return template if isinstance(template, str) else None
+    jinja = config_path.with_name("chat_template.jinja")
+    if template is None and jinja.is_file():       # newer transformers save it here
+        return jinja.read_text(encoding="utf-8"), jinja
+    return (template if isinstance(template, str) else None), config_path
 
 
 def check_messages(messages):
@@ -158,28 +179,6 @@ def check_messages(messages):
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}] = {m!r:.80}: expected a dict with string 'role' and 'content'")
-
-
-def compile_template(source):
-    """A chat template compiled as transformers compiles it (same environment, helpers and filters)."""
-    from jinja2 import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except TemplateError as e:
-        raise TokenizerError(f"chat_template does not compile: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------------------
