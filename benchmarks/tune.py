@@ -1,0 +1,261 @@
+"""Tuning runs on the GPU: the measurements behind the launch shapes and defaults chosen in numbattn/ and tinyllm/.
+
+    python benchmarks/tune.py --out DIR [--sections launch,gemv,gemm,decode,engine]
+
+Each section prints a table as it goes and writes DIR/tune.json. These are the sweeps (several variants of one
+kernel, side by side in one process); benchmarks/gpu_report.py is the report that goes into BENCHMARKS.md.
+GPU times are CUDA events around many back-to-back launches (the GPU kept busy); host times are the host clock.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("NUMBATTN_STRICT", "1")
+
+from numba import cuda  # noqa: E402
+
+from numbattn import bench, decode, linear  # noqa: E402
+from numbattn.launch import Launch  # noqa: E402
+
+RESULTS = {}
+
+
+def table(name, rows, columns):
+    print(f"\n### {name}\n" + bench.format_table(rows, columns), flush=True)
+    RESULTS[name] = rows
+
+
+def gpu_ms(fn, n=100):
+    """Milliseconds per call of fn, GPU time: events around n back-to-back calls after a warm-up."""
+    fn()
+    cuda.synchronize()
+    start, end = cuda.event(), cuda.event()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return cuda.event_elapsed_time(start, end) / n
+
+
+def host_us(fn, n=2000):
+    fn()
+    cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e6
+    cuda.synchronize()
+    return t
+
+
+# --------------------------------------------------------------------------------------------------------
+def section_launch():
+    @cuda.jit
+    def empty1(a):
+        pass
+
+    @cuda.jit
+    def empty8(a, b, c, d, e, f, g, h, x, y, z):
+        pass
+    arrs = [cuda.device_array(16, np.float32) for _ in range(8)]
+    scal = (np.float32(1.0), np.int64(2), np.float32(3.0))
+    rows = [dict(kernel="1 array", numba_us=host_us(lambda: empty1[1, 32](arrs[0])),
+                 prepared_us=host_us(Launch(empty1, 1, 32, (arrs[0],))))]
+    rows.append(dict(kernel="8 arrays + 3 scalars", numba_us=host_us(lambda: empty8[1, 32](*arrs, *scal)),
+                     prepared_us=host_us(Launch(empty8, 1, 32, (*arrs, *scal)))))
+    table("host time per launch (us)", rows, ["kernel", "numba_us", "prepared_us"])
+
+
+SHAPES = {"qkv": (2560, 2048, "none"), "o": (2048, 2048, "residual"), "gate_up": (11264, 2048, "swiglu"),
+          "down": (2048, 5632, "residual"), "lm_head": (32000, 2048, "none")}
+
+
+def weights(n, k):
+    rng = np.random.default_rng(n + k)
+    from tinyllm.weights import f32_to_bf16
+    words, kind = linear.pack_weight(f32_to_bf16(rng.standard_normal((n, k), dtype=np.float32)))
+    return cuda.to_device(words), kind
+
+
+def section_gemv():
+    rows = []
+    for rows_per_warp in (1, 2, 4):
+        for chunk in (4, 8, 16):
+            linear.GEMV_ROWS, linear.GEMV_CHUNK = rows_per_warp, chunk
+            linear.make_gemv.cache_clear()
+            total_ms, total_bytes = 0.0, 0
+            row = dict(rows_per_warp=rows_per_warp, chunk=chunk)
+            for name, (n, k, epi) in SHAPES.items():
+                w, kind = weights(n, k)
+                x = cuda.to_device(np.random.default_rng(1).standard_normal((1, k), dtype=np.float32))
+                out = cuda.device_array((1, linear.out_features(n, epi)), np.float32)
+                norm = cuda.to_device(np.ones(k, np.float32))
+                step = linear.linear_launch(x, w, kind, out, epi, norm_w=norm if name != "down" else None)
+                ms = gpu_ms(step)
+                row[f"{name}_GBps"] = n * k * 2 / ms / 1e6
+                total_ms += ms
+                total_bytes += n * k * 2
+            row["all_GBps"] = total_bytes / total_ms / 1e6
+            rows.append(row)
+    linear.GEMV_ROWS, linear.GEMV_CHUNK = 1, 8
+    linear.make_gemv.cache_clear()
+    table("GEMV bf16, one token, GB/s of weights (TinyLlama's matrices)", rows,
+          ["rows_per_warp", "chunk"] + [f"{n}_GBps" for n in SHAPES] + ["all_GBps"])
+
+
+def section_gemm():
+    rows = []
+    for tiles in ((128, 128, 16, 256), (128, 64, 16, 256), (64, 128, 16, 256), (128, 128, 8, 256),
+                  (64, 64, 16, 64), (128, 128, 32, 256)):
+        for m in (512, 2048):
+            row = dict(tiles=str(tiles), M=m)
+            try:
+                flops = ms_all = 0.0
+                for name in ("qkv", "gate_up", "down"):
+                    n, k, epi = SHAPES[name]
+                    w, kind = weights(n, k)
+                    x = cuda.to_device(np.random.default_rng(2).standard_normal((m, k), dtype=np.float32))
+                    out = cuda.device_array((m, linear.out_features(n, epi)), np.float32)
+                    kern = linear.make_gemm(kind, epi, tiles)
+                    step = Launch(kern, linear.gemm_grid(m, n, tiles), tiles[3], (x, w, out))
+                    ms = gpu_ms(step, 20)
+                    row[f"{name}_TFLOPs"] = 2 * m * n * k / ms / 1e9
+                    flops += 2 * m * n * k
+                    ms_all += ms
+                row["all_TFLOPs"] = flops / ms_all / 1e9
+                one = lambda d: list(d.values())[0]  # noqa: E731
+                row["regs"] = one(kern.get_regs_per_thread())
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:80]
+            rows.append(row)
+    table("GEMM bf16 weights, fp32 math: TFLOP/s", rows,
+          ["tiles", "M", "qkv_TFLOPs", "gate_up_TFLOPs", "down_TFLOPs", "all_TFLOPs", "regs", "error"])
+
+
+def section_decode():
+    rows = bench.bench_decode((512, 8192, 32768), dtypes=("float16", "float32"), repeat=100, reference_max_n=0)
+    rows += bench.bench_decode((131072,), dtypes=("float16",), repeat=50, reference_max_n=0)
+    table("decode through the public API (ms; sync_ms = with a synchronize per call)", rows,
+          ["n", "cache", "impl", "ms", "sync_ms", "host_ms", "gpu_ms", "gbps"])
+    # launch-shape sweep of v1 at 32768 fp16 and 131072 fp16: GPU time
+    from numbattn import KVCache
+    sweep = []
+    for n in (8192, 32768, 131072):
+        rng = np.random.default_rng(n)
+        cache = KVCache(1, 1, 4, n, 64, dtype=np.float16, backend="cuda")
+        cache.append(0, *(rng.standard_normal((1, 4, n, 64), dtype=np.float32).astype(np.float16) for _ in range(2)))
+        q = cuda.to_device(rng.standard_normal((1, 32, 64), dtype=np.float32))
+        for dpl in (4, 8, 16):
+            for bps in (1, 2, 4, 8):
+                for min_split in (128, 256, 512):
+                    if 64 // dpl > 32:
+                        continue
+                    decode.BLOCKS_PER_SM, decode.MIN_SPLIT = bps, min_split
+                    cfg = decode.Config(None, 128, dpl)
+                    try:
+                        ms = gpu_ms(lambda: decode.decode_attention(q, cache, 0, config=cfg), 50)
+                        split, n_splits = decode.plan(1, 4, n, cfg)
+                        sweep.append(dict(n=n, dims_per_lane=dpl, blocks_per_sm=bps, min_split=min_split,
+                                          split=split, blocks=n_splits * 4, gpu_us=ms * 1e3,
+                                          GBps=2 * 4 * n * 64 * 2 / ms / 1e6))
+                    except Exception as e:
+                        sweep.append(dict(n=n, dims_per_lane=dpl, error=str(e)[:60]))
+    decode.BLOCKS_PER_SM, decode.MIN_SPLIT = 4, 256
+    table("decode v1 launch shapes, fp16 cache (GPU time)", sweep,
+          ["n", "dims_per_lane", "blocks_per_sm", "min_split", "split", "blocks", "gpu_us", "GBps", "error"])
+
+
+def section_engine():
+    import tempfile
+
+    from tinyllm import load_model, make_tiny
+    t0 = time.time()
+    d = make_tiny(os.path.join(tempfile.mkdtemp(), "tinyllama-random"), seed=0, hidden_size=2048,
+                  intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                  vocab_size=32000, max_position_embeddings=2048)
+    print(f"[checkpoint written in {time.time() - t0:.0f} s]", flush=True)
+    t0 = time.time()
+    m = load_model(str(d), backend="cuda")
+    print(f"[device engine loaded in {time.time() - t0:.1f} s: {m.describe()}]", flush=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (128, 512, 2048):
+        ids = rng.integers(3, 32000, (1, n))
+        times = []
+        for _ in range(3):
+            m.reset()
+            t0 = time.perf_counter()
+            for s in range(0, n, m.prefill_chunk):
+                m.forward(ids[:, s:s + m.prefill_chunk], start_pos=s, last_only=True)
+            times.append(time.perf_counter() - t0)
+        rows.append(dict(what=f"prefill {n}", ms=min(times) * 1e3, tok_s=n / min(times)))
+    for n in (16, 512):
+        prompt = rng.integers(3, 32000, n).tolist()
+        m.reset()
+        r = m.generate(prompt, max_new_tokens=129)
+        rows.append(dict(what=f"decode after {n}", ms=r.stats.decode_seconds / r.stats.decode_tokens * 1e3,
+                         tok_s=r.stats.decode_tokens_per_s))
+    table("device engine, TinyLlama shapes (random weights)", rows, ["what", "ms", "tok_s"])
+    # one decode step: host time of the replay call, GPU time of the graph, launches without the graph
+    ops = m.ops
+    graph = next(iter(ops._graphs.values()))
+    host = host_us(graph.replay, 200)
+    gpu = gpu_ms(graph.replay, 200)
+    import numbattn.launch as L
+    calls = [0]
+    real_call = L.Launch.__call__
+
+    def counting(self, grid=None):
+        calls[0] += 1
+        return real_call(self, grid)
+    L.Launch.__call__ = counting
+    ops.use_graphs = False
+    pos = m.n_cached
+    t0 = time.perf_counter()
+    m.forward(np.array([[5]]), start_pos=pos, last_only=True)
+    no_graph_ms = (time.perf_counter() - t0) * 1e3
+    L.Launch.__call__ = real_call
+    ops.use_graphs = True
+    step = [dict(launches_per_token=calls[0], graph_replay_host_us=host, graph_gpu_us=gpu * 1e3,
+                 step_without_graph_ms=no_graph_ms, weights_GB=m.weights.nbytes / 1e9)]
+    table("one decode step", step, list(step[0]))
+    # memory over 1000 decode steps
+    ctx = cuda.current_context()
+    m.reset()
+    m.generate(rng.integers(3, 32000, 8).tolist(), max_new_tokens=4)
+    free0 = ctx.get_memory_info().free
+    m.reset()
+    r = m.generate(rng.integers(3, 32000, 8).tolist(), max_new_tokens=1000)
+    free1 = ctx.get_memory_info().free
+    mem = [dict(steps=r.stats.decode_tokens, free_before_MB=free0 / 1e6, free_after_MB=free1 / 1e6,
+                growth_MB=(free0 - free1) / 1e6, tok_s=r.stats.decode_tokens_per_s)]
+    table("device memory over 1000 decode steps", mem, list(mem[0]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tune-out")
+    ap.add_argument("--sections", default="launch,gemv,gemm,decode,engine")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    for name in args.sections.split(","):
+        t0 = time.time()
+        try:
+            globals()[f"section_{name}"]()
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            RESULTS[f"{name} error"] = repr(e)
+        print(f"[{name}: {time.time() - t0:.0f} s]", flush=True)
+        with open(os.path.join(args.out, "tune.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
