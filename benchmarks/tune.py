@@ -103,7 +103,7 @@ def section_gemv():
                 total_bytes += n * k * 2
             row["all_GBps"] = total_bytes / total_ms / 1e6
             rows.append(row)
-    linear.GEMV_ROWS, linear.GEMV_CHUNK = 1, 8
+    linear.GEMV_ROWS, linear.GEMV_CHUNK = 1, 4
     linear.make_gemv.cache_clear()
     table("GEMV bf16, one token, GB/s of weights (TinyLlama's matrices)", rows,
           ["rows_per_warp", "chunk"] + [f"{n}_GBps" for n in SHAPES] + ["all_GBps"])
@@ -151,9 +151,9 @@ def section_decode():
         cache = KVCache(1, 1, 4, n, 64, dtype=np.float16, backend="cuda")
         cache.append(0, *(rng.standard_normal((1, 4, n, 64), dtype=np.float32).astype(np.float16) for _ in range(2)))
         q = cuda.to_device(rng.standard_normal((1, 32, 64), dtype=np.float32))
-        for dpl in (4, 8, 16):
-            for bps in (1, 2, 4, 8):
-                for min_split in (128, 256, 512):
+        for dpl in (4, 8):
+            for bps in (1, 2, 4):
+                for min_split in (256, 512):
                     if 64 // dpl > 32:
                         continue
                     decode.BLOCKS_PER_SM, decode.MIN_SPLIT = bps, min_split
@@ -166,7 +166,7 @@ def section_decode():
                                           GBps=2 * 4 * n * 64 * 2 / ms / 1e6))
                     except Exception as e:
                         sweep.append(dict(n=n, dims_per_lane=dpl, error=str(e)[:60]))
-    decode.BLOCKS_PER_SM, decode.MIN_SPLIT = 4, 256
+    decode.BLOCKS_PER_SM, decode.MIN_SPLIT = 2, 256
     table("decode v1 launch shapes, fp16 cache (GPU time)", sweep,
           ["n", "dims_per_lane", "blocks_per_sm", "min_split", "split", "blocks", "gpu_us", "GBps", "error"])
 

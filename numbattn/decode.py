@@ -27,7 +27,8 @@ Two kernels, side by side (llm.c style), both tested by the same suite:
       each (strided: lane dl holds dims dl, dl + DL, ...: a slot reads a key row in coalesced pieces), with q of
       all G heads in registers. Per key, each lane multiplies its DPL dims for G heads, the slot adds its DL
       partial dot products (group_sum: shuffles on a GPU), and every lane updates its own m, l, acc — with
-      the rescale done only when the maximum grows (rare after the first keys). The block then merges its slots
+      the rescale done only when the maximum grows (rare after the first keys), and the next key's K and V
+      already on their way (software prefetch). The block then merges its slots
       (log-sum-exp, through shared memory) into one partial (m, l, acc) per query head, written to a small
       float32 buffer part [B, H, n_splits, D + 2]; and the LAST split block of the group to finish (one atomic
       ticket per block, numbattn/device.arrive_last) merges all the splits' partials into out. One launch:
@@ -63,7 +64,7 @@ VERSIONS = ("v0", "v1")
 DEFAULT_VERSION = "v1"
 SHARED_LIMIT = 48 * 1024   # static shared memory per block
 H100_SMS = 132
-BLOCKS_PER_SM = 4          # split blocks per SM that the automatic split aims for
+BLOCKS_PER_SM = 2          # split blocks per SM that the automatic split aims for (swept on the H100: BENCHMARKS.md)
 MIN_SPLIT = 256            # keys; shorter splits make the partials and each block's merge a large share
 
 
@@ -240,21 +241,32 @@ def make_decode_v1(head_dim, group, threads, dims_per_lane):
 
 def _make_scan_keys(G, DPL, DL, KS, slot_sum):
     @cuda.jit(device=True, inline=True)
+    def load_key(k_row, v_row, j, valid, dl, kv, vv):
+        """This lane's DPL dims of key j's K and V (zeros past the slot's end: those slots are never read)."""
+        for e in range(DPL):
+            kv[e] = float32(k_row[j, dl + DL * e]) if valid else float32(0.0)
+            vv[e] = float32(v_row[j, dl + DL * e]) if valid else float32(0.0)
+
+    @cuda.jit(device=True, inline=True)
     def scan_keys(k_row, v_row, j0, j_end, n_iter, dl, q_reg, m, l, acc, red):
-        """The online softmax of one key slot over keys j0, j0 + KS, ... < j_end, for the G heads."""
+        """The online softmax of one key slot over keys j0, j0 + KS, ... < j_end, for the G heads. The next key's
+        K and V are loaded while this one is computed (software prefetch: its memory latency is hidden)."""
         kv = cuda.local.array(DPL, float32)
         vv = cuda.local.array(DPL, float32)
+        kc = cuda.local.array(DPL, float32)
+        vc = cuda.local.array(DPL, float32)
         s = cuda.local.array(G, float32)
+        load_key(k_row, v_row, j0, j0 < j_end, dl, kv, vv)
         for it in range(n_iter):
             j = j0 + KS * it
             valid = j < j_end
-            for e in range(DPL):                   # K and V loads issued together; slots past the end: none
-                kv[e] = float32(k_row[j, dl + DL * e]) if valid else float32(0.0)
-                vv[e] = float32(v_row[j, dl + DL * e]) if valid else float32(0.0)
+            for e in range(DPL):
+                kc[e], vc[e] = kv[e], vv[e]
+            load_key(k_row, v_row, j + KS, j + KS < j_end, dl, kv, vv)
             for g in range(G):
                 x = float32(0.0)
                 for e in range(DPL):
-                    x += q_reg[g, e] * kv[e]
+                    x += q_reg[g, e] * kc[e]
                 s[g] = x
             slot_sum(s, red)                       # the slot's DL partial dot products -> the scores
             if valid:
@@ -268,7 +280,7 @@ def _make_scan_keys(G, DPL, DL, KS, slot_sum):
                     p = math.exp2(s[g] - m[g])
                     l[g] += p
                     for e in range(DPL):
-                        acc[g, e] += p * vv[e]
+                        acc[g, e] += p * vc[e]
     return scan_keys
 
 

@@ -37,7 +37,10 @@ def _check(result):
 
 def stream_handle(stream):
     """The CUstream of a Numba stream (0: the legacy default stream)."""
-    return int(stream.handle.value) if hasattr(stream, "handle") and stream.handle is not None else 0
+    handle = getattr(stream, "handle", None)
+    if handle is None:
+        return 0
+    return int(getattr(handle, "value", handle))      # a ctypes handle (older numba-cuda) or a CUstream
 
 
 class Launch:

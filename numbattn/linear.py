@@ -51,7 +51,7 @@ WEIGHT_KINDS = {"bf16": 4, "f32": 2}        # values per uint64 word
 # gate/up pairs). On a GPU a group is a warp (its sum is a shuffle butterfly); the simulator runs a Python thread
 # per CUDA thread, so there it uses few lanes and many rows per group.
 GEMV_THREADS, LANES, GEMV_ROWS = (8, 2, 32) if SIM else (256, 32, 1)
-GEMV_CHUNK = 8                              # words per lane loaded together (in flight at once)
+GEMV_CHUNK = 4                              # words per lane loaded together (in flight at once; tuned, BENCHMARKS.md)
 GEMV_MAX_TOKENS = 4                         # more tokens than this: the GEMM
 SHARED_LIMIT = 48 * 1024
 
