@@ -111,13 +111,13 @@ def section_gemv():
 
 def section_gemm():
     rows = []
-    for tiles in ((128, 128, 16, 256), (128, 64, 16, 256), (64, 128, 16, 256), (128, 128, 8, 256),
+    for tiles in ((128, 128, 16, 256), (128, 64, 16, 256), (64, 128, 16, 256), (64, 64, 16, 256),
                   (64, 64, 16, 64), (128, 128, 32, 256)):
-        for m in (512, 2048):
+        for m in (128, 512, 2048):
             row = dict(tiles=str(tiles), M=m)
             try:
                 flops = ms_all = 0.0
-                for name in ("qkv", "gate_up", "down"):
+                for name in ("qkv", "o", "gate_up", "down"):
                     n, k, epi = SHAPES[name]
                     w, kind = weights(n, k)
                     x = cuda.to_device(np.random.default_rng(2).standard_normal((m, k), dtype=np.float32))
@@ -135,7 +135,7 @@ def section_gemm():
                 row["error"] = f"{type(e).__name__}: {e}"[:80]
             rows.append(row)
     table("GEMM bf16 weights, fp32 math: TFLOP/s", rows,
-          ["tiles", "M", "qkv_TFLOPs", "gate_up_TFLOPs", "down_TFLOPs", "all_TFLOPs", "regs", "error"])
+          ["tiles", "M", "qkv_TFLOPs", "o_TFLOPs", "gate_up_TFLOPs", "down_TFLOPs", "all_TFLOPs", "regs", "error"])
 
 
 def section_decode():
@@ -185,16 +185,17 @@ def section_engine():
     print(f"[device engine loaded in {time.time() - t0:.1f} s: {m.describe()}]", flush=True)
     rng = np.random.default_rng(0)
     rows = []
-    for n in (128, 512, 2048):
-        ids = rng.integers(3, 32000, (1, n))
-        times = []
-        for _ in range(3):
-            m.reset()
-            t0 = time.perf_counter()
-            for s in range(0, n, m.prefill_chunk):
-                m.forward(ids[:, s:s + m.prefill_chunk], start_pos=s, last_only=True)
-            times.append(time.perf_counter() - t0)
-        rows.append(dict(what=f"prefill {n}", ms=min(times) * 1e3, tok_s=n / min(times)))
+    for chunk in (512, 2048):
+        for n in (128, 512, 2048):
+            ids = rng.integers(3, 32000, (1, n))
+            times = []
+            for _ in range(3):
+                m.reset()
+                t0 = time.perf_counter()
+                for s in range(0, n, chunk):
+                    m.forward(ids[:, s:s + chunk], start_pos=s, last_only=True)
+                times.append(time.perf_counter() - t0)
+            rows.append(dict(what=f"prefill {n} (chunks of {chunk})", ms=min(times) * 1e3, tok_s=n / min(times)))
     for n in (16, 512):
         prompt = rng.integers(3, 32000, n).tolist()
         m.reset()

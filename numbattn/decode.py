@@ -82,11 +82,12 @@ SIM_CONFIG = Config(split=4, threads=8, dims_per_lane=8)
 
 
 def gpu_config(version, head_dim, group):
-    """v0: 32 threads (one warp: each keeps a whole acc row). v1: 128 threads, 8 dims per lane, fewer dims per
-    lane where the merge's shared arrays would not fit (tuned on the H100, BENCHMARKS.md)."""
+    """v0: 32 threads (one warp: each keeps a whole acc row). v1: 128 threads, 4 dims per lane (head_dim / 4
+    lanes per key: fewer registers than 8, so no spill at a group of 8 heads; swept on the H100, BENCHMARKS.md),
+    fewer where the merge's shared arrays would not fit."""
     if version == "v0":
         return Config(split=None, threads=32)
-    for dpl in (8, 4, 2, 1):
+    for dpl in (4, 2, 1):
         if v1_shared_bytes(head_dim, group, 128, dpl) <= SHARED_LIMIT and head_dim // dpl <= 32:
             return Config(split=None, threads=128, dims_per_lane=dpl)
     raise ValueError(f"a group of {group} query heads per KV head at head_dim {head_dim} does not fit in "

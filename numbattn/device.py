@@ -8,6 +8,7 @@ NUMBATTN_TEST_GPU=1).
     LOG2E, NEG_INF, FASTMATH       exp(x) = exp2(x * LOG2E); the running max starts at NEG_INF
     make_group_reduce(...)         max / sum of TM values over the `width` consecutive threads of a group:
                                    warp shuffles on a GPU, shared memory + barriers in the simulator
+    make_outer_product(...)        one rank-1 update of a thread's register tile from two shared tiles
     bf16_pair / f32_from_bits      weights arrive as raw bits: bf16 is the top half of an fp32, so a shift
                                    and a bit cast (free on the GPU) widen it exactly
     arrive_last(...)               "am I the last block of this group to finish?": one atomic per block, so a
@@ -86,6 +87,39 @@ def reduce_scratch_shape(n, threads, use_shuffle=None):
     """Shape of the shared `red` array a group reduction needs: (n, threads) in the simulator, (1, 1) on a GPU."""
     use_shuffle = not SIM if use_shuffle is None else use_shuffle
     return (1, 1) if use_shuffle else (n, threads)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Register-tiled matrix products
+# --------------------------------------------------------------------------------------------------------
+# One step of a tile product (prefill v2's Q K^T and P V, the GEMM's x W^T). Callers call it four times per
+# iteration of their loop over the shared dimension: an unroll by hand, because Numba's loops over d stayed rolled and every step then recomputed all its
+# shared-memory addresses (2 integer instructions per load in the SASS). Unrolled, the offsets d+1..d+3
+# become immediate operands of the loads.
+# Indices are unsigned (uint32) in these: Numba wraps negative indices around Python-style, and for a signed
+# index it emits a compare-and-select per load unless the compiler can prove the index >= 0.
+def make_outer_product(TM, TN, b_is_k_major):
+    """c[i, j] += A[row i, kk] * B[kk, col j] (b_is_k_major, P V) or A[row i, kk] * B[col j, kk] (Q K^T)."""
+    if b_is_k_major:
+        @cuda.jit(device=True, inline=True)
+        def b_at(B, kk, col):
+            return B[kk, col]
+    else:
+        @cuda.jit(device=True, inline=True)
+        def b_at(B, kk, col):
+            return B[col, kk]
+
+    @cuda.jit(device=True, inline=True)
+    def outer_product(A, B, a_rows, b_cols, kk, a, bvec, c):
+        ku = uint32(kk)
+        for i in range(TM):
+            a[i] = A[a_rows[i], ku]
+        for j in range(TN):
+            bvec[j] = b_at(B, ku, b_cols[j])
+        for i in range(TM):
+            for j in range(TN):
+                c[i, j] += a[i] * bvec[j]
+    return outer_product
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ bytes in bf16), x once per block from L2, y once.
 
 GEMM (`make_gemm`): a BM x BN tile of y per block, K walked in steps of BK: A [BM, BK] and W [BN, BK] tiles go
 through shared memory (k-major, one word of padding), and each thread accumulates a TM x TN register tile with
-outer products, TM + TN shared loads feeding TM * TN FMAs (v2 of prefill attention does the same for Q K^T).
+outer products, TM + TN shared loads feeding TM * TN FMAs, indices unsigned and the k loop unrolled by four
+(device.make_outer_product: v2 of prefill attention does the same for Q K^T).
 Columns are owned in adjacent pairs (2p, 2p+1), so the SwiGLU epilogue below sees gate and up side by side.
 Traffic: W read ceil(M / BM) times, A read ceil(N / BN) times, y once.
 
@@ -42,7 +43,7 @@ import math
 import numpy as np
 from numba import cuda, float32, uint32, uint64
 
-from .device import FASTMATH, SIM, bf16_pair, f32_from_bits, make_group_reduce, reduce_scratch_shape
+from .device import FASTMATH, SIM, bf16_pair, f32_from_bits, make_group_reduce, make_outer_product, reduce_scratch_shape
 from .launch import Launch
 
 EPILOGUES = ("none", "residual", "swiglu")
@@ -88,8 +89,9 @@ def _unpack(kind):
 
 @cuda.jit(device=True, inline=True)
 def silu(x):
-    """x * sigmoid(x), through tanh so exp() cannot overflow (as reference.silu)."""
-    return x * (float32(0.5) + float32(0.5) * math.tanh(float32(0.5) * x))
+    """x * sigmoid(x) = x / (1 + exp(-x)): for x << 0, exp(-x) overflows to inf and the quotient is -0, the
+    right limit. (Not through tanh as reference.silu: fastmath's approximate tanh is off by ~1e-3.)"""
+    return x / (float32(1.0) + math.exp(-x))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -219,7 +221,18 @@ def gemv_grid(n_rows, epilogue):
 # --------------------------------------------------------------------------------------------------------
 # GEMM: a prompt chunk
 # --------------------------------------------------------------------------------------------------------
-GEMM_TILES = (8, 32, 8, 4) if SIM else (128, 128, 16, 256)    # BM, BN, BK, threads
+GEMM_TILES = (8, 32, 8, 4) if SIM else (128, 128, 16, 256)    # BM, BN, BK, threads: the largest tiles
+# smaller tiles where the largest would leave SMs idle (a short chunk, a narrow matrix): more, smaller blocks
+GEMM_TILE_CHOICES = (GEMM_TILES,) if SIM else ((128, 128, 16, 256), (64, 128, 16, 256), (64, 64, 16, 256))
+
+
+def gemm_tiles(n_tokens, n_rows, n_sm=132):
+    """The largest tiles whose grid covers every SM at least once; else the smallest tiles."""
+    for tiles in GEMM_TILE_CHOICES:
+        grid = gemm_grid(n_tokens, n_rows, tiles)
+        if grid[0] * grid[1] >= n_sm:
+            return tiles
+    return GEMM_TILE_CHOICES[-1]
 
 
 def gemm_layout(BM, BN, BK, threads, VPW):
@@ -243,15 +256,19 @@ def make_gemm(kind, epilogue="none", tiles=GEMM_TILES):
     BM, BN, BK, NT = tiles
     VPW = WEIGHT_KINDS[kind]
     TR, TC, TM, TN = gemm_layout(BM, BN, BK, NT, VPW)
-    BMP, BNP = BM + 1, BN + 1                        # one word of padding per k-row (constants for the shapes)
+    BKP, BNP = BK + 1, BN + 1                        # one word of padding per row (constants for the shapes)
+    if BK % 4:
+        raise ValueError(f"gemm tiles: BK={BK} must be a multiple of 4 (the unrolled k loop)")
+    outer_product = make_outer_product(TM, TN, True)
     unpack = _unpack(kind)
     load_tiles = _make_gemm_loads(BM, BN, BK, NT, VPW, unpack)
     store = _make_gemm_store(TR, TC, TM, TN, epilogue)
 
     @cuda.jit(fastmath=FASTMATH)
     def gemm(x, w, out):
-        As = cuda.shared.array((BK, BMP), float32)           # k-major: a thread's rows are one k-row apart
-        Ws = cuda.shared.array((BK, BNP), float32)
+        # x [M, K] f32, w [N, K/VPW] u64 -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+        As = cuda.shared.array((BM, BKP), float32)           # row-major, one word of padding per row
+        Ws = cuda.shared.array((BK, BNP), float32)           # k-major: a thread's columns are one word apart
         t = cuda.threadIdx.x
         rg, cg = t // TC, t % TC
         m0, n0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
@@ -259,22 +276,23 @@ def make_gemm(kind, epilogue="none", tiles=GEMM_TILES):
         a = cuda.local.array(TM, float32)
         b = cuda.local.array(TN, float32)
         vals = cuda.local.array(VPW, float32)
+        rows = cuda.local.array(TM, uint32)                  # this thread's rows and columns within the tile
+        cols = cuda.local.array(TN, uint32)
         for i in range(TM):
+            rows[i] = rg + TR * i
             for j in range(TN):
                 acc[i, j] = float32(0.0)
+        for j in range(TN):
+            cols[j] = 2 * (cg + TC * (j // 2)) + j % 2       # column pairs 2q, 2q + 1 (SwiGLU's gate, up)
         for k0 in range(0, x.shape[1], BK):
             cuda.syncthreads()                               # the previous tiles are consumed
             load_tiles(x, w, m0, n0, k0, As, Ws, vals)
             cuda.syncthreads()
-            for kk in range(BK):
-                for i in range(TM):
-                    a[i] = As[kk, rg + TR * i]
-                for p in range(TN // 2):                     # column pairs 2q, 2q + 1, q = cg + TC * p
-                    b[2 * p] = Ws[kk, 2 * (cg + TC * p)]
-                    b[2 * p + 1] = Ws[kk, 2 * (cg + TC * p) + 1]
-                for i in range(TM):
-                    for j in range(TN):
-                        acc[i, j] += a[i] * b[j]
+            for kk in range(0, BK, 4):                       # four explicit steps: unrolled by hand
+                outer_product(As, Ws, rows, cols, kk, a, b, acc)
+                outer_product(As, Ws, rows, cols, kk + 1, a, b, acc)
+                outer_product(As, Ws, rows, cols, kk + 2, a, b, acc)
+                outer_product(As, Ws, rows, cols, kk + 3, a, b, acc)
         store(out, acc, m0, n0, x.shape[0], w.shape[0], rg, cg)
 
     return gemm
@@ -285,13 +303,14 @@ def _make_gemm_loads(BM, BN, BK, NT, VPW, unpack):
 
     @cuda.jit(device=True, inline=True)
     def load_tiles(x, w, m0, n0, k0, As, Ws, vals):
-        """A [BM, BK] and W [BN, BK] tiles -> shared, k-major; rows past M or N and columns past K read as 0."""
+        """A [BM, BK] (row-major) and W [BN, BK] (k-major) tiles -> shared; rows past M or N and columns past K
+        read as 0."""
         t = cuda.threadIdx.x
         for idx in range(t, BM * BK, NT):                    # consecutive threads: consecutive k (coalesced)
             r = idx // BK
             c = idx - r * BK
             inside = m0 + r < x.shape[0] and k0 + c < x.shape[1]
-            As[c, r] = x[m0 + r, k0 + c] if inside else float32(0.0)
+            As[r, c] = x[m0 + r, k0 + c] if inside else float32(0.0)
         for idx in range(t, BN * BKW, NT):
             r = idx // BKW
             c = idx - r * BKW
@@ -369,8 +388,8 @@ def linear_launch(x, w, kind, out, epilogue="none", norm_w=None, eps=1e-5, strea
                       stream)
     if norm_w is not None:
         raise ValueError(f"the RMSNorm prologue is fused into the GEMV only ({m} tokens > {GEMV_MAX_TOKENS})")
-    return Launch(make_gemm(kind, epilogue), gemm_grid(m, w.shape[0], GEMM_TILES), GEMM_TILES[3], (x, w, out),
-                  stream)
+    tiles = gemm_tiles(m, w.shape[0])
+    return Launch(make_gemm(kind, epilogue, tiles), gemm_grid(m, w.shape[0], tiles), tiles[3], (x, w, out), stream)
 
 
 def linear(x, w, kind, out, epilogue="none", norm_w=None, eps=1e-5, stream=0):

@@ -46,7 +46,7 @@ import math
 
 from numba import config, cuda, float32, uint32
 
-from .device import NEG_INF, make_group_reduce, reduce_scratch_shape
+from .device import NEG_INF, make_group_reduce, make_outer_product, reduce_scratch_shape
 
 
 def layout(block_m, block_n, threads, head_dim):
@@ -140,36 +140,6 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
     return attention_v2
 
 
-# One step of each tile product. The loops over d and over keys call these four times per iteration: an
-# unroll by hand, because Numba's loops over d stayed rolled and every step then recomputed all its
-# shared-memory addresses (2 integer instructions per load in the SASS). Unrolled, the offsets d+1..d+3
-# become immediate operands of the loads.
-# Indices are unsigned (uint32) in these: Numba wraps negative indices around Python-style, and for a signed
-# index it emits a compare-and-select per load unless the compiler can prove the index >= 0.
-def _make_outer_product(TM, TN, b_is_k_major):
-    """c[i, j] += A[row i, kk] * B[kk, col j] (b_is_k_major, P V) or A[row i, kk] * B[col j, kk] (Q K^T)."""
-    if b_is_k_major:
-        @cuda.jit(device=True, inline=True)
-        def b_at(B, kk, col):
-            return B[kk, col]
-    else:
-        @cuda.jit(device=True, inline=True)
-        def b_at(B, kk, col):
-            return B[col, kk]
-
-    @cuda.jit(device=True, inline=True)
-    def outer_product(A, B, a_rows, b_cols, kk, a, bvec, c):
-        ku = uint32(kk)
-        for i in range(TM):
-            a[i] = A[a_rows[i], ku]
-        for j in range(TN):
-            bvec[j] = b_at(B, ku, b_cols[j])
-        for i in range(TM):
-            for j in range(TN):
-                c[i, j] += a[i] * bvec[j]
-    return outer_product
-
-
 def _make_loads(D, BM, BN, NT):
     @cuda.jit(device=True, inline=True)
     def load_q(q, b, h, q0, q_len, scale_log2, t, Qs):
@@ -190,7 +160,7 @@ def _make_loads(D, BM, BN, NT):
 
 
 def _make_scores(D, BN, TR, TC, TM, TN):
-    outer_product = _make_outer_product(TM, TN, False)
+    outer_product = make_outer_product(TM, TN, False)
 
     @cuda.jit(device=True, inline=True)
     def scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, kv_len, offset, causal, rg, cg):
@@ -241,7 +211,7 @@ def _make_softmax_step(TM, TN, TE, group_max):
 
 
 def _make_pv(BN, TM, TE):
-    outer_product = _make_outer_product(TM, TE, True)
+    outer_product = make_outer_product(TM, TE, True)
 
     @cuda.jit(device=True, inline=True)
     def pv(Ps, Vs, rows, dims, a, bvec, acc):

@@ -37,7 +37,9 @@ def test_rms_norm():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_rope_append(dtype):
-    H, HKV, D, B, L, MAX = 4, 2, 16, 2, 6, 16            # 6 tokens per row: 2 blocks of 4 in the simulator
+    H, HKV, D, B = 4, 2, 16, 2
+    L = 2 * rowwise.ROPE_TOKENS_PER_BLOCK - 2              # tokens per row: 2 blocks, the second ragged
+    MAX = L + 10
     rng = np.random.default_rng(2)
     qkv = rng.standard_normal((B * L, (H + 2 * HKV) * D)).astype(np.float32)
     cos, sin = reference.rope_tables(D, MAX, 10000.0)

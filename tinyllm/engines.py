@@ -408,8 +408,9 @@ class DeviceEngine:
             h = self.view("h", M)
             self.launch(("norm", id(norm), M), rowwise.make_rms_norm(), M, rowwise.THREADS, (x, norm, self.eps, h))
             x = h
-        self.launch(key + (M,), linear.make_gemm(kind, epilogue), linear.gemm_grid(M, words.shape[0], linear.GEMM_TILES),
-                    linear.GEMM_TILES[3], (x, words, out))
+        tiles = linear.gemm_tiles(M, words.shape[0])
+        self.launch(key + (M,), linear.make_gemm(kind, epilogue, tiles), linear.gemm_grid(M, words.shape[0], tiles),
+                    tiles[3], (x, words, out))
         return out
 
     # ---- one forward, replayed as a CUDA graph for decode steps --------------------------------------------
