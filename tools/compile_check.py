@@ -84,8 +84,9 @@ def model_kernels():
                            linear.make_gemv(k_in, kind, 1, epilogue, norm),
                            [arr(f32, 2), arr(u64, 2), arr(f32, 2), arr(f32, 1), f32])
         for epilogue in linear.EPILOGUES:
-            yield (f"gemm {kind} {epilogue} {linear.GEMM_TILES}", linear.make_gemm(kind, epilogue),
-                   [arr(f32, 2), arr(u64, 2), arr(f32, 2)])
+            for tiles in linear.GEMM_TILE_CHOICES:
+                yield (f"gemm {kind} {epilogue} {tiles}", linear.make_gemm(kind, epilogue, tiles),
+                       [arr(f32, 2), arr(u64, 2), arr(f32, 2)])
         yield f"embed {kind}", rowwise.make_embed(kind), [arr(i32, 1), arr(u64, 2), arr(f32, 2)]
     yield "rms_norm", rowwise.make_rms_norm(), [arr(f32, 2), arr(f32, 1), f32, arr(f32, 2)]
     for dt in (f32, f16):
