@@ -105,3 +105,10 @@ def test_tinyllama_shape_greedy_64_steps_equal_the_numpy_engine(tinyllama_shaped
     logits_d = device.forward(np.array([prompt[:17]]))
     logits_h = host.forward(np.array([prompt[:17]]))
     assert rel_err(logits_d, logits_h) < RTOL
+
+
+def test_a_prompt_longer_than_the_buffers_runs_in_chunks(one_layer_dir, tiny_model, kernel_backend, monkeypatch):
+    monkeypatch.setattr(DeviceEngine, "prefill_chunk", 3)   # buffers for 3 tokens: a 5-token prompt is 3 + 2
+    model = load_model(one_layer_dir, backend=kernel_backend)
+    ids = np.random.default_rng(4).integers(3, 500, (1, 5))
+    assert rel_err(model.forward(ids), tiny_model.forward(ids)) < RTOL and model.cache.lengths.tolist() == [5]

@@ -231,7 +231,7 @@ class _Rotate:
 class DeviceEngine:
     """The forward on the GPU (or in Numba's simulator): weights resident, every op a numbattn kernel."""
     name = "device"
-    prefill_chunk = 512
+    prefill_chunk = 2048        # tokens per forward pass (a longer prompt is run in chunks of this many)
     buckets = (256, 1024, 4096, 16384, 65536)   # decode graphs are captured per context bucket
 
     def __init__(self, config, weights, cache, cos, sin, backend):
@@ -422,6 +422,10 @@ class DeviceEngine:
         normally the first time in its context bucket, is recorded as a CUDA graph the second time, and is
         replayed from then on: one driver call per token instead of ~150 launches."""
         B, s = ids.shape
+        if s > self.prefill_chunk:          # the buffers hold prefill_chunk tokens per row: run it in chunks
+            c = self.prefill_chunk
+            parts = [forward(ids[:, i:i + c], start_pos + i, last_only) for i in range(0, s, c)]
+            return parts[-1] if last_only else np.concatenate(parts, axis=1)
         if not (self.use_graphs and s == 1):
             return forward(ids, start_pos, last_only)
         bucket = min(self._bucket(start_pos + 1), self.cache.max_len)
