@@ -39,18 +39,45 @@ def emit(report, title, rows, columns, note=""):
 
 @section
 def prefill_sweep(report, out, args):
-    """Causal and non-causal prefill at TinyLlama's head shape, every implementation side by side."""
+    """Causal and non-causal prefill at TinyLlama's head shape, every implementation side by side; each time by
+    CUDA events around the call (ms) and with a synchronize per call on the host clock (sync_ms)."""
     rows = []
     for b in args.batches:
         lens = [n for n in args.seq_lens if b * n <= 16 * 2048 or n <= 1024 or b == 1]
         rows += bench.bench_prefill(lens, batches=(b,), causal=(True, False), versions=("v0", "v1", "v2"),
-                                    reference_max_n=0, repeat=args.repeat)
+                                    reference_max_n=0, repeat=args.repeat, methods=("ms", "sync_ms"))
     for causal in (True, False):
         sub = [r for r in rows if r["causal"] == causal]
-        for value, unit in (("ms", "milliseconds"), ("tflops", "TFLOP/s")):
+        for value, unit in (("ms", "milliseconds (events)"), ("sync_ms", "milliseconds (sync per call)"),
+                            ("tflops", "TFLOP/s")):
             table, cols = bench.pivot(sub, ("batch", "n"), value)
+            if value == "sync_ms":
+                for r in table:
+                    if r.get("numbattn v2") and r.get("torch SDPA mem-efficient fp32"):
+                        r["v2 / mem-efficient"] = r["torch SDPA mem-efficient fp32"] / r["numbattn v2"]
+                cols = cols + ["v2 / mem-efficient"]
             emit(report, f"Prefill, {'causal' if causal else 'non-causal'}: {unit} (32 q / 4 kv heads, d 64)",
                  table, cols)
+    return rows
+
+
+@section
+def call_overhead(report, out, args):
+    """The host cost of one numbattn.attention() call on device arrays at chat-prompt sizes (and torch's)."""
+    from numba import cuda
+    rows = []
+    for n in (16, 128, 512, 1024):
+        q, k, v = bench.random_qkv(1, n, n)
+        dq, dk, dv = (cuda.to_device(x) for x in (q, k, v))
+        impls = {"numbattn.attention (v2)": lambda: prefill.flash_attention(dq, dk, dv, causal=True)}
+        impls.update({k_: f for k_, f in bench.prefill_impls("cuda", (), q, k, v, True, False).items()
+                      if "mem-efficient" in k_ or "flash" in k_})
+        bench._time_impls(impls, "cuda", args.repeat, rows, lambda ms: {}, methods=("host_ms", "sync_ms", "gpu_ms"),
+                          n=n)
+    emit(report, "Per-call cost of causal attention on device arrays, batch 1, 32/4 heads, d 64", rows,
+         ["n", "impl", "host_ms", "sync_ms", "gpu_ms"],
+         "host_ms: the call alone (launch); sync_ms: the call and a synchronize; gpu_ms: CUDA events with the GPU "
+         "kept busy while the host launches (the GPU's own time).")
     return rows
 
 
@@ -171,14 +198,23 @@ def memory(report, out, args):
 
 @section
 def decode(report, out, args):
-    """One decode step over cache lengths 512..32768 (131072 with fp16 storage), next to torch SDPA."""
+    """One decode step through numbattn.decode_attention(q_dev, cache, 0) over cache lengths 512..131072, next to
+    torch SDPA, with the host and GPU time of a call apart."""
     lens = [n for n in (512, 2048, 8192, 32768, 131072) if n <= args.max_cache]
     rows = bench.bench_decode([n for n in lens if n <= 32768], dtypes=("float32", "float16"), repeat=args.repeat * 5,
                               reference_max_n=0)
     rows += bench.bench_decode([n for n in lens if n > 32768], dtypes=("float16",), repeat=args.repeat * 5,
                                reference_max_n=0)
-    for value, unit in (("ms", "milliseconds per step"), ("gbps", "effective GB/s of K/V read")):
-        table, cols = bench.pivot(rows, ("batch", "n"), value)
+    for value, unit in (("sync_ms", "milliseconds per call with a synchronize (what a decode loop pays)"),
+                        ("host_ms", "host milliseconds per call (launch only)"),
+                        ("gpu_ms", "GPU milliseconds per call"), ("ms", "milliseconds (events around the call)")):
+        table, cols = bench.pivot(rows, ("batch", "n", "cache"), value)
+        if value == "sync_ms":
+            for r in table:
+                mine = r.get(f"numbattn decode v1 {r['cache']}")
+                if mine and r.get("torch SDPA flash fp16"):
+                    r["v1 / SDPA flash"] = r["torch SDPA flash fp16"] / mine
+            cols = cols + ["v1 / SDPA flash"]
         emit(report, f"Decode, batch 1, 32 q / 4 kv heads, d 64: {unit}", table, cols)
     return rows
 
@@ -195,58 +231,144 @@ def append(report, out, args):
 
 @section
 def model(report, out, args):
-    """End to end: a TinyLlama-shaped random checkpoint, tinyllm (NumPy matmuls + numbattn on the GPU) next to
-    Hugging Face transformers' eager LlamaForCausalLM fp32 (on the GPU and on the CPU) on the same weights."""
+    """End to end on a TinyLlama-shaped random checkpoint (22 layers, bf16): tinyllm's device engine, its NumPy
+    engine, and Hugging Face transformers (fp32 eager, fp16 sdpa) on the same weights, batch 1, greedy."""
     import tempfile
+
+    import torch
+    import transformers
+    from numba import cuda
+
     from tinyllm import load_model, make_tiny
-    from tinyllm.bench import bench_model
     t0 = time.time()
     d = make_tiny(os.path.join(tempfile.mkdtemp(), "tinyllama-random"), seed=0, hidden_size=2048,
                   intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                   vocab_size=32000, max_position_embeddings=2048)
     print(f"[model: random TinyLlama-shaped checkpoint written in {time.time() - t0:.0f} s]", flush=True)
-    new = args.new_tokens
-    m = load_model(str(d), backend="cuda", max_len=2048)
-    timings = {}  # (impl, n) -> {"prefill_ms": .., "decode_ms": ..}
-    for r in bench_model(m, args.prompts, new_tokens=new, backends=["cuda", "numpy"]):
-        be, phase = r["impl"].split()
-        timings.setdefault((f"tinyllm, attention on numbattn {be}", r["n"]), {})[f"{phase}_ms"] = r["ms"]
-    del m
     rng = np.random.default_rng(0)
-    for dev in ("cuda", "cpu"):
-        impl = f"HF transformers eager fp32 ({dev})"
-        try:
-            import torch
-            import transformers
-            torch.set_num_threads(os.cpu_count())
-            hf = transformers.LlamaForCausalLM.from_pretrained(str(d), torch_dtype=torch.float32,
-                                                               attn_implementation="eager").to(dev).eval()
-            for n in args.prompts:
-                ids = torch.tensor([rng.integers(3, 500, n).tolist()], device=dev)
+    prompts = {n: rng.integers(3, 32000, n).tolist() for n in args.prompts}
+    rows = []
 
-                def gen(k):  # wall time of a greedy generate() of exactly k new tokens
-                    if dev == "cuda":
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    with torch.no_grad():
-                        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                                    do_sample=False, pad_token_id=0)
-                    if dev == "cuda":
-                        torch.cuda.synchronize()
-                    return time.perf_counter() - t0
-                gen(2)  # warm-up
-                t1, tn = gen(1), gen(new)
-                timings[(impl, n)] = dict(prefill_ms=t1 * 1e3, decode_ms=(tn - t1) / (new - 1) * 1e3)
-            del hf
-        except Exception as e:
-            timings[(impl, 0)] = dict(error=f"{type(e).__name__}: {e}"[:100])
-    rows = [dict(impl=impl, prompt=n, **t, decode_tok_s=1e3 / t["decode_ms"] if "decode_ms" in t else None)
-            for (impl, n), t in timings.items()]
-    emit(report, "End to end, TinyLlama-1.1B shapes (22 layers, random weights), batch 1, greedy", rows,
-         ["impl", "prompt", "prefill_ms", "decode_ms", "decode_tok_s", "error"],
-         f"tinyllm keeps every matmul in NumPy fp32 on the host CPU ({os.cpu_count()} cores here) by design; only "
-         f"attention runs on the GPU (or, for the numpy rows, in NumPy too). prefill_ms: the prompt and the first "
-         f"new token; decode_ms: each of the next {new - 1} tokens.")
+    def tinyllm_rows(engine, new):
+        m = load_model(str(d), backend="cuda" if engine == "device" else "numpy")
+        m.generate(prompts[args.prompts[0]][:16], max_new_tokens=4)              # compile (device), page weights in
+        for n, prompt in prompts.items():
+            best = None
+            for _ in range(2 if engine == "device" else 1):
+                m.reset()
+                r = m.generate(prompt, max_new_tokens=new)
+                best = r if best is None or r.stats.prefill_seconds < best.stats.prefill_seconds else best
+            s_ = best.stats
+            rows.append(dict(impl=f"tinyllm {engine} engine", prompt=n, prefill_ms=s_.prefill_seconds * 1e3,
+                             decode_ms=s_.decode_seconds / s_.decode_tokens * 1e3, decode_tok_s=s_.decode_tokens_per_s))
+        return m
+    m = tinyllm_rows("device", args.new_tokens)
+    step = engine_step(m)
+    tinyllm_rows("numpy", 16)
+    for label, dtype, attn in (("HF transformers fp32 eager", torch.float32, "eager"),
+                               ("HF transformers fp16 sdpa", torch.float16, "sdpa")):
+        hf = transformers.LlamaForCausalLM.from_pretrained(str(d), dtype=dtype, attn_implementation=attn).cuda().eval()
+        for n, prompt in prompts.items():
+            ids = torch.tensor([prompt], device="cuda")
+
+            def gen(k):
+                torch.cuda.synchronize()
+                t_ = time.perf_counter()
+                with torch.no_grad():
+                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                                do_sample=False, pad_token_id=0)
+                torch.cuda.synchronize()
+                return time.perf_counter() - t_
+            gen(2)
+            t1, tn = gen(1), gen(args.new_tokens)
+            rows.append(dict(impl=label, prompt=n, prefill_ms=t1 * 1e3, decode_ms=(tn - t1) / (args.new_tokens - 1) * 1e3,
+                             decode_tok_s=(args.new_tokens - 1) / (tn - t1)))
+        del hf
+        torch.cuda.empty_cache()
+    hf32 = {r["prompt"]: r["decode_tok_s"] for r in rows if r["impl"] == "HF transformers fp32 eager"}
+    for r in rows:
+        r["x_HF_fp32_decode"] = r["decode_tok_s"] / hf32[r["prompt"]] if r["prompt"] in hf32 else None
+    emit(report, "End to end, TinyLlama-1.1B shapes (22 layers, random bf16 weights), batch 1, greedy", rows,
+         ["impl", "prompt", "prefill_ms", "decode_ms", "decode_tok_s", "x_HF_fp32_decode"],
+         f"prefill_ms: the whole prompt and the first new token; decode_ms: each later token (of "
+         f"{args.new_tokens}), i.e. at a context of prompt + ~{args.new_tokens // 2}. The NumPy engine runs every "
+         f"matmul on the host ({os.cpu_count()} cores). HF: generate() with min = max new tokens.")
+    emit(report, "One decode step of the device engine (TinyLlama shapes)", step, list(step[0]),
+         "launches: kernel launches of one step run without the graph; replay_host_us: the host time of the "
+         "CUDA-graph replay call; graph_gpu_us: GPU time of one replayed step; weights read per token: the bf16 "
+         "weights once (the KV cache in fp32 on top).")
+    return rows + step
+
+
+def engine_step(m):
+    """Launches per token, host and GPU time of one step, and device memory over 1000 steps."""
+    from numba import cuda
+
+    import numbattn.launch as L
+    ops = m.ops
+    m.reset()
+    m.generate(list(range(3, 515)), max_new_tokens=8)
+    graph = next(iter(ops._graphs.values()))
+    cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(100):
+        graph.replay()
+    host_us = (time.perf_counter() - t0) / 100 * 1e6
+    cuda.synchronize()
+    start, end = cuda.event(), cuda.event()
+    start.record()
+    for _ in range(100):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    gpu_us = cuda.event_elapsed_time(start, end) / 100 * 1e3
+    calls, real = [0], L.Launch.__call__
+    L.Launch.__call__ = lambda self, grid=None: (calls.__setitem__(0, calls[0] + 1), real(self, grid))[1]
+    ops.use_graphs = False
+    m.reset()
+    m.forward([[5] * 8])
+    calls[0] = 0
+    m.forward([[7]], start_pos=8, last_only=True)
+    L.Launch.__call__, ops.use_graphs = real, True
+    ctx = cuda.current_context()
+    m.reset()
+    m.generate(list(range(3, 11)), max_new_tokens=4)
+    free0 = ctx.get_memory_info().free
+    m.reset()
+    r = m.generate(list(range(3, 11)), max_new_tokens=1000)
+    free1 = ctx.get_memory_info().free
+    cache_bytes = m.cache.n_layers * 2 * int(np.prod(m.cache.shape)) * 4
+    return [dict(launches=calls[0], replay_host_us=host_us, graph_gpu_us=gpu_us, weights_GB=m.weights.nbytes / 1e9,
+                 kv_cache_GB=cache_bytes / 1e9, steps=r.stats.decode_tokens,
+                 free_memory_change_MB=(free0 - free1) / 1e6, tok_s_over_1000=r.stats.decode_tokens_per_s)]
+
+
+@section
+def linear_layers(report, out, args):
+    """The device engine's matmul kernels at TinyLlama's matrices: GEMV GB/s (one token) and GEMM TFLOP/s."""
+    from numba import cuda
+
+    from numbattn import linear
+    from tinyllm.weights import f32_to_bf16
+    shapes = {"qkv": (2560, 2048, "none"), "o": (2048, 2048, "residual"), "gate_up": (11264, 2048, "swiglu"),
+              "down": (2048, 5632, "residual"), "lm_head": (32000, 2048, "none")}
+    rows = []
+    for m_tokens in (1, 128, 512, 2048):
+        for name, (n, k, epi) in shapes.items():
+            if m_tokens > 1 and name == "lm_head":
+                continue
+            rng = np.random.default_rng(n + k)
+            words, kind = linear.pack_weight(f32_to_bf16(rng.standard_normal((n, k), dtype=np.float32)))
+            w = cuda.to_device(words)
+            x = cuda.to_device(rng.standard_normal((m_tokens, k), dtype=np.float32))
+            o = cuda.device_array((m_tokens, linear.out_features(n, epi)), np.float32)
+            step = linear.linear_launch(x, w, kind, o, epi)
+            ms = bench.measure(step, "cuda", 3, args.repeat, methods=("gpu_ms",))["gpu_ms"]
+            rows.append(dict(tokens=m_tokens, matrix=name, shape=f"{n}x{k}", gpu_us=ms * 1e3,
+                             GBps=n * k * 2 / ms / 1e6, TFLOPs=2 * m_tokens * n * k / ms / 1e9))
+    emit(report, "Linear layers on bf16 weights (GEMV for 1 token, GEMM for more)", rows,
+         ["tokens", "matrix", "shape", "gpu_us", "GBps", "TFLOPs"],
+         "GB/s counts the bf16 weights read once; the GPU kept busy while the host launched (gpu_ms).")
     return rows
 
 
@@ -277,7 +399,7 @@ def plot_all(all_rows, out):
         bench.plot([r for r in all_rows["append"] if r["batch"] == 1], path("append"), y="ms",
                    title="KV append, one layer, batch 1, 4 kv heads, d 64 (n = tokens appended)")
     if "model" in all_rows:
-        rows = [r for r in all_rows["model"] if r.get("decode_tok_s")]
+        rows = [r for r in all_rows["model"] if r.get("decode_tok_s") and "impl" in r]
         bench.bars([f"{r['impl']}, prompt {r['prompt']}" for r in rows], [r["decode_tok_s"] for r in rows],
                    path("model"), "decode tokens/s", "TinyLlama-1.1B shapes, random weights, batch 1")
 
@@ -290,8 +412,8 @@ def main():
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--max-cache", type=int, default=131072)
-    ap.add_argument("--prompts", default="128,512")
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompts", default="512,2048")
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--replot", nargs="+", metavar="ROWS_JSON",
                     help="no measuring: redraw the plots of finished runs (their rows.json files) into --out")
     args = ap.parse_args()

@@ -168,8 +168,8 @@ def prefill_impls(be, versions, q, k, v, causal, with_reference):
 
 
 def bench_prefill(seq_lens, batches=(1,), causal=(True,), versions=("v1", "v2"), backend="auto",
-                  reference_max_n=1024, naive_max_work=2**22, repeat=20, progress=None):
-    """Rows of {what, impl, batch, n, causal, ms, tflops, frac_fp32_peak} for every combination."""
+                  reference_max_n=1024, naive_max_work=2**22, repeat=20, progress=None, methods=("ms",)):
+    """Rows of {what, impl, batch, n, causal, ms (and the other methods' times), tflops, frac_fp32_peak}."""
     be = _backend.resolve(backend)
     rows = []
     combos = [(b, n, c) for b in batches for n in seq_lens for c in causal]
@@ -181,7 +181,7 @@ def bench_prefill(seq_lens, batches=(1,), causal=(True,), versions=("v1", "v2"),
         flops = attention_flops(b, N_HEADS, n, n, HEAD_DIM, c)
         _time_impls(impls, be, repeat, rows, lambda ms: dict(
             tflops=flops / ms / 1e9, frac_fp32_peak=flops / ms / 1e9 / FP32_PEAK_TFLOPS),
-            what="prefill", batch=b, n=n, causal=c)
+            methods=methods, what="prefill", batch=b, n=n, causal=c)
         if progress:
             progress(1)
     return rows

@@ -85,6 +85,13 @@ class Launch:
             self._values[i] = self._marshal(i)
             self._build()
 
+    def set_args(self, args):
+        """Replace every argument at once by values of the same types (the caller guarantees it: no check)."""
+        self.args = list(args)
+        if not SIM:
+            self._values = [self._marshal(i) for i in range(len(self.args))]
+            self._build()
+
     def __call__(self, grid=None):
         grid = self.grid if grid is None else _dim3(grid)
         if SIM:
