@@ -271,7 +271,7 @@ def model(report, out, args):
         for n, prompt in prompts.items():
             ids = torch.tensor([prompt], device="cuda")
 
-            def gen(k):
+            def gen(k, hf=hf, ids=ids):
                 torch.cuda.synchronize()
                 t_ = time.perf_counter()
                 with torch.no_grad():
