@@ -231,7 +231,7 @@ def append(report, out, args):
 
 @section
 def model(report, out, args):
-    """End to end on a TinyLlama-shaped random checkpoint (22 layers, bf16): tinyllm's device engine, its NumPy
+    """End to end on a TinyLlama-shaped random checkpoint (22 layers, bf16, 4096 positions): tinyllm's device engine, its NumPy
     engine, and Hugging Face transformers (fp32 eager, fp16 sdpa) on the same weights, batch 1, greedy."""
     import tempfile
 
@@ -243,7 +243,7 @@ def model(report, out, args):
     t0 = time.time()
     d = make_tiny(os.path.join(tempfile.mkdtemp(), "tinyllama-random"), seed=0, hidden_size=2048,
                   intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                  vocab_size=32000, max_position_embeddings=2048)
+                  vocab_size=32000, max_position_embeddings=4096)     # 4096: room for a 2048-token prompt's reply
     print(f"[model: random TinyLlama-shaped checkpoint written in {time.time() - t0:.0f} s]", flush=True)
     rng = np.random.default_rng(0)
     prompts = {n: rng.integers(3, 32000, n).tolist() for n in args.prompts}
@@ -436,7 +436,12 @@ def main():
     all_rows = {}
     for name in args.sections.split(","):
         t0 = time.time()
-        all_rows[name] = SECTIONS[name](report, args.out, args)
+        try:
+            all_rows[name] = SECTIONS[name](report, args.out, args)
+        except Exception as e:          # one failing section must not lose the others' measurements
+            import traceback
+            traceback.print_exc()
+            report.append(f"\n### {name}: failed ({type(e).__name__}: {str(e)[:200]})\n")
         print(f"[{name}: {time.time() - t0:.0f} s]", flush=True)
         with open(os.path.join(args.out, "report.md"), "w") as f:
             f.write("\n".join(report))
