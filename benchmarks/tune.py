@@ -260,3 +260,36 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def section_profile_engine():
+    """Where a 512-token prefill of the device engine spends its time: GPU (events) vs host (cProfile)."""
+    import cProfile
+    import pstats
+    import tempfile
+
+    from tinyllm import load_model, make_tiny
+    d = make_tiny(os.path.join(tempfile.mkdtemp(), "wide4"), seed=0, hidden_size=2048, intermediate_size=5632,
+                  num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                  max_position_embeddings=4096)
+    m = load_model(str(d), backend="cuda")
+    ids = np.random.default_rng(0).integers(3, 32000, (1, 512))
+    for _ in range(2):
+        m.reset()
+        m.forward(ids, last_only=True)
+    m.reset()
+    cuda.synchronize()
+    start, end = cuda.event(), cuda.event()
+    t0 = time.perf_counter()
+    start.record()
+    m.forward(ids, last_only=True)
+    end.record()
+    end.synchronize()
+    rows = [dict(layers=4, host_ms=(time.perf_counter() - t0) * 1e3, events_ms=cuda.event_elapsed_time(start, end))]
+    m.reset()
+    prof = cProfile.Profile()
+    prof.enable()
+    m.forward(ids, last_only=True)
+    prof.disable()
+    table("prefill 512, 4 layers at TinyLlama width", rows, list(rows[0]))
+    pstats.Stats(prof).sort_stats("cumtime").print_stats(25)
