@@ -258,9 +258,6 @@ def main():
             json.dump(RESULTS, f, indent=1, default=str)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def section_profile_engine():
     """Where a 512-token prefill of the device engine spends its time: GPU (events) vs host (cProfile)."""
@@ -293,3 +290,7 @@ def section_profile_engine():
     prof.disable()
     table("prefill 512, 4 layers at TinyLlama width", rows, list(rows[0]))
     pstats.Stats(prof).sort_stats("cumtime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
