@@ -28,7 +28,7 @@ def one_layer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def device_model(one_layer_dir, kernel_backend):
-    return load_model(one_layer_dir, backend=kernel_backend)
+    return load_model(one_layer_dir, backend=kernel_backend, max_len=200)   # a context below the first bucket (256)
 
 
 @pytest.fixture

@@ -414,7 +414,8 @@ class DeviceEngine:
 
     # ---- one forward, replayed as a CUDA graph for decode steps --------------------------------------------
     def _bucket(self, n):
-        return next((b for b in self.buckets if n <= b), self.cache.max_len)
+        """The context bucket of a decode step at n tokens (never past the cache: its grid is sized by it)."""
+        return min(next((b for b in self.buckets if n <= b), self.cache.max_len), self.cache.max_len)
 
     def run(self, forward, ids, start_pos, last_only):
         """forward(ids, start_pos, last_only) on this engine. On a GPU a decode step (one token per row) runs
@@ -427,7 +428,7 @@ class DeviceEngine:
             return parts[-1] if last_only else np.concatenate(parts, axis=1)
         if not (self.use_graphs and s == 1):
             return forward(ids, start_pos, last_only)
-        bucket = min(self._bucket(start_pos + 1), self.cache.max_len)
+        bucket = self._bucket(start_pos + 1)
         key = (B, bucket)
         graph = self._graphs.get(key)
         if graph is None and key not in self._warm:
