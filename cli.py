@@ -368,13 +368,19 @@ def megabytes(bar):
 
 
 def describe_backend(chosen, asked):
-    """Why this attention backend: the line --verbose prints."""
+    """Why this backend: the line --verbose prints."""
     from numbattn.backend import probe
     backends, reason = probe()
     if asked in (None, "auto"):
-        return f"attention backend: {chosen} (auto: {reason})"
-    return (f"attention backend: {chosen} (--backend {asked}; available here: {', '.join(backends)}; "
+        return f"backend: {chosen} (auto: {reason})"
+    return (f"backend: {chosen} (--backend {asked}; available here: {', '.join(backends)}; "
             f"auto would pick {backends[0]}: {reason})")
+
+
+ENGINES = {"cuda": "the device engine: the weights uploaded to the GPU once, every op a numbattn kernel, decode "
+                   "steps replayed as CUDA graphs",
+           "sim": "the device engine in Numba's CUDA simulator (every op a numbattn kernel, run on the CPU: slow)",
+           "numpy": "the NumPy engine: weights in host memory (fp32), every op in NumPy"}
 
 
 def open_model(model, backend, ctx_size=None, verbose=False, download=True):
@@ -395,6 +401,7 @@ def open_model(model, backend, ctx_size=None, verbose=False, download=True):
     if verbose:
         note(f"loaded {source} in {time.perf_counter() - t0:.2f} s")
         note(describe_backend(llm.backend, backend))
+        note(llm.describe())
     return llm, label
 
 
@@ -435,7 +442,7 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
         raise UserError(f"{label} has no chat template: use `generate --raw` with it")
     from tinyllm.chat import ChatSession
     session = ChatSession(llm, system, write=write_piece, note=note, **sampling_kwargs(**sampling))
-    note(f"chatting with {label} (attention: {llm.backend}, context {llm.max_len} tokens). "
+    note(f"chatting with {label} ({llm.engine} engine on {llm.backend}, context {llm.max_len} tokens). "
          f"/help lists the commands; Ctrl-C stops a reply; /exit or Ctrl-D quits.")
     if sys.stdin.isatty():
         try:
@@ -540,6 +547,7 @@ def info(model, backend, verbose):
     click.echo(f"backends available: {', '.join(backends)} (best first)")
     click.echo(f"backend chosen: {chosen} ({'auto' if backend == 'auto' else '--backend ' + backend}); "
                f"probe: {reason}")
+    click.echo(f"engine: {ENGINES[chosen]}")
     click.echo(f"GPU: {gpu_name() if 'cuda' in backends else 'none'}")
     sdpa = "yes" if torch_cuda() is not None else "no (needs torch and a GPU)"
     click.echo(f"torch SDPA for bench comparisons: {sdpa}")

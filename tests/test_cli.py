@@ -83,7 +83,8 @@ def test_chat_scripted_session(run, tiny_model_dir):
     assert r.exit_code == 0, r.output
     assert "/reset   start a new conversation" in r.stdout                       # /help on stdout
     assert "(new conversation)" in r.stderr and "unknown command /foo" in r.stderr
-    assert "attention backend: numpy (--backend numpy" in r.stderr               # --verbose: which and why
+    assert "backend: numpy (--backend numpy" in r.stderr                         # --verbose: which and why
+    assert "NumPy engine: weights in host memory" in r.stderr                     # ... and where the weights live
     stats = [tuple(map(int, m)) for m in STATS.findall(r.stderr)]
     assert len(stats) == 3 and "decode" in r.stderr and "context" in r.stderr
     # turn 2 continues turn 1: its prompt starts with turn 1's, whose K/V are reused, not recomputed
@@ -155,7 +156,7 @@ def test_generate_on_the_simulator_agrees_with_numpy(run, tiny_model_dir):
     args = ["generate", "Hi", "-m", tiny_model_dir, "--temp", 0, "-n", 2]
     sim = run(*args, "--backend", "sim", "-v")
     assert sim.exit_code == 0, sim.output
-    assert "attention backend: sim" in sim.stderr
+    assert "backend: sim" in sim.stderr and "device engine (sim): weights on the simulated device" in sim.stderr
     assert sim.stdout == run(*args, *NUMPY).stdout
 
 
@@ -167,13 +168,14 @@ def test_info_without_a_downloaded_model(run):
     assert r.exit_code == 0, r.output
     assert "backends available: sim, numpy" in r.stdout and "backend chosen: sim (auto)" in r.stdout
     assert "NUMBA_ENABLE_CUDASIM=1" in r.stdout and "GPU: none" in r.stdout
+    assert "engine: the device engine in Numba's CUDA simulator" in r.stdout
     assert f"model: {MODEL_ID} is not downloaded" in r.stdout
 
 
 def test_info_with_a_model_dir_and_a_cached_model(run, tiny_model_dir, empty_hub_cache):
     r = run("info", "-m", tiny_model_dir, *NUMPY)
     assert r.exit_code == 0, r.output
-    assert "backend chosen: numpy (--backend numpy)" in r.stdout
+    assert "backend chosen: numpy (--backend numpy)" in r.stdout and "engine: the NumPy engine" in r.stdout
     assert "layers 2, hidden 64, heads 4 (2 KV heads, head_dim 16)" in r.stdout
     n = 512 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 172 + 2 * 64) + 64   # embed, lm_head, layers, norm
     assert f"parameters: 156.48K ({n:,})" in r.stdout

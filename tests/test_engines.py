@@ -38,7 +38,7 @@ def tiny_model(one_layer_dir):
 
 def test_engines_are_chosen_by_backend(device_model, tiny_model, kernel_backend):
     assert isinstance(device_model.ops, DeviceEngine) and isinstance(tiny_model.ops, NumpyEngine)
-    assert device_model.engine == "device" and "weights on the GPU" in device_model.describe()
+    assert device_model.engine == "device" and "device engine" in device_model.describe()
     assert "bf16" in device_model.describe()                         # uploaded as stored: no fp32 copy
     mixed = load_model(device_model.tokenizer.source, backend=kernel_backend, engine="numpy")
     assert isinstance(mixed.ops, NumpyEngine) and kernel_backend in mixed.describe()

@@ -264,7 +264,8 @@ class DeviceEngine:
     def describe(self):
         kinds = "/".join(self.weights.kinds)
         cache = self.cache.n_layers * 2 * int(np.prod(self.cache.shape)) * self.cache.dtype.itemsize
-        return (f"device engine ({self.backend}): weights on the GPU ({_human_bytes(self.weights.nbytes)} of "
+        where = "the GPU" if self.backend == "cuda" else "the simulated device (host memory)"
+        return (f"device engine ({self.backend}): weights on {where} ({_human_bytes(self.weights.nbytes)} of "
                 f"{kinds} words), KV cache {_human_bytes(cache)} {self.cache.dtype.name}, every op a numbattn "
                 f"kernel{'; decode steps replayed as CUDA graphs' if self.use_graphs else ''}")
 
