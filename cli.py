@@ -702,12 +702,13 @@ def bench_whole_model(model, be, seq_lens, new_tokens, verbose):
             from tinyllm import make_tiny
             model = str(make_tiny(Path(tmp) / "tiny"))
             note("benchmarking a miniature random checkpoint (tinyllm/tiny.py); -m picks a real model")
-        llm, _ = open_model(model, be, verbose=verbose)
-        seq_lens = seq_lens or default_prompt_lengths(llm, be, new_tokens)
-        backends = [be] + (["numpy"] if be != "numpy" else [])
-        with click.progressbar(length=len(backends) * len(seq_lens), label="bench model", file=sys.stderr,
+        models = [open_model(model, be, verbose=verbose)[0]]
+        if be != "numpy":                                 # the NumPy engine on the same weights, for comparison
+            models.append(open_model(model, "numpy", verbose=verbose)[0])
+        seq_lens = seq_lens or default_prompt_lengths(models[0], be, new_tokens)
+        with click.progressbar(length=len(models) * len(seq_lens), label="bench model", file=sys.stderr,
                                show_pos=True) as bar:
-            return bench_model(llm, seq_lens, new_tokens=new_tokens, backends=backends, progress=bar.update)
+            return bench_model(models, seq_lens, new_tokens=new_tokens, progress=bar.update)
 
 
 if __name__ == "__main__":
