@@ -69,7 +69,9 @@ def call_overhead(report, out, args):
     for n in (16, 128, 512, 1024):
         q, k, v = bench.random_qkv(1, n, n)
         dq, dk, dv = (cuda.to_device(x) for x in (q, k, v))
-        impls = {"numbattn.attention (v2)": lambda: prefill.flash_attention(dq, dk, dv, causal=True)}
+        out = cuda.device_array(q.shape, np.float32)
+        impls = {"numbattn.attention (v2)": lambda: prefill.flash_attention(dq, dk, dv, causal=True),
+                 "numbattn flash_attention(out=)": lambda: prefill.flash_attention(dq, dk, dv, causal=True, out=out)}
         impls.update({k_: f for k_, f in bench.prefill_impls("cuda", (), q, k, v, True, False).items()
                       if "mem-efficient" in k_ or "flash" in k_})
         bench._time_impls(impls, "cuda", args.repeat, rows, lambda ms: {}, methods=("host_ms", "sync_ms", "gpu_ms"),
