@@ -412,7 +412,8 @@ if BACKEND == "cuda":
     print(bench.format_table(rows, columns))
 else:
     print("the simulator's times measure Python threads; the same step on an H100 (milliseconds):")
-    _lesson.measured("## Decode", ["batch", "n", "numbattn decode float32", "numbattn decode float16",
-                                   "torch SDPA flash fp16"], plot="decode.png")
+    _lesson.measured("### Decode: milliseconds per call", ["batch", "n", "numbattn decode v1 float32",
+                                                           "numbattn decode v1 float16", "torch SDPA flash fp16"],
+                     plot="decode.png")
     print("the simulator runs the same code at tiny lengths (this checks it, the time means nothing):")
     print(bench.format_table(time_decode((16,), "v1", "host", repeat=1), ["version", "context"]))

@@ -302,11 +302,12 @@ _lesson.breaks("RoPE pairs neighbours (2i, 2i + 1) instead of (i, i + d/2)",
 # %% [markdown]
 # ## Benchmark
 #
-# In tinyllm the matmuls are NumPy on the CPU and only attention runs on numbattn, so the question is how the
-# forward time splits. On a GPU we build a random model of TinyLlama's real width (hidden 2048, 32/4 heads,
-# MLP 5632, vocabulary 32000) but only 2 layers, and time a prefill at a few prompt lengths plus one decode
-# step, with attention on the GPU kernels and on the NumPy reference. Without a GPU the same code runs on the
-# miniature model at tiny lengths, with attention in the simulator.
+# The forward above is written once and runs on two engines (tinyllm/engines.py): the NumPy engine, every op
+# a line of NumPy (what this lesson checked), and, on a GPU, the device engine: the same forward with every op
+# a numbattn kernel and the weights resident on the GPU. On a GPU we build a random model of TinyLlama's real
+# width (hidden 2048, 32/4 heads, MLP 5632, vocabulary 32000) but only 2 layers, and time a prefill at a few
+# prompt lengths plus one decode step on both engines. Without a GPU the same code runs on the miniature model
+# at tiny lengths, on the NumPy engine.
 
 # %%
 def time_forward(model_path, seq_lens, backends, repeat):
@@ -319,21 +320,21 @@ def time_forward(model_path, seq_lens, backends, repeat):
             prefill_ms = bench.timed(lambda: m.forward(prompt_ids), "host", warmup=1, repeat=repeat)
             token = prompt_ids[:, -1:]
             decode_ms = bench.timed(lambda: m.forward(token, start_pos=n), "host", warmup=1, repeat=repeat)
-            rows.append(dict(attention=be, prompt=n, prefill_ms=prefill_ms, prefill_tok_per_s=n / prefill_ms * 1e3,
+            rows.append(dict(backend=be, prompt=n, prefill_ms=prefill_ms, prefill_tok_per_s=n / prefill_ms * 1e3,
                              decode_ms=decode_ms))
     return rows
 
 
-columns = ["attention", "prompt", "prefill_ms", "prefill_tok_per_s", "decode_ms"]
+columns = ["backend", "prompt", "prefill_ms", "prefill_tok_per_s", "decode_ms"]
 if BACKEND == "cuda":
     wide = tinyllm.make_tiny(Path(workdir.name) / "wide", seed=0, hidden_size=2048, intermediate_size=5632,
                              num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=2,
                              vocab_size=32000, max_position_embeddings=2048)
-    print("TinyLlama width, 2 of 22 layers, batch 1 (matmuls in NumPy on the host):")
+    print("TinyLlama width, 2 of 22 layers, batch 1 (cuda: the device engine; numpy: the NumPy engine):")
     print(bench.format_table(time_forward(wide, (128, 512, 1024), ("cuda", "numpy"), repeat=3), columns))
 else:
     print("the simulator's times measure Python threads; the whole TinyLlama-1.1B shape, measured on the GPU "
-          "machine (matmuls in NumPy on its 16 CPU cores):")
+          "machine (both engines, and Hugging Face transformers for comparison):")
     _lesson.measured("## End to end", ["impl", "prompt", "prefill_ms", "decode_ms", "decode_tok_s"],
                      plot="model.png")
     print("the miniature here, attention in NumPy (a CPU timing of this machine):")
