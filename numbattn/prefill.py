@@ -103,10 +103,8 @@ def make_v0(head_dim, block_m):
 @functools.lru_cache(maxsize=None)
 def make_v1(head_dim, block_m, block_n):
     D, BM, BN = head_dim, block_m, block_n
-    DP = D + 1  # pad Q rows by one word: thread t reads Qs[t, d], and a stride of D (a multiple of 32
-    #             banks) would put every thread of a warp on the same shared-memory bank
-
-    load_q_tile, load_kv_tile = _make_v1_loads(D, BM, BN)
+    DP = D + 1  # pad Q rows by a word: with a row stride of D (32 banks' multiple) a warp reads one bank
+    load_q_tile, load_kv_tile, record, store_row = _make_v1_loads(D, BM, BN)
 
     @cuda.jit(fastmath=True)
     def attention_v1(q, k, v, out, scale_log2, causal, trace):
@@ -124,13 +122,11 @@ def make_v1(head_dim, block_m, block_n):
         Vs = cuda.shared.array((BN, D), float32)
         s = cuda.local.array(BN, float32)   # this row's scores for the current key tile
         acc = cuda.local.array(D, float32)
-
         load_q_tile(q, b, h, q0, q_len, scale_log2, t, Qs)   # pre-scaled: the loop below can use exp2 directly
         for d in range(D):
             acc[d] = 0.0
         m_i = NEG_INF
         l_i = float32(0.0)
-
         # Causal: the block's last row sees keys up to q0 + BM - 1 + offset; tiles past that are skipped.
         kv_end = min(kv_len, q0 + BM + offset) if causal else kv_len
         for j0 in range(0, kv_end, BN):
@@ -161,13 +157,8 @@ def make_v1(head_dim, block_m, block_n):
                     for d in range(D):
                         acc[d] += p * Vs[jj, d]
                 m_i = m_new
-                if trace.shape[4] == 2:     # lessons only (see trace_v1): m_i, l_i after this key tile
-                    trace[b, h, i, j0 // BN, 0] = m_i
-                    trace[b, h, i, j0 // BN, 1] = l_i
-        if i < q_len:
-            inv_l = 1.0 / l_i               # the one division, at the very end
-            for d in range(D):
-                out[b, h, i, d] = acc[d] * inv_l
+                record(trace, b, h, i, j0, m_i, l_i)    # lessons only (see trace_v1)
+        store_row(out, acc, l_i, b, h, i, q_len)        # out = acc / l_i: the one division, at the very end
 
     return attention_v1
 
@@ -188,7 +179,22 @@ def _make_v1_loads(D, BM, BN):
             inside = j0 + r < kv_len
             Ks[r, c] = float32(k[b, hk, j0 + r, c]) if inside else 0.0
             Vs[r, c] = float32(v[b, hk, j0 + r, c]) if inside else 0.0
-    return load_q_tile, load_kv_tile
+
+    @cuda.jit(device=True, inline=True)
+    def record(trace, b, h, i, j0, m_i, l_i):
+        """m_i and l_i after the key tile at j0, when a trace buffer was given (trace_v1, for the lessons)."""
+        if trace.shape[4] == 2:
+            trace[b, h, i, j0 // BN, 0] = m_i
+            trace[b, h, i, j0 // BN, 1] = l_i
+
+    @cuda.jit(device=True, inline=True)
+    def store_row(out, acc, l_i, b, h, i, q_len):
+        """out[b, h, i] = acc / l_i (rows past q_len store nothing)."""
+        if i < q_len:
+            inv_l = 1.0 / l_i
+            for d in range(D):
+                out[b, h, i, d] = acc[d] * inv_l
+    return load_q_tile, load_kv_tile, record, store_row
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
     scores = _make_scores(D, BN, TR, TC, TM, TN)
     softmax_step = _make_softmax_step(TM, TN, TE, group_max)
     pv = _make_pv(BN, TM, TE)
+    init_thread, store_rows = _make_thread_state(TR, TC, TM, TN, TE)
 
     @cuda.jit(fastmath=True)
     def attention_v2(q, k, v, out, scale_log2, causal):
@@ -105,19 +106,8 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
         rows = cuda.local.array(TM, uint32)         # this thread's rows, keys and output dims within the tile
         keys = cuda.local.array(TN, uint32)
         dims = cuda.local.array(TE, uint32)
-        for i in range(TM):
-            rows[i] = rg + TR * i
-        for j in range(TN):
-            keys[j] = cg + TC * j
-        for e in range(TE):
-            dims[e] = cg + TC * e
-
+        init_thread(rows, keys, dims, m_i, l_i, acc, rg, cg)
         load_q(q, b, h, q0, q_len, scale_log2, t, Qs)
-        for i in range(TM):
-            m_i[i] = NEG_INF
-            l_i[i] = 0.0
-            for e in range(TE):
-                acc[i, e] = 0.0
 
         kv_end = min(kv_len, q0 + BM + offset) if causal else kv_len
         for j0 in range(0, kv_end, BN):
@@ -130,14 +120,37 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
             pv(Ps, Vs, rows, dims, a, bvec, acc)
 
         group_sum(l_i, red)                         # the row sums, combined once
+        store_rows(out, acc, l_i, b, h, q0, q_len, rg, cg)
+
+    return attention_v2
+
+
+def _make_thread_state(TR, TC, TM, TN, TE):
+    @cuda.jit(device=True, inline=True)
+    def init_thread(rows, keys, dims, m_i, l_i, acc, rg, cg):
+        """This thread's rows, keys and output dims within the tile (strided), and its softmax state at 0."""
+        for i in range(TM):
+            rows[i] = rg + TR * i
+        for j in range(TN):
+            keys[j] = cg + TC * j
+        for e in range(TE):
+            dims[e] = cg + TC * e
+        for i in range(TM):
+            m_i[i] = NEG_INF
+            l_i[i] = 0.0
+            for e in range(TE):
+                acc[i, e] = 0.0
+
+    @cuda.jit(device=True, inline=True)
+    def store_rows(out, acc, l_i, b, h, q0, q_len, rg, cg):
+        """out = acc / l_i for this thread's rows (the one division, at the very end)."""
         for i in range(TM):
             r = q0 + rg + TR * i
             if r < q_len:
                 inv_l = float32(1.0) / l_i[i]
                 for e in range(TE):
                     out[b, h, r, cg + TC * e] = acc[i, e] * inv_l
-
-    return attention_v2
+    return init_thread, store_rows
 
 
 def _make_loads(D, BM, BN, NT):

@@ -105,7 +105,7 @@ V1_STEPS = [("load_q_tile(q", "1"), ("for j0 in range(0, kv_end, BN)", "2"), ("c
             ("load_kv_tile(k", "2b"), ("cuda.syncthreads()", "2c"),
             ("x += Qs[t, d] * Ks[jj, d]", "2d"), ("m_new = max(m_i, m_tile)", "2e"),
             ("alpha = math.exp2(m_i - m_new)", "2e"), ("l_i *= alpha", "2e"), ("acc[d] *= alpha", "2e"),
-            ("acc[d] += p * Vs[jj, d]", "2f"), ("out[b, h, i, d] = ", "3")]
+            ("acc[d] += p * Vs[jj, d]", "2f"), ("store_row(", "3")]
 
 
 def show_kernel(factory, kernel_name, steps):
