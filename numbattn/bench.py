@@ -231,33 +231,39 @@ def bench_decode(cache_lens, batches=(1,), dtypes=("float32", "float16"), backen
     from .kvcache import KVCache
     be = _backend.resolve(backend)
     rows = []
+    for b, n, dt, rng, k, v in _kv_points(batches, cache_lens, dtypes):
+        q = rng.standard_normal((b, N_HEADS, HEAD_DIM), dtype=np.float32)
+        impls = {}
+        if be in ("cuda", "sim"):
+            from numba import cuda
+            cache = KVCache(1, b, N_KV_HEADS, n, HEAD_DIM, dtype=dt, backend=be)
+            cache.append(0, k, v)
+            dq = cuda.to_device(q)
+            for ver in decode.VERSIONS:
+                impls[f"numbattn decode {ver} {dt}"] = (
+                    lambda ver=ver, cache=cache: decode.decode_attention(dq, cache, 0, version=ver))
+        if n <= reference_max_n and dt == "float32":
+            lengths = np.full(b, n, np.int32)
+            impls["numpy reference"] = lambda: reference.decode_attention(q, k, v, lengths)
+        if be == "cuda" and torch_cuda() is not None:
+            impls.update(_torch_decode(q, k, v, dt, n))
+        kv_bytes = 2 * b * N_KV_HEADS * n * HEAD_DIM * np.dtype(dt).itemsize
+        _time_impls(impls, be, repeat, rows, lambda ms: dict(kv_MB=kv_bytes / 1e6, **_bandwidth(kv_bytes, ms)),
+                    methods=methods, what="decode", batch=b, n=n, cache=dt)
+        if progress:
+            progress(1)
+    return rows
+
+
+def _kv_points(batches, lengths, dtypes):
+    """(batch, n, dtype, rng, k, v) for every combination: random K and V [batch, 4, n, 64] stored as dtype."""
     for b in batches:
-        for n in cache_lens:
+        for n in lengths:
             for dt in dtypes:
                 rng = np.random.default_rng(n)
-                q = rng.standard_normal((b, N_HEADS, HEAD_DIM), dtype=np.float32)
                 k, v = (rng.standard_normal((b, N_KV_HEADS, n, HEAD_DIM), dtype=np.float32).astype(dt)
                         for _ in range(2))
-                impls = {}
-                if be in ("cuda", "sim"):
-                    from numba import cuda
-                    cache = KVCache(1, b, N_KV_HEADS, n, HEAD_DIM, dtype=dt, backend=be)
-                    cache.append(0, k, v)
-                    dq = cuda.to_device(q)
-                    for ver in decode.VERSIONS:
-                        impls[f"numbattn decode {ver} {dt}"] = (
-                            lambda ver=ver, cache=cache: decode.decode_attention(dq, cache, 0, version=ver))
-                if n <= reference_max_n and dt == "float32":
-                    lengths = np.full(b, n, np.int32)
-                    impls["numpy reference"] = lambda: reference.decode_attention(q, k, v, lengths)
-                if be == "cuda" and torch_cuda() is not None:
-                    impls.update(_torch_decode(q, k, v, dt, n))
-                kv_bytes = 2 * b * N_KV_HEADS * n * HEAD_DIM * np.dtype(dt).itemsize
-                _time_impls(impls, be, repeat, rows, lambda ms: dict(kv_MB=kv_bytes / 1e6, **_bandwidth(kv_bytes, ms)),
-                            methods=methods, what="decode", batch=b, n=n, cache=dt)
-                if progress:
-                    progress(1)
-    return rows
+                yield b, n, dt, rng, k, v
 
 
 def _torch_decode(q, k, v, dt, n):
@@ -290,31 +296,26 @@ def bench_append(token_counts=(1, 16, 512, 2048), batches=(1,), dtypes=("float32
     from . import kvcache
     be = _backend.resolve(backend)
     rows = []
-    for b in batches:
-        for t in token_counts:
-            for dt in dtypes:
-                rng = np.random.default_rng(t)
-                k, v = (rng.standard_normal((b, N_KV_HEADS, t, HEAD_DIM), dtype=np.float32).astype(dt)
-                        for _ in range(2))
-                impls = {}
-                if be in ("cuda", "sim"):
-                    from numba import cuda
-                    dk, dv = cuda.to_device(k), cuda.to_device(v)
-                    kc, vc = (cuda.device_array((b, N_KV_HEADS, max_len, HEAD_DIM), dt) for _ in range(2))
-                    l_in, l_out = cuda.to_device(np.zeros(b, np.int32)), cuda.device_array(b, np.int32)
-                    tickets = cuda.to_device(np.zeros(b, np.int32))
-                    copy = kvcache.SIM_COPY if be == "sim" else kvcache.GPU_COPY
-                    impls[f"numbattn append {dt}"] = lambda: kvcache.launch_append(dk, dv, kc, vc, l_in, l_out,
-                                                                                   tickets, copy)
-                else:
-                    hk, hv = (np.empty((b, N_KV_HEADS, max_len, HEAD_DIM), dt) for _ in range(2))
-                    impls["numpy copy"] = lambda: (hk.__setitem__((slice(None), slice(None), slice(0, t)), k),
-                                                   hv.__setitem__((slice(None), slice(None), slice(0, t)), v))
-                moved = 2 * 2 * k.nbytes  # K and V, each read once and written once
-                _time_impls(impls, be, repeat, rows, lambda ms: _bandwidth(moved, ms),
-                            what="append", batch=b, n=t, cache=dt)
-                if progress:
-                    progress(1)
+    for b, t, dt, _, k, v in _kv_points(batches, token_counts, dtypes):
+        impls = {}
+        if be in ("cuda", "sim"):
+            from numba import cuda
+            dk, dv = cuda.to_device(k), cuda.to_device(v)
+            kc, vc = (cuda.device_array((b, N_KV_HEADS, max_len, HEAD_DIM), dt) for _ in range(2))
+            l_in, l_out = cuda.to_device(np.zeros(b, np.int32)), cuda.device_array(b, np.int32)
+            tickets = cuda.to_device(np.zeros(b, np.int32))
+            copy = kvcache.SIM_COPY if be == "sim" else kvcache.GPU_COPY
+            impls[f"numbattn append {dt}"] = lambda: kvcache.launch_append(dk, dv, kc, vc, l_in, l_out,
+                                                                           tickets, copy)
+        else:
+            hk, hv = (np.empty((b, N_KV_HEADS, max_len, HEAD_DIM), dt) for _ in range(2))
+            impls["numpy copy"] = lambda: (hk.__setitem__((slice(None), slice(None), slice(0, t)), k),
+                                           hv.__setitem__((slice(None), slice(None), slice(0, t)), v))
+        moved = 2 * 2 * k.nbytes  # K and V, each read once and written once
+        _time_impls(impls, be, repeat, rows, lambda ms: _bandwidth(moved, ms),
+                    what="append", batch=b, n=t, cache=dt)
+        if progress:
+            progress(1)
     return rows
 
 
