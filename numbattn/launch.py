@@ -2,9 +2,9 @@
 
 Why this exists. `kernel[grid, threads](*args)` is convenient, and on the host it is slow: for every call Numba
 types each argument, finds the compiled overload, flattens every array into ~9 C values, boxes each scalar in
-a ctypes object, and builds a parameter block for the driver (measured on the H100 machine, numba-cuda 0.30.4:
-16 µs for a kernel with one array argument, +~3.5 µs per further array, +~11 µs per scalar). At batch 1 a
-decode step is ~150 small launches, so that host time, not the GPU, would set the speed.
+a ctypes object, and builds a parameter block for the driver: tens of microseconds per launch, more with
+every argument (BENCHMARKS.md and shared/gpu/README.md have the measurements). At batch 1 a decode step is
+~130 small launches, so that host time, not the GPU, would set the speed.
 
 A `Launch` does all of that once: it compiles (or finds) the overload for the arguments' types, marshals the
 arguments into a parameter block that stays alive, and each call is then a single cuLaunchKernel through
