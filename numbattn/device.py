@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import config, cuda, float32, int32, uint32
 
-LOG2E = 1.4426950408889634
+from .validate import LOG2E  # noqa: F401  (exp(x) = exp2(x * LOG2E), defined where the scale is checked)
 NEG_INF = float32(-np.inf)
 # fastmath without 'ninf'/'nnan': running maxima start at -inf and NaN-poisoned cache slots must stay visible if a
 # bug ever reads them, so the compiler may not assume either away. 'afn' gives the fast exp2.

@@ -62,6 +62,7 @@ SIM_COPY = (16, 1)
 
 @cuda.jit
 def append_kv(k_new, v_new, k_cache, v_cache, lengths_in, lengths_out, counters):
+    # k_new, v_new [B, Hkv, t, D] -> k_cache, v_cache [B, Hkv, max_len, D]; lengths [B] (+t); counters [B]
     """k_cache[b, h, lengths_in[b] + j] = k_new[b, h, j] (and v); lengths_out[b] = lengths_in[b] + t.
 
     lengths_in and lengths_out may be the same array (the cache's table, advanced in place): the last block of
@@ -83,6 +84,7 @@ def append_kv(k_new, v_new, k_cache, v_cache, lengths_in, lengths_out, counters)
 
 @cuda.jit
 def fill_nan(k_cache, v_cache, start, stop):
+    # k_cache, v_cache [B, Hkv, max_len, D]; start, stop [B] -> NaN in slots start[b]..stop[b] of row b
     """NaN into slots [start[b], stop[b]) of every KV head of row b (truncate: poison the rewound tokens)."""
     hk, b = cuda.blockIdx.y, cuda.blockIdx.z
     head_dim = k_cache.shape[3]

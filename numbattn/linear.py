@@ -124,6 +124,7 @@ def make_gemv(n_in, kind, n_tokens, epilogue="none", rmsnorm=False):
 
     @cuda.jit(fastmath=FASTMATH)
     def gemv(x, w, out, norm_w, eps):
+        # x [M, K] f32, w [N, K/VPW] u64, norm_w [K] -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
         xs = cuda.shared.array((M, VPW, WPR), float32)      # xs[m, j, i] = x[m, i * VPW + j]
         red = cuda.shared.array(RED, float32)
         stage(x, norm_w, eps, xs, red)

@@ -43,6 +43,7 @@ def make_embed(kind):
 
     @cuda.jit
     def embed(ids, table, x):
+        # ids [M] i32, table [vocab, dim/VPW] u64 -> x [M, dim] f32
         """x[m, :] = table[ids[m], :] widened to float32 (one block per token)."""
         m = cuda.blockIdx.x
         row = ids[m]
@@ -63,6 +64,7 @@ def make_rms_norm():
 
     @cuda.jit(fastmath=FASTMATH)
     def rms_norm(x, g, eps, y):
+        # x [M, dim], g [dim] -> y [M, dim]
         """y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * g (one block of THREADS threads per token)."""
         m, t = cuda.blockIdx.x, cuda.threadIdx.x
         red = cuda.shared.array(RED, float32)
@@ -116,6 +118,7 @@ def make_rope_append(n_heads, n_kv_heads, head_dim):
 
     @cuda.jit(fastmath=FASTMATH)
     def rope_append(qkv, cos, sin, k_cache, v_cache, lengths, counters):
+        # qkv [B*L, (H+2Hkv)*D] (q rotated in place), cos/sin [max_len, D/2] -> k/v cache [B, Hkv, max_len, D]
         blk, b, t = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
         L = qkv.shape[0] // k_cache.shape[0]  # new tokens per row
         start = int64(lengths[b])
