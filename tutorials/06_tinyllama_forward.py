@@ -10,7 +10,8 @@ What you will learn
 * How a checkpoint is stored: safetensors (a JSON header + raw little-endian bytes), bfloat16 weights
   (the top 16 bits of a float32), Hugging Face's tensor names and [out, in] layout.
 * How to verify a model: we build TinyLlama's miniature sibling (same files and layout, random weights,
-  `tinyllm.make_tiny`) and compute its logits twice, with tinyllm (fp32, attention on numbattn's kernels)
+  `tinyllm.make_tiny`) and compute its logits twice, with tinyllm (its NumPy engine in fp32, attention on
+  numbattn's kernels)
   and with an independent fp64 implementation written in this lesson from the raw bytes of the checkpoint.
 * A picture of one Llama block and the residual stream it reads and adds to (tutorials/out/06_llama_block.png),
   and what the check says when RoPE pairs the wrong elements.
@@ -55,7 +56,9 @@ cfg = json.loads((model_dir / "config.json").read_text())
 print({k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                             "num_key_value_heads", "vocab_size", "rope_theta", "rms_norm_eps", "torch_dtype")})
 
-model = tinyllm.load_model(model_dir)            # attention on the best numbattn backend (GPU or simulator)
+# tinyllm's NumPy engine (tinyllm/engines.py: every op a line of NumPy), with attention on the best numbattn
+# backend (the GPU or the simulator); lesson 7 checks the all-kernel device engine against it
+model = tinyllm.load_model(model_dir, engine="numpy")
 prompt = "Hello world! How are you?"
 ids = model.tokenizer.encode(prompt)
 print(f"{prompt!r} -> {len(ids)} tokens:", [model.tokenizer.id_to_token(i) for i in ids])
