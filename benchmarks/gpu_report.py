@@ -239,7 +239,6 @@ def model(report, out, args):
 
     import torch
     import transformers
-    from numba import cuda
 
     from tinyllm import load_model, make_tiny
     t0 = time.time()

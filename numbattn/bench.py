@@ -320,22 +320,17 @@ def bench_append(token_counts=(1, 16, 512, 2048), batches=(1,), dtypes=("float32
 
 
 def prefill_benchmark_text(backend, versions, seq_lens):
-    """The benchmark cell of lessons 2 and 3, as text for the lesson to print. On a GPU: causal prefill of
-    `versions` at TinyLlama's shape (batch 1) next to the NumPy reference (and torch SDPA if installed), ms and
-    TFLOP/s. In the simulator: one timing at a tiny shape, which only shows that the code runs (it measures
-    Python threads, not the algorithm)."""
-    if backend == "cuda":
-        rows = bench_prefill(seq_lens=seq_lens, causal=(True,), versions=versions, reference_max_n=1024)
-        lines = [f"causal prefill, batch 1, {N_HEADS} heads / {N_KV_HEADS} KV heads, head_dim {HEAD_DIM}:"]
-        for value in ("ms", "tflops"):
-            table, columns = pivot(rows, ["n"], value)
-            lines += ["", f"{value}:", format_table(table, columns)]
-        return "\n".join(lines)
-    q, k, v = random_qkv(1, 16, 16, n_heads=2, n_kv_heads=1, head_dim=16)
-    impls = prefill_impls(backend, versions, q, k, v, causal=True, with_reference=True)
-    rows = [dict(impl=name, n=16, heads=2, ms=timed(fn, "host", warmup=0, repeat=1)) for name, fn in impls.items()]
-    return ("the benchmark needs a CUDA GPU; tiny-size timing in the simulator instead:\n"
-            + format_table(rows, ["impl", "n", "heads", "ms"]))
+    """The GPU benchmark cell of lessons 2 and 3, as text for the lesson to print: causal prefill of `versions`
+    at TinyLlama's shape (batch 1) next to the NumPy reference (and torch SDPA if installed), ms and TFLOP/s.
+    (Without a GPU the lessons show BENCHMARKS.md's H100 tables instead: the simulator times Python threads.)"""
+    if backend != "cuda":
+        raise ValueError(f"the prefill benchmark times kernels on a GPU; backend {backend!r} has none")
+    rows = bench_prefill(seq_lens=seq_lens, causal=(True,), versions=versions, reference_max_n=1024)
+    lines = [f"causal prefill, batch 1, {N_HEADS} heads / {N_KV_HEADS} KV heads, head_dim {HEAD_DIM}:"]
+    for value in ("ms", "tflops"):
+        table, columns = pivot(rows, ["n"], value)
+        lines += ["", f"{value}:", format_table(table, columns)]
+    return "\n".join(lines)
 
 
 def format_table(rows, columns):

@@ -56,7 +56,7 @@ from numba import cuda, float32, int32, int64
 
 from . import backend as _backend
 from . import reference
-from .device import FASTMATH, LOG2E, NEG_INF, SIM, arrive_last, make_group_reduce, reduce_scratch_shape
+from .device import FASTMATH, LOG2E, NEG_INF, arrive_last, make_group_reduce, reduce_scratch_shape
 from .launch import Launch
 from .validate import as_count, check_dtype, check_head_dim, check_heads, check_rank, check_scale
 

@@ -20,7 +20,6 @@ capture.
 import ctypes
 
 import numpy as np
-from numba import cuda
 
 from .device import SIM
 
@@ -157,7 +156,3 @@ class _Capture:
             g._exec = _check(g._cu.cuGraphInstantiate(graph, 0))
         _check(g._cu.cuGraphDestroy(graph))
         return False
-
-
-def device_synchronize():
-    cuda.synchronize()

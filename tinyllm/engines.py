@@ -93,9 +93,6 @@ class NumpyEngine:
     def run(self, forward, ids, start_pos, last_only):
         return forward(ids, start_pos, last_only)
 
-    def memory_bytes(self):
-        return _host_bytes(self.weights)
-
 
 def split_heads(x, n_heads):
     """[batch, seq, n_heads * head_dim] -> [batch, n_heads, seq, head_dim]."""
@@ -268,9 +265,6 @@ class DeviceEngine:
         return (f"device engine ({self.backend}): weights on {where} ({_human_bytes(self.weights.nbytes)} of "
                 f"{kinds} words), KV cache {_human_bytes(cache)} {self.cache.dtype.name}, every op a numbattn "
                 f"kernel{'; decode steps replayed as CUDA graphs' if self.use_graphs else ''}")
-
-    def memory_bytes(self):
-        return self.weights.nbytes
 
     # ---- views and launches, made once per shape ----------------------------------------------------------
     def view(self, name, rows):
