@@ -156,7 +156,8 @@ def test_sigint_in_the_middle_of_a_simulated_kernel_stops_it_and_the_simulator_s
     import time
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBATTN_STRICT="1")
     child = subprocess.Popen([sys.executable, "-c", INTERRUPTED_KERNEL], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env)
+                             stderr=subprocess.STDOUT, text=True, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if we run in `&`
     try:
         assert child.stdout.readline() == "running\n"
         time.sleep(0.5)                                    # numba is imported, the kernel is under way

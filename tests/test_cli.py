@@ -303,11 +303,18 @@ def long_context_model_dir(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny_32k"), seed=0, max_position_embeddings=32768)
 
 
+def default_sigint():
+    """Run in the child before exec: a shell that starts us in the background (`cmd &` in a script) ignores SIGINT,
+    the child would inherit that and Python would never raise KeyboardInterrupt, as a terminal's user expects."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_chat(model_dir, *args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(model_dir.parent / "no_hf_cache"))
     return pexpect.spawn(sys.executable, [str(ROOT / "cli.py"), "chat", "-m", str(model_dir), *NUMPY, *args],
                          cwd=str(ROOT), env=env, timeout=30, encoding="utf-8", codec_errors="replace",
-                         dimensions=(40, 200))
+                         dimensions=(40, 200), preexec_fn=default_sigint)
 
 
 def exit_chat(child):
