@@ -1,6 +1,6 @@
 """Tuning runs on the GPU: the measurements behind the launch shapes and defaults chosen in numbattn/ and tinyllm/.
 
-    python benchmarks/tune.py --out DIR [--sections launch,gemv,gemm,decode,engine]
+    python benchmarks/tune.py --out DIR [--sections launch,gemv,gemm,decode,decode_shapes,engine]
 
 Each section prints a table as it goes and writes DIR/tune.json. These are the sweeps (several variants of one
 kernel, side by side in one process); benchmarks/gpu_report.py is the report that goes into BENCHMARKS.md.
@@ -143,32 +143,40 @@ def section_decode():
     rows += bench.bench_decode((131072,), dtypes=("float16",), repeat=50, reference_max_n=0)
     table("decode through the public API (ms; sync_ms = with a synchronize per call)", rows,
           ["n", "cache", "impl", "ms", "sync_ms", "host_ms", "gpu_ms", "gbps"])
-    # launch-shape sweep of v1 at 32768 fp16 and 131072 fp16: GPU time
+    section_decode_shapes()
+
+
+def section_decode_shapes():
+    """Launch-shape sweep of decode v1 (4 dims per lane) at 512 to 131072 tokens, fp16 cache: GPU time, error vs v0."""
     from numbattn import KVCache
     sweep = []
-    for n in (8192, 32768, 131072):
+    for n in (512, 8192, 32768, 131072):
         rng = np.random.default_rng(n)
         cache = KVCache(1, 1, 4, n, 64, dtype=np.float16, backend="cuda")
         cache.append(0, *(rng.standard_normal((1, 4, n, 64), dtype=np.float32).astype(np.float16) for _ in range(2)))
         q = cuda.to_device(rng.standard_normal((1, 32, 64), dtype=np.float32))
-        for dpl in (4, 8):
-            for bps in (1, 2, 4):
-                for min_split in (256, 512):
-                    if 64 // dpl > 32:
-                        continue
-                    decode.BLOCKS_PER_SM, decode.MIN_SPLIT = bps, min_split
-                    cfg = decode.Config(None, 128, dpl)
-                    try:
-                        ms = gpu_ms(lambda: decode.decode_attention(q, cache, 0, config=cfg), 50)
-                        split, n_splits = decode.plan(1, 4, n, cfg)
-                        sweep.append(dict(n=n, dims_per_lane=dpl, blocks_per_sm=bps, min_split=min_split,
-                                          split=split, blocks=n_splits * 4, gpu_us=ms * 1e3,
-                                          GBps=2 * 4 * n * 64 * 2 / ms / 1e6))
-                    except Exception as e:
-                        sweep.append(dict(n=n, dims_per_lane=dpl, error=str(e)[:60]))
-    decode.BLOCKS_PER_SM, decode.MIN_SPLIT = 2, 256
+        expect = decode.decode_attention(q, cache, 0, version="v0").copy_to_host()
+        for threads in (128, 256):
+            for ku in (1, 2, 4):
+                for mb in (0, 512 // threads):
+                    for bps in (2, 4, 8):
+                        decode.BLOCKS_PER_SM = bps
+                        cfg = decode.Config(None, threads, 4, ku, mb)
+                        row = dict(n=n, threads=threads, keys_per_step=ku, min_blocks_per_sm=mb, blocks_per_sm=bps)
+                        try:
+                            got = decode.decode_attention(q, cache, 0, config=cfg).copy_to_host()
+                            ms = gpu_ms(lambda: decode.decode_attention(q, cache, 0, config=cfg), 100)
+                            split, n_splits = decode.plan(1, 4, n, cfg)
+                            row.update(split=split, blocks=n_splits * 4, gpu_us=ms * 1e3,
+                                       GBps=2 * 4 * n * 64 * 2 / ms / 1e6,
+                                       max_err=float(np.abs(got - expect).max()))
+                        except Exception as e:
+                            row.update(error=str(e)[:60])
+                        sweep.append(row)
+    decode.BLOCKS_PER_SM = 2
     table("decode v1 launch shapes, fp16 cache (GPU time)", sweep,
-          ["n", "dims_per_lane", "blocks_per_sm", "min_split", "split", "blocks", "gpu_us", "GBps", "error"])
+          ["n", "threads", "keys_per_step", "min_blocks_per_sm", "blocks_per_sm", "split", "blocks", "gpu_us", "GBps",
+           "max_err", "error"])
 
 
 def section_engine():

@@ -23,17 +23,19 @@ Two kernels, side by side (llm.c style), both tested by the same suite:
   v1  split-K, the fast one (Dao, Haziza, Massa, Sizov 2023): grid (n_splits, n_kv_heads, batch). Block
       (s, hk, b) takes the keys [s*split, (s+1)*split) of row b, clipped to the row's length (blocks past it
       exit at once), for ALL G query heads sharing KV head hk, so each K/V element is read once, not G times.
-      Inside, threads form "key slots" of DL = D / DPL lanes; the lanes of a slot hold DPL head dimensions
-      each (strided: lane dl holds dims dl, dl + DL, ...: a slot reads a key row in coalesced pieces), with q of
-      all G heads in registers. Per key, each lane multiplies its DPL dims for G heads, the slot adds its DL
-      partial dot products (group_sum: shuffles on a GPU), and every lane updates its own m, l, acc — with
-      the rescale done only when the maximum grows (rare after the first keys), and the next key's K and V
-      already on their way (software prefetch). The block then merges its slots
-      (log-sum-exp, through shared memory) into one partial (m, l, acc) per query head, written to a small
-      float32 buffer part [B, H, n_splits, D + 2]; and the LAST split block of the group to finish (one atomic
-      ticket per block, numbattn/device.arrive_last) merges all the splits' partials into out. One launch:
-      nothing to synchronise between a split and a merge kernel, no second launch to pay for.
-      # q [B, H, D], k/v [B, Hkv, max_len, D], lengths [B], part [B, H, S, D+2], counters [B*Hkv] -> out [B, H, D]
+      Inside, threads form "key slots" of DL = D / DPL lanes; lane dl of a slot holds the DPL consecutive head
+      dimensions [dl*DPL, (dl+1)*DPL) of q (all G heads) and of its accumulators, and reads them from a K or V
+      row as raw words (one 8-byte load brings 4 fp16 values: the DL lanes of a slot read a 128-byte row with one
+      instruction each). Per key, each lane multiplies its DPL dims for G heads, the slot adds its DL partial
+      dot products (group_sum: shuffles on a GPU), and every lane updates its own m, l, acc — with the rescale
+      done only when the maximum grows (rare after the first keys), and the next keys' words already on their
+      way (software prefetch). The block then merges its slots (log-sum-exp, through shared memory) into one
+      partial (m, l, acc) per query head, written to a small float32 buffer part [B, H, n_splits, D + 2]; and
+      the LAST split block of the group to finish (one atomic ticket per block, numbattn/device.arrive_last)
+      merges all the splits' partials into out, in one online pass with several splits' loads in flight. One
+      launch: nothing to synchronise between a split and a merge kernel, no second launch to pay for.
+      # q [B, H, D], k/v [B, Hkv, max_len, D] (read as words), lengths [B], part [B, H, S, D+2], counters [B*Hkv]
+      #   -> out [B, H, D]
 
 Slots past a row's length are never read: the cache keeps them NaN-poisoned (numbattn/kvcache.py) and 0 * NaN
 is NaN, so loads there are skipped, not multiplied by zero. A row holding 0 tokens gets zeros.
@@ -52,11 +54,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import cuda, float32, int32, int64
+from numba import cuda, float32, int32, int64, uint16, uint32, uint64
 
 from . import backend as _backend
 from . import reference
-from .device import FASTMATH, LOG2E, NEG_INF, arrive_last, make_group_reduce, reduce_scratch_shape
+from .device import (FASTMATH, LOG2E, NEG_INF, SIM, arrive_last, f32_from_bits, f32_from_half_bits, make_group_reduce,
+                     reduce_scratch_shape)
 from .launch import Launch
 from .validate import as_count, check_dtype, check_head_dim, check_heads, check_rank, check_scale
 
@@ -71,25 +74,32 @@ MIN_SPLIT = 256            # keys; shorter splits make the partials and each blo
 @dataclass(frozen=True)
 class Config:
     """Launch shape. split: keys per split block (v1; None: chosen from the length); threads per block;
-    dims_per_lane: head dims each v1 thread holds (head_dim / dims_per_lane threads share a key)."""
+    dims_per_lane: head dims each v1 thread holds (head_dim / dims_per_lane threads share a key);
+    keys_per_step: keys each v1 key slot takes per step (and prefetches for the next);
+    min_blocks_per_sm: v1 blocks that must fit on an SM at once (CUDA launch bounds: the compiler caps the registers
+    per thread to make it so; 0: no cap)."""
     split: int | None
     threads: int
     dims_per_lane: int = 8
+    keys_per_step: int = 1
+    min_blocks_per_sm: int = 0
 
 
 # The simulator runs a Python thread per CUDA thread: few threads, tiny splits (several splits and slots).
-SIM_CONFIG = Config(split=4, threads=8, dims_per_lane=8)
+SIM_CONFIG = Config(split=4, threads=8, dims_per_lane=8, keys_per_step=2)
 
 
 def gpu_config(version, head_dim, group):
-    """v0: 32 threads (one warp: each keeps a whole acc row). v1: 128 threads, 4 dims per lane (head_dim / 4
-    lanes per key: fewer registers than 8, so no spill at a group of 8 heads; swept on the H100, BENCHMARKS.md),
-    fewer where the merge's shared arrays would not fit."""
+    """v0: 32 threads (one warp: each keeps a whole acc row). v1: 256 threads (16 key slots: twice the keys in
+    flight of 128, at the same register count), 4 dims per lane (head_dim / 4 lanes per key: fewer registers than
+    8, so no spill at a group of 8 heads), one key per step; fewer where the merge's shared arrays would not fit.
+    Swept on the H100: BENCHMARKS.md."""
     if version == "v0":
         return Config(split=None, threads=32)
-    for dpl in (4, 2, 1):
-        if v1_shared_bytes(head_dim, group, 128, dpl) <= SHARED_LIMIT and head_dim // dpl <= 32:
-            return Config(split=None, threads=128, dims_per_lane=dpl)
+    for threads in (256, 128):
+        for dpl in (4, 2, 1):
+            if v1_shared_bytes(head_dim, group, threads, dpl) <= SHARED_LIMIT and head_dim // dpl <= 32:
+                return Config(split=None, threads=threads, dims_per_lane=dpl)
     raise ValueError(f"a group of {group} query heads per KV head at head_dim {head_dim} does not fit in "
                      f"{SHARED_LIMIT} bytes of shared memory: use version='v0'")
 
@@ -197,19 +207,27 @@ def make_decode_v0(head_dim, threads):
 # --------------------------------------------------------------------------------------------------------
 # v1: split-K over blocks, all query heads of a group per block, the last block merges
 # --------------------------------------------------------------------------------------------------------
+def word_type(dims_per_lane, itemsize):
+    """The unsigned word a v1 lane reads its dims of a K or V row in: as wide as its bytes allow, up to 8."""
+    nbytes = math.gcd(dims_per_lane * itemsize, 8)
+    return {2: uint16, 4: uint32, 8: uint64}[nbytes], nbytes // itemsize
+
+
 @functools.lru_cache(maxsize=None)
-def make_decode_v1(head_dim, group, threads, dims_per_lane):
-    D, G, T, DPL = head_dim, group, threads, dims_per_lane
+def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0):
+    D, G, T, DPL, KU = head_dim, group, threads, dims_per_lane, keys_per_step
     DL, KS = v1_layout(D, T, DPL)
-    _, slot_sum = make_group_reduce(DL, G)
-    RED = reduce_scratch_shape(G, T)
-    scan_keys = _make_scan_keys(G, DPL, DL, KS, slot_sum)
+    _, slot_sum = make_group_reduce(DL, KU * G)
+    RED = reduce_scratch_shape(KU * G, T)
+    scan_keys = _make_scan_keys(G, DPL, DL, KS, KU, itemsize, slot_sum)
     merge_slots = _make_merge_slots(D, G, T, DPL, DL, KS)
     merge_splits = _make_merge_splits(D, G, T)
+    bounds = dict(launch_bounds=(T, min_blocks_per_sm)) if min_blocks_per_sm and not SIM else {}
 
-    @cuda.jit(fastmath=FASTMATH)
+    @cuda.jit(fastmath=FASTMATH, **bounds)
     def decode_v1(q, k, v, lengths, split, scale_log2, part, counters, out):
-        # q [B, H, D], k/v [B, Hkv, max_len, D], lengths [B], part [B, H, S, D+2], counters [B*Hkv] -> out [B, H, D]
+        # q [B, H, D], k/v [B, Hkv, max_len, D * itemsize / word bytes] (words), lengths [B], part [B, H, S, D+2],
+        # counters [B*Hkv] -> out [B, H, D]
         s_idx, hk, b, t = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z, cuda.threadIdx.x
         dl, ks, h0 = t % DL, t // DL, hk * G
         n = min(int64(lengths[b]), int64(k.shape[2]))  # a bad length from a raw launch cannot read past max_len
@@ -229,9 +247,9 @@ def make_decode_v1(head_dim, group, threads, dims_per_lane):
         for g in range(G):
             m[g], l[g] = NEG_INF, float32(0.0)
             for e in range(DPL):
-                q_reg[g, e] = float32(q[b, h0 + g, dl + DL * e]) * scale_log2
+                q_reg[g, e] = float32(q[b, h0 + g, dl * DPL + e]) * scale_log2
                 acc[g, e] = float32(0.0)
-        n_iter = (j_end - j_begin + KS - 1) // KS   # the same for every slot: barriers stay uniform
+        n_iter = (j_end - j_begin + KS * KU - 1) // (KS * KU)   # the same for every slot: barriers stay uniform
         scan_keys(k[b, hk], v[b, hk], j_begin + ks, j_end, n_iter, dl, q_reg, m, l, acc, red)
         merge_slots(m, l, acc, part, b, h0, s_idx, t)
         if arrive_last(counters, b * k.shape[1] + hk, (n + split - 1) // split, flag):
@@ -240,48 +258,83 @@ def make_decode_v1(head_dim, group, threads, dims_per_lane):
     return decode_v1
 
 
-def _make_scan_keys(G, DPL, DL, KS, slot_sum):
+def _make_scan_keys(G, DPL, DL, KS, KU, itemsize, slot_sum):
+    KG = KU * G                 # a compile-time constant (an expression inside the kernel would not size an array)
+    WORD, VPW = word_type(DPL, itemsize)
+    WPL = DPL // VPW            # words per lane per row: lane dl holds dims [dl * DPL, (dl + 1) * DPL)
+    SHIFT = 8 * itemsize
+
+    if itemsize == 2:
+        @cuda.jit(device=True, inline=True)
+        def unpack(word, i):
+            return f32_from_half_bits(word >> WORD(SHIFT * i))
+    else:
+        @cuda.jit(device=True, inline=True)
+        def unpack(word, i):
+            return f32_from_bits(uint32(word >> WORD(SHIFT * i)))
+
     @cuda.jit(device=True, inline=True)
-    def load_key(k_row, v_row, j, valid, dl, kv, vv):
-        """This lane's DPL dims of key j's K and V (zeros past the slot's end: those slots are never read)."""
-        for e in range(DPL):
-            kv[e] = float32(k_row[j, dl + DL * e]) if valid else float32(0.0)
-            vv[e] = float32(v_row[j, dl + DL * e]) if valid else float32(0.0)
+    def load_words(k_row, v_row, j, j_end, dl, kw, vw):
+        """This lane's words of K and V for the step's KU keys j, j + KS, ... (zero past the split's end: never
+        used). The DL lanes of a slot read a whole row with one load each: DL * WPL consecutive words."""
+        for u in range(KU):
+            jj = j + KS * u
+            valid = jj < j_end
+            for w in range(WPL):
+                kw[u, w] = k_row[jj, dl * WPL + w] if valid else WORD(0)
+                vw[u, w] = v_row[jj, dl * WPL + w] if valid else WORD(0)
+
+    @cuda.jit(device=True, inline=True)
+    def unpack_step(kw, vw, kf, vf):
+        """Words -> float32 values, kf[u, e] = K[key u, dim dl * DPL + e]."""
+        for u in range(KU):
+            for w in range(WPL):
+                for i in range(VPW):
+                    kf[u, w * VPW + i] = unpack(kw[u, w], i)
+                    vf[u, w * VPW + i] = unpack(vw[u, w], i)
 
     @cuda.jit(device=True, inline=True)
     def scan_keys(k_row, v_row, j0, j_end, n_iter, dl, q_reg, m, l, acc, red):
-        """The online softmax of one key slot over keys j0, j0 + KS, ... < j_end, for the G heads. The next key's
-        K and V are loaded while this one is computed (software prefetch: its memory latency is hidden)."""
-        kv = cuda.local.array(DPL, float32)
-        vv = cuda.local.array(DPL, float32)
-        kc = cuda.local.array(DPL, float32)
-        vc = cuda.local.array(DPL, float32)
-        s = cuda.local.array(G, float32)
-        load_key(k_row, v_row, j0, j0 < j_end, dl, kv, vv)
+        """The online softmax of one key slot over keys j0, j0 + KS, ... < j_end, for the G heads, KU keys a step.
+        The next step's K and V words are loaded while this one is computed (software prefetch: 2 * KU keys in
+        flight per slot, kept as raw words, half the registers of float32 for an fp16 cache), and the KU * G dot
+        products of a step reduce together (independent shuffles, no waiting on each other)."""
+        kw = cuda.local.array((KU, WPL), WORD)
+        vw = cuda.local.array((KU, WPL), WORD)
+        kc = cuda.local.array((KU, WPL), WORD)
+        vc = cuda.local.array((KU, WPL), WORD)
+        kf = cuda.local.array((KU, DPL), float32)
+        vf = cuda.local.array((KU, DPL), float32)
+        s = cuda.local.array(KG, float32)          # s[u * G + g]: key u of the step, head g
+        load_words(k_row, v_row, j0, j_end, dl, kw, vw)
         for it in range(n_iter):
-            j = j0 + KS * it
-            valid = j < j_end
-            for e in range(DPL):
-                kc[e], vc[e] = kv[e], vv[e]
-            load_key(k_row, v_row, j + KS, j + KS < j_end, dl, kv, vv)
-            for g in range(G):
-                x = float32(0.0)
-                for e in range(DPL):
-                    x += q_reg[g, e] * kc[e]
-                s[g] = x
-            slot_sum(s, red)                       # the slot's DL partial dot products -> the scores
-            if valid:
+            j = j0 + KS * KU * it
+            for u in range(KU):
+                for w in range(WPL):
+                    kc[u, w], vc[u, w] = kw[u, w], vw[u, w]
+            load_words(k_row, v_row, j + KS * KU, j_end, dl, kw, vw)
+            unpack_step(kc, vc, kf, vf)
+            for u in range(KU):
                 for g in range(G):
-                    if s[g] > m[g]:                # a new maximum: rescale what was accumulated (rarely)
-                        alpha = math.exp2(m[g] - s[g])
-                        m[g] = s[g]
-                        l[g] *= alpha
-                        for e in range(DPL):
-                            acc[g, e] *= alpha
-                    p = math.exp2(s[g] - m[g])
-                    l[g] += p
+                    x = float32(0.0)
                     for e in range(DPL):
-                        acc[g, e] += p * vc[e]
+                        x += q_reg[g, e] * kf[u, e]
+                    s[u * G + g] = x
+            slot_sum(s, red)                       # the slot's DL partial dot products -> the scores
+            for u in range(KU):
+                if j + KS * u < j_end:
+                    for g in range(G):
+                        sg = s[u * G + g]
+                        if sg > m[g]:              # a new maximum: rescale what was accumulated (rarely)
+                            alpha = math.exp2(m[g] - sg)
+                            m[g] = sg
+                            l[g] *= alpha
+                            for e in range(DPL):
+                                acc[g, e] *= alpha
+                        p = math.exp2(sg - m[g])
+                        l[g] += p
+                        for e in range(DPL):
+                            acc[g, e] += p * vf[u, e]
     return scan_keys
 
 
@@ -297,7 +350,7 @@ def _make_merge_slots(D, G, T, DPL, DL, KS):
             if dl == 0:
                 Ms[ks, g], Ls[ks, g] = m[g], l[g]
             for e in range(DPL):
-                As[ks, g, dl + DL * e] = acc[g, e]
+                As[ks, g, dl * DPL + e] = acc[g, e]
         cuda.syncthreads()
         for idx in range(t, G * D, T):
             g = idx // D
@@ -318,22 +371,46 @@ def _make_merge_slots(D, G, T, DPL, DL, KS):
 
 
 def _make_merge_splits(D, G, T):
+    R = -(-G * D // T)          # outputs (head, dim) per thread
+    U = max(1, min(4, 16 // R))  # splits whose partials are loaded together (in flight at once; registers allowing)
+
     @cuda.jit(device=True, inline=True)
     def merge_splits(part, n_splits, b, h0, out, t):
         """All splits' partials of the group -> out[b, h0 + g] = sum_s acc_s w_s / sum_s l_s w_s,
-        w_s = exp2(m_s - max m): the log-sum-exp merge."""
-        for idx in range(t, G * D, T):
-            g = idx // D
-            d = idx - g * D
-            M = NEG_INF
-            for s in range(n_splits):
-                M = max(M, part[b, h0 + g, s, D])
-            L, A = float32(0.0), float32(0.0)
-            for s in range(n_splits):
-                w = math.exp2(part[b, h0 + g, s, D] - M)
-                L += part[b, h0 + g, s, D + 1] * w
-                A += part[b, h0 + g, s, d] * w
-            out[b, h0 + g, d] = A / L
+        w_s = exp2(m_s - max m): the log-sum-exp merge, done online (one pass: the running max M and the sums
+        are rescaled when M grows, as in the softmax itself). Each thread merges its R outputs side by side and
+        loads U splits' partials before using any, so the last block pays ~n_splits / U memory latencies."""
+        M = cuda.local.array(R, float32)
+        L = cuda.local.array(R, float32)
+        A = cuda.local.array(R, float32)
+        ms = cuda.local.array((U, R), float32)
+        ls = cuda.local.array((U, R), float32)
+        accs = cuda.local.array((U, R), float32)
+        for r in range(R):
+            M[r], L[r], A[r] = NEG_INF, float32(0.0), float32(0.0)
+        for s0 in range(0, n_splits, U):
+            for u in range(U):
+                s = min(s0 + u, n_splits - 1)
+                for r in range(R):
+                    idx = t + T * r
+                    g, d = min(idx // D, G - 1), idx % D
+                    ms[u, r] = part[b, h0 + g, s, D] if s0 + u < n_splits else NEG_INF   # past the end: weight 0
+                    ls[u, r] = part[b, h0 + g, s, D + 1]
+                    accs[u, r] = part[b, h0 + g, s, d]
+            for u in range(U):
+                for r in range(R):
+                    if ms[u, r] > M[r]:
+                        alpha = math.exp2(M[r] - ms[u, r])
+                        M[r] = ms[u, r]
+                        L[r] *= alpha
+                        A[r] *= alpha
+                    w = math.exp2(ms[u, r] - M[r])
+                    L[r] += ls[u, r] * w
+                    A[r] += accs[u, r] * w
+        for r in range(R):
+            idx = t + T * r
+            if idx < G * D:
+                out[b, h0 + idx // D, idx % D] = A[r] / L[r]
     return merge_splits
 
 
@@ -342,10 +419,10 @@ def _make_merge_splits(D, G, T):
 # --------------------------------------------------------------------------------------------------------
 def check_config(config, version, head_dim):
     ok = (isinstance(config, Config) and (config.split is None or config.split >= 1) and config.threads >= 1
-          and config.dims_per_lane >= 1)
+          and config.dims_per_lane >= 1 and config.keys_per_step >= 1 and config.min_blocks_per_sm >= 0)
     if not ok:
-        raise ValueError(f"config={config!r}: expected a decode.Config with split None or >= 1, threads >= 1 and "
-                         f"dims_per_lane >= 1")
+        raise ValueError(f"config={config!r}: expected a decode.Config with split None or >= 1, threads >= 1, "
+                         f"dims_per_lane >= 1, keys_per_step >= 1 and min_blocks_per_sm >= 0")
     if version == "v1":
         v1_layout(head_dim, config.threads, config.dims_per_lane)
 
@@ -404,7 +481,11 @@ class _PreparedCall:
                                  stream)
             return
         group = n_heads // cache.n_kv_heads
-        kernel = make_decode_v1(head_dim, group, config.threads, config.dims_per_lane)
+        itemsize = np.dtype(k.dtype).itemsize
+        kernel = make_decode_v1(head_dim, group, config.threads, config.dims_per_lane, config.keys_per_step, itemsize,
+                                config.min_blocks_per_sm)
+        word = np.dtype(word_type(config.dims_per_lane, itemsize)[0].name)
+        k, v = k.view(word), v.view(word)                       # the rows as words: wide loads
         self.split, _ = plan(batch, cache.n_kv_heads, 1, config)
         most_splits = n_splits_for(cache.max_len, config.split or MIN_SPLIT)
         part = cache.decode_workspace.partials(n_heads, most_splits)

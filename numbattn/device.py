@@ -11,13 +11,16 @@ NUMBATTN_TEST_GPU=1).
     make_outer_product(...)        one rank-1 update of a thread's register tile from two shared tiles
     bf16_pair / f32_from_bits      weights arrive as raw bits: bf16 is the top half of an fp32, so a shift
                                    and a bit cast (free on the GPU) widen it exactly
+    f32_from_half_bits             the same for fp16 bits (the KV cache read as words): one cvt.f32.f16
     arrive_last(...)               "am I the last block of this group to finish?": one atomic per block, so a
                                    launch can end with a reduction over its own blocks (no second launch)
 """
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import config, cuda, float32, int32, uint32
+from numba.cuda.extending import intrinsic
 
 from .validate import LOG2E  # noqa: F401  (exp(x) = exp2(x * LOG2E), defined where the scale is checked)
 NEG_INF = float32(-np.inf)
@@ -123,7 +126,8 @@ def make_outer_product(TM, TN, b_is_k_major):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Raw bits -> float32 (bf16 and fp32 weights are read as uint64 words: one 8-byte load brings 4 bf16 or 2 fp32)
+# Raw bits -> float32 (bf16 and fp32 weights, fp16 and fp32 K/V, are read as words: one 8-byte load brings 4 bf16
+# or fp16 values, or 2 fp32)
 # --------------------------------------------------------------------------------------------------------
 if SIM:
     @cuda.jit(device=True)
@@ -135,6 +139,23 @@ else:
     def f32_from_bits(bits):
         """The float32 whose bit pattern is the uint32 `bits` (a register reinterpretation on the GPU)."""
         return cuda.libdevice.int_as_float(int32(bits))
+
+
+if SIM:
+    @cuda.jit(device=True)
+    def f32_from_half_bits(bits):
+        """The fp16 value whose bit pattern is the low 16 bits of the integer `bits`, as a float32 (exact)."""
+        return np.float32(np.array([int(bits) & 0xFFFF], np.uint16).view(np.float16)[0])
+else:
+    @intrinsic
+    def f32_from_half_bits(typingctx, bits):
+        """The fp16 value whose bit pattern is the low 16 bits of the integer `bits`, as a float32 (exact): the
+        bits become an LLVM half, widened by one cvt.f32.f16 (Numba has no bit cast to float16 of its own)."""
+        def codegen(context, builder, signature, args):
+            x, width = args[0], signature.args[0].bitwidth
+            x = builder.trunc(x, ir.IntType(16)) if width > 16 else builder.zext(x, ir.IntType(16)) if width < 16 else x
+            return builder.fpext(builder.bitcast(x, ir.HalfType()), ir.FloatType())
+        return float32(bits), codegen
 
 
 @cuda.jit(device=True, inline=True)

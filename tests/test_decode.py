@@ -24,6 +24,7 @@ KERNEL = available_backends()[0]  # "sim" in CI, "cuda" with NUMBATTN_TEST_GPU=1
 pytestmark = pytest.mark.skipif(KERNEL == "numpy", reason="numba.cuda unavailable: nothing to test")
 TINY = Config(split=4, threads=8, dims_per_lane=4)      # head_dim 16: 4 lanes per key, 2 key slots, 4-key splits
 LONG = Config(split=8, threads=8, dims_per_lane=8)      # 2 lanes per key, 4 slots; 100 keys: 13 splits, last of 4
+STEPS = Config(split=11, threads=8, dims_per_lane=8, keys_per_step=3)  # 4 slots x 3 keys a step: 11 = 12 - 1
 
 
 host = to_host
@@ -68,7 +69,7 @@ def check(q, cache, layer=0, scale=None, config=None, rtol=RTOL, version="v1"):
     return got
 
 
-@pytest.mark.parametrize("length,config", [(1, TINY), (2, TINY), (31, TINY), (100, LONG)])
+@pytest.mark.parametrize("length,config", [(1, TINY), (2, TINY), (31, TINY), (100, LONG), (100, STEPS)])
 def test_matches_reference_lengths(length, config):
     rng = np.random.default_rng(length)
     cache, q = filled_cache(rng, [length], max_len=length + 5)   # unused NaN slots right after the last key
@@ -191,15 +192,23 @@ def test_prefill_then_decode_equals_one_long_prefill():
     assert cache.lengths.tolist() == [n + steps] * b
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("dims_per_lane", [1, 2, 4, 16])   # K/V rows read as uint16 / uint32 / uint64 words
+def test_every_word_width(dtype, dims_per_lane):
+    rng = np.random.default_rng(dims_per_lane)
+    cache, q = filled_cache(rng, [13, 5], n_heads=4, n_kv_heads=2, dtype=dtype)
+    check(q, cache, config=Config(split=5, threads=16, dims_per_lane=dims_per_lane, keys_per_step=2))
+
+
 @settings(max_examples=25, deadline=None)
 @given(lengths=st.lists(st.integers(0, 19), min_size=1, max_size=3), group=st.sampled_from([1, 2, 4]),
        n_kv_heads=st.integers(1, 2), split=st.integers(1, 6), lanes=st.sampled_from([1, 2, 4, 8]),
-       threads=st.sampled_from([8, 16, 32]), dtype=st.sampled_from([np.float32, np.float16]),
-       seed=st.integers(0, 2**16))
-def test_property_sweep(lengths, group, n_kv_heads, split, lanes, threads, dtype, seed):
+       threads=st.sampled_from([8, 16, 32]), keys_per_step=st.integers(1, 3),
+       dtype=st.sampled_from([np.float32, np.float16]), seed=st.integers(0, 2**16))
+def test_property_sweep(lengths, group, n_kv_heads, split, lanes, threads, keys_per_step, dtype, seed):
     rng = np.random.default_rng(seed)
     cache, q = filled_cache(rng, lengths, n_heads=group * n_kv_heads, n_kv_heads=n_kv_heads, dtype=dtype)
-    check(q, cache, config=Config(split=split, threads=threads, dims_per_lane=16 // lanes))
+    check(q, cache, config=Config(split=split, threads=threads, dims_per_lane=16 // lanes, keys_per_step=keys_per_step))
 
 
 def test_split_grows_with_the_length_and_fills_the_gpu():
@@ -246,6 +255,7 @@ def test_repeated_device_calls_take_the_prepared_path_and_follow_the_cache():
     (dict(out=np.zeros((2, 4, 16), np.float32)), r"out has shape .* expected a device array"),
     (dict(config=Config(split=4, threads=6, dims_per_lane=4)), r"power of two <= 32 that divides threads"),
     (dict(config=Config(split=0, threads=8, dims_per_lane=4)), r"split None or >= 1"),
+    (dict(config=Config(split=4, threads=8, dims_per_lane=4, keys_per_step=0)), r"keys_per_step >= 1"),
     (dict(version="v2"), r"version='v2': expected one of"),
 ])
 def test_validation_errors_name_the_argument(bad, match):

@@ -60,9 +60,11 @@ def kernels(cc):
         for group in (1, 4, 8):
             for dt in (f32, f16):
                 c = decode.gpu_config("v1", d, group)
-                yield (f"decode v1 d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl {dt} cache",
-                       decode.make_decode_v1(d, group, c.threads, c.dims_per_lane),
-                       [arr(f32, 3), arr(dt, 4), arr(dt, 4), arr(i32, 1), types.int64, f32, arr(f32, 4),
+                word = getattr(types, decode.word_type(c.dims_per_lane, dt.bitwidth // 8)[0].name)
+                yield (f"decode v1 d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl {c.keys_per_step}kps {dt} cache",
+                       decode.make_decode_v1(d, group, c.threads, c.dims_per_lane, c.keys_per_step, dt.bitwidth // 8,
+                                             c.min_blocks_per_sm),
+                       [arr(f32, 3), arr(word, 4), arr(word, 4), arr(i32, 1), types.int64, f32, arr(f32, 4),
                         arr(i32, 1), arr(f32, 3)])
         for dt in (f32, f16):
             yield (f"decode v0 d{d} {dt} cache", decode.make_decode_v0(d, 32),
@@ -135,7 +137,8 @@ def main():
             t0 = time.perf_counter()
             try:
                 ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(sig), cc=cc,
-                                          fastmath=kernel.targetoptions.get("fastmath", False))
+                                          fastmath=kernel.targetoptions.get("fastmath", False),
+                                          launch_bounds=kernel.targetoptions.get("launch_bounds"))
                 if args.ptx_dir:
                     (args.ptx_dir / f"sm{cc[0]}{cc[1]} {name}.ptx".replace("/", "_")).write_text(ptx)
                 print(f"ok    sm_{cc[0]}{cc[1]}  {name}: {ptxas_report(ptx, cc)} ({time.perf_counter() - t0:.1f} s)",
