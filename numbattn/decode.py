@@ -258,8 +258,8 @@ def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, ite
     return decode_v1
 
 
-def _make_scan_keys(G, DPL, DL, KS, KU, itemsize, slot_sum):
-    KG = KU * G                 # a compile-time constant (an expression inside the kernel would not size an array)
+def _make_word_loads(DPL, DL, KS, KU, itemsize):
+    """(load_words, unpack_step) of a v1 key slot: a row's words -> registers, words -> float32 values."""
     WORD, VPW = word_type(DPL, itemsize)
     WPL = DPL // VPW            # words per lane per row: lane dl holds dims [dl * DPL, (dl + 1) * DPL)
     SHIFT = 8 * itemsize
@@ -292,6 +292,14 @@ def _make_scan_keys(G, DPL, DL, KS, KU, itemsize, slot_sum):
                 for i in range(VPW):
                     kf[u, w * VPW + i] = unpack(kw[u, w], i)
                     vf[u, w * VPW + i] = unpack(vw[u, w], i)
+    return load_words, unpack_step
+
+
+def _make_scan_keys(G, DPL, DL, KS, KU, itemsize, slot_sum):
+    KG = KU * G                 # a compile-time constant (an expression inside the kernel would not size an array)
+    WORD, VPW = word_type(DPL, itemsize)
+    WPL = DPL // VPW
+    load_words, unpack_step = _make_word_loads(DPL, DL, KS, KU, itemsize)
 
     @cuda.jit(device=True, inline=True)
     def scan_keys(k_row, v_row, j0, j_end, n_iter, dl, q_reg, m, l, acc, red):
