@@ -149,7 +149,7 @@ def section_decode():
 def section_decode_shapes():
     """Launch-shape sweep of decode v1 (4 dims per lane) at 512 to 131072 tokens, fp16 cache: GPU time, error vs v0."""
     from numbattn import KVCache
-    sweep = []
+    sweep, default_bps = [], decode.BLOCKS_PER_SM
     for n in (512, 8192, 32768, 131072):
         rng = np.random.default_rng(n)
         cache = KVCache(1, 1, 4, n, 64, dtype=np.float16, backend="cuda")
@@ -159,7 +159,7 @@ def section_decode_shapes():
         for threads in (128, 256):
             for ku in (1, 2, 4):
                 for mb in (0, 512 // threads):
-                    for bps in (2, 4, 8):
+                    for bps in (1, 2, 4):
                         decode.BLOCKS_PER_SM = bps
                         cfg = decode.Config(None, threads, 4, ku, mb)
                         row = dict(n=n, threads=threads, keys_per_step=ku, min_blocks_per_sm=mb, blocks_per_sm=bps)
@@ -173,7 +173,7 @@ def section_decode_shapes():
                         except Exception as e:
                             row.update(error=str(e)[:60])
                         sweep.append(row)
-    decode.BLOCKS_PER_SM = 2
+    decode.BLOCKS_PER_SM = default_bps
     table("decode v1 launch shapes, fp16 cache (GPU time)", sweep,
           ["n", "threads", "keys_per_step", "min_blocks_per_sm", "blocks_per_sm", "split", "blocks", "gpu_us", "GBps",
            "max_err", "error"])

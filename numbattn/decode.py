@@ -41,7 +41,8 @@ Slots past a row's length are never read: the cache keeps them NaN-poisoned (num
 is NaN, so loads there are skipped, not multiplied by zero. A row holding 0 tokens gets zeros.
 
 How many splits: about BLOCKS_PER_SM split blocks per SM over the whole batch, never fewer than MIN_SPLIT keys
-per split (so the partials, written and read once, stay small next to the K/V bytes). Memory traffic per step
+per split (so the partials, written and read once, stay small next to the K/V bytes) and never more than
+MAX_SPLIT (so that no block walks too long a stretch alone). Memory traffic per step
 and row: K and V once, 2 * n_kv_heads * len * head_dim * itemsize bytes, plus n_heads * (D + 2) * 4 bytes of
 partials per split, twice. Measured speeds and the host cost of a call are in BENCHMARKS.md.
 
@@ -67,8 +68,9 @@ VERSIONS = ("v0", "v1")
 DEFAULT_VERSION = "v1"
 SHARED_LIMIT = 48 * 1024   # static shared memory per block
 H100_SMS = 132
-BLOCKS_PER_SM = 2          # split blocks per SM that the automatic split aims for (swept on the H100: BENCHMARKS.md)
+BLOCKS_PER_SM = 1          # split blocks per SM that the automatic split aims for (swept on the H100: BENCHMARKS.md)
 MIN_SPLIT = 256            # keys; shorter splits make the partials and each block's merge a large share
+MAX_SPLIT = 2048           # keys; longer ones make a block's serial walk the limit (131072 tokens: 2048 beat 4096)
 
 
 @dataclass(frozen=True)
@@ -130,12 +132,12 @@ def sm_count():
 
 
 def choose_split(max_length, batch, n_kv_heads, n_sm=None):
-    """Keys per split: about BLOCKS_PER_SM split blocks per SM, at least MIN_SPLIT keys, a multiple of MIN_SPLIT
-    (so that a growing context changes the split rarely)."""
+    """Keys per split: about BLOCKS_PER_SM split blocks per SM, at least MIN_SPLIT and at most MAX_SPLIT keys (more
+    blocks than that past ~64K tokens), a multiple of MIN_SPLIT (so that a growing context changes it rarely)."""
     n_sm = sm_count() if n_sm is None else n_sm
     want_splits = -(-BLOCKS_PER_SM * n_sm // (batch * n_kv_heads))
     split = -(-max(max_length, 1) // want_splits)
-    return -(-split // MIN_SPLIT) * MIN_SPLIT
+    return min(-(-split // MIN_SPLIT) * MIN_SPLIT, MAX_SPLIT)
 
 
 def n_splits_for(max_length, split):
@@ -380,7 +382,7 @@ def _make_merge_slots(D, G, T, DPL, DL, KS):
 
 def _make_merge_splits(D, G, T):
     R = -(-G * D // T)          # outputs (head, dim) per thread
-    U = max(1, min(4, 16 // R))  # splits whose partials are loaded together (in flight at once; registers allowing)
+    U = max(1, min(8, 16 // R))  # splits whose partials are loaded together (in flight at once; registers allowing)
 
     @cuda.jit(device=True, inline=True)
     def merge_splits(part, n_splits, b, h0, out, t):

@@ -212,10 +212,10 @@ def test_property_sweep(lengths, group, n_kv_heads, split, lanes, threads, keys_
 
 
 def test_split_grows_with_the_length_and_fills_the_gpu():
-    """The GPU's automatic split: >= MIN_SPLIT keys, and a long context gives each SM BLOCKS_PER_SM blocks."""
+    """The GPU's automatic split: MIN_SPLIT to MAX_SPLIT keys, and a long context gives each SM BLOCKS_PER_SM blocks."""
     for length in (1, 100, 2048, 4096, 32768, 131072):
         split = decode.choose_split(length, 1, 4, n_sm=132)
-        assert split >= decode.MIN_SPLIT and split % decode.MIN_SPLIT == 0
+        assert decode.MIN_SPLIT <= split <= decode.MAX_SPLIT and split % decode.MIN_SPLIT == 0
         if length >= 131072:
             assert 4 * decode.n_splits_for(length, split) >= 132 * decode.BLOCKS_PER_SM * 0.5
     assert decode.choose_split(131072, 1, 4, n_sm=132) > decode.choose_split(32768, 1, 4, n_sm=132)
