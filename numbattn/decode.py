@@ -261,7 +261,8 @@ def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, ite
 
 
 def _make_word_loads(DPL, DL, KS, KU, itemsize):
-    """(load_words, unpack_step) of a v1 key slot: a row's words -> registers, words -> float32 values."""
+    """(WORD, WPL, load_words, unpack_step) of a v1 key slot: the word type and words per lane, a row's words ->
+    registers, words -> float32 values."""
     WORD, VPW = word_type(DPL, itemsize)
     WPL = DPL // VPW            # words per lane per row: lane dl holds dims [dl * DPL, (dl + 1) * DPL)
     SHIFT = 8 * itemsize
@@ -294,14 +295,12 @@ def _make_word_loads(DPL, DL, KS, KU, itemsize):
                 for i in range(VPW):
                     kf[u, w * VPW + i] = unpack(kw[u, w], i)
                     vf[u, w * VPW + i] = unpack(vw[u, w], i)
-    return load_words, unpack_step
+    return WORD, WPL, load_words, unpack_step
 
 
 def _make_scan_keys(G, DPL, DL, KS, KU, itemsize, slot_sum):
     KG = KU * G                 # a compile-time constant (an expression inside the kernel would not size an array)
-    WORD, VPW = word_type(DPL, itemsize)
-    WPL = DPL // VPW
-    load_words, unpack_step = _make_word_loads(DPL, DL, KS, KU, itemsize)
+    WORD, WPL, load_words, unpack_step = _make_word_loads(DPL, DL, KS, KU, itemsize)
 
     @cuda.jit(device=True, inline=True)
     def scan_keys(k_row, v_row, j0, j_end, n_iter, dl, q_reg, m, l, acc, red):
@@ -319,6 +318,8 @@ def _make_scan_keys(G, DPL, DL, KS, KU, itemsize, slot_sum):
         load_words(k_row, v_row, j0, j_end, dl, kw, vw)
         for it in range(n_iter):
             j = j0 + KS * KU * it
+            # copy the words, issue the next loads, then unpack: unpacking first (no copy) made the next loads wait
+            # for this step's to arrive, and was measured 1.2-1.5x slower on the H100 (BENCHMARKS.md)
             for u in range(KU):
                 for w in range(WPL):
                     kc[u, w], vc[u, w] = kw[u, w], vw[u, w]
