@@ -147,36 +147,45 @@ def section_decode():
 
 
 def section_decode_shapes():
-    """Launch-shape sweep of decode v1 (4 dims per lane) at 512 to 131072 tokens, fp16 cache: GPU time, error vs v0."""
+    """Launch-shape sweep of decode v1 (4 dims per lane) and v2 (one warp per lane group; and the chunk sizes of its
+    loads) at 512 to 131072 tokens, fp16 cache: GPU time, error vs v0."""
     from numbattn import KVCache
-    sweep, default_bps = [], decode.BLOCKS_PER_SM
+    sweep, defaults = [], (decode.BLOCKS_PER_SM, decode.K_CHUNK, decode.V_CHUNK)
+    shapes = [("v1", threads, 4, ku, mb, bps, None) for threads in (128, 256) for ku in (1, 2, 4)
+              for mb in (0, 512 // threads) for bps in (1, 2, 4)]
+    shapes += [("v2", threads, 2, 1, mb, bps, vch) for vch in (8, 16) for threads in (128, 256)
+               for mb in (0, 512 // threads) for bps in (1, 2)]
+    points = []
     for n in (512, 8192, 32768, 131072):
         rng = np.random.default_rng(n)
         cache = KVCache(1, 1, 4, n, 64, dtype=np.float16, backend="cuda")
         cache.append(0, *(rng.standard_normal((1, 4, n, 64), dtype=np.float32).astype(np.float16) for _ in range(2)))
         q = cuda.to_device(rng.standard_normal((1, 32, 64), dtype=np.float32))
-        expect = decode.decode_attention(q, cache, 0, version="v0").copy_to_host()
-        for threads in (128, 256):
-            for ku in (1, 2, 4):
-                for mb in (0, 512 // threads):
-                    for bps in (1, 2, 4):
-                        decode.BLOCKS_PER_SM = bps
-                        cfg = decode.Config(None, threads, 4, ku, mb)
-                        row = dict(n=n, threads=threads, keys_per_step=ku, min_blocks_per_sm=mb, blocks_per_sm=bps)
-                        try:
-                            got = decode.decode_attention(q, cache, 0, config=cfg).copy_to_host()
-                            ms = gpu_ms(lambda: decode.decode_attention(q, cache, 0, config=cfg), 100)
-                            split, n_splits = decode.plan(1, 4, n, cfg)
-                            row.update(split=split, blocks=n_splits * 4, gpu_us=ms * 1e3,
-                                       GBps=2 * 4 * n * 64 * 2 / ms / 1e6,
-                                       max_err=float(np.abs(got - expect).max()))
-                        except Exception as e:
-                            row.update(error=str(e)[:60])
-                        sweep.append(row)
-    decode.BLOCKS_PER_SM = default_bps
-    table("decode v1 launch shapes, fp16 cache (GPU time)", sweep,
-          ["n", "threads", "keys_per_step", "min_blocks_per_sm", "blocks_per_sm", "split", "blocks", "gpu_us", "GBps",
-           "max_err", "error"])
+        points.append((n, cache, q, decode.decode_attention(q, cache, 0, version="v0").copy_to_host()))
+    for version, threads, dpl, ku, mb, bps, vch in shapes:
+        decode.BLOCKS_PER_SM = bps
+        if (vch or defaults[2]) != decode.V_CHUNK:
+            decode.V_CHUNK = vch
+            decode.make_decode_v2.cache_clear()         # the chunk sizes are read when a kernel is made
+        cfg = decode.Config(None, threads, dpl, ku, mb)
+        for n, cache, q, expect in points:
+            cache.decode_workspace = None
+            row = dict(n=n, version=version, threads=threads, keys_per_step=ku, min_blocks_per_sm=mb,
+                       blocks_per_sm=bps, v_chunk=vch)
+            try:
+                got = decode.decode_attention(q, cache, 0, config=cfg, version=version).copy_to_host()
+                ms = gpu_ms(lambda: decode.decode_attention(q, cache, 0, config=cfg, version=version), 100)
+                split, n_splits = decode.plan(1, 4, n, cfg)
+                row.update(split=split, blocks=n_splits * 4, gpu_us=ms * 1e3, GBps=2 * 4 * n * 64 * 2 / ms / 1e6,
+                           max_err=float(np.abs(got - expect).max()))
+            except Exception as e:
+                row.update(error=str(e)[:60])
+            sweep.append(row)
+    decode.BLOCKS_PER_SM, decode.K_CHUNK, decode.V_CHUNK = defaults
+    decode.make_decode_v2.cache_clear()
+    table("decode v1 and v2 launch shapes, fp16 cache (GPU time)", sweep,
+          ["n", "version", "threads", "keys_per_step", "min_blocks_per_sm", "blocks_per_sm", "v_chunk", "split",
+           "blocks", "gpu_us", "GBps", "max_err", "error"])
 
 
 def section_engine():

@@ -6,7 +6,7 @@ Each generation step brings ONE new query token per sequence (row of the batch).
 cached key and value once and does ~4 FLOPs per cached element per query head sharing it: decode streams the
 cache, so the goal is to read it once, with the whole GPU, and to pay as little as possible around that.
 
-Two kernels, side by side (llm.c style), both tested by the same suite:
+Three kernels, side by side (llm.c style), all tested by the same suite:
 
   v0  simple: one block per (row, query head). Its threads split the keys among themselves; each runs the
       online softmax of numbattn/prefill.py over its own keys, keeping
@@ -20,7 +20,7 @@ Two kernels, side by side (llm.c style), both tested by the same suite:
       alone: the G query heads of a group read the same K/V G times.
       # q [B, H, D], k/v [B, Hkv, max_len, D], lengths [B] -> out [B, H, D]
 
-  v1  split-K, the fast one (Dao, Haziza, Massa, Sizov 2023): grid (n_splits, n_kv_heads, batch). Block
+  v1  split-K (Dao, Haziza, Massa, Sizov 2023): grid (n_splits, n_kv_heads, batch). Block
       (s, hk, b) takes the keys [s*split, (s+1)*split) of row b, clipped to the row's length (blocks past it
       exit at once), for ALL G query heads sharing KV head hk, so each K/V element is read once, not G times.
       Inside, threads form "key slots" of DL = D / DPL lanes; lane dl of a slot holds the DPL consecutive head
@@ -36,6 +36,20 @@ Two kernels, side by side (llm.c style), both tested by the same suite:
       launch: nothing to synchronise between a split and a merge kernel, no second launch to pay for.
       # q [B, H, D], k/v [B, Hkv, max_len, D] (read as words), lengths [B], part [B, H, S, D+2], counters [B*Hkv]
       #   -> out [B, H, D]
+
+  v2  v1's split-K and merge, with the work inside a block laid out the other way round for the scores. v1's
+      lanes split a key's head dims, so every key costs each lane G partial dot products, a group reduction of
+      G values (log2 DL shuffles each) and G exp2 — the same softmax work repeated in all DL lanes of a slot: on the
+      H100 that was ~165 warp instructions per key and head, against 32 for the FMAs. In v2 a lane group (one warp
+      on a GPU) takes a tile of DL keys, ONE KEY PER LANE for the scores: each lane reads its whole K row (as words)
+      and computes its key's G scores against q, which sits in shared memory (every lane needs all of it; one
+      16-byte load, broadcast to the warp, brings 4 values). The tile's max per head needs one group reduction per
+      TILE, and each lane takes the exp2 of its own key only. Then the layout flips for P V, as in the prefill
+      kernels: p goes through shared memory (p_s[slot, key, head]) and each lane owns DPL dims of acc again, reading
+      its dims of every V row of the tile (the group reads a row together: one coalesced load each). K rows and V
+      rows are loaded a chunk ahead of their use, and the next tile's first chunks during this one's tail.
+      # q [B, H, D], k [B, Hkv, max_len, D * itemsize / word bytes], v [..., words], lengths [B],
+      #   part [B, H, S, D+2], counters [B*Hkv] -> out [B, H, D]
 
 Slots past a row's length are never read: the cache keeps them NaN-poisoned (numbattn/kvcache.py) and 0 * NaN
 is NaN, so loads there are skipped, not multiplied by zero. A row holding 0 tokens gets zeros.
@@ -59,14 +73,17 @@ from numba import cuda, float32, int32, int64, uint16, uint32, uint64
 
 from . import backend as _backend
 from . import reference
-from .device import (FASTMATH, LOG2E, NEG_INF, SIM, arrive_last, f32_from_bits, f32_from_half_bits, make_group_reduce,
-                     reduce_scratch_shape)
+from .device import (FASTMATH, LOG2E, NEG_INF, SIM, arrive_last, f32_from_bits, f32_from_half_bits, group_barrier,
+                     make_group_reduce, reduce_scratch_shape)
 from .launch import Launch
 from .validate import as_count, check_dtype, check_head_dim, check_heads, check_rank, check_scale
 
-VERSIONS = ("v0", "v1")
-DEFAULT_VERSION = "v1"
+VERSIONS = ("v0", "v1", "v2")
+DEFAULT_VERSION = "v2"
 SHARED_LIMIT = 48 * 1024   # static shared memory per block
+K_CHUNK, V_CHUNK = 4, 16      # v2: K words (of <= 8 bytes) and V rows a lane loads at once (4 x 8 bytes: the compiler
+                              # still unrolls the loop over them; V rows swept: BENCHMARKS.md)
+ALIGN = None if SIM else 16   # bytes, of v2's shared arrays: 16-byte loads (the simulator takes no alignment)
 H100_SMS = 132
 BLOCKS_PER_SM = 1          # split blocks per SM that the automatic split aims for (swept on the H100: BENCHMARKS.md)
 MIN_SPLIT = 256            # keys; shorter splits make the partials and each block's merge a large share
@@ -75,10 +92,10 @@ MAX_SPLIT = 2048           # keys; longer ones make a block's serial walk the li
 
 @dataclass(frozen=True)
 class Config:
-    """Launch shape. split: keys per split block (v1; None: chosen from the length); threads per block;
-    dims_per_lane: head dims each v1 thread holds (head_dim / dims_per_lane threads share a key);
-    keys_per_step: keys each v1 key slot takes per step (and prefetches for the next);
-    min_blocks_per_sm: v1 blocks that must fit on an SM at once (CUDA launch bounds: the compiler caps the registers
+    """Launch shape. split: keys per split block (v1, v2; None: chosen from the length); threads per block;
+    dims_per_lane: head dims of each head's accumulator a v1/v2 thread holds (head_dim / dims_per_lane lanes form
+    a key slot, v1, or a lane group, v2); keys_per_step: keys each v1 slot, or each v2 lane, takes per step;
+    min_blocks_per_sm: blocks that must fit on an SM at once (CUDA launch bounds: the compiler caps the registers
     per thread to make it so; 0: no cap)."""
     split: int | None
     threads: int
@@ -94,25 +111,29 @@ SIM_CONFIG = Config(split=4, threads=8, dims_per_lane=8, keys_per_step=2)
 def gpu_config(version, head_dim, group):
     """v0: 32 threads (one warp: each keeps a whole acc row). v1: 256 threads (16 key slots: twice the keys in
     flight of 128, at the same register count), 4 dims per lane (head_dim / 4 lanes per key: fewer registers than
-    8, so no spill at a group of 8 heads), one key per step; fewer where the merge's shared arrays would not fit.
-    Swept on the H100: BENCHMARKS.md."""
+    8, so no spill at a group of 8 heads), one key per step. v2: 256 threads, lane groups of one warp (head_dim / 32
+    dims per lane), and launch bounds that keep 2 blocks (16 warps) on an SM: more loads in flight (131072 tokens:
+    115 -> 100 us). Fewer threads where the shared arrays would not fit. Swept on the H100: BENCHMARKS.md."""
     if version == "v0":
         return Config(split=None, threads=32)
-    for threads in (256, 128):
-        for dpl in (4, 2, 1):
-            if v1_shared_bytes(head_dim, group, threads, dpl) <= SHARED_LIMIT and head_dim // dpl <= 32:
-                return Config(split=None, threads=threads, dims_per_lane=dpl)
+    lanes = (4, 2, 1) if version == "v1" else (max(1, head_dim // 32),)
+    for threads in (256, 128, 64, 32):
+        for dpl in lanes:
+            bound = 512 // threads if version == "v2" else 0
+            config = Config(split=None, threads=threads, dims_per_lane=dpl, min_blocks_per_sm=bound)
+            if head_dim // dpl <= 32 and shared_bytes(version, head_dim, group, config) <= SHARED_LIMIT:
+                return config
     raise ValueError(f"a group of {group} query heads per KV head at head_dim {head_dim} does not fit in "
                      f"{SHARED_LIMIT} bytes of shared memory: use version='v0'")
 
 
 def default_config(version, backend, head_dim, group):
-    return SIM_CONFIG if backend == "sim" and version == "v1" else (
+    return SIM_CONFIG if backend == "sim" and version != "v0" else (
         Config(None, 8) if backend == "sim" else gpu_config(version, head_dim, group))
 
 
-def v1_layout(head_dim, threads, dims_per_lane):
-    """(DL lanes per key slot, KS key slots) of a v1 block."""
+def split_layout(head_dim, threads, dims_per_lane):
+    """(DL lanes per key slot or lane group, KS slots or groups) of a v1/v2 block."""
     DL = head_dim // dims_per_lane
     if head_dim % dims_per_lane or DL > 32 or DL & (DL - 1) or threads % DL:
         raise ValueError(f"dims_per_lane={dims_per_lane}, threads={threads}: head_dim {head_dim} / dims_per_lane "
@@ -120,9 +141,11 @@ def v1_layout(head_dim, threads, dims_per_lane):
     return DL, threads // DL
 
 
-def v1_shared_bytes(head_dim, group, threads, dims_per_lane):
-    DL, KS = v1_layout(head_dim, threads, dims_per_lane)
-    return 4 * KS * group * (head_dim + 2)
+def shared_bytes(version, head_dim, group, config):
+    """Static shared memory of a v1/v2 block: the slots' states for the merge; v2 also q and a tile of p per group."""
+    DL, KS = split_layout(head_dim, config.threads, config.dims_per_lane)
+    merge = 4 * KS * group * (head_dim + 2)
+    return merge if version == "v1" else merge + 4 * group * (head_dim + KS * DL * config.keys_per_step)
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,31 +230,27 @@ def make_decode_v0(head_dim, threads):
 
 
 # --------------------------------------------------------------------------------------------------------
-# v1: split-K over blocks, all query heads of a group per block, the last block merges
+# v1 and v2: split-K over blocks, all query heads of a group per block, the last block merges
 # --------------------------------------------------------------------------------------------------------
 def word_type(dims_per_lane, itemsize):
-    """The unsigned word a v1 lane reads its dims of a K or V row in: as wide as its bytes allow, up to 8."""
+    """The unsigned word a lane reads `dims_per_lane` consecutive values of a K or V row in: as wide as their
+    bytes allow, up to 8. -> (word type, values per word)"""
     nbytes = math.gcd(dims_per_lane * itemsize, 8)
     return {2: uint16, 4: uint32, 8: uint64}[nbytes], nbytes // itemsize
 
 
-@functools.lru_cache(maxsize=None)
-def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0):
-    D, G, T, DPL, KU = head_dim, group, threads, dims_per_lane, keys_per_step
-    DL, KS = v1_layout(D, T, DPL)
-    _, slot_sum = make_group_reduce(DL, KU * G)
-    RED = reduce_scratch_shape(KU * G, T)
-    scan_keys = _make_scan_keys(G, DPL, DL, KS, KU, itemsize, slot_sum)
+def _make_split_kernel(name, D, G, T, DPL, DL, KS, scan_split, bounds):
+    """The kernel v1 and v2 share: block (s, hk, b) runs `scan_split` over its keys, which leaves every thread with
+    the online-softmax state (m, l, acc) of its key slot (acc: its DPL dims of each head); the slots merge into the
+    split's partial, and the last split block of the group merges the splits into out. Only scan_split differs."""
     merge_slots = _make_merge_slots(D, G, T, DPL, DL, KS)
     merge_splits = _make_merge_splits(D, G, T)
-    bounds = dict(launch_bounds=(T, min_blocks_per_sm)) if min_blocks_per_sm and not SIM else {}
 
-    @cuda.jit(fastmath=FASTMATH, **bounds)
-    def decode_v1(q, k, v, lengths, split, scale_log2, part, counters, out):
-        # q [B, H, D], k/v [B, Hkv, max_len, D * itemsize / word bytes] (words), lengths [B], part [B, H, S, D+2],
+    def decode_split(q, k, v, lengths, split, scale_log2, part, counters, out):
+        # q [B, H, D], k/v [B, Hkv, max_len, words] (each row as raw words), lengths [B], part [B, H, S, D+2],
         # counters [B*Hkv] -> out [B, H, D]
         s_idx, hk, b, t = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z, cuda.threadIdx.x
-        dl, ks, h0 = t % DL, t // DL, hk * G
+        h0 = hk * G
         n = min(int64(lengths[b]), int64(k.shape[2]))  # a bad length from a raw launch cannot read past max_len
         j_begin = int64(s_idx) * split
         if j_begin >= n:                            # the whole block leaves together (no barrier half-attended)
@@ -240,33 +259,53 @@ def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, ite
                     out[b, h0 + e // D, e % D] = float32(0.0)
             return
         j_end = min(j_begin + split, n)
-        red = cuda.shared.array(RED, float32)
         flag = cuda.shared.array(1, int32)
-        q_reg = cuda.local.array((G, DPL), float32)   # q of the group, this lane's dims, scaled for exp2
         acc = cuda.local.array((G, DPL), float32)
         m = cuda.local.array(G, float32)
         l = cuda.local.array(G, float32)
         for g in range(G):
             m[g], l[g] = NEG_INF, float32(0.0)
             for e in range(DPL):
-                q_reg[g, e] = float32(q[b, h0 + g, dl * DPL + e]) * scale_log2
                 acc[g, e] = float32(0.0)
-        n_iter = (j_end - j_begin + KS * KU - 1) // (KS * KU)   # the same for every slot: barriers stay uniform
-        scan_keys(k[b, hk], v[b, hk], j_begin + ks, j_end, n_iter, dl, q_reg, m, l, acc, red)
+        scan_split(q, k[b, hk], v[b, hk], b, h0, j_begin, j_end, scale_log2, t, m, l, acc)
         merge_slots(m, l, acc, part, b, h0, s_idx, t)
         if arrive_last(counters, b * k.shape[1] + hk, (n + split - 1) // split, flag):
             merge_splits(part, (n + split - 1) // split, b, h0, out, t)
 
-    return decode_v1
+    decode_split.__name__ = decode_split.__qualname__ = name     # the kernel's name in profilers
+    return cuda.jit(fastmath=FASTMATH, **bounds)(decode_split)
 
 
-def _make_word_loads(DPL, DL, KS, KU, itemsize):
-    """(WORD, WPL, load_words, unpack_step) of a v1 key slot: the word type and words per lane, a row's words ->
-    registers, words -> float32 values."""
-    WORD, VPW = word_type(DPL, itemsize)
-    WPL = DPL // VPW            # words per lane per row: lane dl holds dims [dl * DPL, (dl + 1) * DPL)
+def _launch_bounds(T, min_blocks_per_sm):
+    return dict(launch_bounds=(T, min_blocks_per_sm)) if min_blocks_per_sm and not SIM else {}
+
+
+@functools.lru_cache(maxsize=None)
+def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0):
+    D, G, T, DPL, KU = head_dim, group, threads, dims_per_lane, keys_per_step
+    DL, KS = split_layout(D, T, DPL)
+    _, slot_sum = make_group_reduce(DL, KU * G)
+    RED = reduce_scratch_shape(KU * G, T)
+    scan_keys = _make_scan_keys(G, DPL, DL, KS, KU, itemsize, slot_sum)
+
+    @cuda.jit(device=True, inline=True)
+    def scan_split(q, k_row, v_row, b, h0, j_begin, j_end, scale_log2, t, m, l, acc):
+        """v1: key slot ks takes keys j_begin + ks, + KS, ...; lane dl holds q's dims [dl*DPL, (dl+1)*DPL)."""
+        dl, ks = t % DL, t // DL
+        red = cuda.shared.array(RED, float32)
+        q_reg = cuda.local.array((G, DPL), float32)   # q of the group, this lane's dims, scaled for exp2
+        for g in range(G):
+            for e in range(DPL):
+                q_reg[g, e] = float32(q[b, h0 + g, dl * DPL + e]) * scale_log2
+        n_iter = (j_end - j_begin + KS * KU - 1) // (KS * KU)   # the same for every slot: barriers stay uniform
+        scan_keys(k_row, v_row, j_begin + ks, j_end, n_iter, dl, q_reg, m, l, acc, red)
+
+    return _make_split_kernel("decode_v1", D, G, T, DPL, DL, KS, scan_split, _launch_bounds(T, min_blocks_per_sm))
+
+
+def _make_unpack(WORD, itemsize):
+    """unpack(word, i): value i of a word of fp16 or fp32 values, as float32 (exact)."""
     SHIFT = 8 * itemsize
-
     if itemsize == 2:
         @cuda.jit(device=True, inline=True)
         def unpack(word, i):
@@ -275,6 +314,15 @@ def _make_word_loads(DPL, DL, KS, KU, itemsize):
         @cuda.jit(device=True, inline=True)
         def unpack(word, i):
             return f32_from_bits(uint32(word >> WORD(SHIFT * i)))
+    return unpack
+
+
+def _make_word_loads(DPL, DL, KS, KU, itemsize):
+    """(WORD, WPL, load_words, unpack_step) of a v1 key slot: the word type and words per lane, a row's words ->
+    registers, words -> float32 values."""
+    WORD, VPW = word_type(DPL, itemsize)
+    WPL = DPL // VPW            # words per lane per row: lane dl holds dims [dl * DPL, (dl + 1) * DPL)
+    unpack = _make_unpack(WORD, itemsize)
 
     @cuda.jit(device=True, inline=True)
     def load_words(k_row, v_row, j, j_end, dl, kw, vw):
@@ -347,6 +395,151 @@ def _make_scan_keys(G, DPL, DL, KS, KU, itemsize, slot_sum):
                         for e in range(DPL):
                             acc[g, e] += p * vf[u, e]
     return scan_keys
+
+
+@functools.lru_cache(maxsize=None)
+def make_decode_v2(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0):
+    D, G, T, DPL, KU = head_dim, group, threads, dims_per_lane, keys_per_step
+    DL, KS = split_layout(D, T, DPL)
+    TILE = DL * KU              # keys a lane group takes per step
+    group_max, group_sum = make_group_reduce(DL, G)
+    RED = reduce_scratch_shape(G, T)
+    scan_tiles = _make_scan_tiles(D, G, DPL, DL, KS, KU, itemsize, group_max)
+
+    @cuda.jit(device=True, inline=True)
+    def scan_split(q, k_row, v_row, b, h0, j_begin, j_end, scale_log2, t, m, l, acc):
+        """v2: lane group ks takes the tiles of TILE keys starting at j_begin + ks*TILE, + KS*TILE, ...; q of the whole
+        group sits in shared memory (every lane needs all of it for its own keys)."""
+        dl, ks = t % DL, t // DL
+        red = cuda.shared.array(RED, float32)
+        q_s = cuda.shared.array((G, D), float32, alignment=ALIGN)     # q * scale * log2 e, for exp2
+        p_s = cuda.shared.array((KS, TILE, G), float32, alignment=ALIGN)
+        for e in range(t, G * D, T):
+            q_s[e // D, e % D] = float32(q[b, h0 + e // D, e % D]) * scale_log2
+        cuda.syncthreads()
+        n_iter = (j_end - j_begin + KS * TILE - 1) // (KS * TILE)   # the same for every group: barriers stay uniform
+        scan_tiles(k_row, v_row, j_begin + ks * TILE, j_end, n_iter, dl, ks, q_s, p_s, m, l, acc, red)
+        group_sum(l, red)       # each lane summed the p of its own keys (all rescaled alike: m is the group's)
+
+    return _make_split_kernel("decode_v2", D, G, T, DPL, DL, KS, scan_split, _launch_bounds(T, min_blocks_per_sm))
+
+
+def _make_scan_tiles(D, G, DPL, DL, KS, KU, itemsize, group_max):
+    TILE = DL * KU
+    KWORD, KVPW = word_type(D, itemsize)        # a lane reads whole K rows ...
+    KWPR = D // KVPW
+    VWORD, VVPW = word_type(DPL, itemsize)      # ... and its DPL dims of every V row of the tile
+    VWPL = DPL // VVPW
+    # Rows and tiles go in chunks, the next chunk's loads issued before this one's FMAs. (Whole tiles in registers
+    # would need loops too long for the compiler to unroll, and a local array indexed in a rolled loop lives in
+    # local memory.)
+    KCH = min(KWPR, K_CHUNK)    # K words per chunk
+    VCH = min(TILE, V_CHUNK)    # V rows per chunk
+    unpack_k, unpack_v = _make_unpack(KWORD, itemsize), _make_unpack(VWORD, itemsize)
+
+    @cuda.jit(device=True, inline=True)
+    def load_k(k_row, jt, j_end, dl, c, kw):
+        """kw[u] = words c*KCH .. of K row jt + u*DL + dl (this lane's keys); zero past the split's end."""
+        for u in range(KU):
+            j = jt + u * DL + dl
+            for w in range(KCH):
+                kw[u, w] = k_row[j, c * KCH + w] if j < j_end else KWORD(0)
+
+    @cuda.jit(device=True, inline=True)
+    def load_v(v_row, jt, j_end, dl, c, vw):
+        """vw[i] = this lane's words of V row jt + c*VCH + i (the DL lanes read a row together: one coalesced load
+        each). Zero past the split's end: those keys have p = 0, and 0 * 0 adds nothing (the slots there are NaN)."""
+        for i in range(VCH):
+            j = jt + c * VCH + i
+            for w in range(VWPL):
+                vw[i, w] = v_row[j, dl * VWPL + w] if j < j_end else VWORD(0)
+
+    @cuda.jit(device=True, inline=True)
+    def scores(k_row, jt, j_end, dl, q_s, s, kw, kc):
+        """s[u, g] = q_g . k_u for this lane's KU keys: each q value read from shared memory (one broadcast to all
+        lanes) serves KU keys. kw holds the first chunk's words already."""
+        for u in range(KU):
+            for g in range(G):
+                s[u, g] = float32(0.0)
+        for c in range(KWPR // KCH):
+            for u in range(KU):
+                for w in range(KCH):
+                    kc[u, w] = kw[u, w]
+            if c + 1 < KWPR // KCH:
+                load_k(k_row, jt, j_end, dl, c + 1, kw)
+            else:                                   # the next tile's first chunk: in flight during this tile's rest
+                load_k(k_row, jt + KS * TILE, j_end, dl, 0, kw)
+            for w in range(KCH):
+                for i in range(KVPW):
+                    d = (c * KCH + w) * KVPW + i
+                    for g in range(G):
+                        q_gd = q_s[g, d]
+                        for u in range(KU):
+                            s[u, g] += q_gd * unpack_k(kc[u, w], i)
+
+    @cuda.jit(device=True, inline=True)
+    def softmax_step(s, jt, j_end, dl, ks, m, l, acc, p_s, t_max, red):
+        """The online-softmax update of the group by one tile: the tile's max per head over the group's lanes, the
+        rescale if it grew, and p = exp2(s - m) into p_s[ks, key, head] for the product with V."""
+        for g in range(G):
+            t_max[g] = NEG_INF
+            for u in range(KU):
+                if jt + u * DL + dl >= j_end:       # past the split: masked
+                    s[u, g] = NEG_INF
+                t_max[g] = max(t_max[g], s[u, g])
+        group_max(t_max, red)
+        for g in range(G):
+            if t_max[g] > m[g]:                     # the same in every lane of the group: no divergence
+                alpha = math.exp2(m[g] - t_max[g])  # 0 for the first tile: acc and l are still 0
+                m[g] = t_max[g]
+                l[g] *= alpha
+                for e in range(DPL):
+                    acc[g, e] *= alpha
+            m_g = m[g] if m[g] != NEG_INF else float32(0.0)    # no key yet: every p is exp2(-inf) = 0
+            for u in range(KU):
+                p = math.exp2(s[u, g] - m_g)
+                l[g] += p
+                p_s[ks, u * DL + dl, g] = p
+
+    @cuda.jit(device=True, inline=True)
+    def accumulate(v_row, jt, j_end, dl, p_s, ks, acc, vw, vc):
+        """acc[g, dims] += sum_i p[i, g] v_i[dims] over the tile's keys: this lane's DPL dims of every head.
+        vw holds the first chunk's words already (loaded during the previous tile, or before the first)."""
+        for c in range(TILE // VCH):
+            for i in range(VCH):
+                for w in range(VWPL):
+                    vc[i, w] = vw[i, w]
+            if c + 1 < TILE // VCH:
+                load_v(v_row, jt, j_end, dl, c + 1, vw)
+            else:
+                load_v(v_row, jt + KS * TILE, j_end, dl, 0, vw)
+            for i in range(VCH):
+                for w in range(VWPL):
+                    for e in range(VVPW):
+                        x = unpack_v(vc[i, w], e)
+                        for g in range(G):
+                            acc[g, w * VVPW + e] += p_s[ks, c * VCH + i, g] * x
+
+    @cuda.jit(device=True, inline=True)
+    def scan_tiles(k_row, v_row, j0, j_end, n_iter, dl, ks, q_s, p_s, m, l, acc, red):
+        """The online softmax of one lane group over its tiles: scores with lanes across keys, the product with V
+        with lanes across dims, p handed from one layout to the other through shared memory."""
+        kw = cuda.local.array((KU, KCH), KWORD)
+        kc = cuda.local.array((KU, KCH), KWORD)
+        vw = cuda.local.array((VCH, VWPL), VWORD)
+        vc = cuda.local.array((VCH, VWPL), VWORD)
+        s = cuda.local.array((KU, G), float32)
+        t_max = cuda.local.array(G, float32)
+        load_k(k_row, j0, j_end, dl, 0, kw)         # the first chunks; each later one is loaded a chunk ahead
+        load_v(v_row, j0, j_end, dl, 0, vw)
+        for it in range(n_iter):
+            jt = j0 + it * (KS * TILE)
+            scores(k_row, jt, j_end, dl, q_s, s, kw, kc)
+            softmax_step(s, jt, j_end, dl, ks, m, l, acc, p_s, t_max, red)
+            group_barrier()                         # the group's p are in p_s
+            accumulate(v_row, jt, j_end, dl, p_s, ks, acc, vw, vc)
+            group_barrier()                         # ... and read, before the next tile's overwrite them
+    return scan_tiles
 
 
 def _make_merge_slots(D, G, T, DPL, DL, KS):
@@ -434,8 +627,8 @@ def check_config(config, version, head_dim):
     if not ok:
         raise ValueError(f"config={config!r}: expected a decode.Config with split None or >= 1, threads >= 1, "
                          f"dims_per_lane >= 1, keys_per_step >= 1 and min_blocks_per_sm >= 0")
-    if version == "v1":
-        v1_layout(head_dim, config.threads, config.dims_per_lane)
+    if version != "v0":
+        split_layout(head_dim, config.threads, config.dims_per_lane)
 
 
 class Workspace:
@@ -493,10 +686,12 @@ class _PreparedCall:
             return
         group = n_heads // cache.n_kv_heads
         itemsize = np.dtype(k.dtype).itemsize
-        kernel = make_decode_v1(head_dim, group, config.threads, config.dims_per_lane, config.keys_per_step, itemsize,
-                                config.min_blocks_per_sm)
-        word = np.dtype(word_type(config.dims_per_lane, itemsize)[0].name)
-        k, v = k.view(word), v.view(word)                       # the rows as words: wide loads
+        make = make_decode_v1 if version == "v1" else make_decode_v2
+        kernel = make(head_dim, group, config.threads, config.dims_per_lane, config.keys_per_step, itemsize,
+                      config.min_blocks_per_sm)
+        k_dims = config.dims_per_lane if version == "v1" else head_dim     # a v2 lane reads whole K rows
+        k = k.view(np.dtype(word_type(k_dims, itemsize)[0].name))        # the rows as words: wide loads
+        v = v.view(np.dtype(word_type(config.dims_per_lane, itemsize)[0].name))
         self.split, _ = plan(batch, cache.n_kv_heads, 1, config)
         most_splits = n_splits_for(cache.max_len, config.split or MIN_SPLIT)
         part = cache.decode_workspace.partials(n_heads, most_splits)

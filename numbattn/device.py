@@ -8,6 +8,7 @@ NUMBATTN_TEST_GPU=1).
     LOG2E, NEG_INF, FASTMATH       exp(x) = exp2(x * LOG2E); the running max starts at NEG_INF
     make_group_reduce(...)         max / sum of TM values over the `width` consecutive threads of a group:
                                    warp shuffles on a GPU, shared memory + barriers in the simulator
+    group_barrier()                the lanes of a warp wait for each other (a block barrier in the simulator)
     make_outer_product(...)        one rank-1 update of a thread's register tile from two shared tiles
     bf16_pair / f32_from_bits      weights arrive as raw bits: bf16 is the top half of an fp32, so a shift
                                    and a bit cast (free on the GPU) widen it exactly
@@ -90,6 +91,19 @@ def reduce_scratch_shape(n, threads, use_shuffle=None):
     """Shape of the shared `red` array a group reduction needs: (n, threads) in the simulator, (1, 1) on a GPU."""
     use_shuffle = not SIM if use_shuffle is None else use_shuffle
     return (1, 1) if use_shuffle else (n, threads)
+
+
+if SIM:
+    @cuda.jit(device=True)
+    def group_barrier():
+        """Simulator twin of the warp barrier: a block barrier (every thread of the block must call it together)."""
+        cuda.syncthreads()
+else:
+    @cuda.jit(device=True, inline=True)
+    def group_barrier():
+        """Wait for the other lanes of this warp, and see their shared-memory writes (__syncwarp): enough for a
+        group that lies inside one warp (lanes of a warp are not in lockstep since Volta)."""
+        cuda.syncwarp(FULL_MASK)
 
 
 # --------------------------------------------------------------------------------------------------------

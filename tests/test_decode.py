@@ -1,4 +1,5 @@
-"""Decode attention (numbattn/decode.py: v0 simple, v1 split-K with a last-block merge) against the fp64 reference.
+"""Decode attention (numbattn/decode.py: v0 simple; v1 and v2 split-K with a last-block merge, lanes across dims
+or across keys) against the fp64 reference.
 
 Without a GPU these run in Numba's CUDA simulator (conftest.py) with tiny splits (4 or 8 keys) and key slots
 (2 to 4 per block), so lengths like 31 and 100 cross many splits, end in a ragged split, and leave slots empty.
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.skipif(KERNEL == "numpy", reason="numba.cuda unavailabl
 TINY = Config(split=4, threads=8, dims_per_lane=4)      # head_dim 16: 4 lanes per key, 2 key slots, 4-key splits
 LONG = Config(split=8, threads=8, dims_per_lane=8)      # 2 lanes per key, 4 slots; 100 keys: 13 splits, last of 4
 STEPS = Config(split=11, threads=8, dims_per_lane=8, keys_per_step=3)  # 4 slots x 3 keys a step: 11 = 12 - 1
+SPLIT_VERSIONS = ("v1", "v2")   # the split-K kernels, which take the same Config
 
 
 host = to_host
@@ -54,7 +56,7 @@ def reference_fp64(q, cache, layer=0, scale=None):
                                       scale=scale)
 
 
-def check(q, cache, layer=0, scale=None, config=None, rtol=RTOL, version="v1"):
+def check(q, cache, layer=0, scale=None, config=None, rtol=RTOL, version=decode.DEFAULT_VERSION):
     """Decode into a NaN-poisoned device buffer and compare with the fp64 reference."""
     from numba import cuda
     out = cuda.to_device(np.full(q.shape, np.nan, np.float32))  # an unwritten element stays NaN and fails
@@ -73,7 +75,8 @@ def check(q, cache, layer=0, scale=None, config=None, rtol=RTOL, version="v1"):
 def test_matches_reference_lengths(length, config):
     rng = np.random.default_rng(length)
     cache, q = filled_cache(rng, [length], max_len=length + 5)   # unused NaN slots right after the last key
-    check(q, cache, config=config)
+    for version in SPLIT_VERSIONS:
+        check(q, cache, config=config, version=version)
     check(q, cache, version="v0")
 
 
@@ -82,14 +85,14 @@ def test_matches_reference_lengths(length, config):
 def test_grouped_query_heads(version, n_heads, n_kv_heads):
     rng = np.random.default_rng(n_heads * 10 + n_kv_heads)
     cache, q = filled_cache(rng, [9], n_heads=n_heads, n_kv_heads=n_kv_heads)
-    check(q, cache, config=TINY if version == "v1" else None, version=version)
+    check(q, cache, config=TINY if version != "v0" else None, version=version)
 
 
 @pytest.mark.parametrize("version", decode.VERSIONS)
 def test_rows_of_different_lengths_and_an_empty_row(version):
     rng = np.random.default_rng(11)
     cache, q = filled_cache(rng, [0, 1, 6, 13], n_heads=4, n_kv_heads=2, max_len=16)
-    got = check(q, cache, config=TINY if version == "v1" else None, version=version)
+    got = check(q, cache, config=TINY if version != "v0" else None, version=version)
     assert (got[0] == 0).all()                   # a row holding no tokens returns zeros
 
 
@@ -115,13 +118,15 @@ def test_large_logits_across_splits_are_stable():
     q = np.concatenate([k[:, :, 9] * 80, -k[:, :, 2] * 80], axis=1)   # [1, 2, 16]: peaks in split 3, or spread
     cache = numbattn.KVCache(1, 1, 1, 16, 16, backend=KERNEL)
     cache.append(0, k, v)
-    check(q.astype(np.float32), cache, scale=1.0, config=TINY)
+    for version in SPLIT_VERSIONS:
+        check(q.astype(np.float32), cache, scale=1.0, config=TINY, version=version)
 
 
 def test_custom_scale_and_head_dim_64():
     rng = np.random.default_rng(15)
     cache, q = filled_cache(rng, [10, 5], n_heads=4, n_kv_heads=2, d=64)
-    check(q, cache, scale=0.3, config=Config(split=4, threads=16, dims_per_lane=8))
+    for version in SPLIT_VERSIONS:
+        check(q, cache, scale=0.3, config=Config(split=4, threads=16, dims_per_lane=8), version=version)
     check(q, cache, scale=0.3, version="v0")
 
 
@@ -192,23 +197,26 @@ def test_prefill_then_decode_equals_one_long_prefill():
     assert cache.lengths.tolist() == [n + steps] * b
 
 
+@pytest.mark.parametrize("version", SPLIT_VERSIONS)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("dims_per_lane", [1, 2, 4, 16])   # K/V rows read as uint16 / uint32 / uint64 words
-def test_every_word_width(dtype, dims_per_lane):
+def test_every_word_width(version, dtype, dims_per_lane):
     rng = np.random.default_rng(dims_per_lane)
     cache, q = filled_cache(rng, [13, 5], n_heads=4, n_kv_heads=2, dtype=dtype)
-    check(q, cache, config=Config(split=5, threads=16, dims_per_lane=dims_per_lane, keys_per_step=2))
+    check(q, cache, config=Config(split=5, threads=16, dims_per_lane=dims_per_lane, keys_per_step=2), version=version)
 
 
 @settings(max_examples=25, deadline=None)
 @given(lengths=st.lists(st.integers(0, 19), min_size=1, max_size=3), group=st.sampled_from([1, 2, 4]),
        n_kv_heads=st.integers(1, 2), split=st.integers(1, 6), lanes=st.sampled_from([1, 2, 4, 8]),
        threads=st.sampled_from([8, 16, 32]), keys_per_step=st.integers(1, 3),
-       dtype=st.sampled_from([np.float32, np.float16]), seed=st.integers(0, 2**16))
-def test_property_sweep(lengths, group, n_kv_heads, split, lanes, threads, keys_per_step, dtype, seed):
+       dtype=st.sampled_from([np.float32, np.float16]), seed=st.integers(0, 2**16),
+       version=st.sampled_from(SPLIT_VERSIONS))
+def test_property_sweep(lengths, group, n_kv_heads, split, lanes, threads, keys_per_step, dtype, seed, version):
     rng = np.random.default_rng(seed)
     cache, q = filled_cache(rng, lengths, n_heads=group * n_kv_heads, n_kv_heads=n_kv_heads, dtype=dtype)
-    check(q, cache, config=Config(split=split, threads=threads, dims_per_lane=16 // lanes, keys_per_step=keys_per_step))
+    check(q, cache, config=Config(split=split, threads=threads, dims_per_lane=16 // lanes, keys_per_step=keys_per_step),
+          version=version)
 
 
 def test_split_grows_with_the_length_and_fills_the_gpu():
@@ -221,8 +229,9 @@ def test_split_grows_with_the_length_and_fills_the_gpu():
     assert decode.choose_split(131072, 1, 4, n_sm=132) > decode.choose_split(32768, 1, 4, n_sm=132)
     for head_dim in (16, 32, 64, 128):
         for group in (1, 4, 8):
-            cfg = decode.gpu_config("v1", head_dim, group)
-            assert decode.v1_shared_bytes(head_dim, group, cfg.threads, cfg.dims_per_lane) <= decode.SHARED_LIMIT
+            for version in SPLIT_VERSIONS:
+                cfg = decode.gpu_config(version, head_dim, group)
+                assert decode.shared_bytes(version, head_dim, group, cfg) <= decode.SHARED_LIMIT
 
 
 def test_repeated_device_calls_take_the_prepared_path_and_follow_the_cache():
@@ -235,10 +244,11 @@ def test_repeated_device_calls_take_the_prepared_path_and_follow_the_cache():
     dq = cuda.to_device(q)
     config = Config(split=None, threads=8, dims_per_lane=8)
     first = numbattn.decode_attention(dq, cache, 0, config=config)
-    prepared = cache.decode_workspace.calls[(0, None, config, "v1", None, 0)]
+    key = (0, None, config, decode.DEFAULT_VERSION, None, 0)
+    prepared = cache.decode_workspace.calls[key]
     for step in range(3):
         got = numbattn.decode_attention(dq, cache, 0, config=config)
-        assert got is first and cache.decode_workspace.calls[(0, None, config, "v1", None, 0)] is prepared
+        assert got is first and cache.decode_workspace.calls[key] is prepared
         np.testing.assert_allclose(got.copy_to_host(), reference_fp64(q, cache), rtol=RTOL, atol=1e-6)
         cache.append(0, *(rng.standard_normal((2, 2, 1 + 10 * step, 16)).astype(np.float32) for _ in range(2)))
 
@@ -256,7 +266,7 @@ def test_repeated_device_calls_take_the_prepared_path_and_follow_the_cache():
     (dict(config=Config(split=4, threads=6, dims_per_lane=4)), r"power of two <= 32 that divides threads"),
     (dict(config=Config(split=0, threads=8, dims_per_lane=4)), r"split None or >= 1"),
     (dict(config=Config(split=4, threads=8, dims_per_lane=4, keys_per_step=0)), r"keys_per_step >= 1"),
-    (dict(version="v2"), r"version='v2': expected one of"),
+    (dict(version="v3"), r"version='v3': expected one of"),
 ])
 def test_validation_errors_name_the_argument(bad, match):
     cache, _ = filled_cache(np.random.default_rng(21), [2, 3], n_heads=4, n_kv_heads=2)
@@ -268,10 +278,11 @@ def test_validation_errors_name_the_argument(bad, match):
 
 # ---- real GPU only: realistic sizes (run with NUMBATTN_TEST_GPU=1 on a CUDA machine) ----
 @pytest.mark.gpu
+@pytest.mark.parametrize("version", SPLIT_VERSIONS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("lengths", [[4096], [32768], [1, 777, 2048, 0], [100] * 8])
-def test_gpu_realistic_shapes(dtype, lengths):
+def test_gpu_realistic_shapes(version, dtype, lengths):
     rng = np.random.default_rng(len(lengths))
     cache, q = filled_cache(rng, lengths, n_heads=32, n_kv_heads=4, d=64, dtype=dtype,
                             max_len=max(lengths) + 17)    # TinyLlama's 32 query / 4 KV heads, automatic split
-    check(q, cache)
+    check(q, cache, version=version)

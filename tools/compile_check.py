@@ -59,13 +59,15 @@ def kernels(cc):
                 yield f"prefill {version} d{d} {t.block_m}x{t.block_n}/{t.threads} {dt}", kernel, sig
         for group in (1, 4, 8):
             for dt in (f32, f16):
-                c = decode.gpu_config("v1", d, group)
-                word = getattr(types, decode.word_type(c.dims_per_lane, dt.bitwidth // 8)[0].name)
-                yield (f"decode v1 d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl {c.keys_per_step}kps {dt} cache",
-                       decode.make_decode_v1(d, group, c.threads, c.dims_per_lane, c.keys_per_step, dt.bitwidth // 8,
-                                             c.min_blocks_per_sm),
-                       [arr(f32, 3), arr(word, 4), arr(word, 4), arr(i32, 1), types.int64, f32, arr(f32, 4),
-                        arr(i32, 1), arr(f32, 3)])
+                for version, make in (("v1", decode.make_decode_v1), ("v2", decode.make_decode_v2)):
+                    c, size = decode.gpu_config(version, d, group), dt.bitwidth // 8
+                    k_word, v_word = (getattr(types, decode.word_type(dims, size)[0].name)
+                                      for dims in (d if version == "v2" else c.dims_per_lane, c.dims_per_lane))
+                    yield (f"decode {version} d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl {c.keys_per_step}kps "
+                           f"{dt} cache", make(d, group, c.threads, c.dims_per_lane, c.keys_per_step, size,
+                                               c.min_blocks_per_sm),
+                           [arr(f32, 3), arr(k_word, 4), arr(v_word, 4), arr(i32, 1), types.int64, f32, arr(f32, 4),
+                            arr(i32, 1), arr(f32, 3)])
         for dt in (f32, f16):
             yield (f"decode v0 d{d} {dt} cache", decode.make_decode_v0(d, 32),
                    [arr(f32, 3), arr(dt, 4), arr(dt, 4), arr(i32, 1), f32, arr(f32, 3)])
