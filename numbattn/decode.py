@@ -454,6 +454,9 @@ def _make_scan_tiles(D, G, DPL, DL, KS, KU, itemsize, group_max):
             for w in range(VWPL):
                 vw[i, w] = v_row[j, dl * VWPL + w] if j < j_end else VWORD(0)
 
+    next_k = _make_next_chunk(load_k, KU, KCH, KWPR // KCH, KS * TILE)
+    next_v = _make_next_chunk(load_v, VCH, VWPL, TILE // VCH, KS * TILE)
+
     @cuda.jit(device=True, inline=True)
     def scores(k_row, jt, j_end, dl, q_s, s, kw, kc):
         """s[u, g] = q_g . k_u for this lane's KU keys: each q value read from shared memory (one broadcast to all
@@ -462,13 +465,7 @@ def _make_scan_tiles(D, G, DPL, DL, KS, KU, itemsize, group_max):
             for g in range(G):
                 s[u, g] = float32(0.0)
         for c in range(KWPR // KCH):
-            for u in range(KU):
-                for w in range(KCH):
-                    kc[u, w] = kw[u, w]
-            if c + 1 < KWPR // KCH:
-                load_k(k_row, jt, j_end, dl, c + 1, kw)
-            else:                                   # the next tile's first chunk: in flight during this tile's rest
-                load_k(k_row, jt + KS * TILE, j_end, dl, 0, kw)
+            next_k(k_row, jt, j_end, dl, c, kw, kc)
             for w in range(KCH):
                 for i in range(KVPW):
                     d = (c * KCH + w) * KVPW + i
@@ -506,13 +503,7 @@ def _make_scan_tiles(D, G, DPL, DL, KS, KU, itemsize, group_max):
         """acc[g, dims] += sum_i p[i, g] v_i[dims] over the tile's keys: this lane's DPL dims of every head.
         vw holds the first chunk's words already (loaded during the previous tile, or before the first)."""
         for c in range(TILE // VCH):
-            for i in range(VCH):
-                for w in range(VWPL):
-                    vc[i, w] = vw[i, w]
-            if c + 1 < TILE // VCH:
-                load_v(v_row, jt, j_end, dl, c + 1, vw)
-            else:
-                load_v(v_row, jt + KS * TILE, j_end, dl, 0, vw)
+            next_v(v_row, jt, j_end, dl, c, vw, vc)
             for i in range(VCH):
                 for w in range(VWPL):
                     for e in range(VVPW):
@@ -540,6 +531,22 @@ def _make_scan_tiles(D, G, DPL, DL, KS, KU, itemsize, group_max):
             accumulate(v_row, jt, j_end, dl, p_s, ks, acc, vw, vc)
             group_barrier()                         # ... and read, before the next tile's overwrite them
     return scan_tiles
+
+
+def _make_next_chunk(load, A, B, N, STEP):
+    """next_chunk(row, jt, j_end, dl, c, buf, cur) for a stream of N chunks per tile, tiles STEP keys apart: cur =
+    chunk c (in buf, loaded a chunk ago), and buf = the next chunk's words (after the last chunk: the next tile's
+    first, in flight during the rest of this tile). Copying first lets the loads go out before the FMAs."""
+    @cuda.jit(device=True, inline=True)
+    def next_chunk(row, jt, j_end, dl, c, buf, cur):
+        for a in range(A):
+            for b in range(B):
+                cur[a, b] = buf[a, b]
+        if c + 1 < N:
+            load(row, jt, j_end, dl, c + 1, buf)
+        else:
+            load(row, jt + STEP, j_end, dl, 0, buf)
+    return next_chunk
 
 
 def _make_merge_slots(D, G, T, DPL, DL, KS):
