@@ -44,18 +44,20 @@ def prefill_sweep(report, out, args):
     rows = []
     for b in args.batches:
         lens = [n for n in args.seq_lens if b * n <= 16 * 2048 or n <= 1024 or b == 1]
-        rows += bench.bench_prefill(lens, batches=(b,), causal=(True, False), versions=("v0", "v1", "v2"),
+        rows += bench.bench_prefill(lens, batches=(b,), causal=(True, False), versions=args.prefill_versions,
                                     reference_max_n=0, repeat=args.repeat, methods=("ms", "sync_ms"))
     for causal in (True, False):
         sub = [r for r in rows if r["causal"] == causal]
         for value, unit in (("ms", "milliseconds (events)"), ("sync_ms", "milliseconds (sync per call)"),
                             ("tflops", "TFLOP/s")):
             table, cols = bench.pivot(sub, ("batch", "n"), value)
-            if value == "sync_ms":
-                for r in table:
-                    if r.get("numbattn v2") and r.get("torch SDPA mem-efficient fp32"):
-                        r["v2 / mem-efficient"] = r["torch SDPA mem-efficient fp32"] / r["numbattn v2"]
-                cols = cols + ["v2 / mem-efficient"]
+            if value in ("ms", "sync_ms"):     # speed relative to torch's fp32 kernel: > 1 is faster
+                for ver in ("v2", "v3"):
+                    for r in table:
+                        if r.get(f"numbattn {ver}") and r.get("torch SDPA mem-efficient fp32"):
+                            r[f"{ver} / mem-efficient"] = r["torch SDPA mem-efficient fp32"] / r[f"numbattn {ver}"]
+                    cols = cols + [f"{ver} / mem-efficient"] if any(f"{ver} / mem-efficient" in r for r in table) \
+                        else cols
             emit(report, f"Prefill, {'causal' if causal else 'non-causal'}: {unit} (32 q / 4 kv heads, d 64)",
                  table, cols)
     return rows
@@ -70,7 +72,8 @@ def call_overhead(report, out, args):
         q, k, v = bench.random_qkv(1, n, n)
         dq, dk, dv = (cuda.to_device(x) for x in (q, k, v))
         out = cuda.device_array(q.shape, np.float32)
-        impls = {"numbattn.attention (v2)": lambda: prefill.flash_attention(dq, dk, dv, causal=True),
+        impls = {f"numbattn.attention ({prefill.DEFAULT_VERSION})": lambda: prefill.flash_attention(dq, dk, dv,
+                                                                                                    causal=True),
                  "numbattn flash_attention(out=)": lambda: prefill.flash_attention(dq, dk, dv, causal=True, out=out)}
         impls.update({k_: f for k_, f in bench.prefill_impls("cuda", (), q, k, v, True, False).items()
                       if "mem-efficient" in k_ or "flash" in k_})
@@ -85,7 +88,7 @@ def call_overhead(report, out, args):
 
 @section
 def tiles(report, out, args):
-    """Launch-configuration sweep of v2 (and v1) at n = 4096 causal: time, registers, spills, shared memory."""
+    """Launch-configuration sweep of v2, v3 (and v1) at n = 4096 causal: time, registers, spills, shared memory."""
     from numba import cuda
     v2_64 = [Tiles(64, 32, 128), Tiles(64, 32, 64), Tiles(32, 32, 64), Tiles(64, 16, 128), Tiles(32, 32, 128),
              Tiles(64, 32, 256), Tiles(64, 16, 64), Tiles(32, 16, 64),
@@ -97,6 +100,12 @@ def tiles(report, out, args):
               Tiles(64, 32, 256)]
     configs = [("v1", 64, Tiles(64, 64, 64)), ("v1", 64, Tiles(128, 32, 128))]
     configs += [("v2", 64, t) for t in v2_64] + [("v2", 128, t) for t in v2_128]
+    # v3: 16 query rows per warp (block_m = 16 x warps)
+    v3_64 = [Tiles(128, 32, 256), Tiles(128, 16, 256), Tiles(64, 16, 128), Tiles(64, 32, 128), Tiles(128, 64, 256)]
+    v3_128 = [Tiles(128, 8, 256), Tiles(64, 8, 128), Tiles(128, 16, 256), Tiles(64, 16, 128)]
+    configs += [("v3", 64, t) for t in v3_64] + [("v3", 128, t) for t in v3_128]
+    if args.tile_versions:
+        configs = [c for c in configs if c[0] in args.tile_versions]
     rows = []
     for ver, d, t in configs:
         name = f"{ver} d{d} {t.block_m}x{t.block_n}/{t.threads}thr"
@@ -132,7 +141,7 @@ def accuracy(report, out, args):
     rows = []
     for causal in (True, False):
         ref = torch.nn.functional.scaled_dot_product_attention(*t, is_causal=causal, enable_gqa=True).cpu().numpy()
-        for ver in ("v1", "v2"):
+        for ver in ("v1", "v2", "v3"):
             got = prefill.flash_attention(q, k, v, causal=causal, version=ver, backend="cuda")
             rows.append(dict(impl=f"numbattn {ver}", causal=causal,
                              max_rel_err=float(np.abs(got - ref).max() / np.abs(ref).max())))
@@ -171,7 +180,7 @@ def memory(report, out, args):
     cuda.synchronize()
     free1 = ctx.get_memory_info().free
     qkvo = q.nbytes + k.nbytes + v.nbytes + q.nbytes
-    rows = [dict(impl="numbattn v2", extra_MiB=(free0 - free1) / 2**20, qkvo_MiB=qkvo / 2**20,
+    rows = [dict(impl=f"numbattn {prefill.DEFAULT_VERSION}", extra_MiB=(free0 - free1) / 2**20, qkvo_MiB=qkvo / 2**20,
                  nxn_fp32_MiB=32 * n * n * 4 / 2**20)]
     del o
     t = [torch.from_numpy(x).cuda().repeat_interleave(8 if i else 1, dim=1) for i, x in enumerate((q, k, v))]
@@ -213,10 +222,11 @@ def decode(report, out, args):
         table, cols = bench.pivot(rows, ("batch", "n", "cache"), value)
         if value == "sync_ms":
             for r in table:
-                mine = r.get(f"numbattn decode v1 {r['cache']}")
-                if mine and r.get("torch SDPA flash fp16"):
-                    r["v1 / SDPA flash"] = r["torch SDPA flash fp16"] / mine
-            cols = cols + ["v1 / SDPA flash"]
+                for ver in ("v1", "v2"):
+                    mine = r.get(f"numbattn decode {ver} {r['cache']}")
+                    if mine and r.get("torch SDPA flash fp16"):
+                        r[f"{ver} / SDPA flash"] = r["torch SDPA flash fp16"] / mine
+            cols = cols + ["v1 / SDPA flash", "v2 / SDPA flash"]
         emit(report, f"Decode, batch 1, 32 q / 4 kv heads, d 64: {unit}", table, cols)
     return rows
 
@@ -412,6 +422,10 @@ def main():
     ap.add_argument("--seq-lens", default="128,512,1024,2048,4096,8192")
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--prefill-versions", default="v0,v1,v2,v3", type=lambda x: tuple(x.split(",")),
+                    help="prefill_sweep: the numbattn kernels to time")
+    ap.add_argument("--tile-versions", default="", type=lambda x: tuple(x.split(",")) if x else (),
+                    help="tiles: only these versions' launch shapes (default: all)")
     ap.add_argument("--max-cache", type=int, default=131072)
     ap.add_argument("--prompts", default="512,2048")
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -15,7 +15,7 @@ exp(-m_old) and must be rescaled by alpha = exp(m_old - m_new); then the tile's 
 last tile a single division acc / l_i gives the exact softmax-weighted sum. (FlashAttention-2, Alg. 1.)
 We fold log2(e) into the scale and use exp2, as the FlashAttention kernels do: exp(x) = exp2(x * log2 e).
 
-Three versions live side by side (llm.c style); all run unchanged in Numba's CUDA simulator and are
+Four versions live side by side (llm.c style); all run unchanged in Numba's CUDA simulator and are
 validated by the same tests, and `cli.py bench` / benchmarks/gpu_report.py compare them on a GPU:
 
     v0  naive: one thread per query row reads every key and value straight from global memory.
@@ -23,8 +23,12 @@ validated by the same tests, and `cli.py bench` / benchmarks/gpu_report.py compa
     v1  tiled (the teaching version): a block of BLOCK_M threads, one per query row, stages its Q tile and
         then each BLOCK_N-key tile of K and V in shared memory; every K/V element fetched from global memory
         now serves BLOCK_M query rows -> K/V traffic drops by BLOCK_M (64x on the GPU).
-    v2  register-tiled (the fast one and the default; see numbattn/prefill_v2.py): each thread owns a small
-        block of scores and outputs in registers, so every shared-memory load feeds several FMAs.
+    v2  register-tiled (see numbattn/prefill_v2.py): each thread owns a small block of scores and outputs in
+        registers, so every shared-memory load feeds several FMAs. The fastest on the SIMT cores alone.
+    v3  tensor cores (the fast one and the default; see numbattn/prefill_v3.py): each warp computes its 16 query
+        rows' S = Q K^T and P V with mma.sync TF32 instructions (inline PTX, numbattn/mma.py), three per
+        product (3xTF32) for fp32 accuracy: 1.7-1.9x v2 on an H100, and 1.05-1.13x torch's memory-efficient
+        fp32 kernel at n = 4096-8192 (sm_80+; older GPUs run v2 in its place).
 
 Causal masking is bottom-right aligned (FlashAttention-2): with q_len <= kv_len, query i sees keys
 j <= i + (kv_len - q_len). Key tiles that lie entirely above the diagonal are never loaded (the loop simply
@@ -33,7 +37,7 @@ stops early); only the tile that straddles the diagonal is masked element by ele
 Grouped-query attention: query head h reads KV head h // (n_heads // n_kv_heads). K and V are never copied.
 
 Tile sizes are compile-time constants (they size shared and local arrays), so kernels come from a cached
-factory: tests run 4×4 tiles in the simulator, the GPU runs 64-row query tiles.
+factory: tests run 4×4 tiles in the simulator (v3: one warp, 16 rows), the GPU runs 64- or 128-row query tiles.
 """
 import functools
 import math
@@ -216,6 +220,9 @@ def check_tiles(version, tiles, head_dim):
     if version == "v2":
         from .prefill_v2 import layout
         layout(tiles.block_m, tiles.block_n, tiles.threads, head_dim)
+    if version == "v3":
+        from .prefill_v3 import layout
+        layout(tiles.block_m, tiles.block_n, tiles.threads, head_dim)
 
 
 def _make(version, head_dim, tiles):
@@ -224,18 +231,23 @@ def _make(version, head_dim, tiles):
         return make_v0(head_dim, tiles.block_m)
     if version == "v1":
         return make_v1(head_dim, tiles.block_m, tiles.block_n)
-    from .prefill_v2 import make_v2
-    return make_v2(head_dim, tiles.block_m, tiles.block_n, tiles.threads)
+    if version == "v2":
+        from .prefill_v2 import make_v2
+        return make_v2(head_dim, tiles.block_m, tiles.block_n, tiles.threads)
+    from .prefill_v3 import make_v3
+    return make_v3(head_dim, tiles.block_m, tiles.block_n, tiles.threads)
 
 
-VERSIONS = ("v0", "v1", "v2")
-DEFAULT_VERSION = "v2"
+VERSIONS = ("v0", "v1", "v2", "v3")
+DEFAULT_VERSION = "v3"
 # The simulator runs one Python thread per CUDA thread, so tests use tiny tiles (several tiles per sequence).
-SIM_TILES = {"v0": Tiles(4, 1, 4), "v1": Tiles(4, 4, 4), "v2": Tiles(4, 4, 4)}
+# v3's MMAs are per warp: one warp of 32 threads owning 16 query rows, keys in blocks of 8.
+SIM_TILES = {"v0": Tiles(4, 1, 4), "v1": Tiles(4, 4, 4), "v2": Tiles(4, 4, 4), "v3": Tiles(16, 8, 32)}
 
 
 def gpu_tiles(version, head_dim, cc=None):
-    """Tiles for a real GPU, from the launch-shape sweep in BENCHMARKS.md (H100, n = 4096, causal).
+    """Tiles for a real GPU, from the launch-shape sweep in BENCHMARKS.md (H100, n = 4096, causal; v3: the sweep
+    of benchmarks/gpu_report.py's `tiles` section, 2026-11-26, whose v3 tiles all stay under 48 KB).
 
     The big tiles (v2: 65-75 KB, v1: 48.3 KB) declare more *static* shared memory than the 48 KB that CUDA
     documents per block. On the H100 machine Numba's kernels with them compiled (through the driver's JIT),
@@ -249,10 +261,22 @@ def gpu_tiles(version, head_dim, cc=None):
     if big_smem:
         return {"v0": Tiles(64, 1, 64),
                 "v1": Tiles(32, 16, 32) if big_d else Tiles(64, 64, 64),
-                "v2": Tiles(64, 32, 256) if big_d else Tiles(128, 32, 256)}[version]
+                "v2": Tiles(64, 32, 256) if big_d else Tiles(128, 32, 256),
+                "v3": Tiles(128, 8, 256) if big_d else Tiles(128, 32, 256)}[version]
     return {"v0": Tiles(64, 1, 64),
             "v1": Tiles(32, 16, 32) if big_d else Tiles(64, 32, 64),
-            "v2": Tiles(32, 16, 64) if big_d else Tiles(64, 32, 128)}[version]
+            "v2": Tiles(32, 16, 64) if big_d else Tiles(64, 32, 128),
+            "v3": Tiles(128, 8, 256) if big_d else Tiles(128, 32, 256)}[version]
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tf32_mma():
+    """v3's TF32 MMAs need sm_80 or newer; on an older GPU v3 launches run v2 instead (said once, in the log)."""
+    ok = _compute_capability() >= (8, 0)
+    if not ok:
+        _backend.log.info("numbattn: prefill v3 needs TF32 tensor cores (compute capability 8.0+); this GPU has "
+                          "%s: running v2", _compute_capability())
+    return ok
 
 
 @functools.lru_cache(maxsize=None)
@@ -295,6 +319,8 @@ def launch(q, k, v, out, causal, scale, version=DEFAULT_VERSION, tiles=None, str
     Through a prepared Launch (numbattn/launch.py) kept per kernel and argument layout: a repeated call with
     arrays of the same dtypes, shapes and strides only re-marshals the arguments (no typing, no lookup)."""
     batch, n_heads, q_len, head_dim = q.shape
+    if version == "v3" and not SIM and not _has_tf32_mma():
+        version, tiles = "v2", None
     tiles = tiles or default_tiles(version, "cuda", head_dim)
     grid = ((q_len + tiles.block_m - 1) // tiles.block_m, n_heads, batch)
     args = (q, k, v, out, float32(scale * LOG2E), bool(causal))

@@ -197,19 +197,19 @@ def test_prefill_then_decode_equals_one_long_prefill():
     assert cache.lengths.tolist() == [n + steps] * b
 
 
-@pytest.mark.parametrize("version", SPLIT_VERSIONS)
+@pytest.mark.parametrize("version,dims_per_lane", [("v1", 1), ("v1", 2), ("v1", 4), ("v1", 16),   # K/V words:
+                                                   ("v2", 1), ("v2", 2)])   # uint16/32/64 (v2: V's; K: rows)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize("dims_per_lane", [1, 2, 4, 16])   # K/V rows read as uint16 / uint32 / uint64 words
 def test_every_word_width(version, dtype, dims_per_lane):
     rng = np.random.default_rng(dims_per_lane)
     cache, q = filled_cache(rng, [13, 5], n_heads=4, n_kv_heads=2, dtype=dtype)
     check(q, cache, config=Config(split=5, threads=16, dims_per_lane=dims_per_lane, keys_per_step=2), version=version)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=16, deadline=None)     # 8 or 16 threads: several slots or lane groups either way
 @given(lengths=st.lists(st.integers(0, 19), min_size=1, max_size=3), group=st.sampled_from([1, 2, 4]),
        n_kv_heads=st.integers(1, 2), split=st.integers(1, 6), lanes=st.sampled_from([1, 2, 4, 8]),
-       threads=st.sampled_from([8, 16, 32]), keys_per_step=st.integers(1, 3),
+       threads=st.sampled_from([8, 16]), keys_per_step=st.integers(1, 3),
        dtype=st.sampled_from([np.float32, np.float16]), seed=st.integers(0, 2**16),
        version=st.sampled_from(SPLIT_VERSIONS))
 def test_property_sweep(lengths, group, n_kv_heads, split, lanes, threads, keys_per_step, dtype, seed, version):

@@ -1,4 +1,4 @@
-"""Prefill kernels (numbattn/prefill.py, prefill_v2.py) against the fp64 NumPy reference.
+"""Prefill kernels (numbattn/prefill.py, prefill_v2.py, prefill_v3.py) against the fp64 NumPy reference.
 
 Without a GPU these run in Numba's CUDA simulator (conftest.py) with tiny tiles, so lengths like 7, 17 and 33
 cross several tiles and end in a ragged one. Tolerance: 1e-5 relative to the largest reference value (fp32
@@ -79,6 +79,8 @@ def test_grouped_query_heads(version, n_heads, n_kv_heads):
 def test_batch_head_dim_32_and_custom_scale(version):
     rng = np.random.default_rng(3)
     q, k, v = rand_qkv(rng, 2, 4, 2, 6, 11, 32)
+    if version == "v3":     # 32 simulated threads a block: fewer heads keep it quick (GQA is tested above)
+        q, k, v = (np.ascontiguousarray(x[:, :n]) for x, n in ((q, 2), (k, 1), (v, 1)))
     k[1] *= 3  # batches must not mix
     check(q, k, v, causal=True, scale=0.3, version=version)
     check(q, k, v, causal=False, scale=0.3, version=version)
@@ -118,6 +120,8 @@ def test_tile_sizes_do_not_change_the_answer():
     # v2: several rows per thread (TM), several keys per thread (TN), row groups of 2, 4 and 8 threads
     for tiles in (prefill.Tiles(4, 8, 4), prefill.Tiles(8, 4, 8), prefill.Tiles(8, 8, 4), prefill.Tiles(2, 16, 16)):
         check(q, k, v, causal=True, version="v2", tiles=tiles)
+    # v3: two warps (the second warp's rows start at 16), keys in two 8-key MMA blocks per tile
+    check(q, k, v, causal=True, version="v3", tiles=prefill.Tiles(32, 16, 64))
 
 
 @settings(max_examples=12, deadline=None)
@@ -189,6 +193,19 @@ def test_big_tiles_only_where_the_static_shared_memory_probe_passes(monkeypatch)
         assert prefill.gpu_tiles("v2", 64) == want, (cc, probe_ok)
 
 
+def test_v3_tiles_fit_every_gpu_and_need_tf32_tensor_cores(monkeypatch):
+    """v3's GPU tiles stay under 48 KB of static shared memory (no probe needed); before sm_80 (no TF32 MMA) a v3
+    launch runs v2 instead."""
+    from numbattn import prefill_v3
+    for cc in ((8, 0), (9, 0)):
+        for d in (64, 128):
+            t = prefill.gpu_tiles("v3", d, cc=cc)
+            assert prefill_v3.shared_bytes(t.block_m, t.block_n, d) <= 48 * 1024, (cc, d, t)
+    for cc, ok in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(prefill, "_compute_capability", lambda cc=cc: cc)
+        assert prefill._has_tf32_mma.__wrapped__() is ok
+
+
 def test_static_shared_memory_probe_kernel_runs():
     """The probe is a real kernel (here in the simulator, which has no 48 KB limit): it must report success."""
     assert prefill._static_shared_over_48k.__wrapped__() is (KERNEL == "sim" or prefill._compute_capability() >= (9, 0))
@@ -196,7 +213,7 @@ def test_static_shared_memory_probe_kernel_runs():
 
 # ---- real GPU only: realistic sizes (run with NUMBATTN_TEST_GPU=1 on a CUDA machine) ----
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 @pytest.mark.parametrize("batch,n,d", [(1, 4096, 64), (1, 8192, 64), (4, 1000, 128), (8, 513, 64),
                                        (16, 257, 64)])
 def test_gpu_realistic_shapes(version, batch, n, d):
@@ -208,7 +225,7 @@ def test_gpu_realistic_shapes(version, batch, n, d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_pre_hopper_tiles(version, d):
     """The tiles chosen for GPUs older than sm_90 (48 KB of static shared memory) are correct too."""

@@ -364,7 +364,7 @@ _lesson.close("causal kernel output vs reference", out_c, reference.attention(qc
 # ## Correctness check
 #
 # The kernel's per-tile m_i and l_i match the NumPy online softmax and its output matches the reference
-# (checked above). Last, the online softmax is not a special case of tiny inputs: all three kernel versions,
+# (checked above). Last, the online softmax is not a special case of tiny inputs: all the kernel versions,
 # which all use it, agree with the reference at odd lengths and with grouped-query heads.
 
 # %%

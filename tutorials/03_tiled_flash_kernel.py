@@ -6,11 +6,13 @@ What you will learn
 -------------------
 * Why a kernel's speed is mostly a question of how often it goes back to global memory (HBM), using the
   words of lesson 2 (thread, block, warp, SM, shared memory, registers).
-* numbattn's three prefill kernels, side by side (numbattn/prefill.py, numbattn/prefill_v2.py):
+* numbattn's prefill kernels, side by side (numbattn/prefill.py, prefill_v2.py, prefill_v3.py):
     v0  one thread per query row, every key and value read from global memory by every row;
     v1  a block of threads shares each K/V tile through shared memory (one query row per thread);
     v2  each thread owns a TM×TN register tile of scores and a TM×TE tile of the output, with strided
-        ownership for conflict-free shared-memory reads and small group reductions for the row max and sum.
+        ownership for conflict-free shared-memory reads and small group reductions for the row max and sum;
+    v3  the same tiles on tensor cores: each warp runs both products as 16×8×8 MMAs, at fp32 accuracy
+        through 3xTF32 (its docstring tells how; this lesson runs and counts it beside the others).
 * The real v1 kernel, printed from numbattn/prefill.py with each line tied to the step of the algorithm it
   implements, and a small tiled kernel of your own whose cooperative load you complete (exercise 3).
 * How many bytes each kernel moves: the formulas, and the same numbers *counted* on the real kernels in the
@@ -18,7 +20,7 @@ What you will learn
   while K/V tiles stream past, and of who loads and owns what (tutorials/out/03_*.png).
 * The details that make or break a tiled kernel: coalesced cooperative loads, padding against shared-memory
   bank conflicts, barriers (`cuda.syncthreads()`), and the tile that crosses the end of the sequence.
-* Finally we run all three kernels in the simulator (or on your GPU) and check them against the reference.
+* Finally we run all the kernels in the simulator (or on your GPU) and check them against the reference.
 
 Run it: `python tutorials/03_tiled_flash_kernel.py` (add `--exercise` to check your own line), or run the
 `# %%` cells in VS Code / Jupyter.
@@ -36,7 +38,7 @@ from numba import cuda, float32
 import _lesson
 import numbattn
 import solutions
-from numbattn import bench, prefill, prefill_v2, reference, tracing
+from numbattn import bench, prefill, prefill_v2, prefill_v3, reference, tracing
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
@@ -240,7 +242,8 @@ for cc in ((8, 0), (9, 0)):
         for head_dim in (64, 128):
             t = prefill.gpu_tiles(version, head_dim, cc=cc)
             smem = {"v0": 0, "v1": v1_shared_bytes(t.block_m, t.block_n, head_dim),
-                    "v2": prefill_v2.shared_bytes(t.block_m, t.block_n, head_dim)}[version]
+                    "v2": prefill_v2.shared_bytes(t.block_m, t.block_n, head_dim),
+                    "v3": prefill_v3.shared_bytes(t.block_m, t.block_n, head_dim)}[version]
             rows.append(dict(cc=f"{cc[0]}.{cc[1]}", version=version, head_dim=head_dim, block_m=t.block_m,
                              block_n=t.block_n, threads=t.threads, shared_bytes=smem,
                              over_48KiB="yes" if smem > SHARED_LIMIT else ""))
@@ -306,6 +309,7 @@ FORMULA = {  # element reads of q and of k (= of v), per head, non-causal
     "v0": dict(q=NT * NT * DT, k=NT * NT * DT),
     "v1": dict(q=NT * DT, k=-(-NT // prefill.SIM_TILES["v1"].block_m) * NT * DT),
     "v2": dict(q=NT * DT, k=-(-NT // prefill.SIM_TILES["v2"].block_m) * NT * DT),
+    "v3": dict(q=NT * DT, k=-(-NT // prefill.SIM_TILES["v3"].block_m) * NT * DT),
 }
 tracers = {}
 if COUNTING:
@@ -337,7 +341,7 @@ else:
 
 # %%
 if plt and COUNTING:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 2.6))
+    fig, axes = plt.subplots(1, len(prefill.VERSIONS), figsize=(4.4 * len(prefill.VERSIONS), 2.6))
     reads = {}
     for version in prefill.VERSIONS:
         per_block = tracers[version].rows("k", axis=2)                      # {(x, y, z): {key row: reads}}
@@ -544,7 +548,7 @@ for version in prefill.VERSIONS:
 # %% [markdown]
 # ## Correctness check
 #
-# All three kernels agree with the fp64 reference to float32 rounding (checked above). Also at the
+# All the kernels agree with the fp64 reference to float32 rounding (checked above). Also at the
 # production head dims 64 and 128 (the tiles change with d), with fp16 inputs (stored fp16, computed fp32),
 # and with several query tiles per head:
 

@@ -260,8 +260,8 @@ print(v0_source[v0_source.index("    @cuda.jit(fastmath"):v0_source.index("    r
 
 # %% [markdown]
 # v0 leaves most of the GPU idle at batch 1 (32 blocks for TinyLlama's 32 query heads) and reads each KV head
-# once per query head of its group. v1 and v2 (v2 is the one `numbattn.decode_attention` uses by default; the
-# two differ only in how a block's threads share its keys: numbattn/decode.py) split the keys
+# once per query head of its group. v1, the one `numbattn.decode_attention` uses by default (and v2, which
+# differs only in how a block's threads share its keys: numbattn/decode.py), splits the keys
 # over BLOCKS (grid (n_splits, n_kv_heads, batch)): block (s, hk, b) streams keys [s·split, (s+1)·split) of KV
 # head hk once and computes the partials of *every* query head that shares hk (GQA: the cache is read once,
 # not 8 times). Each block writes its partial to a buffer part[b, h, s, :] = (acc_s [d], m_s, l_s), in base-2

@@ -1,0 +1,134 @@
+"""numbattn/mma.py: TF32 rounding and the warp MMA, against NumPy, through real kernels.
+
+In CI the kernels run in the simulator, so these check the simulator twins: the rounding rule and the fragment
+layout that prefill v3 is written against. With NUMBATTN_TEST_GPU=1 the same kernels run the inline PTX
+(cvt.rna.tf32.f32, mma.sync m16n8k8): the twins and the hardware must agree.
+"""
+import numpy as np
+from numba import cuda, float32
+
+from numbattn import mma
+from numbattn.backend import available_backends
+
+KERNEL = available_backends()[0]
+
+
+def tf32_reference(x):
+    """Round float32 to a 10-bit mantissa, to nearest, ties away from zero, in float64 arithmetic (no bit tricks)."""
+    x = np.asarray(x, np.float64)
+    _, e = np.frexp(x)                                   # x = f * 2^e, 0.5 <= |f| < 1
+    ulp = np.ldexp(1.0, e - 11)                          # TF32 keeps 11 significant bits (1 + 10)
+    return (np.sign(x) * np.floor(np.abs(x) / ulp + 0.5) * ulp).astype(np.float32)
+
+
+def test_tf32_round_matches_the_arithmetic_definition():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(4096) * 10.0 ** rng.integers(-30, 30, 4096),
+                        [0.0, -0.0, 1.0, -1.0, 1 + 2 ** -11, 1 + 3 * 2 ** -11, -(1 + 2 ** -11), 1 + 2 ** -12]])
+    x = x.astype(np.float32)
+    got, want = mma.tf32_round(x), tf32_reference(x)
+    assert (got.view(np.uint32) & 0x1FFF == 0).all(), "low 13 bits must be zero"
+    np.testing.assert_array_equal(got, want)
+    assert mma.tf32_round(np.float32(1 + 2 ** -11)) == np.float32(1 + 2 ** -10)      # a tie goes away from zero
+    assert np.isinf(mma.tf32_round(np.float32(np.inf))) and np.isnan(mma.tf32_round(np.float32(np.nan)))
+
+
+def _run_split(x, cvt=False):
+    @cuda.jit
+    def split_kernel(x, big, small, cvt):
+        i = cuda.grid(1)
+        if i < x.shape[0]:
+            if cvt:
+                big[i], small[i] = mma.tf32_split_cvt(x[i])
+            else:
+                big[i], small[i] = mma.tf32_split(x[i])
+
+    big, small = cuda.device_array(x.shape, np.float32), cuda.device_array(x.shape, np.float32)
+    split_kernel[(x.size + 63) // 64, 64](cuda.to_device(x), big, small, cvt)
+    return big.copy_to_host(), small.copy_to_host()
+
+
+def test_tf32_split_big_plus_small_keeps_fp32_accuracy():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(256) * 100).astype(np.float32)
+    big, small = _run_split(x)
+    np.testing.assert_array_equal(big, tf32_reference(x))
+    np.testing.assert_array_equal(small, tf32_reference(x - big))
+    rel = np.abs((big.astype(np.float64) + small) - x) / np.abs(x)
+    assert rel.max() < 2.0 ** -21, rel.max()             # TF32's 2^-11, squared (about)
+
+
+def test_tf32_split_by_integer_rounding_is_the_cvt_instruction():
+    """On a GPU: the two-integer-instruction rounding gives cvt.rna.tf32.f32's bits, ties and carries included."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(4096) * 10.0 ** rng.integers(-20, 20, 4096)).astype(np.float32)
+    ties = (0x3F800000 | np.arange(1024, dtype=np.uint32) << 13 | 0x1000).view(np.float32)   # halfway, in [1, 2)
+    x = np.concatenate([x, ties, -ties, [0.0, -0.0, 3.4e38, -3.4e38]]).astype(np.float32)
+    if KERNEL == "sim":         # the twins are one function there: a few values show the kernel runs
+        x = np.ascontiguousarray(x[::32])
+    by_int, by_cvt = _run_split(x), _run_split(x, cvt=True)
+    np.testing.assert_array_equal(by_int[0].view(np.uint32), by_cvt[0].view(np.uint32))
+    np.testing.assert_array_equal(by_int[1].view(np.uint32), by_cvt[1].view(np.uint32))
+    np.testing.assert_array_equal(by_int[0], tf32_reference(x))
+
+
+def _run_mma(a, b, c, three=False):
+    """One warp: lanes load their fragments of A [16, 8], B [8, 8], C [16, 8] by the PTX layout, run the MMA,
+    and store D by the C layout. three: mma_3xtf32 on split operands instead of one TF32 MMA."""
+    scratch_shape = mma.mma_scratch_shape(32)
+
+    @cuda.jit
+    def mma_kernel(a, b, c, d, three):
+        scratch = cuda.shared.array(scratch_shape, float32)
+        lane = cuda.threadIdx.x
+        g, t = lane >> 2, lane & 3
+        a0, a1, a2, a3 = a[g, t], a[g + 8, t], a[g, t + 4], a[g + 8, t + 4]
+        b0, b1 = b[t, g], b[t + 4, g]
+        c0, c1, c2, c3 = c[g, 2 * t], c[g, 2 * t + 1], c[g + 8, 2 * t], c[g + 8, 2 * t + 1]
+        if three:
+            ab0, as0 = mma.tf32_split(a0)
+            ab1, as1 = mma.tf32_split(a1)
+            ab2, as2 = mma.tf32_split(a2)
+            ab3, as3 = mma.tf32_split(a3)
+            bb0, bs0 = mma.tf32_split(b0)
+            bb1, bs1 = mma.tf32_split(b1)
+            d0, d1, d2, d3 = mma.mma_3xtf32(ab0, ab1, ab2, ab3, as0, as1, as2, as3, bb0, bb1, bs0, bs1,
+                                            c0, c1, c2, c3, scratch)
+        else:
+            d0, d1, d2, d3 = mma.mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, scratch)
+        d[g, 2 * t], d[g, 2 * t + 1], d[g + 8, 2 * t], d[g + 8, 2 * t + 1] = d0, d1, d2, d3
+
+    d = cuda.to_device(np.full((16, 8), np.nan, np.float32))
+    mma_kernel[1, 32](*(cuda.to_device(np.ascontiguousarray(x)) for x in (a, b, c)), d, three)
+    return d.copy_to_host()
+
+
+def test_mma_tf32_is_a_times_b_plus_c_in_the_ptx_layout():
+    """A distinct value in every cell: a lane reading or writing the wrong element cannot pass."""
+    rng = np.random.default_rng(2)
+    a = mma.tf32_round(rng.standard_normal((16, 8)).astype(np.float32))    # TF32 inputs: exact products
+    b = mma.tf32_round(rng.standard_normal((8, 8)).astype(np.float32))
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    got = _run_mma(a, b, c)
+    np.testing.assert_allclose(got, mma.mma_reference(a, b, c), rtol=1e-6, atol=1e-6)
+    # and not the transpose or another permutation of the layout
+    assert np.abs(got - mma.mma_reference(a, b.T.copy(), c)).max() > 0.1
+
+
+def test_mma_3xtf32_keeps_fp32_accuracy_where_one_tf32_mma_does_not():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal((8, 8)).astype(np.float32)
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    want = a.astype(np.float64) @ b + c
+    err3 = np.abs(_run_mma(a, b, c, three=True) - want).max() / np.abs(want).max()
+    assert err3 < 1e-6, err3
+    if KERNEL == "cuda":        # the hardware reads only the TF32 bits of unrounded fp32: ~1e-3 error
+        err1 = np.abs(_run_mma(a, b, c) - want).max() / np.abs(want).max()
+        assert err1 > 10 * err3, (err1, err3)
+
+
+def test_the_layout_gives_every_cell_one_owner():
+    """Every cell of A, B and C has exactly one (operand, lane) owner."""
+    for name, shape in (("A", (16, 8)), ("B", (8, 8)), ("C", (16, 8))):
+        op, lane = mma.LAYOUT[name]
+        assert len(set(zip(op.ravel(), lane.ravel()))) == np.prod(shape)
