@@ -150,7 +150,7 @@ def _sim_mma(a, bs, cs, scratch):
     for i in range(len(posted)):
         scratch[slot, warp, i, lane] = posted[i]
     cuda.syncthreads()
-    frags = np.asarray(scratch[slot, warp], np.float64)
+    frags = np.asarray(scratch[slot, warp, :len(posted)], np.float64)   # the rest was never written this launch
     g, t = lane >> 2, lane & 3
     rows = frags[LAYOUT["A"]][[g, g + 8]]                                               # [2, 8]: rows g, g + 8 of A
     b_op, b_lane = LAYOUT["B"]
