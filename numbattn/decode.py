@@ -242,6 +242,13 @@ def word_type(dims_per_lane, itemsize):
     return {2: uint16, 4: uint32, 8: uint64}[nbytes], nbytes // itemsize
 
 
+def kv_word_types(version, head_dim, dims_per_lane, itemsize):
+    """-> ((K word, values per word), (V word, values per word)) of a v1/v2 kernel: the words its lanes read K and
+    V rows in, and so the dtypes the cache's arrays are viewed as when it is launched. A v1 lane reads its
+    dims_per_lane dims of both; a v2 lane reads whole K rows (scores: one key per lane) and its dims of V."""
+    return word_type(dims_per_lane if version == "v1" else head_dim, itemsize), word_type(dims_per_lane, itemsize)
+
+
 def _make_split_kernel(name, D, G, T, DPL, DL, KS, scan_split, bounds):
     """The kernel v1 and v2 share: block (s, hk, b) runs `scan_split` over its keys, which leaves every thread with
     the online-softmax state (m, l, acc) of its key slot (acc: its DPL dims of each head); the slots merge into the
@@ -323,7 +330,7 @@ def _make_unpack(WORD, itemsize):
 def _make_word_loads(DPL, DL, KS, KU, itemsize):
     """(WORD, WPL, load_words, unpack_step) of a v1 key slot: the word type and words per lane, a row's words ->
     registers, words -> float32 values."""
-    WORD, VPW = word_type(DPL, itemsize)
+    (WORD, VPW), _ = kv_word_types("v1", None, DPL, itemsize)      # the same word for K and V
     WPL = DPL // VPW            # words per lane per row: lane dl holds dims [dl * DPL, (dl + 1) * DPL)
     unpack = _make_unpack(WORD, itemsize)
 
@@ -429,10 +436,9 @@ def make_decode_v2(head_dim, group, threads, dims_per_lane, keys_per_step=1, ite
 
 def _make_scan_tiles(D, G, DPL, DL, KS, KU, itemsize, group_max):
     TILE = DL * KU
-    KWORD, KVPW = word_type(D, itemsize)        # a lane reads whole K rows ...
-    KWPR = D // KVPW
-    VWORD, VVPW = word_type(DPL, itemsize)      # ... and its DPL dims of every V row of the tile
-    VWPL = DPL // VVPW
+    (KWORD, KVPW), (VWORD, VVPW) = kv_word_types("v2", D, DPL, itemsize)
+    KWPR = D // KVPW            # a lane reads whole K rows ...
+    VWPL = DPL // VVPW          # ... and its DPL dims of every V row of the tile
     # Rows and tiles go in chunks, the next chunk's loads issued before this one's FMAs. (Whole tiles in registers
     # would need loops too long for the compiler to unroll, and a local array indexed in a rolled loop lives in
     # local memory.)
@@ -699,9 +705,8 @@ class _PreparedCall:
         make = make_decode_v1 if version == "v1" else make_decode_v2
         kernel = make(head_dim, group, config.threads, config.dims_per_lane, config.keys_per_step, itemsize,
                       config.min_blocks_per_sm)
-        k_dims = config.dims_per_lane if version == "v1" else head_dim     # a v2 lane reads whole K rows
-        k = k.view(np.dtype(word_type(k_dims, itemsize)[0].name))        # the rows as words: wide loads
-        v = v.view(np.dtype(word_type(config.dims_per_lane, itemsize)[0].name))
+        (k_word, _), (v_word, _) = kv_word_types(version, head_dim, config.dims_per_lane, itemsize)
+        k, v = k.view(np.dtype(k_word.name)), v.view(np.dtype(v_word.name))   # the rows as words: wide loads
         self.split, _ = plan(batch, cache.n_kv_heads, 1, config)
         most_splits = n_splits_for(cache.max_len, config.split or MIN_SPLIT)
         part = cache.decode_workspace.partials(n_heads, most_splits)

@@ -61,8 +61,8 @@ def kernels(cc):
             for dt in (f32, f16):
                 for version, make in (("v1", decode.make_decode_v1), ("v2", decode.make_decode_v2)):
                     c, size = decode.gpu_config(version, d, group), dt.bitwidth // 8
-                    k_word, v_word = (getattr(types, decode.word_type(dims, size)[0].name)
-                                      for dims in (d if version == "v2" else c.dims_per_lane, c.dims_per_lane))
+                    k_word, v_word = (getattr(types, word.name)
+                                      for word, _ in decode.kv_word_types(version, d, c.dims_per_lane, size))
                     yield (f"decode {version} d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl {c.keys_per_step}kps "
                            f"{dt} cache", make(d, group, c.threads, c.dims_per_lane, c.keys_per_step, size,
                                                c.min_blocks_per_sm),
