@@ -9,13 +9,11 @@ instruction through an llvmlite `ir.InlineAsm` (as device.f32_from_half_bits emi
                                        tf32_split_cvt does the same with the cvt instruction
     mma_tf32(a0..a3, b0, b1, c0..c3)   one mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: the 32 lanes of
         -> (d0, d1, d2, d3)            a warp together compute D[16x8] = A[16x8] B[8x8] + C[16x8]
-    mma_3xtf32(A big/small, B big/small, C) -> D
-                                       D = A_big B_small + A_small B_big + A_big B_big + C: three TF32 MMAs
-                                       that together keep fp32 accuracy (CUTLASS's OpMultiplyAddFastF32; the
-                                       A_small B_small term, ~2^-22 relative, is dropped)
-    make_mma_3xtf32_n(N)               D[n] = A B[n] + C[n] for N B fragments sharing one A fragment: the 3N
-                                       MMAs issued phase by phase (all A_small B_big[n], then ...), so that no
-                                       MMA waits for the one before it
+    make_mma_3xtf32_n(N)               D[n] = A B[n] + C[n] for N B fragments sharing one A fragment, each as
+                                       A_small B_big + A_big B_small + A_big B_big: three TF32 MMAs that together
+                                       keep fp32 accuracy (CUTLASS's OpMultiplyAddFastF32; the A_small B_small
+                                       term, ~2^-22 relative, is dropped); the 3N MMAs issued phase by phase
+                                       (all A_small B_big[n], then ...), so that no MMA waits for the one before it
     mma_scratch_shape(threads, n)      the shared scratch the simulator twin needs (a 1-element dummy on a GPU)
 
 Fragment layout of m16n8k8 (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32), lane = 4 g + t:
@@ -28,7 +26,7 @@ So lane (g, t) holds rows g and g+8 of C: the four lanes of a quad (same g) hold
 reduction is two shuffles over the quad (device.make_group_reduce(4, n)).
 
 The simulator twin. Numba's simulator has no inline asm and no warp shuffles: each CUDA thread is a Python
-thread. `mma_tf32` and `mma_3xtf32` therefore take one more argument there, a float32 shared array `scratch`
+thread. `mma_tf32` and the `make_mma_3xtf32_n` functions therefore take one more argument there, a float32 shared array `scratch`
 (shape `mma_scratch_shape(threads)`): every lane posts its A and B fragments, the block waits (syncthreads),
 and each lane computes its own four elements of D from its warp's posted fragments with exactly the layout
 above (and its own C). So the simulator runs the real fragment layout (a wrong index in a kernel fails the CI
@@ -175,14 +173,6 @@ if SIM:
     def mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, scratch):
         """Simulator twin of the warp MMA: through shared `scratch` (every thread of the block must call it)."""
         return _sim_mma((a0, a1, a2, a3), [(b0, b1)], [(c0, c1, c2, c3)], scratch)[0]
-
-    @cuda.jit(device=True)
-    def mma_3xtf32(a0, a1, a2, a3, as0, as1, as2, as3, b0, b1, bs0, bs1, c0, c1, c2, c3, scratch):
-        """Simulator twin of the three MMAs: one exchange of the reassembled operands big + small (the
-        small x small term the GPU drops is ~2^-22 relative, below fp32 rounding of the sums)."""
-        a = [np.float64(x) + np.float64(y) for x, y in ((a0, as0), (a1, as1), (a2, as2), (a3, as3))]
-        b = [np.float64(x) + np.float64(y) for x, y in ((b0, bs0), (b1, bs1))]
-        return _sim_mma(a, [b], [(c0, c1, c2, c3)], scratch)[0]
 else:
     @cuda.jit(device=True, inline=True)
     def tf32_split(x):
@@ -201,14 +191,6 @@ else:
         """D = A B + C for the warp's 16x8x8 tile (layout in the module docstring). scratch: unused here."""
         return _mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
 
-    @cuda.jit(device=True, inline=True)
-    def mma_3xtf32(a0, a1, a2, a3, as0, as1, as2, as3, b0, b1, bs0, bs1, c0, c1, c2, c3, scratch):
-        """D = A B + C at fp32 accuracy from split operands (a*, b*: big; as*, bs*: small). The small
-        products go first, so they are added while the accumulator is still small."""
-        c0, c1, c2, c3 = _mma_tf32(as0, as1, as2, as3, b0, b1, c0, c1, c2, c3)
-        c0, c1, c2, c3 = _mma_tf32(a0, a1, a2, a3, bs0, bs1, c0, c1, c2, c3)
-        return _mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
-
 
 def make_mma_3xtf32_n(N):
     """mma_n(a, a_s, ia, b, b_s, c, scratch): c[n] += A b[n] (3xTF32) for n < N, in place. The A fragment is row ia
@@ -217,7 +199,8 @@ def make_mma_3xtf32_n(N):
     GPU: the three MMAs of one n depend on each other through the accumulator; issued n by n, each would wait
     for the previous one's result (the tensor-core latency). Here each phase runs over all n first, so N
     independent MMAs follow each other. Simulator: one exchange for all N products (scratch from
-    mma_scratch_shape(threads, N)), of the reassembled operands as in mma_3xtf32's twin."""
+    mma_scratch_shape(threads, N)), of the reassembled operands big + small (the small x small term the GPU drops
+    is ~2^-22 relative, below fp32 rounding of the sums)."""
     if SIM:
         @cuda.jit(device=True)
         def mma_n(a, a_s, ia, b, b_s, c, scratch):

@@ -72,9 +72,13 @@ def test_tf32_split_by_integer_rounding_is_the_cvt_instruction():
     np.testing.assert_array_equal(by_int[0], tf32_reference(x))
 
 
+MMA_3X = mma.make_mma_3xtf32_n(1)      # prefill v3's 3xTF32 product, for one B fragment
+
+
 def _run_mma(a, b, c, three=False):
     """One warp: lanes load their fragments of A [16, 8], B [8, 8], C [16, 8] by the PTX layout, run the MMA,
-    and store D by the C layout. three: mma_3xtf32 on split operands instead of one TF32 MMA."""
+    and store D by the C layout. three: the 3xTF32 product of prefill v3 on split operands instead of one TF32
+    MMA."""
     scratch_shape = mma.mma_scratch_shape(32)
 
     @cuda.jit
@@ -86,14 +90,20 @@ def _run_mma(a, b, c, three=False):
         b0, b1 = b[t, g], b[t + 4, g]
         c0, c1, c2, c3 = c[g, 2 * t], c[g, 2 * t + 1], c[g + 8, 2 * t], c[g + 8, 2 * t + 1]
         if three:
-            ab0, as0 = mma.tf32_split(a0)
-            ab1, as1 = mma.tf32_split(a1)
-            ab2, as2 = mma.tf32_split(a2)
-            ab3, as3 = mma.tf32_split(a3)
-            bb0, bs0 = mma.tf32_split(b0)
-            bb1, bs1 = mma.tf32_split(b1)
-            d0, d1, d2, d3 = mma.mma_3xtf32(ab0, ab1, ab2, ab3, as0, as1, as2, as3, bb0, bb1, bs0, bs1,
-                                            c0, c1, c2, c3, scratch)
+            ab = cuda.local.array((1, 4), float32)      # the fragments split into big and small, as v3 keeps them
+            a_s = cuda.local.array((1, 4), float32)
+            bb = cuda.local.array((1, 2), float32)
+            b_s = cuda.local.array((1, 2), float32)
+            cd = cuda.local.array((1, 4), float32)
+            ab[0, 0], a_s[0, 0] = mma.tf32_split(a0)
+            ab[0, 1], a_s[0, 1] = mma.tf32_split(a1)
+            ab[0, 2], a_s[0, 2] = mma.tf32_split(a2)
+            ab[0, 3], a_s[0, 3] = mma.tf32_split(a3)
+            bb[0, 0], b_s[0, 0] = mma.tf32_split(b0)
+            bb[0, 1], b_s[0, 1] = mma.tf32_split(b1)
+            cd[0, 0], cd[0, 1], cd[0, 2], cd[0, 3] = c0, c1, c2, c3
+            MMA_3X(ab, a_s, 0, bb, b_s, cd, scratch)
+            d0, d1, d2, d3 = cd[0, 0], cd[0, 1], cd[0, 2], cd[0, 3]
         else:
             d0, d1, d2, d3 = mma.mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, scratch)
         d[g, 2 * t], d[g, 2 * t + 1], d[g + 8, 2 * t], d[g + 8, 2 * t + 1] = d0, d1, d2, d3
