@@ -53,11 +53,12 @@ def prefill_sweep(report, out, args):
             table, cols = bench.pivot(sub, ("batch", "n"), value)
             if value in ("ms", "sync_ms"):     # speed relative to torch's fp32 kernel: > 1 is faster
                 for ver in ("v2", "v3"):
+                    ratio = f"{ver} / mem-efficient"
                     for r in table:
                         if r.get(f"numbattn {ver}") and r.get("torch SDPA mem-efficient fp32"):
-                            r[f"{ver} / mem-efficient"] = r["torch SDPA mem-efficient fp32"] / r[f"numbattn {ver}"]
-                    cols = cols + [f"{ver} / mem-efficient"] if any(f"{ver} / mem-efficient" in r for r in table) \
-                        else cols
+                            r[ratio] = r["torch SDPA mem-efficient fp32"] / r[f"numbattn {ver}"]
+                    if any(ratio in r for r in table):
+                        cols = cols + [ratio]
             emit(report, f"Prefill, {'causal' if causal else 'non-causal'}: {unit} (32 q / 4 kv heads, d 64)",
                  table, cols)
     return rows

@@ -147,10 +147,10 @@ def section_decode():
 
 
 def section_decode_shapes():
-    """Launch-shape sweep of decode v1 (4 dims per lane) and v2 (one warp per lane group; and the chunk sizes of its
-    loads) at 512 to 131072 tokens, fp16 cache: GPU time, error vs v0."""
+    """Launch-shape sweep of decode v1 (4 dims per lane) and v2 (one warp per lane group; and the V rows it loads at
+    once) at 512 to 131072 tokens, fp16 cache: GPU time, error vs v0."""
     from numbattn import KVCache
-    sweep, defaults = [], (decode.BLOCKS_PER_SM, decode.K_CHUNK, decode.V_CHUNK)
+    sweep, defaults = [], (decode.BLOCKS_PER_SM, decode.V_CHUNK)
     shapes = [("v1", threads, 4, ku, mb, bps, None) for threads in (128, 256) for ku in (1, 2, 4)
               for mb in (0, 512 // threads) for bps in (1, 2, 4)]
     shapes += [("v2", threads, 2, 1, mb, bps, vch) for vch in (8, 16) for threads in (128, 256)
@@ -164,8 +164,8 @@ def section_decode_shapes():
         points.append((n, cache, q, decode.decode_attention(q, cache, 0, version="v0").copy_to_host()))
     for version, threads, dpl, ku, mb, bps, vch in shapes:
         decode.BLOCKS_PER_SM = bps
-        if (vch or defaults[2]) != decode.V_CHUNK:
-            decode.V_CHUNK = vch
+        if (vch or defaults[1]) != decode.V_CHUNK:
+            decode.V_CHUNK = vch or defaults[1]
             decode.make_decode_v2.cache_clear()         # the chunk sizes are read when a kernel is made
         cfg = decode.Config(None, threads, dpl, ku, mb)
         for n, cache, q, expect in points:
@@ -181,7 +181,7 @@ def section_decode_shapes():
             except Exception as e:
                 row.update(error=str(e)[:60])
             sweep.append(row)
-    decode.BLOCKS_PER_SM, decode.K_CHUNK, decode.V_CHUNK = defaults
+    decode.BLOCKS_PER_SM, decode.V_CHUNK = defaults
     decode.make_decode_v2.cache_clear()
     table("decode v1 and v2 launch shapes, fp16 cache (GPU time)", sweep,
           ["n", "version", "threads", "keys_per_step", "min_blocks_per_sm", "blocks_per_sm", "v_chunk", "split",
