@@ -541,7 +541,7 @@ def info(model, backend, verbose):
     """Backends, GPU, and the model: configuration, parameters, memory. Never downloads."""
     prepare_backend(backend)
     from numbattn.backend import probe, resolve
-    from numbattn.bench import torch_cuda
+    from numbattn.lab.bench import torch_cuda
     backends, reason = probe()
     chosen = resolve(backend)
     click.echo(f"backends available: {', '.join(backends)} (best first)")
@@ -617,7 +617,7 @@ def download(model, local_dir, revision, verbose):
                         "package index instead"))
 
 
-# default lengths per backend: sequence (prefill), cache (decode), new tokens (append); --what model: tinyllm.bench
+# default lengths per backend: sequence (prefill), cache (decode), new tokens (append); --what model: bench_model
 DEFAULT_LENGTHS = {
     "cuda": {"prefill": (128, 256, 512, 1024, 2048, 4096, 8192), "decode": (128, 512, 2048, 8192, 32768),
              "append": (1, 16, 512, 2048)},
@@ -627,7 +627,7 @@ DEFAULT_LENGTHS = {
 
 
 CACHE_DTYPES = ("float32", "float16")
-KERNEL_BENCHES = {      # --what -> (numbattn.bench function, its arguments beyond lengths, batches, backend)
+KERNEL_BENCHES = {      # --what -> (numbattn.lab.bench function, its arguments beyond lengths, batches, backend)
     "prefill": lambda nb: (nb.bench_prefill, dict(causal=(True,), versions=("v1", "v2"))),
     "decode": lambda nb: (nb.bench_decode, dict(dtypes=CACHE_DTYPES)),
     "append": lambda nb: (nb.bench_append, dict(dtypes=CACHE_DTYPES)),
@@ -657,7 +657,7 @@ def bench(what, seq_lens, batches, backend, plot, model, new_tokens, verbose):
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install 'numbattn[bench]' (or matplotlib)") from None
     prepare_backend(backend)
-    from numbattn import bench as nb
+    from numbattn.lab import bench as nb
     from numbattn.backend import resolve
     be = resolve(backend)
     if verbose and what != "model":          # --what model loads a model, which says it
@@ -694,8 +694,9 @@ def bench(what, seq_lens, batches, backend, plot, model, new_tokens, verbose):
 
 
 def bench_whole_model(model, be, seq_lens, new_tokens, verbose):
-    """--what model: tinyllm.bench on the given model, or on a miniature checkpoint written to a temp dir."""
-    from tinyllm.bench import bench_model, default_prompt_lengths
+    """--what model: numbattn.lab.bench.bench_model on the given model, or on a miniature checkpoint written to a
+    temp dir."""
+    from numbattn.lab.bench import bench_model, default_prompt_lengths
     new_tokens = new_tokens or (2 if be == "sim" else 32)
     with tempfile.TemporaryDirectory(prefix="tinyllm-bench-") as tmp:
         if model is None:

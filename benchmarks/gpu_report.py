@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # A kernel that fails must stop the report, not fall back to NumPy and be timed (or checked) in its place.
 os.environ.setdefault("NUMBATTN_STRICT", "1")
 
-from numbattn import bench, prefill  # noqa: E402
+from numbattn import prefill  # noqa: E402
+from numbattn.lab import bench  # noqa: E402
 from numbattn.prefill import Tiles  # noqa: E402
 
 SECTIONS = {}
@@ -118,7 +119,7 @@ def tiles(report, out, args):
             ms = bench.timed(lambda: prefill.launch(dq, dk, dv, o, True, d ** -0.5, ver, t), "cuda",
                              repeat=args.repeat)
             ref = prefill.flash_attention(q[:, :, -256:], k, v, causal=True, version="v1", backend="cuda")
-            kern = prefill._make(ver, d, t)
+            kern = prefill.make_kernel(ver, d, t)
             one = lambda x: list(x.values())[0]  # per-signature dicts; the sweep compiled one signature
             rows.append(dict(impl=name, ms=ms, tflops=flops / ms / 1e9, regs=one(kern.get_regs_per_thread()),
                              local_bytes=one(kern.get_local_mem_per_thread()),

@@ -12,7 +12,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from numba import cuda  # noqa: E402
 
-from numbattn import bench, prefill  # noqa: E402
+from numbattn import prefill  # noqa: E402
+from numbattn.lab import bench  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("version", default="v2")
@@ -28,6 +29,6 @@ for _ in range(2):
     prefill.launch(dq, dk, dv, o, True, 0.125, args.version, tiles)
 cuda.synchronize()
 if args.sass:
-    kern = prefill._make(args.version, 64, tiles)
+    kern = prefill.make_kernel(args.version, 64, tiles)
     with open(args.sass, "w") as f:
         f.write(list(kern.inspect_sass().values())[0])

@@ -19,7 +19,10 @@ os.environ.setdefault("NUMBATTN_STRICT", "1")
 
 from numba import cuda  # noqa: E402
 
-from numbattn import bench, decode, linear  # noqa: E402
+from numbattn import decode, linear  # noqa: E402
+from numbattn.kernels import decode_lanes  # noqa: E402
+from numbattn.kernels import gemv as gemv_kernels  # noqa: E402
+from numbattn.lab import bench  # noqa: E402
 from numbattn.launch import Launch  # noqa: E402
 
 RESULTS = {}
@@ -87,7 +90,7 @@ def section_gemv():
     rows = []
     for rows_per_warp in (1, 2, 4):
         for chunk in (4, 8, 16):
-            linear.GEMV_ROWS, linear.GEMV_CHUNK = rows_per_warp, chunk
+            gemv_kernels.GEMV_ROWS, gemv_kernels.GEMV_CHUNK = rows_per_warp, chunk
             linear.make_gemv.cache_clear()
             total_ms, total_bytes = 0.0, 0
             row = dict(rows_per_warp=rows_per_warp, chunk=chunk)
@@ -103,7 +106,7 @@ def section_gemv():
                 total_bytes += n * k * 2
             row["all_GBps"] = total_bytes / total_ms / 1e6
             rows.append(row)
-    linear.GEMV_ROWS, linear.GEMV_CHUNK = 1, 4
+    gemv_kernels.GEMV_ROWS, gemv_kernels.GEMV_CHUNK = 1, 4
     linear.make_gemv.cache_clear()
     table("GEMV bf16, one token, GB/s of weights (TinyLlama's matrices)", rows,
           ["rows_per_warp", "chunk"] + [f"{n}_GBps" for n in SHAPES] + ["all_GBps"])
@@ -150,7 +153,7 @@ def section_decode_shapes():
     """Launch-shape sweep of decode v1 (4 dims per lane) and v2 (one warp per lane group; and the V rows it loads at
     once) at 512 to 131072 tokens, fp16 cache: GPU time, error vs v0."""
     from numbattn import KVCache
-    sweep, defaults = [], (decode.BLOCKS_PER_SM, decode.V_CHUNK)
+    sweep, defaults = [], (decode.BLOCKS_PER_SM, decode_lanes.V_CHUNK)
     shapes = [("v1", threads, 4, ku, mb, bps, None) for threads in (128, 256) for ku in (1, 2, 4)
               for mb in (0, 512 // threads) for bps in (1, 2, 4)]
     shapes += [("v2", threads, 2, 1, mb, bps, vch) for vch in (8, 16) for threads in (128, 256)
@@ -164,12 +167,12 @@ def section_decode_shapes():
         points.append((n, cache, q, decode.decode_attention(q, cache, 0, version="v0").copy_to_host()))
     for version, threads, dpl, ku, mb, bps, vch in shapes:
         decode.BLOCKS_PER_SM = bps
-        if (vch or defaults[1]) != decode.V_CHUNK:
-            decode.V_CHUNK = vch or defaults[1]
-            decode.make_decode_v2.cache_clear()         # the chunk sizes are read when a kernel is made
+        if (vch or defaults[1]) != decode_lanes.V_CHUNK:
+            decode_lanes.V_CHUNK = vch or defaults[1]
+            decode_lanes.make_decode_v2.cache_clear()   # the chunk sizes are read when a kernel is made
         cfg = decode.Config(None, threads, dpl, ku, mb)
         for n, cache, q, expect in points:
-            cache.decode_workspace = None
+            cache.decode_workspace().calls.clear()      # prepared launches hold the kernel made before
             row = dict(n=n, version=version, threads=threads, keys_per_step=ku, min_blocks_per_sm=mb,
                        blocks_per_sm=bps, v_chunk=vch)
             try:
@@ -181,8 +184,8 @@ def section_decode_shapes():
             except Exception as e:
                 row.update(error=str(e)[:60])
             sweep.append(row)
-    decode.BLOCKS_PER_SM, decode.V_CHUNK = defaults
-    decode.make_decode_v2.cache_clear()
+    decode.BLOCKS_PER_SM, decode_lanes.V_CHUNK = defaults
+    decode_lanes.make_decode_v2.cache_clear()
     table("decode v1 and v2 launch shapes, fp16 cache (GPU time)", sweep,
           ["n", "version", "threads", "keys_per_step", "min_blocks_per_sm", "blocks_per_sm", "v_chunk", "split",
            "blocks", "gpu_us", "GBps", "max_err", "error"])

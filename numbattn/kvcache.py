@@ -21,81 +21,34 @@ layer's lengths by t. A model step appends to layer 0, 1, ... in turn, so mid-st
 is simply "tokens in the cache", and it is the position of the next token. layer_lengths(layer) gives one
 layer's row lengths.
 
-The append kernel
------------------
-One launch per append writes K and V together: grid (x_blocks, n_kv_heads, batch), each block copies the
-t * head_dim elements of its (row, KV head) with a grid-stride loop, consecutive threads on consecutive
-elements, which are contiguous both in the new [.., t, head_dim] block and in the cache (coalesced on both
-sides). The same kernel serves a whole prompt (t = prompt length) and one decode token (t = 1); storage
-conversion fp32 -> fp16 is a plain conversion on store. Traffic: read t*D*2 elements, write the same.
-# k_new, v_new [B, Hkv, t, D] -> k_cache, v_cache [B, Hkv, max_len, D] at lengths[b]; lengths[b] += t
+The append kernel lives in numbattn/kernels/kv_append.py: one launch writes the new tokens' K and V at each row's
+length, and the device copy of the lengths is advanced by the kernel itself (its last block), so nothing is
+uploaded per append and a sequence of steps can be replayed as a CUDA graph. The host keeps a mirror of the
+table, advanced by the same amounts, so cache.lengths never needs a device->host copy. Decode reads
+device_lengths(layer).
 
-Where does the kernel learn each row's write position without a host->device copy per append (a pageable
-copy would also synchronise the stream)? The device keeps the lengths table itself, int32 [n_layers, batch],
-and the kernel advances it: every block reads row b's start, and the LAST block of the row to finish (one
-atomic ticket per block, numbattn/device.arrive_last) writes start + t, after every other block has read it.
-Nothing on the host has to flip or upload anything per append, and a launch sequence can be captured as a
-CUDA graph and replayed (tinyllm's GPU engine does). The host keeps a mirror of the table, advanced by the same
-amounts, so cache.lengths never needs a device->host copy. Decode reads device_lengths(layer).
+One owner: the cache's lengths (device table and host mirror) and its decode workspace are written only here,
+one method per event: append (and advance, for kernels that appended on their own: tinyllm's fused RoPE+append,
+a CUDA graph's replay), truncate, reset.
 
 Host inputs: a bulk append copies k and v to the device once; a one-token append (the decode hot path of the
 NumPy-matmul engine, once per layer per token) goes through a staging buffer kept by the cache, one copy for K
-and V together. Host-side costs are measured in BENCHMARKS.md. append_kv and fill_nan are plain @cuda.jit
-kernels (no compile-time sizes, so no factory is needed; Numba compiles one per argument dtype on first use).
+and V together. Host-side costs are measured in BENCHMARKS.md.
 
 Validation comes first: a call that would overflow max_len, or has a bad layer, dtype or shape, raises
 ValueError before anything is written, so the cache is unchanged after any failed call.
 """
 import numpy as np
-from numba import cuda, float32, int32, int64
+from numba import cuda
 
 from . import backend as _backend
-from .device import arrive_last
+from .kernels.kv_append import append_kv, fill_nan
 from .validate import DTYPES, SUPPORTED_HEAD_DIMS, as_count, check_dtype, check_rank
 
-NAN = float32(np.nan)
 # launch shape of the copy kernels: on the GPU enough blocks to spread a long prompt over the SMs; in the
 # simulator (one Python thread per CUDA thread) a single small block per (row, KV head)
 GPU_COPY = (256, 64)    # threads per block, most blocks per (row, KV head); a grid-stride loop covers the rest
 SIM_COPY = (16, 1)
-
-
-@cuda.jit
-def append_kv(k_new, v_new, k_cache, v_cache, lengths_in, lengths_out, counters):
-    # k_new, v_new [B, Hkv, t, D] -> k_cache, v_cache [B, Hkv, max_len, D]; lengths [B] (+t); counters [B]
-    """k_cache[b, h, lengths_in[b] + j] = k_new[b, h, j] (and v); lengths_out[b] = lengths_in[b] + t.
-
-    lengths_in and lengths_out may be the same array (the cache's table, advanced in place): the last block of
-    row b to finish writes it, after every block has read it. counters: int32 [batch], zero (left zero)."""
-    hk, b = cuda.blockIdx.y, cuda.blockIdx.z
-    t_new, head_dim = k_new.shape[2], k_new.shape[3]
-    start = int64(lengths_in[b])
-    flag = cuda.shared.array(1, int32)
-    fits = start >= 0 and start + t_new <= k_cache.shape[2]   # the launchers check; a raw launch cannot write out
-    stride = cuda.gridDim.x * cuda.blockDim.x
-    for idx in range(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, t_new * head_dim if fits else 0, stride):
-        j = idx // head_dim
-        d = idx - j * head_dim
-        k_cache[b, hk, start + j, d] = k_new[b, hk, j, d]
-        v_cache[b, hk, start + j, d] = v_new[b, hk, j, d]
-    if arrive_last(counters, b, cuda.gridDim.x * cuda.gridDim.y, flag) and cuda.threadIdx.x == 0 and fits:
-        lengths_out[b] = start + t_new
-
-
-@cuda.jit
-def fill_nan(k_cache, v_cache, start, stop):
-    # k_cache, v_cache [B, Hkv, max_len, D]; start, stop [B] -> NaN in slots start[b]..stop[b] of row b
-    """NaN into slots [start[b], stop[b]) of every KV head of row b (truncate: poison the rewound tokens)."""
-    hk, b = cuda.blockIdx.y, cuda.blockIdx.z
-    head_dim = k_cache.shape[3]
-    lo = int64(start[b]) * head_dim
-    hi = min(int64(stop[b]), int64(k_cache.shape[2])) * head_dim
-    stride = cuda.gridDim.x * cuda.blockDim.x
-    for idx in range(lo + cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, hi, stride):
-        p = idx // head_dim
-        d = idx - p * head_dim
-        k_cache[b, hk, p, d] = NAN
-        v_cache[b, hk, p, d] = NAN
 
 
 def _grid_x(n_elements, copy_shape):
@@ -172,7 +125,7 @@ class KVCache:
         self._copy_shape = SIM_COPY if self.backend == "sim" else GPU_COPY
         self._lengths = np.zeros((self.n_layers, self.batch), np.int32)    # the host mirror of the lengths
         self._token_buffers = {}    # dtype -> device staging buffer for one decode token's k and v
-        self.decode_workspace = None    # numbattn.decode's buffers for this cache, made on first use
+        self._workspace = None          # numbattn.decode's buffers for this cache, made on first use
         if self.on_device:
             self._k = [cuda.device_array(self.shape, dtype) for _ in range(self.n_layers)]
             self._v = [cuda.device_array(self.shape, dtype) for _ in range(self.n_layers)]
@@ -191,6 +144,17 @@ class KVCache:
                 f"max_len={self.max_len}, head_dim={self.head_dim}, dtype={self.dtype.name}, "
                 f"backend={self.backend!r}, lengths={self.lengths.tolist()})")
 
+    @staticmethod
+    def bytes_per_token(n_layers, n_kv_heads, head_dim, dtype=np.float32):
+        """Bytes one token takes in a cache of this shape: K and V, every layer and KV head."""
+        return 2 * n_layers * n_kv_heads * head_dim * np.dtype(dtype).itemsize
+
+    @property
+    def nbytes(self):
+        """Bytes of K/V storage this cache holds (allocated up front: batch * max_len tokens)."""
+        return self.batch * self.max_len * self.bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim,
+                                                                self.dtype)
+
     # ---- bookkeeping ------------------------------------------------------------------------------------
     @property
     def lengths(self):
@@ -200,6 +164,18 @@ class KVCache:
     def layer_lengths(self, layer):
         """Host int32 [batch]: tokens held by one layer, per row (a copy)."""
         return self._lengths[self.check_layer(layer)].copy()
+
+    def host_lengths_view(self, layer):
+        """Host int32 [batch]: one layer's row lengths as a read-only view (follows every later change)."""
+        view = self._lengths[self.check_layer(layer)].view()
+        view.flags.writeable = False
+        return view
+
+    def decode_workspace(self):
+        """The buffers numbattn.decode keeps for this cache (made on first use; device caches only)."""
+        if self._workspace is None:
+            self._workspace = DecodeWorkspace(self)
+        return self._workspace
 
     def device_lengths(self, layer):
         """Device int32 [batch]: the current device copy of layer's row lengths (what decode reads)."""
@@ -351,3 +327,37 @@ class KVCache:
         self._lengths[:] = new
         if self.on_device:
             self._upload_lengths()
+
+
+class DecodeWorkspace:
+    """What decode_attention keeps per KVCache (cache.decode_workspace()): the split partials and tickets, device
+    buffers for host queries, and one prepared launch per (layer, arguments), so a repeated call does no
+    allocation, no upload and no re-validation."""
+
+    def __init__(self, cache):
+        self.batch, self.head_dim = cache.batch, cache.head_dim
+        self._partials = None
+        self.counters = cuda.to_device(np.zeros(cache.batch * cache.n_kv_heads, np.int32))
+        self._io = {}
+        self.calls = {}
+
+    def partials(self, n_heads, n_splits):
+        """part [batch, n_heads, >= n_splits, head_dim + 2] float32, grown (doubled) for longer contexts."""
+        have = self._partials
+        if have is None or have.shape[1] != n_heads or have.shape[2] < n_splits:
+            room = max(n_splits, 2 * have.shape[2]) if have is not None else n_splits
+            self._partials = cuda.device_array((self.batch, n_heads, room, self.head_dim + 2), np.float32)
+        return self._partials
+
+    def host_io(self, q):
+        """Device buffers (q, out) for a host query of q's shape and dtype, reused across calls."""
+        key = (tuple(q.shape), np.dtype(q.dtype).str)
+        if key not in self._io:
+            self._io[key] = (cuda.device_array(q.shape, q.dtype), self.out_buffer(q.shape, ("host", key)))
+        return self._io[key]
+
+    def out_buffer(self, shape, key):
+        """A float32 device result buffer of this shape kept under `key` (a layer, or host staging)."""
+        if key not in self._io:
+            self._io[key] = cuda.device_array(shape, np.float32)
+        return self._io[key]

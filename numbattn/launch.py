@@ -21,7 +21,7 @@ import ctypes
 
 import numpy as np
 
-from .device import SIM
+from .kernels.common import SIM
 
 
 def _check(result):

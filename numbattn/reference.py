@@ -5,8 +5,16 @@ else in float32, so tests can ask for an fp64 answer by passing fp64 inputs. The
 (rms_norm, rope, silu, swiglu, linear) are also what tinyllm's NumPy engine runs: one definition of the math.
 
 Shapes: q [batch, n_heads, q_len, head_dim]; k, v [batch, n_kv_heads, kv_len, head_dim].
+
+The online softmax (FlashAttention's loop) is here too, as the kernels run it: `softmax_rescale` is the one rule
+for a running maximum meeting a new tile, and every kernel compiles this very function as a device function
+(numbattn/kernels/softmax.py), so the rule (and its treatment of rows that have seen no key) cannot drift.
 """
+import math
+
 import numpy as np
+
+LOG2E = 1.4426950408889634      # exp(x) = exp2(x * LOG2E): the kernels fold it into the scale and use exp2
 
 
 def _compute_dtype(*xs):
@@ -50,6 +58,83 @@ def attention(q, k, v, causal=False, scale=None):
     return softmax(scores) @ v                            # [b, n_heads, q_len, d]
 
 
+# --------------------------------------------------------------------------------------------------------
+# The online softmax, one tile of keys at a time (FlashAttention-2, Algorithm 1)
+# --------------------------------------------------------------------------------------------------------
+NEG_INF, ZERO, ONE = np.float32(-np.inf), np.float32(0.0), np.float32(1.0)   # float32: the kernels compile these
+
+
+def softmax_rescale(m_old, m_tile):
+    """The online-softmax rule for one row: its running max m_old meets a tile (or another partial result) whose
+    max is m_tile. Scores are in the log2 domain (s = q.k * scale * log2 e). -> (m_new, m_ref, alpha):
+
+        m_new = max(m_old, m_tile)               the running max from now on
+        m_ref = m_new, or 0 while m_new = -inf   what this tile's terms are taken against: p = exp2(s - m_ref)
+        alpha = exp2(m_old - m_ref)              the factor that rescales everything summed under m_old
+
+    The empty-row rule: a row that has seen only masked keys (scores -inf) keeps m = -inf, and because m_ref is 0
+    then, every p and alpha is exp2(-inf) = 0, never exp2(-inf - (-inf)) = NaN: its l stays 0 and its output is 0
+    (softmax_finish). Once a visible key arrives, alpha = exp2(-inf) = 0 clears the (zero) sums before it."""
+    m_new = max(m_old, m_tile)
+    m_ref = m_new if m_new != NEG_INF else ZERO
+    return m_new, m_ref, math.exp2(m_old - m_ref)
+
+
+def softmax_finish(l):
+    """1 / l, the factor that turns acc into the softmax-weighted sum; 0 for a row that saw no key (l = 0)."""
+    return ONE / l if l > 0 else ZERO
+
+
+def online_attention(q, k, v, block_n, causal=False, scale=None):
+    """attention(), computed the way the kernels compute it: over key tiles of block_n keys, each row keeping
+    m (running max), l (running sum) and acc (unnormalised output), rescaled by softmax_rescale. Returns
+    (out [b, h, q_len, d], lse [b, h, q_len]: the natural-log log-sum-exp of each row's scores, -inf if empty)."""
+    dt = _compute_dtype(q, k, v)
+    q, k, v = (np.asarray(x, dtype=dt) for x in (q, k, v))
+    b, n_heads, q_len, d = q.shape
+    kv_len = k.shape[2]
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    k, v = repeat_kv(k, n_heads), repeat_kv(v, n_heads)                      # [b, h, kv_len, d]
+    visible = causal_mask(q_len, kv_len) if causal else np.ones((q_len, kv_len), bool)
+    m = np.full((b, n_heads, q_len), -np.inf, dt)                           # [b, h, q_len]
+    l = np.zeros((b, n_heads, q_len), dt)
+    acc = np.zeros(q.shape, dt)                                             # [b, h, q_len, d]
+    for j0 in range(0, kv_len, block_n):
+        s = q @ k[:, :, j0:j0 + block_n].swapaxes(-1, -2) * dt(scale * LOG2E)   # [b, h, q_len, tile]
+        s = np.where(visible[:, j0:j0 + block_n], s, -np.inf)
+        m, m_ref, alpha = elementwise(softmax_rescale, m, s.max(axis=-1))   # [b, h, q_len] each
+        p = np.exp2(s - m_ref[..., None])                                   # [b, h, q_len, tile]
+        l = l * alpha + p.sum(axis=-1)
+        acc = acc * alpha[..., None] + p @ v[:, :, j0:j0 + block_n]
+    out = acc * elementwise(softmax_finish, l)[..., None]
+    lse = np.where(l > 0, (m + np.log2(np.where(l > 0, l, 1))) / LOG2E, -np.inf)
+    return out, lse
+
+
+def merge_partials(m, l, acc):
+    """The log-sum-exp merge of partial results over disjoint key ranges (what split-K decode does): m, l
+    [n_parts, ...], acc [n_parts, ..., d], in the log2 domain -> out [..., d] = the softmax over all their keys.
+    Folded one part at a time with softmax_rescale, as the kernels fold them."""
+    M, L, A = np.full(m.shape[1:], -np.inf, acc.dtype), np.zeros(l.shape[1:], acc.dtype), np.zeros(acc.shape[1:], acc.dtype)
+    for m_s, l_s, a_s in zip(m, l, acc):
+        M, M_ref, alpha = elementwise(softmax_rescale, M, m_s)
+        w = np.exp2(m_s - M_ref)                                             # this part's weight
+        L, A = L * alpha + l_s * w, A * alpha[..., None] + a_s * w[..., None]
+    return A * elementwise(softmax_finish, L)[..., None]
+
+
+def elementwise(rule, *arrays):
+    """Apply a scalar rule (softmax_rescale, softmax_finish) to every element of equally shaped arrays, as the
+    kernels apply it to every row -> one array per result, in the arrays' dtype. (NumPy scalars go in, so a float32
+    constant of the rule does not pull a float64 computation down to float32.)"""
+    arrays = np.broadcast_arrays(*(np.asarray(a) for a in arrays))
+    dt = np.result_type(*arrays)
+    results = [rule(*(dt.type(x) for x in xs)) for xs in zip(*(a.ravel() for a in arrays))]
+    if not isinstance(results[0], tuple):
+        return np.array(results, dt).reshape(arrays[0].shape)
+    return tuple(np.array(r, dt).reshape(arrays[0].shape) for r in zip(*results))
+
+
 def decode_attention(q, k_cache, v_cache, lengths, scale=None):
     """One new query token per row over a KV cache whose rows hold different numbers of tokens.
 
@@ -69,7 +154,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale=None):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The rest of a Llama block (numbattn/linear.py and numbattn/rowwise.py implement these on the GPU)
+# The rest of a Llama block (numbattn/kernels/gemv.py, gemm.py and rowwise.py implement these on the GPU)
 # --------------------------------------------------------------------------------------------------------
 def rms_norm(x, weight, eps):
     """x / sqrt(mean(x^2) + eps) * weight: like LayerNorm without the mean subtraction and the bias. [.., dim]"""

@@ -5,9 +5,10 @@ a NumPy or Numba device array included).
 """
 import numpy as np
 
+from .reference import LOG2E
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (np.float32, np.float16)
-LOG2E = 1.4426950408889634                                  # the kernels fold it into the scale (exp2 for exp)
 MAX_SCALE = float(np.finfo(np.float32).max) / LOG2E         # ~2.36e38: larger is inf once folded in float32
 
 

@@ -240,7 +240,7 @@ def test_bench_model(run, tiny_model_dir):
 
 
 def test_bench_model_rows(tiny_model):
-    from tinyllm.bench import bench_model
+    from numbattn.lab.bench import bench_model
     steps = []
     rows = bench_model(tiny_model, (4, 8), new_tokens=3, progress=steps.append)
     assert [(r["impl"], r["n"]) for r in rows] == [("numpy prefill", 4), ("numpy decode", 4),

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import numbattn
-from numbattn import decode, reference
+from numbattn import decode, gpu, reference
 from numbattn.backend import available_backends, to_host
 from numbattn.decode import Config
 
@@ -231,7 +231,7 @@ def test_split_grows_with_the_length_and_fills_the_gpu():
         for group in (1, 4, 8):
             for version in SPLIT_VERSIONS:
                 cfg = decode.gpu_config(version, head_dim, group)
-                assert decode.shared_bytes(version, head_dim, group, cfg) <= decode.SHARED_LIMIT
+                assert decode.shared_bytes(version, head_dim, group, cfg) <= gpu.SHARED_LIMIT
 
 
 def test_repeated_device_calls_take_the_prepared_path_and_follow_the_cache():
@@ -245,10 +245,10 @@ def test_repeated_device_calls_take_the_prepared_path_and_follow_the_cache():
     config = Config(split=None, threads=8, dims_per_lane=8)
     first = numbattn.decode_attention(dq, cache, 0, config=config)
     key = (0, None, config, decode.DEFAULT_VERSION, None, 0)
-    prepared = cache.decode_workspace.calls[key]
+    prepared = cache.decode_workspace().calls[key]
     for step in range(3):
         got = numbattn.decode_attention(dq, cache, 0, config=config)
-        assert got is first and cache.decode_workspace.calls[key] is prepared
+        assert got is first and cache.decode_workspace().calls[key] is prepared
         np.testing.assert_allclose(got.copy_to_host(), reference_fp64(q, cache), rtol=RTOL, atol=1e-6)
         cache.append(0, *(rng.standard_normal((2, 2, 1 + 10 * step, 16)).astype(np.float32) for _ in range(2)))
 

@@ -1,4 +1,4 @@
-"""tinyllm/engines.py: the device engine (every op a numbattn kernel, weights on the device) against the NumPy
+"""tinyllm/engines/device.py: the device engine (every op a numbattn kernel, weights on the device) against the NumPy
 engine, on the same forward.
 
 In CI the device engine runs in Numba's simulator on the miniature checkpoint (slow: a few tokens). With

@@ -256,3 +256,15 @@ def test_append_falls_back_to_numpy_when_the_kernel_fails(monkeypatch):
     assert host(cache.device_lengths(0)).tolist() == [4, 4]
     K = host(cache.k(0))
     assert np.array_equal(K[:, :, 2:4], k) and np.isnan(K[:, :, 4:]).all()
+
+
+def test_the_cache_owns_its_lengths_and_its_decode_workspace():
+    """Readers get a read-only view of the host lengths; the decode workspace is made by the cache, once."""
+    cache = numbattn.KVCache(2, 1, 1, 8, 16)
+    view = cache.host_lengths_view(1)
+    cache.append(1, np.zeros((1, 1, 3, 16), np.float32), np.zeros((1, 1, 3, 16), np.float32))
+    assert view.tolist() == [3]                              # follows the cache
+    with pytest.raises(ValueError, match="read-only"):
+        view[0] = 0
+    assert cache.decode_workspace() is cache.decode_workspace()
+    assert cache.nbytes == 2 * 2 * 8 * 16 * 4 == 8 * cache.bytes_per_token(2, 1, 16)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from numbattn.device import SIM
+from numbattn.kernels.common import SIM
 from numbattn.launch import Graph, Launch
 
 

@@ -1,4 +1,4 @@
-"""numbattn/mma.py: TF32 rounding and the warp MMA, against NumPy, through real kernels.
+"""numbattn/kernels/mma.py: TF32 rounding and the warp MMA, against NumPy, through real kernels.
 
 In CI the kernels run in the simulator, so these check the simulator twins: the rounding rule and the fragment
 layout that prefill v3 is written against. With NUMBATTN_TEST_GPU=1 the same kernels run the inline PTX
@@ -7,7 +7,7 @@ layout that prefill v3 is written against. With NUMBATTN_TEST_GPU=1 the same ker
 import numpy as np
 from numba import cuda, float32
 
-from numbattn import mma
+from numbattn.kernels import mma
 from numbattn.backend import available_backends
 
 KERNEL = available_backends()[0]

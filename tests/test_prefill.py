@@ -1,4 +1,4 @@
-"""Prefill kernels (numbattn/prefill.py, prefill_v2.py, prefill_v3.py) against the fp64 NumPy reference.
+"""Prefill kernels (numbattn/kernels/prefill_*.py, through numbattn/prefill.py) against the fp64 NumPy reference.
 
 Without a GPU these run in Numba's CUDA simulator (conftest.py) with tiny tiles, so lengths like 7, 17 and 33
 cross several tiles and end in a ragged one. Tolerance: 1e-5 relative to the largest reference value (fp32
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import numbattn
-from numbattn import prefill, reference
+from numbattn import gpu, prefill, reference
 from numbattn.backend import available_backends
 
 RTOL = 1e-5
@@ -182,33 +182,33 @@ def test_unknown_backend_and_version_rejected():
 
 def test_big_tiles_only_where_the_static_shared_memory_probe_passes(monkeypatch):
     """gpu_tiles: the > 48 KB tiles need sm_90+ AND a probe kernel that really ran; else the <= 48 KB ones."""
-    from numbattn import prefill_v2
+    from numbattn.kernels import prefill_registers
     small = prefill.gpu_tiles("v2", 64, cc=(8, 0))
     big = prefill.gpu_tiles("v2", 64, cc=(9, 0))
-    assert prefill_v2.shared_bytes(small.block_m, small.block_n, 64) <= 48 * 1024 < \
-        prefill_v2.shared_bytes(big.block_m, big.block_n, 64)
+    assert prefill_registers.shared_bytes(small.block_m, small.block_n, 64) <= 48 * 1024 < \
+        prefill_registers.shared_bytes(big.block_m, big.block_n, 64)
     for cc, probe_ok, want in [((9, 0), True, big), ((9, 0), False, small), ((8, 6), True, small)]:
-        monkeypatch.setattr(prefill, "_compute_capability", lambda cc=cc: cc)
-        monkeypatch.setattr(prefill, "_static_shared_over_48k", lambda ok=probe_ok: ok)
+        monkeypatch.setattr(gpu, "compute_capability", lambda cc=cc: cc)
+        monkeypatch.setattr(gpu, "static_shared_over_48k", lambda ok=probe_ok: ok)
         assert prefill.gpu_tiles("v2", 64) == want, (cc, probe_ok)
 
 
 def test_v3_tiles_fit_every_gpu_and_need_tf32_tensor_cores(monkeypatch):
     """v3's GPU tiles stay under 48 KB of static shared memory (no probe needed); before sm_80 (no TF32 MMA) a v3
     launch runs v2 instead."""
-    from numbattn import prefill_v3
+    from numbattn.kernels import prefill_mma
     for cc in ((8, 0), (9, 0)):
         for d in (64, 128):
             t = prefill.gpu_tiles("v3", d, cc=cc)
-            assert prefill_v3.shared_bytes(t.block_m, t.block_n, d) <= 48 * 1024, (cc, d, t)
+            assert prefill_mma.shared_bytes(t.block_m, t.block_n, d) <= 48 * 1024, (cc, d, t)
     for cc, ok in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
-        monkeypatch.setattr(prefill, "_compute_capability", lambda cc=cc: cc)
-        assert prefill._has_tf32_mma.__wrapped__() is ok
+        monkeypatch.setattr(gpu, "compute_capability", lambda cc=cc: cc)
+        assert gpu.has_tf32_mma.__wrapped__() is ok
 
 
 def test_static_shared_memory_probe_kernel_runs():
     """The probe is a real kernel (here in the simulator, which has no 48 KB limit): it must report success."""
-    assert prefill._static_shared_over_48k.__wrapped__() is (KERNEL == "sim" or prefill._compute_capability() >= (9, 0))
+    assert gpu.static_shared_over_48k.__wrapped__() is (KERNEL == "sim" or gpu.compute_capability() >= (9, 0))
 
 
 # ---- real GPU only: realistic sizes (run with NUMBATTN_TEST_GPU=1 on a CUDA machine) ----
@@ -238,7 +238,7 @@ def test_gpu_pre_hopper_tiles(version, d):
 def test_gpu_v2_shared_memory_reduction_twin():
     """On the GPU v2 reduces rows with warp shuffles; its shared-memory twin (the simulator's) must agree."""
     from numba import cuda
-    from numbattn.prefill_v2 import make_v2
+    from numbattn.kernels.prefill_registers import make_v2
     rng = np.random.default_rng(11)
     q, k, v = rand_qkv(rng, 2, 32, 4, 777, 1000, 64)
     t = prefill.gpu_tiles("v2", 64)

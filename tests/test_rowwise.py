@@ -1,4 +1,4 @@
-"""numbattn/rowwise.py: embedding lookup, RMSNorm, and RoPE fused with the KV-cache append, against NumPy.
+"""numbattn/kernels/rowwise.py: embedding lookup, RMSNorm, and RoPE fused with the KV-cache append, against NumPy.
 
 RoPE + append is checked where it breaks: rows of a batch starting at different cache lengths (positions differ
 per row), more tokens than one block handles (several blocks per row: the last one advances the length),
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from numbattn import linear, reference, rowwise
+from numbattn import linear, reference
+from numbattn.kernels import rowwise
 from tinyllm.weights import bf16_to_f32, f32_to_bf16
 
 

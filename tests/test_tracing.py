@@ -1,4 +1,4 @@
-"""numbattn/tracing.py: the counted global-memory accesses of the real prefill kernels equal the formulas.
+"""numbattn/lab/tracing.py: the counted global-memory accesses of the real prefill kernels equal the formulas.
 
 Every count here is exact (a lost update between simulated threads, a view counted against the wrong index,
 or a host access counted as a kernel's would change it). Shapes are tiny: the simulator runs one Python
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from numbattn import bench, prefill, reference, tracing
+from numbattn import prefill, reference
+from numbattn.lab import bench, tracing
 from numbattn.prefill import Tiles
 
 pytestmark = pytest.mark.skipif(tracing._backend.probe()[0][0] != "sim", reason="tracing runs in the simulator")

@@ -12,7 +12,7 @@ The package, in the order a token flows through it:
     gguf.py       llama.cpp's GGUF files: the same checkpoint interface, dequantized to fp32, and a tokenizer
     tokenizer.py  tokenizer.json + the chat template; streaming detokenisation
     model.py      the forward pass: RMSNorm, RoPE, GQA attention on numbattn, SwiGLU
-    engines.py    what runs it: NumPy (the reference, the CPU), or the GPU (weights resident, numbattn kernels)
+    engines/      what runs it: NumPy (the reference, the CPU), or the GPU (weights resident, numbattn kernels)
     generate.py   sampling (greedy, temperature, top-k, top-p, repetition penalty) and the decode loop
     tiny.py       a miniature random checkpoint in the same layout, for tests and offline demos
 """

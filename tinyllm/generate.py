@@ -183,7 +183,7 @@ def common_prefix_length(a, b):
     return n
 
 
-def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, stop_ids=(), prefill_chunk=None):
+def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, stop_ids=()):
     """Continue prompt_ids (batch 1) -> Generation (the new ids, a final stop token included, and stats).
 
     on_token(token_id) is called once per new token, right after it is chosen (the stop token too); return
@@ -192,11 +192,8 @@ def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, 
     way the model is left consistent: model.cached_ids are the ids whose K/V are in the cache, and the next
     generate() reuses them.
 
-    The prompt is prefilled in chunks of prefill_chunk tokens (default: the model's engine's choice): each
-    chunk attends to everything cached before it plus itself (bottom-right-aligned causal mask), so the result
-    equals one big prefill while the [chunk, kv_len] score matrices and [chunk, ffn] activations stay small.
+    The prompt is one model.forward (which runs it in chunks of the engine's size).
     """
-    prefill_chunk = prefill_chunk or getattr(model, "prefill_chunk", 256)
     sampler = sampler if sampler is not None else Sampler()
     prompt = [int(i) for i in prompt_ids]
     n_prompt = len(prompt)
@@ -219,8 +216,7 @@ def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, 
         result.stats.stop_reason = "length"
         return result
     try:
-        _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token, stop_ids, prefill_chunk,
-                            result)
+        _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token, stop_ids, result)
     except GenerationInterrupted:
         raise
     except KeyboardInterrupt as e:
@@ -228,7 +224,7 @@ def generate(model, prompt_ids, max_new_tokens=32, sampler=None, on_token=None, 
     return result
 
 
-def _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token, stop_ids, prefill_chunk, result):
+def _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token, stop_ids, result):
     """The loop of generate(), filling result (ids and stats) as it goes."""
     stats, generated, n_prompt = result.stats, result.ids, len(prompt)
     # Prefill: skip what the cache already holds, but always recompute the last prompt token's logits.
@@ -236,9 +232,8 @@ def _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token
     stats.reused_tokens, stats.prefill_tokens = reused, n_prompt - reused
     t0 = time.perf_counter()
     try:
-        for start in range(reused, n_prompt, prefill_chunk):
-            chunk = np.array([prompt[start:start + prefill_chunk]], dtype=np.int64)   # [1, chunk]
-            logits = model.forward(chunk, start_pos=start, last_only=True)[0, -1]      # [vocab]
+        todo = np.array([prompt[reused:]], dtype=np.int64)                             # [1, n_prompt - reused]
+        logits = model.forward(todo, start_pos=reused, last_only=True)[0, -1]          # [vocab]
         history = list(prompt)
         token = sampler(finite(logits, n_prompt - 1), history)
     finally:

@@ -13,7 +13,7 @@ One transformer block (Llama 2 / TinyLlama, as in Hugging Face's LlamaForCausalL
 with RMSNorm before each half (pre-norm), rotary position embeddings on q and k, grouped-query attention
 (4 KV heads serve 32 query heads in TinyLlama: the KV cache is 8x smaller) and a SwiGLU MLP.
 
-The arithmetic goes through an engine (tinyllm/engines.py), so the forward below is the only one there is:
+The arithmetic goes through an engine (tinyllm/engines/), so the forward below is the only one there is:
 NumpyEngine (every op a line of NumPy; attention through numbattn, on its NumPy reference or its kernels) or,
 with the weights uploaded to a GPU, DeviceEngine (every op a numbattn kernel, the weights resident, a decode
 step replayed as a CUDA graph). The math itself, one function per equation, is in numbattn/reference.py.
@@ -101,8 +101,10 @@ class Llama:
         start_pos = the number of tokens already in the KV cache that ids continue. start_pos=0 starts over;
         a start_pos below the cached count rewinds the cache to it first (re-running a suffix); above it
         is an error (those positions' K/V do not exist). On return the cache holds start_pos + seq tokens.
-        If anything interrupts the pass (an error, ^C), the cache is rewound to start_pos, so it never holds
-        half a token.
+        A long ids runs in chunks of the engine's prefill_chunk tokens, each attending to everything cached before
+        it plus itself (bottom-right-aligned causal mask): the result equals one big pass while the activations
+        stay small. If anything interrupts a chunk (an error, ^C), the cache is rewound to where that chunk began,
+        so it never holds half a token.
         """
         ids = self._check_ids(ids)
         batch, seq = ids.shape
@@ -120,31 +122,37 @@ class Llama:
                                        f"the KV cache would overflow")
         if start_pos < self.n_cached:
             self.truncate(start_pos)
+        chunk = self.ops.prefill_chunk
+        parts = [self._forward_chunk(ids[:, i:i + chunk], start_pos + i, bool(last_only)) for i in range(0, seq, chunk)]
+        return parts[-1] if last_only else np.concatenate(parts, axis=1)
+
+    def _forward_chunk(self, ids, start_pos, last_only):
+        """One engine pass over ids [batch, <= prefill_chunk] at start_pos; the cache holds it all, or none of it."""
         try:
-            logits = self.ops.run(self._forward, ids, start_pos, bool(last_only))
+            logits = self.ops.run(self._forward, ids, start_pos, last_only)
         except BaseException:
             self.cache.truncate(start_pos)    # layers that already appended this pass's K/V drop it again
             raise
-        self.n_cached = start_pos + seq
-        self.cached_ids = self.cached_ids[:start_pos] + ids[0].tolist() if batch == 1 else []
+        self.n_cached = start_pos + ids.shape[1]
+        self.cached_ids = self.cached_ids[:start_pos] + ids[0].tolist() if ids.shape[0] == 1 else []
         return logits
 
-    def _forward(self, ids, start_pos, last_only):
+    def _forward(self, ids, step):
         ops = self.ops
         x = ops.embed(ids)                                       # [b, seq] -> [b, seq, dim]: the residual stream
         for layer, lw in enumerate(ops.layers):
             # attention: q, k, v for these positions, rotated by their positions, then over the KV cache
             h = ops.rms_norm(x, lw.attn_norm)                    # [b, seq, dim]
             q, k, v = ops.qkv(h, lw)                             # [b, seq, dim] -> [b, heads, seq, head_dim] each
-            q, k = ops.rope(q, k, start_pos)
-            attn = ops.attention(layer, q, k, v, start_pos)      # appends k, v to the cache -> [b, seq, H * d]
+            q, k = ops.rope(q, k, step)                          # positions step.start_pos ...
+            attn = ops.attention(layer, q, k, v, step)           # appends k, v to the cache -> [b, seq, H * d]
             x = ops.linear(attn, lw.wo, residual=x)              # x + attn @ wo
 
             # feed-forward
             h = ops.rms_norm(x, lw.ffn_norm)                     # [b, seq, dim]
             x = ops.linear(ops.swiglu(h, lw), lw.w_down, residual=x)   # x + (silu(h @ w_gate) * (h @ w_up)) @ w_down
 
-        return ops.logits(ops.rms_norm(x, ops.norm), last_only)  # [b, seq or 1, dim] -> [b, seq or 1, vocab]
+        return ops.logits(ops.rms_norm(x, ops.norm), step)       # [b, seq or 1, dim] -> [b, seq or 1, vocab]
 
     def _check_ids(self, ids):
         ids = np.asarray(ids)
@@ -158,11 +166,12 @@ class Llama:
 
     # ----------------------------------------------------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
-                 repetition_penalty=1.0, seed=None, on_token=None):
+                 repetition_penalty=1.0, seed=None, on_token=None, stop_ids=None):
         """Continue prompt_ids (a list of ints, batch 1) -> Generation (.ids, .stats, .stop_reason); greedy at
         temperature 0.
 
-        Stops at EOS (included in .ids), after max_new_tokens, or when on_token(id) returns True.
+        Stops at EOS (included in .ids), after max_new_tokens, or when on_token(id) returns True. stop_ids
+        replaces the model's stop tokens (() runs to max_new_tokens: benchmarks, an --ignore-eos).
         Reuses the KV cache for the longest prefix shared with the previous call; see tinyllm/generate.py
         for the details, the context limit and what happens on ^C.
         """
@@ -170,7 +179,8 @@ class Llama:
                           repetition_penalty=repetition_penalty, seed=seed)
         if self.batch != 1:
             self._new_cache(batch=1)
-        return _generate(self, prompt_ids, max_new_tokens, sampler, on_token=on_token, stop_ids=self.stop_ids)
+        return _generate(self, prompt_ids, max_new_tokens, sampler, on_token=on_token,
+                         stop_ids=self.stop_ids if stop_ids is None else stop_ids)
 
     def chat(self, messages, **sampling):
         """Reply to a conversation [{"role": "system"|"user"|"assistant", "content": str}, ...] -> text.

@@ -15,7 +15,7 @@ registers, static shared memory and local-memory (spill) bytes per thread.
 It only proves that the kernels compile; whether they are right is what the test suite checks. One known
 difference: nvJitLink's ptxas rejects more than 48 KB of static shared memory even for sm_90, while the
 H100's driver JIT accepted the big prefill tiles; numbattn checks at run time which is the case
-(prefill._static_shared_over_48k), so those lines say "note", not "FAIL".
+(gpu.static_shared_over_48k), so those lines say "note", not "FAIL".
 """
 import os
 import sys
@@ -37,7 +37,9 @@ from numba import cuda, types  # noqa: E402
 _device = pytypes.SimpleNamespace(compute_capability=(9, 0), id=0)
 numba.cuda.api.get_current_device = numba.cuda.dispatcher.get_current_device = lambda: _device
 
-from numbattn import decode, kvcache, linear, prefill, rowwise  # noqa: E402
+from numbattn import decode, linear, prefill  # noqa: E402
+from numbattn.kernels import decode_lanes, decode_naive, decode_slots, kv_append, rowwise  # noqa: E402
+from numbattn.kernels.prefill_tiled import make_v1  # noqa: E402
 
 f32, f16, i32 = types.float32, types.float16, types.int32
 
@@ -51,15 +53,16 @@ def kernels(cc):
     for d in (16, 32, 64, 128):
         for version in prefill.VERSIONS:
             t = prefill.gpu_tiles(version, d, cc=cc)
-            kernel = prefill._make(version, d, t)
+            kernel = prefill.make_kernel(version, d, t)
             for dt in (f32, f16):
                 sig = [arr(dt, 4), arr(dt, 4), arr(dt, 4), arr(f32, 4), f32, types.boolean]
-                if version == "v1":
-                    sig.append(arr(f32, 5))         # the trace buffer of lesson 2
                 yield f"prefill {version} d{d} {t.block_m}x{t.block_n}/{t.threads} {dt}", kernel, sig
+                if version == "v1":                 # the traced variant of the lessons: one more argument
+                    yield (f"prefill v1 traced d{d} {t.block_m}x{t.block_n}/{t.threads} {dt}",
+                           make_v1(d, t.block_m, t.block_n, traced=True), sig + [arr(f32, 5)])
         for group in (1, 4, 8):
             for dt in (f32, f16):
-                for version, make in (("v1", decode.make_decode_v1), ("v2", decode.make_decode_v2)):
+                for version, make in (("v1", decode_slots.make_decode_v1), ("v2", decode_lanes.make_decode_v2)):
                     c, size = decode.gpu_config(version, d, group), dt.bitwidth // 8
                     k_word, v_word = (getattr(types, word.name)
                                       for word, _ in decode.kv_word_types(version, d, c.dims_per_lane, size))
@@ -69,16 +72,16 @@ def kernels(cc):
                            [arr(f32, 3), arr(k_word, 4), arr(v_word, 4), arr(i32, 1), types.int64, f32, arr(f32, 4),
                             arr(i32, 1), arr(f32, 3)])
         for dt in (f32, f16):
-            yield (f"decode v0 d{d} {dt} cache", decode.make_decode_v0(d, 32),
+            yield (f"decode v0 d{d} {dt} cache", decode_naive.make_decode_v0(d, 32),
                    [arr(f32, 3), arr(dt, 4), arr(dt, 4), arr(i32, 1), f32, arr(f32, 3)])
     for dt in (f32, f16):
-        yield f"kvcache append_kv {dt}", kvcache.append_kv, [arr(dt, 4)] * 4 + [arr(i32, 1)] * 3
-        yield f"kvcache fill_nan {dt}", kvcache.fill_nan, [arr(dt, 4)] * 2 + [arr(i32, 1)] * 2
+        yield f"kvcache append_kv {dt}", kv_append.append_kv, [arr(dt, 4)] * 4 + [arr(i32, 1)] * 3
+        yield f"kvcache fill_nan {dt}", kv_append.fill_nan, [arr(dt, 4)] * 2 + [arr(i32, 1)] * 2
     yield from model_kernels()
 
 
 def model_kernels():
-    """The GPU engine's kernels (numbattn/linear.py, rowwise.py) at TinyLlama's and SmolLM2's sizes."""
+    """The GPU engine's kernels (numbattn/kernels/gemv.py, gemm.py, rowwise.py) at TinyLlama's and SmolLM2's sizes."""
     u64 = types.uint64
     for kind in ("bf16", "f32"):
         for k_in in (2048, 5632, 576, 1536):

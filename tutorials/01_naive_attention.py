@@ -16,7 +16,7 @@ What you will learn
   memory of a call grows 4x per doubling of n.
 * A first look at memory *traffic*, counted rather than derived: numbattn's simplest kernel never stores the
   score matrix but still reads K and V once per query row; its reads, counted in Numba's CUDA simulator
-  (numbattn/tracing.py), have the shape of the score matrix.
+  (numbattn/lab/tracing.py), have the shape of the score matrix.
 * Pictures (PNG files in tutorials/out/, when matplotlib is installed): the attention weights as a heatmap,
   and which keys each query row of the kernel reads.
 
@@ -45,7 +45,8 @@ import numpy as np  # noqa: E402
 
 import _lesson  # noqa: E402
 import numbattn  # noqa: E402
-from numbattn import bench, reference  # noqa: E402
+from numbattn import reference  # noqa: E402
+from numbattn.lab import bench  # noqa: E402
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
@@ -227,13 +228,14 @@ assert peak >= score_bytes(n_meas), \
 # thread is one of the thousands of copies of a kernel that a GPU runs at once, each on its own piece of the
 # data; lesson 2 says more). Each walks all the keys with the running max of lesson 2: it never stores a
 # score, but every row reads all of K and V itself. In Numba's CUDA simulator each of the kernel's memory
-# reads is a Python call, so numbattn/tracing.py can count them. Counted at a tiny size next to the
+# reads is a Python call, so numbattn/lab/tracing.py can count them. Counted at a tiny size next to the
 # formulas: v0 reads each K element once per query row (n·n·d reads of K per head, the shape of the score
 # matrix times d), and numbattn's tiled kernel v1 (lesson 3) once per tile of BLOCK_M query rows.
 
 # %%
 if BACKEND == "sim":
-    from numbattn import prefill, tracing
+    from numbattn import prefill
+    from numbattn.lab import tracing
     NC, DC = 16, 16
     qc, kc, vc = bench.random_qkv(1, NC, NC, n_heads=1, n_kv_heads=1, head_dim=DC, seed=1)
     counted, reads_by_row = [], {}

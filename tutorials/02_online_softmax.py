@@ -15,7 +15,7 @@ What you will learn
 * Your first CUDA kernel, ten lines of Numba: one thread per row computes the running max and sum. You
   write its key line (exercise 2) and run it.
 * How the real numbattn kernel (prefill v1) does exactly this: we run it in the simulator on a tiny input
-  and print each query row's m_i and l_i after every key tile (`numbattn.prefill.trace_v1`), next to the
+  and print each query row's m_i and l_i after every key tile (`numbattn.lab.tracing.trace_v1`), next to the
   NumPy version, and draw them (tutorials/out/02_running_max_and_sum.png).
 * Why the kernel's m_i is in base-2 units (it folds log2(e) into the scale and uses exp2) and why its l_i
   needs no conversion at all.
@@ -35,7 +35,8 @@ from numba import cuda
 import _lesson
 import numbattn
 import solutions
-from numbattn import bench, prefill, reference
+from numbattn import prefill, reference
+from numbattn.lab import bench, tracing
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
@@ -110,7 +111,7 @@ _lesson.close("one-pass softmax vs three passes", p_online, p_three, rtol=1e-14,
 # and one division acc / l at the very end gives the output. Nothing of size n is kept per query row:
 # just m, l and acc. A GPU does not take keys one at a time but in tiles (BLOCK_N keys at a time, copied
 # into fast on-chip memory: below and lesson 3), so we write it per tile: the max of the tile first, then the
-# same update with a sum over the tile's keys. That is the loop in numbattn/prefill.py; here it is in NumPy,
+# same update with a sum over the tile's keys. That is the loop in numbattn/kernels/prefill_tiled.py; here it is in NumPy,
 # for one query row, in natural-log units, recording (m, l, alpha) after each tile.
 
 # %%
@@ -258,7 +259,7 @@ _lesson.close("exp(s) vs exp2(s log2 e)", math.exp(s_demo), 2 ** (s_demo * LOG2E
 # %% [markdown]
 # ## Stepping the real kernel
 #
-# `prefill.trace_v1` runs the v1 kernel (numbattn/prefill.py, the teaching version: one query row per
+# `tracing.trace_v1` runs the v1 kernel (numbattn/kernels/prefill_tiled.py, the teaching version: one query row per
 # thread, like yours, but with the keys taken in tiles) and makes every thread write its m_i and l_i into a
 # trace array after each key tile. We give it 4 query rows and 10 keys with tiles of 4 rows x 4 keys: one
 # block of 4 threads, three key tiles, and the last tile is ragged (2 real keys, 2 masked to -inf). Then we
@@ -272,7 +273,7 @@ k = rng.standard_normal((1, 1, kv_len, d), dtype=np.float32)
 v = rng.standard_normal((1, 1, kv_len, d), dtype=np.float32)
 k[0, 0, 8] = 2.5 * q[0, 0, 0]   # make key 8 (tile 2) the best match of row 0: its max jumps in the last tile
 
-out_kernel, trace = prefill.trace_v1(q, k, v, causal=False, scale=scale, tiles=tiles)
+out_kernel, trace = tracing.trace_v1(q, k, v, causal=False, scale=scale, tiles=tiles)
 m2, l_kernel = trace[0, 0, :, :, 0], trace[0, 0, :, :, 1]      # [q_len, n_tiles] each, base-2 m
 n_tiles = trace.shape[3]
 
@@ -352,7 +353,7 @@ _lesson.close("final l_i vs sum exp(s - max)", l_kernel[:, -1], l_true, rtol=1e-
 qc = rng.standard_normal((1, 1, 8, d), dtype=np.float32)
 kc = rng.standard_normal((1, 1, 8, d), dtype=np.float32)
 vc = rng.standard_normal((1, 1, 8, d), dtype=np.float32)
-out_c, trace_c = prefill.trace_v1(qc, kc, vc, causal=True, tiles=tiles)
+out_c, trace_c = tracing.trace_v1(qc, kc, vc, causal=True, tiles=tiles)
 visited = ~np.isnan(trace_c[0, 0, :, :, 1])                     # [row, tile]
 print("causal, 8 queries x 8 keys, tiles of 4: l_i after each key tile (NaN = tile never visited)")
 print(np.array2string(trace_c[0, 0, :, :, 1], precision=3))
@@ -382,7 +383,7 @@ print("lesson 2 checks passed")
 # ## Break it
 #
 # The checks above are there to catch real mistakes. Each line below makes one on purpose and shows the
-# message of the check that catches it. Try the kernel ones yourself in numbattn/prefill.py (make_v1), run
+# message of the check that catches it. Try the kernel ones yourself in numbattn/kernels/prefill_tiled.py (make_v1), run
 # the lesson, and read which check fails:
 #
 #     delete `l_i *= alpha`                      -> "kernel l_i vs NumPy running sum", at the row and tile

@@ -6,17 +6,17 @@ What you will learn
 -------------------
 * Why a kernel's speed is mostly a question of how often it goes back to global memory (HBM), using the
   words of lesson 2 (thread, block, warp, SM, shared memory, registers).
-* numbattn's prefill kernels, side by side (numbattn/prefill.py, prefill_v2.py, prefill_v3.py):
+* numbattn's prefill kernels, side by side (numbattn/kernels/prefill_naive.py, prefill_tiled.py, prefill_registers.py, prefill_mma.py):
     v0  one thread per query row, every key and value read from global memory by every row;
     v1  a block of threads shares each K/V tile through shared memory (one query row per thread);
     v2  each thread owns a TM×TN register tile of scores and a TM×TE tile of the output, with strided
         ownership for conflict-free shared-memory reads and small group reductions for the row max and sum;
     v3  the same tiles on tensor cores: each warp runs both products as 16×8×8 MMAs, at fp32 accuracy
         through 3xTF32 (its docstring tells how; this lesson runs and counts it beside the others).
-* The real v1 kernel, printed from numbattn/prefill.py with each line tied to the step of the algorithm it
+* The real v1 kernel, printed from numbattn/kernels/prefill_tiled.py with each line tied to the step of the algorithm it
   implements, and a small tiled kernel of your own whose cooperative load you complete (exercise 3).
 * How many bytes each kernel moves: the formulas, and the same numbers *counted* on the real kernels in the
-  simulator (numbattn/tracing.py), with pictures of which keys each block reads, of the Q tile that stays
+  simulator (numbattn/lab/tracing.py), with pictures of which keys each block reads, of the Q tile that stays
   while K/V tiles stream past, and of who loads and owns what (tutorials/out/03_*.png).
 * The details that make or break a tiled kernel: coalesced cooperative loads, padding against shared-memory
   bank conflicts, barriers (`cuda.syncthreads()`), and the tile that crosses the end of the sequence.
@@ -38,7 +38,9 @@ from numba import cuda, float32
 import _lesson
 import numbattn
 import solutions
-from numbattn import bench, prefill, prefill_v2, prefill_v3, reference, tracing
+from numbattn import prefill, reference
+from numbattn.kernels import prefill_mma, prefill_registers, prefill_tiled, softmax
+from numbattn.lab import bench, tracing
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
@@ -73,7 +75,7 @@ def human(nbytes):
 # %% [markdown]
 # ## v0: the online softmax, one thread per query row
 #
-# v0 (`make_v0` in numbattn/prefill.py) is lesson 2's loop, key by key, in one thread per query row:
+# v0 (`make_v0` in numbattn/kernels/prefill_naive.py) is lesson 2's loop, key by key, in one thread per query row:
 #
 #     for j in range(n_keys):
 #         s = sum_d q[i, d] * k[j, d]          <- d loads from global memory
@@ -99,15 +101,14 @@ def human(nbytes):
 #          f. acc += p·V_tile
 #     3. each thread writes acc / l_i for its row
 #
-# Here is the real kernel, printed from numbattn/prefill.py, with the step of the list above in the
+# Here is the real kernel, printed from numbattn/kernels/prefill_tiled.py, with the step of the list above in the
 # margin of the lines that implement it:
 
 # %%
-V1_STEPS = [("load_q_tile(q", "1"), ("for j0 in range(0, kv_end, BN)", "2"), ("cuda.syncthreads()", "2a"),
+V1_STEPS = [("load_q_tile(q", "1"), ("for j0 in range(kv_begin, kv_end, BN)", "2"), ("cuda.syncthreads()", "2a"),
             ("load_kv_tile(k", "2b"), ("cuda.syncthreads()", "2c"),
-            ("x += Qs[t, d] * Ks[jj, d]", "2d"), ("m_new = max(m_i, m_tile)", "2e"),
-            ("alpha = math.exp2(m_i - m_new)", "2e"), ("l_i *= alpha", "2e"), ("acc[d] *= alpha", "2e"),
-            ("acc[d] += p * Vs[jj, d]", "2f"), ("store_row(", "3")]
+            ("x += Qs[t, d] * Ks[jj, d]", "2d"), ("m_ref = update_row(m, l, acc, 0, m_tile)", "2e"),
+            ("p = math.exp2(s[jj] - m_ref)", "2f"), ("acc[0, d] += p * Vs[jj, d]", "2f"), ("store_row(", "3")]
 
 
 def show_kernel(factory, kernel_name, steps):
@@ -124,13 +125,17 @@ def show_kernel(factory, kernel_name, steps):
         if todo and todo[0][0] in lines[n]:
             label = todo.pop(0)[1]
         print(f"{label:>3} {first + n:4d} {lines[n].rstrip()}")
-    assert not todo, f"numbattn/prefill.py's {kernel_name} changed: lesson 3 no longer finds {todo[0][0]!r} " \
+    assert not todo, f"numbattn/kernels/prefill_tiled.py's {kernel_name} changed: lesson 3 no longer finds {todo[0][0]!r} " \
                      f"(step {todo[0][1]}); update V1_STEPS"
 
 
-show_kernel(prefill.make_v1, "attention_v1", V1_STEPS)
-print("\nand the two tile loads it calls (steps 1 and 2b), device functions inlined into the kernel:")
-print(inspect.getsource(prefill._make_v1_loads))
+show_kernel(prefill_tiled._make_v1_body, "attention_v1", V1_STEPS)
+print("\nthe online-softmax update of step 2e, written once for every kernel (numbattn/kernels/softmax.py), and the "
+      "rule it applies (numbattn/reference.py):")
+print(inspect.getsource(softmax.make_update_row))
+print(inspect.getsource(reference.softmax_rescale))
+print("and the two tile loads it calls (steps 1 and 2b), device functions inlined into the kernel:")
+print(inspect.getsource(prefill_tiled._make_v1_loads))
 
 # %% [markdown]
 # Things to notice in it: `q`, `k`, `v` and `out` are global memory; `Qs`, `Ks`, `Vs` are shared arrays
@@ -242,8 +247,8 @@ for cc in ((8, 0), (9, 0)):
         for head_dim in (64, 128):
             t = prefill.gpu_tiles(version, head_dim, cc=cc)
             smem = {"v0": 0, "v1": v1_shared_bytes(t.block_m, t.block_n, head_dim),
-                    "v2": prefill_v2.shared_bytes(t.block_m, t.block_n, head_dim),
-                    "v3": prefill_v3.shared_bytes(t.block_m, t.block_n, head_dim)}[version]
+                    "v2": prefill_registers.shared_bytes(t.block_m, t.block_n, head_dim),
+                    "v3": prefill_mma.shared_bytes(t.block_m, t.block_n, head_dim)}[version]
             rows.append(dict(cc=f"{cc[0]}.{cc[1]}", version=version, head_dim=head_dim, block_m=t.block_m,
                              block_n=t.block_n, threads=t.threads, shared_bytes=smem,
                              over_48KiB="yes" if smem > SHARED_LIMIT else ""))
@@ -296,7 +301,7 @@ print(bench.format_table(table, ["n", "naive", "v0", "v0_warp", "v1", "v2", "min
 # %% [markdown]
 # ### Counted, not derived
 #
-# In the simulator every `k[b, hk, j, d]` a kernel executes is a Python call, so numbattn/tracing.py can
+# In the simulator every `k[b, hk, j, d]` a kernel executes is a Python call, so numbattn/lab/tracing.py can
 # count them: it hands the kernel arrays that log each element read and write, by block and thread. Here are
 # the real kernels at a tiny shape (one head, 16 queries and keys, d = 16, the simulator's 4-row tiles),
 # counted, next to the formulas above. v0 even re-reads its own q row once per key: the formula "q read
@@ -379,7 +384,7 @@ if plt and COUNTING:
 #
 # In v1 each score costs two shared-memory loads (a Q element and a K element) for one FMA, and the output
 # update one load (a V element) per FMA: the kernel is limited by shared-memory bandwidth, not arithmetic.
-# v2 (numbattn/prefill_v2.py) treats each tile as two small matrix products, S = Q·K^T and O += P·V, and
+# v2 (numbattn/kernels/prefill_registers.py) treats each tile as two small matrix products, S = Q·K^T and O += P·V, and
 # tiles them over threads the way a GEMM (a general matrix multiply, C = A·B, the routine BLAS libraries
 # spend their lives on) does. The threads form a TR × TC grid; thread (rg, cg) owns
 #
@@ -392,7 +397,7 @@ if plt and COUNTING:
 
 # %%
 t2 = prefill.gpu_tiles("v2", D, cc=H100)
-TR, TC, TM, TN, TE = prefill_v2.layout(t2.block_m, t2.block_n, t2.threads, D)
+TR, TC, TM, TN, TE = prefill_registers.layout(t2.block_m, t2.block_n, t2.threads, D)
 print(f"v2 at d={D}: BLOCK_M={t2.block_m} x BLOCK_N={t2.block_n}, {t2.threads} threads as TR={TR} x TC={TC}; "
       f"each thread: TM={TM} rows, TN={TN} keys, TE={TE} output dims")
 print(f"  S = Q K^T : per d step {TM}+{TN} = {TM + TN} shared loads feed {TM * TN} FMAs "
@@ -530,7 +535,7 @@ if BACKEND == "sim":
         print(f"simulator tiles for {version}: {t}")
     ts = prefill.SIM_TILES["v2"]
     print("v2 simulator layout (TR, TC, TM, TN, TE) at d=16:",
-          prefill_v2.layout(ts.block_m, ts.block_n, ts.threads, 16))
+          prefill_registers.layout(ts.block_m, ts.block_n, ts.threads, 16))
 
 q, k, v = bench.random_qkv(1, 19, 19, n_heads=4, n_kv_heads=2, head_dim=16, seed=1)
 q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
@@ -575,7 +580,7 @@ print("lesson 3 checks passed")
 #     a kernel loads K once per query row (v0)     -> "counted reads of k" vs the tiled formula
 #     no padding: shared rows of D words           -> the bank check names the conflict
 #
-# and in numbattn/prefill.py (make_v1), to try yourself:
+# and in numbattn/kernels/prefill_tiled.py (make_v1), to try yourself:
 #
 #     delete the second cuda.syncthreads()         -> threads read a K tile before it is complete. In the
 #                                                     simulator this is a race, so the outputs are wrong on

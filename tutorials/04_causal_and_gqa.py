@@ -12,7 +12,7 @@ What you will learn
   the mask and check that it reproduces the last rows of a full causal attention.
 * A causal attention kernel of your own (one thread per query row, lesson 2's loop) whose key range you
   write: exercise 4, the bottom-right rule in one line.
-* The skipped tiles counted on the real kernel: numbattn/tracing.py counts every K/V element each block
+* The skipped tiles counted on the real kernel: numbattn/lab/tracing.py counts every K/V element each block
   loads in the simulator, and a picture shows which key tiles each query block reads
   (tutorials/out/04_tiles_read_per_block.png).
 * Grouped-query attention (GQA): TinyLlama has 32 query heads but only 4 key/value heads; query head h reads
@@ -35,7 +35,8 @@ from numba import cuda
 import _lesson
 import numbattn
 import solutions
-from numbattn import bench, prefill, reference, tracing
+from numbattn import prefill, reference
+from numbattn.lab import bench, tracing
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
@@ -203,7 +204,7 @@ print("visited %d of %d tiles, %d of them masked element-wise" % (count(tm)[0], 
 # %% [markdown]
 # The real v1 kernel confirms it twice. The trace of lesson 2: each thread records its m_i after every key
 # tile it processed and leaves NaN in the tiles its block skipped, so counting the non-NaN tiles of each
-# block's first row must give the visited tiles of the map. And, in the simulator, numbattn/tracing.py
+# block's first row must give the visited tiles of the map. And, in the simulator, numbattn/lab/tracing.py
 # counts the K elements each block actually loaded from global memory: BLOCK_N·d per visited tile (fewer in
 # a ragged last tile), zero for a skipped one. Both must match the map, also for q_len < kv_len.
 
@@ -212,7 +213,7 @@ tiles = prefill.Tiles(block_m=4, block_n=4, threads=4)
 counted_maps = {}
 for q_len, kv_len in ((16, 16), (6, 14)):
     qt, kt, vt = bench.random_qkv(1, q_len, kv_len, n_heads=1, n_kv_heads=1, head_dim=16, seed=q_len)
-    out, trace = prefill.trace_v1(qt, kt, vt, causal=True, tiles=tiles)
+    out, trace = tracing.trace_v1(qt, kt, vt, causal=True, tiles=tiles)
     visited_by_kernel = sum(int((~np.isnan(trace[0, 0, q0, :, 0])).sum()) for q0 in range(0, q_len, 4))
     tmap = tile_map(q_len, kv_len, 4, 4)
     print(f"q_len={q_len:2d} kv_len={kv_len:2d}: the kernel visited {visited_by_kernel} key tiles, the map says "
@@ -344,7 +345,7 @@ print("lesson 4 checks passed")
 #                                                     test alone would never notice
 #     query head h reads KV head h % n_kv_heads    -> the GQA check
 #
-# and in numbattn/prefill.py (make_v1), to try yourself:
+# and in numbattn/kernels/prefill_tiled.py (make_v1), to try yourself:
 #
 #     kv_end = min(kv_len, q0 + BM) (no offset)    -> "the v1 trace shows N visited tiles" and "K elements
 #                                                     loaded per (query block, key tile)" at q_len < kv_len

@@ -32,7 +32,9 @@ from numba import cuda
 import _lesson
 import numbattn
 import solutions
-from numbattn import bench, decode, reference
+from numbattn import decode, reference
+from numbattn.kernels import decode_naive
+from numbattn.lab import bench
 from numbattn.backend import to_host
 
 BACKEND = numbattn.available_backends()[0]
@@ -249,19 +251,19 @@ if plt:
 # %% [markdown]
 # ## The kernels
 #
-# numbattn/decode.py has two decode kernels, side by side like the prefill ones. The first rung, v0, is the
+# numbattn/kernels/ has the decode kernels, side by side like the prefill ones (decode_*.py). The first rung, v0, is the
 # merge above inside ONE block: a block per (row, query head), its threads splitting the keys among themselves
 # (thread t takes keys t, t + T, ...), each running lesson 2's online softmax over its own keys, and at the
 # end the block merges its threads' (m, l, acc) exactly as `merge` did:
 
 # %%
-v0_source = inspect.getsource(inspect.unwrap(decode.make_decode_v0))
-print(v0_source[v0_source.index("    @cuda.jit(fastmath"):v0_source.index("    return decode_v0")])
+v0_source = inspect.getsource(inspect.unwrap(decode_naive.make_decode_v0))
+print(v0_source[v0_source.index("    @kernel"):v0_source.index("    return decode_v0")])
 
 # %% [markdown]
 # v0 leaves most of the GPU idle at batch 1 (32 blocks for TinyLlama's 32 query heads) and reads each KV head
 # once per query head of its group. v1, the one `numbattn.decode_attention` uses by default (and v2, which
-# differs only in how a block's threads share its keys: numbattn/decode.py), splits the keys
+# differs only in how a block's threads share its keys: numbattn/kernels/decode_lanes.py), splits the keys
 # over BLOCKS (grid (n_splits, n_kv_heads, batch)): block (s, hk, b) streams keys [s·split, (s+1)·split) of KV
 # head hk once and computes the partials of *every* query head that shares hk (GQA: the cache is read once,
 # not 8 times). Each block writes its partial to a buffer part[b, h, s, :] = (acc_s [d], m_s, l_s), in base-2
@@ -279,7 +281,7 @@ n_splits = decode.n_splits_for(n, config.split)
 q_dev = cuda.to_device(q1[None, None].astype(np.float32))
 out = numbattn.decode_attention(q_dev, cache1, 0, scale=scale, config=config)
 
-part = cache1.decode_workspace.partials(1, n_splits).copy_to_host()[0, 0, :n_splits]   # [n_splits, d + 2]
+part = cache1.decode_workspace().partials(1, n_splits).copy_to_host()[0, 0, :n_splits]   # [n_splits, d + 2]
 acc_k, m_k, l_k = part[:, :d], part[:, d], part[:, d + 1]
 print("kernel m_s / log2(e):", np.round(m_k / LOG2E, 4), "  kernel l_s:", np.round(l_k, 4))
 print("NumPy  m_s          :", np.round(m_np, 4), "  NumPy  l_s:", np.round(l_np, 4))
@@ -364,7 +366,7 @@ print("lesson 5 checks passed")
 #                                                         comparison: here the oracle itself is made to read
 #                                                         one slot too many
 #
-# and in numbattn/decode.py and kvcache.py, to try yourself:
+# and in numbattn/kernels/decode_slots.py and kv_append.py, to try yourself:
 #
 #     load K/V without `if valid` in scan_keys         -> "decode kernel vs reference" (NaN from the cache)
 #     append at lengths[b] - 1                         -> "cache slot 5 vs the decoded token's K"

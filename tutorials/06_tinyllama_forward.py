@@ -32,7 +32,7 @@ import numpy as np
 import _lesson
 import numbattn
 import tinyllm
-from numbattn import bench
+from numbattn.lab import bench
 from tinyllm.weights import SafetensorsFile
 
 BACKEND = numbattn.available_backends()[0]
@@ -56,7 +56,7 @@ cfg = json.loads((model_dir / "config.json").read_text())
 print({k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                             "num_key_value_heads", "vocab_size", "rope_theta", "rms_norm_eps", "torch_dtype")})
 
-# tinyllm's NumPy engine (tinyllm/engines.py: every op a line of NumPy), with attention on the best numbattn
+# tinyllm's NumPy engine (tinyllm/engines/host.py: every op a line of NumPy), with attention on the best numbattn
 # backend (the GPU or the simulator); lesson 7 checks the all-kernel device engine against it
 model = tinyllm.load_model(model_dir, engine="numpy")
 prompt = "Hello world! How are you?"

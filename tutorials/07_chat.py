@@ -35,7 +35,7 @@ import numpy as np
 import _lesson
 import numbattn
 import tinyllm
-from numbattn import bench
+from numbattn.lab import bench
 from tinyllm.generate import Sampler, softmax, top_k_filter, top_p_filter
 
 BACKEND = numbattn.available_backends()[0]

@@ -152,7 +152,7 @@ def benchmarks_table(heading):
 
 def measured(heading, columns, where=lambda row: True, plot=None):
     """Print columns of a BENCHMARKS.md table (rows where `where` holds), with the machine and date it came from."""
-    from numbattn import bench
+    from numbattn.lab import bench
     head = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8").split("\n## ")[0]
     device = next((ln.split(":", 1)[1].strip() for ln in head.splitlines() if ln.strip().startswith("device:")), "")
     date = next((ln.split(":", 1)[1].strip()[:10] for ln in head.splitlines() if ln.strip().startswith("date:")), "")

@@ -1,6 +1,6 @@
 """Prefill attention v3: FlashAttention-2 on tensor cores, at fp32 accuracy (3xTF32).
 
-What v3 changes over v2 (numbattn/prefill_v2.py), and why
+What v3 changes over v2 (kernels/prefill_registers.py), and why
 ---------------------------------------------------------
 v2 runs both products of a tile, S = Q K^T and O += P V, as fp32 FMAs on the SIMT cores: at best ~67 TFLOP/s
 on an H100, and it reached 15.5 TFLOP/s at n = 4096 (causal), bound by shared-memory loads. Tensor cores
@@ -11,7 +11,7 @@ x = big + small with big = tf32(x) and small = tf32(x - big), and compute
 
     A B  ~  A_small B_big + A_big B_small + A_big B_big          (A_small B_small, ~2^-22, is dropped)
 
-with three TF32 MMAs accumulating in fp32: relative error ~1e-6, like fp32 FMAs (numbattn/mma.py).
+with three TF32 MMAs accumulating in fp32: relative error ~1e-6, like fp32 FMAs (kernels/mma.py).
 
 Work split: one warp owns 16 query rows (one m16n8k8 MMA's M), a block of W warps owns BLOCK_M = 16 W rows
 and shares each K/V tile, staged in shared memory as fp32, between its warps. Per key tile of BLOCK_N keys,
@@ -39,7 +39,7 @@ a3 = A[g+8][t+4]; B (K x N): b0 = B[t][g], b1 = B[t+4][g]; C: c0, c1 = C[g][2t, 
 Causal masking, GQA and ragged lengths are v1's and v2's: bottom-right aligned diagonal, tiles above it never
 loaded, keys past kv_len and above the diagonal set to -inf in the tiles that cross them; rows past q_len
 computed on zeros and never stored. Control flow is the same for every thread of a block (no early exits
-per warp), because the simulator twin of the MMA is a block-wide exchange (numbattn/mma.py).
+per warp), because the simulator twin of the MMA is a block-wide exchange (kernels/mma.py).
 
 What made it fast (H100, n = 4096, causal, d = 64; measured 2026-11-26 with benchmarks/gpu_report.py)
 --------------------------------------------------------------------------------------------------
@@ -75,8 +75,10 @@ import math
 
 from numba import cuda, float32
 
-from .device import FASTMATH, NEG_INF, make_group_reduce, reduce_scratch_shape
+from .common import (NEG_INF, device, kernel, make_group_reduce, prefill_block, reduce_scratch_shape, tile_is_whole,
+                     visible_keys)
 from .mma import make_mma_3xtf32_n, mma_scratch_shape, tf32_split
+from .softmax import finish, rescale
 
 
 def layout(block_m, block_n, threads, head_dim):
@@ -107,20 +109,16 @@ def make_v3(head_dim, block_m, block_n, threads):
     scores, mask_scores = _make_scores(KD, NS)
     softmax_step = _make_softmax_step(NS, group_max)
     pv = _make_pv(NS, NO)
-    store_rows = _make_store(NO)
+    init_state, store_rows = _make_state(NO)
 
-    @cuda.jit(fastmath=FASTMATH)
+    @kernel
     def attention_v3(q, k, v, out, scale_log2, causal):
         # q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> out [B, H, Lq, D]
-        q_len, kv_len = q.shape[2], k.shape[2]
-        b, h = cuda.blockIdx.z, cuda.blockIdx.y
-        hk = h // (q.shape[1] // k.shape[1])
+        b, h, hk, q_len, kv_len = prefill_block(q, k)
         tid = cuda.threadIdx.x
-        lane = tid % 32
-        g, t = lane >> 2, lane & 3                  # this lane's fragment coordinates
+        g, t = (tid % 32) >> 2, tid & 3             # this lane's fragment coordinates (lane = 4 g + t)
         q0 = cuda.blockIdx.x * BM
         row = q0 + (tid // 32) * 16 + g             # this lane's rows: row and row + 8
-        offset = kv_len - q_len
 
         Ks = cuda.shared.array((BN, DP), float32)
         Vs = cuda.shared.array((BN, DP), float32)
@@ -144,22 +142,16 @@ def make_v3(head_dim, block_m, block_n, threads):
         l_i = cuda.local.array(2, float32)          # ... and this lane's partial running sum
         m_tile = cuda.local.array(2, float32)       # ... the tile's max, then the rescale factor alpha
         load_q_fragments(q, b, h, row, q_len, scale_log2, t, qb, qs)
-        for c in range(NO):
-            for e in range(4):
-                o[c, e] = 0.0
-        for r in range(2):
-            m_i[r] = NEG_INF
-            l_i[r] = 0.0
-
-        kv_end = min(kv_len, q0 + BM + offset) if causal else kv_len
-        for j0 in range(0, kv_end, BN):
+        init_state(o, m_i, l_i)
+        kv_begin, kv_end = visible_keys(q0, BM, q_len, kv_len, causal)
+        for j0 in range(kv_begin, kv_end, BN):
             fetch_kv(k, v, b, hk, j0, kv_len, tid, kr, vr)
             cuda.syncthreads()                      # every warp is done with the previous K/V tile
             store_kv(kr, vr, tid, Ks, Vs)
             cuda.syncthreads()
             scores(Ks, qb, qs, kb, ks, s, g, t, scratch)
-            if j0 + BN > kv_len or (causal and j0 + BN - 1 > q0 + offset):
-                mask_scores(s, row, j0, t, kv_len, offset, causal)
+            if not tile_is_whole(j0, BN, q0, BM, q_len, kv_len, causal):
+                mask_scores(s, row, j0, t, q_len, kv_len, causal)
             softmax_step(s, m_i, l_i, m_tile, red)
             pv(Vs, s, o, acc, pb, ps, vb, vs, m_tile, g, t, scratch)
 
@@ -170,7 +162,7 @@ def make_v3(head_dim, block_m, block_n, threads):
 
 
 def _make_loads(D, NT, KD, NL):
-    @cuda.jit(device=True, inline=True)
+    @device
     def load_q_fragments(q, b, h, row, q_len, scale_log2, t, qb, qs):
         """Q's A fragments for rows row, row + 8 -> registers, scaled for exp2 and split into TF32 big + small
         once (they serve every key tile); rows past q_len are 0."""
@@ -181,7 +173,7 @@ def _make_loads(D, NT, KD, NL):
                 x = float32(q[b, h, r, c]) * scale_log2 if r < q_len else float32(0.0)
                 qb[kk, e], qs[kk, e] = tf32_split(x)
 
-    @cuda.jit(device=True, inline=True)
+    @device
     def fetch_kv(k, v, b, hk, j0, kv_len, tid, kr, vr):
         """This thread's NL elements of the K and V tiles at key j0 -> registers (consecutive threads read
         consecutive addresses); keys past kv_len: 0. A fixed count, so every load is issued before any is used."""
@@ -192,7 +184,7 @@ def _make_loads(D, NT, KD, NL):
             kr[i] = float32(k[b, hk, j0 + r, c]) if inside else float32(0.0)
             vr[i] = float32(v[b, hk, j0 + r, c]) if inside else float32(0.0)
 
-    @cuda.jit(device=True, inline=True)
+    @device
     def store_kv(kr, vr, tid, Ks, Vs):
         """The fetched elements -> the shared K and V tiles."""
         for i in range(NL):
@@ -205,7 +197,7 @@ def _make_loads(D, NT, KD, NL):
 def _make_scores(KD, NS):
     mma_n = make_mma_3xtf32_n(NS)
 
-    @cuda.jit(device=True, inline=True)
+    @device
     def scores(Ks, qb, qs, kb, ks, s, g, t, scratch):
         """s = the warp's S [16, BN] = Q K^T as C fragments; B = K^T, so b0 = K[key g][t], b1 = K[key g][t + 4].
         kb, ks [NS, 2]: the B fragments of one k-step, split."""
@@ -218,24 +210,23 @@ def _make_scores(KD, NS):
                 kb[n, 1], ks[n, 1] = tf32_split(Ks[n * 8 + g, kk * 8 + t + 4])
             mma_n(qb, qs, kk, kb, ks, s, scratch)
 
-    @cuda.jit(device=True, inline=True)
-    def mask_scores(s, row, j0, t, kv_len, offset, causal):
+    @device
+    def mask_scores(s, row, j0, t, q_len, kv_len, causal):
         """-inf where a key lies past kv_len or above the causal diagonal (c_e: row + 8 (e >> 1), key 2t + (e & 1))."""
         for e in range(4):
-            last = kv_len - 1
-            if causal:
-                last = min(last, row + 8 * (e >> 1) + offset)
+            first, end = visible_keys(row + 8 * (e >> 1), 1, q_len, kv_len, causal)
             for n in range(NS):
-                if j0 + n * 8 + 2 * t + (e & 1) > last:
+                if not first <= j0 + n * 8 + 2 * t + (e & 1) < end:
                     s[n, e] = NEG_INF
     return scores, mask_scores
 
 
 def _make_softmax_step(NS, group_max):
-    @cuda.jit(device=True, inline=True)
+    @device
     def softmax_step(s, m_i, l_i, m_tile, red):
         """The online-softmax update on the C fragments (rows r = 0: c0, c1; r = 1: c2, c3): the new row max over
-        the quad, l_i rescaled, s <- P = exp2(s - m_new); m_tile <- alpha, the factor that rescales o (in pv)."""
+        the quad, l_i rescaled, s <- P = exp2(s - m_ref); m_tile <- alpha, the factor that rescales o (in pv).
+        The fragment layout's own update: o's rows are spread over C fragments and rescaled in pv."""
         for r in range(2):
             mx = NEG_INF
             for n in range(NS):
@@ -243,15 +234,12 @@ def _make_softmax_step(NS, group_max):
             m_tile[r] = mx
         group_max(m_tile, red)
         for r in range(2):
-            m_new = max(m_i[r], m_tile[r])
-            m_safe = m_new if m_new != NEG_INF else float32(0.0)  # a row that has seen only masked keys
-            alpha = math.exp2(m_i[r] - m_safe)
-            m_i[r] = m_new
+            m_i[r], m_ref, alpha = rescale(m_i[r], m_tile[r])   # kernels/softmax.py: the one rule
             m_tile[r] = alpha
             l_i[r] *= alpha
             for n in range(NS):
-                p0 = math.exp2(s[n, 2 * r] - m_safe)
-                p1 = math.exp2(s[n, 2 * r + 1] - m_safe)
+                p0 = math.exp2(s[n, 2 * r] - m_ref)
+                p1 = math.exp2(s[n, 2 * r + 1] - m_ref)
                 s[n, 2 * r], s[n, 2 * r + 1] = p0, p1
                 l_i[r] += p0 + p1
     return softmax_step
@@ -260,7 +248,7 @@ def _make_softmax_step(NS, group_max):
 def _make_pv(NS, NO):
     mma_n = make_mma_3xtf32_n(NO)
 
-    @cuda.jit(device=True, inline=True)
+    @device
     def pv(Vs, s, o, acc, pb, ps, vb, vs, alpha, g, t, scratch):
         """o = o * alpha + P V. The k index runs over each 8-key block permuted (k = t <-> key 2t, k = t + 4 <->
         key 2t + 1), so P's A fragment is S's C fragment reordered in registers: (c0, c2, c1, c3); b0, b1 =
@@ -286,15 +274,25 @@ def _make_pv(NS, NO):
     return pv
 
 
-def _make_store(NO):
-    @cuda.jit(device=True, inline=True)
+def _make_state(NO):
+    @device
+    def init_state(o, m_i, l_i):
+        """The output fragments at 0, rows row and row + 8 not started: m = -inf, l = 0."""
+        for c in range(NO):
+            for e in range(4):
+                o[c, e] = 0.0
+        for r in range(2):
+            m_i[r] = NEG_INF
+            l_i[r] = 0.0
+
+    @device
     def store_rows(out, o, l_i, b, h, row, t, q_len):
         """out = o / l_i for this lane's two rows (c0, c1: row, columns 2t, 2t + 1 of each 8; c2, c3: row + 8)."""
         for r in range(2):
             i = row + 8 * r
             if i < q_len:
-                inv_l = float32(1.0) / l_i[r]
+                inv_l = finish(l_i[r])
                 for c in range(NO):
                     out[b, h, i, c * 8 + 2 * t] = o[c, 2 * r] * inv_l
                     out[b, h, i, c * 8 + 2 * t + 1] = o[c, 2 * r + 1] * inv_l
-    return store_rows
+    return init_state, store_rows

@@ -11,14 +11,15 @@ itself: their kernels are one block per token row, simple loops, no tiling.
                  changes between tokens (it can be replayed as a CUDA graph, numbattn/launch.py).
                  # ids [M] i32, E [vocab, dim/VPW] u64 -> x [M, dim]
     rms_norm     y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * g: a block-wide sum of squares, then a scaled copy.
-                 (For one token the GEMV normalises x itself while staging it: numbattn/linear.py.)
+                 (For one token the GEMV normalises x itself while staging it: kernels/gemv.py.)
                  # x [M, dim], g [dim] -> y [M, dim]
     rope_append  the new tokens' q and k rotated by their positions (rotate-half pairs (i, i + d/2), angles from
                  precomputed cos/sin tables), q in place, k and v written into the KV cache at each row's
                  length, and the row lengths advanced, all in one launch. The positions are read from the cache
                  lengths on the device (token i of row b sits at lengths[b] + i), so again nothing per-step is
-                 a kernel argument. Several blocks share a row; the last to finish (device.arrive_last)
-                 advances lengths[b], so no block can read a half-updated length.
+                 a kernel argument. Several blocks share a row; the last to finish advances lengths[b]
+                 (kv_append.advance_length, the same as the cache's own append), so no block can read a
+                 half-updated length.
                  # qkv [B*L, (H + 2 Hkv) * D] (q rotated in place), cos/sin [max_len, D/2],
                  # k/v cache [B, Hkv, max_len, D], lengths [B] i32 (+= L), counters [B] i32 (zero)
 The NumPy twins are reference.rms_norm and reference.rope (and a plain slice for the embedding).
@@ -26,10 +27,10 @@ The NumPy twins are reference.rms_norm and reference.rope (and a plain slice for
 import functools
 import math
 
-from numba import cuda, float32, int32, int64
+from numba import cuda, float32, int64
 
-from .device import FASTMATH, SIM, arrive_last, make_group_reduce, reduce_scratch_shape
-from .linear import WEIGHT_KINDS, _unpack
+from .common import SIM, WEIGHT_KINDS, device, kernel, make_group_reduce, make_weight_unpack, reduce_scratch_shape
+from .kv_append import advance_length
 
 THREADS = 8 if SIM else 256               # the simulator runs a Python thread per CUDA thread
 WARP = min(32, THREADS)
@@ -39,9 +40,9 @@ ROPE_TOKENS_PER_BLOCK = 4 if SIM else 16
 @functools.lru_cache(maxsize=None)
 def make_embed(kind):
     VPW = WEIGHT_KINDS[kind]
-    unpack = _unpack(kind)
+    unpack = make_weight_unpack(kind)
 
-    @cuda.jit
+    @kernel
     def embed(ids, table, x):
         # ids [M] i32, table [vocab, dim/VPW] u64 -> x [M, dim] f32
         """x[m, :] = table[ids[m], :] widened to float32 (one block per token)."""
@@ -62,7 +63,7 @@ def make_rms_norm():
     RED = reduce_scratch_shape(1, THREADS)
     WARPS = THREADS // WARP
 
-    @cuda.jit(fastmath=FASTMATH)
+    @kernel
     def rms_norm(x, g, eps, y):
         # x [M, dim], g [dim] -> y [M, dim]
         """y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * g (one block of THREADS threads per token)."""
@@ -95,7 +96,7 @@ def make_rope_append(n_heads, n_kv_heads, head_dim):
     PAIRS = (H + HKV) * HALF                  # rotations per token: every q and k head's pairs
     VALUES = HKV * D                          # v elements per token
 
-    @cuda.jit(device=True, inline=True)
+    @device
     def rotate_token(qkv, cos, sin, k_cache, v_cache, m, b, pos, t):
         """Token m (row b, position pos): q pairs rotated in place, k pairs rotated into the cache, v copied."""
         for e in range(t, PAIRS + VALUES, cuda.blockDim.x):
@@ -116,20 +117,18 @@ def make_rope_append(n_heads, n_kv_heads, head_dim):
                 hv = j // D
                 v_cache[b, hv, pos, j - hv * D] = qkv[m, (H + HKV) * D + j]
 
-    @cuda.jit(fastmath=FASTMATH)
+    @kernel
     def rope_append(qkv, cos, sin, k_cache, v_cache, lengths, counters):
         # qkv [B*L, (H+2Hkv)*D] (q rotated in place), cos/sin [max_len, D/2] -> k/v cache [B, Hkv, max_len, D]
         blk, b, t = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
         L = qkv.shape[0] // k_cache.shape[0]  # new tokens per row
         start = int64(lengths[b])
-        flag = cuda.shared.array(1, int32)
         fits = start >= 0 and start + L <= k_cache.shape[2]    # the launcher checked; a raw launch cannot write out
         i0 = blk * ROPE_TOKENS_PER_BLOCK
         for i in range(i0, min(i0 + ROPE_TOKENS_PER_BLOCK, L)):
             if fits:
                 rotate_token(qkv, cos, sin, k_cache, v_cache, b * L + i, b, start + i, t)
-        if arrive_last(counters, b, cuda.gridDim.x, flag) and t == 0 and fits:
-            lengths[b] = start + L
+        advance_length(lengths, counters, b, start, L, fits, cuda.gridDim.x)
 
     return rope_append
 

@@ -1,6 +1,6 @@
 """Prefill attention v2: the register-tiled FlashAttention kernel (the fast one).
 
-What v2 changes over v1 (numbattn/prefill.py), and why
+What v2 changes over v1 (kernels/prefill_tiled.py), and why
 ------------------------------------------------------
 v1 gives each thread one whole query row. Every score then costs a shared-memory load of a K element
 (broadcast to the warp) and a Q element for a single FMA, and the output update loads a V element per
@@ -20,7 +20,8 @@ per 12 shared loads instead of 1 per 2. Strided ownership (cg + TC*j) puts the T
 consecutive shared-memory words, so the loads are conflict-free; Q and K rows are padded by one word.
 
 The softmax of a row is spread over the TC threads of its group: each takes the max of its TN scores, the
-group combines them (`group_max`), and all apply the same m_new, so alpha and exp2(s - m_new) agree. The
+group combines them (`group_max`), and all apply the same update (kernels/softmax.py's update_row on their
+TM rows), so alpha and exp2(s - m_ref) agree. The
 row sums l_i need no per-tile exchange at all: every thread keeps the partial sum over its own columns,
 rescaled by the same alpha, and the group adds the partials once at the very end.
 
@@ -46,7 +47,9 @@ import math
 
 from numba import config, cuda, float32, uint32
 
-from .device import NEG_INF, make_group_reduce, make_outer_product, reduce_scratch_shape
+from .common import (NEG_INF, device, kernel, make_group_reduce, make_outer_product, prefill_block,
+                     reduce_scratch_shape, tile_is_whole, visible_keys)
+from .softmax import finish, make_update_row
 
 
 def layout(block_m, block_n, threads, head_dim):
@@ -74,21 +77,18 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
     DP, BNP = D + 1, BN + 1                         # one word of padding per row: conflict-free columns
     RED = reduce_scratch_shape(TM, NT, reduce == "shuffle")
     load_q, load_kv = _make_loads(D, BM, BN, NT)
-    scores = _make_scores(D, BN, TR, TC, TM, TN)
+    scores = _make_scores(D, BM, BN, TR, TC, TM, TN)
     softmax_step = _make_softmax_step(TM, TN, TE, group_max)
     pv = _make_pv(BN, TM, TE)
     init_thread, store_rows = _make_thread_state(TR, TC, TM, TN, TE)
 
-    @cuda.jit(fastmath=True)
+    @kernel
     def attention_v2(q, k, v, out, scale_log2, causal):
         # q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> out [B, H, Lq, D]
-        q_len, kv_len = q.shape[2], k.shape[2]
-        b, h = cuda.blockIdx.z, cuda.blockIdx.y
-        hk = h // (q.shape[1] // k.shape[1])
+        b, h, hk, q_len, kv_len = prefill_block(q, k)
         t = cuda.threadIdx.x
         rg, cg = t // TC, t % TC
         q0 = cuda.blockIdx.x * BM
-        offset = kv_len - q_len
 
         Qs = cuda.shared.array((BM, DP), float32)
         Ks = cuda.shared.array((BN, DP), float32)
@@ -109,12 +109,12 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
         init_thread(rows, keys, dims, m_i, l_i, acc, rg, cg)
         load_q(q, b, h, q0, q_len, scale_log2, t, Qs)
 
-        kv_end = min(kv_len, q0 + BM + offset) if causal else kv_len
-        for j0 in range(0, kv_end, BN):
+        kv_begin, kv_end = visible_keys(q0, BM, q_len, kv_len, causal)
+        for j0 in range(kv_begin, kv_end, BN):
             cuda.syncthreads()                      # the previous tile's Ks, Vs and Ps are no longer read
             load_kv(k, v, b, hk, j0, kv_len, t, Ks, Vs)
             cuda.syncthreads()
-            scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, kv_len, offset, causal, rg, cg)
+            scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, q_len, kv_len, causal, rg, cg)
             softmax_step(s, m_i, l_i, m_tile, acc, rows, keys, Ps, red)
             cuda.syncthreads()
             pv(Ps, Vs, rows, dims, a, bvec, acc)
@@ -126,7 +126,7 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
 
 
 def _make_thread_state(TR, TC, TM, TN, TE):
-    @cuda.jit(device=True, inline=True)
+    @device
     def init_thread(rows, keys, dims, m_i, l_i, acc, rg, cg):
         """This thread's rows, keys and output dims within the tile (strided), and its softmax state at 0."""
         for i in range(TM):
@@ -141,27 +141,27 @@ def _make_thread_state(TR, TC, TM, TN, TE):
             for e in range(TE):
                 acc[i, e] = 0.0
 
-    @cuda.jit(device=True, inline=True)
+    @device
     def store_rows(out, acc, l_i, b, h, q0, q_len, rg, cg):
         """out = acc / l_i for this thread's rows (the one division, at the very end)."""
         for i in range(TM):
             r = q0 + rg + TR * i
             if r < q_len:
-                inv_l = float32(1.0) / l_i[i]
+                inv_l = finish(l_i[i])
                 for e in range(TE):
                     out[b, h, r, cg + TC * e] = acc[i, e] * inv_l
     return init_thread, store_rows
 
 
 def _make_loads(D, BM, BN, NT):
-    @cuda.jit(device=True, inline=True)
+    @device
     def load_q(q, b, h, q0, q_len, scale_log2, t, Qs):
         """Q tile -> shared, scaled by scale*log2(e) for exp2; rows past q_len become 0."""
         for idx in range(t, BM * D, NT):
             r, c = idx // D, idx % D
             Qs[r, c] = float32(q[b, h, q0 + r, c]) * scale_log2 if q0 + r < q_len else float32(0.0)
 
-    @cuda.jit(device=True, inline=True)
+    @device
     def load_kv(k, v, b, hk, j0, kv_len, t, Ks, Vs):
         """K and V tiles at key j0 -> shared (consecutive threads, consecutive addresses); keys past kv_len: 0."""
         for idx in range(t, BN * D, NT):
@@ -172,11 +172,11 @@ def _make_loads(D, BM, BN, NT):
     return load_q, load_kv
 
 
-def _make_scores(D, BN, TR, TC, TM, TN):
+def _make_scores(D, BM, BN, TR, TC, TM, TN):
     outer_product = make_outer_product(TM, TN, False)
 
-    @cuda.jit(device=True, inline=True)
-    def scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, kv_len, offset, causal, rg, cg):
+    @device
+    def scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, q_len, kv_len, causal, rg, cg):
         """s = this thread's TM x TN piece of Q K^T for the key tile at j0, masked where the tile crosses kv_len
         or the causal diagonal (-inf)."""
         for i in range(TM):
@@ -187,19 +187,19 @@ def _make_scores(D, BN, TR, TC, TM, TN):
             outer_product(Qs, Ks, rows, keys, d + 1, a, bvec, s)
             outer_product(Qs, Ks, rows, keys, d + 2, a, bvec, s)
             outer_product(Qs, Ks, rows, keys, d + 3, a, bvec, s)
-        if j0 + BN > kv_len or (causal and j0 + BN - 1 > q0 + offset):
+        if not tile_is_whole(j0, BN, q0, BM, q_len, kv_len, causal):
             for i in range(TM):
-                last = kv_len - 1
-                if causal:
-                    last = min(last, q0 + rg + TR * i + offset)
+                first, end = visible_keys(q0 + rg + TR * i, 1, q_len, kv_len, causal)
                 for j in range(TN):
-                    if j0 + cg + TC * j > last:
+                    if not first <= j0 + cg + TC * j < end:
                         s[i, j] = NEG_INF
     return scores
 
 
 def _make_softmax_step(TM, TN, TE, group_max):
-    @cuda.jit(device=True, inline=True)
+    update_row = make_update_row(TE)
+
+    @device
     def softmax_step(s, m_i, l_i, m_tile, acc, rows, keys, Ps, red):
         """The online-softmax update: new row max over the group, rescale acc and l_i, P = exp2(s - m) -> Ps."""
         for i in range(TM):
@@ -209,15 +209,9 @@ def _make_softmax_step(TM, TN, TE, group_max):
             m_tile[i] = mx
         group_max(m_tile, red)
         for i in range(TM):
-            m_new = max(m_i[i], m_tile[i])
-            m_safe = m_new if m_new != NEG_INF else float32(0.0)  # padding rows beyond q_len see only -inf
-            alpha = math.exp2(m_i[i] - m_safe)
-            m_i[i] = m_new
-            l_i[i] *= alpha
-            for e in range(TE):
-                acc[i, e] *= alpha
+            m_ref = update_row(m_i, l_i, acc, i, m_tile[i])    # padding rows past q_len see only -inf: p = 0
             for j in range(TN):
-                p = math.exp2(s[i, j] - m_safe)
+                p = math.exp2(s[i, j] - m_ref)
                 l_i[i] += p
                 Ps[rows[i], keys[j]] = p
     return softmax_step
@@ -226,7 +220,7 @@ def _make_softmax_step(TM, TN, TE, group_max):
 def _make_pv(BN, TM, TE):
     outer_product = make_outer_product(TM, TE, True)
 
-    @cuda.jit(device=True, inline=True)
+    @device
     def pv(Ps, Vs, rows, dims, a, bvec, acc):
         """acc += P V on this thread's TM x TE piece of the output (outer products over the tile's keys)."""
         for jj in range(0, BN, 4):

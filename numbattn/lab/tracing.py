@@ -1,4 +1,5 @@
-"""Count a kernel's global-memory reads and writes in Numba's CUDA simulator: for lessons and tests.
+"""Look inside the kernels, for lessons and tests: count their global-memory reads and writes in Numba's CUDA
+simulator (Tracer, trace_prefill), and record the online softmax's running max and sum per tile (trace_v1).
 
 GPU-Puzzles counts each thread's reads and writes in the simulator and draws them; this does the same for
 numbattn's real kernels. In the simulator a kernel is plain Python, run once per CUDA thread by a Python
@@ -32,7 +33,7 @@ from collections import Counter
 
 import numpy as np
 
-from . import backend as _backend
+from .. import backend as _backend
 
 READ, WRITE = "read", "write"
 
@@ -167,12 +168,12 @@ def _dim3(x):
 
 
 def trace_prefill(q, k, v, causal=False, version="v1", tiles=None, scale=None):
-    """Run one prefill kernel (numbattn/prefill.py) in the simulator with q, k, v and out traced.
+    """Run one prefill kernel (numbattn/kernels/prefill_*.py) in the simulator with q, k, v and out traced.
 
     q [batch, n_heads, q_len, d], k, v [batch, n_kv_heads, kv_len, d] host arrays; tiles default to the
     simulator's (prefill.SIM_TILES). -> (out float32 [batch, n_heads, q_len, d], tracer)."""
-    from . import prefill
-    from .validate import check_qkv, check_scale
+    from .. import prefill
+    from ..validate import check_qkv, check_scale
     check_qkv(q, k, v, causal)
     scale = check_scale(scale, q.shape[3])
     tracer = Tracer()
@@ -182,3 +183,34 @@ def trace_prefill(q, k, v, causal=False, version="v1", tiles=None, scale=None):
                                    v=np.ascontiguousarray(v), out=out)
     prefill.launch(tq, tk, tv, tout, causal, scale, version, tiles)
     return out, tracer
+
+
+def trace_v1(q, k, v, causal=False, scale=None, tiles=None):
+    """Run the v1 kernel (kernels/prefill_tiled.py, its traced variant) and record each query row's running max
+    and sum after every key tile. On the simulator or a GPU.
+
+    -> (out [b, h, q_len, d], trace [b, h, q_len, n_key_tiles, 2]) with trace[..., t, 0] = m_i and
+    trace[..., t, 1] = l_i after tile t, in the kernel's base-2 units (scores scaled by log2 e); NaN where a
+    row never reached tile t (causal rows stop at their diagonal).
+    """
+    from numba import cuda
+
+    from .. import prefill
+    from ..kernels.prefill_tiled import make_v1
+    from ..reference import LOG2E
+    from ..validate import check_qkv, check_scale
+    check_qkv(q, k, v, causal)
+    scale = check_scale(scale, q.shape[3])
+    be = _backend.resolve("auto")
+    if be == "numpy":
+        raise ValueError("trace_v1 runs the kernel itself: it needs the cuda or sim backend")
+    tiles = tiles or prefill.default_tiles("v1", be, q.shape[3])
+    prefill.check_tiles("v1", tiles, q.shape[3])
+    n_tiles = (k.shape[2] + tiles.block_n - 1) // tiles.block_n
+    trace = cuda.to_device(np.full(tuple(q.shape[:3]) + (n_tiles, 2), np.nan, np.float32))
+    out = cuda.device_array(q.shape, np.float32)
+    grid = ((q.shape[2] + tiles.block_m - 1) // tiles.block_m, q.shape[1], q.shape[0])
+    kernel = make_v1(q.shape[3], tiles.block_m, tiles.block_n, traced=True)
+    kernel[grid, tiles.threads](*(cuda.to_device(np.ascontiguousarray(x)) for x in (q, k, v)), out,
+                                np.float32(scale * LOG2E), bool(causal), trace)
+    return out.copy_to_host(), trace.copy_to_host()

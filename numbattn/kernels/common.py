@@ -1,11 +1,15 @@
-"""Device-side building blocks shared by the kernels: constants, group reductions, bit casts, the last block.
+"""Device-side building blocks shared by the kernels: the compile policy, constants, group reductions, bit casts,
+the last block.
 
 Each one exists twice where Numba's CUDA simulator cannot run the GPU's version (see shared/SIMULATOR.md): the
 kernel factories pick the twin once, at compile time, with `SIM = numba.config.ENABLE_CUDASIM`, so the rest of
 every kernel is one code path and the tests run both (the simulator twin in CI, the GPU one with
 NUMBATTN_TEST_GPU=1).
 
-    LOG2E, NEG_INF, FASTMATH       exp(x) = exp2(x * LOG2E); the running max starts at NEG_INF
+    kernel(**options)              how every numbattn kernel is compiled: cuda.jit with FASTMATH (decided here only)
+    device                         how every device function is compiled: cuda.jit(device=True, inline=True)
+    NEG_INF, FULL_MASK, SIM        the running max starts at NEG_INF; SIM: the simulator is on
+    kv_head(h, n_heads, n_kv_heads)  grouped-query attention: the KV head query head h reads
     make_group_reduce(...)         max / sum of TM values over the `width` consecutive threads of a group:
                                    warp shuffles on a GPU, shared memory + barriers in the simulator
     group_barrier()                the lanes of a warp wait for each other (a block barrier in the simulator)
@@ -20,16 +24,60 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import config, cuda, float32, int32, uint32
+from numba import config, cuda, float32, int32, uint32, uint64
 from numba.cuda.extending import intrinsic
 
-from .validate import LOG2E  # noqa: F401  (exp(x) = exp2(x * LOG2E), defined where the scale is checked)
 NEG_INF = float32(-np.inf)
-# fastmath without 'ninf'/'nnan': running maxima start at -inf and NaN-poisoned cache slots must stay visible if a
-# bug ever reads them, so the compiler may not assume either away. 'afn' gives the fast exp2.
-FASTMATH = {"contract", "afn", "arcp", "nsz", "reassoc"}
 FULL_MASK = 0xFFFFFFFF
 SIM = bool(config.ENABLE_CUDASIM)   # read once: Numba decides GPU or simulator when numba.cuda is first imported
+
+# --------------------------------------------------------------------------------------------------------
+# The compile policy: the one place that decides fastmath
+# --------------------------------------------------------------------------------------------------------
+# fastmath without 'ninf'/'nnan': running maxima start at -inf (masked keys, rows that have seen no key yet) and
+# NaN-poisoned cache slots must stay visible if a bug ever reads them, so the compiler may not assume either away.
+# 'afn' gives the fast exp2; 'contract' the FMAs.
+FASTMATH = {"contract", "afn", "arcp", "nsz", "reassoc"}
+
+
+def kernel(fn=None, **options):
+    """@kernel or @kernel(launch_bounds=...): compile a numbattn kernel (cuda.jit with FASTMATH)."""
+    if fn is None:
+        return lambda f: cuda.jit(fastmath=FASTMATH, **options)(f)
+    return cuda.jit(fastmath=FASTMATH, **options)(fn)
+
+
+device = cuda.jit(device=True, inline=True)
+
+
+@device
+def kv_head(h, n_heads, n_kv_heads):
+    """Grouped-query attention: query head h reads KV head h // (n_heads / n_kv_heads); K/V are never repeated."""
+    return h // (n_heads // n_kv_heads)
+
+
+@device
+def prefill_block(q, k):
+    """-> (b, h, hk, q_len, kv_len) of a prefill block: grid (query tiles, query heads, batch), so blockIdx.z is the
+    batch row, blockIdx.y the query head, and hk the KV head it reads. # q [B, H, Lq, D], k [B, Hkv, Lk, D]"""
+    b, h = cuda.blockIdx.z, cuda.blockIdx.y
+    return b, h, kv_head(h, q.shape[1], k.shape[1]), q.shape[2], k.shape[2]
+
+
+@device
+def visible_keys(q0, rows, q_len, kv_len, causal):
+    """-> (j_begin, j_end): the keys that query rows q0 .. q0 + rows - 1 may see, together. Causal masking is
+    bottom-right aligned (FlashAttention-2): query i sees keys j <= i + kv_len - q_len, so the rows' last key is
+    that of row q0 + rows - 1 (a block's key tiles past it are never loaded)."""
+    return 0, min(kv_len, q0 + rows + kv_len - q_len) if causal else kv_len
+
+
+@device
+def tile_is_whole(j0, n_keys, q0, rows, q_len, kv_len, causal):
+    """Whether every query row q0 .. q0 + rows - 1 sees every key j0 .. j0 + n_keys - 1: a tile that needs no mask."""
+    _, end = visible_keys(q0, 1, q_len, kv_len, causal)              # the first row sees the fewest keys
+    first, _ = visible_keys(q0 + rows - 1, 1, q_len, kv_len, causal)
+    return first <= j0 and j0 + n_keys <= end
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -179,6 +227,32 @@ def bf16_pair(word):
     return f32_from_bits(w << uint32(16)), f32_from_bits(w & uint32(0xFFFF0000))
 
 
+WEIGHT_KINDS = {"bf16": 4, "f32": 2}        # matrices arrive as uint64 words holding this many values each
+
+
+def make_weight_unpack(kind):
+    """unpack(word, vals): a uint64 word of weights -> the VPW = WEIGHT_KINDS[kind] float32 values it holds, written
+    into vals[0:VPW] (bf16: 4 values, widened exactly by a shift; f32: 2)."""
+    if kind == "bf16":
+        @device
+        def unpack(word, vals):
+            vals[0], vals[1] = bf16_pair(uint32(word & uint64(0xFFFFFFFF)))
+            vals[2], vals[3] = bf16_pair(uint32(word >> uint64(32)))
+    else:
+        @device
+        def unpack(word, vals):
+            vals[0] = f32_from_bits(uint32(word & uint64(0xFFFFFFFF)))
+            vals[1] = f32_from_bits(uint32(word >> uint64(32)))
+    return unpack
+
+
+@device
+def silu(x):
+    """x * sigmoid(x) = x / (1 + exp(-x)): for x << 0, exp(-x) overflows to inf and the quotient is -0, the
+    right limit. (Not through tanh as reference.silu: fastmath's approximate tanh is off by ~1e-3.)"""
+    return x / (float32(1.0) + math.exp(-x))
+
+
 # --------------------------------------------------------------------------------------------------------
 # The last block to finish
 # --------------------------------------------------------------------------------------------------------
@@ -201,3 +275,13 @@ def arrive_last(counters, i, n_arrivals, flag):
         flag[0] = 1 if last else 0
     cuda.syncthreads()
     return flag[0] == 1
+
+
+@cuda.jit
+def shared_64k_probe(out):
+    # out [32] -> out[t] = t, through 64 KB of static shared memory (numbattn/gpu.py asks whether that works)
+    buf = cuda.shared.array(16384, float32)
+    t = cuda.threadIdx.x
+    buf[16383 - t] = float32(t)
+    cuda.syncthreads()
+    out[t] = buf[16383 - t]

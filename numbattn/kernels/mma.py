@@ -1,7 +1,7 @@
 """Tensor cores from Numba: TF32 warp MMAs through inline PTX, and their simulator twins.
 
 Numba's kernel language has no tensor-core operation, but a Numba `@intrinsic` can emit any PTX
-instruction through an llvmlite `ir.InlineAsm` (as device.f32_from_half_bits emits a cvt). Here:
+instruction through an llvmlite `ir.InlineAsm` (as common.f32_from_half_bits emits a cvt). Here:
 
     tf32_split(x) -> (big, small)      x ~ big + small, both TF32 (10-bit mantissa, kept in float32 words):
                                        big = rna(x), small = rna(x - big), rna being cvt.rna.tf32.f32's
@@ -23,7 +23,7 @@ Fragment layout of m16n8k8 (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32),
     C, D (16x8):          c0 = C[g][2t]   c1 = C[g][2t+1]   c2 = C[g+8][2t]   c3 = C[g+8][2t+1]
 
 So lane (g, t) holds rows g and g+8 of C: the four lanes of a quad (same g) hold a whole row, and a row
-reduction is two shuffles over the quad (device.make_group_reduce(4, n)).
+reduction is two shuffles over the quad (common.make_group_reduce(4, n)).
 
 The simulator twin. Numba's simulator has no inline asm and no warp shuffles: each CUDA thread is a Python
 thread. `mma_tf32` and the `make_mma_3xtf32_n` functions therefore take one more argument there, a float32 shared array `scratch`
@@ -41,7 +41,7 @@ from llvmlite import ir
 from numba import cuda, float32, types
 from numba.cuda.extending import intrinsic
 
-from .device import SIM
+from .common import SIM
 
 
 def mma_scratch_shape(threads, n=1, sim=None):

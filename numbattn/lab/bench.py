@@ -1,7 +1,8 @@
-"""Benchmarks: time numbattn's kernels next to the NumPy reference and torch's scaled_dot_product_attention.
+"""Benchmarks, all in one place: numbattn's kernels next to the NumPy reference and torch's
+scaled_dot_product_attention, and the whole model (a tinyllm Llama: prefill, then decode).
 
-Used by `python cli.py bench` and benchmarks/gpu_report.py. Speed is shown in tables and plots (the callers
-print them), never asserted in tests.
+Used by `python cli.py bench`, benchmarks/gpu_report.py and the lessons. Speed is shown in tables and plots (the
+callers print them), never asserted in tests.
 
 Method (see BENCHMARKS.md). Inputs are random normal, never zeros; `warmup` untimed calls come first (on a GPU
 they compile the kernels). Every number is a median over `repeat` calls. On a GPU four times are taken:
@@ -22,8 +23,8 @@ import time
 
 import numpy as np
 
-from . import backend as _backend
-from . import prefill, reference
+from .. import backend as _backend
+from .. import prefill, reference
 
 log = logging.getLogger("numbattn")
 
@@ -227,8 +228,8 @@ def bench_decode(cache_lens, batches=(1,), dtypes=("float32", "float16"), backen
     Rows carry the methods' times, the K/V bytes the step must read, and the effective GB/s and fraction of HBM
     bandwidth (from the first method).
     """
-    from . import decode
-    from .kvcache import KVCache
+    from .. import decode
+    from ..kvcache import KVCache
     be = _backend.resolve(backend)
     rows = []
     for b, n, dt, rng, k, v in _kv_points(batches, cache_lens, dtypes):
@@ -293,7 +294,7 @@ def _torch_decode(q, k, v, dt, n):
 def bench_append(token_counts=(1, 16, 512, 2048), batches=(1,), dtypes=("float32", "float16"), max_len=4096,
                  backend="auto", repeat=50, progress=None):
     """KV-cache append of t new tokens per row into one layer (one launch for K and V): ms and GB/s moved."""
-    from . import kvcache
+    from .. import kvcache
     be = _backend.resolve(backend)
     rows = []
     for b, t, dt, _, k, v in _kv_points(batches, token_counts, dtypes):
@@ -396,3 +397,64 @@ def plot(rows, path, x="n", y="ms", title=""):
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole model
+# --------------------------------------------------------------------------------------------------------
+# bench_model times what a user waits for: prefill time for an N-token prompt, then decode speed over M new
+# tokens, through the model's own generate() (every cost is in: matmuls, attention, KV-cache appends, sampling,
+# the host<->device copies). Rows:
+#     {what: "model", impl: "<engine> prefill", batch: 1, n: N, ms: whole prompt,   tokens_per_s: N / s}
+#     {what: "model", impl: "<engine> decode",  batch: 1, n: N, ms: per new token,  tokens_per_s: ...}
+#     (<engine>: the backend's name for the device engine and pure NumPy; "numpy+cuda attention" for the mix)
+# "decode" at n = N is the mean step while the cache grows from N to N + M tokens. The prompt is random token ids
+# (the content does not change the work) and no stop token ends a run. One untimed warm-up generation per model
+# comes first (on a GPU it compiles the kernels); each number is the median of `repeat` runs, timed with the
+# host clock, which waits for the GPU anyway: every step copies its logits back.
+def default_prompt_lengths(model, backend, new_tokens):
+    """Powers of two from 16 up to min(1024, half the context) that leave room for new_tokens; (8, 16) on
+    the simulator, where every CUDA thread is a Python thread."""
+    if backend == "sim":
+        lengths = (8, 16)
+    else:
+        top = min(1024, model.max_len // 2)
+        lengths = tuple(n for n in (16, 32, 64, 128, 256, 512, 1024) if n <= top)
+    return tuple(n for n in lengths if n + new_tokens <= model.max_len) or (max(1, model.max_len - new_tokens),)
+
+
+def bench_model(models, seq_lens, new_tokens=32, repeat=1, seed=0, progress=None):
+    """Prefill and decode timings of each model (a Llama, or several: e.g. the device engine and the NumPy
+    engine on the same checkpoint) for each prompt length -> rows. progress(1) after each (model, length)."""
+    models = models if isinstance(models, (list, tuple)) else [models]
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens}: must be >= 2 (one prefill token, then decode steps)")
+    too_long = [n for n in seq_lens if n + new_tokens > min(m.max_len for m in models)]
+    if too_long:
+        raise ValueError(f"prompt lengths {too_long} + {new_tokens} new tokens exceed the context of "
+                         f"{min(m.max_len for m in models)} tokens")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for m in models:
+        label = m.backend if m.engine == "device" or m.backend == "numpy" else f"numpy+{m.backend} attention"
+        _run_model(m, rng.integers(0, m.config.vocab_size, 4).tolist(), 2)        # warm-up: compile, page weights in
+        for n in seq_lens:
+            prompt = rng.integers(0, m.config.vocab_size, n).tolist()
+            stats = [_run_model(m, prompt, new_tokens) for _ in range(repeat)]
+            prefill_s = statistics.median(s.prefill_seconds for s in stats)
+            step_s = statistics.median(s.decode_seconds / s.decode_tokens for s in stats)
+            log.info("numbattn bench model: %s n=%d prefill %.1f ms, decode %.2f ms/token", label, n, prefill_s * 1e3,
+                     step_s * 1e3)
+            rows.append(dict(what="model", impl=f"{label} prefill", batch=1, n=n, ms=prefill_s * 1e3,
+                             tokens_per_s=n / prefill_s))
+            rows.append(dict(what="model", impl=f"{label} decode", batch=1, n=n, ms=step_s * 1e3,
+                             tokens_per_s=1 / step_s))
+            if progress:
+                progress(1)
+    return rows
+
+
+def _run_model(model, prompt, new_tokens):
+    """One timed generation from an empty cache, exactly new_tokens long (no stop token) -> GenerationStats."""
+    model.reset()
+    return model.generate(prompt, max_new_tokens=new_tokens, stop_ids=()).stats

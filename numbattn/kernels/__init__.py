@@ -1,0 +1,33 @@
+"""numbattn's kernels: device code only, one file per kernel family and version (llm.c's dev/cuda style).
+
+Each file opens with its algorithm and its memory traffic. The host side that validates arguments, chooses launch
+shapes and launches them is one level up (numbattn/prefill.py, decode.py, kvcache.py, linear.py); the NumPy
+equation every kernel is tested against is numbattn/reference.py.
+
+Attention, prefill (q_len query rows against kv_len keys; numbattn.attention / prefill.flash_attention):
+
+    v0  prefill_naive.py       one thread per query row, K and V straight from global memory
+    v1  prefill_tiled.py       Q, K, V tiles in shared memory, one thread per row: the teaching kernel
+    v2  prefill_registers.py   register-tiled outer products, warp-shuffle row reductions (fastest on SIMT cores)
+    v3  prefill_mma.py         v2's algorithm on tensor cores: TF32 mma.sync by inline PTX, 3xTF32 (the default)
+
+Attention, decode (one new query token per row against the KV cache; numbattn.decode_attention):
+
+    v0  decode_naive.py        one block per (row, query head), the keys split over its threads
+    v1  decode_slots.py        split-K: key slots of lanes that share a key (the default)
+    v2  decode_lanes.py        split-K: one key per lane for the scores (faster past ~32K tokens, fp16 cache)
+        decode_splitk.py       the frame v1 and v2 share: split blocks, the slots' merge, the last block's merge
+
+The rest of a Llama block:
+
+        kv_append.py           append K/V at each row's length (the device lengths advanced by the kernel)
+        rowwise.py             embedding lookup, RMSNorm, RoPE fused with the KV-cache append
+        gemv.py, gemm.py       y = x W^T on bf16/fp32 weight words: a few tokens (GEMV), a chunk (GEMM)
+
+Shared device code:
+
+        common.py              the compile policy (fastmath, decided once), group reductions, bit casts, the
+                               last-block ticket, weight-word unpacking
+        softmax.py             the online-softmax rule and the log-sum-exp merge, written once
+        mma.py                 tensor-core MMAs from Numba (inline PTX) and their simulator twins
+"""

@@ -1,0 +1,150 @@
+"""GEMV: y = x W^T for a few tokens (decode), streaming W once at full bandwidth, with fused prologue/epilogues.
+
+Every weight is used once per token: 2 FLOPs per weight read, so the time is bytes / bandwidth (TinyLlama's 2.2 GB
+of bf16 weights: ~0.7 ms per token at the H100's ~3 TB/s). The kernel's only job: stream W at full speed.
+
+One warp per R output rows. Lane l reads words l, l+32, l+64, ... of each of its rows (uint64 words of 4 bf16 or 2
+fp32 values: a warp reads 256 contiguous bytes per instruction), with a fixed, fully unrolled trip count so that
+all of a chunk's loads are in flight together, multiplies them by x (staged once per block in shared memory,
+de-interleaved so that 32 lanes read 32 consecutive words: no bank conflicts), and the warp adds its 32 partial
+sums with a shuffle butterfly (group_sum). Traffic: W once (N*K*2 bytes in bf16), x once per block from L2, y once.
+
+Fused, because each saves a launch and a round trip of the activations through memory:
+    prologue "rmsnorm"  x is normalised while it is staged: y = (x / rms(x) * g) W^T
+    epilogue "residual" y is added to what `out` holds: out += x W^T (the residual stream, updated in place)
+    epilogue "swiglu"   W's rows interleave gate and up (row 2f = gate_f, 2f+1 = up_f): out[m, f] = silu(gate) * up
+# x [M, K] f32, w [N, K/VPW] u64, norm_w [K] f32 -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+"""
+import functools
+import math
+
+from numba import cuda, float32, uint64
+
+from ..gpu import SHARED_LIMIT
+from .common import (SIM, WEIGHT_KINDS, device, kernel, make_group_reduce, make_weight_unpack, reduce_scratch_shape,
+                     silu)
+
+EPILOGUES = ("none", "residual", "swiglu")
+# A GEMV block is GEMV_THREADS threads in groups of LANES, each group GEMV_ROWS rows (twice that for SwiGLU's
+# gate/up pairs). On a GPU a group is a warp (its sum is a shuffle butterfly); the simulator runs a Python thread
+# per CUDA thread, so there it uses few lanes and many rows per group.
+GEMV_THREADS, LANES, GEMV_ROWS = (8, 2, 32) if SIM else (256, 32, 1)
+GEMV_CHUNK = 4                              # words per lane loaded together (in flight at once; tuned, BENCHMARKS.md)
+
+
+def gemv_rows_per_warp(epilogue):
+    return 2 * GEMV_ROWS if epilogue == "swiglu" else GEMV_ROWS
+
+
+@functools.lru_cache(maxsize=None)
+def make_gemv(n_in, kind, n_tokens, epilogue="none", rmsnorm=False):
+    """GEMV kernel for K = n_in inputs, `kind` weights, exactly n_tokens tokens, and the given fusions.
+
+    # x [M, K] f32, w [N, K/VPW] u64, norm_w [K] f32 -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+    Launch: gemv_grid(N, epilogue) blocks of GEMV_THREADS threads (a warp per R rows: 2 for swiglu, else 1).
+    """
+    K, M, VPW = n_in, n_tokens, WEIGHT_KINDS[kind]
+    WPR = K // VPW                               # words per row
+    ITER = -(-WPR // LANES)                      # words per lane
+    R = gemv_rows_per_warp(epilogue)
+    MR = M * R                                   # (shapes of local arrays must be constants, not expressions)
+    if epilogue not in EPILOGUES or K % VPW or M * K * 4 > SHARED_LIMIT:
+        raise ValueError(f"gemv: epilogue {epilogue!r}, K={K}, {M} tokens: not supported (x must fit in shared "
+                         f"memory)")
+    unpack = make_weight_unpack(kind)
+    _, warp_sum = make_group_reduce(LANES, MR)
+    _, warp_sum_x = make_group_reduce(LANES, M)
+    RED = reduce_scratch_shape(M * R, GEMV_THREADS)
+    stage = _make_stage_x(K, M, VPW, rmsnorm, warp_sum_x)
+    store = _make_gemv_store(M, R, epilogue)
+
+    @kernel
+    def gemv(x, w, out, norm_w, eps):
+        # x [M, K] f32, w [N, K/VPW] u64, norm_w [K] -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+        xs = cuda.shared.array((M, VPW, WPR), float32)      # xs[m, j, i] = x[m, i * VPW + j]
+        red = cuda.shared.array(RED, float32)
+        stage(x, norm_w, eps, xs, red)
+        lane = cuda.threadIdx.x % LANES
+        row0 = (cuda.blockIdx.x * (GEMV_THREADS // LANES) + cuda.threadIdx.x // LANES) * R
+        acc = cuda.local.array(MR, float32)
+        words = cuda.local.array(GEMV_CHUNK, uint64)
+        vals = cuda.local.array(VPW, float32)
+        for a in range(MR):
+            acc[a] = float32(0.0)
+        for r in range(R):
+            row = min(row0 + r, w.shape[0] - 1)             # a warp past the end reads a valid row, stores nothing
+            for c0 in range(0, ITER, GEMV_CHUNK):
+                for c in range(GEMV_CHUNK):                 # issue the chunk's loads back to back
+                    i = lane + LANES * (c0 + c)
+                    words[c] = w[row, i] if c0 + c < ITER and i < WPR else uint64(0)
+                for c in range(GEMV_CHUNK):
+                    i = lane + LANES * (c0 + c)
+                    if c0 + c < ITER and i < WPR:
+                        unpack(words[c], vals)
+                        for m in range(M):
+                            s = acc[m * R + r]
+                            for j in range(VPW):
+                                s += vals[j] * xs[m, j, i]
+                            acc[m * R + r] = s
+        warp_sum(acc, red)
+        if lane == 0:
+            store(out, acc, row0, w.shape[0])
+
+    return gemv
+
+
+def _make_stage_x(K, M, VPW, rmsnorm, warp_sum):
+    """Device function: x [M, K] (optionally RMS-normalised and scaled by norm_w) -> xs, de-interleaved by word.
+    warp_sum reduces M values over a warp (its `red` scratch: `red`)."""
+    T, WARPS = GEMV_THREADS, GEMV_THREADS // LANES
+
+    @device
+    def stage(x, norm_w, eps, xs, red):
+        t = cuda.threadIdx.x
+        inv = cuda.shared.array(M, float32)         # 1 / rms of each token (1 without the norm)
+        if rmsnorm:
+            per_warp = cuda.shared.array((WARPS, M), float32)
+            ss = cuda.local.array(M, float32)
+            for m in range(M):
+                s = float32(0.0)
+                for k in range(t, K, T):
+                    s += x[m, k] * x[m, k]
+                ss[m] = s
+            warp_sum(ss, red)                       # every lane: its warp's sum of squares
+            if t % LANES == 0:
+                for m in range(M):
+                    per_warp[t // LANES, m] = ss[m]
+            cuda.syncthreads()
+            if t < M:
+                total = float32(0.0)
+                for i in range(WARPS):
+                    total += per_warp[i, t]
+                inv[t] = float32(1.0) / math.sqrt(total / K + eps)
+        elif t < M:
+            inv[t] = float32(1.0)
+        cuda.syncthreads()
+        for m in range(M):
+            for k in range(t, K, T):
+                scaled = x[m, k] * inv[m] * norm_w[k] if rmsnorm else x[m, k]
+                xs[m, k % VPW, k // VPW] = scaled
+        cuda.syncthreads()
+    return stage
+
+
+def _make_gemv_store(M, R, epilogue):
+    @device
+    def store(out, acc, row0, n_rows):
+        if epilogue == "swiglu":                     # rows 2f, 2f + 1 are gate_f and up_f
+            for p in range(R // 2):
+                if row0 + 2 * p + 1 < n_rows:
+                    for m in range(M):
+                        out[m, row0 // 2 + p] = silu(acc[m * R + 2 * p]) * acc[m * R + 2 * p + 1]
+            return
+        for r in range(R):
+            if row0 + r < n_rows:
+                for m in range(M):
+                    if epilogue == "residual":
+                        out[m, row0 + r] += acc[m * R + r]
+                    else:
+                        out[m, row0 + r] = acc[m * R + r]
+    return store

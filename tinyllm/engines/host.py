@@ -1,0 +1,86 @@
+"""NumpyEngine: the forward's arithmetic in NumPy float32, the reference and the CPU path (tinyllm/engines/__init__.py
+lists the ops). Every op is a line of NumPy from numbattn/reference.py, with attention through numbattn (its NumPy
+reference, or its kernels on the GPU or in the simulator: that mix keeps the matmuls on the host)."""
+import numpy as np
+
+import numbattn
+from numbattn import backend as _backend
+from numbattn import reference
+
+from ..units import human_bytes
+from .step import Step
+
+
+class NumpyEngine:
+    """The forward's arithmetic in NumPy float32 (weights: LlamaWeights, matrices [in, out] for x @ W)."""
+    name = "numpy"
+    prefill_chunk = 256
+
+    def __init__(self, config, weights, cache, cos, sin, attention_backend):
+        self.config, self.weights, self.cache = config, weights, cache
+        self.layers, self.norm = weights.layers, weights.norm
+        self.cos, self.sin, self.backend = cos, sin, attention_backend
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+
+    def describe(self):
+        where = "the NumPy reference" if self.backend == "numpy" else f"numbattn's kernels ({self.backend})"
+        return (f"NumPy engine: weights in host memory ({human_bytes(_host_bytes(self.weights))} fp32), "
+                f"matmuls in NumPy, attention on {where}")
+
+    def embed(self, ids):
+        return self.weights.embed[ids]                                   # [b, s] -> [b, s, dim]
+
+    def rms_norm(self, x, w):
+        return reference.rms_norm(x, w, self.config.rms_norm_eps)
+
+    def qkv(self, h, lw):
+        return (split_heads(h @ lw.wq, self.n_heads), split_heads(h @ lw.wk, self.n_kv_heads),
+                split_heads(h @ lw.wv, self.n_kv_heads))                 # [b, heads, s, head_dim] each
+
+    def rope(self, q, k, step):
+        positions = slice(step.start_pos, step.start_pos + step.seq)
+        cos, sin = self.cos[positions], self.sin[positions]                 # [seq, head_dim / 2] each
+        return reference.rope(q, cos, sin), reference.rope(k, cos, sin)
+
+    def attention(self, layer, q, k, v, step):
+        """Append k, v; a single token uses the decode kernel, a chunk the prefill kernel over the cache so far
+        (bottom-right causal alignment: query i of the chunk sees keys 0 .. start_pos + i). -> [b, s, H*D]"""
+        self.cache.append(layer, k, v)
+        seq, n = step.seq, step.start_pos + step.seq
+        if seq == 1:
+            out = numbattn.decode_attention(np.ascontiguousarray(q[:, :, 0]), self.cache, layer)
+            out = _backend.to_host(out)[:, :, None, :]                   # [b, n_heads, 1, d]
+        else:
+            k_all = self.cache.k(layer)[:, :, :n]                        # [b, n_kv_heads, n, head_dim] (a view)
+            v_all = self.cache.v(layer)[:, :, :n]
+            out = _backend.to_host(numbattn.attention(q, k_all, v_all, causal=True, backend=self.backend))
+        return merge_heads(out)
+
+    def linear(self, a, w, residual=None):
+        return a @ w if residual is None else residual + a @ w
+
+    def swiglu(self, h, lw):
+        return reference.swiglu(h @ lw.w_gate, h @ lw.w_up)
+
+    def logits(self, h, step):
+        return (h[:, -1:] if step.last_only else h) @ self.weights.lm_head           # [b, s or 1, vocab]
+
+    def run(self, forward, ids, start_pos, last_only):
+        return forward(ids, Step(ids.shape[0], ids.shape[1], start_pos, last_only))
+
+
+def split_heads(x, n_heads):
+    """[batch, seq, n_heads * head_dim] -> [batch, n_heads, seq, head_dim]."""
+    b, s, _ = x.shape
+    return np.ascontiguousarray(x.reshape(b, s, n_heads, -1).transpose(0, 2, 1, 3))
+
+
+def merge_heads(x):
+    """[batch, n_heads, seq, head_dim] -> [batch, seq, n_heads * head_dim]."""
+    b, h, s, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+
+
+def _host_bytes(weights):
+    arrays = [weights.embed, weights.norm, weights.lm_head] + [a for lw in weights.layers for a in vars(lw).values()]
+    return sum(a.nbytes for a in {id(a): a for a in arrays}.values())
