@@ -266,7 +266,7 @@ model_options = options(
     model_option,
     backend_option,
     click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
-                 help="Context size in tokens (KV-cache length). Default: the model's maximum."),
+                 help="Context size in tokens (KV-cache length). Default: the model's maximum, at most 4096."),
 )
 sampling_options = options(
     click.option("-n", "--max-new-tokens", "--n-predict", "max_new_tokens", type=click.IntRange(min=1),

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import GGMLQuantizationType, GGUFEndian, GGUFValueType, GGUFWriter, TokenType
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize, quantize
 
@@ -70,7 +70,7 @@ def hf_tensors(model_dir):
 
 
 def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch="llama", permute=True, metadata=None,
-               tensors=None, raw_tensors=None):
+               tensors=None, raw_tensors=None, big_endian=False):
     """Convert the Hugging Face model in model_dir into a GGUF file at path -> path.
 
     qtype: the ggml type of every matrix whose rows split into its blocks (others F32, as llama.cpp does).
@@ -79,10 +79,12 @@ def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch="llama", pe
     metadata: {key: value} (bool/int/float/str/list) added or overriding what is written; None deletes.
     tensors: {HF name: fp32 array} instead of the checkpoint's; raw_tensors: {GGUF name: (array, ggml type
         name)} written as they are (quantized blocks as uint8 rows).
+    big_endian: every number byte-swapped, as llama.cpp's converter writes for big-endian machines (quantized
+        blocks are bytes and stay as they are).
     """
     config = json.loads((model_dir / "config.json").read_text())
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
-    w = GGUFWriter(str(path), arch)
+    w = GGUFWriter(str(path), arch, endianess=GGUFEndian.BIG if big_endian else GGUFEndian.LITTLE)
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
     w.add_block_count(config["num_hidden_layers"])
@@ -118,14 +120,18 @@ def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch="llama", pe
 
 
 def add_value(w, key, value):
+    """bool, int (u32, or u64 from 2^32), float (f32), str, or a list (an empty one as an empty array of
+    strings: GGUFWriter.add_array would write nothing)."""
     if isinstance(value, bool):
         w.add_bool(key, value)
     elif isinstance(value, int):
-        w.add_uint32(key, value)
+        (w.add_uint32 if value < 2**32 else w.add_uint64)(key, value)
     elif isinstance(value, float):
         w.add_float32(key, value)
     elif isinstance(value, str):
         w.add_string(key, value)
+    elif not value:
+        w.add_key_value(key, [], GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
     else:
         w.add_array(key, value)
 

@@ -180,6 +180,8 @@ def test_info_with_a_model_dir_and_a_cached_model(run, tiny_model_dir, empty_hub
     n = 512 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 172 + 2 * 64) + 64   # embed, lm_head, layers, norm
     assert f"parameters: 156.48K ({n:,})" in r.stdout
     assert f"memory: {human_bytes(4 * n)} of fp32 weights" in r.stdout
+    assert "context: 256 tokens by default (the model's maximum)" in r.stdout          # below 4096: all of it
+    assert f"+ {human_bytes(2 * 2 * 2 * 16 * 4 * 256)} of fp32 KV cache for the context of 256" in r.stdout
     assert f"on disk: {human_bytes((tiny_model_dir / 'model.safetensors').stat().st_size)}" in r.stdout
 
     snapshot = put_in_cache(empty_hub_cache, tiny_model_dir)
@@ -327,7 +329,7 @@ def exit_chat(child):
 
 
 def test_chat_in_a_terminal_streams_and_ctrl_c_stops_only_the_reply(long_context_model_dir):
-    child = spawn_chat(long_context_model_dir, "--temp", "0", "-n", "32000", "-v")
+    child = spawn_chat(long_context_model_dir, "--temp", "0", "-n", "32000", "-v", "-c", "32768")
     try:
         child.expect("/exit or Ctrl-D quits")
         child.expect("> ")
@@ -558,14 +560,20 @@ def test_generate_with_stdout_closed_is_one_error_line(tiny_model_dir):
 
 
 def test_a_huge_model_context_is_sized_to_fit_and_an_impossible_one_names_ctx_size(run, tmp_path, tiny_model_dir):
-    """max_position_embeddings 2**55: by default the context is what fits (the cache is never sized from the
-    config's number alone); asking for more than can be allocated is one line naming --ctx-size."""
+    """max_position_embeddings 2**55: by default the context is 4096 tokens (the cache is never sized from the
+    config's number alone), and info says so; asking for more than can be allocated is one line naming
+    --ctx-size."""
     d = shutil.copytree(tiny_model_dir, tmp_path / "huge_context")
     config = json.loads((d / "config.json").read_text())
     config["max_position_embeddings"] = 2 ** 55
     (d / "config.json").write_text(json.dumps(config))
-    r = run("generate", "hi", "-m", d, *NUMPY, "-n", 2)
+    r = run("generate", "hi", "-m", d, *NUMPY, "-n", 2, "-v")
     assert r.exit_code == 0, r.output
+    assert re.search(r"\| context \d+/4096 tokens \|", r.stderr)
+    r = run("info", "-m", d, *NUMPY)
+    assert r.exit_code == 0, r.output
+    assert f"context: 4,096 tokens by default (the model allows {2**55:,}; -c/--ctx-size asks for more)" in r.stdout
+    assert f"+ {human_bytes(2 * 2 * 2 * 16 * 4 * 4096)} of fp32 KV cache for the context of 4,096 tokens" in r.stdout
     line = one_error_line(run("generate", "hi", "-m", d, *NUMPY, "-c", 2 ** 40), 1)
     assert "a KV cache of 1099511627776 tokens for this model needs" in line and "--ctx-size" in line
 

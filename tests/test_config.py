@@ -83,6 +83,67 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(tmp_path)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("rms_norm_eps", float("inf")), ("rms_norm_eps", float("nan")), ("rms_norm_eps", 0.0), ("rms_norm_eps", -1e-5),
+    ("rms_norm_eps", 1e39),              # finite in Python, inf in the float32 the model computes in
+    ("rms_norm_eps", 1e-50),             # rounds to 0 in float32
+    ("rms_norm_eps", "1e-5"), ("rms_norm_eps", True),
+    ("rope_theta", float("inf")), ("rope_theta", float("nan")), ("rope_theta", -10000.0),
+    ("rope_scaling.factor", float("inf")), ("rope_scaling.factor", float("nan")),
+    ("rope_parameters.rope_theta", float("inf")),
+])
+def test_float_hyper_parameters_must_be_finite_and_positive_and_are_named(field, value):
+    """An rms_norm_eps of inf (JSON's Infinity) used to load and make every logit exactly 0.0."""
+    d = dict(TINYLLAMA)
+    if field == "rope_scaling.factor":
+        d["rope_scaling"] = {"type": "linear", "factor": value}
+    elif field == "rope_parameters.rope_theta":
+        d = dict(d, rope_parameters={"rope_type": "default", "rope_theta": value}, rope_theta=None, rope_scaling=None)
+    else:
+        d[field] = value
+    shown = field.replace("rope_parameters.", "")          # the value read is rope_theta, wherever it was written
+    with pytest.raises(ConfigError, match=rf"my/config\.json: {shown}=.*: expected a positive, finite number"):
+        LlamaConfig.from_dict(d, source="my/config.json")
+
+
+def test_infinity_in_config_json_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINYLLAMA, rms_norm_eps=float("inf"))))
+    assert "Infinity" in (tmp_path / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"rms_norm_eps=inf: expected a positive, finite number"):
+        load_config(tmp_path)
+
+
+def test_echoed_values_and_field_names_are_cut_to_200_characters():
+    for change in ({"architectures": ["A" * 10**6]}, {"hidden_act": "g" * 10**6}, {"x_rope_" + "y" * 10**6: 1}):
+        with pytest.raises(ConfigError) as e:
+            LlamaConfig.from_dict(dict(TINYLLAMA, **change))
+        assert len(str(e.value)) < 600 and "…" in str(e.value)
+
+
+def test_head_counts_are_named_with_the_names_the_source_uses():
+    with pytest.raises(ConfigError, match=r"hidden_size=2048 is not divisible by num_attention_heads=5$"):
+        LlamaConfig.from_dict(dict(TINYLLAMA, num_attention_heads=5, num_key_value_heads=5))
+    gguf_names = {"hidden_size": "llama.embedding_length", "num_attention_heads": "llama.attention.head_count"}
+    with pytest.raises(ConfigError, match=r"llama\.embedding_length=2048 is not divisible by "
+                                          r"llama\.attention\.head_count=5$"):
+        LlamaConfig.from_dict(dict(TINYLLAMA, num_attention_heads=5, num_key_value_heads=5), names=gguf_names)
+
+
+@pytest.mark.parametrize("name, size", [("config.json", 8 << 30), ("config.json", (16 << 20) + 1)])
+def test_a_config_json_too_large_to_be_one_is_refused_unread(tmp_path, name, size):
+    with open(tmp_path / name, "wb") as f:
+        f.truncate(size)                                  # sparse: no disk, no time
+    with pytest.raises(ConfigError, match=rf"config\.json: {size:,} bytes, more than the 16,777,216"):
+        load_config(tmp_path)
+
+
+def test_a_config_json_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "config.json")                   # open() would wait for a writer forever
+    with pytest.raises(ConfigError, match=r"config\.json: not a regular file"):
+        load_config(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------------------
 # transformers 5's layout, and fields that change the math
 # --------------------------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@ from the miniature checkpoint must give the safetensors model's logits and token
 every malformed or unsupported file must be refused with one clear error.
 """
 import dataclasses
+import json
+import os
+import re
 import shutil
 import struct
 import time
@@ -17,7 +20,7 @@ from gguf_files import (CHATML, byte_level_tokenizer, gguf_name, hf_tensors, lla
 
 import tinyllm.gguf
 from tinyllm import ConfigError, TokenizerError, WeightsError, load_model
-from tinyllm.gguf import GGUFCheckpoint, check_layout, merges_from_scores
+from tinyllm.gguf import GGUFCheckpoint, merges_from_scores, read_header
 from tinyllm.tiny import CORPUS, make_tiny
 from tinyllm.tokenizer import Tokenizer
 from tinyllm.weights import Checkpoint, save_file
@@ -73,6 +76,19 @@ def test_logits_equal_the_safetensors_model_within_the_quantization_error(tmp_pa
     assert got.config.tie_word_embeddings == tied
     assert dataclasses.replace(got.config, torch_dtype="bfloat16") == original.config   # GGUF: no torch_dtype
     assert got.tokenizer.encode(PROMPT) == original.tokenizer.encode(PROMPT)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
+def test_a_big_endian_file_gives_the_same_model(tmp_path, tiny_model_dir, qtype):
+    """Every number of the header and of F32/F16 tensors swapped: our header reader and tensor views must
+    follow the byte order (GGUFWriter writes it; llama.cpp converts for s390x this way)."""
+    little = load_model(write_gguf(tmp_path / "le.gguf", tiny_model_dir, qtype), backend="numpy")
+    big = load_model(write_gguf(tmp_path / "be.gguf", tiny_model_dir, qtype, big_endian=True), backend="numpy")
+    assert big.config == little.config and np.array_equal(logits(big), logits(little))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    if qtype != "Q8_0":
+        assert np.array_equal(GGUFCheckpoint(tmp_path / "be.gguf").raw(name),
+                              GGUFCheckpoint(tmp_path / "le.gguf").raw(name))
 
 
 def test_a_wrong_qk_permutation_runs_but_changes_the_logits(tmp_path, tiny_model_dir, monkeypatch):
@@ -206,7 +222,7 @@ def header(*kv, tensors=(), version=3, magic=b"GGUF"):
     (b"PK\x03\x04" + b"\0" * 40, "not a GGUF file"),
     (header(version=1), "GGUF version 1"),
     (header(("general.architecture", 8, struct.pack("<Q", 10**9) + b"llama")) + b"\0" * 8, "truncated file"),
-    (header(("x", 9, struct.pack("<IQ", 0, 2**40))), "claims 1099511627776 items"),      # a loop of 10^12
+    (header(("x", 9, struct.pack("<IQ", 0, 2**40))), "claims 1,099,511,627,776 items"),      # a loop of 10^12
     (header(("x", 9, struct.pack("<IQ", 0, 2**20))), "truncated file"),
     (header(("x", 77, b"")) + b"\0" * 8, "unknown value type 77"),
     (header(("x", 9, struct.pack("<IQ", 9, 1))) + b"\0" * 8, "nested or unknown arrays"),
@@ -226,19 +242,31 @@ def test_malformed_headers_are_refused_quickly(tmp_path, data, problem):
     assert time.perf_counter() - t0 < 5 and str(path) in str(e.value)
 
 
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    os.mkfifo(tmp_path / "m.gguf")
+    with pytest.raises(WeightsError, match="m.gguf: not a regular file"):
+        GGUFCheckpoint(tmp_path / "m.gguf")
+    (tmp_path / "m.gguf").rename(tmp_path / "m")                  # no suffix: is_gguf would read the magic
+    assert not tinyllm.gguf.is_gguf(tmp_path / "m")
+
+
 def test_a_truncated_download_is_refused(tmp_path, good_gguf):
     for cut in (100, good_gguf.stat().st_size // 2, good_gguf.stat().st_size - 1000):
         path = tmp_path / f"cut{cut}.gguf"
         path.write_bytes(good_gguf.read_bytes()[:cut])
         with pytest.raises(WeightsError, match="truncated"):
-            check_layout(path)
+            read_header(path)
 
 
-def test_duplicate_keys_reach_the_reader_and_are_refused(tmp_path):
+def test_duplicate_keys_and_tensor_names_are_refused(tmp_path):
+    """As llama.cpp refuses them: which of the two would count is anyone's guess."""
     kv = ("general.architecture", 8, struct.pack("<Q", 5) + b"llama")
     path = tmp_path / "dup.gguf"
     path.write_bytes(header(kv, kv) + b"\0" * 8)
-    with pytest.raises(WeightsError, match="not a readable GGUF file"):
+    with pytest.raises(WeightsError, match="metadata key 'general.architecture' appears twice"):
+        GGUFCheckpoint(path)
+    path.write_bytes(header(kv, tensors=[("t", (8,), 0, 0), ("t", (8,), 0, 32)]) + b"\0" * 96)
+    with pytest.raises(WeightsError, match="two tensors are named 't'"):
         GGUFCheckpoint(path)
 
 
@@ -281,6 +309,68 @@ def test_a_missing_tensor_is_named(tmp_path, tiny_model_dir):
         load_model(write_gguf(tmp_path / "m.gguf", tiny_model_dir, tensors=tensors), backend="numpy")
 
 
+@pytest.mark.parametrize("metadata, problem", [
+    ({"llama.attention.head_count": 5, "llama.attention.head_count_kv": None},
+     r"llama\.embedding_length=64 is not divisible by llama\.attention\.head_count=5$"),
+    ({"llama.attention.head_count": 3, "llama.attention.head_count_kv": None}, r"llama\.attention\.head_count=3$"),
+    ({"llama.attention.head_count": 2**32 - 1, "llama.attention.head_count_kv": None},
+     r"llama\.attention\.head_count=4294967295$"),
+    ({"llama.attention.head_count": 0}, r"llama\.attention\.head_count=0: expected a positive integer"),
+    ({"llama.attention.head_count_kv": 3},
+     r"llama\.attention\.head_count=4 is not a multiple of llama\.attention\.head_count_kv=3"),
+    ({"llama.attention.head_count_kv": 0}, r"llama\.attention\.head_count_kv=0: expected a positive integer"),
+])
+def test_head_count_errors_name_the_head_count_not_partial_rope(tmp_path, tiny_model_dir, metadata, problem):
+    """llama.cpp writes rope.dimension_count = head_dim; a head count that does not divide the hidden size
+    used to be reported as partial RoPE."""
+    path = write_gguf(tmp_path / "m.gguf", tiny_model_dir, metadata=metadata)
+    with pytest.raises(ConfigError, match=problem) as e:
+        GGUFCheckpoint(path)
+    assert "RoPE" not in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 0.0, -1.0])
+def test_float_hyper_parameters_must_be_finite_and_positive(tmp_path, tiny_model_dir, key, value):
+    path = write_gguf(tmp_path / "m.gguf", tiny_model_dir, metadata={key: value})
+    with pytest.raises(ConfigError, match=rf"GGUF metadata\): {re.escape(key)}=\S+: expected a positive, finite"):
+        GGUFCheckpoint(path)
+
+
+def test_a_rope_scaling_factor_must_be_finite(tmp_path, tiny_model_dir):
+    path = write_gguf(tmp_path / "m.gguf", tiny_model_dir, metadata={"llama.rope.scaling.type": "linear",
+                                                                     "llama.rope.scaling.factor": float("nan")})
+    with pytest.raises(ConfigError, match=r"llama\.rope\.scaling\.factor=nan: expected a positive, finite"):
+        GGUFCheckpoint(path)
+
+
+def test_values_and_keys_from_the_file_are_cut_in_errors(tmp_path, tiny_model_dir, byte_level):
+    for metadata in ({"general.architecture": "A" * 10**6}, {"llama." + "k" * 60000: 1},
+                     {"tokenizer.ggml.pre": "p" * 10**6}):
+        path = write_gguf(tmp_path / "m.gguf", tiny_model_dir, tokenizer=byte_level, metadata=metadata)
+        with pytest.raises((ConfigError, TokenizerError)) as e:
+            load_model(path, backend="numpy")
+        assert len(str(e.value)) < 600 and "…" in str(e.value), str(e.value)[:600]
+
+
+def test_bounds_on_counts_names_and_keys(tmp_path, monkeypatch):
+    """The bounds of tinyllm/gguf.py, each hit by a small file (the per-file totals with the bound lowered)."""
+    def refused(data, problem):
+        path = tmp_path / "bad.gguf"
+        path.write_bytes(data + b"\0" * 64)
+        with pytest.raises(WeightsError, match=problem):
+            GGUFCheckpoint(path)
+    strings = struct.pack("<IQ", 8, 2) + (struct.pack("<Q", 1) + b"x") * 2        # an array of 2 strings
+    three = header(("a", 9, strings), ("b", 9, strings), ("c", 9, strings))
+    (tmp_path / "ok.gguf").write_bytes(three)
+    assert read_header(tmp_path / "ok.gguf").metadata["c"] == [b"x", b"x"]
+    monkeypatch.setattr(tinyllm.gguf, "MAX_ARRAY_ITEMS", 5)
+    refused(three, r"metadata 'c' claims 2 items \(at most 1,048,576 in one array and 5 in all")
+    refused(header(tensors=[("t" * 64, (8,), 0, 0)]), "a tensor name of 64 bytes \\(at most 63")
+    key = "k" * 65536
+    refused(struct.pack("<4sIQQQ", b"GGUF", 3, 0, 1, len(key)) + key.encode(), "a metadata key of 65,536 bytes")
+
+
 @pytest.mark.parametrize("metadata, error, problem", [
     ({"tokenizer.ggml.model": "bert"}, TokenizerError, "tokenizer.ggml.model='bert': only 'gpt2'"),
     ({"tokenizer.ggml.scores": None}, TokenizerError, "metadata has no tokenizer.ggml.scores"),
@@ -288,6 +378,10 @@ def test_a_missing_tensor_is_named(tmp_path, tiny_model_dir):
     ({"tokenizer.ggml.unknown_token_id": 100000}, TokenizerError, "unknown_token_id=100000 is outside"),
     ({"tokenizer.ggml.bos_token_id": 100000}, ConfigError, "bos_token_id=100000"),
     ({"tokenizer.ggml.add_bos_token": "yes"}, TokenizerError, "add_bos_token='yes': expected a bool"),
+    ({"tokenizer.ggml.scores": ["a"] * 512}, TokenizerError, "tokenizer.ggml.scores holds items that are not of "
+                                                             "type float"),
+    ({"tokenizer.ggml.tokens": list(range(512))}, TokenizerError, "tokenizer.ggml.tokens holds items that are not "
+                                                                  "of type str"),
 ])
 def test_unusable_tokenizers_are_refused(tmp_path, tiny_model_dir, metadata, error, problem):
     path = write_gguf(tmp_path / "m.gguf", tiny_model_dir, metadata=metadata)
@@ -296,12 +390,26 @@ def test_unusable_tokenizers_are_refused(tmp_path, tiny_model_dir, metadata, err
     assert str(path) in str(e.value)
 
 
+def test_a_sentencepiece_vocabulary_too_costly_to_split_is_refused(tmp_path, tiny_model_dir):
+    """merges_from_scores slices every piece at every position: one piece of 10^4 characters would cost 10^8
+    steps (and one of 10^6, 10^12). Real vocabularies cost 1 to 11 million."""
+    tokens = [t for t, _ in sorted(json.loads((tiny_model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+                                   .items(), key=lambda kv: kv[1])]
+    long = tokens[:-1] + ["a" * 10**4]
+    path = write_gguf(tmp_path / "m.gguf", tiny_model_dir, metadata={"tokenizer.ggml.tokens": long})
+    with pytest.raises(TokenizerError, match=r"pieces too long to find their merges \(the splits would cost "
+                                             r"100,\d{3},\d{3} steps, at most 67,108,864"):
+        Tokenizer.from_gguf(path)
+
+
 @pytest.mark.parametrize("metadata, problem", [
     ({"tokenizer.ggml.pre": "qwen2"}, "tokenizer.ggml.pre='qwen2': tinyllm knows the splitting rules of gpt-2"),
     ({"tokenizer.ggml.merges": None}, "metadata has no tokenizer.ggml.merges"),
     ({"tokenizer.ggml.merges": ["a b c"]}, "not 'left right'"),
+    ({"tokenizer.ggml.merges": ["zz qq"]}, r"the vocabulary cannot be built \(.*out of vocabulary"),  # Rust's error
 ])
 def test_unusable_byte_level_tokenizers_are_refused(tmp_path, tiny_model_dir, byte_level, metadata, problem):
     path = write_gguf(tmp_path / "m.gguf", tiny_model_dir, tokenizer=byte_level, metadata=metadata)
-    with pytest.raises(TokenizerError, match=problem):
+    with pytest.raises(TokenizerError, match=problem) as e:
         Tokenizer.from_gguf(path)
+    assert str(e.value).startswith(f"{path}: ")

@@ -181,3 +181,46 @@ def test_rope_rotates_pairs_of_halves():
     assert np.allclose(y[:, 0], np.cos(np.arange(3))) and np.allclose(y[:, 2], np.sin(np.arange(3)))
     assert np.allclose(y[:, [1, 3]], 0)                  # pair 0 is (x[0], x[2]): x[1], x[3] untouched
     assert np.allclose(np.linalg.norm(rope(np.ones((1, 2, 3, 4), np.float32), cos, sin), axis=-1), 2.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The context: sized by what will be used, checked against free memory before anything is allocated
+# --------------------------------------------------------------------------------------------------------
+def huge_context_dir(tmp_path, tiny_model_dir, n_positions):
+    import shutil
+    d = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=n_positions)))
+    return d
+
+
+def test_the_default_context_is_the_models_maximum_up_to_4096(tmp_path, tiny_model_dir):
+    """A config (or GGUF) claiming 2^40 positions used to get a cache of 4 GiB, NaN-filled, for a model of 156K
+    parameters. Now: 4096 tokens unless asked, as llama.cpp."""
+    from tinyllm.model import DEFAULT_CONTEXT, kv_cache_bytes
+    model = load_model(huge_context_dir(tmp_path, tiny_model_dir, 2**40), backend="numpy")
+    assert model.max_len == DEFAULT_CONTEXT == 4096
+    assert model.cache.shape == (1, 2, 4096, 16) and kv_cache_bytes(model.config, 4096) == 2 * 2 * 2 * 16 * 4 * 4096
+    assert load_model(tiny_model_dir, backend="numpy").max_len == 256           # a maximum below 4096: all of it
+    assert load_model(tmp_path / "m", backend="numpy", max_len=10000).max_len == 10000     # more, when asked
+
+
+def test_a_context_larger_than_free_memory_is_refused_before_allocating(tmp_path, tiny_model_dir, monkeypatch):
+    from tinyllm import model as model_module
+    d = huge_context_dir(tmp_path, tiny_model_dir, 2**40)
+    monkeypatch.setattr(model_module, "free_memory", lambda backend: 100 << 20)       # 100 MiB free
+    with pytest.raises(ValueError, match=r"a KV cache of 1000000 tokens for this model needs 0\.60 GiB, but 0\.10 "
+                                         r"GiB of memory is free: ask for a shorter context \(max_len / --ctx-size\)"):
+        load_model(d, backend="numpy", max_len=10**6)
+    assert load_model(d, backend="numpy", max_len=10**5).max_len == 10**5          # 64 MB fits
+
+
+def test_free_memory_sees_an_address_space_limit():
+    """Under `ulimit -v` (RLIMIT_AS) the room left is what can be allocated, whatever MemAvailable says."""
+    import subprocess
+    import sys
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 31, 1 << 31)); "
+            "from tinyllm.model import free_memory; print(free_memory('numpy'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 0 < int(out.stdout) < 1 << 31

@@ -111,6 +111,53 @@ def test_missing_files_are_named(tmp_path, tiny_model_dir):
         Tokenizer(tmp_path)
 
 
+def copy_tokenizer(tmp_path, tiny_model_dir):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    return json.loads((tmp_path / "tokenizer.json").read_text())
+
+
+def test_a_tokenizer_json_the_library_cannot_build_is_one_error_naming_it(tmp_path, tiny_model_dir):
+    """Merges naming tokens the vocabulary lacks: the Rust library raises a bare Exception of its own."""
+    d = copy_tokenizer(tmp_path, tiny_model_dir)
+    merge = ["zz" + "q" * 10**5, "y"]                      # written as the file writes its merges
+    d["model"]["merges"].append(merge if isinstance(d["model"]["merges"][0], list) else " ".join(merge))
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: cannot load \(Token `zzq+…\)$") as e:   # clipped
+        Tokenizer(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'tokenizer.json'}: ") and len(str(e.value)) < 600
+
+
+def test_a_vocabulary_with_no_tokens_is_refused_at_load(tmp_path, tiny_model_dir):
+    d = copy_tokenizer(tmp_path, tiny_model_dir)
+    d["model"]["vocab"], d["model"]["merges"], d["added_tokens"] = {}, [], []
+    d["model"]["unk_token"] = None
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": None}))
+    with pytest.raises(TokenizerError, match=rf"{tmp_path / 'tokenizer.json'}: the vocabulary has no tokens"):
+        Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name, size, limit", [("tokenizer.json", (256 << 20) + 1, 256 << 20),
+                                               ("tokenizer_config.json", 2 << 30, 16 << 20),
+                                               ("chat_template.jinja", (16 << 20) + 1, 16 << 20)])
+def test_files_too_large_to_be_what_they_say_are_refused_unread(tmp_path, tiny_model_dir, name, size, limit):
+    copy_tokenizer(tmp_path, tiny_model_dir)
+    if name == "chat_template.jinja":                     # read only when tokenizer_config.json has no template
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    with open(tmp_path / name, "wb") as f:
+        f.truncate(size)                                  # sparse: no disk, no time
+    with pytest.raises(TokenizerError, match=rf"{tmp_path / name}: {size:,} bytes, more than the {limit:,}"):
+        Tokenizer(tmp_path)
+
+
+def test_a_template_error_echoing_a_megabyte_is_cut(tmp_path, tiny_model_dir):
+    t = with_config(tmp_path, tiny_model_dir, chat_template="{{ raise_exception('A' * 1000000) }}")
+    with pytest.raises(TokenizerError, match=r"the chat template refused the conversation: A+…$") as e:
+        t.render_chat(CONVERSATION)
+    assert len(str(e.value)) < 600
+
+
 # --------------------------------------------------------------------------------------------------------
 # Streaming
 # --------------------------------------------------------------------------------------------------------

@@ -98,6 +98,7 @@ def t(dtype, shape, begin, end):
     (None, None, None, "truncated file"),
     ({"a": t("F32", [2], 0, 8)}, b"\0" * 8, 10**6, "beyond the end of the file"),
     ({"a": t("F32", [2], 0, 8)}, b"\0" * 8, 200 * 1024 * 1024, "exceeds the"),
+    ({"a": t("F32", [2], 0, 8)}, b"\0" * 8, (16 << 20) + 1, "16777217 bytes exceeds the 16777216-byte limit"),
     ({"a": t("F32", [4], 0, 16)}, b"\0" * 8, None, "outside the data section"),
     ({"a": t("F32", [3], 0, 8)}, b"\0" * 8, None, "needs 12 bytes but data_offsets"),
     ({"a": t("Q4", [2], 0, 8)}, b"\0" * 8, None, "unknown dtype"),
@@ -124,6 +125,29 @@ def test_reader_rejects_malformed_files(tmp_path, header, data, header_len, prob
     with pytest.raises(WeightsError, match=problem) as e:
         SafetensorsFile(path).get("a")
     assert str(path) in str(e.value)
+
+
+def test_many_tensors_and_a_duplicate_are_checked_in_linear_time(tmp_path):
+    """The duplicate-key check compared every key with every other: 20 thousand tensors took 8 s, a million
+    would never end. Linear, 20 thousand take ~0.1 s."""
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(20000))
+    for extra in ("", ',"t7":{}'):
+        head = ("{" + entries + extra + "}").encode()
+        (tmp_path / "m.safetensors").write_bytes(len(head).to_bytes(8, "little") + head)
+        t0 = time.perf_counter()
+        if extra:
+            with pytest.raises(WeightsError, match="duplicate key 't7'"):
+                SafetensorsFile(tmp_path / "m.safetensors")
+        else:
+            assert len(SafetensorsFile(tmp_path / "m.safetensors").tensors) == 20000
+        assert time.perf_counter() - t0 < 5
+
+
+def test_a_shard_index_too_large_to_be_one_is_refused_unread(tmp_path):
+    with open(tmp_path / "model.safetensors.index.json", "wb") as f:
+        f.truncate(4 << 30)
+    with pytest.raises(WeightsError, match=r"index\.json: 4,294,967,296 bytes, more than the 16,777,216"):
+        Checkpoint(tmp_path)
 
 
 def test_metadata_is_allowed_and_a_truncated_real_file_is_refused(tmp_path, tiny_model_dir):

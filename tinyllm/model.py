@@ -33,8 +33,10 @@ from .engines import DeviceEngine, DeviceWeights, NumpyEngine
 from .generate import ContextOverflowError, Sampler, generate as _generate
 
 log = logging.getLogger("tinyllm")
-DEFAULT_CACHE_BYTES = 4 * 2**30  # the default context is the model's maximum, unless its KV cache needs more than this
-CACHE_BYTES_LIMIT = 64 * 2**30   # a KV cache larger than this is refused before anything is allocated
+# The context when none is asked for, in tokens, as llama.cpp's default: a model's maximum (2048 for TinyLlama,
+# 8192 for SmolLM2, 131072 for Llama 3.1) is what it was trained for, not what a chat needs, and a file can
+# claim 2^40. The cache is allocated (and NaN-filled) whole, so it is sized by what will be used.
+DEFAULT_CONTEXT = 4096
 
 
 class Llama:
@@ -52,7 +54,7 @@ class Llama:
         self.backend = _backend.resolve(backend)
         if isinstance(weights, DeviceWeights) and self.backend == "numpy":
             raise ValueError("these weights live on the GPU: backend 'numpy' needs host weights (engine='numpy')")
-        self.max_len = context_size(config, max_len)
+        self.max_len = context_size(config, max_len, self.backend)
         self.cos, self.sin = rope_tables(config.head_dim, self.max_len, config.rope_theta,
                                          config.rope_scaling_factor)         # [max_len, head_dim / 2] each
         eos = set(config.eos_token_ids)
@@ -194,14 +196,14 @@ class Llama:
         return self.tokenizer.decode(result.ids)
 
 
-def context_size(config, max_len):
+def context_size(config, max_len, backend="numpy"):
     """The KV cache's length in tokens: max_len if given (1 .. max_position_embeddings), else the model's maximum
-    as long as its cache fits in DEFAULT_CACHE_BYTES (else as many tokens as do, with a note). Checked before
-    anything is allocated: a cache over CACHE_BYTES_LIMIT is refused, naming max_len / --ctx-size."""
+    up to DEFAULT_CONTEXT. Checked before anything is allocated: a cache (and the NaN-filled layer its reset
+    copies from) that needs more memory than is free where it would live (the GPU's under "cuda", else the
+    host's) is refused, naming max_len / --ctx-size. backend None: no memory check (to describe a model)."""
     limit = config.max_position_embeddings
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4   # fp32 K and V
     if max_len is None:
-        n = min(limit, max(1, DEFAULT_CACHE_BYTES // per_token))
+        n = min(limit, DEFAULT_CONTEXT)
         if n < limit:
             log.info("tinyllm: context of %d tokens (the model allows %d; max_len / --ctx-size asks for more)",
                      n, limit)
@@ -209,7 +211,40 @@ def context_size(config, max_len):
         n = as_count("max_len", max_len)
     if not 1 <= n <= limit:
         raise ValueError(f"max_len={max_len}: must be between 1 and the model's max_position_embeddings ({limit})")
-    if n * per_token > CACHE_BYTES_LIMIT:
-        raise ValueError(f"a KV cache of {n} tokens for this model needs {n * per_token / 2**30:.1f} GiB: ask for a "
-                         f"shorter context (max_len / --ctx-size)")
+    need = kv_cache_bytes(config, n) * (2 * config.num_hidden_layers + 1) // (2 * config.num_hidden_layers)
+    free = None if backend is None else free_memory(backend)
+    if free is not None and need > free:
+        where = "GPU memory" if backend == "cuda" else "memory"
+        raise ValueError(f"a KV cache of {n} tokens for this model needs {need / 2**30:.2f} GiB, but "
+                         f"{free / 2**30:.2f} GiB of {where} is free: ask for a shorter context (max_len / "
+                         f"--ctx-size)")
     return n
+
+
+def kv_cache_bytes(config, n_tokens):
+    """Bytes of an fp32 KV cache of n_tokens (batch 1): K and V of every layer and KV head."""
+    return numbattn.KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads,
+                                            config.head_dim) * n_tokens
+
+
+def free_memory(backend):
+    """Bytes that can still be allocated where the KV cache would live, or None if unknown. Host: the kernel's
+    MemAvailable, and under an address-space limit (ulimit -v, RLIMIT_AS) the room left below it."""
+    if backend == "cuda":
+        try:
+            from numba import cuda
+            return cuda.current_context().get_memory_info().free
+        except Exception:          # a driver that answered the backend probe but not this: do not guess
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None                # not Linux
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        with open("/proc/self/status") as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        free = min(free, limit - used)
+    return free

@@ -24,14 +24,15 @@ special tokens. Other templates (Llama 2's) write "{{ bos_token }}" themselves. 
 without the post-processor and then put BOS in front unless the text already produced it, so a prompt
 starts with exactly one BOS either way.
 """
-import json
 from pathlib import Path
 
 from .chat_template import ChatTemplateError, TemplateRenderer
+from .errors import MAX_JSON_BYTES, TokenizerError, clip, library_errors, read_file, read_json, shown
+from .gguf import GGUFCheckpoint, gguf_tokenizer
 
-
-class TokenizerError(ValueError):
-    """tokenizer.json / tokenizer_config.json missing or unusable, or a chat that cannot be rendered."""
+# tokenizer.json holds the whole vocabulary and its merges: 2 MB for Llama 2, 9 MB for Llama 3, 33 MB for
+# Gemma 3 (262 thousand tokens). 256 MiB is ~8x the largest; what is above it is not read at all.
+MAX_TOKENIZER_BYTES = 256 << 20
 
 
 class Tokenizer:
@@ -40,22 +41,16 @@ class Tokenizer:
 
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerError(f"{path}: file not found (the fast-tokenizer file; slow tokenizer.model "
-                                 f"files are not read)")
-        try:
-            self._tok = _RustTokenizer.from_file(str(path))
-        except Exception as e:  # the Rust side raises a bare Exception on malformed files
-            raise TokenizerError(f"{path}: cannot load ({e})") from e
+        text = read_file(path, TokenizerError, MAX_TOKENIZER_BYTES, missing="file not found (the fast-tokenizer "
+                         "file; slow tokenizer.model files are not read)")
+        with library_errors(TokenizerError, f"{path}: cannot load"):  # Rust raises a bare Exception on bad files
+            self._tok = _RustTokenizer.from_str(text.decode("utf-8"))
+        if self._tok.get_vocab_size(with_added_tokens=True) == 0:        # every prompt would encode to nothing
+            raise TokenizerError(f"{path}: the vocabulary has no tokens")
 
         config_path = model_dir / "tokenizer_config.json"
-        if not config_path.is_file():
-            raise TokenizerError(f"{config_path}: file not found (it names the BOS/EOS tokens and holds the "
-                                 f"chat template)")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise TokenizerError(f"{config_path}: cannot read ({e})") from e
+        config = read_json(config_path, TokenizerError, missing="file not found (it names the BOS/EOS tokens and "
+                           "holds the chat template)")
         if not isinstance(config, dict):
             raise TokenizerError(f"{config_path}: expected a JSON object")
 
@@ -68,8 +63,6 @@ class Tokenizer:
     def from_gguf(cls, gguf):
         """The tokenizer a GGUF file carries in its metadata (tokenizer.ggml.*, tokenizer.chat_template), built
         with `tokenizers` to give the ids of the model's tokenizer.json. gguf: a path or a GGUFCheckpoint."""
-        from .gguf import GGUFCheckpoint, gguf_tokenizer
-
         ckpt = gguf if isinstance(gguf, GGUFCheckpoint) else GGUFCheckpoint(gguf)
         parts = gguf_tokenizer(ckpt.metadata)
         tok = cls.__new__(cls)
@@ -94,7 +87,7 @@ class Tokenizer:
             return None
         i = self._tok.token_to_id(token)
         if i is None:
-            raise TokenizerError(f"{source}: {field} {token!r} is not in the vocabulary of tokenizer.json")
+            raise TokenizerError(f"{source}: {field} {shown(token)} is not in the vocabulary of tokenizer.json")
         return i
 
     @property
@@ -146,7 +139,7 @@ class Tokenizer:
             return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except ChatTemplateError as e:
-            raise TokenizerError(f"{self.template_file}: the chat template {e}") from e
+            raise TokenizerError(f"{self.template_file}: the chat template {clip(e, 400)}") from e
 
     def encode_chat(self, messages, add_generation_prompt=True):
         """Messages -> prompt ids: the rendered template with exactly one BOS in front."""
@@ -168,7 +161,8 @@ def _chat_template(config, config_path):
         template = named.get("default")
     jinja = config_path.with_name("chat_template.jinja")
     if template is None and jinja.is_file():       # newer transformers save it here
-        return jinja.read_text(encoding="utf-8"), jinja
+        with library_errors(TokenizerError, f"{jinja}: cannot read"):        # not UTF-8
+            return read_file(jinja, TokenizerError, MAX_JSON_BYTES).decode("utf-8"), jinja
     return (template if isinstance(template, str) else None), config_path
 
 

@@ -29,9 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import WeightsError, clip, read_json, shown
+
 log = logging.getLogger("tinyllm")
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024   # the Rust implementation's limit too; real headers are ~100 KB
+# Real headers are ~10-100 KB (a Llama file has at most a few thousand tensors); the Rust implementation allows
+# 100 MB, but parsing and checking a 90 MB header of 1.5 million empty tensors takes 38 s and 1.8 GB here.
+# 16 MiB (~250 thousand tensors) is far above any real checkpoint and stays under 0.5 GB.
+MAX_HEADER_BYTES = 16 << 20
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -39,10 +44,6 @@ INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 # dtypes the format defines but a Llama checkpoint never needs: recognised, refused with a clear reason
 OTHER_DTYPES = ("F64", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL", "F8_E4M3", "F8_E5M2")
-
-
-class WeightsError(ValueError):
-    """A checkpoint file is missing, malformed, or does not match the model's config."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ class SafetensorsFile:
     def raw(self, name):
         """The tensor as stored, a read-only view of the file: float32, float16, or uint16 bf16 bits."""
         if name not in self.tensors:
-            raise WeightsError(f"{self.path}: no tensor named {name!r}")
+            raise WeightsError(f"{self.path}: no tensor named {shown(name)}")
         t = self.tensors[name]
         data = self._map()[self.data_start + t.begin:self.data_start + t.end]
         return data.view(DTYPES[t.dtype]).reshape(t.shape)
@@ -114,11 +115,12 @@ class SafetensorsFile:
 
 
 def _reject_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    dup = {k for k in keys if keys.count(k) > 1}
-    if dup:
-        raise ValueError(f"duplicate key(s) {sorted(dup)}")
-    return dict(pairs)
+    d = dict(pairs)
+    if len(d) < len(pairs):           # (linear: the header may hold a million keys)
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {shown(dup)}")
+    return d
 
 
 def read_header(path):
@@ -143,12 +145,12 @@ def read_header(path):
     except FileNotFoundError:
         fail("file not found")
     except OSError as e:
-        fail(f"cannot read ({e})")
+        fail(f"cannot read ({clip(e)})")
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
-        fail(f"header is not valid UTF-8 JSON ({e})")
+        fail(f"header is not valid UTF-8 JSON ({clip(e)})")
     except RecursionError:
         fail("header JSON is nested too deeply to parse (a safetensors header is two levels deep)")
     if not isinstance(header, dict):
@@ -160,41 +162,47 @@ def read_header(path):
         fail("__metadata__ must map strings to strings")
 
     data_start = 8 + n
-    data_size = size - data_start
-    tensors = {}
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            fail(f"tensor {name!r}: expected exactly the keys dtype, shape, data_offsets, got {entry!r}")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            why = "not supported for Llama weights" if dtype in OTHER_DTYPES else "unknown dtype"
-            fail(f"tensor {name!r}: dtype {dtype!r} {why} (expected one of {sorted(DTYPES)})")
-        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-            fail(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-            fail(f"tensor {name!r}: data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end")
-        begin, end = offsets
-        if end > data_size:
-            fail(f"tensor {name!r}: data_offsets [{begin}, {end}] lie outside the data section "
-                 f"({data_size} bytes after the header): truncated file?")
-        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-        if end - begin != nbytes:
-            fail(f"tensor {name!r}: shape {shape} in {dtype} needs {nbytes} bytes but data_offsets "
-                 f"[{begin}, {end}] hold {end - begin}")
-        tensors[name] = TensorInfo(dtype, tuple(shape), begin, end)
+    tensors = {name: _tensor_info(name, entry, size - data_start, fail) for name, entry in header.items()}
+    _check_tiling(tensors, size - data_start, fail)
+    return tensors, metadata, data_start
 
-    # The tensors must tile the data section: sorted by offset, each starts where the previous one ended.
+
+def _tensor_info(name, entry, data_size, fail):
+    """One header entry, checked: a known dtype, a shape, data_offsets inside the data section that hold
+    exactly prod(shape) values -> TensorInfo."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        fail(f"tensor {shown(name)}: expected exactly the keys dtype, shape, data_offsets, got {shown(entry)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        why = "not supported for Llama weights" if dtype in OTHER_DTYPES else "unknown dtype"
+        fail(f"tensor {shown(name)}: dtype {shown(dtype)} {why} (expected one of {sorted(DTYPES)})")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        fail(f"tensor {shown(name)}: shape {shown(shape)} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        fail(f"tensor {shown(name)}: data_offsets {shown(offsets)} must be [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_size:
+        fail(f"tensor {shown(name)}: data_offsets [{begin}, {end}] lie outside the data section "
+             f"({data_size} bytes after the header): truncated file?")
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        fail(f"tensor {shown(name)}: shape {shown(shape)} in {dtype} needs {nbytes} bytes but data_offsets "
+             f"[{begin}, {end}] hold {end - begin}")
+    return TensorInfo(dtype, tuple(shape), begin, end)
+
+
+def _check_tiling(tensors, data_size, fail):
+    """The tensors must tile the data section: sorted by offset, each starts where the previous one ended."""
     pos, prev = 0, None
     for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if t.begin < pos:
-            fail(f"tensors {prev!r} and {name!r} overlap (bytes {t.begin}..{pos} of the data section)")
+            fail(f"tensors {shown(prev)} and {shown(name)} overlap (bytes {t.begin}..{pos} of the data section)")
         if t.begin > pos:
-            fail(f"gap of {t.begin - pos} unused bytes before tensor {name!r} in the data section")
+            fail(f"gap of {t.begin - pos} unused bytes before tensor {shown(name)} in the data section")
         pos, prev = t.end, name
     if pos != data_size:
         fail(f"data section has {data_size} bytes but the tensors cover {pos}: truncated or padded file")
-    return tensors, metadata, data_start
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -256,7 +264,7 @@ class Checkpoint:
                 if shard not in self.files:
                     self._add(model_dir / shard)
                 if name not in self.files[shard].tensors:
-                    raise WeightsError(f"{index}: maps {name!r} to {shard}, but {model_dir / shard} has no "
+                    raise WeightsError(f"{index}: maps {shown(name)} to {shard}, but {model_dir / shard} has no "
                                        f"such tensor")
                 self.where[name] = shard
         else:
@@ -269,25 +277,20 @@ class Checkpoint:
 
     @staticmethod
     def _read_index(index):
-        try:
-            d = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise WeightsError(f"{index}: cannot read the shard index ({e})") from e
-        except RecursionError:
-            raise WeightsError(f"{index}: the shard index's JSON is nested too deeply to parse") from None
+        d = read_json(index, WeightsError)
         weight_map = d.get("weight_map") if isinstance(d, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise WeightsError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
         for name, shard in weight_map.items():
             # shard names come from the file: never let them point outside the model directory
             if not isinstance(shard, str) or not re.fullmatch(r"[\w.\-]+\.safetensors", shard) or ".." in shard:
-                raise WeightsError(f"{index}: tensor {name!r} maps to {shard!r}, not a .safetensors file name "
-                                   f"in this directory")
+                raise WeightsError(f"{index}: tensor {shown(name)} maps to {shown(shard)}, not a .safetensors file "
+                                   f"name in this directory")
         return weight_map
 
     def get(self, name):
         if name not in self.where:
-            raise WeightsError(f"checkpoint has no tensor {name!r}")
+            raise WeightsError(f"checkpoint has no tensor {shown(name)}")
         return self.files[self.where[name]].get(name)
 
     def file_of(self, name):
@@ -300,7 +303,7 @@ class Checkpoint:
     def raw(self, name):
         """The tensor as stored, a read-only view of its file (bf16 as uint16 bits): see SafetensorsFile.raw."""
         if name not in self.where:
-            raise WeightsError(f"checkpoint has no tensor {name!r}")
+            raise WeightsError(f"checkpoint has no tensor {shown(name)}")
         return self.files[self.where[name]].raw(name)
 
 
@@ -349,10 +352,10 @@ def check_checkpoint(ckpt, config, source="config.json"):
     for name, shape in iter_expected_shapes(config):
         if name not in ckpt.shapes:
             layers = f"; {source} says num_hidden_layers={config.num_hidden_layers:,}" if ".layers." in name else ""
-            raise WeightsError(f"checkpoint is missing tensor {name!r} (expected shape {shape} from {source}"
+            raise WeightsError(f"checkpoint is missing tensor {shown(name)} (expected shape {shape} from {source}"
                                f"{layers})")
         if ckpt.shapes[name] != shape:
-            raise WeightsError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {ckpt.shapes[name]} but "
+            raise WeightsError(f"{ckpt.file_of(name)}: tensor {shown(name)} has shape {shown(ckpt.shapes[name])} but "
                                f"{source} implies {shape}: config and weights do not match")
     extra = sorted(set(ckpt.shapes) - set(expected_shapes(config)))
     if extra:  # e.g. old checkpoints' rotary_emb.inv_freq buffers, or an lm_head next to tied embeddings
@@ -367,7 +370,7 @@ def check_finite(x, name, ckpt):
         return
     bad = ~np.isfinite(x)
     first = np.unravel_index(int(np.argmax(bad)), x.shape)
-    raise WeightsError(f"{ckpt.file_of(name)}: tensor {name!r} holds {int(bad.sum()):,} non-finite values (NaN or "
+    raise WeightsError(f"{ckpt.file_of(name)}: tensor {shown(name)} holds {int(bad.sum()):,} non-finite values (NaN or "
                        f"inf), e.g. {x[first]} at index {tuple(map(int, first))}: the checkpoint is corrupt")
 
 
