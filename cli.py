@@ -502,19 +502,22 @@ def summary_line(stats, first_token_s):
 
 
 class ReplyClock:
-    """Wraps a reply's write(piece) to time the wait for its first token from start(), as the user waits for
-    it (the chat template, tokenizing and the prefill all included)."""
+    """Wraps a reply's write(piece) (called once per token) to time the wait for its first token from start(), as
+    the user waits for it (the chat template, tokenizing and the prefill all included), and to let the BLAS
+    thread count follow the machine's load during a long reply."""
 
-    def __init__(self, write):
-        self.write, self.t0, self.first = write, 0.0, None
+    def __init__(self, write, blas):
+        self.write, self.blas, self.t0, self.first = write, blas, 0.0, None
 
     def start(self):
+        self.blas.update()
         self.t0, self.first = time.perf_counter(), None
 
     def __call__(self, piece):
         if self.first is None:
             self.first = time.perf_counter() - self.t0
         self.write(piece)
+        self.blas.follow()
 
     def report(self, stats, max_len):
         """The line after the reply: --verbose's, else the summary; nothing with --quiet."""
@@ -577,7 +580,7 @@ def read_message():
         return line, "\n" not in line
     lines = [line.lstrip()[len(FENCE):]]
     if not (lines[0].strip() and lines[0].rstrip().endswith(FENCE)):     # not all on one line: read to the end
-        while not lines[-1].rstrip().endswith(FENCE) or len(lines) == 1:
+        while not lines[-1].rstrip().endswith(FENCE):
             lines.append(input("... "))
     lines[-1] = lines[-1].rstrip()[:-len(FENCE)]
     return "\n".join(lines), False
@@ -666,7 +669,7 @@ def chat(ctx, model, backend, ctx_size, threads, system, ignore_eos, quiet, verb
     if ignore_eos:
         llm.stop_ids = set()
     from tinyllm.chat import ChatSession
-    clock = ReplyClock(write_piece)
+    clock = ReplyClock(write_piece, blas)
     session = ChatSession(llm, system, write=clock, note=note, **sampling_kwargs(**sampling))
     note(f"chatting with {label} ({llm.engine} engine on {llm.backend}, context {llm.max_len} tokens). "
          f"/help lists the commands; Ctrl-C stops a reply; /exit or Ctrl-D quits.")
@@ -685,12 +688,11 @@ def chat(ctx, model, backend, ctx_size, threads, system, ignore_eos, quiet, verb
                 if not chat_command(session, text):
                     return
             elif text:
-                reply(session, text, blas, clock)
+                reply(session, text, clock)
 
 
-def reply(session, text, blas, clock):
+def reply(session, text, clock):
     """One chat turn: threads measured, the reply streamed, its summary; a failure is one line, chat goes on."""
-    blas.update()
     clock.start()
     try:
         _, result = session.send(text)
@@ -739,8 +741,7 @@ def generate(prompt, model, backend, ctx_size, threads, as_chat, system, ignore_
         llm.stop_ids = set()
     from tinyllm import StreamDecoder
     tok = llm.tokenizer
-    blas.update()
-    clock = ReplyClock(write_piece)
+    clock = ReplyClock(write_piece, blas)
     clock.start()
     if as_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]

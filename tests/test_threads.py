@@ -28,25 +28,33 @@ def test_others_load_leaves_out_our_own_cpu_time():
     assert others_load(start, CpuSample(wall=10.01, busy=100.0, own=5.0)) is None                 # too short to say
 
 
-def fake_machine(monkeypatch, others, cores=2):
-    """A machine whose other programs keep `others` cores busy, one second per sample()."""
-    clock = iter(range(10**6))
-    monkeypatch.setattr(threads, "sample", lambda: CpuSample(wall=(t := next(clock)), busy=t * others, own=0.0))
-    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+class FakeMachine:
+    """/proc/stat and getrusage of a machine whose other programs keep .others cores busy; one second passes at
+    each sample()."""
+
+    def __init__(self, monkeypatch, others, cores=2):
+        self.others, self.t, self.busy = others, 0, 0.0
+        monkeypatch.setattr(threads, "sample", self.sample)
+        monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+
+    def sample(self):
+        self.t += 1
+        self.busy += self.others
+        return CpuSample(wall=self.t, busy=self.busy, own=0.0)
 
 
 def test_the_count_is_applied_followed_and_restored(monkeypatch):
     original = blas_libraries()
     assert original, "threadpoolctl finds no BLAS under NumPy"
-    fake_machine(monkeypatch, others=1.5)
+    machine = FakeMachine(monkeypatch, others=1.5)
     blas = BlasThreads()
     try:
         assert blas.update() == 1 and {n for _, _, n in blas_libraries()} == {1}
         assert blas.describe() == "1 of 2 cores (auto: other programs use 1.5 cores)"
-        fake_machine(monkeypatch, others=0.0)                           # the other program ended
-        blas.mark = threads.sample()
-        assert blas.update() == 2 and {n for _, _, n in blas_libraries()} == {2}
-        assert blas.use(1) == 1 and {n for _, _, n in blas_libraries()} == {1}
+        machine.others = 0.0                                            # the other program ended
+        assert blas.follow() == 2 and {n for _, _, n in blas_libraries()} == {2}
+        machine.others = 1.0
+        assert blas.follow() == 1 and blas.use(2) == 2 and {n for _, _, n in blas_libraries()} == {2}
     finally:
         blas.restore()
     assert blas_libraries() == original

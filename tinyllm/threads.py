@@ -3,6 +3,7 @@
     blas = BlasThreads()            # at the start of a command: the measuring window opens
     ...                             # import, load the model: the window runs while we work
     blas.update()                   # -> threads now in use (measured, chosen, applied through threadpoolctl)
+    blas.follow()                   # during a reply: update() once a FOLLOW_S window has passed
     blas.describe()                 # "2 of 2 cores (auto: other programs use 0.1 cores)"
     blas.restore()                  # the library's own setting again
     BlasThreads(requested=1)        # -t 1: fixed, never measured
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 log = logging.getLogger("tinyllm")
 
 MIN_WINDOW_S = 0.2
+FOLLOW_S = 1.0
 
 
 def usable_cores():
@@ -112,6 +114,13 @@ class BlasThreads:
             return self.threads
         self.mark, self.others = now, others
         return self._apply(choose_threads(self.cores, others))
+
+    def follow(self):
+        """Called as tokens arrive: a program that starts or ends during a long reply changes the count within
+        about FOLLOW_S (a /proc/stat read and a getrusage a second; nothing in between)."""
+        if self.requested is None and self.mark is not None and time.monotonic() - self.mark.wall >= FOLLOW_S:
+            self.update()
+        return self.threads
 
     def use(self, n):
         """Run n threads from now on, whatever the rule says (bench's sweep over thread counts)."""
