@@ -337,9 +337,9 @@ model_option = click.option(
 model_options = options(
     model_option,
     backend_option,
+    threads_option,
     click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
                  help="Context size in tokens (KV-cache length). Default: the model's maximum."),
-    threads_option,
 )
 sampling_options = options(
     click.option("-n", "--max-new-tokens", "--n-predict", "max_new_tokens", type=click.IntRange(min=1),
@@ -652,7 +652,7 @@ def main():
 @quiet_option
 @verbose_option
 @click.pass_context
-def chat(ctx, model, backend, ctx_size, threads, system, ignore_eos, quiet, verbose, **sampling):
+def chat(ctx, model, backend, threads, ctx_size, system, ignore_eos, quiet, verbose, **sampling):
     """Chat in the terminal; replies stream as they are generated.
 
     Type a message and press Enter; a paste is one message, and so are the lines between two \"\"\" lines.
@@ -719,7 +719,7 @@ def reply(session, text, clock):
 @ignore_eos_option
 @quiet_option
 @verbose_option
-def generate(prompt, model, backend, ctx_size, threads, as_chat, system, ignore_eos, quiet, verbose, **sampling):
+def generate(prompt, model, backend, threads, ctx_size, as_chat, system, ignore_eos, quiet, verbose, **sampling):
     """Write one reply to PROMPT on stdout (PROMPT "-" reads stdin). Only the reply goes to stdout; a one-line
     summary follows on stderr (-q hides it).
 
