@@ -911,7 +911,8 @@ def bench(what, seq_lens, batches, backend, plot, model, new_tokens, threads, ve
     if what == "model":
         if batches != (1,):
             raise click.BadParameter("--what model runs batch 1 only", param_hint="'--batch'")
-        rows = bench_whole_model(model, be, seq_lens, new_tokens, verbose, sweep)
+        click.get_current_context().obj = sweep               # bench_whole_model runs its benchmark through it
+        rows = bench_whole_model(model, be, seq_lens, new_tokens, verbose)
         title = f"model on {be}: prefill = ms for the whole prompt, decode = ms per new token"
     else:
         fn, kwargs = KERNEL_BENCHES[what](nb)
@@ -964,7 +965,7 @@ class ThreadSweep:
         return rows
 
 
-def bench_whole_model(model, be, seq_lens, new_tokens, verbose, sweep):
+def bench_whole_model(model, be, seq_lens, new_tokens, verbose):
     """--what model: tinyllm.bench on the given model, or on a miniature checkpoint written to a temp dir."""
     from tinyllm.bench import bench_model, default_prompt_lengths
     new_tokens = new_tokens or (2 if be == "sim" else 32)
@@ -977,6 +978,7 @@ def bench_whole_model(model, be, seq_lens, new_tokens, verbose, sweep):
         if be != "numpy":                                 # the NumPy engine on the same weights, for comparison
             models.append(open_model(model, "numpy", verbose=verbose)[0])
         seq_lens = seq_lens or default_prompt_lengths(models[0], be, new_tokens)
+        sweep = click.get_current_context().find_object(ThreadSweep)          # bench's, one per thread count
         return sweep(lambda progress: bench_model(models, seq_lens, new_tokens=new_tokens, progress=progress),
                      len(models) * len(seq_lens), "bench model")
 
