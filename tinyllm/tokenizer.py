@@ -24,9 +24,7 @@ special tokens. Other templates (Llama 2's) write "{{ bos_token }}" themselves. 
 without the post-processor and then put BOS in front unless the text already produced it, so a prompt
 starts with exactly one BOS either way.
 """
-import codecs
 import json
-import re
 from pathlib import Path
 
 from .chat_template import ChatTemplateError, TemplateRenderer
@@ -252,13 +250,15 @@ class StreamDecoder:
 
 
 def _unfinished_utf8(data):
-    """How many bytes at the end of data begin a UTF-8 character they do not finish (0 to 3)."""
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    decoder.decode(data, final=False)
-    return len(decoder.getstate()[0])
-
-
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+    """How many bytes at the end of data begin a UTF-8 character they do not finish (0 to 3): Python's decoder
+    calls exactly those "unexpected end of data" (a byte that can never be a character is "invalid")."""
+    for k in range(1, min(3, len(data)) + 1):
+        try:
+            data[-k:].decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start == 0 and e.reason == "unexpected end of data":
+                return k
+    return 0
 
 
 def _byte_level_alphabet():
@@ -275,9 +275,8 @@ def token_bytes(tokenizer, i):
     """The bytes token i stands for: a byte-fallback token ("<0xF0>"), a byte-level BPE token ("ðŁĺ"), else the
     UTF-8 of its text."""
     piece = tokenizer.id_to_token(i) or ""
-    m = _BYTE_TOKEN.fullmatch(piece)
-    if m:
-        return bytes([int(m[1], 16)])
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and piece[3:5].isalnum():
+        return bytes.fromhex(piece[3:5])
     text = tokenizer.decode([i])
     if "\ufffd" in text and all(c in _BYTE_LEVEL for c in piece):
         return bytes(_BYTE_LEVEL[c] for c in piece)
