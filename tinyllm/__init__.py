@@ -15,6 +15,7 @@ The package, in the order a token flows through it:
     model.py      the forward pass: RMSNorm, RoPE, GQA attention on numbattn, SwiGLU
     engines/      what runs it: NumPy (the reference, the CPU), or the GPU (weights resident, numbattn kernels)
     generate.py   sampling (greedy, temperature, top-k, top-p, repetition penalty) and the decode loop
+    threads.py    how many BLAS threads the NumPy engine's matmuls get: one per core others leave idle
     tiny.py       a miniature random checkpoint in the same layout, for tests and offline demos
 """
 import logging
