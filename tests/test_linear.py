@@ -11,6 +11,7 @@ from numba import cuda
 
 from numbattn import linear as L
 from numbattn import reference
+from numbattn.kernels.gemm_mma import MmaTiles, make_gemm_mma, shared_bytes
 from tinyllm.weights import bf16_to_f32, f32_to_bf16
 
 RTOL = 1e-5
@@ -52,7 +53,8 @@ def close(got, expect):
 
 @pytest.mark.parametrize("kind", ["bf16", "f32"])
 @pytest.mark.parametrize("epilogue", L.EPILOGUES)
-@pytest.mark.parametrize("n_tokens,n_in,n_out", [(1, 40, 6), (2, 72, 10), (11, 20, 18)])   # GEMV, GEMV, GEMM
+@pytest.mark.parametrize("n_tokens,n_in,n_out", [(1, 40, 6), (2, 72, 10), (11, 20, 18), (20, 40, 26)])
+# GEMV, GEMV, GEMM (bf16: on tensor cores, split-K tiles), GEMM (bf16: the other tiles, 2 row blocks, a partial one)
 def test_linear_matches_reference(kind, epilogue, n_tokens, n_in, n_out):
     rng = np.random.default_rng(n_tokens * 1000 + n_in + n_out)
     x = rng.standard_normal((n_tokens, n_in)).astype(np.float32)
@@ -95,3 +97,85 @@ def test_bad_shapes_and_dtypes_are_refused():
         L.linear(cuda.to_device(np.zeros((1, 40), np.float64)), w, "bf16", cuda.to_device(np.zeros((1, 6), np.float32)))
     with pytest.raises(ValueError, match="multiple of 4"):
         L.pack_weight(np.zeros((6, 42), np.uint16))
+
+
+# ---- the tensor-core GEMM (kernels/gemm_mma.py) -----------------------------------------------------------------
+def mma_run(x, bits, tiles, terms, epilogue="none", chunked=True):
+    words, _ = L.pack_weight(bits)
+    n_y = L.out_features(bits.shape[0], epilogue)
+    out = cuda.to_device(np.full((x.shape[0], n_y), np.nan, np.float32))
+    kernel = make_gemm_mma(epilogue, tiles, terms, chunked)
+    kernel[L.gemm_grid(x.shape[0], bits.shape[0], tiles), tiles.threads](cuda.to_device(x), cuda.to_device(words), out)
+    return out.copy_to_host()
+
+
+def test_gemm_mma_terms_set_the_accuracy():
+    """x split into T bf16 terms: one term is bf16 activations (~2^-9), two ~2^-17, three exact; the weights are
+    exact (bf16 as stored). K = 72: a partial last K tile; M = 16 and N = 16: one block of 2 warps splitting K."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((16, 72)).astype(np.float32)
+    bits, w64 = weight(rng, 16, 72, "bf16")
+    want = x.astype(np.float64) @ w64.T
+    errs = {}
+    for terms in (1, 2, 3):
+        got = mma_run(x, bits, MmaTiles(16, 16, 32, 1, 1, 2), terms)
+        assert np.isfinite(got).all()
+        errs[terms] = np.abs(got - want).max() / np.abs(want).max()
+    assert 1e-4 < errs[1] < 1e-2 and errs[2] < 1e-5 and errs[3] < 1e-6, errs
+
+
+def test_gemm_mma_accumulating_in_the_tensor_cores_throughout():
+    """chunked=False (no per-K-tile fp32 sums), 2 warps over the rows, 2 row blocks: within 1e-5 (on a GPU the
+    tensor cores' own accumulation rounds; test_gemm_mma_at_tinyllama_sizes holds the default to it at size)."""
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((17, 48)).astype(np.float32)
+    bits, w64 = weight(rng, 24, 48, "bf16")
+    out = mma_run(x, bits, MmaTiles(32, 16, 16, 2, 1, 1), 2, chunked=False)
+    close(out, x.astype(np.float64) @ w64.T)
+
+
+def test_tile_shapes_that_do_not_divide_are_refused():
+    with pytest.raises(ValueError, match="gemm_mma tiles"):
+        make_gemm_mma("none", MmaTiles(24, 16, 32, 1, 1, 1))
+    with pytest.raises(ValueError, match="terms"):
+        make_gemm_mma("none", MmaTiles(16, 16, 32, 1, 1, 2), terms=4)
+
+
+def test_every_gpu_tile_class_fits_and_the_planned_lengths_cover_every_kernel(monkeypatch):
+    """The GPU's tiles fit in 48 KB of static shared memory with up to 3 terms; and the lengths a model compiles
+    ahead (token_classes) reach every kernel choice a chunk of 1 .. max tokens makes (GEMV counts, tile classes)."""
+    for _, tiles in L.GPU_MMA_TILE_CLASSES:
+        assert shared_bytes(tiles, 3) <= 48 * 1024, tiles
+    monkeypatch.setattr(L, "MMA_TILE_CLASSES", L.GPU_MMA_TILE_CLASSES)
+    for most in (3, 16, 200, 2048):
+        planned = {choice(n, k) for n in L.token_classes(most) for k in (2048, 5632)}
+        assert {choice(n, k) for n in range(1, most + 1) for k in (2048, 5632)} <= planned, most
+    assert L.token_classes(2048) == [1, 2, 3, 4, 16, 64, 512, 2048] and L.token_classes(3) == [1, 2, 3]
+
+
+def choice(n_tokens, n_in):
+    """What plan_matmul would launch for a chunk of n_tokens (without building kernels)."""
+    return ("gemv", n_tokens) if L.use_gemv(n_tokens, n_in) else ("mma", L.mma_tiles(n_tokens))
+
+
+def test_a_few_tokens_with_a_wide_x_take_the_gemm():
+    """3 tokens of TinyLlama's down projection (K = 5632): x does not fit the GEMV's shared memory, so a GEMM."""
+    assert not L.use_gemv(3, 5632) and L.use_gemv(2, 5632) and L.use_gemv(4, 2048)
+    kernel, grid, threads, gemv = L.plan_matmul(3, 5632, 2048, "bf16", "residual")
+    assert not gemv and threads == L.mma_tiles(3).threads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,epilogue", [(512, 2560, 2048, "none"), (2048, 2048, 5632, "residual"),
+                                            (16, 11264, 2048, "swiglu"), (37, 2048, 2048, "none"),
+                                            (300, 2048, 5632, "residual")])
+def test_gemm_mma_at_tinyllama_sizes(m, n, k, epilogue):
+    """Every tile class at TinyLlama's matrices, against float64 at 1e-5 (the tensor cores' fp32 accumulation
+    included)."""
+    rng = np.random.default_rng(m + n + k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bits, w64 = weight(rng, n, k, "bf16")
+    out_init = np.full((m, L.out_features(n, epilogue)), np.nan)
+    if epilogue == "residual":
+        out_init = rng.standard_normal(out_init.shape)
+    close(run(x, bits, "bf16", epilogue, out_init), want(x, w64, epilogue, out_init))

@@ -184,22 +184,18 @@ class DeviceEngine:
 
     def matmul(self, key, a, w, out, epilogue):
         """out (=, +=, swiglu) a W^T: the GEMV (normalising x on the fly) for a few tokens, else an RMSNorm
-        kernel (if a is a pending norm) and the GEMM."""
+        kernel (if a is a pending norm) and a GEMM (numbattn.linear.plan_matmul chooses)."""
         words, kind = w
         x, norm = (a.x, a.w) if isinstance(a, _Norm) else (a, None)
         M = x.shape[0]
-        if M <= linear.GEMV_MAX_TOKENS:
-            kernel = linear.make_gemv(x.shape[1], kind, M, epilogue, norm is not None)
-            args = (x, words, out, norm if norm is not None else self.norm, self.eps)
-            self.launch(key + (M,), kernel, linear.gemv_grid(words.shape[0], epilogue), linear.GEMV_THREADS, args)
-            return out
-        if norm is not None:
+        if norm is not None and not linear.use_gemv(M, x.shape[1]):
             h = self.view("h", M)
             self.launch(("norm", id(norm), M), rowwise.make_rms_norm(), M, rowwise.THREADS, (x, norm, self.eps, h))
-            x = h
-        tiles = linear.gemm_tiles(M, words.shape[0])
-        self.launch(key + (M,), linear.make_gemm(kind, epilogue, tiles), linear.gemm_grid(M, words.shape[0], tiles),
-                    tiles[3], (x, words, out))
+            x, norm = h, None
+        kernel, grid, threads, gemv = linear.plan_matmul(M, x.shape[1], words.shape[0], kind, epilogue,
+                                                         norm is not None)
+        args = (x, words, out, norm if norm is not None else self.norm, self.eps) if gemv else (x, words, out)
+        self.launch(key + (M,), kernel, grid, threads, args)
         return out
 
     # ---- one forward, replayed as a CUDA graph for decode steps --------------------------------------------
