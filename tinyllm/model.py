@@ -82,6 +82,14 @@ class Llama:
         self.ops = engine(c, self.weights, self.cache, self.cos, self.sin, self.backend)
         self.batch, self.n_cached, self.cached_ids = batch, 0, []
 
+    def prepare_kernels(self, progress=None):
+        """Compile (or load from numbattn's disk cache) every kernel generation will launch, now rather than at
+        the first reply (the device engine on a GPU; otherwise nothing). progress(i, n, name) counts the kernels
+        that must be compiled. Empties the KV cache. -> (loaded, compiled)."""
+        result = self.ops.prepare(self._forward, progress)
+        self.truncate(0)
+        return result
+
     def reset(self):
         """Forget everything cached (the next forward must start at position 0)."""
         self.cache.reset()

@@ -7,16 +7,21 @@ pending rotations that attention applies while it appends k and v (numbattn.kern
 a decode step (one token per row) is captured once per context bucket as a CUDA graph and then replayed with one
 driver call (numbattn/launch.py).
 """
+import logging
+import time
+
 import numpy as np
 
 import numbattn
-from numbattn import linear, prefill
+from numbattn import kernel_cache, linear, prefill
 from numbattn.kernels import rowwise
 from numbattn.kernels.common import SIM
-from numbattn.launch import Graph, Launch
+from numbattn.launch import Graph, Launch, planning
 
 from ..units import human_bytes
 from .step import Step
+
+log = logging.getLogger("tinyllm")
 
 
 class _Norm:
@@ -197,6 +202,31 @@ class DeviceEngine:
         args = (x, words, out, norm if norm is not None else self.norm, self.eps) if gemv else (x, words, out)
         self.launch(key + (M,), kernel, grid, threads, args)
         return out
+
+    # ---- every kernel compiled before the first reply ------------------------------------------------------
+    def plan(self, forward):
+        """-> [(kernel, argument types)] of every launch a generation can make: the forward planned, nothing run
+        (numbattn.launch.planning), at one chunk length per matmul kernel choice (numbattn.linear.token_classes:
+        1-4 tokens, then one per tile class) and as a decode step. The cache is left empty."""
+        B = self.cache.batch
+        with planning() as plan:
+            for s in linear.token_classes(min(self.prefill_chunk, self.cache.max_len)):
+                forward(np.zeros((B, s), np.int64), Step(B, s, 0, True))
+                self.cache.truncate(0)          # its appends advanced the host's lengths only
+            forward(np.zeros((B, 1), np.int64), Step(B, 1, 0, True, max_length=self._bucket(1)))
+            self.cache.truncate(0)
+        return plan
+
+    def prepare(self, forward, progress=None):
+        """Compile, or load from the disk cache (numbattn/kernel_cache.py), every kernel of self.plan(forward) now,
+        not in the middle of a reply. progress(i, n, name) counts the kernels compiled. -> (loaded, compiled)."""
+        if self.backend != "cuda":          # the simulator compiles nothing
+            return 0, 0
+        t0 = time.perf_counter()
+        loaded, compiled = kernel_cache.prepare(self.plan(forward), progress)
+        log.info("tinyllm: %d kernels compiled, %d loaded from %s (%.1f s)", compiled, loaded, kernel_cache.cache_dir(),
+                 time.perf_counter() - t0)
+        return loaded, compiled
 
     # ---- one forward, replayed as a CUDA graph for decode steps --------------------------------------------
     def _bucket(self, n):
