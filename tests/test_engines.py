@@ -34,13 +34,19 @@ def device_model(one_layer_dir, kernel_backend):
 
 @pytest.fixture
 def tiny_model(one_layer_dir):
-    return load_model(one_layer_dir, backend="numpy")
+    """The NumPy engine with the device engine's default fp16 KV cache: the same stored K and V, so logits agree
+    to fp32 summation order."""
+    return load_model(one_layer_dir, backend="numpy", kv_dtype=np.float16)
 
 
 def test_engines_are_chosen_by_backend(device_model, tiny_model, kernel_backend):
     assert isinstance(device_model.ops, DeviceEngine) and isinstance(tiny_model.ops, NumpyEngine)
     assert device_model.engine == "device" and "device engine" in device_model.describe()
     assert "bf16" in device_model.describe()                         # uploaded as stored: no fp32 copy
+    assert device_model.cache.dtype == np.float16 and "float16" in device_model.describe()   # the device default
+    assert load_model(device_model.tokenizer.source, backend="numpy").cache.dtype == np.float32
+    with pytest.raises(ValueError, match="kv_dtype=float64"):
+        load_model(device_model.tokenizer.source, backend="numpy", kv_dtype=np.float64)
     mixed = load_model(device_model.tokenizer.source, backend=kernel_backend, engine="numpy")
     assert isinstance(mixed.ops, NumpyEngine) and kernel_backend in mixed.describe()
     with pytest.raises(ValueError, match="engine='device' runs numbattn kernels"):
@@ -94,10 +100,12 @@ def test_the_plan_covers_every_chunk_length_and_leaves_the_cache_empty(device_mo
     ops = device_model.ops
     device_model.reset()
     planned = {k for k, _ in ops.plan(device_model._forward)}
-    assert device_model.cache.lengths.tolist() == [0] and device_model.cache.device_lengths(0).copy_to_host()[0] == 0
+    B = device_model.cache.batch                 # (an earlier test may have left a batch of two)
+    assert device_model.cache.lengths.tolist() == [0] * B
+    assert device_model.cache.device_lengths(0).copy_to_host().tolist() == [0] * B
     for s in list(range(1, 24)) + [150, 200]:
         with planning() as one:
-            device_model._forward(np.zeros((1, s), np.int64), Step(1, s, 0, True))
+            device_model._forward(np.zeros((B, s), np.int64), Step(B, s, 0, True))
         device_model.cache.truncate(0)
         assert {k for k, _ in one} <= planned, f"a chunk of {s} tokens launches a kernel the plan does not hold"
     assert len(planned) >= 10
@@ -131,7 +139,7 @@ def tinyllama_shaped(tmp_path_factory):
 @pytest.mark.gpu
 def test_tinyllama_shape_greedy_64_steps_equal_the_numpy_engine(tinyllama_shaped):
     device = load_model(tinyllama_shaped, backend="cuda")
-    host = load_model(tinyllama_shaped, backend="numpy")
+    host = load_model(tinyllama_shaped, backend="numpy", kv_dtype=np.float16)     # the device's cache storage
     prompt = np.random.default_rng(3).integers(3, 500, 40).tolist()
     got, want = device.generate(prompt, max_new_tokens=64), host.generate(prompt, max_new_tokens=64)
     assert got.ids == want.ids

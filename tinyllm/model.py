@@ -47,12 +47,13 @@ class Llama:
     Nothing about the last generate() is kept here: it returns a Generation (ids, stats, stop reason).
     """
 
-    def __init__(self, config, weights, tokenizer=None, backend="auto", max_len=None, stop_ids=None):
+    def __init__(self, config, weights, tokenizer=None, backend="auto", max_len=None, stop_ids=None, kv_dtype=None):
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
         self.backend = _backend.resolve(backend)
         if isinstance(weights, DeviceWeights) and self.backend == "numpy":
             raise ValueError("these weights live on the GPU: backend 'numpy' needs host weights (engine='numpy')")
-        self.max_len = context_size(config, max_len)
+        self.kv_dtype = kv_cache_dtype(weights, kv_dtype)
+        self.max_len = context_size(config, max_len, self.kv_dtype)
         self.cos, self.sin = rope_tables(config.head_dim, self.max_len, config.rope_theta,
                                          config.rope_scaling_factor)         # [max_len, head_dim / 2] each
         eos = set(config.eos_token_ids)
@@ -77,7 +78,7 @@ class Llama:
     def _new_cache(self, batch):
         c = self.config
         self.cache = numbattn.KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, self.max_len,
-                                      c.head_dim, dtype=np.float32, backend=self.backend)
+                                      c.head_dim, dtype=self.kv_dtype, backend=self.backend)
         engine = DeviceEngine if isinstance(self.weights, DeviceWeights) else NumpyEngine
         self.ops = engine(c, self.weights, self.cache, self.cos, self.sin, self.backend)
         self.batch, self.n_cached, self.cached_ids = batch, 0, []
@@ -202,12 +203,27 @@ class Llama:
         return self.tokenizer.decode(result.ids)
 
 
-def context_size(config, max_len):
+def kv_cache_dtype(weights, kv_dtype=None):
+    """The KV cache's storage: kv_dtype if given (float16 or float32), else float16 for the device engine (half the
+    cache bytes that every decode step reads; attention still computes in fp32) and float32 for the NumPy engine."""
+    if kv_dtype is None:
+        return np.dtype(np.float16 if isinstance(weights, DeviceWeights) else np.float32)
+    try:
+        dtype = np.dtype(kv_dtype)
+    except TypeError as e:
+        raise ValueError(f"kv_dtype={kv_dtype!r}: expected float16 or float32") from e
+    if dtype not in (np.float16, np.float32):
+        raise ValueError(f"kv_dtype={dtype.name}: the KV cache stores float16 or float32")
+    return dtype
+
+
+def context_size(config, max_len, kv_dtype=np.float32):
     """The KV cache's length in tokens: max_len if given (1 .. max_position_embeddings), else the model's maximum
     as long as its cache fits in DEFAULT_CACHE_BYTES (else as many tokens as do, with a note). Checked before
     anything is allocated: a cache over CACHE_BYTES_LIMIT is refused, naming max_len / --ctx-size."""
     limit = config.max_position_embeddings
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4   # fp32 K and V
+    per_token = numbattn.KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads,
+                                                 config.head_dim, kv_dtype)      # K and V, every layer
     if max_len is None:
         n = min(limit, max(1, DEFAULT_CACHE_BYTES // per_token))
         if n < limit:
