@@ -94,6 +94,23 @@ def test_batch_of_two_rows(device_model, tiny_model):
     assert rel_err(device_model.forward(step, start_pos=2), tiny_model.forward(step, start_pos=2)) < RTOL
 
 
+def test_a_short_fresh_prompt_runs_padded_to_its_bucket(one_layer_dir, tiny_model, kernel_backend, monkeypatch):
+    """The path a GPU replays as one CUDA graph per bucket, run here as it is the first time: a 5-token prompt
+    padded to 8 tokens gives the unpadded logits, leaves 5 tokens in the cache (the padding's slots NaN again), and
+    the next decode step continues from there."""
+    monkeypatch.setattr(DeviceEngine, "prefill_buckets", (8,))
+    model = load_model(one_layer_dir, backend=kernel_backend, max_len=64)
+    model.ops.pad_short_prompts = True
+    ids = np.random.default_rng(6).integers(3, 500, (1, 6))
+    got = model.forward(ids[:, :5], last_only=True)
+    assert got.shape == (1, 1, 512) and rel_err(got, tiny_model.forward(ids[:, :5])[:, -1:]) < RTOL
+    assert model.cache.lengths.tolist() == [5] and model.cache.device_lengths(0).copy_to_host().tolist() == [5]
+    k = model.cache.k(0).copy_to_host()
+    assert np.isfinite(k[0, :, :5]).all() and np.isnan(k[0, :, 5:8]).all()
+    step = model.forward(ids[:, 5:6], start_pos=5)
+    assert rel_err(step, tiny_model.forward(ids[:, 5:6], start_pos=5)) < RTOL
+
+
 def test_the_plan_covers_every_chunk_length_and_leaves_the_cache_empty(device_model):
     """What load_model compiles ahead (DeviceEngine.plan: the forward planned, no kernel run, at one length per
     matmul kernel choice and as a decode step) holds every kernel that a chunk of any length launches."""

@@ -44,6 +44,7 @@ class DeviceEngine:
     name = "device"
     prefill_chunk = 2048        # tokens per forward pass (a longer prompt is run in chunks of this many)
     buckets = (256, 1024, 4096, 16384, 65536)   # decode graphs are captured per context bucket
+    prefill_buckets = (16, 32, 64)  # a fresh prompt this short runs padded to its bucket (one graph per bucket)
 
     def __init__(self, config, weights, cache, cos, sin, backend):
         from numba import cuda
@@ -56,6 +57,7 @@ class DeviceEngine:
         self.QKV = (self.H + 2 * self.HKV) * self.D
         self.eps = np.float32(c.rms_norm_eps)
         self.use_graphs = backend == "cuda"
+        self.pad_short_prompts = self.use_graphs    # (the simulator can run the padded path too: the tests do)
         B = cache.batch
         rows = B * self.prefill_chunk
         self.buf = {name: cuda.device_array((rows, width), np.float32, stream=self.stream) for name, width in (
@@ -66,6 +68,7 @@ class DeviceEngine:
         self.logits_dev = cuda.device_array((B, c.vocab_size), np.float32, stream=self.stream)
         self.logits_host = cuda.pinned_array((B, c.vocab_size), np.float32)
         self._views, self._launches, self._graphs, self._warm = {}, {}, {}, set()
+        self._attention_views = {}
 
     def describe(self):
         kinds = "/".join(self.weights.kinds)
@@ -148,12 +151,23 @@ class DeviceEngine:
         return self._views[key]
 
     def _prefill_attention(self, layer, qkv, attn, B, s, n):
-        q4 = _strided(qkv, (B, self.H, s, self.D), (s * self.QKV, self.D, self.QKV, 1))
-        out4 = _strided(attn, (B, self.H, s, self.D), (s * self.H * self.D, self.D, self.H * self.D, 1))
-        k_all, v_all = _prefix(self.cache.k(layer), n), _prefix(self.cache.v(layer), n)
+        q4, out4, k_all, v_all = self._prefill_views(layer, qkv, attn, B, s, n)
         version = prefill.DEFAULT_VERSION
         tiles = prefill.default_tiles(version, self.backend, self.D)
         prefill.launch(q4, k_all, v_all, out4, True, 1.0 / np.sqrt(self.D), version, tiles, stream=self.stream)
+
+    def _prefill_views(self, layer, qkv, attn, B, s, n):
+        """q and out [B, H, s, D] inside the qkv and attn buffers, the cache's first n keys and values: made once
+        per shape (the same objects each call: prefill.launch's prepared launch then re-marshals nothing)."""
+        key = (layer, B, s, n)
+        if key not in self._attention_views:
+            if len(self._attention_views) > 4096:          # chats prefill at ever new positions: keep it bounded
+                self._attention_views.clear()
+            HD = self.H * self.D
+            self._attention_views[key] = (_strided(qkv, (B, self.H, s, self.D), (s * self.QKV, self.D, self.QKV, 1)),
+                                          _strided(attn, (B, self.H, s, self.D), (s * HD, self.D, HD, 1)),
+                                          _prefix(self.cache.k(layer), n), _prefix(self.cache.v(layer), n))
+        return self._attention_views[key]
 
     def linear(self, a, w, residual=None):
         return self.matmul(("linear", id(w)), a, w, residual, "residual" if residual is not None else "none")
@@ -164,24 +178,32 @@ class DeviceEngine:
 
     def logits(self, h, step):
         """The output head on the last token of every row (step.last_only) or on every token -> a host float32
-        array [b, 1 or s, vocab] that the stream fills: valid once run() has synchronised it."""
+        array [b, 1 or s, vocab] that the stream fills: valid once run() has synchronised it. Deferred (a padded
+        short prompt): nothing here; run() takes the real last tokens' logits after the forward (_logits_at)."""
         B, s = step.batch, step.seq
+        if step.defer_logits:
+            return None
         if step.last_only or s == 1:
-            last = self._last_rows(h.x, B, s)
-            self.matmul(("logits", B), _Norm(last, h.w), self.weights.lm_head, self.logits_dev, "none")
-            self.logits_dev.copy_to_host(self.logits_host, stream=self.stream)
-            return self.logits_host[:, None, :]
+            return self._logits_at(B, s, s - 1)
         from numba import cuda
         every = cuda.device_array((B * s, self.config.vocab_size), np.float32, stream=self.stream)
         self.matmul(("logits all",), h, self.weights.lm_head, every, "none")
         return every.copy_to_host(stream=self.stream).reshape(B, s, -1)
 
-    def _last_rows(self, x, B, s):
-        if s == 1:
-            return x
-        key = ("last", B, s)
+    def _logits_at(self, B, s, row):
+        """The output head on token `row` of each of the B rows of s tokens that the last forward left in the
+        residual stream (the x buffer), normalised by the final norm -> host logits [B, 1, vocab] (once synced)."""
+        x = self.view("x", B * s)
+        last = x if s == 1 else self._last_rows(x, B, s, row)
+        self.matmul(("logits", B, s, row), _Norm(last, self.norm), self.weights.lm_head, self.logits_dev, "none")
+        self.logits_dev.copy_to_host(self.logits_host, stream=self.stream)
+        return self.logits_host[:, None, :]
+
+    def _last_rows(self, x, B, s, row):
+        """Token `row` of each of the B rows of s tokens in x [B * s, dim], as a [B, dim] view (made once)."""
+        key = ("last", B, s, row)
         if key not in self._views:
-            self._views[key] = _strided(x, (B, x.shape[1]), (s * x.shape[1], 1), offset_rows=s - 1)
+            self._views[key] = _strided(x, (B, x.shape[1]), (s * x.shape[1], 1), offset_rows=row)
         return self._views[key]
 
     def _rows(self, a):
@@ -234,37 +256,57 @@ class DeviceEngine:
         return min(next((b for b in self.buckets if n <= b), self.cache.max_len), self.cache.max_len)
 
     def run(self, forward, ids, start_pos, last_only):
-        """forward(ids, step) on this engine -> host logits. On a GPU a decode step (one token per row) runs normally
-        the first time in its context bucket, is recorded as a CUDA graph the second time, and is replayed from
-        then on: one driver call per token instead of ~150 launches. The forward replayed is the forward recorded:
-        the same ops on the same buffers, whose per-step values (token ids, positions) live in device memory."""
+        """forward(ids, step) on this engine -> host logits. On a GPU two kinds of forward are replayed as CUDA
+        graphs, each captured per bucket (_replay_or_run): a decode step (one token per row), per context bucket,
+        and a fresh prompt of at most 64 tokens, padded to 16, 32 or 64 tokens (_short_prompt). One driver call
+        then replaces ~150 launches."""
         B, s = ids.shape
         if s > self.prefill_chunk:
             raise ValueError(f"{s} tokens in one forward: the device buffers hold {self.prefill_chunk} per row "
                              f"(Llama.forward runs longer prompts in chunks)")
-        if not (self.use_graphs and s == 1):
-            logits = forward(ids, Step(B, s, start_pos, last_only))
+        if self.use_graphs and s == 1:
+            bucket = self._bucket(start_pos + 1)
+            self._replay_or_run((B, bucket), forward, ids, Step(B, 1, start_pos, True, max_length=bucket))
             self.stream.synchronize()
-            return np.array(logits)
-        bucket = self._bucket(start_pos + 1)
-        key = (B, bucket)
-        step = Step(B, 1, start_pos, True, max_length=bucket)
+            return self.logits_host.copy()[:, None, :]
+        padded = next((n for n in self.prefill_buckets if s <= n), None)
+        if self.pad_short_prompts and last_only and start_pos == 0 and padded and padded <= self.cache.max_len:
+            return self._short_prompt(forward, ids, padded)
+        logits = forward(ids, Step(B, s, start_pos, last_only))
+        self.stream.synchronize()
+        return np.array(logits)
+
+    def _short_prompt(self, forward, ids, n):
+        """A fresh prompt of s tokens per row, run as n >= s (its bucket): padding tokens after it, which causal
+        attention keeps out of every real token's view, so the n-token forward is one graph for every s of the
+        bucket. The logits are those of token s - 1; the padding's K and V leave the cache again (NaN)."""
+        B, s = ids.shape
+        padded = np.zeros((B, n), np.int64)
+        padded[:, :s] = ids
+        self._replay_or_run(("prompt", B, n), forward, padded, Step(B, n, 0, True, defer_logits=True))
+        self._logits_at(B, n, s - 1)
+        self.stream.synchronize()
+        self.cache.truncate(s)
+        return self.logits_host.copy()[:, None, :]
+
+    def _replay_or_run(self, key, forward, ids, step):
+        """forward(ids, step): run normally the first time under key (compiling, preparing every launch), recorded
+        as a CUDA graph the second time, replayed from then on (without graphs: always run). The forward replayed
+        is the forward recorded: the same ops on the same buffers, whose per-call values (token ids, positions)
+        live in device memory."""
         graph = self._graphs.get(key)
-        if graph is None and key not in self._warm:
-            self._warm.add(key)            # first step in this bucket: compile and prepare every launch
-            logits = forward(ids, step)
-            self.stream.synchronize()
-            return np.array(logits)
+        if not self.use_graphs or (graph is None and key not in self._warm):
+            self._warm.add(key)
+            forward(ids, step)
+            return
         if graph is None:
             graph = self._graphs[key] = Graph(self.stream)
             with graph.capture():          # recorded, not run: the replay below runs it
                 forward(ids, step)         # (its appends advance the cache's host mirror now; the replay, the device)
         else:
-            self.ids_host[:B] = ids[:, 0]
-            self.cache.advance(1)          # what the replay's appends do on the device, on the host mirror
+            self.ids_host[:ids.size] = ids.reshape(-1)
+            self.cache.advance(step.seq)   # what the replay's appends do on the device, on the host mirror
         graph.replay()
-        self.stream.synchronize()
-        return self.logits_host.copy()[:, None, :]
 
 
 def _prefix(cache_array, n):
