@@ -30,7 +30,7 @@ from .gpu import SHARED_LIMIT
 from .kernels.common import SIM, WEIGHT_KINDS
 from .kernels.gemm import GEMM_TILES, make_gemm
 from .kernels.gemm_mma import MmaTiles, make_gemm_mma
-from .kernels.gemv import EPILOGUES, GEMV_THREADS, LANES, gemv_rows_per_warp, make_gemv
+from .kernels.gemv import EPILOGUES, GEMV_THREADS, LANES, ROPE, gemv_rows_per_warp, make_gemv
 from .launch import Launch
 
 GEMV_MAX_TOKENS = 4                         # more tokens than this (or an x too big for shared memory): a GEMM
@@ -144,6 +144,16 @@ def check_linear(x, w, kind, out, epilogue, norm_w):
         raise ValueError(f"out has shape {tuple(out.shape)}; expected {(m, out_features(n, epilogue))}")
     if norm_w is not None and tuple(norm_w.shape) != (k,):
         raise ValueError(f"norm_w has shape {tuple(norm_w.shape)}; expected ({k},)")
+
+
+def plan_qkv_rope(n_tokens, n_in, n_rows, kind, heads, rmsnorm):
+    """-> (kernel, grid, threads) of the q/k/v GEMV with RoPE and the KV-cache append fused (kernels/gemv.py, epilogue
+    "rope"; heads = (n_heads, n_kv_heads, head_dim)) for a few tokens, or None where x does not fit the GEMV (the
+    caller then runs a GEMM and rowwise.rope_append). Its arguments: (x, w, out, norm_w, eps, cos, sin, k_cache,
+    v_cache, lengths, counters)."""
+    if not use_gemv(n_tokens, n_in):
+        return None
+    return make_gemv(n_in, kind, n_tokens, ROPE, rmsnorm, heads), gemv_grid(n_rows, ROPE), GEMV_THREADS
 
 
 def linear_launch(x, w, kind, out, epilogue="none", norm_w=None, eps=1e-5, stream=0):

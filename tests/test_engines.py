@@ -111,6 +111,24 @@ def test_a_short_fresh_prompt_runs_padded_to_its_bucket(one_layer_dir, tiny_mode
     assert rel_err(step, tiny_model.forward(ids[:, 5:6], start_pos=5)) < RTOL
 
 
+def test_a_decode_step_is_five_launches_per_layer_and_two_more(device_model, monkeypatch):
+    """Launches of one decode step (what a CUDA graph replays on a GPU): embedding; per layer the q/k/v GEMV with
+    its RMSNorm, RoPE and the KV append fused, decode attention, the o GEMV with the residual, the gate/up GEMV
+    with its RMSNorm and SwiGLU, the down GEMV with the residual; the output head with the final norm (TinyLlama:
+    112, was 134 with RoPE and the append a kernel of their own)."""
+    import numbattn.launch
+    calls = []
+    real = numbattn.launch.Launch.__call__
+    monkeypatch.setattr(numbattn.launch.Launch, "__call__", lambda self, grid=None: (calls.append(self.kernel),
+                                                                                    real(self, grid))[1])
+    device_model.reset()
+    B = device_model.cache.batch
+    device_model.forward(np.full((B, 2), 7), last_only=True)
+    calls.clear()
+    device_model.forward(np.full((B, 1), 9), start_pos=2, last_only=True)
+    assert len(calls) == 2 + 5 * device_model.config.num_hidden_layers
+
+
 def test_the_plan_covers_every_chunk_length_and_leaves_the_cache_empty(device_model):
     """What load_model compiles ahead (DeviceEngine.plan: the forward planned, no kernel run, at one length per
     matmul kernel choice and as a decode step) holds every kernel that a chunk of any length launches."""

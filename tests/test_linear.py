@@ -74,6 +74,42 @@ def test_gemv_with_fused_rmsnorm(kind):
     close(run(x, w_host, kind, "none", out_init, norm=norm), want(x, w64, "none", out_init, norm=norm))
 
 
+@pytest.mark.parametrize("lengths,tokens", [([5], 3), ([5, 2], 2)])
+def test_gemv_rope_epilogue_rotates_q_and_appends_k_and_v(lengths, tokens):
+    """The decode path's q/k/v GEMV with RMSNorm, RoPE and the KV append fused: q rotated by each token's position
+    (its row's length + its index) in out, k rotated and v in the cache there, nothing else written, the lengths
+    advanced by the launch and its tickets left at zero. 2 query heads, 1 KV head, head_dim 8."""
+    H, HKV, D, K, max_len = 2, 1, 8, 24, 12
+    B = len(lengths)
+    rng = np.random.default_rng(sum(lengths))
+    x = rng.standard_normal((B * tokens, K)).astype(np.float32)
+    norm = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+    bits, w64 = weight(rng, (H + 2 * HKV) * D, K, "bf16")
+    cos, sin = reference.rope_tables(D, max_len, 10000.0)
+    kernel, grid, threads = L.plan_qkv_rope(B * tokens, K, w64.shape[0], "bf16", (H, HKV, D), True)
+    dev = {name: cuda.to_device(a) for name, a in dict(
+        x=x, w=L.pack_weight(bits)[0], out=np.full((B * tokens, w64.shape[0]), np.nan, np.float32), norm=norm,
+        cos=cos, sin=sin, k=np.full((B, HKV, max_len, D), np.nan, np.float32),
+        v=np.full((B, HKV, max_len, D), np.nan, np.float32), lengths=np.array(lengths, np.int32),
+        counters=np.zeros(B, np.int32)).items()}
+    kernel[grid, threads](dev["x"], dev["w"], dev["out"], dev["norm"], np.float32(1e-5), dev["cos"], dev["sin"],
+                          dev["k"], dev["v"], dev["lengths"], dev["counters"])
+    y = reference.rms_norm(x.astype(np.float64), norm.astype(np.float64), 1e-5) @ w64.T     # [M, (H + 2 Hkv) D]
+    y = y.reshape(B, tokens, H + 2 * HKV, D).transpose(0, 2, 1, 3)                            # [B, heads, t, D]
+    out, k, v = (dev[n].copy_to_host() for n in ("out", "k", "v"))
+    for b, start in enumerate(lengths):
+        pos = slice(start, start + tokens)
+        rotated = reference.rope(y[b:b + 1, :H + HKV], cos[pos], sin[pos])[0]                 # [H + Hkv, t, D]
+        q = out[b * tokens:(b + 1) * tokens, :H * D].reshape(tokens, H, D).transpose(1, 0, 2)
+        close(q, rotated[:H])
+        close(k[b, :, pos], rotated[H:])
+        close(v[b, :, pos], y[b, H + HKV:])
+        assert np.isnan(np.delete(k[b], np.arange(start, start + tokens), axis=1)).all()
+    assert np.isnan(out[:, H * D:]).all()                     # the k and v columns of out: never written
+    assert dev["lengths"].copy_to_host().tolist() == [n + tokens for n in lengths]
+    assert dev["counters"].copy_to_host().tolist() == [0] * B
+
+
 def test_bf16_words_are_the_checkpoint_bits():
     """A weight of exact bf16 values gives the same product (up to fp32 summation order: 4 vs 2 values per word)
     whether it is sent as bf16 words or as fp32 words: the bf16 widening is exact."""

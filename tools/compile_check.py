@@ -95,6 +95,13 @@ def model_kernels():
                 yield (f"gemm {kind} {epilogue} {tiles}", linear.make_gemm(kind, epilogue, tiles),
                        [arr(f32, 2), arr(u64, 2), arr(f32, 2)])
         yield f"embed {kind}", rowwise.make_embed(kind), [arr(i32, 1), arr(u64, 2), arr(f32, 2)]
+        for k_in, heads in ((2048, (32, 4, 64)), (576, (9, 3, 64))):
+            for tokens in (1, 4):
+                for dt in (f16, f32):
+                    yield (f"gemv rope K{k_in} {kind} heads {heads} M{tokens} {dt} cache",
+                           linear.make_gemv(k_in, kind, tokens, "rope", True, heads),
+                           [arr(f32, 2), arr(u64, 2), arr(f32, 2), arr(f32, 1), f32, arr(f32, 2), arr(f32, 2),
+                            arr(dt, 4), arr(dt, 4), arr(i32, 1), arr(i32, 1)])
     for _, tiles in linear.MMA_TILE_CLASSES:
         for epilogue in linear.EPILOGUES:
             for terms in sorted({linear.GEMM_TERMS, 1, 3} if epilogue == "none" else {linear.GEMM_TERMS}):

@@ -1,11 +1,13 @@
 """DeviceEngine: the forward on the GPU (or in Numba's simulator), weights resident, every op a numbattn kernel.
 
 Only the token ids go in and the logits come out (tinyllm/engines/__init__.py lists the ops). The ops return
-handles to device buffers, and two of them are deferred so that they fuse into the kernel after them: rms_norm
-returns a pending norm that the next matmul applies while it loads x (the GEMV's prologue), and rope returns
-pending rotations that attention applies while it appends k and v (numbattn.kernels.rowwise.rope_append). On a GPU,
-a decode step (one token per row) is captured once per context bucket as a CUDA graph and then replayed with one
-driver call (numbattn/launch.py).
+handles to device buffers, and three of them are deferred so that they fuse into the kernel after them: rms_norm
+returns a pending norm that the next matmul applies while it loads x (the GEMV's prologue); qkv returns the pending
+projection, and rope pending rotations, which attention computes together: for a few tokens one GEMV that
+normalises x, projects q, k and v, rotates q and k and appends k and v to the cache (numbattn.linear.plan_qkv_rope:
+5 launches per layer in a decode step), for a chunk a GEMM and then RoPE fused with the append
+(numbattn.kernels.rowwise.rope_append). On a GPU, a decode step (one token per row) is captured once per context
+bucket as a CUDA graph and then replayed with one driver call (numbattn/launch.py), and so is a short fresh prompt.
 """
 import logging
 import time
@@ -32,11 +34,12 @@ class _Norm:
         self.x, self.w = x, w
 
 
-class _Rotate:
-    """Deferred RoPE: attention rotates q and k while it appends k and v to the cache (one kernel)."""
+class _Qkv:
+    """The q/k/v projection of h (a pending norm or x) with layer weights lw, deferred to attention(): there it is
+    computed with RoPE and the cache append fused in (a few tokens), or followed by them (a chunk)."""
 
-    def __init__(self, qkv):
-        self.qkv = qkv
+    def __init__(self, h, lw):
+        self.h, self.lw = h, lw
 
 
 class DeviceEngine:
@@ -116,21 +119,18 @@ class DeviceEngine:
         return _Norm(x, w)
 
     def qkv(self, h, lw):
-        qkv = self.matmul(("qkv", id(lw)), h, lw.w_qkv, self.view("qkv", self._rows(h)), "none")
-        return qkv, qkv, qkv
+        pending = _Qkv(h, lw)
+        return pending, pending, pending
 
     def rope(self, q, k, step):
-        return _Rotate(q), k
+        return q, k                         # applied by attention(), with the projection and the append
 
     def attention(self, layer, q, k, v, step):
-        """RoPE + append (one kernel), then decode (one token per row) or prefill attention over the cache."""
+        """q, k, v projected, rotated and k, v appended (one or two kernels: _project_rotate_append), then decode
+        (one token per row) or prefill attention over the cache."""
         B, s = step.batch, step.seq
         M = B * s
-        qkv = q.qkv
-        self.launch(("rope", layer, M), rowwise.make_rope_append(self.H, self.HKV, self.D),
-                    rowwise.rope_append_grid(s, B), rowwise.THREADS,
-                    (qkv, self.cos, self.sin, self.cache.k(layer), self.cache.v(layer),
-                     self.cache.device_lengths(layer), self.cache.append_counters(layer)))
+        qkv = self._project_rotate_append(layer, q, B, s)
         self.cache.advance(s, layer)
         attn = self.view("attn", M)
         if s == 1:
@@ -140,6 +140,27 @@ class DeviceEngine:
         else:
             self._prefill_attention(layer, qkv, attn, B, s, step.start_pos + s)
         return attn
+
+    def _project_rotate_append(self, layer, pending, B, s):
+        """-> the qkv buffer holding q rotated; k rotated and v appended to the cache at each row's length. A few
+        tokens: one GEMV with the norm, RoPE and append fused (linear.plan_qkv_rope); else the matmul (a GEMM) and
+        rowwise.rope_append."""
+        M, (words, kind) = B * s, pending.lw.w_qkv
+        qkv = self.view("qkv", M)
+        x, norm = (pending.h.x, pending.h.w) if isinstance(pending.h, _Norm) else (pending.h, None)
+        cache_args = (self.cos, self.sin, self.cache.k(layer), self.cache.v(layer), self.cache.device_lengths(layer),
+                      self.cache.append_counters(layer))
+        fused = linear.plan_qkv_rope(M, x.shape[1], words.shape[0], kind, (self.H, self.HKV, self.D),
+                                     norm is not None)
+        if fused is not None:
+            kernel, grid, threads = fused
+            args = (x, words, qkv, norm if norm is not None else self.norm, self.eps) + cache_args
+            self.launch(("qkv rope", layer, M), kernel, grid, threads, args)
+            return qkv
+        self.matmul(("qkv", id(pending.lw)), pending.h, pending.lw.w_qkv, qkv, "none")
+        self.launch(("rope", layer, M), rowwise.make_rope_append(self.H, self.HKV, self.D),
+                    rowwise.rope_append_grid(s, B), rowwise.THREADS, (qkv,) + cache_args)
+        return qkv
 
     def _decode_views(self, B):
         """q [B, H, D] inside the qkv buffer and out [B, H, D] over the attn buffer (made once)."""
