@@ -118,26 +118,8 @@ def section_gemm():
     for tiles in ((64, 128, 16, 256), (64, 128, 32, 256), (64, 256, 16, 256), (32, 128, 16, 256),
                   (64, 64, 32, 256)):
         for m in (512,):
-            row = dict(tiles=str(tiles), M=m)
-            try:
-                flops = ms_all = 0.0
-                for name in ("qkv", "o", "gate_up", "down"):
-                    n, k, epi = SHAPES[name]
-                    w, kind = weights(n, k)
-                    x = cuda.to_device(np.random.default_rng(2).standard_normal((m, k), dtype=np.float32))
-                    out = cuda.device_array((m, linear.out_features(n, epi)), np.float32)
-                    kern = linear.make_gemm(kind, epi, tiles)
-                    step = Launch(kern, linear.gemm_grid(m, n, tiles), tiles[3], (x, w, out))
-                    ms = gpu_ms(step, 20)
-                    row[f"{name}_TFLOPs"] = 2 * m * n * k / ms / 1e9
-                    flops += 2 * m * n * k
-                    ms_all += ms
-                row["all_TFLOPs"] = flops / ms_all / 1e9
-                one = lambda d: list(d.values())[0]  # noqa: E731
-                row["regs"] = one(kern.get_regs_per_thread())
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:80]
-            rows.append(row)
+            rows.append(dict(tiles=str(tiles), M=m, **time_matrices(
+                m, lambda kind, epi, n: (linear.make_gemm(kind, epi, tiles), linear.gemm_grid(m, n, tiles), tiles[3]))))
     table("GEMM bf16 weights, fp32 math: TFLOP/s", rows,
           ["tiles", "M", "qkv_TFLOPs", "o_TFLOPs", "gate_up_TFLOPs", "down_TFLOPs", "all_TFLOPs", "regs", "error"])
 
@@ -171,23 +153,30 @@ def section_gemm_mma():
 
 def gemm_mma_row(m, tiles, terms, chunked, is_default):
     from numbattn.kernels.gemm_mma import make_gemm_mma
-    row = dict(M=m, tiles=f"{tiles.bm}x{tiles.bn}x{tiles.bk} w{tiles.wm}x{tiles.wn}x{tiles.wk}", terms=terms,
-               chunked=chunked, default=is_default)
+    return dict(M=m, tiles=f"{tiles.bm}x{tiles.bn}x{tiles.bk} w{tiles.wm}x{tiles.wn}x{tiles.wk}", terms=terms,
+                chunked=chunked, default=is_default, **time_matrices(
+                    m, lambda kind, epi, n: (make_gemm_mma(epi, tiles, terms, chunked), linear.gemm_grid(m, n, tiles),
+                                             tiles.threads)))
+
+
+def time_matrices(m, plan):
+    """GPU time of a GEMM of m tokens on each of TinyLlama's four matrices; plan(kind, epilogue, n_rows) ->
+    (kernel, grid, threads). -> {matrix_TFLOPs, all_TFLOPs, all_us, regs, local_bytes} (or {error})."""
+    row, flops, ms_all = {}, 0.0, 0.0
     try:
-        flops = ms_all = 0.0
         for name in ("qkv", "o", "gate_up", "down"):
             n, k, epi = SHAPES[name]
             w, kind = weights(n, k)
             x = cuda.to_device(np.random.default_rng(2).standard_normal((m, k), dtype=np.float32))
             out = cuda.device_array((m, linear.out_features(n, epi)), np.float32)
-            kern = make_gemm_mma(epi, tiles, terms, chunked)
-            ms = gpu_ms(Launch(kern, linear.gemm_grid(m, n, tiles), tiles.threads, (x, w, out)), 20)
+            kern, grid, threads = plan(kind, epi, n)
+            ms = gpu_ms(Launch(kern, grid, threads, (x, w, out)), 20)
             row[f"{name}_TFLOPs"] = 2 * m * n * k / ms / 1e9
             flops += 2 * m * n * k
             ms_all += ms
-        row.update(all_TFLOPs=flops / ms_all / 1e9, all_us=ms_all * 1e3)
         one = lambda d: list(d.values())[0]  # noqa: E731
-        row.update(regs=one(kern.get_regs_per_thread()), local_bytes=one(kern.get_local_mem_per_thread()))
+        row.update(all_TFLOPs=flops / ms_all / 1e9, all_us=ms_all * 1e3, regs=one(kern.get_regs_per_thread()),
+                   local_bytes=one(kern.get_local_mem_per_thread()))
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"[:80]
     return row

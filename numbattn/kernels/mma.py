@@ -97,21 +97,27 @@ def _round_tf32(typingctx, x):
     return float32(float32), codegen
 
 
-@intrinsic
-def _mma_tf32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-    """One m16n8k8 TF32 MMA of the warp; A and B words are TF32 bit patterns held in float32 values."""
+def _warp_mma(instruction, ab_type):
+    """An @intrinsic for one warp MMA `instruction` with fp32 C and D: (a0..a3, b0, b1, c0..c3) -> (d0..d3). A and
+    B are 32-bit registers of ab_type: float32 holding TF32 bits, or uint32 holding two bf16."""
     ret = types.UniTuple(float32, 4)
 
-    def codegen(context, builder, signature, args):
-        i32, f32 = ir.IntType(32), ir.FloatType()
-        fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4)
-        mma = ir.InlineAsm(fnty, "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-                                 "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
-                           "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
-        ab = [builder.bitcast(x, i32) for x in args[:6]]
-        d = builder.call(mma, ab + list(args[6:]))
-        return context.make_tuple(builder, ret, [builder.extract_value(d, i) for i in range(4)])
-    return ret(*([float32] * 10)), codegen
+    @intrinsic
+    def mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        def codegen(context, builder, signature, args):
+            i32, f32 = ir.IntType(32), ir.FloatType()
+            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4)
+            asm = ir.InlineAsm(fnty, f"{instruction} {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, {{$8, $9}}, "
+                                     "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+            ab = [builder.bitcast(x, i32) if ab_type == float32 else x for x in args[:6]]
+            d = builder.call(asm, ab + list(args[6:]))
+            return context.make_tuple(builder, ret, [builder.extract_value(d, i) for i in range(4)])
+        return ret(*([ab_type] * 6 + [float32] * 4)), codegen
+    return mma
+
+
+_mma_tf32 = _warp_mma("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", float32)         # one m16n8k8 TF32 MMA
+_mma_bf16 = _warp_mma("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", types.uint32)   # m16n8k16 bf16
 
 
 @intrinsic
@@ -123,22 +129,6 @@ def _cvt_bf16x2(typingctx, lo, hi):
         cvt = ir.InlineAsm(ir.FunctionType(i32, [f32, f32]), "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f")
         return builder.call(cvt, [args[1], args[0]])
     return types.uint32(float32, float32), codegen
-
-
-@intrinsic
-def _mma_bf16(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-    """One m16n8k16 bf16 MMA of the warp with fp32 accumulation; A and B: words of two bf16 (uint32)."""
-    ret = types.UniTuple(float32, 4)
-
-    def codegen(context, builder, signature, args):
-        i32, f32 = ir.IntType(32), ir.FloatType()
-        fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4)
-        mma = ir.InlineAsm(fnty, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                                 "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
-                           "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
-        d = builder.call(mma, list(args))
-        return context.make_tuple(builder, ret, [builder.extract_value(d, i) for i in range(4)])
-    return ret(*([types.uint32] * 6 + [float32] * 4)), codegen
 
 
 # --------------------------------------------------------------------------------------------------------
