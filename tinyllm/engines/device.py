@@ -78,7 +78,7 @@ class DeviceEngine:
         where = "the GPU" if self.backend == "cuda" else "the simulated device (host memory)"
         return (f"device engine ({self.backend}): weights on {where} ({human_bytes(self.weights.nbytes)} of "
                 f"{kinds} words), KV cache {human_bytes(self.cache.nbytes)} {self.cache.dtype.name}, every op a "
-                f"numbattn kernel{'; decode steps replayed as CUDA graphs' if self.use_graphs else ''}")
+                f"numbattn kernel{'; decode steps and short prompts replayed as CUDA graphs' * self.use_graphs}")
 
     # ---- views and launches, made once per shape ----------------------------------------------------------
     def view(self, name, rows):
