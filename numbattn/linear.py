@@ -38,11 +38,12 @@ GEMV_MAX_TOKENS = 4                         # more tokens than this (or an x too
 GEMM_TILE_CHOICES = (GEMM_TILES,) if SIM else (GEMM_TILES, (64, 64, 16, 256))
 GEMM_TERMS = 2                              # bf16 terms per activation in the tensor-core GEMM (~1e-6 relative)
 # The tensor-core GEMM's tiles by prompt length: (most tokens, tiles). Short prompts have one row block, so their
-# blocks split K among 8 warps (and stay narrow: many blocks stream W at once); long ones take big tiles. Chosen
-# so that TinyLlama's narrowest matrix (2048 rows) gets >= 128 blocks at the class's largest M; the H100 sweep in
-# benchmarks/tune.py (`gemm_mma`) measures them. The simulator runs small tiles of 2 warps.
+# blocks split K among 8 warps (and stay narrow: many blocks stream W at once); longer ones take 64 x 128 tiles
+# (>= 128 blocks on TinyLlama's narrowest matrix from 512 tokens on; 169 registers, no spill: 128 x 128 tiles
+# reach 255 registers and spill, ptxas says). Chosen without a GPU; benchmarks/tune.py's `gemm_mma` sweep
+# measures them and the alternatives on the H100. The simulator runs small tiles of 2 warps.
 GPU_MMA_TILE_CLASSES = ((16, MmaTiles(16, 16, 128, 1, 1, 8)), (64, MmaTiles(32, 32, 64, 1, 1, 4)),
-                        (512, MmaTiles(64, 128, 32, 2, 4, 1)), (None, MmaTiles(128, 128, 32, 4, 2, 1)))
+                        (None, MmaTiles(64, 128, 32, 2, 4, 1)))
 SIM_MMA_TILE_CLASSES = ((16, MmaTiles(16, 16, 32, 1, 1, 2)), (None, MmaTiles(32, 16, 16, 2, 1, 1)))
 MMA_TILE_CLASSES = SIM_MMA_TILE_CLASSES if SIM else GPU_MMA_TILE_CLASSES
 

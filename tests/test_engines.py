@@ -95,20 +95,20 @@ def test_batch_of_two_rows(device_model, tiny_model):
 
 
 def test_a_short_fresh_prompt_runs_padded_to_its_bucket(one_layer_dir, tiny_model, kernel_backend, monkeypatch):
-    """The path a GPU replays as one CUDA graph per bucket, run here as it is the first time: a 5-token prompt
-    padded to 8 tokens gives the unpadded logits, leaves 5 tokens in the cache (the padding's slots NaN again), and
+    """The path a GPU replays as one CUDA graph per bucket, run here as it is the first time: a 2-token prompt
+    padded to 4 tokens gives the unpadded logits, leaves 2 tokens in the cache (the padding's slots NaN again), and
     the next decode step continues from there."""
-    monkeypatch.setattr(DeviceEngine, "prefill_buckets", (8,))
+    monkeypatch.setattr(DeviceEngine, "prefill_buckets", (4,))
     model = load_model(one_layer_dir, backend=kernel_backend, max_len=64)
     model.ops.pad_short_prompts = True
-    ids = np.random.default_rng(6).integers(3, 500, (1, 6))
-    got = model.forward(ids[:, :5], last_only=True)
-    assert got.shape == (1, 1, 512) and rel_err(got, tiny_model.forward(ids[:, :5])[:, -1:]) < RTOL
-    assert model.cache.lengths.tolist() == [5] and model.cache.device_lengths(0).copy_to_host().tolist() == [5]
+    ids = np.random.default_rng(6).integers(3, 500, (1, 3))
+    got = model.forward(ids[:, :2], last_only=True)
+    assert got.shape == (1, 1, 512) and rel_err(got, tiny_model.forward(ids[:, :2])[:, -1:]) < RTOL
+    assert model.cache.lengths.tolist() == [2] and model.cache.device_lengths(0).copy_to_host().tolist() == [2]
     k = model.cache.k(0).copy_to_host()
-    assert np.isfinite(k[0, :, :5]).all() and np.isnan(k[0, :, 5:8]).all()
-    step = model.forward(ids[:, 5:6], start_pos=5)
-    assert rel_err(step, tiny_model.forward(ids[:, 5:6], start_pos=5)) < RTOL
+    assert np.isfinite(k[0, :, :2]).all() and np.isnan(k[0, :, 2:4]).all()
+    step = model.forward(ids[:, 2:3], start_pos=2)
+    assert rel_err(step, tiny_model.forward(ids[:, 2:3], start_pos=2)) < RTOL
 
 
 def test_a_decode_step_is_five_launches_per_layer_and_two_more(device_model, monkeypatch):
@@ -123,9 +123,7 @@ def test_a_decode_step_is_five_launches_per_layer_and_two_more(device_model, mon
                                                                                     real(self, grid))[1])
     device_model.reset()
     B = device_model.cache.batch
-    device_model.forward(np.full((B, 2), 7), last_only=True)
-    calls.clear()
-    device_model.forward(np.full((B, 1), 9), start_pos=2, last_only=True)
+    device_model.forward(np.full((B, 1), 9), last_only=True)
     assert len(calls) == 2 + 5 * device_model.config.num_hidden_layers
 
 

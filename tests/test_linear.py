@@ -186,7 +186,7 @@ def test_every_gpu_tile_class_fits_and_the_planned_lengths_cover_every_kernel(mo
     for most in (3, 16, 200, 2048):
         planned = {choice(n, k) for n in L.token_classes(most) for k in (2048, 5632)}
         assert {choice(n, k) for n in range(1, most + 1) for k in (2048, 5632)} <= planned, most
-    assert L.token_classes(2048) == [1, 2, 3, 4, 16, 64, 512, 2048] and L.token_classes(3) == [1, 2, 3]
+    assert L.token_classes(2048) == [1, 2, 3, 4, 16, 64, 2048] and L.token_classes(3) == [1, 2, 3]
 
 
 def choice(n_tokens, n_in):
