@@ -146,6 +146,24 @@ def test_the_plan_covers_every_chunk_length_and_leaves_the_cache_empty(device_mo
 
 # ---- real GPU only ----------------------------------------------------------------------------------------
 @pytest.mark.gpu
+def test_short_fresh_prompts_replayed_as_graphs_match_the_numpy_engine(device_model, tiny_model):
+    """A fresh prompt of <= 64 tokens runs padded, then is recorded, then replayed (per bucket): each time the same
+    logits, and the decode step after a replayed prompt continues from its real length."""
+    rng = np.random.default_rng(7)
+    for n in (3, 9, 16, 40):
+        ids = rng.integers(3, 500, (1, n + 1))
+        tiny_model.reset()
+        want = tiny_model.forward(ids[:, :n])[:, -1:]
+        for _ in range(3):                                  # run, recorded, replayed
+            device_model.reset()
+            assert rel_err(device_model.forward(ids[:, :n], last_only=True), want) < RTOL, n
+            assert device_model.cache.device_lengths(0).copy_to_host().tolist() == [n]
+        step = device_model.forward(ids[:, n:], start_pos=n)
+        assert rel_err(step, tiny_model.forward(ids[:, n:], start_pos=n)) < RTOL
+    assert {key for key in device_model.ops._graphs if key[0] == "prompt"} == {("prompt", 1, 16), ("prompt", 1, 64)}
+
+
+@pytest.mark.gpu
 def test_load_model_compiles_ahead_and_replies_compile_nothing(one_layer_dir, tiny_model):
     """After load_model (which compiles or loads every planned kernel), prompts of every tile class and decode
     steps compile nothing more, and still match the NumPy engine."""
