@@ -342,7 +342,7 @@ def _disk_cache_class():
 
 
 def _argtypes(sig):
-    from numba.core import sigutils
+    from numba.cuda.core import sigutils          # as numba-cuda's dispatcher normalises them
     argtypes, _ = sigutils.normalize_signature(sig)
     return tuple(argtypes)
 
