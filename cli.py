@@ -476,8 +476,8 @@ def open_model(model, backend, ctx_size=None, verbose=False, download=True):
     if ctx_size is not None and ctx_size > config.max_position_embeddings:
         raise click.BadParameter(f"{ctx_size} is more than the model's {config.max_position_embeddings} "
                                  f"positions", param_hint="'-c' / '--ctx-size'")
-    with ProgressBar("loading weights") as bar:
-        llm = tinyllm.load_model(files, backend=backend, max_len=ctx_size, progress=bar)
+    with ProgressBar("loading weights") as bar, ProgressBar("compiling kernels, once") as kernels:
+        llm = tinyllm.load_model(files, backend=backend, max_len=ctx_size, progress=bar, compile_progress=kernels)
     if verbose:
         note(f"loaded {source} in {time.perf_counter() - t0:.2f} s")
         note(describe_backend(llm.backend, backend))
@@ -782,6 +782,7 @@ def info(model, backend, threads, verbose):
     sdpa = "yes" if torch_cuda() is not None else "no (needs torch and a GPU)"
     click.echo(f"torch SDPA for bench comparisons: {sdpa}")
     click.echo(f"BLAS threads: {blas.describe(blas.update())}; threadpoolctl sees {describe_blas()}")
+    click.echo(kernel_cache_line())
 
     from tinyllm import hub
     try:
@@ -806,6 +807,17 @@ def describe_blas():
     from tinyllm.threads import blas_libraries
     libs = blas_libraries()
     return ", ".join(f"{api} {version} with {n} thread{'s' * (n != 1)}" for api, version, n in libs) or "no BLAS"
+
+
+def kernel_cache_line():
+    """Where compiled kernels are kept, and how many and how big (numbattn/kernel_cache.py)."""
+    from numbattn import kernel_cache
+    from tinyllm.units import human_bytes
+    folder, entries, size = kernel_cache.summary()
+    if folder is None:
+        return "kernel cache: off (NUMBATTN_KERNEL_CACHE=off: every process compiles its kernels)"
+    return (f"kernel cache: {folder} ({entries} compiled kernel{'s' * (entries != 1)}, {human_bytes(size)}; "
+            f"NUMBATTN_KERNEL_CACHE moves it, deleting it is safe)")
 
 
 def gpu_name():

@@ -192,6 +192,35 @@ def test_info_without_a_downloaded_model(run):
     assert f"model: {MODEL_ID} is not downloaded" in r.stdout and "`python cli.py download` fetches" in r.stdout
 
 
+def test_kernels_compiled_at_load_show_a_progress_line(run, tiny_model_dir, monkeypatch):
+    """On a GPU, load_model compiles what is not in the disk cache yet and reports each kernel: the CLI draws it
+    on stderr as "compiling kernels, once" (here the engine's prepare is played by a stand-in: nothing compiles
+    without a GPU)."""
+    import tinyllm.engines.host as host
+
+    def prepare(self, forward, progress=None):
+        for i in range(3):
+            progress(i, 3, "gemm_mma")
+        progress(3, 3, "")
+        return 0, 3
+    r = run("generate", "Hi", "-m", tiny_model_dir, *NUMPY, "-n", 1)
+    assert r.exit_code == 0 and "compiling kernels" not in r.stderr          # nothing to compile: no line
+    monkeypatch.setattr(host.NumpyEngine, "prepare", prepare)
+    r = run("generate", "Hi", "-m", tiny_model_dir, *NUMPY, "-n", 1)
+    assert r.exit_code == 0 and "compiling kernels, once" in r.stderr, r.stderr
+
+
+def test_info_says_where_compiled_kernels_are_kept(run, tmp_path, monkeypatch):
+    from numbattn import kernel_cache
+    monkeypatch.setenv("NUMBATTN_KERNEL_CACHE", str(tmp_path / "kernels"))
+    description = {"format": 1, "kernel": "m.k", "code": "0"}
+    kernel_cache.write_entry(kernel_cache.entry_path(tmp_path / "kernels", description), description, "k", b"x" * 2000)
+    r = run("info")
+    assert r.exit_code == 0 and f"kernel cache: {tmp_path / 'kernels'} (1 compiled kernel, 2." in r.stdout
+    monkeypatch.setenv("NUMBATTN_KERNEL_CACHE", "off")
+    assert "kernel cache: off" in run("info").stdout
+
+
 def test_info_with_a_model_dir_and_a_cached_model(run, tiny_model_dir, empty_hub_cache):
     r = run("info", "-m", tiny_model_dir, *NUMPY)
     assert r.exit_code == 0, r.output
