@@ -77,8 +77,9 @@ class DeviceEngine:
         kinds = "/".join(self.weights.kinds)
         where = "the GPU" if self.backend == "cuda" else "the simulated device (host memory)"
         return (f"device engine ({self.backend}): weights on {where} ({human_bytes(self.weights.nbytes)} of "
-                f"{kinds} words), KV cache {human_bytes(self.cache.nbytes)} {self.cache.dtype.name}, every op a "
-                f"numbattn kernel{'; decode steps and short prompts replayed as CUDA graphs' * self.use_graphs}")
+                f"{kinds} words, {human_bytes(self.weights.token_bytes)} read per token), KV cache "
+                f"{human_bytes(self.cache.nbytes)} {self.cache.dtype.name}, every op a numbattn kernel"
+                f"{'; decode steps and short prompts replayed as CUDA graphs' * self.use_graphs}")
 
     # ---- views and launches, made once per shape ----------------------------------------------------------
     def view(self, name, rows):
@@ -86,6 +87,14 @@ class DeviceEngine:
         key = (name, rows)
         if key not in self._views:
             self._views[key] = self.buf[name][:rows]
+        return self._views[key]
+
+    def columns(self, name, rows, begin, end):
+        """Columns begin .. end - 1 of the first `rows` rows of buffer `name` (a strided view, made once)."""
+        key = (name, rows, begin, end)
+        if key not in self._views:
+            self._views[key] = self.view(name, rows) if (begin, end) == (0, self.buf[name].shape[1]) else \
+                self.buf[name][:rows, begin:end]
         return self._views[key]
 
     def launch(self, key, kernel, grid, block, args):
@@ -145,19 +154,25 @@ class DeviceEngine:
         """-> the qkv buffer holding q rotated; k rotated and v appended to the cache at each row's length. A few
         tokens: one GEMV with the norm, RoPE and append fused (linear.plan_qkv_rope); else the matmul (a GEMM) and
         rowwise.rope_append."""
-        M, (words, kind) = B * s, pending.lw.w_qkv
+        M, w_qkv = B * s, pending.lw.w_qkv
         qkv = self.view("qkv", M)
         x, norm = (pending.h.x, pending.h.w) if isinstance(pending.h, _Norm) else (pending.h, None)
         cache_args = (self.cos, self.sin, self.cache.k(layer), self.cache.v(layer), self.cache.device_lengths(layer),
                       self.cache.append_counters(layer))
-        fused = linear.plan_qkv_rope(M, x.shape[1], words.shape[0], kind, (self.H, self.HKV, self.D),
-                                     norm is not None)
-        if fused is not None:
+        parts = w_qkv if isinstance(w_qkv, list) else [w_qkv]     # (q/k/v stored in different forms: parts)
+        fused = len(parts) == 1 and linear.plan_qkv_rope(M, x.shape[1], parts[0][0].shape[0], parts[0][1],
+                                                         (self.H, self.HKV, self.D), norm is not None)
+        if fused:
+            words = parts[0][0]
             kernel, grid, threads = fused
             args = (x, words, qkv, norm if norm is not None else self.norm, self.eps) + cache_args
             self.launch(("qkv rope", layer, M), kernel, grid, threads, args)
             return qkv
-        self.matmul(("qkv", id(pending.lw)), pending.h, pending.lw.w_qkv, qkv, "none")
+        col = 0
+        for p, part in enumerate(parts):                          # each part's rows: its columns of qkv
+            out = self.columns("qkv", M, col, col + part[0].shape[0])
+            self.matmul(("qkv", id(pending.lw), p), pending.h, part, out, "none")
+            col += part[0].shape[0]
         self.launch(("rope", layer, M), rowwise.make_rope_append(self.H, self.HKV, self.D),
                     rowwise.rope_append_grid(s, B), rowwise.THREADS, (qkv,) + cache_args)
         return qkv

@@ -1,0 +1,227 @@
+"""The linear layers on the CPU with the weights in GGUF blocks: y = x W^T, dequantized inside Numba kernels.
+
+What you will learn here
+------------------------
+On a CPU, decode is bound by the bytes of weights read per token as on a GPU: SmolLM2-135M's matrices are 92 MB as
+Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the weights stay in their blocks
+(numbattn/blocks.py's layout, the file's bytes) and two Numba kernels (@njit, compiled for this CPU, vectorised by
+LLVM) read them:
+
+    gemv   one token: each 32-value chunk of a row (16 bytes of 4-bit codes, or 32 of 8-bit) is turned into floats
+           a * c + b in registers and multiplied into 16 (or 32) running sums: x is staged once per call in the
+           chunk's order (low nibbles, then high), so the loop is a plain vectorisable run of 16 lanes. Rows are
+           split over the threads (prange) when there is more than one.
+    panel  a prompt chunk (more than GEMV_TOKENS tokens): PANEL_ROWS rows at a time dequantized into an fp32
+           buffer that stays in cache, in the same staged order, and multiplied by x (staged alike) with BLAS
+           (x @ panel^T): every weight is decoded once per chunk and BLAS does the O(M N K) work.
+
+Activations and sums are float32. The record arithmetic (a group's factor a and offset b) is the GPU's, written
+once (kernels/blocks.py make_factors); the NumPy statement the kernels are tested against is blocks.dequantize.
+
+    W = BlockMatrix("q4_1", words, n_in)      # W [N, K] as stored: W.shape == (N, K)
+    y = x @ W.T                               # x [..., K] -> [..., N]: the NumPy engine's `h @ lw.wq`, unchanged
+    rows = W[ids]                             # dequantized rows (the embedding lookup) [..., K]
+"""
+import functools
+
+import numpy as np
+from numba import float32, prange, uint32
+
+from . import blocks
+from .kernels.blocks import ZERO, cpu_factors
+from .kernels.common import cpu_kernel
+
+GEMV_TOKENS = 2             # more tokens than this: dequantized panels and BLAS
+PANEL_ROWS = 256            # rows per dequantized panel: 256 x 2048 fp32 = 2 MB, this machine's L2 per core
+ROW_BLOCK = 32              # rows per parallel task of the GEMV
+CPU_KINDS = tuple(blocks.BLOCK_KINDS)
+HALF_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@cpu_kernel(inline="always")
+def half(bits):
+    """fp16 bits -> float32, exactly: a table of the 65536 halves, decoded once by NumPy (256 KB, cache resident)."""
+    return HALF_TO_F32[bits]
+
+
+def staged_order(kind, n_in):
+    """The staged order of a row's columns: position p of the staged row holds column order[p]. 4- to 6-bit codes:
+    the low nibbles of the row's code bytes, then their high nibbles (byte i of code word w = i // 8 holds columns
+    16 w + i % 8 and 16 w + 8 + i % 8); 8-bit codes in place. x is staged alike, once per call."""
+    if blocks.BLOCK_KINDS[kind].bits == 8:
+        return np.arange(n_in)
+    i = np.arange(n_in // 2)
+    low = 16 * (i // 8) + i % 8
+    return np.concatenate([low, low + 8])
+
+
+class BlockMatrix:
+    """A weight matrix W [N, K] kept in numbattn's block layout (rows of uint64 words), multiplied by Numba kernels.
+    `W.T` is the [K, N] matrix of the NumPy engine's `x @ W` (an operand NumPy defers to); `W[ids]` dequantized
+    rows."""
+
+    def __init__(self, kind, words, n_in):
+        if kind not in CPU_KINDS:
+            raise ValueError(f"kind={kind!r}: the CPU kernels read {', '.join(CPU_KINDS)}")
+        blocks.check_row_length(kind, n_in)
+        if words.dtype != np.uint64 or words.ndim != 2 or words.shape[1] != blocks.row_words(kind, n_in):
+            raise ValueError(f"words {words.dtype} {words.shape}: expected uint64 rows of "
+                             f"{blocks.row_words(kind, n_in)} words ({kind}, {n_in} values)")
+        self.kind, self.words, self.n_in = kind, np.ascontiguousarray(words), n_in
+        self.shape, self.nbytes, self.dtype = (words.shape[0], n_in), self.words.nbytes, np.dtype(np.float32)
+        self.order = staged_order(kind, n_in)
+
+    @property
+    def T(self):
+        return Transposed(self)
+
+    def __getitem__(self, ids):
+        """W[ids]: rows dequantized (the NumPy statement: an embedding lookup reads a few rows)."""
+        ids = np.asarray(ids)
+        return blocks.dequantize(self.kind, self.words[ids.reshape(-1)], self.n_in).reshape(*ids.shape, self.n_in)
+
+    def times(self, x):
+        """x [..., K] float32 -> x W^T [..., N]."""
+        x = np.asarray(x, np.float32)
+        lead, (n, k) = x.shape[:-1], self.shape
+        if x.shape[-1] != k:
+            raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
+        xs = np.ascontiguousarray(x.reshape(-1, k)[:, self.order])          # [M, K], staged as the chunks are
+        out = np.empty((xs.shape[0], n), np.float32)
+        gemv, panel = make_cpu_kernels(self.kind)
+        if xs.shape[0] <= GEMV_TOKENS:
+            for m in range(xs.shape[0]):
+                gemv(self.words.view(np.uint8), xs[m], out[m])
+        else:
+            buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
+            for r0 in range(0, n, PANEL_ROWS):
+                r1 = min(n, r0 + PANEL_ROWS)
+                panel(self.words.view(np.uint8), r0, r1, buf)
+                np.matmul(xs, buf[:r1 - r0].T, out=out[:, r0:r1])
+        return out.reshape(*lead, n)
+
+
+class Transposed:
+    """W^T [K, N] of a BlockMatrix: `x @ W.T` calls W.times(x); `W.T.T` is W."""
+    __array_ufunc__ = None                  # ndarray @ Transposed -> Transposed.__rmatmul__
+
+    def __init__(self, matrix):
+        self.T, self.shape = matrix, matrix.shape[::-1]
+        self.nbytes, self.dtype, self.kind = matrix.nbytes, matrix.dtype, matrix.kind
+
+    def __rmatmul__(self, x):
+        return self.T.times(x)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The kernels
+# --------------------------------------------------------------------------------------------------------
+def compile_cpu_kernels(kind):
+    """Compile `kind`'s kernels now (Numba compiles at the first call: a few seconds), on a one-block matrix."""
+    k = blocks.BLOCK_KINDS[kind]
+    matrix = BlockMatrix(kind, np.zeros((1, blocks.row_words(kind, k.block)), np.uint64), k.block)
+    for tokens in (1, GEMV_TOKENS + 1):
+        np.zeros((tokens, k.block), np.float32) @ matrix.T
+
+
+
+@functools.lru_cache(maxsize=None)
+def make_cpu_kernels(kind):
+    """(gemv(w_bytes, xs, out), panel(w_bytes, r0, r1, buf)) for `kind`: w_bytes the words as uint8 [N, 8 W], xs one
+    staged token [K], buf [>= r1 - r0, K] receiving rows r0 .. r1 - 1 dequantized, staged. Both are one function,
+    dequantize_row, and a dot product (gemv) or nothing (panel). Each splits its rows over Numba's threads
+    (numba.set_num_threads), ROW_BLOCK rows to a task, whose loops are compiled apart (in a prange body LLVM left
+    them scalar)."""
+    dequantize_row = (_make_q8 if blocks.BLOCK_KINDS[kind].bits == 8 else _make_q4)(kind)
+    offsets = _make_offsets(kind)
+
+    @cpu_kernel
+    def gemv_rows(w, xs, out, r0, r1):
+        lay, scratch = offsets(xs.shape[0]), np.empty((4, xs.shape[0] // 2), np.float32)
+        row = np.empty(xs.shape[0], np.float32)
+        for n in range(r0, r1):
+            dequantize_row(w, n, lay, scratch, row)
+            s = float32(0.0)
+            for i in range(xs.shape[0]):
+                s += row[i] * xs[i]
+            out[n] = s
+
+    @cpu_kernel
+    def panel_rows(w, r0, r1, buf):
+        lay, scratch = offsets(buf.shape[1]), np.empty((4, buf.shape[1] // 2), np.float32)
+        for n in range(r0, r1):
+            dequantize_row(w, n, lay, scratch, buf[n - r0])
+
+    @cpu_kernel(parallel=True)
+    def gemv(w, xs, out):
+        for b in prange((w.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
+            gemv_rows(w, xs, out, b * ROW_BLOCK, min(w.shape[0], (b + 1) * ROW_BLOCK))
+
+    @cpu_kernel(parallel=True)
+    def panel(w, r0, r1, buf):
+        for b in prange((r1 - r0 + ROW_BLOCK - 1) // ROW_BLOCK):
+            lo = r0 + b * ROW_BLOCK
+            panel_rows(w, lo, min(r1, lo + ROW_BLOCK), buf[lo - r0:])
+    return gemv, panel
+
+
+def _make_offsets(kind):
+    """offsets(n_in) -> (first high-bit byte, first record byte) of a row (numbattn.blocks.row_layout, in bytes)."""
+    VPW, HB = blocks.BLOCK_KINDS[kind].vpw, blocks.BLOCK_KINDS[kind].high_bits
+
+    @cpu_kernel(inline="always")
+    def offsets(n_in):
+        n_code = n_in // VPW
+        return 8 * n_code, 8 * (n_code + (n_code * HB + 63) // 64)
+    return offsets
+
+
+# dequantize_row(w, n, lay, scratch, row): row [K] = W[n] dequantized, staged. Written as LLVM vectorises it (checked
+# in the assembly): each group's factors spread first into per-byte arrays (scratch), then plain loops over the
+# row's bytes with one stream of stores each. (One loop per chunk, the factors computed inside, was vectorised across
+# chunks instead, with gathers and scatters: 6x slower.)
+def _make_q4(kind):
+    """4- to 6-bit codes. scratch [4, K/2]: each byte's factor a, offset b (the zero point folded in: a c + b), and
+    the high bits of its low and high code."""
+    k = blocks.BLOCK_KINDS[kind]
+    factors = cpu_factors(kind, half)
+    z, E, BYTES_PER_GROUP = float32(ZERO[kind]), k.bits - 4, k.group // 2
+    MASK, FIELD = (1 << max(E, 0)) - 1, k.high_bits // 8            # high bits per code, bytes per word's field
+
+    @cpu_kernel(inline="always")
+    def dequantize_row(w, n, lay, scratch, row):
+        wn, H = w[n], row.shape[0] // 2
+        a, b, high_lo, high_hi = scratch[0], scratch[1], scratch[2], scratch[3]
+        for g in range(H // BYTES_PER_GROUP):
+            ag, bg = factors(w, n, lay[1], g)
+            for t in range(BYTES_PER_GROUP):
+                a[BYTES_PER_GROUP * g + t] = ag
+                b[BYTES_PER_GROUP * g + t] = bg - ag * z
+        if E:
+            for i in range(H):                                # byte i: code word i // 8, columns t and t + 8
+                f, t = 0, i & 7
+                for e in range(FIELD):
+                    f |= int(wn[lay[0] + FIELD * (i >> 3) + e]) << (8 * e)
+                high_lo[i] = float32(((f >> (E * t)) & MASK) << 4)
+                high_hi[i] = float32(((f >> (E * (t + 8))) & MASK) << 4)
+        for i in range(H):
+            row[i] = a[i] * (float32(int(wn[i]) & 15) + (high_lo[i] if E else float32(0.0))) + b[i]
+        for i in range(H):
+            row[H + i] = a[i] * (float32(int(wn[i]) >> 4) + (high_hi[i] if E else float32(0.0))) + b[i]
+    return dequantize_row
+
+
+def _make_q8(kind):
+    """8-bit codes (Q8_0): 32 int8 codes a block, in place; scratch [4, K/2] holds each value's factor."""
+    factors = cpu_factors(kind, half)
+
+    @cpu_kernel(inline="always")
+    def dequantize_row(w, n, lay, scratch, row):
+        wn, a = w[n], scratch.reshape(-1)
+        for g in range(row.shape[0] // 32):
+            ag, _ = factors(w, n, lay[1], g)
+            for t in range(32):
+                a[32 * g + t] = ag
+        for i in range(row.shape[0]):
+            row[i] = a[i] * (float32(int(wn[i]) ^ 128) - float32(128.0))     # the byte's int8
+    return dequantize_row
