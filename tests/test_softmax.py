@@ -36,23 +36,28 @@ def test_finish_of_an_empty_row_is_zero_not_nan():
     assert reference.softmax_finish(np.float32(4.0)) == 0.25
 
 
-def plain(q, k, v, causal):
-    return reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=causal)
+def plain(q, k, v, causal, window=None, softcap=None):
+    return reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=causal, window=window,
+                               softcap=softcap)
 
 
 @settings(max_examples=25, deadline=None)
 @given(q_len=st.integers(1, 9), extra=st.integers(0, 6), block_n=st.integers(1, 8), group=st.sampled_from([1, 2, 4]),
-       causal=st.booleans(), seed=st.integers(0, 2**16))
-def test_online_attention_equals_softmax(q_len, extra, block_n, group, causal, seed):
-    """Tile by tile with the rule = the softmax at once, for tiles that do not divide the keys, GQA, causal."""
+       causal=st.booleans(), window=st.sampled_from([None, 1, 2, 5]), softcap=st.sampled_from([None, 2.0]),
+       seed=st.integers(0, 2**16))
+def test_online_attention_equals_softmax(q_len, extra, block_n, group, causal, window, softcap, seed):
+    """Tile by tile with the rule = the softmax at once, for tiles that do not divide the keys, GQA, causal, sliding
+    windows (whole tiles of a row masked: the empty-row rule) and soft-capped scores."""
+    window = window if causal else None
     rng = np.random.default_rng(seed)
     kv_len = q_len + extra
     q = rng.standard_normal((1, 2 * group, q_len, 8)) * 3
     k, v = rng.standard_normal((2, 1, 2, kv_len, 8))
-    out, lse = reference.online_attention(q, k, v, block_n, causal=causal)
-    np.testing.assert_allclose(out, plain(q, k, v, causal), rtol=1e-12, atol=1e-12)
+    out, lse = reference.online_attention(q, k, v, block_n, causal=causal, window=window, softcap=softcap)
+    np.testing.assert_allclose(out, plain(q, k, v, causal, window, softcap), rtol=1e-12, atol=1e-12)
     s = q @ np.repeat(k, group, axis=1).swapaxes(-1, -2) / np.sqrt(8)
-    s = np.where(reference.causal_mask(q_len, kv_len), s, -np.inf) if causal else s
+    s = softcap * np.tanh(s / softcap) if softcap else s
+    s = np.where(reference.visible(q_len, kv_len, causal, window), s, -np.inf)
     np.testing.assert_allclose(lse, np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1), rtol=1e-12)
 
 
