@@ -271,7 +271,7 @@ def test_duplicate_keys_and_tensor_names_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("change, error, problem", [
-    (dict(arch="qwen2"), ConfigError, "general.architecture='qwen2': only 'llama'"),
+    (dict(arch="phi3"), ConfigError, "general.architecture='phi3': only llama, qwen2, qwen3, gemma2, gemma3"),
     (dict(metadata={"llama.expert_count": 8}), ConfigError, "llama.expert_count changes the model"),
     (dict(metadata={"llama.attention.sliding_window": 4096}), ConfigError, "sliding_window"),
     (dict(metadata={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}), ConfigError,
@@ -281,7 +281,9 @@ def test_duplicate_keys_and_tensor_names_are_refused(tmp_path):
      r"has shape \(172, 64\) but .*GGUF metadata\) implies \(256, 64\)"),
     (dict(raw_tensors={"blk.0.attn_q.bias": (np.zeros(64, np.float32), "F32")}), WeightsError,
      "'blk.0.attn_q.bias' has no place"),
-    (dict(raw_tensors={"rope_freqs.weight": (np.ones(8, np.float32), "F32")}), WeightsError, "rope_freqs"),
+    (dict(raw_tensors={"rope_freqs.weight": (np.ones(5, np.float32), "F32")}), ConfigError,
+     "rope_freqs.weight must hold head_dim / 2 = 8"),
+    (dict(raw_tensors={"rope_freqs.weight": (-np.ones(8, np.float32), "F32")}), ConfigError, "positive, finite"),
     (dict(raw_tensors={"blk.2.attn_norm.weight": (np.ones(64, np.float32), "F32")}), WeightsError,
      "'blk.2.attn_norm.weight' has no place"),                                # a third block in a 2-layer model
 ])

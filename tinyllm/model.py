@@ -1,4 +1,4 @@
-"""Llama, the whole forward pass in one screen, for two engines: NumPy (the reference) and the GPU.
+"""The forward pass in one screen, for every family tinyllm runs and for two engines: NumPy (the reference) and the GPU.
 
     model = tinyllm.load_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
     logits = model.forward(ids)                  # [batch, seq] -> [batch, seq, vocab]
@@ -11,7 +11,11 @@ One transformer block (Llama 2 / TinyLlama, as in Hugging Face's LlamaForCausalL
     x = h + down_proj(silu(gate_proj(norm(h))) * up_proj(norm(h)))
 
 with RMSNorm before each half (pre-norm), rotary position embeddings on q and k, grouped-query attention
-(4 KV heads serve 32 query heads in TinyLlama: the KV cache is 8x smaller) and a SwiGLU MLP.
+(4 KV heads serve 32 query heads in TinyLlama: the KV cache is 8x smaller) and a SwiGLU MLP. The other
+families (Llama 3, Mistral, Qwen2/2.5, Qwen3, Gemma 2 and 3) change a few named things: biases on q/k/v,
+an RMSNorm on each q and k head, a norm after attention and after the MLP too, GeGLU, a sliding window and
+a RoPE table per layer, scaled embeddings, soft caps. tinyllm/architecture.py describes them, once per
+model (self.arch); the forward below reads those switches, and the engines read the rest.
 
 The arithmetic goes through an engine (tinyllm/engines/), so the forward below is the only one there is:
 NumpyEngine (every op a line of NumPy; attention through numbattn, on its NumPy reference or its kernels) or,
@@ -26,9 +30,9 @@ import numpy as np
 
 import numbattn
 from numbattn import backend as _backend
-from numbattn.reference import rope_tables
 from numbattn.validate import as_count
 
+from .architecture import describe, rope_table
 from .engines import DeviceEngine, DeviceWeights, NumpyEngine
 from .generate import ContextOverflowError, Sampler, generate as _generate
 
@@ -40,8 +44,8 @@ DEFAULT_CONTEXT = 4096
 
 
 class Llama:
-    """A LlamaForCausalLM: config, weights (host fp32 for the NumPy engine, or DeviceWeights on a GPU), a
-    tokenizer (optional) and a KV cache.
+    """A model of the Llama family (LlamaForCausalLM, Mistral, Qwen2/3, Gemma 2/3): config, its architecture,
+    weights (host fp32 for the NumPy engine, or DeviceWeights on a GPU), a tokenizer (optional) and a KV cache.
 
     State kept between calls (batch 1, which is what chat and generate use): the KV cache and
       cached_ids      the token ids whose K/V are in the cache, in order; forward() extends it and
@@ -55,8 +59,9 @@ class Llama:
         if isinstance(weights, DeviceWeights) and self.backend == "numpy":
             raise ValueError("these weights live on the GPU: backend 'numpy' needs host weights (engine='numpy')")
         self.max_len = context_size(config, max_len, self.backend)
-        self.cos, self.sin = rope_tables(config.head_dim, self.max_len, config.rope_theta,
-                                         config.rope_scaling_factor)         # [max_len, head_dim / 2] each
+        self.arch = describe(config)
+        self.rope = {table: rope_table(config, self.max_len, table)          # cos, sin [max_len, head_dim / 2]
+                     for table in sorted({spec.rope for spec in self.arch.layers})}
         eos = set(config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_id is not None:
             eos.add(tokenizer.eos_id)
@@ -81,7 +86,7 @@ class Llama:
         self.cache = numbattn.KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, self.max_len,
                                       c.head_dim, dtype=np.float32, backend=self.backend)
         engine = DeviceEngine if isinstance(self.weights, DeviceWeights) else NumpyEngine
-        self.ops = engine(c, self.weights, self.cache, self.cos, self.sin, self.backend)
+        self.ops = engine(c, self.arch, self.weights, self.cache, self.rope, self.backend)
         self.batch, self.n_cached, self.cached_ids = batch, 0, []
 
     def reset(self):
@@ -140,21 +145,26 @@ class Llama:
         return logits
 
     def _forward(self, ids, step):
-        ops = self.ops
+        ops, arch = self.ops, self.arch
         x = ops.embed(ids)                                       # [b, seq] -> [b, seq, dim]: the residual stream
-        for layer, lw in enumerate(ops.layers):
+        for layer, lw in enumerate(ops.layers):                  # (Gemma: embeddings scaled by sqrt(dim))
             # attention: q, k, v for these positions, rotated by their positions, then over the KV cache
             h = ops.rms_norm(x, lw.attn_norm)                    # [b, seq, dim]
             q, k, v = ops.qkv(h, lw)                             # [b, seq, dim] -> [b, heads, seq, head_dim] each
-            q, k = ops.rope(q, k, step)                          # positions step.start_pos ...
+            if arch.qk_norm:                                     # Qwen3, Gemma 3: RMSNorm over each head
+                q, k = ops.head_norm(q, lw.q_norm), ops.head_norm(k, lw.k_norm)
+            q, k = ops.rope(q, k, step, layer)                   # positions step.start_pos ..., the layer's table
             attn = ops.attention(layer, q, k, v, step)           # appends k, v to the cache -> [b, seq, H * d]
-            x = ops.linear(attn, lw.wo, residual=x)              # x + attn @ wo
+            x = ops.linear(attn, lw.wo, residual=x,              # x + attn @ wo
+                           post_norm=lw.post_attn_norm)          # (Gemma's sandwich: x + norm(attn @ wo))
 
             # feed-forward
             h = ops.rms_norm(x, lw.ffn_norm)                     # [b, seq, dim]
-            x = ops.linear(ops.swiglu(h, lw), lw.w_down, residual=x)   # x + (silu(h @ w_gate) * (h @ w_up)) @ w_down
+            x = ops.linear(ops.glu(h, lw), lw.w_down, residual=x,    # x + (act(h @ w_gate) * (h @ w_up)) @ w_down
+                           post_norm=lw.post_ffn_norm)           # (act: silu, or Gemma's tanh GELU)
 
         return ops.logits(ops.rms_norm(x, ops.norm), step)       # [b, seq or 1, dim] -> [b, seq or 1, vocab]
+                                                                 # (Gemma 2: soft-capped)
 
     def _check_ids(self, ids):
         ids = np.asarray(ids)

@@ -1,17 +1,19 @@
 """DeviceEngine: the forward on the GPU (or in Numba's simulator), weights resident, every op a numbattn kernel.
 
 Only the token ids go in and the logits come out (tinyllm/engines/__init__.py lists the ops). The ops return
-handles to device buffers, and two of them are deferred so that they fuse into the kernel after them: rms_norm
-returns a pending norm that the next matmul applies while it loads x (the GEMV's prologue), and rope returns
-pending rotations that attention applies while it appends k and v (numbattn.kernels.rowwise.rope_append). On a GPU,
-a decode step (one token per row) is captured once per context bucket as a CUDA graph and then replayed with one
-driver call (numbattn/launch.py).
+handles to device buffers, and some are deferred so that they fuse into the kernel after them: rms_norm returns a
+pending norm that the next matmul applies while it loads x (the GEMV's prologue); qkv and head_norm leave q/k/v
+biases and per-head norms pending, finished by one kernel (numbattn.kernels.families.qkv_finish) before rope, which
+returns pending rotations that attention applies while it appends k and v (numbattn.kernels.rowwise.rope_append).
+The family's other switches (tinyllm/architecture.py) are kernels of numbattn/kernels/families.py: scaled
+embeddings, sandwich norms, GeGLU. On a GPU, a decode step (one token per row) is captured once per context bucket
+as a CUDA graph and then replayed with one driver call (numbattn/launch.py).
 """
 import numpy as np
 
 import numbattn
 from numbattn import linear, prefill
-from numbattn.kernels import rowwise
+from numbattn.kernels import families, rowwise
 from numbattn.kernels.common import SIM
 from numbattn.launch import Graph, Launch
 
@@ -27,11 +29,27 @@ class _Norm:
         self.x, self.w = x, w
 
 
-class _Rotate:
-    """Deferred RoPE: attention rotates q and k while it appends k and v to the cache (one kernel)."""
+class _QKV:
+    """The fused q/k/v matmul's output with what is still pending on it: its layer's biases (Qwen2) and per-head
+    norms (head_norm: Qwen3, Gemma 3), applied by one kernel before RoPE."""
 
-    def __init__(self, qkv):
-        self.qkv = qkv
+    def __init__(self, buf, lw):
+        self.buf, self.lw, self.norms = buf, lw, {}
+
+
+class _Part:
+    """q, k or v of a pending _QKV (the forward holds three; they share one buffer)."""
+
+    def __init__(self, qkv, name):
+        self.qkv, self.name = qkv, name
+
+
+class _Rotate:
+    """Deferred RoPE: attention rotates q and k while it appends k and v to the cache (one kernel), with the
+    layer's table (cos, sin)."""
+
+    def __init__(self, qkv, table):
+        self.qkv, self.table = qkv, table
 
 
 class DeviceEngine:
@@ -40,12 +58,14 @@ class DeviceEngine:
     prefill_chunk = 2048        # tokens per forward pass (a longer prompt is run in chunks of this many)
     buckets = (256, 1024, 4096, 16384, 65536)   # decode graphs are captured per context bucket
 
-    def __init__(self, config, weights, cache, cos, sin, backend):
+    def __init__(self, config, arch, weights, cache, rope, backend):
         from numba import cuda
-        self.config, self.weights, self.cache, self.backend = config, weights, cache, backend
+        refuse_unbuilt(arch)
+        self.config, self.arch, self.weights, self.cache, self.backend = config, arch, weights, cache, backend
         self.layers, self.norm = weights.layers, weights.norm
         self.stream = cuda.stream()
-        self.cos, self.sin = cuda.to_device(cos, stream=self.stream), cuda.to_device(sin, stream=self.stream)
+        self.rope_tables = {name: tuple(cuda.to_device(t, stream=self.stream) for t in cos_sin)   # cos, sin
+                     for name, cos_sin in rope.items()}
         c = config
         self.H, self.HKV, self.D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.QKV = (self.H + 2 * self.HKV) * self.D
@@ -53,9 +73,14 @@ class DeviceEngine:
         self.use_graphs = backend == "cuda"
         B = cache.batch
         rows = B * self.prefill_chunk
-        self.buf = {name: cuda.device_array((rows, width), np.float32, stream=self.stream) for name, width in (
-            ("x", c.hidden_size), ("h", c.hidden_size), ("qkv", self.QKV), ("attn", self.H * self.D),
-            ("g", c.intermediate_size))}
+        widths = {"x": c.hidden_size, "h": c.hidden_size, "qkv": self.QKV, "attn": self.H * self.D,
+                  "g": c.intermediate_size}
+        if arch.sandwich_norms:
+            widths["y"] = c.hidden_size                     # a block's output before its norm joins x
+        if arch.activation != "silu":
+            widths["gu"] = 2 * c.intermediate_size          # gate and up, before GeGLU
+        self.buf = {name: cuda.device_array((rows, width), np.float32, stream=self.stream)
+                    for name, width in widths.items()}
         self.ids_host = cuda.pinned_array(rows, np.int32)
         self.ids_dev = cuda.device_array(rows, np.int32, stream=self.stream)
         self.logits_dev = cuda.device_array((B, c.vocab_size), np.float32, stream=self.stream)
@@ -96,6 +121,9 @@ class DeviceEngine:
         words, kind = self.weights.embed
         x = self.view("x", M)
         self.launch(("embed", M), rowwise.make_embed(kind), M, rowwise.THREADS, (ids_dev, words, x))
+        if self.arch.embed_scale != 1.0:                     # Gemma: x * sqrt(hidden)
+            self.launch(("embed scale", M), families.make_scale_rows(), M, families.THREADS,
+                        (x, np.float32(self.arch.embed_scale)))
         return x
 
     def _ids_view(self, M):
@@ -108,26 +136,37 @@ class DeviceEngine:
         return _Norm(x, w)
 
     def qkv(self, h, lw):
-        qkv = self.matmul(("qkv", id(lw)), h, lw.w_qkv, self.view("qkv", self._rows(h)), "none")
-        return qkv, qkv, qkv
+        qkv = _QKV(self.matmul(("qkv", id(lw)), h, lw.w_qkv, self.view("qkv", self._rows(h)), "none"), lw)
+        return _Part(qkv, "q"), _Part(qkv, "k"), _Part(qkv, "v")
 
-    def rope(self, q, k, step):
-        return _Rotate(q), k
+    def head_norm(self, x, w):
+        x.qkv.norms[x.name] = w                              # applied with the biases, before RoPE
+        return x
+
+    def rope(self, q, k, step, layer):
+        qkv = q.qkv
+        bias, norm = self.arch.qkv_bias, bool(qkv.norms)
+        if bias or norm:
+            args = (qkv.buf, qkv.lw.b_qkv if bias else self.norm, qkv.norms.get("q", self.norm),
+                    qkv.norms.get("k", self.norm), self.eps)
+            self.launch(("qkv finish", layer, qkv.buf.shape[0]), families.make_qkv_finish(
+                self.H, self.HKV, self.D, bias, norm), qkv.buf.shape[0], families.THREADS, args)
+        return _Rotate(qkv.buf, self.rope_tables[self.arch.layers[layer].rope]), k
 
     def attention(self, layer, q, k, v, step):
         """RoPE + append (one kernel), then decode (one token per row) or prefill attention over the cache."""
         B, s = step.batch, step.seq
         M = B * s
-        qkv = q.qkv
+        qkv, (cos, sin) = q.qkv, q.table
         self.launch(("rope", layer, M), rowwise.make_rope_append(self.H, self.HKV, self.D),
                     rowwise.rope_append_grid(s, B), rowwise.THREADS,
-                    (qkv, self.cos, self.sin, self.cache.k(layer), self.cache.v(layer),
+                    (qkv, cos, sin, self.cache.k(layer), self.cache.v(layer),
                      self.cache.device_lengths(layer), self.cache.append_counters(layer)))
         self.cache.advance(s, layer)
         attn = self.view("attn", M)
         if s == 1:
             q3, out3 = self._decode_views(B)
-            numbattn.decode_attention(q3, self.cache, layer, out=out3, stream=self.stream,
+            numbattn.decode_attention(q3, self.cache, layer, scale=self.arch.attn_scale, out=out3, stream=self.stream,
                                       max_length=step.max_length or self._bucket(step.start_pos + 1))
         else:
             self._prefill_attention(layer, qkv, attn, B, s, step.start_pos + s)
@@ -148,14 +187,26 @@ class DeviceEngine:
         k_all, v_all = _prefix(self.cache.k(layer), n), _prefix(self.cache.v(layer), n)
         version = prefill.DEFAULT_VERSION
         tiles = prefill.default_tiles(version, self.backend, self.D)
-        prefill.launch(q4, k_all, v_all, out4, True, 1.0 / np.sqrt(self.D), version, tiles, stream=self.stream)
+        prefill.launch(q4, k_all, v_all, out4, True, self.arch.attn_scale, version, tiles, stream=self.stream)
 
-    def linear(self, a, w, residual=None):
-        return self.matmul(("linear", id(w)), a, w, residual, "residual" if residual is not None else "none")
+    def linear(self, a, w, residual=None, post_norm=None):
+        """residual += a W^T (the matmul's epilogue), or with post_norm (Gemma's sandwich) residual += norm(a W^T)."""
+        if post_norm is None:
+            return self.matmul(("linear", id(w)), a, w, residual, "residual" if residual is not None else "none")
+        rows = self._rows(a)
+        y = self.matmul(("linear", id(w)), a, w, self.view("y", rows), "none")
+        self.launch(("post norm", id(post_norm), rows), families.make_add_rms_norm(), rows, families.THREADS,
+                    (residual, y, post_norm, self.eps))
+        return residual
 
-    def swiglu(self, h, lw):
+    def glu(self, h, lw):
+        """act(h W_gate^T) * (h W_up^T): SwiGLU is the gate/up matmul's epilogue; GeGLU a kernel after it."""
         rows = self._rows(h)
-        return self.matmul(("swiglu", id(lw)), h, lw.w_gate_up, self.view("g", rows), "swiglu")
+        if self.arch.activation == "silu":
+            return self.matmul(("glu", id(lw)), h, lw.w_gate_up, self.view("g", rows), "swiglu")
+        gu = self.matmul(("glu", id(lw)), h, lw.w_gate_up, self.view("gu", rows), "none")
+        self.launch(("geglu", rows), families.make_geglu(), rows, families.THREADS, (gu, self.view("g", rows)))
+        return self.view("g", rows)
 
     def logits(self, h, step):
         """The output head on the last token of every row (step.last_only) or on every token -> a host float32
@@ -239,6 +290,16 @@ class DeviceEngine:
         graph.replay()
         self.stream.synchronize()
         return self.logits_host.copy()[:, None, :]
+
+
+def refuse_unbuilt(arch):
+    """What the device engine does not run yet (the kernels' sliding windows and soft caps come with issue 25):
+    a ValueError naming the way out, before anything is uploaded."""
+    missing = [what for what, used in (("sliding windows", any(arch.windows)), ("attention soft caps",
+               arch.attn_softcap is not None), ("final-logit soft caps", arch.final_softcap is not None)) if used]
+    if missing:
+        raise ValueError(f"the device engine does not run {' and '.join(missing)} yet ({arch.family}): load with "
+                         f"backend='numpy' (the NumPy engine runs them)")
 
 
 def _prefix(cache_array, n):
