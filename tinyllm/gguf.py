@@ -659,19 +659,28 @@ class GGUFTokenizer:
     chat_template: str | None
 
 
+# The splitting rules of the byte-level BPEs, as their tokenizer.json writes them (a Split on a regex, then
+# ByteLevel without its own regex) and llama.cpp names them (tokenizer.ggml.pre). Llama 3's groups digits by up
+# to three, Qwen2's (Qwen2, 2.5 and 3) takes them one by one.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+BYTE_LEVEL_PRES = ("gpt-2", "smollm", "starcoder", "llama-bpe", "qwen2")
+
+
 def _byte_level_pre_tokenizer(pre):
     """llama.cpp's tokenizer.ggml.pre name -> the pre-tokenizer of the tokenizer.json it was converted from."""
-    from tokenizers import pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)   # GPT-2's split regex
     if pre == "gpt-2":
         return byte_level
     if pre in ("smollm", "starcoder"):        # every digit on its own, then GPT-2's split
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in ("llama-bpe", "qwen2"):
+        split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT), "isolated")
+        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     return None
-
-
-BYTE_LEVEL_PRES = ("gpt-2", "smollm", "starcoder")
 
 
 # merges_from_scores slices every piece at every position: its cost is the sum of the squared lengths of the
@@ -718,8 +727,9 @@ def gguf_tokenizer(meta):
             raise TokenizerError(f"{meta.source}: {key}={i} is outside the {len(tokens)} tokens")
         return tokens[i]
 
-    if kind == "gpt2":
-        tok, specials_normalized, add_bos_default = _byte_level_bpe(meta, tokens), False, False
+    if kind == "gpt2":      # Llama 3 adds BOS by default (llama.cpp's rule for its "llama-bpe"), the others do not
+        tok, specials_normalized = _byte_level_bpe(meta, tokens), False
+        add_bos_default = meta.get("tokenizer.ggml.pre", str, "gpt-2") == "llama-bpe"
     elif kind == "llama":
         unk = token_of("tokenizer.ggml.unknown_token_id", next((t for t, k in zip(tokens, types) if k == UNKNOWN),
                                                                None))
@@ -749,8 +759,9 @@ def _items(meta, key, kind, default=None):
 
 
 def _byte_level_bpe(meta, tokens):
-    """tokens and "left right" merges -> a byte-level BPE tokenizers.Tokenizer (GPT-2's, SmolLM2's)."""
-    from tokenizers import Tokenizer, decoders, models
+    """tokens and "left right" merges -> a byte-level BPE tokenizers.Tokenizer (GPT-2's, SmolLM2's, Llama 3's,
+    Qwen's)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     pre = meta.get("tokenizer.ggml.pre", str, "gpt-2")
     pre_tokenizer = _byte_level_pre_tokenizer(pre)
@@ -763,7 +774,12 @@ def _byte_level_bpe(meta, tokens):
     if any(len(m) != 2 for m in merges):
         raise TokenizerError(f"{meta.source}: tokenizer.ggml.merges holds an entry that is not 'left right'")
     with library_errors(TokenizerError, f"{meta.source}: the vocabulary cannot be built"):
-        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        # Llama 3 takes a whole pre-token that is in the vocabulary as it is (its tokenizer.json's ignore_merges);
+        # Qwen2's tokenizer.json normalises text to NFC first
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                   ignore_merges=pre == "llama-bpe"))
+        if pre == "qwen2":
+            tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizer
         tok.decoder = decoders.ByteLevel()
     return tok

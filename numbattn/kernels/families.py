@@ -16,7 +16,7 @@ by the launch itself, so they are one block per token row, simple loops, no tili
     geglu        gelu_tanh(gate) * up from the fused gate/up matmul's interleaved output (row 2f = gate_f,
                  2f+1 = up_f): Gemma's MLP activation. gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u), with
                  u = sqrt(2 / pi) (x + 0.044715 x^3), so it is computed as x / (1 + exp(-2u)): no tanh (fastmath's
-                 approximate tanh is off by ~1e-3), exact limits at both ends. # gu [M, 2F] -> out [M, F]
+                 approximate tanh is off by ~1e-3), the right limits at both ends. # gu [M, 2F] -> out [M, F]
     scale_rows   x *= s: Gemma's embeddings, scaled by sqrt(hidden). # x [M, dim]
 
 The NumPy twins are reference.rms_norm, reference.geglu and a multiplication.
@@ -104,9 +104,10 @@ def make_add_rms_norm():
 
 @device
 def gelu_tanh(x):
-    """0.5 x (1 + tanh(u)) written as x * sigmoid(2u): exp overflows to inf for x << 0 and the quotient is -0."""
+    """0.5 x (1 + tanh(u)) written as x * sigmoid(2u). For x << 0 the exponent is clamped at 80 (the simulator's
+    exp, Python's, raises where float32's would give inf): x / (1 + e^80) is below 1e-30, zero to any tolerance."""
     u = float32(SQRT_2_OVER_PI) * (x + float32(0.044715) * x * x * x)
-    return x / (float32(1.0) + math.exp(float32(-2.0) * u))
+    return x / (float32(1.0) + math.exp(min(float32(-2.0) * u, float32(80.0))))
 
 
 @functools.lru_cache(maxsize=None)
