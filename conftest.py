@@ -6,6 +6,7 @@ test module imports numbattn. On a GPU machine, `NUMBATTN_TEST_GPU=1 pytest` run
 """
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -13,6 +14,8 @@ GPU_RUN = os.environ.get("NUMBATTN_TEST_GPU", "") not in ("", "0")
 if not GPU_RUN:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 os.environ.setdefault("NUMBATTN_STRICT", "1")  # a broken kernel must fail its test, not fall back to NumPy
+# compiled kernels (GPU runs) go to a folder of this run, not the user's cache (set it to keep them between runs)
+os.environ.setdefault("NUMBATTN_KERNEL_CACHE", tempfile.mkdtemp(prefix="numbattn-kernels-"))
 
 
 def pytest_configure(config):

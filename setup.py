@@ -20,6 +20,9 @@ setup(
         "jinja2>=3.0",  # chat templates, rendered in jinja2's sandbox
         "huggingface_hub>=0.20",  # the one explicit network step: downloading TinyLlama
         "gguf>=0.16",  # llama.cpp's reader for .gguf files (memory-mapped) and its NumPy dequantization
+        # sets BLAS's thread count at run time, whichever BLAS NumPy carries (OpenBLAS, MKL, BLIS...): a busy
+        # machine otherwise made CPU decode 15x slower (tinyllm/threads.py)
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8"],

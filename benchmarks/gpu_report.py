@@ -9,6 +9,7 @@ BENCHMARKS.md), <out>/*.png (one plot per table) and <out>/rows.json (every meas
 """
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -296,7 +297,7 @@ def model(report, out, args):
     emit(report, "One decode step of the device engine (TinyLlama shapes)", step, list(step[0]),
          "launches: kernel launches of one step run without the graph; replay_host_us: the host time of the "
          "CUDA-graph replay call; graph_gpu_us: GPU time of one replayed step; weights read per token: the bf16 "
-         "weights once (the KV cache in fp32 on top).")
+         "weights once (the KV cache on top, in the engine's default fp16).")
     return rows + step
 
 
@@ -320,6 +321,132 @@ def hf_generate_times(hf, prompt, new_tokens, warm=()):
     t1, tn = gen(1), gen(new_tokens)
     return dict(prefill_ms=t1 * 1e3, decode_ms=(tn - t1) / (new_tokens - 1) * 1e3,
                 decode_tok_s=(new_tokens - 1) / (tn - t1))
+
+
+PHASES = """
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import tinyllm
+from tinyllm import Llama, open_model_files, upload_weights
+t1 = time.perf_counter()
+files = open_model_files(sys.argv[1], download=False)
+weights = upload_weights(files.checkpoint, files.config)
+llm = Llama(files.config, weights, files.tokenizer, backend=sys.argv[2])
+from numba import cuda
+cuda.synchronize()
+t2 = time.perf_counter()
+loaded, compiled = llm.prepare_kernels()
+t3 = time.perf_counter()
+llm.generate([1] + list(range(100, 116)), max_new_tokens=16, stop_ids=())
+t4 = time.perf_counter()
+print(json.dumps(dict(import_s=t1 - t0, weights_s=t2 - t1, kernels_s=t3 - t2, kernels_compiled=compiled,
+                      kernels_loaded=loaded, generate16_s=t4 - t3)))
+"""
+
+HF_COLD = """
+import sys, time
+import torch, transformers
+hf = transformers.LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16,
+                                                   attn_implementation="sdpa").cuda().eval()
+ids = torch.tensor([[1] + list(range(100, 116))], device="cuda")
+with torch.no_grad():
+    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                pad_token_id=0)
+torch.cuda.synchronize()
+"""
+
+
+@section
+def end_to_end(report, out, args):
+    """BENCHMARKS.md's end-to-end table: pp16, pp512, pp2048, tg128 (and tg128 after 512 tokens) for tinyllm and HF
+    transformers (bf16, sdpa) on the same random TinyLlama-shaped checkpoint, and the cold start of a fresh
+    process, first and second run (the second finds the compiled kernels on disk). --gguf PATH also writes the
+    checkpoint as an F16 GGUF (vocabulary padded to 32000) for llama-bench: the llama.cpp column."""
+    import tempfile
+
+    from tinyllm import load_model
+    d = tinyllama_checkpoint(tempfile.mkdtemp())
+    pp = tuple(args.pp)
+    rows = [dict(r, impl="tinyllm") for r in bench.pp_tg_tinyllm(load_model(str(d), backend="cuda"), pp,
+                                                                 args.tg, repeat=args.e2e_repeat)]
+    try:
+        rows += [dict(r, impl="HF transformers") for r in bench.pp_tg_hf(d, pp, args.tg, repeat=args.e2e_repeat)]
+    except ImportError as e:
+        print(f"[end_to_end: no HF rows ({e})]", flush=True)
+    table, cols = bench.pivot(rows, ("test",), "tokens_per_s")
+    for r in table:
+        if r.get("tinyllm") and r.get("HF transformers"):
+            r["tinyllm / HF"] = r["tinyllm"] / r["HF transformers"]
+    emit(report, "End to end, TinyLlama shapes (random bf16 weights), batch 1: tokens/s", table,
+         cols + ["tinyllm / HF"] * any("tinyllm / HF" in r for r in table),
+         "pp N: N prompt tokens from an empty cache to the last one's logits (synchronised); tg 128: 128 greedy "
+         "tokens after a 1-token prompt (@ 512: after 512 tokens). tinyllm: the device engine (bf16 weights, fp16 "
+         "KV cache, CUDA graphs); HF: transformers bf16 with sdpa attention, eager. Medians of "
+         f"{args.e2e_repeat}. The llama.cpp column: llama-bench on the GGUF of the same weights (--gguf).")
+    rows += cold_start_rows(report, d)
+    if args.gguf:
+        write_padded_gguf(args.gguf, d)
+    return rows
+
+
+def tinyllama_checkpoint(folder):
+    """A random checkpoint with TinyLlama-1.1B's shapes and files (4096 positions: room for pp2048 and a reply)."""
+    from tinyllm import make_tiny
+    t0 = time.time()
+    d = make_tiny(os.path.join(folder, "tinyllama-random"), seed=0, hidden_size=2048, intermediate_size=5632,
+                  num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                  max_position_embeddings=4096)
+    print(f"[random TinyLlama-shaped checkpoint written in {time.time() - t0:.0f} s]", flush=True)
+    return d
+
+
+def cold_start_rows(report, d):
+    """Fresh processes, first and second run: `cli.py generate -n 16` (an empty kernel cache before the first),
+    the same load and 16 tokens phase by phase, and HF transformers loading and generating 16 tokens."""
+    import tempfile
+    cache = {"NUMBATTN_KERNEL_CACHE": tempfile.mkdtemp(prefix="kernels-")}
+    cli = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "cli.py"), "generate", "Hello", "-m",
+           str(d), "-n", "16", "--temp", "0"]
+    rows = [dict(r, impl="tinyllm cli.py generate -n 16") for r in bench.cold_start(cli, cache)]
+    phases = bench.cold_start([sys.executable, "-c", PHASES, str(d), "cuda"], cache)
+    for r in phases:
+        r.update(json.loads(r["stdout"].strip().splitlines()[-1]) if r["returncode"] == 0 else {})
+        r["impl"] = "tinyllm phases (kernel cache warm)"
+    rows += phases
+    rows += [dict(r, impl="HF transformers load + 16 tokens") for r in bench.cold_start(
+        [sys.executable, "-c", HF_COLD, str(d)])]
+    emit(report, "Cold start: a fresh process, first and second run (seconds, wall clock)", rows,
+         ["impl", "run", "seconds", "returncode", "import_s", "weights_s", "kernels_s", "kernels_compiled",
+          "kernels_loaded", "generate16_s"],
+         "tinyllm's first run compiles every kernel (the kernel cache starts empty) and keeps them on disk; the "
+         "second loads them. The phases rows run after those (kernels on disk): import, weights read and uploaded, "
+         "kernels loaded (or compiled), 16 tokens generated after a 17-token prompt.")
+    return rows
+
+
+def write_padded_gguf(path, d):
+    """The checkpoint as an F16 GGUF that llama.cpp loads: its vocabulary (the miniature's tokens) padded with
+    unused tokens to the model's 32000 rows, as llama.cpp sizes the embedding by the token list."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from gguf import TokenType
+
+    from tests.gguf_files import write_gguf
+    config = json.loads((d / "config.json").read_text())
+    vocab = json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    pad = [f"<unused{i}>" for i in range(config["vocab_size"] - len(tokens))]
+    merges = json.loads((d / "tokenizer.json").read_text())["model"]["merges"]
+    score = {"".join(m.split(" ") if isinstance(m, str) else m): -float(r) for r, m in enumerate(merges)}
+    types = [int(TokenType.CONTROL if t in ("<s>", "</s>") else TokenType.UNKNOWN if t == "<unk>" else
+                 TokenType.BYTE if t.startswith("<0x") and len(t) == 6 else TokenType.NORMAL) for t in tokens]
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)    # (it warns of each key it overwrites, in full)
+    write_gguf(path, d, qtype="F16", metadata={
+        "tokenizer.ggml.tokens": tokens + pad,
+        "tokenizer.ggml.scores": [score.get(t, -1e6) for t in tokens] + [-1e6] * len(pad),
+        "tokenizer.ggml.token_type": types + [int(TokenType.UNUSED)] * len(pad)})
+    print(f"[GGUF for llama-bench: {path}; e.g. llama-bench -m {path} -p 16,512,2048 -n 128 -fa 1 -ngl 99 -o md]",
+          flush=True)
 
 
 def engine_step(m):
@@ -359,7 +486,7 @@ def engine_step(m):
     m.reset()
     r = m.generate(list(range(3, 11)), max_new_tokens=1000)
     free1 = ctx.get_memory_info().free
-    cache_bytes = m.cache.n_layers * 2 * int(np.prod(m.cache.shape)) * 4
+    cache_bytes = m.cache.nbytes
     return [dict(launches=calls[0], replay_host_us=host_us, graph_gpu_us=gpu_us, weights_GB=m.weights.nbytes / 1e9,
                  kv_cache_GB=cache_bytes / 1e9, steps=r.stats.decode_tokens,
                  free_memory_change_MB=(free0 - free1) / 1e6, tok_s_over_1000=r.stats.decode_tokens_per_s)]
@@ -519,6 +646,11 @@ def main():
     ap.add_argument("--max-cache", type=int, default=131072)
     ap.add_argument("--prompts", default="512,2048")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--pp", default="16,512,2048", type=lambda x: [int(v) for v in x.split(",")],
+                    help="end_to_end: prompt lengths")
+    ap.add_argument("--tg", type=int, default=128, help="end_to_end: new tokens")
+    ap.add_argument("--e2e-repeat", type=int, default=5, help="end_to_end: timed runs per number")
+    ap.add_argument("--gguf", default="", help="end_to_end: also write the checkpoint here as an F16 GGUF")
     ap.add_argument("--replot", nargs="+", metavar="ROWS_JSON",
                     help="no measuring: redraw the plots of finished runs (their rows.json files) into --out")
     args = ap.parse_args()

@@ -1,6 +1,6 @@
 """Tuning runs on the GPU: the measurements behind the launch shapes and defaults chosen in numbattn/ and tinyllm/.
 
-    python benchmarks/tune.py --out DIR [--sections launch,gemv,gemm,decode,decode_shapes,engine]
+    python benchmarks/tune.py --out DIR [--sections launch,gemv,gemm,gemm_mma,decode,decode_shapes,engine]
 
 Each section prints a table as it goes and writes DIR/tune.json. These are the sweeps (several variants of one
 kernel, side by side in one process); benchmarks/gpu_report.py is the report that goes into BENCHMARKS.md.
@@ -22,6 +22,7 @@ from numba import cuda  # noqa: E402
 from numbattn import decode, linear  # noqa: E402
 from numbattn.kernels import decode_lanes  # noqa: E402
 from numbattn.kernels import gemv as gemv_kernels  # noqa: E402
+from numbattn.kernels.gemm_mma import MmaTiles  # noqa: E402
 from numbattn.lab import bench  # noqa: E402
 from numbattn.launch import Launch  # noqa: E402
 
@@ -117,28 +118,68 @@ def section_gemm():
     for tiles in ((64, 128, 16, 256), (64, 128, 32, 256), (64, 256, 16, 256), (32, 128, 16, 256),
                   (64, 64, 32, 256)):
         for m in (512,):
-            row = dict(tiles=str(tiles), M=m)
-            try:
-                flops = ms_all = 0.0
-                for name in ("qkv", "o", "gate_up", "down"):
-                    n, k, epi = SHAPES[name]
-                    w, kind = weights(n, k)
-                    x = cuda.to_device(np.random.default_rng(2).standard_normal((m, k), dtype=np.float32))
-                    out = cuda.device_array((m, linear.out_features(n, epi)), np.float32)
-                    kern = linear.make_gemm(kind, epi, tiles)
-                    step = Launch(kern, linear.gemm_grid(m, n, tiles), tiles[3], (x, w, out))
-                    ms = gpu_ms(step, 20)
-                    row[f"{name}_TFLOPs"] = 2 * m * n * k / ms / 1e9
-                    flops += 2 * m * n * k
-                    ms_all += ms
-                row["all_TFLOPs"] = flops / ms_all / 1e9
-                one = lambda d: list(d.values())[0]  # noqa: E731
-                row["regs"] = one(kern.get_regs_per_thread())
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:80]
-            rows.append(row)
+            rows.append(dict(tiles=str(tiles), M=m, **time_matrices(
+                m, lambda kind, epi, n: (linear.make_gemm(kind, epi, tiles), linear.gemm_grid(m, n, tiles), tiles[3]))))
     table("GEMM bf16 weights, fp32 math: TFLOP/s", rows,
           ["tiles", "M", "qkv_TFLOPs", "o_TFLOPs", "gate_up_TFLOPs", "down_TFLOPs", "all_TFLOPs", "regs", "error"])
+
+
+# The tensor-core GEMM (kernels/gemm_mma.py): candidate tiles per prompt length, 2 terms (the default) and 1 and 3
+MMA_CANDIDATES = {16: [MmaTiles(16, 16, 128, 1, 1, 8), MmaTiles(16, 32, 128, 1, 1, 8), MmaTiles(16, 16, 64, 1, 1, 4),
+                       MmaTiles(16, 32, 64, 1, 2, 2), MmaTiles(16, 64, 64, 1, 2, 4)],
+                  64: [MmaTiles(32, 32, 64, 1, 1, 4), MmaTiles(64, 32, 64, 2, 1, 2), MmaTiles(32, 64, 64, 1, 2, 2),
+                       MmaTiles(64, 64, 32, 2, 2, 1), MmaTiles(16, 32, 128, 1, 1, 8)],
+                  512: [MmaTiles(64, 128, 32, 2, 4, 1), MmaTiles(128, 128, 32, 4, 2, 1), MmaTiles(64, 64, 32, 2, 2, 1),
+                        MmaTiles(128, 64, 32, 4, 1, 1), MmaTiles(64, 128, 64, 2, 4, 1)],
+                  2048: [MmaTiles(128, 128, 32, 4, 2, 1), MmaTiles(64, 128, 32, 2, 4, 1), MmaTiles(128, 256, 32, 4, 4, 1),
+                         MmaTiles(128, 128, 64, 4, 2, 1)]}
+
+
+def section_gemm_mma():
+    """Per prompt length: each candidate tile shape over TinyLlama's four matrices (TFLOP/s of the useful product,
+    registers, spills), with the default 2 bf16 terms; then 1 and 3 terms and accumulation in the tensor cores
+    throughout at the default tiles. The classes in linear.GPU_MMA_TILE_CLASSES come from this table."""
+    rows = []
+    for m, candidates in MMA_CANDIDATES.items():
+        default = linear.mma_tiles(m)
+        variants = [(t, linear.GEMM_TERMS, True) for t in candidates]
+        variants += [(default, 1, True), (default, 3, True), (default, linear.GEMM_TERMS, False)]
+        for tiles, terms, chunked in variants:
+            rows.append(gemm_mma_row(m, tiles, terms, chunked, tiles == default))
+    table("GEMM on tensor cores (bf16 mma.sync), TinyLlama's matrices: TFLOP/s", rows,
+          ["M", "tiles", "terms", "chunked", "default", "qkv_TFLOPs", "o_TFLOPs", "gate_up_TFLOPs", "down_TFLOPs",
+           "all_TFLOPs", "all_us", "regs", "local_bytes", "error"])
+
+
+def gemm_mma_row(m, tiles, terms, chunked, is_default):
+    from numbattn.kernels.gemm_mma import make_gemm_mma
+    return dict(M=m, tiles=f"{tiles.bm}x{tiles.bn}x{tiles.bk} w{tiles.wm}x{tiles.wn}x{tiles.wk}", terms=terms,
+                chunked=chunked, default=is_default, **time_matrices(
+                    m, lambda kind, epi, n: (make_gemm_mma(epi, tiles, terms, chunked), linear.gemm_grid(m, n, tiles),
+                                             tiles.threads)))
+
+
+def time_matrices(m, plan):
+    """GPU time of a GEMM of m tokens on each of TinyLlama's four matrices; plan(kind, epilogue, n_rows) ->
+    (kernel, grid, threads). -> {matrix_TFLOPs, all_TFLOPs, all_us, regs, local_bytes} (or {error})."""
+    row, flops, ms_all = {}, 0.0, 0.0
+    try:
+        for name in ("qkv", "o", "gate_up", "down"):
+            n, k, epi = SHAPES[name]
+            w, kind = weights(n, k)
+            x = cuda.to_device(np.random.default_rng(2).standard_normal((m, k), dtype=np.float32))
+            out = cuda.device_array((m, linear.out_features(n, epi)), np.float32)
+            kern, grid, threads = plan(kind, epi, n)
+            ms = gpu_ms(Launch(kern, grid, threads, (x, w, out)), 20)
+            row[f"{name}_TFLOPs"] = 2 * m * n * k / ms / 1e9
+            flops += 2 * m * n * k
+            ms_all += ms
+        one = lambda d: list(d.values())[0]  # noqa: E731
+        row.update(all_TFLOPs=flops / ms_all / 1e9, all_us=ms_all * 1e3, regs=one(kern.get_regs_per_thread()),
+                   local_bytes=one(kern.get_local_mem_per_thread()))
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:80]
+    return row
 
 
 def section_decode():

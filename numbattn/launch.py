@@ -12,11 +12,17 @@ cuda.bindings (the library numba-cuda itself is built on). Arguments can be repl
 re-marshals only that one; the grid can change per call (`grid=`), which costs nothing. In Numba's simulator
 there is no driver: a Launch simply calls the kernel the normal way, so code using it runs unchanged there.
 
+Compiling ahead (`planning()`): launches prepared inside it are recorded, not made, and bind to their compiled
+kernel at their first call. Running a forward pass once inside it therefore lists every kernel and argument types
+it will need, which numbattn.kernel_cache.prepare then compiles (or loads from disk) before the first real call:
+a model compiles at load time, with a progress line, not in the middle of a reply.
+
 `Graph` goes one step further: it records every launch made on a stream between `capture()` and its end as a
 CUDA graph and replays all of them with one driver call. Values that change between replays (the token id, the
 position) must then live in device memory that the kernels read, never in kernel arguments, which are frozen at
 capture.
 """
+import contextlib
 import ctypes
 
 import numpy as np
@@ -42,6 +48,37 @@ def stream_handle(stream):
     return int(getattr(handle, "value", handle))      # a ctypes handle (older numba-cuda) or a CUstream
 
 
+_PLAN = []     # while planning(): [the list that records (kernel, argument types) of the launches prepared]
+
+
+@contextlib.contextmanager
+def planning():
+    """Launches prepared inside are recorded, not made (and bind at their first call after it):
+
+        with planning() as plan:
+            forward(...)                # every kernel call of it recorded in plan, none run
+        kernel_cache.prepare(plan)      # compile (or load) them all now
+
+    plan: a list of (kernel, argument types); in the simulator, whose kernels compile nothing, (kernel, None)."""
+    if _PLAN:
+        raise RuntimeError("planning() does not nest")
+    plan = []
+    _PLAN.append(plan)
+    try:
+        yield plan
+    finally:
+        _PLAN.clear()
+
+
+def planned(kernel, args):
+    """For launches made without a Launch (kernel[grid, block](*args)): inside planning(), record them and return
+    True (the caller must not launch); else False."""
+    if not _PLAN:
+        return False
+    _PLAN[0].append((kernel, None if SIM else tuple(kernel.typeof_pyval(a) for a in args)))
+    return True
+
+
 class Launch:
     """kernel[grid, block, stream](*args), prepared once and repeated for one driver call each.
 
@@ -53,13 +90,24 @@ class Launch:
     def __init__(self, kernel, grid, block, args, stream=0, shared_mem=0):
         self.kernel, self.grid, self.block, self.stream = kernel, _dim3(grid), _dim3(block), stream
         self.args, self.shared_mem = list(args), shared_mem
+        self._func = None
         if SIM:
+            if _PLAN:
+                _PLAN[0].append((kernel, None))
             return
         from cuda.bindings import driver as cu
         self._cu = cu
-        self._overload = kernel.compile(tuple(kernel.typeof_pyval(a) for a in self.args))
-        self._func = self._overload._codelibrary.get_cufunc().handle
+        self.types = tuple(kernel.typeof_pyval(a) for a in self.args)
         self._stream = stream_handle(stream)
+        if _PLAN:
+            _PLAN[0].append((kernel, self.types))
+            return
+        self._bind()
+
+    def _bind(self):
+        """Compile (or find, in memory or on disk) the kernel for these argument types; marshal the arguments."""
+        self._overload = self.kernel.compile(self.types)
+        self._func = self._overload._codelibrary.get_cufunc().handle
         self._values = [self._marshal(i) for i in range(len(self.args))]
         self._build()
 
@@ -76,26 +124,30 @@ class Launch:
 
     def set_arg(self, i, value):
         """Replace argument i by a value of the same Numba type (e.g. another device array of the same shape)."""
-        if not SIM and self.kernel.typeof_pyval(value) != self._overload.argument_types[i]:
+        if not SIM and self.kernel.typeof_pyval(value) != self.types[i]:
             raise ValueError(f"argument {i}: {self.kernel.typeof_pyval(value)} does not match the prepared type "
-                             f"{self._overload.argument_types[i]}")
+                             f"{self.types[i]}")
         self.args[i] = value
-        if not SIM:
+        if self._func is not None:
             self._values[i] = self._marshal(i)
             self._build()
 
     def set_args(self, args):
         """Replace every argument at once by values of the same types (the caller guarantees it: no check)."""
         self.args = list(args)
-        if not SIM:
+        if self._func is not None:
             self._values = [self._marshal(i) for i in range(len(self.args))]
             self._build()
 
     def __call__(self, grid=None):
         grid = self.grid if grid is None else _dim3(grid)
+        if _PLAN:                       # planning: recorded when prepared, never run
+            return
         if SIM:
             self.kernel[grid, self.block, self.stream, self.shared_mem](*self.args)
             return
+        if self._func is None:
+            self._bind()
         _check(self._cu.cuLaunchKernel(self._func, *grid, *self.block, self.shared_mem, self._stream,
                                        self._params_address, 0))
 

@@ -8,28 +8,44 @@ linear` is the one-line NumPy version). How to compute it depends on M, the numb
 
     decode (M = 1)    every weight is used once per token: 2 FLOPs per weight read, so the time is
                       bytes / bandwidth. The kernel (kernels/gemv.py) streams W at full speed.
-    prefill (M large) every weight serves M tokens: the time is FLOPs / FLOP rate, and the kernel
-                      (kernels/gemm.py) reuses each loaded value for many FMAs.
+    prefill (M large) every weight serves M tokens: the time is FLOPs / FLOP rate. bf16 weights go to the
+                      tensor cores (kernels/gemm_mma.py: bf16 mma.sync, the fp32 activations split into
+                      GEMM_TERMS bf16 terms, fp32 accumulation); fp32 weights to the SIMT kernel
+                      (kernels/gemm.py), which reuses each loaded value for many FMAs.
 
 Weights arrive as raw bits in 8-byte words: `w` is a uint64 array [N, K / VPW] holding VPW = 4 bf16 values (as
 stored in the checkpoint: half the bytes of fp32, exactly widened with a shift, kernels/common.py) or VPW = 2
 fp32 values (weights that are not bf16, e.g. dequantized GGUF) per word. One 8-byte load per lane makes a warp
 read 256 contiguous bytes per instruction. Everything is computed in float32.
 
-Fused into both kernels: an RMSNorm prologue (GEMV), a residual-add epilogue, a SwiGLU epilogue (rows of W
+Fused into the kernels: an RMSNorm prologue (GEMV), a residual-add epilogue, a SwiGLU epilogue (rows of W
 interleave gate and up). The NumPy twins are in numbattn/reference.py; measured speeds are in BENCHMARKS.md.
-This module packs weights into words, chooses the kernel and its launch shape, and checks the arguments.
+This module packs weights into words, chooses the kernel and its launch shape (`plan_matmul`, also what
+tinyllm's device engine launches), and checks the arguments.
 """
 import numpy as np
 
+from . import gpu
+from .gpu import SHARED_LIMIT
 from .kernels.common import SIM, WEIGHT_KINDS
 from .kernels.gemm import GEMM_TILES, make_gemm
-from .kernels.gemv import EPILOGUES, GEMV_THREADS, LANES, gemv_rows_per_warp, make_gemv
+from .kernels.gemm_mma import MmaTiles, make_gemm_mma
+from .kernels.gemv import EPILOGUES, GEMV_THREADS, LANES, ROPE, gemv_rows_per_warp, make_gemv
 from .launch import Launch
 
-GEMV_MAX_TOKENS = 4                         # more tokens than this: the GEMM
+GEMV_MAX_TOKENS = 4                         # more tokens than this (or an x too big for shared memory): a GEMM
 # smaller tiles where the big ones would leave SMs idle (a short chunk, a narrow matrix): more, smaller blocks
 GEMM_TILE_CHOICES = (GEMM_TILES,) if SIM else (GEMM_TILES, (64, 64, 16, 256))
+GEMM_TERMS = 2                              # bf16 terms per activation in the tensor-core GEMM (~1e-6 relative)
+# The tensor-core GEMM's tiles by prompt length: (most tokens, tiles). Short prompts have one row block, so their
+# blocks split K among 8 warps (and stay narrow: many blocks stream W at once); longer ones take 64 x 128 tiles
+# (>= 128 blocks on TinyLlama's narrowest matrix from 512 tokens on; 169 registers, no spill: 128 x 128 tiles
+# reach 255 registers and spill, ptxas says). Chosen without a GPU; benchmarks/tune.py's `gemm_mma` sweep
+# measures them and the alternatives on the H100. The simulator runs small tiles of 2 warps.
+GPU_MMA_TILE_CLASSES = ((16, MmaTiles(16, 16, 128, 1, 1, 8)), (64, MmaTiles(32, 32, 64, 1, 1, 4)),
+                        (None, MmaTiles(64, 128, 32, 2, 4, 1)))
+SIM_MMA_TILE_CLASSES = ((16, MmaTiles(16, 16, 32, 1, 1, 2)), (None, MmaTiles(32, 16, 16, 2, 1, 1)))
+MMA_TILE_CLASSES = SIM_MMA_TILE_CLASSES if SIM else GPU_MMA_TILE_CLASSES
 
 
 def pack_weight(w):
@@ -59,8 +75,50 @@ def gemm_tiles(n_tokens, n_rows, n_sm=132):
 
 
 def gemm_grid(n_tokens, n_rows, tiles):
-    BM, BN = tiles[0], tiles[1]
+    BM, BN = (tiles.bm, tiles.bn) if isinstance(tiles, MmaTiles) else tiles[:2]
     return (-(-n_rows // BN), -(-n_tokens // BM))
+
+
+def mma_tiles(n_tokens):
+    """The tensor-core GEMM's tiles for a chunk of n_tokens (MMA_TILE_CLASSES)."""
+    return next(tiles for most, tiles in MMA_TILE_CLASSES if most is None or n_tokens <= most)
+
+
+def token_classes(max_tokens):
+    """Chunk lengths <= max_tokens that between them use every matmul kernel a chunk of 1 .. max_tokens tokens can
+    use (one per GEMV token count and per GEMM tile class): what a model compiles ahead of its first reply."""
+    lengths, low = list(range(1, min(GEMV_MAX_TOKENS, max_tokens) + 1)), GEMV_MAX_TOKENS
+    for most, _ in MMA_TILE_CLASSES:
+        top = max_tokens if most is None else min(most, max_tokens)
+        if top > low:
+            lengths.append(top)
+        low = max(low, top)
+    return lengths
+
+
+def use_gemv(n_tokens, n_in):
+    """The GEMV for a few tokens whose x fits in its shared memory (fp32), else a GEMM."""
+    return n_tokens <= GEMV_MAX_TOKENS and n_tokens * n_in * 4 <= SHARED_LIMIT
+
+
+def tensor_cores():
+    """bf16 mma.sync needs sm_80 or newer (the simulator runs the twins)."""
+    return SIM or gpu.compute_capability() >= (8, 0)
+
+
+def plan_matmul(n_tokens, n_in, n_rows, kind, epilogue, rmsnorm=False):
+    """-> (kernel, grid, threads, gemv) for out (=, +=) x W^T with x [n_tokens, n_in], W [n_rows, n_in] of `kind`.
+    The GEMV takes (x, w, out, norm_w, eps), a GEMM (x, w, out); the fused RMSNorm is the GEMV's only."""
+    if use_gemv(n_tokens, n_in):
+        kernel = make_gemv(n_in, kind, n_tokens, epilogue, rmsnorm)
+        return kernel, gemv_grid(n_rows, epilogue), GEMV_THREADS, True
+    if rmsnorm:
+        raise ValueError(f"the RMSNorm prologue is fused into the GEMV only ({n_tokens} tokens of {n_in} inputs)")
+    if kind == "bf16" and tensor_cores():
+        tiles = mma_tiles(n_tokens)
+        return make_gemm_mma(epilogue, tiles, GEMM_TERMS), gemm_grid(n_tokens, n_rows, tiles), tiles.threads, False
+    tiles = gemm_tiles(n_tokens, n_rows)
+    return make_gemm(kind, epilogue, tiles), gemm_grid(n_tokens, n_rows, tiles), tiles[3], False
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -89,20 +147,26 @@ def check_linear(x, w, kind, out, epilogue, norm_w):
         raise ValueError(f"norm_w has shape {tuple(norm_w.shape)}; expected ({k},)")
 
 
+def plan_qkv_rope(n_tokens, n_in, n_rows, kind, heads, rmsnorm):
+    """-> (kernel, grid, threads) of the q/k/v GEMV with RoPE and the KV-cache append fused (kernels/gemv.py, epilogue
+    "rope"; heads = (n_heads, n_kv_heads, head_dim)) for a few tokens, or None where x does not fit the GEMV (the
+    caller then runs a GEMM and rowwise.rope_append). Its arguments: (x, w, out, norm_w, eps, cos, sin, k_cache,
+    v_cache, lengths, counters)."""
+    if not use_gemv(n_tokens, n_in):
+        return None
+    return make_gemv(n_in, kind, n_tokens, ROPE, rmsnorm, heads), gemv_grid(n_rows, ROPE), GEMV_THREADS
+
+
 def linear_launch(x, w, kind, out, epilogue="none", norm_w=None, eps=1e-5, stream=0):
-    """A prepared Launch computing out (=, +=) x W^T on device arrays (see the module docstring); GEMV for
-    M <= GEMV_MAX_TOKENS tokens, else the GEMM (norm_w, the fused RMSNorm, is GEMV-only)."""
+    """A prepared Launch computing out (=, +=) x W^T on device arrays (see the module docstring); the GEMV for
+    a few tokens, else a GEMM (plan_matmul; norm_w, the fused RMSNorm, is GEMV-only)."""
     check_linear(x, w, kind, out, epilogue, norm_w)
     m, k = x.shape
-    if m <= GEMV_MAX_TOKENS:
-        kernel = make_gemv(k, kind, m, epilogue, norm_w is not None)
+    kernel, grid, threads, gemv = plan_matmul(m, k, w.shape[0], kind, epilogue, norm_w is not None)
+    if gemv:
         nw = norm_w if norm_w is not None else x[0]        # an unused float32 [K] array
-        return Launch(kernel, gemv_grid(w.shape[0], epilogue), GEMV_THREADS, (x, w, out, nw, np.float32(eps)),
-                      stream)
-    if norm_w is not None:
-        raise ValueError(f"the RMSNorm prologue is fused into the GEMV only ({m} tokens > {GEMV_MAX_TOKENS})")
-    tiles = gemm_tiles(m, w.shape[0])
-    return Launch(make_gemm(kind, epilogue, tiles), gemm_grid(m, w.shape[0], tiles), tiles[3], (x, w, out), stream)
+        return Launch(kernel, grid, threads, (x, w, out, nw, np.float32(eps)), stream)
+    return Launch(kernel, grid, threads, (x, w, out), stream)
 
 
 def linear(x, w, kind, out, epilogue="none", norm_w=None, eps=1e-5, stream=0):

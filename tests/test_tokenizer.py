@@ -193,15 +193,65 @@ def test_stream_equals_full_decode_for_a_chat(tok):
     assert tok.eos_id in ids and "" in pieces                          # </s> is skipped, emits nothing
 
 
-def test_stream_context_keeps_the_first_space_and_flush_emits_an_unfinished_char(tok):
+def test_stream_context_keeps_the_first_space(tok):
     prompt = tok.encode("The quick brown")
     new = tok.encode(" fox jumps", add_bos=False)
     pieces, rest = stream(tok, new, context_ids=prompt)
     assert "".join(pieces) + rest == " fox jumps"
-    ids = tok.encode("ok €", add_bos=False)[:-1]                       # ends inside the euro sign
-    pieces, rest = stream(tok, ids)
-    assert "".join(pieces) == "ok " and rest and set(rest) == {"\ufffd"}     # one U+FFFD per stray byte
-    assert "".join(pieces) + rest == tok.decode(ids)
+
+
+TEXT = "Hi \U0001f642, \u4f60\u597d caf\u00e9 \u20ac5"              # 4-, 3- and 2-byte characters
+
+
+def test_flush_holds_back_an_unfinished_character_and_shows_invalid_bytes(tok):
+    """A reply cut off by its length limit between the bytes of a character ends before that character (the
+    issue: `generate -n 1` on an emoji printed U+FFFD); a byte that can never be a character still shows."""
+    ids = tok.encode(TEXT, add_bos=False)
+    for n in range(len(ids) + 1):
+        s = StreamDecoder(tok)
+        text = "".join(s.feed(i) for i in ids[:n]) + s.flush()
+        whole = max(m for m in range(n + 1) if "\ufffd" not in tok.decode(ids[:m]))   # the last whole character
+        assert text == tok.decode(ids[:whole]) and s.dropped == n - whole, n
+    emoji = tok.encode("ok \U0001f642", add_bos=False)
+    s = StreamDecoder(tok)
+    assert "".join(s.feed(i) for i in emoji[:-2]) + s.flush() == "ok " and s.dropped == 2
+    stray = tok.encode("ok", add_bos=False) + [tok._tok.token_to_id("<0x80>")]     # a lone continuation byte
+    pieces, rest = stream(tok, stray)
+    assert "".join(pieces) + rest == "ok\ufffd"
+
+
+class Raw:
+    """A `tokenizers` Tokenizer as StreamDecoder uses a tinyllm Tokenizer."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode(ids)
+
+    def id_to_token(self, i):
+        return self.tok.id_to_token(i)
+
+
+def test_flush_holds_back_an_unfinished_character_of_a_byte_level_bpe():
+    """SmolLM2's kind of tokenizer (GPT-2's byte-level BPE): a byte is a printable character ("\u00f0" for F0),
+    and one token can end a word and start a character: "\u0120\u00f0" is " " and the emoji's first byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab["\u0120\u00f0"] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("\u0120", "\u00f0")]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    ids = bpe.encode(TEXT).ids
+    assert bpe.id_to_token(ids[2]) == "\u0120\u00f0"                 # " " + F0 in one token
+    tok = Raw(bpe)
+    for n in range(len(ids) + 1):
+        s = StreamDecoder(tok)
+        text = "".join(s.feed(i) for i in ids[:n]) + s.flush()
+        assert text == bpe.decode(ids[:n]).rstrip("\ufffd") and TEXT.startswith(text), n   # lossy: one U+FFFD
+    s = StreamDecoder(tok)
+    assert "".join(s.feed(i) for i in ids[:3]) + s.flush() == "Hi " and s.dropped == 0    # the space is kept
 
 
 # --------------------------------------------------------------------------------------------------------

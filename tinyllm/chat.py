@@ -3,15 +3,19 @@
     session = ChatSession(model, system="You are terse.", write=print_piece, max_new_tokens=128, temperature=0.7)
     reply, result = session.send("Why is the sky blue?")     # result: the Generation (ids, stats, stop reason)
     session.reset()                                          # a new conversation (the system prompt stays)
+    session.save("chat.json"); session.load("chat.json")     # the conversation as JSON messages, and back
 
 The CLI's `chat` command is this class plus a prompt loop; a notebook can use it the same way. It prints
 nothing itself: reply text goes to `write(piece)` as it is generated, remarks (context trimmed, reply
 interrupted) to `note(text)` (default: logged at INFO).
 """
+import json
 import logging
+import os
+from pathlib import Path
 
 from .generate import GenerationInterrupted
-from .tokenizer import StreamDecoder
+from .tokenizer import StreamDecoder, check_messages
 
 log = logging.getLogger("tinyllm")
 
@@ -51,6 +55,35 @@ class ChatSession:
     def reset(self):
         self.history = [{"role": "system", "content": self.system}] if self.system else []
 
+    def save(self, path):
+        """Write the conversation to path as JSON: the list of {"role", "content"} messages that Llama.chat()
+        takes (system prompt first, if any). Written whole or not at all (a temporary file, then renamed)."""
+        path = Path(path).expanduser()
+        part = path.with_name(f".{path.name}.part")
+        try:
+            part.write_text(json.dumps(self.history, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
+        return path
+
+    def load(self, path):
+        """Replace the conversation with the one saved in path (as save() writes it, or {"messages": [...]}, a
+        chat API's request body); its system prompt, or none, replaces ours. A file that is not such a
+        conversation is a ValueError naming what is wrong, and the conversation stays as it was."""
+        path = Path(path).expanduser()
+        with open(path, encoding="utf-8") as f:
+            try:
+                messages = json.load(f)
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}: not JSON ({e})") from None
+        if isinstance(messages, dict) and "messages" in messages:
+            messages = messages["messages"]
+        self.history = conversation(messages, path)
+        has_system = bool(self.history) and self.history[0]["role"] == "system"
+        self.system = self.history[0]["content"] if has_system else None
+        return len(self.history)
+
     def fit(self, messages):
         """Drop the oldest exchanges until the prompt leaves room for a reply -> (messages, prompt_ids,
         exchanges dropped); prompt_ids is None when even the last message alone leaves no room."""
@@ -80,7 +113,7 @@ class ChatSession:
         ctx = describe_context(self.llm)
         if prompt is None:
             n = len(self.tok.encode_chat(messages))
-            larger = ", or use a larger --ctx-size" if can_grow_context(self.llm) else ""
+            larger = ", or use a larger -c/--ctx-size" if can_grow_context(self.llm) else ""
             self.note(f"context: this message needs {n} prompt tokens"
                       f"{' with the system prompt' if self.system else ''}, but the context holds {ctx}: "
                       f"no room for a reply. Send something shorter{larger}.")
@@ -107,7 +140,7 @@ class ChatSession:
             result = e.result
             self.write("\n")
         stop = result.stop_reason
-        reply = self.tok.decode(shown)
+        reply = self.tok.decode(shown[:len(shown) - stream.dropped])     # as shown: no unfinished character
         self.history = messages + [{"role": "assistant", "content": reply}]
         if stop == "interrupted":
             self.note("[reply interrupted: the part shown stays in the conversation]")
@@ -120,14 +153,29 @@ class ChatSession:
         return StreamDecoder(self.tok)
 
 
+def conversation(messages, source):
+    """messages checked as a conversation -> a clean copy; ValueError naming source and the bad message."""
+    if messages == []:
+        return []
+    try:
+        check_messages(messages)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    for i, m in enumerate(messages):
+        if m["role"] not in ("system", "user", "assistant") or (m["role"] == "system" and i > 0):
+            raise ValueError(f"{source}: messages[{i}] has role {m['role']!r}: expected a system prompt first, "
+                             f"then 'user' and 'assistant' turns")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def can_grow_context(llm):
     """Whether the model allows a longer context than llm has (a larger --ctx-size would help)."""
     return llm.max_len < llm.config.max_position_embeddings
 
 
 def describe_context(llm):
-    """The context size for a note: "64 tokens, --ctx-size; the model allows 2048" or "2048 tokens, the
+    """The context size for a note: "64 tokens, -c/--ctx-size; the model allows 2048" or "2048 tokens, the
     model's maximum" (suggesting a larger --ctx-size there would send the user in a circle)."""
     if can_grow_context(llm):
-        return f"{llm.max_len} tokens, --ctx-size; the model allows {llm.config.max_position_embeddings}"
+        return f"{llm.max_len} tokens, -c/--ctx-size; the model allows {llm.config.max_position_embeddings}"
     return f"{llm.max_len} tokens, the model's maximum"

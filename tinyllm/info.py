@@ -39,7 +39,7 @@ def describe_model(source):
         f"  parameters: {human_count(n_params)}",
         f"  context: {context:,} tokens by default ({limit})",
         (f"  memory: {human_bytes(ram)} of fp32 weights in RAM, + {human_bytes(kv_cache_bytes(c, context))} of "
-         f"fp32 KV cache for the context of {context:,} tokens"),
+         f"fp32 KV cache for the context of {context:,} tokens (the GPU's device engine stores it in fp16: half)"),
         (f"  on disk: {human_bytes(disk)} in {len(paths)} {kind} file(s), stored as "
          f"{', '.join(f'{t} ({n} tensors)' if len(stored) > 1 else t for t, n in sorted(stored.items()))}"),
     ]

@@ -53,12 +53,13 @@ class Llama:
     Nothing about the last generate() is kept here: it returns a Generation (ids, stats, stop reason).
     """
 
-    def __init__(self, config, weights, tokenizer=None, backend="auto", max_len=None, stop_ids=None):
+    def __init__(self, config, weights, tokenizer=None, backend="auto", max_len=None, stop_ids=None, kv_dtype=None):
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
         self.backend = _backend.resolve(backend)
         if isinstance(weights, DeviceWeights) and self.backend == "numpy":
             raise ValueError("these weights live on the GPU: backend 'numpy' needs host weights (engine='numpy')")
-        self.max_len = context_size(config, max_len, self.backend)
+        self.kv_dtype = kv_cache_dtype(weights, kv_dtype)
+        self.max_len = context_size(config, max_len, self.backend, self.kv_dtype)
         self.arch = describe(config)
         self.rope = {table: rope_table(config, self.max_len, table)          # cos, sin [max_len, head_dim / 2]
                      for table in sorted({spec.rope for spec in self.arch.layers})}
@@ -84,10 +85,18 @@ class Llama:
     def _new_cache(self, batch):
         c = self.config
         self.cache = numbattn.KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, self.max_len,
-                                      c.head_dim, dtype=np.float32, backend=self.backend)
+                                      c.head_dim, dtype=self.kv_dtype, backend=self.backend)
         engine = DeviceEngine if isinstance(self.weights, DeviceWeights) else NumpyEngine
         self.ops = engine(c, self.arch, self.weights, self.cache, self.rope, self.backend)
         self.batch, self.n_cached, self.cached_ids = batch, 0, []
+
+    def prepare_kernels(self, progress=None):
+        """Compile (or load from numbattn's disk cache) every kernel generation will launch, now rather than at
+        the first reply (the device engine on a GPU; otherwise nothing). progress(i, n, name) counts the kernels
+        that must be compiled. Empties the KV cache. -> (loaded, compiled)."""
+        result = self.ops.prepare(self._forward, progress)
+        self.truncate(0)
+        return result
 
     def reset(self):
         """Forget everything cached (the next forward must start at position 0)."""
@@ -206,10 +215,24 @@ class Llama:
         return self.tokenizer.decode(result.ids)
 
 
-def context_size(config, max_len, backend="numpy"):
+def kv_cache_dtype(weights, kv_dtype=None):
+    """The KV cache's storage: kv_dtype if given (float16 or float32), else float16 for the device engine (half the
+    cache bytes that every decode step reads; attention still computes in fp32) and float32 for the NumPy engine."""
+    if kv_dtype is None:
+        return np.dtype(np.float16 if isinstance(weights, DeviceWeights) else np.float32)
+    try:
+        dtype = np.dtype(kv_dtype)
+    except TypeError as e:
+        raise ValueError(f"kv_dtype={kv_dtype!r}: expected float16 or float32") from e
+    if dtype not in (np.float16, np.float32):
+        raise ValueError(f"kv_dtype={dtype.name}: the KV cache stores float16 or float32")
+    return dtype
+
+
+def context_size(config, max_len, backend="numpy", kv_dtype=np.float32):
     """The KV cache's length in tokens: max_len if given (1 .. max_position_embeddings), else the model's maximum
-    up to DEFAULT_CONTEXT. Checked before anything is allocated: a cache (and the NaN-filled layer its reset
-    copies from) that needs more memory than is free where it would live (the GPU's under "cuda", else the
+    up to DEFAULT_CONTEXT. Checked before anything is allocated: a cache of kv_dtype (and the NaN-filled layer its
+    reset copies from) that needs more memory than is free where it would live (the GPU's under "cuda", else the
     host's) is refused, naming max_len / --ctx-size. backend None: no memory check (to describe a model)."""
     limit = config.max_position_embeddings
     if max_len is None:
@@ -221,7 +244,7 @@ def context_size(config, max_len, backend="numpy"):
         n = as_count("max_len", max_len)
     if not 1 <= n <= limit:
         raise ValueError(f"max_len={max_len}: must be between 1 and the model's max_position_embeddings ({limit})")
-    need = kv_cache_bytes(config, n) * (2 * config.num_hidden_layers + 1) // (2 * config.num_hidden_layers)
+    need = kv_cache_bytes(config, n, kv_dtype) * (2 * config.num_hidden_layers + 1) // (2 * config.num_hidden_layers)
     free = None if backend is None else free_memory(backend)
     if free is not None and need > free:
         where = "GPU memory" if backend == "cuda" else "memory"
@@ -231,10 +254,10 @@ def context_size(config, max_len, backend="numpy"):
     return n
 
 
-def kv_cache_bytes(config, n_tokens):
-    """Bytes of an fp32 KV cache of n_tokens (batch 1): K and V of every layer and KV head."""
+def kv_cache_bytes(config, n_tokens, kv_dtype=np.float32):
+    """Bytes of a KV cache of n_tokens (batch 1) stored as kv_dtype: K and V of every layer and KV head."""
     return numbattn.KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads,
-                                            config.head_dim) * n_tokens
+                                            config.head_dim, kv_dtype) * n_tokens
 
 
 def free_memory(backend):

@@ -207,6 +207,10 @@ class StreamDecoder:
 
     context_ids: ids that come before the stream (e.g. the end of the prompt); they are not emitted, but a
     first generated "▁word" then keeps its leading space, as in a continuation of the prompt.
+
+    At the end, flush() holds back an unfinished character (a reply cut off by its length limit between the
+    bytes of an emoji): those ids are dropped (counted in .dropped), never shown as U+FFFD. Bytes that can
+    never become a character (an invalid sequence) still show as U+FFFD: they are what the model wrote.
     """
 
     def __init__(self, tokenizer, context_ids=(), skip_special_tokens=True):
@@ -215,6 +219,7 @@ class StreamDecoder:
         self.ids = [int(i) for i in list(context_ids)[-4:]]
         self.prefix_offset = 0              # window start: first id of the last emitted piece
         self.read_offset = len(self.ids)    # ids before this have been emitted
+        self.dropped = 0                    # ids of an unfinished character flush() held back
 
     def _decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -230,9 +235,54 @@ class StreamDecoder:
         return ""
 
     def flush(self):
-        """Whatever is still held back (an incomplete character at the very end comes out as U+FFFD)."""
+        """Whatever is still held back, less an unfinished character at the very end (see the class)."""
+        pending = [token_bytes(self.tokenizer, i) for i in self.ids[self.read_offset:]]
+        unfinished = _unfinished_utf8(b"".join(pending))
+        cut = len(self.ids)
+        while unfinished > 0 and cut > self.read_offset:     # the trailing ids that hold the unfinished bytes
+            cut -= 1
+            unfinished -= len(pending[cut - self.read_offset])
+        straddles = unfinished < 0                           # that id also holds whole characters: keep them
+        cut += straddles
         before = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        piece = self._decode(self.ids[self.prefix_offset:])[len(before):]
+        piece = self._decode(self.ids[self.prefix_offset:cut])[len(before):]
+        if straddles:                                        # a lossy decode wrote the tail as one U+FFFD
+            piece = piece.removesuffix("\ufffd")
+        self.dropped, self.ids = len(self.ids) - cut, self.ids[:cut]
         if piece:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return piece
+
+
+def _unfinished_utf8(data):
+    """How many bytes at the end of data begin a UTF-8 character they do not finish (0 to 3): Python's decoder
+    calls exactly those "unexpected end of data" (a byte that can never be a character is "invalid")."""
+    for k in range(1, min(3, len(data)) + 1):
+        try:
+            data[-k:].decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start == 0 and e.reason == "unexpected end of data":
+                return k
+    return 0
+
+
+def _byte_level_alphabet():
+    """GPT-2's byte-level BPE spells each byte as a printable character: {character: byte}."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_bytes(tokenizer, i):
+    """The bytes token i stands for: a byte-fallback token ("<0xF0>"), a byte-level BPE token ("ðŁĺ"), else the
+    UTF-8 of its text."""
+    piece = tokenizer.id_to_token(i) or ""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and piece[3:5].isalnum():
+        return bytes.fromhex(piece[3:5])
+    text = tokenizer.decode([i])
+    if "\ufffd" in text and all(c in _BYTE_LEVEL for c in piece):
+        return bytes(_BYTE_LEVEL[c] for c in piece)
+    return text.encode("utf-8")

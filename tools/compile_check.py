@@ -38,7 +38,7 @@ _device = pytypes.SimpleNamespace(compute_capability=(9, 0), id=0)
 numba.cuda.api.get_current_device = numba.cuda.dispatcher.get_current_device = lambda: _device
 
 from numbattn import decode, linear, prefill  # noqa: E402
-from numbattn.kernels import decode_lanes, decode_naive, decode_slots, kv_append, rowwise  # noqa: E402
+from numbattn.kernels import decode_lanes, decode_naive, decode_slots, gemm_mma, kv_append, rowwise  # noqa: E402
 from numbattn.kernels.prefill_tiled import make_v1  # noqa: E402
 
 f32, f16, i32 = types.float32, types.float16, types.int32
@@ -95,6 +95,19 @@ def model_kernels():
                 yield (f"gemm {kind} {epilogue} {tiles}", linear.make_gemm(kind, epilogue, tiles),
                        [arr(f32, 2), arr(u64, 2), arr(f32, 2)])
         yield f"embed {kind}", rowwise.make_embed(kind), [arr(i32, 1), arr(u64, 2), arr(f32, 2)]
+        for k_in, heads in ((2048, (32, 4, 64)), (576, (9, 3, 64))):
+            for tokens in (1, 4):
+                for dt in (f16, f32):
+                    yield (f"gemv rope K{k_in} {kind} heads {heads} M{tokens} {dt} cache",
+                           linear.make_gemv(k_in, kind, tokens, "rope", True, heads),
+                           [arr(f32, 2), arr(u64, 2), arr(f32, 2), arr(f32, 1), f32, arr(f32, 2), arr(f32, 2),
+                            arr(dt, 4), arr(dt, 4), arr(i32, 1), arr(i32, 1)])
+    for _, tiles in linear.MMA_TILE_CLASSES:
+        for epilogue in linear.EPILOGUES:
+            for terms in sorted({linear.GEMM_TERMS, 1, 3} if epilogue == "none" else {linear.GEMM_TERMS}):
+                yield (f"gemm_mma {epilogue} {tiles.bm}x{tiles.bn}x{tiles.bk} w{tiles.wm}x{tiles.wn}x{tiles.wk} "
+                       f"T{terms}", gemm_mma.make_gemm_mma(epilogue, tiles, terms),
+                       [arr(f32, 2), arr(u64, 2), arr(f32, 2)])
     yield "rms_norm", rowwise.make_rms_norm(), [arr(f32, 2), arr(f32, 1), f32, arr(f32, 2)]
     for dt in (f32, f16):
         yield (f"rope_append 32/4 d64 {dt} cache", rowwise.make_rope_append(32, 4, 64),

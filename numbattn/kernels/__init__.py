@@ -23,11 +23,17 @@ The rest of a Llama block:
         kv_append.py           append K/V at each row's length (the device lengths advanced by the kernel)
         rowwise.py             embedding lookup, RMSNorm, RoPE fused with the KV-cache append
         gemv.py, gemm.py       y = x W^T on bf16/fp32 weight words: a few tokens (GEMV), a chunk (GEMM)
+        gemm_mma.py            the chunk's GEMM on tensor cores: bf16 mma.sync on the bf16 weights as stored,
+                               the fp32 activations split into bf16 terms (the default for bf16 weights)
 
 Shared device code:
 
         common.py              the compile policy (fastmath, decided once), group reductions, bit casts, the
                                last-block ticket, weight-word unpacking
         softmax.py             the online-softmax rule and the log-sum-exp merge, written once
-        mma.py                 tensor-core MMAs from Numba (inline PTX) and their simulator twins
+        mma.py                 tensor-core MMAs from Numba (inline PTX: TF32 m16n8k8, bf16 m16n8k16) and their
+                               simulator twins
+
+Every kernel is compiled through common.kernel, which gives it numbattn's disk cache (numbattn/kernel_cache.py):
+compiled once per machine, loaded by every later process.
 """

@@ -27,6 +27,8 @@ from llvmlite import ir
 from numba import config, cuda, float32, int32, uint32, uint64
 from numba.cuda.extending import intrinsic
 
+from .. import kernel_cache
+
 NEG_INF = float32(-np.inf)
 FULL_MASK = 0xFFFFFFFF
 SIM = bool(config.ENABLE_CUDASIM)   # read once: Numba decides GPU or simulator when numba.cuda is first imported
@@ -41,10 +43,12 @@ FASTMATH = {"contract", "afn", "arcp", "nsz", "reassoc"}
 
 
 def kernel(fn=None, **options):
-    """@kernel or @kernel(launch_bounds=...): compile a numbattn kernel (cuda.jit with FASTMATH)."""
-    if fn is None:
-        return lambda f: cuda.jit(fastmath=FASTMATH, **options)(f)
-    return cuda.jit(fastmath=FASTMATH, **options)(fn)
+    """@kernel or @kernel(launch_bounds=...): compile a numbattn kernel (cuda.jit with FASTMATH), its compiled
+    code kept on disk (numbattn/kernel_cache.py: a later process loads it instead of compiling)."""
+    def make(f):
+        compiled = cuda.jit(fastmath=FASTMATH, **options)(f)
+        return compiled if SIM else kernel_cache.attach(compiled)
+    return make if fn is None else make(fn)
 
 
 device = cuda.jit(device=True, inline=True)
@@ -277,7 +281,7 @@ def arrive_last(counters, i, n_arrivals, flag):
     return flag[0] == 1
 
 
-@cuda.jit
+@kernel
 def shared_64k_probe(out):
     # out [32] -> out[t] = t, through 64 KB of static shared memory (numbattn/gpu.py asks whether that works)
     buf = cuda.shared.array(16384, float32)

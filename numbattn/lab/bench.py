@@ -458,3 +458,90 @@ def _run_model(model, prompt, new_tokens):
     """One timed generation from an empty cache, exactly new_tokens long (no stop token) -> GenerationStats."""
     model.reset()
     return model.generate(prompt, max_new_tokens=new_tokens, stop_ids=()).stats
+
+
+# --------------------------------------------------------------------------------------------------------
+# End to end, as llama-bench reports it (benchmarks/gpu_report.py `end_to_end`)
+# --------------------------------------------------------------------------------------------------------
+# pp N: prompt tokens per second, N tokens from an empty KV cache to the logits of the last one, synchronised
+# (what a reply waits for before its first token); tg N: new tokens per second over N greedy tokens after a
+# one-token prompt (llama-bench's tg: an empty context), and after a 512-token prompt ("tg128 @ 512"). Medians of
+# `repeat` runs, after two untimed ones (the first of a length compiles nothing, as kernels are compiled at load,
+# but prepares its launches; the second records the CUDA graph a short prompt replays).
+def pp_tg_tinyllm(model, prompt_lengths=(16, 512, 2048), tg=128, depths=(1, 512), repeat=5, seed=0):
+    """pp and tg rows {test, ms, tokens_per_s} of a tinyllm model (ms: the whole prompt, or per new token)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in prompt_lengths:
+        ids = rng.integers(3, model.config.vocab_size, (1, n))
+        times = []
+        for i in range(repeat + 2):
+            model.reset()
+            t0 = time.perf_counter()
+            model.forward(ids, last_only=True)
+            times.append(time.perf_counter() - t0)
+        ms = statistics.median(times[2:]) * 1e3
+        rows.append(dict(test=f"pp{n}", ms=ms, tokens_per_s=n / ms * 1e3))
+    for depth in depths:
+        prompt = rng.integers(3, model.config.vocab_size, depth).tolist()
+        _run_model(model, prompt, 4)
+        stats = [_run_model(model, prompt, tg) for _ in range(repeat)]
+        step_s = statistics.median(s.decode_seconds / s.decode_tokens for s in stats)
+        rows.append(dict(test=f"tg{tg}" + (f" @ {depth}" if depth > 1 else ""), ms=step_s * 1e3,
+                         tokens_per_s=1 / step_s))
+    return rows
+
+
+def pp_tg_hf(model_dir, prompt_lengths=(16, 512, 2048), tg=128, depths=(1, 512), repeat=5, seed=0,
+             dtype="bfloat16", attn="sdpa"):
+    """The same rows for Hugging Face transformers on the same checkpoint: pp through the model's forward (the
+    last position's logits only), tg from generate() (the time of tg tokens minus that of one)."""
+    import torch
+    import transformers
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype),
+                                                       attn_implementation=attn).cuda().eval()
+    vocab = hf.config.vocab_size
+    rng = np.random.default_rng(seed)
+    rows = []
+
+    def timed_s(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for n in prompt_lengths:
+        ids = torch.tensor(rng.integers(3, vocab, (1, n)), device="cuda")
+        times = [timed_s(lambda: hf(ids, logits_to_keep=1)) for _ in range(repeat + 2)][2:]
+        ms = statistics.median(times) * 1e3
+        rows.append(dict(test=f"pp{n}", ms=ms, tokens_per_s=n / ms * 1e3))
+    for depth in depths:
+        ids = torch.tensor(rng.integers(3, vocab, (1, depth)), device="cuda")
+
+        def gen(k):
+            return timed_s(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
+                                               min_new_tokens=k, do_sample=False, pad_token_id=0))
+        gen(2)
+        step_s = statistics.median((gen(tg) - gen(1)) / (tg - 1) for _ in range(max(1, repeat // 2)))
+        rows.append(dict(test=f"tg{tg}" + (f" @ {depth}" if depth > 1 else ""), ms=step_s * 1e3,
+                         tokens_per_s=1 / step_s))
+    hf = None           # the model's GPU memory goes back before the next benchmark
+    torch.cuda.empty_cache()
+    return rows
+
+
+def cold_start(argv, env=None, runs=2, timeout=900):
+    """Wall seconds of `argv` in `runs` fresh processes, one after the other (caches filled by the first stay for
+    the next), and the last lines each wrote to stderr."""
+    import os
+    import subprocess
+    rows = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        done = subprocess.run(argv, env=dict(os.environ, **(env or {})), capture_output=True, text=True,
+                              timeout=timeout)
+        rows.append(dict(run=i + 1, seconds=time.perf_counter() - t0, returncode=done.returncode,
+                         stdout=done.stdout[-2000:], stderr=done.stderr[-2000:]))
+    return rows

@@ -12,6 +12,7 @@ the fast path can never drift from the readable one:
     swiglu(h, lw)                     silu(h W_gate^T) * (h W_up^T)
     logits(h, step)                   the output head (on the last position only, if step.last_only)
     run(forward, ids, start_pos, last_only)   forward(ids, Step(...)) -> host float32 logits [b, s|1, vocab]
+    prepare(forward, progress)        compile every kernel a generation can launch, before the first reply
 
 `step` (a Step) carries everything about the call that an op needs: the batch and sequence sizes, the position
 of the first new token, whether only the last position's logits are wanted, and the context bound the decode

@@ -1,24 +1,33 @@
 """DeviceEngine: the forward on the GPU (or in Numba's simulator), weights resident, every op a numbattn kernel.
 
 Only the token ids go in and the logits come out (tinyllm/engines/__init__.py lists the ops). The ops return
-handles to device buffers, and some are deferred so that they fuse into the kernel after them: rms_norm returns a
-pending norm that the next matmul applies while it loads x (the GEMV's prologue); qkv and head_norm leave q/k/v
-biases and per-head norms pending, finished by one kernel (numbattn.kernels.families.qkv_finish) before rope, which
-returns pending rotations that attention applies while it appends k and v (numbattn.kernels.rowwise.rope_append).
-The family's other switches (tinyllm/architecture.py) are kernels of numbattn/kernels/families.py: scaled
-embeddings, sandwich norms, GeGLU. On a GPU, a decode step (one token per row) is captured once per context bucket
-as a CUDA graph and then replayed with one driver call (numbattn/launch.py).
+handles to device buffers, and three of them are deferred so that they fuse into the kernel after them: rms_norm
+returns a pending norm that the next matmul applies while it loads x (the GEMV's prologue); qkv returns the pending
+projection, and rope pending rotations, which attention computes together: for a few tokens one GEMV that
+normalises x, projects q, k and v, rotates q and k and appends k and v to the cache (numbattn.linear.plan_qkv_rope:
+5 launches per layer in a decode step), for a chunk a GEMM and then RoPE fused with the append
+(numbattn.kernels.rowwise.rope_append). A family with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3, Gemma 3)
+takes the second way at any length, with its biases and norms finished by one kernel between the two
+(numbattn.kernels.families.qkv_finish). The family's other switches (tinyllm/architecture.py) are kernels of
+numbattn/kernels/families.py: scaled embeddings, sandwich norms, GeGLU. On a GPU, a decode step (one token per row)
+is captured once per context bucket as a CUDA graph and then replayed with one driver call (numbattn/launch.py),
+and so is a short fresh prompt.
 """
+import logging
+import time
+
 import numpy as np
 
 import numbattn
-from numbattn import linear, prefill
+from numbattn import kernel_cache, linear, prefill
 from numbattn.kernels import families, rowwise
 from numbattn.kernels.common import SIM
-from numbattn.launch import Graph, Launch
+from numbattn.launch import Graph, Launch, planning
 
 from ..units import human_bytes
 from .step import Step
+
+log = logging.getLogger("tinyllm")
 
 
 class _Norm:
@@ -29,27 +38,20 @@ class _Norm:
         self.x, self.w = x, w
 
 
-class _QKV:
-    """The fused q/k/v matmul's output with what is still pending on it: its layer's biases (Qwen2) and per-head
-    norms (head_norm: Qwen3, Gemma 3), applied by one kernel before RoPE."""
+class _Qkv:
+    """The q/k/v projection of h (a pending norm or x) with layer weights lw, deferred to attention(): there it is
+    computed with RoPE and the cache append fused in (a few tokens), or followed by them (a chunk). norms: the
+    per-head q and k norm weights head_norm() asked for; table: the layer's RoPE (cos, sin), set by rope()."""
 
-    def __init__(self, buf, lw):
-        self.buf, self.lw, self.norms = buf, lw, {}
+    def __init__(self, h, lw):
+        self.h, self.lw, self.norms, self.table = h, lw, {}, None
 
 
 class _Part:
-    """q, k or v of a pending _QKV (the forward holds three; they share one buffer)."""
+    """q, k or v of a pending _Qkv (the forward holds three; they share one projection)."""
 
     def __init__(self, qkv, name):
         self.qkv, self.name = qkv, name
-
-
-class _Rotate:
-    """Deferred RoPE: attention rotates q and k while it appends k and v to the cache (one kernel), with the
-    layer's table (cos, sin)."""
-
-    def __init__(self, qkv, table):
-        self.qkv, self.table = qkv, table
 
 
 class DeviceEngine:
@@ -57,6 +59,7 @@ class DeviceEngine:
     name = "device"
     prefill_chunk = 2048        # tokens per forward pass (a longer prompt is run in chunks of this many)
     buckets = (256, 1024, 4096, 16384, 65536)   # decode graphs are captured per context bucket
+    prefill_buckets = (16, 32, 64)  # a fresh prompt this short runs padded to its bucket (one graph per bucket)
 
     def __init__(self, config, arch, weights, cache, rope, backend):
         from numba import cuda
@@ -65,12 +68,13 @@ class DeviceEngine:
         self.layers, self.norm = weights.layers, weights.norm
         self.stream = cuda.stream()
         self.rope_tables = {name: tuple(cuda.to_device(t, stream=self.stream) for t in cos_sin)   # cos, sin
-                     for name, cos_sin in rope.items()}
+                            for name, cos_sin in rope.items()}
         c = config
         self.H, self.HKV, self.D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.QKV = (self.H + 2 * self.HKV) * self.D
         self.eps = np.float32(c.rms_norm_eps)
         self.use_graphs = backend == "cuda"
+        self.pad_short_prompts = self.use_graphs    # (the simulator can run the padded path too: the tests do)
         B = cache.batch
         rows = B * self.prefill_chunk
         widths = {"x": c.hidden_size, "h": c.hidden_size, "qkv": self.QKV, "attn": self.H * self.D,
@@ -86,13 +90,14 @@ class DeviceEngine:
         self.logits_dev = cuda.device_array((B, c.vocab_size), np.float32, stream=self.stream)
         self.logits_host = cuda.pinned_array((B, c.vocab_size), np.float32)
         self._views, self._launches, self._graphs, self._warm = {}, {}, {}, set()
+        self._attention_views = {}
 
     def describe(self):
         kinds = "/".join(self.weights.kinds)
         where = "the GPU" if self.backend == "cuda" else "the simulated device (host memory)"
         return (f"device engine ({self.backend}): weights on {where} ({human_bytes(self.weights.nbytes)} of "
                 f"{kinds} words), KV cache {human_bytes(self.cache.nbytes)} {self.cache.dtype.name}, every op a "
-                f"numbattn kernel{'; decode steps replayed as CUDA graphs' if self.use_graphs else ''}")
+                f"numbattn kernel{'; decode steps and short prompts replayed as CUDA graphs' * self.use_graphs}")
 
     # ---- views and launches, made once per shape ----------------------------------------------------------
     def view(self, name, rows):
@@ -136,32 +141,23 @@ class DeviceEngine:
         return _Norm(x, w)
 
     def qkv(self, h, lw):
-        qkv = _QKV(self.matmul(("qkv", id(lw)), h, lw.w_qkv, self.view("qkv", self._rows(h)), "none"), lw)
-        return _Part(qkv, "q"), _Part(qkv, "k"), _Part(qkv, "v")
+        pending = _Qkv(h, lw)
+        return _Part(pending, "q"), _Part(pending, "k"), _Part(pending, "v")
 
     def head_norm(self, x, w):
-        x.qkv.norms[x.name] = w                              # applied with the biases, before RoPE
+        x.qkv.norms[x.name] = w                              # applied after the projection, before RoPE
         return x
 
     def rope(self, q, k, step, layer):
-        qkv = q.qkv
-        bias, norm = self.arch.qkv_bias, bool(qkv.norms)
-        if bias or norm:
-            args = (qkv.buf, qkv.lw.b_qkv if bias else self.norm, qkv.norms.get("q", self.norm),
-                    qkv.norms.get("k", self.norm), self.eps)
-            self.launch(("qkv finish", layer, qkv.buf.shape[0]), families.make_qkv_finish(
-                self.H, self.HKV, self.D, bias, norm), qkv.buf.shape[0], families.THREADS, args)
-        return _Rotate(qkv.buf, self.rope_tables[self.arch.layers[layer].rope]), k
+        q.qkv.table = self.rope_tables[self.arch.layers[layer].rope]
+        return q, k                         # applied by attention(), with the projection and the append
 
     def attention(self, layer, q, k, v, step):
-        """RoPE + append (one kernel), then decode (one token per row) or prefill attention over the cache."""
+        """q, k, v projected, rotated and k, v appended (one or two kernels: _project_rotate_append), then decode
+        (one token per row) or prefill attention over the cache."""
         B, s = step.batch, step.seq
         M = B * s
-        qkv, (cos, sin) = q.qkv, q.table
-        self.launch(("rope", layer, M), rowwise.make_rope_append(self.H, self.HKV, self.D),
-                    rowwise.rope_append_grid(s, B), rowwise.THREADS,
-                    (qkv, cos, sin, self.cache.k(layer), self.cache.v(layer),
-                     self.cache.device_lengths(layer), self.cache.append_counters(layer)))
+        qkv = self._project_rotate_append(layer, q.qkv, B, s)
         self.cache.advance(s, layer)
         attn = self.view("attn", M)
         if s == 1:
@@ -171,6 +167,38 @@ class DeviceEngine:
         else:
             self._prefill_attention(layer, qkv, attn, B, s, step.start_pos + s)
         return attn
+
+    def _project_rotate_append(self, layer, pending, B, s):
+        """-> the qkv buffer holding q rotated; k rotated and v appended to the cache at each row's length. A few
+        tokens: one GEMV with the norm, RoPE and append fused (linear.plan_qkv_rope); else (or with biases or head
+        norms to apply first) the matmul, families.qkv_finish, and rowwise.rope_append."""
+        M, (words, kind) = B * s, pending.lw.w_qkv
+        qkv = self.view("qkv", M)
+        x, norm = (pending.h.x, pending.h.w) if isinstance(pending.h, _Norm) else (pending.h, None)
+        cache_args = pending.table + (self.cache.k(layer), self.cache.v(layer), self.cache.device_lengths(layer),
+                                      self.cache.append_counters(layer))
+        finish = self.arch.qkv_bias or bool(pending.norms)
+        fused = None if finish else linear.plan_qkv_rope(M, x.shape[1], words.shape[0], kind,
+                                                         (self.H, self.HKV, self.D), norm is not None)
+        if fused is not None:
+            kernel, grid, threads = fused
+            args = (x, words, qkv, norm if norm is not None else self.norm, self.eps) + cache_args
+            self.launch(("qkv rope", layer, M), kernel, grid, threads, args)
+            return qkv
+        self.matmul(("qkv", id(pending.lw)), pending.h, pending.lw.w_qkv, qkv, "none")
+        if finish:
+            self._finish_qkv(layer, pending, qkv)
+        self.launch(("rope", layer, M), rowwise.make_rope_append(self.H, self.HKV, self.D),
+                    rowwise.rope_append_grid(s, B), rowwise.THREADS, (qkv,) + cache_args)
+        return qkv
+
+    def _finish_qkv(self, layer, pending, qkv):
+        """q/k/v biases (Qwen2) and per-head q and k RMSNorms (Qwen3, Gemma 3), in place, one kernel."""
+        bias, norm = self.arch.qkv_bias, bool(pending.norms)
+        args = (qkv, pending.lw.b_qkv if bias else self.norm, pending.norms.get("q", self.norm),
+                pending.norms.get("k", self.norm), self.eps)
+        self.launch(("qkv finish", layer, qkv.shape[0]), families.make_qkv_finish(self.H, self.HKV, self.D, bias, norm),
+                    qkv.shape[0], families.THREADS, args)
 
     def _decode_views(self, B):
         """q [B, H, D] inside the qkv buffer and out [B, H, D] over the attn buffer (made once)."""
@@ -182,12 +210,23 @@ class DeviceEngine:
         return self._views[key]
 
     def _prefill_attention(self, layer, qkv, attn, B, s, n):
-        q4 = _strided(qkv, (B, self.H, s, self.D), (s * self.QKV, self.D, self.QKV, 1))
-        out4 = _strided(attn, (B, self.H, s, self.D), (s * self.H * self.D, self.D, self.H * self.D, 1))
-        k_all, v_all = _prefix(self.cache.k(layer), n), _prefix(self.cache.v(layer), n)
+        q4, out4, k_all, v_all = self._prefill_views(layer, qkv, attn, B, s, n)
         version = prefill.DEFAULT_VERSION
         tiles = prefill.default_tiles(version, self.backend, self.D)
         prefill.launch(q4, k_all, v_all, out4, True, self.arch.attn_scale, version, tiles, stream=self.stream)
+
+    def _prefill_views(self, layer, qkv, attn, B, s, n):
+        """q and out [B, H, s, D] inside the qkv and attn buffers, the cache's first n keys and values: made once
+        per shape (the same objects each call: prefill.launch's prepared launch then re-marshals nothing)."""
+        key = (layer, B, s, n)
+        if key not in self._attention_views:
+            if len(self._attention_views) > 4096:          # chats prefill at ever new positions: keep it bounded
+                self._attention_views.clear()
+            HD = self.H * self.D
+            self._attention_views[key] = (_strided(qkv, (B, self.H, s, self.D), (s * self.QKV, self.D, self.QKV, 1)),
+                                          _strided(attn, (B, self.H, s, self.D), (s * HD, self.D, HD, 1)),
+                                          _prefix(self.cache.k(layer), n), _prefix(self.cache.v(layer), n))
+        return self._attention_views[key]
 
     def linear(self, a, w, residual=None, post_norm=None):
         """residual += a W^T (the matmul's epilogue), or with post_norm (Gemma's sandwich) residual += norm(a W^T)."""
@@ -210,24 +249,32 @@ class DeviceEngine:
 
     def logits(self, h, step):
         """The output head on the last token of every row (step.last_only) or on every token -> a host float32
-        array [b, 1 or s, vocab] that the stream fills: valid once run() has synchronised it."""
+        array [b, 1 or s, vocab] that the stream fills: valid once run() has synchronised it. Deferred (a padded
+        short prompt): nothing here; run() takes the real last tokens' logits after the forward (_logits_at)."""
         B, s = step.batch, step.seq
+        if step.defer_logits:
+            return None
         if step.last_only or s == 1:
-            last = self._last_rows(h.x, B, s)
-            self.matmul(("logits", B), _Norm(last, h.w), self.weights.lm_head, self.logits_dev, "none")
-            self.logits_dev.copy_to_host(self.logits_host, stream=self.stream)
-            return self.logits_host[:, None, :]
+            return self._logits_at(B, s, s - 1)
         from numba import cuda
         every = cuda.device_array((B * s, self.config.vocab_size), np.float32, stream=self.stream)
         self.matmul(("logits all",), h, self.weights.lm_head, every, "none")
         return every.copy_to_host(stream=self.stream).reshape(B, s, -1)
 
-    def _last_rows(self, x, B, s):
-        if s == 1:
-            return x
-        key = ("last", B, s)
+    def _logits_at(self, B, s, row):
+        """The output head on token `row` of each of the B rows of s tokens that the last forward left in the
+        residual stream (the x buffer), normalised by the final norm -> host logits [B, 1, vocab] (once synced)."""
+        x = self.view("x", B * s)
+        last = x if s == 1 else self._last_rows(x, B, s, row)
+        self.matmul(("logits", B, s, row), _Norm(last, self.norm), self.weights.lm_head, self.logits_dev, "none")
+        self.logits_dev.copy_to_host(self.logits_host, stream=self.stream)
+        return self.logits_host[:, None, :]
+
+    def _last_rows(self, x, B, s, row):
+        """Token `row` of each of the B rows of s tokens in x [B * s, dim], as a [B, dim] view (made once)."""
+        key = ("last", B, s, row)
         if key not in self._views:
-            self._views[key] = _strided(x, (B, x.shape[1]), (s * x.shape[1], 1), offset_rows=s - 1)
+            self._views[key] = _strided(x, (B, x.shape[1]), (s * x.shape[1], 1), offset_rows=row)
         return self._views[key]
 
     def _rows(self, a):
@@ -235,23 +282,44 @@ class DeviceEngine:
 
     def matmul(self, key, a, w, out, epilogue):
         """out (=, +=, swiglu) a W^T: the GEMV (normalising x on the fly) for a few tokens, else an RMSNorm
-        kernel (if a is a pending norm) and the GEMM."""
+        kernel (if a is a pending norm) and a GEMM (numbattn.linear.plan_matmul chooses)."""
         words, kind = w
         x, norm = (a.x, a.w) if isinstance(a, _Norm) else (a, None)
         M = x.shape[0]
-        if M <= linear.GEMV_MAX_TOKENS:
-            kernel = linear.make_gemv(x.shape[1], kind, M, epilogue, norm is not None)
-            args = (x, words, out, norm if norm is not None else self.norm, self.eps)
-            self.launch(key + (M,), kernel, linear.gemv_grid(words.shape[0], epilogue), linear.GEMV_THREADS, args)
-            return out
-        if norm is not None:
+        if norm is not None and not linear.use_gemv(M, x.shape[1]):
             h = self.view("h", M)
             self.launch(("norm", id(norm), M), rowwise.make_rms_norm(), M, rowwise.THREADS, (x, norm, self.eps, h))
-            x = h
-        tiles = linear.gemm_tiles(M, words.shape[0])
-        self.launch(key + (M,), linear.make_gemm(kind, epilogue, tiles), linear.gemm_grid(M, words.shape[0], tiles),
-                    tiles[3], (x, words, out))
+            x, norm = h, None
+        kernel, grid, threads, gemv = linear.plan_matmul(M, x.shape[1], words.shape[0], kind, epilogue,
+                                                         norm is not None)
+        args = (x, words, out, norm if norm is not None else self.norm, self.eps) if gemv else (x, words, out)
+        self.launch(key + (M,), kernel, grid, threads, args)
         return out
+
+    # ---- every kernel compiled before the first reply ------------------------------------------------------
+    def plan(self, forward):
+        """-> [(kernel, argument types)] of every launch a generation can make: the forward planned, nothing run
+        (numbattn.launch.planning), at one chunk length per matmul kernel choice (numbattn.linear.token_classes:
+        1-4 tokens, then one per tile class) and as a decode step. The cache is left empty."""
+        B = self.cache.batch
+        with planning() as plan:
+            for s in linear.token_classes(min(self.prefill_chunk, self.cache.max_len)):
+                forward(np.zeros((B, s), np.int64), Step(B, s, 0, True))
+                self.cache.truncate(0)          # its appends advanced the host's lengths only
+            forward(np.zeros((B, 1), np.int64), Step(B, 1, 0, True, max_length=self._bucket(1)))
+            self.cache.truncate(0)
+        return plan
+
+    def prepare(self, forward, progress=None):
+        """Compile, or load from the disk cache (numbattn/kernel_cache.py), every kernel of self.plan(forward) now,
+        not in the middle of a reply. progress(i, n, name) counts the kernels compiled. -> (loaded, compiled)."""
+        if self.backend != "cuda":          # the simulator compiles nothing
+            return 0, 0
+        t0 = time.perf_counter()
+        loaded, compiled = kernel_cache.prepare(self.plan(forward), progress)
+        log.info("tinyllm: %d kernels compiled, %d loaded from %s (%.1f s)", compiled, loaded, kernel_cache.cache_dir(),
+                 time.perf_counter() - t0)
+        return loaded, compiled
 
     # ---- one forward, replayed as a CUDA graph for decode steps --------------------------------------------
     def _bucket(self, n):
@@ -259,37 +327,57 @@ class DeviceEngine:
         return min(next((b for b in self.buckets if n <= b), self.cache.max_len), self.cache.max_len)
 
     def run(self, forward, ids, start_pos, last_only):
-        """forward(ids, step) on this engine -> host logits. On a GPU a decode step (one token per row) runs normally
-        the first time in its context bucket, is recorded as a CUDA graph the second time, and is replayed from
-        then on: one driver call per token instead of ~150 launches. The forward replayed is the forward recorded:
-        the same ops on the same buffers, whose per-step values (token ids, positions) live in device memory."""
+        """forward(ids, step) on this engine -> host logits. On a GPU two kinds of forward are replayed as CUDA
+        graphs, each captured per bucket (_replay_or_run): a decode step (one token per row), per context bucket,
+        and a fresh prompt of at most 64 tokens, padded to 16, 32 or 64 tokens (_short_prompt). One driver call
+        then replaces ~150 launches."""
         B, s = ids.shape
         if s > self.prefill_chunk:
             raise ValueError(f"{s} tokens in one forward: the device buffers hold {self.prefill_chunk} per row "
                              f"(Llama.forward runs longer prompts in chunks)")
-        if not (self.use_graphs and s == 1):
-            logits = forward(ids, Step(B, s, start_pos, last_only))
+        if self.use_graphs and s == 1:
+            bucket = self._bucket(start_pos + 1)
+            self._replay_or_run((B, bucket), forward, ids, Step(B, 1, start_pos, True, max_length=bucket))
             self.stream.synchronize()
-            return np.array(logits)
-        bucket = self._bucket(start_pos + 1)
-        key = (B, bucket)
-        step = Step(B, 1, start_pos, True, max_length=bucket)
+            return self.logits_host.copy()[:, None, :]
+        padded = next((n for n in self.prefill_buckets if s <= n), None)
+        if self.pad_short_prompts and last_only and start_pos == 0 and padded and padded <= self.cache.max_len:
+            return self._short_prompt(forward, ids, padded)
+        logits = forward(ids, Step(B, s, start_pos, last_only))
+        self.stream.synchronize()
+        return np.array(logits)
+
+    def _short_prompt(self, forward, ids, n):
+        """A fresh prompt of s tokens per row, run as n >= s (its bucket): padding tokens after it, which causal
+        attention keeps out of every real token's view, so the n-token forward is one graph for every s of the
+        bucket. The logits are those of token s - 1; the padding's K and V leave the cache again (NaN)."""
+        B, s = ids.shape
+        padded = np.zeros((B, n), np.int64)
+        padded[:, :s] = ids
+        self._replay_or_run(("prompt", B, n), forward, padded, Step(B, n, 0, True, defer_logits=True))
+        self._logits_at(B, n, s - 1)
+        self.stream.synchronize()
+        self.cache.truncate(s)
+        return self.logits_host.copy()[:, None, :]
+
+    def _replay_or_run(self, key, forward, ids, step):
+        """forward(ids, step): run normally the first time under key (compiling, preparing every launch), recorded
+        as a CUDA graph the second time, replayed from then on (without graphs: always run). The forward replayed
+        is the forward recorded: the same ops on the same buffers, whose per-call values (token ids, positions)
+        live in device memory."""
         graph = self._graphs.get(key)
-        if graph is None and key not in self._warm:
-            self._warm.add(key)            # first step in this bucket: compile and prepare every launch
-            logits = forward(ids, step)
-            self.stream.synchronize()
-            return np.array(logits)
+        if not self.use_graphs or (graph is None and key not in self._warm):
+            self._warm.add(key)
+            forward(ids, step)
+            return
         if graph is None:
             graph = self._graphs[key] = Graph(self.stream)
             with graph.capture():          # recorded, not run: the replay below runs it
                 forward(ids, step)         # (its appends advance the cache's host mirror now; the replay, the device)
         else:
-            self.ids_host[:B] = ids[:, 0]
-            self.cache.advance(1)          # what the replay's appends do on the device, on the host mirror
+            self.ids_host[:ids.size] = ids.reshape(-1)
+            self.cache.advance(step.seq)   # what the replay's appends do on the device, on the host mirror
         graph.replay()
-        self.stream.synchronize()
-        return self.logits_host.copy()[:, None, :]
 
 
 def refuse_unbuilt(arch):

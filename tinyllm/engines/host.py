@@ -88,6 +88,10 @@ class NumpyEngine:
     def run(self, forward, ids, start_pos, last_only):
         return forward(ids, Step(ids.shape[0], ids.shape[1], start_pos, last_only))
 
+    def prepare(self, forward, progress=None):
+        """Nothing to compile ahead: NumPy (attention kernels, if any, compile at their first call)."""
+        return 0, 0
+
 
 def split_heads(x, n_heads):
     """[batch, seq, n_heads * head_dim] -> [batch, n_heads, seq, head_dim]."""
