@@ -25,8 +25,13 @@ def rand_qkv(rng, batch, n_heads, n_kv_heads, q_len, kv_len, d, dtype=np.float32
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
-def reference_fp64(q, k, v, causal, scale):
+def reference_fp64(q, k, v, causal, scale, window=None, softcap=None):
     """The fp64 oracle; at GPU-test sizes (32 heads × 8192²) it runs through torch on the GPU if present."""
+    if causal and (window is not None or softcap is not None):
+        return reference_fp64_blocks(q, k, v, scale, window, softcap)
+    if softcap is not None:
+        return reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=causal, scale=scale,
+                                   softcap=softcap)
     if q.shape[2] * k.shape[2] * q.shape[1] * q.shape[0] > 2**26:
         try:
             import torch
@@ -40,14 +45,30 @@ def reference_fp64(q, k, v, causal, scale):
     return reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=causal, scale=scale)
 
 
-def check(q, k, v, causal=False, scale=None, version="v1", tiles=None, rtol=RTOL):
+def reference_fp64_blocks(q, k, v, scale, window, softcap, rows=512):
+    """The windowed / soft-capped causal oracle in blocks of query rows (each over the keys its window reaches),
+    so that GPU-test sizes (32768 queries, window 4096) stay within memory."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    out = np.empty(q.shape, np.float64)
+    for i0 in range(0, q_len, rows):
+        i1 = min(q_len, i0 + rows)
+        j1 = i1 + kv_len - q_len                               # keys up to the last row's diagonal
+        j0 = 0 if window is None else max(0, i0 + kv_len - q_len - window + 1)
+        out[:, :, i0:i1] = reference.attention(*(x.astype(np.float64) for x in (q[:, :, i0:i1], k[:, :, j0:j1],
+                                                                                 v[:, :, j0:j1])),
+                                               causal=True, scale=scale, window=window, softcap=softcap)
+    return out
+
+
+def check(q, k, v, causal=False, scale=None, version="v1", tiles=None, rtol=RTOL, window=None, softcap=None):
     """Run the kernel into a NaN-poisoned device buffer and compare with the fp64 reference."""
     from numba import cuda
     out = cuda.to_device(np.full(q.shape, np.nan, np.float32))  # an unwritten element stays NaN and fails
     got = prefill.flash_attention(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), causal=causal,
-                                  scale=scale, backend=KERNEL, out=out, version=version, tiles=tiles)
+                                  scale=scale, backend=KERNEL, out=out, version=version, tiles=tiles, window=window,
+                                  softcap=softcap)
     got = got.copy_to_host()
-    want = reference_fp64(q, k, v, causal, scale)
+    want = reference_fp64(q, k, v, causal, scale, window, softcap)
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.isfinite(got).all(), "kernel left unwritten (NaN) or non-finite outputs"
     err = np.abs(got - want).max() / np.abs(want).max()
@@ -132,6 +153,88 @@ def test_property_sweep(q_len, extra, group, n_kv_heads, causal, seed, version):
     rng = np.random.default_rng(seed)
     check(*rand_qkv(rng, 1, group * n_kv_heads, n_kv_heads, q_len, q_len + extra, 16), causal=causal,
           version=version)
+
+
+# ---- sliding windows, soft caps, head_dim 128 and 256 ----
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sliding_windows(version):
+    """9 queries over 13 keys (a KV prefix of 4), windows of 1 (each query sees itself only), 3 (smaller than a key
+    tile), a whole key tile (4 keys in v0-v2, 8 in v3), and 20 (longer than the sequence: plain causal)."""
+    rng = np.random.default_rng(30)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 9, 13, 16)
+    for window in (1, 3, SIM_TILES_N[version]):
+        check(q, k, v, causal=True, version=version, window=window)
+    out = cuda_out(q)
+    prefill.flash_attention(q, k, v, causal=True, backend=KERNEL, version=version, window=20, out=out)
+    np.testing.assert_allclose(out.copy_to_host(), reference_fp64(q, k, v, True, None), rtol=0, atol=RTOL)
+
+
+SIM_TILES_N = {version: t.block_n for version, t in prefill.SIM_TILES.items()}
+
+
+def cuda_out(q):
+    from numba import cuda
+    return cuda.to_device(np.full(q.shape, np.nan, np.float32))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_soft_capped_scores_of_large_magnitude(version):
+    """Scores up to ~±800 capped at 30 (Gemma 2 caps at 50): without the cap the softmax is one-hot, with it the
+    weights spread, and a wrong cap (a slope, a sign, a missing log2 e) is off by far more than 1e-5."""
+    rng = np.random.default_rng(31)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 7, 11, 16, magnitude=200.0)
+    check(q, k, v, causal=True, version=version, softcap=30.0)
+    check(q, k, v, causal=False, version=version, softcap=30.0, scale=0.01)     # small scores: tanh's linear part
+    check(q, k, v, causal=True, version=version, softcap=30.0, window=3)
+
+
+@pytest.mark.parametrize("version,tiles", [("v0", None), ("v1", None), ("v2", None),
+                                           ("v3", prefill.Tiles(16, 8, 128, dim_split=4))])
+def test_head_dim_256_gqa_4_to_1_one_kv_head(version, tiles):
+    """Gemma's head_dim 256, 4 query heads on 1 KV head; v3 with the GPU's layout: 4 warps share 16 query rows, each
+    holding 64 of their dims and summing the row group's partial scores through shared memory."""
+    rng = np.random.default_rng(32)
+    q, k, v = rand_qkv(rng, 1, 4, 1, 5, 11, 256)
+    check(q, k, v, causal=True, version=version, tiles=tiles, window=4 if version == "v3" else None)
+
+
+def test_head_dim_128_dims_split_over_two_warps():
+    """v3 at head_dim 128 as the GPU runs it (2 warps a row group), with rows of two row groups in one block."""
+    rng = np.random.default_rng(33)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 19, 23, 128)
+    check(q, k, v, causal=True, version="v3", tiles=prefill.Tiles(32, 8, 128, dim_split=2), softcap=20.0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(window=st.integers(1, 12), q_len=st.integers(1, 12), extra=st.integers(0, 6),
+       head_dim=st.sampled_from([16, 32, 128]), seed=st.integers(0, 2**16), version=st.sampled_from(VERSIONS))
+def test_property_sweep_windows(window, q_len, extra, head_dim, seed, version):
+    rng = np.random.default_rng(seed)
+    check(*rand_qkv(rng, 1, 2, 1, q_len, q_len + extra, head_dim), causal=True, version=version, window=window)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(window=0), r"window=0 must be >= 1"),
+    (dict(window=2.5), r"window=2.5 must be an integer"),
+    (dict(window=3, causal=False), r"window=3 needs causal=True"),
+    (dict(softcap=0.0), r"softcap=0.0 must be a finite number > 0"),
+    (dict(softcap=float("nan")), r"softcap=nan must be a finite number > 0"),
+    (dict(softcap="x"), r"softcap='x' must be a number"),
+])
+def test_bad_window_or_softcap_is_named(bad, match):
+    args = dict(q=np.zeros((1, 2, 5, 16), np.float32), k=np.zeros((1, 2, 5, 16), np.float32),
+                v=np.zeros((1, 2, 5, 16), np.float32), causal=True)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        numbattn.attention(**args)
+
+
+def test_bad_dim_split_is_named():
+    q = np.zeros((1, 1, 4, 128), np.float32)
+    with pytest.raises(ValueError, match=r"dim_split=3: expected whole warps"):
+        prefill.flash_attention(q, q, q, version="v3", tiles=prefill.Tiles(16, 8, 96, dim_split=3))
+    with pytest.raises(ValueError, match=r"only v3 splits"):
+        prefill.flash_attention(q, q, q, version="v2", tiles=prefill.Tiles(4, 4, 4, dim_split=2))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -246,7 +349,7 @@ def test_gpu_v2_shared_memory_reduction_twin():
     out = cuda.to_device(np.full(q.shape, np.nan, np.float32))
     grid = ((q.shape[2] + t.block_m - 1) // t.block_m, 32, 2)
     kernel[grid, t.threads](cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), out,
-                            np.float32(0.125 * prefill.LOG2E), True)
+                            np.float32(0.125 * prefill.LOG2E), True, np.int64(1000), np.int64(1000), np.float32(0))
     want = reference_fp64(q, k, v, True, 0.125)
     got = out.copy_to_host()
     assert np.isfinite(got).all()

@@ -75,56 +75,61 @@ import math
 
 from numba import cuda, float32
 
-from .common import (NEG_INF, device, kernel, make_group_reduce, prefill_block, reduce_scratch_shape, tile_is_whole,
-                     visible_keys)
+from .common import (NEG_INF, device, kernel, make_group_reduce, prefill_block, reduce_scratch_shape, ring_slot,
+                     soft_cap, tile_is_whole, visible_keys)
 from .mma import make_mma_3xtf32_n, mma_scratch_shape, tf32_split
 from .softmax import finish, rescale
 
 
-def layout(block_m, block_n, threads, head_dim):
-    """(warps, KD = head_dim / 8 k-steps of S, NS = block_n / 8 key blocks, NO = head_dim / 8 output blocks,
-    NL = K (and V) elements each thread stages per tile)."""
+def layout(block_m, block_n, threads, head_dim, dim_split=1):
+    """(warps, KD = head_dim / dim_split / 8 k-steps of a warp's S, NS = block_n / 8 key blocks, NO = head_dim /
+    dim_split / 8 output blocks of a warp, NL = K (and V) elements each thread stages per tile)."""
     warps = threads // 32
-    if (threads % 32 or block_m != 16 * warps or block_n % 8 or head_dim % 8 or not warps
-            or block_n * head_dim % threads):
-        raise ValueError(f"v3 tiles block_m={block_m}, block_n={block_n}, threads={threads}: expected whole warps "
-                         f"of 32 threads, block_m = 16 rows per warp, block_n and head_dim ({head_dim}) multiples of "
-                         f"8, and block_n * head_dim a multiple of threads")
-    return warps, head_dim // 8, block_n // 8, head_dim // 8, block_n * head_dim // threads
+    if (threads % 32 or not warps or dim_split < 1 or warps % dim_split or block_m != 16 * warps // dim_split
+            or block_n % 8 or head_dim % (8 * dim_split) or block_n * head_dim % threads):
+        raise ValueError(f"v3 tiles block_m={block_m}, block_n={block_n}, threads={threads}, dim_split={dim_split}: "
+                         f"expected whole warps of 32 threads, in groups of dim_split warps sharing 16 rows "
+                         f"(block_m = 16 * warps / dim_split), block_n a multiple of 8, head_dim ({head_dim}) a "
+                         f"multiple of 8 * dim_split, and block_n * head_dim a multiple of threads")
+    ds = head_dim // dim_split
+    return warps, ds // 8, block_n // 8, ds // 8, block_n * head_dim // threads
 
 
-def shared_bytes(block_m, block_n, head_dim):
-    """Static shared memory of one block on a GPU (the K and V tiles; the simulator's scratch not counted)."""
-    return 4 * 2 * block_n * (head_dim + 4)
+def shared_bytes(block_m, block_n, head_dim, dim_split=1):
+    """Static shared memory of one block on a GPU: the K and V tiles, and with dim_split > 1 the partial scores
+    the warps exchange (the simulator's scratch not counted)."""
+    warps = block_m * dim_split // 16
+    return 4 * (2 * block_n * (head_dim + 4) + (16 * block_n * warps if dim_split > 1 else 0))
 
 
 @functools.lru_cache(maxsize=None)
-def make_v3(head_dim, block_m, block_n, threads):
-    D, BM, BN, NT = head_dim, block_m, block_n, threads
-    W, KD, NS, NO, NL = layout(BM, BN, NT, D)
-    DP = D + 4                                      # padded row: conflict-free fragment reads (docstring)
+def make_v3(head_dim, block_m, block_n, threads, dim_split=1):
+    D, BM, BN, NT, SPLIT = head_dim, block_m, block_n, threads, dim_split
+    W, KD, NS, NO, NL = layout(BM, BN, NT, D, SPLIT)
+    DS, DP = D // SPLIT, D + 4                      # a warp's dims; padded rows: conflict-free fragment reads
     group_max, group_sum = make_group_reduce(4, 2)  # over a quad: the 4 lanes holding one row
     RED, MMA_SCRATCH = reduce_scratch_shape(2, NT), mma_scratch_shape(NT, max(NS, NO))
+    XS = (W, 4 * NS, 32) if SPLIT > 1 else (1, 1, 1)    # the partial scores each warp posts for its row group
     load_q_fragments, fetch_kv, store_kv = _make_loads(D, NT, KD, NL)
-    scores, mask_scores = _make_scores(KD, NS)
+    scores, sum_partials, cap_and_mask = _make_scores(BM, BN, KD, NS, SPLIT)
     softmax_step = _make_softmax_step(NS, group_max)
     pv = _make_pv(NS, NO)
     init_state, store_rows = _make_state(NO)
 
     @kernel
-    def attention_v3(q, k, v, out, scale_log2, causal):
-        # q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> out [B, H, Lq, D]
-        b, h, hk, q_len, kv_len = prefill_block(q, k)
-        tid = cuda.threadIdx.x
+    def attention_v3(q, k, v, out, scale_log2, causal, kv_len, window, softcap):
+        # q [B, H, Lq, D], k/v [B, Hkv, S, D] (key j in slot j mod S) -> out [B, H, Lq, D]
+        b, h, hk, q_len = prefill_block(q, k)
+        tid, warp = cuda.threadIdx.x, cuda.threadIdx.x // 32
         g, t = (tid % 32) >> 2, tid & 3             # this lane's fragment coordinates (lane = 4 g + t)
         q0 = cuda.blockIdx.x * BM
-        row = q0 + (tid // 32) * 16 + g             # this lane's rows: row and row + 8
-
+        row = q0 + (warp // SPLIT) * 16 + g         # this lane's rows: row and row + 8 ...
+        d0 = (warp % SPLIT) * DS                    # ... and its warp's head dims d0 .. d0 + DS - 1
         Ks = cuda.shared.array((BN, DP), float32)
         Vs = cuda.shared.array((BN, DP), float32)
+        x = cuda.shared.array(XS, float32)
         red = cuda.shared.array(RED, float32)
         scratch = cuda.shared.array(MMA_SCRATCH, float32)
-
         qb = cuda.local.array((KD, 4), float32)     # Q's A fragments, scaled by scale*log2(e): big part
         qs = cuda.local.array((KD, 4), float32)     # ... and small part
         s = cuda.local.array((NS, 4), float32)      # S's C fragments, then P
@@ -136,53 +141,54 @@ def make_v3(head_dim, block_m, block_n, threads):
         ks = cuda.local.array((NS, 2), float32)
         vb = cuda.local.array((NO, 2), float32)     # ... and V
         vs = cuda.local.array((NO, 2), float32)
-        pb = cuda.local.array((1, 4), float32)      # one key block's P fragment, split
-        ps = cuda.local.array((1, 4), float32)
+        pb, ps = cuda.local.array((1, 4), float32), cuda.local.array((1, 4), float32)   # a P fragment, split
         m_i = cuda.local.array(2, float32)          # rows row and row + 8: running max
         l_i = cuda.local.array(2, float32)          # ... and this lane's partial running sum
         m_tile = cuda.local.array(2, float32)       # ... the tile's max, then the rescale factor alpha
-        load_q_fragments(q, b, h, row, q_len, scale_log2, t, qb, qs)
+        load_q_fragments(q, b, h, row, d0, q_len, scale_log2, t, qb, qs)
         init_state(o, m_i, l_i)
-        kv_begin, kv_end = visible_keys(q0, BM, q_len, kv_len, causal)
+        kv_begin, kv_end = visible_keys(q0, BM, q_len, kv_len, causal, window)
         for j0 in range(kv_begin, kv_end, BN):
             fetch_kv(k, v, b, hk, j0, kv_len, tid, kr, vr)
             cuda.syncthreads()                      # every warp is done with the previous K/V tile
             store_kv(kr, vr, tid, Ks, Vs)
             cuda.syncthreads()
-            scores(Ks, qb, qs, kb, ks, s, g, t, scratch)
-            if not tile_is_whole(j0, BN, q0, BM, q_len, kv_len, causal):
-                mask_scores(s, row, j0, t, q_len, kv_len, causal)
+            scores(Ks, qb, qs, kb, ks, s, g, t, d0, scratch)
+            sum_partials(s, x, warp, tid % 32)      # dim_split > 1: the row group's partial scores, summed
+            cap_and_mask(s, row, j0, t, q0, q_len, kv_len, causal, window, softcap)
             softmax_step(s, m_i, l_i, m_tile, red)
-            pv(Vs, s, o, acc, pb, ps, vb, vs, m_tile, g, t, scratch)
-
+            pv(Vs, s, o, acc, pb, ps, vb, vs, m_tile, g, t, d0, scratch)
         group_sum(l_i, red)                         # the row sums, combined over the quad once
-        store_rows(out, o, l_i, b, h, row, t, q_len)
+        store_rows(out, o, l_i, b, h, row, d0, t, q_len)
 
     return attention_v3
 
 
 def _make_loads(D, NT, KD, NL):
     @device
-    def load_q_fragments(q, b, h, row, q_len, scale_log2, t, qb, qs):
-        """Q's A fragments for rows row, row + 8 -> registers, scaled for exp2 and split into TF32 big + small
-        once (they serve every key tile); rows past q_len are 0."""
+    def load_q_fragments(q, b, h, row, d0, q_len, scale_log2, t, qb, qs):
+        """Q's A fragments for rows row, row + 8 and this warp's dims d0.. -> registers, scaled for exp2 and split
+        into TF32 big + small once (they serve every key tile); rows past q_len are 0."""
         for kk in range(KD):
             for e in range(4):
                 r = row + 8 * (e & 1)               # a0, a2: row g; a1, a3: row g + 8
-                c = kk * 8 + t + 4 * (e >> 1)       # a0, a1: column t; a2, a3: column t + 4
+                c = d0 + kk * 8 + t + 4 * (e >> 1)  # a0, a1: column t; a2, a3: column t + 4
                 x = float32(q[b, h, r, c]) * scale_log2 if r < q_len else float32(0.0)
                 qb[kk, e], qs[kk, e] = tf32_split(x)
 
     @device
     def fetch_kv(k, v, b, hk, j0, kv_len, tid, kr, vr):
         """This thread's NL elements of the K and V tiles at key j0 -> registers (consecutive threads read
-        consecutive addresses); keys past kv_len: 0. A fixed count, so every load is issued before any is used."""
+        consecutive addresses); keys past kv_len: 0. A fixed count, so every load is issued before any is used.
+        Key j sits in slot j mod S (common.ring_slot: one division per tile, not per key)."""
+        base = j0 % k.shape[2]
         for i in range(NL):
             idx = tid + i * NT
             r, c = idx // D, idx % D
             inside = j0 + r < kv_len
-            kr[i] = float32(k[b, hk, j0 + r, c]) if inside else float32(0.0)
-            vr[i] = float32(v[b, hk, j0 + r, c]) if inside else float32(0.0)
+            slot = ring_slot(base, r, k.shape[2])
+            kr[i] = float32(k[b, hk, slot, c]) if inside else float32(0.0)
+            vr[i] = float32(v[b, hk, slot, c]) if inside else float32(0.0)
 
     @device
     def store_kv(kr, vr, tid, Ks, Vs):
@@ -194,31 +200,65 @@ def _make_loads(D, NT, KD, NL):
     return load_q_fragments, fetch_kv, store_kv
 
 
-def _make_scores(KD, NS):
+def _make_scores(BM, BN, KD, NS, SPLIT):
     mma_n = make_mma_3xtf32_n(NS)
 
     @device
-    def scores(Ks, qb, qs, kb, ks, s, g, t, scratch):
-        """s = the warp's S [16, BN] = Q K^T as C fragments; B = K^T, so b0 = K[key g][t], b1 = K[key g][t + 4].
-        kb, ks [NS, 2]: the B fragments of one k-step, split."""
+    def scores(Ks, qb, qs, kb, ks, s, g, t, d0, scratch):
+        """s = the warp's S [16, BN] = Q K^T over its dims d0 .. d0 + 8 KD as C fragments; B = K^T, so
+        b0 = K[key g][t], b1 = K[key g][t + 4]. kb, ks [NS, 2]: the B fragments of one k-step, split."""
         for n in range(NS):
             for e in range(4):
                 s[n, e] = 0.0
         for kk in range(KD):
             for n in range(NS):
-                kb[n, 0], ks[n, 0] = tf32_split(Ks[n * 8 + g, kk * 8 + t])
-                kb[n, 1], ks[n, 1] = tf32_split(Ks[n * 8 + g, kk * 8 + t + 4])
+                kb[n, 0], ks[n, 0] = tf32_split(Ks[n * 8 + g, d0 + kk * 8 + t])
+                kb[n, 1], ks[n, 1] = tf32_split(Ks[n * 8 + g, d0 + kk * 8 + t + 4])
             mma_n(qb, qs, kk, kb, ks, s, scratch)
 
     @device
-    def mask_scores(s, row, j0, t, q_len, kv_len, causal):
-        """-inf where a key lies past kv_len or above the causal diagonal (c_e: row + 8 (e >> 1), key 2t + (e & 1))."""
-        for e in range(4):
-            first, end = visible_keys(row + 8 * (e >> 1), 1, q_len, kv_len, causal)
+    def cap_and_mask(s, row, j0, t, q0, q_len, kv_len, causal, window, softcap):
+        """The soft cap (softcap > 0), then -inf where a key lies past kv_len, above the causal diagonal or before
+        the row's window (c_e: row + 8 (e >> 1), key 2t + (e & 1)); tiles that need no mask skip the test."""
+        if softcap > 0:
             for n in range(NS):
-                if not first <= j0 + n * 8 + 2 * t + (e & 1) < end:
-                    s[n, e] = NEG_INF
-    return scores, mask_scores
+                for e in range(4):
+                    s[n, e] = soft_cap(s[n, e], softcap)
+        if not tile_is_whole(j0, BN, q0, BM, q_len, kv_len, causal, window):
+            for e in range(4):
+                first, end = visible_keys(row + 8 * (e >> 1), 1, q_len, kv_len, causal, window)
+                for n in range(NS):
+                    if not first <= j0 + n * 8 + 2 * t + (e & 1) < end:
+                        s[n, e] = NEG_INF
+    return scores, _make_sum_partials(NS, SPLIT), cap_and_mask
+
+
+def _make_sum_partials(NS, SPLIT):
+    """sum_partials(s, x, warp, lane): with the head dims split over SPLIT warps, each warp's s holds Q K^T over its
+    dims only; the row group's SPLIT partials go through shared memory x [warps, 4 NS, lanes] (every lane posts its
+    fragments; lanes of one row group hold the same (row, key) cells) and are summed in the same order in every
+    warp of the group, so that all of them hold the same S to the bit and take the same softmax. One barrier: the
+    next tile's posts wait at the loop's first barrier, after every warp has read this tile's. SPLIT = 1: nothing."""
+    if SPLIT == 1:
+        @device
+        def sum_partials(s, x, warp, lane):
+            pass
+        return sum_partials
+
+    @device
+    def sum_partials(s, x, warp, lane):
+        for n in range(NS):
+            for e in range(4):
+                x[warp, 4 * n + e, lane] = s[n, e]
+        cuda.syncthreads()
+        first = warp - warp % SPLIT
+        for n in range(NS):
+            for e in range(4):
+                total = float32(0.0)
+                for p in range(SPLIT):
+                    total += x[first + p, 4 * n + e, lane]
+                s[n, e] = total
+    return sum_partials
 
 
 def _make_softmax_step(NS, group_max):
@@ -249,13 +289,13 @@ def _make_pv(NS, NO):
     mma_n = make_mma_3xtf32_n(NO)
 
     @device
-    def pv(Vs, s, o, acc, pb, ps, vb, vs, alpha, g, t, scratch):
-        """o = o * alpha + P V. The k index runs over each 8-key block permuted (k = t <-> key 2t, k = t + 4 <->
-        key 2t + 1), so P's A fragment is S's C fragment reordered in registers: (c0, c2, c1, c3); b0, b1 =
-        V[2t][g], V[2t+1][g]. P V is summed over the tile in acc, from zero, and added to o in fp32 (round to
-        nearest): the tensor cores' own accumulation rounds less carefully, and over thousands of keys in one
-        accumulator its error grew past 1e-5 (3.6e-5 at n = 4096, non-causal, on an H100).
-        pb, ps [1, 4]: one key block's P fragment, split; vb, vs [NO, 2]: its V fragments, split."""
+    def pv(Vs, s, o, acc, pb, ps, vb, vs, alpha, g, t, d0, scratch):
+        """o = o * alpha + P V over this warp's dims d0 .. d0 + 8 NO. The k index runs over each 8-key block
+        permuted (k = t <-> key 2t, k = t + 4 <-> key 2t + 1), so P's A fragment is S's C fragment reordered in
+        registers: (c0, c2, c1, c3); b0, b1 = V[2t][g], V[2t+1][g]. P V is summed over the tile in acc, from zero,
+        and added to o in fp32 (round to nearest): the tensor cores' own accumulation rounds less carefully, and
+        over thousands of keys in one accumulator its error grew past 1e-5 (3.6e-5 at n = 4096, non-causal, on an
+        H100). pb, ps [1, 4]: one key block's P fragment, split; vb, vs [NO, 2]: its V fragments, split."""
         for c in range(NO):
             for e in range(4):
                 acc[c, e] = 0.0
@@ -265,8 +305,8 @@ def _make_pv(NS, NO):
             pb[0, 2], ps[0, 2] = tf32_split(s[n, 1])
             pb[0, 3], ps[0, 3] = tf32_split(s[n, 3])
             for c in range(NO):
-                vb[c, 0], vs[c, 0] = tf32_split(Vs[n * 8 + 2 * t, c * 8 + g])
-                vb[c, 1], vs[c, 1] = tf32_split(Vs[n * 8 + 2 * t + 1, c * 8 + g])
+                vb[c, 0], vs[c, 0] = tf32_split(Vs[n * 8 + 2 * t, d0 + c * 8 + g])
+                vb[c, 1], vs[c, 1] = tf32_split(Vs[n * 8 + 2 * t + 1, d0 + c * 8 + g])
             mma_n(pb, ps, 0, vb, vs, acc, scratch)
         for c in range(NO):
             for e in range(4):
@@ -286,13 +326,14 @@ def _make_state(NO):
             l_i[r] = 0.0
 
     @device
-    def store_rows(out, o, l_i, b, h, row, t, q_len):
-        """out = o / l_i for this lane's two rows (c0, c1: row, columns 2t, 2t + 1 of each 8; c2, c3: row + 8)."""
+    def store_rows(out, o, l_i, b, h, row, d0, t, q_len):
+        """out = o / l_i for this lane's two rows and its warp's dims (c0, c1: row, columns d0 + 2t, d0 + 2t + 1 of
+        each 8; c2, c3: row + 8)."""
         for r in range(2):
             i = row + 8 * r
             if i < q_len:
                 inv_l = finish(l_i[r])
                 for c in range(NO):
-                    out[b, h, i, c * 8 + 2 * t] = o[c, 2 * r] * inv_l
-                    out[b, h, i, c * 8 + 2 * t + 1] = o[c, 2 * r + 1] * inv_l
+                    out[b, h, i, d0 + c * 8 + 2 * t] = o[c, 2 * r] * inv_l
+                    out[b, h, i, d0 + c * 8 + 2 * t + 1] = o[c, 2 * r + 1] * inv_l
     return init_state, store_rows
