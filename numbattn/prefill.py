@@ -274,7 +274,8 @@ def check_chunk(q, cache, layer):
     if (lengths != lengths[0]).any() or lengths[0] < t:
         raise ValueError(f"chunk_attention: every row of layer {layer} must hold the same number of tokens, at "
                          f"least q's {t}; they hold {lengths.tolist()}")
-    if window is not None and cache.slots(layer) < t + window - 1:
-        raise ValueError(f"chunk_attention: {t} queries with a window of {window} need {t + window - 1} tokens, "
-                         f"more than layer {layer}'s ring holds ({cache.slots(layer)} slots)")
+    n, slots = int(lengths[0]), cache.slots(layer)
+    if window is not None and max(0, n - t - window + 1) < max(0, n - slots):       # the oldest needed, the oldest held
+        raise ValueError(f"chunk_attention: {t} queries with a window of {window} need the last {t + window - 1} "
+                         f"tokens, more than layer {layer}'s ring holds ({slots} slots)")
     return int(lengths[0]), window

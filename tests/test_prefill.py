@@ -213,6 +213,48 @@ def test_property_sweep_windows(window, q_len, extra, head_dim, seed, version):
     check(*rand_qkv(rng, 1, 2, 1, q_len, q_len + extra, head_dim), causal=True, version=version, window=window)
 
 
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_chunks_over_a_ring_buffer_that_wraps(version):
+    """A window-3 layer in a ring of 6 slots (max_chunk 4): prompt chunks of 4, 3, 4 and 2 tokens, each appended and
+    then attended over the cache (chunk_attention), the ring wrapping inside chunks; against the windowed causal
+    attention over everything appended (never the cache's storage), into NaN-filled outputs."""
+    from numba import cuda
+    rng = np.random.default_rng(34)
+    cache = numbattn.KVCache(1, 2, 1, 40, 16, backend=KERNEL, windows=3, max_chunk=4)
+    q_all, k_all, v_all = rand_qkv(rng, 2, 2, 1, 13, 13, 16)
+    n = 0
+    for t in (4, 3, 4, 2):
+        cache.append(0, k_all[:, :, n:n + t], v_all[:, :, n:n + t])
+        n += t
+        out = cuda.to_device(np.full((2, 2, t, 16), np.nan, np.float32))
+        got = prefill.chunk_attention(cuda.to_device(q_all[:, :, n - t:n].copy()), cache, 0, out=out, version=version,
+                                      softcap=8.0).copy_to_host()
+        want = reference.attention(*(x.astype(np.float64) for x in (q_all[:, :, n - t:n], k_all[:, :, :n],
+                                                                     v_all[:, :, :n])), causal=True, window=3,
+                                   softcap=8.0)
+        assert np.isfinite(got).all() and np.abs(got - want).max() / np.abs(want).max() < RTOL, (version, n)
+
+
+def test_chunk_attention_over_full_and_host_layers():
+    """A full layer's chunk equals attention over its prefix; the NumPy backend's ring gives the same answer."""
+    rng = np.random.default_rng(35)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 9, 9, 16)
+    for backend, windows in ((KERNEL, None), ("numpy", 4)):
+        cache = numbattn.KVCache(1, 1, 1, 12, 16, backend=backend, windows=windows, max_chunk=5)
+        cache.append(0, k[:, :, :4], v[:, :, :4])
+        cache.append(0, k[:, :, 4:], v[:, :, 4:])
+        got = prefill.chunk_attention(q[:, :, 4:], cache, 0)
+        want = reference.attention(q[:, :, 4:], k, v, causal=True, window=windows)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"6 queries with a window of 4 need the last 9 tokens, more than layer 0's "
+                                         r"ring holds \(8 slots\)"):
+        prefill.chunk_attention(q[:, :, 3:], cache, 0)
+    cache = numbattn.KVCache(1, 1, 1, 12, 16, backend="numpy")
+    cache.append(0, k[:, :, :4], v[:, :, :4])
+    with pytest.raises(ValueError, match=r"every row of layer 0 must hold the same number of tokens, at least q's 5"):
+        prefill.chunk_attention(q[:, :, 4:], cache, 0)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(window=0), r"window=0 must be >= 1"),
     (dict(window=2.5), r"window=2.5 must be an integer"),
