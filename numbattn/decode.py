@@ -75,14 +75,15 @@ def gpu_config(version, head_dim, group):
     flight of 128, at the same register count), 4 dims per lane (head_dim / 4 lanes per key: fewer registers than
     8, so no spill at a group of 8 heads), one key per step. v2: 256 threads, lane groups of one warp (head_dim / 32
     dims per lane), and launch bounds that keep 2 blocks (16 warps) on an SM: more loads in flight (131072 tokens:
-    115 -> 100 us). Fewer threads where the shared arrays would not fit. Swept on the H100: BENCHMARKS.md."""
+    115 -> 100 us); not past head_dim 64, where those 128 registers a thread spilled 0.5-1.5 KB (compile_check).
+    Fewer threads where the shared arrays would not fit. Swept on the H100: BENCHMARKS.md (head_dim 64)."""
     if version == "v0":
         return Config(split=None, threads=32)
     lanes = (4, 2, 1) if version == "v1" else (max(1, head_dim // 32),)
     lanes = [d for d in lanes if head_dim // d <= 32] or [head_dim // 32]    # head_dim 256: 8 dims a lane
     for threads in (256, 128, 64, 32):
         for dpl in lanes:
-            bound = 512 // threads if version == "v2" else 0
+            bound = 512 // threads if version == "v2" and head_dim <= 64 else 0    # wider heads: it spilled
             config = Config(split=None, threads=threads, dims_per_lane=dpl, min_blocks_per_sm=bound)
             if head_dim // dpl <= 32 and shared_bytes(version, head_dim, group, config) <= gpu.SHARED_LIMIT:
                 return config
@@ -147,8 +148,9 @@ class _PreparedCall:
         self.config = config
         k, v, lengths = cache.k(layer), cache.v(layer), cache.device_lengths(layer)
         scale_log2, cap = np.float32(scale * LOG2E), np.float32(0.0 if softcap is None else softcap * LOG2E)
+        variant = (cache.kind(layer) == "ring", softcap is not None)     # compiled in only where needed
         if version == "v0":
-            kernel = make_decode_v0(head_dim, config.threads)
+            kernel = make_decode_v0(head_dim, config.threads, *variant)
             self.launch = Launch(kernel, (n_heads, batch), config.threads,
                                  (q, k, v, lengths, scale_log2, np.int64(window), cap, out), stream)
             return
@@ -156,7 +158,7 @@ class _PreparedCall:
         itemsize = np.dtype(k.dtype).itemsize
         make = make_decode_v1 if version == "v1" else make_decode_v2
         kernel = make(head_dim, group, config.threads, config.dims_per_lane, config.keys_per_step, itemsize,
-                      config.min_blocks_per_sm)
+                      config.min_blocks_per_sm, *variant)
         (k_word, _), (v_word, _) = kv_word_types(version, head_dim, config.dims_per_lane, itemsize)
         k, v = k.view(np.dtype(k_word.name)), v.view(np.dtype(v_word.name))   # the rows as words: wide loads
         self.split, _ = plan(batch, cache.n_kv_heads, 1, config)
@@ -239,8 +241,11 @@ def decode_attention(q, cache, layer, scale=None, out=None, config=None, version
     on_device = _backend.is_device_array(q)
 
     def numpy_path():
-        k, v, held = cache.last_tokens(layer, window)        # each row's last min(n, window) tokens, in order
-        o = reference.decode_attention(_backend.to_host(q), k, v, held, scale=scale, softcap=softcap)
+        if cache.kind(layer) == "full":     # token p in slot p already: the storage is the oracle's layout
+            k, v, n = _backend.to_host(cache.k(layer)), _backend.to_host(cache.v(layer)), cache.layer_lengths(layer)
+        else:                               # a ring: each row's last min(n, window) tokens, gathered in order
+            k, v, n = cache.last_tokens(layer, window)
+        o = reference.decode_attention(_backend.to_host(q), k, v, n, scale=scale, window=window, softcap=softcap)
         return _backend.deliver(o, out, on_device)
 
     def kernel_path():

@@ -81,16 +81,19 @@ def check_tiles(version, tiles, head_dim):
         prefill_mma.layout(tiles.block_m, tiles.block_n, tiles.threads, head_dim, tiles.dim_split)
 
 
-def make_kernel(version, head_dim, tiles):
-    """The compiled (cached) kernel of `version` for this head_dim and launch shape."""
+def make_kernel(version, head_dim, tiles, ring=False, capped=False):
+    """The compiled (cached) kernel of `version` for this head_dim and launch shape; ring: for K/V that wrap (a ring
+    buffer holding fewer slots than kv_len); capped: with a logit soft cap (compile-time choices: without them
+    the kernels keep their registers)."""
     check_tiles(version, tiles, head_dim)
     if version == "v0":
-        return prefill_naive.make_v0(head_dim, tiles.block_m)
+        return prefill_naive.make_v0(head_dim, tiles.block_m, ring, capped)
     if version == "v1":
-        return prefill_tiled.make_v1(head_dim, tiles.block_m, tiles.block_n)
+        return prefill_tiled.make_v1(head_dim, tiles.block_m, tiles.block_n, ring=ring, capped=capped)
     if version == "v2":
-        return prefill_registers.make_v2(head_dim, tiles.block_m, tiles.block_n, tiles.threads)
-    return prefill_mma.make_v3(head_dim, tiles.block_m, tiles.block_n, tiles.threads, tiles.dim_split)
+        return prefill_registers.make_v2(head_dim, tiles.block_m, tiles.block_n, tiles.threads, ring=ring,
+                                         capped=capped)
+    return prefill_mma.make_v3(head_dim, tiles.block_m, tiles.block_n, tiles.threads, tiles.dim_split, ring, capped)
 
 
 VERSIONS = ("v0", "v1", "v2", "v3")
@@ -102,15 +105,15 @@ SIM_TILES = {"v0": Tiles(4, 1, 4), "v1": Tiles(4, 4, 4), "v2": Tiles(4, 4, 4), "
 
 # (version, largest head_dim of the class) -> (tiles above 48 KB of static shared memory where allowed, tiles within).
 # v3 at head_dim 128 and 256: Q's fragments of a whole head would not fit in a lane's registers (head_dim / 8 * 8
-# floats), so dim_split warps share 16 rows, each with 64 of their dims (kernels/prefill_mma.py); at 256, 8-key
-# tiles: with 16, the K/V elements a thread stages push ptxas to 328 bytes of spill (8 keys: none).
+# floats), so dim_split warps share 16 rows, each with 64 of their dims (kernels/prefill_mma.py); 8-key tiles: at
+# 16 keys ptxas spills (sm_90: 184 bytes at 128, 328 at 256), at 8 nothing. Not yet timed: see the tile sweep.
 GPU_TILES = {
     ("v0", 64): (Tiles(64, 1, 64),) * 2, ("v0", 128): (Tiles(64, 1, 64),) * 2, ("v0", 256): (Tiles(64, 1, 64),) * 2,
     ("v1", 64): (Tiles(64, 64, 64), Tiles(64, 32, 64)), ("v1", 128): (Tiles(32, 16, 32),) * 2,
     ("v1", 256): (Tiles(32, 16, 32), Tiles(16, 8, 16)),
     ("v2", 64): (Tiles(128, 32, 256), Tiles(64, 32, 128)), ("v2", 128): (Tiles(64, 32, 256), Tiles(32, 16, 64)),
     ("v2", 256): (Tiles(32, 16, 64), Tiles(16, 8, 32)),
-    ("v3", 64): (Tiles(128, 32, 256),) * 2, ("v3", 128): (Tiles(64, 16, 256, 2),) * 2,
+    ("v3", 64): (Tiles(128, 32, 256),) * 2, ("v3", 128): (Tiles(64, 8, 256, 2),) * 2,
     ("v3", 256): (Tiles(32, 8, 256, 4),) * 2,
 }
 
@@ -118,7 +121,8 @@ GPU_TILES = {
 def gpu_tiles(version, head_dim, cc=None):
     """Tiles for a real GPU (GPU_TILES), from the launch-shape sweep in BENCHMARKS.md (H100, n = 4096, causal; v3:
     the sweep of benchmarks/gpu_report.py's `tiles` section, 2026-11-26, whose v3 tiles all stay under 48 KB; v3 at
-    head_dim 128 and 256 split each head's dims over 2 and 4 warps, also under 48 KB).
+    head_dim 128 and 256 split each head's dims over 2 and 4 warps, also under 48 KB, chosen by ptxas's spills:
+    to be confirmed by that sweep on the GPU).
 
     The big tiles (v2: 65-75 KB, v1: 48.3 KB) declare more *static* shared memory than the 48 KB that CUDA
     documents per block. On the H100 machine Numba's kernels with them compiled (through the driver's JIT),
@@ -156,15 +160,17 @@ def launch(q, k, v, out, causal, scale, version=DEFAULT_VERSION, tiles=None, str
     args = (q, k, v, out, float32(scale * LOG2E), bool(causal), np.int64(kv_len),
             np.int64(kv_len if window is None else min(window, kv_len)),        # a window >= kv_len hides nothing
             float32(0.0 if softcap is None else softcap * LOG2E))              # the kernels' log2 units
+    variant = (kv_len > k.shape[2], softcap is not None)                       # (ring, capped)
     if SIM:     # the simulator has no launch cost worth saving (and the lessons' tracer passes stand-in arrays)
-        make_kernel(version, head_dim, tiles)[grid, tiles.threads, stream](*args)
+        make_kernel(version, head_dim, tiles, *variant)[grid, tiles.threads, stream](*args)
         return out
-    key = (version, tiles, stream_key(stream), *((a.dtype.str, a.shape, a.strides) for a in args[:4]))
+    key = (version, tiles, variant, stream_key(stream), *((a.dtype.str, a.shape, a.strides) for a in args[:4]))
     prepared = _LAUNCHES.get(key)
     if prepared is None:
         if len(_LAUNCHES) > 256:
             _LAUNCHES.clear()
-        prepared = _LAUNCHES[key] = Launch(make_kernel(version, head_dim, tiles), grid, tiles.threads, args, stream)
+        prepared = _LAUNCHES[key] = Launch(make_kernel(version, head_dim, tiles, *variant), grid, tiles.threads,
+                                           args, stream)
     else:
         prepared.set_args(args)
     prepared(grid)

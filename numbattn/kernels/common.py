@@ -13,6 +13,7 @@ NUMBATTN_TEST_GPU=1).
     visible_keys, tile_is_whole    which keys a block of query rows sees (causal, sliding window): decided here once
     ring_slot(base, r, slots)      where a key lives in a ring-buffer cache (a window layer's; plain arrays: j)
     soft_cap(s, cap)               Gemma 2's logit soft cap, cap * tanh(s / cap), with an accurate tanh
+    make_slot_of, make_cap         the kernels' compile-time choices: ring buffer or not, soft cap or not
     make_group_reduce(...)         max / sum of TM values over the `width` consecutive threads of a group:
                                    warp shuffles on a GPU, shared memory + barriers in the simulator
     group_barrier()                the lanes of a warp wait for each other (a block barrier in the simulator)
@@ -96,6 +97,37 @@ def ring_slot(base, r, slots):
     r < slots. An array that holds every key (slots >= kv_len) never wraps: slot = j."""
     s = base + r
     return s - slots if s >= slots else s
+
+
+def make_slot_of(ring):
+    """slot_of(base, r, slots) for a kernel compiled for a ring buffer (ring_slot) or not: an array that holds every
+    key (a plain K/V, a full cache layer, a ring that has not wrapped yet) never wraps, so its kernels are compiled
+    without the compare and its address arithmetic (base = j0 there). A compile-time choice: the kernels that read
+    K/V in a loop kept their registers (compile_check: decode v1 takes 24 more a thread with the wrap and the cap).
+    The slot comes back unsigned: Numba wraps a negative index around (a compare and select per load unless it can
+    prove the index >= 0), and a slot is >= 0 by construction (decode v2, head_dim 64: 48-176 bytes of spill -> 0)."""
+    if ring:
+        @device
+        def slot_of(base, r, slots):
+            return uint64(ring_slot(base, r, slots))
+        return slot_of
+
+    @device
+    def slot_of(base, r, slots):
+        return uint64(base + r)
+    return slot_of
+
+
+def make_cap(capped):
+    """cap(s, softcap): soft_cap for kernels compiled with a soft cap, else s itself (a compile-time choice, as
+    make_slot_of: even never taken, the branch's expm1 cost the decode loops registers and spills)."""
+    if capped:
+        return soft_cap
+
+    @device
+    def cap(s, softcap):
+        return s
+    return cap
 
 
 @device

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from numba import cuda, float32
 
-from .common import NEG_INF, SIM, device, group_barrier, make_group_reduce, reduce_scratch_shape, ring_slot, soft_cap
+from .common import NEG_INF, SIM, device, group_barrier, make_cap, make_group_reduce, make_slot_of, reduce_scratch_shape
 from .decode_splitk import kv_word_types, launch_bounds, make_split_kernel, make_unpack, split_layout
 from .softmax import make_update_row
 
@@ -33,13 +33,15 @@ ALIGN = None if SIM else 16   # bytes, of the shared arrays: 16-byte loads (the 
 
 
 @functools.lru_cache(maxsize=None)
-def make_decode_v2(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0):
+def make_decode_v2(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0, ring=False,
+                   capped=False):
+    """ring: the cache layer is a ring buffer; capped: scores are soft-capped (both compile-time choices)."""
     D, G, THREADS, DIMS_PER_LANE, KEYS_PER_STEP = head_dim, group, threads, dims_per_lane, keys_per_step
     LANES, GROUPS = split_layout(D, THREADS, DIMS_PER_LANE)
     TILE = LANES * KEYS_PER_STEP              # keys a lane group takes per step
     group_max, group_sum = make_group_reduce(LANES, G)
     RED = reduce_scratch_shape(G, THREADS)
-    scan_tiles = _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize, group_max)
+    scan_tiles = _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize, group_max, ring, capped)
 
     @device
     def scan_split(q, k_row, v_row, b, h0, j_begin, j_end, scale_log2, softcap, t, m, l, acc):
@@ -59,7 +61,7 @@ def make_decode_v2(head_dim, group, threads, dims_per_lane, keys_per_step=1, ite
         group_sum(l, red)       # each lane summed the p of its own keys (all rescaled alike: m is the group's)
 
     return make_split_kernel("decode_v2", D, G, THREADS, DIMS_PER_LANE, LANES, GROUPS, scan_split,
-                             launch_bounds(THREADS, min_blocks_per_sm))
+                             launch_bounds(THREADS, min_blocks_per_sm), ring)
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class _Tiles:
     V_ROWS: int
 
 
-def _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize, group_max):
+def _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize, group_max, ring, capped):
     TILE = LANES * KEYS_PER_STEP
     (KWORD, K_PER_WORD), (VWORD, V_PER_WORD) = kv_word_types("v2", D, DIMS_PER_LANE, itemsize)
     # Rows and tiles go in chunks, the next chunk's loads issued before this one's FMAs. (Whole tiles in registers
@@ -91,9 +93,9 @@ def _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize
     # local memory.) A lane reads whole K rows, and its DIMS_PER_LANE dims of every V row of the tile.
     T = _Tiles(G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, TILE, KWORD, K_PER_WORD, D // K_PER_WORD,
                min(D // K_PER_WORD, K_CHUNK), VWORD, V_PER_WORD, DIMS_PER_LANE // V_PER_WORD, min(TILE, V_CHUNK))
-    load_k, load_v, next_k, next_v = _make_chunk_loads(T)
+    load_k, load_v, next_k, next_v = _make_chunk_loads(T, make_slot_of(ring))
     scores = _make_scores(T, next_k, make_unpack(KWORD, itemsize))
-    softmax_step = _make_softmax_step(T, group_max)
+    softmax_step = _make_softmax_step(T, group_max, make_cap(capped))
     accumulate = _make_accumulate(T, next_v, make_unpack(VWORD, itemsize))
     K_WORDS, V_ROWS, V_WORDS = T.K_WORDS, T.V_ROWS, T.V_WORDS
 
@@ -119,7 +121,7 @@ def _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize
     return scan_tiles
 
 
-def _make_chunk_loads(T):
+def _make_chunk_loads(T, slot_of):
     """(load_k, load_v, next_k, next_v): the streams of K words and V rows, each chunk loaded a chunk ahead of its
     use (load: one chunk; next: hand over the loaded chunk and load the one after it)."""
     KEYS_PER_STEP, LANES, K_WORDS, V_ROWS, V_WORDS = T.KEYS_PER_STEP, T.LANES, T.K_WORDS, T.V_ROWS, T.V_WORDS
@@ -131,7 +133,7 @@ def _make_chunk_loads(T):
         cache's end); zero past the split's end."""
         for u in range(KEYS_PER_STEP):
             j = jt + u * LANES + lane
-            row = ring_slot(j, 0, k_row.shape[0])
+            row = slot_of(j, 0, k_row.shape[0])
             for w in range(K_WORDS):
                 kw[u, w] = k_row[row, c * K_WORDS + w] if j < j_end else KWORD(0)
 
@@ -142,7 +144,7 @@ def _make_chunk_loads(T):
         NaN)."""
         for i in range(V_ROWS):
             j = jt + c * V_ROWS + i
-            row = ring_slot(j, 0, v_row.shape[0])
+            row = slot_of(j, 0, v_row.shape[0])
             for w in range(V_WORDS):
                 vw[i, w] = v_row[row, lane * V_WORDS + w] if j < j_end else VWORD(0)
 
@@ -173,7 +175,7 @@ def _make_scores(T, next_k, unpack_k):
     return scores
 
 
-def _make_softmax_step(T, group_max):
+def _make_softmax_step(T, group_max, soft_cap):
     G, KEYS_PER_STEP, LANES = T.G, T.KEYS_PER_STEP, T.LANES
     update_row = make_update_row(T.DIMS_PER_LANE)
 

@@ -18,14 +18,16 @@ import math
 
 from numba import cuda, float32, int64
 
-from .common import NEG_INF, device, kernel, kv_head, soft_cap
+from .common import NEG_INF, device, kernel, kv_head, make_cap, make_slot_of
 from .softmax import finish, make_merge_row, make_update_row
 
 
 @functools.lru_cache(maxsize=None)
-def make_decode_v0(head_dim, threads):
+def make_decode_v0(head_dim, threads, ring=False, capped=False):
+    """ring: the cache layer is a ring buffer; capped: scores are soft-capped (both compile-time choices)."""
     D, T = head_dim, threads
     update_row = make_update_row(D)
+    slot_of, soft_cap = make_slot_of(ring), make_cap(capped)
     merge_threads = _make_merge_threads(D, T)
 
     @kernel
@@ -33,8 +35,9 @@ def make_decode_v0(head_dim, threads):
         # q [B, H, D], k/v [B, Hkv, S, D], lengths [B] -> out [B, H, D]
         h, b, t = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
         hk, slots = kv_head(h, q.shape[1], k.shape[1]), int64(k.shape[2])
-        n = max(int64(lengths[b]), int64(0))
+        n = max(int64(lengths[b]), int64(0)) if ring else min(int64(lengths[b]), slots)
         first = max(n - min(int64(window), slots), int64(0))  # the window, never more than the slots hold
+        base = first % slots if ring else first             # the first key's slot
         qr = cuda.local.array(D, float32)
         m = cuda.local.array(1, float32)            # this thread's online-softmax state
         l = cuda.local.array(1, float32)
@@ -44,7 +47,7 @@ def make_decode_v0(head_dim, threads):
             qr[d] = float32(q[b, h, d]) * scale_log2
             acc[0, d] = 0.0
         for j in range(first + t, n, T):            # this thread's keys: first + t, + T, ...
-            slot = j % slots                        # the simple kernel: a division per key
+            slot = slot_of(base, j - first, slots)
             s = float32(0.0)
             for d in range(D):
                 s += qr[d] * float32(k[b, hk, slot, d])

@@ -18,18 +18,20 @@ import math
 
 from numba import cuda, float32
 
-from .common import device, make_group_reduce, reduce_scratch_shape, ring_slot, soft_cap
+from .common import device, make_cap, make_group_reduce, make_slot_of, reduce_scratch_shape
 from .decode_splitk import kv_word_types, launch_bounds, make_split_kernel, make_unpack, split_layout
 from .softmax import make_update_row
 
 
 @functools.lru_cache(maxsize=None)
-def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0):
+def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0, ring=False,
+                   capped=False):
+    """ring: the cache layer is a ring buffer; capped: scores are soft-capped (both compile-time choices)."""
     D, G, THREADS, DIMS_PER_LANE, KEYS_PER_STEP = head_dim, group, threads, dims_per_lane, keys_per_step
     LANES, SLOTS = split_layout(D, THREADS, DIMS_PER_LANE)
     _, slot_sum = make_group_reduce(LANES, KEYS_PER_STEP * G)
     RED = reduce_scratch_shape(KEYS_PER_STEP * G, THREADS)
-    scan_keys = _make_scan_keys(G, DIMS_PER_LANE, LANES, SLOTS, KEYS_PER_STEP, itemsize, slot_sum)
+    scan_keys = _make_scan_keys(G, DIMS_PER_LANE, LANES, SLOTS, KEYS_PER_STEP, itemsize, slot_sum, ring, capped)
 
     @device
     def scan_split(q, k_row, v_row, b, h0, j_begin, j_end, scale_log2, softcap, t, m, l, acc):
@@ -46,15 +48,16 @@ def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, ite
         scan_keys(k_row, v_row, j_begin + slot, j_end, n_iter, lane, q_reg, softcap, m, l, acc, red)
 
     return make_split_kernel("decode_v1", D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_split,
-                             launch_bounds(THREADS, min_blocks_per_sm))
+                             launch_bounds(THREADS, min_blocks_per_sm), ring)
 
 
-def _make_word_loads(DIMS_PER_LANE, SLOTS, KEYS_PER_STEP, itemsize):
+def _make_word_loads(DIMS_PER_LANE, SLOTS, KEYS_PER_STEP, itemsize, ring):
     """(WORD, WORDS, load_words, unpack_step) of a v1 key slot: the word type and words per lane, a row's words ->
     registers, words -> float32 values."""
     (WORD, PER_WORD), _ = kv_word_types("v1", None, DIMS_PER_LANE, itemsize)      # the same word for K and V
     WORDS = DIMS_PER_LANE // PER_WORD     # words per lane per row: lane holds dims [lane * DIMS_PER_LANE, ...)
     unpack = make_unpack(WORD, itemsize)
+    slot_of = make_slot_of(ring)
 
     @device
     def load_words(k_row, v_row, j, j_end, lane, kw, vw):
@@ -64,7 +67,7 @@ def _make_word_loads(DIMS_PER_LANE, SLOTS, KEYS_PER_STEP, itemsize):
         for u in range(KEYS_PER_STEP):
             jj = j + SLOTS * u
             valid = jj < j_end
-            row = ring_slot(jj, 0, k_row.shape[0])
+            row = slot_of(jj, 0, k_row.shape[0])
             for w in range(WORDS):
                 kw[u, w] = k_row[row, lane * WORDS + w] if valid else WORD(0)
                 vw[u, w] = v_row[row, lane * WORDS + w] if valid else WORD(0)
@@ -80,10 +83,11 @@ def _make_word_loads(DIMS_PER_LANE, SLOTS, KEYS_PER_STEP, itemsize):
     return WORD, WORDS, load_words, unpack_step
 
 
-def _make_scan_keys(G, DIMS_PER_LANE, LANES, SLOTS, KEYS_PER_STEP, itemsize, slot_sum):
+def _make_scan_keys(G, DIMS_PER_LANE, LANES, SLOTS, KEYS_PER_STEP, itemsize, slot_sum, ring, capped):
     SCORES = KEYS_PER_STEP * G      # a compile-time constant (an expression inside the kernel would not size an array)
-    WORD, WORDS, load_words, unpack_step = _make_word_loads(DIMS_PER_LANE, SLOTS, KEYS_PER_STEP, itemsize)
+    WORD, WORDS, load_words, unpack_step = _make_word_loads(DIMS_PER_LANE, SLOTS, KEYS_PER_STEP, itemsize, ring)
     update_row = make_update_row(DIMS_PER_LANE)
+    soft_cap = make_cap(capped)
 
     @device
     def scan_keys(k_row, v_row, j0, j_end, n_iter, lane, q_reg, softcap, m, l, acc, red):

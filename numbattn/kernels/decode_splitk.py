@@ -6,10 +6,11 @@ Grid (n_splits, n_kv_heads, batch). Row b holding n tokens sees its keys [first,
 [first + s * split, first + (s + 1) * split), clipped to n (blocks past it exit at once), for ALL G query heads
 sharing KV head hk, so each K/V element is read once, not G times: decode costs O(window), not O(n). Key p sits
 in slot p mod S of the cache's S slots (a window layer's ring buffer wraps; a full layer never does): the block
-hands its scan the slots [p0 mod S, p0 mod S + its keys), and the loads wrap a slot past S (common.ring_slot).
-Scores may be soft-capped (softcap > 0, log2 units: common.soft_cap). Inside, the block's threads form SLOTS groups of LANES lanes; `scan_split` (v1:
-decode_slots.py, v2: decode_lanes.py) leaves every lane with the online-softmax state (m, l, acc) of its slot,
-acc holding DIMS_PER_LANE dims of each of the G heads. Then:
+hands its scan the slots [p0 mod S, p0 mod S + its keys), and the loads wrap a slot past S (common.ring_slot;
+kernels for a full layer are compiled without the wrap). Scores may be soft-capped (common.soft_cap, log2 units;
+likewise compiled in only where asked for). Inside, the block's threads form SLOTS groups of LANES lanes;
+`scan_split` (v1: decode_slots.py, v2: decode_lanes.py) leaves every lane with the online-softmax state
+(m, l, acc) of its slot, acc holding DIMS_PER_LANE dims of each of the G heads. Then:
 
     merge_slots    the block's slots -> one partial (acc, m, l) per head, written to part[b, h, s, :D + 2]
     arrive_last    one atomic ticket per block (common.arrive_last): the LAST split block of the group to finish...
@@ -73,10 +74,11 @@ def launch_bounds(threads, min_blocks_per_sm):
     return dict(launch_bounds=(threads, min_blocks_per_sm)) if min_blocks_per_sm and not SIM else {}
 
 
-def make_split_kernel(name, D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_split, bounds):
+def make_split_kernel(name, D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_split, bounds, ring):
     """The kernel v1 and v2 share: block (s, hk, b) runs `scan_split` over its keys, which leaves every thread with
     the online-softmax state (m, l, acc) of its key slot (acc: its DIMS_PER_LANE dims of each head); the slots merge
-    into the split's partial, and the last split block of the group merges the splits into out."""
+    into the split's partial, and the last split block of the group merges the splits into out. ring: compiled
+    for a ring buffer (token p in slot p mod S); else a full layer (token p in slot p, p < S)."""
     merge_slots = _make_merge_slots(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS)
     merge_splits = _make_merge_splits(D, G, THREADS)
 
@@ -85,15 +87,15 @@ def make_split_kernel(name, D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_spl
         # counters [B*Hkv] -> out [B, H, D]
         s_idx, hk, b, t = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z, cuda.threadIdx.x
         h0, slots = hk * G, int64(k.shape[2])
-        n = max(int64(lengths[b]), int64(0))
-        first = max(n - min(int64(window), slots), int64(0))   # never more keys than slots: reads stay in bounds
+        n = max(int64(lengths[b]), int64(0)) if ring else min(int64(lengths[b]), slots)   # a bad length from a raw
+        first = max(n - min(int64(window), slots), int64(0))   # launch cannot read out of bounds: at most S keys
         j_begin = first + int64(s_idx) * split
         if j_begin >= n:                            # the whole block leaves together (no barrier half-attended)
             if n == first and s_idx == 0:
                 for e in range(t, G * D, THREADS):  # a row holding no tokens: zeros
                     out[b, h0 + e // D, e % D] = float32(0.0)
             return
-        s_begin = j_begin % slots                   # the split's first slot; its keys in slots s_begin, +1, ...
+        s_begin = j_begin % slots if ring else j_begin  # the split's first slot; its keys in slots s_begin, +1, ...
         s_end = s_begin + min(split, n - j_begin)   # (unwrapped: < 2 S, wrapped by the loads)
         flag = cuda.shared.array(1, int32)
         acc = cuda.local.array((G, DIMS_PER_LANE), float32)
@@ -105,7 +107,7 @@ def make_split_kernel(name, D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_spl
                 acc[g, e] = float32(0.0)
         scan_split(q, k[b, hk], v[b, hk], b, h0, s_begin, s_end, scale_log2, softcap, t, m, l, acc)
         merge_slots(m, l, acc, part, b, h0, s_idx, t)
-        n_splits = (n - first + split - 1) // split
+        n_splits = (min(n, min(int64(window), slots)) + split - 1) // split    # = n - first: only n kept live
         if arrive_last(counters, b * k.shape[1] + hk, n_splits, flag):
             merge_splits(part, n_splits, b, h0, out, t)
 

@@ -36,10 +36,30 @@ for V alike:
 Fragment layouts (PTX ISA, mma.m16n8k8 .tf32): A: a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4],
 a3 = A[g+8][t+4]; B (K x N): b0 = B[t][g], b1 = B[t+4][g]; C: c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1].
 
-Causal masking, GQA and ragged lengths are v1's and v2's: bottom-right aligned diagonal, tiles above it never
-loaded, keys past kv_len and above the diagonal set to -inf in the tiles that cross them; rows past q_len
-computed on zeros and never stored. Control flow is the same for every thread of a block (no early exits
-per warp), because the simulator twin of the MMA is a block-wide exchange (kernels/mma.py).
+Causal masking, sliding windows, GQA and ragged lengths are v1's and v2's: bottom-right aligned diagonal, tiles
+above it and before the block's first window never loaded, keys past kv_len, above the diagonal or before a row's
+window set to -inf in the tiles that cross them (after the soft cap, if any: common.soft_cap on the C
+fragments); rows past q_len computed on zeros and never stored. Key j comes from slot j mod S of K and V (a
+ring-buffer cache layer's layout: common.ring_slot, one division per tile). Control flow is the same for every
+thread of a block (no early exits per warp), because the simulator twin of the MMA is a block-wide exchange
+(kernels/mma.py).
+
+Large heads: the dims split over warps (head_dim 128 and 256)
+------------------------------------------------------------
+A lane keeps Q's fragments of its two rows in registers, head_dim / 8 * 8 floats (big and small), and the output
+and one tile's P V as C fragments, head_dim / 8 * 4 floats each: 256 of them at head_dim 128, 512 at 256, past the
+255 registers a thread may have. So with dim_split = W > 1, W consecutive warps share 16 query rows and each holds
+head_dim / W of their dims (64 at both sizes: a lane's load is head_dim 64's again):
+
+    S_w = Q[:, dims of w] K[:, dims of w]^T       each warp's partial scores, as at head_dim 64
+    S   = S_0 + ... + S_{W-1}                     through shared memory x [warps, 4 NS, 32]: every lane posts its
+                                                  C fragments, one barrier, and every warp of the group sums the W
+                                                  partials in the same order, so all hold the same S to the bit
+    softmax on S                                  in every warp of the group alike (the same m, l, P)
+    O[:, dims of w] += P V[:, dims of w]          each warp its own dims; each stores only those
+
+Costs: one more barrier per key tile, 16 BN floats per warp through shared memory, the softmax done W times, and
+block_m = 16 * warps / W query rows per block (more K/V traffic per row than 128-row blocks).
 
 What made it fast (H100, n = 4096, causal, d = 64; measured 2026-11-26 with benchmarks/gpu_report.py)
 --------------------------------------------------------------------------------------------------
@@ -62,21 +82,27 @@ memory-efficient fp32: 2.0e-6), 6e-7 causal.
 
 Registers per lane (D = 64, BN = 32): Q fragments big + small 64, O 32, this tile's P V 32, S/P 16, the
 split B fragments of one step 2 * 2 * D/8 = 32, the K/V elements in flight 2 * NL = 16. ptxas: 255 registers
-and 16-96 bytes of spill at 128 x 32 / 256 threads (one block of 8 warps per SM); D = 128 needs far more
-(Q alone is 128) and spills more: 128 x 8 tiles there.
+and 16-96 bytes of spill at 128 x 32 / 256 threads (one block of 8 warps per SM; tools/compile_check.py, sm_90:
+a 96-byte stack frame with the window arguments, 88 before them, 104 compiled for a ring buffer and a soft cap).
+Without splitting, D = 128 needs far more (Q alone is 128) and spills more (128 x 8 tiles: a 144-byte frame;
+19.9 TFLOP/s on the H100 with 120). Split (compile_check, sm_90), 8-key tiles: D = 128 at 64 x 8 / 256 threads,
+2 warps a row group: 240 registers, no spill; D = 256 at 32 x 8 / 256, 4 warps: 255, none. 16-key tiles spill
+(184 bytes at D = 128, 328 at 256: the K/V elements a thread stages).
 Shared memory: K and V tiles, BN rows of D + 4 words: the padding makes both fragment reads conflict-free
-(K: lanes read K[g][t] -> bank 4g + t; V: lanes read V[2t][g] -> bank 8t + g). (2 * BN * (D + 4)) * 4 bytes:
-17.4 KB at BN = 32, D = 64, well under the 48 KB of static shared memory every GPU allows.
+(K: lanes read K[g][t] -> bank 4g + t; V: lanes read V[2t][g] -> bank 8t + g). (2 * BN * (D + 4)) * 4 bytes,
+plus 16 * BN * warps * 4 for the split's partial scores: 17.4 KB at BN = 32, D = 64; 13.3 KB at D = 128 (BN 8,
+split); 21.3 KB at D = 256 (BN 8, split): under the 48 KB of static shared memory every GPU allows.
 Memory traffic per (batch, head): Q and O once; K and V once per query tile of BLOCK_M rows (halved for
-causal): the same as v2 with the same BLOCK_M.
+causal; with a sliding window, window + BLOCK_M keys per query tile): the same as v2 with the same BLOCK_M.
+# q [B, H, Lq, D], k/v [B, Hkv, S, D], kv_len, window, softcap -> out [B, H, Lq, D]
 """
 import functools
 import math
 
 from numba import cuda, float32
 
-from .common import (NEG_INF, device, kernel, make_group_reduce, prefill_block, reduce_scratch_shape, ring_slot,
-                     soft_cap, tile_is_whole, visible_keys)
+from .common import (NEG_INF, device, kernel, make_cap, make_group_reduce, make_slot_of, prefill_block,
+                     reduce_scratch_shape, tile_is_whole, visible_keys)
 from .mma import make_mma_3xtf32_n, mma_scratch_shape, tf32_split
 from .softmax import finish, rescale
 
@@ -103,15 +129,16 @@ def shared_bytes(block_m, block_n, head_dim, dim_split=1):
 
 
 @functools.lru_cache(maxsize=None)
-def make_v3(head_dim, block_m, block_n, threads, dim_split=1):
+def make_v3(head_dim, block_m, block_n, threads, dim_split=1, ring=False, capped=False):
+    """ring: K/V may wrap (kv_len > their slots); capped: scores are soft-capped (both compile-time choices)."""
     D, BM, BN, NT, SPLIT = head_dim, block_m, block_n, threads, dim_split
     W, KD, NS, NO, NL = layout(BM, BN, NT, D, SPLIT)
     DS, DP = D // SPLIT, D + 4                      # a warp's dims; padded rows: conflict-free fragment reads
     group_max, group_sum = make_group_reduce(4, 2)  # over a quad: the 4 lanes holding one row
     RED, MMA_SCRATCH = reduce_scratch_shape(2, NT), mma_scratch_shape(NT, max(NS, NO))
     XS = (W, 4 * NS, 32) if SPLIT > 1 else (1, 1, 1)    # the partial scores each warp posts for its row group
-    load_q_fragments, fetch_kv, store_kv = _make_loads(D, NT, KD, NL)
-    scores, sum_partials, cap_and_mask = _make_scores(BM, BN, KD, NS, SPLIT)
+    load_q_fragments, fetch_kv, store_kv = _make_loads(D, NT, KD, NL, ring)
+    scores, sum_partials, cap_and_mask = _make_scores(BM, BN, KD, NS, SPLIT, capped)
     softmax_step = _make_softmax_step(NS, group_max)
     pv = _make_pv(NS, NO)
     init_state, store_rows = _make_state(NO)
@@ -164,7 +191,9 @@ def make_v3(head_dim, block_m, block_n, threads, dim_split=1):
     return attention_v3
 
 
-def _make_loads(D, NT, KD, NL):
+def _make_loads(D, NT, KD, NL, ring):
+    slot_of = make_slot_of(ring)
+
     @device
     def load_q_fragments(q, b, h, row, d0, q_len, scale_log2, t, qb, qs):
         """Q's A fragments for rows row, row + 8 and this warp's dims d0.. -> registers, scaled for exp2 and split
@@ -181,12 +210,12 @@ def _make_loads(D, NT, KD, NL):
         """This thread's NL elements of the K and V tiles at key j0 -> registers (consecutive threads read
         consecutive addresses); keys past kv_len: 0. A fixed count, so every load is issued before any is used.
         Key j sits in slot j mod S (common.ring_slot: one division per tile, not per key)."""
-        base = j0 % k.shape[2]
+        base = j0 % k.shape[2] if ring else j0
         for i in range(NL):
             idx = tid + i * NT
             r, c = idx // D, idx % D
             inside = j0 + r < kv_len
-            slot = ring_slot(base, r, k.shape[2])
+            slot = slot_of(base, r, k.shape[2])
             kr[i] = float32(k[b, hk, slot, c]) if inside else float32(0.0)
             vr[i] = float32(v[b, hk, slot, c]) if inside else float32(0.0)
 
@@ -200,8 +229,9 @@ def _make_loads(D, NT, KD, NL):
     return load_q_fragments, fetch_kv, store_kv
 
 
-def _make_scores(BM, BN, KD, NS, SPLIT):
+def _make_scores(BM, BN, KD, NS, SPLIT, capped):
     mma_n = make_mma_3xtf32_n(NS)
+    soft_cap = make_cap(capped)
 
     @device
     def scores(Ks, qb, qs, kb, ks, s, g, t, d0, scratch):
@@ -220,7 +250,7 @@ def _make_scores(BM, BN, KD, NS, SPLIT):
     def cap_and_mask(s, row, j0, t, q0, q_len, kv_len, causal, window, softcap):
         """The soft cap (softcap > 0), then -inf where a key lies past kv_len, above the causal diagonal or before
         the row's window (c_e: row + 8 (e >> 1), key 2t + (e & 1)); tiles that need no mask skip the test."""
-        if softcap > 0:
+        if capped:
             for n in range(NS):
                 for e in range(4):
                     s[n, e] = soft_cap(s[n, e], softcap)

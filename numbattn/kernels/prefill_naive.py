@@ -23,14 +23,16 @@ import math
 
 from numba import cuda, float32
 
-from .common import NEG_INF, kernel, prefill_block, soft_cap, visible_keys
+from .common import NEG_INF, kernel, make_cap, make_slot_of, prefill_block, visible_keys
 from .softmax import finish, make_update_row
 
 
 @functools.lru_cache(maxsize=None)
-def make_v0(head_dim, block_m):
+def make_v0(head_dim, block_m, ring=False, capped=False):
+    """ring: K/V may wrap (kv_len > their slots); capped: scores are soft-capped (both compile-time choices)."""
     D = head_dim
     update_row = make_update_row(D)
+    slot_of, cap = make_slot_of(ring), make_cap(capped)
 
     @kernel
     def attention_v0(q, k, v, out, scale_log2, causal, kv_len, window, softcap):
@@ -46,12 +48,13 @@ def make_v0(head_dim, block_m):
         for d in range(D):
             acc[0, d] = 0.0
         j_begin, j_end = visible_keys(i, 1, q_len, kv_len, causal, window)
+        base = j_begin % k.shape[2] if ring else j_begin    # the first key's slot
         for j in range(j_begin, j_end):
-            slot = j % k.shape[2]                           # the simple kernel: a division per key
+            slot = slot_of(base, j - j_begin, k.shape[2])
             s = float32(0.0)
             for d in range(D):
                 s += float32(q[b, h, i, d]) * float32(k[b, hk, slot, d])
-            s = soft_cap(s * scale_log2, softcap)
+            s = cap(s * scale_log2, softcap)
             p = math.exp2(s - update_row(m, l, acc, 0, s))
             l[0] += p
             for d in range(D):

@@ -48,8 +48,8 @@ import math
 
 from numba import config, cuda, float32, uint32
 
-from .common import (NEG_INF, device, kernel, make_group_reduce, make_outer_product, prefill_block,
-                     reduce_scratch_shape, ring_slot, soft_cap, tile_is_whole, visible_keys)
+from .common import (NEG_INF, device, kernel, make_cap, make_group_reduce, make_outer_product, make_slot_of,
+                     prefill_block, reduce_scratch_shape, tile_is_whole, visible_keys)
 from .softmax import finish, make_update_row
 
 
@@ -69,7 +69,8 @@ def shared_bytes(block_m, block_n, head_dim):
 
 
 @functools.lru_cache(maxsize=None)
-def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
+def make_v2(head_dim, block_m, block_n, threads, reduce="auto", ring=False, capped=False):
+    """ring: K/V may wrap (kv_len > their slots); capped: scores are soft-capped (both compile-time choices)."""
     D, BM, BN, NT = head_dim, block_m, block_n, threads
     TR, TC, TM, TN, TE = layout(BM, BN, NT, D)
     if reduce == "auto":
@@ -77,8 +78,8 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
     group_max, group_sum = make_group_reduce(TC, TM, reduce == "shuffle")
     DP, BNP = D + 1, BN + 1                         # one word of padding per row: conflict-free columns
     RED = reduce_scratch_shape(TM, NT, reduce == "shuffle")
-    load_q, load_kv = _make_loads(D, BM, BN, NT)
-    scores = _make_scores(D, BM, BN, TR, TC, TM, TN)
+    load_q, load_kv = _make_loads(D, BM, BN, NT, ring)
+    scores = _make_scores(D, BM, BN, TR, TC, TM, TN, capped)
     softmax_step = _make_softmax_step(TM, TN, TE, group_max)
     pv = _make_pv(BN, TM, TE)
     init_thread, store_rows = _make_thread_state(TR, TC, TM, TN, TE)
@@ -154,7 +155,9 @@ def _make_thread_state(TR, TC, TM, TN, TE):
     return init_thread, store_rows
 
 
-def _make_loads(D, BM, BN, NT):
+def _make_loads(D, BM, BN, NT, ring):
+    slot_of = make_slot_of(ring)
+
     @device
     def load_q(q, b, h, q0, q_len, scale_log2, t, Qs):
         """Q tile -> shared, scaled by scale*log2(e) for exp2; rows past q_len become 0."""
@@ -166,18 +169,19 @@ def _make_loads(D, BM, BN, NT):
     def load_kv(k, v, b, hk, j0, kv_len, t, Ks, Vs):
         """K and V tiles at key j0 -> shared (consecutive threads, consecutive addresses); keys past kv_len: 0.
         Key j sits in slot j mod S (common.ring_slot)."""
-        base = j0 % k.shape[2]
+        base = j0 % k.shape[2] if ring else j0
         for idx in range(t, BN * D, NT):
             r, c = idx // D, idx % D
             inside = j0 + r < kv_len
-            slot = ring_slot(base, r, k.shape[2])
+            slot = slot_of(base, r, k.shape[2])
             Ks[r, c] = float32(k[b, hk, slot, c]) if inside else float32(0.0)
             Vs[r, c] = float32(v[b, hk, slot, c]) if inside else float32(0.0)
     return load_q, load_kv
 
 
-def _make_scores(D, BM, BN, TR, TC, TM, TN):
+def _make_scores(D, BM, BN, TR, TC, TM, TN, capped):
     outer_product = make_outer_product(TM, TN, False)
+    soft_cap = make_cap(capped)
 
     @device
     def scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, q_len, kv_len, causal, window, softcap, rg, cg):
@@ -191,7 +195,7 @@ def _make_scores(D, BM, BN, TR, TC, TM, TN):
             outer_product(Qs, Ks, rows, keys, d + 1, a, bvec, s)
             outer_product(Qs, Ks, rows, keys, d + 2, a, bvec, s)
             outer_product(Qs, Ks, rows, keys, d + 3, a, bvec, s)
-        if softcap > 0:
+        if capped:
             for i in range(TM):
                 for j in range(TN):
                     s[i, j] = soft_cap(s[i, j], softcap)

@@ -29,14 +29,15 @@ import math
 
 from numba import cuda, float32
 
-from .common import NEG_INF, device, kernel, prefill_block, ring_slot, soft_cap, visible_keys
+from .common import NEG_INF, device, kernel, make_cap, make_slot_of, prefill_block, visible_keys
 from .softmax import finish, make_update_row
 
 
 @functools.lru_cache(maxsize=None)
-def make_v1(head_dim, block_m, block_n, traced=False):
-    """The v1 kernel (q, k, v, out, scale_log2, causal, kv_len, window, softcap), or with traced=True (..., trace)."""
-    body = _make_v1_body(head_dim, block_m, block_n, _record if traced else _no_record)
+def make_v1(head_dim, block_m, block_n, traced=False, ring=False, capped=False):
+    """The v1 kernel (q, k, v, out, scale_log2, causal, kv_len, window, softcap), or with traced=True (..., trace).
+    ring: K/V may wrap (kv_len > their slots); capped: scores are soft-capped (both compile-time choices)."""
+    body = _make_v1_body(head_dim, block_m, block_n, _record if traced else _no_record, ring, make_cap(capped))
     if traced:
         @kernel
         def attention_v1_traced(q, k, v, out, scale_log2, causal, kv_len, window, softcap, trace):
@@ -49,9 +50,9 @@ def make_v1(head_dim, block_m, block_n, traced=False):
     return attention_v1
 
 
-def _make_v1_body(D, BM, BN, record):
+def _make_v1_body(D, BM, BN, record, ring, soft_cap):
     DP = D + 1  # pad Q rows by a word: with a row stride of D (32 banks' multiple) a warp reads one bank
-    load_q_tile, load_kv_tile, store_row = _make_v1_loads(D, BM, BN)
+    load_q_tile, load_kv_tile, store_row = _make_v1_loads(D, BM, BN, ring)
     update_row = make_update_row(D)
 
     @device
@@ -102,7 +103,9 @@ def _make_v1_body(D, BM, BN, record):
     return attention_v1
 
 
-def _make_v1_loads(D, BM, BN):
+def _make_v1_loads(D, BM, BN, ring):
+    slot_of = make_slot_of(ring)
+
     @device
     def load_q_tile(q, b, h, q0, q_len, scale_log2, t, Qs):
         """Q tile -> shared memory, pre-multiplied by scale * log2(e); rows past q_len become 0."""
@@ -113,11 +116,11 @@ def _make_v1_loads(D, BM, BN):
     @device
     def load_kv_tile(k, v, b, hk, j0, kv_len, t, Ks, Vs):
         """K and V tiles at key j0 -> shared memory; consecutive threads read consecutive addresses (coalesced)."""
-        base = j0 % k.shape[2]              # key j0's slot (a ring buffer wraps; a plain array: j0)
+        base = j0 % k.shape[2] if ring else j0     # key j0's slot (a ring buffer wraps; a plain array: j0)
         for idx in range(t, BN * D, BM):
             r, c = idx // D, idx % D
             inside = j0 + r < kv_len
-            slot = ring_slot(base, r, k.shape[2])
+            slot = slot_of(base, r, k.shape[2])
             Ks[r, c] = float32(k[b, hk, slot, c]) if inside else 0.0
             Vs[r, c] = float32(v[b, hk, slot, c]) if inside else 0.0
 
