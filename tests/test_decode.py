@@ -407,3 +407,33 @@ def test_gpu_realistic_shapes(version, dtype, lengths):
     cache, q = filled_cache(rng, lengths, n_heads=32, n_kv_heads=4, d=64, dtype=dtype,
                             max_len=max(lengths) + 17)    # TinyLlama's 32 query / 4 KV heads, automatic split
     check(q, cache, version=version)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", SPLIT_VERSIONS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("d,n_heads,n_kv_heads,window", [(128, 32, 8, 4096), (256, 4, 1, 512), (256, 8, 4, 4096)])
+def test_gpu_windowed_rows(version, dtype, d, n_heads, n_kv_heads, window):
+    """Mistral-, Gemma 3- and Gemma 2-shaped heads over rows of 1, 777, 9000 and 0 tokens in a full layer, with their
+    windows and a soft cap of 50."""
+    rng = np.random.default_rng(d + window)
+    cache, q = filled_cache(rng, [1, 777, 9000, 0], n_heads=n_heads, n_kv_heads=n_kv_heads, d=d, dtype=dtype,
+                            max_len=9017)
+    check(q, cache, version=version, window=window, softcap=50.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_gpu_ring_buffer_decode_at_long_context(dtype):
+    """A window-4096 ring (4096 + 2047 slots) that has seen 40000 tokens, decoded step by step (v1 and v2), against
+    the last 4096 tokens appended."""
+    rng = np.random.default_rng(46)
+    cache = numbattn.KVCache(1, 1, 4, 40010, 64, dtype=dtype, backend=KERNEL, windows=4096, max_chunk=2048)
+    hist = History(1, 4, 64)
+    for _ in range(20):
+        hist.append(cache, *(rng.standard_normal((1, 4, 2000, 64)).astype(np.float32) for _ in range(2)))
+        hist.k, hist.v = hist.k[:, :, -4096:], hist.v[:, :, -4096:]        # the oracle keeps what the window sees
+    for step in range(4):
+        hist.append(cache, *(rng.standard_normal((1, 4, 1, 64)).astype(np.float32) for _ in range(2)))
+        q = rng.standard_normal((1, 32, 64)).astype(np.float32)
+        check(q, cache, version=SPLIT_VERSIONS[step % 2], want=hist.decode(q, 4096))

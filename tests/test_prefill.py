@@ -255,22 +255,6 @@ def test_chunk_attention_over_full_and_host_layers():
         prefill.chunk_attention(q[:, :, 4:], cache, 0)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(window=0), r"window=0 must be >= 1"),
-    (dict(window=2.5), r"window=2.5 must be an integer"),
-    (dict(window=3, causal=False), r"window=3 needs causal=True"),
-    (dict(softcap=0.0), r"softcap=0.0 must be a finite number > 0"),
-    (dict(softcap=float("nan")), r"softcap=nan must be a finite number > 0"),
-    (dict(softcap="x"), r"softcap='x' must be a number"),
-])
-def test_bad_window_or_softcap_is_named(bad, match):
-    args = dict(q=np.zeros((1, 2, 5, 16), np.float32), k=np.zeros((1, 2, 5, 16), np.float32),
-                v=np.zeros((1, 2, 5, 16), np.float32), causal=True)
-    args.update(bad)
-    with pytest.raises(ValueError, match=match):
-        numbattn.attention(**args)
-
-
 def test_bad_dim_split_is_named():
     q = np.zeros((1, 1, 4, 128), np.float32)
     with pytest.raises(ValueError, match=r"dim_split=3: expected whole warps"):
@@ -297,6 +281,12 @@ def test_bad_dim_split_is_named():
     (dict(scale="big"), r"scale='big' must be a number"),
     (dict(q=np.zeros((1, 2, 5, 16)).tolist()), r"q is a list; expected a NumPy array or a Numba device array"),
     (dict(k=(1, 2)), r"k is a tuple; expected a NumPy array"),
+    (dict(window=0), r"window=0 must be >= 1"),
+    (dict(window=2.5), r"window=2.5 must be an integer"),
+    (dict(window=3, causal=False), r"window=3 needs causal=True"),
+    (dict(softcap=0.0), r"softcap=0.0 must be a finite number > 0"),
+    (dict(softcap=float("nan")), r"softcap=nan must be a finite number > 0"),
+    (dict(softcap="x"), r"softcap='x' must be a number"),
 ])
 def test_validation_errors_name_the_argument(bad, match):
     args = dict(q=np.zeros((1, 2, 5, 16), np.float32), k=np.zeros((1, 2, 5, 16), np.float32),
@@ -360,7 +350,7 @@ def test_static_shared_memory_probe_kernel_runs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 @pytest.mark.parametrize("batch,n,d", [(1, 4096, 64), (1, 8192, 64), (4, 1000, 128), (8, 513, 64),
-                                       (16, 257, 64)])
+                                       (16, 257, 64), (2, 777, 256)])
 def test_gpu_realistic_shapes(version, batch, n, d):
     rng = np.random.default_rng(n + d)
     q, k, v = rand_qkv(rng, batch, 32, 4, n, n, d)  # TinyLlama's 32 query / 4 KV heads
@@ -371,7 +361,7 @@ def test_gpu_realistic_shapes(version, batch, n, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_pre_hopper_tiles(version, d):
     """The tiles chosen for GPUs older than sm_90 (48 KB of static shared memory) are correct too."""
     rng = np.random.default_rng(d)
@@ -396,3 +386,36 @@ def test_gpu_v2_shared_memory_reduction_twin():
     got = out.copy_to_host()
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() / np.abs(want).max() < RTOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,n_heads,n_kv_heads,n,window,softcap", [
+    (128, 16, 8, 2048, None, None),       # Qwen3's head_dim 128
+    (256, 8, 4, 2048, None, 50.0),        # Gemma 2: head_dim 256, logits capped at 50
+    (256, 4, 1, 4096, 512, None),         # Gemma 3 1B: 4 heads on 1 KV head, window 512
+    (64, 32, 4, 8192, 4096, None),        # window 4096 over twice its length
+    (128, 32, 8, 4096, 4096, None),       # Mistral's window = n: plain causal
+])
+def test_gpu_model_family_shapes(d, n_heads, n_kv_heads, n, window, softcap):
+    rng = np.random.default_rng(d + n)
+    q, k, v = rand_qkv(rng, 1, n_heads, n_kv_heads, n, n, d, magnitude=4.0 if softcap else 1.0)
+    check(q, k, v, causal=True, version="v3", tiles=prefill.gpu_tiles("v3", d), window=window, softcap=softcap,
+          rtol=1e-4 if n > 4096 else RTOL)
+
+
+@pytest.mark.gpu
+def test_gpu_chunks_over_a_ring_buffer():
+    """Gemma 3's window layer on the GPU: window 512, prompt chunks of 2048 (the device engine's), a ring of 2559
+    slots wrapping inside every chunk, fp16 cache, head_dim 256, 4 heads on 1 KV head; then decode steps."""
+    from numba import cuda
+    rng = np.random.default_rng(36)
+    cache = numbattn.KVCache(1, 1, 1, 8192, 256, dtype=np.float16, backend=KERNEL, windows=512, max_chunk=2048)
+    q, k, v = rand_qkv(rng, 1, 4, 1, 6244, 6244, 256)
+    k16, v16 = (x.astype(np.float16) for x in (k, v))
+    n = 0
+    for t in (2048, 2048, 2048, 100):
+        cache.append(0, k16[:, :, n:n + t], v16[:, :, n:n + t])
+        n += t
+        got = prefill.chunk_attention(cuda.to_device(q[:, :, n - t:n].copy()), cache, 0).copy_to_host()
+        want = reference_fp64_blocks(q[:, :, n - t:n], k16[:, :, :n], v16[:, :, :n], None, 512, None)
+        assert np.abs(got - want).max() / np.abs(want).max() < RTOL, n
