@@ -67,6 +67,47 @@ def prefill_sweep(report, out, args):
 
 
 @section
+def head_dims(report, out, args):
+    """Causal prefill at n = 4096 for head_dim 64, 128 and 256 (32 q / 4 kv heads), v3 next to torch SDPA's
+    memory-efficient fp32 kernel in the same run (the target: >= 1.0x at 128 and 256, as at 64)."""
+    rows = bench.bench_head_dims(args.head_dims, n=4096, causal=True, versions=("v3",), repeat=args.repeat)
+    for value, unit in (("sync_ms", "milliseconds (sync per call)"), ("ms", "milliseconds (events)"),
+                        ("tflops", "TFLOP/s")):
+        table, cols = bench.pivot(rows, ("head_dim", "n"), value)
+        if value != "tflops":
+            for r in table:
+                if r.get("numbattn v3") and r.get("torch SDPA mem-efficient fp32"):
+                    r["v3 / mem-efficient"] = r["torch SDPA mem-efficient fp32"] / r["numbattn v3"]
+            cols = cols + ["v3 / mem-efficient"]
+        emit(report, f"Prefill by head_dim, causal n = 4096, batch 1, 32 q / 4 kv heads: {unit}", table, cols,
+             "v3's tiles per head_dim: numbattn.prefill.GPU_TILES (at 128 and 256 each head's dims split over 2 and "
+             "4 warps); `tiles --tile-versions v3` sweeps the alternatives.")
+    return rows
+
+
+@section
+def windows(report, out, args):
+    """Sliding windows: prefill at n = 32768 with window 4096 against full causal at 4096 (TFLOP/s over the pairs
+    each computes; target >= 0.8x), and against SDPA with the window as an explicit mask; decode at 131072 cached
+    tokens with window 4096 (a ring-buffer layer, and a full layer with window=) against decode at 4096 tokens
+    (target: within 1.2x), and SDPA on the same step."""
+    rows = bench.bench_window_prefill(n=args.window_n, window=args.window, full_n=4096, repeat=args.repeat)
+    emit(report, f"Sliding-window prefill, n = {args.window_n}, window {args.window}, batch 1, 32 q / 4 kv heads, d 64",
+         rows, ["impl", "n", "window", "ms", "sync_ms", "tflops"],
+         "tflops counts only the (query, key) pairs each run must compute: sum over queries of min(p + 1, window) "
+         "for the window, n (n + 1) / 2 for full causal. SDPA computes all n^2 pairs and masks (it has no window).")
+    drows = []
+    for dt in ("float16", "float32"):
+        drows += bench.bench_window_decode(cache_len=args.max_cache, window=args.window, full_len=4096, dtype=dt,
+                                           repeat=args.repeat * 5)
+    emit(report, f"Sliding-window decode, {args.max_cache} cached tokens, window {args.window}, batch 1, 32 q / 4 kv "
+         "heads, d 64", drows, ["impl", "cache", "n", "window", "sync_ms", "gpu_ms", "kv_MB"],
+         "sync_ms: a call and a synchronize (what a decode loop pays); gpu_ms: the GPU's own time. The ring layer "
+         "holds window + 4096 slots; kv_MB: the K/V bytes the step must read.")
+    return rows + drows
+
+
+@section
 def call_overhead(report, out, args):
     """The host cost of one numbattn.attention() call on device arrays at chat-prompt sizes (and torch's)."""
     from numba import cuda
@@ -105,13 +146,16 @@ def tiles(report, out, args):
     configs += [("v2", 64, t) for t in v2_64] + [("v2", 128, t) for t in v2_128]
     # v3: 16 query rows per warp (block_m = 16 x warps)
     v3_64 = [Tiles(128, 32, 256), Tiles(128, 16, 256), Tiles(64, 16, 128), Tiles(64, 32, 128), Tiles(128, 64, 256)]
-    v3_128 = [Tiles(128, 8, 256), Tiles(64, 8, 128), Tiles(128, 16, 256), Tiles(64, 16, 128)]
-    configs += [("v3", 64, t) for t in v3_64] + [("v3", 128, t) for t in v3_128]
+    v3_128 = [Tiles(128, 8, 256), Tiles(64, 8, 128), Tiles(128, 16, 256), Tiles(64, 16, 128),
+              Tiles(64, 16, 256, 2), Tiles(64, 8, 256, 2), Tiles(64, 32, 256, 2), Tiles(32, 16, 128, 2)]
+    v3_256 = [Tiles(32, 8, 256, 4), Tiles(32, 16, 256, 4), Tiles(32, 32, 256, 4), Tiles(64, 16, 256, 2),
+              Tiles(16, 8, 128, 4)]
+    configs += [("v3", 64, t) for t in v3_64] + [("v3", 128, t) for t in v3_128] + [("v3", 256, t) for t in v3_256]
     if args.tile_versions:
         configs = [c for c in configs if c[0] in args.tile_versions]
     rows = []
     for ver, d, t in configs:
-        name = f"{ver} d{d} {t.block_m}x{t.block_n}/{t.threads}thr"
+        name = f"{ver} d{d} {t.block_m}x{t.block_n}/{t.threads}thr" + (f" split{t.dim_split}" if t.dim_split > 1 else "")
         try:
             q, k, v = bench.random_qkv(1, 4096, 4096, head_dim=d)
             dq, dk, dv = (cuda.to_device(x) for x in (q, k, v))
@@ -626,6 +670,14 @@ def plot_all(all_rows, out):
     if "append" in all_rows:
         bench.plot([r for r in all_rows["append"] if r["batch"] == 1], path("append"), y="ms",
                    title="KV append, one layer, batch 1, 4 kv heads, d 64 (n = tokens appended)")
+    if "head_dims" in all_rows:
+        rows = [r for r in all_rows["head_dims"] if r.get("tflops")]
+        bench.bars([f"{r['impl']}, d {r['head_dim']}" for r in rows], [r["tflops"] for r in rows], path("head_dims"),
+                   "TFLOP/s", "causal prefill n = 4096 by head_dim, batch 1, 32/4 heads")
+    if "windows" in all_rows:
+        rows = [r for r in all_rows["windows"] if r.get("what") == "window decode" and r.get("sync_ms")]
+        bench.bars([f"{r['impl']} ({r['cache']})" for r in rows], [r["sync_ms"] * 1e3 for r in rows],
+                   path("window_decode"), "us per call (sync)", "decode step, sliding window vs full")
     if "model" in all_rows:
         rows = [r for r in all_rows["model"] if r.get("decode_tok_s") and "impl" in r]
         bench.bars([f"{r['impl']}, prompt {r['prompt']}" for r in rows], [r["decode_tok_s"] for r in rows],
@@ -644,6 +696,10 @@ def main():
     ap.add_argument("--tile-versions", default="", type=lambda x: tuple(x.split(",")) if x else (),
                     help="tiles: only these versions' launch shapes (default: all)")
     ap.add_argument("--max-cache", type=int, default=131072)
+    ap.add_argument("--head-dims", default="64,128,256", type=lambda x: tuple(int(d) for d in x.split(",")),
+                    help="head_dims: the head dims to time")
+    ap.add_argument("--window", type=int, default=4096, help="windows: the sliding window")
+    ap.add_argument("--window-n", type=int, default=32768, help="windows: the windowed prefill's length")
     ap.add_argument("--prompts", default="512,2048")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--pp", default="16,512,2048", type=lambda x: [int(v) for v in x.split(",")],

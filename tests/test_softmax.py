@@ -8,8 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from numba import cuda
+
 from numbattn import reference
 from numbattn.kernels import softmax
+from numbattn.kernels.common import kernel, soft_cap
 
 INF = math.inf
 
@@ -75,3 +78,23 @@ def test_merge_partials_over_disjoint_keys_with_an_empty_part():
     w = np.exp2(s - s.max())
     np.testing.assert_allclose(got, w @ v / w.sum(), rtol=1e-12)
     assert (reference.merge_partials(np.array([-np.inf]), np.array([0.0]), np.zeros((1, 3))) == 0).all()
+
+
+
+@kernel
+def _cap_all(s, cap, out):
+    # s [n] -> out[i] = soft_cap(s[i], cap)
+    for i in range(cuda.threadIdx.x, s.shape[0], cuda.blockDim.x):
+        out[i] = soft_cap(s[i], cap)
+
+
+def test_the_kernels_soft_cap_is_accurate():
+    """common.soft_cap (tanh through expm1, compiled with fastmath) against np.tanh in float64, from |s| = 1e-6 of the
+    cap (tanh's linear part, where exp-based forms lose digits) to 1e4 caps (saturated), both signs, and cap = 0 (off).
+    On a GPU (NUMBATTN_TEST_GPU=1) this is the real instruction sequence; fastmath's tanh.approx would be off ~1e-3."""
+    x = (np.concatenate([np.logspace(-6, 4, 400), -np.logspace(-6, 4, 400), [0.0]]) * 30).astype(np.float32)
+    for cap in (30.0, 0.0):
+        out = cuda.to_device(np.full(x.shape, np.nan, np.float32))
+        _cap_all[1, 32](cuda.to_device(x), np.float32(cap), out)
+        want = 30 * np.tanh(x.astype(np.float64) / 30) if cap else x
+        np.testing.assert_allclose(out.copy_to_host(), want, rtol=2e-6, atol=0)
