@@ -215,6 +215,11 @@ def swiglu_interleaved(y):
     return swiglu(y[..., 0::2], y[..., 1::2])
 
 
+def geglu_interleaved(y):
+    """The same with GeGLU: gelu_tanh(gate) * up, [.., ffn]."""
+    return geglu(y[..., 0::2], y[..., 1::2])
+
+
 def rope_tables(head_dim, n_positions, theta, scaling_factor=1.0, inv_freq=None):
     """cos and sin of every position's rotation angles -> two [n_positions, head_dim / 2] float32 tables.
 

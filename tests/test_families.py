@@ -267,25 +267,52 @@ def test_gguf_gemma_follows_llama_cpp_where_the_file_is_silent(family_dir, tmp_p
 
 
 # --------------------------------------------------------------------------------------------------------
-# The device engine (Numba's simulator in CI, or the GPU): the same forward, every op a kernel
+# The device engine (Numba's simulator in CI, or the GPU), and the ring buffers of window layers
 # --------------------------------------------------------------------------------------------------------
-ON_DEVICE = ["llama3", "qwen2", "qwen3"]
+# the simulator runs a Python thread per CUDA thread: the fewest layers that still hold each family's switches
+FEW_LAYERS = {"gemma2": dict(num_hidden_layers=1),                        # a window layer, capped scores
+              "gemma3": dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])}
 
 
-@pytest.mark.parametrize("family", ON_DEVICE)
-def test_device_engine_equals_the_numpy_engine(family, kernel_backend, tmp_path):
-    """One layer of each family (the simulator runs a Python thread per CUDA thread): a 5-token prefill (the GEMM
-    path), then a decode step (the GEMV path and the decode kernel); Qwen2's biases and Qwen3's head norms are
-    numbattn/kernels/families.py's qkv_finish, Llama 3's scaling is its RoPE table."""
-    d = make_tiny(tmp_path / family, seed=1, family=family, num_hidden_layers=1)
-    device, host = (load_model(d, backend=b, max_len=64) for b in (kernel_backend, "numpy"))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_device_engine_equals_the_numpy_engine(family, kernel_backend, tmp_path, monkeypatch):
+    """Each family's switches as the device engine runs them (numbattn/kernels/families.py, the GeGLU epilogue,
+    rms_norm adding into x, windows and caps in the attention kernels): a prefill chunk of 5 tokens (the GEMM
+    path), then a decode step (the GEMV path, the decode kernel). Window families prefill 10 tokens in two chunks,
+    so that a window layer's ring (window 4 + 5 - 1 = 8 slots) wraps; Mistral's then rewinds into the wrapped ring
+    (to 6 tokens, the fewest it still serves) and runs the rest again."""
+    from tinyllm.engines import DeviceEngine
+    monkeypatch.setattr(DeviceEngine, "prefill_chunk", 5)
+    monkeypatch.setattr(NumpyEngine, "prefill_chunk", 5)
+    d = make_tiny(tmp_path / family, seed=1, family=family, **FEW_LAYERS.get(family, dict(num_hidden_layers=1)))
+    device = load_model(d, backend=kernel_backend, max_len=64)
+    host = load_model(d, backend="numpy", max_len=64, kv_dtype=np.float16)     # the device's cache storage
     assert device.engine == "device"
-    ids = ids_for(5, seq=6)
-    assert rel_err(device.forward(ids[:, :5]), host.forward(ids[:, :5])) < RTOL
-    assert rel_err(device.forward(ids[:, 5:], start_pos=5), host.forward(ids[:, 5:], start_pos=5)) < RTOL
+    n = 10 if any(device.arch.windows) else 5
+    ids = ids_for(5, seq=n + 1)
+    assert rel_err(device.forward(ids[:, :n]), host.forward(ids[:, :n])) < RTOL
+    assert rel_err(device.forward(ids[:, n:], start_pos=n), host.forward(ids[:, n:], start_pos=n)) < RTOL
+    if family == "mistral":
+        assert device.reusable(6) == 6 and device.reusable(5) == 0
+        got, want = (m.forward(ids[:, 6:], start_pos=6) for m in (device, host))
+        assert rel_err(got, want) < RTOL and device.cache.lengths.tolist() == [11]
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
-def test_the_device_engine_says_what_it_does_not_run_yet(family, family_dir, kernel_backend):
-    with pytest.raises(ValueError, match=r"the device engine does not run sliding windows.* backend='numpy'"):
-        load_model(family_dir(family), backend=kernel_backend)
+def test_a_chat_turn_reuses_the_cache_past_a_rings_wrap_or_recomputes(tmp_path, monkeypatch):
+    """A ring of 6 slots (window 4, chunks of 3) wraps during the first turn. The next turn shares the first 9
+    tokens: the ring still holds what token 9's window needs, so 9 are reused; a turn that shares only 5 would need
+    tokens the ring has overwritten, so the prompt is recomputed (reused 0). Either way the reply is a fresh
+    model's."""
+    monkeypatch.setattr(NumpyEngine, "prefill_chunk", 3)
+    d = make_tiny(tmp_path / "g", seed=1, family="gemma2")
+    model = load_model(d, backend="numpy", max_len=40)
+    first = ids_for(6, seq=8)[0].tolist()
+    reply = model.generate(first, max_new_tokens=3, stop_ids=()).ids                     # cache: 10 tokens
+    assert model.n_cached == 10 and model.cache.slots(0) == 6 and int(model.cache.min_rewind()[0]) == 7
+    for shared, reused in ((9, 9), (5, 0)):
+        prompt = (first + reply)[:shared] + [7, 8, 9]
+        got = model.generate(prompt, max_new_tokens=2, stop_ids=())
+        want = load_model(d, backend="numpy", max_len=40).generate(prompt, max_new_tokens=2, stop_ids=())
+        assert got.stats.reused_tokens == reused and got.ids == want.ids
+        model.reset()
+        model.generate(first, max_new_tokens=3, stop_ids=())

@@ -1,9 +1,10 @@
-"""numbattn/kernels/families.py: q/k/v biases and per-head q/k norms, the sandwich norm, GeGLU and row scaling,
-against numbattn/reference.py in fp64 (1e-5 relative, fp32 kernels), into NaN-filled outputs where there is one.
+"""What the families add to the kernels: numbattn/kernels/families.py (q/k/v biases and per-head q/k norms, row
+scaling, the final soft cap), rowwise.rms_norm adding into x (Gemma's sandwich norm) and GeGLU's activation, against
+numbattn/reference.py in fp64 (1e-5 relative, fp32 kernels), into NaN-filled outputs where there is one.
 
 Shapes chosen to break wrong code: grouped-query heads (4 q heads on 1 or 2 KV heads, v never normalised), more
 heads than a block has warps (the heads loop), head_dim not a multiple of the lanes, rows of different scales, and
-GeGLU at |x| large enough that a naive exp overflows.
+|x| large enough that a naive exp (GeGLU) or tanh (the cap) overflows.
 """
 import numpy as np
 import pytest
@@ -36,27 +37,42 @@ def test_qkv_finish(H, HKV, D, bias, norm):
     np.testing.assert_allclose(d.copy_to_host(), np.concatenate([q, k, v], axis=1), rtol=1e-5, atol=1e-5)
 
 
-def test_add_rms_norm():
+def test_rms_norm_adding_into_the_residual_stream():
+    """Gemma's sandwich norm: rowwise.rms_norm with add, x += rms_norm(y) * g (rows of very different scales)."""
+    from numbattn.kernels import rowwise
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 72)).astype(np.float32)
     y = (rng.standard_normal((3, 72)) * np.array([[0.01], [1.0], [300.0]])).astype(np.float32)
     g = (1 + 0.1 * rng.standard_normal(72)).astype(np.float32)
     d = cuda.to_device(x)
-    families.make_add_rms_norm()[3, families.THREADS](d, cuda.to_device(y), cuda.to_device(g), np.float32(1e-6))
+    rowwise.make_rms_norm(add=True)[3, rowwise.THREADS](cuda.to_device(y), cuda.to_device(g), np.float32(1e-6), d)
     want = x + reference.rms_norm(y.astype(np.float64), g.astype(np.float64), 1e-6)
     np.testing.assert_allclose(d.copy_to_host(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_geglu():
-    rng = np.random.default_rng(2)
-    gu = (rng.standard_normal((2, 2 * 40)) * 4).astype(np.float32)
-    gu[0, :8] = [-200.0, 1.0, -30.0, 2.0, 30.0, -1.0, 0.0, 5.0]      # exp(-2u) overflows for the first gate
-    out = cuda.to_device(np.full((2, 40), np.nan, np.float32))
-    families.make_geglu()[2, families.THREADS](cuda.to_device(gu), out)
-    want = reference.geglu(gu[:, 0::2].astype(np.float64), gu[:, 1::2].astype(np.float64))
+def test_gelu_tanh_has_the_right_limits():
+    """The GeGLU epilogue's activation (common.gelu_tanh, tested in the GEMV/GEMM by tests/test_linear.py) where
+    a naive exp overflows: 0 (not NaN) far below zero, x far above."""
+    from numbattn.kernels.common import gelu_tanh
+    x = np.array([-200.0, -30.0, -1.0, 0.0, 0.5, 3.0, 30.0, 200.0], np.float32)
+    out = cuda.to_device(np.full(x.shape, np.nan, np.float32))
+
+    @cuda.jit
+    def apply(x, out):
+        i = cuda.grid(1)
+        if i < x.shape[0]:
+            out[i] = gelu_tanh(x[i])
+    apply[1, 8](cuda.to_device(x), out)
     got = out.copy_to_host()
-    assert np.isfinite(got).all() and abs(got[0, 0]) < 1e-30
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(got).all() and abs(got[0]) < 1e-30 and got[-1] == 200.0
+    np.testing.assert_allclose(got, reference.gelu_tanh(x.astype(np.float64)), rtol=1e-5, atol=1e-30)
+
+
+def test_final_soft_cap():
+    x = np.array([[-1e4, -60.0, -3.0, 0.0, 1e-3, 2.5, 29.0, 1e4]] * 2, np.float32)
+    d = cuda.to_device(x)
+    families.make_soft_cap()[2, families.THREADS](d, np.float32(30.0))
+    np.testing.assert_allclose(d.copy_to_host(), reference.soft_cap(x.astype(np.float64), 30.0), rtol=1e-5, atol=1e-9)
 
 
 def test_scale_rows():

@@ -28,10 +28,8 @@ import numpy as np
 
 from numbattn.backend import resolve as resolve_backend
 
-from .architecture import describe
 from .config import LlamaConfig, load_config
 from .engines import upload_weights
-from .engines.device import refuse_unbuilt
 from .errors import ConfigError, TokenizerError, WeightsError, read_json
 from .generate import (ContextOverflowError, Generation, GenerationInterrupted, GenerationStats, NonFiniteLogitsError,
                        Sampler)
@@ -112,7 +110,6 @@ def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, down
     if on_host:
         weights = load_weights(files.checkpoint, c, progress=progress)
     else:
-        refuse_unbuilt(describe(c))          # before anything is uploaded
         weights = upload_weights(files.checkpoint, c, progress=progress)
     log.info("tinyllm: loaded %s (%d layers, hidden %d, vocab %d)", files.source, c.num_hidden_layers,
              c.hidden_size, c.vocab_size)

@@ -83,10 +83,13 @@ class Llama:
         return self.ops.describe()
 
     def _new_cache(self, batch):
+        """The KV cache: a full layer holds every token; a window layer (Mistral, Gemma) a ring buffer of its window
+        and one prefill chunk (numbattn/kvcache.py)."""
         c = self.config
-        self.cache = numbattn.KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, self.max_len,
-                                      c.head_dim, dtype=self.kv_dtype, backend=self.backend)
         engine = DeviceEngine if isinstance(self.weights, DeviceWeights) else NumpyEngine
+        self.cache = numbattn.KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, self.max_len,
+                                      c.head_dim, dtype=self.kv_dtype, backend=self.backend, windows=self.arch.windows,
+                                      max_chunk=engine.prefill_chunk)
         self.ops = engine(c, self.arch, self.weights, self.cache, self.rope, self.backend)
         self.batch, self.n_cached, self.cached_ids = batch, 0, []
 
@@ -103,8 +106,15 @@ class Llama:
         self.cache.reset()
         self.n_cached, self.cached_ids = 0, []
 
+    def reusable(self, n):
+        """How many of the first n cached tokens a new forward can keep: n, or 0 where a window layer's ring has
+        already overwritten tokens that the next token after them would see (the prompt is recomputed then)."""
+        if n == 0 or n >= self.n_cached:
+            return min(n, self.n_cached)
+        return n if n >= int(self.cache.min_rewind().max()) else 0
+
     def truncate(self, n):
-        """Keep only the first n cached tokens."""
+        """Keep only the first n cached tokens (a ring that cannot go back that far raises ValueError: reusable)."""
         n = max(0, min(as_count("n", n), self.n_cached))
         self.cache.truncate(n)
         self.n_cached, self.cached_ids = n, self.cached_ids[:n]
@@ -254,10 +264,13 @@ def context_size(config, max_len, backend="numpy", kv_dtype=np.float32):
     return n
 
 
-def kv_cache_bytes(config, n_tokens, kv_dtype=np.float32):
-    """Bytes of a KV cache of n_tokens (batch 1) stored as kv_dtype: K and V of every layer and KV head."""
-    return numbattn.KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads,
-                                            config.head_dim, kv_dtype) * n_tokens
+def kv_cache_bytes(config, n_tokens, kv_dtype=np.float32, max_chunk=DeviceEngine.prefill_chunk):
+    """Bytes of a KV cache of n_tokens (batch 1) stored as kv_dtype: K and V of every layer and KV head, n_tokens
+    slots in a full layer, at most window + max_chunk - 1 in a window layer's ring (the device engine's chunk: the
+    larger)."""
+    slots = sum(n_tokens if spec.window is None else min(n_tokens, spec.window + max_chunk - 1)
+                for spec in describe(config).layers)
+    return numbattn.KVCache.bytes_per_token(1, config.num_key_value_heads, config.head_dim, kv_dtype) * slots
 
 
 def free_memory(backend):

@@ -10,28 +10,24 @@ by the launch itself, so they are one block per token row, simple loops, no tili
                  an RMSNorm over each head of q and of k (Qwen3, Gemma 3; one warp per head, its sum of squares a
                  warp reduction). One launch, whichever of the two the family has.
                  # qkv [M, (H + 2 Hkv) * D], bias [(H + 2 Hkv) * D], q_norm / k_norm [D] -> qkv
-    add_rms_norm x[m] += y[m] / sqrt(mean(y[m]^2) + eps) * g: Gemma's "sandwich" norm of the attention's and the
-                 MLP's output before it joins the residual stream (Llama adds y unnormalised: the matmul's residual
-                 epilogue). # x [M, dim] (+=), y [M, dim], g [dim]
-    geglu        gelu_tanh(gate) * up from the fused gate/up matmul's interleaved output (row 2f = gate_f,
-                 2f+1 = up_f): Gemma's MLP activation. gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u), with
-                 u = sqrt(2 / pi) (x + 0.044715 x^3), so it is computed as x / (1 + exp(-2u)): no tanh (fastmath's
-                 approximate tanh is off by ~1e-3), the right limits at both ends. # gu [M, 2F] -> out [M, F]
     scale_rows   x *= s: Gemma's embeddings, scaled by sqrt(hidden). # x [M, dim]
+    soft_cap     x = cap * tanh(x / cap) in place: Gemma 2's final logits (common.soft_cap, an accurate tanh).
+                 # x [M, vocab]
 
-The NumPy twins are reference.rms_norm, reference.geglu and a multiplication.
+The rest of what the families change is elsewhere: Gemma's sandwich norms are rowwise.rms_norm with add, GeGLU an
+epilogue of the gate/up matmul (gemv.py, gemm.py). The NumPy twins are reference.rms_norm, a multiplication and
+reference.soft_cap.
 """
 import functools
 import math
 
 from numba import cuda, float32
 
-from .common import SIM, device, kernel, make_group_reduce, reduce_scratch_shape
+from .common import SIM, kernel, make_group_reduce, reduce_scratch_shape, soft_cap
 
 THREADS = 8 if SIM else 256               # the simulator runs a Python thread per CUDA thread
 WARP = min(32, THREADS)
 WARPS = THREADS // WARP
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,57 +68,6 @@ def make_qkv_finish(n_heads, n_kv_heads, head_dim, bias, head_norm):
 
 
 @functools.lru_cache(maxsize=None)
-def make_add_rms_norm():
-    _, warp_sum = make_group_reduce(WARP, 1)
-    RED = reduce_scratch_shape(1, THREADS)
-
-    @kernel
-    def add_rms_norm(x, y, g, eps):
-        # x [M, dim] (+=), y [M, dim], g [dim]
-        """x[m] += y[m] / sqrt(mean(y[m]^2) + eps) * g (one block of THREADS threads per token)."""
-        m, t = cuda.blockIdx.x, cuda.threadIdx.x
-        red = cuda.shared.array(RED, float32)
-        per_warp = cuda.shared.array(WARPS, float32)
-        ss = cuda.local.array(1, float32)
-        s = float32(0.0)
-        for k in range(t, y.shape[1], THREADS):
-            s += y[m, k] * y[m, k]
-        ss[0] = s
-        warp_sum(ss, red)
-        if t % WARP == 0:
-            per_warp[t // WARP] = ss[0]
-        cuda.syncthreads()
-        total = float32(0.0)
-        for i in range(WARPS):
-            total += per_warp[i]
-        inv = float32(1.0) / math.sqrt(total / y.shape[1] + eps)
-        for k in range(t, y.shape[1], THREADS):
-            x[m, k] += y[m, k] * inv * g[k]
-
-    return add_rms_norm
-
-
-@device
-def gelu_tanh(x):
-    """0.5 x (1 + tanh(u)) written as x * sigmoid(2u). For x << 0 the exponent is clamped at 80 (the simulator's
-    exp, Python's, raises where float32's would give inf): x / (1 + e^80) is below 1e-30, zero to any tolerance."""
-    u = float32(SQRT_2_OVER_PI) * (x + float32(0.044715) * x * x * x)
-    return x / (float32(1.0) + math.exp(min(float32(-2.0) * u, float32(80.0))))
-
-
-@functools.lru_cache(maxsize=None)
-def make_geglu():
-    @kernel
-    def geglu(gu, out):
-        # gu [M, 2F] (gate_f, up_f interleaved) -> out [M, F]
-        m = cuda.blockIdx.x
-        for f in range(cuda.threadIdx.x, out.shape[1], THREADS):
-            out[m, f] = gelu_tanh(gu[m, 2 * f]) * gu[m, 2 * f + 1]
-
-    return geglu
-
-
-@functools.lru_cache(maxsize=None)
 def make_scale_rows():
     @kernel
     def scale_rows(x, s):
@@ -132,3 +77,15 @@ def make_scale_rows():
             x[m, k] *= s
 
     return scale_rows
+
+
+@functools.lru_cache(maxsize=None)
+def make_soft_cap():
+    @kernel
+    def soft_cap_rows(x, cap):
+        # x [M, vocab] -> cap * tanh(x / cap), in place
+        m = cuda.blockIdx.x
+        for k in range(cuda.threadIdx.x, x.shape[1], THREADS):
+            x[m, k] = soft_cap(x[m, k], cap)
+
+    return soft_cap_rows

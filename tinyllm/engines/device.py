@@ -8,10 +8,13 @@ normalises x, projects q, k and v, rotates q and k and appends k and v to the ca
 5 launches per layer in a decode step), for a chunk a GEMM and then RoPE fused with the append
 (numbattn.kernels.rowwise.rope_append). A family with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3, Gemma 3)
 takes the second way at any length, with its biases and norms finished by one kernel between the two
-(numbattn.kernels.families.qkv_finish). The family's other switches (tinyllm/architecture.py) are kernels of
-numbattn/kernels/families.py: scaled embeddings, sandwich norms, GeGLU. On a GPU, a decode step (one token per row)
-is captured once per context bucket as a CUDA graph and then replayed with one driver call (numbattn/launch.py),
-and so is a short fresh prompt.
+(numbattn.kernels.families.qkv_finish), and so does a sliding-window layer (Mistral, Gemma), whose K and V go to
+its ring buffer (rope_append writes token p to slot p mod the ring's slots). The family's other switches
+(tinyllm/architecture.py) are a kernel or an epilogue each: scaled embeddings and the final soft cap
+(numbattn/kernels/families.py), sandwich norms (rowwise.rms_norm adding into x), GeGLU (the gate/up matmul's
+epilogue), windows and score caps (the attention kernels). On a GPU, a decode step (one token per row) is captured
+once per context bucket as a CUDA graph and then replayed with one driver call (numbattn/launch.py), and so is a
+short fresh prompt.
 """
 import logging
 import time
@@ -63,7 +66,6 @@ class DeviceEngine:
 
     def __init__(self, config, arch, weights, cache, rope, backend):
         from numba import cuda
-        refuse_unbuilt(arch)
         self.config, self.arch, self.weights, self.cache, self.backend = config, arch, weights, cache, backend
         self.layers, self.norm = weights.layers, weights.norm
         self.stream = cuda.stream()
@@ -81,8 +83,6 @@ class DeviceEngine:
                   "g": c.intermediate_size}
         if arch.sandwich_norms:
             widths["y"] = c.hidden_size                     # a block's output before its norm joins x
-        if arch.activation != "silu":
-            widths["gu"] = 2 * c.intermediate_size          # gate and up, before GeGLU
         self.buf = {name: cuda.device_array((rows, width), np.float32, stream=self.stream)
                     for name, width in widths.items()}
         self.ids_host = cuda.pinned_array(rows, np.int32)
@@ -163,7 +163,8 @@ class DeviceEngine:
         if s == 1:
             q3, out3 = self._decode_views(B)
             numbattn.decode_attention(q3, self.cache, layer, scale=self.arch.attn_scale, out=out3, stream=self.stream,
-                                      max_length=step.max_length or self._bucket(step.start_pos + 1))
+                                      max_length=step.max_length or self._bucket(step.start_pos + 1),
+                                      softcap=self.arch.attn_softcap)    # (a ring layer: its own window)
         else:
             self._prefill_attention(layer, qkv, attn, B, s, step.start_pos + s)
         return attn
@@ -171,15 +172,15 @@ class DeviceEngine:
     def _project_rotate_append(self, layer, pending, B, s):
         """-> the qkv buffer holding q rotated; k rotated and v appended to the cache at each row's length. A few
         tokens: one GEMV with the norm, RoPE and append fused (linear.plan_qkv_rope); else (or with biases or head
-        norms to apply first) the matmul, families.qkv_finish, and rowwise.rope_append."""
+        norms to apply first, or a ring buffer to append to) the matmul, families.qkv_finish, rowwise.rope_append."""
         M, (words, kind) = B * s, pending.lw.w_qkv
         qkv = self.view("qkv", M)
         x, norm = (pending.h.x, pending.h.w) if isinstance(pending.h, _Norm) else (pending.h, None)
         cache_args = pending.table + (self.cache.k(layer), self.cache.v(layer), self.cache.device_lengths(layer),
                                       self.cache.append_counters(layer))
         finish = self.arch.qkv_bias or bool(pending.norms)
-        fused = None if finish else linear.plan_qkv_rope(M, x.shape[1], words.shape[0], kind,
-                                                         (self.H, self.HKV, self.D), norm is not None)
+        fused = None if finish or self.cache.kind(layer) == "ring" else linear.plan_qkv_rope(
+            M, x.shape[1], words.shape[0], kind, (self.H, self.HKV, self.D), norm is not None)
         if fused is not None:
             kernel, grid, threads = fused
             args = (x, words, qkv, norm if norm is not None else self.norm, self.eps) + cache_args
@@ -210,22 +211,29 @@ class DeviceEngine:
         return self._views[key]
 
     def _prefill_attention(self, layer, qkv, attn, B, s, n):
+        """The chunk's queries over the n keys the layer has seen: every slot of a full layer, the window of a ring
+        (key j in slot j mod its slots), with the family's scale and soft cap."""
         q4, out4, k_all, v_all = self._prefill_views(layer, qkv, attn, B, s, n)
         version = prefill.DEFAULT_VERSION
         tiles = prefill.default_tiles(version, self.backend, self.D)
-        prefill.launch(q4, k_all, v_all, out4, True, self.arch.attn_scale, version, tiles, stream=self.stream)
+        ring = self.cache.kind(layer) == "ring"
+        prefill.launch(q4, k_all, v_all, out4, True, self.arch.attn_scale, version, tiles, stream=self.stream,
+                       kv_len=n if ring else None, window=self.cache.window(layer), softcap=self.arch.attn_softcap)
 
     def _prefill_views(self, layer, qkv, attn, B, s, n):
-        """q and out [B, H, s, D] inside the qkv and attn buffers, the cache's first n keys and values: made once
-        per shape (the same objects each call: prefill.launch's prepared launch then re-marshals nothing)."""
-        key = (layer, B, s, n)
+        """q and out [B, H, s, D] inside the qkv and attn buffers, the keys and values: a full layer's first n, a
+        ring's every slot. Made once per shape (the same objects each call: prefill.launch's prepared launch then
+        re-marshals nothing)."""
+        ring = self.cache.kind(layer) == "ring"
+        key = (layer, B, s, None if ring else n)
         if key not in self._attention_views:
             if len(self._attention_views) > 4096:          # chats prefill at ever new positions: keep it bounded
                 self._attention_views.clear()
             HD = self.H * self.D
+            k, v = self.cache.k(layer), self.cache.v(layer)
             self._attention_views[key] = (_strided(qkv, (B, self.H, s, self.D), (s * self.QKV, self.D, self.QKV, 1)),
                                           _strided(attn, (B, self.H, s, self.D), (s * HD, self.D, HD, 1)),
-                                          _prefix(self.cache.k(layer), n), _prefix(self.cache.v(layer), n))
+                                          k if ring else _prefix(k, n), v if ring else _prefix(v, n))
         return self._attention_views[key]
 
     def linear(self, a, w, residual=None, post_norm=None):
@@ -234,18 +242,14 @@ class DeviceEngine:
             return self.matmul(("linear", id(w)), a, w, residual, "residual" if residual is not None else "none")
         rows = self._rows(a)
         y = self.matmul(("linear", id(w)), a, w, self.view("y", rows), "none")
-        self.launch(("post norm", id(post_norm), rows), families.make_add_rms_norm(), rows, families.THREADS,
-                    (residual, y, post_norm, self.eps))
+        self.launch(("post norm", id(post_norm), rows), rowwise.make_rms_norm(add=True), rows, rowwise.THREADS,
+                    (y, post_norm, self.eps, residual))
         return residual
 
     def glu(self, h, lw):
-        """act(h W_gate^T) * (h W_up^T): SwiGLU is the gate/up matmul's epilogue; GeGLU a kernel after it."""
-        rows = self._rows(h)
-        if self.arch.activation == "silu":
-            return self.matmul(("glu", id(lw)), h, lw.w_gate_up, self.view("g", rows), "swiglu")
-        gu = self.matmul(("glu", id(lw)), h, lw.w_gate_up, self.view("gu", rows), "none")
-        self.launch(("geglu", rows), families.make_geglu(), rows, families.THREADS, (gu, self.view("g", rows)))
-        return self.view("g", rows)
+        """act(h W_gate^T) * (h W_up^T), the gate/up matmul's epilogue: SwiGLU, or Gemma's GeGLU."""
+        epilogue = "swiglu" if self.arch.activation == "silu" else "geglu"
+        return self.matmul(("glu", id(lw)), h, lw.w_gate_up, self.view("g", self._rows(h)), epilogue)
 
     def logits(self, h, step):
         """The output head on the last token of every row (step.last_only) or on every token -> a host float32
@@ -258,7 +262,7 @@ class DeviceEngine:
             return self._logits_at(B, s, s - 1)
         from numba import cuda
         every = cuda.device_array((B * s, self.config.vocab_size), np.float32, stream=self.stream)
-        self.matmul(("logits all",), h, self.weights.lm_head, every, "none")
+        self._soft_cap(self.matmul(("logits all",), h, self.weights.lm_head, every, "none"))
         return every.copy_to_host(stream=self.stream).reshape(B, s, -1)
 
     def _logits_at(self, B, s, row):
@@ -266,9 +270,16 @@ class DeviceEngine:
         residual stream (the x buffer), normalised by the final norm -> host logits [B, 1, vocab] (once synced)."""
         x = self.view("x", B * s)
         last = x if s == 1 else self._last_rows(x, B, s, row)
-        self.matmul(("logits", B, s, row), _Norm(last, self.norm), self.weights.lm_head, self.logits_dev, "none")
+        self._soft_cap(self.matmul(("logits", B, s, row), _Norm(last, self.norm), self.weights.lm_head,
+                                   self.logits_dev, "none"))
         self.logits_dev.copy_to_host(self.logits_host, stream=self.stream)
         return self.logits_host[:, None, :]
+
+    def _soft_cap(self, logits):
+        """Gemma 2's final soft cap, in place (nothing for the other families)."""
+        if self.arch.final_softcap is not None:
+            self.launch(("soft cap", logits.shape[0]), families.make_soft_cap(), logits.shape[0], families.THREADS,
+                        (logits, np.float32(self.arch.final_softcap)))
 
     def _last_rows(self, x, B, s, row):
         """Token `row` of each of the B rows of s tokens in x [B * s, dim], as a [B, dim] view (made once)."""
@@ -378,16 +389,6 @@ class DeviceEngine:
             self.ids_host[:ids.size] = ids.reshape(-1)
             self.cache.advance(step.seq)   # what the replay's appends do on the device, on the host mirror
         graph.replay()
-
-
-def refuse_unbuilt(arch):
-    """What the device engine does not run yet (the kernels' sliding windows and soft caps come with issue 25):
-    a ValueError naming the way out, before anything is uploaded."""
-    missing = [what for what, used in (("sliding windows", any(arch.windows)), ("attention soft caps",
-               arch.attn_softcap is not None), ("final-logit soft caps", arch.final_softcap is not None)) if used]
-    if missing:
-        raise ValueError(f"the device engine does not run {' and '.join(missing)} yet ({arch.family}): load with "
-                         f"backend='numpy' (the NumPy engine runs them)")
 
 
 def _prefix(cache_array, n):

@@ -6,6 +6,7 @@ import numpy as np
 import numbattn
 from numbattn import backend as _backend
 from numbattn import reference
+from numbattn.prefill import chunk_attention
 
 from ..units import human_bytes
 from .step import Step
@@ -52,22 +53,16 @@ class NumpyEngine:
 
     def attention(self, layer, q, k, v, step):
         """Append k, v; a single token uses the decode kernel, a chunk the prefill kernel over the cache so far
-        (bottom-right causal alignment: query i of the chunk sees keys 0 .. start_pos + i), each with the layer's
-        window and the family's scale and soft cap. -> [b, s, H*D]"""
+        (bottom-right causal alignment: query i of the chunk sees keys 0 .. start_pos + i; a window layer's ring
+        holds its window), with the family's scale and soft cap. -> [b, s, H*D]"""
         self.cache.append(layer, k, v)
-        seq, n = step.seq, step.start_pos + step.seq
-        window, softcap, scale = self.arch.layers[layer].window, self.arch.attn_softcap, self.arch.attn_scale
-        k_all = self.cache.k(layer)[:, :, :n]                            # [b, n_kv_heads, n, head_dim] (a view)
-        v_all = self.cache.v(layer)[:, :, :n]
-        if window is not None or softcap is not None:
-            out = reference.attention(q, _backend.to_host(k_all), _backend.to_host(v_all), causal=True, scale=scale,
-                                      window=window, softcap=softcap).astype(np.float32)
-        elif seq == 1:
-            out = numbattn.decode_attention(np.ascontiguousarray(q[:, :, 0]), self.cache, layer, scale=scale)
+        scale, softcap = self.arch.attn_scale, self.arch.attn_softcap
+        if step.seq == 1:
+            out = numbattn.decode_attention(np.ascontiguousarray(q[:, :, 0]), self.cache, layer, scale=scale,
+                                            softcap=softcap)
             out = _backend.to_host(out)[:, :, None, :]                   # [b, n_heads, 1, d]
         else:
-            out = _backend.to_host(numbattn.attention(q, k_all, v_all, causal=True, scale=scale,
-                                                      backend=self.backend))
+            out = _backend.to_host(chunk_attention(q, self.cache, layer, scale=scale, softcap=softcap))
         return merge_heads(out)
 
     def linear(self, a, w, residual=None, post_norm=None):
