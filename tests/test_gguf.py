@@ -405,7 +405,8 @@ def test_a_sentencepiece_vocabulary_too_costly_to_split_is_refused(tmp_path, tin
 
 
 @pytest.mark.parametrize("metadata, problem", [
-    ({"tokenizer.ggml.pre": "deepseek-llm"}, "tokenizer.ggml.pre='deepseek-llm': tinyllm knows the splitting rules of gpt-2"),
+    ({"tokenizer.ggml.pre": "deepseek-llm"},
+     "tokenizer.ggml.pre='deepseek-llm': tinyllm knows the splitting rules of gpt-2"),
     ({"tokenizer.ggml.merges": None}, "metadata has no tokenizer.ggml.merges"),
     ({"tokenizer.ggml.merges": ["a b c"]}, "not 'left right'"),
     ({"tokenizer.ggml.merges": ["zz qq"]}, r"the vocabulary cannot be built \(.*out of vocabulary"),  # Rust's error

@@ -107,7 +107,8 @@ FAMILIES = {
     "mistral": Family("MistralForCausalLM", ("mistral",), "silu", frozenset({"sliding_window"})),
     "qwen2": Family("Qwen2ForCausalLM", ("qwen2",), "silu", frozenset(_QWEN_WINDOWS)),
     "qwen3": Family("Qwen3ForCausalLM", ("qwen3",), "silu", frozenset(_QWEN_WINDOWS)),
-    "gemma2": Family("Gemma2ForCausalLM", ("gemma2",), "gelu_pytorch_tanh", frozenset(_GEMMA | {"sliding_window_size"})),
+    "gemma2": Family("Gemma2ForCausalLM", ("gemma2",), "gelu_pytorch_tanh",
+                     frozenset(_GEMMA | {"sliding_window_size"})),
     "gemma3": Family("Gemma3ForCausalLM", ("gemma3_text",), "gelu_pytorch_tanh", frozenset(
         _GEMMA | {"rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern",
                   "use_bidirectional_attention"})),

@@ -116,8 +116,8 @@ def decode_kernels(d):
 
 
 def model_kernels():
-    """The GPU engine's kernels (numbattn/kernels/gemv.py, gemm.py, rowwise.py, families.py) at TinyLlama's and SmolLM2's
-    sizes, and the families' heads."""
+    """The GPU engine's kernels (numbattn/kernels/gemv.py, gemm.py, rowwise.py, families.py) at TinyLlama's and
+    SmolLM2's sizes, and the families' heads."""
     u64 = types.uint64
     for kind in ("bf16", "f32"):
         for k_in in (2048, 5632, 576, 1536):
