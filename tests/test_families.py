@@ -316,3 +316,40 @@ def test_a_chat_turn_reuses_the_cache_past_a_rings_wrap_or_recomputes(tmp_path, 
         assert got.stats.reused_tokens == reused and got.ids == want.ids
         model.reset()
         model.generate(first, max_new_tokens=3, stop_ids=())
+
+
+# ---- real GPU only ----------------------------------------------------------------------------------------
+REAL_WIDTHS = {   # each family's width at the size people run (2 of their layers), random bf16 weights
+    "llama3": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                   head_dim=64, vocab_size=128256),
+    "qwen2": dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                  vocab_size=151936),
+    "qwen3": dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+                  head_dim=128, vocab_size=151936),
+    "mistral": dict(hidden_size=1024, intermediate_size=3584, num_attention_heads=16, num_key_value_heads=8,
+                    sliding_window=256, vocab_size=32768),
+    "gemma2": dict(hidden_size=2304, intermediate_size=9216, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=256, query_pre_attn_scalar=256, sliding_window=256, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0, vocab_size=256000),
+    "gemma3": dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
+                   head_dim=256, query_pre_attn_scalar=256, sliding_window=256, vocab_size=262144,
+                   layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_widths_on_the_gpu_past_the_window(family, tmp_path):
+    """Two layers of each family at its real width on the GPU: a 700-token prompt (past windows of 256, in one
+    chunk: the ring holds window + 2047 slots), then 12 decode steps (run, captured, replayed as CUDA graphs) fed
+    the same tokens, each step's logits equal to the NumPy engine's on the same fp16 cache storage. (Logits, not
+    greedy ids: Gemma 2's cap of 30 squeezes random logits of std ~48 together, where argmaxes tie.)"""
+    d = make_tiny(tmp_path / family, seed=0, family=family, num_hidden_layers=2, max_position_embeddings=4096,
+                  **REAL_WIDTHS[family])
+    device = load_model(d, backend="cuda")
+    host = load_model(d, backend="numpy", kv_dtype=np.float16)
+    ids = np.random.default_rng(1).integers(3, 500, (1, 712))
+    assert rel_err(device.forward(ids[:, :700], last_only=True), host.forward(ids[:, :700])[:, -1:]) < RTOL
+    for p in range(700, 712):
+        step = ids[:, p:p + 1]
+        assert rel_err(device.forward(step, start_pos=p), host.forward(step, start_pos=p)) < RTOL, p
