@@ -294,3 +294,14 @@ def test_numba_kernels_carry_the_disk_cache(tmp_path):
     name, entry, argtype, target = done.stdout.split(" ", 3)
     assert name == "DiskCache" and entry.startswith("rms_norm-") and entry.endswith(".kernel")
     assert argtype == "array(float32," and "(9, 0)" in target
+
+
+def test_cubins_round_trip_as_numba_cuda_holds_them():
+    """numba-cuda 0.30 links a kernel into cuda.core's ObjectCode (the bytes in .code) and loads modules from one:
+    the cache stores the bytes and hands an ObjectCode back."""
+    from types import SimpleNamespace
+
+    from numbattn.kernel_cache import cubin_bytes
+    assert cubin_bytes(SimpleNamespace(code=b"\x7fELF...")) == b"\x7fELF..." == cubin_bytes(b"\x7fELF...")
+    with pytest.raises(TypeError, match="not bytes"):
+        cubin_bytes(SimpleNamespace(code="/a/path.cubin"))
