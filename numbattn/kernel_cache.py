@@ -249,7 +249,7 @@ def _check_entry(data, description):
         stored = header["description"]
     except (ValueError, KeyError, TypeError):
         return "corrupt (its header does not parse)", None
-    if stored != description:
+    if json.dumps(stored, sort_keys=True) != json.dumps(description, sort_keys=True):   # as text: NaN == NaN there
         return "for another kernel (a different description under the same name)", None
     if len(payload) != size:
         return f"truncated ({len(payload)} of {size} payload bytes)", None
