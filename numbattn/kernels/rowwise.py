@@ -90,14 +90,17 @@ def make_rms_norm():
 
 
 @functools.lru_cache(maxsize=None)
-def make_rope_append(n_heads, n_kv_heads, head_dim):
+def make_rotate_token(n_heads, n_kv_heads, head_dim):
+    """rotate_token(qkv, cos, sin, k_cache, v_cache, m, b, pos, slot, t): token m at position pos, q pairs rotated
+    in place, k pairs rotated into k_cache[b, :, slot], v copied to v_cache[b, :, slot]. (A contiguous cache: b the
+    row, slot = pos; a paged one, kernels/paged_append.py: b the page, slot the offset in it.)"""
     H, HKV, D = n_heads, n_kv_heads, head_dim
     HALF = D // 2
     PAIRS = (H + HKV) * HALF                  # rotations per token: every q and k head's pairs
     VALUES = HKV * D                          # v elements per token
 
     @device
-    def rotate_token(qkv, cos, sin, k_cache, v_cache, m, b, pos, t):
+    def rotate_token(qkv, cos, sin, k_cache, v_cache, m, b, pos, slot, t):
         """Token m (row b, position pos): q pairs rotated in place, k pairs rotated into the cache, v copied."""
         for e in range(t, PAIRS + VALUES, cuda.blockDim.x):
             if e < PAIRS:
@@ -110,12 +113,18 @@ def make_rope_append(n_heads, n_kv_heads, head_dim):
                     qkv[m, h * D + i] = r1
                     qkv[m, h * D + i + HALF] = r2
                 else:
-                    k_cache[b, h - H, pos, i] = r1
-                    k_cache[b, h - H, pos, i + HALF] = r2
+                    k_cache[b, h - H, slot, i] = r1
+                    k_cache[b, h - H, slot, i + HALF] = r2
             else:
                 j = e - PAIRS
                 hv = j // D
-                v_cache[b, hv, pos, j - hv * D] = qkv[m, (H + HKV) * D + j]
+                v_cache[b, hv, slot, j - hv * D] = qkv[m, (H + HKV) * D + j]
+    return rotate_token
+
+
+@functools.lru_cache(maxsize=None)
+def make_rope_append(n_heads, n_kv_heads, head_dim):
+    rotate_token = make_rotate_token(n_heads, n_kv_heads, head_dim)
 
     @kernel
     def rope_append(qkv, cos, sin, k_cache, v_cache, lengths, counters):
@@ -127,7 +136,7 @@ def make_rope_append(n_heads, n_kv_heads, head_dim):
         i0 = blk * ROPE_TOKENS_PER_BLOCK
         for i in range(i0, min(i0 + ROPE_TOKENS_PER_BLOCK, L)):
             if fits:
-                rotate_token(qkv, cos, sin, k_cache, v_cache, b * L + i, b, start + i, t)
+                rotate_token(qkv, cos, sin, k_cache, v_cache, b * L + i, b, start + i, start + i, t)
         advance_length(lengths, counters, b, start, L, fits, cuda.gridDim.x)
 
     return rope_append
