@@ -91,6 +91,11 @@ class PagedKVCache:
                 f"max_seqs={self.max_seqs}, max_len={self.max_len}, free_blocks={self.free_blocks}, "
                 f"backend={self.backend!r})")
 
+    @property
+    def nbytes(self):
+        """Bytes of K/V storage: every layer's two pools."""
+        return 2 * self.n_layers * int(np.prod(self.shape)) * self.dtype.itemsize
+
     # ---- bookkeeping ------------------------------------------------------------------------------------
     @property
     def free_blocks(self):

@@ -51,8 +51,7 @@ class DeviceEngine:
         self.QKV = (self.H + 2 * self.HKV) * self.D
         self.eps = np.float32(c.rms_norm_eps)
         self.use_graphs = backend == "cuda"
-        B = cache.batch
-        rows = B * self.prefill_chunk
+        B, rows = self.sizes(cache)
         self.buf = {name: cuda.device_array((rows, width), np.float32, stream=self.stream) for name, width in (
             ("x", c.hidden_size), ("h", c.hidden_size), ("qkv", self.QKV), ("attn", self.H * self.D),
             ("g", c.intermediate_size))}
@@ -61,6 +60,10 @@ class DeviceEngine:
         self.logits_dev = cuda.device_array((B, c.vocab_size), np.float32, stream=self.stream)
         self.logits_host = cuda.pinned_array((B, c.vocab_size), np.float32)
         self._views, self._launches, self._graphs, self._warm = {}, {}, {}, set()
+
+    def sizes(self, cache):
+        """(the most rows a step has, the most token rows its activation buffers hold)."""
+        return cache.batch, cache.batch * self.prefill_chunk
 
     def describe(self):
         kinds = "/".join(self.weights.kinds)
