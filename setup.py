@@ -20,9 +20,11 @@ setup(
         "jinja2>=3.0",  # chat templates, rendered in jinja2's sandbox
         "huggingface_hub>=0.20",  # the one explicit network step: downloading TinyLlama
         "gguf>=0.16",  # llama.cpp's reader for .gguf files (memory-mapped) and its NumPy dequantization
+        "aiohttp>=3.9",  # `tinyllm serve`: HTTP/1.1 server, streaming responses, client-disconnect cancellation
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8"],
+        # openai: the official client, which the server's tests talk to it with
+        "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8", "openai>=1.0"],
         # what a GPU user adds: NVVM, NVRTC and the CUDA runtime as wheels, matched to a CUDA 13 driver
         "cuda": ["numba-cuda[cu13]"],
         "bench": ["matplotlib"],

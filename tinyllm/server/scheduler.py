@@ -90,7 +90,7 @@ class Scheduler:
                     kv_blocks_free=self.cache.free_blocks, kv_blocks_total=self.cache.n_blocks,
                     kv_block_size=self.cache.block_size, max_seqs=self.cache.max_seqs,
                     requests_done=self.counts["done"], requests_cancelled=self.counts["cancelled"],
-                    requests_failed=self.counts["failed"])
+                    requests_failed=self.counts["failed"], largest_decode_batch=self.counts["largest_batch"])
 
     def submit(self, prompt, max_new, sampler, on_event, stop_ids=frozenset()):
         """Queue a request -> Job. Busy if max_queue requests are waiting already."""
@@ -159,6 +159,7 @@ class Scheduler:
                 self.cache.allocate(j.seq, len(j.prompt) + len(j.tokens))
             ids = np.array([[j.tokens[-1]] for j in jobs])
             logits = self.llm.forward_rows(self.ops, ids, [j.seq for j in jobs])[:, -1]     # [batch, vocab]
+            self.counts["largest_batch"] = max(self.counts["largest_batch"], len(jobs))
         except Exception as e:                          # noqa: BLE001
             self._fail(jobs, e)
             return
