@@ -282,3 +282,11 @@ def test_past_the_queue_503_with_retry_after(model_dir):
         assert state["kv_blocks_free"] == state["kv_blocks_total"] and state["requests_waiting"] == 0
     finally:
         stop_server(proc)
+
+
+def test_load_generator_measures_this_server(server):
+    """tinyllm.server.loadgen (the serving benchmark's client): every request generates exactly max_tokens."""
+    from tinyllm.server.loadgen import run_load
+    rows = run_load(server, concurrencies=(1, 4), requests=2, max_tokens=8, prompt_words=5, warmup=False)
+    assert [r["concurrency"] for r in rows] == [1, 4] and [r["tokens"] for r in rows] == [16, 64]
+    assert all(r["throughput_tok_s"] > 0 and r["token_ms"] > 0 for r in rows) and rows[0]["x_throughput"] == 1
