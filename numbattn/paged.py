@@ -314,7 +314,8 @@ class PagedKVCache:
         table = self._tables[seq]
 
         def numpy_path():
-            k, v = (reference.gather_pages(_backend.to_host(x), table, n)[None] for x in (self._k[layer], self._v[layer]))
+            k, v = (reference.gather_pages(_backend.to_host(x), table, n)[None]
+                    for x in (self._k[layer], self._v[layer]))
             return (cuda.to_device(k), cuda.to_device(v)) if self.on_device else (k, v)
 
         def kernel_path():

@@ -46,8 +46,8 @@ def test_reference_pages_equal_the_contiguous_reference():
     for b, s in enumerate((1, 0)):
         k = reference.gather_pages(pool_k, tables[s], lengths[s])
         assert np.array_equal(k[:, :4], pool_k[tables[s, 0]]) and k.shape == (2, lengths[s], D)
-        want = reference.decode_attention(q[b:b + 1], k[None], reference.gather_pages(pool_v, tables[s], lengths[s])[None],
-                                          [lengths[s]])
+        v = reference.gather_pages(pool_v, tables[s], lengths[s])
+        want = reference.decode_attention(q[b:b + 1], k[None], v[None], [lengths[s]])
         np.testing.assert_array_equal(got[b], want[0])
     assert not got[2].any()                             # padding row: zeros
 

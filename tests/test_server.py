@@ -174,8 +174,8 @@ def test_stop_strings_and_seeds(client, model_dir, reference):
     stop = want[6:8]
     cut = want[:want.find(stop)]
     for stream in (False, True):
-        got = client.chat.completions.create(model=name(model_dir), messages=[{"role": "user", "content": "Good morning"}],
-                                             max_tokens=40, temperature=0, stop=[stop, "never-seen"], stream=stream)
+        got = client.chat.completions.create(model=name(model_dir),
+                                             messages=[{"role": "user", "content": "Good morning"}], max_tokens=40, temperature=0, stop=[stop, "never-seen"], stream=stream)
         text = ("".join(c.choices[0].delta.content or "" for c in got if c.choices) if stream
                 else got.choices[0].message.content)
         assert text == cut
@@ -290,3 +290,13 @@ def test_load_generator_measures_this_server(server):
     rows = run_load(server, concurrencies=(1, 4), requests=2, max_tokens=8, prompt_words=5, warmup=False)
     assert [r["concurrency"] for r in rows] == [1, 4] and [r["tokens"] for r in rows] == [16, 64]
     assert all(r["throughput_tok_s"] > 0 and r["token_ms"] > 0 for r in rows) and rows[0]["x_throughput"] == 1
+
+
+def test_a_taken_port_is_one_error_line(server, model_dir):
+    port = server.rsplit(":", 1)[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "serve", "-m", str(model_dir), "--backend", "numpy",
+                           "--port", port], capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert proc.returncode == 1 and f"error: cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -224,21 +224,26 @@ class DeviceEngine:
             self.stream.synchronize()
             return np.array(logits)
         bucket = self._bucket(start_pos + 1)
-        key = (B, bucket)
         step = Step(B, 1, start_pos, True, max_length=bucket)
+        return self.graph_step((B, bucket), lambda: forward(ids, step), lambda: self.cache.advance(1), ids)
+
+    def graph_step(self, key, run_forward, advance, ids):
+        """One decode step through the CUDA graph kept under key: run normally the first time (compiling and preparing
+        every launch), recorded the second, replayed from then on -> host logits [rows, 1, vocab]. advance(): on the
+        host mirror, what a replay's appends do to the cache on the device; ids [rows, 1]: the step's tokens."""
         graph = self._graphs.get(key)
         if graph is None and key not in self._warm:
-            self._warm.add(key)            # first step in this bucket: compile and prepare every launch
-            logits = forward(ids, step)
+            self._warm.add(key)
+            logits = run_forward()
             self.stream.synchronize()
             return np.array(logits)
         if graph is None:
             graph = self._graphs[key] = Graph(self.stream)
             with graph.capture():          # recorded, not run: the replay below runs it
-                forward(ids, step)         # (its appends advance the cache's host mirror now; the replay, the device)
+                run_forward()              # (its appends advance the cache's host mirror now; the replay, the device)
         else:
-            self.ids_host[:B] = ids[:, 0]
-            self.cache.advance(1)          # what the replay's appends do on the device, on the host mirror
+            self.ids_host[:len(ids)] = ids[:, 0]
+            advance()
         graph.replay()
         self.stream.synchronize()
         return self.logits_host.copy()[:, None, :]

@@ -17,7 +17,6 @@ import numbattn
 from numbattn import backend as _backend
 from numbattn import prefill, reference
 from numbattn.kernels import paged_append, rowwise
-from numbattn.launch import Graph
 
 from .device import DeviceEngine, _prefix, _strided
 from .host import NumpyEngine, merge_heads
@@ -158,21 +157,6 @@ class PagedDeviceEngine(DeviceEngine):
         rows = np.concatenate([rows, np.full(pad, -1, np.int32)])
         positions = np.concatenate([positions, np.zeros(pad, positions.dtype)])
         self.rows_host[:bucket_b] = rows
-        key = ("paged", bucket_b, context)
         step = Step(bucket_b, 1, 0, True, max_length=context, rows=rows, positions=positions)
-        graph = self._graphs.get(key)
-        if graph is None and key not in self._warm:
-            self._warm.add(key)            # first step in this bucket: compile and prepare every launch
-            logits = forward(ids, step)
-            self.stream.synchronize()
-            return np.array(logits)
-        if graph is None:
-            graph = self._graphs[key] = Graph(self.stream)
-            with graph.capture():          # recorded, not run (its appends advance the host mirror now)
-                forward(ids, step)
-        else:
-            self.ids_host[:bucket_b] = ids[:, 0]
-            self.cache.advance(rows, 1)    # what the replay's appends do on the device, on the host mirror
-        graph.replay()
-        self.stream.synchronize()
-        return self.logits_host.copy()[:, None, :]
+        return self.graph_step(("paged", bucket_b, context), lambda: forward(ids, step),
+                               lambda: self.cache.advance(rows, 1), ids)
