@@ -124,3 +124,31 @@ def test_host_query_and_numpy_backend_agree():
     got = {be: numbattn.paged_decode_attention(q, c, 0, np.array([1, 0])) for be, c in caches.items()}
     assert isinstance(got[KERNEL], np.ndarray)
     np.testing.assert_allclose(got[KERNEL], got["numpy"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_paged_decode_at_tinyllama_shapes(dtype):
+    """32 sequences of 1 to 3000 tokens (page boundaries included), TinyLlama's heads (32 / 4, d 64), pages of 16
+    in a scrambled pool, the GPU launch shape, plus padding rows: against the fp64 reference."""
+    rng = np.random.default_rng(6)
+    lengths = [1, 15, 16, 17, 2048, 3000] + rng.integers(1, 3000, 26).tolist()
+    pages = sum(-(-n // 16) for n in lengths)
+    cache = numbattn.PagedKVCache(1, pages + 7, 4, 64, 40, 3072, block_size=16, dtype=dtype, backend="cuda")
+    cache._free = list(rng.permutation(cache._free))
+    seqs = {}
+    for s, n in enumerate(lengths):
+        k, v = (rng.standard_normal((1, 4, n, 64)).astype(dtype) for _ in range(2))
+        cache.allocate(s, n)
+        cache.append(0, [s], k, v)
+        seqs[s] = (k[0].astype(np.float64), v[0].astype(np.float64))
+    rows = np.array(list(rng.permutation(len(lengths))) + [-1] * 8, np.int32)
+    q = rng.standard_normal((len(rows), 32, 64)).astype(np.float32)
+    got = numbattn.paged_decode_attention(q, cache, 0, rows)
+    for b, s in enumerate(rows):
+        if s < 0:
+            assert not got[b].any()
+            continue
+        want = reference.decode_attention(q[b:b + 1].astype(np.float64), seqs[s][0][None], seqs[s][1][None],
+                                          [lengths[s]])[0]
+        np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-5)

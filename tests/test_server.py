@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
 
 
-def start_server(model_dir, *args):
-    """`cli.py serve` on port 0 -> (process, base url), once it says it listens (at most TIMEOUT s)."""
+def start_server(model_dir, *args, backend="numpy", timeout=TIMEOUT):
+    """`cli.py serve` on port 0 -> (process, base url), once it says it listens (at most `timeout` s)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("NUMBA_ENABLE_CUDASIM", None)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "-m", str(model_dir), "--backend", "numpy",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "-m", str(model_dir), "--backend", backend,
                              "--port", "0", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env)
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + timeout
     lines = []
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
@@ -175,7 +175,8 @@ def test_stop_strings_and_seeds(client, model_dir, reference):
     cut = want[:want.find(stop)]
     for stream in (False, True):
         got = client.chat.completions.create(model=name(model_dir),
-                                             messages=[{"role": "user", "content": "Good morning"}], max_tokens=40, temperature=0, stop=[stop, "never-seen"], stream=stream)
+                                             messages=[{"role": "user", "content": "Good morning"}], max_tokens=40,
+                                             temperature=0, stop=[stop, "never-seen"], stream=stream)
         text = ("".join(c.choices[0].delta.content or "" for c in got if c.choices) if stream
                 else got.choices[0].message.content)
         assert text == cut
@@ -300,3 +301,26 @@ def test_a_taken_port_is_one_error_line(server, model_dir):
                            "--port", port], capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert proc.returncode == 1 and f"error: cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_concurrent_streams_equal_each_alone(model_dir):
+    """The device engine behind the server (paged decode kernels, graphs per batch bucket): 12 concurrent greedy
+    streams, each identical to the device model's own generate of the same prompt."""
+    device_model = load_model(model_dir, backend="cuda")
+    proc, url = start_server(model_dir, "--parallel", "16", backend="cuda", timeout=5 * TIMEOUT)
+    try:
+        gpu_client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=5 * TIMEOUT)
+        prompts = [(f"Tell me about number {i}", 20 + 5 * i) for i in range(12)]
+
+        def one(prompt, n):
+            stream = gpu_client.chat.completions.create(model=name(model_dir), stream=True, max_tokens=n,
+                                                        temperature=0, messages=[{"role": "user", "content": prompt}])
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(lambda pn: one(*pn), prompts))
+        for (prompt, n), text in zip(prompts, got):
+            assert text == alone(device_model, chat_ids(device_model, prompt), n)[0], prompt
+    finally:
+        stop_server(proc)
