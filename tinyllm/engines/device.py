@@ -166,13 +166,21 @@ class DeviceEngine:
         B, s = step.batch, step.seq
         if step.last_only or s == 1:
             last = self._last_rows(h.x, B, s)
-            self.matmul(("logits", B), _Norm(last, h.w), self.weights.lm_head, self.logits_dev, "none")
-            self.logits_dev.copy_to_host(self.logits_host, stream=self.stream)
+            out_dev, out_host = self._logit_rows(B)       # only the step's rows come back (a paged step: <= max)
+            self.matmul(("logits", B), _Norm(last, h.w), self.weights.lm_head, out_dev, "none")
+            out_dev.copy_to_host(out_host, stream=self.stream)
             return self.logits_host[:, None, :]
         from numba import cuda
         every = cuda.device_array((B * s, self.config.vocab_size), np.float32, stream=self.stream)
         self.matmul(("logits all",), h, self.weights.lm_head, every, "none")
         return every.copy_to_host(stream=self.stream).reshape(B, s, -1)
+
+    def _logit_rows(self, B):
+        key = ("logit rows", B)
+        if key not in self._views:
+            self._views[key] = ((self.logits_dev, self.logits_host) if B == len(self.logits_host)
+                                else (self.logits_dev[:B], self.logits_host[:B]))
+        return self._views[key]
 
     def _last_rows(self, x, B, s):
         if s == 1:

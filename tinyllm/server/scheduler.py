@@ -163,15 +163,19 @@ class Scheduler:
         except Exception as e:                          # noqa: BLE001
             self._fail(jobs, e)
             return
-        for j, row in zip(jobs, logits):
+        ok, argmax = np.isfinite(logits).all(axis=1), np.argmax(logits, axis=1)     # the whole batch at once
+        for j, row, fine, best in zip(jobs, logits, ok, argmax):
             try:
-                self._take(j, finite(row, len(j.prompt) + len(j.tokens) - 1))
+                self._take(j, row if fine else finite(row, len(j.prompt) + len(j.tokens) - 1), int(best))
             except NonFiniteLogitsError as e:
                 self._fail([j], e)
 
-    def _take(self, job, logits):
-        """Sample the job's next token, tell its client, and let it leave if it is done."""
-        token = job.sampler(logits, job.prompt + job.tokens)
+    def _take(self, job, logits, best=None):
+        """Sample the job's next token (greedy: `best`, the row's argmax, if given), tell its client, and let it
+        leave if it is done."""
+        s = job.sampler
+        greedy = best is not None and s.temperature == 0 and s.repetition_penalty == 1.0
+        token = best if greedy else s(logits, job.prompt + job.tokens)
         job.tokens.append(token)
         job.on_event("token", token)
         if token in job.stop_ids:
