@@ -9,6 +9,7 @@
     python cli.py info                               # backends, GPU, and the model if it is downloaded
     python cli.py download [--dir DIR] | download --model smollm2
     python cli.py bench --what prefill --seq-lens 128,512,2048 --plot prefill.png
+    python cli.py serve -m smollm2 --port 8080       # OpenAI's API on 127.0.0.1 (tinyllm/server/)
 
 Flags take llama.cpp's names where it has one: -m/--model, -n/--n-predict, -c/--ctx-size, --temp, --top-k,
 --top-p, --repeat-penalty, -s/--seed, -sys/--system-prompt (next to this project's own spellings).

@@ -203,6 +203,26 @@ def test_a_client_that_disconnects_frees_its_pages(client, model_dir, server):
     assert after["requests_done"] == before["requests_done"]         # it ended by the disconnect, not by length
 
 
+def test_a_waiting_non_streaming_client_that_leaves_frees_its_pages(model_dir, server):
+    """Not streamed: the client sends its request and closes the connection before the answer."""
+    import socket
+    before = health(server)
+    body = json.dumps(dict(model=name(model_dir), prompt="Once", max_tokens=480, temperature=0,
+                           ignore_eos=True)).encode()
+    host, port = server.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and health(server)["requests_running"] == 0:
+            time.sleep(0.01)
+    while time.monotonic() < deadline and health(server)["requests_running"]:
+        time.sleep(0.05)
+    after = health(server)
+    assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert after["kv_blocks_free"] == after["kv_blocks_total"] and after["requests_done"] == before["requests_done"]
+
+
 BAD_REQUESTS = [      # (path, body, status, param) -- each answered with an OpenAI error object
     ("/v1/chat/completions", b"{not json", 400, None),
     ("/v1/chat/completions", b"[1, 2]", 400, None),

@@ -15,6 +15,7 @@ The package, in the order a token flows through it:
     engines/      what runs it: NumPy (the reference, the CPU), or the GPU (weights resident, numbattn kernels)
     generate.py   sampling (greedy, temperature, top-k, top-p, repetition penalty) and the decode loop
     tiny.py       a miniature random checkpoint in the same layout, for tests and offline demos
+    server/       `tinyllm serve`: OpenAI's API, continuous batching over a paged KV cache
 """
 import json
 import logging
