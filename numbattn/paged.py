@@ -36,7 +36,7 @@ from . import backend as _backend
 from . import decode, reference
 from .kernels.decode_paged import make_decode_paged
 from .kernels.paged_append import append_paged, fill_pages_nan, gather_pages
-from .kvcache import GPU_COPY, SIM_COPY, _grid_x
+from .kvcache import GPU_COPY, SIM_COPY, KVCache, _grid_x
 from .launch import Launch
 from .reference import LOG2E
 from .validate import DTYPES, SUPPORTED_HEAD_DIMS, as_count, check_dtype, check_heads, check_rank, check_scale
@@ -114,40 +114,23 @@ class PagedKVCache:
         """Host int32 [max_seqs]: tokens that every layer holds, per sequence (a copy)."""
         return self._lengths.min(axis=0).astype(np.int32)
 
-    def layer_lengths(self, layer):
-        return self._lengths[self.check_layer(layer)].copy()
-
-    def host_lengths_view(self, layer):
-        view = self._lengths[self.check_layer(layer)].view()
-        view.flags.writeable = False
-        return view
+    # the per-layer accessors are KVCache's own (the same attributes mean the same things: _lengths, _len_views,
+    # _counter_views, _k, _v, n_layers), so the two caches check and hand out layers one way
+    layer_lengths = KVCache.layer_lengths
+    host_lengths_view = KVCache.host_lengths_view
+    device_lengths = KVCache.device_lengths
+    append_counters = KVCache.append_counters
+    check_layer = KVCache.check_layer
+    k = KVCache.k
+    v = KVCache.v
 
     def host_tables(self):
         view = self._tables.view()
         view.flags.writeable = False
         return view
 
-    def device_lengths(self, layer):
-        return self._len_views[self.check_layer(layer)]
-
     def device_tables(self):
         return self._tables_dev
-
-    def append_counters(self, layer):
-        return self._counter_views[self.check_layer(layer)]
-
-    def k(self, layer):
-        return self._k[self.check_layer(layer)]
-
-    def v(self, layer):
-        return self._v[self.check_layer(layer)]
-
-    def check_layer(self, layer):
-        if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
-            raise ValueError(f"layer={layer!r} must be an integer in [0, {self.n_layers})")
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer={layer} is out of range: the cache has {self.n_layers} layers")
-        return int(layer)
 
     def check_seq(self, seq):
         if isinstance(seq, (bool, np.bool_)) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.max_seqs:
