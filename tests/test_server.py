@@ -19,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import openai  # the official client (the test extra installs it)
 import pytest
 
-openai = pytest.importorskip("openai")
-
-from tinyllm import StreamDecoder, load_model, make_tiny  # noqa: E402
+from tinyllm import StreamDecoder, load_model, make_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
