@@ -27,7 +27,8 @@ each row's length), advance (kernels elsewhere appended: tinyllm's fused RoPE, a
 ended or was cancelled: its pages back to the free list, poisoned), reset. A call that cannot be done (too few
 free pages, a row past its pages, a bad shape) raises ValueError before anything changes.
 
-paged_decode_attention is decode_attention for this layout (the same split-K plan, decode v1's scan per page).
+paged_decode_attention is decode_attention for this layout (the same split-K plan, decode v1's scan per page,
+soft caps included); every layer is a full one here: no sliding window, no ring (KVCache keeps those).
 """
 import numpy as np
 from numba import cuda
@@ -39,7 +40,8 @@ from .kernels.paged_append import append_paged, fill_pages_nan, gather_pages
 from .kvcache import GPU_COPY, SIM_COPY, KVCache, _grid_x
 from .launch import Launch
 from .reference import LOG2E
-from .validate import DTYPES, SUPPORTED_HEAD_DIMS, as_count, check_dtype, check_heads, check_rank, check_scale
+from .validate import (DTYPES, SUPPORTED_HEAD_DIMS, as_count, check_dtype, check_heads, check_rank, check_scale,
+                       check_softcap)
 
 BLOCK_SIZE = 16     # tokens per page (vLLM's default): small pages waste little; each costs one table read
 
@@ -357,13 +359,14 @@ def paged_split(cache, batch, max_length, config):
 class _PreparedPaged:
     """One (layer, q, rows, out, config) of paged_decode_attention, validated once and launched many times."""
 
-    def __init__(self, cache, layer, q, rows, out, scale, config, max_length, stream):
+    def __init__(self, cache, layer, q, rows, out, scale, softcap, config, max_length, stream):
         self.q, self.rows, self.out, self.max_length, self.config = q, rows, out, max_length, config
         self.cache, self.layer_lengths = cache, cache.host_lengths_view(layer)
         batch, n_heads, head_dim = q.shape
         group, itemsize = n_heads // cache.n_kv_heads, cache.dtype.itemsize
         kernel = make_decode_paged(head_dim, group, config.threads, config.dims_per_lane, config.keys_per_step,
-                                   itemsize, config.min_blocks_per_sm)
+                                   itemsize, config.min_blocks_per_sm, softcap is not None)
+        cap = np.float32(0.0 if softcap is None else softcap * LOG2E)      # in the scores' log2 units
         (k_word, _), (v_word, _) = decode.kv_word_types("v1", head_dim, config.dims_per_lane, itemsize)
         k, v = cache.k(layer).view(np.dtype(k_word.name)), cache.v(layer).view(np.dtype(v_word.name))
         self.split, _ = paged_split(cache, batch, 1, config)
@@ -371,7 +374,7 @@ class _PreparedPaged:
         ws = cache.decode_workspace()
         self.launch = Launch(kernel, (1, cache.n_kv_heads, batch), config.threads,
                              (q, k, v, cache.device_tables(), rows, cache.device_lengths(layer), np.int64(self.split),
-                              np.float32(scale * LOG2E), ws.partials(n_heads, most), ws.counters, out), stream)
+                              np.float32(scale * LOG2E), cap, ws.partials(n_heads, most), ws.counters, out), stream)
 
     def __call__(self, host_rows=None):
         if self.max_length:
@@ -386,7 +389,7 @@ class _PreparedPaged:
         self.launch(grid=(n_splits, self.cache.n_kv_heads, self.q.shape[0]))
 
 
-def check_paged_args(q, cache, layer, rows, scale, out, config):
+def check_paged_args(q, cache, layer, rows, scale, softcap, out, config):
     if not isinstance(cache, PagedKVCache):
         raise ValueError(f"cache must be a numbattn.PagedKVCache; got {type(cache).__name__}")
     layer = cache.check_layer(layer)
@@ -403,30 +406,32 @@ def check_paged_args(q, cache, layer, rows, scale, out, config):
     if config is not None:
         decode.check_config(config, "v1", head_dim)
     config = config or decode.default_config("v1", cache.backend, head_dim, n_heads // cache.n_kv_heads)
-    return layer, host_rows, check_scale(scale, head_dim), config
+    return layer, host_rows, check_scale(scale, head_dim), check_softcap(softcap), config
 
 
-def paged_decode_attention(q, cache, layer, rows, scale=None, out=None, config=None, max_length=None, stream=0):
+def paged_decode_attention(q, cache, layer, rows, scale=None, out=None, config=None, max_length=None, stream=0,
+                           softcap=None):
     """One query token per batch row over a paged cache: row b attends to the lengths[rows[b]] tokens of sequence
-    rows[b] (its new token's K/V already appended); a padding row (-1) or an empty sequence gets zeros.
+    rows[b] (its new token's K/V already appended); a padding row (-1) or an empty sequence gets zeros. softcap:
+    scores s -> softcap * tanh(s / softcap) (as decode_attention's).
 
     q [batch, n_heads, head_dim] host or device; rows int [batch] host or device (a device rows array is read by
     the kernel, so a CUDA graph replays with whatever it holds then). Returns float32 [batch, n_heads, head_dim]
     (host for a host q). max_length: a bound on every row's length that fixes the grid (a graph's bucket).
     """
     ws = cache.decode_workspace() if getattr(cache, "on_device", False) else None
-    key = (layer, scale, config, max_length, stream)
+    key = (layer, scale, config, max_length, stream, softcap)
     call = ws.calls.get(key) if ws is not None else None
     if call is not None and call.q is q and call.rows is rows and (call.out is out or out is None):
         call(None if max_length else cache.check_rows(rows))       # the hot path: the same device arrays again
         return call.out
-    layer, host_rows, scale, config = check_paged_args(q, cache, layer, rows, scale, out, config)
+    layer, host_rows, scale, softcap, config = check_paged_args(q, cache, layer, rows, scale, softcap, out, config)
     on_device = _backend.is_device_array(q)
 
     def numpy_path():
         k, v = _backend.to_host(cache.k(layer)), _backend.to_host(cache.v(layer))
         o = reference.paged_decode_attention(_backend.to_host(q), k, v, cache.host_tables(), host_rows,
-                                             cache.layer_lengths(layer), scale=scale)
+                                             cache.layer_lengths(layer), scale=scale, softcap=softcap)
         return _backend.deliver(o, out, on_device)
 
     def kernel_path():
@@ -435,8 +440,8 @@ def paged_decode_attention(q, cache, layer, rows, scale=None, out=None, config=N
         o = out if out is not None else ws.out_buffer(q.shape)
         prepared = ws.calls.get(key)
         if prepared is None or prepared.q is not dq or prepared.rows is not d_rows or prepared.out is not o:
-            prepared = ws.calls[key] = _PreparedPaged(cache, layer, dq, d_rows, o, scale, config, max_length,
-                                                      stream if on_device else 0)
+            prepared = ws.calls[key] = _PreparedPaged(cache, layer, dq, d_rows, o, scale, softcap, config,
+                                                      max_length, stream if on_device else 0)
         prepared(host_rows)
         return o if on_device else o.copy_to_host()
 

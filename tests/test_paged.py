@@ -94,9 +94,11 @@ def test_failed_calls_change_nothing(backend):
     assert [np.array_equal(a, b) for a, b in zip(before[1:3], after[1:3])] == [True, True] and before[3] == after[3]
 
 
-@pytest.mark.parametrize("n_heads, dtype, split", [(2, np.float32, 4), (8, np.float32, 8), (8, np.float16, 4)])
-def test_paged_decode_kernel_matches_fp64_reference(n_heads, dtype, split):
-    """Lengths 1, a page boundary (4, 8) and one past it (9), padding; GQA 1 and 4; splits of 1 and 2 pages."""
+@pytest.mark.parametrize("n_heads, dtype, split, softcap", [(2, np.float32, 4, None), (8, np.float32, 8, None),
+                                                            (8, np.float16, 4, None), (8, np.float32, 4, 1.5)])
+def test_paged_decode_kernel_matches_fp64_reference(n_heads, dtype, split, softcap):
+    """Lengths 1, a page boundary (4, 8) and one past it (9), padding; GQA 1 and 4; splits of 1 and 2 pages; a
+    soft cap (1.5: below most of these scores' magnitudes, so an uncapped kernel fails)."""
     rng = np.random.default_rng(3)
     lengths = [1, 9, 4, 8, 0, 0]
     cache, seqs = filled_cache(rng, lengths, KERNEL, dtype=dtype)
@@ -106,13 +108,14 @@ def test_paged_decode_kernel_matches_fp64_reference(n_heads, dtype, split):
     out = cuda.to_device(np.full(q.shape, np.nan, np.float32))
     config = Config(split=split, threads=8, dims_per_lane=8, keys_per_step=2)
     got = to_host(numbattn.paged_decode_attention(cuda.to_device(q), cache, 0, cuda.to_device(rows), out=out,
-                                                  config=config))
+                                                  config=config, softcap=softcap))
     for b, s in enumerate(rows):
         if s < 0 or lengths[s] == 0:
             assert not got[b].any()
             continue
         k, v = seqs[s]
-        want = reference.decode_attention(q[b:b + 1].astype(np.float64), k[None], v[None], [lengths[s]])[0]
+        want = reference.decode_attention(q[b:b + 1].astype(np.float64), k[None], v[None], [lengths[s]],
+                                          softcap=softcap)[0]
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-6)
 
 
@@ -124,6 +127,12 @@ def test_host_query_and_numpy_backend_agree():
     got = {be: numbattn.paged_decode_attention(q, c, 0, np.array([1, 0])) for be, c in caches.items()}
     assert isinstance(got[KERNEL], np.ndarray)
     np.testing.assert_allclose(got[KERNEL], got["numpy"], rtol=1e-5, atol=1e-6)
+    capped = {be: numbattn.paged_decode_attention(q, c, 0, np.array([1, 0]), softcap=1.0) for be, c in caches.items()}
+    np.testing.assert_allclose(capped[KERNEL], capped["numpy"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(capped["numpy"], got["numpy"], rtol=1e-3)          # the cap changed the result
+    for bad in (0, -1.0, float("nan"), "x"):
+        with pytest.raises(ValueError, match="softcap"):
+            numbattn.paged_decode_attention(q, caches[KERNEL], 0, np.array([1, 0]), softcap=bad)
 
 
 @pytest.mark.gpu

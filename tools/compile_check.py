@@ -117,18 +117,21 @@ def decode_kernels(d):
 
 
 def paged_kernels():
-    """The paged cache's kernels (numbattn/paged.py): decode through block tables, append, gather, poison."""
-    for d in (64, 128):
+    """The paged cache's kernels (numbattn/paged.py): decode through block tables (and its soft-capped variant),
+    append, gather, poison."""
+    for d in (64, 128, 256):
         for group in (1, 4, 8):
             for dt in (f32, f16):
                 c, size = decode.gpu_config("v1", d, group), dt.bitwidth // 8
                 k_word, v_word = (getattr(types, word.name)
                                   for word, _ in decode.kv_word_types("v1", d, c.dims_per_lane, size))
-                yield (f"paged decode d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl {dt} cache",
-                       decode_paged.make_decode_paged(d, group, c.threads, c.dims_per_lane, c.keys_per_step, size,
-                                                      c.min_blocks_per_sm),
-                       [arr(f32, 3), arr(k_word, 4), arr(v_word, 4), arr(i32, 2), arr(i32, 1), arr(i32, 1),
-                        types.int64, f32, arr(f32, 4), arr(i32, 1), arr(f32, 3)])
+                for capped in (False, True) if group == 4 else (False,):
+                    yield (f"paged decode d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl"
+                           f"{variant_name(False, capped)} {dt} cache",
+                           decode_paged.make_decode_paged(d, group, c.threads, c.dims_per_lane, c.keys_per_step, size,
+                                                          c.min_blocks_per_sm, capped),
+                           [arr(f32, 3), arr(k_word, 4), arr(v_word, 4), arr(i32, 2), arr(i32, 1), arr(i32, 1), i64,
+                            f32, f32, arr(f32, 4), arr(i32, 1), arr(f32, 3)])
     for dt in (f32, f16):
         yield (f"paged append {dt}", paged_append.append_paged,
                [arr(dt, 4)] * 4 + [arr(i32, 2)] + [arr(i32, 1)] * 3)
