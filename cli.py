@@ -9,6 +9,7 @@
     python cli.py info                               # backends, GPU, and the model if it is downloaded
     python cli.py download [--dir DIR] | download --model smollm2
     python cli.py bench --what prefill --seq-lens 128,512,2048 --plot prefill.png
+    python cli.py serve -m smollm2 --port 8080       # OpenAI's API on 127.0.0.1 (tinyllm/server/)
 
 Flags take llama.cpp's names where it has one: -m/--model, -n/--n-predict, -c/--ctx-size, -t/--threads, --temp,
 --top-k, --top-p, --repeat-penalty, -s/--seed, -sys/--system-prompt, --ignore-eos, --version (next to this
@@ -1010,6 +1011,51 @@ def bench_whole_model(model, be, seq_lens, new_tokens, verbose):
         sweep = click.get_current_context().find_object(ThreadSweep)          # bench's, one per thread count
         return sweep(lambda progress: bench_model(models, seq_lens, new_tokens=new_tokens, progress=progress),
                      len(models) * len(seq_lens), "bench model")
+
+
+# --------------------------------------------------------------------------------------------------------
+# serve: an OpenAI-compatible HTTP server (tinyllm/server/)
+# --------------------------------------------------------------------------------------------------------
+@main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0 exposes it to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port (0: any free one; the line on stderr says which).")
+@click.option("-np", "--parallel", "--max-seqs", "max_seqs", type=click.IntRange(1, 256), default=32,
+              show_default=True, help="Requests decoded together (the running batch).")
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests that may wait for a seat; more are answered 503 with Retry-After.")
+@click.option("--kv-pages", type=click.IntRange(1), default=None,
+              help="KV-cache pages in the pool (default: a full context per seat, up to 4 GiB).")
+@click.option("--page-size", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="Tokens per KV-cache page.")
+@click.option("--served-model-name", default=None, help="The model name clients send (default: what --model says).")
+@verbose_option
+def serve(model, backend, threads, ctx_size, host, port, max_seqs, max_queue, kv_pages, page_size, served_model_name,
+          verbose):
+    """Serve the model over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+    Requests are decoded together (continuous batching over a paged KV cache); streaming answers are server-sent
+    events. Ctrl-C stops the server."""
+    blas = blas_threads(threads)
+    llm, label = open_model(model, backend, ctx_size, verbose)
+    blas.update()                   # chosen once, for the NumPy engine's matmuls (the server runs from now on)
+    from tinyllm.server import serve as run_server
+    name = served_model_name or (model if model is not None else label)
+
+    def ready(url):
+        note(f"serving {name} at {url} ({llm.engine} engine on {llm.backend}, context {llm.max_len}, "
+             f"{max_seqs} at once): POST {url}/v1/chat/completions; Ctrl-C stops")
+    import signal
+    signal.signal(signal.SIGTERM, signal.default_int_handler)    # SIGTERM stops cleanly, like Ctrl-C
+    try:
+        run_server(llm, name, host, port, max_seqs=max_seqs, max_queue=max_queue, n_blocks=kv_pages,
+                   block_size=page_size, ready=ready)
+    except KeyboardInterrupt:
+        note("stopped")
+    except OSError as e:            # the port is taken, the address is not ours...
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
 if __name__ == "__main__":

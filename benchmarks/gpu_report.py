@@ -641,6 +641,47 @@ def hf_family_rows(name, d, prompt, new, torch, transformers):
                                                                     else (2,))))
         del hf
         torch.cuda.empty_cache()
+
+@section
+def serving(report, out, args):
+    """`tinyllm serve` under load (tinyllm/server/loadgen.py): aggregate decode throughput and each request's token
+    latency at 1, 8 and 32 concurrent streams, on a TinyLlama-shaped random checkpoint (or --serve-model), plus the
+    same load against any other OpenAI-compatible server given by --other-server (llama.cpp's llama-server)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from tinyllm import make_tiny
+    from tinyllm.server.loadgen import COLUMNS, run_load
+    model = args.serve_model or str(make_tiny(os.path.join(tempfile.mkdtemp(), "tinyllama-random"), seed=0,
+                                              hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                              num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                                              max_position_embeddings=2048))
+    levels = [int(c) for c in args.serve_concurrency.split(",")]
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "..", "cli.py"), "serve", "-m",
+                             model, "--port", "0", "--parallel", str(max(levels))], stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        while url is None:
+            line = proc.stderr.readline()
+            if not line:
+                raise RuntimeError("tinyllm serve did not start")
+            print(line, end="", flush=True)
+            found = re.search(r"at (http://127\.0\.0\.1:\d+)", line)
+            url = found.group(1) if found else None
+        load = dict(concurrencies=levels, requests=args.serve_requests, max_tokens=args.serve_tokens,
+                    prompt_words=args.serve_prompt_words)
+        rows = run_load(url, label="tinyllm serve", **load)
+        for other in filter(None, args.other_server.split(",")):
+            rows += run_load(other, label=other, **load)
+    finally:
+        proc.send_signal(2)
+        proc.wait(30)
+    emit(report, "Serving: continuous batching, TinyLlama shapes (random weights), streaming completions", rows,
+         COLUMNS, f"Each of C clients sends {args.serve_requests} requests in turn: a {args.serve_prompt_words}-word "
+         f"prompt, {args.serve_tokens} new tokens (greedy, ignore_eos). throughput: completion tokens / wall time; "
+         f"token_ms: per request (last token - first) / (tokens - 1), median (p90 beside it); x_: against C = "
+         f"{levels[0]}. Targets at C = 32: x_throughput >= 8, x_token_ms <= 2. Model: {model}.")
     return rows
 
 
@@ -707,6 +748,13 @@ def main():
     ap.add_argument("--tg", type=int, default=128, help="end_to_end: new tokens")
     ap.add_argument("--e2e-repeat", type=int, default=5, help="end_to_end: timed runs per number")
     ap.add_argument("--gguf", default="", help="end_to_end: also write the checkpoint here as an F16 GGUF")
+    ap.add_argument("--serve-model", default="", help="serving: the model to serve (default: TinyLlama-shaped random)")
+    ap.add_argument("--serve-concurrency", default="1,8,32")
+    ap.add_argument("--serve-requests", type=int, default=2, help="serving: requests per client at each level")
+    ap.add_argument("--serve-tokens", type=int, default=128)
+    ap.add_argument("--serve-prompt-words", type=int, default=64)
+    ap.add_argument("--other-server", default="", help="serving: also load these OpenAI-compatible URLs (comma-"
+                                                        "separated), e.g. llama-server's http://127.0.0.1:8081")
     ap.add_argument("--replot", nargs="+", metavar="ROWS_JSON",
                     help="no measuring: redraw the plots of finished runs (their rows.json files) into --out")
     args = ap.parse_args()

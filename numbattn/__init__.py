@@ -12,7 +12,8 @@ from . import reference
 from .backend import available_backends
 from .decode import decode_attention
 from .kvcache import KVCache
+from .paged import PagedKVCache, paged_decode_attention
 from .prefill import attention, chunk_attention, flash_attention
 
 __all__ = ["attention", "flash_attention", "chunk_attention", "available_backends", "reference", "KVCache",
-           "decode_attention"]
+           "decode_attention", "PagedKVCache", "paged_decode_attention"]

@@ -175,6 +175,35 @@ def decode_attention(q, k_cache, v_cache, lengths, scale=None, window=None, soft
     return out
 
 
+def gather_pages(pool, block_table, n):
+    """A paged cache's sequence made contiguous again: its first n tokens, page after page.
+
+    pool [n_blocks, n_kv_heads, block_size, d]; block_table [>= ceil(n / block_size)] (the sequence's pages, in
+    order) -> [n_kv_heads, n, d]. Token j lives in page block_table[j // block_size], at offset j % block_size."""
+    block_size = pool.shape[2]
+    pages = np.asarray(block_table[:-(-n // block_size)], np.int64)          # [n_pages]
+    seq = pool[pages].transpose(1, 0, 2, 3)                                 # [n_kv_heads, n_pages, block_size, d]
+    return seq.reshape(pool.shape[1], -1, pool.shape[3])[:, :n]            # [n_kv_heads, n, d]
+
+
+def paged_decode_attention(q, k_pool, v_pool, block_tables, rows, lengths, scale=None, softcap=None):
+    """decode_attention over a paged KV cache (vLLM's PagedAttention layout): row b of the batch continues the
+    sequence rows[b], whose lengths[rows[b]] tokens live in the pages its block table lists.
+
+    q [batch, n_heads, d]; k_pool, v_pool [n_blocks, n_kv_heads, block_size, d]; block_tables [n_seqs, max_pages];
+    rows [batch] (a negative row is padding: zeros); lengths [n_seqs] -> [batch, n_heads, d]. softcap: as in
+    decode_attention."""
+    dt = _compute_dtype(q, k_pool, v_pool)
+    out = np.zeros(np.shape(q), dtype=dt)
+    for b, seq in enumerate(np.asarray(rows)):
+        n = int(lengths[seq]) if seq >= 0 else 0
+        if n > 0:
+            k = gather_pages(k_pool, block_tables[seq], n)[None]              # [1, n_kv_heads, n, d]
+            v = gather_pages(v_pool, block_tables[seq], n)[None]
+            out[b] = decode_attention(np.asarray(q[b:b + 1], dt), k, v, [n], scale=scale, softcap=softcap)[0]
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------
 # The rest of a Llama block (numbattn/kernels/gemv.py, gemm.py and rowwise.py implement these on the GPU)
 # --------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ The package, in the order a token flows through it:
     generate.py   sampling (greedy, temperature, top-k, top-p, repetition penalty) and the decode loop
     threads.py    how many BLAS threads the NumPy engine's matmuls get: one per core others leave idle
     tiny.py       a miniature random checkpoint in the same layout, for tests and offline demos
+    server/       `tinyllm serve`: OpenAI's API, continuous batching over a paged KV cache
 """
 import logging
 from dataclasses import dataclass

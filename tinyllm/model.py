@@ -33,7 +33,7 @@ from numbattn import backend as _backend
 from numbattn.validate import as_count
 
 from .architecture import describe, rope_table
-from .engines import DeviceEngine, DeviceWeights, NumpyEngine
+from .engines import DeviceEngine, DeviceWeights, NumpyEngine, PagedDeviceEngine, PagedNumpyEngine
 from .generate import ContextOverflowError, Sampler, generate as _generate
 
 log = logging.getLogger("tinyllm")
@@ -163,8 +163,8 @@ class Llama:
         self.cached_ids = self.cached_ids[:start_pos] + ids[0].tolist() if ids.shape[0] == 1 else []
         return logits
 
-    def _forward(self, ids, step):
-        ops, arch = self.ops, self.arch
+    def _forward(self, ids, step, ops=None):
+        ops, arch = self.ops if ops is None else ops, self.arch   # another engine: forward_rows' paged one
         x = ops.embed(ids)                                       # [b, seq] -> [b, seq, dim]: the residual stream
         for layer, lw in enumerate(ops.layers):                  # (Gemma: embeddings scaled by sqrt(dim))
             # attention: q, k, v for these positions, rotated by their positions, then over the KV cache
@@ -184,6 +184,26 @@ class Llama:
 
         return ops.logits(ops.rms_norm(x, ops.norm), step)       # [b, seq or 1, dim] -> [b, seq or 1, vocab]
                                                                  # (Gemma 2: soft-capped)
+
+    # ----------------------------------------------------------------------------------------------------
+    def paged_engine(self, max_seqs, n_blocks, block_size=numbattn.paged.BLOCK_SIZE):
+        """An engine for continuous batching (the server): these weights over a new numbattn.PagedKVCache of
+        n_blocks pages, for up to max_seqs sequences of up to max_len tokens each, stored as the contiguous
+        cache is (kv_dtype) -> ops (ops.cache: the cache)."""
+        c = self.config
+        if any(self.arch.windows):
+            raise ValueError(f"serving (a paged KV cache) does not run sliding windows yet ({c.family}): chat or "
+                             f"generate with this model instead")
+        cache = numbattn.PagedKVCache(c.num_hidden_layers, n_blocks, c.num_key_value_heads, c.head_dim, max_seqs,
+                                      self.max_len, block_size=block_size, dtype=self.kv_dtype, backend=self.backend)
+        engine = PagedDeviceEngine if isinstance(self.weights, DeviceWeights) else PagedNumpyEngine
+        return engine(c, self.arch, self.weights, cache, self.rope, self.backend)
+
+    def forward_rows(self, ops, ids, rows, last_only=True):
+        """One step of continuous batching: row b of ids [batch, seq] continues sequence rows[b] of ops.cache (from
+        paged_engine) at its own position, the tokens that sequence holds -> float32 [batch, seq or 1, vocab]. The
+        same forward as forward(); the caller gives the sequences their pages first (ops.cache.allocate)."""
+        return ops.run_rows(lambda x, step: self._forward(x, step, ops), self._check_ids(ids), rows, bool(last_only))
 
     def _check_ids(self, ids):
         ids = np.asarray(ids)

@@ -38,8 +38,8 @@ _device = pytypes.SimpleNamespace(compute_capability=(9, 0), id=0)
 numba.cuda.api.get_current_device = numba.cuda.dispatcher.get_current_device = lambda: _device
 
 from numbattn import decode, linear, prefill  # noqa: E402
-from numbattn.kernels import (decode_lanes, decode_naive, decode_slots, families, gemm_mma, kv_append,  # noqa: E402
-                              rowwise)
+from numbattn.kernels import (decode_lanes, decode_naive, decode_paged, decode_slots, families, gemm_mma,  # noqa: E402
+                              kv_append, paged_append, rowwise)
 from numbattn.kernels.prefill_tiled import make_v1  # noqa: E402
 
 f32, f16, i32, i64 = types.float32, types.float16, types.int32, types.int64
@@ -63,6 +63,7 @@ def kernels(cc):
     for dt in (f32, f16):
         yield f"kvcache append_kv {dt}", kv_append.append_kv, [arr(dt, 4)] * 4 + [arr(i32, 1)] * 3 + [i64]
         yield f"kvcache fill_nan {dt}", kv_append.fill_nan, [arr(dt, 4)] * 2 + [arr(i32, 1)] * 2
+    yield from paged_kernels()
     yield from model_kernels()
 
 
@@ -113,6 +114,32 @@ def decode_kernels(d):
         for variant in VARIANTS[d]:
             yield (f"decode v0 d{d}{variant_name(*variant)} {dt} cache", decode_naive.make_decode_v0(d, 32, *variant),
                    [arr(f32, 3), arr(dt, 4), arr(dt, 4), arr(i32, 1), f32, i64, f32, arr(f32, 3)])
+
+
+def paged_kernels():
+    """The paged cache's kernels (numbattn/paged.py): decode through block tables (and its soft-capped variant),
+    append, gather, poison."""
+    for d in (64, 128, 256):
+        for group in (1, 4, 8):
+            for dt in (f32, f16):
+                c, size = decode.gpu_config("v1", d, group), dt.bitwidth // 8
+                k_word, v_word = (getattr(types, word.name)
+                                  for word, _ in decode.kv_word_types("v1", d, c.dims_per_lane, size))
+                for capped in (False, True) if group == 4 else (False,):
+                    yield (f"paged decode d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl"
+                           f"{variant_name(False, capped)} {dt} cache",
+                           decode_paged.make_decode_paged(d, group, c.threads, c.dims_per_lane, c.keys_per_step, size,
+                                                          c.min_blocks_per_sm, capped),
+                           [arr(f32, 3), arr(k_word, 4), arr(v_word, 4), arr(i32, 2), arr(i32, 1), arr(i32, 1), i64,
+                            f32, f32, arr(f32, 4), arr(i32, 1), arr(f32, 3)])
+    for dt in (f32, f16):
+        yield (f"paged append {dt}", paged_append.append_paged,
+               [arr(dt, 4)] * 4 + [arr(i32, 2)] + [arr(i32, 1)] * 3)
+        yield f"paged gather {dt}", paged_append.gather_pages, [arr(dt, 4)] * 2 + [arr(i32, 1)] + [arr(dt, 4)] * 2
+        yield f"paged fill_nan {dt}", paged_append.fill_pages_nan, [arr(dt, 4)] * 2 + [arr(i32, 1)]
+        yield (f"paged rope_append 32/4 d64 {dt} cache", paged_append.make_rope_append_paged(32, 4, 64),
+               [arr(f32, 2), arr(f32, 2), arr(f32, 2), arr(dt, 4), arr(dt, 4), arr(i32, 2), arr(i32, 1),
+                arr(i32, 1), arr(i32, 1)])
 
 
 def model_kernels():

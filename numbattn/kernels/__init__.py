@@ -21,11 +21,13 @@ around a ring buffer; numbattn.decode_attention):
     v1  decode_slots.py        split-K: key slots of lanes that share a key (the default)
     v2  decode_lanes.py        split-K: one key per lane for the scores (faster past ~32K tokens, fp16 cache)
         decode_splitk.py       the frame v1 and v2 share: split blocks, the slots' merge, the last block's merge
+        decode_paged.py        v1 over a paged KV cache: the same frame and scan, a page of the block table at a time
 
 The rest of a Llama block:
 
         kv_append.py           append K/V at each row's length, slot p mod S (the device lengths advanced by the
                                kernel); poison rewound slots
+        paged_append.py        the paged cache's: append (alone or with RoPE) through block tables, gather, poison
         rowwise.py             embedding lookup, RMSNorm, RoPE fused with the KV-cache append
         gemv.py, gemm.py       y = x W^T on bf16/fp32 weight words: a few tokens (GEMV), a chunk (GEMM)
         gemm_mma.py            the chunk's GEMM on tensor cores: bf16 mma.sync on the bf16 weights as stored,

@@ -27,6 +27,16 @@ from .softmax import make_update_row
 def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0, ring=False,
                    capped=False):
     """ring: the cache layer is a ring buffer; capped: scores are soft-capped (both compile-time choices)."""
+    scan_split = make_scan_split_v1(head_dim, group, threads, dims_per_lane, keys_per_step, itemsize, ring, capped)
+    LANES, SLOTS = split_layout(head_dim, threads, dims_per_lane)
+    return make_split_kernel("decode_v1", head_dim, group, threads, dims_per_lane, LANES, SLOTS, scan_split,
+                             launch_bounds(threads, min_blocks_per_sm), ring)
+
+
+@functools.lru_cache(maxsize=None)
+def make_scan_split_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, ring=False, capped=False):
+    """v1's scan of one stretch of keys (the split-K frames call it: decode_splitk.py, and once per page,
+    decode_paged.py); ring: its loads wrap a slot past the cache's end, capped: its scores are soft-capped."""
     D, G, THREADS, DIMS_PER_LANE, KEYS_PER_STEP = head_dim, group, threads, dims_per_lane, keys_per_step
     LANES, SLOTS = split_layout(D, THREADS, DIMS_PER_LANE)
     _, slot_sum = make_group_reduce(LANES, KEYS_PER_STEP * G)
@@ -47,8 +57,7 @@ def make_decode_v1(head_dim, group, threads, dims_per_lane, keys_per_step=1, ite
         n_iter = (j_end - j_begin + SLOTS * KEYS_PER_STEP - 1) // (SLOTS * KEYS_PER_STEP)
         scan_keys(k_row, v_row, j_begin + slot, j_end, n_iter, lane, q_reg, softcap, m, l, acc, red)
 
-    return make_split_kernel("decode_v1", D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_split,
-                             launch_bounds(THREADS, min_blocks_per_sm), ring)
+    return scan_split
 
 
 def _make_word_loads(DIMS_PER_LANE, SLOTS, KEYS_PER_STEP, itemsize, ring):

@@ -186,3 +186,8 @@ def _make_merge_splits(D, G, THREADS):
             if idx < G * D:
                 out[b, h0 + idx // D, idx % D] = A[r, 0] * finish(L[r])
     return merge_splits
+
+
+def make_merges(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS):
+    """(merge_slots, merge_splits) of a split-K frame: for another frame over the same scans (decode_paged.py)."""
+    return _make_merge_slots(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS), _make_merge_splits(D, G, THREADS)

@@ -98,7 +98,11 @@ def make_rms_norm(add=False):
 
 
 @functools.lru_cache(maxsize=None)
-def make_rope_append(n_heads, n_kv_heads, head_dim):
+def make_rotate_token(n_heads, n_kv_heads, head_dim):
+    """rotate_token(qkv, cos, sin, k_cache, v_cache, m, b, pos, slot, t): token m at position pos, q pairs rotated
+    in place, k pairs rotated into k_cache[b, :, slot], v copied to v_cache[b, :, slot]. (A contiguous cache: b the
+    row, slot = pos mod S, the ring buffer's; a paged one, kernels/paged_append.py: b the page, slot the offset in
+    it.)"""
     H, HKV, D = n_heads, n_kv_heads, head_dim
     HALF = D // 2
     PAIRS = (H + HKV) * HALF                  # rotations per token: every q and k head's pairs
@@ -125,6 +129,12 @@ def make_rope_append(n_heads, n_kv_heads, head_dim):
                 j = e - PAIRS
                 hv = j // D
                 v_cache[b, hv, slot, j - hv * D] = qkv[m, (H + HKV) * D + j]
+    return rotate_token
+
+
+@functools.lru_cache(maxsize=None)
+def make_rope_append(n_heads, n_kv_heads, head_dim):
+    rotate_token = make_rotate_token(n_heads, n_kv_heads, head_dim)
 
     @kernel
     def rope_append(qkv, cos, sin, k_cache, v_cache, lengths, counters):

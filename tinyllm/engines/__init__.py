@@ -27,11 +27,14 @@ grid is sized for. The ops keep nothing about the call in progress.
     device.py          DeviceEngine: weights resident on the GPU, every op a numbattn kernel, decode steps
                        replayed as CUDA graphs
     device_weights.py  the checkpoint uploaded once, as the kernels read it (bf16 or fp32 words, fused matrices)
+    paged.py           the two over a paged KV cache: each row its own sequence and position (the server)
     step.py            Step
 """
 from .device import DeviceEngine
 from .device_weights import DeviceWeights, upload_weights
 from .host import NumpyEngine
+from .paged import PagedDeviceEngine, PagedNumpyEngine
 from .step import Step
 
-__all__ = ["Step", "NumpyEngine", "DeviceEngine", "DeviceWeights", "upload_weights"]
+__all__ = ["Step", "NumpyEngine", "DeviceEngine", "PagedNumpyEngine", "PagedDeviceEngine", "DeviceWeights",
+           "upload_weights"]

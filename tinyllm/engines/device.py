@@ -77,8 +77,7 @@ class DeviceEngine:
         self.eps = np.float32(c.rms_norm_eps)
         self.use_graphs = backend == "cuda"
         self.pad_short_prompts = self.use_graphs    # (the simulator can run the padded path too: the tests do)
-        B = cache.batch
-        rows = B * self.prefill_chunk
+        B, rows = self.sizes(cache)
         widths = {"x": c.hidden_size, "h": c.hidden_size, "qkv": self.QKV, "attn": self.H * self.D,
                   "g": c.intermediate_size}
         if arch.sandwich_norms:
@@ -91,6 +90,10 @@ class DeviceEngine:
         self.logits_host = cuda.pinned_array((B, c.vocab_size), np.float32)
         self._views, self._launches, self._graphs, self._warm = {}, {}, {}, set()
         self._attention_views = {}
+
+    def sizes(self, cache):
+        """(the most rows a step has, the most token rows its activation buffers hold)."""
+        return cache.batch, cache.batch * self.prefill_chunk
 
     def describe(self):
         kinds = "/".join(self.weights.kinds)
@@ -186,7 +189,7 @@ class DeviceEngine:
             args = (x, words, qkv, norm if norm is not None else self.norm, self.eps) + cache_args
             self.launch(("qkv rope", layer, M), kernel, grid, threads, args)
             return qkv
-        self.matmul(("qkv", id(pending.lw)), pending.h, pending.lw.w_qkv, qkv, "none")
+        self._project(pending, M)
         if finish:
             self._finish_qkv(layer, pending, qkv)
         self.launch(("rope", layer, M), rowwise.make_rope_append(self.H, self.HKV, self.D),
@@ -201,6 +204,10 @@ class DeviceEngine:
         self.launch(("qkv finish", layer, qkv.shape[0]), families.make_qkv_finish(self.H, self.HKV, self.D, bias, norm),
                     qkv.shape[0], families.THREADS, args)
 
+    def _project(self, pending, M):
+        """The pending q/k/v projection of M tokens alone (no RoPE, no append) -> the qkv buffer [M, (H+2Hkv) D]."""
+        return self.matmul(("qkv", id(pending.lw)), pending.h, pending.lw.w_qkv, self.view("qkv", M), "none")
+
     def _decode_views(self, B):
         """q [B, H, D] inside the qkv buffer and out [B, H, D] over the attn buffer (made once)."""
         key = ("decode", B)
@@ -212,13 +219,19 @@ class DeviceEngine:
 
     def _prefill_attention(self, layer, qkv, attn, B, s, n):
         """The chunk's queries over the n keys the layer has seen: every slot of a full layer, the window of a ring
-        (key j in slot j mod its slots), with the family's scale and soft cap."""
-        q4, out4, k_all, v_all = self._prefill_views(layer, qkv, attn, B, s, n)
+        (key j in slot j mod its slots)."""
+        ring = self.cache.kind(layer) == "ring"
+        self._causal_prefill(*self._prefill_views(layer, qkv, attn, B, s, n), kv_len=n if ring else None,
+                             window=self.cache.window(layer))
+
+    def _causal_prefill(self, q4, out4, k_all, v_all, kv_len=None, window=None):
+        """out4 = causal attention of q4 [B, H, s, D] over k_all, v_all [B, Hkv, n, D] (the mask bottom-right
+        aligned: the s queries are the last s of the n tokens; a ring's n = kv_len keys in slots j mod its length),
+        with the family's score scale and soft cap."""
         version = prefill.DEFAULT_VERSION
         tiles = prefill.default_tiles(version, self.backend, self.D)
-        ring = self.cache.kind(layer) == "ring"
         prefill.launch(q4, k_all, v_all, out4, True, self.arch.attn_scale, version, tiles, stream=self.stream,
-                       kv_len=n if ring else None, window=self.cache.window(layer), softcap=self.arch.attn_softcap)
+                       kv_len=kv_len, window=window, softcap=self.arch.attn_softcap)
 
     def _prefill_views(self, layer, qkv, attn, B, s, n):
         """q and out [B, H, s, D] inside the qkv and attn buffers, the keys and values: a full layer's first n, a
@@ -229,12 +242,16 @@ class DeviceEngine:
         if key not in self._attention_views:
             if len(self._attention_views) > 4096:          # chats prefill at ever new positions: keep it bounded
                 self._attention_views.clear()
-            HD = self.H * self.D
             k, v = self.cache.k(layer), self.cache.v(layer)
-            self._attention_views[key] = (_strided(qkv, (B, self.H, s, self.D), (s * self.QKV, self.D, self.QKV, 1)),
-                                          _strided(attn, (B, self.H, s, self.D), (s * HD, self.D, HD, 1)),
-                                          k if ring else _prefix(k, n), v if ring else _prefix(v, n))
+            self._attention_views[key] = self._query_views(qkv, attn, B, s) + ((k, v) if ring else
+                                                                              (_prefix(k, n), _prefix(v, n)))
         return self._attention_views[key]
+
+    def _query_views(self, qkv, attn, B, s):
+        """(q, out) [B, H, s, D] inside the qkv and attn buffers (new views)."""
+        HD = self.H * self.D
+        return (_strided(qkv, (B, self.H, s, self.D), (s * self.QKV, self.D, self.QKV, 1)),
+                _strided(attn, (B, self.H, s, self.D), (s * HD, self.D, HD, 1)))
 
     def linear(self, a, w, residual=None, post_norm=None):
         """residual += a W^T (the matmul's epilogue), or with post_norm (Gemma's sandwich) residual += norm(a W^T)."""
@@ -267,13 +284,23 @@ class DeviceEngine:
 
     def _logits_at(self, B, s, row):
         """The output head on token `row` of each of the B rows of s tokens that the last forward left in the
-        residual stream (the x buffer), normalised by the final norm -> host logits [B, 1, vocab] (once synced)."""
+        residual stream (the x buffer), normalised by the final norm -> host logits [rows, 1, vocab] (once synced;
+        only the first B rows are the step's: a paged step has B <= the rows the buffer holds)."""
         x = self.view("x", B * s)
         last = x if s == 1 else self._last_rows(x, B, s, row)
-        self._soft_cap(self.matmul(("logits", B, s, row), _Norm(last, self.norm), self.weights.lm_head,
-                                   self.logits_dev, "none"))
-        self.logits_dev.copy_to_host(self.logits_host, stream=self.stream)
+        out_dev, out_host = self._logit_rows(B)           # only the step's rows come back
+        self._soft_cap(self.matmul(("logits", B, s, row), _Norm(last, self.norm), self.weights.lm_head, out_dev,
+                                   "none"))
+        out_dev.copy_to_host(out_host, stream=self.stream)
         return self.logits_host[:, None, :]
+
+    def _logit_rows(self, B):
+        """The first B rows of the logits buffers, device and host (views made once)."""
+        key = ("logit rows", B)
+        if key not in self._views:
+            self._views[key] = ((self.logits_dev, self.logits_host) if B == len(self.logits_host)
+                                else (self.logits_dev[:B], self.logits_host[:B]))
+        return self._views[key]
 
     def _soft_cap(self, logits):
         """Gemma 2's final soft cap, in place (nothing for the other families)."""
@@ -349,8 +376,7 @@ class DeviceEngine:
         if self.use_graphs and s == 1:
             bucket = self._bucket(start_pos + 1)
             self._replay_or_run((B, bucket), forward, ids, Step(B, 1, start_pos, True, max_length=bucket))
-            self.stream.synchronize()
-            return self.logits_host.copy()[:, None, :]
+            return self._host_logits()
         padded = next((n for n in self.prefill_buckets if s <= n), None)
         if self.pad_short_prompts and last_only and start_pos == 0 and padded and padded <= self.cache.max_len:
             return self._short_prompt(forward, ids, padded)
@@ -367,15 +393,16 @@ class DeviceEngine:
         padded[:, :s] = ids
         self._replay_or_run(("prompt", B, n), forward, padded, Step(B, n, 0, True, defer_logits=True))
         self._logits_at(B, n, s - 1)
-        self.stream.synchronize()
+        logits = self._host_logits()
         self.cache.truncate(s)
-        return self.logits_host.copy()[:, None, :]
+        return logits
 
     def _replay_or_run(self, key, forward, ids, step):
         """forward(ids, step): run normally the first time under key (compiling, preparing every launch), recorded
         as a CUDA graph the second time, replayed from then on (without graphs: always run). The forward replayed
-        is the forward recorded: the same ops on the same buffers, whose per-call values (token ids, positions)
-        live in device memory."""
+        is the forward recorded: the same ops on the same buffers, whose per-call values (token ids, positions,
+        a paged step's rows) live in device memory. Written once for every graph: the contiguous decode steps,
+        the short prompts and the paged decode steps (engines/paged.py)."""
         graph = self._graphs.get(key)
         if not self.use_graphs or (graph is None and key not in self._warm):
             self._warm.add(key)
@@ -387,8 +414,17 @@ class DeviceEngine:
                 forward(ids, step)         # (its appends advance the cache's host mirror now; the replay, the device)
         else:
             self.ids_host[:ids.size] = ids.reshape(-1)
-            self.cache.advance(step.seq)   # what the replay's appends do on the device, on the host mirror
+            self._advance_mirror(step)     # what the replay's appends do on the device, on the host mirror
         graph.replay()
+
+    def _advance_mirror(self, step):
+        """The cache's host lengths, after a replayed step appended its tokens on the device."""
+        self.cache.advance(step.seq)
+
+    def _host_logits(self):
+        """Once the stream has run the step: a copy of its host logits [rows, 1, vocab]."""
+        self.stream.synchronize()
+        return self.logits_host.copy()[:, None, :]
 
 
 def _prefix(cache_array, n):
