@@ -353,3 +353,23 @@ def test_real_widths_on_the_gpu_past_the_window(family, tmp_path):
     for p in range(700, 712):
         step = ids[:, p:p + 1]
         assert rel_err(device.forward(step, start_pos=p), host.forward(step, start_pos=p)) < RTOL, p
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3"])
+def test_serving_runs_a_familys_switches_on_the_paged_cache(family, family_dir):
+    """The server's engine (a paged KV cache, two sequences batched, each at its own position) gives each row the
+    logits of the family's own forward on that row alone."""
+    model = load_model(family_dir(family), backend="numpy")
+    ops = model.paged_engine(max_seqs=2, n_blocks=8, block_size=4)
+    a, b = ids_for(8, seq=6)[0].tolist(), ids_for(9, seq=3)[0].tolist()
+    for seq, prompt in ((0, a), (1, b)):
+        ops.cache.allocate(seq, len(prompt) + 1)
+        model.forward_rows(ops, np.array([prompt]), [seq])
+    got = model.forward_rows(ops, np.array([[7], [9]]), [0, 1])[:, -1]
+    want = [family_logits(family_dir(family), np.array([p + [t]]))[0, -1] for p, t in ((a, 7), (b, 9))]
+    assert all(rel_err(g, w) < RTOL for g, w in zip(got, want))
+
+
+def test_serving_a_model_with_windows_is_refused_in_one_line(family_dir):
+    with pytest.raises(ValueError, match=r"serving \(a paged KV cache\) does not run sliding windows yet \(gemma3\)"):
+        load_model(family_dir("gemma3"), backend="numpy").paged_engine(max_seqs=2, n_blocks=8, block_size=4)
