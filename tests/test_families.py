@@ -370,6 +370,23 @@ def test_serving_runs_a_familys_switches_on_the_paged_cache(family, family_dir):
     assert all(rel_err(g, w) < RTOL for g, w in zip(got, want))
 
 
+def test_serving_on_the_device_engine_runs_biases_and_head_norms(kernel_backend, tmp_path):
+    """The paged device engine (the simulator in CI) runs Qwen2's biases and Qwen3's head norms: one layer of each
+    family, two sequences batched, rows in another order than their sequences; each row's logits are the family's
+    own (within 1e-3: the device's fp16 cache against fp64)."""
+    for family in ("qwen2", "qwen3"):
+        d = make_tiny(tmp_path / family, seed=1, family=family, num_hidden_layers=1)
+        model = load_model(d, backend=kernel_backend, max_len=32)
+        ops = model.paged_engine(max_seqs=2, n_blocks=8, block_size=4)
+        a, b = ids_for(8, seq=3)[0].tolist(), ids_for(9, seq=2)[0].tolist()
+        for seq, prompt in ((0, a), (1, b)):
+            ops.cache.allocate(seq, len(prompt) + 1)
+            model.forward_rows(ops, np.array([prompt]), [seq])
+        got = model.forward_rows(ops, np.array([[9], [7]]), [1, 0])[:, -1]
+        want = [family_logits(d, np.array([p + [t]]))[0, -1] for p, t in ((b, 9), (a, 7))]
+        assert all(rel_err(g, w) < 1e-3 for g, w in zip(got, want)), family
+
+
 def test_serving_a_model_with_windows_is_refused_in_one_line(family_dir):
     with pytest.raises(ValueError, match=r"serving \(a paged KV cache\) does not run sliding windows yet \(gemma3\)"):
         load_model(family_dir("gemma3"), backend="numpy").paged_engine(max_seqs=2, n_blocks=8, block_size=4)

@@ -106,8 +106,8 @@ class PagedDeviceEngine(DeviceEngine):
         cache = self.cache
         self.launch(("rope paged", layer, B * s), paged_append.make_rope_append_paged(self.H, self.HKV, self.D),
                     rowwise.rope_append_grid(s, B), rowwise.THREADS,
-                    pending.table + (cache.k(layer), cache.v(layer), cache.device_tables(), rows,
-                                     cache.device_lengths(layer), cache.append_counters(layer)))
+                    (qkv,) + pending.table + (cache.k(layer), cache.v(layer), cache.device_tables(), rows,
+                                              cache.device_lengths(layer), cache.append_counters(layer)))
         cache.advance(step.rows, s, layer)
         attn = self.view("attn", B * s)
         if s == 1:
