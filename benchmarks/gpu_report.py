@@ -67,6 +67,47 @@ def prefill_sweep(report, out, args):
 
 
 @section
+def head_dims(report, out, args):
+    """Causal prefill at n = 4096 for head_dim 64, 128 and 256 (32 q / 4 kv heads), v3 next to torch SDPA's
+    memory-efficient fp32 kernel in the same run (the target: >= 1.0x at 128 and 256, as at 64)."""
+    rows = bench.bench_head_dims(args.head_dims, n=4096, causal=True, versions=("v3",), repeat=args.repeat)
+    for value, unit in (("sync_ms", "milliseconds (sync per call)"), ("ms", "milliseconds (events)"),
+                        ("tflops", "TFLOP/s")):
+        table, cols = bench.pivot(rows, ("head_dim", "n"), value)
+        if value != "tflops":
+            for r in table:
+                if r.get("numbattn v3") and r.get("torch SDPA mem-efficient fp32"):
+                    r["v3 / mem-efficient"] = r["torch SDPA mem-efficient fp32"] / r["numbattn v3"]
+            cols = cols + ["v3 / mem-efficient"]
+        emit(report, f"Prefill by head_dim, causal n = 4096, batch 1, 32 q / 4 kv heads: {unit}", table, cols,
+             "v3's tiles per head_dim: numbattn.prefill.GPU_TILES (at 128 and 256 each head's dims split over 2 and "
+             "4 warps); `tiles --tile-versions v3` sweeps the alternatives.")
+    return rows
+
+
+@section
+def windows(report, out, args):
+    """Sliding windows: prefill at n = 32768 with window 4096 against full causal at 4096 (TFLOP/s over the pairs
+    each computes; target >= 0.8x), and against SDPA with the window as an explicit mask; decode at 131072 cached
+    tokens with window 4096 (a ring-buffer layer, and a full layer with window=) against decode at 4096 tokens
+    (target: within 1.2x), and SDPA on the same step."""
+    rows = bench.bench_window_prefill(n=args.window_n, window=args.window, full_n=4096, repeat=args.repeat)
+    emit(report, f"Sliding-window prefill, n = {args.window_n}, window {args.window}, batch 1, 32 q / 4 kv heads, d 64",
+         rows, ["impl", "n", "window", "ms", "sync_ms", "tflops"],
+         "tflops counts only the (query, key) pairs each run must compute: sum over queries of min(p + 1, window) "
+         "for the window, n (n + 1) / 2 for full causal. SDPA computes all n^2 pairs and masks (it has no window).")
+    drows = []
+    for dt in ("float16", "float32"):
+        drows += bench.bench_window_decode(cache_len=args.max_cache, window=args.window, full_len=4096, dtype=dt,
+                                           repeat=args.repeat * 5)
+    emit(report, f"Sliding-window decode, {args.max_cache} cached tokens, window {args.window}, batch 1, 32 q / 4 kv "
+         "heads, d 64", drows, ["impl", "cache", "n", "window", "sync_ms", "gpu_ms", "kv_MB"],
+         "sync_ms: a call and a synchronize (what a decode loop pays); gpu_ms: the GPU's own time. The ring layer "
+         "holds window + 4096 slots; kv_MB: the K/V bytes the step must read.")
+    return rows + drows
+
+
+@section
 def call_overhead(report, out, args):
     """The host cost of one numbattn.attention() call on device arrays at chat-prompt sizes (and torch's)."""
     from numba import cuda
@@ -105,13 +146,16 @@ def tiles(report, out, args):
     configs += [("v2", 64, t) for t in v2_64] + [("v2", 128, t) for t in v2_128]
     # v3: 16 query rows per warp (block_m = 16 x warps)
     v3_64 = [Tiles(128, 32, 256), Tiles(128, 16, 256), Tiles(64, 16, 128), Tiles(64, 32, 128), Tiles(128, 64, 256)]
-    v3_128 = [Tiles(128, 8, 256), Tiles(64, 8, 128), Tiles(128, 16, 256), Tiles(64, 16, 128)]
-    configs += [("v3", 64, t) for t in v3_64] + [("v3", 128, t) for t in v3_128]
+    v3_128 = [Tiles(128, 8, 256), Tiles(64, 8, 128), Tiles(128, 16, 256), Tiles(64, 16, 128),
+              Tiles(64, 16, 256, 2), Tiles(64, 8, 256, 2), Tiles(64, 32, 256, 2), Tiles(32, 16, 128, 2)]
+    v3_256 = [Tiles(32, 8, 256, 4), Tiles(32, 16, 256, 4), Tiles(32, 32, 256, 4), Tiles(64, 16, 256, 2),
+              Tiles(16, 8, 128, 4)]
+    configs += [("v3", 64, t) for t in v3_64] + [("v3", 128, t) for t in v3_128] + [("v3", 256, t) for t in v3_256]
     if args.tile_versions:
         configs = [c for c in configs if c[0] in args.tile_versions]
     rows = []
     for ver, d, t in configs:
-        name = f"{ver} d{d} {t.block_m}x{t.block_n}/{t.threads}thr"
+        name = f"{ver} d{d} {t.block_m}x{t.block_n}/{t.threads}thr" + (f" split{t.dim_split}" if t.dim_split > 1 else "")
         try:
             q, k, v = bench.random_qkv(1, 4096, 4096, head_dim=d)
             dq, dk, dv = (cuda.to_device(x) for x in (q, k, v))
@@ -283,20 +327,7 @@ def model(report, out, args):
                                ("HF transformers fp16 sdpa", torch.float16, "sdpa")):
         hf = transformers.LlamaForCausalLM.from_pretrained(str(d), dtype=dtype, attn_implementation=attn).cuda().eval()
         for n, prompt in prompts.items():
-            ids = torch.tensor([prompt], device="cuda")
-
-            def gen(k, hf=hf, ids=ids):
-                torch.cuda.synchronize()
-                t_ = time.perf_counter()
-                with torch.no_grad():
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                                do_sample=False, pad_token_id=0)
-                torch.cuda.synchronize()
-                return time.perf_counter() - t_
-            gen(2)
-            t1, tn = gen(1), gen(args.new_tokens)
-            rows.append(dict(impl=label, prompt=n, prefill_ms=t1 * 1e3, decode_ms=(tn - t1) / (args.new_tokens - 1) * 1e3,
-                             decode_tok_s=(args.new_tokens - 1) / (tn - t1)))
+            rows.append(dict(impl=label, prompt=n, **hf_generate_times(hf, prompt, args.new_tokens, warm=(2,))))
         del hf
         torch.cuda.empty_cache()
     hf32 = {r["prompt"]: r["decode_tok_s"] for r in rows if r["impl"] == "HF transformers fp32 eager"}
@@ -312,6 +343,28 @@ def model(report, out, args):
          "CUDA-graph replay call; graph_gpu_us: GPU time of one replayed step; weights read per token: the bf16 "
          "weights once (the KV cache on top, in the engine's default fp16).")
     return rows + step
+
+
+def hf_generate_times(hf, prompt, new_tokens, warm=()):
+    """A transformers model's greedy generate() after `prompt`, timed with a synchronize: the prompt and one token
+    (prefill_ms), then each later token of new_tokens (decode_ms, decode_tok_s). warm: lengths generated first
+    (compilation, allocations) and not timed."""
+    import torch
+    ids = torch.tensor([prompt], device="cuda")
+
+    def gen(k):
+        torch.cuda.synchronize()
+        t_ = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                        do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t_
+    for k in warm:
+        gen(k)
+    t1, tn = gen(1), gen(new_tokens)
+    return dict(prefill_ms=t1 * 1e3, decode_ms=(tn - t1) / (new_tokens - 1) * 1e3,
+                decode_tok_s=(new_tokens - 1) / (tn - t1))
 
 
 PHASES = """
@@ -512,6 +565,126 @@ def linear_layers(report, out, args):
     return rows
 
 
+# The families at a real size (tinyllm/tiny.py's miniatures with these sizes: random weights, bf16), as their
+# config.json has them: (family, overrides)
+FAMILY_SHAPES = {
+    "Llama-3.2-1B": ("llama3", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                                    max_position_embeddings=131072, rms_norm_eps=1e-05, rope_theta=500000.0,
+                                    rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 8192, "rope_type": "llama3"})),
+    "Qwen2.5-0.5B": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=32768, sliding_window=32768, max_window_layers=24)),
+    "Qwen3-0.6B": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                 max_position_embeddings=40960, max_window_layers=28)),
+    "Gemma-3-1B": ("gemma3", dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                                  vocab_size=262144, max_position_embeddings=32768, sliding_window=512,
+                                  layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention"
+                                               for i in range(26)])),
+}
+
+
+@section
+def families(report, out, args):
+    """Decode tokens/s per family at a real size (random bf16 weights), batch 1, greedy, after a prompt of
+    args.prompts[0] tokens: tinyllm's device engine next to transformers in fp32 eager and in bf16 with a static
+    cache and torch.compile (mode reduce-overhead: CUDA graphs), on the same weights."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from tinyllm import load_model, make_tiny
+    n, new = args.prompts[0], args.new_tokens
+    prompt = np.random.default_rng(0).integers(3, 512, n).tolist()
+    rows = []
+    for name, (family, shape) in FAMILY_SHAPES.items():
+        d = make_tiny(os.path.join(tempfile.mkdtemp(), name), seed=0, family=family, **shape)
+        try:
+            m = load_model(str(d), backend="cuda", max_len=n + new + 8)
+        except ValueError as e:                 # an engine that does not run this family yet says so
+            rows.append(dict(model=name, impl="tinyllm device engine", note=str(e)[:120]))
+        else:
+            m.generate(prompt[:16], max_new_tokens=4)                            # compile the kernels
+            m.reset()
+            r = m.generate(prompt, max_new_tokens=new, stop_ids=())
+            rows.append(dict(model=name, impl="tinyllm device engine", prefill_ms=r.stats.prefill_seconds * 1e3,
+                             decode_ms=r.stats.decode_seconds / r.stats.decode_tokens * 1e3,
+                             decode_tok_s=r.stats.decode_tokens_per_s))
+            del m
+        rows += hf_family_rows(name, d, prompt, new, torch, transformers)
+    base = {(r["model"], r["impl"]): r.get("decode_tok_s") for r in rows}
+    for r in rows:
+        for key, impl in (("x_HF_fp32", "HF fp32 eager"), ("x_HF_compiled", "HF bf16 static compiled")):
+            theirs = base.get((r["model"], impl))
+            r[key] = r["decode_tok_s"] / theirs if r.get("decode_tok_s") and theirs else None
+    emit(report, f"Families at a real size (random bf16 weights), batch 1, greedy, prompt {n}, {new} new tokens", rows,
+         ["model", "impl", "prefill_ms", "decode_ms", "decode_tok_s", "x_HF_fp32", "x_HF_compiled", "note"],
+         "HF bf16 static compiled: transformers with cache_implementation='static' and torch.compile(forward, "
+         "mode='reduce-overhead'), warmed up at both lengths timed; decode_ms: each token after the first.")
+    return rows
+
+
+def hf_family_rows(name, d, prompt, new, torch, transformers):
+    rows = []
+    for impl, dtype, compiled in (("HF fp32 eager", torch.float32, False), ("HF bf16 static compiled", torch.bfloat16,
+                                                                            True)):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype, attn_implementation=(
+            "sdpa" if compiled else "eager")).cuda().eval()
+        if compiled:
+            hf.generation_config.cache_implementation = "static"
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+        rows.append(dict(model=name, impl=impl, **hf_generate_times(hf, prompt, new, warm=(1, new) if compiled
+                                                                    else (2,))))
+        del hf
+        torch.cuda.empty_cache()
+
+@section
+def serving(report, out, args):
+    """`tinyllm serve` under load (tinyllm/server/loadgen.py): aggregate decode throughput and each request's token
+    latency at 1, 8 and 32 concurrent streams, on a TinyLlama-shaped random checkpoint (or --serve-model), plus the
+    same load against any other OpenAI-compatible server given by --other-server (llama.cpp's llama-server)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from tinyllm import make_tiny
+    from tinyllm.server.loadgen import COLUMNS, run_load
+    model = args.serve_model or str(make_tiny(os.path.join(tempfile.mkdtemp(), "tinyllama-random"), seed=0,
+                                              hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                              num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                                              max_position_embeddings=2048))
+    levels = [int(c) for c in args.serve_concurrency.split(",")]
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "..", "cli.py"), "serve", "-m",
+                             model, "--port", "0", "--parallel", str(max(levels))], stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        while url is None:
+            line = proc.stderr.readline()
+            if not line:
+                raise RuntimeError("tinyllm serve did not start")
+            print(line, end="", flush=True)
+            found = re.search(r"at (http://127\.0\.0\.1:\d+)", line)
+            url = found.group(1) if found else None
+        load = dict(concurrencies=levels, requests=args.serve_requests, max_tokens=args.serve_tokens,
+                    prompt_words=args.serve_prompt_words)
+        rows = run_load(url, label="tinyllm serve", **load)
+        for other in filter(None, args.other_server.split(",")):
+            rows += run_load(other, label=other, **load)
+    finally:
+        proc.send_signal(2)
+        proc.wait(30)
+    emit(report, "Serving: continuous batching, TinyLlama shapes (random weights), streaming completions", rows,
+         COLUMNS, f"Each of C clients sends {args.serve_requests} requests in turn: a {args.serve_prompt_words}-word "
+         f"prompt, {args.serve_tokens} new tokens (greedy, ignore_eos). throughput: completion tokens / wall time; "
+         f"token_ms: per request (last token - first) / (tokens - 1), median (p90 beside it); x_: against C = "
+         f"{levels[0]}. Targets at C = 32: x_throughput >= 8, x_token_ms <= 2. Model: {model}.")
+    return rows
+
+
 def plot_all(all_rows, out):
     """One PNG per table, from the rows alone (so --replot can redraw a finished run without a GPU)."""
     path = lambda name: os.path.join(out, name + ".png")  # noqa: E731
@@ -538,6 +711,14 @@ def plot_all(all_rows, out):
     if "append" in all_rows:
         bench.plot([r for r in all_rows["append"] if r["batch"] == 1], path("append"), y="ms",
                    title="KV append, one layer, batch 1, 4 kv heads, d 64 (n = tokens appended)")
+    if "head_dims" in all_rows:
+        rows = [r for r in all_rows["head_dims"] if r.get("tflops")]
+        bench.bars([f"{r['impl']}, d {r['head_dim']}" for r in rows], [r["tflops"] for r in rows], path("head_dims"),
+                   "TFLOP/s", "causal prefill n = 4096 by head_dim, batch 1, 32/4 heads")
+    if "windows" in all_rows:
+        rows = [r for r in all_rows["windows"] if r.get("what") == "window decode" and r.get("sync_ms")]
+        bench.bars([f"{r['impl']} ({r['cache']})" for r in rows], [r["sync_ms"] * 1e3 for r in rows],
+                   path("window_decode"), "us per call (sync)", "decode step, sliding window vs full")
     if "model" in all_rows:
         rows = [r for r in all_rows["model"] if r.get("decode_tok_s") and "impl" in r]
         bench.bars([f"{r['impl']}, prompt {r['prompt']}" for r in rows], [r["decode_tok_s"] for r in rows],
@@ -556,6 +737,10 @@ def main():
     ap.add_argument("--tile-versions", default="", type=lambda x: tuple(x.split(",")) if x else (),
                     help="tiles: only these versions' launch shapes (default: all)")
     ap.add_argument("--max-cache", type=int, default=131072)
+    ap.add_argument("--head-dims", default="64,128,256", type=lambda x: tuple(int(d) for d in x.split(",")),
+                    help="head_dims: the head dims to time")
+    ap.add_argument("--window", type=int, default=4096, help="windows: the sliding window")
+    ap.add_argument("--window-n", type=int, default=32768, help="windows: the windowed prefill's length")
     ap.add_argument("--prompts", default="512,2048")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--pp", default="16,512,2048", type=lambda x: [int(v) for v in x.split(",")],
@@ -563,6 +748,13 @@ def main():
     ap.add_argument("--tg", type=int, default=128, help="end_to_end: new tokens")
     ap.add_argument("--e2e-repeat", type=int, default=5, help="end_to_end: timed runs per number")
     ap.add_argument("--gguf", default="", help="end_to_end: also write the checkpoint here as an F16 GGUF")
+    ap.add_argument("--serve-model", default="", help="serving: the model to serve (default: TinyLlama-shaped random)")
+    ap.add_argument("--serve-concurrency", default="1,8,32")
+    ap.add_argument("--serve-requests", type=int, default=2, help="serving: requests per client at each level")
+    ap.add_argument("--serve-tokens", type=int, default=128)
+    ap.add_argument("--serve-prompt-words", type=int, default=64)
+    ap.add_argument("--other-server", default="", help="serving: also load these OpenAI-compatible URLs (comma-"
+                                                        "separated), e.g. llama-server's http://127.0.0.1:8081")
     ap.add_argument("--replot", nargs="+", metavar="ROWS_JSON",
                     help="no measuring: redraw the plots of finished runs (their rows.json files) into --out")
     args = ap.parse_args()

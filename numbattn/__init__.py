@@ -1,6 +1,8 @@
 """numbattn: FlashAttention-style attention and KV-cache kernels written in Numba CUDA.
 
-    out = numbattn.attention(q, k, v, causal=True)      # prefill, tiled online softmax
+    out = numbattn.attention(q, k, v, causal=True)      # prefill, tiled online softmax (window=, softcap=)
+    out = numbattn.decode_attention(q_tok, cache, layer) # one token per row over a KVCache
+    out = numbattn.chunk_attention(q, cache, layer)      # a prompt chunk's queries over a KVCache
     numbattn.available_backends()                        # e.g. ["sim", "numpy"]
     numbattn.reference.attention(q, k, v, causal=True)   # the NumPy oracle, same signature
 
@@ -10,6 +12,8 @@ from . import reference
 from .backend import available_backends
 from .decode import decode_attention
 from .kvcache import KVCache
-from .prefill import attention, flash_attention
+from .paged import PagedKVCache, paged_decode_attention
+from .prefill import attention, chunk_attention, flash_attention
 
-__all__ = ["attention", "flash_attention", "available_backends", "reference", "KVCache", "decode_attention"]
+__all__ = ["attention", "flash_attention", "chunk_attention", "available_backends", "reference", "KVCache",
+           "decode_attention", "PagedKVCache", "paged_decode_attention"]

@@ -25,7 +25,7 @@ once (kernels/blocks.py make_factors); the NumPy statement the kernels are teste
 import functools
 
 import numpy as np
-from numba import float32, prange, uint32
+from numba import float32, prange
 
 from . import blocks
 from .kernels.blocks import ZERO, cpu_factors

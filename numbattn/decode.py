@@ -15,6 +15,11 @@ KV head, and the last block to finish merging the splits by the log-sum-exp rule
 Slots past a row's length are never read: the cache keeps them NaN-poisoned (numbattn/kvcache.py) and 0 * NaN
 is NaN, so loads there are skipped, not multiplied by zero. A row holding 0 tokens gets zeros.
 
+Sliding windows: a row holding n tokens attends to its last min(n, window) (the new token and window - 1 before
+it), so the splits cover O(window) keys at any context, read from the ring buffer of a window layer where it
+wraps. The window is the layer's (KVCache(windows=...)) unless a smaller one is asked for. Soft-capped scores
+(softcap: Gemma 2) are capped as they are computed.
+
 This module plans and launches them. How many splits: about BLOCKS_PER_SM split blocks per SM over the whole
 batch, never fewer than MIN_SPLIT keys per split (so the partials, written and read once, stay small next to the
 K/V bytes) and never more than MAX_SPLIT (so that no block walks too long a stretch alone). Measured speeds and
@@ -37,7 +42,8 @@ from .kernels.decode_slots import make_decode_v1
 from .kernels.decode_splitk import kv_word_types, split_layout
 from .launch import Launch
 from .reference import LOG2E
-from .validate import as_count, check_dtype, check_head_dim, check_heads, check_rank, check_scale
+from .validate import (as_count, check_dtype, check_head_dim, check_heads, check_rank, check_scale, check_softcap,
+                       check_window)
 
 VERSIONS = ("v0", "v1", "v2")
 DEFAULT_VERSION = "v1"     # v2 is faster only past ~32K tokens with an fp16 cache (BENCHMARKS.md)
@@ -69,13 +75,15 @@ def gpu_config(version, head_dim, group):
     flight of 128, at the same register count), 4 dims per lane (head_dim / 4 lanes per key: fewer registers than
     8, so no spill at a group of 8 heads), one key per step. v2: 256 threads, lane groups of one warp (head_dim / 32
     dims per lane), and launch bounds that keep 2 blocks (16 warps) on an SM: more loads in flight (131072 tokens:
-    115 -> 100 us). Fewer threads where the shared arrays would not fit. Swept on the H100: BENCHMARKS.md."""
+    115 -> 100 us); not past head_dim 64, where those 128 registers a thread spilled 0.5-1.5 KB (compile_check).
+    Fewer threads where the shared arrays would not fit. Swept on the H100: BENCHMARKS.md (head_dim 64)."""
     if version == "v0":
         return Config(split=None, threads=32)
     lanes = (4, 2, 1) if version == "v1" else (max(1, head_dim // 32),)
+    lanes = [d for d in lanes if head_dim // d <= 32] or [head_dim // 32]    # head_dim 256: 8 dims a lane
     for threads in (256, 128, 64, 32):
         for dpl in lanes:
-            bound = 512 // threads if version == "v2" else 0
+            bound = 512 // threads if version == "v2" and head_dim <= 64 else 0    # wider heads: it spilled
             config = Config(split=None, threads=threads, dims_per_lane=dpl, min_blocks_per_sm=bound)
             if head_dim // dpl <= 32 and shared_bytes(version, head_dim, group, config) <= gpu.SHARED_LIMIT:
                 return config
@@ -84,8 +92,11 @@ def gpu_config(version, head_dim, group):
 
 
 def default_config(version, backend, head_dim, group):
-    return SIM_CONFIG if backend == "sim" and version != "v0" else (
-        Config(None, 8) if backend == "sim" else gpu_config(version, head_dim, group))
+    if backend != "sim":
+        return gpu_config(version, head_dim, group)
+    if version == "v0":
+        return Config(None, 8)
+    return SIM_CONFIG if head_dim <= 64 else Config(split=4, threads=8, dims_per_lane=head_dim // 8, keys_per_step=2)
 
 
 def shared_bytes(version, head_dim, group, config):
@@ -128,48 +139,50 @@ class _PreparedCall:
     """One (layer, q, out, scale, config, version) of decode_attention: validated once, launched many times.
     owns_out: out is the workspace's buffer (decode_attention was given no `out`)."""
 
-    def __init__(self, cache, layer, q, out, owns_out, scale, config, version, max_length, stream):
+    def __init__(self, cache, layer, q, out, owns_out, scale, config, version, max_length, stream, window, softcap):
         self.q, self.out, self.owns_out, self.version = q, out, owns_out, version
-        self.max_length = max_length
+        self.max_length, self.window = max_length, window          # window: an int <= the layer's slots
         self.layer_lengths = cache.host_lengths_view(layer)   # the host mirror (read-only view): max -> the grid
         batch, n_heads, head_dim = q.shape
         self.batch, self.n_kv_heads, self.n_heads = batch, cache.n_kv_heads, n_heads
         self.config = config
         k, v, lengths = cache.k(layer), cache.v(layer), cache.device_lengths(layer)
-        scale_log2 = np.float32(scale * LOG2E)
+        scale_log2, cap = np.float32(scale * LOG2E), np.float32(0.0 if softcap is None else softcap * LOG2E)
+        variant = (cache.kind(layer) == "ring", softcap is not None)     # compiled in only where needed
         if version == "v0":
-            kernel = make_decode_v0(head_dim, config.threads)
-            self.launch = Launch(kernel, (n_heads, batch), config.threads, (q, k, v, lengths, scale_log2, out),
-                                 stream)
+            kernel = make_decode_v0(head_dim, config.threads, *variant)
+            self.launch = Launch(kernel, (n_heads, batch), config.threads,
+                                 (q, k, v, lengths, scale_log2, np.int64(window), cap, out), stream)
             return
         group = n_heads // cache.n_kv_heads
         itemsize = np.dtype(k.dtype).itemsize
         make = make_decode_v1 if version == "v1" else make_decode_v2
         kernel = make(head_dim, group, config.threads, config.dims_per_lane, config.keys_per_step, itemsize,
-                      config.min_blocks_per_sm)
+                      config.min_blocks_per_sm, *variant)
         (k_word, _), (v_word, _) = kv_word_types(version, head_dim, config.dims_per_lane, itemsize)
         k, v = k.view(np.dtype(k_word.name)), v.view(np.dtype(v_word.name))   # the rows as words: wide loads
         self.split, _ = plan(batch, cache.n_kv_heads, 1, config)
-        most_splits = n_splits_for(cache.max_len, config.split or MIN_SPLIT)
+        most_splits = n_splits_for(window, config.split or MIN_SPLIT)
         ws = cache.decode_workspace()
         self.launch = Launch(kernel, (1, cache.n_kv_heads, batch), config.threads,
-                             (q, k, v, lengths, np.int64(self.split), scale_log2, ws.partials(n_heads, most_splits),
-                              ws.counters, out), stream)
+                             (q, k, v, lengths, np.int64(self.split), scale_log2, np.int64(window), cap,
+                              ws.partials(n_heads, most_splits), ws.counters, out), stream)
 
     def __call__(self):
         max_length = self.max_length or int(self.layer_lengths.max())
         if self.version == "v0":
             self.launch()
             return
-        split, n_splits = plan(self.batch, self.n_kv_heads, max_length, self.config)
+        split, n_splits = plan(self.batch, self.n_kv_heads, min(max_length, self.window), self.config)
         if split != self.split:                                 # a longer context: longer splits
             self.split = split
             self.launch.set_arg(4, np.int64(split))
         self.launch(grid=(n_splits, self.n_kv_heads, self.batch))
 
 
-def check_decode_args(q, cache, layer, scale, out, config, version):
-    """Everything decode_attention checks, once per (cache, layer, q, out): -> (layer, scale, config)."""
+def check_decode_args(q, cache, layer, scale, out, config, version, window, softcap):
+    """Everything decode_attention checks, once per (cache, layer, q, out): -> (layer, scale, config, window,
+    softcap), window an int: the layer's window (or a smaller one asked for), or its slots (every token held)."""
     from .kvcache import KVCache
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache must be a numbattn.KVCache; got {type(cache).__name__}")
@@ -182,7 +195,11 @@ def check_decode_args(q, cache, layer, scale, out, config, version):
                          f"{cache.head_dim}")
     check_heads("q", n_heads, "the cache", cache.n_kv_heads)
     check_head_dim("q", head_dim)
-    scale = check_scale(scale, head_dim)
+    scale, softcap = check_scale(scale, head_dim), check_softcap(softcap)
+    window, own = check_window(window), cache.window(layer)
+    if window is not None and own is not None and window > own:
+        raise ValueError(f"window={window}: layer {layer} keeps a sliding window of {own} tokens (a ring buffer); "
+                         f"it cannot attend to more")
     if out is not None and (tuple(out.shape) != tuple(q.shape) or np.dtype(out.dtype) != np.float32
                             or not _backend.is_device_array(out)):
         raise ValueError(f"out has shape {tuple(out.shape)} and dtype {np.dtype(out.dtype).name}; expected a "
@@ -191,15 +208,18 @@ def check_decode_args(q, cache, layer, scale, out, config, version):
         raise ValueError(f"version={version!r}: expected one of {VERSIONS}")
     if config is not None:
         check_config(config, version, head_dim)
-    return layer, scale, config or default_config(version, cache.backend, head_dim, n_heads // cache.n_kv_heads)
+    config = config or default_config(version, cache.backend, head_dim, n_heads // cache.n_kv_heads)
+    return layer, scale, config, min(window or own or cache.slots(layer), cache.slots(layer)), softcap
 
 
 def decode_attention(q, cache, layer, scale=None, out=None, config=None, version=DEFAULT_VERSION, max_length=None,
-                     stream=0):
-    """One query token per row over the cached keys/values of `layer`: softmax(q k^T * scale) v per row.
+                     stream=0, window=None, softcap=None):
+    """One query token per row over the cached keys/values of `layer`: softmax(soft_cap(q k^T * scale)) v per row.
 
     q [batch, n_heads, head_dim] float32/float16, host (-> host result) or device (-> device result).
-    Row b attends to its first cache.layer_lengths(layer)[b] tokens; a row holding none gets zeros.
+    Row b attends to its last min(n, window) tokens, n = cache.layer_lengths(layer)[b] (the new token's own K/V
+    already appended); a row holding none gets zeros. window: the layer's own sliding window by default (None
+    for a full layer: every token), or a smaller one; softcap: scores s -> softcap * tanh(s / softcap).
     Returns float32 [batch, n_heads, head_dim]. `out` (device float32, q's shape) receives the result if given;
     without it, a device q's result lands in a buffer the cache keeps per layer: valid until the next call for
     that layer (pass `out` to keep results apart). `config` overrides the launch shape and `version` the kernel
@@ -209,19 +229,23 @@ def decode_attention(q, cache, layer, scale=None, out=None, config=None, version
     cache's current longest row). stream: a Numba stream for the launch (device q only).
     """
     ws = cache.decode_workspace() if getattr(cache, "on_device", False) else None
-    key = (layer, scale, config, version, max_length, stream)
+    key = (layer, scale, config, version, max_length, stream, window, softcap)
     call = ws.calls.get(key) if ws is not None else None
     if call is not None and call.q is q and (call.out is out or (out is None and call.owns_out)):
         call()                                           # the hot path: a device q (and out) seen before
         return call.out
-    layer, scale, config = check_decode_args(q, cache, layer, scale, out, config, version)
+    layer, scale, config, window, softcap = check_decode_args(q, cache, layer, scale, out, config, version, window,
+                                                              softcap)
     if max_length is not None and not 1 <= as_count("max_length", max_length) <= cache.max_len:
         raise ValueError(f"max_length={max_length} must lie in [1, {cache.max_len}] (the cache's max_len)")
     on_device = _backend.is_device_array(q)
 
     def numpy_path():
-        o = reference.decode_attention(_backend.to_host(q), _backend.to_host(cache.k(layer)),
-                                       _backend.to_host(cache.v(layer)), cache.layer_lengths(layer), scale=scale)
+        if cache.kind(layer) == "full":     # token p in slot p already: the storage is the oracle's layout
+            k, v, n = _backend.to_host(cache.k(layer)), _backend.to_host(cache.v(layer)), cache.layer_lengths(layer)
+        else:                               # a ring: each row's last min(n, window) tokens, gathered in order
+            k, v, n = cache.last_tokens(layer, window)
+        o = reference.decode_attention(_backend.to_host(q), k, v, n, scale=scale, window=window, softcap=softcap)
         return _backend.deliver(o, out, on_device)
 
     def kernel_path():
@@ -235,7 +259,7 @@ def decode_attention(q, cache, layer, scale=None, out=None, config=None, version
         prepared = ws.calls.get(key)
         if prepared is None or prepared.q is not dq or prepared.out is not o:
             prepared = ws.calls[key] = _PreparedCall(cache, layer, dq, o, out is None, scale, config, version,
-                                                     max_length, stream if on_device else 0)
+                                                     max_length, stream if on_device else 0, window, softcap)
         prepared()
         return o if on_device else o.copy_to_host()
 

@@ -249,7 +249,7 @@ def _check_entry(data, description):
         stored = header["description"]
     except (ValueError, KeyError, TypeError):
         return "corrupt (its header does not parse)", None
-    if stored != description:
+    if json.dumps(stored, sort_keys=True) != json.dumps(description, sort_keys=True):   # as text: NaN == NaN there
         return "for another kernel (a different description under the same name)", None
     if len(payload) != size:
         return f"truncated ({len(payload)} of {size} payload bytes)", None
@@ -335,7 +335,7 @@ def _disk_cache_class():
             if path is None or not _cachable(kernel):
                 return
             lib = kernel._codelibrary
-            write_entry(path, description, kernel.entry_name, lib.get_cubin(lib._ensure_cc(None)))
+            write_entry(path, description, kernel.entry_name, cubin_bytes(lib.get_cubin(lib._ensure_cc(None))))
 
     _CLASS.append(DiskCache)
     return DiskCache
@@ -355,6 +355,20 @@ def _cachable(kernel):
                 or getattr(kernel, "launch_config_sensitive", False) or kernel.shared_memory_carveout is not None)
 
 
+def cubin_bytes(cubin):
+    """The bytes of a linked cubin: numba-cuda 0.30 returns cuda.core's ObjectCode (its .code holds them)."""
+    code = getattr(cubin, "code", cubin)
+    if not isinstance(code, (bytes, bytearray, memoryview)):
+        raise TypeError(f"a cubin of type {type(cubin).__name__} holds {type(code).__name__}, not bytes")
+    return bytes(code)
+
+
+def _object_code(cubin):
+    """Stored cubin bytes as what numba-cuda 0.30 loads a module from: cuda.core's ObjectCode."""
+    from cuda.core import ObjectCode
+    return ObjectCode.from_cubin(cubin)
+
+
 def _rebuild(found, argtypes, target_context):
     """Numba's kernel object from a stored cubin, loaded into the current context (internals of numba-cuda 0.30,
     whose version is part of the key)."""
@@ -363,7 +377,7 @@ def _rebuild(found, argtypes, target_context):
     from numba.cuda.dispatcher import _Kernel
     entry_name, cubin = found
     lib = CUDACodeLibrary(target_context.codegen(), entry_name, entry_name=entry_name)
-    lib._cubin_cache[lib._ensure_cc(None)] = cubin
+    lib._cubin_cache[lib._ensure_cc(None)] = _object_code(cubin)
     lib._finalized = True
     kernel = _Kernel._rebuild(cooperative=False, name=entry_name, signature=types.void(*argtypes), codelibrary=lib,
                               debug=False, lineinfo=False, call_helper=None, extensions=[])

@@ -22,8 +22,8 @@ Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K. One 8-byte load per lane makes a
 per instruction. The activations are float32 and every sum is accumulated in float32 (the tensor-core GEMM: x in
 GEMM_TERMS bf16 terms, products summed in fp32).
 
-Fused into the kernels: an RMSNorm prologue (GEMV), a residual-add epilogue, a SwiGLU epilogue (rows of W
-interleave gate and up). The NumPy twins are in numbattn/reference.py; measured speeds are in BENCHMARKS.md.
+Fused into the kernels: an RMSNorm prologue (GEMV), a residual-add epilogue, a SwiGLU or GeGLU epilogue (rows of
+W interleave gate and up). The NumPy twins are in numbattn/reference.py; measured speeds are in BENCHMARKS.md.
 This module packs weights into words, chooses the kernel and its launch shape (`plan_matmul`, also what
 tinyllm's device engine launches), and checks the arguments.
 """
@@ -35,7 +35,7 @@ from .gpu import SHARED_LIMIT
 from .kernels.common import SIM, WEIGHT_KINDS
 from .kernels.gemm import GEMM_TILES, make_gemm
 from .kernels.gemm_mma import MmaTiles, make_gemm_mma
-from .kernels.gemv import EPILOGUES, GEMV_THREADS, LANES, ROPE, gemv_rows_per_warp, make_gemv
+from .kernels.gemv import EPILOGUES, GATED, GEMV_THREADS, LANES, ROPE, gemv_rows_per_warp, make_gemv
 from .launch import Launch
 
 GEMV_MAX_TOKENS = 4                         # more tokens than this (or an x too big for shared memory): a GEMM
@@ -136,11 +136,11 @@ def plan_matmul(n_tokens, n_in, n_rows, kind, epilogue, rmsnorm=False):
 # Launching
 # --------------------------------------------------------------------------------------------------------
 def out_features(n_rows, epilogue):
-    return n_rows // 2 if epilogue == "swiglu" else n_rows
+    return n_rows // 2 if epilogue in GATED else n_rows
 
 
 def check_linear(x, w, kind, out, epilogue, norm_w):
-    """x [M, K] float32, w [N, row words] uint64 words, out [M, N] float32 ([M, N / 2] for swiglu)."""
+    """x [M, K] float32, w [N, row words] uint64 words, out [M, N] float32 ([M, N / 2] for swiglu and geglu)."""
     if kind not in KINDS or epilogue not in EPILOGUES:
         raise ValueError(f"kind={kind!r}, epilogue={epilogue!r}: expected one of {KINDS} and {EPILOGUES}")
     for name, a, dtype in (("x", x, np.float32), ("w", w, np.uint64), ("out", out, np.float32)):
@@ -148,10 +148,10 @@ def check_linear(x, w, kind, out, epilogue, norm_w):
             raise ValueError(f"{name} has shape {tuple(a.shape)} and dtype {np.dtype(a.dtype).name}; expected a "
                              f"2-D {np.dtype(dtype).name} array")
     (m, k), (n, words) = x.shape, w.shape
-    if k % row_step(kind) or words != row_words(kind, k) or (epilogue == "swiglu" and n % 2):
+    if k % row_step(kind) or words != row_words(kind, k) or (epilogue in GATED and n % 2):
         raise ValueError(f"x has shape {tuple(x.shape)} but w has {n} rows of {words} words, not the "
                          f"{row_words(kind, k - k % row_step(kind))} of a row of {k} {kind} values"
-                         f"{'; swiglu needs an even row count' * (n % 2)}")
+                         f"{f'; {epilogue} needs an even row count' * (n % 2)}")
     if tuple(out.shape) != (m, out_features(n, epilogue)):
         raise ValueError(f"out has shape {tuple(out.shape)}; expected {(m, out_features(n, epilogue))}")
     if norm_w is not None and tuple(norm_w.shape) != (k,):

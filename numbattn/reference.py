@@ -36,6 +36,24 @@ def causal_mask(q_len, kv_len):
     return np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + (kv_len - q_len)
 
 
+def visible(q_len, kv_len, causal, window=None):
+    """[q_len, kv_len] bool, True where query i may see key j: causal_mask, and with a sliding window
+    (Mistral's and Gemma's, as transformers writes it) query i, at absolute position p = i + kv_len - q_len,
+    sees key j iff p - window < j <= p: itself and the window - 1 keys before it. A window needs causal."""
+    if window is None:
+        return causal_mask(q_len, kv_len) if causal else np.ones((q_len, kv_len), bool)
+    if not causal:
+        raise ValueError("a sliding window needs causal=True")
+    p = np.arange(q_len)[:, None] + (kv_len - q_len)                     # [q_len, 1]: absolute positions
+    return causal_mask(q_len, kv_len) & (np.arange(kv_len)[None, :] > p - window)
+
+
+def soft_cap(scores, cap):
+    """cap * tanh(scores / cap) (Gemma 2's logit soft-capping: every score squeezed into (-cap, cap), smoothly);
+    cap None: the scores unchanged."""
+    return scores if cap is None else cap * np.tanh(scores / cap)
+
+
 def repeat_kv(x, n_heads):
     """Grouped-query attention, the slow way: [b, n_kv_heads, s, d] -> [b, n_heads, s, d].
 
@@ -44,17 +62,17 @@ def repeat_kv(x, n_heads):
     return np.repeat(x, n_heads // x.shape[1], axis=1)
 
 
-def attention(q, k, v, causal=False, scale=None):
-    """softmax(q @ k^T * scale [+ causal mask]) @ v  ->  [batch, n_heads, q_len, head_dim]."""
+def attention(q, k, v, causal=False, scale=None, window=None, softcap=None):
+    """softmax(soft_cap(q @ k^T * scale) [+ causal / window mask]) @ v  ->  [batch, n_heads, q_len, head_dim]."""
     dt = _compute_dtype(q, k, v)
     q, k, v = (np.asarray(x, dtype=dt) for x in (q, k, v))
     n_heads, q_len, head_dim = q.shape[1], q.shape[2], q.shape[3]
     kv_len = k.shape[2]
     scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
     k, v = repeat_kv(k, n_heads), repeat_kv(v, n_heads)  # [b, n_heads, kv_len, d]
-    scores = q @ k.swapaxes(-1, -2) * dt(scale)           # [b, n_heads, q_len, kv_len]  <- the N×N matrix
-    if causal:
-        scores = np.where(causal_mask(q_len, kv_len), scores, -np.inf)
+    scores = soft_cap(q @ k.swapaxes(-1, -2) * dt(scale), softcap)   # [b, n_heads, q_len, kv_len]  <- N×N
+    if causal or window is not None:
+        scores = np.where(visible(q_len, kv_len, causal, window), scores, -np.inf)
     return softmax(scores) @ v                            # [b, n_heads, q_len, d]
 
 
@@ -85,9 +103,10 @@ def softmax_finish(l):
     return ONE / l if l > 0 else ZERO
 
 
-def online_attention(q, k, v, block_n, causal=False, scale=None):
+def online_attention(q, k, v, block_n, causal=False, scale=None, window=None, softcap=None):
     """attention(), computed the way the kernels compute it: over key tiles of block_n keys, each row keeping
-    m (running max), l (running sum) and acc (unnormalised output), rescaled by softmax_rescale. Returns
+    m (running max), l (running sum) and acc (unnormalised output), rescaled by softmax_rescale; scores in the
+    log2 domain (soft-capped first: a cap in natural-log units is cap * log2 e there). Returns
     (out [b, h, q_len, d], lse [b, h, q_len]: the natural-log log-sum-exp of each row's scores, -inf if empty)."""
     dt = _compute_dtype(q, k, v)
     q, k, v = (np.asarray(x, dtype=dt) for x in (q, k, v))
@@ -95,13 +114,14 @@ def online_attention(q, k, v, block_n, causal=False, scale=None):
     kv_len = k.shape[2]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     k, v = repeat_kv(k, n_heads), repeat_kv(v, n_heads)                      # [b, h, kv_len, d]
-    visible = causal_mask(q_len, kv_len) if causal else np.ones((q_len, kv_len), bool)
+    seen = visible(q_len, kv_len, causal, window)                           # [q_len, kv_len]
     m = np.full((b, n_heads, q_len), -np.inf, dt)                           # [b, h, q_len]
     l = np.zeros((b, n_heads, q_len), dt)
     acc = np.zeros(q.shape, dt)                                             # [b, h, q_len, d]
     for j0 in range(0, kv_len, block_n):
         s = q @ k[:, :, j0:j0 + block_n].swapaxes(-1, -2) * dt(scale * LOG2E)   # [b, h, q_len, tile]
-        s = np.where(visible[:, j0:j0 + block_n], s, -np.inf)
+        s = soft_cap(s, None if softcap is None else dt(softcap * LOG2E))
+        s = np.where(seen[:, j0:j0 + block_n], s, -np.inf)
         m, m_ref, alpha = elementwise(softmax_rescale, m, s.max(axis=-1))   # [b, h, q_len] each
         p = np.exp2(s - m_ref[..., None])                                   # [b, h, q_len, tile]
         l = l * alpha + p.sum(axis=-1)
@@ -135,21 +155,52 @@ def elementwise(rule, *arrays):
     return tuple(np.array(r, dt).reshape(arrays[0].shape) for r in zip(*results))
 
 
-def decode_attention(q, k_cache, v_cache, lengths, scale=None):
+def decode_attention(q, k_cache, v_cache, lengths, scale=None, window=None, softcap=None):
     """One new query token per row over a KV cache whose rows hold different numbers of tokens.
 
-    q [batch, n_heads, d]; k_cache, v_cache [batch, n_kv_heads, max_len, d]; lengths [batch] -> [batch, n_heads, d].
-    Row b attends to its first lengths[b] cached tokens (the new token's own K/V already appended); a row
-    holding no tokens returns zeros. Slots past lengths[b] are never read, whatever they hold.
+    q [batch, n_heads, d]; k_cache, v_cache [batch, n_kv_heads, max_len, d], token j of a row in slot j;
+    lengths [batch] -> [batch, n_heads, d]. Row b attends to its first lengths[b] cached tokens (the new token's
+    own K/V already appended), with a window to its last min(lengths[b], window); a row holding no tokens
+    returns zeros. Slots outside those are never read, whatever they hold.
     """
     dt = _compute_dtype(q, k_cache, v_cache)
     q = np.asarray(q, dtype=dt)
     out = np.zeros(q.shape, dtype=dt)
     for b, n in enumerate(np.asarray(lengths)):
         if n > 0:
-            k = np.asarray(k_cache[b:b + 1, :, :n], dtype=dt)  # [1, n_kv_heads, n, d]
-            v = np.asarray(v_cache[b:b + 1, :, :n], dtype=dt)
-            out[b] = attention(q[b:b + 1, :, None, :], k, v, scale=scale)[0, :, 0]  # [n_heads, d]
+            first = 0 if window is None else max(0, n - window)
+            k = np.asarray(k_cache[b:b + 1, :, first:n], dtype=dt)  # [1, n_kv_heads, n - first, d]
+            v = np.asarray(v_cache[b:b + 1, :, first:n], dtype=dt)
+            out[b] = attention(q[b:b + 1, :, None, :], k, v, scale=scale, softcap=softcap)[0, :, 0]  # [n_heads, d]
+    return out
+
+
+def gather_pages(pool, block_table, n):
+    """A paged cache's sequence made contiguous again: its first n tokens, page after page.
+
+    pool [n_blocks, n_kv_heads, block_size, d]; block_table [>= ceil(n / block_size)] (the sequence's pages, in
+    order) -> [n_kv_heads, n, d]. Token j lives in page block_table[j // block_size], at offset j % block_size."""
+    block_size = pool.shape[2]
+    pages = np.asarray(block_table[:-(-n // block_size)], np.int64)          # [n_pages]
+    seq = pool[pages].transpose(1, 0, 2, 3)                                 # [n_kv_heads, n_pages, block_size, d]
+    return seq.reshape(pool.shape[1], -1, pool.shape[3])[:, :n]            # [n_kv_heads, n, d]
+
+
+def paged_decode_attention(q, k_pool, v_pool, block_tables, rows, lengths, scale=None, softcap=None):
+    """decode_attention over a paged KV cache (vLLM's PagedAttention layout): row b of the batch continues the
+    sequence rows[b], whose lengths[rows[b]] tokens live in the pages its block table lists.
+
+    q [batch, n_heads, d]; k_pool, v_pool [n_blocks, n_kv_heads, block_size, d]; block_tables [n_seqs, max_pages];
+    rows [batch] (a negative row is padding: zeros); lengths [n_seqs] -> [batch, n_heads, d]. softcap: as in
+    decode_attention."""
+    dt = _compute_dtype(q, k_pool, v_pool)
+    out = np.zeros(np.shape(q), dtype=dt)
+    for b, seq in enumerate(np.asarray(rows)):
+        n = int(lengths[seq]) if seq >= 0 else 0
+        if n > 0:
+            k = gather_pages(k_pool, block_tables[seq], n)[None]              # [1, n_kv_heads, n, d]
+            v = gather_pages(v_pool, block_tables[seq], n)[None]
+            out[b] = decode_attention(np.asarray(q[b:b + 1], dt), k, v, [n], scale=scale, softcap=softcap)[0]
     return out
 
 
@@ -176,20 +227,38 @@ def swiglu(gate, up):
     return silu(gate) * up
 
 
+def gelu_tanh(x):
+    """GELU with tanh's approximation of the normal CDF (transformers' "gelu_pytorch_tanh", Gemma's):
+    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def geglu(gate, up):
+    """The GeGLU activation (Gemma's MLP): gelu_tanh(gate) * up, elementwise."""
+    return gelu_tanh(gate) * up
+
+
 def swiglu_interleaved(y):
     """The fused gate/up matmul's output: [.., 2 * ffn] with gate and up interleaved (2f = gate_f, 2f+1 = up_f)
     -> silu(gate) * up, [.., ffn]."""
     return swiglu(y[..., 0::2], y[..., 1::2])
 
 
-def rope_tables(head_dim, n_positions, theta, scaling_factor=1.0):
+def geglu_interleaved(y):
+    """The same with GeGLU: gelu_tanh(gate) * up, [.., ffn]."""
+    return geglu(y[..., 0::2], y[..., 1::2])
+
+
+def rope_tables(head_dim, n_positions, theta, scaling_factor=1.0, inv_freq=None):
     """cos and sin of every position's rotation angles -> two [n_positions, head_dim / 2] float32 tables.
 
     Pair i of a head rotates by angle pos * theta^(-2i / head_dim): fast for the first pairs, slow for the
     last, so relative positions from 1 to thousands of tokens stay distinguishable. Computed in float64.
-    Linear RoPE scaling stretches the context by dividing positions by the factor.
+    Linear RoPE scaling stretches the context by dividing positions by the factor; inv_freq [head_dim / 2], if
+    given, replaces theta's frequencies (Llama 3.1 scales each pair's by its own factor: tinyllm/architecture.py).
     """
-    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # [head_dim / 2]
+    if inv_freq is None:
+        inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # [head_dim / 2]
     pos = np.arange(n_positions, dtype=np.float64) / scaling_factor                # [n_positions]
     angles = np.outer(pos, inv_freq)                                               # [n_positions, head_dim/2]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

@@ -7,7 +7,7 @@ import numpy as np
 
 from .reference import LOG2E
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (np.float32, np.float16)
 MAX_SCALE = float(np.finfo(np.float32).max) / LOG2E         # ~2.36e38: larger is inf once folded in float32
 
@@ -60,6 +60,33 @@ def check_scale(scale, head_dim):
     if not abs(value) <= MAX_SCALE:        # NaN fails this too
         raise ValueError(f"scale={value!r} must be a finite number of magnitude <= {MAX_SCALE:.4g}: the kernels "
                          f"compute in float32 and multiply the scale by log2(e) = {LOG2E:.4f}")
+    return value
+
+
+def check_window(window, causal=True):
+    """A sliding window (None: unlimited) -> None or an int >= 1; a window needs causal attention."""
+    if window is None:
+        return None
+    window = as_count("window", window)
+    if window < 1:
+        raise ValueError(f"window={window} must be >= 1 (a query sees itself and the window - 1 keys before it), "
+                         f"or None for no window")
+    if not causal:
+        raise ValueError(f"window={window} needs causal=True (a sliding window is a causal mask's lower bound)")
+    return window
+
+
+def check_softcap(softcap):
+    """The logit soft cap (None: none) -> None or a float > 0 that stays finite once the kernels fold in log2 e."""
+    if softcap is None:
+        return None
+    try:
+        value = float(softcap)
+    except (TypeError, ValueError):
+        raise ValueError(f"softcap={softcap!r} must be a number (or None)") from None
+    if not 0 < value <= MAX_SCALE:        # NaN fails this too
+        raise ValueError(f"softcap={value!r} must be a finite number > 0 of magnitude <= {MAX_SCALE:.4g} "
+                         f"(or None for no cap)")
     return value
 
 

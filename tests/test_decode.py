@@ -49,21 +49,22 @@ def filled_cache(rng, lengths, n_heads=2, n_kv_heads=1, d=16, max_len=None, dtyp
     return cache, q
 
 
-def reference_fp64(q, cache, layer=0, scale=None):
-    """The oracle on float64 copies of exactly what the kernel reads."""
+def reference_fp64(q, cache, layer=0, scale=None, window=None, softcap=None):
+    """The oracle on float64 copies of exactly what the kernel reads (a full layer: token p in slot p)."""
     return reference.decode_attention(host(q).astype(np.float64), host(cache.k(layer)).astype(np.float64),
                                       host(cache.v(layer)).astype(np.float64), cache.layer_lengths(layer),
-                                      scale=scale)
+                                      scale=scale, window=window, softcap=softcap)
 
 
-def check(q, cache, layer=0, scale=None, config=None, rtol=RTOL, version=decode.DEFAULT_VERSION):
-    """Decode into a NaN-poisoned device buffer and compare with the fp64 reference."""
+def check(q, cache, layer=0, scale=None, config=None, rtol=RTOL, version=decode.DEFAULT_VERSION, window=None,
+          softcap=None, want=None):
+    """Decode into a NaN-poisoned device buffer and compare with the fp64 reference (or `want`)."""
     from numba import cuda
     out = cuda.to_device(np.full(q.shape, np.nan, np.float32))  # an unwritten element stays NaN and fails
     got = numbattn.decode_attention(cuda.to_device(q), cache, layer, scale=scale, out=out, config=config,
-                                    version=version)
+                                    version=version, window=window, softcap=softcap)
     got = got.copy_to_host()
-    want = reference_fp64(q, cache, layer, scale)
+    want = reference_fp64(q, cache, layer, scale, window, softcap) if want is None else want
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.isfinite(got).all(), "kernel left unwritten (NaN) outputs or read a NaN-poisoned slot"
     err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
@@ -227,7 +228,7 @@ def test_split_grows_with_the_length_and_fills_the_gpu():
         if length >= 131072:
             assert 4 * decode.n_splits_for(length, split) >= 132 * decode.BLOCKS_PER_SM * 0.5
     assert decode.choose_split(131072, 1, 4, n_sm=132) > decode.choose_split(32768, 1, 4, n_sm=132)
-    for head_dim in (16, 32, 64, 128):
+    for head_dim in (16, 32, 64, 128, 256):
         for group in (1, 4, 8):
             for version in SPLIT_VERSIONS:
                 cfg = decode.gpu_config(version, head_dim, group)
@@ -244,13 +245,131 @@ def test_repeated_device_calls_take_the_prepared_path_and_follow_the_cache():
     dq = cuda.to_device(q)
     config = Config(split=None, threads=8, dims_per_lane=8)
     first = numbattn.decode_attention(dq, cache, 0, config=config)
-    key = (0, None, config, decode.DEFAULT_VERSION, None, 0)
+    key = (0, None, config, decode.DEFAULT_VERSION, None, 0, None, None)
     prepared = cache.decode_workspace().calls[key]
     for step in range(3):
         got = numbattn.decode_attention(dq, cache, 0, config=config)
         assert got is first and cache.decode_workspace().calls[key] is prepared
         np.testing.assert_allclose(got.copy_to_host(), reference_fp64(q, cache), rtol=RTOL, atol=1e-6)
         cache.append(0, *(rng.standard_normal((2, 2, 1 + 10 * step, 16)).astype(np.float32) for _ in range(2)))
+
+
+# ---- sliding windows, soft caps, ring-buffer layers, head_dim 256 ----
+def config_for(version):
+    return None if version == "v0" else TINY
+
+
+@pytest.mark.parametrize("version", decode.VERSIONS)
+def test_sliding_window_per_row(version):
+    """Rows of 0, 1, 6 and 13 tokens in a full layer, window 4: each row sees its own last min(n, 4) tokens
+    (across several 4-key splits for the 13-token row); the rest of the row is never read."""
+    rng = np.random.default_rng(40)
+    cache, q = filled_cache(rng, [0, 1, 6, 13], n_heads=4, n_kv_heads=2, max_len=16)
+    got = check(q, cache, config=config_for(version), version=version, window=4)
+    assert (got[0] == 0).all()
+    check(q, cache, config=config_for(version), version=version, window=1)      # the newest token alone
+
+
+@pytest.mark.parametrize("version", decode.VERSIONS)
+def test_soft_capped_scores_of_large_magnitude(version):
+    """Scores up to ~±800 capped at 30: the cap decides the weights (uncapped, one key would take them all)."""
+    rng = np.random.default_rng(41)
+    cache, q = filled_cache(rng, [11, 7], n_heads=2, n_kv_heads=1)
+    check((q * 200).astype(np.float32), cache, config=config_for(version), version=version, softcap=30.0)
+    check(q, cache, config=config_for(version), version=version, softcap=30.0, window=3, scale=0.01)
+
+
+class History:
+    """What a ring layer was given, kept on the host in float64: the oracle for decode and chunk attention over it
+    (which never looks at the cache's own storage)."""
+
+    def __init__(self, batch, n_kv_heads, d):
+        self.k = np.zeros((batch, n_kv_heads, 0, d))
+        self.v = np.zeros((batch, n_kv_heads, 0, d))
+
+    def append(self, cache, k, v):
+        cache.append(0, k, v)
+        self.k = np.concatenate([self.k, k.astype(cache.dtype).astype(np.float64)], axis=2)
+        self.v = np.concatenate([self.v, v.astype(cache.dtype).astype(np.float64)], axis=2)
+
+    def truncate(self, cache, n):
+        cache.truncate(n)
+        self.k, self.v = self.k[:, :, :n], self.v[:, :, :n]
+
+    def decode(self, q, window, softcap=None):
+        n = self.k.shape[2]
+        return reference.decode_attention(q.astype(np.float64), self.k, self.v, np.full(len(q), n), window=window,
+                                          softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_ring_buffer_wraps_during_decode(dtype):
+    """A window-5 layer in a ring of 6 slots (max_chunk 2): a 2-token prompt, then 11 single tokens, the ring
+    wrapping twice; every step decodes (v0, v1, v2 in turn) its last 5 tokens, against what was appended."""
+    rng = np.random.default_rng(42)
+    cache = numbattn.KVCache(1, 2, 1, 32, 16, dtype=dtype, backend=KERNEL, windows=5, max_chunk=2)
+    assert cache.kind(0) == "ring" and cache.slots(0) == 6 and cache.k(0).shape == (2, 1, 6, 16)
+    hist = History(2, 1, 16)
+    hist.append(cache, *(rng.standard_normal((2, 1, 2, 16)).astype(np.float32) for _ in range(2)))
+    for step in range(11):
+        hist.append(cache, *(rng.standard_normal((2, 1, 1, 16)).astype(np.float32) for _ in range(2)))
+        q = rng.standard_normal((2, 2, 16)).astype(np.float32)
+        version = decode.VERSIONS[step % 3]
+        check(q, cache, config=config_for(version), version=version, softcap=5.0 if step % 2 else None,
+              want=hist.decode(q, 5, 5.0 if step % 2 else None))
+    assert cache.lengths.tolist() == [13, 13]
+
+
+def test_ring_rewind_into_the_ring_then_decode():
+    """Rewinding a wrapped ring to a point whose window it still holds, then appending and decoding, is right."""
+    rng = np.random.default_rng(43)
+    cache = numbattn.KVCache(1, 1, 1, 32, 16, backend=KERNEL, windows=3, max_chunk=4)    # 6 slots
+    hist = History(1, 1, 16)
+    hist.append(cache, *(rng.standard_normal((1, 1, 4, 16)).astype(np.float32) for _ in range(2)))
+    for _ in range(4):
+        hist.append(cache, *(rng.standard_normal((1, 1, 1, 16)).astype(np.float32) for _ in range(2)))
+    assert cache.min_rewind().tolist() == [4]             # holds tokens 2..7: a rewind to 4 keeps 2, 3 (window 3)
+    hist.truncate(cache, 5)
+    for _ in range(2):
+        hist.append(cache, *(rng.standard_normal((1, 1, 1, 16)).astype(np.float32) for _ in range(2)))
+        q = rng.standard_normal((1, 2, 16)).astype(np.float32)
+        for version in decode.VERSIONS:
+            check(q, cache, config=config_for(version), version=version, want=hist.decode(q, 3))
+
+
+@pytest.mark.parametrize("version", decode.VERSIONS)
+def test_head_dim_256_gqa_4_to_1_one_kv_head(version):
+    """Gemma's head_dim 256, 4 query heads on one KV head; v1/v2 with 32 lanes a key (8 dims each, the GPU's)."""
+    rng = np.random.default_rng(44)
+    cache, q = filled_cache(rng, [5, 11], n_heads=4, n_kv_heads=1, d=256)
+    config = None if version == "v0" else Config(split=8, threads=32, dims_per_lane=8)
+    check(q, cache, config=config, version=version, window=6)
+    if version == "v1":
+        check(q, cache, version=version)                  # the simulator's default config at head_dim 256
+
+
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(0, 14), min_size=1, max_size=3), window=st.integers(1, 16),
+       head_dim=st.sampled_from([16, 32, 128]), seed=st.integers(0, 2**16), version=st.sampled_from(decode.VERSIONS))
+def test_property_sweep_windows(lengths, window, head_dim, seed, version):
+    rng = np.random.default_rng(seed)
+    cache, q = filled_cache(rng, lengths, n_heads=2, n_kv_heads=1, d=head_dim)
+    check(q, cache, version=version, window=window)
+
+
+def test_a_ring_layer_decodes_its_own_window_by_default():
+    """Without window=, a ring layer attends over its own window; a larger one is refused, a smaller one is not."""
+    rng = np.random.default_rng(45)
+    cache = numbattn.KVCache(1, 1, 1, 16, 16, backend=KERNEL, windows=3)
+    hist = History(1, 1, 16)
+    for _ in range(4):
+        hist.append(cache, *(rng.standard_normal((1, 1, 1, 16)).astype(np.float32) for _ in range(2)))
+    q = rng.standard_normal((1, 1, 16)).astype(np.float32)
+    np.testing.assert_allclose(numbattn.decode_attention(q, cache, 0), hist.decode(q, 3), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(numbattn.decode_attention(q, cache, 0, window=2), hist.decode(q, 2), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match=r"window=4: layer 0 keeps a sliding window of 3 tokens"):
+        numbattn.decode_attention(q, cache, 0, window=4)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -267,6 +386,8 @@ def test_repeated_device_calls_take_the_prepared_path_and_follow_the_cache():
     (dict(config=Config(split=0, threads=8, dims_per_lane=4)), r"split None or >= 1"),
     (dict(config=Config(split=4, threads=8, dims_per_lane=4, keys_per_step=0)), r"keys_per_step >= 1"),
     (dict(version="v3"), r"version='v3': expected one of"),
+    (dict(window=0), r"window=0 must be >= 1"),
+    (dict(softcap=-1.0), r"softcap=-1.0 must be a finite number > 0"),
 ])
 def test_validation_errors_name_the_argument(bad, match):
     cache, _ = filled_cache(np.random.default_rng(21), [2, 3], n_heads=4, n_kv_heads=2)
@@ -286,3 +407,33 @@ def test_gpu_realistic_shapes(version, dtype, lengths):
     cache, q = filled_cache(rng, lengths, n_heads=32, n_kv_heads=4, d=64, dtype=dtype,
                             max_len=max(lengths) + 17)    # TinyLlama's 32 query / 4 KV heads, automatic split
     check(q, cache, version=version)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", SPLIT_VERSIONS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("d,n_heads,n_kv_heads,window", [(128, 32, 8, 4096), (256, 4, 1, 512), (256, 8, 4, 4096)])
+def test_gpu_windowed_rows(version, dtype, d, n_heads, n_kv_heads, window):
+    """Mistral-, Gemma 3- and Gemma 2-shaped heads over rows of 1, 777, 9000 and 0 tokens in a full layer, with their
+    windows and a soft cap of 50."""
+    rng = np.random.default_rng(d + window)
+    cache, q = filled_cache(rng, [1, 777, 9000, 0], n_heads=n_heads, n_kv_heads=n_kv_heads, d=d, dtype=dtype,
+                            max_len=9017)
+    check(q, cache, version=version, window=window, softcap=50.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_gpu_ring_buffer_decode_at_long_context(dtype):
+    """A window-4096 ring (4096 + 2047 slots) that has seen 40000 tokens, decoded step by step (v1 and v2), against
+    the last 4096 tokens appended."""
+    rng = np.random.default_rng(46)
+    cache = numbattn.KVCache(1, 1, 4, 40010, 64, dtype=dtype, backend=KERNEL, windows=4096, max_chunk=2048)
+    hist = History(1, 4, 64)
+    for _ in range(20):
+        hist.append(cache, *(rng.standard_normal((1, 4, 2000, 64)).astype(np.float32) for _ in range(2)))
+        hist.k, hist.v = hist.k[:, :, -4096:], hist.v[:, :, -4096:]        # the oracle keeps what the window sees
+    for step in range(4):
+        hist.append(cache, *(rng.standard_normal((1, 4, 1, 64)).astype(np.float32) for _ in range(2)))
+        q = rng.standard_normal((1, 32, 64)).astype(np.float32)
+        check(q, cache, version=SPLIT_VERSIONS[step % 2], want=hist.decode(q, 4096))

@@ -294,3 +294,24 @@ def test_numba_kernels_carry_the_disk_cache(tmp_path):
     name, entry, argtype, target = done.stdout.split(" ", 3)
     assert name == "DiskCache" and entry.startswith("rms_norm-") and entry.endswith(".kernel")
     assert argtype == "array(float32," and "(9, 0)" in target
+
+
+def test_cubins_round_trip_as_numba_cuda_holds_them():
+    """numba-cuda 0.30 links a kernel into cuda.core's ObjectCode (the bytes in .code) and loads modules from one:
+    the cache stores the bytes and hands an ObjectCode back."""
+    from types import SimpleNamespace
+
+    from numbattn.kernel_cache import cubin_bytes
+    assert cubin_bytes(SimpleNamespace(code=b"\x7fELF...")) == b"\x7fELF..." == cubin_bytes(b"\x7fELF...")
+    with pytest.raises(TypeError, match="not bytes"):
+        cubin_bytes(SimpleNamespace(code="/a/path.cubin"))
+
+
+def test_an_entry_whose_key_holds_nan_is_found_again(tmp_path):
+    """A kernel that reads a NaN constant (the cache's fill_nan) has NaN in its description: NaN != NaN, so the
+    entry must be matched as the text it was written as (on the H100 every such entry was compiled again)."""
+    from numbattn.kernel_cache import entry_path, read_entry, write_entry
+    description = {"kernel": "m.fill_nan", "code": [["NAN", float("nan")]], "argtypes": ["float32"]}
+    path = entry_path(tmp_path, description)
+    write_entry(path, description, "fill_nan", b"cubin")
+    assert read_entry(path, description) == ("fill_nan", b"cubin")

@@ -268,3 +268,103 @@ def test_the_cache_owns_its_lengths_and_its_decode_workspace():
         view[0] = 0
     assert cache.decode_workspace() is cache.decode_workspace()
     assert cache.nbytes == 2 * 2 * 8 * 16 * 4 == 8 * cache.bytes_per_token(2, 1, 16)
+
+
+# ---- sliding-window layers: ring buffers ----
+@pytest.mark.parametrize("backend", [KERNEL, "numpy"])
+def test_ring_layers_next_to_full_ones(backend):
+    """Gemma 3's pattern in miniature: window layers keep window + max_chunk - 1 slots, full ones max_len; a window
+    >= max_len hides nothing (a full layer); the cache says which is which and counts its bytes by slots."""
+    cache = numbattn.KVCache(3, 2, 1, 20, 16, backend=backend, windows=[4, None, 25], max_chunk=3)
+    assert [cache.kind(i) for i in range(3)] == ["ring", "full", "full"]
+    assert [cache.window(i) for i in range(3)] == [4, None, None] and [cache.slots(i) for i in range(3)] == [6, 20, 20]
+    assert host(cache.k(0)).shape == (2, 1, 6, 16) and np.isnan(host(cache.k(0))).all()
+    assert cache.nbytes == 2 * (6 + 20 + 20) * cache.bytes_per_token(1, 1, 16)
+    assert "ring layers (window, slots)={0: (4, 6)}" in repr(cache)
+    assert numbattn.KVCache(1, 1, 1, 100, 16, backend=backend, windows=8).slots(0) == 15     # max_chunk = window
+
+
+@pytest.mark.parametrize("backend", [KERNEL, "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_ring_appends_wrap_around(backend, dtype):
+    """Token p of a row lands in slot p mod slots: a 3-token chunk, then single tokens, rows at different lengths
+    (a per-row truncate), the ring wrapping; slots never written stay NaN, and the lengths count every token."""
+    rng = np.random.default_rng(10)
+    cache = numbattn.KVCache(1, 2, 2, 30, 16, dtype=dtype, backend=backend, windows=3, max_chunk=3)   # 5 slots
+    tokens = []
+    k, v = rand_kv(rng, 2, 2, 3, 16)
+    cache.append(0, k, v)
+    tokens.append((k, v))
+    K = host(cache.k(0))
+    assert np.array_equal(K[:, :, :3], k.astype(dtype)) and np.isnan(K[:, :, 3:]).all()
+    for _ in range(6):
+        k, v = rand_kv(rng, 2, 2, 1, 16)
+        cache.append(0, k, v)
+        tokens.append((k, v))
+    all_k = np.concatenate([k for k, _ in tokens], axis=2).astype(dtype)       # [2, 2, 9, 16]
+    all_v = np.concatenate([v for _, v in tokens], axis=2).astype(dtype)
+    K, V = host(cache.k(0)), host(cache.v(0))
+    for p in range(4, 9):                                                      # the ring holds tokens 4..8
+        assert np.array_equal(K[:, :, p % 5], all_k[:, :, p]) and np.array_equal(V[:, :, p % 5], all_v[:, :, p])
+    assert cache.lengths.tolist() == [9, 9]
+    got_k, got_v, held = cache.last_tokens(0, 3)
+    assert held.tolist() == [3, 3] and np.array_equal(got_k, all_k[:, :, 6:]) and np.array_equal(got_v, all_v[:, :, 6:])
+
+
+@pytest.mark.parametrize("backend", [KERNEL, "numpy"])
+def test_ring_append_longer_than_max_chunk_is_refused(backend):
+    rng = np.random.default_rng(11)
+    cache = numbattn.KVCache(2, 1, 1, 30, 16, backend=backend, windows=[3, None], max_chunk=2)   # 4 slots
+    cache.append(0, *rand_kv(rng, 1, 1, 3, 16))            # the ring has not wrapped yet: 3 tokens fit whole
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match=r"ring of 4 slots \(window 3\) takes at most 2 tokens at once \(max_chunk\)"):
+        cache.append(0, *rand_kv(rng, 1, 1, 3, 16))
+    assert_same(snapshot(cache), before)
+    cache.append(1, *rand_kv(rng, 1, 1, 9, 16))            # the full layer takes any chunk
+
+
+@pytest.mark.parametrize("backend", [KERNEL, "numpy"])
+def test_rewind_into_the_ring_poisons_the_rewound_slots(backend):
+    rng = np.random.default_rng(12)
+    cache = numbattn.KVCache(1, 1, 1, 30, 16, backend=backend, windows=3, max_chunk=3)   # 5 slots
+    for _ in range(3):
+        cache.append(0, *rand_kv(rng, 1, 1, 3, 16))        # 9 tokens: the ring holds 4..8
+    assert cache.min_rewind().tolist() == [6]              # token 6 still sees 4 and 5
+    kept = host(cache.k(0))
+    cache.truncate(7)
+    K = host(cache.k(0))
+    assert np.isnan(K[:, :, [7 % 5, 8 % 5]]).all()         # tokens 7, 8 rewound: NaN
+    assert np.array_equal(K[:, :, [4 % 5, 5 % 5, 6 % 5]], kept[:, :, [4 % 5, 5 % 5, 6 % 5]])
+    assert cache.lengths.tolist() == [7] and cache.min_rewind().tolist() == [4]
+
+
+@pytest.mark.parametrize("backend", [KERNEL, "numpy"])
+def test_rewind_past_the_ring_is_refused_and_changes_nothing(backend):
+    """A ring that wrapped has overwritten its oldest tokens: a rewind that would need them is refused with the
+    way out (a rewind to min_rewind or later, or reset and recompute); a rewind to 0 is always allowed."""
+    rng = np.random.default_rng(13)
+    cache = numbattn.KVCache(2, 2, 1, 30, 16, backend=backend, windows=[3, None], max_chunk=3)
+    for layer in range(2):
+        for _ in range(3):
+            cache.append(layer, *rand_kv(rng, 2, 1, 3, 16))
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match=r"truncate to 5 tokens in row 0: a sliding-window layer's ring has already "
+                                         r"overwritten .* rewind to 6 tokens or more, or to 0\); reset\(\)"):
+        cache.truncate(5)
+    with pytest.raises(ValueError, match=r"row 1"):
+        cache.truncate(np.array([6, 2]))
+    assert_same(snapshot(cache), before)
+    cache.truncate(0)
+    assert cache.lengths.tolist() == [0, 0] and np.isnan(host(cache.k(0))).all()
+
+
+@pytest.mark.parametrize("args,match", [
+    (dict(windows=[3]), r"one entry \(None or an int\) per layer \(2\)"),
+    (dict(windows=[0, None]), r"windows\[0\]=0 must be >= 1"),
+    (dict(windows=[2.5, None]), r"windows\[0\]=2.5 must be an integer"),
+    (dict(windows="3"), r"windows='3'"),
+    (dict(windows=3, max_chunk=0), r"max_chunk=0 must be >= 1"),
+])
+def test_bad_windows_are_named(args, match):
+    with pytest.raises(ValueError, match=match):
+        numbattn.KVCache(2, 1, 1, 8, 16, **args)

@@ -25,8 +25,13 @@ def rand_qkv(rng, batch, n_heads, n_kv_heads, q_len, kv_len, d, dtype=np.float32
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
-def reference_fp64(q, k, v, causal, scale):
+def reference_fp64(q, k, v, causal, scale, window=None, softcap=None):
     """The fp64 oracle; at GPU-test sizes (32 heads × 8192²) it runs through torch on the GPU if present."""
+    if causal and (window is not None or softcap is not None):
+        return reference_fp64_blocks(q, k, v, scale, window, softcap)
+    if softcap is not None:
+        return reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=causal, scale=scale,
+                                   softcap=softcap)
     if q.shape[2] * k.shape[2] * q.shape[1] * q.shape[0] > 2**26:
         try:
             import torch
@@ -40,14 +45,30 @@ def reference_fp64(q, k, v, causal, scale):
     return reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=causal, scale=scale)
 
 
-def check(q, k, v, causal=False, scale=None, version="v1", tiles=None, rtol=RTOL):
+def reference_fp64_blocks(q, k, v, scale, window, softcap, rows=512):
+    """The windowed / soft-capped causal oracle in blocks of query rows (each over the keys its window reaches),
+    so that GPU-test sizes (32768 queries, window 4096) stay within memory."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    out = np.empty(q.shape, np.float64)
+    for i0 in range(0, q_len, rows):
+        i1 = min(q_len, i0 + rows)
+        j1 = i1 + kv_len - q_len                               # keys up to the last row's diagonal
+        j0 = 0 if window is None else max(0, i0 + kv_len - q_len - window + 1)
+        out[:, :, i0:i1] = reference.attention(*(x.astype(np.float64) for x in (q[:, :, i0:i1], k[:, :, j0:j1],
+                                                                                 v[:, :, j0:j1])),
+                                               causal=True, scale=scale, window=window, softcap=softcap)
+    return out
+
+
+def check(q, k, v, causal=False, scale=None, version="v1", tiles=None, rtol=RTOL, window=None, softcap=None):
     """Run the kernel into a NaN-poisoned device buffer and compare with the fp64 reference."""
     from numba import cuda
     out = cuda.to_device(np.full(q.shape, np.nan, np.float32))  # an unwritten element stays NaN and fails
     got = prefill.flash_attention(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), causal=causal,
-                                  scale=scale, backend=KERNEL, out=out, version=version, tiles=tiles)
+                                  scale=scale, backend=KERNEL, out=out, version=version, tiles=tiles, window=window,
+                                  softcap=softcap)
     got = got.copy_to_host()
-    want = reference_fp64(q, k, v, causal, scale)
+    want = reference_fp64(q, k, v, causal, scale, window, softcap)
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.isfinite(got).all(), "kernel left unwritten (NaN) or non-finite outputs"
     err = np.abs(got - want).max() / np.abs(want).max()
@@ -134,6 +155,114 @@ def test_property_sweep(q_len, extra, group, n_kv_heads, causal, seed, version):
           version=version)
 
 
+# ---- sliding windows, soft caps, head_dim 128 and 256 ----
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sliding_windows(version):
+    """9 queries over 13 keys (a KV prefix of 4), windows of 1 (each query sees itself only), 3 (smaller than a key
+    tile), a whole key tile (4 keys in v0-v2, 8 in v3), and 20 (longer than the sequence: plain causal)."""
+    rng = np.random.default_rng(30)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 9, 13, 16)
+    for window in (1, 3, SIM_TILES_N[version]):
+        check(q, k, v, causal=True, version=version, window=window)
+    out = cuda_out(q)
+    prefill.flash_attention(q, k, v, causal=True, backend=KERNEL, version=version, window=20, out=out)
+    np.testing.assert_allclose(out.copy_to_host(), reference_fp64(q, k, v, True, None), rtol=0, atol=RTOL)
+
+
+SIM_TILES_N = {version: t.block_n for version, t in prefill.SIM_TILES.items()}
+
+
+def cuda_out(q):
+    from numba import cuda
+    return cuda.to_device(np.full(q.shape, np.nan, np.float32))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_soft_capped_scores_of_large_magnitude(version):
+    """Scores up to ~±800 capped at 30 (Gemma 2 caps at 50): without the cap the softmax is one-hot, with it the
+    weights spread, and a wrong cap (a slope, a sign, a missing log2 e) is off by far more than 1e-5."""
+    rng = np.random.default_rng(31)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 7, 11, 16, magnitude=200.0)
+    check(q, k, v, causal=True, version=version, softcap=30.0)
+    check(q, k, v, causal=False, version=version, softcap=30.0, scale=0.01)     # small scores: tanh's linear part
+    check(q, k, v, causal=True, version=version, softcap=30.0, window=3)
+
+
+@pytest.mark.parametrize("version,tiles", [("v0", None), ("v1", None), ("v2", None),
+                                           ("v3", prefill.Tiles(16, 8, 128, dim_split=4))])
+def test_head_dim_256_gqa_4_to_1_one_kv_head(version, tiles):
+    """Gemma's head_dim 256, 4 query heads on 1 KV head; v3 with the GPU's layout: 4 warps share 16 query rows, each
+    holding 64 of their dims and summing the row group's partial scores through shared memory."""
+    rng = np.random.default_rng(32)
+    q, k, v = rand_qkv(rng, 1, 4, 1, 5, 11, 256)
+    check(q, k, v, causal=True, version=version, tiles=tiles, window=4 if version == "v3" else None)
+
+
+def test_head_dim_128_dims_split_over_two_warps():
+    """v3 at head_dim 128 as the GPU runs it (2 warps a row group), with rows of two row groups in one block."""
+    rng = np.random.default_rng(33)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 19, 23, 128)
+    check(q, k, v, causal=True, version="v3", tiles=prefill.Tiles(32, 8, 128, dim_split=2), softcap=20.0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(window=st.integers(1, 12), q_len=st.integers(1, 12), extra=st.integers(0, 6),
+       head_dim=st.sampled_from([16, 32, 128]), seed=st.integers(0, 2**16), version=st.sampled_from(VERSIONS))
+def test_property_sweep_windows(window, q_len, extra, head_dim, seed, version):
+    rng = np.random.default_rng(seed)
+    check(*rand_qkv(rng, 1, 2, 1, q_len, q_len + extra, head_dim), causal=True, version=version, window=window)
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_chunks_over_a_ring_buffer_that_wraps(version):
+    """A window-3 layer in a ring of 6 slots (max_chunk 4): prompt chunks of 4, 3, 4 and 2 tokens, each appended and
+    then attended over the cache (chunk_attention), the ring wrapping inside chunks; against the windowed causal
+    attention over everything appended (never the cache's storage), into NaN-filled outputs."""
+    from numba import cuda
+    rng = np.random.default_rng(34)
+    cache = numbattn.KVCache(1, 2, 1, 40, 16, backend=KERNEL, windows=3, max_chunk=4)
+    q_all, k_all, v_all = rand_qkv(rng, 2, 2, 1, 13, 13, 16)
+    n = 0
+    for t in (4, 3, 4, 2):
+        cache.append(0, k_all[:, :, n:n + t], v_all[:, :, n:n + t])
+        n += t
+        out = cuda.to_device(np.full((2, 2, t, 16), np.nan, np.float32))
+        got = prefill.chunk_attention(cuda.to_device(q_all[:, :, n - t:n].copy()), cache, 0, out=out, version=version,
+                                      softcap=8.0).copy_to_host()
+        want = reference.attention(*(x.astype(np.float64) for x in (q_all[:, :, n - t:n], k_all[:, :, :n],
+                                                                     v_all[:, :, :n])), causal=True, window=3,
+                                   softcap=8.0)
+        assert np.isfinite(got).all() and np.abs(got - want).max() / np.abs(want).max() < RTOL, (version, n)
+
+
+def test_chunk_attention_over_full_and_host_layers():
+    """A full layer's chunk equals attention over its prefix; the NumPy backend's ring gives the same answer."""
+    rng = np.random.default_rng(35)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 9, 9, 16)
+    for backend, windows in ((KERNEL, None), ("numpy", 4)):
+        cache = numbattn.KVCache(1, 1, 1, 12, 16, backend=backend, windows=windows, max_chunk=5)
+        cache.append(0, k[:, :, :4], v[:, :, :4])
+        cache.append(0, k[:, :, 4:], v[:, :, 4:])
+        got = prefill.chunk_attention(q[:, :, 4:], cache, 0)
+        want = reference.attention(q[:, :, 4:], k, v, causal=True, window=windows)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"6 queries with a window of 4 need the last 9 tokens, more than layer 0's "
+                                         r"ring holds \(8 slots\)"):
+        prefill.chunk_attention(q[:, :, 3:], cache, 0)
+    cache = numbattn.KVCache(1, 1, 1, 12, 16, backend="numpy")
+    cache.append(0, k[:, :, :4], v[:, :, :4])
+    with pytest.raises(ValueError, match=r"every row of layer 0 must hold the same number of tokens, at least q's 5"):
+        prefill.chunk_attention(q[:, :, 4:], cache, 0)
+
+
+def test_bad_dim_split_is_named():
+    q = np.zeros((1, 1, 4, 128), np.float32)
+    with pytest.raises(ValueError, match=r"dim_split=3: expected whole warps"):
+        prefill.flash_attention(q, q, q, version="v3", tiles=prefill.Tiles(16, 8, 96, dim_split=3))
+    with pytest.raises(ValueError, match=r"only v3 splits"):
+        prefill.flash_attention(q, q, q, version="v2", tiles=prefill.Tiles(4, 4, 4, dim_split=2))
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(q=np.zeros((2, 4, 16), np.float32)), r"q has shape \(2, 4, 16\); expected 4 dimensions"),
     (dict(k=np.zeros((1, 2, 5, 32), np.float32), v=np.zeros((1, 2, 5, 32), np.float32)),
@@ -152,6 +281,12 @@ def test_property_sweep(q_len, extra, group, n_kv_heads, causal, seed, version):
     (dict(scale="big"), r"scale='big' must be a number"),
     (dict(q=np.zeros((1, 2, 5, 16)).tolist()), r"q is a list; expected a NumPy array or a Numba device array"),
     (dict(k=(1, 2)), r"k is a tuple; expected a NumPy array"),
+    (dict(window=0), r"window=0 must be >= 1"),
+    (dict(window=2.5), r"window=2.5 must be an integer"),
+    (dict(window=3, causal=False), r"window=3 needs causal=True"),
+    (dict(softcap=0.0), r"softcap=0.0 must be a finite number > 0"),
+    (dict(softcap=float("nan")), r"softcap=nan must be a finite number > 0"),
+    (dict(softcap="x"), r"softcap='x' must be a number"),
 ])
 def test_validation_errors_name_the_argument(bad, match):
     args = dict(q=np.zeros((1, 2, 5, 16), np.float32), k=np.zeros((1, 2, 5, 16), np.float32),
@@ -215,7 +350,7 @@ def test_static_shared_memory_probe_kernel_runs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 @pytest.mark.parametrize("batch,n,d", [(1, 4096, 64), (1, 8192, 64), (4, 1000, 128), (8, 513, 64),
-                                       (16, 257, 64)])
+                                       (16, 257, 64), (2, 777, 256)])
 def test_gpu_realistic_shapes(version, batch, n, d):
     rng = np.random.default_rng(n + d)
     q, k, v = rand_qkv(rng, batch, 32, 4, n, n, d)  # TinyLlama's 32 query / 4 KV heads
@@ -226,7 +361,7 @@ def test_gpu_realistic_shapes(version, batch, n, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_pre_hopper_tiles(version, d):
     """The tiles chosen for GPUs older than sm_90 (48 KB of static shared memory) are correct too."""
     rng = np.random.default_rng(d)
@@ -246,8 +381,41 @@ def test_gpu_v2_shared_memory_reduction_twin():
     out = cuda.to_device(np.full(q.shape, np.nan, np.float32))
     grid = ((q.shape[2] + t.block_m - 1) // t.block_m, 32, 2)
     kernel[grid, t.threads](cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), out,
-                            np.float32(0.125 * prefill.LOG2E), True)
+                            np.float32(0.125 * prefill.LOG2E), True, np.int64(1000), np.int64(1000), np.float32(0))
     want = reference_fp64(q, k, v, True, 0.125)
     got = out.copy_to_host()
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() / np.abs(want).max() < RTOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,n_heads,n_kv_heads,n,window,softcap", [
+    (128, 16, 8, 2048, None, None),       # Qwen3's head_dim 128
+    (256, 8, 4, 2048, None, 50.0),        # Gemma 2: head_dim 256, logits capped at 50
+    (256, 4, 1, 4096, 512, None),         # Gemma 3 1B: 4 heads on 1 KV head, window 512
+    (64, 32, 4, 8192, 4096, None),        # window 4096 over twice its length
+    (128, 32, 8, 4096, 4096, None),       # Mistral's window = n: plain causal
+])
+def test_gpu_model_family_shapes(d, n_heads, n_kv_heads, n, window, softcap):
+    rng = np.random.default_rng(d + n)
+    q, k, v = rand_qkv(rng, 1, n_heads, n_kv_heads, n, n, d, magnitude=4.0 if softcap else 1.0)
+    check(q, k, v, causal=True, version="v3", tiles=prefill.gpu_tiles("v3", d), window=window, softcap=softcap,
+          rtol=1e-4 if n > 4096 else RTOL)
+
+
+@pytest.mark.gpu
+def test_gpu_chunks_over_a_ring_buffer():
+    """Gemma 3's window layer on the GPU: window 512, prompt chunks of 2048 (the device engine's), a ring of 2559
+    slots wrapping inside every chunk, fp16 cache, head_dim 256, 4 heads on 1 KV head; then decode steps."""
+    from numba import cuda
+    rng = np.random.default_rng(36)
+    cache = numbattn.KVCache(1, 1, 1, 8192, 256, dtype=np.float16, backend=KERNEL, windows=512, max_chunk=2048)
+    q, k, v = rand_qkv(rng, 1, 4, 1, 6244, 6244, 256)
+    k16, v16 = (x.astype(np.float16) for x in (k, v))
+    n = 0
+    for t in (2048, 2048, 2048, 100):
+        cache.append(0, k16[:, :, n:n + t], v16[:, :, n:n + t])
+        n += t
+        got = prefill.chunk_attention(cuda.to_device(q[:, :, n - t:n].copy()), cache, 0).copy_to_host()
+        want = reference_fp64_blocks(q[:, :, n - t:n], k16[:, :, :n], v16[:, :, :n], None, 512, None)
+        assert np.abs(got - want).max() / np.abs(want).max() < RTOL, n

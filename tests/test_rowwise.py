@@ -76,3 +76,24 @@ def test_rope_append(dtype):
         untouched[pos] = False
         assert np.isnan(got_k[b, :, untouched]).all() and np.isnan(got_v[b, :, untouched]).all()
     np.testing.assert_array_equal(got_q[:, H * D:], qkv[:, H * D:])  # k and v columns are read, not written
+
+
+def test_rope_append_into_a_ring_buffer_wraps():
+    """A sliding-window layer's ring of 5 slots: a 2-token row at length 9 writes positions 9 and 10 into slots 4
+    and 0 (rotated by their positions), nothing else; the length counts positions."""
+    H, HKV, D, B, L, SLOTS = 2, 1, 16, 1, 2, 5
+    rng = np.random.default_rng(3)
+    qkv = rng.standard_normal((B * L, (H + 2 * HKV) * D)).astype(np.float32)
+    cos, sin = reference.rope_tables(D, 20, 10000.0)
+    k_cache = np.full((B, HKV, SLOTS, D), np.nan, np.float32)
+    dk, dv = cuda.to_device(k_cache), cuda.to_device(k_cache.copy())
+    lengths = cuda.to_device(np.array([9], np.int32))
+    rowwise.make_rope_append(H, HKV, D)[rowwise.rope_append_grid(L, B), rowwise.THREADS](
+        cuda.to_device(qkv), cuda.to_device(cos), cuda.to_device(sin), dk, dv, lengths, cuda.to_device(np.zeros(1, np.int32)))
+    assert lengths.copy_to_host().tolist() == [11]
+    heads = qkv.reshape(B, L, H + 2 * HKV, D).transpose(0, 2, 1, 3)
+    got_k, got_v = dk.copy_to_host(), dv.copy_to_host()
+    k_want = reference.rope(heads[0, H:H + HKV], cos[9:11], sin[9:11])        # [HKV, 2, D]
+    np.testing.assert_allclose(got_k[0, :, [4, 0]].transpose(1, 0, 2), k_want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got_v[0, :, [4, 0]].transpose(1, 0, 2), heads[0, H + HKV:])
+    assert np.isnan(got_k[0, :, 1:4]).all() and np.isnan(got_v[0, :, 1:4]).all()

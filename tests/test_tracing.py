@@ -99,6 +99,24 @@ def test_causal_skips_the_tiles_above_the_diagonal():
         {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3]}
 
 
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_a_sliding_window_skips_the_tiles_before_it(version):
+    """24 causal queries, window 5, query tiles of 4 (v1) or 16 (v3) rows, key tiles of 4 or 8: a block loads the
+    key tiles from its first row's window start (p - 4) to its last row's diagonal, never one before (skipped, not
+    masked), so it reads O(rows + window) keys, not O(n); and its answer is the windowed attention's."""
+    q, k, v = qkv(1, 1, 24, 24, seed=4)
+    tiles = prefill.SIM_TILES[version]
+    out, tr = tracing.trace_prefill(q, k, v, causal=True, version=version, tiles=tiles, window=5)
+    np.testing.assert_allclose(out, reference.attention(q, k, v, causal=True, window=5), atol=1e-5)
+    for (bx, _, _), counts in tr.rows("k", axis=2).items():
+        q0, q1 = bx * tiles.block_m, min(24, (bx + 1) * tiles.block_m)
+        first, last = max(0, q0 - 4), q1 - 1
+        want = [j for j in range(first, min(24, first + -(-(last + 1 - first) // tiles.block_n) * tiles.block_n))]
+        assert sorted(counts) == want, f"block {bx} read key rows {sorted(counts)}"
+    if version == "v1":
+        assert tr.reads("k") < 0.6 * tracing.trace_prefill(q, k, v, causal=True, version="v1")[1].reads("k")
+
+
 def test_v1_cooperative_load_owner_map():
     """v1 copies element idx of a K tile with thread idx % threads: the owner of K_tile[r, c] is (r*D + c) % 4."""
     q, k, v = qkv(1, 1, 4, 4, seed=3)

@@ -6,6 +6,8 @@ import math
 from collections import Counter
 
 from . import open_model_files
+from .architecture import describe
+from .config import FAMILIES
 from .gguf import is_gguf
 from .model import context_size, kv_cache_bytes
 from .units import human_bytes, human_count
@@ -30,6 +32,7 @@ def describe_model(source, per_tensor=False):
     kept = host_bytes(ckpt, c, ram)
     return [
         f"model: {files.source}",
+        f"  family: {c.family} ({FAMILIES[c.family].architecture}): {describe(c).summary()}",
         (f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads} "
          f"({c.num_key_value_heads} KV heads, head_dim {c.head_dim}), ffn {c.intermediate_size}, "
          f"vocab {c.vocab_size}, max context {c.max_position_embeddings}, rope_theta {c.rope_theta:g}"

@@ -38,10 +38,17 @@ _device = pytypes.SimpleNamespace(compute_capability=(9, 0), id=0)
 numba.cuda.api.get_current_device = numba.cuda.dispatcher.get_current_device = lambda: _device
 
 from numbattn import blocks, decode, linear, prefill  # noqa: E402
-from numbattn.kernels import decode_lanes, decode_naive, decode_slots, gemm_mma, kv_append, rowwise  # noqa: E402
+from numbattn.kernels import (decode_lanes, decode_naive, decode_paged, decode_slots, families, gemm_mma,  # noqa: E402
+                              kv_append, paged_append, rowwise)
 from numbattn.kernels.prefill_tiled import make_v1  # noqa: E402
 
-f32, f16, i32 = types.float32, types.float16, types.int32
+f32, f16, i32, i64 = types.float32, types.float16, types.int32, types.int64
+# prefill's arguments after q, k, v, out: scale_log2, causal, kv_len, window, softcap (a sliding window, a soft cap and
+# a ring-buffer cache's slots are run-time values of the same kernels)
+PREFILL_SCALARS = [f32, types.boolean, i64, i64, f32]
+# v3 launch shapes beside the defaults, for head_dim 128 and 256 (benchmarks/gpu_report.py's tile sweep times them)
+V3_CANDIDATES = {128: [prefill.Tiles(128, 8, 256), prefill.Tiles(64, 16, 256, 2), prefill.Tiles(64, 32, 256, 2)],
+                 256: [prefill.Tiles(32, 16, 256, 4), prefill.Tiles(32, 32, 256, 4), prefill.Tiles(64, 16, 256, 2)]}
 
 
 def arr(dtype, ndim):
@@ -50,38 +57,94 @@ def arr(dtype, ndim):
 
 def kernels(cc):
     """(name, dispatcher, argument types) for every kernel and launch shape numbattn uses on a GPU of `cc`."""
-    for d in (16, 32, 64, 128):
-        for version in prefill.VERSIONS:
-            t = prefill.gpu_tiles(version, d, cc=cc)
-            kernel = prefill.make_kernel(version, d, t)
-            for dt in (f32, f16):
-                sig = [arr(dt, 4), arr(dt, 4), arr(dt, 4), arr(f32, 4), f32, types.boolean]
-                yield f"prefill {version} d{d} {t.block_m}x{t.block_n}/{t.threads} {dt}", kernel, sig
-                if version == "v1":                 # the traced variant of the lessons: one more argument
-                    yield (f"prefill v1 traced d{d} {t.block_m}x{t.block_n}/{t.threads} {dt}",
-                           make_v1(d, t.block_m, t.block_n, traced=True), sig + [arr(f32, 5)])
-        for group in (1, 4, 8):
-            for dt in (f32, f16):
-                for version, make in (("v1", decode_slots.make_decode_v1), ("v2", decode_lanes.make_decode_v2)):
-                    c, size = decode.gpu_config(version, d, group), dt.bitwidth // 8
-                    k_word, v_word = (getattr(types, word.name)
-                                      for word, _ in decode.kv_word_types(version, d, c.dims_per_lane, size))
-                    yield (f"decode {version} d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl {c.keys_per_step}kps "
-                           f"{dt} cache", make(d, group, c.threads, c.dims_per_lane, c.keys_per_step, size,
-                                               c.min_blocks_per_sm),
-                           [arr(f32, 3), arr(k_word, 4), arr(v_word, 4), arr(i32, 1), types.int64, f32, arr(f32, 4),
-                            arr(i32, 1), arr(f32, 3)])
-        for dt in (f32, f16):
-            yield (f"decode v0 d{d} {dt} cache", decode_naive.make_decode_v0(d, 32),
-                   [arr(f32, 3), arr(dt, 4), arr(dt, 4), arr(i32, 1), f32, arr(f32, 3)])
+    for d in (16, 32, 64, 128, 256):
+        yield from prefill_kernels(cc, d)
+        yield from decode_kernels(d)
     for dt in (f32, f16):
-        yield f"kvcache append_kv {dt}", kv_append.append_kv, [arr(dt, 4)] * 4 + [arr(i32, 1)] * 3
+        yield f"kvcache append_kv {dt}", kv_append.append_kv, [arr(dt, 4)] * 4 + [arr(i32, 1)] * 3 + [i64]
         yield f"kvcache fill_nan {dt}", kv_append.fill_nan, [arr(dt, 4)] * 2 + [arr(i32, 1)] * 2
+    yield from paged_kernels()
     yield from model_kernels()
 
 
+# The kernels compiled for a ring buffer (a sliding-window cache layer whose tokens wrap) and with a logit soft cap
+# are variants of the same factories: checked at the head dims the model families use, named "... ring capped".
+VARIANTS = {16: [(False, False)], 32: [(False, False)], 64: [(False, False), (True, True)],
+            128: [(False, False), (True, True)], 256: [(False, False), (True, True)]}
+
+
+def variant_name(ring, capped):
+    return " ring" * ring + " capped" * capped
+
+
+def prefill_kernels(cc, d):
+    """Every prefill version at its GPU tiles for head_dim d (v3 also at the candidate tiles of V3_CANDIDATES), plain,
+    and v3 at its tiles for a ring buffer with a soft cap."""
+    shapes = [(version, prefill.gpu_tiles(version, d, cc=cc), (False, False)) for version in prefill.VERSIONS]
+    shapes += [("v3", t, (False, False)) for t in V3_CANDIDATES.get(d, [])]
+    shapes += [("v3", prefill.gpu_tiles("v3", d, cc=cc), v) for v in VARIANTS[d][1:]]
+    for version, t, variant in shapes:
+        kernel = prefill.make_kernel(version, d, t, *variant)
+        split = f" split{t.dim_split}" if t.dim_split > 1 else ""
+        for dt in (f32, f16):
+            sig = [arr(dt, 4), arr(dt, 4), arr(dt, 4), arr(f32, 4)] + PREFILL_SCALARS
+            yield (f"prefill {version} d{d} {t.block_m}x{t.block_n}/{t.threads}{split}{variant_name(*variant)} {dt}",
+                   kernel, sig)
+            if version == "v1":                 # the traced variant of the lessons: one more argument
+                yield (f"prefill v1 traced d{d} {t.block_m}x{t.block_n}/{t.threads} {dt}",
+                       make_v1(d, t.block_m, t.block_n, traced=True), sig + [arr(f32, 5)])
+
+
+def decode_kernels(d):
+    """Decode v1 and v2 at their GPU configs for groups of 1, 4 and 8 query heads, v0; ring and capped variants."""
+    for group in (1, 4, 8):
+        for dt in (f32, f16):
+            for version, make in (("v1", decode_slots.make_decode_v1), ("v2", decode_lanes.make_decode_v2)):
+                c, size = decode.gpu_config(version, d, group), dt.bitwidth // 8
+                k_word, v_word = (getattr(types, word.name)
+                                  for word, _ in decode.kv_word_types(version, d, c.dims_per_lane, size))
+                for variant in VARIANTS[d] if group == 4 else VARIANTS[d][:1]:
+                    yield (f"decode {version} d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl {c.keys_per_step}kps"
+                           f"{variant_name(*variant)} {dt} cache",
+                           make(d, group, c.threads, c.dims_per_lane, c.keys_per_step, size, c.min_blocks_per_sm,
+                                *variant),
+                           [arr(f32, 3), arr(k_word, 4), arr(v_word, 4), arr(i32, 1), i64, f32, i64, f32,
+                            arr(f32, 4), arr(i32, 1), arr(f32, 3)])
+    for dt in (f32, f16):
+        for variant in VARIANTS[d]:
+            yield (f"decode v0 d{d}{variant_name(*variant)} {dt} cache", decode_naive.make_decode_v0(d, 32, *variant),
+                   [arr(f32, 3), arr(dt, 4), arr(dt, 4), arr(i32, 1), f32, i64, f32, arr(f32, 3)])
+
+
+def paged_kernels():
+    """The paged cache's kernels (numbattn/paged.py): decode through block tables (and its soft-capped variant),
+    append, gather, poison."""
+    for d in (64, 128, 256):
+        for group in (1, 4, 8):
+            for dt in (f32, f16):
+                c, size = decode.gpu_config("v1", d, group), dt.bitwidth // 8
+                k_word, v_word = (getattr(types, word.name)
+                                  for word, _ in decode.kv_word_types("v1", d, c.dims_per_lane, size))
+                for capped in (False, True) if group == 4 else (False,):
+                    yield (f"paged decode d{d} G{group} {c.threads}thr {c.dims_per_lane}dpl"
+                           f"{variant_name(False, capped)} {dt} cache",
+                           decode_paged.make_decode_paged(d, group, c.threads, c.dims_per_lane, c.keys_per_step, size,
+                                                          c.min_blocks_per_sm, capped),
+                           [arr(f32, 3), arr(k_word, 4), arr(v_word, 4), arr(i32, 2), arr(i32, 1), arr(i32, 1), i64,
+                            f32, f32, arr(f32, 4), arr(i32, 1), arr(f32, 3)])
+    for dt in (f32, f16):
+        yield (f"paged append {dt}", paged_append.append_paged,
+               [arr(dt, 4)] * 4 + [arr(i32, 2)] + [arr(i32, 1)] * 3)
+        yield f"paged gather {dt}", paged_append.gather_pages, [arr(dt, 4)] * 2 + [arr(i32, 1)] + [arr(dt, 4)] * 2
+        yield f"paged fill_nan {dt}", paged_append.fill_pages_nan, [arr(dt, 4)] * 2 + [arr(i32, 1)]
+        yield (f"paged rope_append 32/4 d64 {dt} cache", paged_append.make_rope_append_paged(32, 4, 64),
+               [arr(f32, 2), arr(f32, 2), arr(f32, 2), arr(dt, 4), arr(dt, 4), arr(i32, 2), arr(i32, 1),
+                arr(i32, 1), arr(i32, 1)])
+
+
 def model_kernels():
-    """The GPU engine's kernels (numbattn/kernels/gemv.py, gemm.py, rowwise.py) at TinyLlama's and SmolLM2's sizes."""
+    """The GPU engine's kernels (numbattn/kernels/gemv.py, gemm.py, rowwise.py, families.py) at TinyLlama's and
+    SmolLM2's sizes, and the families' heads."""
     u64 = types.uint64
     for kind in ("bf16", "f16", "f32"):
         for k_in in (2048, 5632, 576, 1536):
@@ -109,10 +172,18 @@ def model_kernels():
                 yield (f"gemm_mma {epilogue} {tiles.bm}x{tiles.bn}x{tiles.bk} w{tiles.wm}x{tiles.wn}x{tiles.wk} "
                        f"T{terms}", gemm_mma.make_gemm_mma(epilogue, tiles, terms),
                        [arr(f32, 2), arr(u64, 2), arr(f32, 2)])
-    yield "rms_norm", rowwise.make_rms_norm(), [arr(f32, 2), arr(f32, 1), f32, arr(f32, 2)]
+    for add in (False, True):                                       # add: Gemma's norm of a block's output into x
+        yield f"rms_norm{' add' if add else ''}", rowwise.make_rms_norm(add), [arr(f32, 2), arr(f32, 1), f32,
+                                                                              arr(f32, 2)]
+    for h, hkv, d, bias, norm in ((14, 2, 64, True, False), (16, 8, 128, False, True), (4, 1, 256, False, True)):
+        yield (f"qkv_finish {h}/{hkv} d{d}{' bias' * bias}{' head norm' * norm}",     # Qwen2.5, Qwen3, Gemma 3
+               families.make_qkv_finish(h, hkv, d, bias, norm), [arr(f32, 2)] + [arr(f32, 1)] * 3 + [f32])
+    yield "scale_rows", families.make_scale_rows(), [arr(f32, 2), f32]
+    yield "soft_cap", families.make_soft_cap(), [arr(f32, 2), f32]
     for dt in (f32, f16):
-        yield (f"rope_append 32/4 d64 {dt} cache", rowwise.make_rope_append(32, 4, 64),
-               [arr(f32, 2), arr(f32, 2), arr(f32, 2), arr(dt, 4), arr(dt, 4), arr(i32, 1), arr(i32, 1)])
+        for h, hkv, d in ((32, 4, 64), (16, 8, 128), (8, 4, 256)):      # TinyLlama's, Qwen3's and Gemma 2's heads
+            yield (f"rope_append {h}/{hkv} d{d} {dt} cache", rowwise.make_rope_append(h, hkv, d),
+                   [arr(f32, 2), arr(f32, 2), arr(f32, 2), arr(dt, 4), arr(dt, 4), arr(i32, 1), arr(i32, 1)])
 
 
 def block_kernels():

@@ -4,23 +4,30 @@ Each file opens with its algorithm and its memory traffic. The host side that va
 shapes and launches them is one level up (numbattn/prefill.py, decode.py, kvcache.py, linear.py); the NumPy
 equation every kernel is tested against is numbattn/reference.py.
 
-Attention, prefill (q_len query rows against kv_len keys; numbattn.attention / prefill.flash_attention):
+Attention, prefill (q_len query rows against kv_len keys; numbattn.attention / prefill.flash_attention, and
+prefill.chunk_attention over the KV cache). Every version takes a sliding window and a logit soft cap, and reads
+key j from slot j mod S of K and V (a ring-buffer cache layer's layout; a plain array: slot j):
 
     v0  prefill_naive.py       one thread per query row, K and V straight from global memory
     v1  prefill_tiled.py       Q, K, V tiles in shared memory, one thread per row: the teaching kernel
     v2  prefill_registers.py   register-tiled outer products, warp-shuffle row reductions (fastest on SIMT cores)
-    v3  prefill_mma.py         v2's algorithm on tensor cores: TF32 mma.sync by inline PTX, 3xTF32 (the default)
+    v3  prefill_mma.py         v2's algorithm on tensor cores: TF32 mma.sync by inline PTX, 3xTF32 (the default);
+                               head_dim 128 and 256 split each head's dims over 2 or 4 warps
 
-Attention, decode (one new query token per row against the KV cache; numbattn.decode_attention):
+Attention, decode (one new query token per row against the KV cache, or its sliding window, which may wrap
+around a ring buffer; numbattn.decode_attention):
 
     v0  decode_naive.py        one block per (row, query head), the keys split over its threads
     v1  decode_slots.py        split-K: key slots of lanes that share a key (the default)
     v2  decode_lanes.py        split-K: one key per lane for the scores (faster past ~32K tokens, fp16 cache)
         decode_splitk.py       the frame v1 and v2 share: split blocks, the slots' merge, the last block's merge
+        decode_paged.py        v1 over a paged KV cache: the same frame and scan, a page of the block table at a time
 
 The rest of a Llama block:
 
-        kv_append.py           append K/V at each row's length (the device lengths advanced by the kernel)
+        kv_append.py           append K/V at each row's length, slot p mod S (the device lengths advanced by the
+                               kernel); poison rewound slots
+        paged_append.py        the paged cache's: append (alone or with RoPE) through block tables, gather, poison
         rowwise.py             embedding lookup, RMSNorm, RoPE fused with the KV-cache append
         gemv.py, gemm.py       y = x W^T on bf16/fp32 weight words: a few tokens (GEMV), a chunk (GEMM)
         gemm_mma.py            the chunk's GEMM on tensor cores: bf16 mma.sync on the bf16 weights as stored,
@@ -28,8 +35,9 @@ The rest of a Llama block:
 
 Shared device code:
 
-        common.py              the compile policy (fastmath, decided once), group reductions, bit casts, the
-                               last-block ticket, weight-word unpacking
+        common.py              the compile policy (fastmath, decided once), which keys a block sees (causal,
+                               window), ring slots, the soft cap, group reductions, bit casts, the last-block
+                               ticket, weight-word unpacking
         softmax.py             the online-softmax rule and the log-sum-exp merge, written once
         mma.py                 tensor-core MMAs from Numba (inline PTX: TF32 m16n8k8, bf16 m16n8k16) and their
                                simulator twins

@@ -11,6 +11,10 @@ NUMBATTN_TEST_GPU=1).
     cpu_kernel(**options)          how the CPU kernels are compiled: numba.njit with the same FASTMATH
     NEG_INF, FULL_MASK, SIM        the running max starts at NEG_INF; SIM: the simulator is on
     kv_head(h, n_heads, n_kv_heads)  grouped-query attention: the KV head query head h reads
+    visible_keys, tile_is_whole    which keys a block of query rows sees (causal, sliding window): decided here once
+    ring_slot(base, r, slots)      where a key lives in a ring-buffer cache (a window layer's; plain arrays: j)
+    soft_cap(s, cap)               Gemma 2's logit soft cap, cap * tanh(s / cap), with an accurate tanh
+    make_slot_of, make_cap         the kernels' compile-time choices: ring buffer or not, soft cap or not
     make_group_reduce(...)         max / sum of TM values over the `width` consecutive threads of a group:
                                    warp shuffles on a GPU, shared memory + barriers in the simulator
     group_barrier()                the lanes of a warp wait for each other (a block barrier in the simulator)
@@ -72,26 +76,87 @@ def kv_head(h, n_heads, n_kv_heads):
 
 @device
 def prefill_block(q, k):
-    """-> (b, h, hk, q_len, kv_len) of a prefill block: grid (query tiles, query heads, batch), so blockIdx.z is the
-    batch row, blockIdx.y the query head, and hk the KV head it reads. # q [B, H, Lq, D], k [B, Hkv, Lk, D]"""
+    """-> (b, h, hk, q_len) of a prefill block: grid (query tiles, query heads, batch), so blockIdx.z is the batch
+    row, blockIdx.y the query head, and hk the KV head it reads. # q [B, H, Lq, D], k [B, Hkv, S, D]"""
     b, h = cuda.blockIdx.z, cuda.blockIdx.y
-    return b, h, kv_head(h, q.shape[1], k.shape[1]), q.shape[2], k.shape[2]
+    return b, h, kv_head(h, q.shape[1], k.shape[1]), q.shape[2]
 
 
 @device
-def visible_keys(q0, rows, q_len, kv_len, causal):
+def visible_keys(q0, rows, q_len, kv_len, causal, window):
     """-> (j_begin, j_end): the keys that query rows q0 .. q0 + rows - 1 may see, together. Causal masking is
-    bottom-right aligned (FlashAttention-2): query i sees keys j <= i + kv_len - q_len, so the rows' last key is
-    that of row q0 + rows - 1 (a block's key tiles past it are never loaded)."""
-    return 0, min(kv_len, q0 + rows + kv_len - q_len) if causal else kv_len
+    bottom-right aligned (FlashAttention-2): query i sits at absolute position p = i + kv_len - q_len and sees keys
+    p - window < j <= p (a sliding window; window >= kv_len: none). So the rows' first key is the first row's
+    window start and their last key the last row's diagonal: a block's key tiles outside [j_begin, j_end) are
+    never loaded (skipped, not masked: a windowed prefill costs O(q_len * window)). Not causal: every key."""
+    if not causal:
+        return 0, kv_len
+    p = q0 + kv_len - q_len
+    return max(p - window + 1, 0), min(kv_len, p + rows)
 
 
 @device
-def tile_is_whole(j0, n_keys, q0, rows, q_len, kv_len, causal):
+def tile_is_whole(j0, n_keys, q0, rows, q_len, kv_len, causal, window):
     """Whether every query row q0 .. q0 + rows - 1 sees every key j0 .. j0 + n_keys - 1: a tile that needs no mask."""
-    _, end = visible_keys(q0, 1, q_len, kv_len, causal)              # the first row sees the fewest keys
-    first, _ = visible_keys(q0 + rows - 1, 1, q_len, kv_len, causal)
+    _, end = visible_keys(q0, 1, q_len, kv_len, causal, window)              # the first row's diagonal
+    first, _ = visible_keys(q0 + rows - 1, 1, q_len, kv_len, causal, window)  # the last row's window start
     return first <= j0 and j0 + n_keys <= end
+
+
+@device
+def ring_slot(base, r, slots):
+    """The slot of the key r positions after the one in slot `base` (< slots), in a K/V array of `slots` slots
+    that holds key position j in slot j mod slots: the KV cache's ring buffer of a sliding-window layer
+    (numbattn/kvcache.py). base = j0 mod slots is taken once per tile, so a key costs a compare, not a division;
+    r < slots. An array that holds every key (slots >= kv_len) never wraps: slot = j."""
+    s = base + r
+    return s - slots if s >= slots else s
+
+
+def make_slot_of(ring):
+    """slot_of(base, r, slots) for a kernel compiled for a ring buffer (ring_slot) or not: an array that holds every
+    key (a plain K/V, a full cache layer, a ring that has not wrapped yet) never wraps, so its kernels are compiled
+    without the compare and its address arithmetic (base = j0 there). A compile-time choice: the kernels that read
+    K/V in a loop kept their registers (compile_check: decode v1 takes 24 more a thread with the wrap and the cap).
+    The slot comes back unsigned: Numba wraps a negative index around (a compare and select per load unless it can
+    prove the index >= 0), and a slot is >= 0 by construction (decode v2, head_dim 64: 48-176 bytes of spill -> 0)."""
+    if ring:
+        @device
+        def slot_of(base, r, slots):
+            return uint64(ring_slot(base, r, slots))
+        return slot_of
+
+    @device
+    def slot_of(base, r, slots):
+        return uint64(base + r)
+    return slot_of
+
+
+def make_cap(capped):
+    """cap(s, softcap): soft_cap for kernels compiled with a soft cap, else s itself (a compile-time choice, as
+    make_slot_of: even never taken, the branch's expm1 cost the decode loops registers and spills)."""
+    if capped:
+        return soft_cap
+
+    @device
+    def cap(s, softcap):
+        return s
+    return cap
+
+
+@device
+def soft_cap(s, cap):
+    """s -> cap * tanh(s / cap), Gemma 2's logit soft cap, for cap > 0 (cap = 0: s unchanged). The kernels' scores
+    are in the log2 domain, so their cap is softcap * log2 e (the same squeeze: log2 e * cap * tanh(x / cap)).
+    tanh through expm1, not math.tanh: under fastmath Numba emits tanh.approx.f32 (off by ~1e-3), and exp-based
+    forms lose the small arguments; tanh(a) = -e / (2 + e) with e = expm1(-2 a), a = |x|, is accurate to a few
+    ulp everywhere (libdevice's expm1f; infinite a gives e = -1, tanh = 1)."""
+    if cap > 0:
+        x = s / cap
+        e = math.expm1(float32(-2.0) * abs(x))
+        t = -e / (float32(2.0) + e)
+        return cap * (t if x >= 0 else -t)
+    return s
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -270,6 +335,20 @@ def silu(x):
     """x * sigmoid(x) = x / (1 + exp(-x)): for x << 0, exp(-x) overflows to inf and the quotient is -0, the
     right limit. (Not through tanh as reference.silu: fastmath's approximate tanh is off by ~1e-3.)"""
     return x / (float32(1.0) + math.exp(-x))
+
+
+@device
+def gelu_tanh(x):
+    """GELU with tanh's approximation (Gemma's), 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3),
+    written as x * sigmoid(2u): no tanh, as silu. For x << 0 the exponent is clamped at 80 (the simulator's exp,
+    Python's, raises where float32's would give inf): x / (1 + e^80) is below 1e-30, zero to any tolerance."""
+    u = float32(0.7978845608028654) * (x + float32(0.044715) * x * x * x)
+    return x / (float32(1.0) + math.exp(min(float32(-2.0) * u, float32(80.0))))
+
+
+def gate_of(epilogue):
+    """The activation of a gated epilogue: "swiglu" -> silu, "geglu" -> gelu_tanh (None: not gated)."""
+    return {"swiglu": silu, "geglu": gelu_tanh}.get(epilogue)
 
 
 # --------------------------------------------------------------------------------------------------------

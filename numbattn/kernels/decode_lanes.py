@@ -13,8 +13,9 @@ a chunk ahead of their use, and the next tile's first chunks during this one's t
 On the H100 this cut the GPU time at 131072 tokens from 116 to 103 us, but not below 32768 tokens, and an fp32
 cache runs slower than in v1 (its registers spill under v2's launch bounds): what limits both kernels is how many
 loads are in flight, not instructions (BENCHMARKS.md). v1 stays the default.
-# q [B, H, D], k [B, Hkv, max_len, D * itemsize / word bytes], v [..., words], lengths [B], split,
-#   part [B, H, S, D+2], counters [B*Hkv] -> out [B, H, D]
+Windows, soft caps and ring-buffer slots: decode_splitk.py.
+# q [B, H, D], k [B, Hkv, S, D * itemsize / word bytes], v [..., words], lengths [B], split, window, softcap,
+#   part [B, H, splits, D+2], counters [B*Hkv] -> out [B, H, D]
 """
 import functools
 import math
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from numba import cuda, float32
 
-from .common import NEG_INF, SIM, device, group_barrier, make_group_reduce, reduce_scratch_shape
+from .common import NEG_INF, SIM, device, group_barrier, make_cap, make_group_reduce, make_slot_of, reduce_scratch_shape
 from .decode_splitk import kv_word_types, launch_bounds, make_split_kernel, make_unpack, split_layout
 from .softmax import make_update_row
 
@@ -32,18 +33,21 @@ ALIGN = None if SIM else 16   # bytes, of the shared arrays: 16-byte loads (the 
 
 
 @functools.lru_cache(maxsize=None)
-def make_decode_v2(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0):
+def make_decode_v2(head_dim, group, threads, dims_per_lane, keys_per_step=1, itemsize=4, min_blocks_per_sm=0, ring=False,
+                   capped=False):
+    """ring: the cache layer is a ring buffer; capped: scores are soft-capped (both compile-time choices)."""
     D, G, THREADS, DIMS_PER_LANE, KEYS_PER_STEP = head_dim, group, threads, dims_per_lane, keys_per_step
     LANES, GROUPS = split_layout(D, THREADS, DIMS_PER_LANE)
     TILE = LANES * KEYS_PER_STEP              # keys a lane group takes per step
     group_max, group_sum = make_group_reduce(LANES, G)
     RED = reduce_scratch_shape(G, THREADS)
-    scan_tiles = _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize, group_max)
+    scan_tiles = _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize, group_max, ring, capped)
 
     @device
-    def scan_split(q, k_row, v_row, b, h0, j_begin, j_end, scale_log2, t, m, l, acc):
-        """Lane group `lane_group` takes the tiles of TILE keys starting at j_begin + lane_group * TILE, then
-        + GROUPS * TILE, ...; q of the whole group sits in shared memory (every lane needs all of it)."""
+    def scan_split(q, k_row, v_row, b, h0, j_begin, j_end, scale_log2, softcap, t, m, l, acc):
+        """Lane group `lane_group` takes the tiles of TILE keys starting at cache slot j_begin + lane_group * TILE,
+        then + GROUPS * TILE, ... (< j_end, wrapped past the cache's end); q of the whole group sits in shared
+        memory (every lane needs all of it)."""
         lane, lane_group = t % LANES, t // LANES
         red = cuda.shared.array(RED, float32)
         q_s = cuda.shared.array((G, D), float32, alignment=ALIGN)     # q * scale * log2 e, for exp2
@@ -52,12 +56,12 @@ def make_decode_v2(head_dim, group, threads, dims_per_lane, keys_per_step=1, ite
             q_s[e // D, e % D] = float32(q[b, h0 + e // D, e % D]) * scale_log2
         cuda.syncthreads()
         n_iter = (j_end - j_begin + GROUPS * TILE - 1) // (GROUPS * TILE)   # the same for every group: uniform barriers
-        scan_tiles(k_row, v_row, j_begin + lane_group * TILE, j_end, n_iter, lane, lane_group, q_s, p_s, m, l, acc,
-                   red)
+        scan_tiles(k_row, v_row, j_begin + lane_group * TILE, j_end, n_iter, lane, lane_group, q_s, p_s, softcap, m,
+                   l, acc, red)
         group_sum(l, red)       # each lane summed the p of its own keys (all rescaled alike: m is the group's)
 
     return make_split_kernel("decode_v2", D, G, THREADS, DIMS_PER_LANE, LANES, GROUPS, scan_split,
-                             launch_bounds(THREADS, min_blocks_per_sm))
+                             launch_bounds(THREADS, min_blocks_per_sm), ring)
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ class _Tiles:
     V_ROWS: int
 
 
-def _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize, group_max):
+def _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize, group_max, ring, capped):
     TILE = LANES * KEYS_PER_STEP
     (KWORD, K_PER_WORD), (VWORD, V_PER_WORD) = kv_word_types("v2", D, DIMS_PER_LANE, itemsize)
     # Rows and tiles go in chunks, the next chunk's loads issued before this one's FMAs. (Whole tiles in registers
@@ -89,14 +93,14 @@ def _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize
     # local memory.) A lane reads whole K rows, and its DIMS_PER_LANE dims of every V row of the tile.
     T = _Tiles(G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, TILE, KWORD, K_PER_WORD, D // K_PER_WORD,
                min(D // K_PER_WORD, K_CHUNK), VWORD, V_PER_WORD, DIMS_PER_LANE // V_PER_WORD, min(TILE, V_CHUNK))
-    load_k, load_v, next_k, next_v = _make_chunk_loads(T)
+    load_k, load_v, next_k, next_v = _make_chunk_loads(T, make_slot_of(ring))
     scores = _make_scores(T, next_k, make_unpack(KWORD, itemsize))
-    softmax_step = _make_softmax_step(T, group_max)
+    softmax_step = _make_softmax_step(T, group_max, make_cap(capped))
     accumulate = _make_accumulate(T, next_v, make_unpack(VWORD, itemsize))
     K_WORDS, V_ROWS, V_WORDS = T.K_WORDS, T.V_ROWS, T.V_WORDS
 
     @device
-    def scan_tiles(k_row, v_row, j0, j_end, n_iter, lane, lane_group, q_s, p_s, m, l, acc, red):
+    def scan_tiles(k_row, v_row, j0, j_end, n_iter, lane, lane_group, q_s, p_s, softcap, m, l, acc, red):
         """The online softmax of one lane group over its tiles: scores with lanes across keys, the product with V
         with lanes across dims, p handed from one layout to the other through shared memory."""
         kw = cuda.local.array((KEYS_PER_STEP, K_WORDS), KWORD)
@@ -110,14 +114,14 @@ def _make_scan_tiles(D, G, DIMS_PER_LANE, LANES, GROUPS, KEYS_PER_STEP, itemsize
         for it in range(n_iter):
             jt = j0 + it * (GROUPS * TILE)
             scores(k_row, jt, j_end, lane, q_s, s, kw, kc)
-            softmax_step(s, jt, j_end, lane, lane_group, m, l, acc, p_s, t_max, red)
+            softmax_step(s, jt, j_end, lane, lane_group, softcap, m, l, acc, p_s, t_max, red)
             group_barrier()                         # the group's p are in p_s
             accumulate(v_row, jt, j_end, lane, p_s, lane_group, acc, vw, vc)
             group_barrier()                         # ... and read, before the next tile's overwrite them
     return scan_tiles
 
 
-def _make_chunk_loads(T):
+def _make_chunk_loads(T, slot_of):
     """(load_k, load_v, next_k, next_v): the streams of K words and V rows, each chunk loaded a chunk ahead of its
     use (load: one chunk; next: hand over the loaded chunk and load the one after it)."""
     KEYS_PER_STEP, LANES, K_WORDS, V_ROWS, V_WORDS = T.KEYS_PER_STEP, T.LANES, T.K_WORDS, T.V_ROWS, T.V_WORDS
@@ -125,11 +129,13 @@ def _make_chunk_loads(T):
 
     @device
     def load_k(k_row, jt, j_end, lane, c, kw):
-        """kw[u] = words c*K_WORDS .. of K row jt + u*LANES + lane (this lane's keys); zero past the split's end."""
+        """kw[u] = words c*K_WORDS .. of the K row in slot jt + u*LANES + lane (this lane's keys; wrapped past the
+        cache's end); zero past the split's end."""
         for u in range(KEYS_PER_STEP):
             j = jt + u * LANES + lane
+            row = slot_of(j, 0, k_row.shape[0])
             for w in range(K_WORDS):
-                kw[u, w] = k_row[j, c * K_WORDS + w] if j < j_end else KWORD(0)
+                kw[u, w] = k_row[row, c * K_WORDS + w] if j < j_end else KWORD(0)
 
     @device
     def load_v(v_row, jt, j_end, lane, c, vw):
@@ -138,8 +144,9 @@ def _make_chunk_loads(T):
         NaN)."""
         for i in range(V_ROWS):
             j = jt + c * V_ROWS + i
+            row = slot_of(j, 0, v_row.shape[0])
             for w in range(V_WORDS):
-                vw[i, w] = v_row[j, lane * V_WORDS + w] if j < j_end else VWORD(0)
+                vw[i, w] = v_row[row, lane * V_WORDS + w] if j < j_end else VWORD(0)
 
     step = T.GROUPS * T.TILE
     return (load_k, load_v, _make_next_chunk(load_k, KEYS_PER_STEP, K_WORDS, T.K_ROW_WORDS // K_WORDS, step),
@@ -168,18 +175,19 @@ def _make_scores(T, next_k, unpack_k):
     return scores
 
 
-def _make_softmax_step(T, group_max):
+def _make_softmax_step(T, group_max, soft_cap):
     G, KEYS_PER_STEP, LANES = T.G, T.KEYS_PER_STEP, T.LANES
     update_row = make_update_row(T.DIMS_PER_LANE)
 
     @device
-    def softmax_step(s, jt, j_end, lane, lane_group, m, l, acc, p_s, t_max, red):
+    def softmax_step(s, jt, j_end, lane, lane_group, softcap, m, l, acc, p_s, t_max, red):
         """The online-softmax update of the group by one tile: the tile's max per head over the group's lanes, the
         update of the state (kernels/softmax.py), and p = exp2(s - m_ref) into p_s[lane_group, key, head] for the
-        product with V."""
+        product with V. Scores soft-capped first (softcap > 0)."""
         for g in range(G):
             t_max[g] = NEG_INF
             for u in range(KEYS_PER_STEP):
+                s[u, g] = soft_cap(s[u, g], softcap)
                 if jt + u * LANES + lane >= j_end:       # past the split: masked
                     s[u, g] = NEG_INF
                 t_max[g] = max(t_max[g], s[u, g])

@@ -9,30 +9,35 @@ keeping its own (m, l, acc); at the end the block merges its T partial states by
 the same rescaling the online softmax does between tiles (merge_row), so the result is the exact softmax.
 Only batch * n_heads blocks (32 for TinyLlama at batch 1, a quarter of an H100), each reading its KV head alone:
 the G query heads of a group read the same K/V G times. v1 (decode_slots.py) fixes both.
-Memory traffic per step and row: K and V of every cached token, G times; q and out once.
-# q [B, H, D], k/v [B, Hkv, max_len, D], lengths [B] -> out [B, H, D]
+Memory traffic per step and row: K and V of every cached token (of its window), G times; q and out once.
+Row b sees its last min(n, window) tokens, token p in slot p mod S (a ring buffer's layout, decode_splitk.py).
+# q [B, H, D], k/v [B, Hkv, S, D], lengths [B], window, softcap -> out [B, H, D]
 """
 import functools
 import math
 
 from numba import cuda, float32, int64
 
-from .common import NEG_INF, device, kernel, kv_head
+from .common import NEG_INF, device, kernel, kv_head, make_cap, make_slot_of
 from .softmax import finish, make_merge_row, make_update_row
 
 
 @functools.lru_cache(maxsize=None)
-def make_decode_v0(head_dim, threads):
+def make_decode_v0(head_dim, threads, ring=False, capped=False):
+    """ring: the cache layer is a ring buffer; capped: scores are soft-capped (both compile-time choices)."""
     D, T = head_dim, threads
     update_row = make_update_row(D)
+    slot_of, soft_cap = make_slot_of(ring), make_cap(capped)
     merge_threads = _make_merge_threads(D, T)
 
     @kernel
-    def decode_v0(q, k, v, lengths, scale_log2, out):
-        # q [B, H, D], k/v [B, Hkv, max_len, D], lengths [B] -> out [B, H, D]
+    def decode_v0(q, k, v, lengths, scale_log2, window, softcap, out):
+        # q [B, H, D], k/v [B, Hkv, S, D], lengths [B] -> out [B, H, D]
         h, b, t = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
-        hk = kv_head(h, q.shape[1], k.shape[1])
-        n = min(int64(lengths[b]), int64(k.shape[2]))
+        hk, slots = kv_head(h, q.shape[1], k.shape[1]), int64(k.shape[2])
+        n = max(int64(lengths[b]), int64(0)) if ring else min(int64(lengths[b]), slots)
+        first = max(n - min(int64(window), slots), int64(0))  # the window, never more than the slots hold
+        base = first % slots if ring else first             # the first key's slot
         qr = cuda.local.array(D, float32)
         m = cuda.local.array(1, float32)            # this thread's online-softmax state
         l = cuda.local.array(1, float32)
@@ -41,14 +46,16 @@ def make_decode_v0(head_dim, threads):
         for d in range(D):
             qr[d] = float32(q[b, h, d]) * scale_log2
             acc[0, d] = 0.0
-        for j in range(t, n, T):                    # this thread's keys: t, t + T, ...
+        for j in range(first + t, n, T):            # this thread's keys: first + t, + T, ...
+            slot = slot_of(base, j - first, slots)
             s = float32(0.0)
             for d in range(D):
-                s += qr[d] * float32(k[b, hk, j, d])
+                s += qr[d] * float32(k[b, hk, slot, d])
+            s = soft_cap(s, softcap)
             p = math.exp2(s - update_row(m, l, acc, 0, s))
             l[0] += p
             for d in range(D):
-                acc[0, d] += p * float32(v[b, hk, j, d])
+                acc[0, d] += p * float32(v[b, hk, slot, d])
         merge_threads(m[0], l[0], acc, out, b, h, t)
 
     return decode_v0

@@ -1,11 +1,16 @@
 """Decode split-K, the frame decode v1 and v2 share: split blocks over the keys, the slots' merge, the last block's
 merge of the splits (flash-decoding: Dao, Haziza, Massa, Sizov 2023).
 
-Grid (n_splits, n_kv_heads, batch). Block (s, hk, b) takes the keys [s * split, (s + 1) * split) of row b,
-clipped to the row's length (blocks past it exit at once), for ALL G query heads sharing KV head hk, so each K/V
-element is read once, not G times. Inside, the block's threads form SLOTS groups of LANES lanes; `scan_split` (v1:
-decode_slots.py, v2: decode_lanes.py) leaves every lane with the online-softmax state (m, l, acc) of its slot,
-acc holding DIMS_PER_LANE dims of each of the G heads. Then:
+Grid (n_splits, n_kv_heads, batch). Row b holding n tokens sees its keys [first, n), first = max(0, n - window)
+(a sliding window; window = the cache's slots: every token a full layer holds). Block (s, hk, b) takes the keys
+[first + s * split, first + (s + 1) * split), clipped to n (blocks past it exit at once), for ALL G query heads
+sharing KV head hk, so each K/V element is read once, not G times: decode costs O(window), not O(n). Key p sits
+in slot p mod S of the cache's S slots (a window layer's ring buffer wraps; a full layer never does): the block
+hands its scan the slots [p0 mod S, p0 mod S + its keys), and the loads wrap a slot past S (common.ring_slot;
+kernels for a full layer are compiled without the wrap). Scores may be soft-capped (common.soft_cap, log2 units;
+likewise compiled in only where asked for). Inside, the block's threads form SLOTS groups of LANES lanes;
+`scan_split` (v1: decode_slots.py, v2: decode_lanes.py) leaves every lane with the online-softmax state
+(m, l, acc) of its slot, acc holding DIMS_PER_LANE dims of each of the G heads. Then:
 
     merge_slots    the block's slots -> one partial (acc, m, l) per head, written to part[b, h, s, :D + 2]
     arrive_last    one atomic ticket per block (common.arrive_last): the LAST split block of the group to finish...
@@ -16,8 +21,8 @@ Both merges are kernels/softmax.py's merge_row: the log-sum-exp rule, the same r
 between tiles. A row holding no tokens gets zeros (block 0 writes them). Memory traffic per step and row: K and V
 once, 2 * n_kv_heads * len * head_dim * itemsize bytes, plus n_heads * (D + 2) * 4 bytes of partials per split,
 written once and read once.
-# q [B, H, D], k/v [B, Hkv, max_len, words] (each row as raw words), lengths [B], split (keys per block),
-#   part [B, H, S, D+2], counters [B*Hkv] -> out [B, H, D]
+# q [B, H, D], k/v [B, Hkv, S, words] (each row as raw words), lengths [B], split (keys per block), window,
+#   softcap, part [B, H, splits, D+2], counters [B*Hkv] -> out [B, H, D]
 """
 import math
 
@@ -69,26 +74,29 @@ def launch_bounds(threads, min_blocks_per_sm):
     return dict(launch_bounds=(threads, min_blocks_per_sm)) if min_blocks_per_sm and not SIM else {}
 
 
-def make_split_kernel(name, D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_split, bounds):
+def make_split_kernel(name, D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_split, bounds, ring):
     """The kernel v1 and v2 share: block (s, hk, b) runs `scan_split` over its keys, which leaves every thread with
     the online-softmax state (m, l, acc) of its key slot (acc: its DIMS_PER_LANE dims of each head); the slots merge
-    into the split's partial, and the last split block of the group merges the splits into out."""
+    into the split's partial, and the last split block of the group merges the splits into out. ring: compiled
+    for a ring buffer (token p in slot p mod S); else a full layer (token p in slot p, p < S)."""
     merge_slots = _make_merge_slots(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS)
     merge_splits = _make_merge_splits(D, G, THREADS)
 
-    def decode_split(q, k, v, lengths, split, scale_log2, part, counters, out):
-        # q [B, H, D], k/v [B, Hkv, max_len, words] (each row as raw words), lengths [B], part [B, H, S, D+2],
+    def decode_split(q, k, v, lengths, split, scale_log2, window, softcap, part, counters, out):
+        # q [B, H, D], k/v [B, Hkv, S, words] (each row as raw words), lengths [B], part [B, H, splits, D+2],
         # counters [B*Hkv] -> out [B, H, D]
         s_idx, hk, b, t = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z, cuda.threadIdx.x
-        h0 = hk * G
-        n = min(int64(lengths[b]), int64(k.shape[2]))  # a bad length from a raw launch cannot read past max_len
-        j_begin = int64(s_idx) * split
+        h0, slots = hk * G, int64(k.shape[2])
+        n = max(int64(lengths[b]), int64(0)) if ring else min(int64(lengths[b]), slots)   # a bad length from a raw
+        first = max(n - min(int64(window), slots), int64(0))   # launch cannot read out of bounds: at most S keys
+        j_begin = first + int64(s_idx) * split
         if j_begin >= n:                            # the whole block leaves together (no barrier half-attended)
-            if n == 0 and s_idx == 0:
+            if n == first and s_idx == 0:
                 for e in range(t, G * D, THREADS):  # a row holding no tokens: zeros
                     out[b, h0 + e // D, e % D] = float32(0.0)
             return
-        j_end = min(j_begin + split, n)
+        s_begin = j_begin % slots if ring else j_begin  # the split's first slot; its keys in slots s_begin, +1, ...
+        s_end = s_begin + min(split, n - j_begin)   # (unwrapped: < 2 S, wrapped by the loads)
         flag = cuda.shared.array(1, int32)
         acc = cuda.local.array((G, DIMS_PER_LANE), float32)
         m = cuda.local.array(G, float32)
@@ -97,10 +105,11 @@ def make_split_kernel(name, D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_spl
             m[g], l[g] = NEG_INF, float32(0.0)
             for e in range(DIMS_PER_LANE):
                 acc[g, e] = float32(0.0)
-        scan_split(q, k[b, hk], v[b, hk], b, h0, j_begin, j_end, scale_log2, t, m, l, acc)
+        scan_split(q, k[b, hk], v[b, hk], b, h0, s_begin, s_end, scale_log2, softcap, t, m, l, acc)
         merge_slots(m, l, acc, part, b, h0, s_idx, t)
-        if arrive_last(counters, b * k.shape[1] + hk, (n + split - 1) // split, flag):
-            merge_splits(part, (n + split - 1) // split, b, h0, out, t)
+        n_splits = (min(n, min(int64(window), slots)) + split - 1) // split    # = n - first: only n kept live
+        if arrive_last(counters, b * k.shape[1] + hk, n_splits, flag):
+            merge_splits(part, n_splits, b, h0, out, t)
 
     decode_split.__name__ = decode_split.__qualname__ = name     # the kernel's name in profilers
     return kernel(decode_split, **bounds)
@@ -177,3 +186,8 @@ def _make_merge_splits(D, G, THREADS):
             if idx < G * D:
                 out[b, h0 + idx // D, idx % D] = A[r, 0] * finish(L[r])
     return merge_splits
+
+
+def make_merges(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS):
+    """(merge_slots, merge_splits) of a split-K frame: for another frame over the same scans (decode_paged.py)."""
+    return _make_merge_slots(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS), _make_merge_splits(D, G, THREADS)

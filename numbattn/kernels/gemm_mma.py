@@ -24,9 +24,9 @@ than BK/16 T MMAs deep in the tensor cores' own accumulation, which rounds less 
 v3 measured 3.6e-5 over 4096-deep sums).
 
 The accumulator layout gives lane (g, t) the columns 2t, 2t+1 of rows g and g+8: adjacent column pairs, so the
-SwiGLU epilogue (gate and up interleaved in W's rows) sees each pair in one lane, as in gemm.py.
+SwiGLU and GeGLU epilogues (gate and up interleaved in W's rows) see each pair in one lane, as in gemm.py.
 Traffic: W read ceil(M / BM) times, x read ceil(N / BN) times (from L2), y once.
-# x [M, K] f32, w [N, K/4] u64 (bf16 words) -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+# x [M, K] f32, w [N, K/4] u64 (bf16 words) -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
 
 Control flow is the same for every thread of a block around every MMA (the simulator twin is a block-wide
 exchange, kernels/mma.py).
@@ -38,7 +38,7 @@ from numba import cuda, float32, uint32, uint64
 
 from ..blocks import BLOCK_KINDS, values_per_word
 from .blocks import gpu_factors, has_offset, make_codes, make_row_offsets
-from .common import bf16_pair, device, kernel, silu
+from .common import bf16_pair, device, gate_of, kernel
 from .mma import bf16x2, make_bf16_split, make_mma_bf16_n, mma_scratch_shape
 
 
@@ -90,7 +90,7 @@ def make_gemm_mma(epilogue, tiles, terms=2, chunked=True, kind="bf16"):
     products are summed from zero and scaled by their group's factor in fp32 (the offset's term added from the
     step's sum of x): y = sum over steps of a * (x . c) [+ b * sum(x)], the weights exact.
 
-    # x [M, K] f32, w [N, row words] u64 (bf16 words or blocks) -> out [M, N] (swiglu: [M, N/2]); `out` +=
+    # x [M, K] f32, w [N, row words] u64 (bf16 words or blocks) -> out [M, N] (swiglu, geglu: [M, N/2]); `out` +=
     Launch: grid (ceil(N / BN), ceil(M / BM)), tiles.threads threads.
     """
     MI, NI, KS, SW, XL, WL = layout(tiles, kind)
@@ -109,7 +109,7 @@ def make_gemm_mma(epilogue, tiles, terms=2, chunked=True, kind="bf16"):
 
     @kernel
     def gemm_mma(x, w, out):
-        # x [M, K] f32, w [N, row words] u64 (bf16 words or blocks) -> out [M, N] (swiglu: [M, N/2]); `out` +=
+        # x [M, K] f32, w [N, row words] u64 (bf16 words or blocks) -> out [M, N] (swiglu, geglu: [M, N/2]); `out` +=
         xs = cuda.shared.array((T, BM, SW), uint32)          # x tile: T planes of bf16 pairs
         ws = cuda.shared.array((BN, SW), uint32)             # W tile: bf16 pairs (as stored, or the codes)
         fs = cuda.shared.array(FS, float32)                  # blocks: a, b per (row, k16 step), sums of x
@@ -380,6 +380,7 @@ def _make_reduce_k(tiles):
 
 def _make_store(tiles, epilogue):
     """store: group 0's accumulators -> out, through the epilogue (lane g, t holds columns 2t, 2t + 1: a pair)."""
+    gate = gate_of(epilogue)
     MI, NI = layout(tiles)[0], layout(tiles)[1]
     place = _make_place(tiles)
 
@@ -395,9 +396,9 @@ def _make_store(tiles, epilogue):
                     for j in range(NI):
                         n = n0 + c0 + 8 * j + 2 * t
                         v0, v1 = acc[i * NI + j, 2 * h], acc[i * NI + j, 2 * h + 1]
-                        if epilogue == "swiglu":
+                        if gate is not None:                  # swiglu, geglu: gate and up side by side
                             if n + 1 < n_rows:
-                                out[m, n // 2] = silu(v0) * v1
+                                out[m, n // 2] = gate(v0) * v1
                         elif epilogue == "residual":
                             if n < n_rows:
                                 out[m, n] += v0

@@ -36,10 +36,30 @@ for V alike:
 Fragment layouts (PTX ISA, mma.m16n8k8 .tf32): A: a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4],
 a3 = A[g+8][t+4]; B (K x N): b0 = B[t][g], b1 = B[t+4][g]; C: c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1].
 
-Causal masking, GQA and ragged lengths are v1's and v2's: bottom-right aligned diagonal, tiles above it never
-loaded, keys past kv_len and above the diagonal set to -inf in the tiles that cross them; rows past q_len
-computed on zeros and never stored. Control flow is the same for every thread of a block (no early exits
-per warp), because the simulator twin of the MMA is a block-wide exchange (kernels/mma.py).
+Causal masking, sliding windows, GQA and ragged lengths are v1's and v2's: bottom-right aligned diagonal, tiles
+above it and before the block's first window never loaded, keys past kv_len, above the diagonal or before a row's
+window set to -inf in the tiles that cross them (after the soft cap, if any: common.soft_cap on the C
+fragments); rows past q_len computed on zeros and never stored. Key j comes from slot j mod S of K and V (a
+ring-buffer cache layer's layout: common.ring_slot, one division per tile). Control flow is the same for every
+thread of a block (no early exits per warp), because the simulator twin of the MMA is a block-wide exchange
+(kernels/mma.py).
+
+Large heads: the dims split over warps (head_dim 128 and 256)
+------------------------------------------------------------
+A lane keeps Q's fragments of its two rows in registers, head_dim / 8 * 8 floats (big and small), and the output
+and one tile's P V as C fragments, head_dim / 8 * 4 floats each: 256 of them at head_dim 128, 512 at 256, past the
+255 registers a thread may have. So with dim_split = W > 1, W consecutive warps share 16 query rows and each holds
+head_dim / W of their dims (64 at both sizes: a lane's load is head_dim 64's again):
+
+    S_w = Q[:, dims of w] K[:, dims of w]^T       each warp's partial scores, as at head_dim 64
+    S   = S_0 + ... + S_{W-1}                     through shared memory x [warps, 4 NS, 32]: every lane posts its
+                                                  C fragments, one barrier, and every warp of the group sums the W
+                                                  partials in the same order, so all hold the same S to the bit
+    softmax on S                                  in every warp of the group alike (the same m, l, P)
+    O[:, dims of w] += P V[:, dims of w]          each warp its own dims; each stores only those
+
+Costs: one more barrier per key tile, 16 BN floats per warp through shared memory, the softmax done W times, and
+block_m = 16 * warps / W query rows per block (more K/V traffic per row than 128-row blocks).
 
 What made it fast (H100, n = 4096, causal, d = 64; measured 2026-11-26 with benchmarks/gpu_report.py)
 --------------------------------------------------------------------------------------------------
@@ -62,69 +82,81 @@ memory-efficient fp32: 2.0e-6), 6e-7 causal.
 
 Registers per lane (D = 64, BN = 32): Q fragments big + small 64, O 32, this tile's P V 32, S/P 16, the
 split B fragments of one step 2 * 2 * D/8 = 32, the K/V elements in flight 2 * NL = 16. ptxas: 255 registers
-and 16-96 bytes of spill at 128 x 32 / 256 threads (one block of 8 warps per SM); D = 128 needs far more
-(Q alone is 128) and spills more: 128 x 8 tiles there.
+and 16-96 bytes of spill at 128 x 32 / 256 threads (one block of 8 warps per SM; tools/compile_check.py, sm_90:
+a 96-byte stack frame with the window arguments, 88 before them, 104 compiled for a ring buffer and a soft cap).
+Without splitting, D = 128 needs far more (Q alone is 128) and spills more (128 x 8 tiles: a 144-byte frame;
+19.9 TFLOP/s on the H100 with 120). Split (compile_check, sm_90), 8-key tiles: D = 128 at 64 x 8 / 256 threads,
+2 warps a row group: 240 registers, no spill; D = 256 at 32 x 8 / 256, 4 warps: 255, none. 16-key tiles spill
+(184 bytes at D = 128, 328 at 256: the K/V elements a thread stages).
 Shared memory: K and V tiles, BN rows of D + 4 words: the padding makes both fragment reads conflict-free
-(K: lanes read K[g][t] -> bank 4g + t; V: lanes read V[2t][g] -> bank 8t + g). (2 * BN * (D + 4)) * 4 bytes:
-17.4 KB at BN = 32, D = 64, well under the 48 KB of static shared memory every GPU allows.
+(K: lanes read K[g][t] -> bank 4g + t; V: lanes read V[2t][g] -> bank 8t + g). (2 * BN * (D + 4)) * 4 bytes,
+plus 16 * BN * warps * 4 for the split's partial scores: 17.4 KB at BN = 32, D = 64; 13.3 KB at D = 128 (BN 8,
+split); 21.3 KB at D = 256 (BN 8, split): under the 48 KB of static shared memory every GPU allows.
 Memory traffic per (batch, head): Q and O once; K and V once per query tile of BLOCK_M rows (halved for
-causal): the same as v2 with the same BLOCK_M.
+causal; with a sliding window, window + BLOCK_M keys per query tile): the same as v2 with the same BLOCK_M.
+# q [B, H, Lq, D], k/v [B, Hkv, S, D], kv_len, window, softcap -> out [B, H, Lq, D]
 """
 import functools
 import math
 
 from numba import cuda, float32
 
-from .common import (NEG_INF, device, kernel, make_group_reduce, prefill_block, reduce_scratch_shape, tile_is_whole,
-                     visible_keys)
+from .common import (NEG_INF, device, kernel, make_cap, make_group_reduce, make_slot_of, prefill_block,
+                     reduce_scratch_shape, tile_is_whole, visible_keys)
 from .mma import make_mma_3xtf32_n, mma_scratch_shape, tf32_split
 from .softmax import finish, rescale
 
 
-def layout(block_m, block_n, threads, head_dim):
-    """(warps, KD = head_dim / 8 k-steps of S, NS = block_n / 8 key blocks, NO = head_dim / 8 output blocks,
-    NL = K (and V) elements each thread stages per tile)."""
+def layout(block_m, block_n, threads, head_dim, dim_split=1):
+    """(warps, KD = head_dim / dim_split / 8 k-steps of a warp's S, NS = block_n / 8 key blocks, NO = head_dim /
+    dim_split / 8 output blocks of a warp, NL = K (and V) elements each thread stages per tile)."""
     warps = threads // 32
-    if (threads % 32 or block_m != 16 * warps or block_n % 8 or head_dim % 8 or not warps
-            or block_n * head_dim % threads):
-        raise ValueError(f"v3 tiles block_m={block_m}, block_n={block_n}, threads={threads}: expected whole warps "
-                         f"of 32 threads, block_m = 16 rows per warp, block_n and head_dim ({head_dim}) multiples of "
-                         f"8, and block_n * head_dim a multiple of threads")
-    return warps, head_dim // 8, block_n // 8, head_dim // 8, block_n * head_dim // threads
+    if (threads % 32 or not warps or dim_split < 1 or warps % dim_split or block_m != 16 * warps // dim_split
+            or block_n % 8 or head_dim % (8 * dim_split) or block_n * head_dim % threads):
+        raise ValueError(f"v3 tiles block_m={block_m}, block_n={block_n}, threads={threads}, dim_split={dim_split}: "
+                         f"expected whole warps of 32 threads, in groups of dim_split warps sharing 16 rows "
+                         f"(block_m = 16 * warps / dim_split), block_n a multiple of 8, head_dim ({head_dim}) a "
+                         f"multiple of 8 * dim_split, and block_n * head_dim a multiple of threads")
+    ds = head_dim // dim_split
+    return warps, ds // 8, block_n // 8, ds // 8, block_n * head_dim // threads
 
 
-def shared_bytes(block_m, block_n, head_dim):
-    """Static shared memory of one block on a GPU (the K and V tiles; the simulator's scratch not counted)."""
-    return 4 * 2 * block_n * (head_dim + 4)
+def shared_bytes(block_m, block_n, head_dim, dim_split=1):
+    """Static shared memory of one block on a GPU: the K and V tiles, and with dim_split > 1 the partial scores
+    the warps exchange (the simulator's scratch not counted)."""
+    warps = block_m * dim_split // 16
+    return 4 * (2 * block_n * (head_dim + 4) + (16 * block_n * warps if dim_split > 1 else 0))
 
 
 @functools.lru_cache(maxsize=None)
-def make_v3(head_dim, block_m, block_n, threads):
-    D, BM, BN, NT = head_dim, block_m, block_n, threads
-    W, KD, NS, NO, NL = layout(BM, BN, NT, D)
-    DP = D + 4                                      # padded row: conflict-free fragment reads (docstring)
+def make_v3(head_dim, block_m, block_n, threads, dim_split=1, ring=False, capped=False):
+    """ring: K/V may wrap (kv_len > their slots); capped: scores are soft-capped (both compile-time choices)."""
+    D, BM, BN, NT, SPLIT = head_dim, block_m, block_n, threads, dim_split
+    W, KD, NS, NO, NL = layout(BM, BN, NT, D, SPLIT)
+    DS, DP = D // SPLIT, D + 4                      # a warp's dims; padded rows: conflict-free fragment reads
     group_max, group_sum = make_group_reduce(4, 2)  # over a quad: the 4 lanes holding one row
     RED, MMA_SCRATCH = reduce_scratch_shape(2, NT), mma_scratch_shape(NT, max(NS, NO))
-    load_q_fragments, fetch_kv, store_kv = _make_loads(D, NT, KD, NL)
-    scores, mask_scores = _make_scores(KD, NS)
+    XS = (W, 4 * NS, 32) if SPLIT > 1 else (1, 1, 1)    # the partial scores each warp posts for its row group
+    load_q_fragments, fetch_kv, store_kv = _make_loads(D, NT, KD, NL, ring)
+    scores, sum_partials, cap_and_mask = _make_scores(BM, BN, KD, NS, SPLIT, capped)
     softmax_step = _make_softmax_step(NS, group_max)
     pv = _make_pv(NS, NO)
     init_state, store_rows = _make_state(NO)
 
     @kernel
-    def attention_v3(q, k, v, out, scale_log2, causal):
-        # q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> out [B, H, Lq, D]
-        b, h, hk, q_len, kv_len = prefill_block(q, k)
-        tid = cuda.threadIdx.x
+    def attention_v3(q, k, v, out, scale_log2, causal, kv_len, window, softcap):
+        # q [B, H, Lq, D], k/v [B, Hkv, S, D] (key j in slot j mod S) -> out [B, H, Lq, D]
+        b, h, hk, q_len = prefill_block(q, k)
+        tid, warp = cuda.threadIdx.x, cuda.threadIdx.x // 32
         g, t = (tid % 32) >> 2, tid & 3             # this lane's fragment coordinates (lane = 4 g + t)
         q0 = cuda.blockIdx.x * BM
-        row = q0 + (tid // 32) * 16 + g             # this lane's rows: row and row + 8
-
+        row = q0 + (warp // SPLIT) * 16 + g         # this lane's rows: row and row + 8 ...
+        d0 = (warp % SPLIT) * DS                    # ... and its warp's head dims d0 .. d0 + DS - 1
         Ks = cuda.shared.array((BN, DP), float32)
         Vs = cuda.shared.array((BN, DP), float32)
+        x = cuda.shared.array(XS, float32)
         red = cuda.shared.array(RED, float32)
         scratch = cuda.shared.array(MMA_SCRATCH, float32)
-
         qb = cuda.local.array((KD, 4), float32)     # Q's A fragments, scaled by scale*log2(e): big part
         qs = cuda.local.array((KD, 4), float32)     # ... and small part
         s = cuda.local.array((NS, 4), float32)      # S's C fragments, then P
@@ -136,53 +168,56 @@ def make_v3(head_dim, block_m, block_n, threads):
         ks = cuda.local.array((NS, 2), float32)
         vb = cuda.local.array((NO, 2), float32)     # ... and V
         vs = cuda.local.array((NO, 2), float32)
-        pb = cuda.local.array((1, 4), float32)      # one key block's P fragment, split
-        ps = cuda.local.array((1, 4), float32)
+        pb, ps = cuda.local.array((1, 4), float32), cuda.local.array((1, 4), float32)   # a P fragment, split
         m_i = cuda.local.array(2, float32)          # rows row and row + 8: running max
         l_i = cuda.local.array(2, float32)          # ... and this lane's partial running sum
         m_tile = cuda.local.array(2, float32)       # ... the tile's max, then the rescale factor alpha
-        load_q_fragments(q, b, h, row, q_len, scale_log2, t, qb, qs)
+        load_q_fragments(q, b, h, row, d0, q_len, scale_log2, t, qb, qs)
         init_state(o, m_i, l_i)
-        kv_begin, kv_end = visible_keys(q0, BM, q_len, kv_len, causal)
+        kv_begin, kv_end = visible_keys(q0, BM, q_len, kv_len, causal, window)
         for j0 in range(kv_begin, kv_end, BN):
             fetch_kv(k, v, b, hk, j0, kv_len, tid, kr, vr)
             cuda.syncthreads()                      # every warp is done with the previous K/V tile
             store_kv(kr, vr, tid, Ks, Vs)
             cuda.syncthreads()
-            scores(Ks, qb, qs, kb, ks, s, g, t, scratch)
-            if not tile_is_whole(j0, BN, q0, BM, q_len, kv_len, causal):
-                mask_scores(s, row, j0, t, q_len, kv_len, causal)
+            scores(Ks, qb, qs, kb, ks, s, g, t, d0, scratch)
+            sum_partials(s, x, warp, tid % 32)      # dim_split > 1: the row group's partial scores, summed
+            cap_and_mask(s, row, j0, t, q0, q_len, kv_len, causal, window, softcap)
             softmax_step(s, m_i, l_i, m_tile, red)
-            pv(Vs, s, o, acc, pb, ps, vb, vs, m_tile, g, t, scratch)
-
+            pv(Vs, s, o, acc, pb, ps, vb, vs, m_tile, g, t, d0, scratch)
         group_sum(l_i, red)                         # the row sums, combined over the quad once
-        store_rows(out, o, l_i, b, h, row, t, q_len)
+        store_rows(out, o, l_i, b, h, row, d0, t, q_len)
 
     return attention_v3
 
 
-def _make_loads(D, NT, KD, NL):
+def _make_loads(D, NT, KD, NL, ring):
+    slot_of = make_slot_of(ring)
+
     @device
-    def load_q_fragments(q, b, h, row, q_len, scale_log2, t, qb, qs):
-        """Q's A fragments for rows row, row + 8 -> registers, scaled for exp2 and split into TF32 big + small
-        once (they serve every key tile); rows past q_len are 0."""
+    def load_q_fragments(q, b, h, row, d0, q_len, scale_log2, t, qb, qs):
+        """Q's A fragments for rows row, row + 8 and this warp's dims d0.. -> registers, scaled for exp2 and split
+        into TF32 big + small once (they serve every key tile); rows past q_len are 0."""
         for kk in range(KD):
             for e in range(4):
                 r = row + 8 * (e & 1)               # a0, a2: row g; a1, a3: row g + 8
-                c = kk * 8 + t + 4 * (e >> 1)       # a0, a1: column t; a2, a3: column t + 4
+                c = d0 + kk * 8 + t + 4 * (e >> 1)  # a0, a1: column t; a2, a3: column t + 4
                 x = float32(q[b, h, r, c]) * scale_log2 if r < q_len else float32(0.0)
                 qb[kk, e], qs[kk, e] = tf32_split(x)
 
     @device
     def fetch_kv(k, v, b, hk, j0, kv_len, tid, kr, vr):
         """This thread's NL elements of the K and V tiles at key j0 -> registers (consecutive threads read
-        consecutive addresses); keys past kv_len: 0. A fixed count, so every load is issued before any is used."""
+        consecutive addresses); keys past kv_len: 0. A fixed count, so every load is issued before any is used.
+        Key j sits in slot j mod S (common.ring_slot: one division per tile, not per key)."""
+        base = j0 % k.shape[2] if ring else j0
         for i in range(NL):
             idx = tid + i * NT
             r, c = idx // D, idx % D
             inside = j0 + r < kv_len
-            kr[i] = float32(k[b, hk, j0 + r, c]) if inside else float32(0.0)
-            vr[i] = float32(v[b, hk, j0 + r, c]) if inside else float32(0.0)
+            slot = slot_of(base, r, k.shape[2])
+            kr[i] = float32(k[b, hk, slot, c]) if inside else float32(0.0)
+            vr[i] = float32(v[b, hk, slot, c]) if inside else float32(0.0)
 
     @device
     def store_kv(kr, vr, tid, Ks, Vs):
@@ -194,31 +229,66 @@ def _make_loads(D, NT, KD, NL):
     return load_q_fragments, fetch_kv, store_kv
 
 
-def _make_scores(KD, NS):
+def _make_scores(BM, BN, KD, NS, SPLIT, capped):
     mma_n = make_mma_3xtf32_n(NS)
+    soft_cap = make_cap(capped)
 
     @device
-    def scores(Ks, qb, qs, kb, ks, s, g, t, scratch):
-        """s = the warp's S [16, BN] = Q K^T as C fragments; B = K^T, so b0 = K[key g][t], b1 = K[key g][t + 4].
-        kb, ks [NS, 2]: the B fragments of one k-step, split."""
+    def scores(Ks, qb, qs, kb, ks, s, g, t, d0, scratch):
+        """s = the warp's S [16, BN] = Q K^T over its dims d0 .. d0 + 8 KD as C fragments; B = K^T, so
+        b0 = K[key g][t], b1 = K[key g][t + 4]. kb, ks [NS, 2]: the B fragments of one k-step, split."""
         for n in range(NS):
             for e in range(4):
                 s[n, e] = 0.0
         for kk in range(KD):
             for n in range(NS):
-                kb[n, 0], ks[n, 0] = tf32_split(Ks[n * 8 + g, kk * 8 + t])
-                kb[n, 1], ks[n, 1] = tf32_split(Ks[n * 8 + g, kk * 8 + t + 4])
+                kb[n, 0], ks[n, 0] = tf32_split(Ks[n * 8 + g, d0 + kk * 8 + t])
+                kb[n, 1], ks[n, 1] = tf32_split(Ks[n * 8 + g, d0 + kk * 8 + t + 4])
             mma_n(qb, qs, kk, kb, ks, s, scratch)
 
     @device
-    def mask_scores(s, row, j0, t, q_len, kv_len, causal):
-        """-inf where a key lies past kv_len or above the causal diagonal (c_e: row + 8 (e >> 1), key 2t + (e & 1))."""
-        for e in range(4):
-            first, end = visible_keys(row + 8 * (e >> 1), 1, q_len, kv_len, causal)
+    def cap_and_mask(s, row, j0, t, q0, q_len, kv_len, causal, window, softcap):
+        """The soft cap (softcap > 0), then -inf where a key lies past kv_len, above the causal diagonal or before
+        the row's window (c_e: row + 8 (e >> 1), key 2t + (e & 1)); tiles that need no mask skip the test."""
+        if capped:
             for n in range(NS):
-                if not first <= j0 + n * 8 + 2 * t + (e & 1) < end:
-                    s[n, e] = NEG_INF
-    return scores, mask_scores
+                for e in range(4):
+                    s[n, e] = soft_cap(s[n, e], softcap)
+        if not tile_is_whole(j0, BN, q0, BM, q_len, kv_len, causal, window):
+            for e in range(4):
+                first, end = visible_keys(row + 8 * (e >> 1), 1, q_len, kv_len, causal, window)
+                for n in range(NS):
+                    if not first <= j0 + n * 8 + 2 * t + (e & 1) < end:
+                        s[n, e] = NEG_INF
+    return scores, _make_sum_partials(NS, SPLIT), cap_and_mask
+
+
+def _make_sum_partials(NS, SPLIT):
+    """sum_partials(s, x, warp, lane): with the head dims split over SPLIT warps, each warp's s holds Q K^T over its
+    dims only; the row group's SPLIT partials go through shared memory x [warps, 4 NS, lanes] (every lane posts its
+    fragments; lanes of one row group hold the same (row, key) cells) and are summed in the same order in every
+    warp of the group, so that all of them hold the same S to the bit and take the same softmax. One barrier: the
+    next tile's posts wait at the loop's first barrier, after every warp has read this tile's. SPLIT = 1: nothing."""
+    if SPLIT == 1:
+        @device
+        def sum_partials(s, x, warp, lane):
+            pass
+        return sum_partials
+
+    @device
+    def sum_partials(s, x, warp, lane):
+        for n in range(NS):
+            for e in range(4):
+                x[warp, 4 * n + e, lane] = s[n, e]
+        cuda.syncthreads()
+        first = warp - warp % SPLIT
+        for n in range(NS):
+            for e in range(4):
+                total = float32(0.0)
+                for p in range(SPLIT):
+                    total += x[first + p, 4 * n + e, lane]
+                s[n, e] = total
+    return sum_partials
 
 
 def _make_softmax_step(NS, group_max):
@@ -249,13 +319,13 @@ def _make_pv(NS, NO):
     mma_n = make_mma_3xtf32_n(NO)
 
     @device
-    def pv(Vs, s, o, acc, pb, ps, vb, vs, alpha, g, t, scratch):
-        """o = o * alpha + P V. The k index runs over each 8-key block permuted (k = t <-> key 2t, k = t + 4 <->
-        key 2t + 1), so P's A fragment is S's C fragment reordered in registers: (c0, c2, c1, c3); b0, b1 =
-        V[2t][g], V[2t+1][g]. P V is summed over the tile in acc, from zero, and added to o in fp32 (round to
-        nearest): the tensor cores' own accumulation rounds less carefully, and over thousands of keys in one
-        accumulator its error grew past 1e-5 (3.6e-5 at n = 4096, non-causal, on an H100).
-        pb, ps [1, 4]: one key block's P fragment, split; vb, vs [NO, 2]: its V fragments, split."""
+    def pv(Vs, s, o, acc, pb, ps, vb, vs, alpha, g, t, d0, scratch):
+        """o = o * alpha + P V over this warp's dims d0 .. d0 + 8 NO. The k index runs over each 8-key block
+        permuted (k = t <-> key 2t, k = t + 4 <-> key 2t + 1), so P's A fragment is S's C fragment reordered in
+        registers: (c0, c2, c1, c3); b0, b1 = V[2t][g], V[2t+1][g]. P V is summed over the tile in acc, from zero,
+        and added to o in fp32 (round to nearest): the tensor cores' own accumulation rounds less carefully, and
+        over thousands of keys in one accumulator its error grew past 1e-5 (3.6e-5 at n = 4096, non-causal, on an
+        H100). pb, ps [1, 4]: one key block's P fragment, split; vb, vs [NO, 2]: its V fragments, split."""
         for c in range(NO):
             for e in range(4):
                 acc[c, e] = 0.0
@@ -265,8 +335,8 @@ def _make_pv(NS, NO):
             pb[0, 2], ps[0, 2] = tf32_split(s[n, 1])
             pb[0, 3], ps[0, 3] = tf32_split(s[n, 3])
             for c in range(NO):
-                vb[c, 0], vs[c, 0] = tf32_split(Vs[n * 8 + 2 * t, c * 8 + g])
-                vb[c, 1], vs[c, 1] = tf32_split(Vs[n * 8 + 2 * t + 1, c * 8 + g])
+                vb[c, 0], vs[c, 0] = tf32_split(Vs[n * 8 + 2 * t, d0 + c * 8 + g])
+                vb[c, 1], vs[c, 1] = tf32_split(Vs[n * 8 + 2 * t + 1, d0 + c * 8 + g])
             mma_n(pb, ps, 0, vb, vs, acc, scratch)
         for c in range(NO):
             for e in range(4):
@@ -286,13 +356,14 @@ def _make_state(NO):
             l_i[r] = 0.0
 
     @device
-    def store_rows(out, o, l_i, b, h, row, t, q_len):
-        """out = o / l_i for this lane's two rows (c0, c1: row, columns 2t, 2t + 1 of each 8; c2, c3: row + 8)."""
+    def store_rows(out, o, l_i, b, h, row, d0, t, q_len):
+        """out = o / l_i for this lane's two rows and its warp's dims (c0, c1: row, columns d0 + 2t, d0 + 2t + 1 of
+        each 8; c2, c3: row + 8)."""
         for r in range(2):
             i = row + 8 * r
             if i < q_len:
                 inv_l = finish(l_i[r])
                 for c in range(NO):
-                    out[b, h, i, c * 8 + 2 * t] = o[c, 2 * r] * inv_l
-                    out[b, h, i, c * 8 + 2 * t + 1] = o[c, 2 * r + 1] * inv_l
+                    out[b, h, i, d0 + c * 8 + 2 * t] = o[c, 2 * r] * inv_l
+                    out[b, h, i, d0 + c * 8 + 2 * t + 1] = o[c, 2 * r + 1] * inv_l
     return init_state, store_rows

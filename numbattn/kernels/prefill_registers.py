@@ -36,7 +36,8 @@ shared-memory twin (`reduce="shared"`), chosen automatically when the simulator 
 run both. Everything else is one code path.
 
 Memory traffic per (batch, head): Q and O once; K and V once per query tile, i.e. kv_len*D*2*4 bytes
-times ceil(q_len / BLOCK_M) (halved again for causal, since tiles above the diagonal are skipped).
+times ceil(q_len / BLOCK_M) (halved again for causal, since tiles above the diagonal are skipped; with a
+sliding window, (window + BLOCK_M) keys per query tile). Windows, soft caps and ring-buffer slots as in v1.
 Shared memory: (BM*(D+1) + BN*(D+1) + BN*D + BM*(BN+1)) * 4 bytes. On an H100 the launch-shape sweep
 (BENCHMARKS.md) picked BM=128, BN=32, 256 threads at D=64 (65 KB, 4 rows x 4 keys x 8 dims per thread) and
 BM=64, BN=32, 256 threads at D=128 (73 KB); both are above the 48 KB that CUDA documents for static
@@ -47,8 +48,8 @@ import math
 
 from numba import config, cuda, float32, uint32
 
-from .common import (NEG_INF, device, kernel, make_group_reduce, make_outer_product, prefill_block,
-                     reduce_scratch_shape, tile_is_whole, visible_keys)
+from .common import (NEG_INF, device, kernel, make_cap, make_group_reduce, make_outer_product, make_slot_of,
+                     prefill_block, reduce_scratch_shape, tile_is_whole, visible_keys)
 from .softmax import finish, make_update_row
 
 
@@ -68,7 +69,8 @@ def shared_bytes(block_m, block_n, head_dim):
 
 
 @functools.lru_cache(maxsize=None)
-def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
+def make_v2(head_dim, block_m, block_n, threads, reduce="auto", ring=False, capped=False):
+    """ring: K/V may wrap (kv_len > their slots); capped: scores are soft-capped (both compile-time choices)."""
     D, BM, BN, NT = head_dim, block_m, block_n, threads
     TR, TC, TM, TN, TE = layout(BM, BN, NT, D)
     if reduce == "auto":
@@ -76,16 +78,16 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
     group_max, group_sum = make_group_reduce(TC, TM, reduce == "shuffle")
     DP, BNP = D + 1, BN + 1                         # one word of padding per row: conflict-free columns
     RED = reduce_scratch_shape(TM, NT, reduce == "shuffle")
-    load_q, load_kv = _make_loads(D, BM, BN, NT)
-    scores = _make_scores(D, BM, BN, TR, TC, TM, TN)
+    load_q, load_kv = _make_loads(D, BM, BN, NT, ring)
+    scores = _make_scores(D, BM, BN, TR, TC, TM, TN, capped)
     softmax_step = _make_softmax_step(TM, TN, TE, group_max)
     pv = _make_pv(BN, TM, TE)
     init_thread, store_rows = _make_thread_state(TR, TC, TM, TN, TE)
 
     @kernel
-    def attention_v2(q, k, v, out, scale_log2, causal):
-        # q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> out [B, H, Lq, D]
-        b, h, hk, q_len, kv_len = prefill_block(q, k)
+    def attention_v2(q, k, v, out, scale_log2, causal, kv_len, window, softcap):
+        # q [B, H, Lq, D], k/v [B, Hkv, S, D] (key j in slot j mod S) -> out [B, H, Lq, D]
+        b, h, hk, q_len = prefill_block(q, k)
         t = cuda.threadIdx.x
         rg, cg = t // TC, t % TC
         q0 = cuda.blockIdx.x * BM
@@ -109,12 +111,12 @@ def make_v2(head_dim, block_m, block_n, threads, reduce="auto"):
         init_thread(rows, keys, dims, m_i, l_i, acc, rg, cg)
         load_q(q, b, h, q0, q_len, scale_log2, t, Qs)
 
-        kv_begin, kv_end = visible_keys(q0, BM, q_len, kv_len, causal)
+        kv_begin, kv_end = visible_keys(q0, BM, q_len, kv_len, causal, window)
         for j0 in range(kv_begin, kv_end, BN):
             cuda.syncthreads()                      # the previous tile's Ks, Vs and Ps are no longer read
             load_kv(k, v, b, hk, j0, kv_len, t, Ks, Vs)
             cuda.syncthreads()
-            scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, q_len, kv_len, causal, rg, cg)
+            scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, q_len, kv_len, causal, window, softcap, rg, cg)
             softmax_step(s, m_i, l_i, m_tile, acc, rows, keys, Ps, red)
             cuda.syncthreads()
             pv(Ps, Vs, rows, dims, a, bvec, acc)
@@ -153,7 +155,9 @@ def _make_thread_state(TR, TC, TM, TN, TE):
     return init_thread, store_rows
 
 
-def _make_loads(D, BM, BN, NT):
+def _make_loads(D, BM, BN, NT, ring):
+    slot_of = make_slot_of(ring)
+
     @device
     def load_q(q, b, h, q0, q_len, scale_log2, t, Qs):
         """Q tile -> shared, scaled by scale*log2(e) for exp2; rows past q_len become 0."""
@@ -163,22 +167,26 @@ def _make_loads(D, BM, BN, NT):
 
     @device
     def load_kv(k, v, b, hk, j0, kv_len, t, Ks, Vs):
-        """K and V tiles at key j0 -> shared (consecutive threads, consecutive addresses); keys past kv_len: 0."""
+        """K and V tiles at key j0 -> shared (consecutive threads, consecutive addresses); keys past kv_len: 0.
+        Key j sits in slot j mod S (common.ring_slot)."""
+        base = j0 % k.shape[2] if ring else j0
         for idx in range(t, BN * D, NT):
             r, c = idx // D, idx % D
             inside = j0 + r < kv_len
-            Ks[r, c] = float32(k[b, hk, j0 + r, c]) if inside else float32(0.0)
-            Vs[r, c] = float32(v[b, hk, j0 + r, c]) if inside else float32(0.0)
+            slot = slot_of(base, r, k.shape[2])
+            Ks[r, c] = float32(k[b, hk, slot, c]) if inside else float32(0.0)
+            Vs[r, c] = float32(v[b, hk, slot, c]) if inside else float32(0.0)
     return load_q, load_kv
 
 
-def _make_scores(D, BM, BN, TR, TC, TM, TN):
+def _make_scores(D, BM, BN, TR, TC, TM, TN, capped):
     outer_product = make_outer_product(TM, TN, False)
+    soft_cap = make_cap(capped)
 
     @device
-    def scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, q_len, kv_len, causal, rg, cg):
-        """s = this thread's TM x TN piece of Q K^T for the key tile at j0, masked where the tile crosses kv_len
-        or the causal diagonal (-inf)."""
+    def scores(Qs, Ks, rows, keys, a, bvec, s, j0, q0, q_len, kv_len, causal, window, softcap, rg, cg):
+        """s = this thread's TM x TN piece of Q K^T for the key tile at j0, soft-capped, masked (-inf) where the
+        tile crosses kv_len, the causal diagonal or a row's window start."""
         for i in range(TM):
             for j in range(TN):
                 s[i, j] = 0.0
@@ -187,9 +195,13 @@ def _make_scores(D, BM, BN, TR, TC, TM, TN):
             outer_product(Qs, Ks, rows, keys, d + 1, a, bvec, s)
             outer_product(Qs, Ks, rows, keys, d + 2, a, bvec, s)
             outer_product(Qs, Ks, rows, keys, d + 3, a, bvec, s)
-        if not tile_is_whole(j0, BN, q0, BM, q_len, kv_len, causal):
+        if capped:
             for i in range(TM):
-                first, end = visible_keys(q0 + rg + TR * i, 1, q_len, kv_len, causal)
+                for j in range(TN):
+                    s[i, j] = soft_cap(s[i, j], softcap)
+        if not tile_is_whole(j0, BN, q0, BM, q_len, kv_len, causal, window):
+            for i in range(TM):
+                first, end = visible_keys(q0 + rg + TR * i, 1, q_len, kv_len, causal, window)
                 for j in range(TN):
                     if not first <= j0 + cg + TC * j < end:
                         s[i, j] = NEG_INF

@@ -320,6 +320,141 @@ def bench_append(token_counts=(1, 16, 512, 2048), batches=(1,), dtypes=("float32
     return rows
 
 
+# --------------------------------------------------------------------------------------------------------
+# Today's model families: head_dim 128 and 256, sliding windows (numbattn.attention(window=), ring-buffer caches)
+# --------------------------------------------------------------------------------------------------------
+def visible_pairs(q_len, kv_len, window=None):
+    """(query, key) pairs a causal attention computes, bottom-right aligned, with a sliding window: exact."""
+    p = np.arange(q_len, dtype=np.float64) + (kv_len - q_len)              # each query's absolute position
+    return float(np.minimum(p + 1, np.inf if window is None else window).sum())
+
+
+def pair_rate(batch, n_heads, pairs, head_dim, ms):
+    """TFLOP/s of attention over `pairs` visible pairs per head: two products of 2 FLOPs per multiply-add."""
+    return 4.0 * batch * n_heads * pairs * head_dim / ms / 1e9
+
+
+def bench_head_dims(head_dims=(64, 128, 256), n=4096, causal=True, versions=("v3",), batch=1, n_heads=N_HEADS,
+                    n_kv_heads=N_KV_HEADS, repeat=20, methods=("ms", "sync_ms")):
+    """Prefill at n for each head_dim, numbattn's versions next to torch SDPA's memory-efficient fp32 kernel (and
+    flash fp16, which takes head_dim <= 256) in the same process -> rows {what, impl, head_dim, n, ms..., tflops}."""
+    be = _backend.resolve("auto")
+    rows = []
+    for d in head_dims:
+        q, k, v = random_qkv(batch, n, n, n_heads, n_kv_heads, d)
+        impls = {name: fn for name, fn in prefill_impls(be, versions, q, k, v, causal, False).items()
+                 if "math" not in name}
+        pairs = visible_pairs(n, n) if causal else float(n) * n
+        _time_impls(impls, be, repeat, rows, lambda ms: dict(tflops=pair_rate(batch, n_heads, pairs, d, ms)),
+                    methods=methods, what="head_dim", head_dim=d, n=n, causal=causal)
+    return rows
+
+
+def bench_window_prefill(n=32768, window=4096, full_n=4096, head_dim=HEAD_DIM, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS,
+                         repeat=10, methods=("ms", "sync_ms")):
+    """Sliding-window prefill at n (numbattn.attention(window=)) against a full causal prefill at full_n, both as
+    TFLOP/s over the pairs they must compute (the windowed one counts only its visible pairs), and against torch
+    SDPA's memory-efficient fp32 kernel given the window as an explicit boolean mask (SDPA has no window of its
+    own: it computes every pair and masks), on the same inputs -> rows {what, impl, n, window, ms..., tflops}."""
+    from numba import cuda
+    rows = []
+    for label, length, win in ((f"numbattn v3 window {window}", n, window), ("numbattn v3 full causal", full_n, None)):
+        q, k, v = random_qkv(1, length, length, n_heads, n_kv_heads, head_dim)
+        dq, dk, dv = (cuda.to_device(x) for x in (q, k, v))
+        out = cuda.device_array(q.shape, np.float32)
+        tiles = prefill.default_tiles("v3", "cuda", head_dim)
+        fn = (lambda dq=dq, dk=dk, dv=dv, out=out, win=win, tiles=tiles:
+              prefill.launch(dq, dk, dv, out, True, head_dim ** -0.5, "v3", tiles, window=win))
+        pairs = visible_pairs(length, length, win)
+        _time_impls({label: fn}, "cuda", repeat, rows, lambda ms: dict(tflops=pair_rate(1, n_heads, pairs, head_dim, ms)),
+                    methods=methods, what="window prefill", n=length, window=win or "-")
+        if win is not None and torch_cuda() is not None:
+            sdpa = _sdpa_window_prefill(q, k, v, win)
+            _time_impls({"torch SDPA mem-efficient fp32 + window mask": sdpa}, "cuda", max(3, repeat // 3), rows,
+                        lambda ms: dict(tflops=pair_rate(1, n_heads, pairs, head_dim, ms)), methods=methods,
+                        what="window prefill", n=length, window=win)
+    return rows
+
+
+def _sdpa_window_prefill(q, k, v, window):
+    """torch SDPA (memory-efficient fp32) with the sliding window as an explicit [n, n] boolean mask; K/V repeated to
+    every query head up front (not timed)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch = torch_cuda()
+    group = q.shape[1] // k.shape[1]
+    t = [torch.from_numpy(x).cuda().repeat_interleave(group if i else 1, dim=1) for i, x in enumerate((q, k, v))]
+    pos = torch.arange(q.shape[2], device="cuda")
+    mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)        # [n, n]: p - w < j <= p
+
+    def run():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return F.scaled_dot_product_attention(*t, attn_mask=mask)
+    return run
+
+
+def bench_window_decode(cache_len=131072, window=4096, full_len=4096, dtype="float16", head_dim=HEAD_DIM,
+                        n_heads=N_HEADS, n_kv_heads=N_KV_HEADS, repeat=100, methods=("sync_ms", "gpu_ms")):
+    """One decode step over a sliding-window layer holding cache_len tokens in a ring buffer (window + 4096 slots),
+    and over a full layer of cache_len tokens with window=, against decode over a full layer of full_len tokens;
+    and torch SDPA on the same step: memory-efficient with the window as a mask over every key, and flash fp16 on
+    the window's keys alone (the best SDPA can do) -> rows {what, impl, n, window, ms..., kv_MB}."""
+    from numba import cuda
+
+    from ..decode import decode_attention
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, n_heads, head_dim), dtype=np.float32)
+    dq = cuda.to_device(q)
+    rows = []
+    chunk = min(window, 4096)
+    for label, n, windows, win in ((f"numbattn ring window {window}", cache_len, window, None),
+                                   (f"numbattn full layer, window={window}", cache_len, None, window),
+                                   ("numbattn full layer", full_len, None, None)):
+        cache = _filled_cache(rng, n, dtype, head_dim, n_kv_heads, windows, chunk)
+        fn = lambda cache=cache, win=win: decode_attention(dq, cache, 0, window=win)      # noqa: E731
+        kv_bytes = 2 * n_kv_heads * min(n, win or windows or n) * head_dim * np.dtype(dtype).itemsize
+        _time_impls({label: fn}, "cuda", repeat, rows, lambda ms: dict(kv_MB=kv_bytes / 1e6),
+                    methods=methods, what="window decode", n=n, window=win or windows or "-", cache=dtype)
+    if torch_cuda() is not None and cache_len <= 131072:
+        _time_impls(_sdpa_window_decode(rng, q, cache_len, window, dtype, head_dim, n_kv_heads), "cuda", repeat, rows,
+                    lambda ms: {}, methods=methods, what="window decode", n=cache_len, window=window, cache=dtype)
+    return rows
+
+
+def _filled_cache(rng, n, dtype, head_dim, n_kv_heads, windows, chunk):
+    """A one-layer KVCache holding n random tokens (a ring buffer if windows), appended in chunks."""
+    from ..kvcache import KVCache
+    cache = KVCache(1, 1, n_kv_heads, n, head_dim, dtype=dtype, backend="cuda", windows=windows, max_chunk=chunk)
+    for j in range(0, n, chunk):
+        t = min(chunk, n - j)
+        cache.append(0, *(rng.standard_normal((1, n_kv_heads, t, head_dim), dtype=np.float32).astype(dtype)
+                          for _ in range(2)))
+    return cache
+
+
+def _sdpa_window_decode(rng, q, n, window, dtype, head_dim, n_kv_heads):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch = torch_cuda()
+    tdt = torch.float16 if dtype == "float16" else torch.float32
+    group = q.shape[1] // n_kv_heads
+    k, v = (torch.randn((1, n_kv_heads, n, head_dim), device="cuda", dtype=tdt) for _ in range(2))
+    tq = torch.from_numpy(np.ascontiguousarray(q[:, :, None, :])).cuda().to(tdt)
+    mask = torch.arange(n, device="cuda")[None, :] >= n - window                            # [1, n]: the last window
+    kr, vr = (x.repeat_interleave(group, dim=1) for x in (k, v))
+    k_win, v_win = (x[:, :, n - window:].contiguous() for x in (k, v))
+
+    def masked():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return F.scaled_dot_product_attention(tq, kr, vr, attn_mask=mask)
+
+    def sliced():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(tq.half(), k_win.half(), v_win.half(), enable_gqa=True)
+    return {f"torch SDPA mem-efficient {dtype} + window mask": masked,
+            "torch SDPA flash fp16 on the window's keys": sliced}
+
+
 def prefill_benchmark_text(backend, versions, seq_lens):
     """The GPU benchmark cell of lessons 2 and 3, as text for the lesson to print: causal prefill of `versions`
     at TinyLlama's shape (batch 1) next to the NumPy reference (and torch SDPA if installed), ms and TFLOP/s.

@@ -167,21 +167,22 @@ def _dim3(x):
     return None if x is None else tuple(x) + (0,) * (3 - len(x))
 
 
-def trace_prefill(q, k, v, causal=False, version="v1", tiles=None, scale=None):
+def trace_prefill(q, k, v, causal=False, version="v1", tiles=None, scale=None, window=None):
     """Run one prefill kernel (numbattn/kernels/prefill_*.py) in the simulator with q, k, v and out traced.
 
     q [batch, n_heads, q_len, d], k, v [batch, n_kv_heads, kv_len, d] host arrays; tiles default to the
-    simulator's (prefill.SIM_TILES). -> (out float32 [batch, n_heads, q_len, d], tracer)."""
+    simulator's (prefill.SIM_TILES); window: a sliding window, as numbattn.attention's.
+    -> (out float32 [batch, n_heads, q_len, d], tracer)."""
     from .. import prefill
-    from ..validate import check_qkv, check_scale
+    from ..validate import check_qkv, check_scale, check_window
     check_qkv(q, k, v, causal)
-    scale = check_scale(scale, q.shape[3])
+    scale, window = check_scale(scale, q.shape[3]), check_window(window, causal)
     tracer = Tracer()
     tiles = tiles or prefill.default_tiles(version, "sim", q.shape[3])
     out = np.zeros(q.shape, np.float32)
     tq, tk, tv, tout = tracer.wrap(q=np.ascontiguousarray(q), k=np.ascontiguousarray(k),
                                    v=np.ascontiguousarray(v), out=out)
-    prefill.launch(tq, tk, tv, tout, causal, scale, version, tiles)
+    prefill.launch(tq, tk, tv, tout, causal, scale, version, tiles, window=window)
     return out, tracer
 
 
@@ -212,5 +213,6 @@ def trace_v1(q, k, v, causal=False, scale=None, tiles=None):
     grid = ((q.shape[2] + tiles.block_m - 1) // tiles.block_m, q.shape[1], q.shape[0])
     kernel = make_v1(q.shape[3], tiles.block_m, tiles.block_n, traced=True)
     kernel[grid, tiles.threads](*(cuda.to_device(np.ascontiguousarray(x)) for x in (q, k, v)), out,
-                                np.float32(scale * LOG2E), bool(causal), trace)
+                                np.float32(scale * LOG2E), bool(causal), np.int64(k.shape[2]), np.int64(k.shape[2]),
+                                np.float32(0.0), trace)
     return out.copy_to_host(), trace.copy_to_host()

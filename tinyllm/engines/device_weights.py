@@ -9,10 +9,11 @@ Matrices become rows of uint64 words, in the form `weights` asks for:
     "fp32"                     every matrix dequantized or widened to fp32 (what a GGUF file cost before: 4 bytes a
                                weight)
 
-q, k and v rows are stacked into one matrix (one matmul for all three) and gate and up rows interleaved (the SwiGLU
-epilogue sees each pair side by side). Parts stored in different forms (a Q4_K_M file's Q6_K attn_v next to Q4_K q
-and k) cannot share one matrix: q/k/v then stay separate parts, each its own matmul (gate/up are widened to fp32).
-Norm weights stay float32 vectors.
+q, k and v rows are stacked into one matrix (one matmul for all three, and their biases, if any, into one vector)
+and gate and up rows interleaved (the SwiGLU and GeGLU epilogues see each pair side by side). Parts stored in
+different forms (a Q4_K_M file's Q6_K attn_v next to Q4_K q and k) cannot share one matrix: q/k/v then stay separate
+parts, each its own matmul (gate/up are widened to fp32). Norm weights stay float32 vectors, holding the factor
+RMSNorm applies (Gemma's 1 + w).
 """
 import logging
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ class DeviceLayer:
     ffn_norm: object
     w_gate_up: tuple      # gate and up rows interleaved (2f = gate_f, 2f+1 = up_f): the SwiGLU epilogue
     w_down: tuple
+    b_qkv: object = None            # q, k and v biases stacked (Qwen2)
+    q_norm: object = None           # per-head RMSNorm weights [head_dim] (Qwen3, Gemma 3)
+    k_norm: object = None
+    post_attn_norm: object = None   # the sandwich norms (Gemma)
+    post_ffn_norm: object = None
 
 
 @dataclass
@@ -90,9 +96,10 @@ def upload_weights(ckpt, config, stream=0, progress=None, weights="as-stored"):
     from the file (memory-mapped) and copied to the GPU once, matrices in the form `weights` asks for."""
     from numba import cuda
 
-    from ..weights import expected_shapes, layer_tensors
+    from ..architecture import describe
+    from ..weights import NORMS, expected_shapes, layer_tensors
     check_weights(weights)
-    names, done = list(expected_shapes(config)), [0]
+    names, done, offset = list(expected_shapes(config)), [0], np.float32(describe(config).norm_offset)
     kinds, total = set(), [0]
 
     def tick(n=1):
@@ -111,16 +118,10 @@ def upload_weights(ckpt, config, stream=0, progress=None, weights="as-stored"):
     def stored_as(name):
         return stored(ckpt, name, weights)
 
-    def gate_up(t):
-        parts = [stored_as(t["w_gate"]), stored_as(t["w_up"])]
-        if parts[0][1] != parts[1][1]:             # (never in llama.cpp's mixtures)
-            log.info("tinyllm: gate/up stored as %s/%s: both widened to fp32", parts[0][1], parts[1][1])
-            parts = [stored(ckpt, t[f], "fp32") for f in ("w_gate", "w_up")]
-        return fuse_rows(parts, interleave=True)
-
-    def vector(name):
-        tick()
-        x = np.ascontiguousarray(np.asarray(ckpt.get(name), np.float32))
+    def vector(*parts, norm=False):
+        tick(len(parts))
+        x = np.concatenate([np.asarray(ckpt.get(name), np.float32) for name in parts])
+        x = np.ascontiguousarray(x + offset if norm and offset else x)
         total[0] += x.nbytes
         return cuda.to_device(x, stream=stream)
 
@@ -129,17 +130,36 @@ def upload_weights(ckpt, config, stream=0, progress=None, weights="as-stored"):
     layers = []
     for i in range(config.num_hidden_layers):
         t = {field: f"model.layers.{i}.{name}" for field, (name, _) in layer_tensors(config).items()}
+        optional = {field: vector(t[field], norm=True) for field in NORMS if field in t and field != "ffn_norm"
+                    and field != "attn_norm"}
+        if "bq" in t:
+            optional["b_qkv"] = vector(t["bq"], t["bk"], t["bv"])
         layers.append(DeviceLayer(
-            attn_norm=vector(t["attn_norm"]),
+            attn_norm=vector(t["attn_norm"], norm=True),
             w_qkv=matrix(fuse_rows([stored_as(t[f]) for f in ("wq", "wk", "wv")])),
             wo=matrix(stored_as(t["wo"])),
-            ffn_norm=vector(t["ffn_norm"]),
-            w_gate_up=matrix(gate_up(t)),
-            w_down=matrix(stored_as(t["w_down"]))))
+            ffn_norm=vector(t["ffn_norm"], norm=True),
+            w_gate_up=matrix(gate_up(ckpt, t, weights)),
+            w_down=matrix(stored_as(t["w_down"])), **optional))
         tick(7)
-    norm = vector("model.norm.weight")
+    norm = vector("model.norm.weight", norm=True)
     lm_head = embed if config.tie_word_embeddings else matrix(stored_as("lm_head.weight"))
     tick(len(names))
-    table, row = embed[0].nbytes, embed[0].nbytes // embed[0].shape[0]     # a token reads one row of the table
-    token_bytes = total[0] + row - (table if lm_head is not embed else 0)    # (tied: all of it, as the output head)
-    return DeviceWeights(embed, layers, norm, lm_head, total[0], tuple(sorted(kinds)), token_bytes)
+    return DeviceWeights(embed, layers, norm, lm_head, total[0], tuple(sorted(kinds)),
+                         read_per_token(total[0], embed, lm_head))
+
+
+def gate_up(ckpt, t, weights):
+    """A layer's gate and up matrices, rows interleaved (one kind: widened to fp32 if they are stored apart)."""
+    parts = [stored(ckpt, t["w_gate"], weights), stored(ckpt, t["w_up"], weights)]
+    if parts[0][1] != parts[1][1]:             # (never in llama.cpp's mixtures)
+        log.info("tinyllm: gate/up stored as %s/%s: both widened to fp32", parts[0][1], parts[1][1])
+        parts = [stored(ckpt, t[f], "fp32") for f in ("w_gate", "w_up")]
+    return fuse_rows(parts, interleave=True)
+
+
+def read_per_token(total, embed, lm_head):
+    """Bytes of weights a token reads: all of them, but one row of the embedding table (tied: all of it, as the
+    output head)."""
+    table = embed[0].nbytes
+    return total + table // embed[0].shape[0] - (table if lm_head is not embed else 0)
