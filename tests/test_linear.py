@@ -125,13 +125,16 @@ def test_gemv_rope_epilogue_rotates_q_and_appends_k_and_v(lengths, tokens):
     assert dev["counters"].copy_to_host().tolist() == [0] * B
 
 
-BLOCK_SHAPES = {32: [(1, 96, 6), (2, 64, 10), (7, 96, 18)], 256: [(1, 512, 6), (2, 256, 10), (7, 256, 18)]}
+# (M, K, N) per block size: K-quant rows of two super-blocks in the GEMV; the tensor-core GEMM's 2 column blocks (the
+# second partial) at 32-value blocks, one partial one at 256 (the tile loads do not depend on the kind; the
+# simulator's MMA twin costs ~1 s a block at K = 256)
+BLOCK_SHAPES = {32: [(1, 96, 6), (2, 64, 10), (7, 96, 18)], 256: [(1, 512, 6), (2, 256, 10), (7, 256, 10)]}
 
 
 @pytest.mark.parametrize("kind", list(blocks.BLOCK_KINDS))
 def test_gguf_blocks_gemv_and_tensor_core_gemm(kind):
     """Every block kind: the GEMV at 1 token (with the RMSNorm prologue) and 2 (SwiGLU epilogue), and a 7-token
-    chunk on the tensor cores (residual epilogue: 2 column blocks, the second partial; a partial row block)."""
+    chunk on the tensor cores (residual epilogue; a partial row block, partial column blocks)."""
     rng = np.random.default_rng(len(kind))
     for (m, k, n), (epilogue, norm) in zip(BLOCK_SHAPES[blocks.BLOCK_KINDS[kind].block],
                                            [("none", True), ("swiglu", False), ("residual", False)]):
@@ -147,16 +150,16 @@ def test_gguf_blocks_gemv_and_tensor_core_gemm(kind):
 def test_the_simt_gemm_reads_fp16_words_and_gguf_blocks(kind):
     """The SIMT GEMM (GPUs without bf16 tensor cores, and fp16 weights): its W tile dequantized while staged."""
     rng = np.random.default_rng(11)
-    k = 256 if kind == "q6_k" else 64
-    x = rng.standard_normal((9, k)).astype(np.float32)
+    k, m = 256 if kind == "q6_k" else 64, 5                # m: one partial row block; 34 rows: a partial column block
+    x = rng.standard_normal((m, k)).astype(np.float32)
     if kind == "f16":
         half = rng.standard_normal((34, k)).astype(np.float16)
         words, w64 = half.view(np.uint64), half.astype(np.float64)
     else:
         words, w64 = block_weight(rng, 34, k, kind)
-    out = cuda.to_device(np.full((9, 34), np.nan, np.float32))
+    out = cuda.to_device(np.full((m, 34), np.nan, np.float32))
     bm, bn, _, threads = GEMM_TILES
-    make_gemm(kind)[L.gemm_grid(9, 34, GEMM_TILES), threads](cuda.to_device(x), cuda.to_device(words), out)
+    make_gemm(kind)[L.gemm_grid(m, 34, GEMM_TILES), threads](cuda.to_device(x), cuda.to_device(words), out)
     close(out.copy_to_host(), x.astype(np.float64) @ w64.T)
 
 

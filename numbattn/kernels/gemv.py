@@ -113,7 +113,9 @@ def _make_accumulate(K, M, kind, R, rmsnorm, heads):
         for a in range(MR):
             acc[a] = float32(0.0)
         for r in range(R):
-            row = min(row_of(warp, r), w.shape[0] - 1)      # a warp past the end reads a valid row, stores nothing
+            row = row_of(warp, r)
+            if row >= w.shape[0]:                           # past the end: the whole warp skips (no divergence)
+                continue
             for c0 in range(0, ITER, GEMV_CHUNK):
                 for c in range(GEMV_CHUNK):                 # issue the chunk's loads back to back
                     i = lane + LANES * (c0 + c)
