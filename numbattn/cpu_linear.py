@@ -88,15 +88,16 @@ class BlockMatrix:
             raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
         xs = np.ascontiguousarray(x.reshape(-1, k)[:, self.order])          # [M, K], staged as the chunks are
         out = np.empty((xs.shape[0], n), np.float32)
-        gemv, panel = make_cpu_kernels(self.kind)
+        rows, w = make_cpu_kernels(self.kind), self.words.view(np.uint8)
         if xs.shape[0] <= GEMV_TOKENS:
+            shape = np.empty((1, k), np.float32)                                # (buf: only its width is read)
             for m in range(xs.shape[0]):
-                gemv(self.words.view(np.uint8), xs[m], out[m])
+                rows(w, 0, n, shape, xs[m], out[m], True)
         else:
             buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
             for r0 in range(0, n, PANEL_ROWS):
                 r1 = min(n, r0 + PANEL_ROWS)
-                panel(self.words.view(np.uint8), r0, r1, buf)
+                rows(w, r0, r1, buf, xs[0], out[0], False)
                 np.matmul(xs, buf[:r1 - r0].T, out=out[:, r0:r1])
         return out.reshape(*lead, n)
 
@@ -127,42 +128,33 @@ def compile_cpu_kernels(kind):
 
 @functools.lru_cache(maxsize=None)
 def make_cpu_kernels(kind):
-    """(gemv(w_bytes, xs, out), panel(w_bytes, r0, r1, buf)) for `kind`: w_bytes the words as uint8 [N, 8 W], xs one
-    staged token [K], buf [>= r1 - r0, K] receiving rows r0 .. r1 - 1 dequantized, staged. Both are one function,
-    dequantize_row, and a dot product (gemv) or nothing (panel). Each splits its rows over Numba's threads
-    (numba.set_num_threads), ROW_BLOCK rows to a task, whose loops are compiled apart (in a prange body LLVM left
-    them scalar)."""
+    """rows(w_bytes, r0, r1, buf, xs, out, dot) for `kind`: w_bytes the words as uint8 [N, 8 W]; rows r0 .. r1 - 1
+    dequantized (staged) into buf [>= r1 - r0, K] (a panel), or, with dot, each into a row of scratch and multiplied
+    by xs (one staged token [K]) into out[n] (the GEMV). One function for both, so that dequantize_row is compiled
+    once a kind (it is most of the compile time); its rows are split over Numba's threads (numba.set_num_threads),
+    ROW_BLOCK rows to a task, whose loops are compiled apart (in a prange body LLVM left them scalar)."""
     dequantize_row = (_make_q8 if blocks.BLOCK_KINDS[kind].bits == 8 else _make_q4)(kind)
     offsets = _make_offsets(kind)
 
     @cpu_kernel
-    def gemv_rows(w, xs, out, r0, r1):
-        lay, scratch = offsets(xs.shape[0]), np.empty((4, xs.shape[0] // 2), np.float32)
-        row = np.empty(xs.shape[0], np.float32)
+    def task(w, r0, r1, buf, xs, out, dot):
+        K = buf.shape[1]
+        lay, scratch, own = offsets(K), np.empty((4, K // 2), np.float32), np.empty(K, np.float32)
         for n in range(r0, r1):
+            row = own if dot else buf[n - r0]
             dequantize_row(w, n, lay, scratch, row)
-            s = float32(0.0)
-            for i in range(xs.shape[0]):
-                s += row[i] * xs[i]
-            out[n] = s
-
-    @cpu_kernel
-    def panel_rows(w, r0, r1, buf):
-        lay, scratch = offsets(buf.shape[1]), np.empty((4, buf.shape[1] // 2), np.float32)
-        for n in range(r0, r1):
-            dequantize_row(w, n, lay, scratch, buf[n - r0])
+            if dot:
+                s = float32(0.0)
+                for i in range(K):
+                    s += row[i] * xs[i]
+                out[n] = s
 
     @cpu_kernel(parallel=True)
-    def gemv(w, xs, out):
-        for b in prange((w.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK):
-            gemv_rows(w, xs, out, b * ROW_BLOCK, min(w.shape[0], (b + 1) * ROW_BLOCK))
-
-    @cpu_kernel(parallel=True)
-    def panel(w, r0, r1, buf):
+    def rows(w, r0, r1, buf, xs, out, dot):
         for b in prange((r1 - r0 + ROW_BLOCK - 1) // ROW_BLOCK):
             lo = r0 + b * ROW_BLOCK
-            panel_rows(w, lo, min(r1, lo + ROW_BLOCK), buf[lo - r0:])
-    return gemv, panel
+            task(w, lo, min(r1, lo + ROW_BLOCK), buf[lo - r0:] if not dot else buf, xs, out, dot)
+    return rows
 
 
 def _make_offsets(kind):
