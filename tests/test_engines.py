@@ -207,12 +207,11 @@ def test_a_prompt_longer_than_the_buffers_runs_in_chunks(one_layer_dir, tiny_mod
 
 
 # ---- a GGUF file's blocks kept on the device (numbattn/blocks.py, dequantized inside the kernels) ------------------
-@pytest.fixture(scope="module")
-def narrow_dir(tmp_path_factory):
+def narrow_dir(path, family):
     """A one-layer miniature whose every matrix splits into 32-value blocks (hidden 32, MLP 64; 2/1 heads of 16; the
     output head tied to the embeddings), a third of one_layer_dir's weights: a third of the simulator's time."""
-    return make_tiny(tmp_path_factory.mktemp("narrow"), seed=0, num_hidden_layers=1, hidden_size=32,
-                     intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    return make_tiny(path, seed=0, family=family, num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
 
 
 def mixed_gguf(path, model_dir):
@@ -227,17 +226,17 @@ def mixed_gguf(path, model_dir):
                       raw_tensors={"blk.0.attn_v.weight": (quantize(v, GGMLQuantizationType.Q8_0), "Q8_0")})
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0 + Q8_0 attn_v"])
-def test_gguf_blocks_on_the_device_equal_the_numpy_engine_on_the_same_file(tmp_path, narrow_dir, kernel_backend,
-                                                                           qtype):
+@pytest.mark.parametrize("family,qtype", [("llama", "Q8_0"), ("qwen2", "Q4_0 + Q8_0 attn_v")])
+def test_gguf_blocks_on_the_device_equal_the_numpy_engine_on_the_same_file(tmp_path, kernel_backend, family, qtype):
     """The device engine keeps the file's blocks (the embedding's too, which is the output head); a 2-token prompt
     and a decode step (the GEMVs: q/k/v with RoPE and the append fused when they share a kind, else one matmul per
-    part) give the logits of the NumPy engine on the same file dequantized to fp32, its reference arithmetic, within
-    RTOL. weights="fp32" and "bf16" upload fp32 or bf16 words instead (4 bytes a weight: the old way). (Prompts of
-    more tokens run the tensor-core GEMM on blocks, tests/test_linear.py, chosen by the same linear.plan_matmul.)"""
+    part, then Qwen2's biases) give the logits of the NumPy engine on the same file dequantized to fp32, its
+    reference arithmetic, within RTOL. weights="fp32" and "bf16" upload fp32 or bf16 words instead (4 bytes a
+    weight: the old way). (Prompts of more tokens run the tensor-core GEMM on blocks, tests/test_linear.py, chosen
+    by the same linear.plan_matmul.)"""
     from gguf_files import write_gguf
-    path = tmp_path / "m.gguf"
-    path = write_gguf(path, narrow_dir, "Q8_0") if qtype == "Q8_0" else mixed_gguf(path, narrow_dir)
+    source, path = narrow_dir(tmp_path / family, family), tmp_path / "m.gguf"
+    path = write_gguf(path, source, "Q8_0") if qtype == "Q8_0" else mixed_gguf(path, source)
     device = load_model(path, backend=kernel_backend, max_len=16)
     oracle = load_model(path, backend="numpy", weights="fp32", kv_dtype=np.float16)
     assert device.weights.kinds == (("q8_0",) if qtype == "Q8_0" else ("q4_0", "q8_0"))

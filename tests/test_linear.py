@@ -261,6 +261,23 @@ def test_a_few_tokens_with_a_wide_x_take_the_gemm():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"])
+@pytest.mark.parametrize("m,n,k,epilogue", [(1, 11264, 2048, "swiglu"), (4, 2048, 5632, "residual"),
+                                            (16, 2560, 2048, "none"), (37, 2048, 5632, "residual"),
+                                            (512, 11264, 2048, "swiglu")])
+def test_gguf_blocks_at_tinyllama_sizes(kind, m, n, k, epilogue):
+    """The block kinds of llama.cpp's common files in the GEMV (1 and 4 tokens) and every tensor-core tile class, at
+    TinyLlama's matrices, against float64 on the blocks' NumPy dequantization at 1e-5."""
+    rng = np.random.default_rng(m + n + k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    words, w64 = block_weight(rng, n, k, kind)
+    out_init = np.full((m, L.out_features(n, epilogue)), np.nan)
+    if epilogue == "residual":
+        out_init = rng.standard_normal(out_init.shape)
+    close(run(x, words, kind, epilogue, out_init), want(x, w64, epilogue, out_init))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k,epilogue", [(512, 2560, 2048, "none"), (2048, 2048, 5632, "residual"),
                                             (16, 11264, 2048, "swiglu"), (37, 2048, 2048, "none"),
                                             (300, 2048, 5632, "residual")])
