@@ -88,16 +88,17 @@ class BlockMatrix:
             raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
         xs = np.ascontiguousarray(x.reshape(-1, k)[:, self.order])          # [M, K], staged as the chunks are
         out = np.empty((xs.shape[0], n), np.float32)
-        rows, w = make_cpu_kernels(self.kind), self.words.view(np.uint8)
+        rows, w, gb = make_cpu_kernels(self.kind), self.words.view(np.uint8), group_bytes(self.kind)
         if xs.shape[0] <= GEMV_TOKENS:
             shape = np.empty((1, k), np.float32)                                # (buf: only its width is read)
+            xsum = group_sums(self.kind, xs)
             for m in range(xs.shape[0]):
-                rows(w, 0, n, shape, xs[m], out[m], True)
+                rows(w, 0, n, shape, xs[m], xsum[m], out[m], True, gb)
         else:
             buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
             for r0 in range(0, n, PANEL_ROWS):
                 r1 = min(n, r0 + PANEL_ROWS)
-                rows(w, r0, r1, buf, xs[0], out[0], False)
+                rows(w, r0, r1, buf, xs[0], xs[0], out[0], False, gb)
                 np.matmul(xs, buf[:r1 - r0].T, out=out[:, r0:r1])
         return out.reshape(*lead, n)
 
@@ -128,33 +129,49 @@ def compile_cpu_kernels(kind):
 
 @functools.lru_cache(maxsize=None)
 def make_cpu_kernels(kind):
-    """rows(w_bytes, r0, r1, buf, xs, out, dot) for `kind`: w_bytes the words as uint8 [N, 8 W]; rows r0 .. r1 - 1
-    dequantized (staged) into buf [>= r1 - r0, K] (a panel), or, with dot, each into a row of scratch and multiplied
-    by xs (one staged token [K]) into out[n] (the GEMV). One function for both, so that dequantize_row is compiled
-    once a kind (it is most of the compile time); its rows are split over Numba's threads (numba.set_num_threads),
-    ROW_BLOCK rows to a task, whose loops are compiled apart (in a prange body LLVM left them scalar)."""
-    dequantize_row = (_make_q8 if blocks.BLOCK_KINDS[kind].bits == 8 else _make_q4)(kind)
+    """rows(w_bytes, r0, r1, buf, xs, xsum, out, dot, gb) for `kind`: w_bytes the words as uint8 [N, 8 W]; with dot,
+    out[n] = xs . W[n] for rows r0 .. r1 - 1 (the GEMV: xs one staged token [K], xsum [K / group] the sums of its
+    groups' values), else those rows dequantized (staged) into buf [>= r1 - r0, K] (a panel). gb: code bytes per
+    group (group_bytes(kind)), passed at run time on purpose: a loop of a constant 16 is unrolled and LLVM then
+    vectorises the loop around it, across groups, with gathers and scatters (2-6x slower); a loop of unknown length
+    is vectorised itself. One function for both, compiled once a kind; its rows are split over Numba's threads
+    (numba.set_num_threads), ROW_BLOCK rows to a task, whose loops are compiled apart (in a prange body LLVM left
+    them scalar)."""
+    eight = blocks.BLOCK_KINDS[kind].bits == 8
+    dequantize_row, dot_row = (_make_q8 if eight else _make_q4)(kind)
     offsets = _make_offsets(kind)
 
     @cpu_kernel
-    def task(w, r0, r1, buf, xs, out, dot):
+    def task(w, r0, r1, buf, xs, xsum, out, dot, gb):
         K = buf.shape[1]
-        lay, scratch, own = offsets(K), np.empty((4, K // 2), np.float32), np.empty(K, np.float32)
+        lay, scratch, v = offsets(K), np.empty((4, K // 2), np.float32), np.empty(gb, np.float32)
         for n in range(r0, r1):
-            row = own if dot else buf[n - r0]
-            dequantize_row(w, n, lay, scratch, row)
             if dot:
-                s = float32(0.0)
-                for i in range(K):
-                    s += row[i] * xs[i]
-                out[n] = s
+                out[n] = dot_row(w, n, lay, scratch, xs, xsum, v, gb)
+            else:
+                dequantize_row(w, n, lay, scratch, buf[n - r0], gb)
 
     @cpu_kernel(parallel=True)
-    def rows(w, r0, r1, buf, xs, out, dot):
+    def rows(w, r0, r1, buf, xs, xsum, out, dot, gb):
         for b in prange((r1 - r0 + ROW_BLOCK - 1) // ROW_BLOCK):
             lo = r0 + b * ROW_BLOCK
-            task(w, lo, min(r1, lo + ROW_BLOCK), buf[lo - r0:] if not dot else buf, xs, out, dot)
+            task(w, lo, min(r1, lo + ROW_BLOCK), buf[lo - r0:] if not dot else buf, xs, xsum, out, dot, gb)
     return rows
+
+
+def group_sums(kind, xs):
+    """Staged tokens xs [M, K] -> [M, groups]: the sum of each group's values of x, sum(x) in b' sum(x) (Q8_0 has
+    no offset: xs itself, unread)."""
+    if blocks.BLOCK_KINDS[kind].bits == 8:
+        return xs
+    halves = xs.reshape(xs.shape[0], 2, -1, group_bytes(kind))          # low codes' x, high codes' x; groups
+    return np.ascontiguousarray(halves.sum(axis=(1, 3)))
+
+
+def group_bytes(kind):
+    """Code bytes per group of one factor a and offset b: 16 (32 4- to 6-bit codes) or 8 (Q6_K's 16); Q8_0: 32."""
+    k = blocks.BLOCK_KINDS[kind]
+    return k.group if k.bits == 8 else k.group // 2
 
 
 def _make_offsets(kind):
@@ -168,39 +185,84 @@ def _make_offsets(kind):
     return offsets
 
 
-# dequantize_row(w, n, lay, scratch, row): row [K] = W[n] dequantized, staged. Written as LLVM vectorises it (checked
-# in the assembly): each group's factors spread first into per-byte arrays (scratch), then plain loops over the
-# row's bytes with one stream of stores each. (One loop per chunk, the factors computed inside, was vectorised across
-# chunks instead, with gathers and scatters: 6x slower.)
+# The codes become floats before any arithmetic: Numba computes on integers narrower than 64 bits in 64 bits, whose
+# conversion to float is half as wide and slow, so a byte c is widened to a float (exact) and split there:
+# hi = floor(c / 16), lo = c - 16 hi; an int8 is c - 256 floor(c / 128). Both kernels below were checked in the
+# assembly (vpmovzxbd, vcvtdq2ps, vroundps, FMAs on 8 lanes):
+#   dequantize_row(w, n, lay, scratch, row, gb): row [K] = W[n] dequantized, staged: each group's factors spread
+#       first into per-byte arrays (scratch), then plain loops over the row's bytes with one stream of stores each;
+#   dot_row(w, n, lay, scratch, xs, xsum, v, gb) -> xs . W[n]: for each group, v[t] += a (lo_t x_lo,t + hi_t x_hi,t)
+#       over its gb bytes (v: gb running sums, added up at the end), and the group's offset once, b' sum(x) (b' = b - a z,
+#       xsum the group's sum of x): one FMA a weight and nothing stored.
 def _make_q4(kind):
     """4- to 6-bit codes. scratch [4, K/2]: each byte's factor a, offset b (the zero point folded in: a c + b), and
     the high bits of its low and high code."""
-    k = blocks.BLOCK_KINDS[kind]
     factors = cpu_factors(kind, half)
-    z, E, BYTES_PER_GROUP = float32(ZERO[kind]), k.bits - 4, k.group // 2
+    z, E, high_bits = float32(ZERO[kind]), blocks.BLOCK_KINDS[kind].bits - 4, _make_high_bits(kind)
+
+    @cpu_kernel(inline="always")
+    def dequantize_row(w, n, lay, scratch, row, gb):
+        wn, H = w[n], row.shape[0] // 2
+        a, b, high_lo, high_hi = scratch[0], scratch[1], scratch[2], scratch[3]
+        for g in range(H // gb):
+            ag, bg = factors(w, n, lay[1], g)
+            base = g * gb
+            for t in range(gb):
+                a[base + t] = ag
+                b[base + t] = bg - ag * z
+        if E:
+            high_bits(wn, lay[0], H, high_lo, high_hi)
+        for i in range(H):
+            c = float32(wn[i])
+            hi = np.floor(c * float32(0.0625))
+            lo = c - float32(16.0) * hi
+            if E:
+                lo, hi = lo + high_lo[i], hi + high_hi[i]
+            row[i] = a[i] * lo + b[i]
+            row[H + i] = a[i] * hi + b[i]
+
+    @cpu_kernel(inline="always")
+    def dot_row(w, n, lay, scratch, xs, xsum, v, gb):
+        wn, H = w[n], xs.shape[0] // 2
+        high_lo, high_hi = scratch[2], scratch[3]
+        if E:
+            high_bits(wn, lay[0], H, high_lo, high_hi)
+        for t in range(gb):
+            v[t] = float32(0.0)
+        s = float32(0.0)
+        for g in range(H // gb):
+            a, b = factors(w, n, lay[1], g)
+            s += (b - a * z) * xsum[g]
+            base = g * gb
+            for t in range(gb):
+                c = float32(wn[base + t])
+                hi = np.floor(c * float32(0.0625))
+                lo = c - float32(16.0) * hi
+                if E:
+                    lo, hi = lo + high_lo[base + t], hi + high_hi[base + t]
+                v[t] += a * (lo * xs[base + t] + hi * xs[H + base + t])
+        for t in range(gb):
+            s += v[t]
+        return s
+    return dequantize_row, dot_row
+
+
+def _make_high_bits(kind):
+    """high_bits(wn, h0, H, high_lo, high_hi): bits 4 (and 5) of each byte's two codes (5- and 6-bit codes), as floats
+    times 16, from the row's high-bit stream at byte h0."""
+    k = blocks.BLOCK_KINDS[kind]
+    E = k.bits - 4
     MASK, FIELD = (1 << max(E, 0)) - 1, k.high_bits // 8            # high bits per code, bytes per word's field
 
     @cpu_kernel(inline="always")
-    def dequantize_row(w, n, lay, scratch, row):
-        wn, H = w[n], row.shape[0] // 2
-        a, b, high_lo, high_hi = scratch[0], scratch[1], scratch[2], scratch[3]
-        for g in range(H // BYTES_PER_GROUP):
-            ag, bg = factors(w, n, lay[1], g)
-            for t in range(BYTES_PER_GROUP):
-                a[BYTES_PER_GROUP * g + t] = ag
-                b[BYTES_PER_GROUP * g + t] = bg - ag * z
-        if E:
-            for i in range(H):                                # byte i: code word i // 8, columns t and t + 8
-                f, t = 0, i & 7
-                for e in range(FIELD):
-                    f |= int(wn[lay[0] + FIELD * (i >> 3) + e]) << (8 * e)
-                high_lo[i] = float32(((f >> (E * t)) & MASK) << 4)
-                high_hi[i] = float32(((f >> (E * (t + 8))) & MASK) << 4)
-        for i in range(H):
-            row[i] = a[i] * (float32(int(wn[i]) & 15) + (high_lo[i] if E else float32(0.0))) + b[i]
-        for i in range(H):
-            row[H + i] = a[i] * (float32(int(wn[i]) >> 4) + (high_hi[i] if E else float32(0.0))) + b[i]
-    return dequantize_row
+    def high_bits(wn, h0, H, high_lo, high_hi):
+        for i in range(H):                                           # byte i: code word i // 8, columns t and t + 8
+            f, t = 0, i & 7
+            for e in range(FIELD):
+                f |= int(wn[h0 + FIELD * (i >> 3) + e]) << (8 * e)
+            high_lo[i] = float32(((f >> (E * t)) & MASK) << 4)
+            high_hi[i] = float32(((f >> (E * (t + 8))) & MASK) << 4)
+    return high_bits
 
 
 def _make_q8(kind):
@@ -208,12 +270,30 @@ def _make_q8(kind):
     factors = cpu_factors(kind, half)
 
     @cpu_kernel(inline="always")
-    def dequantize_row(w, n, lay, scratch, row):
+    def dequantize_row(w, n, lay, scratch, row, gb):
         wn, a = w[n], scratch.reshape(-1)
-        for g in range(row.shape[0] // 32):
+        for g in range(row.shape[0] // gb):
             ag, _ = factors(w, n, lay[1], g)
-            for t in range(32):
-                a[32 * g + t] = ag
+            base = g * gb
+            for t in range(gb):
+                a[base + t] = ag
         for i in range(row.shape[0]):
-            row[i] = a[i] * (float32(int(wn[i]) ^ 128) - float32(128.0))     # the byte's int8
-    return dequantize_row
+            c = float32(wn[i])
+            row[i] = a[i] * (c - float32(256.0) * np.floor(c * float32(1 / 128)))     # the byte's int8
+
+    @cpu_kernel(inline="always")
+    def dot_row(w, n, lay, scratch, xs, xsum, v, gb):
+        wn = w[n]
+        for t in range(gb):
+            v[t] = float32(0.0)
+        for g in range(xs.shape[0] // gb):
+            a, _ = factors(w, n, lay[1], g)
+            base = g * gb
+            for t in range(gb):
+                c = float32(wn[base + t])
+                v[t] += a * ((c - float32(256.0) * np.floor(c * float32(1 / 128))) * xs[base + t])
+        s = float32(0.0)
+        for t in range(gb):
+            s += v[t]
+        return s
+    return dequantize_row, dot_row
