@@ -7,13 +7,18 @@ Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the
 (numbattn/blocks.py's layout, the file's bytes) and two Numba kernels (@njit, compiled for this CPU, vectorised by
 LLVM) read them:
 
-    gemv   one token: each 32-value chunk of a row (16 bytes of 4-bit codes, or 32 of 8-bit) is turned into floats
-           a * c + b in registers and multiplied into 16 (or 32) running sums: x is staged once per call in the
-           chunk's order (low nibbles, then high), so the loop is a plain vectorisable run of 16 lanes. Rows are
-           split over the threads (prange) when there is more than one.
+    gemv   one token: each group's codes (16 bytes of 4-bit codes, or 32 of 8-bit) are turned into floats in
+           registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset added once as
+           b' sum(x): x is staged once per call in the codes' order (low nibbles, then high), so the loop is a
+           plain vectorisable run. Rows are split over the threads (prange) when there is more than one.
     panel  a prompt chunk (more than GEMV_TOKENS tokens): PANEL_ROWS rows at a time dequantized into an fp32
            buffer that stays in cache, in the same staged order, and multiplied by x (staged alike) with BLAS
            (x @ panel^T): every weight is decoded once per chunk and BLAS does the O(M N K) work.
+
+Where it stands (SmolLM2-135M Q4_1 on this 2-core machine, BENCHMARKS.md): the GEMV decodes ~3.3 G weights/s a
+thread, about what BLAS streams as fp32, so decode is no faster than the fp32 weights yet (the bytes are 5.5x fewer;
+the arithmetic per weight is now the limit: llama.cpp's int8 dot products run ~2.5x faster a thread) and a prompt
+is slower (the dequantization is added to BLAS's time); the RAM is 5.5x smaller.
 
 Activations and sums are float32. The record arithmetic (a group's factor a and offset b) is the GPU's, written
 once (kernels/blocks.py make_factors); the NumPy statement the kernels are tested against is blocks.dequantize.
@@ -33,6 +38,11 @@ from .kernels.common import cpu_kernel
 
 GEMV_TOKENS = 2             # more tokens than this: dequantized panels and BLAS
 PANEL_ROWS = 256            # rows per dequantized panel: 256 x 2048 fp32 = 2 MB, this machine's L2 per core
+# A panel is dequantized on the calling thread alone, between matmuls that OpenBLAS runs on all of them. On Numba's
+# OpenMP threads, which spin after each parallel region (so that the next GEMV starts at once), it held the cores
+# OpenBLAS's threads needed next, ~8 ms a switch on 2 cores: SmolLM2's 41-token prompt took 5.7 s at 2 threads.
+# Letting OpenMP's threads sleep instead (OMP_WAIT_POLICY=PASSIVE) fixed the prompt but slowed decode from 41 to
+# 61 ms a token (each GEMV waking them). On one thread: 205 ms for the prompt, decode 41 ms.
 ROW_BLOCK = 32              # rows per parallel task of the GEMV
 CPU_KINDS = tuple(blocks.BLOCK_KINDS)
 HALF_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -88,7 +98,7 @@ class BlockMatrix:
             raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
         xs = np.ascontiguousarray(x.reshape(-1, k)[:, self.order])          # [M, K], staged as the chunks are
         out = np.empty((xs.shape[0], n), np.float32)
-        rows, w, gb = make_cpu_kernels(self.kind), self.words.view(np.uint8), group_bytes(self.kind)
+        (rows, task), w, gb = make_cpu_kernels(self.kind), self.words.view(np.uint8), group_bytes(self.kind)
         if xs.shape[0] <= GEMV_TOKENS:
             shape = np.empty((1, k), np.float32)                                # (buf: only its width is read)
             xsum = group_sums(self.kind, xs)
@@ -98,7 +108,7 @@ class BlockMatrix:
             buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
             for r0 in range(0, n, PANEL_ROWS):
                 r1 = min(n, r0 + PANEL_ROWS)
-                rows(w, r0, r1, buf, xs[0], xs[0], out[0], False, gb)
+                task(w, r0, r1, buf, xs[0], xs[0], out[0], False, gb)      # the calling thread: see PANEL_ROWS
                 np.matmul(xs, buf[:r1 - r0].T, out=out[:, r0:r1])
         return out.reshape(*lead, n)
 
@@ -156,7 +166,7 @@ def make_cpu_kernels(kind):
         for b in prange((r1 - r0 + ROW_BLOCK - 1) // ROW_BLOCK):
             lo = r0 + b * ROW_BLOCK
             task(w, lo, min(r1, lo + ROW_BLOCK), buf[lo - r0:] if not dot else buf, xs, xsum, out, dot, gb)
-    return rows
+    return rows, task
 
 
 def group_sums(kind, xs):

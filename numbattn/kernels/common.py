@@ -26,7 +26,6 @@ NUMBATTN_TEST_GPU=1).
                                    launch can end with a reduction over its own blocks (no second launch)
 """
 import math
-import os
 
 import numpy as np
 from llvmlite import ir
@@ -59,14 +58,6 @@ def kernel(fn=None, **options):
 
 
 device = cuda.jit(device=True, inline=True)
-
-
-# The CPU kernels' parallel loops run on Numba's OpenMP threads, which by default spin after each parallel region,
-# holding the cores that OpenBLAS's threads need for the matmul that comes next (a prompt alternates the two ~1000
-# times): on 2 cores each switch waited ~8 ms (SmolLM2's 41-token prompt took 5.7 s instead of 0.2). Passive threads
-# sleep at once (a GEMV alone: 0.48 vs 0.50 ms; a dequantized panel and its matmul: 50 -> 2 ms). OpenMP reads this
-# once, when Numba first starts its threads: set before any kernel runs, unless the user chose.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cpu_kernel(fn=None, **options):
