@@ -196,7 +196,7 @@ def block_kernels():
         for k_in in (2048, 5632, 576, 1536):
             if k_in % blocks.BLOCK_KINDS[kind].block:
                 continue
-            for epilogue, norm in (("none", True), ("residual", False), ("swiglu", True)):
+            for epilogue, norm in (("none", True), ("residual", False), ("swiglu", True), ("geglu", True)):
                 yield (f"{kind} gemv K{k_in} {epilogue}{' rmsnorm' if norm else ''}",
                        linear.make_gemv(k_in, kind, 1, epilogue, norm), gemv_sig)
         for k_in, heads in ((2048, (32, 4, 64)), (576, (9, 3, 64))):
