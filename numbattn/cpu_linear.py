@@ -15,10 +15,9 @@ LLVM) read them:
            buffer that stays in cache, in the same staged order, and multiplied by x (staged alike) with BLAS
            (x @ panel^T): every weight is decoded once per chunk and BLAS does the O(M N K) work.
 
-Where it stands (SmolLM2-135M Q4_1 on this 2-core machine, BENCHMARKS.md): the GEMV decodes ~3.3 G weights/s a
-thread, about what BLAS streams as fp32, so decode is no faster than the fp32 weights yet (the bytes are 5.5x fewer;
-the arithmetic per weight is now the limit: llama.cpp's int8 dot products run ~2.5x faster a thread) and a prompt
-is slower (the dequantization is added to BLAS's time); the RAM is 5.5x smaller.
+The GEMV takes DOT_ROWS rows together (each load of x serves four rows' codes) and decodes ~4.8 G weights/s a
+thread (Q4_1, SmolLM2's 1536 x 576), ~1.6x what BLAS streams as fp32: the arithmetic per weight, not the bytes, is
+the limit here (llama.cpp's int8 dot products do more a cycle). Measured end to end: BENCHMARKS.md.
 
 Activations and sums are float32. The record arithmetic (a group's factor a and offset b) is the GPU's, written
 once (kernels/blocks.py make_factors); the NumPy statement the kernels are tested against is blocks.dequantize.
@@ -44,6 +43,7 @@ PANEL_ROWS = 256            # rows per dequantized panel: 256 x 2048 fp32 = 2 MB
 # Letting OpenMP's threads sleep instead (OMP_WAIT_POLICY=PASSIVE) fixed the prompt but slowed decode from 41 to
 # 61 ms a token (each GEMV waking them). On one thread: 205 ms for the prompt, decode 41 ms.
 ROW_BLOCK = 32              # rows per parallel task of the GEMV
+DOT_ROWS = 4                # rows the GEMV takes together: each load of x serves 4 (1.8x faster than 1; 8: slower)
 CPU_KINDS = tuple(blocks.BLOCK_KINDS)
 HALF_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
@@ -77,9 +77,11 @@ class BlockMatrix:
         if words.dtype != np.uint64 or words.ndim != 2 or words.shape[1] != blocks.row_words(kind, n_in):
             raise ValueError(f"words {words.dtype} {words.shape}: expected uint64 rows of "
                              f"{blocks.row_words(kind, n_in)} words ({kind}, {n_in} values)")
-        self.kind, self.words, self.n_in = kind, np.ascontiguousarray(words), n_in
+        pad = -words.shape[0] % DOT_ROWS                # zero rows to a multiple of the GEMV's row step (not read out)
+        self.kind, self.words, self.n_in = kind, np.ascontiguousarray(np.pad(words, ((0, pad), (0, 0)))), n_in
         self.shape, self.nbytes, self.dtype = (words.shape[0], n_in), self.words.nbytes, np.dtype(np.float32)
         self.order = staged_order(kind, n_in)
+        self.kernels, self.bytes, self.group_bytes = make_cpu_kernels(kind), self.words.view(np.uint8), group_bytes(kind)
 
     @property
     def T(self):
@@ -96,20 +98,20 @@ class BlockMatrix:
         lead, (n, k) = x.shape[:-1], self.shape
         if x.shape[-1] != k:
             raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
-        xs = np.ascontiguousarray(x.reshape(-1, k)[:, self.order])          # [M, K], staged as the chunks are
+        (gemv, panel), w, gb = self.kernels, self.bytes, self.group_bytes
+        x2 = np.ascontiguousarray(x.reshape(-1, k))
+        if x2.shape[0] <= GEMV_TOKENS:
+            out = np.empty((x2.shape[0], w.shape[0]), np.float32)              # (the padding rows' too)
+            for m in range(x2.shape[0]):
+                gemv(w, x2[m], self.order, out[m], gb)
+            return out[:, :n].reshape(*lead, n)
+        xs = x2[:, self.order]                                              # [M, K], staged as the codes are
         out = np.empty((xs.shape[0], n), np.float32)
-        (rows, task), w, gb = make_cpu_kernels(self.kind), self.words.view(np.uint8), group_bytes(self.kind)
-        if xs.shape[0] <= GEMV_TOKENS:
-            shape = np.empty((1, k), np.float32)                                # (buf: only its width is read)
-            xsum = group_sums(self.kind, xs)
-            for m in range(xs.shape[0]):
-                rows(w, 0, n, shape, xs[m], xsum[m], out[m], True, gb)
-        else:
-            buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
-            for r0 in range(0, n, PANEL_ROWS):
-                r1 = min(n, r0 + PANEL_ROWS)
-                task(w, r0, r1, buf, xs[0], xs[0], out[0], False, gb)      # the calling thread: see PANEL_ROWS
-                np.matmul(xs, buf[:r1 - r0].T, out=out[:, r0:r1])
+        buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
+        for r0 in range(0, n, PANEL_ROWS):
+            r1 = min(n, r0 + PANEL_ROWS)
+            panel(w, r0, r1, buf, gb)                              # on the calling thread: see PANEL_ROWS
+            np.matmul(xs, buf[:r1 - r0].T, out=out[:, r0:r1])
         return out.reshape(*lead, n)
 
 
@@ -139,43 +141,50 @@ def compile_cpu_kernels(kind):
 
 @functools.lru_cache(maxsize=None)
 def make_cpu_kernels(kind):
-    """rows(w_bytes, r0, r1, buf, xs, xsum, out, dot, gb) for `kind`: w_bytes the words as uint8 [N, 8 W]; with dot,
-    out[n] = xs . W[n] for rows r0 .. r1 - 1 (the GEMV: xs one staged token [K], xsum [K / group] the sums of its
-    groups' values), else those rows dequantized (staged) into buf [>= r1 - r0, K] (a panel). gb: code bytes per
+    """(gemv(w_bytes, x, order, out, gb), panel(w_bytes, r0, r1, buf, gb)) for `kind`: w_bytes the words as uint8
+    [N, 8 W] (N a multiple of DOT_ROWS); gemv: out[n] = x . W[n] for every row (x one token [K], staged in the
+    kernel by `order`); panel: rows r0 .. r1 - 1 dequantized (staged) into buf [>= r1 - r0, K]. gb: code bytes per
     group (group_bytes(kind)), passed at run time on purpose: a loop of a constant 16 is unrolled and LLVM then
     vectorises the loop around it, across groups, with gathers and scatters (2-6x slower); a loop of unknown length
-    is vectorised itself. One function for both, compiled once a kind; its rows are split over Numba's threads
-    (numba.set_num_threads), ROW_BLOCK rows to a task, whose loops are compiled apart (in a prange body LLVM left
-    them scalar)."""
+    is vectorised itself. The GEMV's rows are split over Numba's threads (numba.set_num_threads), ROW_BLOCK rows to
+    a task, whose loops are compiled apart (in a prange body LLVM left them scalar); a panel runs on the calling
+    thread (see PANEL_ROWS)."""
     eight = blocks.BLOCK_KINDS[kind].bits == 8
-    dequantize_row, dot_row = (_make_q8 if eight else _make_q4)(kind)
+    dequantize_row, dot_rows = (_make_q8 if eight else _make_q4)(kind)
     offsets = _make_offsets(kind)
 
     @cpu_kernel
-    def task(w, r0, r1, buf, xs, xsum, out, dot, gb):
+    def dot_task(w, r0, r1, xs, xsum, out, gb):
+        K = xs.shape[0]
+        lay, scratch = offsets(K), np.empty((2 * DOT_ROWS, K // 2), np.float32)
+        v, a, b = np.empty((DOT_ROWS, gb), np.float32), np.empty(DOT_ROWS, np.float32), np.empty(DOT_ROWS, np.float32)
+        for n0 in range(r0, r1, DOT_ROWS):
+            dot_rows(w, n0, lay, scratch, xs, xsum, v, a, b, out, gb)
+
+    @cpu_kernel
+    def panel(w, r0, r1, buf, gb):
         K = buf.shape[1]
-        lay, scratch, v = offsets(K), np.empty((4, K // 2), np.float32), np.empty(gb, np.float32)
+        lay, scratch = offsets(K), np.empty((4, K // 2), np.float32)
         for n in range(r0, r1):
-            if dot:
-                out[n] = dot_row(w, n, lay, scratch, xs, xsum, v, gb)
-            else:
-                dequantize_row(w, n, lay, scratch, buf[n - r0], gb)
+            dequantize_row(w, n, lay, scratch, buf[n - r0], gb)
 
     @cpu_kernel(parallel=True)
-    def rows(w, r0, r1, buf, xs, xsum, out, dot, gb):
-        for b in prange((r1 - r0 + ROW_BLOCK - 1) // ROW_BLOCK):
-            lo = r0 + b * ROW_BLOCK
-            task(w, lo, min(r1, lo + ROW_BLOCK), buf[lo - r0:] if not dot else buf, xs, xsum, out, dot, gb)
-    return rows, task
-
-
-def group_sums(kind, xs):
-    """Staged tokens xs [M, K] -> [M, groups]: the sum of each group's values of x, sum(x) in b' sum(x) (Q8_0 has
-    no offset: xs itself, unread)."""
-    if blocks.BLOCK_KINDS[kind].bits == 8:
-        return xs
-    halves = xs.reshape(xs.shape[0], 2, -1, group_bytes(kind))          # low codes' x, high codes' x; groups
-    return np.ascontiguousarray(halves.sum(axis=(1, 3)))
+    def gemv(w, x, order, out, gb):
+        """out[n] = x . W[n] for every row: x [K] staged here, its groups' sums taken (one kernel call a token:
+        Python's part of a GEMV was ~50 us, a quarter of a small one's time)."""
+        K, n_rows = x.shape[0], w.shape[0]
+        xs, H = np.empty(K, np.float32), K // 2
+        for i in range(K):
+            xs[i] = x[order[i]]
+        xsum = np.zeros(max(H // gb, 1), np.float32)                 # (Q8_0: no offsets, unread)
+        if not eight:
+            for g in range(H // gb):
+                for t in range(g * gb, g * gb + gb):
+                    xsum[g] += xs[t] + xs[H + t]
+        for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            lo = b * ROW_BLOCK
+            dot_task(w, lo, min(n_rows, lo + ROW_BLOCK), xs, xsum, out, gb)
+    return gemv, panel
 
 
 def group_bytes(kind):
@@ -232,29 +241,33 @@ def _make_q4(kind):
             row[H + i] = a[i] * hi + b[i]
 
     @cpu_kernel(inline="always")
-    def dot_row(w, n, lay, scratch, xs, xsum, v, gb):
-        wn, H = w[n], xs.shape[0] // 2
-        high_lo, high_hi = scratch[2], scratch[3]
-        if E:
-            high_bits(wn, lay[0], H, high_lo, high_hi)
-        for t in range(gb):
-            v[t] = float32(0.0)
-        s = float32(0.0)
+    def dot_rows(w, n0, lay, scratch, xs, xsum, v, a, b, out, gb):
+        H = xs.shape[0] // 2
+        for r in range(DOT_ROWS):
+            if E:
+                high_bits(w[n0 + r], lay[0], H, scratch[2 * r], scratch[2 * r + 1])
+            b[r] = float32(0.0)
+        v[:, :] = float32(0.0)
         for g in range(H // gb):
-            a, b = factors(w, n, lay[1], g)
-            s += (b - a * z) * xsum[g]
             base = g * gb
+            for r in range(DOT_ROWS):
+                a[r], br = factors(w, n0 + r, lay[1], g)
+                b[r] += (br - a[r] * z) * xsum[g]
             for t in range(gb):
-                c = float32(wn[base + t])
-                hi = np.floor(c * float32(0.0625))
-                lo = c - float32(16.0) * hi
-                if E:
-                    lo, hi = lo + high_lo[base + t], hi + high_hi[base + t]
-                v[t] += a * (lo * xs[base + t] + hi * xs[H + base + t])
-        for t in range(gb):
-            s += v[t]
-        return s
-    return dequantize_row, dot_row
+                xl, xh = xs[base + t], xs[H + base + t]
+                for r in range(DOT_ROWS):
+                    c = float32(w[n0 + r, base + t])
+                    hi = np.floor(c * float32(0.0625))
+                    lo = c - float32(16.0) * hi
+                    if E:
+                        lo, hi = lo + scratch[2 * r, base + t], hi + scratch[2 * r + 1, base + t]
+                    v[r, t] += a[r] * (lo * xl + hi * xh)
+        for r in range(DOT_ROWS):
+            s = b[r]
+            for t in range(gb):
+                s += v[r, t]
+            out[n0 + r] = s
+    return dequantize_row, dot_rows
 
 
 def _make_high_bits(kind):
@@ -292,18 +305,20 @@ def _make_q8(kind):
             row[i] = a[i] * (c - float32(256.0) * np.floor(c * float32(1 / 128)))     # the byte's int8
 
     @cpu_kernel(inline="always")
-    def dot_row(w, n, lay, scratch, xs, xsum, v, gb):
-        wn = w[n]
-        for t in range(gb):
-            v[t] = float32(0.0)
+    def dot_rows(w, n0, lay, scratch, xs, xsum, v, a, b, out, gb):
+        v[:, :] = float32(0.0)
         for g in range(xs.shape[0] // gb):
-            a, _ = factors(w, n, lay[1], g)
             base = g * gb
+            for r in range(DOT_ROWS):
+                a[r], _ = factors(w, n0 + r, lay[1], g)
             for t in range(gb):
-                c = float32(wn[base + t])
-                v[t] += a * ((c - float32(256.0) * np.floor(c * float32(1 / 128))) * xs[base + t])
-        s = float32(0.0)
-        for t in range(gb):
-            s += v[t]
-        return s
-    return dequantize_row, dot_row
+                x = xs[base + t]
+                for r in range(DOT_ROWS):
+                    c = float32(w[n0 + r, base + t])
+                    v[r, t] += a[r] * ((c - float32(256.0) * np.floor(c * float32(1 / 128))) * x)
+        for r in range(DOT_ROWS):
+            s = float32(0.0)
+            for t in range(gb):
+                s += v[r, t]
+            out[n0 + r] = s
+    return dequantize_row, dot_rows

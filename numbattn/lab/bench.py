@@ -600,7 +600,8 @@ def _run_model(model, prompt, new_tokens):
 # --------------------------------------------------------------------------------------------------------
 # bench_weights loads one model file once per form (load_model's weights=: "fp32" is how a GGUF file used to run,
 # dequantized; "as-stored" keeps its blocks) and times them in turns, round by round, so that a machine whose load
-# changes (a shared CPU) weighs on every form alike. Rows: {weights, kinds, weights_MB, token_MB, prefill_ms
+# changes (a shared CPU) weighs on every form alike, each run after a pause of 0.5 s (OpenBLAS's and OpenMP's idle
+# threads spin for a while after their last call: the other form's would compete with this one's). Rows: {weights, kinds, weights_MB, token_MB, prefill_ms
 # (prompt_len tokens, the first token's logits included), prefill_tok_s, decode_ms (per token, over new_tokens),
 # decode_tok_s, logits_err (the prompt's last logits against the first form's, relative to their largest),
 # load_before / load_after (the 1-minute load average)}: medians of `repeat` rounds after one warm-up.
@@ -617,6 +618,7 @@ def bench_weights(model, forms=("fp32", "as-stored"), backend="numpy", prompt_le
     runs = {form: [] for form in forms}
     for r in range(repeat + 1):                         # round 0 warms up (Numba and CUDA kernels, page-ins)
         for form, m in models.items():
+            time.sleep(0.5)         # the other form's idle threads (OpenBLAS's, OpenMP's) stop spinning first
             stats = _run_model(m, prompt, new_tokens)
             if r:
                 runs[form].append(stats)
