@@ -74,9 +74,16 @@ def _make_simulated_shared_arrays_thread_safe():
             if key not in self._allocations:
                 dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
                 self._allocations[key] = np.empty(shape, dt)
-            return self._allocations[key]
+            memory = self._allocations[key]
+        hook = SHARED_ARRAY_HOOK[0]
+        return memory if hook is None else hook(memory, key)
 
     shared.array, shared._numbattn_locked = array, True
+
+
+# numbattn.lab.tracing sets SHARED_ARRAY_HOOK[0] = hook(memory, (file, line)) -> what the kernel gets in place of a
+# simulated shared array (a traced view of it), while it counts shared-memory accesses; None otherwise.
+SHARED_ARRAY_HOOK = [None]
 
 
 def available_backends():
