@@ -1,36 +1,40 @@
 """Solutions to the exercises of lessons 2-5: what the lessons run unless you pass --exercise.
 
-Try each exercise before reading its solution. Each is one line; the lesson's EXERCISE function has the same
-signature, and `python tutorials/0N_*.py --exercise` checks yours against the expected result.
+Try each exercise before reading its solution. Each is a loop or a whole kernel, with the same name and
+signature as the lesson's EXERCISE function; `python tutorials/0N_*.py --exercise` runs yours instead and scores
+it: its answer against the expected one, and (in the simulator) its counted reads per thread against the budget
+its docstring states.
 """
 import math
 
-import numpy as np
-from numba import cuda
+from numba import cuda, float32
+
+
+@cuda.jit
+def online_max_sum(s, m_out, l_out):
+    """Lesson 2: thread i takes row i; one pass over it with a running max m and a running sum l relative to m.
+    When the max grows, every term already in l, exp(x_k - m_old), becomes exp(x_k - m_new) by the factor
+    alpha = exp(m_old - m_new). Each score is read once (x), not once per use."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < s.shape[0]:                              # the last block has spare threads
+        m, l = -math.inf, 0.0
+        for j in range(s.shape[1]):
+            x = s[i, j]
+            m_new = max(m, x)
+            l = l * math.exp(m - m_new) + math.exp(x - m_new)
+            m = m_new
+        m_out[i] = m
+        l_out[i] = l
+
+
+BM_EX, BN_EX, D_EX = 4, 4, 16       # lesson 3's block: query rows (= threads), keys per tile, head dim
 
 
 @cuda.jit(device=True)
-def rescaled_sum(l, m_old, m_new, x):
-    """Lesson 2: l = sum_k exp(x_k - m_old) so far; return the sum over the same terms and x, relative to m_new.
-    Every old term exp(x_k - m_old) becomes exp(x_k - m_new) when multiplied by alpha = exp(m_old - m_new)."""
-    return l * math.exp(m_old - m_new) + math.exp(x - m_new)
-
-
-@cuda.jit(device=True)
-def tile_slot(idx, width):
-    """Lesson 3: element idx of a row-major tile with `width` columns -> (row, column). Consecutive idx, which
-    consecutive threads take, are consecutive columns of one row: consecutive addresses (a coalesced load)."""
-    return idx // width, idx % width
-
-
-@cuda.jit(device=True)
-def n_keys(i, q_len, kv_len):
-    """Lesson 4: how many keys query row i sees under a bottom-right aligned causal mask. Row i is token
-    i + (kv_len - q_len) of the sequence, and sees itself and every token before it."""
-    return min(kv_len, i + (kv_len - q_len) + 1)
-
-
-def merged_lse(lse):
-    """Lesson 5: log(sum_s exp(lse_s)), the log-sum-exp of the splits' LSEs, computed without overflow by
-    factoring out the largest: M + log(sum_s exp(lse_s - M))."""
-    return lse.max() + np.log(np.exp(lse - lse.max()).sum())
+def load_tile(k, j0, t, Ks):
+    """Lesson 3: element idx of the tile is row idx // D_EX, column idx % D_EX. Thread t copies idx = t, t + BM_EX,
+    ...: at each step the block's threads copy consecutive elements, i.e. read consecutive addresses of k
+    (coalesced), and each element is read once by the block. Keys past the end of k become 0."""
+    for idx in range(t, BN_EX * D_EX, BM_EX):
+        r, c = idx // D_EX, idx % D_EX
+        Ks[r, c] = k[j0 + r, c] if j0 + r < k.shape[0] else float32(0.0)

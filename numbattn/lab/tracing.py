@@ -326,9 +326,10 @@ def trace_decode(q, k, v, lengths, config=None, shared=False):
     return out, tracer
 
 
-def trace_v1(q, k, v, causal=False, scale=None, tiles=None):
+def trace_v1(q, k, v, causal=False, scale=None, tiles=None, module=None):
     """Run the v1 kernel (kernels/prefill_tiled.py, its traced variant) and record each query row's running max
-    and sum after every key tile. On the simulator or a GPU.
+    and sum after every key tile. On the simulator or a GPU. module: another prefill_tiled to take make_v1 from
+    (the lessons' "break it" switches run an edited copy).
 
     -> (out [b, h, q_len, d], trace [b, h, q_len, n_key_tiles, 2]) with trace[..., t, 0] = m_i and
     trace[..., t, 1] = l_i after tile t, in the kernel's base-2 units (scores scaled by log2 e); NaN where a
@@ -337,9 +338,10 @@ def trace_v1(q, k, v, causal=False, scale=None, tiles=None):
     from numba import cuda
 
     from .. import prefill
-    from ..kernels.prefill_tiled import make_v1
+    from ..kernels import prefill_tiled
     from ..reference import LOG2E
     from ..validate import check_qkv, check_scale
+    make_v1 = (module or prefill_tiled).make_v1
     check_qkv(q, k, v, causal)
     scale = check_scale(scale, q.shape[3])
     be = _backend.resolve("auto")
