@@ -112,6 +112,7 @@ def break_it(name, mistake, prediction, expect, run, catch=(AssertionError,)):
     BREAKS.append(name)
     if BREAK and BREAK != name:
         return None
+    label, LABEL[0] = LABEL[0], "the kernel"        # an exercise's checks, run on the broken code, name it so
     try:
         run()
     except catch as e:
@@ -119,6 +120,8 @@ def break_it(name, mistake, prediction, expect, run, catch=(AssertionError,)):
     else:
         raise AssertionError(f"--break {name} ({mistake}): no check failed, so the prediction did not come true: "
                              f"{prediction}")
+    finally:
+        LABEL[0] = label
     if expect not in message:
         raise AssertionError(f"--break {name} ({mistake}): predicted a failure saying {expect!r}, but the check "
                              f"said:\n{message[:1500]}")

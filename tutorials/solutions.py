@@ -38,3 +38,22 @@ def load_tile(k, j0, t, Ks):
     for idx in range(t, BN_EX * D_EX, BM_EX):
         r, c = idx // D_EX, idx % D_EX
         Ks[r, c] = k[j0 + r, c] if j0 + r < k.shape[0] else float32(0.0)
+
+
+BM4, BN4 = 4, 4                     # lesson 4's block: query rows (= threads), keys per tile
+load_kv = attend_tile = None        # lesson 4's device functions: the lesson puts them here before launching
+
+
+@cuda.jit(device=True)
+def causal_tiles(q, k, v, q0, t, Ks, Vs, state, out):
+    """Lesson 4: the block's last row, q0 + BM4 - 1, is token q0 + BM4 - 1 + (kv_len - q_len) of the sequence
+    (bottom-right alignment) and sees keys up to it: the loop stops at key q0 + BM4 + offset (or kv_len). The
+    tiles past it are above the diagonal for every row of the block: never loaded. The barriers: the first
+    keeps this tile's loads from overwriting a tile others still read, the second lets nobody read a tile
+    before it is complete. Every thread runs the loop (and reaches the barriers), even one past q_len."""
+    kv_end = min(k.shape[0], q0 + BM4 + k.shape[0] - q.shape[0])
+    for j0 in range(0, kv_end, BN4):
+        cuda.syncthreads()
+        load_kv(k, v, j0, t, Ks, Vs)
+        cuda.syncthreads()
+        attend_tile(q, Ks, Vs, j0, q0 + t, k.shape[0], state, out)
