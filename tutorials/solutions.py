@@ -57,3 +57,38 @@ def causal_tiles(q, k, v, q0, t, Ks, Vs, state, out):
         load_kv(k, v, j0, t, Ks, Vs)
         cuda.syncthreads()
         attend_tile(q, Ks, Vs, j0, q0 + t, k.shape[0], state, out)
+
+
+@cuda.jit
+def append_tokens(k_new, v_new, k_cache, v_cache, lengths):
+    """Lesson 5a: the (row, head) of this block from its y and z indices; its elements in a grid-stride loop, so
+    that consecutive threads copy consecutive elements (contiguous in k_new and in the cache row: coalesced)
+    and every element is copied by exactly one thread, however many blocks the launch has."""
+    hk, b = cuda.blockIdx.y, cuda.blockIdx.z
+    t_new, head_dim = k_new.shape[2], k_new.shape[3]
+    start = lengths[b]
+    stride = cuda.gridDim.x * cuda.blockDim.x
+    for e in range(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, t_new * head_dim, stride):
+        j, d = e // head_dim, e % head_dim
+        k_cache[b, hk, start + j, d] = k_new[b, hk, j, d]
+        v_cache[b, hk, start + j, d] = v_new[b, hk, j, d]
+
+
+@cuda.jit
+def merge_partials(part, n_splits, out):
+    """Lesson 5b: lesson 2's online rule between splits: a running max M, and L and A taken relative to it; when a
+    split's m_s raises M, what was summed so far is rescaled by exp2(M_old - M_new). Each split's acc_s[d], m_s
+    and l_s are read once. A split that saw no key (m_s = -inf) adds nothing (its weight exp2(-inf) = 0)."""
+    h, d = cuda.blockIdx.x, cuda.threadIdx.x
+    D = part.shape[2] - 2
+    M, L, A = -math.inf, 0.0, 0.0
+    for s in range(n_splits):
+        m_s, l_s, a_s = part[h, s, D], part[h, s, D + 1], part[h, s, d]
+        M_new = max(M, m_s)
+        if M_new == -math.inf:
+            continue
+        alpha, w = math.exp2(M - M_new), math.exp2(m_s - M_new)
+        L = L * alpha + l_s * w
+        A = A * alpha + a_s * w
+        M = M_new
+    out[h, d] = A / L if L > 0 else 0.0

@@ -291,15 +291,17 @@ def trace_prefill(q, k, v, causal=False, version="v1", tiles=None, scale=None, w
     return out, tracer
 
 
-def trace_decode(q, k, v, lengths, config=None, shared=False):
+def trace_decode(q, k, v, lengths, config=None, shared=False, module=None):
     """Run the default decode kernel, v1 (kernels/decode_slots.py in the split-K frame of decode_splitk.py), once
     in the simulator with every argument traced: q [batch, n_heads, d], k, v [batch, n_kv_heads, S, d] float32
     host arrays (a full cache layer: token j in slot j), lengths [batch]; config: a decode.Config with a split
     (default decode.SIM_CONFIG). K and V are read as raw words, as the kernel reads them (decode_splitk.word_type:
     up to 8 bytes, so an element read of k counts 1 to 2 float32 values: tracer.values_per_word says how many).
+    module: another decode_slots to take make_decode_v1 from (the lessons' "break it" switches run an edited copy).
     -> (out [batch, n_heads, d], tracer); tracer names: q, k, v, lengths, part, counters, out."""
     from .. import decode
-    from ..kernels.decode_slots import make_decode_v1
+    from ..kernels import decode_slots
+    make_decode_v1 = (module or decode_slots).make_decode_v1
     from ..kernels.decode_splitk import kv_word_types
     from ..reference import LOG2E
     config = config or decode.SIM_CONFIG
