@@ -111,27 +111,7 @@ V1_STEPS = [("load_q_tile(q", "1"), ("for j0 in range(kv_begin, kv_end, BN)", "2
             ("p = math.exp2(s[jj] - m_ref)", "2f"), ("acc[0, d] += p * Vs[jj, d]", "2f"), ("store_row(", "3")]
 
 
-def show_kernel(factory, kernel_name, steps):
-    """Print the @cuda.jit kernel `kernel_name` defined inside `factory`, with file line numbers and, in the
-    margin, the label of each (text, label) of `steps`, matched in order."""
-    factory = inspect.unwrap(factory)                   # make_v1 is wrapped in a cache
-    lines, first = inspect.getsourcelines(factory)
-    begin = next(n for n, line in enumerate(lines) if f"def {kernel_name}(" in line) - 1    # its decorator
-    end = next(n for n, line in enumerate(lines) if line.strip() == f"return {kernel_name}")
-    todo = list(steps)
-    print(f"{Path(inspect.getsourcefile(factory)).relative_to(_lesson.ROOT)}, {kernel_name}:")
-    for n in range(begin, end):
-        label = ""
-        if todo and todo[0][0] in lines[n]:
-            label = todo.pop(0)[1]
-        print(f"{label:>3} {first + n:4d} {lines[n].rstrip()}")
-    if todo:    # you edited the kernel (a barrier deleted?): say so, and let the checks below judge it
-        print(f"(note: {kernel_name} no longer has {', '.join(repr(x) for x, _ in todo)}: steps "
-              f"{', '.join(label for _, label in todo)} are not labelled; the lesson goes on, its checks will judge "
-              f"the change)")
-
-
-show_kernel(prefill_tiled._make_v1_body, "attention_v1", V1_STEPS)
+_lesson.show_kernel(prefill_tiled._make_v1_body, "attention_v1", V1_STEPS)
 print("\nthe online-softmax update of step 2e, written once for every kernel (numbattn/kernels/softmax.py), and the "
       "rule it applies (numbattn/reference.py):")
 print(inspect.getsource(softmax.make_update_row))

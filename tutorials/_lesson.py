@@ -135,6 +135,28 @@ def break_it(name, mistake, prediction, expect, run, catch=(AssertionError,)):
     return message
 
 
+def show_kernel(factory, kernel_name, steps):
+    """Print the kernel (or device function) `kernel_name` defined inside `factory`, with file line numbers and, in
+    the margin, the label of each (text, label) of `steps`, matched in order. A step no longer found (you edited
+    the kernel) is reported, and the lesson goes on: its checks judge the change."""
+    import inspect
+    factory = inspect.unwrap(factory)                   # factories are wrapped in a cache
+    lines, first = inspect.getsourcelines(factory)
+    begin = next(n for n, line in enumerate(lines) if f"def {kernel_name}(" in line) - 1    # its decorator
+    end = next(n for n, line in enumerate(lines) if line.strip() == f"return {kernel_name}")
+    todo = list(steps)
+    print(f"{Path(inspect.getsourcefile(factory)).relative_to(ROOT)}, {kernel_name}:")
+    for n in range(begin, end):
+        label = ""
+        if todo and todo[0][0] in lines[n]:
+            label = todo.pop(0)[1]
+        print(f"{label:>3} {first + n:4d} {lines[n].rstrip()}")
+    if todo:
+        print(f"(note: {kernel_name} no longer has {', '.join(repr(x) for x, _ in todo)}: steps "
+              f"{', '.join(label for _, label in todo)} are not labelled; the lesson goes on, its checks will judge "
+              f"the change)")
+
+
 def check_races(what, tracer):
     """No shared-memory race in a kernel run traced with tracer.shared() (numbattn/lab/tracing.py), or an
     AssertionError naming the first ones and the likely cause."""
@@ -277,6 +299,10 @@ def measured(heading, columns, where=lambda row: True, plot=None):
     head = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8").split("\n## ")[0]
     device = next((ln.split(":", 1)[1].strip() for ln in head.splitlines() if ln.strip().startswith("device:")), "")
     date = next((ln.split(":", 1)[1].strip()[:10] for ln in head.splitlines() if ln.strip().startswith("date:")), "")
+    lines = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8").splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    dated = [line[3:13] for line in lines[:at] if line.startswith("## 20")]     # a dated section: its own date
+    date = dated[-1] if dated else date
     rows = [r for r in benchmarks_table(heading) if where(r)]
     print(f"measured on {device.split(',')[0] or 'the GPU machine'} ({date}), BENCHMARKS.md, {heading.lstrip('# ')}:")
     print(bench.format_table(rows, columns))
