@@ -301,8 +301,8 @@ def measured(heading, columns, where=lambda row: True, plot=None):
     date = next((ln.split(":", 1)[1].strip()[:10] for ln in head.splitlines() if ln.strip().startswith("date:")), "")
     lines = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8").splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith(heading))
-    dated = [line[3:13] for line in lines[:at] if line.startswith("## 20")]     # a dated section: its own date
-    date = dated[-1] if dated else date
+    section = [line for line in lines[:at] if line.startswith("## ")]     # a dated section: its own date
+    date = section[-1][3:13] if section and section[-1].startswith("## 20") else date
     rows = [r for r in benchmarks_table(heading) if where(r)]
     print(f"measured on {device.split(',')[0] or 'the GPU machine'} ({date}), BENCHMARKS.md, {heading.lstrip('# ')}:")
     print(bench.format_table(rows, columns))
