@@ -25,8 +25,9 @@ No GPU needed: without one, the NumPy parts run as they are and the benchmark sh
 """
 
 # %%
-# Setup. `_setup` must come first: it decides, before numba.cuda is imported, whether numbattn's kernels
-# (functions that run on the GPU, in thousands of threads at once; lesson 2 writes one) run on a GPU or in
+# Setup. `_setup` must come first: it decides, before numba.cuda is imported, whether numbattn's *kernels*
+# (functions that run on the GPU, in thousands of *threads* at once, each thread on its own piece of the data;
+# lesson 2 writes one) run on a GPU or in
 # Numba's CUDA simulator (see tutorials/README.md).
 import _setup  # noqa: F401  (must be the first import)
 
@@ -77,7 +78,7 @@ def softmax(x):
 
 def naive_attention(q, k, v):
     """q, k, v [n_heads, n, d] -> [n_heads, n, d], the textbook way: the whole score matrix at once."""
-    scale = q.shape[-1] ** -0.5   # a Python float: fp32 inputs stay fp32 (an np.float64 would promote)
+    scale = q.shape[-1] ** -0.5   # a Python float: float32 inputs stay float32 (an np.float64 would promote)
     scores = q @ k.swapaxes(-1, -2) * scale        # [h, n, d] @ [h, d, n] -> [h, n, n]   <- N×N per head
     p = softmax(scores)                            # [h, n, n]                              <- and again
     return p @ v                                   # [h, n, n] @ [h, n, d] -> [h, n, d]
@@ -137,8 +138,9 @@ _lesson.close("softmax(x) vs softmax(x - 1000)", softmax(big), softmax(big - 100
 # A vectorised implementation can be wrong in ways that look plausible (a transposed k, the scale applied
 # twice, the softmax over the wrong axis). So we compare it with the definition written as loops, one
 # output element at a time in float64, and with numbattn's reference, which is the oracle for every kernel
-# in the later lessons. The reference takes [batch, n_heads, n, d] and supports grouped-query attention
-# (fewer k/v heads than q heads, lesson 4); with as many k/v heads as q heads it is plain attention.
+# in the later lessons. The reference takes [batch, n_heads, n, d] and supports *grouped-query attention*
+# (fewer k/v heads than q heads, each shared by a group of q heads; lesson 4); with as many k/v heads as q
+# heads it is plain attention.
 
 # %%
 def loop_attention(q, k, v):
@@ -228,16 +230,15 @@ assert peak >= score_bytes(n_meas), \
 # ## Traffic, counted: the simplest kernel
 #
 # Not storing the matrix is not the whole story: what matters on a GPU is also how often each byte is
-# fetched from its main memory, the *global memory* (on an H100, 80 GB of HBM that every thread can read and
-# write; lesson 2 places it among the faster, smaller memories). numbattn's simplest kernel, v0 (lessons 2 and
-# 3), runs one *thread* per query row (a
-# thread is one of the thousands of copies of a kernel that a GPU runs at once, each on its own piece of the
-# data; lesson 2 says more). Each walks all the keys with the running max of lesson 2: it never stores a
+# fetched from its main memory, the *global memory* (on an H100, 80 GB of *HBM*, high-bandwidth memory, that
+# every thread can read and write; lesson 2 places it among the faster, smaller memories). numbattn's simplest
+# kernel, v0 (lessons 2 and 3), runs one thread per query row (lesson 2 says more about threads). Each walks all the keys with the running max of lesson 2: it never stores a
 # score, but every row reads all of K and V itself. In Numba's CUDA simulator each of the kernel's memory
 # reads is a Python call, so numbattn/lab/tracing.py can count them. Counted at a tiny size next to the
 # formulas: v0 reads each K element once per query row (n·n·d reads of K per head, the shape of the score
-# matrix times d), and numbattn's *tiled* kernel v1 (lesson 3: it works on tiles, blocks of rows of Q, K and V
-# loaded once and used many times) once per tile of *BLOCK_M* query rows (its tile height, 4 here). Counted
+# matrix times d), and numbattn's *tiled* kernel v1 (lesson 3: it works on tiles, runs of rows of Q, K and V
+# loaded once and used many times) once per tile of *BLOCK_M* query rows (its tile height, 4 here), which a
+# *block* of threads (threads that run together and share fast memory: lesson 2) works on together. Counted
 # twice: over all keys, and *causal* (each token attends only to itself and the tokens before it, as a
 # language model must: lesson 4), where row i reads only keys 0..i.
 

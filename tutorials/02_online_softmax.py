@@ -112,7 +112,9 @@ _lesson.close("one-pass softmax vs three passes", p_online, p_three, rtol=1e-14,
 # and one division acc / l at the very end gives the output. Nothing of size n is kept per query row:
 # just m, l and acc. A GPU does not take keys one at a time but in tiles (BLOCK_N keys at a time, copied
 # into fast on-chip memory: below and lesson 3), so we write it per tile: the max of the tile first, then the
-# same update with a sum over the tile's keys. That is the loop in numbattn/kernels/prefill_tiled.py; here it is in NumPy,
+# same update with a sum over the tile's keys. That is the loop of numbattn's *prefill* kernels (attention over a
+# whole prompt at once, every query row against the keys; lesson 5 sets it beside decoding), e.g.
+# numbattn/kernels/prefill_tiled.py; here it is in NumPy,
 # for one query row, in natural-log units, recording (m, l, alpha) after each tile.
 
 # %%
@@ -160,19 +162,19 @@ _lesson.close("online attention row vs reference", out_online, out_ref, atol=1e-
 #
 #     thread   one run of the kernel. Its local variables live in *registers*, private to it.
 #              cuda.threadIdx.x = its number within its block.
-#     block    up to 1024 threads that run together on one SM (below). They share a small *shared memory*
+#     block    up to 1024 threads that run together on one *SM* (below). They share a small *shared memory*
 #              (`cuda.shared.array`) and can wait for each other at a *barrier*, `cuda.syncthreads()`:
 #              no thread passes it until all threads of the block reached it.
 #              cuda.blockIdx.x = the block's number, cuda.blockDim.x = threads per block.
-#     grid     all the blocks of one launch. Blocks run in any order and cannot wait for each other.
-#     warp     32 consecutive threads of a block, which the hardware runs in lockstep: one instruction at a
+#     *grid*   all the blocks of one launch. Blocks run in any order and cannot wait for each other.
+#     *warp*   32 consecutive threads of a block, which the hardware runs in lockstep: one instruction at a
 #              time for all 32. When they load 32 neighbouring addresses, it becomes one wide memory
 #              transaction (a *coalesced* load); threads of a warp can also swap registers directly
 #              (*warp shuffle*, lesson 3).
 #     SM       streaming multiprocessor: one of the GPU's processors (an H100 has 132). Each runs several
 #              blocks at once, as many as its registers and shared memory allow; how full it is, is its
 #              *occupancy*.
-#     FMA      fused multiply-add, a*b + c in one instruction, counted as 2 FLOPs. An H100's fp32 peak,
+#     *FMA*    fused multiply-add, a*b + c in one instruction, counted as 2 FLOPs. An H100's fp32 peak,
 #              ~67 TFLOP/s (10^12 FLOPs per second), is all its cores doing one FMA per cycle.
 #
 # And where a kernel's bytes live, from big and slow to small and fast (H100):

@@ -11,8 +11,8 @@ What you will learn
     v1  a block of threads shares each K/V tile through shared memory (one query row per thread);
     v2  each thread owns a TM×TN register tile of scores and a TM×TE tile of the output, with strided
         ownership for conflict-free shared-memory reads and small group reductions for the row max and sum;
-    v3  the same tiles on tensor cores: each warp runs both products as 16×8×8 MMAs, at fp32 accuracy
-        through 3xTF32 (its docstring tells how; this lesson runs and counts it beside the others).
+    v3  the same tiles on the GPU's matrix-multiply units, at fp32 accuracy: lesson 3b takes it apart;
+        this lesson runs and counts it beside the others.
 * The real v1 kernel, printed from numbattn/kernels/prefill_tiled.py with each line tied to the step of the algorithm it
   implements, and a small tiled kernel of your own whose cooperative load you complete (exercise 3).
 * How many bytes each kernel moves: the formulas, and the same numbers *counted* on the real kernels in the
@@ -121,7 +121,10 @@ print(inspect.getsource(prefill_tiled._make_v1_loads))
 
 # %% [markdown]
 # Things to notice in it: `q`, `k`, `v` and `out` are global memory; `Qs`, `Ks`, `Vs` are shared arrays
-# (one copy per block); `s` and `acc` are local arrays, each thread's own. `b, h = cuda.blockIdx.z,
+# (one copy per block); `s` and `acc` are *local arrays* (`cuda.local.array`), each thread's own, kept in
+# registers when the compiler can. `load_q_tile` and `load_kv_tile` are *device functions* (numbattn's
+# `@device`, i.e. `@cuda.jit(device=True)`: called by kernels, never launched themselves), *inlined*: the
+# compiler copies their code into the kernel, so a call costs nothing. `b, h = cuda.blockIdx.z,
 # cuda.blockIdx.y`: the grid is (query tiles, heads, batch), so a block knows its head and batch row from its
 # own index. And the `trace` argument is the hook that lesson 2 used to print m_i and l_i.
 #
@@ -235,7 +238,7 @@ _lesson.exercise(3, "the cooperative tile load", load_tile, solutions.load_tile,
 # Shared memory is finite, and that bounds the tiles. v1's shared arrays are Q [BM, D+1], K [BN, D] and
 # V [BN, D] (why D+1 comes below); v2 adds a P tile [BM, BN+1]. CUDA documents 48 KiB as the most a block
 # may declare with a fixed size (`cuda.shared.array`); on the H100 larger static arrays compiled, ran and made
-# v2 up to 1.8x faster, so numbattn picks tiles per compute capability (the GPU generation: 9.0 for an H100,
+# v2 up to 1.8x faster, so numbattn picks tiles per *compute capability* (the GPU generation: 9.0 for an H100,
 # 8.0 for an A100). Fewer bytes per block also means more blocks fit on an SM at once (occupancy), which is
 # why the biggest tile is not automatically the fastest. When the big tiles are used, and the toolchain
 # details behind that: BENCHMARKS.md.
@@ -437,8 +440,8 @@ _lesson.close("scores owned per thread", owned, TM * TN, got_label="owned")
 #     v1  Q [BM, D + 1]: thread t reads Q[t, d], rows one row length apart -> padded. K and V [BN, D]: every
 #         thread reads the same Ks[jj, d] at the same step, a broadcast, no conflict -> not padded
 #     v2  Q, K [., D + 1] (threads read different rows), P [BM, BN + 1]; V unpadded (a row group reads one row)
-#     v3  K and V [BN, D + 4]: the MMA fragment reads (lane (g, t) reads K[g][t], V[2t][g]) -> banks 4g + t and
-#         8t + g, all 32 different (kernels/prefill_mma.py's docstring)
+#     v3  K and V [BN, D + 4]: thread 4g + t of a warp reads K[g][t] and V[2t][g] (lesson 3b says why) ->
+#         banks 4g + t and 8t + g, all 32 different (kernels/prefill_mma.py's docstring)
 
 # %%
 def banks(keys, d, stride):
@@ -589,8 +592,8 @@ print("lesson 3 checks passed")
 #
 #     --break transposed-load     exercise 3's load as (idx % BN, idx // BN) -> scores right, owner map wrong
 #     --break every-thread-loads  every thread copies the whole tile        -> scores right, over the read budget
-#     --break missing-barrier     your kernel without the barrier after the load -> the race check names it
-#     --break missing-barrier-v1  the same line deleted from the real v1 (a copy) -> the race in Ks and Vs
+#     --break missing-barrier     your kernel without the barrier after the load -> the check below names it
+#     --break missing-barrier-v1  the same line deleted from the real v1 (a copy) -> the same, in Ks and Vs
 #     --break v0-traffic          K once per query row                       -> counted reads vs the formula
 #     --break no-padding          v2's K rows of D words                     -> the bank check's conflict
 #

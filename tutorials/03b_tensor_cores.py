@@ -46,14 +46,15 @@ rng = np.random.default_rng(0)
 # Besides its fp32 cores (the SIMT cores: each thread's own FMAs, ~67 TFLOP/s on an H100), every SM has
 # *tensor cores*: units that multiply small matrices in one step, an order of magnitude faster. A kernel
 # reaches them through one instruction that a whole warp issues together, an *MMA* (matrix
-# multiply-accumulate). numbattn's is PTX's (the assembly language of NVIDIA GPUs) `mma.sync.aligned.m16n8k8`
-# with TF32 inputs and fp32 accumulation:
+# multiply-accumulate). numbattn's is the *PTX* instruction (PTX: the assembly language of NVIDIA GPUs)
+# `mma.sync.aligned.m16n8k8` with *TF32* inputs (fp32 with a shorter mantissa: below) and fp32 accumulation:
 #
-#     D [16 x 8] = A [16 x 8] · B [8 x 8] + C [16 x 8]        one instruction, 32 lanes, 16·8·8 = 1024 FMAs
+#     D [16 x 8] = A [16 x 8] · B [8 x 8] + C [16 x 8]        one instruction, 32 threads, 16·8·8 = 1024 FMAs
 #
 # Numba has no such operation; numbattn/kernels/mma.py emits the instruction as *inline PTX* (a Numba
 # intrinsic that writes the assembly text into the compiled kernel) and, for the simulator, provides a twin
-# written in Python. No lane holds a whole matrix: lane = 4·g + t (g = lane // 4, t = lane % 4) holds
+# written in Python. No thread holds a whole matrix: a thread's number in its warp, its *lane* (0-31), is
+# written lane = 4·g + t (g = lane // 4, t = lane % 4), and lane (g, t) holds
 #
 #     A:  a0 = A[g][t]     a1 = A[g+8][t]     a2 = A[g][t+4]     a3 = A[g+8][t+4]
 #     B:  b0 = B[t][g]     b1 = B[t+4][g]
@@ -271,8 +272,9 @@ _lesson.break_it("tf32-only", "v3 multiplies with TF32 alone (the big parts; a c
 # %% [markdown]
 # ## Benchmark
 #
-# On an H100 (BENCHMARKS.md): v3 against v2 (fp32 FMAs) and torch's memory-efficient fp32 kernel (SDPA mem-
-# efficient: PyTorch's scaled_dot_product_attention, its fp32 backend), TinyLlama's shape, and by head_dim.
+# On an H100 (BENCHMARKS.md): v3 against v2 (fp32 FMAs) and torch's memory-efficient fp32 kernel (*mem-efficient*
+# in the tables: SDPA's fp32 backend, which also runs 3xTF32 on tensor cores), TinyLlama's shape, and by
+# head_dim.
 
 # %%
 _lesson.measured("### Round 4: v3 on tensor cores", ["causal", "n", "v2 ms", "v3 ms", "SDPA mem-efficient fp32 ms",

@@ -16,7 +16,7 @@ What you will learn
 * The skipped tiles counted on the real kernel: numbattn/lab/tracing.py counts every K/V element each block
   loads in the simulator, and a picture shows which key tiles each query block reads
   (tutorials/out/04_tiles_read_per_block.png).
-* Grouped-query attention (GQA): TinyLlama has 32 query heads but only 4 key/value heads; query head h reads
+* Grouped-query attention (*GQA*): TinyLlama has 32 query heads but only 4 key/value heads; query head h reads
   KV head h // 8. The kernels index K and V that way instead of copying them 8 times; we check the result
   against the reference with the copy made explicit (`reference.repeat_kv`).
 
@@ -66,10 +66,10 @@ print(show_mask(reference.causal_mask(6, 6)))
 # %% [markdown]
 # ## Bottom-right alignment: fewer queries than keys
 #
-# After a prompt is processed, its keys and values sit in the KV cache (lesson 5), and new tokens arrive a
+# After a prompt is processed, its keys and values sit in the *KV cache* (kept for the tokens that follow: lesson 5), and new tokens arrive a
 # few at a time (a chunk of a long prompt, a new chat message) or one at a time (decoding). Then the
 # queries are the *last* q_len tokens of a kv_len-token sequence, and query i is really token
-# i + (kv_len - q_len). So the diagonal is anchored at the bottom-right corner of the [q_len, kv_len] mask,
+# i + (kv_len - q_len). So the diagonal is anchored at the *bottom-right* corner of the [q_len, kv_len] mask,
 # not the top-left (FlashAttention-2's convention; `numpy.tril` would give the top-left one, which is
 # wrong here: it would hide almost the whole cache from the new tokens).
 
@@ -335,7 +335,7 @@ _lesson.close("visited fraction vs (T + 1) / 2T", [r["visited_fraction"] for r i
 # %% [markdown]
 # ## Grouped-query attention: fewer K/V heads than query heads
 #
-# Multi-head attention gives every query head its own key and value head. Grouped-query attention (GQA)
+# Multi-head attention gives every query head its own key and value head. Grouped-query attention (*GQA*)
 # lets a group of query heads share one: TinyLlama has 32 query heads and 4 KV heads, so 8 query heads
 # share each KV head, and query head h uses KV head h // 8 (consecutive query heads form a group; the
 # checkpoint's weights are laid out that way). What GQA buys is memory: the KV cache, which every decoding

@@ -54,13 +54,14 @@ LOG2E = decode.LOG2E
 # %% [markdown]
 # ## Prefill and decode
 #
-# A model generates text one token at a time: run the prompt through the model, take the logits of the last
-# position, pick a token, append it, run again. Token n's attention needs the keys and values of tokens
+# A model generates text one token at a time: run the prompt through the model, take the *logits* of the last
+# position (its raw score for every token of the vocabulary; their softmax is the next token's probabilities),
+# pick a token, append it, run again. Token n's attention needs the keys and values of tokens
 # 0..n, and those of 0..n-1 have not changed since the previous step, so they are kept: the KV cache.
 # With it, a step processes only the new token: one query row per head against the whole cache.
 #
 # That changes the arithmetic. Prefill of n tokens does ~4·n²·d FLOPs per head on ~n·d numbers of q, k, v
-# (hundreds of FLOPs per byte: compute-bound). Decode does 4·n·d FLOPs per query head on the 2·n·d cached
+# (hundreds of FLOPs per byte: compute-bound). A *decode* step (one new token) does 4·n·d FLOPs per query head on the 2·n·d cached
 # numbers (K and V) it must read: a handful of FLOPs per byte. The GPU's ridge point (lesson 3: peak FLOP/s
 # over peak bytes/s) is ~67 TFLOP/s / 3 TB/s ≈ 22 FLOPs per byte; below it, the memory system sets the
 # speed. At TinyLlama's shape, per generated token:
@@ -156,8 +157,8 @@ assert np.isnan(K[1, :, 4:]).all(), "row 1's slots 4+ must be NaN again after tr
 # and its threads share the copy of row b, KV head hk: the t new tokens' t·D elements, numbered e = 0, 1, ...
 # (token e // D, dim e % D); the X·blockDim.x threads of a (row, head) take e = their number, + X·blockDim.x,
 # ... (a grid-stride loop: consecutive threads, consecutive elements, on both sides). Element e goes to slot
-# lengths[b] + e // D. The real kernel also advances the lengths (its last block, through the atomic ticket
-# of the decode section below); here the host does that after the launch. Scored on the cache it leaves (the
+# lengths[b] + e // D. The real kernel also advances the lengths (its last block does, found the way the
+# decode section below finds it); here the host does that after the launch. Scored on the cache it leaves (the
 # new tokens where they belong, every other slot as it was: NaN) and on the elements each thread copies,
 # counted: t·D / (X·blockDim.x), rounded up.
 
@@ -230,7 +231,7 @@ _lesson.exercise("5a", "an append kernel", append_tokens, solutions.append_token
 #     M = max_s m_s,   L = sum_s l_s exp(m_s - M),   out = sum_s acc_s exp(m_s - M) / L
 #
 # which is lesson 2's alpha-rescaling applied between chunks instead of between tiles: the result is the
-# exact softmax over all keys, in any order of chunks.
+# exact softmax over all keys, in any order of chunks. Keys split over blocks: *split-K*, as it is called.
 
 # %%
 def partials(q_row, k, v, split, scale):
@@ -382,7 +383,7 @@ print("numbattn/kernels/decode_splitk.py, the last block's merge:")
 print_function(frame, "    def merge_splits(", "    return merge_splits")
 
 # %% [markdown]
-# We run it on the 11-token example with a tiny launch shape: 4 keys per split, 8 threads, `dims_per_lane=8`
+# We run it on the 11-token example with a tiny launch shape: 4 keys per split, 8 threads, *dims_per_lane* = 8
 # (each thread holds 8 of a head's dims: with d = 16, LANES = 2 threads share a key, so 8 threads are 4 key
 # slots), so that the cache gives 3 splits on the simulator and on a GPU alike, and read the partials back
 # from the cache's decode workspace.
@@ -658,7 +659,7 @@ if BACKEND == "sim":
 # the kernel (10-16 us of host time in BENCHMARKS.md) and the GPU starts its blocks and finishes its last one
 # (~14 us of GPU time even for a short cache). The H100's measurements, with GB/s derived as bytes of K and V
 # read (2 · 4 KV heads · n · 64 dims · 2 or 4 bytes, batch 1) over the measured time, show both regimes: up to
-# 8192 tokens the time is flat at 27-30 us whatever the bytes (launch-bound: the GB/s column only grows
+# 8192 tokens the time is flat at 27-30 us whatever the bytes (*launch-bound*: the GB/s column only grows
 # because the bytes do), and from 32768 tokens it grows with n (memory-bound, at 0.9-1.3 TB/s on the GPU's own
 # clock: BENCHMARKS.md explains why not 3). On a GPU this cell also times the kernels itself at TinyLlama's
 # shape; without one the simulator runs the same code at a tiny length (its time means nothing).
