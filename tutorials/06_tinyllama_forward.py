@@ -197,16 +197,18 @@ _lesson.close("length of q after rotation vs before", np.linalg.norm(rope(qv[Non
 # Hugging Face stores a linear layer's weight as [out_features, in_features], hence the transposes.
 
 # %%
-def attention(q, k, v):
-    """q [n_heads, s, hd], k, v [n_kv, s, hd] -> [n_heads, s, hd]; causal; query head h reads kv head h // group."""
+def attention(q, k, v, causal=True, kv_head=lambda h, group, n_kv: h // group):
+    """q [n_heads, s, hd], k, v [n_kv, s, hd] -> [n_heads, s, hd]; causal; query head h reads kv head h // group.
+    (causal=False and kv_head are the break-it cell's mistakes.)"""
     group, s = q.shape[0] // k.shape[0], q.shape[1]
     out = np.empty_like(q)
-    future = np.triu(np.ones((s, s), bool), k=1)
+    future = np.triu(np.ones((s, s), bool), k=1 if causal else s)
     for h in range(q.shape[0]):
-        scores = q[h] @ k[h // group].T / np.sqrt(q.shape[-1])
+        hk = kv_head(h, group, k.shape[0])
+        scores = q[h] @ k[hk].T / np.sqrt(q.shape[-1])
         scores[future] = -np.inf
         p = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        out[h] = (p / p.sum(axis=-1, keepdims=True)) @ v[h // group]
+        out[h] = (p / p.sum(axis=-1, keepdims=True)) @ v[hk]
     return out
 
 
@@ -224,8 +226,9 @@ def swiglu(x, layer):
 # entry as the token at t + 1.
 
 # %%
-def forward_fp64(token_ids, rotate=rope):
-    """token ids [s] -> logits [s, vocab]; `rotate` is the position embedding (the break-it cell swaps it)."""
+def forward_fp64(token_ids, rotate=rope, attend=attention, residual=True):
+    """token ids [s] -> logits [s, vocab]; `rotate` is the position embedding (the break-it cell swaps it, and
+    attend and residual)."""
     s = len(token_ids)
     x = W("model.embed_tokens.weight")[token_ids]                            # [s, dim]
     for i in range(cfg["num_hidden_layers"]):
@@ -235,8 +238,8 @@ def forward_fp64(token_ids, rotate=rope):
         k = (h @ W(layer + "self_attn.k_proj.weight").T).reshape(s, n_kv, hd).transpose(1, 0, 2)
         v = (h @ W(layer + "self_attn.v_proj.weight").T).reshape(s, n_kv, hd).transpose(1, 0, 2)
         q, k = rotate(q, np.arange(s)), rotate(k, np.arange(s))
-        a = attention(q, k, v).transpose(1, 0, 2).reshape(s, n_heads * hd)   # heads back side by side
-        x = x + a @ W(layer + "self_attn.o_proj.weight").T
+        a = attend(q, k, v).transpose(1, 0, 2).reshape(s, n_heads * hd)      # heads back side by side
+        x = (x if residual else 0) + a @ W(layer + "self_attn.o_proj.weight").T
         x = x + swiglu(rmsnorm(x, W(layer + "post_attention_layernorm.weight")), layer)
     x = rmsnorm(x, W("model.norm.weight"))
     head = W("model.embed_tokens.weight") if cfg["tie_word_embeddings"] else W("lm_head.weight")
@@ -263,9 +266,24 @@ print("next-token argmax per position, tinyllm:", theirs.argmax(-1).tolist())
 # token, feed the last one alone (decode kernel), and get the same last-position logits.
 
 # %%
+def likely_cause(fp64_logits):
+    """Which positions differ says where to look: position 0 has no rotation (RoPE's angle is 0) and sees only
+    itself (the mask changes nothing there)."""
+    tol = 1e-3 * np.abs(fp64_logits).max()
+    bad = [t for t in range(len(fp64_logits)) if np.abs(theirs[t] - fp64_logits[t]).max() > tol]
+    if bad and bad[0] > 0:
+        return f"positions {bad} differ, position 0 agrees: likely cause: something that depends on the position " \
+               f"(RoPE's pairing or angles, the causal mask)"
+    return f"positions {bad} differ, position 0 too: likely cause: something every position shares (a weight or " \
+           f"its transpose, the residual, a norm, the GQA mapping)"
+
+
 def check_logits(fp64_logits):
-    _lesson.close("tinyllm logits vs the fp64 forward [position, vocab]", theirs, fp64_logits,
-                  atol=1e-3 * np.abs(fp64_logits).max(), got_label="tinyllm", want_label="fp64")
+    try:
+        _lesson.close("tinyllm logits vs the fp64 forward [position, vocab]", theirs, fp64_logits,
+                      atol=1e-3 * np.abs(fp64_logits).max(), got_label="tinyllm", want_label="fp64")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n    {likely_cause(fp64_logits)}") from None
     _lesson.close("most likely next token per position", theirs.argmax(-1), fp64_logits.argmax(-1),
                   got_label="tinyllm", want_label="fp64")
 
@@ -286,11 +304,17 @@ print("lesson 6 checks passed")
 # RoPE has two conventions for which elements form a pair: Hugging Face's "rotate half" (i with i + d/2,
 # used by this checkpoint) and the original paper's neighbours (2i with 2i + 1). Both are rotations, both
 # keep lengths and relative positions, and a model trained with one gives garbage with the other. The check
-# above catches the wrong one at once. Other mistakes to try in forward_fp64 and the functions above:
+# above catches the wrong one at once. Each switch plants one mistake in forward_fp64 (a plain run tries them
+# all; `python tutorials/06_tinyllama_forward.py --break no-causal-mask` runs up to that one and stops):
 #
-#     x = a @ W_o (the residual dropped)           -> "tinyllm logits vs the fp64 forward"
-#     k[h % n_kv] in attention (wrong GQA group)   -> the same check
-#     no causal mask in attention                  -> the same check, at every position but the last
+#     --break rope-neighbours   RoPE pairs (2i, 2i + 1)                     -> "tinyllm logits vs the fp64 forward"
+#     --break no-residual       x = a @ W_o (the residual stream dropped)   -> the same check
+#     --break gqa-modulo        query head h reads KV head h % n_kv         -> the same check
+#     --break no-causal-mask    every position sees the future              -> EVERY position differs, the last
+#                                                                              too: in layer 1 it saw everything
+#                                                                              anyway, but from layer 2 on its keys
+#                                                                              and values come from the earlier
+#                                                                              positions, which did change
 
 # %%
 def rope_neighbours(x, positions):
@@ -301,8 +325,26 @@ def rope_neighbours(x, positions):
     return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
 
 
-_lesson.breaks("RoPE pairs neighbours (2i, 2i + 1) instead of (i, i + d/2)",
-               lambda: check_logits(forward_fp64(ids, rotate=rope_neighbours)))
+def differing_positions(fp64_logits):
+    """Check every position's logits on its own -> the failure names the positions that differ."""
+    bad = [t for t in range(len(ids)) if np.abs(theirs[t] - fp64_logits[t]).max() > 1e-3 * np.abs(fp64_logits).max()]
+    _lesson.close(f"positions whose logits differ (of {len(ids)}): {bad}", len(bad), 0)
+
+
+_lesson.break_it("rope-neighbours", "RoPE pairs neighbours (2i, 2i + 1) instead of (i, i + d/2)",
+                 "the logits differ everywhere but at position 0 (no rotation there): the check names RoPE",
+                 "position 0 agrees: likely cause: something that depends on the position",
+                 lambda: check_logits(forward_fp64(ids, rotate=rope_neighbours)))
+_lesson.break_it("no-residual", "the attention half replaces the residual stream instead of adding to it",
+                 "the logits differ at every position, position 0 too", "position 0 too: likely cause: something "
+                 "every position shares", lambda: check_logits(forward_fp64(ids, residual=False)))
+_lesson.break_it("gqa-modulo", "query head h reads KV head h % n_kv", "the logits differ",
+                 "tinyllm logits vs the fp64 forward", lambda: check_logits(forward_fp64(
+                     ids, attend=lambda q, k, v: attention(q, k, v, kv_head=lambda h, group, n_kv: h % n_kv))))
+_lesson.break_it("no-causal-mask", "attention without the causal mask",
+                 f"every one of the {len(ids)} positions differs, the last one too (it differs from layer 2 on)",
+                 f"positions whose logits differ (of {len(ids)}): {list(range(len(ids)))}",
+                 lambda: differing_positions(forward_fp64(ids, attend=lambda q, k, v: attention(q, k, v, causal=False))))
 
 # %% [markdown]
 # ## Other families: the same block, a few switches

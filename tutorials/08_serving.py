@@ -120,7 +120,9 @@ def consecutive_pages():
     _lesson.close("sequence 2 read through its block table", got, out[0], rtol=1e-5, atol=1e-6)
 
 
-_lesson.breaks("read a sequence's pages as if they were consecutive", consecutive_pages)
+_lesson.break_it("consecutive-pages", "read a sequence's pages as if they were consecutive in the pool",
+                 "sequence 2's pages [4, 7, 2] read as [4, 5, 6]: another sequence's keys, or poisoned NaN",
+                 "sequence 2 read through its block table", consecutive_pages)
 
 # %% [markdown]
 # When a request ends (or its client disconnects) its pages go back to the free list, poisoned again, and the next
