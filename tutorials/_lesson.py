@@ -144,13 +144,16 @@ def show_kernel(factory, kernel_name, steps):
     lines, first = inspect.getsourcelines(factory)
     begin = next(n for n, line in enumerate(lines) if f"def {kernel_name}(" in line) - 1    # its decorator
     end = next(n for n, line in enumerate(lines) if line.strip() == f"return {kernel_name}")
-    todo = list(steps)
+    todo, missing = list(steps), []
     print(f"{Path(inspect.getsourcefile(factory)).relative_to(ROOT)}, {kernel_name}:")
     for n in range(begin, end):
         label = ""
-        if todo and todo[0][0] in lines[n]:
-            label = todo.pop(0)[1]
+        hit = next((i for i, (text, _) in enumerate(todo) if text in lines[n]), None)
+        if hit is not None:                             # the steps before it are gone from the kernel
+            missing += todo[:hit]
+            label, todo = todo[hit][1], todo[hit + 1:]
         print(f"{label:>3} {first + n:4d} {lines[n].rstrip()}")
+    todo = missing + todo
     if todo:
         print(f"(note: {kernel_name} no longer has {', '.join(repr(x) for x, _ in todo)}: steps "
               f"{', '.join(label for _, label in todo)} are not labelled; the lesson goes on, its checks will judge "
