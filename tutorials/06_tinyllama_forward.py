@@ -103,8 +103,8 @@ hd, eps, theta = dim // n_heads, cfg["rms_norm_eps"], cfg["rope_theta"]
 # %%
 if plt:
     from matplotlib.patches import FancyBboxPatch
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    ax.set(xlim=(0, 10), ylim=(0, 13))
+    fig, ax = plt.subplots(figsize=(8.5, 6.5))
+    ax.set(xlim=(0, 11.2), ylim=(0, 13))                # the dashed block and the widest label stay inside
     ax.axis("off")
     ax.annotate("", xy=(2, 12.6), xytext=(2, 0.4), arrowprops=dict(arrowstyle="->", lw=3, color="tab:blue"))
     ax.text(1.6, 6.5, f"residual stream x  [tokens, {dim}]", rotation=90, va="center", ha="center",
@@ -115,16 +115,16 @@ if plt:
              (6.5, f"RMSNorm -> SwiGLU MLP ({dim} -> {cfg['intermediate_size']} -> {dim})", "tab:green"),
              (10.0, f"final RMSNorm -> output head -> logits [tokens, {cfg['vocab_size']}]", "tab:gray")]
     for y, label, colour in boxes:
-        ax.add_patch(FancyBboxPatch((3.2, y - 0.6), 6.5, 1.2, boxstyle="round,pad=0.1", fc=colour, alpha=0.25))
-        ax.text(6.45, y, label, ha="center", va="center", fontsize=8)
+        ax.add_patch(FancyBboxPatch((3.2, y - 0.6), 7.4, 1.2, boxstyle="round,pad=0.1", fc=colour, alpha=0.25))
+        ax.text(6.9, y, label, ha="center", va="center", fontsize=8)
     for y_out, y_in in ((3.0, 5.0), (6.5, 8.5)):      # read x through a norm, add the result back at (+)
         ax.annotate("", xy=(3.2, y_out), xytext=(2.05, y_out - 0.9), arrowprops=dict(arrowstyle="->"))
         ax.annotate("", xy=(2.05, y_in), xytext=(6.45, y_out + 0.7), arrowprops=dict(arrowstyle="->"))
         ax.text(2, y_in, "+", ha="center", va="center", fontsize=16, fontweight="bold")
     ax.annotate("", xy=(2.05, 1.0), xytext=(3.2, 1.0), arrowprops=dict(arrowstyle="->"))    # x starts here
     ax.annotate("", xy=(3.2, 10.0), xytext=(2.05, 10.0), arrowprops=dict(arrowstyle="->"))  # and ends here
-    ax.add_patch(FancyBboxPatch((2.6, 1.9), 7.4, 7.3, boxstyle="round,pad=0.1", fill=False, ls="--"))
-    ax.text(9.9, 2.0, f"one block, x {cfg['num_hidden_layers']} here (22 in TinyLlama)", ha="right", fontsize=8)
+    ax.add_patch(FancyBboxPatch((2.6, 1.9), 8.3, 7.3, boxstyle="round,pad=0.1", fill=False, ls="--"))
+    ax.text(10.8, 2.0, f"one block, x {cfg['num_hidden_layers']} here (22 in TinyLlama)", ha="right", fontsize=8)
     _lesson.save(fig, "06_llama_block.png")
 
 # %% [markdown]
