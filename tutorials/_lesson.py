@@ -3,9 +3,8 @@
 Checks
     close(what, got, want, atol, rtol)   arrays agree, or AssertionError naming how many values differ, the
                                          worst one (index, both values, |difference|) and the tolerance
-    breaks(mistake, run)                 the "break it" cells: run() makes a known mistake and must fail a
-                                         check; the message that check gave is printed
-
+    check_races(what, tracer)            no shared-memory race in a traced kernel run, or the races named
+    show_kernel(factory, name, steps)    print a kernel from its source, its steps labelled in the margin
     break_it(name, mistake, prediction, expect, run)
                                          a "break it" switch: run() makes the mistake, a check must fail, and
                                          its message must contain `expect` (the prediction, come true). A
@@ -23,9 +22,9 @@ Exercises (a loop or a whole kernel left for you in each kernel lesson)
         python tutorials/02_online_softmax.py --exercise        (or NUMBATTN_TUTORIAL_EXERCISE=1)
 
     and the lesson runs YOUR function instead. exercise() scores it twice: its answer against the
-    expected one ("yours" next to "expected"), and, in the simulator, its memory traffic, counted by
-    numbattn/lab/tracing.py, against a stated budget of reads per thread; it stops at the first exercise
-    that is not solved yet.
+    expected one ("yours" next to "expected": check_exercise), and, in the simulator, its memory traffic,
+    counted by numbattn/lab/tracing.py, against a stated budget of reads per thread (check_budget); it
+    stops at the first exercise that is not solved yet.
 
 Pictures
     save(fig, name) writes a PNG to tutorials/out/ (NUMBATTN_TUTORIAL_OUT=dir to change it) and prints the
