@@ -13,14 +13,15 @@ What you will learn
 * Who runs what on a GPU (kernel, thread, block, grid, warp, SM) and where the bytes live (HBM, L2, shared
   memory, registers): the words every later lesson uses.
 * Your first CUDA kernel, ten lines of Numba: one thread per row computes the running max and sum. You
-  write its key line (exercise 2) and run it.
+  write its body (exercise 2); it is scored on its answer and on its reads of the scores, counted.
+* "Break it" switches (`--break no-rescale`, ...): each plants a mistake and predicts the failing check.
 * How the real numbattn kernel (prefill v1) does exactly this: we run it in the simulator on a tiny input
   and print each query row's m_i and l_i after every key tile (`numbattn.lab.tracing.trace_v1`), next to the
   NumPy version, and draw them (tutorials/out/02_running_max_and_sum.png).
 * Why the kernel's m_i is in base-2 units (it folds log2(e) into the scale and uses exp2) and why its l_i
   needs no conversion at all.
 
-Run it: `python tutorials/02_online_softmax.py` (add `--exercise` to check your own line), or run the
+Run it: `python tutorials/02_online_softmax.py` (add `--exercise` to score your own code, `--break NAME` to plant a mistake), or run the
 `# %%` cells in VS Code / Jupyter.
 """
 

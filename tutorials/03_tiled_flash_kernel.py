@@ -14,7 +14,8 @@ What you will learn
     v3  the same tiles on the GPU's matrix-multiply units, at fp32 accuracy: lesson 3b takes it apart;
         this lesson runs and counts it beside the others.
 * The real v1 kernel, printed from numbattn/kernels/prefill_tiled.py with each line tied to the step of the algorithm it
-  implements, and a small tiled kernel of your own whose cooperative load you complete (exercise 3).
+  implements, and a small tiled kernel of your own whose cooperative load you write (exercise 3), scored on its answer, on
+  who loaded what, and on its counted reads and writes per thread.
 * How many bytes each kernel moves: the formulas, and the same numbers *counted* on the real kernels in the
   simulator (numbattn/lab/tracing.py), with pictures of which keys each block reads, of the Q tile that stays
   while K/V tiles stream past, and of who loads and owns what (tutorials/out/03_*.png).
@@ -22,7 +23,7 @@ What you will learn
   bank conflicts, barriers (`cuda.syncthreads()`), and the tile that crosses the end of the sequence.
 * Finally we run all the kernels in the simulator (or on your GPU) and check them against the reference.
 
-Run it: `python tutorials/03_tiled_flash_kernel.py` (add `--exercise` to check your own line), or run the
+Run it: `python tutorials/03_tiled_flash_kernel.py` (add `--exercise` to score your own code, `--break NAME` to plant a mistake), or run the
 `# %%` cells in VS Code / Jupyter.
 """
 

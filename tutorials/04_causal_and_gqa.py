@@ -20,7 +20,7 @@ What you will learn
   KV head h // 8. The kernels index K and V that way instead of copying them 8 times; we check the result
   against the reference with the copy made explicit (`reference.repeat_kv`).
 
-Run it: `python tutorials/04_causal_and_gqa.py` (add `--exercise` to check your own line), or run the `# %%`
+Run it: `python tutorials/04_causal_and_gqa.py` (add `--exercise` to score your own code, `--break NAME` to plant a mistake), or run the `# %%`
 cells in VS Code / Jupyter.
 """
 

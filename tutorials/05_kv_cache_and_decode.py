@@ -22,7 +22,7 @@ What you will learn
 * The invariant everything rests on: prefill of a prompt followed by decode steps gives exactly the rows of
   one long causal prefill over the whole sequence.
 
-Run it: `python tutorials/05_kv_cache_and_decode.py` (add `--exercise` to check your own line), or run the
+Run it: `python tutorials/05_kv_cache_and_decode.py` (add `--exercise` to score your own code, `--break NAME` to plant a mistake), or run the
 `# %%` cells in VS Code / Jupyter.
 """
 
