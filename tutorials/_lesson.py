@@ -172,6 +172,15 @@ def check_races(what, tracer):
     return "no shared-memory race"
 
 
+def skip_break(name, why):
+    """A switch this run cannot offer (e.g. it needs the simulator): say so, and stop here if it was asked for."""
+    BREAKS.append(name)
+    print(f"  --break {name}: not available here: {why}")
+    if BREAK == name:
+        sys.stdout.flush()
+        os._exit(0)
+
+
 def edited(module, old, new, count=1):
     """A fresh copy of `module` (a numbattn module, e.g. numbattn.kernels.prefill_tiled) whose source has `old`
     replaced by `new` (its `count`-th occurrence; new may be "" to delete). The file on disk is not touched."""
