@@ -110,7 +110,7 @@ if plt:
 # ## Why the softmax subtracts the maximum
 #
 # *fp32* (float32, 4 bytes: 24 significant bits, ~7 decimal digits) is what GPUs compute in by default; fp64
-# (float64) has 53 bits and is our exact-enough reference; fp16 and bf16 (2 bytes) come later. exp(x) overflows
+# (float64) has 53 bits and is our exact-enough reference; 2-byte formats come later. exp(x) overflows
 # fp32 above x ≈ 88 (fp64 above ≈ 709). Scores that large happen in trained models
 # (some heads learn to put almost all their weight on one token, often the first, with scores far above the
 # rest), and then exp gives inf and inf/inf gives NaN. Subtracting the row maximum m

@@ -68,10 +68,11 @@ print(f"{prompt!r} -> {len(ids)} tokens:", [model.tokenizer.id_to_token(i) for i
 # %% [markdown]
 # ## Reading the checkpoint ourselves
 #
-# A .safetensors file is 8 bytes of header length, a JSON header ({name: dtype, shape, byte offsets}) and
+# A *safetensors* file (Hugging Face's weight format) is 8 bytes of header length, a JSON header ({name:
+# dtype, shape, byte offsets}) and
 # the raw tensor bytes. tinyllm's reader (`SafetensorsFile`) validates the header and memory-maps the file;
 # `.raw(name)` gives the stored bytes as an array without converting anything. The weights are bfloat16,
-# which NumPy lacks, but a bf16 number is just the top 16 bits of a float32 (same sign and 8-bit exponent,
+# which NumPy lacks, but a *bf16* (bfloat16) number is just the top 16 bits of a float32 (same sign and 8-bit exponent,
 # 7 instead of 23 mantissa bits), so we widen it ourselves: shift the 16 bits up, reinterpret as float32.
 # From here on this lesson uses none of tinyllm's model code, only these bytes and NumPy in float64.
 
@@ -130,9 +131,10 @@ if plt:
 # %% [markdown]
 # ## RMSNorm
 #
-# Before each half of every block (and once at the end) the hidden vector is normalised: divided by its
+# Before each half of every block (and once at the end) the hidden vector is normalised by *RMSNorm*: divided by its
 # root-mean-square, then multiplied by a learned per-channel weight. Unlike LayerNorm there is no mean
-# subtraction and no bias; it only fixes the scale, which is what keeps the residual stream stable through
+# subtraction and no bias; it only fixes the scale, which is what keeps the *residual stream* (the vector each
+# layer reads and adds its result back to) stable through
 # many layers of additions.
 #
 #     rmsnorm(x) = x / sqrt(mean(x²) + eps) * weight
@@ -151,6 +153,7 @@ _lesson.close("RMS of each row after rmsnorm", np.sqrt((rmsnorm(x_demo, 1.0) ** 
 # ## RoPE: positions as rotations
 #
 # Attention itself ignores order (it is a weighted sum). Llama injects position by *rotating* each query
+# (*RoPE*, rotary position embedding)
 # and key: the head's d numbers are read as d/2 pairs, and pair i at position p is rotated by the angle
 # p · theta^(-2i/d). Early pairs spin fast, late pairs slowly. Because a rotation by angle a of q and by
 # angle b of k leaves a dot product that depends only on a - b, the score q_p · k_r depends on the content
@@ -189,7 +192,7 @@ _lesson.close("length of q after rotation vs before", np.linalg.norm(rope(qv[Non
 # The attention of lessons 1-4, written plainly: q has n_heads heads, k and v have n_kv (here 4 and 2), and
 # query head h reads KV head h // (n_heads / n_kv). Causal mask, softmax in float64.
 #
-# The MLP is SwiGLU: two projections up to the intermediate size, one passed through SiLU (x·sigmoid(x)) and
+# The MLP is *SwiGLU*: two projections up to the intermediate size, one passed through SiLU (x·sigmoid(x)) and
 # used as a gate on the other, then a projection back down:
 #
 #     mlp(x) = (silu(x W_gate^T) * (x W_up^T)) W_down^T

