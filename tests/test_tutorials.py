@@ -109,7 +109,8 @@ def test_every_exercise_has_a_stub_and_a_solution_of_the_same_signature():
                 f"{name}: the lesson's arguments {args(tree[name])} differ from the solution's {args(solutions[name])}"
             body = "\n".join(source.splitlines()[tree[name].lineno - 1:tree[name].end_lineno])
             assert STUB in body, f"{lesson.name}: exercise {number} ({name}) has no stub line marked {STUB!r}"
-            assert re.search(rf'_lesson\.exercise\("?{number}"?,', source), f"{lesson.name}: exercise {number} is never scored"
+            assert re.search(rf'_lesson\.exercise\("?{number}"?,', source), \
+                f"{lesson.name}: exercise {number} is never scored"
     assert found >= 5, f"expected at least five exercises, found {found}"
 
 

@@ -229,18 +229,18 @@ assert peak >= score_bytes(n_meas), \
 # %% [markdown]
 # ## Traffic, counted: the simplest kernel
 #
-# Not storing the matrix is not the whole story: what matters on a GPU is also how often each byte is
-# fetched from its main memory, the *global memory* (on an H100, 80 GB of *HBM*, high-bandwidth memory, that
-# every thread can read and write; lesson 2 places it among the faster, smaller memories). numbattn's simplest
-# kernel, v0 (lessons 2 and 3), runs one thread per query row (lesson 2 says more about threads). Each walks all the keys with the running max of lesson 2: it never stores a
-# score, but every row reads all of K and V itself. In Numba's CUDA simulator each of the kernel's memory
-# reads is a Python call, so numbattn/lab/tracing.py can count them. Counted at a tiny size next to the
-# formulas: v0 reads each K element once per query row (n·n·d reads of K per head, the shape of the score
-# matrix times d), and numbattn's *tiled* kernel v1 (lesson 3: it works on tiles, runs of rows of Q, K and V
-# loaded once and used many times) once per tile of *BLOCK_M* query rows (its tile height, 4 here), which a
-# *block* of threads (threads that run together and share fast memory: lesson 2) works on together. Counted
-# twice: over all keys, and *causal* (each token attends only to itself and the tokens before it, as a
-# language model must: lesson 4), where row i reads only keys 0..i.
+# Not storing the matrix is not the whole story: what matters on a GPU is also how often each byte is fetched from
+# its main memory, the *global memory* (on an H100, 80 GB of *HBM*, high-bandwidth memory, that every thread can
+# read and write; lesson 2 places it among the faster, smaller memories). numbattn's simplest kernel, v0 (lessons 2
+# and 3), runs one thread per query row (lesson 2 says more about threads). Each walks all the keys with the running
+# max of lesson 2: it never stores a score, but every row reads all of K and V itself. In Numba's CUDA simulator
+# each of the kernel's memory reads is a Python call, so numbattn/lab/tracing.py can count them. Counted at a tiny
+# size next to the formulas: v0 reads each K element once per query row (n·n·d reads of K per head, the shape of the
+# score matrix times d), and numbattn's *tiled* kernel v1 (lesson 3: it works on tiles, runs of rows of Q, K and V
+# loaded once and used many times) once per tile of *BLOCK_M* query rows (its tile height, 4 here), which a *block*
+# of threads (threads that run together and share fast memory: lesson 2) works on together. Counted twice: over all
+# keys, and *causal* (each token attends only to itself and the tokens before it, as a language model must: lesson
+# 4), where row i reads only keys 0..i.
 
 # %%
 if BACKEND == "sim":
@@ -332,7 +332,8 @@ def check_unshifted():
 
 
 _lesson.break_it("no-max-shift", "the softmax forgets to subtract the row max",
-                 "exp(1000) overflows fp32: inf / inf = NaN in all three weights", "softmax(x) vs softmax(x - 1000): 3 of 3",
+                 "exp(1000) overflows fp32: inf / inf = NaN in all three weights",
+                 "softmax(x) vs softmax(x - 1000): 3 of 3",
                  check_unshifted)
 _lesson.break_it("scale-twice", "the scores are divided by sqrt(d) twice",
                  "flatter weights: every output element differs from the loop definition",

@@ -21,8 +21,8 @@ What you will learn
 * Why the kernel's m_i is in base-2 units (it folds log2(e) into the scale and uses exp2) and why its l_i
   needs no conversion at all.
 
-Run it: `python tutorials/02_online_softmax.py` (add `--exercise` to score your own code, `--break NAME` to plant a mistake), or run the
-`# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/02_online_softmax.py` (add `--exercise` to score your own code, `--break NAME`
+to plant a mistake), or run the `# %%` cells in VS Code / Jupyter.
 """
 
 # %%

@@ -6,7 +6,8 @@ What you will learn
 -------------------
 * Why a kernel's speed is mostly a question of how often it goes back to global memory (HBM), using the
   words of lesson 2 (thread, block, warp, SM, shared memory, registers).
-* numbattn's prefill kernels, side by side (numbattn/kernels/prefill_naive.py, prefill_tiled.py, prefill_registers.py, prefill_mma.py):
+* numbattn's prefill kernels, side by side (numbattn/kernels/prefill_naive.py, prefill_tiled.py,
+  prefill_registers.py, prefill_mma.py):
     v0  one thread per query row, every key and value read from global memory by every row;
     v1  a block of threads shares each K/V tile through shared memory (one query row per thread);
     v2  each thread owns a TM×TN register tile of scores and a TM×TE tile of the output, with strided
@@ -14,8 +15,8 @@ What you will learn
     v3  the same tiles on the GPU's matrix-multiply units, at fp32 accuracy: lesson 3b takes it apart;
         this lesson runs and counts it beside the others.
 * The real v1 kernel, printed from numbattn/kernels/prefill_tiled.py with each line tied to the step of the algorithm it
-  implements, and a small tiled kernel of your own whose cooperative load you write (exercise 3), scored on its answer, on
-  who loaded what, and on its counted reads and writes per thread.
+  implements, and a small tiled kernel of your own whose cooperative load you write (exercise 3), scored on
+  its answer, on who loaded what, and on its counted reads and writes per thread.
 * How many bytes each kernel moves: the formulas, and the same numbers *counted* on the real kernels in the
   simulator (numbattn/lab/tracing.py), with pictures of which keys each block reads, of the Q tile that stays
   while K/V tiles stream past, and of who loads and owns what (tutorials/out/03_*.png).
@@ -23,8 +24,8 @@ What you will learn
   bank conflicts, barriers (`cuda.syncthreads()`), and the tile that crosses the end of the sequence.
 * Finally we run all the kernels in the simulator (or on your GPU) and check them against the reference.
 
-Run it: `python tutorials/03_tiled_flash_kernel.py` (add `--exercise` to score your own code, `--break NAME` to plant a mistake), or run the
-`# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/03_tiled_flash_kernel.py` (add `--exercise` to score your own code, `--break NAME`
+to plant a mistake), or run the `# %%` cells in VS Code / Jupyter.
 """
 
 # %%
@@ -391,11 +392,11 @@ if plt and COUNTING:
 #
 # ## v2: a register tile per thread
 #
-# In v1 each score costs two shared-memory loads (a Q element and a K element) for one FMA, and the output
-# update one load (a V element) per FMA: the kernel is limited by shared-memory bandwidth, not arithmetic.
-# v2 (numbattn/kernels/prefill_registers.py) treats each tile as two small matrix products, S = Q·K^T and O += P·V, and
-# tiles them over threads the way a GEMM (a general matrix multiply, C = A·B, the routine BLAS libraries
-# spend their lives on) does. The threads form a TR × TC grid; thread (rg, cg) owns
+# In v1 each score costs two shared-memory loads (a Q element and a K element) for one FMA, and the output update
+# one load (a V element) per FMA: the kernel is limited by shared-memory bandwidth, not arithmetic. v2
+# (numbattn/kernels/prefill_registers.py) treats each tile as two small matrix products, S = Q·K^T and O += P·V, and
+# tiles them over threads the way a GEMM (a general matrix multiply, C = A·B, the routine BLAS libraries spend their
+# lives on) does. The threads form a TR × TC grid; thread (rg, cg) owns
 #
 #     query rows   rg + TR·i   for i < TM        (its rows of S and of O)
 #     keys         cg + TC·j   for j < TN        (its columns of S)

@@ -20,7 +20,8 @@ What you will learn
   KV head h // 8. The kernels index K and V that way instead of copying them 8 times; we check the result
   against the reference with the copy made explicit (`reference.repeat_kv`).
 
-Run it: `python tutorials/04_causal_and_gqa.py` (add `--exercise` to score your own code, `--break NAME` to plant a mistake), or run the `# %%`
+Run it: `python tutorials/04_causal_and_gqa.py` (add `--exercise` to score your own code, `--break NAME`
+to plant a mistake), or run the `# %%`
 cells in VS Code / Jupyter.
 """
 
@@ -66,12 +67,12 @@ print(show_mask(reference.causal_mask(6, 6)))
 # %% [markdown]
 # ## Bottom-right alignment: fewer queries than keys
 #
-# After a prompt is processed, its keys and values sit in the *KV cache* (kept for the tokens that follow: lesson 5), and new tokens arrive a
-# few at a time (a chunk of a long prompt, a new chat message) or one at a time (decoding). Then the
-# queries are the *last* q_len tokens of a kv_len-token sequence, and query i is really token
-# i + (kv_len - q_len). So the diagonal is anchored at the *bottom-right* corner of the [q_len, kv_len] mask,
-# not the top-left (FlashAttention-2's convention; `numpy.tril` would give the top-left one, which is
-# wrong here: it would hide almost the whole cache from the new tokens).
+# After a prompt is processed, its keys and values sit in the *KV cache* (kept for the tokens that follow: lesson
+# 5), and new tokens arrive a few at a time (a chunk of a long prompt, a new chat message) or one at a time
+# (decoding). Then the queries are the *last* q_len tokens of a kv_len-token sequence, and query i is really token i
+# + (kv_len - q_len). So the diagonal is anchored at the *bottom-right* corner of the [q_len, kv_len] mask, not the
+# top-left (FlashAttention-2's convention; `numpy.tril` would give the top-left one, which is wrong here: it would
+# hide almost the whole cache from the new tokens).
 
 # %%
 print("bottom-right aligned, q_len=3, kv_len=8 (what numbattn uses):")

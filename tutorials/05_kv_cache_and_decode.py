@@ -22,8 +22,8 @@ What you will learn
 * The invariant everything rests on: prefill of a prompt followed by decode steps gives exactly the rows of
   one long causal prefill over the whole sequence.
 
-Run it: `python tutorials/05_kv_cache_and_decode.py` (add `--exercise` to score your own code, `--break NAME` to plant a mistake), or run the
-`# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/05_kv_cache_and_decode.py` (add `--exercise` to score your own code, `--break NAME`
+to plant a mistake), or run the `# %%` cells in VS Code / Jupyter.
 """
 
 # %%
@@ -60,11 +60,11 @@ LOG2E = decode.LOG2E
 # 0..n, and those of 0..n-1 have not changed since the previous step, so they are kept: the KV cache.
 # With it, a step processes only the new token: one query row per head against the whole cache.
 #
-# That changes the arithmetic. Prefill of n tokens does ~4·n²·d FLOPs per head on ~n·d numbers of q, k, v
-# (hundreds of FLOPs per byte: compute-bound). A *decode* step (one new token) does 4·n·d FLOPs per query head on the 2·n·d cached
-# numbers (K and V) it must read: a handful of FLOPs per byte. The GPU's ridge point (lesson 3: peak FLOP/s
-# over peak bytes/s) is ~67 TFLOP/s / 3 TB/s ≈ 22 FLOPs per byte; below it, the memory system sets the
-# speed. At TinyLlama's shape, per generated token:
+# That changes the arithmetic. Prefill of n tokens does ~4·n²·d FLOPs per head on ~n·d numbers of q, k, v (hundreds
+# of FLOPs per byte: compute-bound). A *decode* step (one new token) does 4·n·d FLOPs per query head on the 2·n·d
+# cached numbers (K and V) it must read: a handful of FLOPs per byte. The GPU's ridge point (lesson 3: peak FLOP/s
+# over peak bytes/s) is ~67 TFLOP/s / 3 TB/s ≈ 22 FLOPs per byte; below it, the memory system sets the speed. At
+# TinyLlama's shape, per generated token:
 
 # %%
 N_HEADS, N_KV_HEADS, D, N_LAYERS = 32, 4, 64, 22          # TinyLlama-1.1B
@@ -205,7 +205,8 @@ def score_append(kernel):
     want[:, :, :9] = np.concatenate([k for k, _ in APPENDS], axis=2)
     _lesson.check_exercise("5a", "K cache after appends of 5, 1 and 3 tokens [row, head, slot, dim] (NaN = unwritten)",
                            np.nan_to_num(k_cache, nan=-999.0), np.nan_to_num(want, nan=-999.0))
-    _lesson.check_exercise("5a", "V cache, slots 0-8", v_cache[:, :, :9], np.concatenate([v for _, v in APPENDS], axis=2))
+    _lesson.check_exercise("5a", "V cache, slots 0-8", v_cache[:, :, :9],
+                           np.concatenate([v for _, v in APPENDS], axis=2))
     if most is None:
         return "(copies are counted in the simulator only)"
     budget = -(-5 * 16 // (APPEND_GRID_X * APPEND_THREADS))           # the largest append: 5 tokens
@@ -711,7 +712,8 @@ print(bench.format_table(bw, ["n", "cache", "MB_read", "v1_sync_us", "v1_gpu_us"
 launch = sorted({r["n"] for r in bw if r["bound"] == "launch"})
 memory = sorted({r["n"] for r in bw if r["bound"] == "memory"})
 assert launch and memory and max(launch) <= 8192 < min(memory), \
-    f"the text says launch-bound up to 8192 tokens and memory-bound from 32768; measured: launch {launch}, memory {memory}"
+    f"the text says launch-bound up to 8192 tokens and memory-bound from 32768; measured: launch {launch}, " \
+    f"memory {memory}"
 if BACKEND != "cuda":
     print("plot:", _lesson.ROOT / "benchmarks" / "plots" / "decode.png")
     print("the simulator runs the same code at tiny lengths (this checks it, the time means nothing):")

@@ -347,7 +347,8 @@ _lesson.break_it("gqa-modulo", "query head h reads KV head h % n_kv", "the logit
 _lesson.break_it("no-causal-mask", "attention without the causal mask",
                  f"every one of the {len(ids)} positions differs, the last one too (it differs from layer 2 on)",
                  f"positions whose logits differ (of {len(ids)}): {list(range(len(ids)))}",
-                 lambda: differing_positions(forward_fp64(ids, attend=lambda q, k, v: attention(q, k, v, causal=False))))
+                 lambda: differing_positions(forward_fp64(
+                     ids, attend=lambda q, k, v: attention(q, k, v, causal=False))))
 
 # %% [markdown]
 # ## Other families: the same block, a few switches
