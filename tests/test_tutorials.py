@@ -11,7 +11,7 @@ a downloaded TinyLlama does not turn this into a multi-minute CPU chat. Pictures
 NUMBATTN_TUTORIAL_SELFTEST=1 makes each exercise score its stub too, in the same process (it must fail), before
 the solution (which must pass its answer check and its traffic budget); and a plain run tries every "break it"
 switch in-process, each of which must fail a check with its predicted message (tutorials/_lesson.break_it). The
-command-line paths (--exercise, --break NAME) are run once each on the cheapest lesson that has them.
+command-line paths (--exercise, --break NAME) are checked on a demo exercise and demo switches, without a lesson.
 `pytest tests/test_tutorials.py -s` prints each lesson's run time.
 """
 import ast
@@ -145,18 +145,49 @@ def test_lesson_runs(lesson, tmp_path):
             f"{lesson.name}: --break {name} did not run or was not confirmed:\n{proc.stdout[-3000:]}"
 
 
-def test_the_command_line_switches(tmp_path):
-    """--exercise runs the stub and stops at it with yours vs expected; --break NAME stops after confirming one
-    switch; an unknown switch is refused at once, naming the ones there are."""
+LESSON_SWITCHES = """
+import sys
+sys.path.insert(0, {tutorials!r})
+import _lesson
+print("EXERCISE", _lesson.EXERCISE, "BREAK", _lesson.BREAK)
+def score(fn):
+    _lesson.check_exercise(9, "the answer", fn(), 1.0)
+    return _lesson.check_budget(9, "reads", 3, 4)
+def stub():
+    return 0.0
+def solution():
+    return 1.0
+_lesson.exercise(9, "a demo", stub, solution, score)
+_lesson.break_it("first", "a mistake", "it fails", "the answer", lambda: _lesson.close("the answer", 2.0, 1.0))
+_lesson.break_it("second", "another", "it fails too", "the answer", lambda: _lesson.close("the answer", 3.0, 1.0))
+print("the end")
+"""
+
+
+def run_switches(*args, selftest=False):
+    code = LESSON_SWITCHES.format(tutorials=str(TUTORIALS))
+    env = dict(os.environ, NUMBATTN_TUTORIAL_SELFTEST="1" if selftest else "0")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_the_command_line_switches():
+    """_lesson's switches, on a demo exercise and two demo breaks (no lesson runs: the lessons' own runs above
+    check their exercises and breaks): --exercise scores yours and stops at it with yours vs expected; --break
+    NAME runs up to that switch, prints its whole message, and stops; a plain run tries every switch; the selftest
+    scores the stub first; a budget overrun is a failure too."""
+    plain = run_switches()
+    assert plain.returncode == 0 and "solution passes: reads 3 <= 4" in plain.stdout and "the end" in plain.stdout
+    assert plain.stdout.count("confirmed: the answer") == 2
+    mine = run_switches("--exercise")
+    assert mine.returncode != 0 and "AssertionError: exercise 9 (the answer): 1 of 1 values differ" in mine.stderr
+    assert "yours 0, expected 1" in mine.stderr and "the end" not in mine.stdout
+    second = run_switches("--break", "second")
+    assert second.returncode == 0 and "--break second: another" in second.stdout
+    assert "--break first" not in second.stdout and "the prediction came true" in second.stdout
+    assert "the end" not in second.stdout
+    selftest = run_switches(selftest=True)
+    assert "exercise 9: the stub fails, as it must" in selftest.stdout and selftest.returncode == 0
     lesson = next(p for p in LESSONS if p.name.startswith("02_"))
-    proc, _ = run_lesson(lesson, tmp_path, ["--exercise"], selftest=False)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "AssertionError: exercise 2 (" in output and "yours nan, expected" in output, \
-        output[-2000:]
-    proc, _ = run_lesson(lesson, tmp_path, ["--break", "nope"], selftest=False)
-    assert proc.returncode == 2 and "no such switch; it has: no-rescale" in proc.stderr, proc.stderr[-1000:]
-    first = LESSONS[0]
-    name = switches(first.read_text(encoding="utf-8"))[0]
-    proc, _ = run_lesson(first, tmp_path, ["--break", name], selftest=False)
-    assert proc.returncode == 0 and f"(--break {name}: the prediction came true" in proc.stdout, \
-        (proc.stdout + proc.stderr)[-2000:]
+    unknown = subprocess.run([sys.executable, str(lesson), "--break", "nope"], capture_output=True, text=True,
+                             env=lesson_env(TUTORIALS, selftest=False), timeout=60, cwd=ROOT)
+    assert unknown.returncode == 2 and "no such switch; it has: no-rescale" in unknown.stderr, unknown.stderr

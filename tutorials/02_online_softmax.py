@@ -377,12 +377,13 @@ _lesson.close("causal kernel output vs reference", out_c, reference.attention(qc
 #
 # The kernel's per-tile m_i and l_i match the NumPy online softmax and its output matches the reference
 # (checked above). Last, the online softmax is not a special case of tiny inputs: all the kernel versions,
-# which all use it, agree with the reference at odd lengths and with grouped-query heads.
+# which all use it, agree with the reference at odd lengths and with grouped-query heads (causal, the harder
+# case: the diagonal cuts through tiles; in the simulator only that one, to keep the lesson quick).
 
 # %%
 qa, ka, va = bench.random_qkv(1, 13, 13, n_heads=4, n_kv_heads=2, head_dim=16, seed=3)
 for version in prefill.VERSIONS:
-    for causal in (False, True):
+    for causal in (False, True) if BACKEND == "cuda" else (True,):
         o = prefill.flash_attention(qa, ka, va, causal=causal, version=version)
         e = _lesson.close(f"{version} causal={causal} vs fp64 reference", o,
                           reference.attention(*(x.astype(np.float64) for x in (qa, ka, va)), causal=causal),

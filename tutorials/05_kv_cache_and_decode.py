@@ -663,7 +663,7 @@ if BACKEND == "sim":
 # 8192 tokens the time is flat at 27-30 us whatever the bytes (*launch-bound*: the GB/s column only grows
 # because the bytes do), and from 32768 tokens it grows with n (memory-bound, at 0.9-1.3 TB/s on the GPU's own
 # clock: BENCHMARKS.md explains why not 3). On a GPU this cell also times the kernels itself at TinyLlama's
-# shape; without one the simulator runs the same code at a tiny length (its time means nothing).
+# shape (the simulator's times would measure Python threads, so it does not).
 
 # %%
 def time_decode(lengths, version, clock, repeat):
@@ -716,5 +716,3 @@ assert launch and memory and max(launch) <= 8192 < min(memory), \
     f"memory {memory}"
 if BACKEND != "cuda":
     print("plot:", _lesson.ROOT / "benchmarks" / "plots" / "decode.png")
-    print("the simulator runs the same code at tiny lengths (this checks it, the time means nothing):")
-    print(bench.format_table(time_decode((16,), decode.DEFAULT_VERSION, "host", repeat=1), ["version", "context"]))
