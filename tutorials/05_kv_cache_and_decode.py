@@ -40,8 +40,7 @@ import solutions
 from numbattn import decode, reference
 import math
 
-from numbattn.kernels import decode_naive, decode_slots, decode_splitk, kv_append
-from numbattn.kernels.common import arrive_last
+from numbattn.kernels import common, decode_naive, decode_slots, decode_splitk, kv_append
 from numbattn.lab import bench, tracing
 from numbattn.backend import to_host
 
@@ -379,7 +378,8 @@ frame = inspect.getsource(decode_splitk)
 print("numbattn/kernels/decode_splitk.py, the frame of decode v1:")
 print_function(frame, "    def decode_split(", "    decode_split.__name__")
 print("\nnumbattn/kernels/common.py, the ticket:")
-print_function(inspect.getsource(inspect.unwrap(arrive_last)), "def arrive_last", "@kernel")
+print_function(inspect.getsource(common), "def arrive_last", "@kernel")       # the module's text: on a GPU the
+#                                                                               function is a compiled dispatcher
 print("numbattn/kernels/decode_splitk.py, the last block's merge:")
 print_function(frame, "    def merge_splits(", "    return merge_splits")
 

@@ -98,10 +98,30 @@ def close(what, got, want, atol=0.0, rtol=0.0, got_label="got", want_label="expe
         order = np.argsort(np.where(bad, np.where(np.isnan(diff), np.inf, diff), -1.0), axis=None)[::-1]
         rows = [f"    at {tuple(int(i) for i in np.unravel_index(j, got.shape))}: {got_label} {got.flat[j]:.6g}, "
                 f"{want_label} {want.flat[j]:.6g}, |diff| {diff.flat[j]:.2e}" for j in order[:min(4, bad.sum())]]
+        cause = likely_cause(got[bad], want[bad])
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} values differ by more than "
                              f"atol={atol:g} + rtol={rtol:g}·|{want_label}| (largest |diff| {worst:.2e}):\n"
-                             + "\n".join(rows))
+                             + "\n".join(rows) + (f"\n    likely cause: {cause}" if cause else ""))
     return worst
+
+
+def likely_cause(got, want):
+    """A guess from the pattern of the differing values (float64 arrays of equal size), or ''."""
+    if np.isnan(got).any() and not np.isnan(want).any():
+        return ("NaN where a number was expected: an element never written (buffers start as NaN here), a read of "
+                "a poisoned (NaN) slot past a row's length, or 0/0 or inf/inf (a row that saw no key; an exp that "
+                "overflowed)")
+    if np.isinf(got).any() and np.isfinite(want).all():
+        return "infinite values: an overflow (exp without the max subtracted?) or a division by zero"
+    if (got == 0).all() and (want != 0).any():
+        return "all zeros: nothing was accumulated or written (a stub, or a loop that never ran?)"
+    nonzero = (want != 0) & (got != 0) & np.isfinite(got) & np.isfinite(want)
+    if nonzero.sum() >= 2:
+        ratio = np.median(got[nonzero] / want[nonzero])
+        for factor, name in ((np.log2(np.e), "log2(e)"), (1 / np.log2(np.e), "ln(2)")):
+            if abs(ratio - factor) < 1e-3 * factor and np.allclose(got[nonzero] / want[nonzero], factor, rtol=1e-3):
+                return f"every value is {name} = {factor:.4f} times the expected one: base-2 vs natural units?"
+    return ""
 
 
 def break_it(name, mistake, prediction, expect, run, catch=(AssertionError,)):
@@ -125,8 +145,9 @@ def break_it(name, mistake, prediction, expect, run, catch=(AssertionError,)):
         raise AssertionError(f"--break {name} ({mistake}): predicted a failure saying {expect!r}, but the check "
                              f"said:\n{message[:1500]}")
     lines = message.splitlines()
+    shown = lines[1:] if BREAK else lines[1:3] + [x for x in lines[3:] if "likely cause" in x]
     print(f"  --break {name}: {mistake}\n    predicted: {prediction}\n    confirmed: {lines[0]}"
-          + "".join(f"\n       {x}" for x in lines[1:(len(lines) if BREAK else 3)]))
+          + "".join(f"\n       {x.strip()}" for x in shown))
     if BREAK == name:
         print(f"(--break {name}: the prediction came true; the lesson stops here. Run it without --break to go on.)")
         sys.stdout.flush()
