@@ -52,6 +52,7 @@ from collections import Counter, namedtuple
 import numpy as np
 
 from .. import backend as _backend
+from .. import simulator as _simulator
 
 READ, WRITE = "read", "write"
 # a race: shared array `name`, element `index` of block `block`, touched between barriers `interval` and
@@ -86,11 +87,11 @@ class Tracer:
         if _ACTIVE:
             raise RuntimeError("another Tracer is already counting shared memory")
         _ACTIVE.append(self)
-        _backend.SHARED_ARRAY_HOOK[0] = self._traced_shared
+        _simulator.SHARED_ARRAY_HOOK[0] = self._traced_shared
         try:
             yield self
         finally:
-            _backend.SHARED_ARRAY_HOOK[0] = None
+            _simulator.SHARED_ARRAY_HOOK[0] = None
             _ACTIVE.clear()
 
     def _traced_shared(self, memory, where):
