@@ -381,7 +381,7 @@ _lesson.close("causal kernel output vs reference", out_c, reference.attention(qc
 # case: the diagonal cuts through tiles; in the simulator only that one, to keep the lesson quick).
 
 # %%
-qa, ka, va = bench.random_qkv(1, 13, 13, n_heads=4, n_kv_heads=2, head_dim=16, seed=3)
+qa, ka, va = bench.random_qkv(1, 13, 13, n_heads=2, n_kv_heads=1, head_dim=16, seed=3)
 for version in prefill.VERSIONS:
     for causal in (False, True) if BACKEND == "cuda" else (True,):
         o = prefill.flash_attention(qa, ka, va, causal=causal, version=version)

@@ -555,7 +555,7 @@ if BACKEND == "sim":
     print("v2 simulator layout (TR, TC, TM, TN, TE) at d=16:",
           prefill_registers.layout(ts.block_m, ts.block_n, ts.threads, 16))
 
-q, k, v = bench.random_qkv(1, 19, 19, n_heads=4, n_kv_heads=2, head_dim=16, seed=1)
+q, k, v = bench.random_qkv(1, 19, 19, n_heads=2, n_kv_heads=1, head_dim=16, seed=1)
 q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
 for version in prefill.VERSIONS:
     for causal in (False, True):

@@ -204,13 +204,13 @@ print(source[source.index("    @cuda.jit(device=True, inline=True)"):])
 # %% [markdown]
 # ## Running v3, and its traffic
 #
-# In the simulator v3 runs on one warp (16 query rows, 8-key tiles: `prefill.SIM_TILES["v3"]`), at odd
-# lengths, causal and not, grouped heads, against the fp64 reference. Its global reads are lesson 3's
+# In the simulator v3 runs on one warp (16 query rows, 8-key tiles: `prefill.SIM_TILES["v3"]`), at an odd
+# length, causal and not, grouped heads, against the fp64 reference. Its global reads are lesson 3's
 # formula (K and V once per query tile of BLOCK_M rows; Q once); counted, with its shared-memory races
 # checked as in lesson 3.
 
 # %%
-q, k, v = bench.random_qkv(1, 19, 19, n_heads=2, n_kv_heads=1, head_dim=16, seed=3)
+q, k, v = bench.random_qkv(1, 13, 13, n_heads=2, n_kv_heads=1, head_dim=16, seed=3)   # 13: a ragged tile
 want = {c: reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=c) for c in (False, True)}
 for causal in (False, True):
     got = prefill.flash_attention(q, k, v, causal=causal, version="v3")
@@ -256,7 +256,7 @@ def v3_tf32_only():
     out = cuda.device_array(q.shape, np.float32)
     grid = (-(-q.shape[2] // tiles.block_m), q.shape[1], q.shape[0])
     kernel[grid, tiles.threads](cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), out,
-                                np.float32(16 ** -0.5 * prefill.LOG2E), False, np.int64(19), np.int64(19),
+                                np.float32(16 ** -0.5 * prefill.LOG2E), False, np.int64(13), np.int64(13),
                                 np.float32(0.0))
     _lesson.close("v3 (TF32 only) causal=False vs fp64 reference", out.copy_to_host(), want[False], atol=1e-5,
                   got_label="v3")
