@@ -382,6 +382,9 @@ print_function(inspect.getsource(common), "def arrive_last", "@kernel")       # 
 #                                                                               function is a compiled dispatcher
 print("numbattn/kernels/decode_splitk.py, the last block's merge:")
 print_function(frame, "    def merge_splits(", "    return merge_splits")
+print("numbattn/kernels/decode_slots.py, v1's scan of a split (each key slot's online softmax, the next keys' words "
+      "loaded while this step's are used):")
+print_function(inspect.getsource(decode_slots), "    def scan_keys(", "    return scan_keys")
 
 # %% [markdown]
 # We run it on the 11-token example with a tiny launch shape: 4 keys per split, 8 threads, *dims_per_lane* = 8
@@ -658,7 +661,8 @@ if BACKEND == "sim":
 # Decode reads the cache for 4 FLOPs per byte, so its figure of merit is bandwidth: bytes of K and V streamed
 # per second, against the ~3.35 TB/s of an H100's HBM. But one call also pays a fixed cost: the host launches
 # the kernel (10-16 us of host time in BENCHMARKS.md) and the GPU starts its blocks and finishes its last one
-# (~14 us of GPU time even for a short cache). The H100's measurements, with GB/s derived as bytes of K and V
+# (~14 us of GPU time even for a short cache). The H100's measurements (call time with a synchronize, the
+# GPU's own time, and their difference, the overhead of the call itself), with GB/s derived as bytes of K and V
 # read (2 · 4 KV heads · n · 64 dims · 2 or 4 bytes, batch 1) over the measured time, show both regimes: up to
 # 8192 tokens the time is flat at 27-30 us whatever the bytes (*launch-bound*: the GB/s column only grows
 # because the bytes do), and from 32768 tokens it grows with n (memory-bound, at 0.9-1.3 TB/s on the GPU's own
@@ -693,6 +697,7 @@ def decode_bandwidth(table):
         n, itemsize = int(r["n"]), 2 if r["cache"] == "float16" else 4
         mb = 2 * 4 * n * 64 * itemsize / 1e6
         rows.append(dict(n=n, cache=r["cache"], MB_read=mb, v1_sync_us=us(r["v1 sync"]), v1_gpu_us=us(r["v1 GPU"]),
+                         overhead_us=us(r["v1 sync"]) - us(r["v1 GPU"]),
                          GB_s_sync=mb * 1e6 / (us(r["v1 sync"]) * 1e-6) / 1e9,
                          GB_s_gpu=mb * 1e6 / (us(r["v1 GPU"]) * 1e-6) / 1e9))
     for r in rows:
@@ -708,7 +713,10 @@ if BACKEND == "cuda":
     print(bench.format_table(rows, columns))
 bw = decode_bandwidth(_lesson.benchmarks_table("### Round 4: decode v2"))
 print("measured on an H100 (BENCHMARKS.md, decode round 4; GB/s derived: bytes of K and V / time):")
-print(bench.format_table(bw, ["n", "cache", "MB_read", "v1_sync_us", "v1_gpu_us", "GB_s_sync", "GB_s_gpu", "bound"]))
+print(bench.format_table(bw, ["n", "cache", "MB_read", "v1_sync_us", "v1_gpu_us", "overhead_us", "GB_s_sync",
+                              "GB_s_gpu", "bound"]))
+print("(overhead_us = sync - GPU time: launching the call and waiting for it, the same ~12 us at every length)")
+assert all(10 < r["overhead_us"] < 14 for r in bw), f"the line above says ~12 us: {[r['overhead_us'] for r in bw]}"
 launch = sorted({r["n"] for r in bw if r["bound"] == "launch"})
 memory = sorted({r["n"] for r in bw if r["bound"] == "memory"})
 assert launch and memory and max(launch) <= 8192 < min(memory), \
