@@ -1,4 +1,4 @@
-"""Three repairs to Numba's CUDA simulator (numba-cuda 0.30), applied once when the simulator is the backend.
+"""Four repairs to Numba's CUDA simulator (numba-cuda 0.30), applied once when the simulator is the backend.
 
 The simulator runs a kernel one block at a time, each CUDA thread of the block as a Python thread. numbattn's
 tests and lessons run every kernel there, so its speed and its correctness are ours to care about:
@@ -14,8 +14,12 @@ tests and lessons run every kernel there, so its speed and its correctness are o
    variable: the last thread to arrive (or to finish) opens it, the main thread sleeps until the block is done.
    Same contract: a thread that finished (or raised) no longer counts; the first thread's exception is raised
    from the launch once the block is done; `abort` plus a wake-up (stop_threads) makes a waiting thread raise.
-3. After ^C, stop_threads ends the threads a dead launch left blocked (see its docstring).
+3. Every call of a device function swaps its module's `cuda` global for the launch's fake module: under two
+   locks, scanning the module's globals whenever no other thread happens to be inside it (150 us a call, most
+   of a simulated GEMM's time). Replaced by one swap per module per launch, undone when the launch ends.
+4. After ^C, stop_threads ends the threads a dead launch left blocked (see its docstring).
 """
+import contextlib
 import logging
 import sys
 import threading
@@ -34,6 +38,7 @@ def repair():
     _lock_shared_array_creation(kernelapi)
     kernel.BlockManager.run = _run_block
     kernel.BlockThread.syncthreads = _syncthreads
+    kernel.swapped_cuda_module = _swapped_for_the_launch
     kernel._numbattn_repaired = True
 
 
@@ -61,6 +66,42 @@ def _lock_shared_array_creation(kernelapi):
 # numbattn.lab.tracing sets SHARED_ARRAY_HOOK[0] = hook(memory, (file, line)) -> what the kernel gets in place of a
 # simulated shared array (a traced view of it), while it counts shared-memory accesses; None otherwise.
 SHARED_ARRAY_HOOK = [None]
+
+
+class _Launch:
+    """The running launch's fake `cuda` module and the modules swapped to it: {id(globals): (globals, names)}."""
+    fake, swapped, lock = None, None, threading.Lock()
+
+
+@contextlib.contextmanager
+def _swapped_for_the_launch(fn, fake):
+    """kernel.swapped_cuda_module: entered by a launch (from the host thread), then by each device call in it."""
+    if fake is None:                            # a device function called outside any kernel: nothing to swap
+        yield
+        return
+    if _Launch.swapped is not None:             # a device call inside the launch: swap its module once
+        if id(fn.__globals__) not in _Launch.swapped:
+            _swap(fn.__globals__, fake)
+        yield
+        return
+    _Launch.fake, _Launch.swapped = fake, {}
+    try:
+        _swap(fn.__globals__, fake)
+        yield
+    finally:
+        from numba import cuda
+        for g, names in _Launch.swapped.values():
+            g.update(dict.fromkeys(names, cuda))
+        _Launch.fake = _Launch.swapped = None
+
+
+def _swap(g, fake):
+    from numba import cuda
+    with _Launch.lock:
+        if id(g) not in _Launch.swapped:
+            names = [k for k, v in g.items() if v is cuda]
+            g.update(dict.fromkeys(names, fake))
+            _Launch.swapped[id(g)] = (g, names)
 
 
 class _Barrier:
