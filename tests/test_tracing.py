@@ -1,4 +1,6 @@
-"""numbattn/lab/tracing.py: the counted global-memory accesses of the real prefill kernels equal the formulas.
+"""numbattn/lab/tracing.py: the counted global-memory accesses of the real prefill kernels and of the default decode
+kernel equal the formulas; shared-memory accesses are counted too, and a missing barrier is found as a race on every
+run (not by luck of the schedule).
 
 Every count here is exact (a lost update between simulated threads, a view counted against the wrong index,
 or a host access counted as a kernel's would change it). Shapes are tiny: the simulator runs one Python
