@@ -237,7 +237,8 @@ def score_row_kernel(kernel):
     if reads is None:
         return "(reads are counted in the simulator only)"
     return _lesson.check_budget(2, "reads of s", reads, scores.shape[1],
-                                "one pass reads each of the row's scores once")
+                                "one pass reads each of the row's scores once: load s[i, j] into a local "
+                                "variable, then use that")
 
 
 print(f"{scores.shape[0]} rows, {THREADS} threads per block -> {-(-scores.shape[0] // THREADS)} blocks; "
