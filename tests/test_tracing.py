@@ -234,3 +234,27 @@ def test_the_default_decode_kernel_reads_the_cache_once():
     splits = -(-11 // 4) + -(-5 // 4)                       # 3 + 2 split blocks per KV head
     assert tr.writes("part") == splits * 2 * 2 * (D + 2)    # x 2 KV heads x 2 query heads each
     assert tr.hazards() == []
+
+
+@cuda.jit
+def _slices(out):
+    """Thread t writes its element of a shared row, then (after a barrier) thread 0 reads the row as a slice and
+    writes two elements through a slice (the MMA twin's exchange reads its scratch this way)."""
+    t = cuda.threadIdx.x
+    row = cuda.shared.array(4, np.float32)
+    row[t] = t
+    cuda.syncthreads()
+    if t == 0:
+        out[0] = np.asarray(row[0:4]).sum()
+        row[1:3] = 0.0
+
+
+def test_slices_of_shared_arrays_count_every_element():
+    tr = tracing.Tracer()
+    out = np.zeros(1, np.float32)
+    with tr.shared():
+        _slices[1, 4](tr.wrap(out=out))
+    assert out[0] == 6 and tr.shared_names == {"row"}
+    assert tr.per_thread("row") == {((0, 0, 0), (0, 0, 0)): 4}
+    assert tr.writes("row") == 4 + 2 and tr.hazards() == []
+

@@ -170,7 +170,7 @@ def run_switches(*args, selftest=False):
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)
 
 
-def test_the_command_line_switches():
+def test_the_command_line_switches(tmp_path):
     """_lesson's switches, on a demo exercise and two demo breaks (no lesson runs: the lessons' own runs above
     check their exercises and breaks): --exercise scores yours and stops at it with yours vs expected; --break
     NAME runs up to that switch, prints its whole message, and stops; a plain run tries every switch; the selftest
@@ -189,5 +189,5 @@ def test_the_command_line_switches():
     assert "exercise 9: the stub fails, as it must" in selftest.stdout and selftest.returncode == 0
     lesson = next(p for p in LESSONS if p.name.startswith("02_"))
     unknown = subprocess.run([sys.executable, str(lesson), "--break", "nope"], capture_output=True, text=True,
-                             env=lesson_env(TUTORIALS, selftest=False), timeout=60, cwd=ROOT)
+                             env=lesson_env(tmp_path, selftest=False), timeout=60, cwd=ROOT)
     assert unknown.returncode == 2 and "no such switch; it has: no-rescale" in unknown.stderr, unknown.stderr
