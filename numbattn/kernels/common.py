@@ -25,6 +25,7 @@ NUMBATTN_TEST_GPU=1).
                                    launch can end with a reduction over its own blocks (no second launch)
 """
 import math
+import struct
 
 import numpy as np
 from llvmlite import ir
@@ -32,6 +33,9 @@ from numba import config, cuda, float32, int32, uint32, uint64
 from numba.cuda.extending import intrinsic
 
 from .. import kernel_cache
+
+# the simulator's bit casts, in plain Python (NumPy's per-call cost made them a large part of simulated kernels)
+_U32, _F32, _U16, _F16 = struct.Struct("<I"), struct.Struct("<f"), struct.Struct("<H"), struct.Struct("<e")
 
 NEG_INF = float32(-np.inf)
 FULL_MASK = 0xFFFFFFFF
@@ -263,8 +267,11 @@ def make_outer_product(TM, TN, b_is_k_major):
 if SIM:
     @cuda.jit(device=True)
     def f32_from_bits(bits):
-        """The float32 whose bit pattern is the uint32 `bits` (simulator: a NumPy view; libdevice is absent)."""
-        return np.array([int(bits) & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
+        """The float32 whose bit pattern is the uint32 `bits` (simulator: struct's bytes; libdevice is absent)."""
+        bits = int(bits) & 0xFFFFFFFF
+        if bits & 0x7F800000 == 0x7F800000 and bits & 0x7FFFFF:       # a NaN: through NumPy, payload kept
+            return np.array([bits], np.uint32).view(np.float32)[0]
+        return np.float32(_F32.unpack(_U32.pack(bits))[0])
 else:
     @cuda.jit(device=True, inline=True)
     def f32_from_bits(bits):
@@ -276,7 +283,10 @@ if SIM:
     @cuda.jit(device=True)
     def f32_from_half_bits(bits):
         """The fp16 value whose bit pattern is the low 16 bits of the integer `bits`, as a float32 (exact)."""
-        return np.float32(np.array([int(bits) & 0xFFFF], np.uint16).view(np.float16)[0])
+        bits = int(bits) & 0xFFFF
+        if bits & 0x7C00 == 0x7C00 and bits & 0x3FF:                  # a NaN: through NumPy, payload kept
+            return np.float32(np.array([bits], np.uint16).view(np.float16)[0])
+        return np.float32(_F16.unpack(_U16.pack(bits))[0])
 else:
     @intrinsic
     def f32_from_half_bits(typingctx, bits):

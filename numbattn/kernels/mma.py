@@ -54,6 +54,7 @@ tests), provided every thread of the block reaches every MMA together: kernels b
 control flow uniform across the block around them. On a GPU `scratch` is a (1, 1, 1, 1) dummy, never touched.
 The twin computes in float64 and rounds once to float32; the GPU accumulates in fp32 (differences ~1e-7).
 """
+import struct
 import threading
 
 import numpy as np
@@ -307,9 +308,18 @@ def make_mma_3xtf32_n(N):
 if SIM:
     @cuda.jit(device=True)
     def bf16x2(lo, hi):
-        """Simulator twin: the word with bf16(lo) low and bf16(hi) high (NumPy rounding, as cvt.rn.bf16x2.f32)."""
-        b = bf16_bits(np.array([lo, hi], np.float32))
-        return np.uint32(int(b[0]) | int(b[1]) << 16)
+        """Simulator twin: the word with bf16(lo) low and bf16(hi) high (bf16_bits' rounding, as cvt.rn.bf16x2.f32;
+        per scalar in plain Python: NumPy's per-call cost made this most of a simulated GEMM)."""
+        return np.uint32(_bf16_bits_of(lo) | _bf16_bits_of(hi) << 16)
+
+    _F32, _U32 = struct.Struct("<f"), struct.Struct("<I")
+
+    def _bf16_bits_of(x):
+        """bf16_bits for one float32 scalar: round to nearest even on the upper 16 bits; a NaN stays a NaN."""
+        bits = _U32.unpack(_F32.pack(np.float32(x)))[0]
+        if x != x:
+            return (bits >> 16) | 0x40
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
 else:
     @cuda.jit(device=True, inline=True)
     def bf16x2(lo, hi):
