@@ -73,20 +73,24 @@ def check_tiles(version, tiles, head_dim):
         prefill_mma.layout(tiles.block_m, tiles.block_n, tiles.threads, head_dim)
 
 
-def make_kernel(version, head_dim, tiles):
-    """The compiled (cached) kernel of `version` for this head_dim and launch shape."""
+def make_kernel(version, head_dim, tiles, with_lse=False):
+    """The compiled (cached) kernel of `version` for this head_dim and launch shape; with_lse: the variant that also
+    writes each row's log-sum-exp (one more argument, lse [B, H, Lq]; v1 and v3, see LSE_VERSIONS)."""
     check_tiles(version, tiles, head_dim)
+    if with_lse and version not in LSE_VERSIONS:
+        raise ValueError(f"version={version!r} does not return the log-sum-exp; {LSE_VERSIONS} do")
     if version == "v0":
         return prefill_naive.make_v0(head_dim, tiles.block_m)
     if version == "v1":
-        return prefill_tiled.make_v1(head_dim, tiles.block_m, tiles.block_n)
+        return prefill_tiled.make_v1(head_dim, tiles.block_m, tiles.block_n, with_lse=with_lse)
     if version == "v2":
         return prefill_registers.make_v2(head_dim, tiles.block_m, tiles.block_n, tiles.threads)
-    return prefill_mma.make_v3(head_dim, tiles.block_m, tiles.block_n, tiles.threads)
+    return prefill_mma.make_v3(head_dim, tiles.block_m, tiles.block_n, tiles.threads, with_lse=with_lse)
 
 
 VERSIONS = ("v0", "v1", "v2", "v3")
 DEFAULT_VERSION = "v3"
+LSE_VERSIONS = ("v1", "v3")     # the versions that can also return the log-sum-exp (the teaching one, the default)
 # The simulator runs one Python thread per CUDA thread, so tests use tiny tiles (several tiles per sequence).
 # v3's MMAs are per warp: one warp of 32 threads owning 16 query rows, keys in blocks of 8.
 SIM_TILES = {"v0": Tiles(4, 1, 4), "v1": Tiles(4, 4, 4), "v2": Tiles(4, 4, 4), "v3": Tiles(16, 8, 32)}
@@ -121,26 +125,29 @@ def default_tiles(version, backend, head_dim):
     return SIM_TILES[version] if backend == "sim" else gpu_tiles(version, head_dim)
 
 
-def launch(q, k, v, out, causal, scale, version=DEFAULT_VERSION, tiles=None, stream=0):
-    """Launch one prefill kernel on device arrays (already validated). Returns out.
+def launch(q, k, v, out, causal, scale, version=DEFAULT_VERSION, tiles=None, stream=0, lse=None):
+    """Launch one prefill kernel on device arrays (already validated). Returns out. lse: a float32 device array
+    [B, H, Lq] that also receives each row's log-sum-exp (versions LSE_VERSIONS).
 
     Through a prepared Launch (numbattn/launch.py) kept per kernel and argument layout: a repeated call with
     arrays of the same dtypes, shapes and strides only re-marshals the arguments (no typing, no lookup)."""
     batch, n_heads, q_len, head_dim = q.shape
     if version == "v3" and not SIM and not gpu.has_tf32_mma():
-        version, tiles = "v2", None
+        version, tiles = ("v2", None) if lse is None else ("v1", None)
     tiles = tiles or default_tiles(version, "cuda", head_dim)
     grid = ((q_len + tiles.block_m - 1) // tiles.block_m, n_heads, batch)
-    args = (q, k, v, out, float32(scale * LOG2E), bool(causal))
+    args = (q, k, v, out, float32(scale * LOG2E), bool(causal)) + (() if lse is None else (lse,))
     if SIM:     # the simulator has no launch cost worth saving (and the lessons' tracer passes stand-in arrays)
-        make_kernel(version, head_dim, tiles)[grid, tiles.threads, stream](*args)
+        make_kernel(version, head_dim, tiles, lse is not None)[grid, tiles.threads, stream](*args)
         return out
-    key = (version, tiles, stream_key(stream), *((a.dtype.str, a.shape, a.strides) for a in args[:4]))
+    arrays = args[:4] + args[6:]
+    key = (version, tiles, stream_key(stream), *((a.dtype.str, a.shape, a.strides) for a in arrays))
     prepared = _LAUNCHES.get(key)
     if prepared is None:
         if len(_LAUNCHES) > 256:
             _LAUNCHES.clear()
-        prepared = _LAUNCHES[key] = Launch(make_kernel(version, head_dim, tiles), grid, tiles.threads, args, stream)
+        prepared = _LAUNCHES[key] = Launch(make_kernel(version, head_dim, tiles, lse is not None), grid,
+                                           tiles.threads, args, stream)
     else:
         prepared.set_args(args)
     prepared(grid)
@@ -155,18 +162,22 @@ def stream_key(stream):
 
 
 def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None, version=DEFAULT_VERSION,
-                    tiles=None):
+                    tiles=None, return_lse=False, lse_out=None):
     """numbattn.attention with the kernel version, tile sizes and output buffer exposed (tests, lessons, bench).
 
     q [batch, n_heads, q_len, head_dim], k, v [batch, n_kv_heads, kv_len, head_dim]: float32 or float16,
     host NumPy arrays (-> host result) or Numba device arrays (-> device result). Returns float32.
     `out`, if given, is a float32 device array of q's shape that the kernel fills (e.g. NaN-poisoned by a test).
+    return_lse: return (out, lse), lse [batch, n_heads, q_len] float32 the log-sum-exp of each row's scores
+    (natural log; what numbattn.attention_backward takes), written into lse_out if given (versions v1 and v3).
     """
     check_qkv(q, k, v, causal)
     scale = check_scale(scale, q.shape[3])
-    if out is not None and (tuple(out.shape) != tuple(q.shape) or np.dtype(out.dtype) != np.float32):
-        raise ValueError(f"out has shape {tuple(out.shape)} and dtype {np.dtype(out.dtype).name}; "
-                         f"expected {tuple(q.shape)} float32")
+    check_output("out", out, q.shape)
+    if return_lse:
+        check_output("lse_out", lse_out, q.shape[:3])
+        if version not in LSE_VERSIONS:
+            raise ValueError(f"return_lse needs version in {LSE_VERSIONS}, not {version!r}")
     be = _backend.resolve(backend)
     check_version(version)
     if tiles is not None:
@@ -174,19 +185,34 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None,
     on_device = _backend.is_device_array(q)
 
     def numpy_path():
-        o = reference.attention(*(_backend.to_host(x) for x in (q, k, v)), causal=causal, scale=scale)
-        return _backend.deliver(o, out, on_device)
+        qh, kh, vh = (_backend.to_host(x) for x in (q, k, v))
+        o = _backend.deliver(reference.attention(qh, kh, vh, causal=causal, scale=scale), out, on_device)
+        if not return_lse:
+            return o
+        return o, _backend.deliver(reference.log_sum_exp(reference.scores(qh, kh, causal, scale)), lse_out, on_device)
 
     def kernel_path():
         dq, dk, dv = (x if _backend.is_device_array(x) else cuda.to_device(np.ascontiguousarray(x))
                       for x in (q, k, v))
         o = out if out is not None else cuda.device_array(q.shape, dtype=np.float32)
-        launch(dq, dk, dv, o, causal, scale, version, tiles or default_tiles(version, be, q.shape[3]))
-        return o if on_device else o.copy_to_host()
+        lse = None if not return_lse else lse_out if lse_out is not None else \
+            cuda.device_array(q.shape[:3], dtype=np.float32)
+        launch(dq, dk, dv, o, causal, scale, version, tiles or default_tiles(version, be, q.shape[3]), lse=lse)
+        results = (o,) if lse is None else (o, lse)
+        results = results if on_device else tuple(x.copy_to_host() for x in results)
+        return results if return_lse else results[0]
 
     return _backend.run(f"prefill attention {version}", be, kernel_path, numpy_path)
 
 
-def attention(q, k, v, causal=False, scale=None, backend="auto"):
-    """softmax(q k^T * scale, causal) v with the default (fastest correct) kernel. See flash_attention."""
-    return flash_attention(q, k, v, causal=causal, scale=scale, backend=backend)
+def check_output(name, buffer, shape):
+    """An output buffer given by the caller: None, or a float32 array of this shape (else a ValueError naming it)."""
+    if buffer is not None and (tuple(buffer.shape) != tuple(shape) or np.dtype(buffer.dtype) != np.float32):
+        raise ValueError(f"{name} has shape {tuple(buffer.shape)} and dtype {np.dtype(buffer.dtype).name}; "
+                         f"expected {tuple(shape)} float32")
+
+
+def attention(q, k, v, causal=False, scale=None, backend="auto", return_lse=False):
+    """softmax(q k^T * scale, causal) v with the default (fastest correct) kernel; with return_lse, (out, lse): the
+    log-sum-exp of each row's scores too, what numbattn.attention_backward takes. See flash_attention."""
+    return flash_attention(q, k, v, causal=causal, scale=scale, backend=backend, return_lse=return_lse)

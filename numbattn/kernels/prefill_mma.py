@@ -78,7 +78,7 @@ from numba import cuda, float32
 from .common import (NEG_INF, device, kernel, make_group_reduce, prefill_block, reduce_scratch_shape, tile_is_whole,
                      visible_keys)
 from .mma import make_mma_3xtf32_n, mma_scratch_shape, tf32_split
-from .softmax import finish, rescale
+from .softmax import finish, lse, rescale
 
 
 def layout(block_m, block_n, threads, head_dim):
@@ -99,8 +99,23 @@ def shared_bytes(block_m, block_n, head_dim):
 
 
 @functools.lru_cache(maxsize=None)
-def make_v3(head_dim, block_m, block_n, threads):
-    D, BM, BN, NT = head_dim, block_m, block_n, threads
+def make_v3(head_dim, block_m, block_n, threads, with_lse=False):
+    """The v3 kernel (q, k, v, out, scale_log2, causal); with with_lse=True (..., causal, lse_out): lse_out
+    [B, H, Lq] float32 receives each row's log-sum-exp (natural log), which the backward recomputes P from."""
+    body = _make_v3_body(head_dim, block_m, block_n, threads, _store_lse if with_lse else _no_lse)
+    if with_lse:
+        @kernel
+        def attention_v3_lse(q, k, v, out, scale_log2, causal, lse_out):
+            body(q, k, v, out, scale_log2, causal, lse_out)
+        return attention_v3_lse
+
+    @kernel
+    def attention_v3(q, k, v, out, scale_log2, causal):
+        body(q, k, v, out, scale_log2, causal, 0)
+    return attention_v3
+
+
+def _make_v3_body(D, BM, BN, NT, store_lse):
     W, KD, NS, NO, NL = layout(BM, BN, NT, D)
     DP = D + 4                                      # padded row: conflict-free fragment reads (docstring)
     group_max, group_sum = make_group_reduce(4, 2)  # over a quad: the 4 lanes holding one row
@@ -111,9 +126,9 @@ def make_v3(head_dim, block_m, block_n, threads):
     pv = _make_pv(NS, NO)
     init_state, store_rows = _make_state(NO)
 
-    @kernel
-    def attention_v3(q, k, v, out, scale_log2, causal):
-        # q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> out [B, H, Lq, D]
+    @device
+    def attention_v3(q, k, v, out, scale_log2, causal, lse_out):
+        # q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> out [B, H, Lq, D] (and lse_out [B, H, Lq])
         b, h, hk, q_len, kv_len = prefill_block(q, k)
         tid = cuda.threadIdx.x
         g, t = (tid % 32) >> 2, tid & 3             # this lane's fragment coordinates (lane = 4 g + t)
@@ -157,6 +172,7 @@ def make_v3(head_dim, block_m, block_n, threads):
 
         group_sum(l_i, red)                         # the row sums, combined over the quad once
         store_rows(out, o, l_i, b, h, row, t, q_len)
+        store_lse(lse_out, m_i, l_i, b, h, row, t, q_len)
 
     return attention_v3
 
@@ -296,3 +312,17 @@ def _make_state(NO):
                     out[b, h, i, c * 8 + 2 * t] = o[c, 2 * r] * inv_l
                     out[b, h, i, c * 8 + 2 * t + 1] = o[c, 2 * r + 1] * inv_l
     return init_state, store_rows
+
+
+@device
+def _store_lse(lse_out, m_i, l_i, b, h, row, t, q_len):
+    """The with_lse variant: the log-sum-exp (natural log) of this lane's rows row and row + 8, written by the
+    quad's first lane (all four hold the same m and, after the group sum, the same l)."""
+    for r in range(2):
+        if t == 0 and row + 8 * r < q_len:
+            lse_out[b, h, row + 8 * r] = lse(m_i[r], l_i[r])
+
+
+@device
+def _no_lse(lse_out, m_i, l_i, b, h, row, t, q_len):
+    pass
