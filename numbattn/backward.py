@@ -58,15 +58,17 @@ SIM_TILES = {"v1": BackwardTiles(Tiles(4, 4, 4), Tiles(4, 4, 4)),
 
 
 def gpu_tiles(version, head_dim):
-    """Launch shapes for a real GPU: static shared memory under 48 KB on every GPU (backward_mma.shared_bytes), two
-    or four warps a block at head_dim <= 64. Chosen by registers and spills (tools/compile_check.py), not yet by a
-    sweep on the H100 (BENCHMARKS.md says what was measured)."""
+    """Launch shapes for a real GPU, all under 48 KB of static shared memory (backward_mma.shared_bytes). v3 at
+    head_dim <= 64: four warps own 64 keys (dkdv) or 64 query rows (dq) and stream tiles of 16 rows of the other
+    side; chosen by ptxas's registers and spills (tools/compile_check.py, 2026-12: dkdv 255 registers and 48 bytes
+    of stack, dq 248 and none; two warps with tiles of 32 spilled 864 and 608 bytes), not yet by a sweep on a GPU.
+    head_dim 128: one warp a block (the accumulators alone are 192 registers a lane; it spills)."""
     if version == "v1":
         return BackwardTiles(Tiles(32, 64, 64), Tiles(64, 32, 64)) if head_dim <= 64 else \
             BackwardTiles(Tiles(16, 32, 32), Tiles(32, 16, 32))
     if head_dim <= 64:
-        return BackwardTiles(Tiles(32, 32, 64), Tiles(32, 32, 64))
-    return BackwardTiles(Tiles(16, 32, 64), Tiles(32, 16, 64))
+        return BackwardTiles(Tiles(16, 64, 128), Tiles(64, 16, 128))
+    return BackwardTiles(Tiles(16, 16, 32), Tiles(16, 16, 32))
 
 
 def check_tiles(version, tiles, head_dim):

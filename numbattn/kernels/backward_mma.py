@@ -73,6 +73,7 @@ def make_dkdv_v3(head_dim, block_m, block_n, threads):
     D, BM, BN, NT = head_dim, block_m, block_n, threads
     W, KD, NQ, NO, NL = layout(BN, BM, NT, D)
     DP, SCRATCH = D + 4, mma_scratch_shape(NT, max(NQ, NO))
+    FB, NS = max(NQ, NO), max(NL, BN * D // NT)    # B fragments of a k-step; elements staged per thread
     stage_rows, stage_pair = _make_stage(BN, D, NT), _make_stage(BM, D, NT)
     abt, pb = _make_abt(KD, NQ), _make_pb(NQ, NO)
     probs, store_kv = _make_probs(NQ, True), _make_store_dkdv(NO)
@@ -92,13 +93,17 @@ def make_dkdv_v3(head_dim, block_m, block_n, threads):
         scratch = cuda.shared.array(SCRATCH, float32)
         s = cuda.local.array((NQ, 4), float32)      # S^T, then P^T: [16 keys, BM queries] as C fragments
         dp = cuda.local.array((NQ, 4), float32)     # dP^T, then dS^T
-        acc = cuda.local.array((3, NO, 4), float32)  # this tile's product; dK_w and dV_w [16 keys, D]
-        fa = cuda.local.array((2, 4), float32)      # one A fragment, split (big, small)
-        fb = cuda.local.array((2, max(NQ, NO), 2), float32)     # the B fragments of one k-step, split
-        staged = cuda.local.array((2, max(NL, BN * D // NT)), float32)
+        acc = cuda.local.array((NO, 4), float32)    # one tile's product
+        dk_w = cuda.local.array((NO, 4), float32)   # dK_w, dV_w [16 keys, D]
+        dv_w = cuda.local.array((NO, 4), float32)
+        fa = cuda.local.array((1, 4), float32)      # one A fragment, split: big ...
+        fa_s = cuda.local.array((1, 4), float32)    # ... and small
+        fb = cuda.local.array((FB, 2), float32)     # the B fragments of one k-step, split
+        fb_s = cuda.local.array((FB, 2), float32)
+        staged = cuda.local.array((2, NS), float32)
         stage_rows(k, v, b, hk, j0, kv_len, tid, staged, Ks, Vs)
-        _zero(acc, 1, NO)
-        _zero(acc, 2, NO)
+        _zero(dk_w, NO)
+        _zero(dv_w, NO)
         for i0 in range(0, q_len, BM):
             first, end = visible_keys(i0, BM, q_len, kv_len, causal)
             if end <= j0 or j0 + BN <= first:
@@ -107,13 +112,13 @@ def make_dkdv_v3(head_dim, block_m, block_n, threads):
             stage_pair(q, dout, b, h, i0, q_len, tid, staged, Qs, dOs)
             _stage_row_refs(lse, delta, b, h, i0, q_len, tid, BM, rows)
             cuda.syncthreads()
-            abt(Ks, kw, Qs, s, fa, fb, g, t, scratch)               # S^T
-            abt(Vs, kw, dOs, dp, fa, fb, g, t, scratch)             # dP^T
+            abt(Ks, kw, Qs, s, fa, fa_s, fb, fb_s, g, t, scratch)       # S^T
+            abt(Vs, kw, dOs, dp, fa, fa_s, fb, fb_s, g, t, scratch)     # dP^T
             whole = tile_is_whole(j0, BN, i0, BM, q_len, kv_len, causal)
             probs(s, dp, rows, kw, i0, j0, whole, q_len, kv_len, causal, scale_log2, g, t)
-            pb(dOs, s, acc, 2, fa, fb, g, t, scratch)               # dV_w += P^T dO
-            pb(Qs, dp, acc, 1, fa, fb, g, t, scratch)               # dK_w += dS^T Q
-        store_kv(dk, dv, acc, b, hk, j0 + kw, kv_len, scale, g, t)
+            pb(dOs, s, acc, dv_w, fa, fa_s, fb, fb_s, g, t, scratch)    # dV_w += P^T dO
+            pb(Qs, dp, acc, dk_w, fa, fa_s, fb, fb_s, g, t, scratch)    # dK_w += dS^T Q
+        store_kv(dk, dv, dk_w, dv_w, b, hk, j0 + kw, kv_len, scale, g, t)
 
     return attention_backward_dkdv_v3
 
@@ -124,6 +129,7 @@ def make_dq_v3(head_dim, block_m, block_n, threads):
     D, BM, BN, NT = head_dim, block_m, block_n, threads
     W, KD, NK, NO, NL = layout(BM, BN, NT, D)
     DP, SCRATCH = D + 4, mma_scratch_shape(NT, max(NK, NO))
+    FB, NS = max(NK, NO), max(NL, BM * D // NT)    # B fragments of a k-step; elements staged per thread
     stage_rows, stage_pair = _make_stage(BM, D, NT), _make_stage(BN, D, NT)
     abt, pb = _make_abt(KD, NK), _make_pb(NK, NO)
     probs, store_q = _make_probs(NK, False), _make_store_dq(NO)
@@ -143,24 +149,27 @@ def make_dq_v3(head_dim, block_m, block_n, threads):
         scratch = cuda.shared.array(SCRATCH, float32)
         s = cuda.local.array((NK, 4), float32)      # S, then P: [16 rows, BN keys] as C fragments
         dp = cuda.local.array((NK, 4), float32)     # dP, then dS
-        acc = cuda.local.array((2, NO, 4), float32)  # this tile's dS K; dQ_w [16 rows, D]
-        fa = cuda.local.array((2, 4), float32)
-        fb = cuda.local.array((2, max(NK, NO), 2), float32)
-        staged = cuda.local.array((2, max(NL, BM * D // NT)), float32)
+        acc = cuda.local.array((NO, 4), float32)    # one tile's dS K
+        dq_w = cuda.local.array((NO, 4), float32)   # dQ_w [16 rows, D]
+        fa = cuda.local.array((1, 4), float32)
+        fa_s = cuda.local.array((1, 4), float32)
+        fb = cuda.local.array((FB, 2), float32)
+        fb_s = cuda.local.array((FB, 2), float32)
+        staged = cuda.local.array((2, NS), float32)
         stage_rows(q, dout, b, h, i0, q_len, tid, staged, Qs, dOs)
         _stage_row_refs(lse, delta, b, h, i0, q_len, tid, BM, rows)
-        _zero(acc, 1, NO)
+        _zero(dq_w, NO)
         kv_begin, kv_end = visible_keys(i0, BM, q_len, kv_len, causal)
         for j0 in range(kv_begin, kv_end, BN):
             cuda.syncthreads()                      # every warp is done with the previous key tile
             stage_pair(k, v, b, hk, j0, kv_len, tid, staged, Ks, Vs)
             cuda.syncthreads()
-            abt(Qs, qw, Ks, s, fa, fb, g, t, scratch)               # S
-            abt(dOs, qw, Vs, dp, fa, fb, g, t, scratch)             # dP
+            abt(Qs, qw, Ks, s, fa, fa_s, fb, fb_s, g, t, scratch)       # S
+            abt(dOs, qw, Vs, dp, fa, fa_s, fb, fb_s, g, t, scratch)     # dP
             whole = tile_is_whole(j0, BN, i0, BM, q_len, kv_len, causal)
             probs(s, dp, rows, qw, i0, j0, whole, q_len, kv_len, causal, scale_log2, g, t)
-            pb(Ks, dp, acc, 1, fa, fb, g, t, scratch)               # dQ_w += dS K
-        store_q(dq, acc, b, h, i0 + qw, q_len, scale, g, t)
+            pb(Ks, dp, acc, dq_w, fa, fa_s, fb, fb_s, g, t, scratch)    # dQ_w += dS K
+        store_q(dq, dq_w, b, h, i0 + qw, q_len, scale, g, t)
 
     return attention_backward_dq_v3
 
@@ -199,10 +208,10 @@ def _stage_row_refs(lse, delta, b, h, i0, q_len, tid, R, rows):
 
 
 @device
-def _zero(acc, i, NO):
+def _zero(x, NO):
     for c in range(NO):
         for e in range(4):
-            acc[i, c, e] = 0.0
+            x[c, e] = 0.0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -212,7 +221,7 @@ def _make_abt(KD, NS):
     mma_n = make_mma_3xtf32_n(NS)
 
     @device
-    def abt(As, a0, Bs, c, fa, fb, g, t, scratch):
+    def abt(As, a0, Bs, c, fa, fa_s, fb, fb_s, g, t, scratch):
         """c [NS, 4] = A B^T as C fragments: A = rows a0 .. a0 + 15 of As, B = rows 0 .. 8 NS - 1 of Bs, both
         [rows, D] in shared memory (the sum runs over D). a0..a3 = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4];
         b0, b1 = B^T[t][n], B^T[t+4][n] = Bs[8n + g][t], Bs[8n + g][t + 4] (per k-step of 8 columns)."""
@@ -221,11 +230,11 @@ def _make_abt(KD, NS):
                 c[n, e] = 0.0
         for kk in range(KD):
             for e in range(4):
-                fa[0, e], fa[1, e] = tf32_split(As[a0 + g + 8 * (e & 1), kk * 8 + t + 4 * (e >> 1)])
+                fa[0, e], fa_s[0, e] = tf32_split(As[a0 + g + 8 * (e & 1), kk * 8 + t + 4 * (e >> 1)])
             for n in range(NS):
-                fb[0, n, 0], fb[1, n, 0] = tf32_split(Bs[n * 8 + g, kk * 8 + t])
-                fb[0, n, 1], fb[1, n, 1] = tf32_split(Bs[n * 8 + g, kk * 8 + t + 4])
-            mma_n(fa[0:1], fa[1:2], 0, fb[0], fb[1], c, scratch)
+                fb[n, 0], fb_s[n, 0] = tf32_split(Bs[n * 8 + g, kk * 8 + t])
+                fb[n, 1], fb_s[n, 1] = tf32_split(Bs[n * 8 + g, kk * 8 + t + 4])
+            mma_n(fa, fa_s, 0, fb, fb_s, c, scratch)
     return abt
 
 
@@ -233,24 +242,24 @@ def _make_pb(NS, NO):
     mma_n = make_mma_3xtf32_n(NO)
 
     @device
-    def pb(Bs, p, acc, into, fa, fb, g, t, scratch):
-        """acc[into] += P B: P [16, 8 NS] the warp's C fragments p [NS, 4], B = rows 0 .. 8 NS - 1 of Bs [rows, D].
+    def pb(Bs, p, acc, into, fa, fa_s, fb, fb_s, g, t, scratch):
+        """into += P B: P [16, 8 NS] the warp's C fragments p [NS, 4], B = rows 0 .. 8 NS - 1 of Bs [rows, D].
         The k index of each 8-block runs permuted (k = t <-> row 2t of B, k = t + 4 <-> row 2t + 1), so P's A
-        fragment is p's C fragment reordered, (c0, c2, c1, c3). Summed from zero in acc[0] (the MMAs), then added
-        to acc[into] in fp32."""
-        _zero(acc, 0, NO)
+        fragment is p's C fragment reordered, (c0, c2, c1, c3). Summed from zero in acc (the MMAs), then added
+        to into [NO, 4] in fp32."""
+        _zero(acc, NO)
         for n in range(NS):
-            fa[0, 0], fa[1, 0] = tf32_split(p[n, 0])
-            fa[0, 1], fa[1, 1] = tf32_split(p[n, 2])
-            fa[0, 2], fa[1, 2] = tf32_split(p[n, 1])
-            fa[0, 3], fa[1, 3] = tf32_split(p[n, 3])
+            fa[0, 0], fa_s[0, 0] = tf32_split(p[n, 0])
+            fa[0, 1], fa_s[0, 1] = tf32_split(p[n, 2])
+            fa[0, 2], fa_s[0, 2] = tf32_split(p[n, 1])
+            fa[0, 3], fa_s[0, 3] = tf32_split(p[n, 3])
             for c in range(NO):
-                fb[0, c, 0], fb[1, c, 0] = tf32_split(Bs[n * 8 + 2 * t, c * 8 + g])
-                fb[0, c, 1], fb[1, c, 1] = tf32_split(Bs[n * 8 + 2 * t + 1, c * 8 + g])
-            mma_n(fa[0:1], fa[1:2], 0, fb[0], fb[1], acc[0], scratch)
+                fb[c, 0], fb_s[c, 0] = tf32_split(Bs[n * 8 + 2 * t, c * 8 + g])
+                fb[c, 1], fb_s[c, 1] = tf32_split(Bs[n * 8 + 2 * t + 1, c * 8 + g])
+            mma_n(fa, fa_s, 0, fb, fb_s, acc, scratch)
         for c in range(NO):
             for e in range(4):
-                acc[into, c, e] += acc[0, c, e]
+                into[c, e] += acc[c, e]
     return pb
 
 
@@ -280,25 +289,25 @@ def _make_probs(NS, KEYS_ARE_ROWS):
 # --------------------------------------------------------------------------------------------------------
 def _make_store_dkdv(NO):
     @device
-    def store_dkdv(dk, dv, acc, b, hk, key0, kv_len, scale, g, t):
-        """dK[key] += acc[1] * scale, dV[key] += acc[2] for the warp's keys key0 + g, key0 + g + 8 (atomics: the
+    def store_dkdv(dk, dv, dk_w, dv_w, b, hk, key0, kv_len, scale, g, t):
+        """dK[key] += dk_w * scale, dV[key] += dv_w for the warp's keys key0 + g, key0 + g + 8 (atomics: the
         query heads of a KV head add into the same rows)."""
         for c in range(NO):
             for e in range(4):
                 key, dim = key0 + g + 8 * (e >> 1), c * 8 + 2 * t + (e & 1)
                 if key < kv_len:
-                    cuda.atomic.add(dk, (b, hk, key, dim), acc[1, c, e] * scale)
-                    cuda.atomic.add(dv, (b, hk, key, dim), acc[2, c, e])
+                    cuda.atomic.add(dk, (b, hk, key, dim), dk_w[c, e] * scale)
+                    cuda.atomic.add(dv, (b, hk, key, dim), dv_w[c, e])
     return store_dkdv
 
 
 def _make_store_dq(NO):
     @device
-    def store_dq(dq, acc, b, h, row0, q_len, scale, g, t):
-        """dQ[row] = acc[1] * scale for the warp's rows row0 + g, row0 + g + 8."""
+    def store_dq(dq, dq_w, b, h, row0, q_len, scale, g, t):
+        """dQ[row] = dq_w * scale for the warp's rows row0 + g, row0 + g + 8."""
         for c in range(NO):
             for e in range(4):
                 row, dim = row0 + g + 8 * (e >> 1), c * 8 + 2 * t + (e & 1)
                 if row < q_len:
-                    dq[b, h, row, dim] = acc[1, c, e] * scale
+                    dq[b, h, row, dim] = dq_w[c, e] * scale
     return store_dq
