@@ -23,6 +23,13 @@ lse and D [batch, heads, q_len] beside the inputs and the gradients. It runs thr
 Grouped-query attention: dK and dV of a KV head are sums over the query heads that read it; K and V are read in
 place (never repeated) and each query head's block adds its rows into fp32 dK, dV with atomics.
 
+Sliding windows and soft caps (issue 25) plug in where the forward's do. Which (query, key) pairs are visible is
+asked only of kernels/common.py's visible_keys and tile_is_whole (the query tiles dkdv skips, the key range dq walks,
+the per-element mask of both versions), so a window added there reaches the backward unchanged; a soft cap
+s -> cap tanh(s / cap) changes the recomputed scores and multiplies dS by the cap's derivative, 1 - (s_capped / cap)²,
+in one place per version (v1: the `p = ...` lines; v3: backward_mma's `probs`), and the reference grows the same
+two lines. Neither exists yet, so neither is accepted here.
+
 Versions, numbered as the forward's whose technique they share (numbattn/kernels/__init__.py has the table):
 v1 one thread per row with tiles in shared memory (kernels/backward_tiled.py, the teaching kernels), v3 tensor cores
 with 3xTF32 (kernels/backward_mma.py, the default).

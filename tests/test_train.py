@@ -3,21 +3,10 @@ finite difference of the loss, the training forward against the model's own forw
 import numpy as np
 import pytest
 
+from gradients import numerical_gradient
 from numbattn import reference
 from tinyllm import train
 from tinyllm.model import Llama
-
-
-def numerical_gradient(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + eps
-        up = f()
-        x[i] = old - eps
-        g[i] = (up - f()) / (2 * eps)
-        x[i] = old
-    return g
 
 
 def test_op_backwards_equal_finite_differences():

@@ -35,6 +35,7 @@ from numba import cuda, float32
 
 from .backward_prep import p_reference
 from .common import device, kernel, prefill_block, visible_keys
+from .prefill_tiled import _make_v1_loads
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +91,7 @@ def make_dkdv_v1(head_dim, block_m, block_n):
 @functools.lru_cache(maxsize=None)
 def make_dq_v1(head_dim, block_m, block_n):
     D, BM, BN = head_dim, block_m, block_n
-    load_kv = _make_load_kv(D, BM, BN)
+    _, load_kv, _ = _make_v1_loads(D, BM, BN)      # prefill v1's K/V tile load: BM threads stage BN keys
 
     @kernel
     def attention_backward_dq_v1(q, k, v, dout, lse, delta, dq, scale_log2, scale, causal):
@@ -146,15 +147,3 @@ def _make_load_rows(D, BM, BN):
             refs[r] = p_reference(lse[b, h, i0 + r]) if inside else float32(0.0)
             Ds[r] = delta[b, h, i0 + r] if inside else float32(0.0)
     return load_rows
-
-
-def _make_load_kv(D, BM, BN):
-    @device
-    def load_kv(k, v, b, hk, j0, kv_len, t, Ks, Vs):
-        """K and V tiles at key j0 -> shared memory (coalesced); keys past kv_len: 0."""
-        for idx in range(t, BN * D, BM):
-            r, c = idx // D, idx % D
-            inside = j0 + r < kv_len
-            Ks[r, c] = float32(k[b, hk, j0 + r, c]) if inside else float32(0.0)
-            Vs[r, c] = float32(v[b, hk, j0 + r, c]) if inside else float32(0.0)
-    return load_kv
