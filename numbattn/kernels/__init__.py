@@ -18,6 +18,12 @@ Attention, decode (one new query token per row against the KV cache; numbattn.de
     v2  decode_lanes.py        split-K: one key per lane for the scores (faster past ~32K tokens, fp16 cache)
         decode_splitk.py       the frame v1 and v2 share: split blocks, the slots' merge, the last block's merge
 
+Attention, backward (dQ, dK, dV from the forward's output and log-sum-exp; numbattn.attention_backward):
+
+    v1  backward_tiled.py      one thread per row: dK/dV K/V-stationary, dQ Q-stationary (the teaching kernels)
+    v3  backward_mma.py        the same two kernels on tensor cores, 3xTF32 (the default)
+        backward_prep.py       D = rowsum(dO ∘ O), the zeroed dK/dV, P's reference from lse
+
 The rest of a Llama block:
 
         kv_append.py           append K/V at each row's length (the device lengths advanced by the kernel)

@@ -22,10 +22,12 @@ query rows would round less carefully.
 
 dQ: a separate pass (dq_v3), not atomics from dkdv. Both are FlashAttention-2's options (the paper adds dQ with
 atomics; Triton's fused-attention tutorial runs a second loop). Atomics would need dS^T transposed through shared
-memory (a warp holds dS^T by keys, dQ needs it by queries) and BM x D atomic adds per (key block, query tile),
-1.1e9 at n = 4096 with 32 heads and BN = 32; the second pass recomputes S and dP (7 products instead of 5) and
-needs none, and is deterministic. Which is faster on the H100 is what `bench.backward` measures next to torch;
-the numbers belong here once measured (BENCHMARKS.md, "Attention backward").
+memory (a warp holds dS^T by keys, dQ needs it by queries) and BM x D atomic adds per (key block, query tile):
+5.4e8 at n = 4096 with 32 heads and blocks of 64 keys, non-causal; the second pass recomputes S and dP (7 products
+instead of 5) and needs none, and its sums run in a fixed order (deterministic). This choice was made by that
+count, not measured: only the second pass is built, and the measured comparison the issue asks for (an atomic
+variant beside it on the H100) is still to do. What is measured is this backward next to torch's
+(numbattn/lab/bench.py `bench_backward`, BENCHMARKS.md "Attention backward" once run).
 
 dK, dV: the query heads sharing a KV head run as different blocks (the grid is key tiles x query heads x batch, so
 there are enough blocks at TinyLlama's 4 KV heads, and causal's uneven work per key tile evens out over them); each

@@ -18,7 +18,7 @@ where D = rowsum(dO ∘ O) comes from kernels/backward_prep.py. Two kernels, eac
               over the key tiles its rows see, as the forward v1 does, staging K and V:
                   s, p, dp, ds as above;  dq_i += ds k_j;   at the end dq_i * scale is stored
               dQ by a second pass rather than atomics from dkdv: each query row is one thread's, so the sum over
-              keys stays in registers, in a fixed order (see kernels/backward_mma.py for the measured choice).
+              keys stays in registers, in a fixed order (kernels/backward_mma.py says why this scheme).
 
 Which (query, key) pairs are visible is decided where the forward decides it (common.visible_keys): a query tile
 whose keys miss the block's keys entirely is skipped (for causal attention, every tile above the diagonal).
