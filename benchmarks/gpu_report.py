@@ -259,6 +259,36 @@ def backward(report, out, args):
     return rows + mem + acc
 
 
+@section
+def backward_tiles(report, out, args):
+    """The backward v3's launch shapes at n = 4096 causal (its GPU tiles were chosen by ptxas's registers only)."""
+    from numba import cuda
+    from numbattn import backward as bwd
+    from numbattn.kernels import backward_mma
+    n = 4096
+    q, k, v = bench.random_qkv(1, n, n)
+    dout = np.random.default_rng(1).standard_normal(q.shape, dtype=np.float32)
+    dev = [cuda.to_device(x) for x in (q, k, v, dout)]
+    o, lse = prefill.flash_attention(dev[0], dev[1], dev[2], causal=True, backend="cuda", return_lse=True)
+    grads = tuple(cuda.device_array(x.shape, np.float32) for x in (q, k, v))
+    rows = []
+    for a, c in (((16, 64, 128), (64, 16, 128)), ((32, 32, 64), (32, 32, 64)), ((16, 32, 64), (32, 16, 64)),
+                 ((32, 64, 128), (64, 32, 128)), ((16, 128, 256), (128, 16, 256)), ((8, 64, 128), (64, 8, 128))):
+        tiles = bwd.BackwardTiles(Tiles(*a), Tiles(*c))
+        smem = max(backward_mma.shared_bytes(a[1], a[0], 64), backward_mma.shared_bytes(c[0], c[1], 64))
+        try:
+            ms = bench.timed(lambda: bwd.launch(dev[0], dev[1], dev[2], o, lse, dev[3], grads, True, 0.125, "v3", tiles),
+                             "cuda", repeat=args.repeat)
+            rows.append(dict(dkdv=str(a), dq=str(c), smem_KB=smem / 1024, ms=ms,
+                             tflops=2.5 * bench.attention_flops(1, 32, n, n, 64, True) / ms / 1e9))
+        except Exception as e:
+            rows.append(dict(dkdv=str(a), dq=str(c), smem_KB=smem / 1024, error=str(e)[:80]))
+    emit(report, "Backward v3 launch shapes (n = 4096, causal, batch 1, 32/4 heads, d 64)", rows,
+         ["dkdv", "dq", "smem_KB", "ms", "tflops", "error"], "Tiles(block_m, block_n, threads): dkdv owns block_n "
+         "keys and streams query tiles of block_m rows; dq owns block_m rows and streams key tiles of block_n keys.")
+    return rows
+
+
 def numbattn_backward(dev, o, lse):
     from numbattn import backward as bwd
     return bwd.attention_backward(dev[0], dev[1], dev[2], o, lse, dev[3], causal=True, backend="cuda")
