@@ -236,7 +236,7 @@ def backward(report, out, args):
     free0 = ctx.get_memory_info().free
     grads = numbattn_backward(dev, o, lse)
     cuda.synchronize()
-    inputs = 2 * q.nbytes + 2 * k.nbytes + 2 * q.nbytes + lse.nbytes     # q, k, v, out, dout, lse
+    inputs = 3 * q.nbytes + 2 * k.nbytes + lse.nbytes     # q, out, dout; k, v; lse
     mem = [dict(impl="numbattn v3", extra_MiB=(ctx.get_memory_info().free - free0) / -2**20,
                 grads_MiB=(q.nbytes + 2 * k.nbytes) / 2**20, inputs_MiB=inputs / 2**20)]
     del grads

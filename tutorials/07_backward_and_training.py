@@ -268,8 +268,8 @@ assert np.mean(losses[-20:]) < 2.7 < losses[0] - 2.5, \
 
 # %% [markdown]
 # The same training step with attention on the kernels (the simulator here, the GPU there): forward v3 keeping
-# lse, backward v3. One step's loss and every weight's gradient must match the NumPy path's, and then two more
-# steps train on the kernels alone.
+# lse, backward v3. One step's loss and every weight's gradient must match the NumPy path's, and then one more
+# step trains on the kernels alone.
 
 # %%
 small = train.Batches(text, seq=12, batch=1, rng=np.random.default_rng(2))
@@ -279,13 +279,13 @@ for be in ("numpy", BACKEND):
     logits, acts = train.forward(weights, config, ids, be)
     loss, dlogits = train.cross_entropy(logits, targets)
     result[be] = loss, train.tensors(train.backward(weights, config, acts, dlogits, be))
-assert abs(result["numpy"][0] - result[BACKEND][0]) < 1e-5, result
+assert abs(result["numpy"][0] - result[BACKEND][0]) < 1e-5, (result["numpy"][0], result[BACKEND][0])
 for g_np, g_k in zip(result["numpy"][1], result[BACKEND][1]):
     _lesson.close(f"a weight's gradient, attention on {BACKEND} vs numpy", g_k, g_np,
                   atol=1e-5 * max(1e-3, np.abs(g_np).max()))
-more = train.train(weights, config, small, steps=2, lr=3e-3, attention_backend=BACKEND, every=0)
+more = train.train(weights, config, small, steps=1, lr=3e-3, attention_backend=BACKEND, every=0)
 print(f"attention on {BACKEND}: loss {result[BACKEND][0]:.4f} (numpy {result['numpy'][0]:.4f}), every gradient "
-      f"equal to 1e-5; two more steps on the kernels: losses {np.round(more, 3).tolist()}")
+      f"equal to 1e-5; one more step on the kernels alone: loss {more[0]:.3f}")
 print("lesson 7 checks passed")
 
 # %% [markdown]
