@@ -47,7 +47,7 @@ from numba import cuda, float32
 
 from .backward_prep import p_reference
 from .common import device, kernel, prefill_block, tile_is_whole, visible_keys
-from .mma import make_fragments_times_rows, make_mma_3xtf32_n, mma_scratch_shape, tf32_split
+from .mma import make_mma_3xtf32_n, mma_scratch_shape, tf32_split
 
 
 def layout(stationary_rows, tile_rows, threads, head_dim):
@@ -241,14 +241,26 @@ def _make_abt(KD, NS):
 
 
 def _make_pb(NS, NO):
-    product = make_fragments_times_rows(NS, NO)
+    mma_n = make_mma_3xtf32_n(NO)
 
     @device
     def pb(Bs, p, acc, into, fa, fa_s, fb, fb_s, g, t, scratch):
-        """into [NO, 4] += P B: P [16, 8 NS] the warp's C fragments p [NS, 4], B = rows 0 .. 8 NS - 1 of Bs [rows, D]
-        (kernels/mma.py's make_fragments_times_rows: P's A fragment is p's C fragment reordered, as in prefill v3's
-        pv), summed from zero in acc by the MMAs and added to `into` in fp32."""
-        product(Bs, p, acc, fa, fa_s, fb, fb_s, g, t, scratch)
+        """into [NO, 4] += P B: P [16, 8 NS] the warp's C fragments p [NS, 4], B = rows 0 .. 8 NS - 1 of Bs [rows, D].
+        As prefill v3's pv (whose algorithm this is, without the rescale): the k index of each 8-block runs permuted
+        (k = t <-> row 2t of B, k = t + 4 <-> row 2t + 1), so P's A fragment is p's C fragment reordered, (c0, c2,
+        c1, c3); b0, b1 = B[2t][g], B[2t + 1][g]. Summed from zero in acc by the MMAs, added to `into` in fp32."""
+        for c in range(NO):
+            for e in range(4):
+                acc[c, e] = 0.0
+        for n in range(NS):
+            fa[0, 0], fa_s[0, 0] = tf32_split(p[n, 0])
+            fa[0, 1], fa_s[0, 1] = tf32_split(p[n, 2])
+            fa[0, 2], fa_s[0, 2] = tf32_split(p[n, 1])
+            fa[0, 3], fa_s[0, 3] = tf32_split(p[n, 3])
+            for c in range(NO):
+                fb[c, 0], fb_s[c, 0] = tf32_split(Bs[n * 8 + 2 * t, c * 8 + g])
+                fb[c, 1], fb_s[c, 1] = tf32_split(Bs[n * 8 + 2 * t + 1, c * 8 + g])
+            mma_n(fa, fa_s, 0, fb, fb_s, acc, scratch)
         for c in range(NO):
             for e in range(4):
                 into[c, e] += acc[c, e]

@@ -14,8 +14,6 @@ instruction through an llvmlite `ir.InlineAsm` (as common.f32_from_half_bits emi
                                        keep fp32 accuracy (CUTLASS's OpMultiplyAddFastF32; the A_small B_small
                                        term, ~2^-22 relative, is dropped); the 3N MMAs issued phase by phase
                                        (all A_small B_big[n], then ...), so that no MMA waits for the one before it
-    make_fragments_times_rows(NS, NO)  acc = P B for P held as the warp's C fragments [16, 8 NS] and B rows in shared
-                                       memory [8 NS, 8 NO]: P V of prefill v3, and dV, dK, dQ of the backward v3
     mma_scratch_shape(threads, n)      the shared scratch the simulator twin needs (a 1-element dummy on a GPU)
 
 Fragment layout of m16n8k8 (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32), lane = 4 g + t:
@@ -227,32 +225,3 @@ def make_mma_3xtf32_n(N):
             c[n, 0], c[n, 1], c[n, 2], c[n, 3] = _mma_tf32(a[ia, 0], a[ia, 1], a[ia, 2], a[ia, 3],
                                                            b[n, 0], b[n, 1], c[n, 0], c[n, 1], c[n, 2], c[n, 3])
     return mma_n
-
-
-def make_fragments_times_rows(NS, NO):
-    """product(Bs, p, acc, pb, ps, bb, bs, g, t, scratch): acc [NO, 4] = P B as C fragments, from zero (3xTF32),
-    where P [16, 8 NS] is the warp's C fragments p [NS, 4] (a score or probability tile it just computed) and B =
-    rows 0 .. 8 NS - 1 of Bs [rows, 8 NO] in shared memory.
-
-    The k index runs over each 8-row block of B permuted (k = t <-> row 2t, k = t + 4 <-> row 2t + 1), so P's A
-    fragment is p's C fragment reordered in registers, (c0, c2, c1, c3), and P never goes through shared memory;
-    b0, b1 = B[2t][g], B[2t + 1][g]. pb, ps [1, 4]: one block's A fragment, split; bb, bs [NO, 2]: its B fragments,
-    split. Callers add acc to their fp32 accumulators themselves (the tensor cores' own accumulation over thousands
-    of rows rounds less carefully)."""
-    mma_n = make_mma_3xtf32_n(NO)
-
-    @cuda.jit(device=True, inline=True)
-    def product(Bs, p, acc, pb, ps, bb, bs, g, t, scratch):
-        for c in range(NO):
-            for e in range(4):
-                acc[c, e] = 0.0
-        for n in range(NS):
-            pb[0, 0], ps[0, 0] = tf32_split(p[n, 0])
-            pb[0, 1], ps[0, 1] = tf32_split(p[n, 2])
-            pb[0, 2], ps[0, 2] = tf32_split(p[n, 1])
-            pb[0, 3], ps[0, 3] = tf32_split(p[n, 3])
-            for c in range(NO):
-                bb[c, 0], bs[c, 0] = tf32_split(Bs[n * 8 + 2 * t, c * 8 + g])
-                bb[c, 1], bs[c, 1] = tf32_split(Bs[n * 8 + 2 * t + 1, c * 8 + g])
-            mma_n(pb, ps, 0, bb, bs, acc, scratch)
-    return product
