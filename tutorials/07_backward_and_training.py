@@ -163,7 +163,7 @@ rows = []
 for n in (1024, 4096, 16384):
     nxn = 3 * H * n * n * 4                                            # P, dP, dS in fp32
     flash = 2 * H * n * 4 + (H + 2 * HKV) * n * D * 4                  # lse, D; dQ, dK, dV
-    reads = H * (2 * n * D + 2 * n * D * n / BN + 2 * n * D + 2 * n * D * n / BM) * 4 / 2      # causal
+    reads = H * (4 * n * D + (2 * n * D * n / BN + 2 * n * D * n / BM) / 2) * 4     # once + re-reads (causal: half)
     rows.append(dict(n=n, naive_extra_MiB=nxn / 2**20, flash_extra_MiB=flash / 2**20, reads_GiB=reads / 2**30,
                      backward_GFLOP=2.5 * bench.attention_flops(1, H, n, n, D, True) / 1e9,
                      flop_per_byte=2.5 * bench.attention_flops(1, H, n, n, D, True) / reads))
@@ -173,8 +173,43 @@ print(bench.format_table(rows, ["n", "naive_extra_MiB", "flash_extra_MiB", "read
 assert all(r["flash_extra_MiB"] * 100 < r["naive_extra_MiB"] for r in rows[1:]), "the flash backward must be O(n)"
 
 # %% [markdown]
-# Hundreds of FLOPs per byte, like the forward (lesson 3): the backward is compute-bound, so its speed is the
-# speed of its five matrix products (2.5x the forward's two), which is why v3 runs them on tensor cores.
+# Those re-reads, counted rather than derived: in the simulator every element a kernel reads is a Python call,
+# which numbattn's tracer logs (lessons 1, 3, 4). The v1 kernels at a small causal shape (2 query heads sharing 1 KV
+# head, 16 tokens, blocks of 4): dK/dV reads K once per query head and Q once per visible (key block, query tile)
+# pair, H·D·N·(N/BN + 1)/2 elements; dQ the other way round.
+
+# %%
+if BACKEND == "sim":
+    from numbattn.lab import tracing
+    Ht, Nt, Dt = 2, 16, 16
+    qt, kt, vt, dot = (rng.standard_normal(sh).astype(np.float32) for sh in ((1, Ht, Nt, Dt), (1, 1, Nt, Dt),
+                                                                              (1, 1, Nt, Dt), (1, Ht, Nt, Dt)))
+    ot, lt = numbattn.attention(qt, kt, vt, causal=True, backend="numpy", return_lse=True)
+    delta_t = (ot * dot).sum(-1).astype(np.float32)                     # D, as backward_prep.row_dot computes it
+    tiles = backward.SIM_TILES["v1"]
+    dkdv_v1, dq_v1 = backward.make_kernels("v1", Dt, tiles)
+    scalars = (np.float32(0.25 * reference.LOG2E), np.float32(0.25), True)
+    counted = {}
+    for name, kern, grads, blocks, threads in (
+            ("dkdv", dkdv_v1, dict(dk=np.zeros_like(kt), dv=np.zeros_like(vt)), Nt // tiles.dkdv.block_n, tiles.dkdv.threads),
+            ("dq", dq_v1, dict(dq=np.zeros_like(qt)), Nt // tiles.dq.block_m, tiles.dq.threads)):
+        tracer = tracing.Tracer()
+        kern[(blocks, Ht, 1), threads](*tracer.wrap(q=qt, k=kt, v=vt, dout=dot, lse=lt, delta=delta_t, **grads), *scalars)
+        counted[name] = {x: tracer.reads(x) for x in ("q", "k", "dout", "v")}
+    BNt, BMt = tiles.dkdv.block_n, tiles.dq.block_m
+    formula = {"dkdv": dict(q=Ht * Dt * Nt * (Nt // BNt + 1) // 2, k=Ht * Nt * Dt),
+               "dq": dict(q=Ht * Nt * Dt, k=Ht * Dt * Nt * (Nt // BMt + 1) // 2)}
+    for name in counted:
+        print(f"{name} v1 reads (counted): {counted[name]}; formula: {formula[name]}")
+        for x in ("q", "k"):
+            assert counted[name][x] == formula[name][x], (name, x, counted[name][x], formula[name][x])
+else:
+    print("counting each read needs the simulator (on a GPU the kernels are machine code)")
+
+# %% [markdown]
+# About 40 FLOPs per byte requested from memory, above the H100's ridge point of ~22 (lesson 5), and more in practice
+# (the L2 cache serves many of the re-reads): the backward is compute-bound, so its speed is the speed of its five
+# matrix products (2.5x the forward's two), which is why v3 runs them on tensor cores.
 #
 # ## Break it
 #
