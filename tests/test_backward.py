@@ -1,0 +1,225 @@
+"""The attention backward (numbattn/backward.py, kernels/backward_*.py) and its NumPy reference.
+
+The reference (numbattn.reference.attention_backward, the equations) is checked against finite differences in
+fp64; the kernels against the reference in fp64, into NaN-filled gradient buffers, on shapes chosen to break wrong
+code: lengths off the tile multiples (the simulator's tiles are 4 or 16 rows), one token, GQA 1/4/8 (dK and dV
+summed over a group), causal with more keys than queries, rows that see no key. Tolerance: 1e-5 relative to the
+largest reference value (fp32 over <= 64 keys lands near 1e-7; a missed mask, a wrong lse or D is off by >1e-3).
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import numbattn
+from gradients import numerical_gradient
+from numbattn import backward, reference
+from numbattn.backend import available_backends
+
+RTOL = 1e-5
+KERNEL = available_backends()[0]  # "sim" in CI, "cuda" with NUMBATTN_TEST_GPU=1 (conftest.py checks which)
+
+
+def rand_qkv(rng, batch, n_heads, n_kv_heads, q_len, kv_len, d, magnitude=1.0):
+    q = rng.standard_normal((batch, n_heads, q_len, d)) * magnitude
+    k = rng.standard_normal((batch, n_kv_heads, kv_len, d))
+    v = rng.standard_normal((batch, n_kv_heads, kv_len, d))
+    dout = rng.standard_normal((batch, n_heads, q_len, d))
+    return tuple(x.astype(np.float32) for x in (q, k, v, dout))
+
+
+# ---- the reference: the equations against finite differences --------------------------------------------
+@pytest.mark.parametrize("n_heads,n_kv_heads,q_len,kv_len,causal", [
+    (2, 2, 3, 3, True), (4, 1, 2, 5, True), (2, 1, 4, 3, False), (8, 1, 1, 2, False)])
+def test_reference_equals_finite_differences(n_heads, n_kv_heads, q_len, kv_len, causal):
+    """L = sum(dout * attention(q, k, v)): the reference's gradients are dL/dq, dL/dk, dL/dv (GQA: k and v feed
+    several heads, so their gradients are sums), to 1e-7 in fp64."""
+    rng = np.random.default_rng(n_heads + q_len * 10 + kv_len)
+    q, k, v, dout = (x.astype(np.float64) for x in rand_qkv(rng, 1, n_heads, n_kv_heads, q_len, kv_len, 4))
+    scale = 0.7
+
+    def loss():
+        return float((dout * reference.attention(q, k, v, causal=causal, scale=scale)).sum())
+    got = reference.attention_backward(q, k, v, dout, causal=causal, scale=scale)
+    for name, x, g in zip("qkv", (q, k, v), got):
+        assert g.shape == x.shape and g.dtype == np.float64
+        np.testing.assert_allclose(g, numerical_gradient(loss, x), rtol=1e-6, atol=1e-8, err_msg=f"d{name}")
+
+
+def test_log_sum_exp_of_empty_rows_is_minus_infinity():
+    s = np.array([[0.0, 1.0, -np.inf], [-np.inf, -np.inf, -np.inf]])
+    np.testing.assert_allclose(reference.log_sum_exp(s), [np.log(1 + np.e), -np.inf])
+    assert reference.softmax_lse(np.float32(-np.inf), np.float32(0)) == -np.inf
+    assert reference.softmax_lse(np.float32(3.0), np.float32(2.0)) == np.float32(4.0 * reference.LN2)
+
+
+# ---- the kernels against the reference -------------------------------------------------------------------
+def forward_fp64(q, k, v, causal, scale):
+    """The forward's out and lse, from the fp64 reference rounded to float32: the backward's inputs, exact."""
+    q64, k64 = q.astype(np.float64), k.astype(np.float64)
+    out = reference.attention(q64, k64, v.astype(np.float64), causal=causal, scale=scale)
+    return out.astype(np.float32), reference.log_sum_exp(reference.scores(q64, k64, causal, scale)).astype(np.float32)
+
+
+def reference_fp64(q, k, v, dout, causal, scale):
+    """The fp64 gradients; at GPU-test sizes one KV head's group at a time (the N×N matrices of 8 heads at 4096²
+    are 1 GB in fp64)."""
+    n_kv = k.shape[1]
+    group = q.shape[1] // n_kv
+    parts = [reference.attention_backward(*(x.astype(np.float64) for x in (q[:, i * group:(i + 1) * group],
+                                                                          k[:, i:i + 1], v[:, i:i + 1],
+                                                                          dout[:, i * group:(i + 1) * group])),
+                                          causal=causal, scale=scale) for i in range(n_kv)]
+    return tuple(np.concatenate([p[n] for p in parts], axis=1) for n in range(3))
+
+
+def relative_error(got, want):
+    """max |got - want| over max |want|, floored at 1: a gradient that is ~0 (one key: P = 1 whatever q is) is
+    compared absolutely."""
+    return np.abs(got - want).max() / max(np.abs(want).max(), 1.0)
+
+
+def check(q, k, v, dout, causal=False, scale=None, version="v3", tiles=None, rtol=RTOL, out_lse=None):
+    """Run the backward into NaN-filled gradient buffers and compare with the fp64 reference."""
+    from numba import cuda
+    out, lse = out_lse or forward_fp64(q, k, v, causal, scale)
+    grads = tuple(cuda.to_device(np.full(x.shape, np.nan, np.float32)) for x in (q, k, v))
+    got = backward.attention_backward(*(cuda.to_device(x) for x in (q, k, v, out, lse, dout)), causal=causal,
+                                      scale=scale, backend=KERNEL, version=version, tiles=tiles, grads=grads)
+    want = reference_fp64(q, k, v, dout, causal, scale)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        g = g.copy_to_host()
+        assert g.dtype == np.float32 and g.shape == w.shape
+        assert np.isfinite(g).all(), f"{name}: the kernels left unwritten (NaN) or non-finite gradients"
+        err = relative_error(g, w)
+        assert err < rtol, f"{name}: relative error {err:.2e} >= {rtol:.0e}"
+
+
+@pytest.mark.parametrize("version", backward.VERSIONS)
+@pytest.mark.parametrize("q_len,kv_len,causal", [
+    (1, 1, False), (1, 7, True),                     # one token; one token over a cache
+    (7, 7, True), (9, 20, True),                     # ragged last tiles; causal with more keys than queries
+    (20, 9, False), (5, 17, False),                  # non-causal, more queries than keys and fewer
+])
+def test_matches_reference_lengths(version, q_len, kv_len, causal):
+    rng = np.random.default_rng(q_len * 100 + kv_len)
+    check(*rand_qkv(rng, 1, 2, 1, q_len, kv_len, 16), causal=causal, version=version)
+
+
+@pytest.mark.parametrize("version,n_heads,n_kv_heads", [
+    ("v1", 2, 2), ("v1", 4, 1), ("v1", 8, 1), ("v1", 8, 2),            # GQA ratios 1, 4, 8, 4
+    ("v3", 4, 1), ("v3", 8, 2)])                                        # (v3: slower in the simulator)
+def test_grouped_query_heads_sum_into_their_kv_head(version, n_heads, n_kv_heads):
+    """dK, dV of a KV head are the sums over its query heads; the KV heads differ a lot, so a head that reads (or
+    adds into) the wrong one cannot pass."""
+    rng = np.random.default_rng(n_heads * 10 + n_kv_heads)
+    q, k, v, dout = rand_qkv(rng, 1, n_heads, n_kv_heads, 5, 9, 16)
+    k += np.arange(n_kv_heads, dtype=np.float32)[None, :, None, None]
+    v += np.arange(n_kv_heads, dtype=np.float32)[None, :, None, None] * 10
+    check(q, k, v, dout, causal=True, version=version)
+
+
+@pytest.mark.parametrize("version", backward.VERSIONS)
+def test_batch_head_dim_32_custom_scale_and_large_logits(version):
+    """Batches must not mix; scores of ±40 (exp overflows fp32 at 88: only a right lse keeps P finite)."""
+    rng = np.random.default_rng(3)
+    q, k, v, dout = rand_qkv(rng, 2, 1, 1, 6, 11, 32)
+    k[1] *= 3
+    check(q, k, v, dout, causal=True, scale=0.3, version=version)
+    q = (q / np.linalg.norm(q, axis=-1, keepdims=True) * 40).astype(np.float32)
+    k = (k / np.linalg.norm(k, axis=-1, keepdims=True)).astype(np.float32)
+    check(q, k, v, dout, causal=False, scale=1.0, version=version)
+
+
+def test_float16_inputs_compute_in_fp32():
+    """q, k, v, dout in fp16 (out and lse are the forward's, fp32): read as fp32, the reference sees the same values."""
+    rng = np.random.default_rng(5)
+    q, k, v, dout = (x.astype(np.float16) for x in rand_qkv(rng, 1, 2, 1, 6, 6, 16))
+    check(q, k, v, dout, causal=True, version="v1")
+
+
+def test_v3_tiles_of_two_warps_and_several_column_blocks():
+    """v3 with two warps (the second owns rows/keys 16..31) and tiles of 16 (two 8-column blocks per fragment row)."""
+    rng = np.random.default_rng(7)
+    tiles = backward.BackwardTiles(backward.Tiles(16, 32, 64), backward.Tiles(32, 16, 64))
+    check(*rand_qkv(rng, 1, 1, 1, 21, 37, 16), causal=True, version="v3", tiles=tiles)
+
+
+@pytest.mark.parametrize("version", backward.VERSIONS)
+def test_forward_kernel_to_backward_kernel_and_finite_differences(version):
+    """The whole path on the kernels (the forward's out and lse, then the backward), and the kernels' gradients
+    against a finite difference of the fp64 loss along a random direction: L(x + e u) - L(x - e u) = 2 e <dL/dx, u>."""
+    rng = np.random.default_rng(11)
+    q, k, v, dout = rand_qkv(rng, 1, 4, 2, 9, 12, 16)
+    out, lse = numbattn.attention(q, k, v, causal=True, backend=KERNEL, return_lse=True)
+    grads = backward.attention_backward(q, k, v, out, lse, dout, causal=True, backend=KERNEL, version=version)
+    check(q, k, v, dout, causal=True, version=version, out_lse=(out, lse))
+    x64 = [x.astype(np.float64) for x in (q, k, v)]
+    for i, g in enumerate(grads):
+        u = rng.standard_normal(g.shape)
+
+        def loss(e):
+            xs = [x + e * u if n == i else x for n, x in enumerate(x64)]
+            return (dout * reference.attention(*xs, causal=True)).sum()
+        fd = (loss(1e-5) - loss(-1e-5)) / 2e-5
+        assert abs(fd - (g * u).sum()) < 1e-5 * max(1.0, abs(fd)), ("qkv"[i], fd, (g * u).sum())
+
+
+@settings(max_examples=8, deadline=None)
+@given(q_len=st.integers(1, 12), extra=st.integers(0, 9), group=st.sampled_from([1, 2, 4]),
+       n_kv_heads=st.integers(1, 2), causal=st.booleans(), seed=st.integers(0, 2**16),
+       version=st.sampled_from(backward.VERSIONS))
+def test_property_sweep(q_len, extra, group, n_kv_heads, causal, seed, version):
+    rng = np.random.default_rng(seed)
+    check(*rand_qkv(rng, 1, group * n_kv_heads, n_kv_heads, q_len, q_len + extra, 16), causal=causal,
+          version=version)
+
+
+def test_host_arrays_and_the_numpy_backend():
+    """Host arrays in, host float32 gradients out; the NumPy backend answers with the reference's equations."""
+    rng = np.random.default_rng(6)
+    q, k, v, dout = rand_qkv(rng, 1, 2, 1, 5, 5, 16)
+    out, lse = numbattn.attention(q, k, v, causal=True, backend="numpy", return_lse=True)
+    want = reference.attention_backward(q, k, v, dout, causal=True)
+    for be in ("numpy", KERNEL):
+        got = numbattn.attention_backward(q, k, v, out, lse, dout, causal=True, backend=be)
+        for g, w in zip(got, want):
+            assert isinstance(g, np.ndarray) and g.dtype == np.float32
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=np.zeros((1, 3, 5, 16), np.float32), k=np.zeros((1, 2, 5, 16), np.float32),
+          v=np.zeros((1, 2, 5, 16), np.float32)), r"3 heads.*2.*multiple"),
+    (dict(out=np.zeros((1, 2, 4, 16), np.float32)), r"out has shape \(1, 2, 4, 16\); expected q's shape"),
+    (dict(dout=np.zeros((1, 2, 5, 16), np.float64)), r"dout has dtype float64"),
+    (dict(dout=[1.0]), r"dout is a list; expected a NumPy array"),
+    (dict(lse=np.zeros((1, 2, 5, 1), np.float32)), r"lse has shape \(1, 2, 5, 1\); expected 3 dimensions"),
+    (dict(lse=np.zeros((1, 2, 4), np.float32)), r"lse has shape \(1, 2, 4\) and dtype float32; expected \(1, 2, 5\)"),
+    (dict(lse=np.zeros((1, 2, 5), np.float16)), r"lse has shape \(1, 2, 5\) and dtype float16"),
+    (dict(causal=True, q=np.zeros((1, 2, 6, 16), np.float32), out=np.zeros((1, 2, 6, 16), np.float32),
+          dout=np.zeros((1, 2, 6, 16), np.float32), lse=np.zeros((1, 2, 6), np.float32)), r"causal.*q_len 6"),
+    (dict(scale=float("inf")), r"scale=inf"),
+    (dict(version="v2"), r"version='v2': expected one of \('v1', 'v3'\)"),
+    (dict(grads=(np.zeros((1, 2, 5, 16), np.float32),) * 3), r"grads' dk has shape \(1, 2, 5, 16\)"),
+])
+def test_validation_errors_name_the_argument(bad, match):
+    z = np.zeros((1, 2, 5, 16), np.float32)
+    args = dict(q=z, k=np.zeros((1, 1, 5, 16), np.float32), v=np.zeros((1, 1, 5, 16), np.float32), out=z,
+                lse=np.zeros((1, 2, 5), np.float32), dout=z, causal=False, backend=KERNEL)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        numbattn.attention_backward(**args)
+
+
+# ---- real GPU only: realistic sizes (run with NUMBATTN_TEST_GPU=1 on a CUDA machine) ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", backward.VERSIONS)
+@pytest.mark.parametrize("batch,n,d,causal", [(1, 2048, 64, True), (1, 2048, 64, False), (2, 1000, 128, True),
+                                              (4, 513, 64, True), (1, 4096, 64, True)])
+def test_gpu_realistic_shapes(version, batch, n, d, causal):
+    """TinyLlama's 32 query / 4 KV heads; out and lse from the kernels' own forward (v3), as training runs it."""
+    rng = np.random.default_rng(n + d)
+    q, k, v, dout = rand_qkv(rng, batch, 32, 4, n, n, d)
+    out, lse = numbattn.attention(q, k, v, causal=causal, backend=KERNEL, return_lse=True)
+    check(q, k, v, dout, causal=causal, version=version, tiles=backward.gpu_tiles(version, d), out_lse=(out, lse))
