@@ -23,12 +23,13 @@ lse and D [batch, heads, q_len] beside the inputs and the gradients. It runs thr
 Grouped-query attention: dK and dV of a KV head are sums over the query heads that read it; K and V are read in
 place (never repeated) and each query head's block adds its rows into fp32 dK, dV with atomics.
 
-Sliding windows and soft caps (issue 25) plug in where the forward's do. Which (query, key) pairs are visible is
-asked only of kernels/common.py's visible_keys and tile_is_whole (the query tiles dkdv skips, the key range dq walks,
-the per-element mask of both versions), so a window added there reaches the backward unchanged; a soft cap
-s -> cap tanh(s / cap) changes the recomputed scores and multiplies dS by the cap's derivative, 1 - (s_capped / cap)²,
-in one place per version (v1: the `p = ...` lines; v3: backward_mma's `probs`), and the reference grows the same
-two lines. Neither exists yet, so neither is accepted here.
+Sliding windows and soft caps, as in the forward (`window=`, `softcap=`, validated alike; pass the same ones the
+forward that made out and lse had). Which (query, key) pairs are visible is asked only of kernels/common.py's
+visible_keys and tile_is_whole, with the window (the query tiles dkdv skips, the key range dq walks, the
+per-element mask of both versions): a windowed backward costs O(n · window) as the forward does. A soft cap
+s -> cap tanh(s / cap) is the forward's device function on the recomputed scores, and multiplies dS by its slope,
+1 - (s_capped / cap)² (kernels/backward_prep.make_p_ds, one place for both versions; reference.attention_backward
+the same). Kernels with a cap are a compile-time variant, as the forward's.
 
 Versions, numbered as the forward's whose technique they share (numbattn/kernels/__init__.py has the table):
 v1 one thread per row with tiles in shared memory (kernels/backward_tiled.py, the teaching kernels), v3 tensor cores
@@ -45,7 +46,7 @@ from .kernels import backward_mma, backward_prep, backward_tiled
 from .kernels.common import SIM
 from .prefill import Tiles, check_output
 from .reference import LOG2E
-from .validate import check_dtype, check_qkv, check_rank, check_scale
+from .validate import check_dtype, check_qkv, check_rank, check_scale, check_softcap, check_window
 
 VERSIONS = ("v1", "v3")
 DEFAULT_VERSION = "v3"
@@ -92,26 +93,28 @@ def check_tiles(version, tiles, head_dim):
         backward_mma.layout(tiles.dq.block_m, tiles.dq.block_n, tiles.dq.threads, head_dim)
 
 
-def make_kernels(version, head_dim, tiles):
-    """(dkdv, dq): the compiled (cached) kernels of `version` for this head_dim and launch shape."""
+def make_kernels(version, head_dim, tiles, capped=False):
+    """(dkdv, dq): the compiled (cached) kernels of `version` for this head_dim and launch shape; capped: with a
+    logit soft cap (a compile-time choice: without it the kernels keep their registers)."""
     check_tiles(version, tiles, head_dim)
     a, c = tiles.dkdv, tiles.dq
     if version == "v1":
-        return (backward_tiled.make_dkdv_v1(head_dim, a.block_m, a.block_n),
-                backward_tiled.make_dq_v1(head_dim, c.block_m, c.block_n))
-    return (backward_mma.make_dkdv_v3(head_dim, a.block_m, a.block_n, a.threads),
-            backward_mma.make_dq_v3(head_dim, c.block_m, c.block_n, c.threads))
+        return (backward_tiled.make_dkdv_v1(head_dim, a.block_m, a.block_n, capped),
+                backward_tiled.make_dq_v1(head_dim, c.block_m, c.block_n, capped))
+    return (backward_mma.make_dkdv_v3(head_dim, a.block_m, a.block_n, a.threads, capped),
+            backward_mma.make_dq_v3(head_dim, c.block_m, c.block_n, c.threads, capped))
 
 
-def launch(q, k, v, out, lse, dout, grads, causal, scale, version=DEFAULT_VERSION, tiles=None):
+def launch(q, k, v, out, lse, dout, grads, causal, scale, version=DEFAULT_VERSION, tiles=None, window=None,
+           softcap=None):
     """The three launches on device arrays (already validated): grads = (dq, dk, dv) float32 device arrays, filled.
-    Returns grads."""
+    window, softcap: as the forward's (None: none). Returns grads."""
     batch, n_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     if version == "v3" and not SIM and not gpu.has_tf32_mma():
         version, tiles = "v1", None
     tiles = tiles or default_tiles(version, "cuda", head_dim)
-    dkdv, dq_kernel = make_kernels(version, head_dim, tiles)
+    dkdv, dq_kernel = make_kernels(version, head_dim, tiles, softcap is not None)
     dq, dk, dv = grads
     delta = cuda.device_array((batch, n_heads, q_len), np.float32)
     backward_prep.row_dot[((q_len + 63) // 64, n_heads, batch), 64](out, dout, delta)
@@ -119,7 +122,9 @@ def launch(q, k, v, out, lse, dout, grads, causal, scale, version=DEFAULT_VERSIO
         flat = g.reshape(g.size)
         backward_prep.zero_fill[min(1024, (g.size + 255) // 256), 256](flat)
     args = (q, k, v, dout, lse, delta)
-    scalars = (float32(scale * LOG2E), float32(scale), bool(causal))
+    scalars = (float32(scale * LOG2E), float32(scale), bool(causal),
+               np.int64(kv_len if window is None else min(window, kv_len)),     # a window >= kv_len hides nothing
+               float32(0.0 if softcap is None else softcap * LOG2E))          # the kernels' log2 units
     a, c = tiles.dkdv, tiles.dq
     dkdv[((kv_len + a.block_n - 1) // a.block_n, n_heads, batch), a.threads](*args, dk, dv, *scalars)
     dq_kernel[((q_len + c.block_m - 1) // c.block_m, n_heads, batch), c.threads](*args, dq, *scalars)
@@ -145,9 +150,10 @@ def check_backward_args(q, k, v, out, lse, dout, causal):
 
 
 def attention_backward(q, k, v, out, lse, dout, causal=False, scale=None, backend="auto", version=DEFAULT_VERSION,
-                       tiles=None, grads=None):
-    """-> (dq, dk, dv) float32, the gradients of a loss through out = attention(q, k, v, causal, scale), given
-    dout = dL/d out and the forward's out and lse (numbattn.attention(..., return_lse=True)).
+                       tiles=None, grads=None, window=None, softcap=None):
+    """-> (dq, dk, dv) float32, the gradients of a loss through out = attention(q, k, v, causal, scale, window,
+    softcap), given dout = dL/d out and the forward's out and lse (numbattn.attention(..., return_lse=True) with the
+    same causal, scale, window and softcap).
 
     q, out, dout [batch, n_heads, q_len, head_dim]; k, v [batch, n_kv_heads, kv_len, head_dim] (float32 or
     float16); lse [batch, n_heads, q_len] float32. Host arrays in -> host arrays out; device arrays -> device.
@@ -155,6 +161,7 @@ def attention_backward(q, k, v, out, lse, dout, causal=False, scale=None, backen
     and lse and computes the gradients from their equations (numbattn.reference.attention_backward)."""
     check_backward_args(q, k, v, out, lse, dout, causal)
     scale = check_scale(scale, q.shape[3])
+    window, softcap = check_window(window, causal), check_softcap(softcap)
     shapes = (q.shape, k.shape, k.shape)
     if grads is not None:
         for name, g, shape in zip(("dq", "dk", "dv"), grads, shapes):
@@ -166,14 +173,14 @@ def attention_backward(q, k, v, out, lse, dout, causal=False, scale=None, backen
 
     def numpy_path():
         host = (_backend.to_host(x) for x in (q, k, v, dout))
-        result = reference.attention_backward(*host, causal=causal, scale=scale)
+        result = reference.attention_backward(*host, causal=causal, scale=scale, window=window, softcap=softcap)
         return tuple(_backend.deliver(x, g, on_device) for x, g in zip(result, grads or (None,) * 3))
 
     def kernel_path():
         dev = [x if _backend.is_device_array(x) else cuda.to_device(np.ascontiguousarray(x))
                for x in (q, k, v, out, lse, dout)]
         g = grads or tuple(cuda.device_array(shape, np.float32) for shape in shapes)
-        launch(*dev, g, causal, scale, version, tiles or default_tiles(version, be, q.shape[3]))
+        launch(*dev, g, causal, scale, version, tiles or default_tiles(version, be, q.shape[3]), window, softcap)
         return g if on_device else tuple(x.copy_to_host() for x in g)
 
     return _backend.run(f"attention backward {version}", be, kernel_path, numpy_path)

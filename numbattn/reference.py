@@ -55,6 +55,14 @@ def soft_cap(scores, cap):
     return scores if cap is None else cap * np.tanh(scores / cap)
 
 
+def soft_cap_slope(capped, cap):
+    """d soft_cap(s) / d s = 1 - tanh²(s / cap) = 1 - (capped / cap)², from the capped score itself; 1 without a cap.
+    A masked score (-inf) gets 0: the pair is not part of the function, and 0 keeps 0 * inf out of the sums."""
+    if cap is None:
+        return np.ones_like(capped)
+    return np.where(np.isfinite(capped), 1 - (capped / cap) ** 2, 0)
+
+
 def repeat_kv(x, n_heads):
     """Grouped-query attention, the slow way: [b, n_kv_heads, s, d] -> [b, n_heads, s, d].
 
@@ -94,28 +102,33 @@ def log_sum_exp(s):
         return (m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True)))[..., 0]
 
 
-def attention_backward(q, k, v, dout, causal=False, scale=None):
-    """The gradients of out = attention(q, k, v) for a loss L whose gradient dL/d out is dout -> (dq, dk, dv), the
-    shapes of q, k and v. The equations (S, P, dS are [b, h, q_len, kv_len]; K and V repeated per query head):
+def attention_backward(q, k, v, dout, causal=False, scale=None, window=None, softcap=None):
+    """The gradients of out = attention(q, k, v, causal, scale, window, softcap) for a loss L whose gradient dL/d out
+    is dout -> (dq, dk, dv), the shapes of q, k and v. The equations (S, P, dS are [b, h, q_len, kv_len]; K and V
+    repeated per query head):
 
-        S = q K^T * scale,   P = softmax(S),   out = P V
+        S = soft_cap(q K^T * scale),   -inf where the mask hides a key,   P = softmax(S),   out = P V
         dV = P^T dout                          (then summed over the query heads that share each KV head)
         dP = dout V^T
         dS = P ∘ (dP - D),   D = rowsum(P ∘ dP) = rowsum(dout ∘ out)     (the softmax's Jacobian, row by row)
+        dS <- dS ∘ soft_cap'(S)                (the cap's chain rule: 1 - tanh², from the capped score itself)
         dq = dS K * scale,   dK = dS^T q * scale                          (summed over the group, as dV)
 
     D is one number per query row: rowsum(P ∘ dP) = rowsum(P (dout V^T)) = rowsum(dout ∘ (P V)). The kernels
-    take it from out, which the forward already wrote, instead of from the N×N P."""
+    take it from out, which the forward already wrote, instead of from the N×N P. A masked pair has P = 0, so it
+    adds nothing to any gradient."""
     dt = _compute_dtype(q, k, v, dout)
     q, k, v, dout = (np.asarray(x, dtype=dt) for x in (q, k, v, dout))
     b, n_heads, _, d = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
-    p = softmax(scores(q, k, causal, scale))                               # [b, h, q_len, kv_len]
+    s = scores(q, k, causal, scale, window, softcap)                       # [b, h, q_len, kv_len]
+    p = softmax(s)
     k_rep, v_rep = repeat_kv(k, n_heads), repeat_kv(v, n_heads)            # [b, h, kv_len, d]
     out = p @ v_rep                                                        # [b, h, q_len, d]
     dp = dout @ v_rep.swapaxes(-1, -2)                                     # [b, h, q_len, kv_len]
     ds = p * (dp - (dout * out).sum(axis=-1, keepdims=True))               # [b, h, q_len, kv_len]
+    ds = ds * soft_cap_slope(s, softcap)
     dq = ds @ k_rep * dt(scale)                                            # [b, h, q_len, d]
     per_head = (ds.swapaxes(-1, -2) @ q * dt(scale), p.swapaxes(-1, -2) @ dout)   # dK, dV [b, h, kv_len, d]
     dk, dv = (x.reshape(b, n_kv_heads, n_heads // n_kv_heads, kv_len, d).sum(axis=2) for x in per_head)

@@ -3,8 +3,9 @@
 The reference (numbattn.reference.attention_backward, the equations) is checked against finite differences in
 fp64; the kernels against the reference in fp64, into NaN-filled gradient buffers, on shapes chosen to break wrong
 code: lengths off the tile multiples (the simulator's tiles are 4 or 16 rows), one token, GQA 1/4/8 (dK and dV
-summed over a group), causal with more keys than queries, rows that see no key. Tolerance: 1e-5 relative to the
-largest reference value (fp32 over <= 64 keys lands near 1e-7; a missed mask, a wrong lse or D is off by >1e-3).
+summed over a group), causal with more keys than queries, rows that see no key; sliding windows of 1, smaller than
+a tile and larger than the sequence, soft caps with saturated scores. Tolerance: 1e-5 relative to the largest
+reference value (fp32 over <= 64 keys lands near 1e-7; a missed mask, a wrong lse or D is off by >1e-3).
 """
 import numpy as np
 import pytest
@@ -29,18 +30,24 @@ def rand_qkv(rng, batch, n_heads, n_kv_heads, q_len, kv_len, d, magnitude=1.0):
 
 
 # ---- the reference: the equations against finite differences --------------------------------------------
-@pytest.mark.parametrize("n_heads,n_kv_heads,q_len,kv_len,causal", [
-    (2, 2, 3, 3, True), (4, 1, 2, 5, True), (2, 1, 4, 3, False), (8, 1, 1, 2, False)])
-def test_reference_equals_finite_differences(n_heads, n_kv_heads, q_len, kv_len, causal):
+@pytest.mark.parametrize("n_heads,n_kv_heads,q_len,kv_len,causal,window,softcap", [
+    (2, 2, 3, 3, True, None, None), (4, 1, 2, 5, True, None, None), (2, 1, 4, 3, False, None, None),
+    (8, 1, 1, 2, False, None, None),
+    (4, 2, 4, 6, True, 2, None), (2, 1, 5, 5, True, 1, None),                 # sliding windows (1: itself only)
+    (4, 2, 3, 5, False, None, 1.5), (2, 1, 4, 6, True, 3, 0.8)])              # soft caps, saturated (|s| >> cap)
+def test_reference_equals_finite_differences(n_heads, n_kv_heads, q_len, kv_len, causal, window, softcap):
     """L = sum(dout * attention(q, k, v)): the reference's gradients are dL/dq, dL/dk, dL/dv (GQA: k and v feed
-    several heads, so their gradients are sums), to 1e-7 in fp64."""
+    several heads, so their gradients are sums), to 1e-7 in fp64; with windows and soft caps (the cap's derivative,
+    and masked pairs contributing nothing)."""
     rng = np.random.default_rng(n_heads + q_len * 10 + kv_len)
     q, k, v, dout = (x.astype(np.float64) for x in rand_qkv(rng, 1, n_heads, n_kv_heads, q_len, kv_len, 4))
+    q *= 1.0 if softcap is None else 3.0
     scale = 0.7
 
     def loss():
-        return float((dout * reference.attention(q, k, v, causal=causal, scale=scale)).sum())
-    got = reference.attention_backward(q, k, v, dout, causal=causal, scale=scale)
+        return float((dout * reference.attention(q, k, v, causal=causal, scale=scale, window=window,
+                                                 softcap=softcap)).sum())
+    got = reference.attention_backward(q, k, v, dout, causal=causal, scale=scale, window=window, softcap=softcap)
     for name, x, g in zip("qkv", (q, k, v), got):
         assert g.shape == x.shape and g.dtype == np.float64
         np.testing.assert_allclose(g, numerical_gradient(loss, x), rtol=1e-6, atol=1e-8, err_msg=f"d{name}")
@@ -54,14 +61,16 @@ def test_log_sum_exp_of_empty_rows_is_minus_infinity():
 
 
 # ---- the kernels against the reference -------------------------------------------------------------------
-def forward_fp64(q, k, v, causal, scale):
+def forward_fp64(q, k, v, causal, scale, window=None, softcap=None):
     """The forward's out and lse, from the fp64 reference rounded to float32: the backward's inputs, exact."""
     q64, k64 = q.astype(np.float64), k.astype(np.float64)
-    out = reference.attention(q64, k64, v.astype(np.float64), causal=causal, scale=scale)
-    return out.astype(np.float32), reference.log_sum_exp(reference.scores(q64, k64, causal, scale)).astype(np.float32)
+    out = reference.attention(q64, k64, v.astype(np.float64), causal=causal, scale=scale, window=window,
+                              softcap=softcap)
+    lse = reference.log_sum_exp(reference.scores(q64, k64, causal, scale, window, softcap))
+    return out.astype(np.float32), lse.astype(np.float32)
 
 
-def reference_fp64(q, k, v, dout, causal, scale):
+def reference_fp64(q, k, v, dout, causal, scale, window=None, softcap=None):
     """The fp64 gradients; at GPU-test sizes one KV head's group at a time (the N×N matrices of 8 heads at 4096²
     are 1 GB in fp64)."""
     n_kv = k.shape[1]
@@ -69,29 +78,32 @@ def reference_fp64(q, k, v, dout, causal, scale):
     parts = [reference.attention_backward(*(x.astype(np.float64) for x in (q[:, i * group:(i + 1) * group],
                                                                           k[:, i:i + 1], v[:, i:i + 1],
                                                                           dout[:, i * group:(i + 1) * group])),
-                                          causal=causal, scale=scale) for i in range(n_kv)]
+                                          causal=causal, scale=scale, window=window, softcap=softcap)
+             for i in range(n_kv)]
     return tuple(np.concatenate([p[n] for p in parts], axis=1) for n in range(3))
 
 
-def relative_error(got, want):
-    """max |got - want| over max |want|, floored at 1: a gradient that is ~0 (one key: P = 1 whatever q is) is
+def relative_error(got, want, floor=1.0):
+    """max |got - want| over max |want|, floored at `floor`: a gradient that is ~0 (one key: P = 1 whatever q is) is
     compared absolutely."""
-    return np.abs(got - want).max() / max(np.abs(want).max(), 1.0)
+    return np.abs(got - want).max() / max(np.abs(want).max(), floor)
 
 
-def check(q, k, v, dout, causal=False, scale=None, version="v3", tiles=None, rtol=RTOL, out_lse=None):
+def check(q, k, v, dout, causal=False, scale=None, version="v3", tiles=None, rtol=RTOL, out_lse=None, window=None,
+          softcap=None, floor=1.0):
     """Run the backward into NaN-filled gradient buffers and compare with the fp64 reference."""
     from numba import cuda
-    out, lse = out_lse or forward_fp64(q, k, v, causal, scale)
+    out, lse = out_lse or forward_fp64(q, k, v, causal, scale, window, softcap)
     grads = tuple(cuda.to_device(np.full(x.shape, np.nan, np.float32)) for x in (q, k, v))
     got = backward.attention_backward(*(cuda.to_device(x) for x in (q, k, v, out, lse, dout)), causal=causal,
-                                      scale=scale, backend=KERNEL, version=version, tiles=tiles, grads=grads)
-    want = reference_fp64(q, k, v, dout, causal, scale)
+                                      scale=scale, backend=KERNEL, version=version, tiles=tiles, grads=grads,
+                                      window=window, softcap=softcap)
+    want = reference_fp64(q, k, v, dout, causal, scale, window, softcap)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         g = g.copy_to_host()
         assert g.dtype == np.float32 and g.shape == w.shape
         assert np.isfinite(g).all(), f"{name}: the kernels left unwritten (NaN) or non-finite gradients"
-        err = relative_error(g, w)
+        err = relative_error(g, w, floor)
         assert err < rtol, f"{name}: relative error {err:.2e} >= {rtol:.0e}"
 
 
@@ -145,22 +157,96 @@ def test_v3_tiles_of_two_warps_and_several_column_blocks():
     check(*rand_qkv(rng, 1, 1, 1, 21, 37, 16), causal=True, version="v3", tiles=tiles)
 
 
+# ---- sliding windows and soft caps -------------------------------------------------------------------------
 @pytest.mark.parametrize("version", backward.VERSIONS)
-def test_forward_kernel_to_backward_kernel_and_finite_differences(version):
+def test_sliding_windows(version):
+    """9 queries over 13 keys (a KV prefix of 4), 4 query heads on 1 KV head: windows of 1 (each query sees itself
+    only: dQ = dK = 0, and key j's dV is the dO of the query at its position), 3 (smaller than a tile: masked inside
+    tiles, tiles before a block's windows skipped) and 40 (larger than the sequence: the causal gradients)."""
+    rng = np.random.default_rng(21)
+    q, k, v, dout = rand_qkv(rng, 1, 4, 1, 9, 13, 16)
+    for window in (1, 3, 40):
+        check(q, k, v, dout, causal=True, version=version, window=window)
+
+
+def test_sliding_window_across_v3_tiles():
+    """v3 at 33 tokens, window 5: the simulator's v3 tiles (dkdv: 16 keys a block, query tiles of 8; dq: 16 rows,
+    key tiles of 8) now lie wholly outside some windows (skipped), cross a window's start, or see every pair."""
+    rng = np.random.default_rng(22)
+    check(*rand_qkv(rng, 1, 2, 1, 33, 33, 16), causal=True, version="v3", window=5)
+
+
+@pytest.mark.parametrize("version", backward.VERSIONS)
+def test_soft_capped_scores_of_large_magnitude(version):
+    """Scores of up to ~10 caps, GQA 4:1: p from the capped score, dS times the cap's slope (with a window too). Then
+    every pair saturated (q along the keys' common direction: |s| ~ 6 caps, slopes ~1e-5): dQ and dK come from the
+    slopes alone and are compared against their own small maximum (not floored at 1). A slope taken as
+    1 - (capped / cap)^2 in fp32 is 7e-3 off there (its absolute error ~1e-7 is all of it); common.soft_cap_slope's
+    4 E / (1 + E)^2 is ~1e-6 off."""
+    rng = np.random.default_rng(23)
+    q, k, v, dout = rand_qkv(rng, 1, 4, 1, 9, 13, 16, magnitude=8.0)
+    check(q, k, v, dout, causal=False, version=version, softcap=5.0)
+    check(q, k, v, dout, causal=True, version=version, softcap=2.0, window=3)
+    direction = rng.standard_normal(16)
+    direction /= np.linalg.norm(direction)
+    q = (direction * 24 + 0.3 * rng.standard_normal((1, 4, 9, 16))).astype(np.float32)
+    k = (direction * 2 + 0.3 * rng.standard_normal((1, 1, 13, 16))).astype(np.float32)
+    check(q, k, v, dout, causal=False, version=version, softcap=2.0, floor=0.0)
+
+
+@pytest.mark.skipif(KERNEL != "sim", reason="counting reads needs the simulator (numbattn.lab.tracing)")
+def test_windowed_backward_skips_the_tiles_outside_every_window():
+    """The window skips tiles in the backward as in the forward (common.visible_keys), counted in the simulator on
+    the v1 kernels (tiles of 4, 32 tokens, window 2): dkdv reads Q only for the (key block, query tile) pairs in
+    which some pair is visible, dq reads K only from the key tiles its rows' windows reach (from the first row's
+    window start, which need not be a tile boundary); fewer than half as many as without the window."""
+    from numbattn.lab import tracing
+    rng = np.random.default_rng(24)
+    n, d, window = 32, 16, 2
+    q, k, v, dout = rand_qkv(rng, 1, 2, 1, n, n, d)
+    out, lse = forward_fp64(q, k, v, True, None, window)
+    delta = (out * dout).sum(-1).astype(np.float32)
+    tiles = backward.SIM_TILES["v1"]
+    BN, BM = tiles.dkdv.block_n, tiles.dq.block_m
+    seen = reference.visible(n, n, True, window)                                # [q_len, kv_len]
+    counted = {}
+    for w in (window, n):
+        dkdv, dq = backward.make_kernels("v1", d, tiles)
+        scalars = (np.float32(0.25 * reference.LOG2E), np.float32(0.25), True, np.int64(w), np.float32(0))
+        arrays = dict(q=q, k=k, v=v, dout=dout, lse=lse, delta=delta)
+        t1, t2 = tracing.Tracer(), tracing.Tracer()
+        dkdv[(n // BN, 2, 1), BN](*t1.wrap(**arrays, dk=np.zeros_like(k), dv=np.zeros_like(v)), *scalars)
+        dq[(n // BM, 2, 1), BM](*t2.wrap(**arrays, dq=np.zeros_like(q)), *scalars)
+        counted[w] = t1.reads("q"), t2.reads("k")
+    pairs = [(j0, i0) for j0 in range(0, n, BN) for i0 in range(0, n, BM) if seen[i0:i0 + BM, j0:j0 + BN].any()]
+    q_reads = 2 * len(pairs) * BM * d
+    # dq: each block walks key tiles of BN from its first row's window start to its last row's diagonal
+    ranges = [(int(np.argmax(seen[i0])), i0 + BM) for i0 in range(0, n, BM)]
+    k_reads = 2 * d * sum(min(BN, n - j0) for first, end in ranges for j0 in range(first, end, BN))
+    assert counted[window] == (q_reads, k_reads), (counted, q_reads, k_reads)
+    assert counted[window][0] * 2 < counted[n][0] and counted[window][1] * 2 < counted[n][1], counted
+
+
+@pytest.mark.parametrize("version,window,softcap", [("v1", None, None), ("v3", None, None), ("v1", 3, 4.0),
+                                                    ("v3", 3, 4.0)])
+def test_forward_kernel_to_backward_kernel_and_finite_differences(version, window, softcap):
     """The whole path on the kernels (the forward's out and lse, then the backward), and the kernels' gradients
-    against a finite difference of the fp64 loss along a random direction: L(x + e u) - L(x - e u) = 2 e <dL/dx, u>."""
+    against a finite difference of the fp64 loss along a random direction: L(x + e u) - L(x - e u) = 2 e <dL/dx, u>;
+    plain, and with a sliding window and a soft cap (the forward's lse is then of the capped, windowed scores)."""
     rng = np.random.default_rng(11)
-    q, k, v, dout = rand_qkv(rng, 1, 4, 2, 9, 12, 16)
-    out, lse = numbattn.attention(q, k, v, causal=True, backend=KERNEL, return_lse=True)
-    grads = backward.attention_backward(q, k, v, out, lse, dout, causal=True, backend=KERNEL, version=version)
-    check(q, k, v, dout, causal=True, version=version, out_lse=(out, lse))
+    q, k, v, dout = rand_qkv(rng, 1, 4, 2, 9, 12, 16, magnitude=1.0 if softcap is None else 4.0)
+    out, lse = numbattn.attention(q, k, v, causal=True, backend=KERNEL, return_lse=True, window=window,
+                                  softcap=softcap)
+    grads = backward.attention_backward(q, k, v, out, lse, dout, causal=True, backend=KERNEL, version=version,
+                                        window=window, softcap=softcap)
+    check(q, k, v, dout, causal=True, version=version, out_lse=(out, lse), window=window, softcap=softcap)
     x64 = [x.astype(np.float64) for x in (q, k, v)]
     for i, g in enumerate(grads):
         u = rng.standard_normal(g.shape)
 
         def loss(e):
             xs = [x + e * u if n == i else x for n, x in enumerate(x64)]
-            return (dout * reference.attention(*xs, causal=True)).sum()
+            return (dout * reference.attention(*xs, causal=True, window=window, softcap=softcap)).sum()
         fd = (loss(1e-5) - loss(-1e-5)) / 2e-5
         assert abs(fd - (g * u).sum()) < 1e-5 * max(1.0, abs(fd)), ("qkv"[i], fd, (g * u).sum())
 
@@ -168,21 +254,26 @@ def test_forward_kernel_to_backward_kernel_and_finite_differences(version):
 @settings(max_examples=8, deadline=None)
 @given(q_len=st.integers(1, 12), extra=st.integers(0, 9), group=st.sampled_from([1, 2, 4]),
        n_kv_heads=st.integers(1, 2), causal=st.booleans(), seed=st.integers(0, 2**16),
-       version=st.sampled_from(backward.VERSIONS))
-def test_property_sweep(q_len, extra, group, n_kv_heads, causal, seed, version):
+       version=st.sampled_from(backward.VERSIONS), window=st.none() | st.integers(1, 12),
+       softcap=st.sampled_from([None, 3.0]))
+def test_property_sweep(q_len, extra, group, n_kv_heads, causal, seed, version, window, softcap):
     rng = np.random.default_rng(seed)
     check(*rand_qkv(rng, 1, group * n_kv_heads, n_kv_heads, q_len, q_len + extra, 16), causal=causal,
-          version=version)
+          version=version, window=window if causal else None, softcap=softcap)
 
 
-def test_host_arrays_and_the_numpy_backend():
-    """Host arrays in, host float32 gradients out; the NumPy backend answers with the reference's equations."""
+@pytest.mark.parametrize("window,softcap", [(None, None), (2, 3.0)])
+def test_host_arrays_and_the_numpy_backend(window, softcap):
+    """Host arrays in, host float32 gradients out; the NumPy backend answers with the reference's equations (with
+    the window and the soft cap passed through to them)."""
     rng = np.random.default_rng(6)
     q, k, v, dout = rand_qkv(rng, 1, 2, 1, 5, 5, 16)
-    out, lse = numbattn.attention(q, k, v, causal=True, backend="numpy", return_lse=True)
-    want = reference.attention_backward(q, k, v, dout, causal=True)
+    out, lse = numbattn.attention(q, k, v, causal=True, backend="numpy", return_lse=True, window=window,
+                                  softcap=softcap)
+    want = reference.attention_backward(q, k, v, dout, causal=True, window=window, softcap=softcap)
     for be in ("numpy", KERNEL):
-        got = numbattn.attention_backward(q, k, v, out, lse, dout, causal=True, backend=be)
+        got = numbattn.attention_backward(q, k, v, out, lse, dout, causal=True, backend=be, window=window,
+                                          softcap=softcap)
         for g, w in zip(got, want):
             assert isinstance(g, np.ndarray) and g.dtype == np.float32
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
@@ -202,6 +293,11 @@ def test_host_arrays_and_the_numpy_backend():
     (dict(scale=float("inf")), r"scale=inf"),
     (dict(version="v2"), r"version='v2': expected one of \('v1', 'v3'\)"),
     (dict(grads=(np.zeros((1, 2, 5, 16), np.float32),) * 3), r"grads' dk has shape \(1, 2, 5, 16\)"),
+    (dict(window=2), r"window=2 needs causal=True"),
+    (dict(causal=True, window=0), r"window=0 must be >= 1"),
+    (dict(causal=True, window=2.5), r"window=2.5 must be an integer"),
+    (dict(softcap=-1.0), r"softcap=-1.0 must be a finite number > 0"),
+    (dict(softcap=float("nan")), r"softcap=nan must be a finite number > 0"),
 ])
 def test_validation_errors_name_the_argument(bad, match):
     z = np.zeros((1, 2, 5, 16), np.float32)
@@ -223,3 +319,18 @@ def test_gpu_realistic_shapes(version, batch, n, d, causal):
     q, k, v, dout = rand_qkv(rng, batch, 32, 4, n, n, d)
     out, lse = numbattn.attention(q, k, v, causal=causal, backend=KERNEL, return_lse=True)
     check(q, k, v, dout, causal=causal, version=version, tiles=backward.gpu_tiles(version, d), out_lse=(out, lse))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", backward.VERSIONS)
+@pytest.mark.parametrize("n,d,window,softcap", [(4096, 64, 1024, None), (2048, 64, None, 30.0),
+                                                (2048, 128, 512, 50.0)])
+def test_gpu_windows_and_soft_caps(version, n, d, window, softcap):
+    """Mistral-style windows and Gemma-style soft caps at realistic sizes, 32 / 4 heads, scores large enough that the
+    cap bites (q scaled by 4); out and lse from the kernels' own windowed, capped forward."""
+    rng = np.random.default_rng(n + d + (window or 0))
+    q, k, v, dout = rand_qkv(rng, 1, 32, 4, n, n, d, magnitude=4.0)
+    out, lse = numbattn.attention(q, k, v, causal=True, backend=KERNEL, return_lse=True, window=window,
+                                  softcap=softcap)
+    check(q, k, v, dout, causal=True, version=version, tiles=backward.gpu_tiles(version, d), out_lse=(out, lse),
+          window=window, softcap=softcap)

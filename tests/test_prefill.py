@@ -144,6 +144,24 @@ def test_log_sum_exp_of_each_row(version, q_len, kv_len, causal):
     np.testing.assert_allclose(lse_np, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("version,head_dim,tiles", [("v1", 16, None), ("v3", 16, None),
+                                                    ("v3", 32, prefill.Tiles(16, 8, 64, dim_split=2))])
+def test_log_sum_exp_with_windows_soft_caps_and_split_heads(version, head_dim, tiles):
+    """The lse of the soft-capped, windowed scores (the backward of such a forward recomputes P from it), GQA 2:1;
+    v3 also with a head's dims split over 2 warps, where one warp of each row group writes it (a NaN-filled buffer
+    shows a row nobody wrote, a wrong warp's partial l shows as a wrong value)."""
+    from numba import cuda
+    rng = np.random.default_rng(head_dim)
+    q, k, v = rand_qkv(rng, 1, 4, 2, 19, 23, head_dim, magnitude=3.0)
+    for window, softcap in ((3, None), (None, 2.0), (5, 2.0)):
+        lse_out = cuda.to_device(np.full(q.shape[:3], np.nan, np.float32))
+        out, lse = prefill.flash_attention(q, k, v, causal=True, backend=KERNEL, version=version, tiles=tiles,
+                                           return_lse=True, lse_out=lse_out, window=window, softcap=softcap)
+        s = reference.scores(q.astype(np.float64), k.astype(np.float64), True, None, window, softcap)
+        np.testing.assert_allclose(lse, reference.log_sum_exp(s), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(out, reference_fp64(q, k, v, True, None, window, softcap), rtol=RTOL, atol=RTOL)
+
+
 def test_log_sum_exp_only_from_the_versions_that_write_it():
     q = np.zeros((1, 1, 2, 16), np.float32)
     with pytest.raises(ValueError, match=r"return_lse needs version in \('v1', 'v3'\), not 'v2'"):

@@ -97,6 +97,20 @@ for name, x, g in zip(("dq", "dk", "dv"), (q64, k64, v64), grads64):
     print(f"{name} {tuple(g.shape)}: equations = finite differences (largest |diff| {worst:.1e})")
 
 # %% [markdown]
+# Today's models add two things to S (lesson 4's masks, numbattn.attention's `window=` and `softcap=`). A sliding
+# window is more masked keys: their p is 0, so nothing flows back to them. A soft cap (Gemma 2) squeezes each score
+# through s → c·tanh(s/c) before the softmax: one more link in the chain rule, so dS is multiplied by its slope,
+# 1 − tanh²(s/c), which the reference takes from the capped score itself. The same finite differences, with both:
+
+# %%
+loss_wc = lambda: (do64 * reference.attention(q64, k64, v64, causal=True, window=2, softcap=1.5)).sum()  # noqa: E731
+grads_wc = reference.attention_backward(q64, k64, v64, do64, causal=True, window=2, softcap=1.5)
+for name, x, g in zip(("dq", "dk", "dv"), (q64, k64, v64), grads_wc):
+    _lesson.close(f"{name} (window 2, soft cap 1.5) vs finite differences", g, finite_differences(loss_wc, x),
+                  atol=1e-8, rtol=1e-6)
+print("window 2 and soft cap 1.5: equations = finite differences")
+
+# %% [markdown]
 # ## P again, from one number per row
 #
 # The backward needs P, which the forward never wrote down (lesson 2: that is the point of the online softmax).
@@ -188,7 +202,8 @@ if BACKEND == "sim":
     delta_t = (ot * dot).sum(-1).astype(np.float32)                     # D, as backward_prep.row_dot computes it
     tiles = backward.SIM_TILES["v1"]
     dkdv_v1, dq_v1 = backward.make_kernels("v1", Dt, tiles)
-    scalars = (np.float32(0.25 * reference.LOG2E), np.float32(0.25), True)
+    scalars = (np.float32(0.25 * reference.LOG2E), np.float32(0.25), True,     # scale log2 e, scale, causal,
+               np.int64(Nt), np.float32(0.0))                                  # window (Nt: none), softcap (0: none)
     counted = {}
     for name, kern, grads, blocks, threads in (
             ("dkdv", dkdv_v1, dict(dk=np.zeros_like(kt), dv=np.zeros_like(vt)), Nt // tiles.dkdv.block_n, tiles.dkdv.threads),

@@ -12,6 +12,10 @@ A_small B_big + A_big B_small + A_big B_big, relative error ~1e-6). A warp owns 
     dq_v3     a block of W warps owns BM = 16 W query rows; per key tile of BN keys (K, V staged), warp w computes
                   S = Q_w K^T,  dP = dO_w V^T,  P, dS as above,  dQ_w += dS K
 
+P and dS per element are v1's (backward_prep.make_p_ds: the forward's soft cap, and its slope in dS), and which
+pairs are visible is the forward's rule (common.visible_keys / tile_is_whole with the sliding window): query tiles
+(dkdv) and key tiles (dq) outside every window are skipped, and only tiles that cross a boundary are masked.
+
 The layout is the forward's, transposed where the stationary side is the keys: lane (g, t) = (lane >> 2, lane & 3)
 holds rows g and g + 8 of each C fragment and columns 2t, 2t + 1 of each 8-column block. In the products with P
 (or dS) as the A operand, the k index of each 8-block runs permuted (k = t <-> column 2t, k = t + 4 <-> 2t + 1), so
@@ -38,14 +42,14 @@ Memory traffic per (batch, query head): dkdv reads K, V once and Q, dO (with lse
 (halved for causal); dq reads Q, dO once and K, V once per query block of BM rows; nothing N x N is stored.
 Shared memory: (2 BN (D + 4) + 2 BM (D + 4) + 2 BM) * 4 bytes (rows padded by 4 words: conflict-free fragment reads,
 as in prefill v3).
-# q, dout [B, H, Lq, D], k, v [B, Hkv, Lk, D], lse, delta [B, H, Lq] -> dq [B, H, Lq, D], dk, dv [B, Hkv, Lk, D]
+# q, dout [B, H, Lq, D], k, v [B, Hkv, Lk, D], lse, delta [B, H, Lq], window, softcap -> dq [B, H, Lq, D],
+# dk, dv [B, Hkv, Lk, D]
 """
 import functools
-import math
 
 from numba import cuda, float32
 
-from .backward_prep import p_reference
+from .backward_prep import make_p_ds, p_reference
 from .common import device, kernel, prefill_block, tile_is_whole, visible_keys
 from .mma import make_mma_3xtf32_n, mma_scratch_shape, tf32_split
 
@@ -70,18 +74,18 @@ def shared_bytes(stationary_rows, tile_rows, head_dim):
 
 
 @functools.lru_cache(maxsize=None)
-def make_dkdv_v3(head_dim, block_m, block_n, threads):
-    """block_n keys per block (16 per warp), query tiles of block_m rows."""
+def make_dkdv_v3(head_dim, block_m, block_n, threads, capped=False):
+    """block_n keys per block (16 per warp), query tiles of block_m rows; capped: soft-capped scores (compile time)."""
     D, BM, BN, NT = head_dim, block_m, block_n, threads
     W, KD, NQ, NO, NL = layout(BN, BM, NT, D)
     DP, SCRATCH = D + 4, mma_scratch_shape(NT, max(NQ, NO))
     FB, NS = max(NQ, NO), max(NL, BN * D // NT)    # B fragments of a k-step; elements staged per thread
     stage_rows, stage_pair = _make_stage(BN, D, NT), _make_stage(BM, D, NT)
     abt, pb = _make_abt(KD, NQ), _make_pb(NQ, NO)
-    probs, store_kv = _make_probs(NQ, True), _make_store_dkdv(NO)
+    probs, store_kv = _make_probs(NQ, True, capped), _make_store_dkdv(NO)
 
     @kernel
-    def attention_backward_dkdv_v3(q, k, v, dout, lse, delta, dk, dv, scale_log2, scale, causal):
+    def attention_backward_dkdv_v3(q, k, v, dout, lse, delta, dk, dv, scale_log2, scale, causal, window, softcap):
         # grid (key blocks, query heads, batch)
         b, h, hk, q_len = prefill_block(q, k)
         kv_len = k.shape[2]
@@ -108,7 +112,7 @@ def make_dkdv_v3(head_dim, block_m, block_n, threads):
         _zero(dk_w, NO)
         _zero(dv_w, NO)
         for i0 in range(0, q_len, BM):
-            first, end = visible_keys(i0, BM, q_len, kv_len, causal, kv_len)
+            first, end = visible_keys(i0, BM, q_len, kv_len, causal, window)
             if end <= j0 or j0 + BN <= first:
                 continue                            # no key of this block is visible to the tile: skipped
             cuda.syncthreads()                      # every warp is done with the previous query tile
@@ -117,8 +121,8 @@ def make_dkdv_v3(head_dim, block_m, block_n, threads):
             cuda.syncthreads()
             abt(Ks, kw, Qs, s, fa, fa_s, fb, fb_s, g, t, scratch)       # S^T
             abt(Vs, kw, dOs, dp, fa, fa_s, fb, fb_s, g, t, scratch)     # dP^T
-            whole = tile_is_whole(j0, BN, i0, BM, q_len, kv_len, causal, kv_len)
-            probs(s, dp, rows, kw, i0, j0, whole, q_len, kv_len, causal, scale_log2, g, t)
+            whole = tile_is_whole(j0, BN, i0, BM, q_len, kv_len, causal, window)
+            probs(s, dp, rows, kw, i0, j0, whole, q_len, kv_len, causal, window, scale_log2, softcap, g, t)
             pb(dOs, s, acc, dv_w, fa, fa_s, fb, fb_s, g, t, scratch)    # dV_w += P^T dO
             pb(Qs, dp, acc, dk_w, fa, fa_s, fb, fb_s, g, t, scratch)    # dK_w += dS^T Q
         store_kv(dk, dv, dk_w, dv_w, b, hk, j0 + kw, kv_len, scale, g, t)
@@ -127,18 +131,18 @@ def make_dkdv_v3(head_dim, block_m, block_n, threads):
 
 
 @functools.lru_cache(maxsize=None)
-def make_dq_v3(head_dim, block_m, block_n, threads):
-    """block_m query rows per block (16 per warp), key tiles of block_n keys."""
+def make_dq_v3(head_dim, block_m, block_n, threads, capped=False):
+    """block_m query rows per block (16 per warp), key tiles of block_n keys; capped: as make_dkdv_v3."""
     D, BM, BN, NT = head_dim, block_m, block_n, threads
     W, KD, NK, NO, NL = layout(BM, BN, NT, D)
     DP, SCRATCH = D + 4, mma_scratch_shape(NT, max(NK, NO))
     FB, NS = max(NK, NO), max(NL, BM * D // NT)    # B fragments of a k-step; elements staged per thread
     stage_rows, stage_pair = _make_stage(BM, D, NT), _make_stage(BN, D, NT)
     abt, pb = _make_abt(KD, NK), _make_pb(NK, NO)
-    probs, store_q = _make_probs(NK, False), _make_store_dq(NO)
+    probs, store_q = _make_probs(NK, False, capped), _make_store_dq(NO)
 
     @kernel
-    def attention_backward_dq_v3(q, k, v, dout, lse, delta, dq, scale_log2, scale, causal):
+    def attention_backward_dq_v3(q, k, v, dout, lse, delta, dq, scale_log2, scale, causal, window, softcap):
         # grid (query blocks, query heads, batch)
         b, h, hk, q_len = prefill_block(q, k)
         kv_len = k.shape[2]
@@ -163,15 +167,15 @@ def make_dq_v3(head_dim, block_m, block_n, threads):
         stage_rows(q, dout, b, h, i0, q_len, tid, staged, Qs, dOs)
         _stage_row_refs(lse, delta, b, h, i0, q_len, tid, BM, rows)
         _zero(dq_w, NO)
-        kv_begin, kv_end = visible_keys(i0, BM, q_len, kv_len, causal, kv_len)
+        kv_begin, kv_end = visible_keys(i0, BM, q_len, kv_len, causal, window)
         for j0 in range(kv_begin, kv_end, BN):
             cuda.syncthreads()                      # every warp is done with the previous key tile
             stage_pair(k, v, b, hk, j0, kv_len, tid, staged, Ks, Vs)
             cuda.syncthreads()
             abt(Qs, qw, Ks, s, fa, fa_s, fb, fb_s, g, t, scratch)       # S
             abt(dOs, qw, Vs, dp, fa, fa_s, fb, fb_s, g, t, scratch)     # dP
-            whole = tile_is_whole(j0, BN, i0, BM, q_len, kv_len, causal, kv_len)
-            probs(s, dp, rows, qw, i0, j0, whole, q_len, kv_len, causal, scale_log2, g, t)
+            whole = tile_is_whole(j0, BN, i0, BM, q_len, kv_len, causal, window)
+            probs(s, dp, rows, qw, i0, j0, whole, q_len, kv_len, causal, window, scale_log2, softcap, g, t)
             pb(Ks, dp, acc, dq_w, fa, fa_s, fb, fb_s, g, t, scratch)    # dQ_w += dS K
         store_q(dq, dq_w, b, h, i0 + qw, q_len, scale, g, t)
 
@@ -269,24 +273,26 @@ def _make_pb(NS, NO):
     return pb
 
 
-def _make_probs(NS, KEYS_ARE_ROWS):
+def _make_probs(NS, KEYS_ARE_ROWS, capped):
+    p_ds = make_p_ds(capped)
+
     @device
-    def probs(s, dp, rows, r0, i0, j0, whole, q_len, kv_len, causal, scale_log2, g, t):
-        """s <- P = exp2(s scale log2 e - ref), dp <- dS = P (dP - D), 0 where the key is not visible to the query.
-        Element e of block n is row r0 + g + 8 (e >> 1), column 8 n + 2 t + (e & 1) of the tile; the rows are keys
-        and the columns queries (dkdv: KEYS_ARE_ROWS) or the other way round (dq); rows[0, .], rows[1, .]: the
-        tile's query rows' references and D. whole: every key of the tile is visible to every row (no mask)."""
+    def probs(s, dp, rows, r0, i0, j0, whole, q_len, kv_len, causal, window, scale_log2, softcap, g, t):
+        """s <- P, dp <- dS (backward_prep.make_p_ds: the soft cap and its slope too), 0 where the key is not
+        visible to the query. Element e of block n is row r0 + g + 8 (e >> 1), column 8 n + 2 t + (e & 1) of the
+        tile; the rows are keys and the columns queries (dkdv: KEYS_ARE_ROWS) or the other way round (dq); rows[0, .],
+        rows[1, .]: the tile's query rows' references and D. whole: every key of the tile is visible to every row."""
         for n in range(NS):
             for e in range(4):
                 r, c = r0 + g + 8 * (e >> 1), n * 8 + 2 * t + (e & 1)
                 iq, jk = (c, r) if KEYS_ARE_ROWS else (r, c)
-                p = math.exp2(s[n, e] * scale_log2 - rows[0, iq])
+                p, ds = p_ds(s[n, e], dp[n, e], rows[0, iq], rows[1, iq], scale_log2, softcap)
                 if not whole:
-                    first, end = visible_keys(i0 + iq, 1, q_len, kv_len, causal, kv_len)
+                    first, end = visible_keys(i0 + iq, 1, q_len, kv_len, causal, window)
                     if not first <= j0 + jk < end:
-                        p = float32(0.0)
+                        p, ds = float32(0.0), float32(0.0)
                 s[n, e] = p
-                dp[n, e] = p * (dp[n, e] - rows[1, iq])
+                dp[n, e] = ds
     return probs
 
 

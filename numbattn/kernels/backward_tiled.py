@@ -11,6 +11,7 @@ where D = rowsum(dO ∘ O) comes from kernels/backward_prep.py. Two kernels, eac
               registers) and walks over every query tile of BM rows that sees any of them, staging Q, dO, the rows'
               P references and D in shared memory. For each visible query row i of the tile, thread j computes
                   s = q_i . k_j,  p = exp2(s * scale log2 e - ref_i),  dp = dO_i . v_j,  ds = p (dp - D_i)
+                  (backward_prep.make_p_ds: with a soft cap, p from the capped score and ds times the cap's slope)
                   dv_j += p dO_i,  dk_j += ds q_i
               and at the end adds dk_j * scale and dv_j into dK, dV with atomics: the query heads of a KV head
               (grouped-query attention) run as different blocks and sum into the same rows.
@@ -20,32 +21,36 @@ where D = rowsum(dO ∘ O) comes from kernels/backward_prep.py. Two kernels, eac
               dQ by a second pass rather than atomics from dkdv: each query row is one thread's, so the sum over
               keys stays in registers, in a fixed order (kernels/backward_mma.py says why this scheme).
 
-Which (query, key) pairs are visible is decided where the forward decides it (common.visible_keys): a query tile
-whose keys miss the block's keys entirely is skipped (for causal attention, every tile above the diagonal).
+Which (query, key) pairs are visible is decided where the forward decides it (common.visible_keys, with the sliding
+window): a query tile whose keys miss the block's keys entirely is skipped (for causal attention, every tile above
+the diagonal; with a window, every tile whose windows end before the block's first key), and dq walks only the key
+tiles its rows' windows reach, as the forward does.
 
 Memory traffic per (batch, query head): dkdv reads K and V once and Q, dO once per key tile (halved for causal),
 writes dK, dV once (atomically); dq reads Q, dO once and K, V once per query tile, writes dQ once. Nothing of
 size q_len x kv_len is ever stored. Shared memory: 2 BM (D + 1) + 2 BM words (dkdv), 2 BN D words (dq).
-# q, dout [B, H, Lq, D], k, v [B, Hkv, Lk, D], lse, delta [B, H, Lq] -> dq [B, H, Lq, D], dk, dv [B, Hkv, Lk, D]
+# q, dout [B, H, Lq, D], k, v [B, Hkv, Lk, D], lse, delta [B, H, Lq], window, softcap -> dq [B, H, Lq, D],
+# dk, dv [B, Hkv, Lk, D]
 """
 import functools
-import math
 
 from numba import cuda, float32
 
-from .backward_prep import p_reference
+from .backward_prep import make_p_ds, p_reference
 from .common import device, kernel, prefill_block, visible_keys
 from .prefill_tiled import _make_v1_loads
 
 
 @functools.lru_cache(maxsize=None)
-def make_dkdv_v1(head_dim, block_m, block_n):
+def make_dkdv_v1(head_dim, block_m, block_n, capped=False):
+    """capped: scores are soft-capped (a compile-time choice, as in the forward)."""
     D, BM, BN = head_dim, block_m, block_n
     DP = D + 1                                  # padded rows: thread t reading row t hits bank t (the Q load)
     load_rows = _make_load_rows(D, BM, BN)
+    p_ds = make_p_ds(capped)
 
     @kernel
-    def attention_backward_dkdv_v1(q, k, v, dout, lse, delta, dk, dv, scale_log2, scale, causal):
+    def attention_backward_dkdv_v1(q, k, v, dout, lse, delta, dk, dv, scale_log2, scale, causal, window, softcap):
         # grid (key tiles, query heads, batch); one thread per key
         b, h, hk, q_len = prefill_block(q, k)
         kv_len = k.shape[2]
@@ -63,21 +68,20 @@ def make_dkdv_v1(head_dim, block_m, block_n):
             kv[1, d] = float32(v[b, hk, j, d]) if j < kv_len else float32(0.0)
             g[0, d], g[1, d] = 0.0, 0.0
         for i0 in range(0, q_len, BM):
-            first, end = visible_keys(i0, BM, q_len, kv_len, causal, kv_len)     # the keys this query tile sees
+            first, end = visible_keys(i0, BM, q_len, kv_len, causal, window)     # the keys this query tile sees
             if end <= j0 or j0 + BN <= first:
                 continue                        # none of this block's keys: skipped (the same for every thread)
             cuda.syncthreads()                  # everyone is done with the previous query tile
             load_rows(q, dout, lse, delta, b, h, i0, q_len, t, Qs, dOs, refs, Ds)
             cuda.syncthreads()
             for ii in range(BM):
-                first, end = visible_keys(i0 + ii, 1, q_len, kv_len, causal, kv_len)
+                first, end = visible_keys(i0 + ii, 1, q_len, kv_len, causal, window)
                 if i0 + ii < q_len and first <= j < end:
                     s, dp = float32(0.0), float32(0.0)
                     for d in range(D):
                         s += Qs[ii, d] * kv[0, d]
                         dp += dOs[ii, d] * kv[1, d]
-                    p = math.exp2(s * scale_log2 - refs[ii])
-                    ds = p * (dp - Ds[ii])
+                    p, ds = p_ds(s, dp, refs[ii], Ds[ii], scale_log2, softcap)
                     for d in range(D):
                         g[1, d] += p * dOs[ii, d]
                         g[0, d] += ds * Qs[ii, d]
@@ -90,12 +94,13 @@ def make_dkdv_v1(head_dim, block_m, block_n):
 
 
 @functools.lru_cache(maxsize=None)
-def make_dq_v1(head_dim, block_m, block_n):
+def make_dq_v1(head_dim, block_m, block_n, capped=False):
     D, BM, BN = head_dim, block_m, block_n
     _, load_kv, _ = _make_v1_loads(D, BM, BN, False)      # prefill v1's K/V tile load: BM threads stage BN keys
+    p_ds = make_p_ds(capped)
 
     @kernel
-    def attention_backward_dq_v1(q, k, v, dout, lse, delta, dq, scale_log2, scale, causal):
+    def attention_backward_dq_v1(q, k, v, dout, lse, delta, dq, scale_log2, scale, causal, window, softcap):
         # grid (query tiles, query heads, batch); one thread per query row
         b, h, hk, q_len = prefill_block(q, k)
         kv_len = k.shape[2]
@@ -112,19 +117,19 @@ def make_dq_v1(head_dim, block_m, block_n):
             r[2, d] = 0.0
         ref = p_reference(lse[b, h, i]) if inside else float32(0.0)
         D_i = delta[b, h, i] if inside else float32(0.0)
-        kv_begin, kv_end = visible_keys(i0, BM, q_len, kv_len, causal, kv_len)    # the block's rows, together
+        kv_begin, kv_end = visible_keys(i0, BM, q_len, kv_len, causal, window)    # the block's rows, together
         for j0 in range(kv_begin, kv_end, BN):
             cuda.syncthreads()
             load_kv(k, v, b, hk, j0, kv_len, t, Ks, Vs)
             cuda.syncthreads()
-            first, end = visible_keys(i, 1, q_len, kv_len, causal, kv_len)          # this row's keys
+            first, end = visible_keys(i, 1, q_len, kv_len, causal, window)          # this row's keys
             for jj in range(BN):
                 if inside and first <= j0 + jj < end:
                     s, dp = float32(0.0), float32(0.0)
                     for d in range(D):
                         s += r[0, d] * Ks[jj, d]
                         dp += r[1, d] * Vs[jj, d]
-                    ds = math.exp2(s * scale_log2 - ref) * (dp - D_i)
+                    _, ds = p_ds(s, dp, ref, D_i, scale_log2, softcap)
                     for d in range(D):
                         r[2, d] += ds * Ks[jj, d]
         if inside:
