@@ -20,9 +20,9 @@ The layout is the forward's, transposed where the stationary side is the keys: l
 holds rows g and g + 8 of each C fragment and columns 2t, 2t + 1 of each 8-column block. In the products with P
 (or dS) as the A operand, the k index of each 8-block runs permuted (k = t <-> column 2t, k = t + 4 <-> 2t + 1), so
 the C fragment is the A fragment reordered in registers (c0, c2, c1, c3) and P never goes through shared memory
-(prefill v3's pv explains it). Each tile's dV, dK (dQ) product is summed from zero in the MMAs and added to the
-fp32 accumulators in SIMT arithmetic, as prefill v3 does for O: the tensor cores' accumulation over thousands of
-query rows would round less carefully.
+(kernels/mma.py's make_fragments_times_rows, the product prefill v3's P V runs too). Each tile's dV, dK (dQ)
+product is summed from zero in the MMAs and added to the fp32 accumulators in SIMT arithmetic, as prefill v3 does
+for O: the tensor cores' accumulation over thousands of query rows would round less carefully.
 
 dQ: a separate pass (dq_v3), not atomics from dkdv. Both are FlashAttention-2's options (the paper adds dQ with
 atomics; Triton's fused-attention tutorial runs a second loop). Atomics would need dS^T transposed through shared
@@ -51,7 +51,7 @@ from numba import cuda, float32
 
 from .backward_prep import make_p_ds, p_reference
 from .common import device, kernel, prefill_block, tile_is_whole, visible_keys
-from .mma import make_mma_3xtf32_n, mma_scratch_shape, tf32_split
+from .mma import make_fragments_times_rows, make_mma_3xtf32_n, mma_scratch_shape, tf32_split
 
 
 def layout(stationary_rows, tile_rows, threads, head_dim):
@@ -247,26 +247,14 @@ def _make_abt(KD, NS):
 
 
 def _make_pb(NS, NO):
-    mma_n = make_mma_3xtf32_n(NO)
+    product = make_fragments_times_rows(NS, NO)
 
     @device
     def pb(Bs, p, acc, into, fa, fa_s, fb, fb_s, g, t, scratch):
-        """into [NO, 4] += P B: P [16, 8 NS] the warp's C fragments p [NS, 4], B = rows 0 .. 8 NS - 1 of Bs [rows, D].
-        As prefill v3's pv (whose algorithm this is, without the rescale): the k index of each 8-block runs permuted
-        (k = t <-> row 2t of B, k = t + 4 <-> row 2t + 1), so P's A fragment is p's C fragment reordered, (c0, c2,
-        c1, c3); b0, b1 = B[2t][g], B[2t + 1][g]. Summed from zero in acc by the MMAs, added to `into` in fp32."""
-        for c in range(NO):
-            for e in range(4):
-                acc[c, e] = 0.0
-        for n in range(NS):
-            fa[0, 0], fa_s[0, 0] = tf32_split(p[n, 0])
-            fa[0, 1], fa_s[0, 1] = tf32_split(p[n, 2])
-            fa[0, 2], fa_s[0, 2] = tf32_split(p[n, 1])
-            fa[0, 3], fa_s[0, 3] = tf32_split(p[n, 3])
-            for c in range(NO):
-                fb[c, 0], fb_s[c, 0] = tf32_split(Bs[n * 8 + 2 * t, c * 8 + g])
-                fb[c, 1], fb_s[c, 1] = tf32_split(Bs[n * 8 + 2 * t + 1, c * 8 + g])
-            mma_n(fa, fa_s, 0, fb, fb_s, acc, scratch)
+        """into [NO, 4] += P B: P [16, 8 NS] the warp's C fragments p [NS, 4], B = rows 0 .. 8 NS - 1 of Bs [rows, D]
+        (kernels/mma.py's make_fragments_times_rows, prefill v3's P V): summed from zero in acc by the MMAs, added to
+        `into` in fp32."""
+        product(Bs, p, 0, acc, fa, fa_s, fb, fb_s, g, t, scratch)
         for c in range(NO):
             for e in range(4):
                 into[c, e] += acc[c, e]

@@ -105,7 +105,7 @@ from numba import cuda, float32
 
 from .common import (NEG_INF, device, kernel, make_cap, make_group_reduce, make_slot_of, prefill_block,
                      reduce_scratch_shape, tile_is_whole, visible_keys)
-from .mma import make_mma_3xtf32_n, mma_scratch_shape, tf32_split
+from .mma import make_fragments_times_rows, make_mma_3xtf32_n, mma_scratch_shape, tf32_split
 from .softmax import finish, lse, rescale
 
 
@@ -335,28 +335,17 @@ def _make_softmax_step(NS, group_max):
 
 
 def _make_pv(NS, NO):
-    mma_n = make_mma_3xtf32_n(NO)
+    product = make_fragments_times_rows(NS, NO)
 
     @device
     def pv(Vs, s, o, acc, pb, ps, vb, vs, alpha, g, t, d0, scratch):
-        """o = o * alpha + P V over this warp's dims d0 .. d0 + 8 NO. The k index runs over each 8-key block
-        permuted (k = t <-> key 2t, k = t + 4 <-> key 2t + 1), so P's A fragment is S's C fragment reordered in
-        registers: (c0, c2, c1, c3); b0, b1 = V[2t][g], V[2t+1][g]. P V is summed over the tile in acc, from zero,
-        and added to o in fp32 (round to nearest): the tensor cores' own accumulation rounds less carefully, and
-        over thousands of keys in one accumulator its error grew past 1e-5 (3.6e-5 at n = 4096, non-causal, on an
-        H100). pb, ps [1, 4]: one key block's P fragment, split; vb, vs [NO, 2]: its V fragments, split."""
-        for c in range(NO):
-            for e in range(4):
-                acc[c, e] = 0.0
-        for n in range(NS):
-            pb[0, 0], ps[0, 0] = tf32_split(s[n, 0])
-            pb[0, 1], ps[0, 1] = tf32_split(s[n, 2])
-            pb[0, 2], ps[0, 2] = tf32_split(s[n, 1])
-            pb[0, 3], ps[0, 3] = tf32_split(s[n, 3])
-            for c in range(NO):
-                vb[c, 0], vs[c, 0] = tf32_split(Vs[n * 8 + 2 * t, d0 + c * 8 + g])
-                vb[c, 1], vs[c, 1] = tf32_split(Vs[n * 8 + 2 * t + 1, d0 + c * 8 + g])
-            mma_n(pb, ps, 0, vb, vs, acc, scratch)
+        """o = o * alpha + P V over this warp's dims d0 .. d0 + 8 NO, P being S's C fragments (kernels/mma.py's
+        make_fragments_times_rows: the k index permuted so that P's A fragment is its C fragment reordered). P V is
+        summed over the tile in acc, from zero, and added to o in fp32 (round to nearest): the tensor cores' own
+        accumulation rounds less carefully, and over thousands of keys in one accumulator its error grew past 1e-5
+        (3.6e-5 at n = 4096, non-causal, on an H100). pb, ps [1, 4]: one key block's P fragment, split; vb, vs
+        [NO, 2]: its V fragments, split."""
+        product(Vs, s, d0, acc, pb, ps, vb, vs, g, t, scratch)
         for c in range(NO):
             for e in range(4):
                 o[c, e] = o[c, e] * alpha[e >> 1] + acc[c, e]
