@@ -70,7 +70,9 @@ def gpu_tiles(version, head_dim):
     head_dim <= 64: four warps own 64 keys (dkdv) or 64 query rows (dq) and stream tiles of 16 rows of the other
     side; chosen by ptxas's registers and spills (tools/compile_check.py, 2026-12: dkdv 255 registers and 48 bytes
     of stack, dq 248 and none; two warps with tiles of 32 spilled 864 and 608 bytes), not yet by a sweep on a GPU.
-    head_dim 128: one warp a block (the accumulators alone are 192 registers a lane; it spills)."""
+    (With the window and soft-cap arguments, sm_90: dkdv 255 and no stack, dq 236; compiled with the cap, dkdv has
+    an 8-byte stack frame.) head_dim 128: one warp a block (the accumulators alone are 192 registers a lane; it
+    spills: 1312 and 976-byte stack frames); head_dim 256 the same tiles, 66 KB of shared memory (v3_runs_here)."""
     if version == "v1":
         return BackwardTiles(Tiles(32, 64, 64), Tiles(64, 32, 64)) if head_dim <= 64 else \
             BackwardTiles(Tiles(16, 32, 32), Tiles(32, 16, 32))
@@ -111,7 +113,7 @@ def launch(q, k, v, out, lse, dout, grads, causal, scale, version=DEFAULT_VERSIO
     window, softcap: as the forward's (None: none). Returns grads."""
     batch, n_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
-    if version == "v3" and not SIM and not gpu.has_tf32_mma():
+    if version == "v3" and not SIM and not v3_runs_here(head_dim):
         version, tiles = "v1", None
     tiles = tiles or default_tiles(version, "cuda", head_dim)
     dkdv, dq_kernel = make_kernels(version, head_dim, tiles, softcap is not None)
@@ -129,6 +131,19 @@ def launch(q, k, v, out, lse, dout, grads, causal, scale, version=DEFAULT_VERSIO
     dkdv[((kv_len + a.block_n - 1) // a.block_n, n_heads, batch), a.threads](*args, dk, dv, *scalars)
     dq_kernel[((q_len + c.block_m - 1) // c.block_m, n_heads, batch), c.threads](*args, dq, *scalars)
     return grads
+
+
+def v3_runs_here(head_dim):
+    """v3 needs TF32 tensor cores, and at head_dim > 128 more than the 48 KB of static shared memory CUDA documents per
+    block (its K, V, Q and dO tiles of 256-dim rows: 66 KB at the GPU tiles, 49 KB at the smallest its layout allows);
+    sm_90 with the probe of gpu.static_shared_over_48k has that. Otherwise launch runs v1 (logged once here)."""
+    if not gpu.has_tf32_mma():
+        return False
+    if head_dim > 128 and not (gpu.compute_capability() >= (9, 0) and gpu.static_shared_over_48k()):
+        _backend.log.info("numbattn: backward v3 at head_dim %d needs more than 48 KB of static shared memory: "
+                          "running v1", head_dim)
+        return False
+    return True
 
 
 def default_tiles(version, backend, head_dim):

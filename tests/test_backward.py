@@ -194,6 +194,14 @@ def test_soft_capped_scores_of_large_magnitude(version):
     check(q, k, v, dout, causal=False, version=version, softcap=2.0, floor=0.0)
 
 
+@pytest.mark.parametrize("version", backward.VERSIONS)
+def test_head_dim_256_with_a_window_and_a_soft_cap(version):
+    """Gemma 2's head_dim 256 with its window and cap (small), 2 query heads on 1 KV head: 32 output blocks a lane in
+    v3's fragments, 256-dim rows in v1's registers."""
+    rng = np.random.default_rng(25)
+    check(*rand_qkv(rng, 1, 2, 1, 5, 7, 256, magnitude=2.0), causal=True, version=version, window=3, softcap=5.0)
+
+
 @pytest.mark.skipif(KERNEL != "sim", reason="counting reads needs the simulator (numbattn.lab.tracing)")
 def test_windowed_backward_skips_the_tiles_outside_every_window():
     """The window skips tiles in the backward as in the forward (common.visible_keys), counted in the simulator on
@@ -324,10 +332,11 @@ def test_gpu_realistic_shapes(version, batch, n, d, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", backward.VERSIONS)
 @pytest.mark.parametrize("n,d,window,softcap", [(4096, 64, 1024, None), (2048, 64, None, 30.0),
-                                                (2048, 128, 512, 50.0)])
+                                                (2048, 128, 512, 50.0), (1024, 256, 256, 50.0)])
 def test_gpu_windows_and_soft_caps(version, n, d, window, softcap):
     """Mistral-style windows and Gemma-style soft caps at realistic sizes, 32 / 4 heads, scores large enough that the
-    cap bites (q scaled by 4); out and lse from the kernels' own windowed, capped forward."""
+    cap bites (q scaled by 4); out and lse from the kernels' own windowed, capped forward. Head_dim 256 (Gemma 2):
+    v3 where more than 48 KB of static shared memory is allowed, else v1 (backward.v3_runs_here)."""
     rng = np.random.default_rng(n + d + (window or 0))
     q, k, v, dout = rand_qkv(rng, 1, 32, 4, n, n, d, magnitude=4.0)
     out, lse = numbattn.attention(q, k, v, causal=True, backend=KERNEL, return_lse=True, window=window,

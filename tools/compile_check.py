@@ -148,7 +148,7 @@ def paged_kernels():
 def backward_kernels(cc):
     """The attention backward (numbattn/backward.py) at its GPU launch shapes, plain and compiled with a soft cap
     ("capped"), and the forwards that keep lse."""
-    for d in (16, 32, 64, 128):
+    for d in (16, 32, 64, 128, 256):
         for version in prefill.LSE_VERSIONS:
             t = prefill.gpu_tiles(version, d, cc=cc)
             split = f" split{t.dim_split}" if t.dim_split > 1 else ""
@@ -157,7 +157,7 @@ def backward_kernels(cc):
                    [arr(f32, 4)] * 4 + PREFILL_SCALARS + [arr(f32, 3)])
         for version in backward.VERSIONS:
             tiles = backward.gpu_tiles(version, d)
-            for capped in (False, True) if d in (64, 128) else (False,):
+            for capped in (False, True) if d in (64, 128, 256) else (False,):
                 kernels_ = backward.make_kernels(version, d, tiles, capped)
                 for name, kernel, t in zip(("dkdv", "dq"), kernels_, (tiles.dkdv, tiles.dq)):
                     grads = [arr(f32, 4)] * (2 if name == "dkdv" else 1)
