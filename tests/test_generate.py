@@ -218,6 +218,9 @@ class LogitsTurnNaN:
     def __init__(self, after):
         self.after, self.calls, self.cached_ids = after, 0, []
 
+    def reusable(self, n):
+        return n
+
     def forward(self, ids, start_pos=0, last_only=False):
         self.calls += 1
         logits = np.zeros((1, ids.shape[1], 10), np.float32)

@@ -42,6 +42,8 @@ def want(x, w64, epilogue, out_init, norm=None, eps=1e-5):
     y = reference.linear(x, w64)
     if epilogue == "swiglu":
         return reference.swiglu_interleaved(y)
+    if epilogue == "geglu":
+        return reference.geglu_interleaved(y)
     return y + out_init if epilogue == "residual" else y
 
 

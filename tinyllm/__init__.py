@@ -1,4 +1,5 @@
-"""tinyllm: TinyLlama in NumPy, or whole on the GPU as numbattn kernels. No torch anywhere.
+"""tinyllm: TinyLlama (and Llama 3, Mistral, Qwen2/3, Gemma 2/3) in NumPy, or whole on the GPU as numbattn kernels.
+No torch anywhere.
 
     from tinyllm import load_model
     model = load_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")   # or a local directory, a .gguf file, "smollm2"
@@ -9,10 +10,11 @@ The package, in the order a token flows through it:
     hub.py        find the files: a directory, a .gguf, the Hugging Face cache, or a download (Hub or pip)
     errors.py     ConfigError, WeightsError, TokenizerError; size-capped JSON reads, values cut in messages
     config.py     config.json -> LlamaConfig (refuses models we do not implement)
+    architecture.py  what a family changes (norms, biases, GeGLU, windows, RoPE tables, caps), made once
     weights.py    safetensors on np.memmap, bf16 -> fp32, every tensor checked against the config
     gguf.py       llama.cpp's GGUF files: the same checkpoint interface, dequantized to fp32, and a tokenizer
     tokenizer.py  tokenizer.json + the chat template; streaming detokenisation
-    model.py      the forward pass: RMSNorm, RoPE, GQA attention on numbattn, SwiGLU
+    model.py      the forward pass: RMSNorm, RoPE, GQA attention on numbattn, SwiGLU (and each family's switches)
     engines/      what runs it: NumPy (the reference, the CPU), or the GPU (weights resident, numbattn kernels)
     generate.py   sampling (greedy, temperature, top-k, top-p, repetition penalty) and the decode loop
     threads.py    how many BLAS threads the NumPy engine's matmuls get: one per core others leave idle
@@ -36,7 +38,7 @@ from .gguf import GGUFCheckpoint, gguf_stop_ids, is_gguf
 from .hub import MODEL_ID, SMOLLM2, HubError, resolve_model
 from .model import Llama, context_size
 from .tiny import make_tiny
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer, end_of_turn_ids
 from .weights import Checkpoint, check_checkpoint, load_weights
 
 log = logging.getLogger("tinyllm")
@@ -73,6 +75,7 @@ def open_model_files(model=MODEL_ID, download=True):
                           f"{config.vocab_size}: they do not belong together")
     if tokenizer.eos_id is not None:
         stop_ids.add(tokenizer.eos_id)
+    stop_ids |= {i for i in end_of_turn_ids(tokenizer) if i < config.vocab_size}
     check_checkpoint(checkpoint, config, checkpoint.config_source)
     return ModelFiles(source, config, tokenizer, checkpoint, stop_ids)
 

@@ -228,7 +228,7 @@ def _prefill_and_decode(model, prompt, budget, max_new_tokens, sampler, on_token
     """The loop of generate(), filling result (ids and stats) as it goes."""
     stats, generated, n_prompt = result.stats, result.ids, len(prompt)
     # Prefill: skip what the cache already holds, but always recompute the last prompt token's logits.
-    reused = min(common_prefix_length(prompt, model.cached_ids), n_prompt - 1)
+    reused = model.reusable(min(common_prefix_length(prompt, model.cached_ids), n_prompt - 1))
     stats.reused_tokens, stats.prefill_tokens = reused, n_prompt - reused
     t0 = time.perf_counter()
     try:

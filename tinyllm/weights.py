@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .architecture import describe
 from .errors import WeightsError, clip, read_json, shown
 
 log = logging.getLogger("tinyllm")
@@ -308,24 +309,40 @@ class Checkpoint:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Llama: the tensors a config implies, checked, converted and laid out for x @ W
+# The model: the tensors a config implies, checked, converted and laid out for x @ W
 # --------------------------------------------------------------------------------------------------------
+NORMS = ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "q_norm", "k_norm")   # 1-D RMSNorm weights
+
+
 def layer_tensors(config):
-    """LayerWeights field -> (Hugging Face name within a layer, shape in the checkpoint), for one block.
-    Linear weights are stored [out_features, in_features] (torch's nn.Linear layout); norms are 1-D."""
+    """LayerWeights field -> (Hugging Face name within a layer, shape in the checkpoint), for one block of this
+    config's family (tinyllm/architecture.py). Linear weights are stored [out_features, in_features] (torch's
+    nn.Linear layout); norms and biases are 1-D. Gemma's names shift: its post_attention_layernorm is the norm
+    after attention (Llama's is the one before the MLP, which Gemma calls pre_feedforward_layernorm)."""
+    arch = describe(config)
     dim, hd, ffn = config.hidden_size, config.head_dim, config.intermediate_size
     q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    return {
+    tensors = {
         "attn_norm": ("input_layernorm.weight", (dim,)),
         "wq": ("self_attn.q_proj.weight", (q_dim, dim)),
         "wk": ("self_attn.k_proj.weight", (kv_dim, dim)),
         "wv": ("self_attn.v_proj.weight", (kv_dim, dim)),
         "wo": ("self_attn.o_proj.weight", (dim, q_dim)),
-        "ffn_norm": ("post_attention_layernorm.weight", (dim,)),
+        "ffn_norm": ("pre_feedforward_layernorm.weight" if arch.sandwich_norms else "post_attention_layernorm.weight",
+                     (dim,)),
         "w_gate": ("mlp.gate_proj.weight", (ffn, dim)),
         "w_up": ("mlp.up_proj.weight", (ffn, dim)),
         "w_down": ("mlp.down_proj.weight", (dim, ffn)),
     }
+    if arch.qkv_bias:
+        tensors.update(bq=("self_attn.q_proj.bias", (q_dim,)), bk=("self_attn.k_proj.bias", (kv_dim,)),
+                       bv=("self_attn.v_proj.bias", (kv_dim,)))
+    if arch.qk_norm:
+        tensors.update(q_norm=("self_attn.q_norm.weight", (hd,)), k_norm=("self_attn.k_norm.weight", (hd,)))
+    if arch.sandwich_norms:
+        tensors.update(post_attn_norm=("post_attention_layernorm.weight", (dim,)),
+                       post_ffn_norm=("post_feedforward_layernorm.weight", (dim,)))
+    return tensors
 
 
 def expected_shapes(config):
@@ -376,16 +393,24 @@ def check_finite(x, name, ckpt):
 
 @dataclass
 class LayerWeights:
-    """One transformer block. Matrices are [in, out] so a layer is `x @ W` on contiguous memory."""
+    """One transformer block. Matrices are [in, out] so a layer is `x @ W` on contiguous memory; norms hold the
+    factor RMSNorm applies (Gemma's 1 + w, folded in at load). What a family lacks is None."""
     attn_norm: np.ndarray   # [dim]
     wq: np.ndarray          # [dim, n_heads * head_dim]
     wk: np.ndarray          # [dim, n_kv_heads * head_dim]
     wv: np.ndarray          # [dim, n_kv_heads * head_dim]
     wo: np.ndarray          # [n_heads * head_dim, dim]
-    ffn_norm: np.ndarray    # [dim]
+    ffn_norm: np.ndarray    # [dim]                   the norm before the MLP
     w_gate: np.ndarray      # [dim, ffn]
     w_up: np.ndarray        # [dim, ffn]
     w_down: np.ndarray      # [ffn, dim]
+    bq: np.ndarray = None   # [n_heads * head_dim]    q/k/v biases (Qwen2)
+    bk: np.ndarray = None   # [n_kv_heads * head_dim]
+    bv: np.ndarray = None   # [n_kv_heads * head_dim]
+    q_norm: np.ndarray = None          # [head_dim]   RMSNorm of each q head and k head (Qwen3, Gemma 3)
+    k_norm: np.ndarray = None          # [head_dim]
+    post_attn_norm: np.ndarray = None  # [dim]        norms of the attention's and the MLP's outputs (Gemma)
+    post_ffn_norm: np.ndarray = None   # [dim]
 
 
 @dataclass
@@ -393,39 +418,41 @@ class LlamaWeights:
     embed: np.ndarray       # [vocab, dim]   row i is token i's embedding
     layers: list            # [LayerWeights] * n_layers
     norm: np.ndarray        # [dim]
-    lm_head: np.ndarray     # [dim, vocab]   (embed.T when the embeddings are tied)
+    lm_head: np.ndarray     # [dim, vocab]   (embed.T, a view, when the embeddings are tied)
 
 
 def load_weights(source, config, progress=None):
-    """Read, check and convert a Llama checkpoint to fp32 -> LlamaWeights.
+    """Read, check and convert a checkpoint to fp32 -> LlamaWeights.
 
     source: a model directory (safetensors) or an already opened checkpoint with the same interface as
     Checkpoint (shapes, get, file_of), e.g. a GGUF file's. progress(i, n, name) is called before each tensor
     is converted (n = number of tensors), so a CLI can draw a bar: converting 1.1B bf16 parameters takes a
-    few seconds.
+    few seconds. Norm weights come out as the factor RMSNorm applies: norm_offset + w (Gemma: 1 + w).
     """
     if hasattr(source, "shapes"):        # an opened checkpoint: it may say where its config came from
         ckpt, config_source = source, getattr(source, "config_source", "the config")
     else:
         ckpt, config_source = Checkpoint(source), str(Path(source) / "config.json")
     check_checkpoint(ckpt, config, source=config_source)
-    names = list(expected_shapes(config))
+    names, offset = list(expected_shapes(config)), np.float32(describe(config).norm_offset)
     done = iter(range(len(names)))
 
-    def tensor(name, linear=True):
+    def tensor(name, linear=True, norm=False):
         i = next(done)
         if progress is not None:
             progress(i, len(names), name)
         x = ckpt.get(name)
         check_finite(x, name, ckpt)
+        if norm:
+            return x + offset if offset else x
         return np.ascontiguousarray(x.T) if linear and x.ndim == 2 else x   # [out, in] -> [in, out], at load
 
     embed = tensor("model.embed_tokens.weight", linear=False)   # [vocab, dim]: rows are looked up, not multiplied
-    layers = [LayerWeights(**{field: tensor(f"model.layers.{i}.{name}")
+    layers = [LayerWeights(**{field: tensor(f"model.layers.{i}.{name}", norm=field in NORMS)
                               for field, (name, _) in layer_tensors(config).items()})
               for i in range(config.num_hidden_layers)]
-    norm = tensor("model.norm.weight")
-    lm_head = np.ascontiguousarray(embed.T) if config.tie_word_embeddings else tensor("lm_head.weight")
+    norm = tensor("model.norm.weight", norm=True)
+    lm_head = embed.T if config.tie_word_embeddings else tensor("lm_head.weight")   # tied: a view, no second copy
     if progress is not None:
         progress(len(names), len(names), "")
     return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)

@@ -38,8 +38,8 @@ _device = pytypes.SimpleNamespace(compute_capability=(9, 0), id=0)
 numba.cuda.api.get_current_device = numba.cuda.dispatcher.get_current_device = lambda: _device
 
 from numbattn import backward, decode, linear, prefill  # noqa: E402
-from numbattn.kernels import (backward_prep, decode_lanes, decode_naive, decode_paged, decode_slots, gemm_mma,  # noqa: E402
-                              kv_append, paged_append, rowwise)
+from numbattn.kernels import (backward_prep, decode_lanes, decode_naive, decode_paged, decode_slots,  # noqa: E402
+                              families, gemm_mma, kv_append, paged_append, rowwise)
 from numbattn.kernels.prefill_tiled import make_v1  # noqa: E402
 
 f32, f16, i32, i64 = types.float32, types.float16, types.int32, types.int64
@@ -169,7 +169,8 @@ def backward_kernels(cc):
 
 
 def model_kernels():
-    """The GPU engine's kernels (numbattn/kernels/gemv.py, gemm.py, rowwise.py) at TinyLlama's and SmolLM2's sizes."""
+    """The GPU engine's kernels (numbattn/kernels/gemv.py, gemm.py, rowwise.py, families.py) at TinyLlama's and
+    SmolLM2's sizes, and the families' heads."""
     u64 = types.uint64
     for kind in ("bf16", "f32"):
         for k_in in (2048, 5632, 576, 1536):
@@ -196,7 +197,14 @@ def model_kernels():
                 yield (f"gemm_mma {epilogue} {tiles.bm}x{tiles.bn}x{tiles.bk} w{tiles.wm}x{tiles.wn}x{tiles.wk} "
                        f"T{terms}", gemm_mma.make_gemm_mma(epilogue, tiles, terms),
                        [arr(f32, 2), arr(u64, 2), arr(f32, 2)])
-    yield "rms_norm", rowwise.make_rms_norm(), [arr(f32, 2), arr(f32, 1), f32, arr(f32, 2)]
+    for add in (False, True):                                       # add: Gemma's norm of a block's output into x
+        yield f"rms_norm{' add' if add else ''}", rowwise.make_rms_norm(add), [arr(f32, 2), arr(f32, 1), f32,
+                                                                              arr(f32, 2)]
+    for h, hkv, d, bias, norm in ((14, 2, 64, True, False), (16, 8, 128, False, True), (4, 1, 256, False, True)):
+        yield (f"qkv_finish {h}/{hkv} d{d}{' bias' * bias}{' head norm' * norm}",     # Qwen2.5, Qwen3, Gemma 3
+               families.make_qkv_finish(h, hkv, d, bias, norm), [arr(f32, 2)] + [arr(f32, 1)] * 3 + [f32])
+    yield "scale_rows", families.make_scale_rows(), [arr(f32, 2), f32]
+    yield "soft_cap", families.make_soft_cap(), [arr(f32, 2), f32]
     for dt in (f32, f16):
         for h, hkv, d in ((32, 4, 64), (16, 8, 128), (8, 4, 256)):      # TinyLlama's, Qwen3's and Gemma 2's heads
             yield (f"rope_append {h}/{hkv} d{d} {dt} cache", rowwise.make_rope_append(h, hkv, d),

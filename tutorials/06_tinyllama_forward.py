@@ -15,6 +15,8 @@ What you will learn
   and with an independent fp64 implementation written in this lesson from the raw bytes of the checkpoint.
 * A picture of one Llama block and the residual stream it reads and adds to (tutorials/out/06_llama_block.png),
   and what the check says when RoPE pairs the wrong elements.
+* What changes in the other families (Llama 3, Mistral, Qwen2/3, Gemma 2/3): a table of their switches, made
+  from their miniatures, and what a sliding window changes.
 
 Run it: `python tutorials/06_tinyllama_forward.py`, or run the `# %%` cells in VS Code / Jupyter.
 """
@@ -301,6 +303,57 @@ def rope_neighbours(x, positions):
 
 _lesson.breaks("RoPE pairs neighbours (2i, 2i + 1) instead of (i, i + d/2)",
                lambda: check_logits(forward_fp64(ids, rotate=rope_neighbours)))
+
+# %% [markdown]
+# ## Other families: the same block, a few switches
+#
+# Llama 3, Mistral, Qwen2/2.5, Qwen3 and Gemma 2/3 are this block with a few named changes, which tinyllm keeps as
+# data: `tinyllm/architecture.py` makes one description from each config (`model.arch`) and the forward above
+# reads its switches. The table below is made from each family's miniature (`make_tiny(dir, family=...)`, their
+# config.json as transformers writes it):
+#
+# * norm: Gemma's RMSNorm multiplies by (1 + w), and Gemma normalises the attention's and the MLP's outputs too
+#   before adding them to x ("sandwich": four norms per block);
+# * q/k: Qwen2 adds biases to q, k and v; Qwen3 and Gemma 3 RMS-normalise each head of q and k before RoPE;
+# * MLP: Gemma's gate is GELU (tanh form), not SiLU; its embeddings are scaled by sqrt(hidden) and its scores by
+#   query_pre_attn_scalar ** -0.5;
+# * windows: Mistral, Gemma 2 (every other layer) and Gemma 3 (five layers of six) let a token see only itself
+#   and the window - 1 tokens before it; Gemma 3's window layers have their own RoPE base;
+# * RoPE: Llama 3.1/3.2 rescale each pair's frequency (slow pairs by 8 to 32x: a longer context);
+# * caps: Gemma 2 squeezes scores and logits through cap * tanh(x / cap).
+
+# %%
+families = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+family_models = {f: tinyllm.load_model(tinyllm.make_tiny(Path(workdir.name) / f, seed=0, family=f), backend="numpy")
+                 for f in families}
+rows = []
+for f, m in family_models.items():
+    a = m.arch
+    windows = [spec.window for spec in a.layers]
+    rows.append(dict(family=f, norm="x*(1+w)" if a.norm_offset else "x*w", norms=4 if a.sandwich_norms else 2,
+                     qkv_bias="yes" if a.qkv_bias else "-", qk_norm="yes" if a.qk_norm else "-",
+                     mlp="GeGLU" if a.activation == "gelu_tanh" else "SwiGLU", embed_x=f"{a.embed_scale:.3g}",
+                     window=f"{max((w for w in windows if w), default=0)} on {sum(map(bool, windows))}/{len(windows)}",
+                     rope=a.rope_scaling + (" +local" if any(s.rope == "local" for s in a.layers) else ""),
+                     caps=f"{a.attn_softcap}/{a.final_softcap}" if a.attn_softcap else "-"))
+print(bench.format_table(rows, list(rows[0])))
+
+# %% [markdown]
+# What a window does, on Mistral's miniature (windows of 4 tokens on every layer): the same model without its
+# window sees more context. The first 4 positions cannot tell the two apart (nothing is outside a window yet);
+# every later position can. (On Gemma 3 the comparison would also change RoPE: its window layers have their own
+# base.)
+
+# %%
+mistral = family_models["mistral"]
+no_window = tinyllm.load_model(tinyllm.make_tiny(Path(workdir.name) / "mistral-full", seed=0, family="mistral",
+                                                 sliding_window=None), backend="numpy")
+mids = np.array([np.random.default_rng(6).integers(3, 500, 10)])
+windowed, unwindowed = mistral.forward(mids)[0], no_window.forward(mids)[0]
+_lesson.close("positions 0-3: with and without the window", windowed[:4], unwindowed[:4],
+              atol=1e-4 * np.abs(unwindowed).max(), got_label="window 4", want_label="no window")
+print(f"positions 4-9: largest difference {np.abs(windowed[4:] - unwindowed[4:]).max():.2f}")
+assert np.abs(windowed[4:] - unwindowed[4:]).max() > 1e-2
 
 # %% [markdown]
 # ## Benchmark

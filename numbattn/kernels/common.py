@@ -349,6 +349,20 @@ def silu(x):
     return x / (float32(1.0) + math.exp(-x))
 
 
+@device
+def gelu_tanh(x):
+    """GELU with tanh's approximation (Gemma's), 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3),
+    written as x * sigmoid(2u): no tanh, as silu. For x << 0 the exponent is clamped at 80 (the simulator's exp,
+    Python's, raises where float32's would give inf): x / (1 + e^80) is below 1e-30, zero to any tolerance."""
+    u = float32(0.7978845608028654) * (x + float32(0.044715) * x * x * x)
+    return x / (float32(1.0) + math.exp(min(float32(-2.0) * u, float32(80.0))))
+
+
+def gate_of(epilogue):
+    """The activation of a gated epilogue: "swiglu" -> silu, "geglu" -> gelu_tanh (None: not gated)."""
+    return {"swiglu": silu, "geglu": gelu_tanh}.get(epilogue)
+
+
 # --------------------------------------------------------------------------------------------------------
 # The last block to finish
 # --------------------------------------------------------------------------------------------------------

@@ -5,16 +5,16 @@ many FMAs. A BM x BN tile of y per block, K walked in steps of BK: A [BM, BK] an
 memory (k-major, one word of padding), and each thread accumulates a TM x TN register tile with outer products,
 TM + TN shared loads feeding TM * TN FMAs, indices unsigned and the k loop unrolled by four
 (common.make_outer_product: prefill attention v2 does the same for Q K^T). Columns are owned in adjacent pairs
-(2p, 2p+1), so the SwiGLU epilogue sees gate and up side by side (epilogues as in gemv.py).
+(2p, 2p+1), so the SwiGLU and GeGLU epilogues see gate and up side by side (epilogues as in gemv.py).
 Traffic: W read ceil(M / BM) times, A read ceil(N / BN) times, y once.
-# x [M, K] f32, w [N, K/VPW] u64 -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+# x [M, K] f32, w [N, K/VPW] u64 -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
 """
 import functools
 import math
 
 from numba import cuda, float32, uint32
 
-from .common import SIM, WEIGHT_KINDS, device, kernel, make_outer_product, make_weight_unpack, silu
+from .common import SIM, WEIGHT_KINDS, device, gate_of, kernel, make_outer_product, make_weight_unpack
 
 GEMM_TILES = (8, 32, 8, 4) if SIM else (64, 128, 16, 256)     # BM, BN, BK, threads (the H100 sweep's best)
 
@@ -34,7 +34,7 @@ def gemm_layout(BM, BN, BK, threads, VPW):
 def make_gemm(kind, epilogue="none", tiles=GEMM_TILES):
     """GEMM kernel for `kind` weights and an epilogue, tiles (BM, BN, BK, threads).
 
-    # x [M, K] f32, w [N, K/VPW] u64 -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+    # x [M, K] f32, w [N, K/VPW] u64 -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
     Launch: grid (ceil(N / BN), ceil(M / BM)), `threads` threads.
     """
     BM, BN, BK, NT = tiles
@@ -50,7 +50,7 @@ def make_gemm(kind, epilogue="none", tiles=GEMM_TILES):
 
     @kernel
     def gemm(x, w, out):
-        # x [M, K] f32, w [N, K/VPW] u64 -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+        # x [M, K] f32, w [N, K/VPW] u64 -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
         As = cuda.shared.array((BM, BKP), float32)           # row-major, one word of padding per row
         Ws = cuda.shared.array((BK, BNP), float32)           # k-major: a thread's columns are one word apart
         t = cuda.threadIdx.x
@@ -109,6 +109,8 @@ def _make_gemm_loads(BM, BN, BK, NT, VPW, unpack):
 
 
 def _make_gemm_store(TR, TC, TM, TN, epilogue):
+    gate = gate_of(epilogue)
+
     @device
     def store(out, acc, m0, n0, n_tokens, n_rows, rg, cg):
         for i in range(TM):
@@ -116,9 +118,9 @@ def _make_gemm_store(TR, TC, TM, TN, epilogue):
             if m < n_tokens:
                 for p in range(TN // 2):
                     n = n0 + 2 * (cg + TC * p)               # this thread's column pair n, n + 1
-                    if epilogue == "swiglu":
+                    if gate is not None:                     # swiglu, geglu: gate and up side by side
                         if n + 1 < n_rows:
-                            out[m, n // 2] = silu(acc[i, 2 * p]) * acc[i, 2 * p + 1]
+                            out[m, n // 2] = gate(acc[i, 2 * p]) * acc[i, 2 * p + 1]
                     else:
                         for j in range(2):
                             if n + j < n_rows:

@@ -24,9 +24,9 @@ than BK/16 T MMAs deep in the tensor cores' own accumulation, which rounds less 
 v3 measured 3.6e-5 over 4096-deep sums).
 
 The accumulator layout gives lane (g, t) the columns 2t, 2t+1 of rows g and g+8: adjacent column pairs, so the
-SwiGLU epilogue (gate and up interleaved in W's rows) sees each pair in one lane, as in gemm.py.
+SwiGLU and GeGLU epilogues (gate and up interleaved in W's rows) see each pair in one lane, as in gemm.py.
 Traffic: W read ceil(M / BM) times, x read ceil(N / BN) times (from L2), y once.
-# x [M, K] f32, w [N, K/4] u64 (bf16 words) -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+# x [M, K] f32, w [N, K/4] u64 (bf16 words) -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
 
 Control flow is the same for every thread of a block around every MMA (the simulator twin is a block-wide
 exchange, kernels/mma.py).
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from numba import cuda, float32, uint32, uint64
 
-from .common import device, kernel, silu
+from .common import device, gate_of, kernel
 from .mma import make_bf16_split, make_mma_bf16_n, mma_scratch_shape
 
 
@@ -80,7 +80,7 @@ def make_gemm_mma(epilogue, tiles, terms=2, chunked=True):
     """GEMM on tensor cores for bf16 weights: tiles an MmaTiles, x split into `terms` bf16 terms (1-3), each K tile's
     products summed from zero and added in fp32 (`chunked`) or accumulated in the tensor cores throughout.
 
-    # x [M, K] f32, w [N, K/4] u64 (bf16 words) -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+    # x [M, K] f32, w [N, K/4] u64 (bf16 words) -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
     Launch: grid (ceil(N / BN), ceil(M / BM)), tiles.threads threads.
     """
     MI, NI, KS, SW, XL, WL = layout(tiles)
@@ -97,7 +97,7 @@ def make_gemm_mma(epilogue, tiles, terms=2, chunked=True):
 
     @kernel
     def gemm_mma(x, w, out):
-        # x [M, K] f32, w [N, K/4] u64 (bf16 words) -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+        # x [M, K] f32, w [N, K/4] u64 (bf16 words) -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
         xs = cuda.shared.array((T, BM, SW), uint32)          # x tile: T planes of bf16 pairs
         ws = cuda.shared.array((BN, SW), uint32)             # W tile: bf16 pairs as stored
         part = cuda.shared.array(PART, float32)              # the WK - 1 other groups' partial tiles
@@ -242,6 +242,7 @@ def _make_reduce_k(tiles):
 
 def _make_store(tiles, epilogue):
     """store: group 0's accumulators -> out, through the epilogue (lane g, t holds columns 2t, 2t + 1: a pair)."""
+    gate = gate_of(epilogue)
     MI, NI = layout(tiles)[0], layout(tiles)[1]
     place = _make_place(tiles)
 
@@ -257,9 +258,9 @@ def _make_store(tiles, epilogue):
                     for j in range(NI):
                         n = n0 + c0 + 8 * j + 2 * t
                         v0, v1 = acc[i * NI + j, 2 * h], acc[i * NI + j, 2 * h + 1]
-                        if epilogue == "swiglu":
+                        if gate is not None:                  # swiglu, geglu: gate and up side by side
                             if n + 1 < n_rows:
-                                out[m, n // 2] = silu(v0) * v1
+                                out[m, n // 2] = gate(v0) * v1
                         elif epilogue == "residual":
                             if n < n_rows:
                                 out[m, n] += v0

@@ -13,10 +13,11 @@ Fused, because each saves a launch and a round trip of the activations through m
     prologue "rmsnorm"  x is normalised while it is staged: y = (x / rms(x) * g) W^T
     epilogue "residual" y is added to what `out` holds: out += x W^T (the residual stream, updated in place)
     epilogue "swiglu"   W's rows interleave gate and up (row 2f = gate_f, 2f+1 = up_f): out[m, f] = silu(gate) * up
+    epilogue "geglu"    the same with Gemma's tanh GELU: out[m, f] = gelu_tanh(gate) * up
     epilogue "rope"     W is q/k/v stacked, its rows taken in RoPE's rotation pairs (i, i + D/2): q rotated in
                         place, k rotated and v written into the KV cache at each row's length (advanced by the
                         launch's last block): RoPE and the append without a launch of their own
-# x [M, K] f32, w [N, K/VPW] u64, norm_w [K] f32 -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+# x [M, K] f32, w [N, K/VPW] u64, norm_w [K] f32 -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
 """
 import functools
 import math
@@ -24,11 +25,12 @@ import math
 from numba import cuda, float32, int64, uint64
 
 from ..gpu import SHARED_LIMIT
-from .common import (SIM, WEIGHT_KINDS, device, kernel, make_group_reduce, make_weight_unpack, reduce_scratch_shape,
-                     silu)
+from .common import (SIM, WEIGHT_KINDS, device, gate_of, kernel, make_group_reduce, make_weight_unpack,
+                     reduce_scratch_shape)
 from .kv_append import advance_length
 
-EPILOGUES = ("none", "residual", "swiglu")
+EPILOGUES = ("none", "residual", "swiglu", "geglu")
+GATED = ("swiglu", "geglu")                 # rows interleave gate and up: half as many outputs
 ROPE = "rope"           # the q/k/v epilogue of the decode path (make_gemv(..., heads=...)): see make_gemv
 # A GEMV block is GEMV_THREADS threads in groups of LANES, each group GEMV_ROWS rows (twice that for SwiGLU's
 # gate/up pairs and RoPE's rotation pairs). On a GPU a group is a warp (its sum is a shuffle butterfly); the
@@ -38,15 +40,16 @@ GEMV_CHUNK = 4                              # words per lane loaded together (in
 
 
 def gemv_rows_per_warp(epilogue):
-    return 2 * GEMV_ROWS if epilogue in ("swiglu", ROPE) else GEMV_ROWS
+    return 2 * GEMV_ROWS if epilogue in GATED + (ROPE,) else GEMV_ROWS
 
 
 @functools.lru_cache(maxsize=None)
 def make_gemv(n_in, kind, n_tokens, epilogue="none", rmsnorm=False, heads=None):
     """GEMV kernel for K = n_in inputs, `kind` weights, exactly n_tokens tokens, and the given fusions.
 
-    # x [M, K] f32, w [N, K/VPW] u64, norm_w [K] f32 -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
-    Launch: gemv_grid(N, epilogue) blocks of GEMV_THREADS threads (a warp per R rows: 2 for swiglu, else 1).
+    # x [M, K] f32, w [N, K/VPW] u64, norm_w [K] f32 -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
+    Launch: gemv_grid(N, epilogue) blocks of GEMV_THREADS threads (a warp per R rows: 2 for the gated epilogues,
+    else 1).
 
     epilogue "rope" (heads = (H, Hkv, D)): W is the stacked q/k/v projection, and its rows are taken in RoPE's
     rotation pairs (i, i + D/2) of a head, so one lane holds both members of a pair and rotates them: q in place
@@ -69,7 +72,7 @@ def make_gemv(n_in, kind, n_tokens, epilogue="none", rmsnorm=False, heads=None):
 
     @kernel
     def gemv(x, w, out, norm_w, eps):
-        # x [M, K] f32, w [N, K/VPW] u64, norm_w [K] -> out [M, N] (swiglu: [M, N/2]); `out` += for residual
+        # x [M, K] f32, w [N, K/VPW] u64, norm_w [K] -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
         acc = cuda.local.array(MR, float32)
         warp = accumulate(x, w, norm_w, eps, acc)
         if cuda.threadIdx.x % LANES == 0:
@@ -233,13 +236,15 @@ def _make_stage_x(K, M, VPW, rmsnorm, warp_sum):
 
 
 def _make_gemv_store(M, R, epilogue):
+    gate = gate_of(epilogue)
+
     @device
     def store(out, acc, row0, n_rows):
-        if epilogue == "swiglu":                     # rows 2f, 2f + 1 are gate_f and up_f
+        if epilogue in GATED:                        # rows 2f, 2f + 1 are gate_f and up_f
             for p in range(R // 2):
                 if row0 + 2 * p + 1 < n_rows:
                     for m in range(M):
-                        out[m, row0 // 2 + p] = silu(acc[m * R + 2 * p]) * acc[m * R + 2 * p + 1]
+                        out[m, row0 // 2 + p] = gate(acc[m * R + 2 * p]) * acc[m * R + 2 * p + 1]
             return
         for r in range(R):
             if row0 + r < n_rows:

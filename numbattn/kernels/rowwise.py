@@ -11,7 +11,8 @@ itself: their kernels are one block per token row, simple loops, no tiling.
                  changes between tokens (it can be replayed as a CUDA graph, numbattn/launch.py).
                  # ids [M] i32, E [vocab, dim/VPW] u64 -> x [M, dim]
     rms_norm     y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * g: a block-wide sum of squares, then a scaled copy.
-                 (For one token the GEMV normalises x itself while staging it: kernels/gemv.py.)
+                 (For one token the GEMV normalises x itself while staging it: kernels/gemv.py.) With add, y +=
+                 instead: Gemma's norm of a block's output on its way into the residual stream.
                  # x [M, dim], g [dim] -> y [M, dim]
     rope_append  the new tokens' q and k rotated by their positions (rotate-half pairs (i, i + d/2), angles from
                  precomputed cos/sin tables), q in place, k and v written into the KV cache at each row's
@@ -61,14 +62,15 @@ def make_embed(kind):
 
 
 @functools.lru_cache(maxsize=None)
-def make_rms_norm():
+def make_rms_norm(add=False):
+    """add: y[m] += the normalised row (Gemma's sandwich norm of a block's output, added to the residual stream)."""
     _, warp_sum = make_group_reduce(WARP, 1)
     RED = reduce_scratch_shape(1, THREADS)
     WARPS = THREADS // WARP
 
     @kernel
     def rms_norm(x, g, eps, y):
-        # x [M, dim], g [dim] -> y [M, dim]
+        # x [M, dim], g [dim] -> y [M, dim] (add: y +=)
         """y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * g (one block of THREADS threads per token)."""
         m, t = cuda.blockIdx.x, cuda.threadIdx.x
         red = cuda.shared.array(RED, float32)
@@ -87,7 +89,10 @@ def make_rms_norm():
             total += per_warp[i]
         inv = float32(1.0) / math.sqrt(total / x.shape[1] + eps)
         for k in range(t, x.shape[1], THREADS):
-            y[m, k] = x[m, k] * inv * g[k]
+            if add:
+                y[m, k] += x[m, k] * inv * g[k]
+            else:
+                y[m, k] = x[m, k] * inv * g[k]
 
     return rms_norm
 

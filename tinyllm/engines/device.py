@@ -6,8 +6,15 @@ returns a pending norm that the next matmul applies while it loads x (the GEMV's
 projection, and rope pending rotations, which attention computes together: for a few tokens one GEMV that
 normalises x, projects q, k and v, rotates q and k and appends k and v to the cache (numbattn.linear.plan_qkv_rope:
 5 launches per layer in a decode step), for a chunk a GEMM and then RoPE fused with the append
-(numbattn.kernels.rowwise.rope_append). On a GPU, a decode step (one token per row) is captured once per context
-bucket as a CUDA graph and then replayed with one driver call (numbattn/launch.py), and so is a short fresh prompt.
+(numbattn.kernels.rowwise.rope_append). A family with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3, Gemma 3)
+takes the second way at any length, with its biases and norms finished by one kernel between the two
+(numbattn.kernels.families.qkv_finish), and so does a sliding-window layer (Mistral, Gemma), whose K and V go to
+its ring buffer (rope_append writes token p to slot p mod the ring's slots). The family's other switches
+(tinyllm/architecture.py) are a kernel or an epilogue each: scaled embeddings and the final soft cap
+(numbattn/kernels/families.py), sandwich norms (rowwise.rms_norm adding into x), GeGLU (the gate/up matmul's
+epilogue), windows and score caps (the attention kernels). On a GPU, a decode step (one token per row) is captured
+once per context bucket as a CUDA graph and then replayed with one driver call (numbattn/launch.py), and so is a
+short fresh prompt.
 """
 import logging
 import time
@@ -16,7 +23,7 @@ import numpy as np
 
 import numbattn
 from numbattn import kernel_cache, linear, prefill
-from numbattn.kernels import rowwise
+from numbattn.kernels import families, rowwise
 from numbattn.kernels.common import SIM
 from numbattn.launch import Graph, Launch, planning
 
@@ -36,10 +43,18 @@ class _Norm:
 
 class _Qkv:
     """The q/k/v projection of h (a pending norm or x) with layer weights lw, deferred to attention(): there it is
-    computed with RoPE and the cache append fused in (a few tokens), or followed by them (a chunk)."""
+    computed with RoPE and the cache append fused in (a few tokens), or followed by them (a chunk). norms: the
+    per-head q and k norm weights head_norm() asked for; table: the layer's RoPE (cos, sin), set by rope()."""
 
     def __init__(self, h, lw):
-        self.h, self.lw = h, lw
+        self.h, self.lw, self.norms, self.table = h, lw, {}, None
+
+
+class _Part:
+    """q, k or v of a pending _Qkv (the forward holds three; they share one projection)."""
+
+    def __init__(self, qkv, name):
+        self.qkv, self.name = qkv, name
 
 
 class DeviceEngine:
@@ -49,12 +64,13 @@ class DeviceEngine:
     buckets = (256, 1024, 4096, 16384, 65536)   # decode graphs are captured per context bucket
     prefill_buckets = (16, 32, 64)  # a fresh prompt this short runs padded to its bucket (one graph per bucket)
 
-    def __init__(self, config, weights, cache, cos, sin, backend):
+    def __init__(self, config, arch, weights, cache, rope, backend):
         from numba import cuda
-        self.config, self.weights, self.cache, self.backend = config, weights, cache, backend
+        self.config, self.arch, self.weights, self.cache, self.backend = config, arch, weights, cache, backend
         self.layers, self.norm = weights.layers, weights.norm
         self.stream = cuda.stream()
-        self.cos, self.sin = cuda.to_device(cos, stream=self.stream), cuda.to_device(sin, stream=self.stream)
+        self.rope_tables = {name: tuple(cuda.to_device(t, stream=self.stream) for t in cos_sin)   # cos, sin
+                            for name, cos_sin in rope.items()}
         c = config
         self.H, self.HKV, self.D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.QKV = (self.H + 2 * self.HKV) * self.D
@@ -62,9 +78,12 @@ class DeviceEngine:
         self.use_graphs = backend == "cuda"
         self.pad_short_prompts = self.use_graphs    # (the simulator can run the padded path too: the tests do)
         B, rows = self.sizes(cache)
-        self.buf = {name: cuda.device_array((rows, width), np.float32, stream=self.stream) for name, width in (
-            ("x", c.hidden_size), ("h", c.hidden_size), ("qkv", self.QKV), ("attn", self.H * self.D),
-            ("g", c.intermediate_size))}
+        widths = {"x": c.hidden_size, "h": c.hidden_size, "qkv": self.QKV, "attn": self.H * self.D,
+                  "g": c.intermediate_size}
+        if arch.sandwich_norms:
+            widths["y"] = c.hidden_size                     # a block's output before its norm joins x
+        self.buf = {name: cuda.device_array((rows, width), np.float32, stream=self.stream)
+                    for name, width in widths.items()}
         self.ids_host = cuda.pinned_array(rows, np.int32)
         self.ids_dev = cuda.device_array(rows, np.int32, stream=self.stream)
         self.logits_dev = cuda.device_array((B, c.vocab_size), np.float32, stream=self.stream)
@@ -110,6 +129,9 @@ class DeviceEngine:
         words, kind = self.weights.embed
         x = self.view("x", M)
         self.launch(("embed", M), rowwise.make_embed(kind), M, rowwise.THREADS, (ids_dev, words, x))
+        if self.arch.embed_scale != 1.0:                     # Gemma: x * sqrt(hidden)
+            self.launch(("embed scale", M), families.make_scale_rows(), M, families.THREADS,
+                        (x, np.float32(self.arch.embed_scale)))
         return x
 
     def _ids_view(self, M):
@@ -123,9 +145,14 @@ class DeviceEngine:
 
     def qkv(self, h, lw):
         pending = _Qkv(h, lw)
-        return pending, pending, pending
+        return _Part(pending, "q"), _Part(pending, "k"), _Part(pending, "v")
 
-    def rope(self, q, k, step):
+    def head_norm(self, x, w):
+        x.qkv.norms[x.name] = w                              # applied after the projection, before RoPE
+        return x
+
+    def rope(self, q, k, step, layer):
+        q.qkv.table = self.rope_tables[self.arch.layers[layer].rope]
         return q, k                         # applied by attention(), with the projection and the append
 
     def attention(self, layer, q, k, v, step):
@@ -133,37 +160,49 @@ class DeviceEngine:
         (one token per row) or prefill attention over the cache."""
         B, s = step.batch, step.seq
         M = B * s
-        qkv = self._project_rotate_append(layer, q, B, s)
+        qkv = self._project_rotate_append(layer, q.qkv, B, s)
         self.cache.advance(s, layer)
         attn = self.view("attn", M)
         if s == 1:
             q3, out3 = self._decode_views(B)
-            numbattn.decode_attention(q3, self.cache, layer, out=out3, stream=self.stream,
-                                      max_length=step.max_length or self._bucket(step.start_pos + 1))
+            numbattn.decode_attention(q3, self.cache, layer, scale=self.arch.attn_scale, out=out3, stream=self.stream,
+                                      max_length=step.max_length or self._bucket(step.start_pos + 1),
+                                      softcap=self.arch.attn_softcap)    # (a ring layer: its own window)
         else:
             self._prefill_attention(layer, qkv, attn, B, s, step.start_pos + s)
         return attn
 
     def _project_rotate_append(self, layer, pending, B, s):
         """-> the qkv buffer holding q rotated; k rotated and v appended to the cache at each row's length. A few
-        tokens: one GEMV with the norm, RoPE and append fused (linear.plan_qkv_rope); else the matmul (a GEMM) and
-        rowwise.rope_append."""
+        tokens: one GEMV with the norm, RoPE and append fused (linear.plan_qkv_rope); else (or with biases or head
+        norms to apply first, or a ring buffer to append to) the matmul, families.qkv_finish, rowwise.rope_append."""
         M, (words, kind) = B * s, pending.lw.w_qkv
         qkv = self.view("qkv", M)
         x, norm = (pending.h.x, pending.h.w) if isinstance(pending.h, _Norm) else (pending.h, None)
-        cache_args = (self.cos, self.sin, self.cache.k(layer), self.cache.v(layer), self.cache.device_lengths(layer),
-                      self.cache.append_counters(layer))
-        fused = linear.plan_qkv_rope(M, x.shape[1], words.shape[0], kind, (self.H, self.HKV, self.D),
-                                     norm is not None)
+        cache_args = pending.table + (self.cache.k(layer), self.cache.v(layer), self.cache.device_lengths(layer),
+                                      self.cache.append_counters(layer))
+        finish = self.arch.qkv_bias or bool(pending.norms)
+        fused = None if finish or self.cache.kind(layer) == "ring" else linear.plan_qkv_rope(
+            M, x.shape[1], words.shape[0], kind, (self.H, self.HKV, self.D), norm is not None)
         if fused is not None:
             kernel, grid, threads = fused
             args = (x, words, qkv, norm if norm is not None else self.norm, self.eps) + cache_args
             self.launch(("qkv rope", layer, M), kernel, grid, threads, args)
             return qkv
         self._project(pending, M)
+        if finish:
+            self._finish_qkv(layer, pending, qkv)
         self.launch(("rope", layer, M), rowwise.make_rope_append(self.H, self.HKV, self.D),
                     rowwise.rope_append_grid(s, B), rowwise.THREADS, (qkv,) + cache_args)
         return qkv
+
+    def _finish_qkv(self, layer, pending, qkv):
+        """q/k/v biases (Qwen2) and per-head q and k RMSNorms (Qwen3, Gemma 3), in place, one kernel."""
+        bias, norm = self.arch.qkv_bias, bool(pending.norms)
+        args = (qkv, pending.lw.b_qkv if bias else self.norm, pending.norms.get("q", self.norm),
+                pending.norms.get("k", self.norm), self.eps)
+        self.launch(("qkv finish", layer, qkv.shape[0]), families.make_qkv_finish(self.H, self.HKV, self.D, bias, norm),
+                    qkv.shape[0], families.THREADS, args)
 
     def _project(self, pending, M):
         """The pending q/k/v projection of M tokens alone (no RoPE, no append) -> the qkv buffer [M, (H+2Hkv) D]."""
@@ -179,24 +218,33 @@ class DeviceEngine:
         return self._views[key]
 
     def _prefill_attention(self, layer, qkv, attn, B, s, n):
-        self._causal_prefill(*self._prefill_views(layer, qkv, attn, B, s, n))
+        """The chunk's queries over the n keys the layer has seen: every slot of a full layer, the window of a ring
+        (key j in slot j mod its slots)."""
+        ring = self.cache.kind(layer) == "ring"
+        self._causal_prefill(*self._prefill_views(layer, qkv, attn, B, s, n), kv_len=n if ring else None,
+                             window=self.cache.window(layer))
 
-    def _causal_prefill(self, q4, out4, k_all, v_all):
+    def _causal_prefill(self, q4, out4, k_all, v_all, kv_len=None, window=None):
         """out4 = causal attention of q4 [B, H, s, D] over k_all, v_all [B, Hkv, n, D] (the mask bottom-right
-        aligned: the s queries are the last s of the n tokens)."""
+        aligned: the s queries are the last s of the n tokens; a ring's n = kv_len keys in slots j mod its length),
+        with the family's score scale and soft cap."""
         version = prefill.DEFAULT_VERSION
         tiles = prefill.default_tiles(version, self.backend, self.D)
-        prefill.launch(q4, k_all, v_all, out4, True, 1.0 / np.sqrt(self.D), version, tiles, stream=self.stream)
+        prefill.launch(q4, k_all, v_all, out4, True, self.arch.attn_scale, version, tiles, stream=self.stream,
+                       kv_len=kv_len, window=window, softcap=self.arch.attn_softcap)
 
     def _prefill_views(self, layer, qkv, attn, B, s, n):
-        """q and out [B, H, s, D] inside the qkv and attn buffers, the cache's first n keys and values: made once
-        per shape (the same objects each call: prefill.launch's prepared launch then re-marshals nothing)."""
-        key = (layer, B, s, n)
+        """q and out [B, H, s, D] inside the qkv and attn buffers, the keys and values: a full layer's first n, a
+        ring's every slot. Made once per shape (the same objects each call: prefill.launch's prepared launch then
+        re-marshals nothing)."""
+        ring = self.cache.kind(layer) == "ring"
+        key = (layer, B, s, None if ring else n)
         if key not in self._attention_views:
             if len(self._attention_views) > 4096:          # chats prefill at ever new positions: keep it bounded
                 self._attention_views.clear()
-            self._attention_views[key] = self._query_views(qkv, attn, B, s) + (_prefix(self.cache.k(layer), n),
-                                                                              _prefix(self.cache.v(layer), n))
+            k, v = self.cache.k(layer), self.cache.v(layer)
+            self._attention_views[key] = self._query_views(qkv, attn, B, s) + ((k, v) if ring else
+                                                                              (_prefix(k, n), _prefix(v, n)))
         return self._attention_views[key]
 
     def _query_views(self, qkv, attn, B, s):
@@ -205,12 +253,20 @@ class DeviceEngine:
         return (_strided(qkv, (B, self.H, s, self.D), (s * self.QKV, self.D, self.QKV, 1)),
                 _strided(attn, (B, self.H, s, self.D), (s * HD, self.D, HD, 1)))
 
-    def linear(self, a, w, residual=None):
-        return self.matmul(("linear", id(w)), a, w, residual, "residual" if residual is not None else "none")
+    def linear(self, a, w, residual=None, post_norm=None):
+        """residual += a W^T (the matmul's epilogue), or with post_norm (Gemma's sandwich) residual += norm(a W^T)."""
+        if post_norm is None:
+            return self.matmul(("linear", id(w)), a, w, residual, "residual" if residual is not None else "none")
+        rows = self._rows(a)
+        y = self.matmul(("linear", id(w)), a, w, self.view("y", rows), "none")
+        self.launch(("post norm", id(post_norm), rows), rowwise.make_rms_norm(add=True), rows, rowwise.THREADS,
+                    (y, post_norm, self.eps, residual))
+        return residual
 
-    def swiglu(self, h, lw):
-        rows = self._rows(h)
-        return self.matmul(("swiglu", id(lw)), h, lw.w_gate_up, self.view("g", rows), "swiglu")
+    def glu(self, h, lw):
+        """act(h W_gate^T) * (h W_up^T), the gate/up matmul's epilogue: SwiGLU, or Gemma's GeGLU."""
+        epilogue = "swiglu" if self.arch.activation == "silu" else "geglu"
+        return self.matmul(("glu", id(lw)), h, lw.w_gate_up, self.view("g", self._rows(h)), epilogue)
 
     def logits(self, h, step):
         """The output head on the last token of every row (step.last_only) or on every token -> a host float32
@@ -223,7 +279,7 @@ class DeviceEngine:
             return self._logits_at(B, s, s - 1)
         from numba import cuda
         every = cuda.device_array((B * s, self.config.vocab_size), np.float32, stream=self.stream)
-        self.matmul(("logits all",), h, self.weights.lm_head, every, "none")
+        self._soft_cap(self.matmul(("logits all",), h, self.weights.lm_head, every, "none"))
         return every.copy_to_host(stream=self.stream).reshape(B, s, -1)
 
     def _logits_at(self, B, s, row):
@@ -233,7 +289,8 @@ class DeviceEngine:
         x = self.view("x", B * s)
         last = x if s == 1 else self._last_rows(x, B, s, row)
         out_dev, out_host = self._logit_rows(B)           # only the step's rows come back
-        self.matmul(("logits", B, s, row), _Norm(last, self.norm), self.weights.lm_head, out_dev, "none")
+        self._soft_cap(self.matmul(("logits", B, s, row), _Norm(last, self.norm), self.weights.lm_head, out_dev,
+                                   "none"))
         out_dev.copy_to_host(out_host, stream=self.stream)
         return self.logits_host[:, None, :]
 
@@ -244,6 +301,12 @@ class DeviceEngine:
             self._views[key] = ((self.logits_dev, self.logits_host) if B == len(self.logits_host)
                                 else (self.logits_dev[:B], self.logits_host[:B]))
         return self._views[key]
+
+    def _soft_cap(self, logits):
+        """Gemma 2's final soft cap, in place (nothing for the other families)."""
+        if self.arch.final_softcap is not None:
+            self.launch(("soft cap", logits.shape[0]), families.make_soft_cap(), logits.shape[0], families.THREADS,
+                        (logits, np.float32(self.arch.final_softcap)))
 
     def _last_rows(self, x, B, s, row):
         """Token `row` of each of the B rows of s tokens in x [B * s, dim], as a [B, dim] view (made once)."""

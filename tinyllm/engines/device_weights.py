@@ -2,8 +2,8 @@
 
 Matrices become uint64 words (numbattn.linear.pack_weight): bf16 checkpoints keep their bf16 bits (half the bytes of
 fp32, widened exactly on the fly), other dtypes become fp32. q, k and v rows are stacked into one matrix (one matmul
-for all three) and gate and up rows interleaved (the SwiGLU epilogue sees each pair side by side). Norm weights stay
-float32 vectors.
+for all three, and their biases, if any, into one vector) and gate and up rows interleaved (the SwiGLU epilogue sees
+each pair side by side). Norm weights stay float32 vectors, holding the factor RMSNorm applies (Gemma's 1 + w).
 """
 from dataclasses import dataclass
 
@@ -19,6 +19,11 @@ class DeviceLayer:
     ffn_norm: object
     w_gate_up: tuple      # gate and up rows interleaved (2f = gate_f, 2f+1 = up_f): the SwiGLU epilogue
     w_down: tuple
+    b_qkv: object = None            # q, k and v biases stacked (Qwen2)
+    q_norm: object = None           # per-head RMSNorm weights [head_dim] (Qwen3, Gemma 3)
+    k_norm: object = None
+    post_attn_norm: object = None   # the sandwich norms (Gemma)
+    post_ffn_norm: object = None
 
 
 @dataclass
@@ -58,8 +63,9 @@ def upload_weights(ckpt, config, stream=0, progress=None):
     from numba import cuda
 
     from numbattn.linear import pack_weight
-    from ..weights import expected_shapes, layer_tensors
-    names, done = list(expected_shapes(config)), [0]
+    from ..architecture import describe
+    from ..weights import NORMS, expected_shapes, layer_tensors
+    names, done, offset = list(expected_shapes(config)), [0], np.float32(describe(config).norm_offset)
     kinds, total = set(), [0]
 
     def tick(n=1):
@@ -73,9 +79,10 @@ def upload_weights(ckpt, config, stream=0, progress=None):
         total[0] += words.nbytes
         return cuda.to_device(words, stream=stream), kind
 
-    def vector(name):
-        tick()
-        x = np.ascontiguousarray(np.asarray(ckpt.get(name), np.float32))
+    def vector(*parts, norm=False):
+        tick(len(parts))
+        x = np.concatenate([np.asarray(ckpt.get(name), np.float32) for name in parts])
+        x = np.ascontiguousarray(x + offset if norm and offset else x)
         total[0] += x.nbytes
         return cuda.to_device(x, stream=stream)
 
@@ -84,15 +91,19 @@ def upload_weights(ckpt, config, stream=0, progress=None):
     layers = []
     for i in range(config.num_hidden_layers):
         t = {field: f"model.layers.{i}.{name}" for field, (name, _) in layer_tensors(config).items()}
+        optional = {field: vector(t[field], norm=True) for field in NORMS if field in t and field != "ffn_norm"
+                    and field != "attn_norm"}
+        if "bq" in t:
+            optional["b_qkv"] = vector(t["bq"], t["bk"], t["bv"])
         layers.append(DeviceLayer(
-            attn_norm=vector(t["attn_norm"]),
+            attn_norm=vector(t["attn_norm"], norm=True),
             w_qkv=matrix(fuse_rows([stored(ckpt, t[f]) for f in ("wq", "wk", "wv")])),
             wo=matrix(stored(ckpt, t["wo"])),
-            ffn_norm=vector(t["ffn_norm"]),
+            ffn_norm=vector(t["ffn_norm"], norm=True),
             w_gate_up=matrix(fuse_rows([stored(ckpt, t["w_gate"]), stored(ckpt, t["w_up"])], interleave=True)),
-            w_down=matrix(stored(ckpt, t["w_down"]))))
+            w_down=matrix(stored(ckpt, t["w_down"])), **optional))
         tick(7)
-    norm = vector("model.norm.weight")
+    norm = vector("model.norm.weight", norm=True)
     lm_head = embed if config.tie_word_embeddings else matrix(stored(ckpt, "lm_head.weight"))
     tick(len(names))
     return DeviceWeights(embed, layers, norm, lm_head, total[0], tuple(sorted(kinds)))

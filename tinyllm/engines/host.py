@@ -6,6 +6,7 @@ import numpy as np
 import numbattn
 from numbattn import backend as _backend
 from numbattn import reference
+from numbattn.prefill import chunk_attention
 
 from ..units import human_bytes
 from .step import Step
@@ -16,11 +17,12 @@ class NumpyEngine:
     name = "numpy"
     prefill_chunk = 256
 
-    def __init__(self, config, weights, cache, cos, sin, attention_backend):
-        self.config, self.weights, self.cache = config, weights, cache
+    def __init__(self, config, arch, weights, cache, rope, attention_backend):
+        self.config, self.arch, self.weights, self.cache = config, arch, weights, cache
         self.layers, self.norm = weights.layers, weights.norm
-        self.cos, self.sin, self.backend = cos, sin, attention_backend
+        self.rope_tables, self.backend = rope, attention_backend            # {"global" / "local": (cos, sin)}
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.eps = config.rms_norm_eps
 
     def describe(self):
         where = "the NumPy reference" if self.backend == "numpy" else f"numbattn's kernels ({self.backend})"
@@ -28,42 +30,55 @@ class NumpyEngine:
                 f"matmuls in NumPy, attention on {where}")
 
     def embed(self, ids):
-        return self.weights.embed[ids]                                   # [b, s] -> [b, s, dim]
+        x = self.weights.embed[ids]                                      # [b, s] -> [b, s, dim]
+        return x * np.float32(self.arch.embed_scale) if self.arch.embed_scale != 1.0 else x
 
     def rms_norm(self, x, w):
-        return reference.rms_norm(x, w, self.config.rms_norm_eps)
+        return reference.rms_norm(x, w, self.eps)
 
     def qkv(self, h, lw):
-        return (split_heads(h @ lw.wq, self.n_heads), split_heads(h @ lw.wk, self.n_kv_heads),
-                split_heads(h @ lw.wv, self.n_kv_heads))                 # [b, heads, s, head_dim] each
+        q, k, v = h @ lw.wq, h @ lw.wk, h @ lw.wv                        # [b, s, dim] -> [b, s, heads * head_dim]
+        if self.arch.qkv_bias:
+            q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
+        return split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
 
-    def rope(self, q, k, step):
+    def head_norm(self, x, w):
+        return reference.rms_norm(x, w, self.eps)                        # over each head's head_dim values
+
+    def rope(self, q, k, step, layer):
+        cos, sin = self.rope_tables[self.arch.layers[layer].rope]
         positions = slice(step.start_pos, step.start_pos + step.seq)
-        cos, sin = self.cos[positions], self.sin[positions]                 # [seq, head_dim / 2] each
+        cos, sin = cos[positions], sin[positions]                       # [seq, head_dim / 2] each
         return reference.rope(q, cos, sin), reference.rope(k, cos, sin)
 
     def attention(self, layer, q, k, v, step):
         """Append k, v; a single token uses the decode kernel, a chunk the prefill kernel over the cache so far
-        (bottom-right causal alignment: query i of the chunk sees keys 0 .. start_pos + i). -> [b, s, H*D]"""
+        (bottom-right causal alignment: query i of the chunk sees keys 0 .. start_pos + i; a window layer's ring
+        holds its window), with the family's scale and soft cap. -> [b, s, H*D]"""
         self.cache.append(layer, k, v)
-        seq, n = step.seq, step.start_pos + step.seq
-        if seq == 1:
-            out = numbattn.decode_attention(np.ascontiguousarray(q[:, :, 0]), self.cache, layer)
+        scale, softcap = self.arch.attn_scale, self.arch.attn_softcap
+        if step.seq == 1:
+            out = numbattn.decode_attention(np.ascontiguousarray(q[:, :, 0]), self.cache, layer, scale=scale,
+                                            softcap=softcap)
             out = _backend.to_host(out)[:, :, None, :]                   # [b, n_heads, 1, d]
         else:
-            k_all = self.cache.k(layer)[:, :, :n]                        # [b, n_kv_heads, n, head_dim] (a view)
-            v_all = self.cache.v(layer)[:, :, :n]
-            out = _backend.to_host(numbattn.attention(q, k_all, v_all, causal=True, backend=self.backend))
+            out = _backend.to_host(chunk_attention(q, self.cache, layer, scale=scale, softcap=softcap))
         return merge_heads(out)
 
-    def linear(self, a, w, residual=None):
-        return a @ w if residual is None else residual + a @ w
+    def linear(self, a, w, residual=None, post_norm=None):
+        """residual + a @ w, or with post_norm (Gemma) residual + rms_norm(a @ w)."""
+        y = a @ w
+        if post_norm is not None:
+            y = reference.rms_norm(y, post_norm, self.eps)
+        return y if residual is None else residual + y
 
-    def swiglu(self, h, lw):
-        return reference.swiglu(h @ lw.w_gate, h @ lw.w_up)
+    def glu(self, h, lw):
+        act = reference.swiglu if self.arch.activation == "silu" else reference.geglu
+        return act(h @ lw.w_gate, h @ lw.w_up)
 
     def logits(self, h, step):
-        return (h[:, -1:] if step.last_only else h) @ self.weights.lm_head           # [b, s or 1, vocab]
+        logits = (h[:, -1:] if step.last_only else h) @ self.weights.lm_head          # [b, s or 1, vocab]
+        return reference.soft_cap(logits, self.arch.final_softcap)
 
     def run(self, forward, ids, start_pos, last_only):
         return forward(ids, Step(ids.shape[0], ids.shape[1], start_pos, last_only))
@@ -86,5 +101,10 @@ def merge_heads(x):
 
 
 def _host_bytes(weights):
-    arrays = [weights.embed, weights.norm, weights.lm_head] + [a for lw in weights.layers for a in vars(lw).values()]
-    return sum(a.nbytes for a in {id(a): a for a in arrays}.values())
+    arrays = [weights.embed, weights.norm, weights.lm_head] + [a for lw in weights.layers for a in vars(lw).values()
+                                                               if a is not None]
+    return sum(a.nbytes for a in {_buffer(a): a for a in arrays}.values())   # a tied lm_head is embed's memory
+
+
+def _buffer(a):
+    return a.__array_interface__["data"][0], a.nbytes

@@ -35,11 +35,12 @@ class PagedNumpyEngine(NumpyEngine):
     """NumpyEngine over a PagedKVCache: NumPy matmuls, attention on numbattn's paged kernels or its reference."""
     prefill_chunk = 64
 
-    def rope(self, q, k, step):
+    def rope(self, q, k, step, layer):
         if step.rows is None:
-            return super().rope(q, k, step)
+            return super().rope(q, k, step, layer)
+        cos, sin = self.rope_tables[self.arch.layers[layer].rope]
         positions = np.asarray(step.positions)[:, None] + np.arange(step.seq)        # [b, seq]
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]       # [b, 1, seq, head_dim / 2]
+        cos, sin = cos[positions][:, None], sin[positions][:, None]                 # [b, 1, seq, head_dim / 2]
         return reference.rope(q, cos, sin), reference.rope(k, cos, sin)
 
     def attention(self, layer, q, k, v, step):
@@ -47,14 +48,16 @@ class PagedNumpyEngine(NumpyEngine):
         chunk: each row's sequence gathered and attended to with the bottom-right causal mask. -> [b, s, H*D]"""
         rows = np.asarray(step.rows)
         self.cache.append(layer, rows, k, v)
+        scale, softcap = self.arch.attn_scale, self.arch.attn_softcap
         if step.seq == 1:
-            out = numbattn.paged_decode_attention(np.ascontiguousarray(q[:, :, 0]), self.cache, layer, rows)
+            out = numbattn.paged_decode_attention(np.ascontiguousarray(q[:, :, 0]), self.cache, layer, rows,
+                                                  scale=scale, softcap=softcap)
             return merge_heads(_backend.to_host(out)[:, :, None, :])                  # [b, 1, H * d]
         outs = []
         for b, seq in enumerate(rows):
             k_all, v_all = self.cache.gather(layer, int(seq))                        # [1, n_kv_heads, n, d]
-            outs.append(_backend.to_host(numbattn.attention(q[b:b + 1], k_all, v_all, causal=True,
-                                                            backend=self.backend)))
+            outs.append(_backend.to_host(numbattn.attention(q[b:b + 1], k_all, v_all, causal=True, scale=scale,
+                                                            softcap=softcap, backend=self.backend)))
         return merge_heads(np.concatenate(outs))
 
     def run_rows(self, forward, ids, rows, last_only):
@@ -67,8 +70,8 @@ class PagedDeviceEngine(DeviceEngine):
     """DeviceEngine over a PagedKVCache: the paged RoPE-append and decode kernels, graphs per batch bucket."""
     prefill_chunk = 256         # a long prompt is prefilled 256 tokens per step, between the others' decode steps
 
-    def __init__(self, config, weights, cache, cos, sin, backend):
-        super().__init__(config, weights, cache, cos, sin, backend)
+    def __init__(self, config, arch, weights, cache, rope, backend):
+        super().__init__(config, arch, weights, cache, rope, backend)
         from numba import cuda
         self.rows_host = cuda.pinned_array(cache.max_seqs, np.int32)
         self.rows_dev = cuda.device_array(cache.max_seqs, np.int32, stream=self.stream)
@@ -96,17 +99,21 @@ class PagedDeviceEngine(DeviceEngine):
         RoPE + append (one kernel), then the paged decode kernel, or (a prompt chunk of one sequence) its pages
         gathered and the prefill kernel over them."""
         B, s = step.batch, step.seq
-        rows, qkv = self._rows_view(B), self._project(q, B * s)
+        pending = q.qkv
+        rows, qkv = self._rows_view(B), self._project(pending, B * s)
+        if self.arch.qkv_bias or pending.norms:
+            self._finish_qkv(layer, pending, qkv)
         cache = self.cache
         self.launch(("rope paged", layer, B * s), paged_append.make_rope_append_paged(self.H, self.HKV, self.D),
                     rowwise.rope_append_grid(s, B), rowwise.THREADS,
-                    (qkv, self.cos, self.sin, cache.k(layer), cache.v(layer), cache.device_tables(), rows,
-                     cache.device_lengths(layer), cache.append_counters(layer)))
+                    (qkv,) + pending.table + (cache.k(layer), cache.v(layer), cache.device_tables(), rows,
+                                              cache.device_lengths(layer), cache.append_counters(layer)))
         cache.advance(step.rows, s, layer)
         attn = self.view("attn", B * s)
         if s == 1:
             q3, out3 = self._decode_views(B)
-            numbattn.paged_decode_attention(q3, cache, layer, rows, out=out3, stream=self.stream,
+            numbattn.paged_decode_attention(q3, cache, layer, rows, scale=self.arch.attn_scale, out=out3,
+                                            stream=self.stream, softcap=self.arch.attn_softcap,
                                             max_length=step.max_length or self._bucket(int(step.positions.max()) + 1))
         else:
             self._chunk_attention(layer, qkv, attn, step)
