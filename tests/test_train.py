@@ -1,7 +1,6 @@
 """tinyllm/train.py: each op's hand-written backward against finite differences (fp64), the whole backward against a
 finite difference of the loss, the training forward against the model's own forward, and a loss that decreases."""
 import numpy as np
-import pytest
 
 from gradients import numerical_gradient
 from numbattn import reference
@@ -50,7 +49,7 @@ def as_fp64(w):
     for dst, src in zip(train.tensors(g), train.tensors(w)):
         dst[...] = src
     out = train.LlamaWeights(embed=g.embed.astype(np.float64), layers=[train.LayerWeights(
-        **{f: getattr(lw, f).astype(np.float64) for f in train.LayerWeights.__dataclass_fields__}) for lw in g.layers],
+        **{f: getattr(lw, f).astype(np.float64) for f in train.layer_fields(lw)}) for lw in g.layers],
         norm=g.norm.astype(np.float64), lm_head=g.lm_head.astype(np.float64))
     return out
 

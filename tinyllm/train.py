@@ -212,13 +212,18 @@ def backward(w, config, acts, dlogits, attention_backend="numpy"):
 # --------------------------------------------------------------------------------------------------------
 # The optimiser and the loop
 # --------------------------------------------------------------------------------------------------------
+def layer_fields(lw):
+    """The LayerWeights fields a layer has: a Llama's nine (the families' biases and extra norms stay None)."""
+    return [f.name for f in fields(LayerWeights) if getattr(lw, f.name) is not None]
+
+
 def tensors(w):
     """Every array of a LlamaWeights, in a fixed order (for the optimiser)."""
-    return [w.embed, w.norm, w.lm_head] + [getattr(lw, f.name) for lw in w.layers for f in fields(LayerWeights)]
+    return [w.embed, w.norm, w.lm_head] + [getattr(lw, name) for lw in w.layers for name in layer_fields(lw)]
 
 
 def zeros_like(w):
-    layers = [LayerWeights(**{f.name: np.zeros_like(getattr(lw, f.name)) for f in fields(LayerWeights)})
+    layers = [LayerWeights(**{name: np.zeros_like(getattr(lw, name)) for name in layer_fields(lw)})
               for lw in w.layers]
     return LlamaWeights(embed=np.zeros_like(w.embed), layers=layers, norm=np.zeros_like(w.norm),
                         lm_head=np.zeros_like(w.lm_head))

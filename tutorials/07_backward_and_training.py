@@ -233,7 +233,7 @@ else:
 # %%
 def broken_backward(mistake):
     p = reference.softmax(reference.scores(q64, k64, causal=True))           # [1, 4, 3, 5]
-    kr, vr = reference.repeat_kv(k64, 4), reference.repeat_kv(v64, 4)
+    vr = reference.repeat_kv(v64, 4)                                          # [1, 4, 5, 8]
     dp = do64 @ vr.swapaxes(-1, -2)
     D = 0 if mistake == "D" else (do64 * (p @ vr)).sum(-1, keepdims=True)
     ds = p * (dp - D)
