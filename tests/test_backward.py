@@ -169,10 +169,11 @@ def test_v3_tiles_of_two_warps_and_several_column_blocks():
 def test_sliding_windows(version):
     """9 queries over 13 keys (a KV prefix of 4), 2 query heads on 1 KV head: windows of 1 (each query sees itself
     only: dQ = dK = 0, and key j's dV is the dO of the query at its position), 3 (smaller than a tile: masked inside
-    tiles, tiles before a block's windows skipped) and 40 (larger than the sequence: the causal gradients)."""
+    tiles, tiles before a block's windows skipped) and 40 (larger than the sequence: the causal gradients). v3: the
+    window of 1 here, one smaller than its tiles below (the window's clamp is common.visible_keys', v1 shows it)."""
     rng = np.random.default_rng(21)
     q, k, v, dout = rand_qkv(rng, 1, 2, 1, 9, 13, 16)
-    for window in (1, 3, 40) if version == "v1" else (1, 3):     # (the window's clamp is common.visible_keys')
+    for window in (1, 3, 40) if version == "v1" else (1,):
         check(q, k, v, dout, causal=True, version=version, window=window)
 
 
@@ -185,7 +186,8 @@ def test_sliding_window_across_v3_tiles():
 
 @pytest.mark.parametrize("version", backward.VERSIONS)
 def test_soft_capped_scores_of_large_magnitude(version):
-    """Scores of up to ~10 caps, GQA 2:1: p from the capped score, dS times the cap's slope (with a window too). Then
+    """Scores of up to ~10 caps, GQA 2:1: p from the capped score, dS times the cap's slope (with a window: head_dim
+    256 and the finite differences below). Then
     every pair saturated (q along the keys' common direction: |s| ~ 6 caps, slopes ~1e-5): dQ and dK come from the
     slopes alone and are compared against their own small maximum (not floored at 1). A slope taken as
     1 - (capped / cap)^2 in fp32 is 7e-3 off there (its absolute error ~1e-7 is all of it); common.soft_cap_slope's
@@ -193,7 +195,6 @@ def test_soft_capped_scores_of_large_magnitude(version):
     rng = np.random.default_rng(23)
     q, k, v, dout = rand_qkv(rng, 1, 2, 1, 9, 13, 16, magnitude=8.0)
     check(q, k, v, dout, causal=False, version=version, softcap=5.0)
-    check(q, k, v, dout, causal=True, version=version, softcap=2.0, window=3)
     direction = rng.standard_normal(16)
     direction /= np.linalg.norm(direction)
     q = (direction * 24 + 0.3 * rng.standard_normal((1, 2, 9, 16))).astype(np.float32)
