@@ -3,6 +3,7 @@ finite difference of the loss, the training forward against the model's own forw
 import dataclasses
 
 import numpy as np
+import pytest
 
 from gradients import numerical_gradient
 from numbattn import reference
@@ -31,6 +32,16 @@ def test_op_backwards_equal_finite_differences():
     _, dlogits = train.cross_entropy(logits, targets)
     loss = lambda: train.cross_entropy(logits, targets)[0]      # noqa: E731
     np.testing.assert_allclose(dlogits, numerical_gradient(loss, logits), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("change,named", [(dict(family="qwen2"), "q/k/v biases"),
+                                          (dict(attn_logit_softcapping=50.0), "score soft cap 50.0"),
+                                          (dict(tie_word_embeddings=True), "tied embeddings")])
+def test_a_family_switch_is_refused(change, named):
+    """train.py has the Llama 2 block's backward only: a config using more is refused in one line, not trained wrong."""
+    config, w = tiny()
+    with pytest.raises(ValueError, match=f"Llama 2 block only; this config also uses: {named}"):
+        train.forward(w, dataclasses.replace(config, **change), np.zeros((1, 3), np.int64))
 
 
 def tiny(seed=0):

@@ -32,6 +32,7 @@ import numpy as np
 import numbattn
 from numbattn.reference import rms_norm, rope, rope_tables, silu, swiglu
 
+from .architecture import describe
 from .config import LlamaConfig
 from .engines.host import merge_heads, split_heads
 from .weights import LayerWeights, LlamaWeights
@@ -94,10 +95,19 @@ def init_weights(config, rng):
 # --------------------------------------------------------------------------------------------------------
 # The forward, keeping its activations
 # --------------------------------------------------------------------------------------------------------
+def check_llama_block(config):
+    """This file writes the backward of the Llama 2 block only: a config that uses any family's switch (biases, head
+    norms, GeGLU, windows, soft caps, RoPE scaling, tied embeddings: tinyllm/architecture.py) is refused."""
+    extra = describe(config).summary().replace("SwiGLU MLP", "").strip(", ")
+    if extra:
+        raise ValueError(f"tinyllm.train trains the Llama 2 block only; this config also uses: {extra}")
+
+
 def forward(w, config, ids, attention_backend="numpy"):
     """logits [b, s, vocab] for ids [b, s] (positions 0 .. s-1, causal), and `acts`: what the backward needs.
     Activations are kept as [b * s, features] (one row per position: the matmuls are 2-D), split into heads
     [b, heads, s, head_dim] only around attention."""
+    check_llama_block(config)
     c, (b, s) = config, ids.shape
     cos, sin = rope_tables(c.head_dim, s, c.rope_theta)                     # [s, head_dim / 2] each
     x = w.embed[ids.reshape(-1)]                                            # [b s, dim]: the residual stream
