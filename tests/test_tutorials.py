@@ -3,7 +3,7 @@
 Each lesson runs in a fresh interpreter (the GPU/simulator choice is made once per process, before numba.cuda
 is imported), offline (HF_HUB_OFFLINE=1), with strict kernels (a failing kernel raises instead of falling
 back to NumPy), on the simulator; with NUMBATTN_TEST_GPU=1 on a GPU machine they run on the GPU instead,
-benchmarks included. Lesson 7 is pinned to the miniature checkpoint (NUMBATTN_TUTORIAL_TINY=1) so that a
+benchmarks included. Lesson 8 is pinned to the miniature checkpoint (NUMBATTN_TUTORIAL_TINY=1) so that a
 downloaded TinyLlama does not turn this into a multi-minute CPU chat. Pictures go to a temporary folder
 (NUMBATTN_TUTORIAL_OUT), and every lesson must write the ones it announces.
 
@@ -32,7 +32,8 @@ PICTURES = {1: ["01_attention_weights.png"] + ([] if GPU_RUN else ["01_kernel_re
             3: ["03_owner_and_bank_maps.png"] + ([] if GPU_RUN else ["03_reads_per_block.png",
                                                                        "03_q_tile_and_streaming_kv.png"]),
             4: [] if GPU_RUN else ["04_tiles_read_per_block.png"],
-            5: ["05_split_k.png"], 6: ["06_llama_block.png"], 7: ["07_sampling.png"], 8: ["08_paged_cache.png"]}
+            5: ["05_split_k.png"], 6: ["06_llama_block.png"], 7: ["07_loss_curve.png"], 8: ["08_sampling.png"],
+            9: ["09_paged_cache.png"]}
 EXERCISES = {2: "rescaled_sum", 3: "tile_slot", 4: "n_keys", 5: "merged_lse"}
 STUB = "# <- replace this line"
 # runs a lesson's (edited) source, read from stdin, as if it were the file itself
@@ -68,10 +69,10 @@ def run_lesson(lesson, out_dir, args=(), source=None):
     return proc, time.perf_counter() - t0
 
 
-def test_there_are_exactly_eight_numbered_lessons():
+def test_there_are_exactly_nine_numbered_lessons():
     names = [p.name for p in LESSONS]
-    assert len(names) == 8, f"expected 8 lessons in tutorials/, found {names}"
-    assert [int(n[:2]) for n in names] == list(range(1, 9)), f"lessons must be numbered 01..08: {names}"
+    assert len(names) == 9, f"expected 9 lessons in tutorials/, found {names}"
+    assert [int(n[:2]) for n in names] == list(range(1, 10)), f"lessons must be numbered 01..09: {names}"
     for helper in ("README.md", "_setup.py", "_lesson.py", "solutions.py"):
         assert (ROOT / "tutorials" / helper).is_file(), f"tutorials/{helper} is missing"
 
