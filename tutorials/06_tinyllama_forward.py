@@ -59,7 +59,7 @@ print({k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layer
                             "num_key_value_heads", "vocab_size", "rope_theta", "rms_norm_eps", "torch_dtype")})
 
 # tinyllm's NumPy engine (tinyllm/engines/host.py: every op a line of NumPy), with attention on the best numbattn
-# backend (the GPU or the simulator); lesson 7 checks the all-kernel device engine against it
+# backend (the GPU or the simulator); lesson 8 checks the all-kernel device engine against it
 model = tinyllm.load_model(model_dir, engine="numpy")
 prompt = "Hello world! How are you?"
 ids = model.tokenizer.encode(prompt)

@@ -331,11 +331,11 @@ def measured(heading, columns, where=lambda row: True, plot=None):
     head = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8").split("\n## ")[0]
     device = next((ln.split(":", 1)[1].strip() for ln in head.splitlines() if ln.strip().startswith("device:")), "")
     date = next((ln.split(":", 1)[1].strip()[:10] for ln in head.splitlines() if ln.strip().startswith("date:")), "")
+    rows = [r for r in benchmarks_table(heading) if where(r)]              # LookupError if there is no such table
     lines = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8").splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith(heading))
     section = [line for line in lines[:at] if line.startswith("## ")]     # a dated section: its own date
     date = section[-1][3:13] if section and section[-1].startswith("## 20") else date
-    rows = [r for r in benchmarks_table(heading) if where(r)]
     print(f"measured on {device.split(',')[0] or 'the GPU machine'} ({date}), BENCHMARKS.md, {heading.lstrip('# ')}:")
     print(bench.format_table(rows, columns))
     if plot:

@@ -13,7 +13,10 @@ NUMBATTN_TEST_GPU=1).
     visible_keys, tile_is_whole    which keys a block of query rows sees (causal, sliding window): decided here once
     ring_slot(base, r, slots)      where a key lives in a ring-buffer cache (a window layer's; plain arrays: j)
     soft_cap(s, cap)               Gemma 2's logit soft cap, cap * tanh(s / cap), with an accurate tanh
+    soft_cap_slope(s, cap)         its derivative at s, 1 - tanh^2(s / cap), accurate where tanh saturates (the
+                                   backward's chain rule)
     make_slot_of, make_cap         the kernels' compile-time choices: ring buffer or not, soft cap or not
+    make_cap_slope                 the backward's: soft_cap_slope with a soft cap, 1 without
     make_group_reduce(...)         max / sum of TM values over the `width` consecutive threads of a group:
                                    warp shuffles on a GPU, shared memory + barriers in the simulator
     group_barrier()                the lanes of a warp wait for each other (a block barrier in the simulator)
@@ -151,6 +154,30 @@ def soft_cap(s, cap):
         t = -e / (float32(2.0) + e)
         return cap * (t if x >= 0 else -t)
     return s
+
+
+@device
+def soft_cap_slope(s, cap):
+    """d soft_cap(s) / d s = 1 - tanh^2(s / cap) for cap > 0 (cap = 0: 1), at the uncapped score s, in the kernels'
+    log2 units as soft_cap's (s and cap both times log2 e: the ratio is the same). As 4 E / (1 + E)^2 with
+    E = exp(-2 |s / cap|), not 1 - (capped / cap)^2: in fp32 the capped score near +-cap carries an absolute error
+    of ~1e-7, which is all of the slope once |s| > ~4 cap (tests/test_backward.py measured dq 7e-3 off at |s| ~ 6 cap
+    that way, 1e-6 this way); E is relative-accurate, and underflows to a slope of 0 only below ~1e-37."""
+    if cap > 0:
+        e = math.exp(float32(-2.0) * abs(s / cap))
+        return float32(4.0) * e / ((float32(1.0) + e) * (float32(1.0) + e))
+    return float32(1.0)
+
+
+def make_cap_slope(capped):
+    """slope(s, softcap): soft_cap_slope for kernels compiled with a soft cap, else 1 (the choice of make_cap)."""
+    if capped:
+        return soft_cap_slope
+
+    @device
+    def slope(s, softcap):
+        return float32(1.0)
+    return slope
 
 
 # --------------------------------------------------------------------------------------------------------

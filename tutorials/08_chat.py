@@ -1,5 +1,5 @@
 """
-Lesson 7: chatting with TinyLlama
+Lesson 8: chatting with TinyLlama
 =================================
 
 What you will learn
@@ -10,7 +10,7 @@ What you will learn
   fine-tuned on (TinyLlama: <|system|>, <|user|>, <|assistant|> markers closed by </s>).
 * Sampling: turning next-token logits into a choice, illustrated on a 6-word vocabulary: greedy,
   temperature, top-k, top-p (nucleus), and how top-p keeps fewer words than top-k when the model is sure
-  and more when it is not (a picture: tutorials/out/07_sampling.png); a seeded sampler drawn 2000 times
+  and more when it is not (a picture: tutorials/out/08_sampling.png); a seeded sampler drawn 2000 times
   against the probabilities.
 * Streaming: printing the reply as it is generated, without breaking multi-byte characters or the spaces
   between words.
@@ -19,7 +19,7 @@ What you will learn
   the miniature random checkpoint of lesson 6, whose replies are random tokens, not language. A second turn
   reuses the KV cache of the first.
 
-Run it: `python tutorials/07_chat.py`, or run the `# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/08_chat.py`, or run the `# %%` cells in VS Code / Jupyter.
 Set NUMBATTN_TUTORIAL_TINY=1 to use the miniature even when a trained model is on this machine.
 """
 
@@ -214,7 +214,7 @@ if plt:
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("probability of each next word")
     axes[1].legend(fontsize=7)
-    _lesson.save(fig, "07_sampling.png")
+    _lesson.save(fig, "08_sampling.png")
 
 # %% [markdown]
 # A `Sampler` draws from those probabilities with its own seeded random generator, so a seed reproduces a
@@ -337,13 +337,13 @@ if BACKEND in ("cuda", "sim"):
             print(f"{name} {what}: max |logits on kernels - on reference| = {err:.1e}")
 else:
     print("no kernel backend (neither a GPU nor the simulator): nothing to compare")
-print("lesson 7 checks passed")
+print("lesson 8 checks passed")
 
 # %% [markdown]
 # ## Break it
 #
 # Each switch plants one mistake and predicts the check that catches it (a plain run tries them all;
-# `python tutorials/07_chat.py --break naive-stream` runs up to that one and stops there):
+# `python tutorials/08_chat.py --break naive-stream` runs up to that one and stops there):
 #
 #     --break naive-stream     each token decoded alone, the pieces joined -> "streaming changed the text"
 #     --break top-p-resoftmax  top-p's kept probabilities passed through softmax again instead of divided by

@@ -1,5 +1,5 @@
 """
-Lesson 8: serving many requests at once: a paged KV cache and continuous batching
+Lesson 9: serving many requests at once: a paged KV cache and continuous batching
 =================================================================================
 
 What you will learn
@@ -7,7 +7,7 @@ What you will learn
 * Why a server does not give each request a contiguous max_len cache (lesson 5's KVCache): 32 requests of 50 to
   2000 tokens would each reserve the longest. A paged cache (vLLM's PagedAttention) keeps K and V in pages of a
   few tokens from one shared pool, a block table per sequence, a free list: memory is what the sequences hold.
-  We draw it (tutorials/out/08_paged_cache.png).
+  We draw it (tutorials/out/09_paged_cache.png).
 * How a kernel reads through a block table: the paged decode kernel (numbattn/kernels/decode_paged.py) is
   lesson 5's split-K decode v1 frame, scanning a page at a time; three sequences of different lengths decode in
   ONE launch, checked against the NumPy reference.
@@ -16,7 +16,7 @@ What you will learn
   the model's decode throughput at batch 1, 8 and 32 (Llama.forward_rows, the same forward as ever).
 * What `tinyllm serve` adds around it: the OpenAI API, chunked prefill, pages freed when a client leaves.
 
-Run it: `python tutorials/08_serving.py`, or run the `# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/09_serving.py`, or run the `# %%` cells in VS Code / Jupyter.
 """
 
 # %%
@@ -83,7 +83,7 @@ def draw(cache, lengths):
 
 
 if plt is not None:
-    _lesson.save(draw(cache, lengths), "08_paged_cache.png")
+    _lesson.save(draw(cache, lengths), "09_paged_cache.png")
 
 # %% [markdown]
 # ## Three sequences, one launch
@@ -193,4 +193,4 @@ print("TinyLlama-1.1B shapes on an H100 behind `tinyllm serve`: BENCHMARKS.md, '
 #     client.chat.completions.create(model="checkpoints/tiny", messages=[{"role": "user", "content": "Hi!"}])
 
 # %%
-print("lesson 8 checks passed")
+print("lesson 9 checks passed")
