@@ -387,8 +387,8 @@ print(f"max |kernel - wrong mapping h % n_kv_heads| = {np.abs(ours - interleaved
 # multiples of the tiles.
 
 # %%
-cases = [(4, 4, 5, 5), (4, 2, 3, 9), (4, 1, 1, 7), (2, 1, 6, 11)]
-CHECKED = prefill.VERSIONS if BACKEND == "cuda" else ("v1", "v3")   # the simulator: the teaching one, the default     # (n_heads, n_kv_heads, q_len, kv_len)
+cases = [(4, 4, 5, 5), (4, 2, 3, 9), (4, 1, 1, 7), (2, 1, 6, 11)]     # (n_heads, n_kv_heads, q_len, kv_len)
+CHECKED = prefill.VERSIONS if BACKEND == "cuda" else ("v1", "v3")   # the simulator: the teaching one, the default
 for n_h, n_kv, q_len, kv_len in cases:
     q, k, v = bench.random_qkv(1, q_len, kv_len, n_heads=n_h, n_kv_heads=n_kv, head_dim=16, seed=q_len + kv_len)
     want = reference.attention(*fp64(q, k, v), causal=True)

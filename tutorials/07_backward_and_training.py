@@ -72,8 +72,8 @@ rng = np.random.default_rng(0)
 print(inspect.getsource(reference.attention_backward))
 
 # %% [markdown]
-# A check that does not trust the derivation, *finite differences*: nudge each input by ±ε, recompute L = Σ dO ∘ attention(q, k, v) in
-# fp64, and compare (L(x + ε) − L(x − ε)) / 2ε with the gradient, element by element (4 query heads sharing 2 KV
+# A check that does not trust the derivation, *finite differences*: nudge each input by ±ε, recompute
+# L = Σ dO ∘ attention(q, k, v) in fp64, and compare (L(x + ε) − L(x − ε)) / 2ε with the gradient, element by element (4 query heads sharing 2 KV
 # heads, causal, more keys than queries).
 
 # %%
@@ -302,8 +302,8 @@ print("before training:", repr(sample(weights)))
 
 # %% [markdown]
 # Three hundred steps of *AdamW* (the optimiser: a step per weight scaled by running averages of its gradient and
-# of the gradient's square, plus weight decay; lr 3e-3). Attention goes through numbattn both ways: on its NumPy path here on a
-# laptop (the simulator would take minutes per step), on the kernels when there is a GPU.
+# of the gradient's square, plus weight decay; lr 3e-3). Attention goes through numbattn both ways: on its NumPy
+# path here on a laptop (the simulator would take minutes per step), on the kernels when there is a GPU.
 
 # %%
 TRAIN_BACKEND = "cuda" if BACKEND == "cuda" else "numpy"
