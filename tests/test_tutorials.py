@@ -7,7 +7,7 @@ benchmarks included. Lesson 8 is pinned to the miniature checkpoint (NUMBATTN_TU
 downloaded TinyLlama does not turn this into a multi-minute CPU chat. Pictures go to a temporary folder
 (NUMBATTN_TUTORIAL_OUT), and every lesson must write the ones it announces.
 
-The exercises (lessons 2-5): run with --exercise, the lesson's stub must fail its check with a message that
+The exercises (lessons 2-6): run with --exercise, the lesson's stub must fail its check with a message that
 puts "yours" next to "expected"; with the stub line replaced by the line of tutorials/solutions.py, the same
 run must pass. `pytest tests/test_tutorials.py -s` prints each lesson's run time.
 """
@@ -32,9 +32,9 @@ PICTURES = {1: ["01_attention_weights.png"] + ([] if GPU_RUN else ["01_kernel_re
             3: ["03_owner_and_bank_maps.png"] + ([] if GPU_RUN else ["03_reads_per_block.png",
                                                                        "03_q_tile_and_streaming_kv.png"]),
             4: [] if GPU_RUN else ["04_tiles_read_per_block.png"],
-            5: ["05_split_k.png"], 6: ["06_llama_block.png"], 7: ["07_loss_curve.png"], 8: ["08_sampling.png"],
-            9: ["09_paged_cache.png"]}
-EXERCISES = {2: "rescaled_sum", 3: "tile_slot", 4: "n_keys", 5: "merged_lse"}
+            5: ["05_split_k.png"], 6: ["06_llama_block.png", "06_gguf_blocks.png"], 7: ["07_loss_curve.png"],
+            8: ["08_sampling.png"], 9: ["09_paged_cache.png"]}
+EXERCISES = {2: "rescaled_sum", 3: "tile_slot", 4: "n_keys", 5: "merged_lse", 6: "dequantize_q4_k"}
 STUB = "# <- replace this line"
 # runs a lesson's (edited) source, read from stdin, as if it were the file itself
 RUN_SOURCE = ("import sys; path = sys.argv[1]; source = sys.stdin.read(); sys.argv = [path] + sys.argv[2:]; "

@@ -1,4 +1,4 @@
-"""Solutions to the exercises of lessons 2-5: what the lessons run unless you pass --exercise.
+"""Solutions to the exercises of lessons 2-6: what the lessons run unless you pass --exercise.
 
 Try each exercise before reading its solution. Each is one line; the lesson's EXERCISE function has the same
 signature, and `python tutorials/0N_*.py --exercise` checks yours against the expected result.
@@ -34,3 +34,9 @@ def merged_lse(lse):
     """Lesson 5: log(sum_s exp(lse_s)), the log-sum-exp of the splits' LSEs, computed without overflow by
     factoring out the largest: M + log(sum_s exp(lse_s - M))."""
     return lse.max() + np.log(np.exp(lse - lse.max()).sum())
+
+
+def dequantize_q4_k(d, dmin, sc, m, codes):
+    """Lesson 6: a Q4_K super-block's weights, group g's 32 codes [g, :] scaled by d * sc_g and shifted by the
+    group's min, dmin * m_g: w = (d * sc_g) * c - dmin * m_g."""
+    return d * sc[:, None] * codes - dmin * m[:, None]
