@@ -470,7 +470,8 @@ def describe_backend(chosen, asked):
 ENGINES = {"cuda": "the device engine: the weights uploaded to the GPU once, every op a numbattn kernel, decode "
                    "steps replayed as CUDA graphs",
            "sim": "the device engine in Numba's CUDA simulator (every op a numbattn kernel, run on the CPU: slow)",
-           "numpy": "the NumPy engine: weights in host memory (fp32), every op in NumPy"}
+           "numpy": "the NumPy engine: weights in host memory (fp32, or a GGUF file's quantized blocks as stored, "
+                    "multiplied by Numba kernels), every other op in NumPy"}
 
 
 def open_model(model, backend, ctx_size=None, verbose=False, download=True):
@@ -812,7 +813,7 @@ def info(model, backend, threads, verbose):
         click.echo(f"model: {model} is not downloaded (run `{program()} download --model {model}`)")
         return
     from tinyllm.info import describe_model
-    for line in describe_model(source):
+    for line in describe_model(source, per_tensor=verbose):
         click.echo(line)
 
 

@@ -554,9 +554,10 @@ def cold_start_rows(report, d):
     return rows
 
 
-def write_padded_gguf(path, d):
-    """The checkpoint as an F16 GGUF that llama.cpp loads: its vocabulary (the miniature's tokens) padded with
-    unused tokens to the model's 32000 rows, as llama.cpp sizes the embedding by the token list."""
+def write_padded_gguf(path, d, qtype="F16"):
+    """The checkpoint as a GGUF that llama.cpp loads (F16, or quantized: Q8_0, Q4_K_M...): its vocabulary (the
+    miniature's tokens) padded with unused tokens to the model's 32000 rows, as llama.cpp sizes the embedding by
+    the token list."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from gguf import TokenType
 
@@ -570,12 +571,72 @@ def write_padded_gguf(path, d):
     types = [int(TokenType.CONTROL if t in ("<s>", "</s>") else TokenType.UNKNOWN if t == "<unk>" else
                  TokenType.BYTE if t.startswith("<0x") and len(t) == 6 else TokenType.NORMAL) for t in tokens]
     logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)    # (it warns of each key it overwrites, in full)
-    write_gguf(path, d, qtype="F16", metadata={
+    write_gguf(path, d, qtype=qtype, metadata={
         "tokenizer.ggml.tokens": tokens + pad,
         "tokenizer.ggml.scores": [score.get(t, -1e6) for t in tokens] + [-1e6] * len(pad),
         "tokenizer.ggml.token_type": types + [int(TokenType.UNUSED)] * len(pad)})
     print(f"[GGUF for llama-bench: {path}; e.g. llama-bench -m {path} -p 16,512,2048 -n 128 -fa 1 -ngl 99 -o md]",
           flush=True)
+    return path
+
+
+@section
+def quantized(report, out, args):
+    """GGUF blocks kept as stored on the GPU (issue 28): TinyLlama's shapes (random weights) written as llama.cpp would
+    write them as Q8_0 and Q4_K_M (tests/gguf_files.py, vocabulary padded to 32000), loaded by the device engine as
+    stored, and the same weights as bf16 safetensors: pp and tg as llama-bench reports them, device memory used
+    against the file plus the KV cache, and the prompt's last logits against the NumPy engine on the same file
+    (fp32, its reference arithmetic) and against the bf16 checkpoint (the quantization's own error). --gguf-dir
+    keeps the files for llama-bench (the llama.cpp column)."""
+    import gc
+    import tempfile
+
+    from numba import cuda
+
+    from tinyllm import load_model
+    folder = args.gguf_dir or tempfile.mkdtemp()
+    os.makedirs(folder, exist_ok=True)
+    d = tinyllama_checkpoint(tempfile.mkdtemp())
+    prompt = np.random.default_rng(0).integers(3, 32000, (1, 64))
+    bf16_logits = None
+    rows = []
+    for qtype in ("bf16 safetensors", "Q8_0", "Q4_K_M"):
+        path = d if qtype.startswith("bf16") else write_padded_gguf(os.path.join(folder, f"tinyllama.{qtype}.gguf"),
+                                                                    d, qtype)
+        size = sum(f.stat().st_size for f in d.glob("*.safetensors")) if qtype.startswith("bf16") else \
+            os.path.getsize(path)
+        ctx = cuda.current_context()
+        gc.collect()
+        ctx.deallocations.clear()                   # the previous model's memory really freed before measuring
+        free0 = ctx.get_memory_info().free
+        m = load_model(str(path), backend="cuda")
+        used = free0 - ctx.get_memory_info().free
+        logits = np.array(m.forward(prompt, last_only=True))     # (a copy: the engine's host buffer is reused)
+        row = dict(file=qtype, kinds="/".join(m.weights.kinds), file_GB=size / 1e9, weights_GB=m.weights.nbytes / 1e9,
+                   token_GB=m.weights.token_bytes / 1e9, cache_GB=m.cache.nbytes / 1e9, used_GB=used / 1e9,
+                   used_over_file_cache=used / (size + m.cache.nbytes))
+        row |= {r["test"]: r["tokens_per_s"] for r in bench.pp_tg_tinyllm(m, tuple(args.pp), args.tg, depths=(1,),
+                                                                            repeat=args.e2e_repeat)}
+        del m
+        host = load_model(str(path), backend="numpy", weights="fp32", kv_dtype=np.float16)
+        want = host.forward(prompt, last_only=True)
+        del host
+        row["err_vs_numpy"] = float(np.abs(logits - want).max() / np.abs(want).max())
+        bf16_logits = want if bf16_logits is None else bf16_logits
+        row["err_vs_bf16"] = float(np.abs(want - bf16_logits).max() / np.abs(bf16_logits).max())
+        rows.append(row)
+        print(row, flush=True)
+    tests = [f"pp{n}" for n in args.pp] + [f"tg{args.tg}"]
+    emit(report, "GGUF blocks on the GPU: TinyLlama shapes, random weights, batch 1 (tokens/s)", rows,
+         ["file", "kinds", "file_GB", "weights_GB", "token_GB", "cache_GB", "used_GB", "used_over_file_cache"] + tests
+         + ["err_vs_numpy", "err_vs_bf16"],
+         "The device engine keeps each file's tensors as stored: bf16 words, or the GGUF blocks, dequantized inside "
+         "the GEMVs and the tensor-core GEMMs (numbattn/blocks.py). used_GB: device memory taken by load_model (weights, "
+         "KV cache, buffers); token_GB: weights read per decoded token. err_vs_numpy: the prompt's last logits against "
+         "the NumPy engine on the same file in fp32 (what the kernels add); err_vs_bf16: that engine's against the bf16 "
+         f"checkpoint's (what quantizing costs). Medians of {args.e2e_repeat}. llama.cpp: llama-bench -m FILE -p "
+         f"{','.join(map(str, args.pp))} -n {args.tg} -fa 1 -ngl 99 on the files kept in --gguf-dir.")
+    return rows
 
 
 def engine_step(m):
@@ -842,6 +903,7 @@ def main():
     ap.add_argument("--serve-prompt-words", type=int, default=64)
     ap.add_argument("--other-server", default="", help="serving: also load these OpenAI-compatible URLs (comma-"
                                                         "separated), e.g. llama-server's http://127.0.0.1:8081")
+    ap.add_argument("--gguf-dir", default="", help="quantized: keep the Q8_0 and Q4_K_M files here (for llama-bench)")
     ap.add_argument("--replot", nargs="+", metavar="ROWS_JSON",
                     help="no measuring: redraw the plots of finished runs (their rows.json files) into --out")
     args = ap.parse_args()

@@ -8,15 +8,19 @@ linear` is the one-line NumPy version). How to compute it depends on M, the numb
 
     decode (M = 1)    every weight is used once per token: 2 FLOPs per weight read, so the time is
                       bytes / bandwidth. The kernel (kernels/gemv.py) streams W at full speed.
-    prefill (M large) every weight serves M tokens: the time is FLOPs / FLOP rate. bf16 weights go to the
-                      tensor cores (kernels/gemm_mma.py: bf16 mma.sync, the fp32 activations split into
-                      GEMM_TERMS bf16 terms, fp32 accumulation); fp32 weights to the SIMT kernel
-                      (kernels/gemm.py), which reuses each loaded value for many FMAs.
+    prefill (M large) every weight serves M tokens: the time is FLOPs / FLOP rate. bf16 weights and GGUF
+                      blocks go to the tensor cores (kernels/gemm_mma.py: bf16 mma.sync, the fp32 activations
+                      split into GEMM_TERMS bf16 terms, fp32 accumulation; a block's integer codes are exact
+                      in bf16, its scales applied per k16 step in fp32); fp16 and fp32 weights to the SIMT
+                      kernel (kernels/gemm.py), which reuses each loaded value for many FMAs.
 
 Weights arrive as raw bits in 8-byte words: `w` is a uint64 array [N, K / VPW] holding VPW = 4 bf16 values (as
-stored in the checkpoint: half the bytes of fp32, exactly widened with a shift, kernels/common.py) or VPW = 2
-fp32 values (weights that are not bf16, e.g. dequantized GGUF) per word. One 8-byte load per lane makes a warp
-read 256 contiguous bytes per instruction. Everything is computed in float32.
+stored in the checkpoint: half the bytes of fp32, exactly widened with a shift, kernels/common.py), 4 fp16 or 2
+fp32 values per word; or a GGUF file's quantized blocks, kept as they are (numbattn/blocks.py: code words, high
+bits, scale records per row, [N, row words]) and dequantized in registers by every kernel (kernels/blocks.py):
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K. One 8-byte load per lane makes a warp read 256 contiguous bytes
+per instruction. The activations are float32 and every sum is accumulated in float32 (the tensor-core GEMM: x in
+GEMM_TERMS bf16 terms, products summed in fp32).
 
 Fused into the kernels: an RMSNorm prologue (GEMV), a residual-add epilogue, a SwiGLU or GeGLU epilogue (rows of
 W interleave gate and up). The NumPy twins are in numbattn/reference.py; measured speeds are in BENCHMARKS.md.
@@ -26,6 +30,7 @@ tinyllm's device engine launches), and checks the arguments.
 import numpy as np
 
 from . import gpu
+from .blocks import BLOCK_KINDS, row_step, row_words
 from .gpu import SHARED_LIMIT
 from .kernels.common import SIM, WEIGHT_KINDS
 from .kernels.gemm import GEMM_TILES, make_gemm
@@ -48,12 +53,17 @@ SIM_MMA_TILE_CLASSES = ((16, MmaTiles(16, 16, 32, 1, 1, 2)), (None, MmaTiles(32,
 MMA_TILE_CLASSES = SIM_MMA_TILE_CLASSES if SIM else GPU_MMA_TILE_CLASSES
 
 
+KINDS = tuple(WEIGHT_KINDS) + tuple(BLOCK_KINDS)
+TENSOR_CORE_KINDS = ("bf16",) + tuple(BLOCK_KINDS)        # the GEMMs that run on tensor cores (sm_80 and newer)
+
+
 def pack_weight(w):
-    """A host weight [N, K] (float32, or uint16 bf16 bits) -> (uint64 words [N, K / VPW], kind)."""
+    """A host weight [N, K] (float32, float16, or uint16 bf16 bits) -> (uint64 words [N, K / VPW], kind). GGUF
+    blocks are packed by numbattn.blocks.pack."""
     w = np.ascontiguousarray(w)
-    kind = "bf16" if w.dtype == np.uint16 else "f32"
-    if kind == "f32" and w.dtype != np.float32:
-        raise ValueError(f"weight has dtype {w.dtype}; expected float32 or uint16 (bf16 bits)")
+    kind = {np.dtype(np.uint16): "bf16", np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}.get(w.dtype)
+    if kind is None:
+        raise ValueError(f"weight has dtype {w.dtype}; expected float32, float16 or uint16 (bf16 bits)")
     vpw = WEIGHT_KINDS[kind]
     if w.ndim != 2 or w.shape[1] % vpw:
         raise ValueError(f"weight has shape {w.shape}; expected [N, K] with K a multiple of {vpw} ({kind})")
@@ -114,9 +124,10 @@ def plan_matmul(n_tokens, n_in, n_rows, kind, epilogue, rmsnorm=False):
         return kernel, gemv_grid(n_rows, epilogue), GEMV_THREADS, True
     if rmsnorm:
         raise ValueError(f"the RMSNorm prologue is fused into the GEMV only ({n_tokens} tokens of {n_in} inputs)")
-    if kind == "bf16" and tensor_cores():
+    if kind in TENSOR_CORE_KINDS and tensor_cores():
         tiles = mma_tiles(n_tokens)
-        return make_gemm_mma(epilogue, tiles, GEMM_TERMS), gemm_grid(n_tokens, n_rows, tiles), tiles.threads, False
+        kernel = make_gemm_mma(epilogue, tiles, GEMM_TERMS, True, kind)
+        return kernel, gemm_grid(n_tokens, n_rows, tiles), tiles.threads, False
     tiles = gemm_tiles(n_tokens, n_rows)
     return make_gemm(kind, epilogue, tiles), gemm_grid(n_tokens, n_rows, tiles), tiles[3], False
 
@@ -129,18 +140,18 @@ def out_features(n_rows, epilogue):
 
 
 def check_linear(x, w, kind, out, epilogue, norm_w):
-    """x [M, K] float32, w [N, K / VPW] uint64 words, out [M, N] float32 ([M, N / 2] for swiglu and geglu)."""
-    if kind not in WEIGHT_KINDS or epilogue not in EPILOGUES:
-        raise ValueError(f"kind={kind!r}, epilogue={epilogue!r}: expected one of {tuple(WEIGHT_KINDS)} and "
-                         f"{EPILOGUES}")
+    """x [M, K] float32, w [N, row words] uint64 words, out [M, N] float32 ([M, N / 2] for swiglu and geglu)."""
+    if kind not in KINDS or epilogue not in EPILOGUES:
+        raise ValueError(f"kind={kind!r}, epilogue={epilogue!r}: expected one of {KINDS} and {EPILOGUES}")
     for name, a, dtype in (("x", x, np.float32), ("w", w, np.uint64), ("out", out, np.float32)):
         if len(a.shape) != 2 or np.dtype(a.dtype) != dtype:
             raise ValueError(f"{name} has shape {tuple(a.shape)} and dtype {np.dtype(a.dtype).name}; expected a "
                              f"2-D {np.dtype(dtype).name} array")
     (m, k), (n, words) = x.shape, w.shape
-    if words * WEIGHT_KINDS[kind] != k or (epilogue in GATED and n % 2):
-        raise ValueError(f"x has shape {tuple(x.shape)} but w has {n} rows of {words} {kind} words "
-                         f"({words * WEIGHT_KINDS[kind]} inputs){f'; {epilogue} needs an even row count' * (n % 2)}")
+    if k % row_step(kind) or words != row_words(kind, k) or (epilogue in GATED and n % 2):
+        raise ValueError(f"x has shape {tuple(x.shape)} but w has {n} rows of {words} words, not the "
+                         f"{row_words(kind, k - k % row_step(kind))} of a row of {k} {kind} values"
+                         f"{f'; {epilogue} needs an even row count' * (n % 2)}")
     if tuple(out.shape) != (m, out_features(n, epilogue)):
         raise ValueError(f"out has shape {tuple(out.shape)}; expected {(m, out_features(n, epilogue))}")
     if norm_w is not None and tuple(norm_w.shape) != (k,):

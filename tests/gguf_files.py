@@ -68,11 +68,21 @@ def llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def storage_type(name, x, qtype):
-    """llama.cpp's rule of thumb: norms stay F32, and a matrix whose rows do not split into blocks falls back."""
+def storage_type(name, x, qtype, n_layers=1):
+    """llama.cpp's rule of thumb: norms stay F32, and a matrix whose rows do not split into blocks falls back.
+    qtype "Q4_K_M" is llama.cpp's mixture (llama-quant.cpp): Q6_K for the output head and, in the layers that
+    use_more_bits picks, attn_v and ffn_down; Q4_K elsewhere."""
     if x.ndim == 1:
         return "F32"
+    if qtype == "Q4_K_M":
+        qtype = "Q6_K" if name == "lm_head.weight" or (name.endswith(("v_proj.weight", "down_proj.weight"))
+                                                      and use_more_bits(int(name.split(".")[2]), n_layers)) else "Q4_K"
     return qtype if x.shape[-1] % GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0] == 0 else "F32"
+
+
+def use_more_bits(i, n):
+    """llama.cpp's choice of the layers that keep more bits in its _M mixtures."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 def stored(x, kind):
@@ -82,7 +92,73 @@ def stored(x, kind):
     if kind == "F16":
         return np.ascontiguousarray(x, np.float16), None
     qtype = GGMLQuantizationType[kind]
-    return quantize(np.ascontiguousarray(x, np.float32), qtype), qtype
+    x = np.ascontiguousarray(x, np.float32)
+    if kind in K_QUANTIZERS:
+        return K_QUANTIZERS[kind](x), qtype
+    return quantize(x, qtype), qtype
+
+
+# --------------------------------------------------------------------------------------------------------
+# Q4_K and Q6_K, which gguf cannot quantize to: simple round-to-nearest quantizers (llama.cpp searches for better
+# scales; these are what a first quantizer would do), their blocks laid out as ggml-common.h's block_q4_K, q6_K
+# --------------------------------------------------------------------------------------------------------
+def _fp16(x):
+    """x rounded to fp16 (as stored) -> (its bytes [..., 2], its float32 value)."""
+    h = np.asarray(x, np.float32).astype(np.float16)
+    return h.view(np.uint8).reshape(*h.shape[:-1], -1) if h.ndim else h.view(np.uint8), h.astype(np.float32)
+
+
+def quantize_q4_k(x):
+    """x [..., n * 256] -> Q4_K blocks [..., n * 144] uint8: per group of 32 w = d*sc * q - dmin*m, q in 0..15, the
+    groups' scales and mins 6-bit multiples of the super-block's d and dmin."""
+    g = x.reshape(-1, 8, 32)                                      # [super-block, group, value]
+    lo = np.minimum(g.min(-1), 0)
+    scale, mins = (g.max(-1) - lo) / 15, -lo                       # [sb, 8]
+    d_bytes, d = _fp16(scale.max(-1, keepdims=True) / 63)
+    m_bytes, dmin = _fp16(mins.max(-1, keepdims=True) / 63)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d > 0, np.round(scale / d), 0).clip(0, 63).astype(np.uint8)
+        m = np.where(dmin > 0, np.round(mins / dmin), 0).clip(0, 63).astype(np.uint8)
+        step = (d * sc)[..., None]
+        q = np.where(step > 0, np.round((g + (dmin * m)[..., None]) / step), 0).clip(0, 15).astype(np.uint8)
+    scales = np.concatenate([sc[:, :4] | (sc[:, 4:] >> 4 << 6), m[:, :4] | (m[:, 4:] >> 4 << 6),
+                             (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)], axis=-1)            # get_scale_min_k4's
+    q = q.reshape(-1, 4, 2, 32)                                   # [sb, group pair j, low/high, l]
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    blocks = np.concatenate([d_bytes, m_bytes, scales, qs], axis=-1)
+    return blocks.reshape(*x.shape[:-1], -1)
+
+
+def quantize_q6_k(x):
+    """x [..., n * 256] -> Q6_K blocks [..., n * 210] uint8: per group of 16 w = d*sc * (q - 32), q in 0..63, sc an
+    int8 multiple of the super-block's d."""
+    g = x.reshape(-1, 16, 16)
+    scale = np.abs(g).max(-1) / 31.5                              # [sb, 16]
+    d_bytes, d = _fp16(scale.max(-1, keepdims=True) / 127)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d > 0, np.round(scale / d), 0).clip(-128, 127).astype(np.int8)
+        step = (d * sc)[..., None]
+        q = (np.where(step != 0, np.round(g / step), 0) + 32).clip(0, 63).astype(np.uint8)
+    q = q.reshape(-1, 2, 4, 32)                                   # [sb, half n, 32 s + l -> s, l]
+    ql = np.stack([(q[:, :, s] & 0xF) for s in range(4)], axis=2)        # [sb, n, s, l]
+    ql = np.concatenate([ql[:, :, 0] | (ql[:, :, 2] << 4), ql[:, :, 1] | (ql[:, :, 3] << 4)], axis=-1)   # [sb, n, 64]
+    qh = sum(((q[:, :, s] >> 4) & 3) << (2 * s) for s in range(4)).astype(np.uint8)                 # [sb, n, 32]
+    blocks = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d_bytes], axis=-1)
+    return blocks.reshape(*x.shape[:-1], -1)
+
+
+K_QUANTIZERS = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+
+
+def random_blocks(rng, kind, n_rows, n_in):
+    """Rows of random blocks of a ggml type: every byte random but the fp16 scales' top bytes (d < 2^-7, so every
+    value finite and |w| < 64) -> [n_rows, bytes per row] uint8."""
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    raw = rng.integers(0, 256, (n_rows, n_in // block, size), dtype=np.uint8)
+    offsets = {"Q6_K": (209,), "Q2_K": (81, 83), "Q3_K": (109,), "Q8_0": (1,), "Q4_0": (1,), "Q5_0": (1,)}
+    for o in offsets.get(kind, (1, 3)):        # (d, m / dmin) first, else where ggml-common.h puts them
+        raw[..., o] &= 0x9F                    # exponent bits 0xxx: |d| < 2^-7
+    return raw.reshape(n_rows, -1)
 
 
 def round_trip(x, kind):
@@ -134,7 +210,7 @@ def write_gguf(path, model_dir, qtype="F32", tokenizer="llama", arch=None, permu
             x = llama_cpp_permute(x, n_head if "q_proj" in name else n_kv)   # llama only: qwen and gemma rotate halves
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             x = x + 1.0                                        # llama.cpp's RMSNorm multiplies by the weight: 1 + w
-        data, raw_dtype = stored(x, storage_type(name, x, qtype))
+        data, raw_dtype = stored(x, storage_type(name, x, qtype, config["num_hidden_layers"]))
         w.add_tensor(gguf_name(name, arch), data, raw_dtype=raw_dtype)
     for name, (blocks, kind) in (raw_tensors or {}).items():
         w.add_tensor(name, blocks, raw_dtype=GGMLQuantizationType[kind])

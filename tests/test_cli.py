@@ -238,6 +238,26 @@ def test_info_with_a_model_dir_and_a_cached_model(run, tiny_model_dir, empty_hub
     assert r.exit_code == 0 and f"model: {snapshot}" in r.stdout and "parameters: 156.48K" in r.stdout
 
 
+def test_info_on_a_gguf_shows_the_bytes_a_token_reads_and_every_tensors_format(run, tiny_model_dir, tmp_path):
+    """A Q8_0 file (rows of 172 stay F32, as llama.cpp writes them): the bytes of weights one token reads kept as
+    stored (Q8_0 blocks: 34 bytes per 32 weights, a row rounded up to 8-byte words), as bf16 and as fp32, the RAM
+    of the NumPy engine keeping the blocks, and with -v each tensor's format in the file and as kept."""
+    from gguf_files import write_gguf
+    path = write_gguf(tmp_path / "m.gguf", tiny_model_dir, "Q8_0")
+    r = run("info", "-m", path, "-v", *NUMPY)
+    assert r.exit_code == 0, r.output
+    h = 64
+    q8_row = lambda k: -(-(k // 32 * 34) // 8) * 8                                       # noqa: E731
+    layer_q8 = (h + 32 + 32 + h) * q8_row(h) + 2 * 172 * q8_row(h)    # q, k, v, o rows; gate, up (down stays F32)
+    stored = 2 * (layer_q8 + h * 172 * 4 + 2 * h * 4) + h * 4 + 512 * q8_row(h) + q8_row(h)   # + lm_head, 1 row
+    assert f"weights read per token: {human_bytes(stored)} as stored" in r.stdout
+    n = 512 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 172 + 2 * 64) + 64
+    assert f"{human_bytes(4 * (n - 512 * 64 + 64))} as fp32" in r.stdout
+    assert "of weights in RAM (GGUF blocks as stored, the rest fp32)" in r.stdout
+    assert f"    model.layers.1.mlp.up_proj.weight 172x64 Q8_0 q8_0 {human_bytes(172 * q8_row(64))}" in r.stdout
+    assert "    model.layers.1.mlp.down_proj.weight 64x172 F32 f32 " in r.stdout
+
+
 def test_download_into_a_dir(run, tiny_model_dir, tmp_path, monkeypatch):
     calls = []
 

@@ -204,3 +204,68 @@ def test_a_prompt_longer_than_the_buffers_runs_in_chunks(one_layer_dir, tiny_mod
     model = load_model(one_layer_dir, backend=kernel_backend)
     ids = np.random.default_rng(4).integers(3, 500, (1, 5))
     assert rel_err(model.forward(ids), tiny_model.forward(ids)) < RTOL and model.cache.lengths.tolist() == [5]
+
+
+# ---- a GGUF file's blocks kept on the device (numbattn/blocks.py, dequantized inside the kernels) ------------------
+def narrow_dir(path, family):
+    """A one-layer miniature whose every matrix splits into 32-value blocks (hidden 32, MLP 64; 2/1 heads of 16; the
+    output head tied to the embeddings), a third of one_layer_dir's weights: a third of the simulator's time."""
+    return make_tiny(path, seed=0, family=family, num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+
+
+def mixed_gguf(path, model_dir):
+    """The miniature as Q4_0, but attn_v as Q8_0 (as llama.cpp's _M mixtures give attn_v more bits): q/k/v cannot
+    share one matrix, so the device engine runs them as separate matmuls and RoPE + the append on their own."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+    from gguf_files import hf_tensors, write_gguf
+    tensors = hf_tensors(model_dir)
+    v = tensors.pop("model.layers.0.self_attn.v_proj.weight")
+    return write_gguf(path, model_dir, "Q4_0", tensors=tensors,
+                      raw_tensors={"blk.0.attn_v.weight": (quantize(v, GGMLQuantizationType.Q8_0), "Q8_0")})
+
+
+@pytest.mark.parametrize("family,qtype", [("llama", "Q8_0"), ("qwen2", "Q4_0 + Q8_0 attn_v")])
+def test_gguf_blocks_on_the_device_equal_the_numpy_engine_on_the_same_file(tmp_path, kernel_backend, family, qtype):
+    """The device engine keeps the file's blocks (the embedding's too, which is the output head); a 2-token prompt
+    and a decode step (the GEMVs: q/k/v with RoPE and the append fused when they share a kind, else one matmul per
+    part, then Qwen2's biases) give the logits of the NumPy engine on the same file dequantized to fp32, its
+    reference arithmetic, within RTOL. weights="fp32" and "bf16" upload fp32 or bf16 words instead (4 bytes a
+    weight: the old way). (Prompts of more tokens run the tensor-core GEMM on blocks, tests/test_linear.py, chosen
+    by the same linear.plan_matmul.)"""
+    from gguf_files import write_gguf
+    source, path = narrow_dir(tmp_path / family, family), tmp_path / "m.gguf"
+    path = write_gguf(path, source, "Q8_0") if qtype == "Q8_0" else mixed_gguf(path, source)
+    device = load_model(path, backend=kernel_backend, max_len=16)
+    oracle = load_model(path, backend="numpy", weights="fp32", kv_dtype=np.float16)
+    assert device.weights.kinds == (("q8_0",) if qtype == "Q8_0" else ("q4_0", "q8_0"))
+    assert isinstance(device.weights.layers[0].w_qkv, list) == (qtype != "Q8_0")
+    ids = np.random.default_rng(3).integers(3, 500, (1, 3))
+    assert rel_err(device.forward(ids[:, :2]), oracle.forward(ids[:, :2])) < RTOL
+    assert rel_err(device.forward(ids[:, 2:], start_pos=2), oracle.forward(ids[:, 2:], start_pos=2)) < RTOL
+    if qtype == "Q8_0":
+        fp32 = load_model(path, backend=kernel_backend, max_len=16, weights="fp32")
+        assert fp32.weights.kinds == ("f32",) and fp32.weights.nbytes > 2.5 * device.weights.nbytes
+        assert load_model(path, backend=kernel_backend, max_len=16, weights="bf16").weights.kinds == ("bf16",)
+        with pytest.raises(ValueError, match="weights='q8'"):
+            load_model(path, backend=kernel_backend, weights="q8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
+def test_tinyllama_shape_gguf_blocks_equal_the_numpy_engine(tinyllama_shaped, tmp_path, qtype):
+    """TinyLlama's shapes written as llama.cpp would (Q8_0; Q4_K_M: Q4_K with Q6_K for the output head and, in the
+    layers llama.cpp picks, attn_v and ffn_down): a 300-token prompt's last logits and 16 greedy tokens equal the
+    NumPy engine's on the same file dequantized to fp32, and the device holds the file's bytes, not 4 per weight."""
+    from gguf_files import write_gguf
+    path = write_gguf(tmp_path / f"t.{qtype}.gguf", tinyllama_shaped, qtype)
+    device = load_model(path, backend="cuda")
+    host = load_model(path, backend="numpy", weights="fp32", kv_dtype=np.float16)
+    assert device.weights.nbytes < 1.1 * path.stat().st_size
+    prompt = np.random.default_rng(5).integers(3, 500, 300)
+    assert rel_err(device.forward(prompt[None], last_only=True), host.forward(prompt[None], last_only=True)) < RTOL
+    device.reset()
+    host.reset()
+    assert device.generate(prompt[:40].tolist(), max_new_tokens=16).ids == \
+        host.generate(prompt[:40].tolist(), max_new_tokens=16).ids

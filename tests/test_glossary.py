@@ -1,8 +1,9 @@
 """tutorials/GLOSSARY.md: every term is defined at its first use, in the lesson the glossary names.
 
 Mechanically, over the lessons' prose (comment lines and each lesson's opening docstring), in reading order
-(01, 02, 03, 03b, 04, ...): the first mention of each glossary term (case-insensitive, whole words, plural
-allowed) must be in the lesson the glossary names, and it must be the defining one, written *term* (or *terms*).
+(01, 02, 03, 03b, 04, ...): the first mention of each glossary term (whole words, plural allowed;
+case-insensitive except for acronyms) must be in the lesson the glossary names, and it must be the defining one,
+written *term* (or *terms*).
 A lesson's opening docstring previews it, and a section heading (`# ## ...`) names what its section defines, so
 both may name the terms that same lesson defines before their definition; a term of a LATER lesson named there
 (or anywhere earlier) fails. No lesson runs: this is text only.
@@ -57,8 +58,9 @@ def test_the_glossary_lists_terms_of_existing_lessons():
 
 @pytest.mark.parametrize("term, prefix, path", glossary(), ids=[r[0] for r in glossary()])
 def test_each_term_is_defined_at_its_first_use(term, prefix, path):
-    pattern = re.compile(r"(?<![\w-])" + re.escape(term) + r"(s|es)?(?![\w-])", re.I)
-    defining = re.compile(r"\*" + re.escape(term) + r"(s|es)?\*", re.I)
+    flags = 0 if term.isupper() else re.I      # an acronym (GGUF) is not the package of the same name (gguf)
+    pattern = re.compile(r"(?<![\w-])" + re.escape(term) + r"(s|es)?(?![\w-])", flags)
+    defining = re.compile(r"\*" + re.escape(term) + r"(s|es)?\*", flags)
     for lesson in LESSONS:
         for n, text, preview in prose(lesson):
             if not pattern.search(text):

@@ -1,16 +1,22 @@
 """numbattn/linear.py: the GEMV (one token) and the GEMM (a chunk) against reference.linear in float64.
 
-Weights go in as raw words, bf16 (4 per uint64) or fp32 (2 per uint64), as the GPU engine uploads them. Sizes
-are chosen to break wrong code: K not a multiple of 32 lanes' words, N not a multiple of the rows a block
-covers, M not a multiple of the GEMM's row tile, outputs NaN-poisoned. Tolerance: 1e-5 relative to the largest
-value (fp32 sums over <= 100 terms land near 1e-7).
+Weights go in as raw words, bf16 (4 per uint64), fp16 (4) or fp32 (2 per uint64), as the GPU engine uploads them,
+or as GGUF blocks in numbattn's layout (numbattn/blocks.py), whose NumPy dequantization is the weight the float64
+reference multiplies. Sizes are chosen to break wrong code: K not a multiple of 32 lanes' words, N not a multiple of
+the rows a block covers, M not a multiple of the GEMM's row tile, K-quant rows of two super-blocks, outputs
+NaN-poisoned. Tolerance: 1e-5 relative to the largest value (fp32 sums over <= 512 terms land near 1e-7; the
+tensor-core GEMM's x in two bf16 terms near 2e-6).
 """
 import numpy as np
 import pytest
 from numba import cuda
 
+from gguf_files import random_blocks
+
+from numbattn import blocks
 from numbattn import linear as L
 from numbattn import reference
+from numbattn.kernels.gemm import GEMM_TILES, make_gemm
 from numbattn.kernels.gemm_mma import MmaTiles, make_gemm_mma, shared_bytes
 from tinyllm.weights import bf16_to_f32, f32_to_bf16
 
@@ -26,8 +32,15 @@ def weight(rng, n, k, kind):
     return w, w.astype(np.float64)
 
 
+def block_weight(rng, n, k, kind):
+    """-> (words in numbattn's block layout, their exact float64 value): random GGUF blocks (every code and packed
+    scale pattern), their scales kept small."""
+    words = blocks.pack(kind, random_blocks(rng, blocks.BLOCK_KINDS[kind].ggml, n, k), k)
+    return words, blocks.dequantize(kind, words, k).astype(np.float64)
+
+
 def run(x, w_host, kind, epilogue, out_init, norm=None, eps=1e-5):
-    words, got_kind = L.pack_weight(w_host)
+    words, got_kind = (w_host, kind) if kind in blocks.BLOCK_KINDS else L.pack_weight(w_host)
     assert got_kind == kind
     out = cuda.to_device(out_init.astype(np.float32))
     L.linear(cuda.to_device(x), cuda.to_device(words), kind, out, epilogue,
@@ -112,6 +125,44 @@ def test_gemv_rope_epilogue_rotates_q_and_appends_k_and_v(lengths, tokens):
     assert dev["counters"].copy_to_host().tolist() == [0] * B
 
 
+# (M, K, N) per block size: K-quant rows of two super-blocks in the GEMV; the tensor-core GEMM's 2 column blocks (the
+# second partial) at 32-value blocks, one partial one at 256 (the tile loads do not depend on the kind; the
+# simulator's MMA twin costs ~1 s a block at K = 256)
+BLOCK_SHAPES = {32: [(1, 96, 6), (2, 64, 10), (7, 96, 18)], 256: [(1, 512, 6), (2, 256, 10), (7, 256, 10)]}
+
+
+@pytest.mark.parametrize("kind", list(blocks.BLOCK_KINDS))
+def test_gguf_blocks_gemv_and_tensor_core_gemm(kind):
+    """Every block kind: the GEMV at 1 token (with the RMSNorm prologue) and 2 (SwiGLU epilogue), and a 7-token
+    chunk on the tensor cores (residual epilogue; a partial row block, partial column blocks)."""
+    rng = np.random.default_rng(len(kind))
+    for (m, k, n), (epilogue, norm) in zip(BLOCK_SHAPES[blocks.BLOCK_KINDS[kind].block],
+                                           [("none", True), ("swiglu", False), ("residual", False)]):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        words, w64 = block_weight(rng, n, k, kind)
+        g = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32) if norm else None
+        n_y = L.out_features(n, epilogue)
+        out_init = rng.standard_normal((m, n_y)) if epilogue == "residual" else np.full((m, n_y), np.nan)
+        close(run(x, words, kind, epilogue, out_init, norm=g), want(x, w64, epilogue, out_init, norm=g))
+
+
+@pytest.mark.parametrize("kind", ["f16", "q4_1", "q6_k"])
+def test_the_simt_gemm_reads_fp16_words_and_gguf_blocks(kind):
+    """The SIMT GEMM (GPUs without bf16 tensor cores, and fp16 weights): its W tile dequantized while staged."""
+    rng = np.random.default_rng(11)
+    k, m = 256 if kind == "q6_k" else 64, 5                # m: one partial row block; 34 rows: a partial column block
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if kind == "f16":
+        half = rng.standard_normal((34, k)).astype(np.float16)
+        words, w64 = half.view(np.uint64), half.astype(np.float64)
+    else:
+        words, w64 = block_weight(rng, 34, k, kind)
+    out = cuda.to_device(np.full((m, 34), np.nan, np.float32))
+    bm, bn, _, threads = GEMM_TILES
+    make_gemm(kind)[L.gemm_grid(m, 34, GEMM_TILES), threads](cuda.to_device(x), cuda.to_device(words), out)
+    close(out.copy_to_host(), x.astype(np.float64) @ w64.T)
+
+
 def test_bf16_words_are_the_checkpoint_bits():
     """A weight of exact bf16 values gives the same product (up to fp32 summation order: 4 vs 2 values per word)
     whether it is sent as bf16 words or as fp32 words: the bf16 widening is exact."""
@@ -135,6 +186,12 @@ def test_bad_shapes_and_dtypes_are_refused():
         L.linear(cuda.to_device(np.zeros((1, 40), np.float64)), w, "bf16", cuda.to_device(np.zeros((1, 6), np.float32)))
     with pytest.raises(ValueError, match="multiple of 4"):
         L.pack_weight(np.zeros((6, 42), np.uint16))
+    q_words = cuda.to_device(np.zeros((6, blocks.row_words("q4_k", 256)), np.uint64))
+    with pytest.raises(ValueError, match="not the 36 of a row of 512 q4_k values"):       # words of K = 256
+        L.linear(cuda.to_device(np.zeros((1, 512), np.float32)), q_words, "q4_k",
+                 cuda.to_device(np.zeros((1, 6), np.float32)))
+    with pytest.raises(ValueError, match="kind='q3_k'"):
+        L.linear(x, w, "q3_k", cuda.to_device(np.zeros((1, 6), np.float32)))
 
 
 # ---- the tensor-core GEMM (kernels/gemm_mma.py) -----------------------------------------------------------------
@@ -201,6 +258,23 @@ def test_a_few_tokens_with_a_wide_x_take_the_gemm():
     assert not L.use_gemv(3, 5632) and L.use_gemv(2, 5632) and L.use_gemv(4, 2048)
     kernel, grid, threads, gemv = L.plan_matmul(3, 5632, 2048, "bf16", "residual")
     assert not gemv and threads == L.mma_tiles(3).threads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"])
+@pytest.mark.parametrize("m,n,k,epilogue", [(1, 11264, 2048, "swiglu"), (4, 2048, 5632, "residual"),
+                                            (16, 2560, 2048, "none"), (37, 2048, 5632, "residual"),
+                                            (512, 11264, 2048, "swiglu")])
+def test_gguf_blocks_at_tinyllama_sizes(kind, m, n, k, epilogue):
+    """The block kinds of llama.cpp's common files in the GEMV (1 and 4 tokens) and every tensor-core tile class, at
+    TinyLlama's matrices, against float64 on the blocks' NumPy dequantization at 1e-5."""
+    rng = np.random.default_rng(m + n + k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    words, w64 = block_weight(rng, n, k, kind)
+    out_init = np.full((m, L.out_features(n, epilogue)), np.nan)
+    if epilogue == "residual":
+        out_init = rng.standard_normal(out_init.shape)
+    close(run(x, words, kind, epilogue, out_init), want(x, w64, epilogue, out_init))
 
 
 @pytest.mark.gpu

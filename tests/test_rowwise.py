@@ -8,20 +8,27 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from numbattn import linear, reference
+from gguf_files import random_blocks
+
+from numbattn import blocks, linear, reference
 from numbattn.kernels import rowwise
-from tinyllm.weights import bf16_to_f32, f32_to_bf16
+from tinyllm.weights import f32_to_bf16
 
 
-@pytest.mark.parametrize("kind", ["bf16", "f32"])
+@pytest.mark.parametrize("kind", ["bf16", "f16", "f32", "q8_0", "q4_k", "q6_k"])
 def test_embed_gathers_rows(kind):
+    """Float words widened exactly; GGUF blocks dequantized to exactly their NumPy statement (numbattn/blocks.py)."""
     rng = np.random.default_rng(0)
-    table = rng.standard_normal((11, 24)).astype(np.float32)
-    host = f32_to_bf16(table) if kind == "bf16" else table
-    exact = bf16_to_f32(host) if kind == "bf16" else table
-    words, _ = linear.pack_weight(host)
+    table = rng.standard_normal((11, 256)).astype(np.float32)
+    if kind in blocks.BLOCK_KINDS:
+        words = blocks.pack(kind, random_blocks(rng, blocks.BLOCK_KINDS[kind].ggml, 11, 256), 256)
+        exact = blocks.dequantize(kind, words, 256)
+    else:
+        host = f32_to_bf16(table) if kind == "bf16" else table.astype(np.float16) if kind == "f16" else table
+        exact = blocks.float_words(kind, host.view(np.uint64))
+        words, _ = linear.pack_weight(host)
     ids = np.array([3, 0, 10, 3], np.int32)
-    x = cuda.to_device(np.full((4, 24), np.nan, np.float32))
+    x = cuda.to_device(np.full((4, 256), np.nan, np.float32))
     rowwise.make_embed(kind)[len(ids), rowwise.THREADS](cuda.to_device(ids), cuda.to_device(words), x)
     np.testing.assert_array_equal(x.copy_to_host(), exact[ids])
 

@@ -81,7 +81,7 @@ def open_model_files(model=MODEL_ID, download=True):
 
 
 def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, download=True, engine="auto",
-               compile_progress=None, kv_dtype=None):
+               compile_progress=None, kv_dtype=None, weights="as-stored"):
     """A Hub repo id, a model directory, a .gguf file or "smollm2" -> a ready Llama with its tokenizer.
 
     backend: numbattn's "auto" | "cuda" | "sim" | "numpy". With "cuda" (what "auto" picks on a GPU machine) the
@@ -91,6 +91,10 @@ def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, down
     max_len: KV-cache size in tokens (default: the model's max_position_embeddings, at most 4096, as llama.cpp).
     kv_dtype: the KV cache's storage, float16 or float32 (default: float16 for the device engine, float32 for the
     NumPy engine; math is fp32 either way).
+    weights: how the matrices are kept. "as-stored" (the default): as the file stores them, a GGUF file's quantized
+    blocks included, dequantized inside the kernels (on the GPU, and on the CPU by Numba kernels); "fp32": every
+    matrix dequantized or widened to fp32 (the NumPy engine's reference arithmetic); "bf16" (device engine only):
+    every matrix rounded to bf16.
     progress(i, n, name): called while weights are converted, e.g. to draw a progress bar.
     compile_progress(i, n, name): called while kernels are compiled, ahead of the first reply (on a GPU, the first
     time only: numbattn keeps compiled kernels on disk).
@@ -109,12 +113,12 @@ def load_model(model=MODEL_ID, backend="auto", max_len=None, progress=None, down
     kv = kv_dtype if kv_dtype is not None else np.float32 if on_host else np.float16
     context_size(c, max_len, backend, kv)    # refuse an impossible context before reading any weight
     if on_host:
-        weights = load_weights(files.checkpoint, c, progress=progress)
+        params = load_weights(files.checkpoint, c, progress=progress, weights=weights)
     else:
-        weights = upload_weights(files.checkpoint, c, progress=progress)
+        params = upload_weights(files.checkpoint, c, progress=progress, weights=weights)
     log.info("tinyllm: loaded %s (%d layers, hidden %d, vocab %d)", files.source, c.num_hidden_layers,
              c.hidden_size, c.vocab_size)
-    llm = Llama(c, weights, files.tokenizer, backend=backend, max_len=max_len, stop_ids=files.stop_ids,
+    llm = Llama(c, params, files.tokenizer, backend=backend, max_len=max_len, stop_ids=files.stop_ids,
                 kv_dtype=kv_dtype)
     llm.prepare_kernels(compile_progress)
     return llm

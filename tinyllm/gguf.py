@@ -516,6 +516,7 @@ class GGUFCheckpoint:
         ckpt.shapes          {HF name: HF shape}                  (checked against the config by load_weights)
         ckpt.get(name)       float32 ndarray, dequantized, q/k rows in HF order
         ckpt.raw(name)       F32/F16/BF16 tensors as stored (bf16 as uint16 bits), q/k rows in HF order
+        ckpt.blocks(name)    a quantized tensor's blocks as stored: uint8 rows [out, bytes per row], HF row order
         ckpt.stored_dtype(name)   "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", ...
         ckpt.config          LlamaConfig from the metadata;  ckpt.metadata: the metadata (Metadata)
     """
@@ -607,6 +608,15 @@ class GGUFCheckpoint:
                                f"use get() for w")
         x = self._stored(name)
         return self._hf_rows(name, x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("=")))
+
+    def blocks(self, name):
+        """A quantized tensor's blocks as stored: uint8 [out, bytes per row] (a read-only view of the file, or a
+        permuted copy for q/k, whose rows go back to Hugging Face's order like any rows)."""
+        kind = self.stored_dtype(name)
+        if kind in UNQUANTIZED:
+            raise WeightsError(f"{self.path}: tensor {shown(name)} is stored as {kind}, not in quantized blocks: use "
+                               f"raw()")
+        return self._hf_rows(name, self._stored(name))
 
     def get(self, name):
         """The tensor as a new float32 array in Hugging Face's layout (quantized types dequantized with

@@ -14,8 +14,9 @@ from .units import human_bytes, human_count
 from .weights import expected_shapes
 
 
-def describe_model(source):
-    """Lines about a model directory or .gguf file: config, parameters, RAM (fp32) and disk. Reads headers,
+def describe_model(source, per_tensor=False):
+    """Lines about a model directory or .gguf file: config, parameters, RAM (fp32) and disk, the bytes of weights a
+    token reads in each form the engines can keep them in, and (per_tensor) every tensor's format. Reads headers,
     not weights."""
     files = open_model_files(source, download=False)
     c, ckpt, tok = files.config, files.checkpoint, files.tokenizer
@@ -28,6 +29,7 @@ def describe_model(source):
     disk = sum(p.stat().st_size for p in paths)
     kind = "GGUF" if is_gguf(files.source) else "safetensors"
     stored = Counter(ckpt.stored_dtype(name) for name in ckpt.shapes)
+    kept = host_bytes(ckpt, c, ram)
     return [
         f"model: {files.source}",
         f"  family: {c.family} ({FAMILIES[c.family].architecture}): {describe(c).summary()}",
@@ -38,8 +40,63 @@ def describe_model(source):
         f"  tokenizer: {tok.vocab_size} tokens, chat template: {'yes' if tok.chat_template else 'no'}",
         f"  parameters: {human_count(n_params)}",
         f"  context: {context:,} tokens by default ({limit})",
-        (f"  memory: {human_bytes(ram)} of fp32 weights in RAM, + {human_bytes(kv_cache_bytes(c, context))} of "
-         f"fp32 KV cache for the context of {context:,} tokens (the GPU's device engine stores it in fp16: half)"),
+        (f"  memory: {human_bytes(kept)} of "
+         f"{'fp32 weights in RAM' if kept == ram else 'weights in RAM (GGUF blocks as stored, the rest fp32)'}, + "
+         f"{human_bytes(kv_cache_bytes(c, context))} of fp32 KV cache for the context of {context:,} tokens (the "
+         f"GPU's device engine stores it in fp16: half)"),
         (f"  on disk: {human_bytes(disk)} in {len(paths)} {kind} file(s), stored as "
          f"{', '.join(f'{t} ({n} tensors)' if len(stored) > 1 else t for t, n in sorted(stored.items()))}"),
-    ]
+        ("  weights read per token: " + ", ".join(f"{human_bytes(token_bytes(ckpt, c, form))} {label}"
+                                                 for form, label in FORMS.items())),
+    ] + (tensor_lines(ckpt, c) if per_tensor else [])
+
+
+FORMS = {"as-stored": "as stored (load_model's default: the device engine and the CPU kernels keep GGUF blocks)",
+         "bf16": "as bf16", "fp32": "as fp32"}
+
+
+def kept_as(ckpt, name, form):
+    """The kind a tensor is kept in on the device (numbattn/blocks.py) for load_model(weights=form)."""
+    from numbattn.blocks import KIND_OF_GGML
+
+    from .engines.device_weights import DEVICE_BLOCK_KINDS
+    if len(ckpt.shapes[name]) == 1 or form == "fp32":
+        return "f32"
+    if form == "bf16":
+        return "bf16"
+    kind = KIND_OF_GGML.get(ckpt.stored_dtype(name), "f32")
+    return kind if kind in DEVICE_BLOCK_KINDS or kind in ("bf16", "f16") else "f32"
+
+
+def tensor_bytes(ckpt, name, form):
+    from numbattn.blocks import row_words
+    shape = ckpt.shapes[name]
+    return 4 * shape[0] if len(shape) == 1 else shape[0] * 8 * row_words(kept_as(ckpt, name, form), shape[1])
+
+
+def token_bytes(ckpt, config, form):
+    """Bytes of weights one token reads with the weights kept in `form`: every tensor, but one row of the
+    embedding table (all of it when it is the output head too)."""
+    names = list(expected_shapes(config))
+    total = sum(tensor_bytes(ckpt, n, form) for n in names)
+    if config.tie_word_embeddings:
+        return total + tensor_bytes(ckpt, names[0], form) // config.vocab_size
+    return total - tensor_bytes(ckpt, names[0], form) * (config.vocab_size - 1) // config.vocab_size
+
+
+def host_bytes(ckpt, config, fp32_bytes):
+    """RAM of the NumPy engine's weights: GGUF blocks its CPU kernels read kept as stored, everything else fp32
+    (fp32_bytes: all of it fp32)."""
+    from .weights import blocks_kind
+    blocked = [n for n in expected_shapes(config) if blocks_kind(ckpt, n) is not None]
+    return fp32_bytes + sum(tensor_bytes(ckpt, n, "as-stored") - 4 * math.prod(ckpt.shapes[n]) for n in blocked)
+
+
+def tensor_lines(ckpt, config):
+    """One line per tensor: name, shape, format in the file, as the engines keep it (as stored), bytes."""
+    lines = ["  tensors (name, shape, stored as, kept as, bytes):"]
+    for name in expected_shapes(config):
+        kept = kept_as(ckpt, name, "as-stored")
+        lines.append(f"    {name} {'x'.join(map(str, ckpt.shapes[name]))} {ckpt.stored_dtype(name)} {kept} "
+                     f"{human_bytes(tensor_bytes(ckpt, name, 'as-stored'))}")
+    return lines

@@ -1,4 +1,4 @@
-"""BLAS threads for the NumPy engine: one per core that other programs leave idle.
+"""BLAS threads for the NumPy engine: one per core that other programs leave idle (and as many for its Numba kernels).
 
     blas = BlasThreads()            # at the start of a command: the measuring window opens
     ...                             # import, load the model: the window runs while we work
@@ -128,12 +128,14 @@ class BlasThreads:
 
     def _apply(self, n):
         if n != self.threads:
+            import numba
             if self._original is None:
                 from threadpoolctl import ThreadpoolController   # after numpy: it finds the BLAS numpy loaded
                 self._libs = ThreadpoolController().select(user_api="blas").lib_controllers
-                self._original = [lib.get_num_threads() for lib in self._libs]
+                self._original = [lib.get_num_threads() for lib in self._libs] + [numba.get_num_threads()]
             for lib in self._libs:
                 lib.set_num_threads(n)
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))   # the GGUF blocks' CPU kernels
             log.info("tinyllm: BLAS threads %s", self.describe(n))
             self.threads = n
         return n
@@ -151,8 +153,10 @@ class BlasThreads:
     def restore(self):
         """Give BLAS back the thread count it had before."""
         if self._original is not None:
-            for lib, n in zip(self._libs, self._original, strict=True):
+            import numba
+            for lib, n in zip(self._libs, self._original[:-1], strict=True):
                 lib.set_num_threads(n)
+            numba.set_num_threads(self._original[-1])
             self._libs, self._original, self.threads = [], None, None
 
 

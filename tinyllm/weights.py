@@ -421,14 +421,18 @@ class LlamaWeights:
     lm_head: np.ndarray     # [dim, vocab]   (embed.T, a view, when the embeddings are tied)
 
 
-def load_weights(source, config, progress=None):
+def load_weights(source, config, progress=None, weights="fp32"):
     """Read, check and convert a checkpoint to fp32 -> LlamaWeights.
 
     source: a model directory (safetensors) or an already opened checkpoint with the same interface as
     Checkpoint (shapes, get, file_of), e.g. a GGUF file's. progress(i, n, name) is called before each tensor
     is converted (n = number of tensors), so a CLI can draw a bar: converting 1.1B bf16 parameters takes a
     few seconds. Norm weights come out as the factor RMSNorm applies: norm_offset + w (Gemma: 1 + w).
+    weights="as-stored": a GGUF file's quantized matrices stay in their blocks, multiplied by Numba kernels
+    (numbattn.cpu_linear.BlockMatrix: `x @ W` as for an array); "fp32": every matrix fp32.
     """
+    if weights not in ("as-stored", "fp32"):
+        raise ValueError(f"weights={weights!r}: the NumPy engine keeps 'as-stored' (GGUF blocks) or 'fp32' weights")
     if hasattr(source, "shapes"):        # an opened checkpoint: it may say where its config came from
         ckpt, config_source = source, getattr(source, "config_source", "the config")
     else:
@@ -441,6 +445,8 @@ def load_weights(source, config, progress=None):
         i = next(done)
         if progress is not None:
             progress(i, len(names), name)
+        if weights == "as-stored" and blocks_kind(ckpt, name) is not None:
+            return block_matrix(ckpt, name, linear)
         x = ckpt.get(name)
         check_finite(x, name, ckpt)
         if norm:
@@ -456,3 +462,25 @@ def load_weights(source, config, progress=None):
     if progress is not None:
         progress(len(names), len(names), "")
     return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+
+
+def blocks_kind(ckpt, name):
+    """numbattn's kind of a matrix stored in GGUF blocks that the CPU kernels read, else None."""
+    from numbattn.blocks import KIND_OF_GGML
+    from numbattn.cpu_linear import CPU_KINDS
+    kind = KIND_OF_GGML.get(ckpt.stored_dtype(name))
+    return kind if kind in CPU_KINDS and len(ckpt.shapes[name]) == 2 and hasattr(ckpt, "blocks") else None
+
+
+def block_matrix(ckpt, name, linear=True):
+    """A matrix kept in its GGUF blocks -> BlockMatrix [out, in] (its .T, [in, out], for a linear layer), its
+    scales checked finite (then so is every value)."""
+    from numbattn import blocks
+    from numbattn.cpu_linear import BlockMatrix
+    kind, n_in = blocks_kind(ckpt, name), ckpt.shapes[name][1]
+    words = blocks.pack(kind, ckpt.blocks(name), n_in)
+    if not blocks.finite_scales(kind, words, n_in):
+        raise WeightsError(f"{ckpt.file_of(name)}: tensor {shown(name)} has non-finite scales (NaN or inf) in its "
+                           f"{kind} blocks: the checkpoint is corrupt")
+    matrix = BlockMatrix(kind, words, n_in)
+    return matrix.T if linear else matrix

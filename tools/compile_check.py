@@ -37,7 +37,7 @@ from numba import cuda, types  # noqa: E402
 _device = pytypes.SimpleNamespace(compute_capability=(9, 0), id=0)
 numba.cuda.api.get_current_device = numba.cuda.dispatcher.get_current_device = lambda: _device
 
-from numbattn import backward, decode, linear, prefill  # noqa: E402
+from numbattn import backward, blocks, decode, linear, prefill  # noqa: E402
 from numbattn.kernels import (backward_prep, decode_lanes, decode_naive, decode_paged, decode_slots,  # noqa: E402
                               families, gemm_mma, kv_append, paged_append, rowwise)
 from numbattn.kernels.prefill_tiled import make_v1  # noqa: E402
@@ -172,7 +172,7 @@ def model_kernels():
     """The GPU engine's kernels (numbattn/kernels/gemv.py, gemm.py, rowwise.py, families.py) at TinyLlama's and
     SmolLM2's sizes, and the families' heads."""
     u64 = types.uint64
-    for kind in ("bf16", "f32"):
+    for kind in ("bf16", "f16", "f32"):
         for k_in in (2048, 5632, 576, 1536):
             for epilogue in linear.EPILOGUES:
                 for norm in (False, True):
@@ -191,6 +191,7 @@ def model_kernels():
                            linear.make_gemv(k_in, kind, tokens, "rope", True, heads),
                            [arr(f32, 2), arr(u64, 2), arr(f32, 2), arr(f32, 1), f32, arr(f32, 2), arr(f32, 2),
                             arr(dt, 4), arr(dt, 4), arr(i32, 1), arr(i32, 1)])
+    yield from block_kernels()
     for _, tiles in linear.MMA_TILE_CLASSES:
         for epilogue in linear.EPILOGUES:
             for terms in sorted({linear.GEMM_TERMS, 1, 3} if epilogue == "none" else {linear.GEMM_TERMS}):
@@ -209,6 +210,34 @@ def model_kernels():
         for h, hkv, d in ((32, 4, 64), (16, 8, 128), (8, 4, 256)):      # TinyLlama's, Qwen3's and Gemma 2's heads
             yield (f"rope_append {h}/{hkv} d{d} {dt} cache", rowwise.make_rope_append(h, hkv, d),
                    [arr(f32, 2), arr(f32, 2), arr(f32, 2), arr(dt, 4), arr(dt, 4), arr(i32, 1), arr(i32, 1)])
+
+
+def block_kernels():
+    """The GGUF block kinds (numbattn/blocks.py) in every kernel that reads them, at TinyLlama's and SmolLM2's sizes:
+    the GEMVs as the device engine fuses them, the q/k/v GEMV with RoPE, the tensor-core GEMM's tile classes, the
+    SIMT GEMM, the embedding. Names start with the kind: --only q4_k."""
+    u64 = types.uint64
+    gemv_sig = [arr(f32, 2), arr(u64, 2), arr(f32, 2), arr(f32, 1), f32]
+    for kind in blocks.BLOCK_KINDS:
+        for k_in in (2048, 5632, 576, 1536):
+            if k_in % blocks.BLOCK_KINDS[kind].block:
+                continue
+            for epilogue, norm in (("none", True), ("residual", False), ("swiglu", True), ("geglu", True)):
+                yield (f"{kind} gemv K{k_in} {epilogue}{' rmsnorm' if norm else ''}",
+                       linear.make_gemv(k_in, kind, 1, epilogue, norm), gemv_sig)
+        for k_in, heads in ((2048, (32, 4, 64)), (576, (9, 3, 64))):
+            if k_in % blocks.BLOCK_KINDS[kind].block == 0:
+                for tokens in (1, 4):
+                    yield (f"{kind} gemv rope K{k_in} heads {heads} M{tokens} f16 cache",
+                           linear.make_gemv(k_in, kind, tokens, "rope", True, heads),
+                           gemv_sig + [arr(f32, 2), arr(f32, 2), arr(f16, 4), arr(f16, 4), arr(i32, 1), arr(i32, 1)])
+        for _, tiles in linear.MMA_TILE_CLASSES:
+            for epilogue in linear.EPILOGUES:
+                yield (f"{kind} gemm_mma {epilogue} {tiles.bm}x{tiles.bn}x{tiles.bk} w{tiles.wm}x{tiles.wn}x{tiles.wk}",
+                       gemm_mma.make_gemm_mma(epilogue, tiles, linear.GEMM_TERMS, True, kind),
+                       [arr(f32, 2), arr(u64, 2), arr(f32, 2)])
+        yield f"{kind} gemm simt none", linear.make_gemm(kind, "none"), [arr(f32, 2), arr(u64, 2), arr(f32, 2)]
+        yield f"{kind} embed", rowwise.make_embed(kind), [arr(i32, 1), arr(u64, 2), arr(f32, 2)]
 
 
 def ptxas_report(ptx, cc):

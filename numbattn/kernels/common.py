@@ -8,6 +8,7 @@ NUMBATTN_TEST_GPU=1).
 
     kernel(**options)              how every numbattn kernel is compiled: cuda.jit with FASTMATH (decided here only)
     device                         how every device function is compiled: cuda.jit(device=True, inline=True)
+    cpu_kernel(**options)          how the CPU kernels are compiled: numba.njit with the same FASTMATH
     NEG_INF, FULL_MASK, SIM        the running max starts at NEG_INF; SIM: the simulator is on
     kv_head(h, n_heads, n_kv_heads)  grouped-query attention: the KV head query head h reads
     visible_keys, tile_is_whole    which keys a block of query rows sees (causal, sliding window): decided here once
@@ -36,6 +37,7 @@ from numba import config, cuda, float32, int32, uint32, uint64
 from numba.cuda.extending import intrinsic
 
 from .. import kernel_cache
+from ..blocks import FLOAT_KINDS
 
 # the simulator's bit casts, in plain Python (NumPy's per-call cost made them a large part of simulated kernels)
 _U32, _F32, _U16, _F16 = struct.Struct("<I"), struct.Struct("<f"), struct.Struct("<H"), struct.Struct("<e")
@@ -63,6 +65,14 @@ def kernel(fn=None, **options):
 
 
 device = cuda.jit(device=True, inline=True)
+
+
+def cpu_kernel(fn=None, **options):
+    """@cpu_kernel or @cpu_kernel(parallel=True, inline="always"): compile a CPU kernel (numba.njit with FASTMATH:
+    'reassoc' lets LLVM vectorise the sums; numbattn/cpu_linear.py)."""
+    from numba import njit
+    make = njit(fastmath=FASTMATH, **options)
+    return make if fn is None else make(fn)
 
 
 @device
@@ -333,17 +343,22 @@ def bf16_pair(word):
     return f32_from_bits(w << uint32(16)), f32_from_bits(w & uint32(0xFFFF0000))
 
 
-WEIGHT_KINDS = {"bf16": 4, "f32": 2}        # matrices arrive as uint64 words holding this many values each
+WEIGHT_KINDS = FLOAT_KINDS      # float matrices arrive as uint64 words of this many values (GGUF blocks: kernels/blocks.py)
 
 
 def make_weight_unpack(kind):
     """unpack(word, vals): a uint64 word of weights -> the VPW = WEIGHT_KINDS[kind] float32 values it holds, written
-    into vals[0:VPW] (bf16: 4 values, widened exactly by a shift; f32: 2)."""
+    into vals[0:VPW] (bf16: 4 values, widened exactly by a shift; f16: 4, one cvt each; f32: 2)."""
     if kind == "bf16":
         @device
         def unpack(word, vals):
             vals[0], vals[1] = bf16_pair(uint32(word & uint64(0xFFFFFFFF)))
             vals[2], vals[3] = bf16_pair(uint32(word >> uint64(32)))
+    elif kind == "f16":
+        @device
+        def unpack(word, vals):
+            for j in range(4):
+                vals[j] = f32_from_half_bits(uint32(word >> uint64(16 * j)) & uint32(0xFFFF))
     else:
         @device
         def unpack(word, vals):

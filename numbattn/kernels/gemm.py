@@ -14,9 +14,11 @@ import math
 
 from numba import cuda, float32, uint32
 
-from .common import SIM, WEIGHT_KINDS, device, gate_of, kernel, make_outer_product, make_weight_unpack
+from ..blocks import values_per_word
+from .blocks import make_row_offsets, make_unpack
+from .common import SIM, device, gate_of, kernel, make_outer_product
 
-GEMM_TILES = (8, 32, 8, 4) if SIM else (64, 128, 16, 256)     # BM, BN, BK, threads (the H100 sweep's best)
+GEMM_TILES = (8, 32, 16, 4) if SIM else (64, 128, 16, 256)    # BM, BN, BK, threads (the H100 sweep's best)
 
 
 def gemm_layout(BM, BN, BK, threads, VPW):
@@ -24,7 +26,7 @@ def gemm_layout(BM, BN, BK, threads, VPW):
     TC = int(math.sqrt(threads))
     TR = threads // TC
     ok = (TR * TC == threads and BM % TR == 0 and BN % (2 * TC) == 0 and BK % VPW == 0
-          and (BM * BK) % threads == 0 and (BN * BK // VPW) % threads == 0)
+          and (BM * BK) % threads == 0)
     if not ok:
         raise ValueError(f"gemm tiles BM={BM}, BN={BN}, BK={BK}, threads={threads} do not divide for VPW={VPW}")
     return TR, TC, BM // TR, BN // TC
@@ -32,20 +34,20 @@ def gemm_layout(BM, BN, BK, threads, VPW):
 
 @functools.lru_cache(maxsize=None)
 def make_gemm(kind, epilogue="none", tiles=GEMM_TILES):
-    """GEMM kernel for `kind` weights and an epilogue, tiles (BM, BN, BK, threads).
+    """GEMM kernel for `kind` weights (float words or GGUF blocks, dequantized as W's tile is staged) and an
+    epilogue, tiles (BM, BN, BK, threads).
 
     # x [M, K] f32, w [N, K/VPW] u64 -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
     Launch: grid (ceil(N / BN), ceil(M / BM)), `threads` threads.
     """
     BM, BN, BK, NT = tiles
-    VPW = WEIGHT_KINDS[kind]
+    VPW = values_per_word(kind)
     TR, TC, TM, TN = gemm_layout(BM, BN, BK, NT, VPW)
     BKP, BNP = BK + 1, BN + 1                        # one word of padding per row (constants for the shapes)
     if BK % 4:
         raise ValueError(f"gemm tiles: BK={BK} must be a multiple of 4 (the unrolled k loop)")
     outer_product = make_outer_product(TM, TN, True)
-    unpack = make_weight_unpack(kind)
-    load_tiles = _make_gemm_loads(BM, BN, BK, NT, VPW, unpack)
+    load_tiles = _make_gemm_loads(BM, BN, BK, NT, kind)
     store = _make_gemm_store(TR, TC, TM, TN, epilogue)
 
     @kernel
@@ -82,26 +84,31 @@ def make_gemm(kind, epilogue="none", tiles=GEMM_TILES):
     return gemm
 
 
-def _make_gemm_loads(BM, BN, BK, NT, VPW, unpack):
+def _make_gemm_loads(BM, BN, BK, NT, kind):
+    VPW = values_per_word(kind)
     BKW = BK // VPW
+    unpack = make_unpack(kind)
+    offsets = make_row_offsets(kind)
 
     @device
     def load_tiles(x, w, m0, n0, k0, As, Ws, vals):
-        """A [BM, BK] (row-major) and W [BN, BK] (k-major) tiles -> shared; rows past M or N and columns past K
-        read as 0."""
+        """A [BM, BK] (row-major) and W [BN, BK] (k-major, dequantized) tiles -> shared; rows past M or N and columns
+        past K read as 0."""
         t = cuda.threadIdx.x
         for idx in range(t, BM * BK, NT):                    # consecutive threads: consecutive k (coalesced)
             r = idx // BK
             c = idx - r * BK
             inside = m0 + r < x.shape[0] and k0 + c < x.shape[1]
             As[r, c] = x[m0 + r, k0 + c] if inside else float32(0.0)
+        n_code, h0, s0 = offsets(x.shape[1])
         for idx in range(t, BN * BKW, NT):
             r = idx // BKW
             c = idx - r * BKW
-            if n0 + r < w.shape[0] and k0 // VPW + c < w.shape[1]:
-                unpack(w[n0 + r, k0 // VPW + c], vals)
+            i = k0 // VPW + c
+            if n0 + r < w.shape[0] and i < n_code:
+                a, b = unpack(w, n0 + r, i, w[n0 + r, i], h0, s0, vals)
                 for j in range(VPW):
-                    Ws[c * VPW + j, r] = vals[j]
+                    Ws[c * VPW + j, r] = a * vals[j] + b
             else:
                 for j in range(VPW):
                     Ws[c * VPW + j, r] = float32(0.0)

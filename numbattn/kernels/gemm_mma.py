@@ -36,8 +36,10 @@ from dataclasses import dataclass
 
 from numba import cuda, float32, uint32, uint64
 
-from .common import device, gate_of, kernel
-from .mma import make_bf16_split, make_mma_bf16_n, mma_scratch_shape
+from ..blocks import BLOCK_KINDS, values_per_word
+from .blocks import gpu_factors, has_offset, make_codes, make_row_offsets
+from .common import bf16_pair, device, gate_of, kernel
+from .mma import bf16x2, make_bf16_split, make_mma_bf16_n, mma_scratch_shape
 
 
 @dataclass(frozen=True)
@@ -55,69 +57,82 @@ class MmaTiles:
         return 32 * self.wm * self.wn * self.wk
 
 
-def layout(tiles):
+def layout(tiles, kind="bf16"):
     """-> (MI, NI, KS, SW, XL, WL): MMA row and column blocks per warp, k16 steps per warp per K tile, words per
-    shared row, x pairs and W words each thread stages per K tile."""
+    shared row, x pairs and W words each thread stages per K tile (GGUF blocks: code words, the last ones of a
+    tile possibly staged by fewer threads)."""
     t = tiles
     nt = t.threads
+    bf16 = kind == "bf16"
     ok = (min(t.bm, t.bn, t.bk, t.wm, t.wn, t.wk) >= 1 and t.bm % (16 * t.wm) == 0 and t.bn % (8 * t.wn) == 0
-          and t.bk % (16 * t.wk) == 0 and (t.bm * t.bk // 2) % nt == 0 and (t.bn * t.bk // 4) % nt == 0)
+          and t.bk % (16 * t.wk) == 0 and (t.bm * t.bk // 2) % nt == 0 and (not bf16 or (t.bn * t.bk // 4) % nt == 0))
     if not ok:
         raise ValueError(f"gemm_mma tiles {t}: need BM a multiple of 16 WM, BN of 8 WN, BK of 16 WK, and the "
                          f"tile's x pairs (BM BK / 2) and W words (BN BK / 4) a multiple of the {nt} threads")
     mi, ni, ks = t.bm // (16 * t.wm), t.bn // (8 * t.wn), t.bk // (16 * t.wk)
-    return mi, ni, ks, t.bk // 2 + 4, t.bm * t.bk // 2 // nt, t.bn * t.bk // 4 // nt
+    wl = t.bn * t.bk // 4 // nt if bf16 else -(-t.bn * t.bk // values_per_word(kind) // nt)
+    return mi, ni, ks, t.bk // 2 + 4, t.bm * t.bk // 2 // nt, wl
 
 
-def shared_bytes(tiles, terms):
-    """Static shared memory of one block on a GPU: T x planes, the W tile, the WK - 1 partial tiles."""
-    _, _, _, SW, _, _ = layout(tiles)
-    return 4 * (SW * (terms * tiles.bm + tiles.bn) + (tiles.wk - 1) * tiles.bm * (tiles.bn + 1))
+def shared_bytes(tiles, terms, kind="bf16"):
+    """Static shared memory of one block on a GPU: T x planes, the W tile, the WK - 1 partial tiles (and for GGUF
+    blocks, each k16 step's factors and sums of x)."""
+    _, _, _, SW, _, _ = layout(tiles, kind)
+    factors = 0 if kind == "bf16" else 3 * max(tiles.bm, tiles.bn) * (tiles.bk // 16)
+    return 4 * (SW * (terms * tiles.bm + tiles.bn) + (tiles.wk - 1) * tiles.bm * (tiles.bn + 1) + factors)
 
 
 @functools.lru_cache(maxsize=None)
-def make_gemm_mma(epilogue, tiles, terms=2, chunked=True):
-    """GEMM on tensor cores for bf16 weights: tiles an MmaTiles, x split into `terms` bf16 terms (1-3), each K tile's
-    products summed from zero and added in fp32 (`chunked`) or accumulated in the tensor cores throughout.
+def make_gemm_mma(epilogue, tiles, terms=2, chunked=True, kind="bf16"):
+    """GEMM on tensor cores: tiles an MmaTiles, x split into `terms` bf16 terms (1-3). bf16 weights: each K tile's
+    products summed from zero and added in fp32 (`chunked`) or accumulated in the tensor cores throughout. GGUF
+    blocks (`kind`, numbattn/blocks.py): the integer codes go to the tensor cores as bf16 (exact), each k16 step's
+    products are summed from zero and scaled by their group's factor in fp32 (the offset's term added from the
+    step's sum of x): y = sum over steps of a * (x . c) [+ b * sum(x)], the weights exact.
 
-    # x [M, K] f32, w [N, K/4] u64 (bf16 words) -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
+    # x [M, K] f32, w [N, row words] u64 (bf16 words or blocks) -> out [M, N] (swiglu, geglu: [M, N/2]); `out` +=
     Launch: grid (ceil(N / BN), ceil(M / BM)), tiles.threads threads.
     """
-    MI, NI, KS, SW, XL, WL = layout(tiles)
+    MI, NI, KS, SW, XL, WL = layout(tiles, kind)
     if terms not in (1, 2, 3):
         raise ValueError(f"gemm_mma: terms={terms}; expected 1, 2 or 3 bf16 terms per activation")
     T, BM, BN, BK, WK, NT = terms, tiles.bm, tiles.bn, tiles.bk, tiles.wk, tiles.threads
     ACC, XR = (MI * NI, 4), (XL, 2)
     PART = (WK - 1, BM, BN + 1) if WK > 1 else (1, 1, 1)
+    FS, FR = ((3, max(BM, BN), BK // 16), (WL, 2)) if kind != "bf16" else ((1, 1, 1), (1, 2))
     SCRATCH = mma_scratch_shape(NT, NI, bf16=True)
-    fetch, stage = _make_staging(tiles, T)
-    mma_tile = _make_mma_tile(tiles, T, chunked)
+    fetch, stage = _make_staging(tiles, T) if kind == "bf16" else _make_block_staging(tiles, T, kind)
+    mma_tile = _make_mma_tile(tiles, T, chunked) if kind == "bf16" else _make_block_mma_tile(tiles, T, kind)
+    offsets = make_row_offsets(kind)
     add_partials = _make_reduce_k(tiles)
     store = _make_store(tiles, epilogue)
 
     @kernel
     def gemm_mma(x, w, out):
-        # x [M, K] f32, w [N, K/4] u64 (bf16 words) -> out [M, N] (swiglu, geglu: [M, N/2]); `out` += for residual
+        # x [M, K] f32, w [N, row words] u64 (bf16 words or blocks) -> out [M, N] (swiglu, geglu: [M, N/2]); `out` +=
         xs = cuda.shared.array((T, BM, SW), uint32)          # x tile: T planes of bf16 pairs
-        ws = cuda.shared.array((BN, SW), uint32)             # W tile: bf16 pairs as stored
+        ws = cuda.shared.array((BN, SW), uint32)             # W tile: bf16 pairs (as stored, or the codes)
+        fs = cuda.shared.array(FS, float32)                  # blocks: a, b per (row, k16 step), sums of x
         part = cuda.shared.array(PART, float32)              # the WK - 1 other groups' partial tiles
         scratch = cuda.shared.array(SCRATCH, float32)        # the simulator twin's exchange (a dummy on a GPU)
         acc = cuda.local.array(ACC, float32)                 # [MI * NI, 4]: this lane's accumulators
-        tile_acc = cuda.local.array(ACC, float32)            # the current K tile's products (chunked)
+        tile_acc = cuda.local.array(ACC, float32)            # the current K tile's (k16 step's) products
         xr = cuda.local.array(XR, float32)                   # the next K tile, in registers
         wr = cuda.local.array(WL, uint64)
+        fr = cuda.local.array(FR, float32)                   # blocks: the next tile's words' factors a, b
         m0, n0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
+        rows = offsets(x.shape[1])                           # (code words, high bits, records) of a row
         for i in range(MI * NI):
             for e in range(4):
                 acc[i, e] = float32(0.0)
-        fetch(x, w, m0, n0, 0, xr, wr)
+        fetch(x, w, m0, n0, 0, xr, wr, fr, rows)
         for k0 in range(0, x.shape[1], BK):
             cuda.syncthreads()                               # the previous tile is consumed
-            stage(xr, wr, xs, ws)
+            stage(w, n0, k0, xr, wr, fr, xs, ws, fs, rows)
             cuda.syncthreads()
             if k0 + BK < x.shape[1]:                         # the same for every thread: the next tile in flight
-                fetch(x, w, m0, n0, k0 + BK, xr, wr)
-            mma_tile(xs, ws, acc, tile_acc, scratch)
+                fetch(x, w, m0, n0, k0 + BK, xr, wr, fr, rows)
+            mma_tile(xs, ws, fs, acc, tile_acc, scratch)
         add_partials(acc, part)
         store(out, acc, m0, n0, x.shape[0], w.shape[0])
 
@@ -138,15 +153,15 @@ def _make_place(tiles):
     return place
 
 
-def _make_staging(tiles, T):
-    """fetch: the K tile at k0 from global memory into registers (x pairs, W words; zeros past M, N, K); stage:
-    registers -> shared, x split into its T bf16 terms."""
-    _, _, _, _, XL, WL = layout(tiles)
-    NT, BKH, BKW = tiles.threads, tiles.bk // 2, tiles.bk // 4
+def _make_x_staging(tiles, T):
+    """fetch_x: x's K tile at k0 into registers (pairs; zeros past M and K); stage_x: registers -> shared, split
+    into T bf16 terms."""
+    NT, BKH = tiles.threads, tiles.bk // 2
+    XL = tiles.bm * BKH // NT
     split = make_bf16_split(T)
 
     @device
-    def fetch(x, w, m0, n0, k0, xr, wr):
+    def fetch_x(x, m0, k0, xr):
         t = cuda.threadIdx.x
         for e in range(XL):                                  # consecutive threads: consecutive pairs of a row
             idx = t + e * NT
@@ -154,14 +169,9 @@ def _make_staging(tiles, T):
             m, k = m0 + r, k0 + 2 * (idx - r * BKH)
             xr[e, 0] = x[m, k] if m < x.shape[0] and k < x.shape[1] else float32(0.0)
             xr[e, 1] = x[m, k + 1] if m < x.shape[0] and k + 1 < x.shape[1] else float32(0.0)
-        for e in range(WL):
-            idx = t + e * NT
-            r = idx // BKW
-            n, kw = n0 + r, k0 // 4 + idx - r * BKW
-            wr[e] = w[n, kw] if n < w.shape[0] and kw < w.shape[1] else uint64(0)
 
     @device
-    def stage(xr, wr, xs, ws):
+    def stage_x(xr, xs):
         t = cuda.threadIdx.x
         words = cuda.local.array(T, uint32)
         for e in range(XL):
@@ -170,12 +180,95 @@ def _make_staging(tiles, T):
             split(xr[e, 0], xr[e, 1], words)
             for term in range(T):
                 xs[term, r, idx - r * BKH] = words[term]
+    return fetch_x, stage_x
+
+
+def _make_staging(tiles, T):
+    """bf16 weights. fetch: the K tile at k0 from global memory into registers (x pairs, W words; zeros past M, N,
+    K); stage: registers -> shared, x split into its T bf16 terms, W's words as they are."""
+    _, _, _, _, _, WL = layout(tiles)
+    NT, BKW = tiles.threads, tiles.bk // 4
+    fetch_x, stage_x = _make_x_staging(tiles, T)
+
+    @device
+    def fetch(x, w, m0, n0, k0, xr, wr, fr, rows):
+        fetch_x(x, m0, k0, xr)
+        t = cuda.threadIdx.x
+        for e in range(WL):
+            idx = t + e * NT
+            r = idx // BKW
+            n, kw = n0 + r, k0 // 4 + idx - r * BKW
+            wr[e] = w[n, kw] if n < w.shape[0] and kw < w.shape[1] else uint64(0)
+
+    @device
+    def stage(w, n0, k0, xr, wr, fr, xs, ws, fs, rows):
+        stage_x(xr, xs)
+        t = cuda.threadIdx.x
         for e in range(WL):
             idx = t + e * NT
             r = idx // BKW
             c = 2 * (idx - r * BKW)
             ws[r, c] = uint32(wr[e] & uint64(0xFFFFFFFF))
             ws[r, c + 1] = uint32(wr[e] >> uint64(32))
+    return fetch, stage
+
+
+def _make_block_staging(tiles, T, kind):
+    """GGUF blocks. fetch: x pairs and W's code words of the K tile at k0, with each word's factors (a, b) from
+    its scale record; stage: x split into T bf16 terms, each word's codes c - z as bf16 pairs (small integers:
+    exact), the factors per (row, k16 step), and (kinds with an offset) each k16 step's sum of the staged x."""
+    _, _, _, _, _, WL = layout(tiles, kind)
+    NT, BK, BM = tiles.threads, tiles.bk, tiles.bm
+    VPW, STEPS = values_per_word(kind), tiles.bk // 16
+    BKW, WORDS = BK // VPW, tiles.bn * BK // VPW                # code words per tile row, per tile
+    WPG = BLOCK_KINDS[kind].group // VPW                        # code words per group
+    fetch_x, stage_x = _make_x_staging(tiles, T)
+    factors, codes = gpu_factors(kind), make_codes(kind)
+    OFFSET = has_offset(kind)
+
+    @device
+    def fetch(x, w, m0, n0, k0, xr, wr, fr, rows):
+        fetch_x(x, m0, k0, xr)
+        t = cuda.threadIdx.x
+        for e in range(WL):
+            idx = t + e * NT
+            r = idx // BKW
+            n, i = n0 + r, k0 // VPW + idx - r * BKW
+            fr[e, 0], fr[e, 1], wr[e] = float32(0.0), float32(0.0), uint64(0)
+            if idx < WORDS and n < w.shape[0] and i < rows[0]:
+                wr[e] = w[n, i]
+                fr[e, 0], fr[e, 1] = factors(w, n, rows[2], i // WPG)
+
+    @device
+    def stage(w, n0, k0, xr, wr, fr, xs, ws, fs, rows):
+        stage_x(xr, xs)
+        t = cuda.threadIdx.x
+        vals = cuda.local.array(VPW, float32)
+        for e in range(WL):
+            idx = t + e * NT
+            r = idx // BKW
+            c = idx - r * BKW
+            if idx < WORDS:
+                n, i = n0 + r, k0 // VPW + c
+                if n < w.shape[0] and i < rows[0]:
+                    codes(w, n, i, wr[e], rows[1], vals)
+                else:
+                    for j in range(VPW):
+                        vals[j] = float32(0.0)
+                for p in range(VPW // 2):
+                    ws[r, c * (VPW // 2) + p] = bf16x2(vals[2 * p], vals[2 * p + 1])
+                fs[0, r, c * VPW // 16] = fr[e, 0]
+                fs[1, r, c * VPW // 16] = fr[e, 1]
+        if OFFSET:
+            cuda.syncthreads()
+            for idx in range(t, BM * STEPS, NT):
+                r, s = idx // STEPS, idx % STEPS
+                total = float32(0.0)
+                for q in range(8):
+                    for term in range(T):
+                        lo, hi = bf16_pair(xs[term, r, 8 * s + q])
+                        total += lo + hi
+                fs[2, r, s] = total
     return fetch, stage
 
 
@@ -186,7 +279,7 @@ def _make_mma_tile(tiles, T, chunked):
     place = _make_place(tiles)
 
     @device
-    def mma_tile(xs, ws, acc, tile_acc, scratch):
+    def mma_tile(xs, ws, fs, acc, tile_acc, scratch):
         r0, c0, wk, g, t = place()
         sums = tile_acc if chunked else acc
         if chunked:
@@ -212,6 +305,51 @@ def _make_mma_tile(tiles, T, chunked):
             for i in range(MI * NI):
                 for e in range(4):
                     acc[i, e] += tile_acc[i, e]
+    return mma_tile
+
+
+def _make_block_mma_tile(tiles, T, kind):
+    """mma_tile for GGUF blocks: each of this warp's k16 steps summed from zero over all T terms (tile_acc), then
+    scaled into acc column by column: acc[m, n] += a[n, s] * step[m, n] (+ b[n, s] * sum_x[m, s])."""
+    MI, NI, KS, _, _, _ = layout(tiles, kind)
+    mma_n = make_mma_bf16_n(NI)
+    place = _make_place(tiles)
+    OFFSET = has_offset(kind)
+
+    @device
+    def mma_tile(xs, ws, fs, acc, tile_acc, scratch):
+        r0, c0, wk, g, t = place()
+        a = cuda.local.array((MI, 4), uint32)
+        b = cuda.local.array((NI, 2), uint32)
+        for ks in range(KS):
+            s = wk * KS + ks                                  # the k16 step within the tile
+            kw = uint32(s * 8 + t)
+            for j in range(NI):
+                b[j, 0] = ws[c0 + 8 * j + g, kw]
+                b[j, 1] = ws[c0 + 8 * j + g, kw + 4]
+            for i in range(MI * NI):
+                for e in range(4):
+                    tile_acc[i, e] = float32(0.0)
+            for e in range(T):                                # the small terms first, while the sums are small
+                for i in range(MI):
+                    row = uint32(r0 + 16 * i + g)
+                    a[i, 0] = xs[T - 1 - e, row, kw]
+                    a[i, 1] = xs[T - 1 - e, row + 8, kw]
+                    a[i, 2] = xs[T - 1 - e, row, kw + 4]
+                    a[i, 3] = xs[T - 1 - e, row + 8, kw + 4]
+                    mma_n(a, i, b, tile_acc, i * NI, scratch)
+            for j in range(NI):
+                for h in range(2):                            # this lane's columns 2t, 2t + 1 of block j
+                    col = c0 + 8 * j + 2 * t + h
+                    fa, fb = fs[0, col, s], fs[1, col, s]
+                    for i in range(MI):
+                        for v in range(2):                    # rows g, g + 8
+                            step = tile_acc[i * NI + j, 2 * v + h]
+                            if OFFSET:
+                                step = fa * step + fb * fs[2, r0 + 16 * i + g + 8 * v, s]
+                            else:
+                                step = fa * step
+                            acc[i * NI + j, 2 * v + h] += step
     return mma_tile
 
 

@@ -24,9 +24,10 @@ import math
 
 from numba import cuda, float32, int64, uint64
 
+from ..blocks import row_layout, row_step, values_per_word
 from ..gpu import SHARED_LIMIT
-from .common import (SIM, WEIGHT_KINDS, device, gate_of, kernel, make_group_reduce, make_weight_unpack,
-                     reduce_scratch_shape)
+from .blocks import has_offset, make_unpack
+from .common import SIM, WEIGHT_KINDS, device, gate_of, kernel, make_group_reduce, reduce_scratch_shape
 from .kv_append import advance_length
 
 EPILOGUES = ("none", "residual", "swiglu", "geglu")
@@ -58,10 +59,10 @@ def make_gemv(n_in, kind, n_tokens, epilogue="none", rmsnorm=False, heads=None):
     for what was two. The kernel takes 6 more arguments: cos, sin [max_len, D/2], k_cache, v_cache
     [B, Hkv, max_len, D], lengths [B] i32 (+= M / B), counters [B] i32 (zero).
     """
-    K, M, VPW = n_in, n_tokens, WEIGHT_KINDS[kind]
+    K, M = n_in, n_tokens
     R = gemv_rows_per_warp(epilogue)
     known = epilogue in EPILOGUES + (ROPE,) and (epilogue == ROPE) == (heads is not None)
-    if not known or K % VPW or M * K * 4 > SHARED_LIMIT:
+    if not known or K % row_step(kind) or M * K * 4 > SHARED_LIMIT:
         raise ValueError(f"gemv: epilogue {epilogue!r} (heads {heads}), K={K}, {M} tokens: not supported (x must "
                          f"fit in shared memory; heads go with the rope epilogue only)")
     MR = M * R                                   # (shapes of local arrays must be constants, not expressions)
@@ -83,23 +84,28 @@ def make_gemv(n_in, kind, n_tokens, epilogue="none", rmsnorm=False, heads=None):
 
 def _make_accumulate(K, M, kind, R, rmsnorm, heads):
     """accumulate(x, w, norm_w, eps, acc) -> warp: acc[m * R + r] = x[m] . W[row r of this warp] for every lane of
-    the warp (the rows: R consecutive ones, or with heads the R / 2 rotation pairs (i, i + D/2) it owns)."""
-    VPW = WEIGHT_KINDS[kind]
-    WPR = K // VPW                               # words per row
+    the warp (the rows: R consecutive ones, or with heads the R / 2 rotation pairs (i, i + D/2) it owns). A float
+    word's values are summed straight into acc; a block word's (kernels/blocks.py) as a * sum(vals x) [+ b sum(x)]."""
+    VPW = values_per_word(kind)
+    WPR, WH, _ = row_layout(kind, K)             # code words per row, high-bit words
+    H0, S0 = WPR, 8 * (WPR + WH)                 # where a row's high bits and scale records start
+    FLOAT, OFFSET = kind in WEIGHT_KINDS, has_offset(kind)
     ITER = -(-WPR // LANES)                      # words per lane
     MR = M * R                                   # (shapes of local arrays must be constants, not expressions)
-    unpack = make_weight_unpack(kind)
+    unpack = make_unpack(kind)
     _, warp_sum = make_group_reduce(LANES, MR)
     _, warp_sum_x = make_group_reduce(LANES, M)
     RED = reduce_scratch_shape(MR, GEMV_THREADS)
-    stage = _make_stage_x(K, M, VPW, rmsnorm, warp_sum_x)
+    XSUM = (M, WPR) if OFFSET else (1, 1)
+    stage = _make_stage_x(K, M, VPW, rmsnorm, warp_sum_x, OFFSET)
     row_of = _make_row_of(R, heads)
 
     @device
     def accumulate(x, w, norm_w, eps, acc):
         xs = cuda.shared.array((M, VPW, WPR), float32)      # xs[m, j, i] = x[m, i * VPW + j]
+        xsum = cuda.shared.array(XSUM, float32)             # xsum[m, i] = sum_j xs[m, j, i] (kinds with offsets)
         red = cuda.shared.array(RED, float32)
-        stage(x, norm_w, eps, xs, red)
+        stage(x, norm_w, eps, xs, xsum, red)
         lane = cuda.threadIdx.x % LANES
         warp = cuda.blockIdx.x * (GEMV_THREADS // LANES) + cuda.threadIdx.x // LANES
         words = cuda.local.array(GEMV_CHUNK, uint64)
@@ -107,7 +113,9 @@ def _make_accumulate(K, M, kind, R, rmsnorm, heads):
         for a in range(MR):
             acc[a] = float32(0.0)
         for r in range(R):
-            row = min(row_of(warp, r), w.shape[0] - 1)      # a warp past the end reads a valid row, stores nothing
+            row = row_of(warp, r)
+            if row >= w.shape[0]:                           # past the end: the whole warp skips (no divergence)
+                continue
             for c0 in range(0, ITER, GEMV_CHUNK):
                 for c in range(GEMV_CHUNK):                 # issue the chunk's loads back to back
                     i = lane + LANES * (c0 + c)
@@ -115,12 +123,17 @@ def _make_accumulate(K, M, kind, R, rmsnorm, heads):
                 for c in range(GEMV_CHUNK):
                     i = lane + LANES * (c0 + c)
                     if c0 + c < ITER and i < WPR:
-                        unpack(words[c], vals)
+                        a, b = unpack(w, row, i, words[c], H0, S0, vals)
                         for m in range(M):
-                            s = acc[m * R + r]
+                            s = acc[m * R + r] if FLOAT else float32(0.0)
                             for j in range(VPW):
                                 s += vals[j] * xs[m, j, i]
-                            acc[m * R + r] = s
+                            if FLOAT:
+                                acc[m * R + r] = s
+                            elif OFFSET:
+                                acc[m * R + r] += a * s + b * xsum[m, i]
+                            else:
+                                acc[m * R + r] += a * s
         warp_sum(acc, red)
         return warp
     return accumulate
@@ -197,13 +210,13 @@ def _make_rope_store(M, heads):
     return rope_store
 
 
-def _make_stage_x(K, M, VPW, rmsnorm, warp_sum):
-    """Device function: x [M, K] (optionally RMS-normalised and scaled by norm_w) -> xs, de-interleaved by word.
-    warp_sum reduces M values over a warp (its `red` scratch: `red`)."""
-    T, WARPS = GEMV_THREADS, GEMV_THREADS // LANES
+def _make_stage_x(K, M, VPW, rmsnorm, warp_sum, word_sums):
+    """Device function: x [M, K] (optionally RMS-normalised and scaled by norm_w) -> xs, de-interleaved by word, and
+    (word_sums) each word's sum of x into xsum. warp_sum reduces M values over a warp (its `red` scratch: `red`)."""
+    T, WARPS, WPR = GEMV_THREADS, GEMV_THREADS // LANES, K // VPW
 
     @device
-    def stage(x, norm_w, eps, xs, red):
+    def stage(x, norm_w, eps, xs, xsum, red):
         t = cuda.threadIdx.x
         inv = cuda.shared.array(M, float32)         # 1 / rms of each token (1 without the norm)
         if rmsnorm:
@@ -232,6 +245,14 @@ def _make_stage_x(K, M, VPW, rmsnorm, warp_sum):
                 scaled = x[m, k] * inv[m] * norm_w[k] if rmsnorm else x[m, k]
                 xs[m, k % VPW, k // VPW] = scaled
         cuda.syncthreads()
+        if word_sums:
+            for e in range(t, M * WPR, T):
+                m, i = e // WPR, e % WPR
+                s = float32(0.0)
+                for j in range(VPW):
+                    s += xs[m, j, i]
+                xsum[m, i] = s
+            cuda.syncthreads()
     return stage
 
 

@@ -6,8 +6,8 @@ Beside attention and the matmuls, a Llama forward has three small steps. Each re
 activations per token, so each is bound by memory traffic (a few KB per token) and, at batch 1, by the launch
 itself: their kernels are one block per token row, simple loops, no tiling.
 
-    embed        x[m] = E[ids[m]]: a row gather from the embedding table, bf16 (or fp32) words widened to
-                 fp32. The token ids come from device memory, so a decode step needs no kernel argument that
+    embed        x[m] = E[ids[m]]: a row gather from the embedding table, bf16 (fp16, fp32) words widened to
+                 fp32, or GGUF blocks dequantized (kernels/blocks.py). The token ids come from device memory, so a decode step needs no kernel argument that
                  changes between tokens (it can be replayed as a CUDA graph, numbattn/launch.py).
                  # ids [M] i32, E [vocab, dim/VPW] u64 -> x [M, dim]
     rms_norm     y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * g: a block-wide sum of squares, then a scaled copy.
@@ -32,8 +32,9 @@ import math
 
 from numba import cuda, float32, int64
 
-from .common import (SIM, WEIGHT_KINDS, device, kernel, make_group_reduce, make_weight_unpack, reduce_scratch_shape,
-                     ring_slot)
+from ..blocks import values_per_word
+from .blocks import make_row_offsets, make_unpack
+from .common import SIM, device, kernel, make_group_reduce, reduce_scratch_shape, ring_slot
 from .kv_append import advance_length
 
 THREADS = 8 if SIM else 256               # the simulator runs a Python thread per CUDA thread
@@ -43,20 +44,22 @@ ROPE_TOKENS_PER_BLOCK = 4 if SIM else 16
 
 @functools.lru_cache(maxsize=None)
 def make_embed(kind):
-    VPW = WEIGHT_KINDS[kind]
-    unpack = make_weight_unpack(kind)
+    VPW = values_per_word(kind)
+    unpack = make_unpack(kind)
+    offsets = make_row_offsets(kind)
 
     @kernel
     def embed(ids, table, x):
-        # ids [M] i32, table [vocab, dim/VPW] u64 -> x [M, dim] f32
-        """x[m, :] = table[ids[m], :] widened to float32 (one block per token)."""
+        # ids [M] i32, table [vocab, row words] u64 (numbattn/blocks.py) -> x [M, dim] f32
+        """x[m, :] = table[ids[m], :] widened (or dequantized) to float32 (one block per token)."""
         m = cuda.blockIdx.x
         row = ids[m]
         vals = cuda.local.array(VPW, float32)
-        for i in range(cuda.threadIdx.x, table.shape[1], cuda.blockDim.x):
-            unpack(table[row, i], vals)
+        n_code, h0, s0 = offsets(x.shape[1])
+        for i in range(cuda.threadIdx.x, n_code, cuda.blockDim.x):
+            a, b = unpack(table, row, i, table[row, i], h0, s0, vals)
             for j in range(VPW):
-                x[m, i * VPW + j] = vals[j]
+                x[m, i * VPW + j] = a * vals[j] + b
 
     return embed
 

@@ -679,6 +679,63 @@ def _run_model(model, prompt, new_tokens):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Weights as stored or dequantized (issue 28): the same file, each form, the same run
+# --------------------------------------------------------------------------------------------------------
+# bench_weights loads one model file once per form (load_model's weights=: "fp32" is how a GGUF file used to run,
+# dequantized; "as-stored" keeps its blocks) and times them in turns, round by round, so that a machine whose load
+# changes (a shared CPU) weighs on every form alike, each run after a pause of 0.5 s (OpenBLAS's and OpenMP's idle
+# threads spin for a while after their last call: the other form's would compete with this one's). Rows: {weights, kinds, weights_MB, token_MB, prefill_ms
+# (prompt_len tokens, the first token's logits included), prefill_tok_s, decode_ms (per token, over new_tokens),
+# decode_tok_s, logits_err (the prompt's last logits against the first form's, relative to their largest),
+# load_before / load_after (the 1-minute load average)}: medians of `repeat` rounds after one warm-up.
+def bench_weights(model, forms=("fp32", "as-stored"), backend="numpy", prompt_len=41, new_tokens=32, repeat=3,
+                  seed=0):
+    import os
+
+    from tinyllm import load_model
+    models = {form: load_model(model, backend=backend, weights=form) for form in forms}
+    first = next(iter(models.values()))
+    prompt = np.random.default_rng(seed).integers(3, first.config.vocab_size, prompt_len).tolist()
+    reference = first.forward(np.array([prompt]), last_only=True)
+    load_before = os.getloadavg()[0]
+    runs = {form: [] for form in forms}
+    for r in range(repeat + 1):                         # round 0 warms up (Numba and CUDA kernels, page-ins)
+        for form, m in models.items():
+            time.sleep(0.5)         # the other form's idle threads (OpenBLAS's, OpenMP's) stop spinning first
+            stats = _run_model(m, prompt, new_tokens)
+            if r:
+                runs[form].append(stats)
+    rows = []
+    for form, m in models.items():
+        logits = m.forward(np.array([prompt]), last_only=True)
+        prefill = statistics.median(s.prefill_seconds for s in runs[form])
+        step = statistics.median(s.decode_seconds / s.decode_tokens for s in runs[form])
+        rows.append(dict(weights=form, engine=m.engine, kinds="/".join(_kinds(m)), weights_MB=_weight_bytes(m) / 1e6,
+                         token_MB=_token_bytes(m) / 1e6, prompt=prompt_len, prefill_ms=prefill * 1e3,
+                         prefill_tok_s=prompt_len / prefill, decode_ms=step * 1e3, decode_tok_s=1 / step,
+                         logits_err=float(np.abs(logits - reference).max() / np.abs(reference).max()),
+                         load_before=load_before, load_after=os.getloadavg()[0]))
+    return rows
+
+
+def _kinds(m):
+    from tinyllm.engines.host import block_kinds
+    if m.engine == "device":
+        return m.weights.kinds
+    return block_kinds(m.weights) + ["f32"]
+
+
+def _weight_bytes(m):
+    from tinyllm.engines.host import _host_bytes
+    return m.weights.nbytes if m.engine == "device" else _host_bytes(m.weights)
+
+
+def _token_bytes(m):
+    from tinyllm.engines.host import token_bytes
+    return m.weights.token_bytes if m.engine == "device" else token_bytes(m.weights)
+
+
+# --------------------------------------------------------------------------------------------------------
 # End to end, as llama-bench reports it (benchmarks/gpu_report.py `end_to_end`)
 # --------------------------------------------------------------------------------------------------------
 # pp N: prompt tokens per second, N tokens from an empty KV cache to the logits of the last one, synchronised

@@ -99,8 +99,9 @@ class DeviceEngine:
         kinds = "/".join(self.weights.kinds)
         where = "the GPU" if self.backend == "cuda" else "the simulated device (host memory)"
         return (f"device engine ({self.backend}): weights on {where} ({human_bytes(self.weights.nbytes)} of "
-                f"{kinds} words), KV cache {human_bytes(self.cache.nbytes)} {self.cache.dtype.name}, every op a "
-                f"numbattn kernel{'; decode steps and short prompts replayed as CUDA graphs' * self.use_graphs}")
+                f"{kinds} words, {human_bytes(self.weights.token_bytes)} read per token), KV cache "
+                f"{human_bytes(self.cache.nbytes)} {self.cache.dtype.name}, every op a numbattn kernel"
+                f"{'; decode steps and short prompts replayed as CUDA graphs' * self.use_graphs}")
 
     # ---- views and launches, made once per shape ----------------------------------------------------------
     def view(self, name, rows):
@@ -108,6 +109,14 @@ class DeviceEngine:
         key = (name, rows)
         if key not in self._views:
             self._views[key] = self.buf[name][:rows]
+        return self._views[key]
+
+    def columns(self, name, rows, begin, end):
+        """Columns begin .. end - 1 of the first `rows` rows of buffer `name` (a strided view, made once)."""
+        key = (name, rows, begin, end)
+        if key not in self._views:
+            self._views[key] = self.view(name, rows) if (begin, end) == (0, self.buf[name].shape[1]) else \
+                self.buf[name][:rows, begin:end]
         return self._views[key]
 
     def launch(self, key, kernel, grid, block, args):
@@ -175,16 +184,18 @@ class DeviceEngine:
     def _project_rotate_append(self, layer, pending, B, s):
         """-> the qkv buffer holding q rotated; k rotated and v appended to the cache at each row's length. A few
         tokens: one GEMV with the norm, RoPE and append fused (linear.plan_qkv_rope); else (or with biases or head
-        norms to apply first, or a ring buffer to append to) the matmul, families.qkv_finish, rowwise.rope_append."""
-        M, (words, kind) = B * s, pending.lw.w_qkv
+        norms to apply first, a ring buffer to append to, or q/k/v stored in different forms) the matmul,
+        families.qkv_finish, rowwise.rope_append."""
+        M, parts = B * s, _parts(pending.lw.w_qkv)
         qkv = self.view("qkv", M)
         x, norm = (pending.h.x, pending.h.w) if isinstance(pending.h, _Norm) else (pending.h, None)
         cache_args = pending.table + (self.cache.k(layer), self.cache.v(layer), self.cache.device_lengths(layer),
                                       self.cache.append_counters(layer))
         finish = self.arch.qkv_bias or bool(pending.norms)
-        fused = None if finish or self.cache.kind(layer) == "ring" else linear.plan_qkv_rope(
-            M, x.shape[1], words.shape[0], kind, (self.H, self.HKV, self.D), norm is not None)
+        fused = None if finish or self.cache.kind(layer) == "ring" or len(parts) > 1 else linear.plan_qkv_rope(
+            M, x.shape[1], parts[0][0].shape[0], parts[0][1], (self.H, self.HKV, self.D), norm is not None)
         if fused is not None:
+            words = parts[0][0]
             kernel, grid, threads = fused
             args = (x, words, qkv, norm if norm is not None else self.norm, self.eps) + cache_args
             self.launch(("qkv rope", layer, M), kernel, grid, threads, args)
@@ -205,8 +216,14 @@ class DeviceEngine:
                     qkv.shape[0], families.THREADS, args)
 
     def _project(self, pending, M):
-        """The pending q/k/v projection of M tokens alone (no RoPE, no append) -> the qkv buffer [M, (H+2Hkv) D]."""
-        return self.matmul(("qkv", id(pending.lw)), pending.h, pending.lw.w_qkv, self.view("qkv", M), "none")
+        """The pending q/k/v projection of M tokens alone (no RoPE, no append) -> the qkv buffer [M, (H+2Hkv) D]:
+        one matmul, or one per part where q, k and v are stored in different forms (each part's rows: its columns)."""
+        col = 0
+        for p, part in enumerate(_parts(pending.lw.w_qkv)):
+            out = self.columns("qkv", M, col, col + part[0].shape[0])
+            self.matmul(("qkv", id(pending.lw), p), pending.h, part, out, "none")
+            col += part[0].shape[0]
+        return self.view("qkv", M)
 
     def _decode_views(self, B):
         """q [B, H, D] inside the qkv buffer and out [B, H, D] over the attn buffer (made once)."""
@@ -435,6 +452,11 @@ def _prefix(cache_array, n):
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
     b, h, _, d = cache_array.shape
     return DeviceNDArray((b, h, n, d), cache_array.strides, cache_array.dtype, gpu_data=cache_array.gpu_data)
+
+
+def _parts(w_qkv):
+    """The q/k/v weights as a list of (words, kind): one stacked matrix, or the parts stored in different forms."""
+    return w_qkv if isinstance(w_qkv, list) else [w_qkv]
 
 
 def _strided(buf, shape, strides, offset_rows=0):

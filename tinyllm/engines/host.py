@@ -6,6 +6,7 @@ import numpy as np
 import numbattn
 from numbattn import backend as _backend
 from numbattn import reference
+from numbattn.cpu_linear import BlockMatrix, Transposed, compile_cpu_kernels
 from numbattn.prefill import chunk_attention
 
 from ..units import human_bytes
@@ -26,8 +27,11 @@ class NumpyEngine:
 
     def describe(self):
         where = "the NumPy reference" if self.backend == "numpy" else f"numbattn's kernels ({self.backend})"
-        return (f"NumPy engine: weights in host memory ({human_bytes(_host_bytes(self.weights))} fp32), "
-                f"matmuls in NumPy, attention on {where}")
+        kinds = block_kinds(self.weights)
+        blocks = f" and {'/'.join(kinds)} blocks (GGUF, as stored)" if kinds else ""
+        matmuls = "in NumPy, quantized ones by Numba kernels" if kinds else "in NumPy"
+        return (f"NumPy engine: weights in host memory ({human_bytes(_host_bytes(self.weights))}: fp32{blocks}; "
+                f"{human_bytes(token_bytes(self.weights))} read per token), matmuls {matmuls}, attention on {where}")
 
     def embed(self, ids):
         x = self.weights.embed[ids]                                      # [b, s] -> [b, s, dim]
@@ -84,8 +88,14 @@ class NumpyEngine:
         return forward(ids, Step(ids.shape[0], ids.shape[1], start_pos, last_only))
 
     def prepare(self, forward, progress=None):
-        """Nothing to compile ahead: NumPy (attention kernels, if any, compile at their first call)."""
-        return 0, 0
+        """The Numba kernels of the weights kept in GGUF blocks, compiled now rather than at the first reply (a few
+        seconds; NumPy needs nothing, attention kernels compile at their first call) -> (0, kernels compiled)."""
+        kinds = block_kinds(self.weights)
+        for i, kind in enumerate(kinds):
+            if progress is not None:
+                progress(i, len(kinds), kind)
+            compile_cpu_kernels(kind)
+        return 0, len(kinds)
 
 
 def split_heads(x, n_heads):
@@ -100,11 +110,31 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(b, s, h * d)
 
 
-def _host_bytes(weights):
-    arrays = [weights.embed, weights.norm, weights.lm_head] + [a for lw in weights.layers for a in vars(lw).values()
-                                                               if a is not None]
-    return sum(a.nbytes for a in {_buffer(a): a for a in arrays}.values())   # a tied lm_head is embed's memory
+def _matrices(weights):
+    """Every weight array once (a tied output head is the embedding's memory): ndarrays and BlockMatrix objects."""
+    arrays = [weights.embed, weights.norm, weights.lm_head] + [a for lw in weights.layers for a in vars(lw).values()]
+    return list({_memory(a): a for a in arrays if a is not None}.values())
 
 
-def _buffer(a):
+def _memory(a):
+    """What holds a weight's bytes: a BlockMatrix (W or W.T), an ndarray's buffer (a transposed view: the same)."""
+    if isinstance(a, (BlockMatrix, Transposed)):
+        return id(a.T if isinstance(a, Transposed) else a)
     return a.__array_interface__["data"][0], a.nbytes
+
+
+def _host_bytes(weights):
+    return sum(a.nbytes for a in _matrices(weights))
+
+
+def block_kinds(weights):
+    """The GGUF block kinds among the weights (sorted), [] if all are fp32."""
+    return sorted({a.kind for a in _matrices(weights) if isinstance(a, (BlockMatrix, Transposed))})
+
+
+def token_bytes(weights):
+    """Bytes of weights read per token: every matrix, one row of the embedding table (all of it if it is tied to the
+    output head)."""
+    table = weights.embed.nbytes
+    tied = _memory(weights.lm_head) == _memory(weights.embed)
+    return _host_bytes(weights) - (0 if tied else table) + table // weights.embed.shape[0]

@@ -1,0 +1,324 @@
+"""The linear layers on the CPU with the weights in GGUF blocks: y = x W^T, dequantized inside Numba kernels.
+
+What you will learn here
+------------------------
+On a CPU, decode is bound by the bytes of weights read per token as on a GPU: SmolLM2-135M's matrices are 92 MB as
+Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the weights stay in their blocks
+(numbattn/blocks.py's layout, the file's bytes) and two Numba kernels (@njit, compiled for this CPU, vectorised by
+LLVM) read them:
+
+    gemv   one token: each group's codes (16 bytes of 4-bit codes, or 32 of 8-bit) are turned into floats in
+           registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset added once as
+           b' sum(x): x is staged once per call in the codes' order (low nibbles, then high), so the loop is a
+           plain vectorisable run. Rows are split over the threads (prange) when there is more than one.
+    panel  a prompt chunk (more than GEMV_TOKENS tokens): PANEL_ROWS rows at a time dequantized into an fp32
+           buffer that stays in cache, in the same staged order, and multiplied by x (staged alike) with BLAS
+           (x @ panel^T): every weight is decoded once per chunk and BLAS does the O(M N K) work.
+
+The GEMV takes DOT_ROWS rows together (each load of x serves four rows' codes) and decodes ~4.8 G weights/s a
+thread (Q4_1, SmolLM2's 1536 x 576), ~1.6x what BLAS streams as fp32: the arithmetic per weight, not the bytes, is
+the limit here (llama.cpp's int8 dot products do more a cycle). Measured end to end: BENCHMARKS.md.
+
+Activations and sums are float32. The record arithmetic (a group's factor a and offset b) is the GPU's, written
+once (kernels/blocks.py make_factors); the NumPy statement the kernels are tested against is blocks.dequantize.
+
+    W = BlockMatrix("q4_1", words, n_in)      # W [N, K] as stored: W.shape == (N, K)
+    y = x @ W.T                               # x [..., K] -> [..., N]: the NumPy engine's `h @ lw.wq`, unchanged
+    rows = W[ids]                             # dequantized rows (the embedding lookup) [..., K]
+"""
+import functools
+
+import numpy as np
+from numba import float32, prange
+
+from . import blocks
+from .kernels.blocks import ZERO, cpu_factors
+from .kernels.common import cpu_kernel
+
+GEMV_TOKENS = 2             # more tokens than this: dequantized panels and BLAS
+PANEL_ROWS = 256            # rows per dequantized panel: 256 x 2048 fp32 = 2 MB, this machine's L2 per core
+# A panel is dequantized on the calling thread alone, between matmuls that OpenBLAS runs on all of them. On Numba's
+# OpenMP threads, which spin after each parallel region (so that the next GEMV starts at once), it held the cores
+# OpenBLAS's threads needed next, ~8 ms a switch on 2 cores: SmolLM2's 41-token prompt took 5.7 s at 2 threads.
+# Letting OpenMP's threads sleep instead (OMP_WAIT_POLICY=PASSIVE) fixed the prompt but slowed decode from 41 to
+# 61 ms a token (each GEMV waking them). On one thread: 205 ms for the prompt, decode 41 ms.
+ROW_BLOCK = 32              # rows per parallel task of the GEMV
+DOT_ROWS = 4                # rows the GEMV takes together: each load of x serves 4 (1.8x faster than 1; 8: slower)
+CPU_KINDS = tuple(blocks.BLOCK_KINDS)
+HALF_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@cpu_kernel(inline="always")
+def half(bits):
+    """fp16 bits -> float32, exactly: a table of the 65536 halves, decoded once by NumPy (256 KB, cache resident)."""
+    return HALF_TO_F32[bits]
+
+
+def staged_order(kind, n_in):
+    """The staged order of a row's columns: position p of the staged row holds column order[p]. 4- to 6-bit codes:
+    the low nibbles of the row's code bytes, then their high nibbles (byte i of code word w = i // 8 holds columns
+    16 w + i % 8 and 16 w + 8 + i % 8); 8-bit codes in place. x is staged alike, once per call."""
+    if blocks.BLOCK_KINDS[kind].bits == 8:
+        return np.arange(n_in)
+    i = np.arange(n_in // 2)
+    low = 16 * (i // 8) + i % 8
+    return np.concatenate([low, low + 8])
+
+
+class BlockMatrix:
+    """A weight matrix W [N, K] kept in numbattn's block layout (rows of uint64 words), multiplied by Numba kernels.
+    `W.T` is the [K, N] matrix of the NumPy engine's `x @ W` (an operand NumPy defers to); `W[ids]` dequantized
+    rows."""
+
+    def __init__(self, kind, words, n_in):
+        if kind not in CPU_KINDS:
+            raise ValueError(f"kind={kind!r}: the CPU kernels read {', '.join(CPU_KINDS)}")
+        blocks.check_row_length(kind, n_in)
+        if words.dtype != np.uint64 or words.ndim != 2 or words.shape[1] != blocks.row_words(kind, n_in):
+            raise ValueError(f"words {words.dtype} {words.shape}: expected uint64 rows of "
+                             f"{blocks.row_words(kind, n_in)} words ({kind}, {n_in} values)")
+        pad = -words.shape[0] % DOT_ROWS                # zero rows to a multiple of the GEMV's row step (not read out)
+        self.kind, self.words, self.n_in = kind, np.ascontiguousarray(np.pad(words, ((0, pad), (0, 0)))), n_in
+        self.shape, self.nbytes, self.dtype = (words.shape[0], n_in), self.words.nbytes, np.dtype(np.float32)
+        self.order = staged_order(kind, n_in)
+        self.kernels, self.bytes, self.group_bytes = make_cpu_kernels(kind), self.words.view(np.uint8), group_bytes(kind)
+
+    @property
+    def T(self):
+        return Transposed(self)
+
+    def __getitem__(self, ids):
+        """W[ids]: rows dequantized (the NumPy statement: an embedding lookup reads a few rows)."""
+        ids = np.asarray(ids)
+        return blocks.dequantize(self.kind, self.words[ids.reshape(-1)], self.n_in).reshape(*ids.shape, self.n_in)
+
+    def times(self, x):
+        """x [..., K] float32 -> x W^T [..., N]."""
+        x = np.asarray(x, np.float32)
+        lead, (n, k) = x.shape[:-1], self.shape
+        if x.shape[-1] != k:
+            raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
+        (gemv, panel), w, gb = self.kernels, self.bytes, self.group_bytes
+        x2 = np.ascontiguousarray(x.reshape(-1, k))
+        if x2.shape[0] <= GEMV_TOKENS:
+            out = np.empty((x2.shape[0], w.shape[0]), np.float32)              # (the padding rows' too)
+            for m in range(x2.shape[0]):
+                gemv(w, x2[m], self.order, out[m], gb)
+            return out[:, :n].reshape(*lead, n)
+        xs = x2[:, self.order]                                              # [M, K], staged as the codes are
+        out = np.empty((xs.shape[0], n), np.float32)
+        buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
+        for r0 in range(0, n, PANEL_ROWS):
+            r1 = min(n, r0 + PANEL_ROWS)
+            panel(w, r0, r1, buf, gb)                              # on the calling thread: see PANEL_ROWS
+            np.matmul(xs, buf[:r1 - r0].T, out=out[:, r0:r1])
+        return out.reshape(*lead, n)
+
+
+class Transposed:
+    """W^T [K, N] of a BlockMatrix: `x @ W.T` calls W.times(x); `W.T.T` is W."""
+    __array_ufunc__ = None                  # ndarray @ Transposed -> Transposed.__rmatmul__
+
+    def __init__(self, matrix):
+        self.T, self.shape = matrix, matrix.shape[::-1]
+        self.nbytes, self.dtype, self.kind = matrix.nbytes, matrix.dtype, matrix.kind
+
+    def __rmatmul__(self, x):
+        return self.T.times(x)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The kernels
+# --------------------------------------------------------------------------------------------------------
+def compile_cpu_kernels(kind):
+    """Compile `kind`'s kernels now (Numba compiles at the first call: a few seconds), on a one-block matrix."""
+    k = blocks.BLOCK_KINDS[kind]
+    matrix = BlockMatrix(kind, np.zeros((1, blocks.row_words(kind, k.block)), np.uint64), k.block)
+    for tokens in (1, GEMV_TOKENS + 1):
+        np.zeros((tokens, k.block), np.float32) @ matrix.T
+
+
+
+@functools.lru_cache(maxsize=None)
+def make_cpu_kernels(kind):
+    """(gemv(w_bytes, x, order, out, gb), panel(w_bytes, r0, r1, buf, gb)) for `kind`: w_bytes the words as uint8
+    [N, 8 W] (N a multiple of DOT_ROWS); gemv: out[n] = x . W[n] for every row (x one token [K], staged in the
+    kernel by `order`); panel: rows r0 .. r1 - 1 dequantized (staged) into buf [>= r1 - r0, K]. gb: code bytes per
+    group (group_bytes(kind)), passed at run time on purpose: a loop of a constant 16 is unrolled and LLVM then
+    vectorises the loop around it, across groups, with gathers and scatters (2-6x slower); a loop of unknown length
+    is vectorised itself. The GEMV's rows are split over Numba's threads (numba.set_num_threads), ROW_BLOCK rows to
+    a task, whose loops are compiled apart (in a prange body LLVM left them scalar); a panel runs on the calling
+    thread (see PANEL_ROWS)."""
+    eight = blocks.BLOCK_KINDS[kind].bits == 8
+    dequantize_row, dot_rows = (_make_q8 if eight else _make_q4)(kind)
+    offsets = _make_offsets(kind)
+
+    @cpu_kernel
+    def dot_task(w, r0, r1, xs, xsum, out, gb):
+        K = xs.shape[0]
+        lay, scratch = offsets(K), np.empty((2 * DOT_ROWS, K // 2), np.float32)
+        v, a, b = np.empty((DOT_ROWS, gb), np.float32), np.empty(DOT_ROWS, np.float32), np.empty(DOT_ROWS, np.float32)
+        for n0 in range(r0, r1, DOT_ROWS):
+            dot_rows(w, n0, lay, scratch, xs, xsum, v, a, b, out, gb)
+
+    @cpu_kernel
+    def panel(w, r0, r1, buf, gb):
+        K = buf.shape[1]
+        lay, scratch = offsets(K), np.empty((4, K // 2), np.float32)
+        for n in range(r0, r1):
+            dequantize_row(w, n, lay, scratch, buf[n - r0], gb)
+
+    @cpu_kernel(parallel=True)
+    def gemv(w, x, order, out, gb):
+        """out[n] = x . W[n] for every row: x [K] staged here, its groups' sums taken (one kernel call a token:
+        Python's part of a GEMV was ~50 us, a quarter of a small one's time)."""
+        K, n_rows = x.shape[0], w.shape[0]
+        xs, H = np.empty(K, np.float32), K // 2
+        for i in range(K):
+            xs[i] = x[order[i]]
+        xsum = np.zeros(max(H // gb, 1), np.float32)                 # (Q8_0: no offsets, unread)
+        if not eight:
+            for g in range(H // gb):
+                for t in range(g * gb, g * gb + gb):
+                    xsum[g] += xs[t] + xs[H + t]
+        for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            lo = b * ROW_BLOCK
+            dot_task(w, lo, min(n_rows, lo + ROW_BLOCK), xs, xsum, out, gb)
+    return gemv, panel
+
+
+def group_bytes(kind):
+    """Code bytes per group of one factor a and offset b: 16 (32 4- to 6-bit codes) or 8 (Q6_K's 16); Q8_0: 32."""
+    k = blocks.BLOCK_KINDS[kind]
+    return k.group if k.bits == 8 else k.group // 2
+
+
+def _make_offsets(kind):
+    """offsets(n_in) -> (first high-bit byte, first record byte) of a row (numbattn.blocks.row_layout, in bytes)."""
+    VPW, HB = blocks.BLOCK_KINDS[kind].vpw, blocks.BLOCK_KINDS[kind].high_bits
+
+    @cpu_kernel(inline="always")
+    def offsets(n_in):
+        n_code = n_in // VPW
+        return 8 * n_code, 8 * (n_code + (n_code * HB + 63) // 64)
+    return offsets
+
+
+# The codes become floats before any arithmetic: Numba computes on integers narrower than 64 bits in 64 bits, whose
+# conversion to float is half as wide and slow, so a byte c is widened to a float (exact) and split there:
+# hi = floor(c / 16), lo = c - 16 hi; an int8 is c - 256 floor(c / 128). Both kernels below were checked in the
+# assembly (vpmovzxbd, vcvtdq2ps, vroundps, FMAs on 8 lanes):
+#   dequantize_row(w, n, lay, scratch, row, gb): row [K] = W[n] dequantized, staged: each group's factors spread
+#       first into per-byte arrays (scratch), then plain loops over the row's bytes with one stream of stores each;
+#   dot_row(w, n, lay, scratch, xs, xsum, v, gb) -> xs . W[n]: for each group, v[t] += a (lo_t x_lo,t + hi_t x_hi,t)
+#       over its gb bytes (v: gb running sums, added up at the end), and the group's offset once, b' sum(x) (b' = b - a z,
+#       xsum the group's sum of x): one FMA a weight and nothing stored.
+def _make_q4(kind):
+    """4- to 6-bit codes. scratch [4, K/2]: each byte's factor a, offset b (the zero point folded in: a c + b), and
+    the high bits of its low and high code."""
+    factors = cpu_factors(kind, half)
+    z, E, high_bits = float32(ZERO[kind]), blocks.BLOCK_KINDS[kind].bits - 4, _make_high_bits(kind)
+
+    @cpu_kernel(inline="always")
+    def dequantize_row(w, n, lay, scratch, row, gb):
+        wn, H = w[n], row.shape[0] // 2
+        a, b, high_lo, high_hi = scratch[0], scratch[1], scratch[2], scratch[3]
+        for g in range(H // gb):
+            ag, bg = factors(w, n, lay[1], g)
+            base = g * gb
+            for t in range(gb):
+                a[base + t] = ag
+                b[base + t] = bg - ag * z
+        if E:
+            high_bits(wn, lay[0], H, high_lo, high_hi)
+        for i in range(H):
+            c = float32(wn[i])
+            hi = np.floor(c * float32(0.0625))
+            lo = c - float32(16.0) * hi
+            if E:
+                lo, hi = lo + high_lo[i], hi + high_hi[i]
+            row[i] = a[i] * lo + b[i]
+            row[H + i] = a[i] * hi + b[i]
+
+    @cpu_kernel(inline="always")
+    def dot_rows(w, n0, lay, scratch, xs, xsum, v, a, b, out, gb):
+        H = xs.shape[0] // 2
+        for r in range(DOT_ROWS):
+            if E:
+                high_bits(w[n0 + r], lay[0], H, scratch[2 * r], scratch[2 * r + 1])
+            b[r] = float32(0.0)
+        v[:, :] = float32(0.0)
+        for g in range(H // gb):
+            base = g * gb
+            for r in range(DOT_ROWS):
+                a[r], br = factors(w, n0 + r, lay[1], g)
+                b[r] += (br - a[r] * z) * xsum[g]
+            for t in range(gb):
+                xl, xh = xs[base + t], xs[H + base + t]
+                for r in range(DOT_ROWS):
+                    c = float32(w[n0 + r, base + t])
+                    hi = np.floor(c * float32(0.0625))
+                    lo = c - float32(16.0) * hi
+                    if E:
+                        lo, hi = lo + scratch[2 * r, base + t], hi + scratch[2 * r + 1, base + t]
+                    v[r, t] += a[r] * (lo * xl + hi * xh)
+        for r in range(DOT_ROWS):
+            s = b[r]
+            for t in range(gb):
+                s += v[r, t]
+            out[n0 + r] = s
+    return dequantize_row, dot_rows
+
+
+def _make_high_bits(kind):
+    """high_bits(wn, h0, H, high_lo, high_hi): bits 4 (and 5) of each byte's two codes (5- and 6-bit codes), as floats
+    times 16, from the row's high-bit stream at byte h0."""
+    k = blocks.BLOCK_KINDS[kind]
+    E = k.bits - 4
+    MASK, FIELD = (1 << max(E, 0)) - 1, k.high_bits // 8            # high bits per code, bytes per word's field
+
+    @cpu_kernel(inline="always")
+    def high_bits(wn, h0, H, high_lo, high_hi):
+        for i in range(H):                                           # byte i: code word i // 8, columns t and t + 8
+            f, t = 0, i & 7
+            for e in range(FIELD):
+                f |= int(wn[h0 + FIELD * (i >> 3) + e]) << (8 * e)
+            high_lo[i] = float32(((f >> (E * t)) & MASK) << 4)
+            high_hi[i] = float32(((f >> (E * (t + 8))) & MASK) << 4)
+    return high_bits
+
+
+def _make_q8(kind):
+    """8-bit codes (Q8_0): 32 int8 codes a block, in place; scratch [4, K/2] holds each value's factor."""
+    factors = cpu_factors(kind, half)
+
+    @cpu_kernel(inline="always")
+    def dequantize_row(w, n, lay, scratch, row, gb):
+        wn, a = w[n], scratch.reshape(-1)
+        for g in range(row.shape[0] // gb):
+            ag, _ = factors(w, n, lay[1], g)
+            base = g * gb
+            for t in range(gb):
+                a[base + t] = ag
+        for i in range(row.shape[0]):
+            c = float32(wn[i])
+            row[i] = a[i] * (c - float32(256.0) * np.floor(c * float32(1 / 128)))     # the byte's int8
+
+    @cpu_kernel(inline="always")
+    def dot_rows(w, n0, lay, scratch, xs, xsum, v, a, b, out, gb):
+        v[:, :] = float32(0.0)
+        for g in range(xs.shape[0] // gb):
+            base = g * gb
+            for r in range(DOT_ROWS):
+                a[r], _ = factors(w, n0 + r, lay[1], g)
+            for t in range(gb):
+                x = xs[base + t]
+                for r in range(DOT_ROWS):
+                    c = float32(w[n0 + r, base + t])
+                    v[r, t] += a[r] * ((c - float32(256.0) * np.floor(c * float32(1 / 128))) * x)
+        for r in range(DOT_ROWS):
+            s = float32(0.0)
+            for t in range(gb):
+                s += v[r, t]
+            out[n0 + r] = s
+    return dequantize_row, dot_rows
