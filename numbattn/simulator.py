@@ -6,7 +6,8 @@ tests and lessons run every kernel there, so its speed and its correctness are o
 1. cuda.shared.array looks its block's array up in a dict and, if missing, creates and stores it, unlocked.
    Two threads of a block that switch between the lookup and the store get *different* arrays, and the kernel
    silently computes garbage (seen as a rare, moving failure of the test suite, more likely with the short
-   thread switch interval the tests set). Fixed: the same lookup, under a lock.
+   thread switch interval the tests set). Fixed: the same lookup, under a lock. (numbattn/lab/tracing.py can
+   have each array handed out traced, through SHARED_ARRAY_HOOK, to count shared-memory accesses.)
 2. A block's barrier is a busy loop: the main thread polls every thread's `syncthreads_blocked` flag and
    `is_alive()` until all are blocked or finished, holding the GIL the block's own threads need to get there
    (two thirds of a simulated decode step was that loop). Replaced by a counting barrier on one condition
@@ -55,9 +56,16 @@ def _lock_shared_array_creation(kernelapi):
             if key not in self._allocations:
                 dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
                 self._allocations[key] = np.empty(shape, dt)
-            return self._allocations[key]
+            memory = self._allocations[key]
+        hook = SHARED_ARRAY_HOOK[0]
+        return memory if hook is None else hook(memory, key)
 
     shared.array = array
+
+
+# numbattn.lab.tracing sets SHARED_ARRAY_HOOK[0] = hook(memory, (file, line)) -> what the kernel gets in place of a
+# simulated shared array (a traced view of it), while it counts shared-memory accesses; None otherwise.
+SHARED_ARRAY_HOOK = [None]
 
 
 class _Launch:

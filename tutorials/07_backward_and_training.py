@@ -51,8 +51,9 @@ rng = np.random.default_rng(0)
 # %% [markdown]
 # ## The gradients of attention
 #
-# Per head, with S = Q Kᵀ · scale (masked keys at −∞), P = softmax(S) row by row and O = P V, a loss L gives us
-# dO = ∂L/∂O and asks for dQ, dK, dV. Two of the three steps are matrix products, whose gradients are the
+# Per head, with S = Q Kᵀ · scale (masked keys at −∞), P = softmax(S) row by row and O = P V, a loss L (the number
+# training makes smaller) gives us dO = ∂L/∂O, its *gradient* with respect to O (how much L changes per unit change
+# of each element), and asks for dQ, dK, dV. Two of the three steps are matrix products, whose gradients are the
 # products with the other factor transposed:
 #
 #     O = P V          →   dV = Pᵀ dO            dP = dO Vᵀ
@@ -71,8 +72,8 @@ rng = np.random.default_rng(0)
 print(inspect.getsource(reference.attention_backward))
 
 # %% [markdown]
-# A check that does not trust the derivation: nudge each input by ±ε, recompute L = Σ dO ∘ attention(q, k, v) in
-# fp64, and compare (L(x + ε) − L(x − ε)) / 2ε with the gradient, element by element (4 query heads sharing 2 KV
+# A check that does not trust the derivation, *finite differences*: nudge each input by ±ε, recompute
+# L = Σ dO ∘ attention(q, k, v) in fp64, and compare (L(x + ε) − L(x − ε)) / 2ε with the gradient, element by element (4 query heads sharing 2 KV
 # heads, causal, more keys than queries).
 
 # %%
@@ -228,7 +229,13 @@ else:
 #
 # ## Break it
 #
-# Three mistakes a first backward makes, in NumPy, each caught by the finite differences.
+# Three mistakes a first backward makes, in NumPy, each a switch with its prediction (a plain run tries them all;
+# `python tutorials/07_backward_and_training.py --break no-row-term` runs up to that one and stops there):
+#
+#     --break no-row-term      dS = P ∘ dP, the softmax's row term D forgotten -> dK vs finite differences
+#     --break first-of-group   dK of a KV head from its first query head only  -> the same check, about half off
+#     --break lse-natural      P = exp2(S log2 e - lse) with lse in natural log  -> "P": the recomputed weights
+#                                                                                 are wrong wherever lse != 0
 
 # %%
 def broken_backward(mistake):
@@ -246,13 +253,17 @@ def check_dk(dk):
 
 
 check_dk(broken_backward("none"))
-_lesson.breaks("dS = P ∘ dP, the softmax's row term D forgotten", lambda: check_dk(broken_backward("D")))
-_lesson.breaks("dK of a KV head taken from its first query head, not summed over the group",
-               lambda: check_dk(broken_backward("group")))
+_lesson.break_it("no-row-term", "dS = P ∘ dP, the softmax's row term D forgotten",
+                 "dK differs from the finite differences: the gradient no longer sums to zero over each row",
+                 "dk vs finite differences", lambda: check_dk(broken_backward("D")))
+_lesson.break_it("first-of-group", "dK of a KV head taken from its first query head, not summed over the group",
+                 "dK differs from the finite differences (the other query head's share is missing)",
+                 "dk vs finite differences", lambda: check_dk(broken_backward("group")))
 lse_nat = reference.log_sum_exp(reference.scores(q, k, causal=True))
-_lesson.breaks("P recomputed as exp2(S log2 e - lse): lse left in natural log, not multiplied by log2 e",
-               lambda: _lesson.close("P", np.exp2(s * reference.LOG2E - lse_nat[..., None]), np.exp(s - lse_nat[..., None]),
-                                     atol=1e-6))
+_lesson.break_it("lse-natural", "P recomputed as exp2(S log2 e - lse): lse left in natural log, not times log2 e",
+                 "the recomputed P is wrong wherever a row's lse is not 0", "P: ",
+                 lambda: _lesson.close("P", np.exp2(s * reference.LOG2E - lse_nat[..., None]),
+                                       np.exp(s - lse_nat[..., None]), atol=1e-6))
 
 # %% [markdown]
 # ## Training a miniature Llama
@@ -260,7 +271,7 @@ _lesson.breaks("P recomputed as exp2(S log2 e - lse): lse left in natural log, n
 # Now the gradients of everything else. tinyllm/train.py is the Llama of lesson 6 written for training, in the
 # shape of llm.c's train_gpt2.c: a forward that keeps each layer's activations, and one backward function per op,
 # called in reverse. Its module docstring has each op's backward equation. The model: 2 layers, hidden size 64, 4
-# query heads sharing 2 KV heads, an MLP of 172, and bytes as tokens (a vocabulary of 256: no tokenizer to train).
+# query heads sharing 2 KV heads, an MLP of 172, and bytes as tokens (a vocabulary of 256: no vocabulary to learn).
 # The data: 199 KB of Shakespeare (tutorials/data/README.md names the source). Here is the whole backward:
 
 # %%
@@ -290,8 +301,9 @@ def sample(w, n=44):
 print("before training:", repr(sample(weights)))
 
 # %% [markdown]
-# Three hundred steps of AdamW (lr 3e-3). Attention goes through numbattn both ways: on its NumPy path here on a
-# laptop (the simulator would take minutes per step), on the kernels when there is a GPU.
+# Three hundred steps of *AdamW* (the optimiser: a step per weight scaled by running averages of its gradient and
+# of the gradient's square, plus weight decay; lr 3e-3). Attention goes through numbattn both ways: on its NumPy
+# path here on a laptop (the simulator would take minutes per step), on the kernels when there is a GPU.
 
 # %%
 TRAIN_BACKEND = "cuda" if BACKEND == "cuda" else "numpy"

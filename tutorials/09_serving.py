@@ -43,7 +43,8 @@ plt = _lesson.pyplot()
 #
 # One layer, 2 KV heads of head_dim 16, pages of BS = 4 tokens, a pool of 12 pages, room for 4 sequences. Three
 # sequences arrive with 6, 1 and 9 tokens. `allocate(seq, n)` hands a sequence enough pages for n tokens from the
-# free list; `append` writes K and V through the block table: token p of sequence s goes to page
+# free list; `append` writes K and V through the *block table* (the sequence's pages, in order): token p of
+# sequence s goes to page
 # `block_tables[s, p // BS]` at offset `p % BS`. Every page no one holds is NaN (a kernel that read one would
 # poison its output).
 
@@ -120,7 +121,9 @@ def consecutive_pages():
     _lesson.close("sequence 2 read through its block table", got, out[0], rtol=1e-5, atol=1e-6)
 
 
-_lesson.breaks("read a sequence's pages as if they were consecutive", consecutive_pages)
+_lesson.break_it("consecutive-pages", "read a sequence's pages as if they were consecutive in the pool",
+                 "sequence 2's pages [4, 7, 2] read as [4, 5, 6]: another sequence's keys, or poisoned NaN",
+                 "sequence 2 read through its block table", consecutive_pages)
 
 # %% [markdown]
 # When a request ends (or its client disconnects) its pages go back to the free list, poisoned again, and the next
@@ -136,6 +139,9 @@ print(f"a new sequence of 10 tokens gets pages {cache.pages(3).tolist()}")
 
 # %% [markdown]
 # ## Batch 1 vs 8 vs 32
+#
+# A server decodes many requests' tokens in one step, and lets requests join and leave that batch between
+# steps: *continuous batching* (tinyllm/server/scheduler.py).
 #
 # Llama.forward_rows runs the model's one forward over a paged cache, row b continuing sequence rows[b] at its own
 # position (tinyllm/engines/paged.py). A decode step reads every weight once, for however many rows: at batch 32
