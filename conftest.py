@@ -40,6 +40,12 @@ def pytest_configure(config):
         raise pytest.UsageError(f"tests need the {want!r} backend but got {backends[0]!r}: {reason}")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): one worker per core in the simulator, where every kernel is CPU-bound Python; on a
+    GPU, one process (the tests share one device and time nothing)."""
+    return 0 if GPU_RUN else None
+
+
 def pytest_collection_modifyitems(config, items):
     if GPU_RUN:
         return

@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         # openai: the official client, which the server's tests talk to it with
-        "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8", "openai>=1.0"],
+        # pytest-xdist: the simulated kernels are CPU-bound Python, so the suite spreads over every core (-n auto)
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "pexpect>=4.8", "openai>=1.0"],
         # what a GPU user adds: NVVM, NVRTC and the CUDA runtime as wheels, matched to a CUDA 13 driver
         "cuda": ["numba-cuda[cu13]"],
         "bench": ["matplotlib"],

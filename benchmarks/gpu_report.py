@@ -255,6 +255,91 @@ def memory(report, out, args):
 
 
 @section
+def backward(report, out, args):
+    """The attention backward (dQ, dK, dV) at n = 4096 and 8192, causal and not, next to torch SDPA's memory-efficient
+    fp32 backward in the same run; the device memory each needs beyond its inputs; each gradient's error vs fp64."""
+    from numba import cuda
+    import torch
+    rows = bench.bench_backward((4096, 8192), versions=args.backward_versions, repeat=args.repeat)
+    for causal in (True, False):
+        table, cols = bench.pivot([r for r in rows if r["causal"] == causal], ("n",), "ms")
+        for ver in args.backward_versions:
+            for r in table:
+                if r.get(f"numbattn {ver}") and r.get("torch SDPA mem-efficient fp32"):
+                    r[f"{ver} / mem-efficient"] = r["torch SDPA mem-efficient fp32"] / r[f"numbattn {ver}"]
+        cols += [c for c in (f"{v} / mem-efficient" for v in args.backward_versions) if any(c in r for r in table)]
+        emit(report, f"Attention backward, {'causal' if causal else 'non-causal'}: milliseconds (events), batch 1, "
+                     f"32 q / 4 kv heads, d 64", table, cols, "ratio > 1: numbattn is faster. FLOPs counted as 2.5x "
+                     "the forward's; TFLOP/s in rows.json.")
+    n = 8192
+    q, k, v = bench.random_qkv(1, n, n)
+    dout = np.random.default_rng(1).standard_normal(q.shape, dtype=np.float32)
+    dev = [cuda.to_device(x) for x in (q, k, v, dout)]
+    o, lse = prefill.flash_attention(dev[0], dev[1], dev[2], causal=True, backend="cuda", return_lse=True)
+    cuda.synchronize()
+    ctx = cuda.current_context()
+    free0 = ctx.get_memory_info().free
+    grads = numbattn_backward(dev, o, lse)
+    cuda.synchronize()
+    inputs = 3 * q.nbytes + 2 * k.nbytes + lse.nbytes     # q, out, dout; k, v; lse
+    mem = [dict(impl="numbattn v3", extra_MiB=(ctx.get_memory_info().free - free0) / -2**20,
+                grads_MiB=(q.nbytes + 2 * k.nbytes) / 2**20, inputs_MiB=inputs / 2**20)]
+    del grads
+    fn = bench._torch_backward(torch, q, k, v, dout, True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    g = fn()
+    torch.cuda.synchronize()
+    mem.append(dict(impl="torch SDPA mem-efficient fp32", extra_MiB=(torch.cuda.max_memory_allocated() - base) / 2**20,
+                    grads_MiB=(q.nbytes + 2 * k.nbytes) / 2**20, inputs_MiB=inputs / 2**20))
+    del g, fn
+    emit(report, f"Device memory of one causal backward at n = {n}", mem, ["impl", "extra_MiB", "grads_MiB", "inputs_MiB"],
+         "extra_MiB: memory the backward call took beyond its inputs (numbattn: free memory before/after, its gradients "
+         "and D included; torch: peak allocated minus allocated before, the graph's saved tensors not counted). The "
+         "fp32 score matrices of 32 heads would be 8192 MiB.")
+    acc = [r for n_ in (4096,) for c in (True, False) for r in bench.backward_accuracy(n_, c, args.backward_versions)]
+    emit(report, "Attention backward: max |error| / max |fp64| per gradient (n = 4096)", acc,
+         ["impl", "n", "causal", "err_dq", "err_dk", "err_dv"], "fp64: torch's math backward in float64 on the GPU.")
+    return rows + mem + acc
+
+
+@section
+def backward_tiles(report, out, args):
+    """The backward v3's launch shapes at n = 4096 causal (its GPU tiles were chosen by ptxas's registers only)."""
+    from numba import cuda
+    from numbattn import backward as bwd
+    from numbattn.kernels import backward_mma
+    n = 4096
+    q, k, v = bench.random_qkv(1, n, n)
+    dout = np.random.default_rng(1).standard_normal(q.shape, dtype=np.float32)
+    dev = [cuda.to_device(x) for x in (q, k, v, dout)]
+    o, lse = prefill.flash_attention(dev[0], dev[1], dev[2], causal=True, backend="cuda", return_lse=True)
+    grads = tuple(cuda.device_array(x.shape, np.float32) for x in (q, k, v))
+    rows = []
+    for a, c in (((16, 64, 128), (64, 16, 128)), ((32, 32, 64), (32, 32, 64)), ((16, 32, 64), (32, 16, 64)),
+                 ((32, 64, 128), (64, 32, 128)), ((16, 128, 256), (128, 16, 256)), ((8, 64, 128), (64, 8, 128))):
+        tiles = bwd.BackwardTiles(Tiles(*a), Tiles(*c))
+        smem = max(backward_mma.shared_bytes(a[1], a[0], 64), backward_mma.shared_bytes(c[0], c[1], 64))
+        try:
+            ms = bench.timed(lambda: bwd.launch(dev[0], dev[1], dev[2], o, lse, dev[3], grads, True, 0.125, "v3", tiles),
+                             "cuda", repeat=args.repeat)
+            rows.append(dict(dkdv=str(a), dq=str(c), smem_KB=smem / 1024, ms=ms,
+                             tflops=2.5 * bench.attention_flops(1, 32, n, n, 64, True) / ms / 1e9))
+        except Exception as e:
+            rows.append(dict(dkdv=str(a), dq=str(c), smem_KB=smem / 1024, error=str(e)[:80]))
+    emit(report, "Backward v3 launch shapes (n = 4096, causal, batch 1, 32/4 heads, d 64)", rows,
+         ["dkdv", "dq", "smem_KB", "ms", "tflops", "error"], "Tiles(block_m, block_n, threads): dkdv owns block_n "
+         "keys and streams query tiles of block_m rows; dq owns block_m rows and streams key tiles of block_n keys.")
+    return rows
+
+
+def numbattn_backward(dev, o, lse):
+    from numbattn import backward as bwd
+    return bwd.attention_backward(dev[0], dev[1], dev[2], o, lse, dev[3], causal=True, backend="cuda")
+
+
+@section
 def decode(report, out, args):
     """One decode step through numbattn.decode_attention(q_dev, cache, 0) over cache lengths 512..131072, next to
     torch SDPA, with the host and GPU time of a call apart."""
@@ -795,6 +880,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--prefill-versions", default="v0,v1,v2,v3", type=lambda x: tuple(x.split(",")),
                     help="prefill_sweep: the numbattn kernels to time")
+    ap.add_argument("--backward-versions", default="v3,v1", type=lambda x: tuple(x.split(",")),
+                    help="backward: the numbattn backward kernels to time")
     ap.add_argument("--tile-versions", default="", type=lambda x: tuple(x.split(",")) if x else (),
                     help="tiles: only these versions' launch shapes (default: all)")
     ap.add_argument("--max-cache", type=int, default=131072)

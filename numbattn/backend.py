@@ -19,9 +19,6 @@ cannot hide behind its fallback).
 import functools
 import logging
 import os
-import sys
-import threading
-import time
 
 import numpy as np
 
@@ -39,7 +36,8 @@ def probe():
     except Exception as e:  # numba missing or broken: NumPy still answers correctly
         return ["numpy"], f"numba.cuda could not be imported ({type(e).__name__}: {e})"
     if numba.config.ENABLE_CUDASIM:
-        _make_simulated_shared_arrays_thread_safe()
+        from numbattn import simulator
+        simulator.repair()
         return ["sim", "numpy"], "NUMBA_ENABLE_CUDASIM=1: kernels run in Numba's CUDA simulator"
     try:
         if cuda.is_available():
@@ -50,33 +48,6 @@ def probe():
     except Exception as e:
         reason = f"CUDA driver probe failed ({type(e).__name__}: {e})"
     return ["numpy"], reason + "; set NUMBA_ENABLE_CUDASIM=1 to run the kernels in the simulator"
-
-
-def _make_simulated_shared_arrays_thread_safe():
-    """Fix a race in Numba's simulator (numba-cuda 0.30): cuda.shared.array looks its block's array up in a dict
-    and, if missing, creates and stores it, unlocked. Two threads of a block that switch between the lookup and
-    the store get *different* arrays, and the kernel silently computes garbage (seen as a rare, moving failure of
-    the test suite, more likely with the short thread switch interval the tests set). Same lookup, under a lock.
-    """
-    from numba.cuda.simulator import kernelapi
-    from numba.cuda.simulator.kernelapi import numpy_support, types
-    shared = kernelapi.FakeCUDAShared
-    if getattr(shared, "_numbattn_locked", False):
-        return
-    original, lock = shared.array, threading.Lock()
-
-    def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:     # dynamic shared memory (one buffer), or an error upstream
-            return original(self, shape, dtype, alignment)
-        caller = sys._getframe(1)
-        key = (caller.f_code.co_filename, caller.f_lineno)     # one allocation per source line, as upstream
-        with lock:
-            if key not in self._allocations:
-                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
-                self._allocations[key] = np.empty(shape, dt)
-            return self._allocations[key]
-
-    shared.array, shared._numbattn_locked = array, True
 
 
 def available_backends():
@@ -160,29 +131,7 @@ def _caused_by_interrupt(e):
     return False
 
 
-def _stop_simulated_threads(backend, timeout=10.0):
-    """After an interrupt in the middle of a simulated kernel: stop the block's threads.
-
-    The simulator runs a block as one Python thread per CUDA thread, polled by the main thread. ^C stops only
-    the main thread; the others stay blocked in syncthreads() forever, inside the kernel's device functions,
-    where the simulator has swapped the module's `cuda` global for that launch's fake module. While any of
-    them is there, the swap is never undone: every later launch of that module's kernels runs against the
-    stale launch's grid and shared memory, and the first new kernel compiled there fails ("'FakeCUDAModule'
-    object has no attribute 'jit'"), so everything after one ^C quietly ran on the NumPy fallback. Setting the
-    simulator's abort flag and waking them makes each raise out of the kernel (undoing the swap); joining
-    them means none writes into an array after we return.
-    """
-    if backend != "sim":
-        return
-    from numba.cuda.simulator.kernel import BlockThread
-    threads = [t for t in threading.enumerate() if isinstance(t, BlockThread)]
-    for t in threads:
-        t.abort = True
-        t.syncthreads_blocked = False
-        t.syncthreads_event.set()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    alive = sum(t.is_alive() for t in threads)
-    if alive:
-        log.warning("numbattn: %d simulated CUDA threads still running %.0f s after an interrupt", alive, timeout)
+def _stop_simulated_threads(backend):
+    if backend == "sim":
+        from numbattn import simulator
+        simulator.stop_threads()

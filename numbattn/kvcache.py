@@ -126,6 +126,17 @@ def layer_windows(windows, max_chunk, n_layers, max_len):
     return out, slots
 
 
+def poison_layer(k, v, shape, dtype, on_device):
+    """One layer's K and V arrays (host or device) all NaN again: what an empty slot holds, so that a kernel
+    that reads one shows it (the module docstring)."""
+    poison = np.full(shape, np.nan, dtype)
+    for a in (k, v):
+        if on_device:
+            a.copy_to_device(poison)
+        else:
+            a[...] = poison
+
+
 class KVCache:
     """Per-layer K and V buffers [batch, n_kv_heads, slots(layer), head_dim] and per-row lengths.
 
@@ -300,13 +311,7 @@ class KVCache:
         """Empty every layer; every slot becomes NaN again."""
         self._lengths[:] = 0
         for layer in range(self.n_layers):
-            poison = np.full(self.layer_shape(layer), np.nan, self.dtype)
-            if self.on_device:
-                self._k[layer].copy_to_device(poison)
-                self._v[layer].copy_to_device(poison)
-            else:
-                self._k[layer][...] = poison
-                self._v[layer][...] = poison
+            poison_layer(self._k[layer], self._v[layer], self.layer_shape(layer), self.dtype, self.on_device)
         if self.on_device:
             self._upload_lengths()
 

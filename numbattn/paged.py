@@ -37,7 +37,7 @@ from . import backend as _backend
 from . import decode, reference
 from .kernels.decode_paged import make_decode_paged
 from .kernels.paged_append import append_paged, fill_pages_nan, gather_pages
-from .kvcache import GPU_COPY, SIM_COPY, KVCache, _grid_x
+from .kvcache import GPU_COPY, SIM_COPY, KVCache, _grid_x, poison_layer
 from .launch import Launch
 from .reference import LOG2E
 from .validate import (DTYPES, SUPPORTED_HEAD_DIMS, as_count, check_dtype, check_heads, check_rank, check_scale,
@@ -157,14 +157,8 @@ class PagedKVCache:
         self._lengths[:] = 0
         self._tables[:] = -1
         self._free = list(range(self.n_blocks - 1, -1, -1))       # popped from the end: page 0 first
-        poison = np.full(self.shape, np.nan, self.dtype)
         for layer in range(self.n_layers):
-            if self.on_device:
-                self._k[layer].copy_to_device(poison)
-                self._v[layer].copy_to_device(poison)
-            else:
-                self._k[layer][...] = poison
-                self._v[layer][...] = poison
+            poison_layer(self._k[layer], self._v[layer], self.shape, self.dtype, self.on_device)
         if self.on_device:
             self._len_dev.copy_to_device(self._lengths)
             self._tables_dev.copy_to_device(self._tables)

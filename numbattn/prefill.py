@@ -81,23 +81,29 @@ def check_tiles(version, tiles, head_dim):
         prefill_mma.layout(tiles.block_m, tiles.block_n, tiles.threads, head_dim, tiles.dim_split)
 
 
-def make_kernel(version, head_dim, tiles, ring=False, capped=False):
+def make_kernel(version, head_dim, tiles, ring=False, capped=False, with_lse=False):
     """The compiled (cached) kernel of `version` for this head_dim and launch shape; ring: for K/V that wrap (a ring
     buffer holding fewer slots than kv_len); capped: with a logit soft cap (compile-time choices: without them
-    the kernels keep their registers)."""
+    the kernels keep their registers); with_lse: the variant that also writes each row's log-sum-exp (one more
+    argument, lse [B, H, Lq]; v1 and v3, see LSE_VERSIONS)."""
     check_tiles(version, tiles, head_dim)
+    if with_lse and version not in LSE_VERSIONS:
+        raise ValueError(f"version={version!r} does not return the log-sum-exp; {LSE_VERSIONS} do")
     if version == "v0":
         return prefill_naive.make_v0(head_dim, tiles.block_m, ring, capped)
     if version == "v1":
-        return prefill_tiled.make_v1(head_dim, tiles.block_m, tiles.block_n, ring=ring, capped=capped)
+        return prefill_tiled.make_v1(head_dim, tiles.block_m, tiles.block_n, ring=ring, capped=capped,
+                                     with_lse=with_lse)
     if version == "v2":
         return prefill_registers.make_v2(head_dim, tiles.block_m, tiles.block_n, tiles.threads, ring=ring,
                                          capped=capped)
-    return prefill_mma.make_v3(head_dim, tiles.block_m, tiles.block_n, tiles.threads, tiles.dim_split, ring, capped)
+    return prefill_mma.make_v3(head_dim, tiles.block_m, tiles.block_n, tiles.threads, tiles.dim_split, ring, capped,
+                               with_lse)
 
 
 VERSIONS = ("v0", "v1", "v2", "v3")
 DEFAULT_VERSION = "v3"
+LSE_VERSIONS = ("v1", "v3")     # the versions that can also return the log-sum-exp (the teaching one, the default)
 # The simulator runs one Python thread per CUDA thread, so tests use tiny tiles (several tiles per sequence).
 # v3's MMAs are per warp: one warp of 32 threads owning 16 query rows, keys in blocks of 8.
 SIM_TILES = {"v0": Tiles(4, 1, 4), "v1": Tiles(4, 4, 4), "v2": Tiles(4, 4, 4), "v3": Tiles(16, 8, 32)}
@@ -143,30 +149,33 @@ def default_tiles(version, backend, head_dim):
 
 
 def launch(q, k, v, out, causal, scale, version=DEFAULT_VERSION, tiles=None, stream=0, kv_len=None, window=None,
-           softcap=None):
+           softcap=None, lse=None):
     """Launch one prefill kernel on device arrays (already validated). Returns out.
 
     kv_len: the keys, at positions 0 .. kv_len - 1, key j in slot j mod S of k and v (S = k.shape[2]; default
     kv_len = S: a plain array; a ring-buffer layer of the KV cache passes the tokens it has seen). window: None
-    or the sliding window; softcap: None or the cap (both as in numbattn.attention).
+    or the sliding window; softcap: None or the cap (both as in numbattn.attention). lse: a float32 device array
+    [B, H, Lq] that also receives each row's log-sum-exp (versions LSE_VERSIONS).
     Through a prepared Launch (numbattn/launch.py) kept per kernel and argument layout: a repeated call with
     arrays of the same dtypes, shapes and strides only re-marshals the arguments (no typing, no lookup)."""
     batch, n_heads, q_len, head_dim = q.shape
     if version == "v3" and not SIM and not gpu.has_tf32_mma():
-        version, tiles = "v2", None
+        version, tiles = ("v2", None) if lse is None else ("v1", None)
     tiles = tiles or default_tiles(version, "cuda", head_dim)
     grid = ((q_len + tiles.block_m - 1) // tiles.block_m, n_heads, batch)
     kv_len = k.shape[2] if kv_len is None else int(kv_len)
     args = (q, k, v, out, float32(scale * LOG2E), bool(causal), np.int64(kv_len),
             np.int64(kv_len if window is None else min(window, kv_len)),        # a window >= kv_len hides nothing
             float32(0.0 if softcap is None else softcap * LOG2E))              # the kernels' log2 units
-    variant = (kv_len > k.shape[2], softcap is not None)                       # (ring, capped)
+    args += () if lse is None else (lse,)
+    variant = (kv_len > k.shape[2], softcap is not None, lse is not None)     # (ring, capped, with_lse)
     if SIM:     # the simulator has no launch cost worth saving (and the lessons' tracer passes stand-in arrays)
         kernel = make_kernel(version, head_dim, tiles, *variant)
         if not planned(kernel, args):
             kernel[grid, tiles.threads, stream](*args)
         return out
-    key = (version, tiles, variant, stream_key(stream), *((a.dtype.str, a.shape, a.strides) for a in args[:4]))
+    arrays = args[:4] + args[9:]
+    key = (version, tiles, variant, stream_key(stream), *((a.dtype.str, a.shape, a.strides) for a in arrays))
     prepared = _LAUNCHES.get(key)
     if prepared is None:
         if len(_LAUNCHES) > 256:
@@ -187,17 +196,24 @@ def stream_key(stream):
 
 
 def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None, version=DEFAULT_VERSION,
-                    tiles=None, window=None, softcap=None):
+                    tiles=None, window=None, softcap=None, return_lse=False, lse_out=None):
     """numbattn.attention with the kernel version, tile sizes and output buffer exposed (tests, lessons, bench).
 
     q [batch, n_heads, q_len, head_dim], k, v [batch, n_kv_heads, kv_len, head_dim]: float32 or float16,
     host NumPy arrays (-> host result) or Numba device arrays (-> device result). Returns float32.
     `out`, if given, is a float32 device array of q's shape that the kernel fills (e.g. NaN-poisoned by a test).
+    return_lse: return (out, lse), lse [batch, n_heads, q_len] float32 the log-sum-exp of each row's (soft-capped,
+    masked) scores (natural log; what numbattn.attention_backward takes), written into lse_out if given (versions
+    v1 and v3).
     """
     check_qkv(q, k, v, causal)
     scale = check_scale(scale, q.shape[3])
     window, softcap = check_window(window, causal), check_softcap(softcap)
-    check_out(out, q.shape)
+    check_output("out", out, q.shape)
+    if return_lse:
+        check_output("lse_out", lse_out, q.shape[:3])
+        if version not in LSE_VERSIONS:
+            raise ValueError(f"return_lse needs version in {LSE_VERSIONS}, not {version!r}")
     be = _backend.resolve(backend)
     check_version(version)
     if tiles is not None:
@@ -205,35 +221,46 @@ def flash_attention(q, k, v, causal=False, scale=None, backend="auto", out=None,
     on_device = _backend.is_device_array(q)
 
     def numpy_path():
-        o = reference.attention(*(_backend.to_host(x) for x in (q, k, v)), causal=causal, scale=scale, window=window,
-                                softcap=softcap)
-        return _backend.deliver(o, out, on_device)
+        qh, kh, vh = (_backend.to_host(x) for x in (q, k, v))
+        o = _backend.deliver(reference.attention(qh, kh, vh, causal=causal, scale=scale, window=window,
+                                                 softcap=softcap), out, on_device)
+        if not return_lse:
+            return o
+        s = reference.scores(qh, kh, causal, scale, window, softcap)
+        return o, _backend.deliver(reference.log_sum_exp(s), lse_out, on_device)
 
     def kernel_path():
         dq, dk, dv = (x if _backend.is_device_array(x) else cuda.to_device(np.ascontiguousarray(x))
                       for x in (q, k, v))
         o = out if out is not None else cuda.device_array(q.shape, dtype=np.float32)
+        lse = None if not return_lse else lse_out if lse_out is not None else \
+            cuda.device_array(q.shape[:3], dtype=np.float32)
         launch(dq, dk, dv, o, causal, scale, version, tiles or default_tiles(version, be, q.shape[3]),
-               window=window, softcap=softcap)
-        return o if on_device else o.copy_to_host()
+               window=window, softcap=softcap, lse=lse)
+        results = (o,) if lse is None else (o, lse)
+        results = results if on_device else tuple(x.copy_to_host() for x in results)
+        return results if return_lse else results[0]
 
     return _backend.run(f"prefill attention {version}", be, kernel_path, numpy_path)
 
 
-def check_out(out, shape):
-    if out is not None and (tuple(out.shape) != tuple(shape) or np.dtype(out.dtype) != np.float32):
-        raise ValueError(f"out has shape {tuple(out.shape)} and dtype {np.dtype(out.dtype).name}; "
+def check_output(name, buffer, shape):
+    """An output buffer given by the caller: None, or a float32 array of this shape (else a ValueError naming it)."""
+    if buffer is not None and (tuple(buffer.shape) != tuple(shape) or np.dtype(buffer.dtype) != np.float32):
+        raise ValueError(f"{name} has shape {tuple(buffer.shape)} and dtype {np.dtype(buffer.dtype).name}; "
                          f"expected {tuple(shape)} float32")
 
 
-def attention(q, k, v, causal=False, scale=None, window=None, softcap=None, backend="auto"):
+def attention(q, k, v, causal=False, scale=None, window=None, softcap=None, backend="auto", return_lse=False):
     """softmax(soft_cap(q k^T * scale), causal, window) v with the default (fastest correct) kernel.
 
     window: a sliding window (needs causal): query i, at absolute position p = i + kv_len - q_len, sees keys
     p - window < j <= p (transformers' Mistral/Gemma convention); None: every key up to the diagonal.
     softcap: scores s become softcap * tanh(s / softcap) before the softmax (Gemma 2); None: unchanged.
+    return_lse: (out, lse), the log-sum-exp of each row's scores too, what numbattn.attention_backward takes.
     See flash_attention for shapes, dtypes and where the result lives."""
-    return flash_attention(q, k, v, causal=causal, scale=scale, backend=backend, window=window, softcap=softcap)
+    return flash_attention(q, k, v, causal=causal, scale=scale, backend=backend, window=window, softcap=softcap,
+                           return_lse=return_lse)
 
 
 def chunk_attention(q, cache, layer, scale=None, softcap=None, out=None, version=DEFAULT_VERSION, tiles=None,
@@ -245,7 +272,7 @@ def chunk_attention(q, cache, layer, scale=None, softcap=None, out=None, version
     n_heads, t, head_dim]: host q -> host result; device q -> device result (in `out`, if given)."""
     n, window = check_chunk(q, cache, layer)
     scale, softcap = check_scale(scale, q.shape[3]), check_softcap(softcap)
-    check_out(out, q.shape)
+    check_output("out", out, q.shape)
     on_device = _backend.is_device_array(q)
 
     def numpy_path():

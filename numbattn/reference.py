@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 LOG2E = 1.4426950408889634      # exp(x) = exp2(x * LOG2E): the kernels fold it into the scale and use exp2
+LN2 = 0.6931471805599453        # = 1 / LOG2E: log-sum-exps leave the kernels in natural log
 
 
 def _compute_dtype(*xs):
@@ -54,6 +55,14 @@ def soft_cap(scores, cap):
     return scores if cap is None else cap * np.tanh(scores / cap)
 
 
+def soft_cap_slope(capped, cap):
+    """d soft_cap(s) / d s = 1 - tanh²(s / cap) = 1 - (capped / cap)², from the capped score itself; 1 without a cap.
+    A masked score (-inf) gets 0: the pair is not part of the function, and 0 keeps 0 * inf out of the sums."""
+    if cap is None:
+        return np.ones_like(capped)
+    return np.where(np.isfinite(capped), 1 - (capped / cap) ** 2, 0)
+
+
 def repeat_kv(x, n_heads):
     """Grouped-query attention, the slow way: [b, n_kv_heads, s, d] -> [b, n_heads, s, d].
 
@@ -62,18 +71,68 @@ def repeat_kv(x, n_heads):
     return np.repeat(x, n_heads // x.shape[1], axis=1)
 
 
+def scores(q, k, causal=False, scale=None, window=None, softcap=None):
+    """soft_cap(q @ k^T * scale), -inf where the causal mask or the window hides a key  ->  [batch, n_heads, q_len,
+    kv_len] (the N×N matrix). In the dtype attention() computes in (q and k decide it here)."""
+    dt = _compute_dtype(q, k)
+    q, k = np.asarray(q, dtype=dt), np.asarray(k, dtype=dt)
+    n_heads, q_len, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    kv_len = k.shape[2]
+    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
+    s = soft_cap(q @ repeat_kv(k, n_heads).swapaxes(-1, -2) * dt(scale), softcap)   # [b, n_heads, q_len, kv_len]
+    if causal or window is not None:
+        s = np.where(visible(q_len, kv_len, causal, window), s, -np.inf)
+    return s
+
+
 def attention(q, k, v, causal=False, scale=None, window=None, softcap=None):
     """softmax(soft_cap(q @ k^T * scale) [+ causal / window mask]) @ v  ->  [batch, n_heads, q_len, head_dim]."""
     dt = _compute_dtype(q, k, v)
     q, k, v = (np.asarray(x, dtype=dt) for x in (q, k, v))
-    n_heads, q_len, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    kv_len = k.shape[2]
-    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
-    k, v = repeat_kv(k, n_heads), repeat_kv(v, n_heads)  # [b, n_heads, kv_len, d]
-    scores = soft_cap(q @ k.swapaxes(-1, -2) * dt(scale), softcap)   # [b, n_heads, q_len, kv_len]  <- N×N
-    if causal or window is not None:
-        scores = np.where(visible(q_len, kv_len, causal, window), scores, -np.inf)
-    return softmax(scores) @ v                            # [b, n_heads, q_len, d]
+    s = scores(q, k, causal, scale, window, softcap)                      # [b, n_heads, q_len, kv_len]  <- N×N
+    return softmax(s) @ repeat_kv(v, q.shape[1])                          # [b, n_heads, q_len, d]
+
+
+def log_sum_exp(s):
+    """log sum_j exp(s_j) over the last axis (natural log; -inf for a row of -inf: a row that sees no key).
+    What the forward kernels return beside the output, and what the backward recomputes P from: P = exp(s - lse)."""
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)                   # an empty row: exp(-inf - 0) = 0, log 0 = -inf
+    with np.errstate(divide="ignore"):
+        return (m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def attention_backward(q, k, v, dout, causal=False, scale=None, window=None, softcap=None):
+    """The gradients of out = attention(q, k, v, causal, scale, window, softcap) for a loss L whose gradient dL/d out
+    is dout -> (dq, dk, dv), the shapes of q, k and v. The equations (S, P, dS are [b, h, q_len, kv_len]; K and V
+    repeated per query head):
+
+        S = soft_cap(q K^T * scale),   -inf where the mask hides a key,   P = softmax(S),   out = P V
+        dV = P^T dout                          (then summed over the query heads that share each KV head)
+        dP = dout V^T
+        dS = P ∘ (dP - D),   D = rowsum(P ∘ dP) = rowsum(dout ∘ out)     (the softmax's Jacobian, row by row)
+        dS <- dS ∘ soft_cap'(S)                (the cap's chain rule: 1 - tanh², from the capped score itself)
+        dq = dS K * scale,   dK = dS^T q * scale                          (summed over the group, as dV)
+
+    D is one number per query row: rowsum(P ∘ dP) = rowsum(P (dout V^T)) = rowsum(dout ∘ (P V)). The kernels
+    take it from out, which the forward already wrote, instead of from the N×N P. A masked pair has P = 0, so it
+    adds nothing to any gradient."""
+    dt = _compute_dtype(q, k, v, dout)
+    q, k, v, dout = (np.asarray(x, dtype=dt) for x in (q, k, v, dout))
+    b, n_heads, _, d = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    s = scores(q, k, causal, scale, window, softcap)                       # [b, h, q_len, kv_len]
+    p = softmax(s)
+    k_rep, v_rep = repeat_kv(k, n_heads), repeat_kv(v, n_heads)            # [b, h, kv_len, d]
+    out = p @ v_rep                                                        # [b, h, q_len, d]
+    dp = dout @ v_rep.swapaxes(-1, -2)                                     # [b, h, q_len, kv_len]
+    ds = p * (dp - (dout * out).sum(axis=-1, keepdims=True))               # [b, h, q_len, kv_len]
+    ds = ds * soft_cap_slope(s, softcap)
+    dq = ds @ k_rep * dt(scale)                                            # [b, h, q_len, d]
+    per_head = (ds.swapaxes(-1, -2) @ q * dt(scale), p.swapaxes(-1, -2) @ dout)   # dK, dV [b, h, kv_len, d]
+    dk, dv = (x.reshape(b, n_kv_heads, n_heads // n_kv_heads, kv_len, d).sum(axis=2) for x in per_head)
+    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -101,6 +160,12 @@ def softmax_rescale(m_old, m_tile):
 def softmax_finish(l):
     """1 / l, the factor that turns acc into the softmax-weighted sum; 0 for a row that saw no key (l = 0)."""
     return ONE / l if l > 0 else ZERO
+
+
+def softmax_lse(m, l):
+    """A finished row's log-sum-exp of its scores, in natural log (what the forward returns for the backward):
+    m + log2(l) in the log2 domain, times ln 2; -inf for a row that saw no key (l = 0)."""
+    return (m + math.log2(l)) * LN2 if l > 0 else NEG_INF
 
 
 def online_attention(q, k, v, block_n, causal=False, scale=None, window=None, softcap=None):

@@ -134,7 +134,10 @@ try:
     print("finished: not interrupted", flush=True)
 except KeyboardInterrupt:
     print("interrupted", flush=True)
-print("simulated threads still alive:", sum(isinstance(t, BlockThread) for t in threading.enumerate()), flush=True)
+blocked = [t for t in threading.enumerate() if isinstance(t, BlockThread)]
+for t in blocked:                                   # a thread may still be unwinding its abort: a bounded wait
+    t.join(10)
+print("simulated threads still alive:", sum(t.is_alive() for t in blocked), flush=True)
 for shape in [(2, 4, 9, 32), (1, 1, 3, 64)]:           # new shapes: new kernels compiled in the simulator
     q2, k2, v2 = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
     out = numbattn.attention(q2, k2, v2, causal=True, backend="sim")    # NUMBATTN_STRICT=1: no NumPy fallback

@@ -234,7 +234,7 @@ MUTATED = st.fixed_dictionaries({}, optional={k: st.just(v) | JSON for k, v in T
     lambda d: st.dictionaries(st.text(max_size=8), JSON, max_size=3).map(lambda extra: {**extra, **d}))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(d=MUTATED | JSON)
 def test_fuzz_config_random_json(d):
     with contextlib.suppress(ConfigError):

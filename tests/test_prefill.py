@@ -125,6 +125,53 @@ def test_float16_inputs_compute_in_fp32(version):
     check(q, k, v, causal=True, version=version)  # the reference sees the same fp16-rounded values
 
 
+@pytest.mark.parametrize("version,q_len,kv_len,causal", [("v1", 1, 1, False), ("v1", 17, 19, True), ("v1", 7, 17, False),
+                                                        ("v3", 1, 1, False), ("v3", 17, 19, True)])
+def test_log_sum_exp_of_each_row(version, q_len, kv_len, causal):
+    """return_lse: the natural-log log-sum-exp of each row's scores (the backward's input), into a NaN-filled
+    buffer, with the output unchanged; GQA 2:1 so a row reading the wrong KV head is off."""
+    from numba import cuda
+    rng = np.random.default_rng(q_len + kv_len)
+    q, k, v = rand_qkv(rng, 1, 4, 2, q_len, kv_len, 16, magnitude=3.0)
+    lse_out = cuda.to_device(np.full(q.shape[:3], np.nan, np.float32))
+    out, lse = prefill.flash_attention(q, k, v, causal=causal, backend=KERNEL, version=version, return_lse=True,
+                                       lse_out=lse_out)
+    want = reference.log_sum_exp(reference.scores(q.astype(np.float64), k.astype(np.float64), causal))
+    np.testing.assert_allclose(lse, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lse_out.copy_to_host(), lse)
+    np.testing.assert_allclose(out, reference_fp64(q, k, v, causal, None), rtol=RTOL, atol=RTOL)
+    out_np, lse_np = numbattn.attention(q, k, v, causal=causal, backend="numpy", return_lse=True)
+    np.testing.assert_allclose(lse_np, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("version,head_dim,tiles,variants", [
+    ("v1", 16, None, ((3, None), (None, 2.0))), ("v3", 16, None, ((3, None), (5, 2.0))),
+    ("v3", 32, prefill.Tiles(16, 8, 64, dim_split=2), ((5, 2.0),))])
+def test_log_sum_exp_with_windows_soft_caps_and_split_heads(version, head_dim, tiles, variants):
+    """The lse of the soft-capped, windowed scores (the backward of such a forward recomputes P from it), GQA 2:1:
+    (window, softcap) variants, each kernel (plain and capped) once; v3 also with a head's dims split over 2 warps,
+    where one warp of each row group writes it (a NaN-filled buffer shows a row nobody wrote, a wrong warp's partial l
+    shows as a wrong value)."""
+    from numba import cuda
+    rng = np.random.default_rng(head_dim)
+    q, k, v = rand_qkv(rng, 1, 2, 1, 19, 23, head_dim, magnitude=3.0)
+    for window, softcap in variants:
+        lse_out = cuda.to_device(np.full(q.shape[:3], np.nan, np.float32))
+        out, lse = prefill.flash_attention(q, k, v, causal=True, backend=KERNEL, version=version, tiles=tiles,
+                                           return_lse=True, lse_out=lse_out, window=window, softcap=softcap)
+        s = reference.scores(q.astype(np.float64), k.astype(np.float64), True, None, window, softcap)
+        np.testing.assert_allclose(lse, reference.log_sum_exp(s), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(out, reference_fp64(q, k, v, True, None, window, softcap), rtol=RTOL, atol=RTOL)
+
+
+def test_log_sum_exp_only_from_the_versions_that_write_it():
+    q = np.zeros((1, 1, 2, 16), np.float32)
+    with pytest.raises(ValueError, match=r"return_lse needs version in \('v1', 'v3'\), not 'v2'"):
+        prefill.flash_attention(q, q, q, version="v2", return_lse=True)
+    with pytest.raises(ValueError, match=r"lse_out has shape \(1, 1\) and dtype float32; expected \(1, 1, 2\)"):
+        prefill.flash_attention(q, q, q, return_lse=True, lse_out=np.zeros((1, 1), np.float32))
+
+
 def test_host_arrays_in_host_array_out():
     rng = np.random.default_rng(6)
     q, k, v = rand_qkv(rng, 1, 2, 1, 5, 5, 16)

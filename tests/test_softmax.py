@@ -12,7 +12,7 @@ from numba import cuda
 
 from numbattn import reference
 from numbattn.kernels import softmax
-from numbattn.kernels.common import kernel, soft_cap
+from numbattn.kernels.common import kernel, soft_cap, soft_cap_slope
 
 INF = math.inf
 
@@ -98,3 +98,24 @@ def test_the_kernels_soft_cap_is_accurate():
         _cap_all[1, 32](cuda.to_device(x), np.float32(cap), out)
         want = 30 * np.tanh(x.astype(np.float64) / 30) if cap else x
         np.testing.assert_allclose(out.copy_to_host(), want, rtol=2e-6, atol=0)
+
+
+@kernel
+def _slope_all(s, cap, out):
+    # s [n] -> out[i] = soft_cap_slope(s[i], cap)
+    for i in range(cuda.threadIdx.x, s.shape[0], cuda.blockDim.x):
+        out[i] = soft_cap_slope(s[i], cap)
+
+
+def test_the_kernels_soft_cap_slope_is_accurate():
+    """common.soft_cap_slope, the backward's d soft_cap / ds = 1 - tanh^2(s / cap), against 1 / cosh^2 in float64
+    relative to itself, from |s| = 1e-6 caps to 40 caps (slope ~1e-34, where 1 - (capped / cap)^2 in fp32 is 0 or
+    all error), both signs; cap = 0: 1. Tolerance 2e-5: s / cap itself is rounded to fp32, and at 40 caps the slope's
+    relative sensitivity to it is 80."""
+    x = (np.concatenate([np.logspace(-6, np.log10(40), 300), -np.logspace(-6, np.log10(40), 300), [0.0]]) * 30
+         ).astype(np.float32)
+    for cap in (30.0, 0.0):
+        out = cuda.to_device(np.full(x.shape, np.nan, np.float32))
+        _slope_all[1, 32](cuda.to_device(x), np.float32(cap), out)
+        want = 1 / np.cosh(x.astype(np.float64) / 30) ** 2 if cap else np.ones(x.shape)
+        np.testing.assert_allclose(out.copy_to_host(), want, rtol=2e-5, atol=0)

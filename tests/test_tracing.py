@@ -1,4 +1,6 @@
-"""numbattn/lab/tracing.py: the counted global-memory accesses of the real prefill kernels equal the formulas.
+"""numbattn/lab/tracing.py: the counted global-memory accesses of the real prefill kernels and of the default decode
+kernel equal the formulas; shared-memory accesses are counted too, and a missing barrier is found as a race on every
+run (not by luck of the schedule).
 
 Every count here is exact (a lost update between simulated threads, a view counted against the wrong index,
 or a host access counted as a kernel's would change it). Shapes are tiny: the simulator runs one Python
@@ -161,3 +163,98 @@ def test_simulator_only(monkeypatch):
     monkeypatch.setattr(tracing._backend, "probe", lambda: (["numpy"], "numba.cuda could not be imported"))
     with pytest.raises(RuntimeError, match="simulator only.*'numpy'"):
         tracing.Tracer()
+
+
+def test_shared_memory_is_counted_per_thread_and_the_real_kernels_have_no_races():
+    """v1, 8 x 8 in 4 x 4 tiles (2 query blocks x 2 key tiles): each block writes Q once and a K tile per key tile;
+    each thread reads its Q row and every K row once per key (d values each). No shared element is written by one
+    thread and touched by another between the same two barriers."""
+    q, k, v = qkv(1, 1, 8, 8, seed=5)
+    out, tr = tracing.trace_prefill(q, k, v, version="v1", tiles=Tiles(4, 4, 4), shared=True)
+    np.testing.assert_allclose(out, reference.attention(q, k, v), atol=1e-5)
+    assert tr.shared_names == {"Qs", "Ks", "Vs"}
+    assert tr.writes("Qs") == 2 * 4 * D and tr.writes("Ks") == tr.writes("Vs") == 2 * 2 * 4 * D
+    assert set(tr.per_thread("Ks").values()) == set(tr.per_thread("Qs").values()) == {8 * D}
+    assert tr.hazards() == []
+    assert tracing.trace_prefill(q, k, v, version="v1", tiles=Tiles(4, 4, 4))[1].shared_names == set()
+
+
+def _tile_sums(first_barrier, second_barrier):
+    """out[t] = sum of k, through 4-element shared tiles that 4 threads load together (barriers as asked)."""
+    @cuda.jit
+    def tile_sums(k, out):
+        t = cuda.threadIdx.x
+        Ks = cuda.shared.array(4, np.float32)
+        total = 0.0
+        for j0 in range(0, k.shape[0], 4):
+            if first_barrier:
+                cuda.syncthreads()
+            Ks[t] = k[j0 + t]
+            if second_barrier:
+                cuda.syncthreads()
+            for jj in range(4):
+                total += Ks[jj]
+        out[t] = total
+    return tile_sums
+
+
+@pytest.mark.parametrize("first, second, intervals", [(True, True, None), (True, False, {1, 2}), (False, True, {1})])
+def test_a_missing_barrier_is_a_race_on_every_run(first, second, intervals):
+    """Without the barrier between the load and the use, thread t reads Ks[j] that thread j writes in the same
+    barrier interval (read after write); without the one before the load, thread t overwrites Ks[t] while the
+    others may still read the previous tile (write after read). Found from the intervals, not from the answer."""
+    k = np.arange(8, dtype=np.float32)
+    out = np.zeros(4, np.float32)
+    tr = tracing.Tracer()
+    tk, tout = tr.wrap(k=k, out=out)
+    with tr.shared():
+        _tile_sums(first, second)[1, 4](tk, tout)
+    hazards = tr.hazards()
+    if intervals is None:
+        assert hazards == [] and (out == k.sum()).all()
+        return
+    assert {h.index for h in hazards} == {(0,), (1,), (2,), (3,)} and {h.name for h in hazards} == {"Ks"}
+    assert {h.interval for h in hazards} == intervals     # load and use of both tiles / the second load
+    assert all(h.writers == [h.index[0]] and set(h.readers) - {h.index[0]} for h in hazards)
+
+
+def test_the_default_decode_kernel_reads_the_cache_once():
+    """decode v1, rows of 11 and 5 tokens, 4 query heads over 2 KV heads, splits of 4: every K and V word of the
+    visible tokens is read once (GQA: once for the group, not per query head), nothing past a row's length; each
+    split writes its partial (D + 2 values per head) once; no shared-memory race."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 4, D), dtype=np.float32)
+    k, v = (rng.standard_normal((2, 2, 12, D), dtype=np.float32) for _ in range(2))
+    out, tr = tracing.trace_decode(q, k, v, [11, 5], shared=True)
+    np.testing.assert_allclose(out, reference.decode_attention(q, k, v, [11, 5]), atol=1e-5)
+    words = D // tr.values_per_word
+    for name in ("k", "v"):
+        assert tr.elements(name) == {(b, hk, j, w): 1 for b, n in ((0, 11), (1, 5)) for hk in range(2)
+                                     for j in range(n) for w in range(words)}
+    splits = -(-11 // 4) + -(-5 // 4)                       # 3 + 2 split blocks per KV head
+    assert tr.writes("part") == splits * 2 * 2 * (D + 2)    # x 2 KV heads x 2 query heads each
+    assert tr.hazards() == []
+
+
+@cuda.jit
+def _slices(out):
+    """Thread t writes its element of a shared row, then (after a barrier) thread 0 reads the row as a slice and
+    writes two elements through a slice (the MMA twin's exchange reads its scratch this way)."""
+    t = cuda.threadIdx.x
+    row = cuda.shared.array(4, np.float32)
+    row[t] = t
+    cuda.syncthreads()
+    if t == 0:
+        out[0] = np.asarray(row[0:4]).sum()
+        row[1:3] = 0.0
+
+
+def test_slices_of_shared_arrays_count_every_element():
+    tr = tracing.Tracer()
+    out = np.zeros(1, np.float32)
+    with tr.shared():
+        _slices[1, 4](tr.wrap(out=out))
+    assert out[0] == 6 and tr.shared_names == {"row"}
+    assert tr.per_thread("row") == {((0, 0, 0), (0, 0, 0)): 4}
+    assert tr.writes("row") == 4 + 2 and tr.hazards() == []
+

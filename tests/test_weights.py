@@ -329,7 +329,7 @@ def test_fuzz_header_random_bytes(tmp_path, data):
         read_header(path)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=st.dictionaries(st.text(max_size=6), ENTRY | JSON, max_size=4), data=st.binary(max_size=64),
        slack=st.integers(-4, 4))
 def test_fuzz_header_random_json(tmp_path, header, data, slack):

@@ -37,15 +37,17 @@ from numba import cuda, types  # noqa: E402
 _device = pytypes.SimpleNamespace(compute_capability=(9, 0), id=0)
 numba.cuda.api.get_current_device = numba.cuda.dispatcher.get_current_device = lambda: _device
 
-from numbattn import blocks, decode, linear, prefill  # noqa: E402
-from numbattn.kernels import (decode_lanes, decode_naive, decode_paged, decode_slots, families, gemm_mma,  # noqa: E402
-                              kv_append, paged_append, rowwise)
+from numbattn import backward, blocks, decode, linear, prefill  # noqa: E402
+from numbattn.kernels import (backward_prep, decode_lanes, decode_naive, decode_paged, decode_slots,  # noqa: E402
+                              families, gemm_mma, kv_append, paged_append, rowwise)
 from numbattn.kernels.prefill_tiled import make_v1  # noqa: E402
 
 f32, f16, i32, i64 = types.float32, types.float16, types.int32, types.int64
 # prefill's arguments after q, k, v, out: scale_log2, causal, kv_len, window, softcap (a sliding window, a soft cap and
 # a ring-buffer cache's slots are run-time values of the same kernels)
 PREFILL_SCALARS = [f32, types.boolean, i64, i64, f32]
+# the backward's after the gradients: scale_log2, scale, causal, window, softcap
+BACKWARD_SCALARS = [f32, f32, types.boolean, i64, f32]
 # v3 launch shapes beside the defaults, for head_dim 128 and 256 (benchmarks/gpu_report.py's tile sweep times them)
 V3_CANDIDATES = {128: [prefill.Tiles(128, 8, 256), prefill.Tiles(64, 16, 256, 2), prefill.Tiles(64, 32, 256, 2)],
                  256: [prefill.Tiles(32, 16, 256, 4), prefill.Tiles(32, 32, 256, 4), prefill.Tiles(64, 16, 256, 2)]}
@@ -64,6 +66,7 @@ def kernels(cc):
         yield f"kvcache append_kv {dt}", kv_append.append_kv, [arr(dt, 4)] * 4 + [arr(i32, 1)] * 3 + [i64]
         yield f"kvcache fill_nan {dt}", kv_append.fill_nan, [arr(dt, 4)] * 2 + [arr(i32, 1)] * 2
     yield from paged_kernels()
+    yield from backward_kernels(cc)
     yield from model_kernels()
 
 
@@ -140,6 +143,29 @@ def paged_kernels():
         yield (f"paged rope_append 32/4 d64 {dt} cache", paged_append.make_rope_append_paged(32, 4, 64),
                [arr(f32, 2), arr(f32, 2), arr(f32, 2), arr(dt, 4), arr(dt, 4), arr(i32, 2), arr(i32, 1),
                 arr(i32, 1), arr(i32, 1)])
+
+
+def backward_kernels(cc):
+    """The attention backward (numbattn/backward.py) at its GPU launch shapes, plain and compiled with a soft cap
+    ("capped"), and the forwards that keep lse."""
+    for d in (16, 32, 64, 128, 256):
+        for version in prefill.LSE_VERSIONS:
+            t = prefill.gpu_tiles(version, d, cc=cc)
+            split = f" split{t.dim_split}" if t.dim_split > 1 else ""
+            yield (f"prefill {version} lse d{d} {t.block_m}x{t.block_n}/{t.threads}{split} {f32}",
+                   prefill.make_kernel(version, d, t, with_lse=True),
+                   [arr(f32, 4)] * 4 + PREFILL_SCALARS + [arr(f32, 3)])
+        for version in backward.VERSIONS:
+            tiles = backward.gpu_tiles(version, d)
+            for capped in (False, True) if d in (64, 128, 256) else (False,):
+                kernels_ = backward.make_kernels(version, d, tiles, capped)
+                for name, kernel, t in zip(("dkdv", "dq"), kernels_, (tiles.dkdv, tiles.dq)):
+                    grads = [arr(f32, 4)] * (2 if name == "dkdv" else 1)
+                    yield (f"backward {version} {name} d{d} {t.block_m}x{t.block_n}/{t.threads}"
+                           f"{variant_name(False, capped)} {f32}", kernel,
+                           [arr(f32, 4)] * 4 + [arr(f32, 3)] * 2 + grads + BACKWARD_SCALARS)
+    yield "backward row_dot", backward_prep.row_dot, [arr(f32, 4), arr(f32, 4), arr(f32, 3)]
+    yield "backward zero_fill", backward_prep.zero_fill, [arr(f32, 1)]
 
 
 def model_kernels():

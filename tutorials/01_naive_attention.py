@@ -11,30 +11,32 @@ What you will learn
   numbattn's NumPy reference (`numbattn.reference.attention`), which every kernel in this project is tested
   against.
 * The memory problem that the rest of the course solves: the [n, n] score matrix grows with the *square* of
-  the context. For TinyLlama's 32 heads in fp32 it is 512 MiB per layer at 2k tokens, 8 GiB at 8k and
+  the context. For TinyLlama's 32 heads in fp32 (4-byte floats) it is 512 MiB per layer at 2k tokens, 8 GiB at 8k and
   128 GiB at 32k, while q, k, v and the output together are a few hundred MiB at most. Measured: the peak
   memory of a call grows 4x per doubling of n.
 * A first look at memory *traffic*, counted rather than derived: numbattn's simplest kernel never stores the
   score matrix but still reads K and V once per query row; its reads, counted in Numba's CUDA simulator
   (numbattn/lab/tracing.py), have the shape of the score matrix.
 * Pictures (PNG files in tutorials/out/, when matplotlib is installed): the attention weights as a heatmap,
-  and which keys each query row of the kernel reads.
+  and which keys each block of the kernels v0 and v1 reads.
 
 Run it: `python tutorials/01_naive_attention.py`, or open it in VS Code / Jupyter and run the `# %%` cells.
 No GPU needed: without one, the NumPy parts run as they are and the benchmark shrinks to a tiny timing.
 """
 
 # %%
-# Setup. `_setup` must come first: it decides, before numba.cuda is imported, whether numbattn's kernels
-# (functions that run on the GPU, in thousands of threads at once; lesson 2 writes one) run on a GPU or in
+# Setup. `_setup` must come first: it decides, before numba.cuda is imported, whether numbattn's *kernels*
+# (functions that run on the GPU, in thousands of *threads* at once, each thread on its own piece of the data;
+# lesson 2 writes one) run on a GPU or in
 # Numba's CUDA simulator (see tutorials/README.md).
 import _setup  # noqa: F401  (must be the first import)
 
 import os
 
-# One BLAS thread for NumPy's matmuls, set before NumPy loads: the timings at the end compare sizes, and
-# several threads on a shared machine make each point noisy. (In a notebook where NumPy is already loaded
-# this has no effect.)
+# NumPy hands its matrix products to a *BLAS* library (Basic Linear Algebra Subprograms: OpenBLAS or MKL,
+# tuned matmul routines), which may use several CPU threads. One thread, set before NumPy loads: the timings at
+# the end compare sizes, and several threads on a shared machine make each point noisy. (In a notebook where
+# NumPy is already loaded this has no effect.)
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
@@ -92,7 +94,7 @@ p = softmax(q @ k.swapaxes(-1, -2) / np.sqrt(d))
 print("attention weights of head 0 (row i = query i, column j = key j):")
 print(np.array2string(p[0], precision=2, suppress_small=True))
 _lesson.close("row sums of the attention weights [head, query]", p.sum(axis=-1), 1.0, rtol=1e-12)
-assert (p > 0).all(), f"softmax weights are strictly positive (no causal mask yet: every token sees all); " \
+assert (p > 0).all(), f"softmax weights are strictly positive (every token sees all the others); " \
                       f"smallest {p.min():.2e}"
 if plt:
     fig, ax = plt.subplots(figsize=(4, 3.4))
@@ -107,7 +109,9 @@ if plt:
 # %% [markdown]
 # ## Why the softmax subtracts the maximum
 #
-# exp(x) overflows float32 above x ≈ 88 (float64 above ≈ 709). Scores that large happen in trained models
+# *fp32* (float32, 4 bytes: 24 significant bits, ~7 decimal digits) is what GPUs compute in by default; fp64
+# (float64) has 53 bits and is our exact-enough reference; 2-byte formats come later. exp(x) overflows
+# fp32 above x ≈ 88 (fp64 above ≈ 709). Scores that large happen in trained models
 # (some heads learn to put almost all their weight on one token, often the first, with scores far above the
 # rest), and then exp gives inf and inf/inf gives NaN. Subtracting the row maximum m
 # first changes nothing mathematically, because the factor exp(-m) appears in every term of the numerator
@@ -134,8 +138,9 @@ _lesson.close("softmax(x) vs softmax(x - 1000)", softmax(big), softmax(big - 100
 # A vectorised implementation can be wrong in ways that look plausible (a transposed k, the scale applied
 # twice, the softmax over the wrong axis). So we compare it with the definition written as loops, one
 # output element at a time in float64, and with numbattn's reference, which is the oracle for every kernel
-# in the later lessons. The reference takes [batch, n_heads, n, d] and supports grouped-query attention
-# (fewer k/v heads than q heads, lesson 4); with as many k/v heads as q heads it is plain attention.
+# in the later lessons. The reference takes [batch, n_heads, n, d] and supports *grouped-query attention*
+# (fewer k/v heads than q heads, each shared by a group of q heads; lesson 4); with as many k/v heads as q
+# heads it is plain attention.
 
 # %%
 def loop_attention(q, k, v):
@@ -172,7 +177,8 @@ _lesson.close("naive attention vs numbattn.reference", naive_attention(q, k, v),
 # And it is not only the size. The naive code writes the scores to memory, reads them back for the
 # softmax, writes p, and reads p again for `p @ v`: four passes over n² numbers per head, while the useful
 # arithmetic is only ~4·n²·d FLOPs per head. The table puts a time on those passes at an H100's ~3 TB/s
-# of memory bandwidth, next to the time the matmuls need at its 67 TFLOP/s fp32 peak.
+# of memory bandwidth, next to the time the matmuls need at its fp32 peak of 67 *TFLOP/s* (10^12
+# floating-point operations per second; a multiply-add counts as 2).
 
 # %%
 N_HEADS, N_KV_HEADS, HEAD_DIM = bench.N_HEADS, bench.N_KV_HEADS, bench.HEAD_DIM   # TinyLlama: 32, 4, 64
@@ -223,14 +229,18 @@ assert peak >= score_bytes(n_meas), \
 # %% [markdown]
 # ## Traffic, counted: the simplest kernel
 #
-# Not storing the matrix is not the whole story: what matters on a GPU is also how often each byte is
-# fetched from memory. numbattn's simplest kernel, v0 (lessons 2 and 3), runs one *thread* per query row (a
-# thread is one of the thousands of copies of a kernel that a GPU runs at once, each on its own piece of the
-# data; lesson 2 says more). Each walks all the keys with the running max of lesson 2: it never stores a
-# score, but every row reads all of K and V itself. In Numba's CUDA simulator each of the kernel's memory
-# reads is a Python call, so numbattn/lab/tracing.py can count them. Counted at a tiny size next to the
-# formulas: v0 reads each K element once per query row (n·n·d reads of K per head, the shape of the score
-# matrix times d), and numbattn's tiled kernel v1 (lesson 3) once per tile of BLOCK_M query rows.
+# Not storing the matrix is not the whole story: what matters on a GPU is also how often each byte is fetched from
+# its main memory, the *global memory* (on an H100, 80 GB of *HBM*, high-bandwidth memory, that every thread can
+# read and write; lesson 2 places it among the faster, smaller memories). numbattn's simplest kernel, v0 (lessons 2
+# and 3), runs one thread per query row (lesson 2 says more about threads). Each walks all the keys with the running
+# max of lesson 2: it never stores a score, but every row reads all of K and V itself. In Numba's CUDA simulator
+# each of the kernel's memory reads is a Python call, so numbattn/lab/tracing.py can count them. Counted at a tiny
+# size next to the formulas: v0 reads each K element once per query row (n·n·d reads of K per head, the shape of the
+# score matrix times d), and numbattn's *tiled* kernel v1 (lesson 3: it works on tiles, runs of rows of Q, K and V
+# loaded once and used many times) once per tile of *BLOCK_M* query rows (its tile height, 4 here), which a *block*
+# of threads (threads that run together and share fast memory: lesson 2) works on together. Counted twice: over all
+# keys, and *causal* (each token attends only to itself and the tokens before it, as a language model must: lesson
+# 4), where row i reads only keys 0..i.
 
 # %%
 if BACKEND == "sim":
@@ -239,30 +249,35 @@ if BACKEND == "sim":
     NC, DC = 16, 16
     qc, kc, vc = bench.random_qkv(1, NC, NC, n_heads=1, n_kv_heads=1, head_dim=DC, seed=1)
     counted, reads_by_row = [], {}
-    for version, causal in (("v0", False), ("v0", True), ("v1", False)):
+    for version, causal in (("v0", False), ("v0", True), ("v1", False), ("v1", True)):
         out_c, tr = tracing.trace_prefill(qc, kc, vc, causal=causal, version=version)
         _lesson.close(f"{version} causal={causal} vs reference", out_c, reference.attention(qc, kc, vc, causal=causal),
                       atol=1e-5, got_label=version)
         keys_seen = NC * (NC + 1) // 2 if causal else NC * NC               # (query, key) pairs
         bm = prefill.SIM_TILES[version].block_m
-        formula = keys_seen * DC if version == "v0" else -(-NC // bm) * NC * DC
+        tiles_seen = sum(min(NC, (b + 1) * bm) for b in range(-(-NC // bm))) if causal else -(-NC // bm) * NC
+        formula = keys_seen * DC if version == "v0" else tiles_seen * DC
         counted.append(dict(kernel=version, causal=causal, k_reads=tr.reads("k"), formula=formula,
                             naive_numpy_score_traffic=4 * keys_seen))
         assert tr.reads("k") == formula, f"{version} causal={causal}: counted {tr.reads('k')} reads of K, " \
                                          f"formula {formula}"
-        if version == "v0":                 # thread t of block x is query row x * BLOCK_M + t
-            reads_by_row[causal] = np.array([[sum(c for (_, _, j, _), c in tr.elements(
-                "k", block=(i // bm,), thread=(i % bm,)).items() if j == jj) for jj in range(NC)] for i in range(NC)])
+        if causal:                          # per block of BLOCK_M query rows: element reads of each key row
+            per_block = tr.rows("k", axis=2)
+            reads_by_row[version] = np.array([[per_block.get((b, 0, 0), {}).get(j, 0) for j in range(NC)]
+                                              for b in range(-(-NC // bm))])
     print(f"element reads of K, counted in the simulator: one head, n = {NC}, d = {DC} "
           f"(naive NumPy: 4 passes over the n² scores, for comparison)")
     print(bench.format_table(counted, ["kernel", "causal", "k_reads", "formula", "naive_numpy_score_traffic"]))
     if plt:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
-        for ax, causal in zip(axes, (False, True)):
-            ax.imshow(reads_by_row[causal], cmap="Blues", vmin=0, vmax=DC)
-            ax.set(xlabel="key j", ylabel="query row i (one thread each)")
-            ax.set_title(f"v0{', causal' if causal else ''}: reads of K[j] by query row i\n(dark: all {DC} "
-                         f"elements of K[j] read, from global memory)", fontsize=9)
+        fig, axes = plt.subplots(2, 1, figsize=(8, 4.2))
+        for ax, version, who in zip(axes, ("v0", "v1"), ("each row's thread reads K[j] itself",
+                                                         "the block reads K[j] once for its rows")):
+            ax.imshow(reads_by_row[version], cmap="Blues", vmin=0, vmax=reads_by_row["v0"].max(), aspect="auto")
+            for (b, j), n in np.ndenumerate(reads_by_row[version]):
+                ax.text(j, b, str(n), ha="center", va="center", fontsize=7, color="white" if n > DC else "black")
+            ax.set(xlabel="key j", ylabel=f"query block\n({bm} rows)", yticks=range(reads_by_row[version].shape[0]))
+            ax.set_title(f"{version}, causal: element reads of K[j] per block ({who})", fontsize=9)
+        fig.tight_layout()
         _lesson.save(fig, "01_kernel_reads.png")
 else:
     print("(counting a kernel's memory reads needs Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1)")
@@ -290,15 +305,60 @@ _lesson.close("naive attention on repeated K/V vs reference (GQA 32/4, fp64)", o
 print("lesson 1 checks passed")
 
 # %% [markdown]
+# ## Break it
+#
+# The checks above catch real mistakes. Each switch makes one on purpose and predicts which check fails
+# (a plain run tries them all; `python tutorials/01_naive_attention.py --break no-max-shift` runs the lesson
+# up to that one, prints the check's whole message, and stops):
+#
+#     --break no-max-shift    the softmax without subtracting the row max -> NaN at scores near 1000
+#     --break scale-twice     scores divided by sqrt(d) twice            -> every output differs from the loops
+#     --break wrong-axis      the softmax normalised over the queries    -> the rows no longer sum to 1
+
+# %%
+def softmax_unshifted(x):
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention_scaled_twice(q, k, v):
+    scale = q.shape[-1] ** -0.5
+    return softmax(q @ k.swapaxes(-1, -2) * scale * scale) @ v
+
+
+def check_unshifted():
+    with np.errstate(over="ignore", invalid="ignore"):
+        _lesson.close("softmax(x) vs softmax(x - 1000)", softmax_unshifted(big), softmax(big - 1000), rtol=1e-6)
+
+
+_lesson.break_it("no-max-shift", "the softmax forgets to subtract the row max",
+                 "exp(1000) overflows fp32: inf / inf = NaN in all three weights",
+                 "softmax(x) vs softmax(x - 1000): 3 of 3",
+                 check_unshifted)
+_lesson.break_it("scale-twice", "the scores are divided by sqrt(d) twice",
+                 "flatter weights: every output element differs from the loop definition",
+                 "naive attention vs the loop definition [head, query, dim]: 96 of 96",
+                 lambda: _lesson.close("naive attention vs the loop definition [head, query, dim]",
+                                       attention_scaled_twice(q, k, v), loop_attention(q, k, v), atol=1e-12,
+                                       got_label="naive", want_label="loops"))
+_lesson.break_it("wrong-axis", "the softmax normalises each key's column instead of each query's row",
+                 "the columns sum to 1, the rows do not", "row sums of the attention weights",
+                 lambda: _lesson.close("row sums of the attention weights [head, query]",
+                                       (np.exp(p) / np.exp(p).sum(axis=-2, keepdims=True)).sum(axis=-1), 1.0,
+                                       rtol=1e-12))
+
+# %% [markdown]
 # ## Benchmark
 #
 # On a GPU this times numbattn's FlashAttention kernel (v2) against the NumPy reference on the CPU (and
-# torch's attention when torch is installed) at TinyLlama's shape. Without a GPU there is nothing fair to
-# time for kernels, so we measure the naive NumPy attention at small n instead (8 heads, d = 64), two ways:
-# its peak memory, which is deterministic, and its time, the fastest of 5 runs with one BLAS thread (the fastest
-# run is the one the rest of the machine disturbed least). Doubling n multiplies the score memory by four
-# (the peak, to within the few KiB of the small arrays), and the time by roughly four once n is large enough
-# for the n² work to dominate.
+# torch's attention, *SDPA*: PyTorch's scaled_dot_product_attention, when torch is installed) at TinyLlama's
+# shape. Without a GPU there is nothing fair to time for kernels, so we measure the naive NumPy attention at
+# small n instead (8 heads, d = 64), two ways: its peak memory, which is deterministic, and its time, the
+# fastest of 5 runs with one BLAS thread. Doubling n multiplies the score memory by four (the peak, to within
+# the few KiB of the small arrays): that is checked. The time is printed but not checked: the n² work should
+# make it x4 per doubling too, but at these sizes the ratio was anything from 2.2x to 11x across runs on the
+# same machine (caches that hold the smaller sizes and not the larger, BLAS switching kernels, other programs):
+# a timing of a few milliseconds on a shared machine measures the machine as much as the algorithm.
 
 # %%
 if BACKEND == "cuda":
@@ -308,7 +368,7 @@ if BACKEND == "cuda":
     print("milliseconds per call, batch 1, 32 heads / 4 KV heads, head_dim 64, not causal:")
     print(bench.format_table(table, columns))
 else:
-    print("the kernel benchmark needs a CUDA GPU; the naive NumPy attention on this CPU instead:")
+    print("the kernel benchmark needs a CUDA GPU; the naive NumPy attention on this CPU instead (time: not checked):")
     heads, rows = 8, []
     for n in (128, 256, 512, 1024):
         qt, kt, vt = (rng.standard_normal((heads, n, HEAD_DIM), dtype=np.float32) for _ in range(3))

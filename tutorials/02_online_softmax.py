@@ -13,15 +13,16 @@ What you will learn
 * Who runs what on a GPU (kernel, thread, block, grid, warp, SM) and where the bytes live (HBM, L2, shared
   memory, registers): the words every later lesson uses.
 * Your first CUDA kernel, ten lines of Numba: one thread per row computes the running max and sum. You
-  write its key line (exercise 2) and run it.
+  write its body (exercise 2); it is scored on its answer and on its reads of the scores, counted.
+* "Break it" switches (`--break no-rescale`, ...): each plants a mistake and predicts the failing check.
 * How the real numbattn kernel (prefill v1) does exactly this: we run it in the simulator on a tiny input
   and print each query row's m_i and l_i after every key tile (`numbattn.lab.tracing.trace_v1`), next to the
   NumPy version, and draw them (tutorials/out/02_running_max_and_sum.png).
 * Why the kernel's m_i is in base-2 units (it folds log2(e) into the scale and uses exp2) and why its l_i
   needs no conversion at all.
 
-Run it: `python tutorials/02_online_softmax.py` (add `--exercise` to check your own line), or run the
-`# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/02_online_softmax.py` (add `--exercise` to score your own code, `--break NAME`
+to plant a mistake), or run the `# %%` cells in VS Code / Jupyter.
 """
 
 # %%
@@ -36,6 +37,7 @@ import _lesson
 import numbattn
 import solutions
 from numbattn import prefill, reference
+from numbattn.kernels import prefill_tiled
 from numbattn.lab import bench, tracing
 
 BACKEND = numbattn.available_backends()[0]
@@ -111,7 +113,9 @@ _lesson.close("one-pass softmax vs three passes", p_online, p_three, rtol=1e-14,
 # and one division acc / l at the very end gives the output. Nothing of size n is kept per query row:
 # just m, l and acc. A GPU does not take keys one at a time but in tiles (BLOCK_N keys at a time, copied
 # into fast on-chip memory: below and lesson 3), so we write it per tile: the max of the tile first, then the
-# same update with a sum over the tile's keys. That is the loop in numbattn/kernels/prefill_tiled.py; here it is in NumPy,
+# same update with a sum over the tile's keys. That is the loop of numbattn's *prefill* kernels (attention over a
+# whole prompt at once, every query row against the keys; lesson 5 sets it beside decoding), e.g.
+# numbattn/kernels/prefill_tiled.py; here it is in NumPy,
 # for one query row, in natural-log units, recording (m, l, alpha) after each tile.
 
 # %%
@@ -159,19 +163,19 @@ _lesson.close("online attention row vs reference", out_online, out_ref, atol=1e-
 #
 #     thread   one run of the kernel. Its local variables live in *registers*, private to it.
 #              cuda.threadIdx.x = its number within its block.
-#     block    up to 1024 threads that run together on one SM (below). They share a small *shared memory*
+#     block    up to 1024 threads that run together on one *SM* (below). They share a small *shared memory*
 #              (`cuda.shared.array`) and can wait for each other at a *barrier*, `cuda.syncthreads()`:
 #              no thread passes it until all threads of the block reached it.
 #              cuda.blockIdx.x = the block's number, cuda.blockDim.x = threads per block.
-#     grid     all the blocks of one launch. Blocks run in any order and cannot wait for each other.
-#     warp     32 consecutive threads of a block, which the hardware runs in lockstep: one instruction at a
+#     *grid*   all the blocks of one launch. Blocks run in any order and cannot wait for each other.
+#     *warp*   32 consecutive threads of a block, which the hardware runs in lockstep: one instruction at a
 #              time for all 32. When they load 32 neighbouring addresses, it becomes one wide memory
 #              transaction (a *coalesced* load); threads of a warp can also swap registers directly
 #              (*warp shuffle*, lesson 3).
 #     SM       streaming multiprocessor: one of the GPU's processors (an H100 has 132). Each runs several
 #              blocks at once, as many as its registers and shared memory allow; how full it is, is its
 #              *occupancy*.
-#     FMA      fused multiply-add, a*b + c in one instruction, counted as 2 FLOPs. An H100's fp32 peak,
+#     *FMA*    fused multiply-add, a*b + c in one instruction, counted as 2 FLOPs. An H100's fp32 peak,
 #              ~67 TFLOP/s (10^12 FLOPs per second), is all its cores doing one FMA per cycle.
 #
 # And where a kernel's bytes live, from big and slow to small and fast (H100):
@@ -185,56 +189,61 @@ _lesson.close("online attention row vs reference", out_online, out_ref, atol=1e-
 # from HBM for only a few FLOPs waits on memory, so the fast kernels fetch each K and V value once and use it
 # many times from shared memory and registers.
 #
-# ## Your first kernel: one thread per row
+# ## Your first kernel: one thread per row (exercise 2)
 #
 # The one-pass max and sum above, for many rows at once: thread i takes row i of a score matrix. The
 # launch asks for enough blocks of THREADS threads to cover the rows; the last block has threads to spare,
-# so each thread first checks that its row exists. The line that makes the one pass work, the rescaled sum,
-# is exercise 2: `rescaled_sum` below is yours to write (tutorials/solutions.py has the answer; the lesson
-# runs that one unless you pass --exercise).
+# so each thread first checks that its row exists. Exercise 2 is the whole kernel body: find your row, run
+# the one-pass loop over it, write m and l. `online_max_sum` below is yours to write (its stub does nothing;
+# tutorials/solutions.py has an answer; the lesson runs that one unless you pass --exercise). It is scored
+# twice: m and l against NumPy, and, in the simulator, the reads of `s` each thread makes, counted by
+# numbattn/lab/tracing.py, against a budget of one read per score: the point of one pass is to read the row
+# once (a three-pass loop gets the right numbers and fails the budget).
 
 # %%
-@cuda.jit(device=True)
-def rescaled_sum(l, m_old, m_new, x):
-    """EXERCISE 2. l = sum_k exp(x_k - m_old) over the scores so far. Return the same sum taken relative to
-    the new max m_new, plus the new score x's own term. One line, with math.exp."""
-    return 0.0      # <- replace this line with yours, then run the lesson with --exercise
-
-
-def make_row_kernel(update_sum):
-    """The kernel, built around the sum update it is given (yours, the solution, or a broken one)."""
-    @cuda.jit
-    def online_max_sum(s, m_out, l_out):
-        i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x   # this thread's row
-        if i < s.shape[0]:                                          # the last block has spare threads
-            m, l = -math.inf, 0.0
-            for j in range(s.shape[1]):
-                m_new = max(m, s[i, j])
-                l = update_sum(l, m, m_new, s[i, j])
-                m = m_new
-            m_out[i] = m
-            l_out[i] = l
-    return online_max_sum
-
-
-def row_max_and_sum(kernel, s, threads):
-    """Launch the kernel over the rows of s -> (m, l) per row, from the device."""
-    m_dev, l_dev = cuda.device_array(s.shape[0]), cuda.device_array(s.shape[0])
-    blocks = -(-s.shape[0] // threads)                              # ceil(rows / threads)
-    kernel[blocks, threads](cuda.to_device(s), m_dev, l_dev)
-    return m_dev.copy_to_host(), l_dev.copy_to_host()
+@cuda.jit
+def online_max_sum(s, m_out, l_out):
+    """EXERCISE 2. s [rows, n] scores. Thread i of the grid (i = blockIdx.x * blockDim.x + threadIdx.x) takes
+    row i, if it exists: one pass over s[i, :] keeping the running max m and the running sum l of
+    exp(s[i, j] - m), rescaled by math.exp(m_old - m_new) when the max grows; then m_out[i] = m, l_out[i] = l.
+    Budget: each score read once."""
+    pass    # <- replace this line with your kernel body, then run the lesson with --exercise
 
 
 THREADS = 4
 scores = rng.standard_normal((10, 12)) + np.linspace(0.0, 3.0, 12)        # 10 rows; maxima arrive late
 assert (scores.argmax(axis=1) > 0).all(), "test data: every row's max must come after its first score"
-row_kernel = make_row_kernel(_lesson.exercise(2, rescaled_sum, solutions.rescaled_sum))
-m_rows, l_rows = row_max_and_sum(row_kernel, scores, THREADS)
+
+
+def row_max_and_sum(kernel, s, threads=THREADS):
+    """Launch the kernel over the rows of s -> (m, l) per row (NaN where it wrote nothing), and the most reads of
+    s any thread made (counted in the simulator; None on a GPU)."""
+    m_out, l_out = np.full(s.shape[0], np.nan), np.full(s.shape[0], np.nan)
+    blocks = -(-s.shape[0] // threads)                              # ceil(rows / threads)
+    if BACKEND != "sim":
+        m_dev, l_dev = cuda.to_device(m_out), cuda.to_device(l_out)
+        kernel[blocks, threads](cuda.to_device(s), m_dev, l_dev)
+        return m_dev.copy_to_host(), l_dev.copy_to_host(), None
+    tracer = tracing.Tracer()
+    kernel[blocks, threads](*tracer.wrap(s=s, m=m_out, l=l_out))
+    return m_out, l_out, max(tracer.per_thread("s").values(), default=0)
+
+
+def score_row_kernel(kernel):
+    m_rows, l_rows, reads = row_max_and_sum(kernel, scores)
+    _lesson.check_exercise(2, "running max per row vs NumPy max", m_rows, scores.max(axis=1), rtol=1e-12)
+    _lesson.check_exercise(2, "running sum per row vs sum exp(s - max)", l_rows,
+                           np.exp(scores - scores.max(axis=1, keepdims=True)).sum(axis=1), rtol=1e-12)
+    if reads is None:
+        return "(reads are counted in the simulator only)"
+    return _lesson.check_budget(2, "reads of s", reads, scores.shape[1],
+                                "one pass reads each of the row's scores once: load s[i, j] into a local "
+                                "variable, then use that")
+
+
 print(f"{scores.shape[0]} rows, {THREADS} threads per block -> {-(-scores.shape[0] // THREADS)} blocks; "
       f"row i = blockIdx.x * {THREADS} + threadIdx.x, e.g. row 9 = block 2, thread 1 (threads 2, 3 of block 2 idle)")
-_lesson.close("kernel running max vs NumPy max", m_rows, scores.max(axis=1), rtol=1e-12, got_label="kernel")
-_lesson.check_exercise(2, "kernel running sum vs sum exp(s - max)", l_rows,
-                       np.exp(scores - scores.max(axis=1, keepdims=True)).sum(axis=1), rtol=1e-12)
+_lesson.exercise(2, "a row kernel's one-pass loop", online_max_sum, solutions.online_max_sum, score_row_kernel)
 
 # %% [markdown]
 # ## Base 2: what the kernel actually stores
@@ -292,6 +301,9 @@ for i in range(q_len):
     print()
 
 
+assert l_kernel[0, -1] < l_kernel[0, -2], "test data: row 0's running sum should drop in its last tile"
+
+
 def check_trace(m_kernel_natural, l_kernel_):
     _lesson.close("kernel m_i / log2(e) vs NumPy running max [row, tile]", m_kernel_natural, m_numpy,
                   atol=1e-5, rtol=1e-5, got_label="kernel", want_label="NumPy")
@@ -315,7 +327,7 @@ if plt:
         ax_m.plot(range(n_tiles), m2[i] / LOG2E, marker="o", label=f"row {i}")
         ax_l.plot(range(n_tiles), l_kernel[i], marker="o", label=f"row {i}")
     ax_m.set(title="running max m_i after each key tile", xlabel="key tile", ylabel="m_i / log2(e)")
-    ax_l.set(title="running sum l_i (shrinks when m_i jumps)", xlabel="key tile", ylabel="l_i")
+    ax_l.set(title="running sum l_i (rescaled by alpha when m_i jumps)", xlabel="key tile", ylabel="l_i")
     for ax in (ax_m, ax_l):
         ax.set_xticks(range(n_tiles))
         ax.grid(alpha=0.3)
@@ -366,12 +378,13 @@ _lesson.close("causal kernel output vs reference", out_c, reference.attention(qc
 #
 # The kernel's per-tile m_i and l_i match the NumPy online softmax and its output matches the reference
 # (checked above). Last, the online softmax is not a special case of tiny inputs: all the kernel versions,
-# which all use it, agree with the reference at odd lengths and with grouped-query heads.
+# which all use it, agree with the reference at odd lengths and with grouped-query heads (causal, the harder
+# case: the diagonal cuts through tiles; in the simulator only that one, to keep the lesson quick).
 
 # %%
-qa, ka, va = bench.random_qkv(1, 13, 13, n_heads=4, n_kv_heads=2, head_dim=16, seed=3)
+qa, ka, va = bench.random_qkv(1, 13, 13, n_heads=2, n_kv_heads=1, head_dim=16, seed=3)
 for version in prefill.VERSIONS:
-    for causal in (False, True):
+    for causal in (False, True) if BACKEND == "cuda" else (True,):
         o = prefill.flash_attention(qa, ka, va, causal=causal, version=version)
         e = _lesson.close(f"{version} causal={causal} vs fp64 reference", o,
                           reference.attention(*(x.astype(np.float64) for x in (qa, ka, va)), causal=causal),
@@ -382,29 +395,71 @@ print("lesson 2 checks passed")
 # %% [markdown]
 # ## Break it
 #
-# The checks above are there to catch real mistakes. Each line below makes one on purpose and shows the
-# message of the check that catches it. Try the kernel ones yourself in numbattn/kernels/prefill_tiled.py (make_v1), run
-# the lesson, and read which check fails:
+# The checks above are there to catch real mistakes. Each switch below makes one on purpose, states what
+# should happen, and confirms it with the message of the check that catches it. A plain run tries them all;
+# `python tutorials/02_online_softmax.py --break no-rescale` runs the lesson up to that switch, prints the
+# check's whole message, and stops:
 #
-#     delete `l_i *= alpha`                      -> "kernel l_i vs NumPy running sum", at the row and tile
-#                                                   where the max rose
-#     delete `for d ...: acc[d] *= alpha`        -> "kernel output acc / l vs softmax(s) v"
-#     use exp2(s) without log2(e) in the scale   -> "kernel m_i / log2(e) vs NumPy running max"
-#     loop to kv_len instead of kv_end (causal)  -> "tiles visited by the causal kernel"
+#     --break no-rescale       the row kernel without alpha   -> the running sums are too large
+#     --break three-pass       a row kernel reading its row twice -> right numbers, over the read budget
+#     --break natural-max      base-2 m_i read as natural      -> m_i is log2(e) = 1.44x too large
+#     --break first-tile-max   no running max                  -> wrong where the max comes later
+#     --break exp-not-exp2     exp where the kernel needs exp2 (in a copy of prefill_tiled.py) -> wrong output
 
 # %%
-@cuda.jit(device=True)
-def sum_without_rescale(l, m_old, m_new, x):
-    return l + math.exp(x - m_new)              # alpha = 1: the old terms stay relative to the old max
+@cuda.jit
+def max_sum_without_rescale(s, m_out, l_out):
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < s.shape[0]:
+        m, l = -math.inf, 0.0
+        for j in range(s.shape[1]):
+            m_new = max(m, s[i, j])
+            l = l + math.exp(s[i, j] - m_new)       # alpha = 1: the old terms stay relative to the old max
+            m = m_new
+        m_out[i], l_out[i] = m, l
 
 
-_lesson.breaks("the rescale is forgotten (alpha = 1) in the row kernel", lambda: _lesson.close(
-    "kernel running sum vs sum exp(s - max)", row_max_and_sum(make_row_kernel(sum_without_rescale), scores,
-                                                              THREADS)[1],
-    np.exp(scores - scores.max(axis=1, keepdims=True)).sum(axis=1), rtol=1e-12, got_label="kernel"))
-_lesson.breaks("the kernel's base-2 max is read as if it were natural", lambda: check_trace(m2, l_kernel))
-_lesson.breaks("the first tile's max is taken as the row max (no running max)",
-               lambda: _lesson.close("final m_i vs true row max", m_numpy[:, 0], m_true, atol=1e-5))
+@cuda.jit
+def max_sum_three_pass(s, m_out, l_out):
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < s.shape[0]:
+        m = -math.inf
+        for j in range(s.shape[1]):                 # pass 1: the max
+            m = max(m, s[i, j])
+        l = 0.0
+        for j in range(s.shape[1]):                 # pass 2: the sum
+            l += math.exp(s[i, j] - m)
+        m_out[i], l_out[i] = m, l
+
+
+def exp_instead_of_exp2():
+    broken = _lesson.edited(prefill_tiled, "p = math.exp2(s[jj] - m_ref)", "p = math.exp(s[jj] - m_ref)")
+    out_broken, _ = tracing.trace_v1(q, k, v, causal=False, scale=scale, tiles=tiles, module=broken)
+    _lesson.close("kernel output acc / l vs softmax(s) v", out_broken[0, 0], softmax_out, atol=1e-5,
+                  got_label="kernel")
+
+
+_lesson.break_it("no-rescale", "the row kernel forgets the rescale (alpha = 1)",
+                 "the running sums are too large wherever a row's max rose after its first score: every row here",
+                 "kernel running sum vs sum exp(s - max): 10 of 10 values differ", lambda: _lesson.close(
+                     "kernel running sum vs sum exp(s - max)", row_max_and_sum(max_sum_without_rescale, scores)[1],
+                     np.exp(scores - scores.max(axis=1, keepdims=True)).sum(axis=1), rtol=1e-12, got_label="kernel"))
+if BACKEND == "sim":
+    _lesson.break_it("three-pass", "the row kernel reads its row twice (max, then sum)",
+                     "right m and l, but 24 reads of s per thread where one pass needs 12: the budget check fails",
+                     "reads of s: the kernel made 24 per thread, the budget is 12",
+                     lambda: _lesson.check_budget(None, "reads of s", row_max_and_sum(max_sum_three_pass, scores)[2],
+                                                  scores.shape[1]))
+_lesson.break_it("natural-max", "the kernel's base-2 max is read as if it were natural",
+                 "m_i is log2(e) = 1.44 times the NumPy max in every row and tile", "kernel m_i / log2(e) vs NumPy "
+                 "running max", lambda: check_trace(m2, l_kernel))
+_lesson.break_it("first-tile-max", "the first tile's max is taken as the row max (no running max)",
+                 "wrong for the rows whose max lies in a later tile", "final m_i vs true row max",
+                 lambda: _lesson.close("final m_i vs true row max", m_numpy[:, 0], m_true, atol=1e-5))
+_lesson.break_it("exp-not-exp2", "in numbattn/kernels/prefill_tiled.py (a copy), p = math.exp(s - m) where the "
+                 "scores are in base 2",
+                 "every weight is taken to the wrong base: the output differs from softmax(s) v",
+                 "kernel output acc / l vs softmax(s) v", exp_instead_of_exp2)
 
 # %% [markdown]
 # ## Benchmark

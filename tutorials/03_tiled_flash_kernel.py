@@ -6,15 +6,17 @@ What you will learn
 -------------------
 * Why a kernel's speed is mostly a question of how often it goes back to global memory (HBM), using the
   words of lesson 2 (thread, block, warp, SM, shared memory, registers).
-* numbattn's prefill kernels, side by side (numbattn/kernels/prefill_naive.py, prefill_tiled.py, prefill_registers.py, prefill_mma.py):
+* numbattn's prefill kernels, side by side (numbattn/kernels/prefill_naive.py, prefill_tiled.py,
+  prefill_registers.py, prefill_mma.py):
     v0  one thread per query row, every key and value read from global memory by every row;
     v1  a block of threads shares each K/V tile through shared memory (one query row per thread);
     v2  each thread owns a TM×TN register tile of scores and a TM×TE tile of the output, with strided
         ownership for conflict-free shared-memory reads and small group reductions for the row max and sum;
-    v3  the same tiles on tensor cores: each warp runs both products as 16×8×8 MMAs, at fp32 accuracy
-        through 3xTF32 (its docstring tells how; this lesson runs and counts it beside the others).
+    v3  the same tiles on the GPU's matrix-multiply units, at fp32 accuracy: lesson 3b takes it apart;
+        this lesson runs and counts it beside the others.
 * The real v1 kernel, printed from numbattn/kernels/prefill_tiled.py with each line tied to the step of the algorithm it
-  implements, and a small tiled kernel of your own whose cooperative load you complete (exercise 3).
+  implements, and a small tiled kernel of your own whose cooperative load you write (exercise 3), scored on
+  its answer, on who loaded what, and on its counted reads and writes per thread.
 * How many bytes each kernel moves: the formulas, and the same numbers *counted* on the real kernels in the
   simulator (numbattn/lab/tracing.py), with pictures of which keys each block reads, of the Q tile that stays
   while K/V tiles stream past, and of who loads and owns what (tutorials/out/03_*.png).
@@ -22,8 +24,8 @@ What you will learn
   bank conflicts, barriers (`cuda.syncthreads()`), and the tile that crosses the end of the sequence.
 * Finally we run all the kernels in the simulator (or on your GPU) and check them against the reference.
 
-Run it: `python tutorials/03_tiled_flash_kernel.py` (add `--exercise` to check your own line), or run the
-`# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/03_tiled_flash_kernel.py` (add `--exercise` to score your own code, `--break NAME`
+to plant a mistake), or run the `# %%` cells in VS Code / Jupyter.
 """
 
 # %%
@@ -111,25 +113,7 @@ V1_STEPS = [("load_q_tile(q", "1"), ("for j0 in range(kv_begin, kv_end, BN)", "2
             ("p = math.exp2(s[jj] - m_ref)", "2f"), ("acc[0, d] += p * Vs[jj, d]", "2f"), ("store_row(", "3")]
 
 
-def show_kernel(factory, kernel_name, steps):
-    """Print the @cuda.jit kernel `kernel_name` defined inside `factory`, with file line numbers and, in the
-    margin, the label of each (text, label) of `steps`, matched in order."""
-    factory = inspect.unwrap(factory)                   # make_v1 is wrapped in a cache
-    lines, first = inspect.getsourcelines(factory)
-    begin = next(n for n, line in enumerate(lines) if f"def {kernel_name}(" in line) - 1    # its decorator
-    end = next(n for n, line in enumerate(lines) if line.strip() == f"return {kernel_name}")
-    todo = list(steps)
-    print(f"{Path(inspect.getsourcefile(factory)).relative_to(_lesson.ROOT)}, {kernel_name}:")
-    for n in range(begin, end):
-        label = ""
-        if todo and todo[0][0] in lines[n]:
-            label = todo.pop(0)[1]
-        print(f"{label:>3} {first + n:4d} {lines[n].rstrip()}")
-    assert not todo, f"numbattn/kernels/prefill_tiled.py's {kernel_name} changed: lesson 3 no longer finds {todo[0][0]!r} " \
-                     f"(step {todo[0][1]}); update V1_STEPS"
-
-
-show_kernel(prefill_tiled._make_v1_body, "attention_v1", V1_STEPS)
+_lesson.show_kernel(prefill_tiled._make_v1_body, "attention_v1", V1_STEPS)
 print("\nthe online-softmax update of step 2e, written once for every kernel (numbattn/kernels/softmax.py), and the "
       "rule it applies (numbattn/reference.py):")
 print(inspect.getsource(softmax.make_update_row))
@@ -139,7 +123,10 @@ print(inspect.getsource(prefill_tiled._make_v1_loads))
 
 # %% [markdown]
 # Things to notice in it: `q`, `k`, `v` and `out` are global memory; `Qs`, `Ks`, `Vs` are shared arrays
-# (one copy per block); `s` and `acc` are local arrays, each thread's own. `b, h = cuda.blockIdx.z,
+# (one copy per block); `s` and `acc` are *local arrays* (`cuda.local.array`), each thread's own, kept in
+# registers when the compiler can. `load_q_tile` and `load_kv_tile` are *device functions* (numbattn's
+# `@device`, i.e. `@cuda.jit(device=True)`: called by kernels, never launched themselves), *inlined*: the
+# compiler copies their code into the kernel, so a call costs nothing. `b, h = cuda.blockIdx.z,
 # cuda.blockIdx.y`: the grid is (query tiles, heads, batch), so a block knows its head and batch row from its
 # own index. And the `trace` argument is the hook that lesson 2 used to print m_i and l_i.
 #
@@ -168,21 +155,25 @@ _lesson.close("loader map vs idx % threads", loader_map(4, 8, 4).ravel(), np.ara
 # %% [markdown]
 # Now a small tiled kernel of your own: a block of BM threads, one query row each, computes the scores
 # S = q k^T of its rows one K tile at a time, copying each tile into shared memory cooperatively, with the two
-# barriers of the real kernel. Exercise 3 is the line that turns the running element number idx into the
-# (row, column) of the tile it names: `tile_slot` below. The check compares the scores, and (in the
-# simulator, where the loads can be counted) which thread loaded each element of K, against the loader map.
+# barriers of the real kernel. Exercise 3 is that copy, the whole loop: `load_tile` below. It is scored three
+# ways: the scores; who loaded each element of the first tile, counted in the simulator, against the loader
+# map above (coalesced); and the traffic counted per thread against a budget: each element of the tile read
+# from global memory once by the block, so BN·D / BM reads of k and as many shared writes per thread per tile.
 
 # %%
 BM_EX, BN_EX, D_EX = 4, 4, 16           # query rows (= threads) per block, keys per tile, head dim
 
 
 @cuda.jit(device=True)
-def tile_slot(idx, width):
-    """EXERCISE 3. Element number idx of a row-major tile `width` columns wide -> (row, column). One line."""
-    return 0, 0     # <- replace this line with yours, then run the lesson with --exercise
+def load_tile(k, j0, t, Ks):
+    """EXERCISE 3. Copy keys j0 .. j0 + BN_EX - 1 of k [n_keys, D_EX] into the shared tile Ks [BN_EX, D_EX],
+    together with the block's other BM_EX threads (you are thread t): number the tile's elements idx = 0, 1, ...
+    row by row, take idx = t, t + BM_EX, ..., and store 0.0 for keys past the end of k. Budget per thread and tile:
+    BN_EX * D_EX / BM_EX reads of k and as many writes of Ks."""
+    pass    # <- replace this line with your loop, then run the lesson with --exercise
 
 
-def make_tiled_scores(slot):
+def make_tiled_scores(load, barriers=2):
     @cuda.jit
     def tiled_scores(q, k, s):
         t = cuda.threadIdx.x
@@ -190,10 +181,9 @@ def make_tiled_scores(slot):
         Ks = cuda.shared.array((BN_EX, D_EX), float32)
         for j0 in range(0, k.shape[0], BN_EX):
             cuda.syncthreads()                              # everyone is done with the previous tile
-            for idx in range(t, BN_EX * D_EX, BM_EX):       # the block copies one K tile together
-                r, c = slot(idx, D_EX)
-                Ks[r, c] = k[j0 + r, c] if j0 + r < k.shape[0] else 0.0
-            cuda.syncthreads()                              # the tile is complete
+            load(k, j0, t, Ks)                              # the block copies one K tile together
+            if barriers == 2:
+                cuda.syncthreads()                          # the tile is complete
             for jj in range(min(BN_EX, k.shape[0] - j0)):
                 if i < q.shape[0]:
                     x = float32(0.0)
@@ -203,35 +193,54 @@ def make_tiled_scores(slot):
     return tiled_scores
 
 
-def run_tiled_scores(slot, q, k):
-    """-> (scores [q_len, kv_len], owner of each element of K's first tile or None when not counting)."""
-    s = np.zeros((q.shape[0], k.shape[0]), np.float32)
-    kernel, grid = make_tiled_scores(slot), -(-q.shape[0] // BM_EX)
+def run_tiled_scores(load, q, k, barriers=2):
+    """-> (scores [q_len, kv_len], tracer of k, s and the shared Ks, or None when not counting)."""
+    s = np.full((q.shape[0], k.shape[0]), np.nan, np.float32)
+    kernel, grid = make_tiled_scores(load, barriers), -(-q.shape[0] // BM_EX)
     if not COUNTING:
         s_dev = cuda.to_device(s)
         kernel[grid, BM_EX](cuda.to_device(q), cuda.to_device(k), s_dev)
         return s_dev.copy_to_host(), None
     tracer = tracing.Tracer()
-    kernel[grid, BM_EX](*tracer.wrap(q=q, k=k, s=s))
+    with tracer.shared():
+        kernel[grid, BM_EX](*tracer.wrap(q=q, k=k, s=s))
+    return s, tracer
+
+
+def first_tile_owner(tracer):
     owner = np.full((BN_EX, D_EX), -1)                     # -1: nobody loaded it
     for (j, c), threads in tracer.threads("k", block=(0,)).items():
         if j < BN_EX:
             owner[j, c] = threads[0] if len(threads) == 1 else -2   # -2: loaded by several threads
-    return s, owner
+    return owner
 
 
 qe = np.random.default_rng(3).standard_normal((6, D_EX)).astype(np.float32)
 ke = np.random.default_rng(4).standard_normal((10, D_EX)).astype(np.float32)
-s_ex, owner_ex = run_tiled_scores(_lesson.exercise(3, tile_slot, solutions.tile_slot), qe, ke)
-if owner_ex is not None:
-    _lesson.check_exercise(3, "thread that loaded K_tile[r, c], counted", owner_ex, loader_map(BN_EX, D_EX, BM_EX))
-_lesson.check_exercise(3, "scores q k^T from the tiled kernel", s_ex, qe @ ke.T, atol=1e-5)
+N_TILES_EX = -(-ke.shape[0] // BN_EX)
+
+
+def score_load(load):
+    s_ex, tracer = run_tiled_scores(load, qe, ke)
+    _lesson.check_exercise(3, "scores q k^T from the tiled kernel", s_ex, qe @ ke.T, atol=1e-5)
+    if tracer is None:
+        return "(traffic is counted in the simulator only)"
+    _lesson.check_exercise(3, "thread that loaded K_tile[r, c], counted", first_tile_owner(tracer),
+                           loader_map(BN_EX, D_EX, BM_EX))
+    budget = N_TILES_EX * BN_EX * D_EX // BM_EX
+    return ", ".join([_lesson.check_budget(3, "reads of k", max(tracer.per_thread("k").values()), budget),
+                      _lesson.check_budget(3, "writes of Ks", max(tracer.per_thread("Ks", "write").values()),
+                                           budget),
+                      _lesson.check_races("exercise 3", tracer)])
+
+
+_lesson.exercise(3, "the cooperative tile load", load_tile, solutions.load_tile, score_load)
 
 # %% [markdown]
 # Shared memory is finite, and that bounds the tiles. v1's shared arrays are Q [BM, D+1], K [BN, D] and
 # V [BN, D] (why D+1 comes below); v2 adds a P tile [BM, BN+1]. CUDA documents 48 KiB as the most a block
 # may declare with a fixed size (`cuda.shared.array`); on the H100 larger static arrays compiled, ran and made
-# v2 up to 1.8x faster, so numbattn picks tiles per compute capability (the GPU generation: 9.0 for an H100,
+# v2 up to 1.8x faster, so numbattn picks tiles per *compute capability* (the GPU generation: 9.0 for an H100,
 # 8.0 for an A100). Fewer bytes per block also means more blocks fit on an SM at once (occupancy), which is
 # why the biggest tile is not automatically the fastest. When the big tiles are used, and the toolchain
 # details behind that: BENCHMARKS.md.
@@ -320,8 +329,9 @@ tracers = {}
 if COUNTING:
     counted = []
     for version in prefill.VERSIONS:
-        out_t, tracers[version] = tracing.trace_prefill(qt, kt, vt, version=version)
+        out_t, tracers[version] = tracing.trace_prefill(qt, kt, vt, version=version, shared=version == "v1")
         tr = tracers[version]
+        _lesson.check_races(f"{version} (numbattn/kernels/prefill_*.py)", tr)
         counted.append(dict(kernel=version, block_m=prefill.SIM_TILES[version].block_m,
                             q_reads=tr.reads("q"), q_formula=FORMULA[version]["q"],
                             k_reads=tr.reads("k"), v_reads=tr.reads("v"), kv_formula=FORMULA[version]["k"],
@@ -382,11 +392,11 @@ if plt and COUNTING:
 #
 # ## v2: a register tile per thread
 #
-# In v1 each score costs two shared-memory loads (a Q element and a K element) for one FMA, and the output
-# update one load (a V element) per FMA: the kernel is limited by shared-memory bandwidth, not arithmetic.
-# v2 (numbattn/kernels/prefill_registers.py) treats each tile as two small matrix products, S = Q·K^T and O += P·V, and
-# tiles them over threads the way a GEMM (a general matrix multiply, C = A·B, the routine BLAS libraries
-# spend their lives on) does. The threads form a TR × TC grid; thread (rg, cg) owns
+# In v1 each score costs two shared-memory loads (a Q element and a K element) for one FMA, and the output update
+# one load (a V element) per FMA: the kernel is limited by shared-memory bandwidth, not arithmetic. v2
+# (numbattn/kernels/prefill_registers.py) treats each tile as two small matrix products, S = Q·K^T and O += P·V, and
+# tiles them over threads the way a GEMM (a general matrix multiply, C = A·B, the routine BLAS libraries spend their
+# lives on) does. The threads form a TR × TC grid; thread (rg, cg) owns
 #
 #     query rows   rg + TR·i   for i < TM        (its rows of S and of O)
 #     keys         cg + TC·j   for j < TN        (its columns of S)
@@ -426,8 +436,14 @@ _lesson.close("scores owned per thread", owned, TM * TN, got_label="owned")
 # broadcast). When they do, the loads are served one after the other: a *bank conflict*. In the S step the
 # TC threads of a row group load K[key, d] for their keys cg + TC·j: rows of the K tile, one row length
 # apart in memory. With rows of exactly d = 64 words (a multiple of 32) every one of them lands in the same
-# bank; padding each row by one word (the `D + 1` in the shared arrays) spreads them over consecutive banks.
-# The same padding fixes v1's Q reads, where thread t reads Q[t, d].
+# bank; padding each row by one word (v2 declares its K tile as [BLOCK_N, D + 1], printed below) spreads them
+# over consecutive banks. Which kernel pads what, and why:
+#
+#     v1  Q [BM, D + 1]: thread t reads Q[t, d], rows one row length apart -> padded. K and V [BN, D]: every
+#         thread reads the same Ks[jj, d] at the same step, a broadcast, no conflict -> not padded
+#     v2  Q, K [., D + 1] (threads read different rows), P [BM, BN + 1]; V unpadded (a row group reads one row)
+#     v3  K and V [BN, D + 4]: thread 4g + t of a warp reads K[g][t] and V[2t][g] (lesson 3b says why) ->
+#         banks 4g + t and 8t + g, all 32 different (kernels/prefill_mma.py's docstring)
 
 # %%
 def banks(keys, d, stride):
@@ -441,6 +457,8 @@ def check_conflict_free(stride):
 
 
 keys_of_group = [cg for cg in range(TC)]          # j = 0: the TC threads of a row group, at the same step d
+print("\n".join(line.strip() for line in inspect.getsource(prefill_registers).splitlines()
+                if "= cuda.shared.array(" in line))
 print(f"banks hit by the {TC} threads of a row group reading K[cg, d=5]:")
 print(f"  rows of {D} words (no padding): {banks(keys_of_group, 5, D)}  -> {TC}-way conflict")
 print(f"  rows of {D + 1} words (padded)   : {banks(keys_of_group, 5, D + 1)}  -> conflict-free")
@@ -537,7 +555,7 @@ if BACKEND == "sim":
     print("v2 simulator layout (TR, TC, TM, TN, TE) at d=16:",
           prefill_registers.layout(ts.block_m, ts.block_n, ts.threads, 16))
 
-q, k, v = bench.random_qkv(1, 19, 19, n_heads=4, n_kv_heads=2, head_dim=16, seed=1)
+q, k, v = bench.random_qkv(1, 19, 19, n_heads=2, n_kv_heads=1, head_dim=16, seed=1)
 q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
 for version in prefill.VERSIONS:
     for causal in (False, True):
@@ -571,42 +589,81 @@ print("lesson 3 checks passed")
 # %% [markdown]
 # ## Break it
 #
-# Mistakes this lesson's checks catch, made on purpose (the first three run below):
+# Mistakes this lesson's checks catch, each a switch with its prediction (a plain run tries them all;
+# `python tutorials/03_tiled_flash_kernel.py --break missing-barrier` runs up to that one and stops there):
 #
-#     tile_slot returns (idx % BN, idx // BN)      -> the scores are still right (every element of the tile
-#                                                     is still loaded, by some thread), but consecutive
-#                                                     threads now read addresses D words apart: not
-#                                                     coalesced. Only the counted owner map catches it
-#     a kernel loads K once per query row (v0)     -> "counted reads of k" vs the tiled formula
-#     no padding: shared rows of D words           -> the bank check names the conflict
+#     --break transposed-load     exercise 3's load as (idx % BN, idx // BN) -> scores right, owner map wrong
+#     --break every-thread-loads  every thread copies the whole tile        -> scores right, over the read budget
+#     --break missing-barrier     your kernel without the barrier after the load -> the check below names it
+#     --break missing-barrier-v1  the same line deleted from the real v1 (a copy) -> the same, in Ks and Vs
+#     --break v0-traffic          K once per query row                       -> counted reads vs the formula
+#     --break no-padding          v2's K rows of D words                     -> the bank check's conflict
 #
-# and in numbattn/kernels/prefill_tiled.py (make_v1), to try yourself:
-#
-#     delete the second cuda.syncthreads()         -> threads read a K tile before it is complete. In the
-#                                                     simulator this is a race, so the outputs are wrong on
-#                                                     most runs but not all ("v1 causal=... vs fp64
-#                                                     reference"); on a GPU it can pass for days, which is
-#                                                     why the barriers are argued for in the text, not tested
-#     load the Q tile without scale_log2           -> every "vs fp64 reference" check
-#     write out[b, h, i, d] only when d < D - 1    -> "left 1 output elements unwritten (NaN)"
+# A missing barrier is a *race* (two threads touch the same shared element, at least one of them writing, with
+# no barrier between): whether the answer comes out wrong depends on how the threads happen to be scheduled,
+# so comparing answers cannot be relied on, in the simulator or on a GPU. The race check can:
+# numbattn/lab/tracing.py stamps every shared access with the number of barriers its thread has passed and
+# reports an element written by one thread and read by another within the same interval, whatever order they
+# ran in (CUDA's `compute-sanitizer --tool racecheck` does the same on a GPU). Edit
+# numbattn/kernels/prefill_tiled.py yourself (delete the second `cuda.syncthreads()`) and this lesson's race
+# check of the real kernels, below "Running the kernels", fails with the same message.
 
 # %%
 @cuda.jit(device=True)
-def transposed_slot(idx, width):
-    return idx % BN_EX, idx // BN_EX
+def load_transposed(k, j0, t, Ks):
+    for idx in range(t, BN_EX * D_EX, BM_EX):
+        r, c = idx % BN_EX, idx // BN_EX                    # consecutive threads: consecutive keys, D apart
+        Ks[r, c] = k[j0 + r, c] if j0 + r < k.shape[0] else 0.0
 
 
-s_transposed, owner_transposed = run_tiled_scores(transposed_slot, qe, ke)
-err = _lesson.close("scores with the transposed tile_slot", s_transposed, qe @ ke.T, atol=1e-5)
-print(f"transposed tile_slot: scores still right (max |diff| {err:.1e}); who loaded what:")
+@cuda.jit(device=True)
+def load_everything(k, j0, t, Ks):
+    for idx in range(BN_EX * D_EX):                         # every thread copies the whole tile
+        r, c = idx // D_EX, idx % D_EX
+        Ks[r, c] = k[j0 + r, c] if j0 + r < k.shape[0] else 0.0
+
+
+def score_without_barrier():
+    s_race, tracer = run_tiled_scores(solutions.load_tile, qe, ke, barriers=1)
+    _lesson.check_races("tiled scores without the second barrier", tracer)
+
+
+def v1_without_barrier():
+    """prefill_tiled.py with the second cuda.syncthreads() of the v1 loop deleted (in a copy), traced."""
+    broken = _lesson.edited(prefill_tiled, "cuda.syncthreads()\n            if i < q_len:", "if i < q_len:")
+    qb, kb, vb = bench.random_qkv(1, 8, 8, n_heads=1, n_kv_heads=1, head_dim=16, seed=2)
+    tiles = prefill.SIM_TILES["v1"]
+    tracer, out_b = tracing.Tracer(), np.zeros(qb.shape, np.float32)
+    with tracer.shared():
+        kernel = broken.make_v1(16, tiles.block_m, tiles.block_n)
+        kernel[(2, 1, 1), tiles.threads](*tracer.wrap(q=qb, k=kb, v=vb, out=out_b), np.float32(0.25 * prefill.LOG2E),
+                                         False, np.int64(8), np.int64(8), np.float32(0.0))
+    _lesson.check_races("v1 without its second barrier", tracer)
+
+
 if COUNTING:
-    print(owner_transposed)
-    _lesson.breaks("tile_slot transposed (idx % BN, idx // BN): uncoalesced loads", lambda: _lesson.close(
-        "thread that loaded K_tile[r, c], counted", owner_transposed, loader_map(BN_EX, D_EX, BM_EX),
-        got_label="counted", want_label="coalesced"))
-    _lesson.breaks("K read once per query row (v0) where once per query tile was promised", lambda: _lesson.close(
-        "counted reads of k vs the tiled formula", tracers["v0"].reads("k"), FORMULA["v1"]["k"]))
-_lesson.breaks("shared rows of D words, not D + 1", lambda: check_conflict_free(D))
+    _lesson.break_it("transposed-load", "the load takes (idx % BN, idx // BN): consecutive threads, consecutive keys",
+                     "the scores are still right (every element is loaded by some thread), but the counted owner "
+                     "map differs from the coalesced one: neighbouring threads read addresses D words apart",
+                     "thread that loaded K_tile[r, c], counted", lambda: score_load(load_transposed))
+    _lesson.break_it("every-thread-loads", "every thread copies the whole tile",
+                     "right scores, 4x the reads of k per thread: over the budget", "reads of k: the kernel made",
+                     lambda: _lesson.check_budget(None, "reads of k", max(run_tiled_scores(
+                         load_everything, qe, ke)[1].per_thread("k").values()), N_TILES_EX * BN_EX * D_EX // BM_EX))
+    _lesson.break_it("missing-barrier", "your tiled kernel without the barrier after the load",
+                     "the race check finds threads reading Ks elements that another thread writes between the same "
+                     "two barriers, on every run (in the simulator the scores may still come out right)",
+                     "shared-memory races", score_without_barrier)
+    _lesson.break_it("missing-barrier-v1", "numbattn/kernels/prefill_tiled.py (a copy) without the second "
+                     "cuda.syncthreads() of the v1 loop", "the same race, named in Ks and Vs of the real kernel",
+                     "v1 without its second barrier: ", v1_without_barrier)
+    _lesson.break_it("v0-traffic", "K read once per query row (v0) where once per query tile was promised",
+                     "the counted reads of k are BLOCK_M times the tiled formula", "counted reads of k vs the tiled "
+                     "formula", lambda: _lesson.close("counted reads of k vs the tiled formula",
+                                                      tracers["v0"].reads("k"), FORMULA["v1"]["k"]))
+_lesson.break_it("no-padding", "v2's shared rows of D words, not D + 1",
+                 f"the {TC} threads of a row group hit one bank: the bank check names a {TC}-way conflict",
+                 f"{TC}-way conflict", lambda: check_conflict_free(D))
 
 # %% [markdown]
 # ## Benchmark

@@ -18,11 +18,11 @@ What you will learn
 * What changes in the other families (Llama 3, Mistral, Qwen2/3, Gemma 2/3): a table of their switches, made
   from their miniatures, and what a sliding window changes.
 * How a GGUF file stores weights quantized: a Q8_0 block and a Q4_K super-block drawn byte by byte
-  (tutorials/out/06_gguf_blocks.png), dequantized by hand (exercise 6: one line) and inside a GEMV kernel, and what
+  (tutorials/out/06_gguf_blocks.png), dequantized by your own kernel (exercise 6) and inside a GEMV kernel, and what
   fewer bytes a weight buy in decode speed.
 
-Run it: `python tutorials/06_tinyllama_forward.py` (add `--exercise` to check your own line), or run the `# %%`
-cells in VS Code / Jupyter.
+Run it: `python tutorials/06_tinyllama_forward.py` (add `--exercise` to score your own code, `--break NAME`
+to plant a mistake), or run the `# %%` cells in VS Code / Jupyter.
 """
 
 # %%
@@ -45,7 +45,7 @@ import solutions
 import tinyllm
 from numbattn import blocks, linear
 from numbattn.kernels import blocks as kernel_blocks
-from numbattn.lab import bench
+from numbattn.lab import bench, tracing
 from tests.gguf_files import quantize_q4_k      # gguf cannot quantize to Q4_K: the test suite's quantizer
 from tinyllm.weights import SafetensorsFile, f32_to_bf16
 
@@ -71,7 +71,7 @@ print({k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layer
                             "num_key_value_heads", "vocab_size", "rope_theta", "rms_norm_eps", "torch_dtype")})
 
 # tinyllm's NumPy engine (tinyllm/engines/host.py: every op a line of NumPy), with attention on the best numbattn
-# backend (the GPU or the simulator); lesson 7 checks the all-kernel device engine against it
+# backend (the GPU or the simulator); lesson 8 checks the all-kernel device engine against it
 model = tinyllm.load_model(model_dir, engine="numpy")
 prompt = "Hello world! How are you?"
 ids = model.tokenizer.encode(prompt)
@@ -80,10 +80,11 @@ print(f"{prompt!r} -> {len(ids)} tokens:", [model.tokenizer.id_to_token(i) for i
 # %% [markdown]
 # ## Reading the checkpoint ourselves
 #
-# A .safetensors file is 8 bytes of header length, a JSON header ({name: dtype, shape, byte offsets}) and
+# A *safetensors* file (Hugging Face's weight format) is 8 bytes of header length, a JSON header ({name:
+# dtype, shape, byte offsets}) and
 # the raw tensor bytes. tinyllm's reader (`SafetensorsFile`) validates the header and memory-maps the file;
 # `.raw(name)` gives the stored bytes as an array without converting anything. The weights are bfloat16,
-# which NumPy lacks, but a bf16 number is just the top 16 bits of a float32 (same sign and 8-bit exponent,
+# which NumPy lacks, but a *bf16* (bfloat16) number is just the top 16 bits of a float32 (same sign and 8-bit exponent,
 # 7 instead of 23 mantissa bits), so we widen it ourselves: shift the 16 bits up, reinterpret as float32.
 # From here on this lesson uses none of tinyllm's model code, only these bytes and NumPy in float64.
 
@@ -106,7 +107,8 @@ hd, eps, theta = dim // n_heads, cfg["rms_norm_eps"], cfg["rope_theta"]
 # ## Quantized weights: GGUF blocks, dequantized inside the matmul
 #
 # This checkpoint spends 16 bits on every weight. Decode reads every weight once per token, so its time is
-# bytes / bandwidth (lesson 5): fewer bits a weight, faster decode. llama.cpp's GGUF files store a matrix row by row
+# bytes / bandwidth (lesson 5): fewer bits a weight, faster decode. llama.cpp's *GGUF* files (its one-file format
+# for a model's weights, vocabulary and settings) store a matrix row by row
 # in *blocks*: a few fp16 scales and one small integer code c per weight, and each weight is an affine function of
 # its code, w = a * c + b, with the factor a and offset b of its group. Two of the formats, byte by byte:
 #
@@ -143,17 +145,44 @@ print(f"Q4_K super-block: {q4k.nbytes} bytes; d = {d:.3e}, dmin = {dmin:.3e}, sc
       f"m = {m.astype(int).tolist()}")
 
 
-def dequantize_q4_k(d, dmin, sc, m, codes):
-    """EXERCISE 6. A Q4_K super-block's weights from its fields: d and dmin (floats), sc and m [8] (each group's
-    6-bit scale and min, as numbers), codes [8, 32] (group g's 4-bit codes in weight order) -> weights [8, 32]."""
-    return d * codes  # <- replace this line (the formula is in the drawing above), then --exercise
+@cuda.jit
+def dequantize_q4_k(q, d, dmin, sc, m, out):
+    """EXERCISE 6. One Q4_K super-block's 256 weights, by one block of 32 threads. q [128] uint8: the codes, in 4
+    stripes of 32 bytes (byte l of stripe j holds weight 64j + l in its low nibble, weight 64j + 32 + l in its
+    high one); group g = weight // 32 has the factor d * sc[g] and the offset dmin * m[g] (sc, m [8]: its 6-bit
+    scale and min as numbers): w = d * sc[g] * c - dmin * m[g] -> out [256]. Thread t takes byte t of each
+    stripe. Budget per thread: 4 reads of q (each byte read once, both its codes used)."""
+    pass    # <- replace this line with your kernel body, then run the lesson with --exercise
 
 
-dequantize_q4_k_to_run = _lesson.exercise(6, dequantize_q4_k, solutions.dequantize_q4_k)
-want_q4k = dequantize(q4k[None], GGML.Q4_K)[0].reshape(8, 32)
-_lesson.check_exercise(6, "Q4_K super-block vs gguf's dequantize", dequantize_q4_k_to_run(d, dmin, sc, m, codes),
-                       want_q4k, rtol=1e-6, atol=1e-7)
-print(f"  largest |w - dequantized| = {np.abs(row256.reshape(8, 32) - want_q4k).max():.1e} "
+def run_dequantize(kernel):
+    """-> (the kernel's 256 weights, the most reads of q by one thread, or None on a GPU)."""
+    out = np.full(256, np.nan, np.float32)
+    args = (q4k[16:].copy(), np.float32(d), np.float32(dmin), sc.astype(np.float32), m.astype(np.float32))
+    if BACKEND != "sim":
+        out_dev = cuda.to_device(out)
+        kernel[1, 32](cuda.to_device(args[0]), *args[1:3], cuda.to_device(args[3]), cuda.to_device(args[4]), out_dev)
+        return out_dev.copy_to_host(), None
+    tracer = tracing.Tracer()
+    tq, tsc, tm, tout = tracer.wrap(q=args[0], sc=args[3], m=args[4], out=out)
+    kernel[1, 32](tq, args[1], args[2], tsc, tm, tout)
+    return out, max(tracer.per_thread("q").values(), default=0)
+
+
+want_q4k = dequantize(q4k[None], GGML.Q4_K)[0]
+
+
+def score_dequantize(kernel):
+    got, reads = run_dequantize(kernel)
+    _lesson.check_exercise(6, "Q4_K super-block vs gguf's dequantize [weight]", got, want_q4k, rtol=1e-6, atol=1e-7)
+    if reads is None:
+        return "(reads are counted in the simulator only)"
+    return _lesson.check_budget(6, "reads of q", reads, 4, "each byte holds two codes: read it once, use both")
+
+
+_lesson.exercise(6, "a Q4_K super-block, dequantized by a kernel", dequantize_q4_k, solutions.dequantize_q4_k,
+                 score_dequantize)
+print(f"  largest |w - dequantized| = {np.abs(row256 - want_q4k).max():.1e} "
       f"(the weights are ~{np.abs(row256).mean():.1e})")
 
 if plt:
@@ -250,8 +279,8 @@ if BACKEND == "cuda":
 # %%
 if plt:
     from matplotlib.patches import FancyBboxPatch
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    ax.set(xlim=(0, 10), ylim=(0, 13))
+    fig, ax = plt.subplots(figsize=(8.5, 6.5))
+    ax.set(xlim=(0, 11.2), ylim=(0, 13))                # the dashed block and the widest label stay inside
     ax.axis("off")
     ax.annotate("", xy=(2, 12.6), xytext=(2, 0.4), arrowprops=dict(arrowstyle="->", lw=3, color="tab:blue"))
     ax.text(1.6, 6.5, f"residual stream x  [tokens, {dim}]", rotation=90, va="center", ha="center",
@@ -262,24 +291,25 @@ if plt:
              (6.5, f"RMSNorm -> SwiGLU MLP ({dim} -> {cfg['intermediate_size']} -> {dim})", "tab:green"),
              (10.0, f"final RMSNorm -> output head -> logits [tokens, {cfg['vocab_size']}]", "tab:gray")]
     for y, label, colour in boxes:
-        ax.add_patch(FancyBboxPatch((3.2, y - 0.6), 6.5, 1.2, boxstyle="round,pad=0.1", fc=colour, alpha=0.25))
-        ax.text(6.45, y, label, ha="center", va="center", fontsize=8)
+        ax.add_patch(FancyBboxPatch((3.2, y - 0.6), 7.4, 1.2, boxstyle="round,pad=0.1", fc=colour, alpha=0.25))
+        ax.text(6.9, y, label, ha="center", va="center", fontsize=8)
     for y_out, y_in in ((3.0, 5.0), (6.5, 8.5)):      # read x through a norm, add the result back at (+)
         ax.annotate("", xy=(3.2, y_out), xytext=(2.05, y_out - 0.9), arrowprops=dict(arrowstyle="->"))
         ax.annotate("", xy=(2.05, y_in), xytext=(6.45, y_out + 0.7), arrowprops=dict(arrowstyle="->"))
         ax.text(2, y_in, "+", ha="center", va="center", fontsize=16, fontweight="bold")
     ax.annotate("", xy=(2.05, 1.0), xytext=(3.2, 1.0), arrowprops=dict(arrowstyle="->"))    # x starts here
     ax.annotate("", xy=(3.2, 10.0), xytext=(2.05, 10.0), arrowprops=dict(arrowstyle="->"))  # and ends here
-    ax.add_patch(FancyBboxPatch((2.6, 1.9), 7.4, 7.3, boxstyle="round,pad=0.1", fill=False, ls="--"))
-    ax.text(9.9, 2.0, f"one block, x {cfg['num_hidden_layers']} here (22 in TinyLlama)", ha="right", fontsize=8)
+    ax.add_patch(FancyBboxPatch((2.6, 1.9), 8.3, 7.3, boxstyle="round,pad=0.1", fill=False, ls="--"))
+    ax.text(10.8, 2.0, f"one block, x {cfg['num_hidden_layers']} here (22 in TinyLlama)", ha="right", fontsize=8)
     _lesson.save(fig, "06_llama_block.png")
 
 # %% [markdown]
 # ## RMSNorm
 #
-# Before each half of every block (and once at the end) the hidden vector is normalised: divided by its
+# Before each half of every block (and once at the end) the hidden vector is normalised by *RMSNorm*: divided by its
 # root-mean-square, then multiplied by a learned per-channel weight. Unlike LayerNorm there is no mean
-# subtraction and no bias; it only fixes the scale, which is what keeps the residual stream stable through
+# subtraction and no bias; it only fixes the scale, which is what keeps the *residual stream* (the vector each
+# layer reads and adds its result back to) stable through
 # many layers of additions.
 #
 #     rmsnorm(x) = x / sqrt(mean(x²) + eps) * weight
@@ -298,6 +328,7 @@ _lesson.close("RMS of each row after rmsnorm", np.sqrt((rmsnorm(x_demo, 1.0) ** 
 # ## RoPE: positions as rotations
 #
 # Attention itself ignores order (it is a weighted sum). Llama injects position by *rotating* each query
+# (*RoPE*, rotary position embedding)
 # and key: the head's d numbers are read as d/2 pairs, and pair i at position p is rotated by the angle
 # p · theta^(-2i/d). Early pairs spin fast, late pairs slowly. Because a rotation by angle a of q and by
 # angle b of k leaves a dot product that depends only on a - b, the score q_p · k_r depends on the content
@@ -336,7 +367,7 @@ _lesson.close("length of q after rotation vs before", np.linalg.norm(rope(qv[Non
 # The attention of lessons 1-4, written plainly: q has n_heads heads, k and v have n_kv (here 4 and 2), and
 # query head h reads KV head h // (n_heads / n_kv). Causal mask, softmax in float64.
 #
-# The MLP is SwiGLU: two projections up to the intermediate size, one passed through SiLU (x·sigmoid(x)) and
+# The MLP is *SwiGLU*: two projections up to the intermediate size, one passed through SiLU (x·sigmoid(x)) and
 # used as a gate on the other, then a projection back down:
 #
 #     mlp(x) = (silu(x W_gate^T) * (x W_up^T)) W_down^T
@@ -344,16 +375,18 @@ _lesson.close("length of q after rotation vs before", np.linalg.norm(rope(qv[Non
 # Hugging Face stores a linear layer's weight as [out_features, in_features], hence the transposes.
 
 # %%
-def attention(q, k, v):
-    """q [n_heads, s, hd], k, v [n_kv, s, hd] -> [n_heads, s, hd]; causal; query head h reads kv head h // group."""
+def attention(q, k, v, causal=True, kv_head=lambda h, group, n_kv: h // group):
+    """q [n_heads, s, hd], k, v [n_kv, s, hd] -> [n_heads, s, hd]; causal; query head h reads kv head h // group.
+    (causal=False and kv_head are the break-it cell's mistakes.)"""
     group, s = q.shape[0] // k.shape[0], q.shape[1]
     out = np.empty_like(q)
-    future = np.triu(np.ones((s, s), bool), k=1)
+    future = np.triu(np.ones((s, s), bool), k=1 if causal else s)
     for h in range(q.shape[0]):
-        scores = q[h] @ k[h // group].T / np.sqrt(q.shape[-1])
+        hk = kv_head(h, group, k.shape[0])
+        scores = q[h] @ k[hk].T / np.sqrt(q.shape[-1])
         scores[future] = -np.inf
         p = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        out[h] = (p / p.sum(axis=-1, keepdims=True)) @ v[h // group]
+        out[h] = (p / p.sum(axis=-1, keepdims=True)) @ v[hk]
     return out
 
 
@@ -371,8 +404,9 @@ def swiglu(x, layer):
 # entry as the token at t + 1.
 
 # %%
-def forward_fp64(token_ids, rotate=rope):
-    """token ids [s] -> logits [s, vocab]; `rotate` is the position embedding (the break-it cell swaps it)."""
+def forward_fp64(token_ids, rotate=rope, attend=attention, residual=True):
+    """token ids [s] -> logits [s, vocab]; `rotate` is the position embedding (the break-it cell swaps it, and
+    attend and residual)."""
     s = len(token_ids)
     x = W("model.embed_tokens.weight")[token_ids]                            # [s, dim]
     for i in range(cfg["num_hidden_layers"]):
@@ -382,8 +416,8 @@ def forward_fp64(token_ids, rotate=rope):
         k = (h @ W(layer + "self_attn.k_proj.weight").T).reshape(s, n_kv, hd).transpose(1, 0, 2)
         v = (h @ W(layer + "self_attn.v_proj.weight").T).reshape(s, n_kv, hd).transpose(1, 0, 2)
         q, k = rotate(q, np.arange(s)), rotate(k, np.arange(s))
-        a = attention(q, k, v).transpose(1, 0, 2).reshape(s, n_heads * hd)   # heads back side by side
-        x = x + a @ W(layer + "self_attn.o_proj.weight").T
+        a = attend(q, k, v).transpose(1, 0, 2).reshape(s, n_heads * hd)      # heads back side by side
+        x = (x if residual else 0) + a @ W(layer + "self_attn.o_proj.weight").T
         x = x + swiglu(rmsnorm(x, W(layer + "post_attention_layernorm.weight")), layer)
     x = rmsnorm(x, W("model.norm.weight"))
     head = W("model.embed_tokens.weight") if cfg["tie_word_embeddings"] else W("lm_head.weight")
@@ -410,9 +444,24 @@ print("next-token argmax per position, tinyllm:", theirs.argmax(-1).tolist())
 # token, feed the last one alone (decode kernel), and get the same last-position logits.
 
 # %%
+def likely_cause(fp64_logits):
+    """Which positions differ says where to look: position 0 has no rotation (RoPE's angle is 0) and sees only
+    itself (the mask changes nothing there)."""
+    tol = 1e-3 * np.abs(fp64_logits).max()
+    bad = [t for t in range(len(fp64_logits)) if np.abs(theirs[t] - fp64_logits[t]).max() > tol]
+    if bad and bad[0] > 0:
+        return f"positions {bad} differ, position 0 agrees: likely cause: something that depends on the position " \
+               f"(RoPE's pairing or angles, the causal mask)"
+    return f"positions {bad} differ, position 0 too: likely cause: something every position shares (a weight or " \
+           f"its transpose, the residual, a norm, the GQA mapping)"
+
+
 def check_logits(fp64_logits):
-    _lesson.close("tinyllm logits vs the fp64 forward [position, vocab]", theirs, fp64_logits,
-                  atol=1e-3 * np.abs(fp64_logits).max(), got_label="tinyllm", want_label="fp64")
+    try:
+        _lesson.close("tinyllm logits vs the fp64 forward [position, vocab]", theirs, fp64_logits,
+                      atol=1e-3 * np.abs(fp64_logits).max(), got_label="tinyllm", want_label="fp64")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n    {likely_cause(fp64_logits)}") from None
     _lesson.close("most likely next token per position", theirs.argmax(-1), fp64_logits.argmax(-1),
                   got_label="tinyllm", want_label="fp64")
 
@@ -433,11 +482,19 @@ print("lesson 6 checks passed")
 # RoPE has two conventions for which elements form a pair: Hugging Face's "rotate half" (i with i + d/2,
 # used by this checkpoint) and the original paper's neighbours (2i with 2i + 1). Both are rotations, both
 # keep lengths and relative positions, and a model trained with one gives garbage with the other. The check
-# above catches the wrong one at once. Other mistakes to try in forward_fp64 and the functions above:
+# above catches the wrong one at once. Each switch plants one mistake in forward_fp64 (a plain run tries them
+# all; `python tutorials/06_tinyllama_forward.py --break no-causal-mask` runs up to that one and stops):
 #
-#     x = a @ W_o (the residual dropped)           -> "tinyllm logits vs the fp64 forward"
-#     k[h % n_kv] in attention (wrong GQA group)   -> the same check
-#     no causal mask in attention                  -> the same check, at every position but the last
+#     --break rope-neighbours   RoPE pairs (2i, 2i + 1)                     -> "tinyllm logits vs the fp64 forward"
+#     --break no-residual       x = a @ W_o (the residual stream dropped)   -> the same check
+#     --break gqa-modulo        query head h reads KV head h % n_kv         -> the same check
+#     --break nibbles-swapped   exercise 6 with a byte's nibbles swapped      -> the weights differ from gguf's
+#     --break byte-twice        exercise 6 reading each byte twice          -> right weights, over the read budget
+#     --break no-causal-mask    every position sees the future              -> EVERY position differs, the last
+#                                                                              too: in layer 1 it saw everything
+#                                                                              anyway, but from layer 2 on its keys
+#                                                                              and values come from the earlier
+#                                                                              positions, which did change
 
 # %%
 def rope_neighbours(x, positions):
@@ -448,8 +505,54 @@ def rope_neighbours(x, positions):
     return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
 
 
-_lesson.breaks("RoPE pairs neighbours (2i, 2i + 1) instead of (i, i + d/2)",
-               lambda: check_logits(forward_fp64(ids, rotate=rope_neighbours)))
+def differing_positions(fp64_logits):
+    """Check every position's logits on its own -> the failure names the positions that differ."""
+    bad = [t for t in range(len(ids)) if np.abs(theirs[t] - fp64_logits[t]).max() > 1e-3 * np.abs(fp64_logits).max()]
+    _lesson.close(f"positions whose logits differ (of {len(ids)}): {bad}", len(bad), 0)
+
+
+_lesson.break_it("rope-neighbours", "RoPE pairs neighbours (2i, 2i + 1) instead of (i, i + d/2)",
+                 "the logits differ everywhere but at position 0 (no rotation there): the check names RoPE",
+                 "position 0 agrees: likely cause: something that depends on the position",
+                 lambda: check_logits(forward_fp64(ids, rotate=rope_neighbours)))
+_lesson.break_it("no-residual", "the attention half replaces the residual stream instead of adding to it",
+                 "the logits differ at every position, position 0 too", "position 0 too: likely cause: something "
+                 "every position shares", lambda: check_logits(forward_fp64(ids, residual=False)))
+_lesson.break_it("gqa-modulo", "query head h reads KV head h % n_kv", "the logits differ",
+                 "tinyllm logits vs the fp64 forward", lambda: check_logits(forward_fp64(
+                     ids, attend=lambda q, k, v: attention(q, k, v, kv_head=lambda h, group, n_kv: h % n_kv))))
+_lesson.break_it("no-causal-mask", "attention without the causal mask",
+                 f"every one of the {len(ids)} positions differs, the last one too (it differs from layer 2 on)",
+                 f"positions whose logits differ (of {len(ids)}): {list(range(len(ids)))}",
+                 lambda: differing_positions(forward_fp64(
+                     ids, attend=lambda q, k, v: attention(q, k, v, causal=False))))
+
+
+@cuda.jit
+def dequantize_nibbles_swapped(q, d, dmin, sc, m, out):
+    t = cuda.threadIdx.x
+    for j in range(4):
+        byte = q[32 * j + t]
+        out[64 * j + t] = d * sc[2 * j] * (byte >> 4) - dmin * m[2 * j]            # the high nibble first
+        out[64 * j + 32 + t] = d * sc[2 * j + 1] * (byte & 15) - dmin * m[2 * j + 1]
+
+
+@cuda.jit
+def dequantize_byte_twice(q, d, dmin, sc, m, out):
+    t = cuda.threadIdx.x
+    for j in range(4):
+        out[64 * j + t] = d * sc[2 * j] * (q[32 * j + t] & 15) - dmin * m[2 * j]
+        out[64 * j + 32 + t] = d * sc[2 * j + 1] * (q[32 * j + t] >> 4) - dmin * m[2 * j + 1]
+
+
+_lesson.break_it("nibbles-swapped", "exercise 6's kernel takes a byte's high nibble as weight 64j + t",
+                 "every weight whose byte's two codes differ comes out wrong", "Q4_K super-block vs gguf's dequantize",
+                 lambda: score_dequantize(dequantize_nibbles_swapped))
+if BACKEND == "sim":
+    _lesson.break_it("byte-twice", "exercise 6's kernel reads each byte once per code",
+                     "the right weights, 8 reads of q per thread: over the budget of 4",
+                     "reads of q): the kernel made 8 per thread, the budget is 4",
+                     lambda: score_dequantize(dequantize_byte_twice))
 
 # %% [markdown]
 # ## Other families: the same block, a few switches

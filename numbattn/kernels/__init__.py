@@ -13,6 +13,7 @@ key j from slot j mod S of K and V (a ring-buffer cache layer's layout; a plain 
     v2  prefill_registers.py   register-tiled outer products, warp-shuffle row reductions (fastest on SIMT cores)
     v3  prefill_mma.py         v2's algorithm on tensor cores: TF32 mma.sync by inline PTX, 3xTF32 (the default);
                                head_dim 128 and 256 split each head's dims over 2 or 4 warps
+    v1 and v3 also compile a with_lse variant that writes each row's log-sum-exp (what the backward takes)
 
 Attention, decode (one new query token per row against the KV cache, or its sliding window, which may wrap
 around a ring buffer; numbattn.decode_attention):
@@ -22,6 +23,14 @@ around a ring buffer; numbattn.decode_attention):
     v2  decode_lanes.py        split-K: one key per lane for the scores (faster past ~32K tokens, fp16 cache)
         decode_splitk.py       the frame v1 and v2 share: split blocks, the slots' merge, the last block's merge
         decode_paged.py        v1 over a paged KV cache: the same frame and scan, a page of the block table at a time
+
+Attention, backward (dQ, dK, dV from the forward's output and log-sum-exp; numbattn.attention_backward), with the
+forward's sliding window (tiles outside it skipped) and soft cap (a compile-time variant, as the forward's):
+
+    v1  backward_tiled.py      one thread per row: dK/dV K/V-stationary, dQ Q-stationary (the teaching kernels)
+    v3  backward_mma.py        the same two kernels on tensor cores, 3xTF32 (the default)
+        backward_prep.py       D = rowsum(dO ∘ O), the zeroed dK/dV, P's reference from lse, and p and dS of one
+                               pair (the soft cap and its slope), written once for both versions
 
 The rest of a Llama block:
 
@@ -36,8 +45,8 @@ The rest of a Llama block:
 Shared device code:
 
         common.py              the compile policy (fastmath, decided once), which keys a block sees (causal,
-                               window), ring slots, the soft cap, group reductions, bit casts, the last-block
-                               ticket, weight-word unpacking
+                               window), ring slots, the soft cap and its slope, group reductions, bit casts, the
+                               last-block ticket, weight-word unpacking
         softmax.py             the online-softmax rule and the log-sum-exp merge, written once
         mma.py                 tensor-core MMAs from Numba (inline PTX: TF32 m16n8k8, bf16 m16n8k16) and their
                                simulator twins

@@ -14,7 +14,10 @@ NUMBATTN_TEST_GPU=1).
     visible_keys, tile_is_whole    which keys a block of query rows sees (causal, sliding window): decided here once
     ring_slot(base, r, slots)      where a key lives in a ring-buffer cache (a window layer's; plain arrays: j)
     soft_cap(s, cap)               Gemma 2's logit soft cap, cap * tanh(s / cap), with an accurate tanh
+    soft_cap_slope(s, cap)         its derivative at s, 1 - tanh^2(s / cap), accurate where tanh saturates (the
+                                   backward's chain rule)
     make_slot_of, make_cap         the kernels' compile-time choices: ring buffer or not, soft cap or not
+    make_cap_slope                 the backward's: soft_cap_slope with a soft cap, 1 without
     make_group_reduce(...)         max / sum of TM values over the `width` consecutive threads of a group:
                                    warp shuffles on a GPU, shared memory + barriers in the simulator
     group_barrier()                the lanes of a warp wait for each other (a block barrier in the simulator)
@@ -26,6 +29,7 @@ NUMBATTN_TEST_GPU=1).
                                    launch can end with a reduction over its own blocks (no second launch)
 """
 import math
+import struct
 
 import numpy as np
 from llvmlite import ir
@@ -34,6 +38,9 @@ from numba.cuda.extending import intrinsic
 
 from .. import kernel_cache
 from ..blocks import FLOAT_KINDS
+
+# the simulator's bit casts, in plain Python (NumPy's per-call cost made them a large part of simulated kernels)
+_U32, _F32, _U16, _F16 = struct.Struct("<I"), struct.Struct("<f"), struct.Struct("<H"), struct.Struct("<e")
 
 NEG_INF = float32(-np.inf)
 FULL_MASK = 0xFFFFFFFF
@@ -159,6 +166,30 @@ def soft_cap(s, cap):
     return s
 
 
+@device
+def soft_cap_slope(s, cap):
+    """d soft_cap(s) / d s = 1 - tanh^2(s / cap) for cap > 0 (cap = 0: 1), at the uncapped score s, in the kernels'
+    log2 units as soft_cap's (s and cap both times log2 e: the ratio is the same). As 4 E / (1 + E)^2 with
+    E = exp(-2 |s / cap|), not 1 - (capped / cap)^2: in fp32 the capped score near +-cap carries an absolute error
+    of ~1e-7, which is all of the slope once |s| > ~4 cap (tests/test_backward.py measured dq 7e-3 off at |s| ~ 6 cap
+    that way, 1e-6 this way); E is relative-accurate, and underflows to a slope of 0 only below ~1e-37."""
+    if cap > 0:
+        e = math.exp(float32(-2.0) * abs(s / cap))
+        return float32(4.0) * e / ((float32(1.0) + e) * (float32(1.0) + e))
+    return float32(1.0)
+
+
+def make_cap_slope(capped):
+    """slope(s, softcap): soft_cap_slope for kernels compiled with a soft cap, else 1 (the choice of make_cap)."""
+    if capped:
+        return soft_cap_slope
+
+    @device
+    def slope(s, softcap):
+        return float32(1.0)
+    return slope
+
+
 # --------------------------------------------------------------------------------------------------------
 # Reductions over the `width` consecutive threads of a group (a row group of prefill v2, a warp of a GEMV)
 # --------------------------------------------------------------------------------------------------------
@@ -273,8 +304,11 @@ def make_outer_product(TM, TN, b_is_k_major):
 if SIM:
     @cuda.jit(device=True)
     def f32_from_bits(bits):
-        """The float32 whose bit pattern is the uint32 `bits` (simulator: a NumPy view; libdevice is absent)."""
-        return np.array([int(bits) & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
+        """The float32 whose bit pattern is the uint32 `bits` (simulator: struct's bytes; libdevice is absent)."""
+        bits = int(bits) & 0xFFFFFFFF
+        if bits & 0x7F800000 == 0x7F800000 and bits & 0x7FFFFF:       # a NaN: through NumPy, payload kept
+            return np.array([bits], np.uint32).view(np.float32)[0]
+        return np.float32(_F32.unpack(_U32.pack(bits))[0])
 else:
     @cuda.jit(device=True, inline=True)
     def f32_from_bits(bits):
@@ -286,7 +320,10 @@ if SIM:
     @cuda.jit(device=True)
     def f32_from_half_bits(bits):
         """The fp16 value whose bit pattern is the low 16 bits of the integer `bits`, as a float32 (exact)."""
-        return np.float32(np.array([int(bits) & 0xFFFF], np.uint16).view(np.float16)[0])
+        bits = int(bits) & 0xFFFF
+        if bits & 0x7C00 == 0x7C00 and bits & 0x3FF:                  # a NaN: through NumPy, payload kept
+            return np.float32(np.array([bits], np.uint16).view(np.float16)[0])
+        return np.float32(_F16.unpack(_U16.pack(bits))[0])
 else:
     @intrinsic
     def f32_from_half_bits(typingctx, bits):

@@ -14,6 +14,8 @@ instruction through an llvmlite `ir.InlineAsm` (as common.f32_from_half_bits emi
                                        keep fp32 accuracy (CUTLASS's OpMultiplyAddFastF32; the A_small B_small
                                        term, ~2^-22 relative, is dropped); the 3N MMAs issued phase by phase
                                        (all A_small B_big[n], then ...), so that no MMA waits for the one before it
+    make_fragments_times_rows(NS, NO)  acc = P B (3xTF32) for P held as the warp's C fragments [16, 8 NS] and B rows
+                                       in shared memory [8 NS, 8 NO]: P V of prefill v3, dV, dK, dQ of backward v3
     mma_scratch_shape(threads, n)      the shared scratch the simulator twin needs (a 1-element dummy on a GPU)
 
 and for bf16 (the prefill GEMM, kernels/gemm_mma.py: bf16 weights as stored, fp32 activations split in bf16 terms):
@@ -54,6 +56,7 @@ tests), provided every thread of the block reaches every MMA together: kernels b
 control flow uniform across the block around them. On a GPU `scratch` is a (1, 1, 1, 1) dummy, never touched.
 The twin computes in float64 and rounds once to float32; the GPU accumulates in fp32 (differences ~1e-7).
 """
+import struct
 import threading
 
 import numpy as np
@@ -301,15 +304,53 @@ def make_mma_3xtf32_n(N):
     return mma_n
 
 
+def make_fragments_times_rows(NS, NO):
+    """product(Bs, p, d0, acc, pa, pa_s, bb, bb_s, g, t, scratch): acc [NO, 4] = P B as C fragments, summed from zero
+    (3xTF32), where P [16, 8 NS] is the warp's C fragments p [NS, 4] (a probability or dS tile it just computed) and B
+    = rows 0 .. 8 NS - 1, columns d0 .. d0 + 8 NO - 1 of Bs in shared memory.
+
+    The k index runs over each 8-row block of B permuted (k = t <-> row 2t, k = t + 4 <-> row 2t + 1): the sum may
+    run in any order, and so P's A fragment is p's C fragment reordered in registers, (c0, c2, c1, c3), and P never
+    goes through shared memory; b0, b1 = B[2t][g], B[2t + 1][g]. pa, pa_s [1, 4]: one block's A fragment, split;
+    bb, bb_s [>= NO, 2]: its B fragments, split. Callers add acc to their fp32 accumulators themselves (the tensor
+    cores' own accumulation over thousands of rows rounds less carefully: prefill_mma.py measured it)."""
+    mma_n = make_mma_3xtf32_n(NO)
+
+    @cuda.jit(device=True, inline=True)
+    def product(Bs, p, d0, acc, pa, pa_s, bb, bb_s, g, t, scratch):
+        for c in range(NO):
+            for e in range(4):
+                acc[c, e] = 0.0
+        for n in range(NS):
+            pa[0, 0], pa_s[0, 0] = tf32_split(p[n, 0])
+            pa[0, 1], pa_s[0, 1] = tf32_split(p[n, 2])
+            pa[0, 2], pa_s[0, 2] = tf32_split(p[n, 1])
+            pa[0, 3], pa_s[0, 3] = tf32_split(p[n, 3])
+            for c in range(NO):
+                bb[c, 0], bb_s[c, 0] = tf32_split(Bs[n * 8 + 2 * t, d0 + c * 8 + g])
+                bb[c, 1], bb_s[c, 1] = tf32_split(Bs[n * 8 + 2 * t + 1, d0 + c * 8 + g])
+            mma_n(pa, pa_s, 0, bb, bb_s, acc, scratch)
+    return product
+
+
 # --------------------------------------------------------------------------------------------------------
 # bf16
 # --------------------------------------------------------------------------------------------------------
 if SIM:
     @cuda.jit(device=True)
     def bf16x2(lo, hi):
-        """Simulator twin: the word with bf16(lo) low and bf16(hi) high (NumPy rounding, as cvt.rn.bf16x2.f32)."""
-        b = bf16_bits(np.array([lo, hi], np.float32))
-        return np.uint32(int(b[0]) | int(b[1]) << 16)
+        """Simulator twin: the word with bf16(lo) low and bf16(hi) high (bf16_bits' rounding, as cvt.rn.bf16x2.f32;
+        per scalar in plain Python: NumPy's per-call cost made this most of a simulated GEMM)."""
+        return np.uint32(_bf16_bits_of(lo) | _bf16_bits_of(hi) << 16)
+
+    _F32, _U32 = struct.Struct("<f"), struct.Struct("<I")
+
+    def _bf16_bits_of(x):
+        """bf16_bits for one float32 scalar: round to nearest even on the upper 16 bits; a NaN stays a NaN."""
+        bits = _U32.unpack(_F32.pack(np.float32(x)))[0]
+        if x != x:
+            return (bits >> 16) | 0x40
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
 else:
     @cuda.jit(device=True, inline=True)
     def bf16x2(lo, hi):

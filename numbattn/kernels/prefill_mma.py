@@ -94,6 +94,8 @@ plus 16 * BN * warps * 4 for the split's partial scores: 17.4 KB at BN = 32, D =
 split); 21.3 KB at D = 256 (BN 8, split): under the 48 KB of static shared memory every GPU allows.
 Memory traffic per (batch, head): Q and O once; K and V once per query tile of BLOCK_M rows (halved for
 causal; with a sliding window, window + BLOCK_M keys per query tile): the same as v2 with the same BLOCK_M.
+For training, `make_v3(..., with_lse=True)` compiles the same kernel with one more argument, lse [B, H, Lq], that
+receives each row's log-sum-exp (natural log), what the backward (kernels/backward_mma.py) recomputes P from.
 # q [B, H, Lq, D], k/v [B, Hkv, S, D], kv_len, window, softcap -> out [B, H, Lq, D]
 """
 import functools
@@ -103,8 +105,8 @@ from numba import cuda, float32
 
 from .common import (NEG_INF, device, kernel, make_cap, make_group_reduce, make_slot_of, prefill_block,
                      reduce_scratch_shape, tile_is_whole, visible_keys)
-from .mma import make_mma_3xtf32_n, mma_scratch_shape, tf32_split
-from .softmax import finish, rescale
+from .mma import make_fragments_times_rows, make_mma_3xtf32_n, mma_scratch_shape, tf32_split
+from .softmax import finish, lse, rescale
 
 
 def layout(block_m, block_n, threads, head_dim, dim_split=1):
@@ -129,9 +131,25 @@ def shared_bytes(block_m, block_n, head_dim, dim_split=1):
 
 
 @functools.lru_cache(maxsize=None)
-def make_v3(head_dim, block_m, block_n, threads, dim_split=1, ring=False, capped=False):
-    """ring: K/V may wrap (kv_len > their slots); capped: scores are soft-capped (both compile-time choices)."""
-    D, BM, BN, NT, SPLIT = head_dim, block_m, block_n, threads, dim_split
+def make_v3(head_dim, block_m, block_n, threads, dim_split=1, ring=False, capped=False, with_lse=False):
+    """The v3 kernel (q, k, v, out, scale_log2, causal, kv_len, window, softcap); with with_lse=True (..., lse_out):
+    lse_out [B, H, Lq] float32 receives each row's log-sum-exp (natural log), which the backward recomputes P from.
+    ring: K/V may wrap (kv_len > their slots); capped: scores are soft-capped (all three compile-time choices)."""
+    body = _make_v3_body(head_dim, block_m, block_n, threads, dim_split, ring, capped,
+                         _store_lse if with_lse else _no_lse)
+    if with_lse:
+        @kernel
+        def attention_v3_lse(q, k, v, out, scale_log2, causal, kv_len, window, softcap, lse_out):
+            body(q, k, v, out, scale_log2, causal, kv_len, window, softcap, lse_out)
+        return attention_v3_lse
+
+    @kernel
+    def attention_v3(q, k, v, out, scale_log2, causal, kv_len, window, softcap):
+        body(q, k, v, out, scale_log2, causal, kv_len, window, softcap, 0)
+    return attention_v3
+
+
+def _make_v3_body(D, BM, BN, NT, SPLIT, ring, capped, store_lse):
     W, KD, NS, NO, NL = layout(BM, BN, NT, D, SPLIT)
     DS, DP = D // SPLIT, D + 4                      # a warp's dims; padded rows: conflict-free fragment reads
     group_max, group_sum = make_group_reduce(4, 2)  # over a quad: the 4 lanes holding one row
@@ -143,9 +161,9 @@ def make_v3(head_dim, block_m, block_n, threads, dim_split=1, ring=False, capped
     pv = _make_pv(NS, NO)
     init_state, store_rows = _make_state(NO)
 
-    @kernel
-    def attention_v3(q, k, v, out, scale_log2, causal, kv_len, window, softcap):
-        # q [B, H, Lq, D], k/v [B, Hkv, S, D] (key j in slot j mod S) -> out [B, H, Lq, D]
+    @device
+    def attention_v3(q, k, v, out, scale_log2, causal, kv_len, window, softcap, lse_out):
+        # q [B, H, Lq, D], k/v [B, Hkv, S, D] (key j in slot j mod S) -> out [B, H, Lq, D] (and lse_out [B, H, Lq])
         b, h, hk, q_len = prefill_block(q, k)
         tid, warp = cuda.threadIdx.x, cuda.threadIdx.x // 32
         g, t = (tid % 32) >> 2, tid & 3             # this lane's fragment coordinates (lane = 4 g + t)
@@ -187,6 +205,7 @@ def make_v3(head_dim, block_m, block_n, threads, dim_split=1, ring=False, capped
             pv(Vs, s, o, acc, pb, ps, vb, vs, m_tile, g, t, d0, scratch)
         group_sum(l_i, red)                         # the row sums, combined over the quad once
         store_rows(out, o, l_i, b, h, row, d0, t, q_len)
+        store_lse(lse_out, m_i, l_i, b, h, row, d0 + t, q_len)
 
     return attention_v3
 
@@ -316,28 +335,17 @@ def _make_softmax_step(NS, group_max):
 
 
 def _make_pv(NS, NO):
-    mma_n = make_mma_3xtf32_n(NO)
+    product = make_fragments_times_rows(NS, NO)
 
     @device
     def pv(Vs, s, o, acc, pb, ps, vb, vs, alpha, g, t, d0, scratch):
-        """o = o * alpha + P V over this warp's dims d0 .. d0 + 8 NO. The k index runs over each 8-key block
-        permuted (k = t <-> key 2t, k = t + 4 <-> key 2t + 1), so P's A fragment is S's C fragment reordered in
-        registers: (c0, c2, c1, c3); b0, b1 = V[2t][g], V[2t+1][g]. P V is summed over the tile in acc, from zero,
-        and added to o in fp32 (round to nearest): the tensor cores' own accumulation rounds less carefully, and
-        over thousands of keys in one accumulator its error grew past 1e-5 (3.6e-5 at n = 4096, non-causal, on an
-        H100). pb, ps [1, 4]: one key block's P fragment, split; vb, vs [NO, 2]: its V fragments, split."""
-        for c in range(NO):
-            for e in range(4):
-                acc[c, e] = 0.0
-        for n in range(NS):
-            pb[0, 0], ps[0, 0] = tf32_split(s[n, 0])
-            pb[0, 1], ps[0, 1] = tf32_split(s[n, 2])
-            pb[0, 2], ps[0, 2] = tf32_split(s[n, 1])
-            pb[0, 3], ps[0, 3] = tf32_split(s[n, 3])
-            for c in range(NO):
-                vb[c, 0], vs[c, 0] = tf32_split(Vs[n * 8 + 2 * t, d0 + c * 8 + g])
-                vb[c, 1], vs[c, 1] = tf32_split(Vs[n * 8 + 2 * t + 1, d0 + c * 8 + g])
-            mma_n(pb, ps, 0, vb, vs, acc, scratch)
+        """o = o * alpha + P V over this warp's dims d0 .. d0 + 8 NO, P being S's C fragments (kernels/mma.py's
+        make_fragments_times_rows: the k index permuted so that P's A fragment is its C fragment reordered). P V is
+        summed over the tile in acc, from zero, and added to o in fp32 (round to nearest): the tensor cores' own
+        accumulation rounds less carefully, and over thousands of keys in one accumulator its error grew past 1e-5
+        (3.6e-5 at n = 4096, non-causal, on an H100). pb, ps [1, 4]: one key block's P fragment, split; vb, vs
+        [NO, 2]: its V fragments, split."""
+        product(Vs, s, d0, acc, pb, ps, vb, vs, g, t, scratch)
         for c in range(NO):
             for e in range(4):
                 o[c, e] = o[c, e] * alpha[e >> 1] + acc[c, e]
@@ -367,3 +375,18 @@ def _make_state(NO):
                     out[b, h, i, d0 + c * 8 + 2 * t] = o[c, 2 * r] * inv_l
                     out[b, h, i, d0 + c * 8 + 2 * t + 1] = o[c, 2 * r + 1] * inv_l
     return init_state, store_rows
+
+
+@device
+def _store_lse(lse_out, m_i, l_i, b, h, row, first, q_len):
+    """The with_lse variant: the log-sum-exp (natural log) of this lane's rows row and row + 8, written by one lane
+    of the row group: the quad's first lane (t = 0) of the group's first warp (d0 = 0), so first = d0 + t = 0 there.
+    All lanes of the group hold the same m and, after the group sum, the same l."""
+    for r in range(2):
+        if first == 0 and row + 8 * r < q_len:
+            lse_out[b, h, row + 8 * r] = lse(m_i[r], l_i[r])
+
+
+@device
+def _no_lse(lse_out, m_i, l_i, b, h, row, first, q_len):
+    pass

@@ -22,6 +22,8 @@ threads of a warp reading Qs[t, d] hit 32 different banks).
 
 For the lessons, `make_v1(..., traced=True)` compiles the same kernel with one more argument, a trace buffer
 [B, H, Lq, tiles, 2] that receives each row's m and l after every key tile (numbattn/lab/tracing.py).
+For training, `make_v1(..., with_lse=True)` compiles it with one more argument, lse [B, H, Lq], that receives each
+row's log-sum-exp m + log l (natural log): the backward (kernels/backward_tiled.py) recomputes P from it.
 # q [B, H, Lq, D], k/v [B, Hkv, S, D], kv_len, window, softcap -> out [B, H, Lq, D]
 """
 import functools
@@ -30,34 +32,41 @@ import math
 from numba import cuda, float32
 
 from .common import NEG_INF, device, kernel, make_cap, make_slot_of, prefill_block, visible_keys
-from .softmax import finish, make_update_row
+from .softmax import finish, lse, make_update_row
 
 
 @functools.lru_cache(maxsize=None)
-def make_v1(head_dim, block_m, block_n, traced=False, ring=False, capped=False):
-    """The v1 kernel (q, k, v, out, scale_log2, causal, kv_len, window, softcap), or with traced=True (..., trace).
-    ring: K/V may wrap (kv_len > their slots); capped: scores are soft-capped (both compile-time choices)."""
-    body = _make_v1_body(head_dim, block_m, block_n, _record if traced else _no_record, ring, make_cap(capped))
+def make_v1(head_dim, block_m, block_n, traced=False, ring=False, capped=False, with_lse=False):
+    """The v1 kernel (q, k, v, out, scale_log2, causal, kv_len, window, softcap), or with traced=True (..., trace),
+    or with with_lse=True (..., lse_out): lse_out [B, H, Lq] float32 receives each row's log-sum-exp (the backward's
+    input). ring: K/V may wrap (kv_len > their slots); capped: scores are soft-capped (both compile-time choices)."""
+    body = _make_v1_body(head_dim, block_m, block_n, _record if traced else _no_record, ring, make_cap(capped),
+                         _store_lse if with_lse else _no_lse)
     if traced:
         @kernel
         def attention_v1_traced(q, k, v, out, scale_log2, causal, kv_len, window, softcap, trace):
-            body(q, k, v, out, scale_log2, causal, kv_len, window, softcap, trace)
+            body(q, k, v, out, scale_log2, causal, kv_len, window, softcap, trace, 0)
         return attention_v1_traced
+    if with_lse:
+        @kernel
+        def attention_v1_lse(q, k, v, out, scale_log2, causal, kv_len, window, softcap, lse_out):
+            body(q, k, v, out, scale_log2, causal, kv_len, window, softcap, 0, lse_out)
+        return attention_v1_lse
 
     @kernel
     def attention_v1(q, k, v, out, scale_log2, causal, kv_len, window, softcap):
-        body(q, k, v, out, scale_log2, causal, kv_len, window, softcap, 0)
+        body(q, k, v, out, scale_log2, causal, kv_len, window, softcap, 0, 0)
     return attention_v1
 
 
-def _make_v1_body(D, BM, BN, record, ring, soft_cap):
+def _make_v1_body(D, BM, BN, record, ring, soft_cap, store_lse):
     DP = D + 1  # pad Q rows by a word: with a row stride of D (32 banks' multiple) a warp reads one bank
     load_q_tile, load_kv_tile, store_row = _make_v1_loads(D, BM, BN, ring)
     update_row = make_update_row(D)
 
     @device
-    def attention_v1(q, k, v, out, scale_log2, causal, kv_len, window, softcap, trace):
-        # q [B, H, Lq, D], k/v [B, Hkv, S, D] (key j in slot j mod S) -> out [B, H, Lq, D]
+    def attention_v1(q, k, v, out, scale_log2, causal, kv_len, window, softcap, trace, lse_out):
+        # q [B, H, Lq, D], k/v [B, Hkv, S, D] (key j in slot j mod S) -> out [B, H, Lq, D] (and lse_out [B, H, Lq])
         b, h, hk, q_len = prefill_block(q, k)
         t = cuda.threadIdx.x
         q0 = cuda.blockIdx.x * BM           # first query row of this block's tile
@@ -99,6 +108,7 @@ def _make_v1_body(D, BM, BN, record, ring, soft_cap):
                         acc[0, d] += p * Vs[jj, d]
                 record(trace, b, h, i, j0 // BN, m[0], l[0])
         store_row(out, acc, l[0], b, h, i, q_len)       # out = acc / l: the one division, at the very end
+        store_lse(lse_out, b, h, i, q_len, m[0], l[0])
 
     return attention_v1
 
@@ -143,4 +153,16 @@ def _record(trace, b, h, i, tile, m_i, l_i):
 
 @device
 def _no_record(trace, b, h, i, tile, m_i, l_i):
+    pass
+
+
+@device
+def _store_lse(lse_out, b, h, i, q_len, m_i, l_i):
+    """The with_lse variant: row i's log-sum-exp (natural log), what the backward recomputes P from."""
+    if i < q_len:
+        lse_out[b, h, i] = lse(m_i, l_i)
+
+
+@device
+def _no_lse(lse_out, b, h, i, q_len, m_i, l_i):
     pass

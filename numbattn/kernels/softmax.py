@@ -13,6 +13,7 @@ drift). From it:
 
     rescale(m_old, m_tile) -> (m_new, m_ref, alpha)       the rule itself (see the reference)
     finish(l) -> 1 / l, or 0 for a row that saw no key     the one division, at the end
+    lse(m, l) -> the row's log-sum-exp (natural log)       what a forward returns for the backward (-inf: no key)
     update_row(m, l, acc, r, m_tile) -> m_ref              row r of a state kept as arrays m[R], l[R], acc[R, E]:
                                                            m[r] grows to include m_tile, l[r] and acc[r, :] are
                                                            rescaled; the caller then adds its tile's
@@ -32,11 +33,12 @@ fastmath: these functions are inlined into kernels compiled with common.FASTMATH
 """
 import math
 
-from ..reference import softmax_finish, softmax_rescale
+from ..reference import softmax_finish, softmax_lse, softmax_rescale
 from .common import device
 
 rescale = device(softmax_rescale)
 finish = device(softmax_finish)
+lse = device(softmax_lse)
 
 
 def make_update_row(E):

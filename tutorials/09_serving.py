@@ -1,5 +1,5 @@
 """
-Lesson 8: serving many requests at once: a paged KV cache and continuous batching
+Lesson 9: serving many requests at once: a paged KV cache and continuous batching
 =================================================================================
 
 What you will learn
@@ -7,7 +7,7 @@ What you will learn
 * Why a server does not give each request a contiguous max_len cache (lesson 5's KVCache): 32 requests of 50 to
   2000 tokens would each reserve the longest. A paged cache (vLLM's PagedAttention) keeps K and V in pages of a
   few tokens from one shared pool, a block table per sequence, a free list: memory is what the sequences hold.
-  We draw it (tutorials/out/08_paged_cache.png).
+  We draw it (tutorials/out/09_paged_cache.png).
 * How a kernel reads through a block table: the paged decode kernel (numbattn/kernels/decode_paged.py) is
   lesson 5's split-K decode v1 frame, scanning a page at a time; three sequences of different lengths decode in
   ONE launch, checked against the NumPy reference.
@@ -16,7 +16,7 @@ What you will learn
   the model's decode throughput at batch 1, 8 and 32 (Llama.forward_rows, the same forward as ever).
 * What `tinyllm serve` adds around it: the OpenAI API, chunked prefill, pages freed when a client leaves.
 
-Run it: `python tutorials/08_serving.py`, or run the `# %%` cells in VS Code / Jupyter.
+Run it: `python tutorials/09_serving.py`, or run the `# %%` cells in VS Code / Jupyter.
 """
 
 # %%
@@ -43,7 +43,8 @@ plt = _lesson.pyplot()
 #
 # One layer, 2 KV heads of head_dim 16, pages of BS = 4 tokens, a pool of 12 pages, room for 4 sequences. Three
 # sequences arrive with 6, 1 and 9 tokens. `allocate(seq, n)` hands a sequence enough pages for n tokens from the
-# free list; `append` writes K and V through the block table: token p of sequence s goes to page
+# free list; `append` writes K and V through the *block table* (the sequence's pages, in order): token p of
+# sequence s goes to page
 # `block_tables[s, p // BS]` at offset `p % BS`. Every page no one holds is NaN (a kernel that read one would
 # poison its output).
 
@@ -82,7 +83,7 @@ def draw(cache, lengths):
 
 
 if plt is not None:
-    _lesson.save(draw(cache, lengths), "08_paged_cache.png")
+    _lesson.save(draw(cache, lengths), "09_paged_cache.png")
 
 # %% [markdown]
 # ## Three sequences, one launch
@@ -120,7 +121,9 @@ def consecutive_pages():
     _lesson.close("sequence 2 read through its block table", got, out[0], rtol=1e-5, atol=1e-6)
 
 
-_lesson.breaks("read a sequence's pages as if they were consecutive", consecutive_pages)
+_lesson.break_it("consecutive-pages", "read a sequence's pages as if they were consecutive in the pool",
+                 "sequence 2's pages [4, 7, 2] read as [4, 5, 6]: another sequence's keys, or poisoned NaN",
+                 "sequence 2 read through its block table", consecutive_pages)
 
 # %% [markdown]
 # When a request ends (or its client disconnects) its pages go back to the free list, poisoned again, and the next
@@ -136,6 +139,9 @@ print(f"a new sequence of 10 tokens gets pages {cache.pages(3).tolist()}")
 
 # %% [markdown]
 # ## Batch 1 vs 8 vs 32
+#
+# A server decodes many requests' tokens in one step, and lets requests join and leave that batch between
+# steps: *continuous batching* (tinyllm/server/scheduler.py).
 #
 # Llama.forward_rows runs the model's one forward over a paged cache, row b continuing sequence rows[b] at its own
 # position (tinyllm/engines/paged.py). A decode step reads every weight once, for however many rows: at batch 32
@@ -187,4 +193,4 @@ print("TinyLlama-1.1B shapes on an H100 behind `tinyllm serve`: BENCHMARKS.md, '
 #     client.chat.completions.create(model="checkpoints/tiny", messages=[{"role": "user", "content": "Hi!"}])
 
 # %%
-print("lesson 8 checks passed")
+print("lesson 9 checks passed")
