@@ -26,12 +26,6 @@ def pytest_configure(config):
         # The simulator's block manager polls its threads under the GIL, so every syncthreads round waits out
         # Python's thread switch interval (5 ms by default); 0.1 ms makes the simulated kernels ~5x faster.
         sys.setswitchinterval(1e-4)
-        # ... and those 10,000 GIL handoffs a second are cheap on one core, dear across two (a wake-up on the other
-        # core each time, the loser spinning in the kernel): a subset of test_engines and test_linear took 63 s on
-        # 2 cores (69 CPU s, a quarter of it in the kernel) and 29 s pinned to one. So the run keeps one core (its
-        # subprocesses inherit it); NUMBATTN_TEST_ALL_CORES=1 keeps them all.
-        if hasattr(os, "sched_setaffinity") and os.environ.get("NUMBATTN_TEST_ALL_CORES", "") in ("", "0"):
-            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     # The kernel tests must run on the engine asked for; none may quietly pass on the NumPy fallback.
     from numbattn.backend import probe
     backends, reason = probe()
