@@ -32,7 +32,6 @@ to plant a mistake), or run the `# %%` cells in VS Code / Jupyter.
 import _setup  # noqa: F401  (must be the first import: GPU or simulator, see tutorials/README.md)
 
 import inspect
-from pathlib import Path
 
 import numpy as np
 from numba import cuda, float32

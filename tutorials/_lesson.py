@@ -35,7 +35,6 @@ Measured numbers
     simulator's timings say nothing about the kernels, so the lessons quote these instead.
 """
 import atexit
-import importlib
 import os
 import sys
 import types
