@@ -69,8 +69,9 @@ SHARED_ARRAY_HOOK = [None]
 
 
 class _Launch:
-    """The running launch's fake `cuda` module and the modules swapped to it: {id(globals): (globals, names)}."""
-    fake, swapped, lock = None, None, threading.Lock()
+    """The modules the running launch has swapped to its fake `cuda`: {id(globals): (globals, names)}; None
+    between launches."""
+    swapped, lock = None, threading.Lock()
 
 
 @contextlib.contextmanager
@@ -84,7 +85,7 @@ def _swapped_for_the_launch(fn, fake):
             _swap(fn.__globals__, fake)
         yield
         return
-    _Launch.fake, _Launch.swapped = fake, {}
+    _Launch.swapped = {}
     try:
         _swap(fn.__globals__, fake)
         yield
@@ -92,7 +93,7 @@ def _swapped_for_the_launch(fn, fake):
         from numba import cuda
         for g, names in _Launch.swapped.values():
             g.update(dict.fromkeys(names, cuda))
-        _Launch.fake = _Launch.swapped = None
+        _Launch.swapped = None
 
 
 def _swap(g, fake):
@@ -173,12 +174,12 @@ def stop_threads(timeout=10.0):
     """After an interrupt in the middle of a simulated kernel: stop the block's threads.
 
     ^C stops only the main thread; the block's others stay waiting at the barrier forever, inside the kernel's
-    device functions, where the simulator has swapped the module's `cuda` global for that launch's fake module.
-    While any of them is there, the swap is never undone: every later launch of that module's kernels runs
-    against the stale launch's grid and shared memory, and the first new kernel compiled there fails
-    ("'FakeCUDAModule' object has no attribute 'jit'"), so everything after one ^C quietly ran on the NumPy
-    fallback. Setting the abort flag and waking them makes each raise out of the kernel (undoing the swap);
-    joining them means none writes into an array after we return.
+    device functions. With upstream's per-call swap of the module's `cuda` global, a thread left there kept the
+    swap alive: every later launch of that module's kernels ran against the stale launch's grid and shared
+    memory, and the first new kernel compiled there failed ("'FakeCUDAModule' object has no attribute 'jit'"),
+    so everything after one ^C quietly ran on the NumPy fallback. The launch now undoes its swaps as it ends
+    (repair 3), but a left thread would still wake later and write into arrays: setting the abort flag and
+    waking them makes each raise out of the kernel, and joining them means none writes after we return.
     """
     from numba.cuda.simulator.kernel import BlockThread
     threads = [t for t in threading.enumerate() if isinstance(t, BlockThread)]
