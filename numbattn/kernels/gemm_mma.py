@@ -272,10 +272,31 @@ def _make_block_staging(tiles, T, kind):
     return fetch, stage
 
 
+def _make_k16_step(MI, NI, T):
+    """k16_step: one k16 step of this warp's tile (word column kw of this lane), all T terms, added into sums:
+    B's fragments (rows c0 + 8 j + g of ws) loaded once, then A's of each term (rows r0 + 16 i + g, + 8 of xs)."""
+    mma_n = make_mma_bf16_n(NI)
+
+    @device
+    def k16_step(xs, ws, a, b, r0, c0, g, kw, sums, scratch):
+        for j in range(NI):
+            b[j, 0] = ws[c0 + 8 * j + g, kw]
+            b[j, 1] = ws[c0 + 8 * j + g, kw + 4]
+        for e in range(T):                                # the small terms first, while the sums are small
+            for i in range(MI):
+                row = uint32(r0 + 16 * i + g)
+                a[i, 0] = xs[T - 1 - e, row, kw]
+                a[i, 1] = xs[T - 1 - e, row + 8, kw]
+                a[i, 2] = xs[T - 1 - e, row, kw + 4]
+                a[i, 3] = xs[T - 1 - e, row + 8, kw + 4]
+                mma_n(a, i, b, sums, i * NI, scratch)
+    return k16_step
+
+
 def _make_mma_tile(tiles, T, chunked):
     """mma_tile: this warp's share of one K tile (its group's KS k16 steps), all T terms, into acc."""
     MI, NI, KS, _, _, _ = layout(tiles)
-    mma_n = make_mma_bf16_n(NI)
+    k16_step = _make_k16_step(MI, NI, T)
     place = _make_place(tiles)
 
     @device
@@ -290,17 +311,7 @@ def _make_mma_tile(tiles, T, chunked):
         b = cuda.local.array((NI, 2), uint32)
         for ks in range(KS):
             kw = uint32((wk * KS + ks) * 8 + t)               # word column of this k16 step, this lane
-            for j in range(NI):
-                b[j, 0] = ws[c0 + 8 * j + g, kw]
-                b[j, 1] = ws[c0 + 8 * j + g, kw + 4]
-            for e in range(T):                                # the small terms first, while the sums are small
-                for i in range(MI):
-                    row = uint32(r0 + 16 * i + g)
-                    a[i, 0] = xs[T - 1 - e, row, kw]
-                    a[i, 1] = xs[T - 1 - e, row + 8, kw]
-                    a[i, 2] = xs[T - 1 - e, row, kw + 4]
-                    a[i, 3] = xs[T - 1 - e, row + 8, kw + 4]
-                    mma_n(a, i, b, sums, i * NI, scratch)
+            k16_step(xs, ws, a, b, r0, c0, g, kw, sums, scratch)
         if chunked:
             for i in range(MI * NI):
                 for e in range(4):
@@ -312,7 +323,7 @@ def _make_block_mma_tile(tiles, T, kind):
     """mma_tile for GGUF blocks: each of this warp's k16 steps summed from zero over all T terms (tile_acc), then
     scaled into acc column by column: acc[m, n] += a[n, s] * step[m, n] (+ b[n, s] * sum_x[m, s])."""
     MI, NI, KS, _, _, _ = layout(tiles, kind)
-    mma_n = make_mma_bf16_n(NI)
+    k16_step = _make_k16_step(MI, NI, T)
     place = _make_place(tiles)
     OFFSET = has_offset(kind)
 
@@ -324,20 +335,10 @@ def _make_block_mma_tile(tiles, T, kind):
         for ks in range(KS):
             s = wk * KS + ks                                  # the k16 step within the tile
             kw = uint32(s * 8 + t)
-            for j in range(NI):
-                b[j, 0] = ws[c0 + 8 * j + g, kw]
-                b[j, 1] = ws[c0 + 8 * j + g, kw + 4]
             for i in range(MI * NI):
                 for e in range(4):
                     tile_acc[i, e] = float32(0.0)
-            for e in range(T):                                # the small terms first, while the sums are small
-                for i in range(MI):
-                    row = uint32(r0 + 16 * i + g)
-                    a[i, 0] = xs[T - 1 - e, row, kw]
-                    a[i, 1] = xs[T - 1 - e, row + 8, kw]
-                    a[i, 2] = xs[T - 1 - e, row, kw + 4]
-                    a[i, 3] = xs[T - 1 - e, row + 8, kw + 4]
-                    mma_n(a, i, b, tile_acc, i * NI, scratch)
+            k16_step(xs, ws, a, b, r0, c0, g, kw, tile_acc, scratch)
             for j in range(NI):
                 for h in range(2):                            # this lane's columns 2t, 2t + 1 of block j
                     col = c0 + 8 * j + 2 * t + h
