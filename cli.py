@@ -36,10 +36,13 @@ The chat, turn by turn: the history is a list of chat-template messages; each us
 whole conversation is rendered with the model's template and tokenized, and tinyllm's generate() reuses
 the KV cache for the longest prefix it shares with the previous turn (see "KV-cache reuse" in ChatSession).
 """
+import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")     # before NumPy loads OpenBLAS: tinyllm/threads.py says why
+
 import importlib
 import logging
 import math
-import os
 import re
 import sys
 import tempfile

@@ -10,6 +10,10 @@ decode (ms per token and tok/s, the median step over --new-tokens), and the prom
 fp32 form's. Threads: the BLAS rule of `chat` (one per core other programs leave idle; Numba's kernels get as
 many), or -t N.
 """
+import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")     # before NumPy loads OpenBLAS: tinyllm/threads.py says why
+
 import argparse
 import subprocess
 import sys

@@ -10,6 +10,10 @@ average (uptime's) before the runs, the thread count auto chose and why, and ms 
 mean over the new tokens of one run). The numbers that matter (issue 33): idle, auto within 10% of the best count;
 under load, auto within 2x of idle. Shared machines are never idle: read the load column.
 """
+import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")     # before NumPy loads OpenBLAS: tinyllm/threads.py says why
+
 import argparse
 import os
 import re

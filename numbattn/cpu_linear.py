@@ -4,23 +4,30 @@ What you will learn here
 ------------------------
 On a CPU, decode is bound by the bytes of weights read per token as on a GPU: SmolLM2-135M's matrices are 92 MB as
 Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the weights stay in their blocks
-(numbattn/blocks.py's layout, the file's bytes) and two Numba kernels (@njit, compiled for this CPU, vectorised by
-LLVM) read them:
+(numbattn/blocks.py's layout, the file's bytes) and Numba kernels (@njit, compiled for this CPU) read them:
 
-    gemv   one token: each group's codes (16 bytes of 4-bit codes, or 32 of 8-bit) are turned into floats in
-           registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset added once as
-           b' sum(x): x is staged once per call in the codes' order (low nibbles, then high), so the loop is a
-           plain vectorisable run. Rows are split over the threads (prange) when there is more than one.
-    panel  a prompt chunk (more than GEMV_TOKENS tokens): PANEL_ROWS rows at a time dequantized into an fp32
-           buffer that stays in cache, in the same staged order, and multiplied by x (staged alike) with BLAS
-           (x @ panel^T): every weight is decoded once per chunk and BLAS does the O(M N K) work.
+    gemv_q8  one token, 4- or 8-bit codes in groups of 32 (Q8_KINDS, the default): x is quantized per group of 32
+             to int8 (dx * q, llama.cpp's Q8 step; quantize), and each group's dot product c . q is an int32 sum
+             of byte products (kernels/cpu_dot.py: vpdpbusd where the CPU has VNNI), scaled once per group:
+                 W[n] . x~ = sum_g dx_g (a_ng (c_ng . q_g - z qsum_g) + b_ng qsum_g)
+    gemv     one token, the other kinds (5- and 6-bit codes), or ACTIVATIONS = "fp32": each group's codes turned
+             into floats in registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset
+             added once as b' sum(x); x staged once per call in the codes' order (low nibbles, then high).
+    panel    a prompt chunk (more than GEMV_TOKENS tokens): PANEL_ROWS rows at a time dequantized into an fp32
+             buffer, in the order x is staged, and multiplied by x with BLAS (x @ panel^T): every weight is
+             decoded once per chunk and BLAS does the O(M N K) work. x stays fp32 here.
 
-The GEMV takes DOT_ROWS rows together (each load of x serves four rows' codes) and decodes ~4.8 G weights/s a
-thread (Q4_1, SmolLM2's 1536 x 576), ~1.6x what BLAS streams as fp32: the arithmetic per weight, not the bytes, is
-the limit here (llama.cpp's int8 dot products do more a cycle). Measured end to end: BENCHMARKS.md.
+The GEMVs split the rows over the threads (prange), take DOT_ROWS rows together (each load of x serves four rows'
+codes) and ask for the rows PREFETCH_ROWS ahead. On this CPU (2 cores, AVX512-VNNI) the int8 GEMV runs ~15 G
+weights/s a thread on a matrix in cache, ~2.3x the float one; from memory, both threads together read ~16 GB/s,
+near what the machine streams. Measured end to end: BENCHMARKS.md. RowStack serves several matrices that read the
+same x (q/k/v, gate/up) with one call.
 
-Activations and sums are float32. The record arithmetic (a group's factor a and offset b) is the GPU's, written
-once (kernels/blocks.py make_factors); the NumPy statement the kernels are tested against is blocks.dequantize.
+Precision: the int8 GEMV rounds x to 8 bits per group of 32 (a relative error of ~1/254 of the group's largest
+value, the logits ~1e-2 of their largest: what llama.cpp does); the float GEMV and the panels keep x in fp32. Sums
+are float32 (int32 inside a group). The record arithmetic (a group's factor a and offset b) is the GPU's, written
+once (kernels/blocks.py make_factors); the NumPy statements the kernels are tested against are blocks.dequantize
+and quantize_q8.
 
     W = BlockMatrix("q4_1", words, n_in)      # W [N, K] as stored: W.shape == (N, K)
     y = x @ W.T                               # x [..., K] -> [..., N]: the NumPy engine's `h @ lw.wq`, unchanged
@@ -34,24 +41,30 @@ from numba import float32, prange
 from . import blocks
 from .kernels.blocks import ZERO, cpu_factors
 from .kernels.common import cpu_kernel
+from .kernels.cpu_dot import dequantize_u4, dequantize_u8, dot_acc_u4, dot_acc_u8, f32_of_half, prefetch
 
 GEMV_TOKENS = 2             # more tokens than this: dequantized panels and BLAS
-PANEL_ROWS = 256            # rows per dequantized panel: 256 x 2048 fp32 = 2 MB, this machine's L2 per core
+PANEL_ROWS = 1024           # rows per dequantized panel (SmolLM2's 41-token prompt: 140 ms, 256 rows: 161 ms)
 # A panel is dequantized on the calling thread alone, between matmuls that OpenBLAS runs on all of them. On Numba's
 # OpenMP threads, which spin after each parallel region (so that the next GEMV starts at once), it held the cores
 # OpenBLAS's threads needed next, ~8 ms a switch on 2 cores: SmolLM2's 41-token prompt took 5.7 s at 2 threads.
 # Letting OpenMP's threads sleep instead (OMP_WAIT_POLICY=PASSIVE) fixed the prompt but slowed decode from 41 to
 # 61 ms a token (each GEMV waking them). On one thread: 205 ms for the prompt, decode 41 ms.
 ROW_BLOCK = 32              # rows per parallel task of the GEMV
+PREFETCH_ROWS = 8           # the int8 GEMV asks for the rows this far ahead while it works on 4
 DOT_ROWS = 4                # rows the GEMV takes together: each load of x serves 4 (1.8x faster than 1; 8: slower)
 CPU_KINDS = tuple(blocks.BLOCK_KINDS)
-HALF_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+Q8_KINDS = ("q8_0", "q4_0", "q4_1", "q4_k")     # 8- or 4-bit codes in groups of 32: int8 dot products (see ACTIVATIONS)
+Q8_GROUP = 32
+# How a GEMV on Q8_KINDS weights takes x: "q8", quantized per group of 32 to int8 (llama.cpp's way: byte dot
+# products, kernels/cpu_dot.py; SmolLM2 Q4_1 decodes ~1.6x faster), or "fp32" (the float kernels every kind has).
+ACTIVATIONS = "q8"
 
 
 @cpu_kernel(inline="always")
 def half(bits):
-    """fp16 bits -> float32, exactly: a table of the 65536 halves, decoded once by NumPy (256 KB, cache resident)."""
-    return HALF_TO_F32[bits]
+    """fp16 bits -> float32, exactly (kernels/cpu_dot.py's f32_of_half: one vcvtph2ps where the CPU has F16C)."""
+    return f32_of_half(bits)
 
 
 def staged_order(kind, n_in):
@@ -63,6 +76,27 @@ def staged_order(kind, n_in):
     i = np.arange(n_in // 2)
     low = 16 * (i // 8) + i % 8
     return np.concatenate([low, low + 8])
+
+
+def q8_order(kind, n_in):
+    """The order x is quantized in for the int8 dot products: each group's 32 columns as kernels/cpu_dot.py pairs
+    them with the codes (4-bit: the low nibbles' 16 columns of the group's 16 bytes, then the high nibbles')."""
+    if blocks.BLOCK_KINDS[kind].bits == 8:
+        return np.arange(n_in)
+    staged, half = staged_order(kind, n_in), n_in // 2
+    return np.stack([staged[:half].reshape(-1, 16), staged[half:].reshape(-1, 16)], axis=1).reshape(-1)
+
+
+def quantize_q8(x):
+    """The NumPy statement of x's int8 quantization (kernels' `quantize`): x [K] -> q [K] int8, dx [K/32]; each
+    group g of 32 values x_g ~ dx_g q_g with dx_g = max|x_g| / 127 (0 for a zero group, NaN if x_g is not
+    finite)."""
+    g = np.asarray(x, np.float32).reshape(-1, Q8_GROUP)
+    amax, finite = np.abs(g).max(axis=1), np.isfinite(g).all(axis=1)
+    ok = finite & (amax > 0)
+    inv = np.where(ok, np.float32(127) / np.where(ok, amax, 1), 0).astype(np.float32)
+    q = np.rint(np.where(finite[:, None], g, 0) * inv[:, None]).astype(np.int8).reshape(-1)
+    return q, np.where(finite, amax / np.float32(127), np.nan).astype(np.float32)
 
 
 class BlockMatrix:
@@ -81,6 +115,7 @@ class BlockMatrix:
         self.kind, self.words, self.n_in = kind, np.ascontiguousarray(np.pad(words, ((0, pad), (0, 0)))), n_in
         self.shape, self.nbytes, self.dtype = (words.shape[0], n_in), self.words.nbytes, np.dtype(np.float32)
         self.order = staged_order(kind, n_in)
+        self.q8_order = q8_order(kind, n_in)
         self.kernels, self.bytes, self.group_bytes = make_cpu_kernels(kind), self.words.view(np.uint8), group_bytes(kind)
 
     @property
@@ -98,14 +133,18 @@ class BlockMatrix:
         lead, (n, k) = x.shape[:-1], self.shape
         if x.shape[-1] != k:
             raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
-        (gemv, panel), w, gb = self.kernels, self.bytes, self.group_bytes
+        (gemv, panel, q8), w, gb = self.kernels, self.bytes, self.group_bytes
         x2 = np.ascontiguousarray(x.reshape(-1, k))
         if x2.shape[0] <= GEMV_TOKENS:
             out = np.empty((x2.shape[0], w.shape[0]), np.float32)              # (the padding rows' too)
             for m in range(x2.shape[0]):
-                gemv(w, x2[m], self.order, out[m], gb)
+                if q8 is not None and ACTIVATIONS == "q8":
+                    q8[0](w, x2[m], self.q8_order, out[m])
+                else:
+                    gemv(w, x2[m], self.order, out[m], gb)
             return out[:, :n].reshape(*lead, n)
-        xs = x2[:, self.order]                                              # [M, K], staged as the codes are
+        panel, order = (panel, self.order) if q8 is None else (q8[1], self.q8_order)
+        xs = x2[:, order]                                                   # [M, K], staged as the panels are
         out = np.empty((xs.shape[0], n), np.float32)
         buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
         for r0 in range(0, n, PANEL_ROWS):
@@ -125,6 +164,38 @@ class Transposed:
 
     def __rmatmul__(self, x):
         return self.T.times(x)
+
+
+class RowStack:
+    """Matrices of one kind and input length kept as one, their rows stacked ([Wq; Wk; Wv], [W_gate; W_up]): one
+    kernel call (one quantization of x, one split over the threads) gives every part's product. The parts keep
+    working alone: their words become views of the stack's (no second copy).
+
+        qkv = RowStack([wq, wk, wv])          # BlockMatrix parts (or their .T)
+        q, k, v = qkv.times(x)                # x [..., K] -> [..., N_q], [..., N_k], [..., N_v]
+    """
+
+    def __init__(self, parts):
+        parts = [p.T if isinstance(p, Transposed) else p for p in parts]
+        if len({(p.kind, p.n_in) for p in parts}) != 1:
+            raise ValueError(f"RowStack: parts of one kind and input length only, not {[(p.kind, p.n_in) for p in parts]}")
+        self.matrix = BlockMatrix(parts[0].kind, np.concatenate([p.words for p in parts]), parts[0].n_in)
+        self.spans, row = [], 0
+        for p in parts:                                 # each part's words are padded to DOT_ROWS rows already
+            p.words = self.matrix.words[row:row + p.words.shape[0]]
+            p.bytes = p.words.view(np.uint8)
+            self.spans.append((row, row + p.shape[0]))
+            row += p.words.shape[0]
+
+    @staticmethod
+    def fits(parts):
+        """True if the parts can be stacked: all kept in blocks, one kind, one input length."""
+        parts = [p.T if isinstance(p, Transposed) else p for p in parts]
+        return all(isinstance(p, BlockMatrix) for p in parts) and len({(p.kind, p.n_in) for p in parts}) == 1
+
+    def times(self, x):
+        y = self.matrix.times(x)
+        return tuple(y[..., a:b] for a, b in self.spans)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -152,6 +223,7 @@ def make_cpu_kernels(kind):
     eight = blocks.BLOCK_KINDS[kind].bits == 8
     dequantize_row, dot_rows = (_make_q8 if eight else _make_q4)(kind)
     offsets = _make_offsets(kind)
+    q8 = _make_q8_kernels(kind, offsets) if kind in Q8_KINDS else None
 
     @cpu_kernel
     def dot_task(w, r0, r1, xs, xsum, out, gb):
@@ -184,7 +256,7 @@ def make_cpu_kernels(kind):
         for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
             lo = b * ROW_BLOCK
             dot_task(w, lo, min(n_rows, lo + ROW_BLOCK), xs, xsum, out, gb)
-    return gemv, panel
+    return gemv, panel, q8
 
 
 def group_bytes(kind):
@@ -322,3 +394,83 @@ def _make_q8(kind):
                 s += v[r, t]
             out[n0 + r] = s
     return dequantize_row, dot_rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# The int8 GEMV (ACTIVATIONS = "q8"): x quantized per group, byte dot products (kernels/cpu_dot.py)
+# --------------------------------------------------------------------------------------------------------
+@cpu_kernel(exact=True)
+def quantize(x, order, q, dx, qsum):
+    """x [K] -> q [K] int8 in `order`, per group g of 32: dx[g] = max|x_g| / 127, q_g = rint(x_g 127 / max|x_g|),
+    qsum[g] = sum(q_g). A group holding a NaN or an infinity gets dx = NaN (its rows' sums become NaN, visibly).
+    quantize_q8 is the NumPy statement, equal bit for bit (so no fastmath here: a/127 may not become a*(1/127))."""
+    for g in range(dx.shape[0]):
+        amax, finite = float32(0.0), True
+        for t in range(g * Q8_GROUP, g * Q8_GROUP + Q8_GROUP):
+            v = abs(x[order[t]])
+            finite &= v < np.inf
+            amax = max(amax, v)
+        inv = float32(127.0) / amax if finite and amax > 0 else float32(0.0)
+        s = 0
+        for t in range(g * Q8_GROUP, g * Q8_GROUP + Q8_GROUP):
+            c = np.int8(np.rint(x[order[t]] * inv)) if finite else np.int8(0)
+            q[t] = c
+            s += c
+        dx[g], qsum[g] = (amax / float32(127.0) if finite else np.nan), s
+
+
+def _make_q8_kernels(kind, offsets):
+    """(gemv_q8, panel_q8) of a kind in Q8_KINDS, both in q8_order:
+    gemv_q8(w_bytes, x, order, out): out[n] = W[n] . x~ for every row, x~ = dx q the int8 quantization of x
+        (quantize): per group, (a dx) (c . q) by dot_acc_u4/u8 (int32 sums of byte products, scaled into 8 float
+        lanes) and dx qsum (b - a z) once; the lanes added at the row's end. Rows split over Numba's threads,
+        ROW_BLOCK to a task, DOT_ROWS together.
+    panel_q8(w_bytes, r0, r1, buf, gb): rows r0 .. r1 - 1 dequantized into buf, a group (32 values) a
+        dequantize_u4/u8 (one vector FMA: a c + b - a z); gb unread (the float panels' signature)."""
+    factors, eight, Z = cpu_factors(kind, half), blocks.BLOCK_KINDS[kind].bits == 8, ZERO[kind]
+    dot_acc, CB = (dot_acc_u8, Q8_GROUP) if eight else (dot_acc_u4, Q8_GROUP // 2)     # code bytes per group
+    dequantize_group = dequantize_u8 if eight else dequantize_u4
+
+    @cpu_kernel
+    def panel_q8(w, r0, r1, buf, gb):
+        s0 = offsets(buf.shape[1])[1]
+        for n in range(r0, r1):
+            for g in range(buf.shape[1] // Q8_GROUP):
+                a, b = factors(w, n, s0, g)
+                dequantize_group(w[n], CB * g, a, b - a * float32(Z), buf[n - r0], Q8_GROUP * g)
+
+    @cpu_kernel(inline="always")
+    def group(w, n, s0, g, q, qs, d, acc):
+        """Group g of row n: acc += (a d) (c . q) (8 lanes) -> d qs (b - a z), the offset's part (a scalar)."""
+        a, b = factors(w, n, s0, g)
+        dot_acc(w[n], CB * g, q, Q8_GROUP * g, a * d, acc)
+        return d * float32(qs) * (b - a * float32(Z))
+
+    @cpu_kernel
+    def dot_task(w, r0, r1, q, dx, qsum, out):
+        s0, acc = offsets(q.shape[0])[1], np.empty((DOT_ROWS, 8), np.float32)
+        flat = w.reshape(-1)
+        for n in range(r0, r1, DOT_ROWS):               # DOT_ROWS = 4 rows at a time, each group's q read once
+            ahead = min(n + PREFETCH_ROWS, w.shape[0] - DOT_ROWS) * w.shape[1]
+            for o in range(ahead, ahead + DOT_ROWS * w.shape[1], 64):
+                prefetch(flat, o)
+            acc[:, :] = float32(0.0)
+            y0 = y1 = y2 = y3 = float32(0.0)
+            for g in range(dx.shape[0]):
+                qs, d = qsum[g], dx[g]
+                y0 += group(w, n, s0, g, q, qs, d, acc[0])
+                y1 += group(w, n + 1, s0, g, q, qs, d, acc[1])
+                y2 += group(w, n + 2, s0, g, q, qs, d, acc[2])
+                y3 += group(w, n + 3, s0, g, q, qs, d, acc[3])
+            out[n], out[n + 1], out[n + 2], out[n + 3] = y0 + acc[0].sum(), y1 + acc[1].sum(), y2 + acc[2].sum(), \
+                y3 + acc[3].sum()
+
+    @cpu_kernel(parallel=True)
+    def gemv_q8(w, x, order, out):
+        K, n_rows = x.shape[0], w.shape[0]
+        q, dx, qsum = np.empty(K, np.int8), np.empty(K // Q8_GROUP, np.float32), np.empty(K // Q8_GROUP, np.int32)
+        quantize(x, order, q, dx, qsum)
+        for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            lo = b * ROW_BLOCK
+            dot_task(w, lo, min(n_rows, lo + ROW_BLOCK), q, dx, qsum, out)
+    return gemv_q8, panel_q8

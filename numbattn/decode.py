@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend as _backend
-from . import gpu, reference
+from . import cpu_attention, gpu, reference
 from .kernels.decode_lanes import make_decode_v2
 from .kernels.decode_naive import make_decode_v0
 from .kernels.decode_slots import make_decode_v1
@@ -241,8 +241,12 @@ def decode_attention(q, cache, layer, scale=None, out=None, config=None, version
     on_device = _backend.is_device_array(q)
 
     def numpy_path():
+        k, v = _backend.to_host(cache.k(layer)), _backend.to_host(cache.v(layer))
+        if k.dtype == np.float32:           # the CPU kernel reads the storage in place (a ring's slots too)
+            o = cpu_attention.decode(_backend.to_host(q), k, v, cache.host_lengths_view(layer), scale, window, softcap)
+            return _backend.deliver(o, out, on_device)
         if cache.kind(layer) == "full":     # token p in slot p already: the storage is the oracle's layout
-            k, v, n = _backend.to_host(cache.k(layer)), _backend.to_host(cache.v(layer)), cache.layer_lengths(layer)
+            n = cache.layer_lengths(layer)
         else:                               # a ring: each row's last min(n, window) tokens, gathered in order
             k, v, n = cache.last_tokens(layer, window)
         o = reference.decode_attention(_backend.to_host(q), k, v, n, scale=scale, window=window, softcap=softcap)

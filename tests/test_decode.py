@@ -437,3 +437,30 @@ def test_gpu_ring_buffer_decode_at_long_context(dtype):
         hist.append(cache, *(rng.standard_normal((1, 4, 1, 64)).astype(np.float32) for _ in range(2)))
         q = rng.standard_normal((1, 32, 64)).astype(np.float32)
         check(q, cache, version=SPLIT_VERSIONS[step % 2], want=hist.decode(q, 4096))
+
+
+# ---- the NumPy backend's decode: numbattn/cpu_attention.py (a Numba kernel) against the fp64 reference ----
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(2, 2), (4, 1), (8, 1), (8, 2)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (3, None), (100, 4.0), (1, 2.0)])
+def test_the_cpu_decode_kernel_matches_the_reference(n_heads, n_kv_heads, window, softcap):
+    """GQA 1/4/8, rows of 1, 31 and 0 tokens (zeros), windows smaller than a row and larger than every row, a
+    soft cap; the slots past each row's length hold NaN (truncate poisons them): reading one fails."""
+    rng = np.random.default_rng(n_heads * 10 + n_kv_heads)
+    cache, q = filled_cache(rng, [1, 31, 0], n_heads=n_heads, n_kv_heads=n_kv_heads, backend="numpy")
+    got = numbattn.decode_attention(q, cache, 0, window=window, softcap=softcap)
+    want = reference_fp64(q, cache, 0, window=window, softcap=softcap)
+    assert got.dtype == np.float32 and np.isfinite(got).all() and not got[2].any()
+    assert np.abs(got - want).max() <= RTOL * np.abs(want).max()
+
+
+def test_the_cpu_decode_kernel_reads_a_wrapped_ring_in_place():
+    """A window-5 layer in a ring of 6 slots, wrapped twice: the kernel reads slot j mod 6 for token j."""
+    rng = np.random.default_rng(44)
+    cache = numbattn.KVCache(1, 2, 1, 32, 16, backend="numpy", windows=5, max_chunk=2)
+    hist = History(2, 1, 16)
+    for _ in range(13):
+        hist.append(cache, *(rng.standard_normal((2, 1, 1, 16)).astype(np.float32) for _ in range(2)))
+    q = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    for softcap in (None, 3.0):
+        got, want = numbattn.decode_attention(q, cache, 0, softcap=softcap), hist.decode(q, 5, softcap)
+        assert np.abs(got - want).max() <= RTOL * np.abs(want).max()

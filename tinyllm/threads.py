@@ -22,6 +22,12 @@ Rounded down: a core that another program uses even in part stalls our thread on
 busy on 2, 1 thread decoded at 70 ms per token, 2 threads at 660 ms); the quarter core is measurement noise
 (a 100 Hz tick over a 0.2 s window) and the daemons of an idle machine.
 
+OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each matmul before they sleep. A prompt's matmuls
+run on them and the decode steps after it on Numba's threads (a GGUF file's blocks), which then found both cores
+taken for the first ~10 tokens of every reply: SmolLM2 Q4_1 on 2 cores decoded at 13.9 ms a token instead of
+10.5. The entry points (cli.py, the CPU benchmarks) therefore set OPENBLAS_THREAD_TIMEOUT=18 (2^18 cycles, ~0.1 ms)
+before NumPy loads OpenBLAS, unless it is set already; the prompt's time did not change (140 ms either way).
+
 "CPU time of this process" (getrusage, every thread, and children) is subtracted so that our own work
 during the window (loading the weights, the previous reply, spinning BLAS threads) never counts as load:
 the window can be the time the model took to load, or the previous turn of a chat, at no extra cost.

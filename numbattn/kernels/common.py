@@ -67,11 +67,13 @@ def kernel(fn=None, **options):
 device = cuda.jit(device=True, inline=True)
 
 
-def cpu_kernel(fn=None, **options):
+def cpu_kernel(fn=None, exact=False, **options):
     """@cpu_kernel or @cpu_kernel(parallel=True, inline="always"): compile a CPU kernel (numba.njit with FASTMATH:
-    'reassoc' lets LLVM vectorise the sums; numbattn/cpu_linear.py)."""
+    'reassoc' lets LLVM vectorise the sums; numbattn/cpu_linear.py). exact=True: IEEE arithmetic, no fastmath, for
+    a function a NumPy statement must equal bit for bit (not inlined by Numba: LLVM keeps its instructions' flags
+    where it inlines it into a fastmath caller)."""
     from numba import njit
-    make = njit(fastmath=FASTMATH, **options)
+    make = njit(fastmath=False if exact else FASTMATH, **options)
     return make if fn is None else make(fn)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import numbattn
 from numbattn import backend as _backend
 from numbattn import reference
-from numbattn.cpu_linear import BlockMatrix, Transposed, compile_cpu_kernels
+from numbattn.cpu_linear import BlockMatrix, RowStack, Transposed, compile_cpu_kernels
 from numbattn.prefill import chunk_attention
 
 from ..units import human_bytes
@@ -24,6 +24,7 @@ class NumpyEngine:
         self.rope_tables, self.backend = rope, attention_backend            # {"global" / "local": (cos, sin)}
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.eps = config.rms_norm_eps
+        self.stacks = {id(lw): _stacks(lw) for lw in self.layers}       # GGUF blocks: q/k/v and gate/up as one
 
     def describe(self):
         where = "the NumPy reference" if self.backend == "numpy" else f"numbattn's kernels ({self.backend})"
@@ -41,7 +42,8 @@ class NumpyEngine:
         return reference.rms_norm(x, w, self.eps)
 
     def qkv(self, h, lw):
-        q, k, v = h @ lw.wq, h @ lw.wk, h @ lw.wv                        # [b, s, dim] -> [b, s, heads * head_dim]
+        qkv = self.stacks[id(lw)]["qkv"]
+        q, k, v = qkv.times(h) if qkv else (h @ lw.wq, h @ lw.wk, h @ lw.wv)     # [b, s, dim] -> [b, s, heads * d]
         if self.arch.qkv_bias:
             q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
         return split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
@@ -78,7 +80,8 @@ class NumpyEngine:
 
     def glu(self, h, lw):
         act = reference.swiglu if self.arch.activation == "silu" else reference.geglu
-        return act(h @ lw.w_gate, h @ lw.w_up)
+        glu = self.stacks[id(lw)]["glu"]
+        return act(*(glu.times(h) if glu else (h @ lw.w_gate, h @ lw.w_up)))
 
     def logits(self, h, step):
         logits = (h[:, -1:] if step.last_only else h) @ self.weights.lm_head          # [b, s or 1, vocab]
@@ -96,6 +99,13 @@ class NumpyEngine:
                 progress(i, len(kinds), kind)
             compile_cpu_kernels(kind)
         return 0, len(kinds)
+
+
+def _stacks(lw):
+    """A layer's matrices that one kernel call can serve together (numbattn.cpu_linear.RowStack): q/k/v and
+    gate/up, when all are kept in GGUF blocks of one kind (None otherwise: a matmul each)."""
+    groups = {"qkv": [lw.wq, lw.wk, lw.wv], "glu": [lw.w_gate, lw.w_up]}
+    return {name: RowStack(parts) if RowStack.fits(parts) else None for name, parts in groups.items()}
 
 
 def split_heads(x, n_heads):

@@ -1,0 +1,218 @@
+"""The CPU's GGUF-block arithmetic in LLVM's vector IR: int8 dot products of 32 codes, a group dequantized, fp16.
+
+What you will learn here
+------------------------
+A CPU's widest arithmetic is on bytes: one AVX-512 VNNI instruction (vpdpbusd) multiplies 64 unsigned bytes by
+64 signed bytes and adds each four products into 16 int32 sums, 64 multiply-adds where an fp32 FMA does 16. So a
+GEMV on 4- or 8-bit weight codes runs fastest when the activation x is quantized too (llama.cpp's Q8 step):
+
+    x_g ~ dx_g * q_g        a group g of 32 values of x: dx_g = max|x_g| / 127, q_g = round(x_g / dx_g) (int8)
+    W[n] . x ~ sum_g dx_g * (a_ng * (c_ng . q_g - z qsum_g) + b_ng qsum_g)       qsum_g = sum(q_g)
+
+with c_ng the group's 32 codes (unsigned bytes), a_ng, b_ng and z its factor, offset and zero point (kernels/
+blocks.py). The one product per weight is c . q, a sum of 32 byte products: dot_acc_u4/u8 below.
+
+Why LLVM IR and not a Numba loop: Numba types the arithmetic of integers narrower than 64 bits in 64 bits, so a
+loop `s += c[t] * q[t]` is vectorised, if at all, as 8-lane int64 multiplies (~3x slower than below). Written
+as vector IR instead,
+
+    %c = load <16 x i8>; lo = c & 15; hi = c >> 4                 (4-bit codes: two per byte)
+    %p = mul (zext <32 x i8> [lo, hi] to <32 x i32>), (sext <32 x i8> q to <32 x i32>)
+    %s = llvm.vector.reduce.add(%p)                                 -> i32
+
+is a pattern LLVM's x86 backend turns into vpdpbusd (plus a horizontal sum of 8 lanes) where the CPU has VNNI,
+and into pmaddwd-style code where it has not; other CPUs get their own vector code from the same IR. Where Numba
+compiles for this very CPU and it has VNNI (VNNI below), dot_acc calls vpdpbusd itself (llvm.x86.avx512.vpdpbusd
+.256) and keeps its 8 int32 sums as 8 float lanes of the row's accumulator: no horizontal sum per group, one per
+row (1.2-1.35x faster on SmolLM2's matrices). An int8 code (Q8_0) is made unsigned first: c + 128 is the byte
+with its top bit flipped (z = 128).
+
+Memory traffic: 16 (4-bit) or 32 (8-bit) code bytes and 32 activation bytes read, 8 floats of accumulator read
+and written (in L1); the caller keeps q in cache (K bytes a token) and streams the codes once. No bounds checks:
+the callers (numbattn/cpu_linear.py) pass offsets of whole groups inside the row.
+
+    dot_acc_u4(c, i, q, j, s, acc)   acc[0:8] += s * (codes c[i : i+16] . q[j : j+32]) spread over the 8 lanes:
+                                     low nibbles . q[j : j+16], high nibbles . q[j+16 : j+32]
+    dot_acc_u8(c, i, q, j, s, acc)   the same for 32 int8 codes c[i : i+32] (top bit flipped: c + 128)
+    dequantize_u4/u8(c, i, a, b, out, j)   out[j : j+32] = a * codes + b (one vector FMA; prefill's panels)
+    f32_of_half(bits)                an fp16's float32 (vcvtph2ps with F16C)
+    prefetch(a, i)                   the cache line of a[i], asked for now
+"""
+import llvmlite.binding as llvm
+import numba
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+
+
+def _host_has_vnni():
+    """vpdpbusd on 8 lanes (AVX512-VNNI with VL, or AVX-VNNI), where Numba compiles for this very CPU."""
+    if numba.config.CPU_NAME is not None:          # compiling for another CPU (NUMBA_CPU_NAME): the portable IR
+        return False
+    f = llvm.get_host_cpu_features()
+    return bool(f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")))
+
+
+VNNI = _host_has_vnni()
+
+
+def _vector_at(context, builder, array_type, array, index, lanes, element=I8):
+    """A pointer to `lanes` elements of a 1-D array at element `index`, as <lanes x element>*."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index]), ir.VectorType(element, lanes).as_pointer())
+
+
+def _codes_u4(context, builder, array_type, array, index):
+    """16 bytes of 4-bit pairs -> <32 x i8>: the 16 low nibbles, then the 16 high ones."""
+    v16 = ir.VectorType(I8, 16)
+    codes = builder.load(_vector_at(context, builder, array_type, array, index, 16), align=1)
+    lo = builder.and_(codes, ir.Constant(v16, [15] * 16))
+    hi = builder.lshr(codes, ir.Constant(v16, [4] * 16))
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+
+
+def _codes_u8(context, builder, array_type, array, index):
+    """32 int8 codes -> <32 x i8> unsigned: top bit flipped (c + 128)."""
+    v32 = ir.VectorType(I8, 32)
+    codes = builder.load(_vector_at(context, builder, array_type, array, index, 32), align=1)
+    return builder.xor(codes, ir.Constant(v32, [0x80] * 32))
+
+
+def _dot_i32(builder, codes, q):
+    """reduce.add(zext(codes) * sext(q)) over 32 lanes -> i32: the pattern that becomes vpdpbusd."""
+    wide = ir.VectorType(I32, 32)
+    products = builder.mul(builder.zext(codes, wide), builder.sext(q, wide))
+    reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32, [wide]),
+                                            "llvm.vector.reduce.add.v32i32")
+    return builder.call(reduce, [products])
+
+
+def _accumulate(context, builder, signature, args, codes):
+    """acc[0:8] += scale * (codes . q), args = (c, i, q, j, scale, acc). VNNI: vpdpbusd's 8 int32 sums of four
+    products each, converted and scaled as a vector (no horizontal sum per group: one at the row's end). Else:
+    the reduce.add pattern's int32 into acc[0]."""
+    x = builder.load(_vector_at(context, builder, signature.args[2], args[2], args[3], 32), align=1)
+    f8 = ir.VectorType(F32, 8)
+    acc = _vector_at(context, builder, signature.args[5], args[5], ir.Constant(I32, 0), 8, F32)
+    if VNNI:
+        v8 = ir.VectorType(I32, 8)
+        vpdpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8, v8]),
+                                                  "llvm.x86.avx512.vpdpbusd.256")
+        sums = builder.call(vpdpbusd, [ir.Constant(v8, [0] * 8), builder.bitcast(codes, v8), builder.bitcast(x, v8)])
+        scale = builder.insert_element(ir.Constant(f8, ir.Undefined), args[4], ir.Constant(I32, 0))
+        scale = builder.shuffle_vector(scale, scale, ir.Constant(v8, [0] * 8))
+        builder.store(builder.fadd(builder.load(acc, align=4), builder.fmul(scale, builder.sitofp(sums, f8))), acc,
+                      align=4)
+    else:
+        first = builder.bitcast(acc, F32.as_pointer())
+        total = builder.fmul(args[4], builder.sitofp(_dot_i32(builder, codes, x), F32))
+        builder.store(builder.fadd(builder.load(first, align=4), total), first, align=4)
+    return context.get_dummy_value()
+
+
+def _check(c, q, scale=types.float32, acc=None):
+    if not (isinstance(c, types.Array) and c.ndim == 1 and c.dtype in (types.uint8, types.int8)
+            and isinstance(q, types.Array) and q.ndim == 1 and q.dtype == types.int8 and scale == types.float32
+            and (acc is None or (isinstance(acc, types.Array) and acc.ndim == 1 and acc.dtype == types.float32))):
+        raise TypeError(f"int8 dot products take 1-D byte arrays (codes), int8 arrays (q), a float32 scale and a "
+                        f"1-D float32 acc; not {c}, {q}, {scale}, {acc}")
+
+
+@intrinsic
+def dot_acc_u4(typingctx, c, i, q, j, scale, acc):
+    """acc[0:8] += scale * (sum_t lo(c[i+t]) q[j+t] + hi(c[i+t]) q[j+16+t], t < 16), spread over acc's 8 lanes
+    (sum(acc) is the dot product): 32 4-bit codes (two a byte) . 32 int8."""
+    _check(c, q, scale, acc)
+
+    def codegen(context, builder, signature, args):
+        return _accumulate(context, builder, signature, args,
+                           _codes_u4(context, builder, signature.args[0], args[0], args[1]))
+    return types.none(c, i, q, j, scale, acc), codegen
+
+
+@intrinsic
+def dot_acc_u8(typingctx, c, i, q, j, scale, acc):
+    """acc[0:8] += scale * sum_t (c[i+t] + 128) q[j+t], t < 32: 32 int8 codes made unsigned (top bit flipped)."""
+    _check(c, q, scale, acc)
+
+    def codegen(context, builder, signature, args):
+        return _accumulate(context, builder, signature, args,
+                           _codes_u8(context, builder, signature.args[0], args[0], args[1]))
+    return types.none(c, i, q, j, scale, acc), codegen
+
+
+# --------------------------------------------------------------------------------------------------------
+# A group's 32 codes to floats (prefill's panels: dequantized once, multiplied by BLAS)
+# --------------------------------------------------------------------------------------------------------
+def _store_affine(context, builder, signature, args, codes):
+    """out[j : j+32] = a * float(codes) + b (codes <32 x i8>, unsigned), one vector FMA."""
+    f32x32 = ir.VectorType(F32, 32)
+    _, _, a, b, out, j = args
+
+    def splat(x):
+        v = builder.insert_element(ir.Constant(f32x32, ir.Undefined), x, ir.Constant(I32, 0))
+        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 32), [0] * 32))
+    values = builder.fadd(builder.fmul(splat(a), builder.uitofp(codes, f32x32)), splat(b))
+    data = context.make_array(signature.args[4])(context, builder, out).data
+    builder.store(values, builder.bitcast(builder.gep(data, [j]), f32x32.as_pointer()), align=4)
+    return context.get_dummy_value()
+
+
+def _check_dequantize(c, a, b, out):
+    if not (isinstance(c, types.Array) and c.ndim == 1 and c.dtype in (types.uint8, types.int8)
+            and isinstance(out, types.Array) and out.ndim == 1 and out.dtype == types.float32
+            and a == types.float32 and b == types.float32):
+        raise TypeError(f"dequantize_u4/u8 take a 1-D byte array, float32 a and b, a 1-D float32 out; not "
+                        f"{c}, {a}, {b}, {out}")
+
+
+@intrinsic
+def dequantize_u4(typingctx, c, i, a, b, out, j):
+    """out[j : j+32] = a * [lo(c[i : i+16]), hi(c[i : i+16])] + b: a group of 32 4-bit codes as floats."""
+    _check_dequantize(c, a, b, out)
+
+    def codegen(context, builder, signature, args):
+        return _store_affine(context, builder, signature, args,
+                             _codes_u4(context, builder, signature.args[0], args[0], args[1]))
+    return types.none(c, i, a, b, out, j), codegen
+
+
+@intrinsic
+def dequantize_u8(typingctx, c, i, a, b, out, j):
+    """out[j : j+32] = a * (c[i : i+32] + 128) + b: a group of 32 int8 codes, top bit flipped, as floats."""
+    _check_dequantize(c, a, b, out)
+
+    def codegen(context, builder, signature, args):
+        return _store_affine(context, builder, signature, args,
+                             _codes_u8(context, builder, signature.args[0], args[0], args[1]))
+    return types.none(c, i, a, b, out, j), codegen
+
+
+@intrinsic
+def f32_of_half(typingctx, bits):
+    """The fp16 number whose bits are the low 16 of `bits`, as float32, exactly (fpext: F16C's vcvtph2ps on x86)."""
+    if not isinstance(bits, types.Integer):
+        raise TypeError(f"f32_of_half takes an integer (fp16 bits), not {bits}")
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType()), F32)
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def prefetch(typingctx, a, i):
+    """Ask the memory system for the cache line holding a[i] (a 1-D array) now, to be read soon (llvm.prefetch)."""
+    if not (isinstance(a, types.Array) and a.ndim == 1):
+        raise TypeError(f"prefetch takes a 1-D array, not {a}")
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, I32, I32, I32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        return context.get_dummy_value()
+    return types.none(a, i), codegen
