@@ -10,12 +10,15 @@ Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the
              to int8 (dx * q, llama.cpp's Q8 step; quantize), and each group's dot product c . q is an int32 sum
              of byte products (kernels/cpu_dot.py: vpdpbusd where the CPU has VNNI), scaled once per group:
                  W[n] . x~ = sum_g dx_g (a_ng (c_ng . q_g - z qsum_g) + b_ng qsum_g)
+    gemm_q8  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS: the same arithmetic, each group's codes
+             unpacked once for TOKENS tokens (kernels/cpu_dot.py dot_tokens), the row's factors once for all.
     gemv     one token, the other kinds (5- and 6-bit codes), or ACTIVATIONS = "fp32": each group's codes turned
              into floats in registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset
              added once as b' sum(x); x staged once per call in the codes' order (low nibbles, then high).
-    panel    a prompt chunk (more than GEMV_TOKENS tokens): PANEL_ROWS rows at a time dequantized into an fp32
-             buffer, in the order x is staged, and multiplied by x with BLAS (x @ panel^T): every weight is
-             decoded once per chunk and BLAS does the O(M N K) work. x stays fp32 here.
+    panel    a prompt chunk, the other kinds or ACTIVATIONS = "fp32": PANEL_ROWS rows at a time dequantized into
+             an fp32 buffer, in the order x is staged, and multiplied by x with BLAS (x @ panel^T): every weight
+             decoded once per chunk, BLAS doing the O(M N K) work, x in fp32. SmolLM2's 41-token prompt: ~200 ms
+             this way, ~140 ms by gemm_q8 (medians, separate processes; fp32 weights and BLAS: ~120-140 ms).
 
 The GEMVs split the rows over the threads (prange), take DOT_ROWS rows together (each load of x serves four rows'
 codes) and ask for the rows PREFETCH_ROWS ahead. On this CPU (2 cores, AVX512-VNNI) the int8 GEMV runs ~15 G
@@ -23,7 +26,7 @@ weights/s a thread on a matrix in cache, ~2.3x the float one; from memory, both 
 near what the machine streams. Measured end to end: BENCHMARKS.md. RowStack serves several matrices that read the
 same x (q/k/v, gate/up) with one call.
 
-Precision: the int8 GEMV rounds x to 8 bits per group of 32 (a relative error of ~1/254 of the group's largest
+Precision: the int8 kernels round x to 8 bits per group of 32 (a relative error of ~1/254 of the group's largest
 value, the logits ~1e-2 of their largest: what llama.cpp does); the float GEMV and the panels keep x in fp32. Sums
 are float32 (int32 inside a group). The record arithmetic (a group's factor a and offset b) is the GPU's, written
 once (kernels/blocks.py make_factors); the NumPy statements the kernels are tested against are blocks.dequantize
@@ -41,9 +44,10 @@ from numba import float32, prange
 from . import blocks
 from .kernels.blocks import ZERO, cpu_factors
 from .kernels.common import cpu_kernel
-from .kernels.cpu_dot import dequantize_u4, dequantize_u8, dot_acc_u4, dot_acc_u8, f32_of_half, prefetch
+from .kernels.cpu_dot import (TOKENS, dequantize_u4, dequantize_u8, dot_acc_u4, dot_acc_u8, dot_tokens_u4,
+                               dot_tokens_u8, f32_of_half, prefetch)
 
-GEMV_TOKENS = 2             # more tokens than this: dequantized panels and BLAS
+GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (gemm_q8, or panels and BLAS)
 PANEL_ROWS = 1024           # rows per dequantized panel (SmolLM2's 41-token prompt: 140 ms, 256 rows: 161 ms)
 # A panel is dequantized on the calling thread alone, between matmuls that OpenBLAS runs on all of them. On Numba's
 # OpenMP threads, which spin after each parallel region (so that the next GEMV starts at once), it held the cores
@@ -135,13 +139,17 @@ class BlockMatrix:
             raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
         (gemv, panel, q8), w, gb = self.kernels, self.bytes, self.group_bytes
         x2 = np.ascontiguousarray(x.reshape(-1, k))
-        if x2.shape[0] <= GEMV_TOKENS:
+        int8 = q8 is not None and ACTIVATIONS == "q8"            # q8 = (gemv_q8, panel_q8, gemm_q8)
+        if int8 or x2.shape[0] <= GEMV_TOKENS:
             out = np.empty((x2.shape[0], w.shape[0]), np.float32)              # (the padding rows' too)
-            for m in range(x2.shape[0]):
-                if q8 is not None and ACTIVATIONS == "q8":
-                    q8[0](w, x2[m], self.q8_order, out[m])
-                else:
-                    gemv(w, x2[m], self.order, out[m], gb)
+            if x2.shape[0] > GEMV_TOKENS:
+                q8[2](w, x2, self.q8_order, out)                            # gemm_q8: a chunk
+            else:
+                for m in range(x2.shape[0]):                                # the GEMVs: a token at a time
+                    if int8:
+                        q8[0](w, x2[m], self.q8_order, out[m])
+                    else:
+                        gemv(w, x2[m], self.order, out[m], gb)
             return out[:, :n].reshape(*lead, n)
         panel, order = (panel, self.order) if q8 is None else (q8[1], self.q8_order)
         xs = x2[:, order]                                                   # [M, K], staged as the panels are
@@ -420,15 +428,16 @@ def quantize(x, order, q, dx, qsum):
 
 
 def _make_q8_kernels(kind, offsets):
-    """(gemv_q8, panel_q8) of a kind in Q8_KINDS, both in q8_order:
+    """(gemv_q8, panel_q8, gemm_q8) of a kind in Q8_KINDS, all in q8_order:
     gemv_q8(w_bytes, x, order, out): out[n] = W[n] . x~ for every row, x~ = dx q the int8 quantization of x
         (quantize): per group, (a dx) (c . q) by dot_acc_u4/u8 (int32 sums of byte products, scaled into 8 float
         lanes) and dx qsum (b - a z) once; the lanes added at the row's end. Rows split over Numba's threads,
         ROW_BLOCK to a task, DOT_ROWS together.
     panel_q8(w_bytes, r0, r1, buf, gb): rows r0 .. r1 - 1 dequantized into buf, a group (32 values) a
-        dequantize_u4/u8 (one vector FMA: a c + b - a z); gb unread (the float panels' signature)."""
+        dequantize_u4/u8 (one vector FMA: a c + b - a z); gb unread (the float panels' signature).
+    gemm_q8(w_bytes, x, order, out): out [M, N] = x~ W^T for a chunk x [M, K], TOKENS tokens a dot_tokens call."""
     factors, eight, Z = cpu_factors(kind, half), blocks.BLOCK_KINDS[kind].bits == 8, ZERO[kind]
-    dot_acc, CB = (dot_acc_u8, Q8_GROUP) if eight else (dot_acc_u4, Q8_GROUP // 2)     # code bytes per group
+    CB = Q8_GROUP if eight else Q8_GROUP // 2                                           # code bytes per group
     dequantize_group = dequantize_u8 if eight else dequantize_u4
 
     @cpu_kernel
@@ -438,7 +447,12 @@ def _make_q8_kernels(kind, offsets):
             for g in range(buf.shape[1] // Q8_GROUP):
                 a, b = factors(w, n, s0, g)
                 dequantize_group(w[n], CB * g, a, b - a * float32(Z), buf[n - r0], Q8_GROUP * g)
+    return (_make_gemv_q8(factors, offsets, dot_acc_u8 if eight else dot_acc_u4, CB, Z), panel_q8,
+            _make_gemm_q8(factors, offsets, dot_tokens_u8 if eight else dot_tokens_u4, CB, Z))
 
+
+def _make_gemv_q8(factors, offsets, dot_acc, CB, Z):
+    """gemv_q8 of _make_q8_kernels (one token)."""
     @cpu_kernel(inline="always")
     def group(w, n, s0, g, q, qs, d, acc):
         """Group g of row n: acc += (a d) (c . q) (8 lanes) -> d qs (b - a z), the offset's part (a scalar)."""
@@ -473,4 +487,42 @@ def _make_q8_kernels(kind, offsets):
         for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
             lo = b * ROW_BLOCK
             dot_task(w, lo, min(n_rows, lo + ROW_BLOCK), q, dx, qsum, out)
-    return gemv_q8, panel_q8
+    return gemv_q8
+
+
+def _make_gemm_q8(factors, offsets, dot_tokens, CB, Z):
+    """gemm_q8 of _make_q8_kernels (a prompt chunk): each row's factors once, then TOKENS tokens a call."""
+
+    @cpu_kernel
+    def gemm_task(w, r0, r1, q, dxT, dxqT, out):
+        G, Mp = dxT.shape
+        K, M = G * Q8_GROUP, out.shape[0]
+        s0 = offsets(K)[1]
+        A, acc, y = np.empty(G, np.float32), np.empty(8 * TOKENS, np.float32), np.empty(Mp, np.float32)
+        for n in range(r0, r1):
+            y[:] = float32(0.0)
+            for g in range(G):                          # the row's factors, and its offsets' part for every token
+                a, b = factors(w, n, s0, g)
+                A[g], bz = a, b - a * float32(Z)
+                for m in range(Mp):
+                    y[m] += bz * dxqT[g, m]
+            for m0 in range(0, Mp, TOKENS):             # TOKENS tokens a call: the group's codes unpacked once
+                acc[:] = float32(0.0)
+                for g in range(G):
+                    dot_tokens(w[n], CB * g, q, m0 * K + Q8_GROUP * g, K, A[g], dxT[g], m0, acc)
+                for t in range(min(TOKENS, M - m0)):
+                    out[m0 + t, n] = y[m0 + t] + acc[8 * t:8 * t + 8].sum()
+
+    @cpu_kernel(parallel=True)
+    def gemm_q8(w, x, order, out):
+        """out [M, N] = x~ W^T for a prompt chunk x [M, K]: gemv_q8's arithmetic, TOKENS tokens a call."""
+        (M, K), n_rows = x.shape, w.shape[0]
+        G, Mp = K // Q8_GROUP, (M + TOKENS - 1) // TOKENS * TOKENS
+        q, dx, qsum = np.zeros(Mp * K, np.int8), np.zeros((Mp, G), np.float32), np.zeros((Mp, G), np.int32)
+        for m in range(M):
+            quantize(x[m], order, q[m * K:(m + 1) * K], dx[m], qsum[m])
+        dxT, dxqT = np.ascontiguousarray(dx.T), np.ascontiguousarray((dx * qsum).T)    # [G, Mp]
+        for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            lo = b * ROW_BLOCK
+            gemm_task(w, lo, min(n_rows, lo + ROW_BLOCK), q, dxT, dxqT, out)
+    return gemm_q8

@@ -33,18 +33,19 @@ def q8_rounded(x):
 @pytest.mark.parametrize("activations", ["fp32", "q8"])
 @pytest.mark.parametrize("kind", list(blocks.BLOCK_KINDS))
 def test_x_times_w_transposed_on_blocks(kind, activations, monkeypatch):
-    """1 and 2 tokens (the GEMV: with "q8", Q8_KINDS quantize x, and the reference takes x so quantized), 5 tokens
-    (panels of 16 rows: 70 rows = 4 panels, the last partial), [b, s, K]."""
+    """1 and 2 tokens (the GEMV), 5 and 6 tokens (a chunk: with "q8", gemm_q8, TOKENS tokens a call, the last call
+    partial; with "fp32" panels of 16 rows: 70 rows = 4 panels, the last partial), [b, s, K]. With "q8", Q8_KINDS
+    quantize x, and the reference takes x so quantized."""
     monkeypatch.setattr(cpu_linear, "PANEL_ROWS", 16)
     monkeypatch.setattr(cpu_linear, "ACTIVATIONS", activations)
     rng = np.random.default_rng(len(kind))
     k = 512 if blocks.BLOCK_KINDS[kind].block == 256 else 96
     w, w64 = block_matrix(rng, kind, 70, k)
     assert w.shape == (70, k) and w.T.shape == (k, 70) and w.T.T is w
-    for shape in ((1, k), (2, k), (5, k), (2, 3, k)):
+    for shape in ((1, k), (2, k), (5, k), (2, 3, k), (1, 11, k)):
         x = rng.standard_normal(shape).astype(np.float32)
         got = x @ w.T
-        quantized = activations == "q8" and kind in cpu_linear.Q8_KINDS and np.prod(shape[:-1]) <= 2
+        quantized = activations == "q8" and kind in cpu_linear.Q8_KINDS
         want = (q8_rounded(x) if quantized else x.astype(np.float64)) @ w64.T
         assert got.shape == shape[:-1] + (70,) and got.dtype == np.float32
         assert np.abs(got - want).max() <= RTOL * np.abs(want).max(), shape
@@ -107,14 +108,16 @@ def wide_dir(tmp_path_factory):
 def test_the_numpy_engine_on_blocks_equals_it_on_fp32(tmp_path, wide_dir, qtype, activations, monkeypatch):
     """The same GGUF file, kept as blocks (the default) or dequantized to fp32 (the oracle): a prompt's logits, the
     tied output head (Q8_0 here: the embedding's blocks), and a decode step. Q4_K_M mixes Q4_K and Q6_K. With
-    int8 activations (the default) the decode step's GEMVs round x to 8 bits per group of 32: measured 3e-3 to
-    8e-3 of the largest logit on this miniature, so 2e-2 (a wrong kernel is off by the logits' own size)."""
+    int8 activations (the default) every matmul on Q8_KINDS rounds x to 8 bits per group of 32: measured 3e-3 to
+    8e-3 of the largest logit on this miniature, so 2e-2 (a wrong kernel is off by the logits' own size), and the
+    same top token."""
     monkeypatch.setattr(cpu_linear, "ACTIVATIONS", activations)
     path = write_gguf(tmp_path / f"m.{qtype}.gguf", wide_dir, qtype)
     kept, oracle = load_model(path, backend="numpy"), load_model(path, backend="numpy", weights="fp32")
     assert "blocks (GGUF, as stored)" in kept.describe() and "blocks" not in oracle.describe()
     ids = np.random.default_rng(0).integers(3, 500, (1, 9))
-    for start, rtol in ((0, 1e-4), (9, 2e-2 if activations == "q8" else 1e-4)):
+    rtol = 2e-2 if activations == "q8" else 1e-4
+    for start in (0, 9):
         step = ids if start == 0 else ids[:, :1]
         got, want = kept.forward(step, start_pos=start), oracle.forward(step, start_pos=start)
         assert np.abs(got - want).max() <= rtol * np.abs(want).max()
@@ -127,23 +130,26 @@ def test_the_numpy_engine_refuses_bf16_weights(tmp_path, wide_dir):
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-def test_the_int8_gemv_without_vnni_is_the_same_statement(kind, monkeypatch):
-    """The portable IR (one int32 reduce per group), which CPUs without VNNI run, compiled here on purpose."""
+def test_the_int8_kernels_without_vnni_are_the_same_statement(kind, monkeypatch):
+    """The portable IR (one int32 reduce per group and token), which CPUs without VNNI run, compiled here on
+    purpose: the GEMV, and the GEMM on 9 tokens (a full call of TOKENS and a partial one)."""
     from numbattn.kernels import cpu_dot
     monkeypatch.setattr(cpu_dot, "VNNI", False)
-    gemv_q8, _ = cpu_linear._make_q8_kernels(kind, cpu_linear._make_offsets(kind))
+    gemv_q8, _, gemm_q8 = cpu_linear._make_q8_kernels(kind, cpu_linear._make_offsets(kind))
     rng = np.random.default_rng(9)
     w, w64 = block_matrix(rng, kind, 12, 96)
-    x = rng.standard_normal(96).astype(np.float32)
-    out = np.full(w.words.shape[0], np.nan, np.float32)
-    gemv_q8(w.bytes, x, w.q8_order, out)
+    x = rng.standard_normal((9, 96)).astype(np.float32)
+    out = np.full((9, w.words.shape[0]), np.nan, np.float32)
+    gemv_q8(w.bytes, x[0], w.q8_order, out[0])
     want = q8_rounded(x) @ w64.T
-    assert np.abs(out[:12] - want).max() <= RTOL * np.abs(want).max()
+    assert np.abs(out[0, :12] - want[0]).max() <= RTOL * np.abs(want[0]).max()
+    gemm_q8(w.bytes, x, w.q8_order, out)
+    assert np.abs(out[:, :12] - want).max() <= RTOL * np.abs(want).max()
 
 
 def test_a_row_stack_gives_each_part_and_shares_its_memory(monkeypatch):
     """[Wq; Wk; Wv] of 70, 6 and 9 rows (not multiples of the GEMV's 4): one call gives the three products, for
-    one token (the int8 GEMV) and five (the panels); the parts still multiply alone, from the stack's memory."""
+    one token (the int8 GEMV) and five (the int8 GEMM); the parts still multiply alone, from the stack's memory."""
     monkeypatch.setattr(cpu_linear, "PANEL_ROWS", 16)
     rng = np.random.default_rng(11)
     parts = [block_matrix(rng, "q4_1", n, 64) for n in (70, 6, 9)]
@@ -151,7 +157,7 @@ def test_a_row_stack_gives_each_part_and_shares_its_memory(monkeypatch):
     for tokens in (1, 5):
         x = rng.standard_normal((1, tokens, 64)).astype(np.float32)
         for (w, w64), got in zip(parts, stack.times(x), strict=True):
-            want = (q8_rounded(x) if tokens == 1 else x.astype(np.float64)) @ w64.T
+            want = q8_rounded(x) @ w64.T
             assert got.shape == (1, tokens, w.shape[0])
             assert np.abs(got - want).max() <= RTOL * np.abs(want).max()
             assert np.array_equal(x @ w.T, got) and np.shares_memory(w.words, stack.matrix.words)

@@ -44,6 +44,14 @@ def logits(model, text=PROMPT):
     return model.forward(np.array([ids]))[0]
 
 
+@pytest.fixture(autouse=True)
+def exact_activations(monkeypatch):
+    """These tests hold the file reading to the weights it stores (1e-4 against the same weights as safetensors), so
+    the CPU kernels take x in fp32 here; their int8 activations (the default) are tests/test_cpu_linear.py's."""
+    from numbattn import cpu_linear
+    monkeypatch.setattr(cpu_linear, "ACTIVATIONS", "fp32")
+
+
 def reference_dir(tmp_path, model_dir, tensors):
     """model_dir with its weights replaced by `tensors`, stored as F32 safetensors."""
     d = shutil.copytree(model_dir, tmp_path / "reference")

@@ -684,12 +684,14 @@ def _run_model(model, prompt, new_tokens):
 # bench_weights loads one model file once per form (load_model's weights=: "fp32" is how a GGUF file used to run,
 # dequantized; "as-stored" keeps its blocks) and times them in turns, round by round, so that a machine whose load
 # changes (a shared CPU) weighs on every form alike, each run after a pause of 0.5 s (OpenBLAS's and OpenMP's idle
-# threads spin for a while after their last call: the other form's would compete with this one's). Rows: {weights, kinds, weights_MB, token_MB, prefill_ms
-# (prompt_len tokens, the first token's logits included), prefill_tok_s, decode_ms (per token, over new_tokens),
-# decode_tok_s, logits_err (the prompt's last logits against the first form's, relative to their largest),
-# load_before / load_after (the 1-minute load average)}: medians of `repeat` rounds after one warm-up.
+# threads spin for a while after their last call: the other form's would compete with this one's). Rows: {weights,
+# kinds, weights_MB, token_MB, prefill_ms (prompt_len tokens, the first token's logits included), prefill_tok_s,
+# decode_ms (per token, over new_tokens), decode_tok_s, logits_err (the prompt's last logits against the first
+# form's, relative to their largest), load_before / load_after (the 1-minute load average)}: medians of `repeat`
+# rounds after one warm-up; `runs` the rounds' own (prefill_ms, decode_ms). between(r), if given, is called after
+# each timed round r (a peer program timed in the same rounds).
 def bench_weights(model, forms=("fp32", "as-stored"), backend="numpy", prompt_len=41, new_tokens=32, repeat=3,
-                  seed=0):
+                  seed=0, between=None):
     import os
 
     from tinyllm import load_model
@@ -705,6 +707,8 @@ def bench_weights(model, forms=("fp32", "as-stored"), backend="numpy", prompt_le
             stats = _run_model(m, prompt, new_tokens)
             if r:
                 runs[form].append(stats)
+        if r and between is not None:
+            between(r)                  # a peer timed in the same round (benchmarks/cpu_quantized.py: llama.cpp)
     rows = []
     for form, m in models.items():
         logits = m.forward(np.array([prompt]), last_only=True)
@@ -714,7 +718,8 @@ def bench_weights(model, forms=("fp32", "as-stored"), backend="numpy", prompt_le
                          token_MB=_token_bytes(m) / 1e6, prompt=prompt_len, prefill_ms=prefill * 1e3,
                          prefill_tok_s=prompt_len / prefill, decode_ms=step * 1e3, decode_tok_s=1 / step,
                          logits_err=float(np.abs(logits - reference).max() / np.abs(reference).max()),
-                         load_before=load_before, load_after=os.getloadavg()[0]))
+                         load_before=load_before, load_after=os.getloadavg()[0],
+                         runs=[(s.prefill_seconds * 1e3, s.decode_seconds / s.decode_tokens * 1e3) for s in runs[form]]))
     return rows
 
 
