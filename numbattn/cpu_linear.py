@@ -37,16 +37,20 @@ and quantize_q8.
     rows = W[ids]                             # dequantized rows (the embedding lookup) [..., K]
 """
 import functools
+import logging
+import os
 
 import numpy as np
-from numba import float32, prange
+from numba import float32, literally, prange
 
 from . import blocks
+from .kernels import blocks as blocks_kernels
+from .kernels import common, cpu_dot
 from .kernels.blocks import ZERO, cpu_factors
 from .kernels.common import cpu_kernel
-from .kernels.cpu_dot import (TOKENS, dequantize_u4, dequantize_u8, dot_acc_u4, dot_acc_u8, dot_tokens_u4,
-                               dot_tokens_u8, f32_of_half, prefetch)
+from .kernels.cpu_dot import TOKENS, code_bytes, dequantize, dot_acc, dot_tokens, f32_of_half, prefetch
 
+log = logging.getLogger("numbattn")
 GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (gemm_q8, or panels and BLAS)
 PANEL_ROWS = 1024           # rows per dequantized panel (SmolLM2's 41-token prompt: 140 ms, 256 rows: 161 ms)
 # A panel is dequantized on the calling thread alone, between matmuls that OpenBLAS runs on all of them. On Numba's
@@ -121,6 +125,8 @@ class BlockMatrix:
         self.order = staged_order(kind, n_in)
         self.q8_order = q8_order(kind, n_in)
         self.kernels, self.bytes, self.group_bytes = make_cpu_kernels(kind), self.words.view(np.uint8), group_bytes(kind)
+        self.kid = Q8_KINDS.index(kind) if kind in Q8_KINDS else -1        # the int8 kernels' kind index
+        self.codes = self.bytes.view(np.int8) if kind == "q8_0" else self.bytes    # (its dtype: the codes' width)
 
     @property
     def T(self):
@@ -137,27 +143,29 @@ class BlockMatrix:
         lead, (n, k) = x.shape[:-1], self.shape
         if x.shape[-1] != k:
             raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
-        (gemv, panel, q8), w, gb = self.kernels, self.bytes, self.group_bytes
+        (gemv, panel), w, gb, kid = self.kernels, self.bytes, self.group_bytes, self.kid
         x2 = np.ascontiguousarray(x.reshape(-1, k))
-        int8 = q8 is not None and ACTIVATIONS == "q8"            # q8 = (gemv_q8, panel_q8, gemm_q8)
+        int8 = kid >= 0 and ACTIVATIONS == "q8"
         if int8 or x2.shape[0] <= GEMV_TOKENS:
             out = np.empty((x2.shape[0], w.shape[0]), np.float32)              # (the padding rows' too)
             if x2.shape[0] > GEMV_TOKENS:
-                q8[2](w, x2, self.q8_order, out)                            # gemm_q8: a chunk
+                q8_kernels(self.kind)[1](w, self.codes, x2, self.q8_order, out)                         # a chunk
             else:
-                for m in range(x2.shape[0]):                                # the GEMVs: a token at a time
+                for m in range(x2.shape[0]):                                    # the GEMVs: a token at a time
                     if int8:
-                        q8[0](w, x2[m], self.q8_order, out[m])
+                        q8_kernels(self.kind)[0](w, self.codes, x2[m], self.q8_order, out[m])
                     else:
                         gemv(w, x2[m], self.order, out[m], gb)
             return out[:, :n].reshape(*lead, n)
-        panel, order = (panel, self.order) if q8 is None else (q8[1], self.q8_order)
-        xs = x2[:, order]                                                   # [M, K], staged as the panels are
+        xs = x2[:, self.order if kid < 0 else self.q8_order]                # [M, K], staged as the panels are
         out = np.empty((xs.shape[0], n), np.float32)
         buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
         for r0 in range(0, n, PANEL_ROWS):
             r1 = min(n, r0 + PANEL_ROWS)
-            panel(w, r0, r1, buf, gb)                              # on the calling thread: see PANEL_ROWS
+            if kid >= 0:                                # on the calling thread: see PANEL_ROWS
+                q8_kernels(self.kind)[2](w, self.codes, r0, r1, buf)           # (x in fp32: ACTIVATIONS; the int8 kinds' panels)
+            else:
+                panel(w, r0, r1, buf, gb)
             np.matmul(xs, buf[:r1 - r0].T, out=out[:, r0:r1])
         return out.reshape(*lead, n)
 
@@ -192,6 +200,7 @@ class RowStack:
         for p in parts:                                 # each part's words are padded to DOT_ROWS rows already
             p.words = self.matrix.words[row:row + p.words.shape[0]]
             p.bytes = p.words.view(np.uint8)
+            p.codes = p.bytes.view(np.int8) if p.kind == "q8_0" else p.bytes
             self.spans.append((row, row + p.shape[0]))
             row += p.words.shape[0]
 
@@ -231,7 +240,6 @@ def make_cpu_kernels(kind):
     eight = blocks.BLOCK_KINDS[kind].bits == 8
     dequantize_row, dot_rows = (_make_q8 if eight else _make_q4)(kind)
     offsets = _make_offsets(kind)
-    q8 = _make_q8_kernels(kind, offsets) if kind in Q8_KINDS else None
 
     @cpu_kernel
     def dot_task(w, r0, r1, xs, xsum, out, gb):
@@ -264,7 +272,7 @@ def make_cpu_kernels(kind):
         for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
             lo = b * ROW_BLOCK
             dot_task(w, lo, min(n_rows, lo + ROW_BLOCK), xs, xsum, out, gb)
-    return gemv, panel, q8
+    return gemv, panel
 
 
 def group_bytes(kind):
@@ -405,9 +413,15 @@ def _make_q8(kind):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The int8 GEMV (ACTIVATIONS = "q8"): x quantized per group, byte dot products (kernels/cpu_dot.py)
+# The int8 kernels (ACTIVATIONS = "q8"): x quantized per group, byte dot products (kernels/cpu_dot.py)
 # --------------------------------------------------------------------------------------------------------
-@cpu_kernel(exact=True)
+# These are module-level functions of the kind's index kid (Q8_KINDS[kid]; 0 is Q8_0, whose rows are passed as int8
+# codes), reached through q8_kernels(kind): one small closure each over kid, an int, which makes kid a constant
+# (literally) and lets Numba keep every compiled kernel on disk (cache=True): a process loads them in ~0.2 s where
+# compiling takes ~15 s. (Closures over functions, as the float kernels below are made, get a new cache entry in
+# every process.) Numba checks only this file's date for that cache; stamp_cache adds the files whose code they
+# compile in (the dot products, the scale records, the compile policy) and the dot products' choice of code.
+@cpu_kernel(exact=True, cache=True)
 def quantize(x, order, q, dx, qsum):
     """x [K] -> q [K] int8 in `order`, per group g of 32: dx[g] = max|x_g| / 127, q_g = rint(x_g 127 / max|x_g|),
     qsum[g] = sum(q_g). A group holding a NaN or an infinity gets dx = NaN (its rows' sums become NaN, visibly).
@@ -427,102 +441,152 @@ def quantize(x, order, q, dx, qsum):
         dx[g], qsum[g] = (amax / float32(127.0) if finite else np.nan), s
 
 
-def _make_q8_kernels(kind, offsets):
-    """(gemv_q8, panel_q8, gemm_q8) of a kind in Q8_KINDS, all in q8_order:
-    gemv_q8(w_bytes, x, order, out): out[n] = W[n] . x~ for every row, x~ = dx q the int8 quantization of x
-        (quantize): per group, (a dx) (c . q) by dot_acc_u4/u8 (int32 sums of byte products, scaled into 8 float
-        lanes) and dx qsum (b - a z) once; the lanes added at the row's end. Rows split over Numba's threads,
-        ROW_BLOCK to a task, DOT_ROWS together.
-    panel_q8(w_bytes, r0, r1, buf, gb): rows r0 .. r1 - 1 dequantized into buf, a group (32 values) a
-        dequantize_u4/u8 (one vector FMA: a c + b - a z); gb unread (the float panels' signature).
-    gemm_q8(w_bytes, x, order, out): out [M, N] = x~ W^T for a chunk x [M, K], TOKENS tokens a dot_tokens call."""
-    factors, eight, Z = cpu_factors(kind, half), blocks.BLOCK_KINDS[kind].bits == 8, ZERO[kind]
-    CB = Q8_GROUP if eight else Q8_GROUP // 2                                           # code bytes per group
-    dequantize_group = dequantize_u8 if eight else dequantize_u4
-
-    @cpu_kernel
-    def panel_q8(w, r0, r1, buf, gb):
-        s0 = offsets(buf.shape[1])[1]
-        for n in range(r0, r1):
-            for g in range(buf.shape[1] // Q8_GROUP):
-                a, b = factors(w, n, s0, g)
-                dequantize_group(w[n], CB * g, a, b - a * float32(Z), buf[n - r0], Q8_GROUP * g)
-    return (_make_gemv_q8(factors, offsets, dot_acc_u8 if eight else dot_acc_u4, CB, Z), panel_q8,
-            _make_gemm_q8(factors, offsets, dot_tokens_u8 if eight else dot_tokens_u4, CB, Z))
+_factors_q8_0, _factors_q4_0, _factors_q4_1, _factors_q4_k = (cpu_factors(kind, half) for kind in Q8_KINDS)
+Z_Q8_0, Z_Q4_0 = float32(ZERO["q8_0"]), float32(ZERO["q4_0"])          # Q4_1's and Q4_K's zero points are 0
 
 
-def _make_gemv_q8(factors, offsets, dot_acc, CB, Z):
-    """gemv_q8 of _make_q8_kernels (one token)."""
-    @cpu_kernel(inline="always")
-    def group(w, n, s0, g, q, qs, d, acc):
-        """Group g of row n: acc += (a d) (c . q) (8 lanes) -> d qs (b - a z), the offset's part (a scalar)."""
-        a, b = factors(w, n, s0, g)
-        dot_acc(w[n], CB * g, q, Q8_GROUP * g, a * d, acc)
-        return d * float32(qs) * (b - a * float32(Z))
-
-    @cpu_kernel
-    def dot_task(w, r0, r1, q, dx, qsum, out):
-        s0, acc = offsets(q.shape[0])[1], np.empty((DOT_ROWS, 8), np.float32)
-        flat = w.reshape(-1)
-        for n in range(r0, r1, DOT_ROWS):               # DOT_ROWS = 4 rows at a time, each group's q read once
-            ahead = min(n + PREFETCH_ROWS, w.shape[0] - DOT_ROWS) * w.shape[1]
-            for o in range(ahead, ahead + DOT_ROWS * w.shape[1], 64):
-                prefetch(flat, o)
-            acc[:, :] = float32(0.0)
-            y0 = y1 = y2 = y3 = float32(0.0)
-            for g in range(dx.shape[0]):
-                qs, d = qsum[g], dx[g]
-                y0 += group(w, n, s0, g, q, qs, d, acc[0])
-                y1 += group(w, n + 1, s0, g, q, qs, d, acc[1])
-                y2 += group(w, n + 2, s0, g, q, qs, d, acc[2])
-                y3 += group(w, n + 3, s0, g, q, qs, d, acc[3])
-            out[n], out[n + 1], out[n + 2], out[n + 3] = y0 + acc[0].sum(), y1 + acc[1].sum(), y2 + acc[2].sum(), \
-                y3 + acc[3].sum()
-
-    @cpu_kernel(parallel=True)
-    def gemv_q8(w, x, order, out):
-        K, n_rows = x.shape[0], w.shape[0]
-        q, dx, qsum = np.empty(K, np.int8), np.empty(K // Q8_GROUP, np.float32), np.empty(K // Q8_GROUP, np.int32)
-        quantize(x, order, q, dx, qsum)
-        for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
-            lo = b * ROW_BLOCK
-            dot_task(w, lo, min(n_rows, lo + ROW_BLOCK), q, dx, qsum, out)
-    return gemv_q8
+@cpu_kernel(inline="always")
+def q8_factors(kid, w, n, s0, g):
+    """(a, b - a z) of group g of row n (records from byte s0) for Q8_KINDS[kid]: value = a c + (b - a z)."""
+    if kid == 0:
+        a, b = _factors_q8_0(w, n, s0, g)
+        return a, b - a * Z_Q8_0
+    if kid == 1:
+        a, b = _factors_q4_0(w, n, s0, g)
+        return a, b - a * Z_Q4_0
+    if kid == 2:
+        return _factors_q4_1(w, n, s0, g)                    # (zero point 0)
+    return _factors_q4_k(w, n, s0, g)
 
 
-def _make_gemm_q8(factors, offsets, dot_tokens, CB, Z):
-    """gemm_q8 of _make_q8_kernels (a prompt chunk): each row's factors once, then TOKENS tokens a call."""
+@cpu_kernel(cache=True)
+def panel_q8(w, c, r0, r1, buf, kid):
+    """Rows r0 .. r1 - 1 dequantized into buf (in q8_order), a group a dequantize_u4/u8: one vector FMA."""
+    literally(kid)                                      # compiled per kind: kid a constant
+    K, CB = buf.shape[1], code_bytes(c)
+    for n in range(r0, r1):
+        for g in range(K // Q8_GROUP):
+            a, b = q8_factors(kid, w, n, CB * (K // Q8_GROUP), g)
+            dequantize(c[n], CB * g, a, b, buf[n - r0], Q8_GROUP * g)
 
-    @cpu_kernel
-    def gemm_task(w, r0, r1, q, dxT, dxqT, out):
-        G, Mp = dxT.shape
-        K, M = G * Q8_GROUP, out.shape[0]
-        s0 = offsets(K)[1]
-        A, acc, y = np.empty(G, np.float32), np.empty(8 * TOKENS, np.float32), np.empty(Mp, np.float32)
-        for n in range(r0, r1):
-            y[:] = float32(0.0)
-            for g in range(G):                          # the row's factors, and its offsets' part for every token
-                a, b = factors(w, n, s0, g)
-                A[g], bz = a, b - a * float32(Z)
-                for m in range(Mp):
-                    y[m] += bz * dxqT[g, m]
-            for m0 in range(0, Mp, TOKENS):             # TOKENS tokens a call: the group's codes unpacked once
-                acc[:] = float32(0.0)
-                for g in range(G):
-                    dot_tokens(w[n], CB * g, q, m0 * K + Q8_GROUP * g, K, A[g], dxT[g], m0, acc)
-                for t in range(min(TOKENS, M - m0)):
-                    out[m0 + t, n] = y[m0 + t] + acc[8 * t:8 * t + 8].sum()
 
-    @cpu_kernel(parallel=True)
-    def gemm_q8(w, x, order, out):
-        """out [M, N] = x~ W^T for a prompt chunk x [M, K]: gemv_q8's arithmetic, TOKENS tokens a call."""
-        (M, K), n_rows = x.shape, w.shape[0]
-        G, Mp = K // Q8_GROUP, (M + TOKENS - 1) // TOKENS * TOKENS
-        q, dx, qsum = np.zeros(Mp * K, np.int8), np.zeros((Mp, G), np.float32), np.zeros((Mp, G), np.int32)
-        for m in range(M):
-            quantize(x[m], order, q[m * K:(m + 1) * K], dx[m], qsum[m])
-        dxT, dxqT = np.ascontiguousarray(dx.T), np.ascontiguousarray((dx * qsum).T)    # [G, Mp]
-        for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
-            lo = b * ROW_BLOCK
-            gemm_task(w, lo, min(n_rows, lo + ROW_BLOCK), q, dxT, dxqT, out)
-    return gemm_q8
+@cpu_kernel(inline="always")
+def _group(kid, w, c, n, s0, g, q, qs, d, acc):
+    """Group g of row n: acc += (a d) (c . q) (8 lanes) -> d qs (b - a z), the offset's part (a scalar)."""
+    a, b = q8_factors(kid, w, n, s0, g)
+    dot_acc(c[n], code_bytes(c) * g, q, Q8_GROUP * g, a * d, acc)
+    return d * float32(qs) * b
+
+
+@cpu_kernel(cache=True)
+def _gemv_task(w, c, r0, r1, q, dx, qsum, out, kid):
+    literally(kid)                                      # compiled per kind: kid a constant
+    G = dx.shape[0]
+    s0, acc, flat = code_bytes(c) * G, np.empty((DOT_ROWS, 8), np.float32), w.reshape(-1)
+    for n in range(r0, r1, DOT_ROWS):                   # DOT_ROWS = 4 rows at a time, each group's q read once
+        ahead = min(n + PREFETCH_ROWS, w.shape[0] - DOT_ROWS) * w.shape[1]
+        for o in range(ahead, ahead + DOT_ROWS * w.shape[1], 64):
+            prefetch(flat, o)
+        acc[:, :] = float32(0.0)
+        y0 = y1 = y2 = y3 = float32(0.0)
+        for g in range(G):
+            qs, d = qsum[g], dx[g]
+            y0 += _group(kid, w, c, n, s0, g, q, qs, d, acc[0])
+            y1 += _group(kid, w, c, n + 1, s0, g, q, qs, d, acc[1])
+            y2 += _group(kid, w, c, n + 2, s0, g, q, qs, d, acc[2])
+            y3 += _group(kid, w, c, n + 3, s0, g, q, qs, d, acc[3])
+        out[n], out[n + 1], out[n + 2], out[n + 3] = y0 + acc[0].sum(), y1 + acc[1].sum(), y2 + acc[2].sum(), \
+            y3 + acc[3].sum()
+
+
+@cpu_kernel(cache=True, parallel=True)
+def gemv_q8(w, c, x, order, out, kid):
+    """out[n] = W[n] . x~ for every row (w_bytes [N, 8 W], N a multiple of DOT_ROWS), x~ = dx q the int8
+    quantization of x (quantize, in `order`): per group, (a dx) (c . q) by dot_acc_u4/u8 (int32 sums of byte
+    products, scaled into 8 float lanes) and dx qsum (b - a z) once; the lanes added at the row's end. Rows split
+    over Numba's threads, ROW_BLOCK to a task, DOT_ROWS together, PREFETCH_ROWS ahead asked for."""
+    literally(kid)                                      # compiled per kind: kid a constant
+    K, n_rows = x.shape[0], w.shape[0]
+    q, dx, qsum = np.empty(K, np.int8), np.empty(K // Q8_GROUP, np.float32), np.empty(K // Q8_GROUP, np.int32)
+    quantize(x, order, q, dx, qsum)
+    for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        lo = b * ROW_BLOCK
+        _gemv_task(w, c, lo, min(n_rows, lo + ROW_BLOCK), q, dx, qsum, out, kid)
+
+
+@cpu_kernel(cache=True)
+def _gemm_task(w, c, r0, r1, q, dxT, dxqT, out, kid):
+    literally(kid)                                      # compiled per kind: kid a constant
+    G, Mp = dxT.shape
+    K, M, CB = G * Q8_GROUP, out.shape[0], code_bytes(c)
+    A, acc, y = np.empty(G, np.float32), np.empty(8 * TOKENS, np.float32), np.empty(Mp, np.float32)
+    for n in range(r0, r1):
+        y[:] = float32(0.0)
+        for g in range(G):                              # the row's factors, and its offsets' part for every token
+            a, b = q8_factors(kid, w, n, CB * G, g)
+            A[g] = a
+            for m in range(Mp):
+                y[m] += b * dxqT[g, m]
+        for m0 in range(0, Mp, TOKENS):                 # TOKENS tokens a call: the group's codes unpacked once
+            acc[:] = float32(0.0)
+            for g in range(G):
+                dot_tokens(c[n], CB * g, q, m0 * K + Q8_GROUP * g, K, A[g], dxT[g], m0, acc)
+            for t in range(min(TOKENS, M - m0)):
+                out[m0 + t, n] = y[m0 + t] + acc[8 * t:8 * t + 8].sum()
+
+
+@cpu_kernel(cache=True, parallel=True)
+def gemm_q8(w, c, x, order, out, kid):
+    """out [M, N] = x~ W^T for a prompt chunk x [M, K]: gemv_q8's arithmetic, each row's factors once, then TOKENS
+    tokens a dot_tokens call (the tokens padded to a multiple of TOKENS with zeros)."""
+    literally(kid)                                      # compiled per kind: kid a constant
+    (M, K), n_rows = x.shape, w.shape[0]
+    G, Mp = K // Q8_GROUP, (M + TOKENS - 1) // TOKENS * TOKENS
+    q, dx, qsum = np.zeros(Mp * K, np.int8), np.zeros((Mp, G), np.float32), np.zeros((Mp, G), np.int32)
+    for m in range(M):
+        quantize(x[m], order, q[m * K:(m + 1) * K], dx[m], qsum[m])
+    dxT, dxqT = np.ascontiguousarray(dx.T), np.ascontiguousarray((dx * qsum).T)       # [G, Mp]
+    for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        lo = b * ROW_BLOCK
+        _gemm_task(w, c, lo, min(n_rows, lo + ROW_BLOCK), q, dxT, dxqT, out, kid)
+
+
+@functools.lru_cache(maxsize=None)
+def q8_kernels(kind):
+    """(gemv, gemm, panel) of Q8_KINDS' `kind`: gemv_q8, gemm_q8 and panel_q8 with its kid a constant, so that Numba
+    compiles each for that kind alone (each kind's records read without a branch per group: a run-time kid cost
+    3.8x) and keeps them on disk (a closure over an int keys its cache entry by that int)."""
+    kid = Q8_KINDS.index(kind)
+
+    @cpu_kernel(cache=True)
+    def gemv(w, c, x, order, out):
+        gemv_q8(w, c, x, order, out, kid)
+
+    @cpu_kernel(cache=True)
+    def gemm(w, c, x, order, out):
+        gemm_q8(w, c, x, order, out, kid)
+
+    @cpu_kernel(cache=True)
+    def panel(w, c, r0, r1, buf):
+        panel_q8(w, c, r0, r1, buf, kid)
+    stamp_cache((gemv, gemm, panel), DEPENDENCIES)
+    return gemv, gemm, panel
+
+
+def stamp_cache(kernels, files):
+    """Make Numba's disk cache of `kernels` (cache=True) stale when any of `files` changes, not only their own
+    file, or the dot products' choice of code (cpu_dot.VNNI): Numba compares one source stamp, (mtime, size) of
+    the function's file; here it also covers `files`' and that choice.
+    (Numba's internals: where they differ, the cache keeps its own stamp, and a log line says so.)"""
+    extra = (tuple((os.stat(f).st_mtime, os.stat(f).st_size) for f in files), ("vnni", cpu_dot.VNNI))
+    for k in kernels:
+        cache_file = getattr(getattr(k, "_cache", None), "_cache_file", None)
+        if cache_file is None or not hasattr(cache_file, "_source_stamp"):
+            log.info("numbattn: Numba's cache has no source stamp to extend; %s follows its own file only",
+                     k.__name__)
+            continue
+        cache_file._source_stamp = (cache_file._source_stamp, extra)
+
+
+DEPENDENCIES = (cpu_dot.__file__, blocks_kernels.__file__, common.__file__, blocks.__file__)
+stamp_cache((quantize, panel_q8, _gemv_task, gemv_q8, _gemm_task, gemm_q8), DEPENDENCIES)

@@ -8,6 +8,12 @@ divide the rows, outputs never pre-filled. Tolerance 1e-5 relative to the larges
 The int8 GEMV (ACTIVATIONS "q8") is compared with the same float64 product of x rounded as it rounds it
 (quantize_q8, itself checked bit for bit against the kernel's quantize).
 """
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf_files import random_blocks, write_gguf
@@ -17,6 +23,7 @@ from numbattn.cpu_linear import BlockMatrix
 from tinyllm import load_model, make_tiny
 
 RTOL = 1e-5
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def block_matrix(rng, kind, n, k):
@@ -129,22 +136,31 @@ def test_the_numpy_engine_refuses_bf16_weights(tmp_path, wide_dir):
         load_model(write_gguf(tmp_path / "m.gguf", wide_dir, "Q8_0"), backend="numpy", weights="bf16")
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-def test_the_int8_kernels_without_vnni_are_the_same_statement(kind, monkeypatch):
-    """The portable IR (one int32 reduce per group and token), which CPUs without VNNI run, compiled here on
-    purpose: the GEMV, and the GEMM on 9 tokens (a full call of TOKENS and a partial one)."""
-    from numbattn.kernels import cpu_dot
-    monkeypatch.setattr(cpu_dot, "VNNI", False)
-    gemv_q8, _, gemm_q8 = cpu_linear._make_q8_kernels(kind, cpu_linear._make_offsets(kind))
-    rng = np.random.default_rng(9)
-    w, w64 = block_matrix(rng, kind, 12, 96)
-    x = rng.standard_normal((9, 96)).astype(np.float32)
-    out = np.full((9, w.words.shape[0]), np.nan, np.float32)
-    gemv_q8(w.bytes, x[0], w.q8_order, out[0])
-    want = q8_rounded(x) @ w64.T
-    assert np.abs(out[0, :12] - want[0]).max() <= RTOL * np.abs(want[0]).max()
-    gemm_q8(w.bytes, x, w.q8_order, out)
-    assert np.abs(out[:, :12] - want).max() <= RTOL * np.abs(want).max()
+def test_the_int8_kernels_without_vnni_are_the_same_statement(tmp_path):
+    """The portable IR (one int32 reduce per group and token), which CPUs without VNNI run, compiled on purpose in
+    a child process (NUMBATTN_CPU_VNNI=0, its own Numba cache): the GEMV and the GEMM on 9 tokens (a full call of
+    TOKENS and a partial one), Q4_1 and Q8_0, against the same float64 statement."""
+    script = tmp_path / "portable.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+        import numpy as np
+        from test_cpu_linear import block_matrix, q8_rounded
+        from numbattn import cpu_linear
+        from numbattn.kernels import cpu_dot
+        assert not cpu_dot.VNNI
+        for kind in ("q4_1", "q8_0"):
+            rng = np.random.default_rng(9)
+            w, w64 = block_matrix(rng, kind, 12, 96)
+            for tokens in (1, 9):
+                x = rng.standard_normal((tokens, 96)).astype(np.float32)
+                want = q8_rounded(x) @ w64.T
+                assert np.abs(x @ w.T - want).max() <= 1e-5 * np.abs(want).max(), (kind, tokens)
+        print("ok")
+    """))
+    env = dict(os.environ, NUMBATTN_CPU_VNNI="0", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_a_row_stack_gives_each_part_and_shares_its_memory(monkeypatch):

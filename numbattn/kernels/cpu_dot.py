@@ -10,7 +10,7 @@ GEMV on 4- or 8-bit weight codes runs fastest when the activation x is quantized
     W[n] . x ~ sum_g dx_g * (a_ng * (c_ng . q_g - z qsum_g) + b_ng qsum_g)       qsum_g = sum(q_g)
 
 with c_ng the group's 32 codes (unsigned bytes), a_ng, b_ng and z its factor, offset and zero point (kernels/
-blocks.py). The one product per weight is c . q, a sum of 32 byte products: dot_acc_u4/u8 below.
+blocks.py). The one product per weight is c . q, a sum of 32 byte products: dot_acc below.
 
 Why LLVM IR and not a Numba loop: Numba types the arithmetic of integers narrower than 64 bits in 64 bits, so a
 loop `s += c[t] * q[t]` is vectorised, if at all, as 8-lane int64 multiplies (~3x slower than below). Written
@@ -31,17 +31,20 @@ Memory traffic: 16 (4-bit) or 32 (8-bit) code bytes and 32 activation bytes read
 and written (in L1); the caller keeps q in cache (K bytes a token) and streams the codes once. No bounds checks:
 the callers (numbattn/cpu_linear.py) pass offsets of whole groups inside the row.
 
-    dot_acc_u4(c, i, q, j, s, acc)   acc[0:8] += s * (codes c[i : i+16] . q[j : j+32]) spread over the 8 lanes:
-                                     low nibbles . q[j : j+16], high nibbles . q[j+16 : j+32]
-    dot_acc_u8(c, i, q, j, s, acc)   the same for 32 int8 codes c[i : i+32] (top bit flipped: c + 128)
-    dot_tokens_u4/u8(c, i, q, j, stride, a, s, k, acc)   the same for TOKENS tokens of a prompt chunk at once
-                                     (token t: q[j + t stride], scale a s[k+t], lanes acc[8t : 8t+8]), the codes
+    dot_acc(c, i, q, j, s, acc)      acc[0:8] += s * (codes . q[j : j+32]) spread over the 8 lanes; c uint8:
+                                     16 bytes of 4-bit pairs at c[i] (low nibbles . q[j : j+16], high nibbles
+                                     . q[j+16 : j+32]); c int8: 32 int8 codes (top bit flipped: c + 128)
+    dot_tokens(c, i, q, j, stride, a, s, k, acc)   the same for TOKENS tokens of a prompt chunk at once (token
+                                     t: q[j + t stride], scale a s[k+t], lanes acc[8t : 8t+8]), the codes
                                      unpacked once: the int8 GEMM's step (8 tokens: as fast as 4 on one
                                      thread, faster on two)
-    dequantize_u4/u8(c, i, a, b, out, j)   out[j : j+32] = a * codes + b (one vector FMA; prefill's panels)
+    dequantize(c, i, a, b, out, j)   out[j : j+32] = a * codes + b (one vector FMA; prefill's fp32 panels)
+    The codes array's dtype picks their unpacking when Numba compiles the caller: uint8 4-bit, int8 8-bit.
     f32_of_half(bits)                an fp16's float32 (vcvtph2ps with F16C)
     prefetch(a, i)                   the cache line of a[i], asked for now
 """
+import os
+
 import llvmlite.binding as llvm
 import numba
 from llvmlite import ir
@@ -53,8 +56,9 @@ I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
 
 def _host_has_vnni():
-    """vpdpbusd on 8 lanes (AVX512-VNNI with VL, or AVX-VNNI), where Numba compiles for this very CPU."""
-    if numba.config.CPU_NAME is not None:          # compiling for another CPU (NUMBA_CPU_NAME): the portable IR
+    """vpdpbusd on 8 lanes (AVX512-VNNI with VL, or AVX-VNNI), where Numba compiles for this very CPU (and
+    NUMBATTN_CPU_VNNI=0 does not ask for the portable IR: what the tests compile on purpose)."""
+    if numba.config.CPU_NAME is not None or os.environ.get("NUMBATTN_CPU_VNNI") == "0":
         return False
     f = llvm.get_host_cpu_features()
     return bool(f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")))
@@ -129,28 +133,26 @@ def _with_codes(unpack, body):
 
 
 def _check(c, q, scale=types.float32, acc=None):
-    if not (isinstance(c, types.Array) and c.ndim == 1 and c.dtype in (types.uint8, types.int8)
+    if not (isinstance(c, types.Array) and c.ndim in (1, 2) and c.dtype in (types.uint8, types.int8)
             and isinstance(q, types.Array) and q.ndim == 1 and q.dtype == types.int8 and scale == types.float32
             and (acc is None or (isinstance(acc, types.Array) and acc.ndim == 1 and acc.dtype == types.float32))):
         raise TypeError(f"int8 dot products take 1-D byte arrays (codes), int8 arrays (q), a float32 scale and a "
                         f"1-D float32 acc; not {c}, {q}, {scale}, {acc}")
 
 
-@intrinsic
-def dot_acc_u4(typingctx, c, i, q, j, scale, acc):
-    """acc[0:8] += scale * (sum_t lo(c[i+t]) q[j+t] + hi(c[i+t]) q[j+16+t], t < 16), spread over acc's 8 lanes
-    (sum(acc) is the dot product): 32 4-bit codes (two a byte) . 32 int8."""
-    _check(c, q, scale, acc)
-
-    return types.none(c, i, q, j, scale, acc), _with_codes(_codes_u4, _accumulate)
+def _unpack_for(c):
+    """The codes' unpacking, chosen by the codes array's dtype at compile time: uint8 rows hold 4-bit pairs, int8
+    rows 8-bit codes (Q8_0)."""
+    return _codes_u8 if c.dtype == types.int8 else _codes_u4
 
 
 @intrinsic
-def dot_acc_u8(typingctx, c, i, q, j, scale, acc):
-    """acc[0:8] += scale * sum_t (c[i+t] + 128) q[j+t], t < 32: 32 int8 codes made unsigned (top bit flipped)."""
+def dot_acc(typingctx, c, i, q, j, scale, acc):
+    """acc[0:8] += scale * (codes . q[j : j+32]), spread over acc's 8 lanes (sum(acc) is the dot product). c uint8:
+    16 bytes of 4-bit pairs at c[i] (low nibbles . q[j : j+16], high nibbles . q[j+16 : j+32]); c int8: 32 int8
+    codes at c[i], top bit flipped (c + 128)."""
     _check(c, q, scale, acc)
-
-    return types.none(c, i, q, j, scale, acc), _with_codes(_codes_u8, _accumulate)
+    return types.none(c, i, q, j, scale, acc), _with_codes(_unpack_for(c), _accumulate)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -179,19 +181,11 @@ def _check_dequantize(c, a, b, out):
 
 
 @intrinsic
-def dequantize_u4(typingctx, c, i, a, b, out, j):
-    """out[j : j+32] = a * [lo(c[i : i+16]), hi(c[i : i+16])] + b: a group of 32 4-bit codes as floats."""
+def dequantize(typingctx, c, i, a, b, out, j):
+    """out[j : j+32] = a * codes + b: a group of 32 codes as floats (c uint8: 4-bit pairs, the low nibbles' 16
+    values first; c int8: int8 codes, top bit flipped)."""
     _check_dequantize(c, a, b, out)
-
-    return types.none(c, i, a, b, out, j), _with_codes(_codes_u4, _store_affine)
-
-
-@intrinsic
-def dequantize_u8(typingctx, c, i, a, b, out, j):
-    """out[j : j+32] = a * (c[i : i+32] + 128) + b: a group of 32 int8 codes, top bit flipped, as floats."""
-    _check_dequantize(c, a, b, out)
-
-    return types.none(c, i, a, b, out, j), _with_codes(_codes_u8, _store_affine)
+    return types.none(c, i, a, b, out, j), _with_codes(_unpack_for(c), _store_affine)
 
 
 @intrinsic
@@ -248,17 +242,19 @@ def _check_tokens(c, q, a, s, acc):
 
 
 @intrinsic
-def dot_tokens_u4(typingctx, c, i, q, j, stride, a, s, k, acc):
-    """dot_acc_u4 for TOKENS tokens at once, the codes c[i : i+16] unpacked once: token t's 32 int8 at
-    q[j + t stride], its scale a s[k + t], its 8 lanes acc[8t : 8t+8]."""
+def dot_tokens(typingctx, c, i, q, j, stride, a, s, k, acc):
+    """dot_acc for TOKENS tokens at once, the group's codes unpacked once: token t's 32 int8 at q[j + t stride],
+    its scale a s[k + t], its 8 lanes acc[8t : 8t+8]."""
     _check_tokens(c, q, a, s, acc)
-
-    return types.none(c, i, q, j, stride, a, s, k, acc), _with_codes(_codes_u4, _accumulate_tokens)
+    return types.none(c, i, q, j, stride, a, s, k, acc), _with_codes(_unpack_for(c), _accumulate_tokens)
 
 
 @intrinsic
-def dot_tokens_u8(typingctx, c, i, q, j, stride, a, s, k, acc):
-    """dot_acc_u8 for TOKENS tokens at once (32 int8 codes c[i : i+32], top bit flipped)."""
-    _check_tokens(c, q, a, s, acc)
+def code_bytes(typingctx, c):
+    """Code bytes a group of 32 takes in rows c: 32 (int8 rows: 8-bit codes) or 16 (uint8 rows: 4-bit pairs)."""
+    _check(c, types.Array(types.int8, 1, "C"))
+    n = 32 if c.dtype == types.int8 else 16
 
-    return types.none(c, i, q, j, stride, a, s, k, acc), _with_codes(_codes_u8, _accumulate_tokens)
+    def codegen(context, builder, signature, args):
+        return context.get_constant(types.intp, n)
+    return types.intp(c), codegen
