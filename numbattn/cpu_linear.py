@@ -37,11 +37,13 @@ and quantize_q8.
     rows = W[ids]                             # dequantized rows (the embedding lookup) [..., K]
 """
 import functools
+import hashlib
 import logging
 import os
 
 import numpy as np
 from numba import float32, literally, prange
+from numba.core.caching import FunctionCache
 
 from . import blocks
 from .kernels import blocks as blocks_kernels
@@ -272,6 +274,7 @@ def make_cpu_kernels(kind):
         for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
             lo = b * ROW_BLOCK
             dot_task(w, lo, min(n_rows, lo + ROW_BLOCK), xs, xsum, out, gb)
+    keyed_cache((gemv, panel), ("float kernels", kind))        # compiled once per machine, not per process
     return gemv, panel
 
 
@@ -586,6 +589,27 @@ def stamp_cache(kernels, files):
                      k.__name__)
             continue
         cache_file._source_stamp = (cache_file._source_stamp, extra)
+
+
+class _KeyedCache(FunctionCache):
+    """Numba's disk cache for a closure whose cells hold compiled functions: Numba keys an entry by the pickled
+    cells, and a compiled function pickles differently in every process (each would add an entry, none be found
+    again); this keys it by `key` (what the cells were made from: the kind) instead."""
+
+    def __init__(self, py_func, key):
+        super().__init__(py_func)
+        self._key = repr(key).encode()
+
+    def _index_key(self, sig, codegen):
+        code = hashlib.sha256(self._py_func.__code__.co_code).hexdigest()
+        return sig, codegen.magic_tuple(), (code, hashlib.sha256(self._key).hexdigest())
+
+
+def keyed_cache(kernels, key):
+    """Keep closures `kernels`, made for `key`, compiled on disk (_KeyedCache), stale when a dependency changes."""
+    for k in kernels:
+        k._cache = _KeyedCache(k.py_func, key)
+    stamp_cache(kernels, DEPENDENCIES)
 
 
 DEPENDENCIES = (cpu_dot.__file__, blocks_kernels.__file__, common.__file__, blocks.__file__)
