@@ -26,7 +26,8 @@ Memory traffic per query row and head: its visible keys and values (2 n head_dim
 import numpy as np
 from numba import float32
 
-from .kernels.common import cpu_kernel
+from .kernels import common
+from .kernels.common import cpu_kernel, stamp_cache
 
 
 @cpu_kernel(cache=True, inline="always")       # module-level, no closures: Numba keeps them compiled on disk
@@ -75,3 +76,6 @@ def decode(q, K, V, lengths, scale, window=None, softcap=None):
             int(window or 0), np.float32(softcap or 0), out)
     return out
 
+
+
+stamp_cache((_decode,), (common.__file__,))           # its compile policy (fastmath) lives there

@@ -6,19 +6,22 @@ On a CPU, decode is bound by the bytes of weights read per token as on a GPU: Sm
 Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the weights stay in their blocks
 (numbattn/blocks.py's layout, the file's bytes) and Numba kernels (@njit, compiled for this CPU) read them:
 
-    gemv_q8  one token, 4- or 8-bit codes in groups of 32 (Q8_KINDS, the default): x is quantized per group of 32
-             to int8 (dx * q, llama.cpp's Q8 step; quantize), and each group's dot product c . q is an int32 sum
-             of byte products (kernels/cpu_dot.py: vpdpbusd where the CPU has VNNI), scaled once per group:
-                 W[n] . x~ = sum_g dx_g (a_ng (c_ng . q_g - z qsum_g) + b_ng qsum_g)
-    gemm_q8  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS: the same arithmetic, each group's codes
+    int8 gemv  one token, 4- or 8-bit codes in groups of 32 (Q8_KINDS, the default; q8_kernels): x is quantized
+             per group of 32 to int8 (dx * q, llama.cpp's Q8 step; quantize), and each group's dot product c . q
+             is an int32 sum of byte products (kernels/cpu_dot.py: vpdpbusd where the CPU has VNNI), scaled once
+             per group:  W[n] . x~ = sum_g dx_g (a_ng (c_ng . q_g - z qsum_g) + b_ng qsum_g)
+    int8 gemm  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS: the same arithmetic, each group's codes
              unpacked once for TOKENS tokens (kernels/cpu_dot.py dot_tokens), the row's factors once for all.
     gemv     one token, the other kinds (5- and 6-bit codes), or ACTIVATIONS = "fp32": each group's codes turned
              into floats in registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset
              added once as b' sum(x); x staged once per call in the codes' order (low nibbles, then high).
     panel    a prompt chunk, the other kinds or ACTIVATIONS = "fp32": PANEL_ROWS rows at a time dequantized into
              an fp32 buffer, in the order x is staged, and multiplied by x with BLAS (x @ panel^T): every weight
-             decoded once per chunk, BLAS doing the O(M N K) work, x in fp32. SmolLM2's 41-token prompt: ~200 ms
-             this way, ~140 ms by gemm_q8 (medians, separate processes; fp32 weights and BLAS: ~120-140 ms).
+             decoded once per chunk, BLAS doing the O(M N K) work, x in fp32. SmolLM2's 41-token prompt takes
+             about as long this way as by the int8 gemm (180 ms both at 2 threads; BENCHMARKS.md).
+
+Every kernel is kept compiled on disk (Numba's cache; closures made per kind are keyed by the kind, keyed_cache):
+compiling them takes 10-15 s, loading them ~0.2 s.
 
 The GEMVs split the rows over the threads (prange), take DOT_ROWS rows together (each load of x serves four rows'
 codes) and ask for the rows PREFETCH_ROWS ahead. On this CPU (2 cores, AVX512-VNNI) the int8 GEMV runs ~15 G
@@ -37,23 +40,18 @@ and quantize_q8.
     rows = W[ids]                             # dequantized rows (the embedding lookup) [..., K]
 """
 import functools
-import hashlib
-import logging
-import os
 
 import numpy as np
-from numba import float32, literally, prange
-from numba.core.caching import FunctionCache
+from numba import float32, prange
 
 from . import blocks
 from .kernels import blocks as blocks_kernels
 from .kernels import common, cpu_dot
 from .kernels.blocks import ZERO, cpu_factors
-from .kernels.common import cpu_kernel
+from .kernels.common import cpu_kernel, keyed_cache, stamp_cache
 from .kernels.cpu_dot import TOKENS, code_bytes, dequantize, dot_acc, dot_tokens, f32_of_half, prefetch
 
-log = logging.getLogger("numbattn")
-GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (gemm_q8, or panels and BLAS)
+GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (the int8 gemm, or panels and BLAS)
 PANEL_ROWS = 1024           # rows per dequantized panel (SmolLM2's 41-token prompt: 140 ms, 256 rows: 161 ms)
 # A panel is dequantized on the calling thread alone, between matmuls that OpenBLAS runs on all of them. On Numba's
 # OpenMP threads, which spin after each parallel region (so that the next GEMV starts at once), it held the cores
@@ -127,7 +125,6 @@ class BlockMatrix:
         self.order = staged_order(kind, n_in)
         self.q8_order = q8_order(kind, n_in)
         self.kernels, self.bytes, self.group_bytes = make_cpu_kernels(kind), self.words.view(np.uint8), group_bytes(kind)
-        self.kid = Q8_KINDS.index(kind) if kind in Q8_KINDS else -1        # the int8 kernels' kind index
         self.codes = self.bytes.view(np.int8) if kind == "q8_0" else self.bytes    # (its dtype: the codes' width)
 
     @property
@@ -145,27 +142,28 @@ class BlockMatrix:
         lead, (n, k) = x.shape[:-1], self.shape
         if x.shape[-1] != k:
             raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
-        (gemv, panel), w, gb, kid = self.kernels, self.bytes, self.group_bytes, self.kid
+        (gemv, panel), w, gb = self.kernels, self.bytes, self.group_bytes
+        q8 = q8_kernels(self.kind) if self.kind in Q8_KINDS else None          # (gemv, gemm, panel)
         x2 = np.ascontiguousarray(x.reshape(-1, k))
-        int8 = kid >= 0 and ACTIVATIONS == "q8"
+        int8 = q8 is not None and ACTIVATIONS == "q8"
         if int8 or x2.shape[0] <= GEMV_TOKENS:
             out = np.empty((x2.shape[0], w.shape[0]), np.float32)              # (the padding rows' too)
             if x2.shape[0] > GEMV_TOKENS:
-                q8_kernels(self.kind)[1](w, self.codes, x2, self.q8_order, out)                         # a chunk
+                q8[1](w, self.codes, x2, self.q8_order, out)                         # a chunk
             else:
                 for m in range(x2.shape[0]):                                    # the GEMVs: a token at a time
                     if int8:
-                        q8_kernels(self.kind)[0](w, self.codes, x2[m], self.q8_order, out[m])
+                        q8[0](w, self.codes, x2[m], self.q8_order, out[m])
                     else:
                         gemv(w, x2[m], self.order, out[m], gb)
             return out[:, :n].reshape(*lead, n)
-        xs = x2[:, self.order if kid < 0 else self.q8_order]                # [M, K], staged as the panels are
+        xs = x2[:, self.order if q8 is None else self.q8_order]                # [M, K], staged as the panels are
         out = np.empty((xs.shape[0], n), np.float32)
         buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
         for r0 in range(0, n, PANEL_ROWS):
             r1 = min(n, r0 + PANEL_ROWS)
-            if kid >= 0:                                # on the calling thread: see PANEL_ROWS
-                q8_kernels(self.kind)[2](w, self.codes, r0, r1, buf)           # (x in fp32: ACTIVATIONS; the int8 kinds' panels)
+            if q8 is not None:                          # on the calling thread: see PANEL_ROWS
+                q8[2](w, self.codes, r0, r1, buf)           # (x in fp32: ACTIVATIONS; the int8 kinds' panels)
             else:
                 panel(w, r0, r1, buf, gb)
             np.matmul(xs, buf[:r1 - r0].T, out=out[:, r0:r1])
@@ -196,7 +194,8 @@ class RowStack:
     def __init__(self, parts):
         parts = [p.T if isinstance(p, Transposed) else p for p in parts]
         if len({(p.kind, p.n_in) for p in parts}) != 1:
-            raise ValueError(f"RowStack: parts of one kind and input length only, not {[(p.kind, p.n_in) for p in parts]}")
+            raise ValueError(f"RowStack: parts of one kind and input length only, not "
+                             f"{[(p.kind, p.n_in) for p in parts]}")
         self.matrix = BlockMatrix(parts[0].kind, np.concatenate([p.words for p in parts]), parts[0].n_in)
         self.spans, row = [], 0
         for p in parts:                                 # each part's words are padded to DOT_ROWS rows already
@@ -274,7 +273,7 @@ def make_cpu_kernels(kind):
         for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
             lo = b * ROW_BLOCK
             dot_task(w, lo, min(n_rows, lo + ROW_BLOCK), xs, xsum, out, gb)
-    keyed_cache((gemv, panel), ("float kernels", kind))        # compiled once per machine, not per process
+    keyed_cache((gemv, panel), ("float kernels", kind), DEPENDENCIES, CODE_CHOICES)    # once per machine
     return gemv, panel
 
 
@@ -418,12 +417,6 @@ def _make_q8(kind):
 # --------------------------------------------------------------------------------------------------------
 # The int8 kernels (ACTIVATIONS = "q8"): x quantized per group, byte dot products (kernels/cpu_dot.py)
 # --------------------------------------------------------------------------------------------------------
-# These are module-level functions of the kind's index kid (Q8_KINDS[kid]; 0 is Q8_0, whose rows are passed as int8
-# codes), reached through q8_kernels(kind): one small closure each over kid, an int, which makes kid a constant
-# (literally) and lets Numba keep every compiled kernel on disk (cache=True): a process loads them in ~0.2 s where
-# compiling takes ~15 s. (Closures over functions, as the float kernels below are made, get a new cache entry in
-# every process.) Numba checks only this file's date for that cache; stamp_cache adds the files whose code they
-# compile in (the dot products, the scale records, the compile policy) and the dot products' choice of code.
 @cpu_kernel(exact=True, cache=True)
 def quantize(x, order, q, dx, qsum):
     """x [K] -> q [K] int8 in `order`, per group g of 32: dx[g] = max|x_g| / 127, q_g = rint(x_g 127 / max|x_g|),
@@ -444,173 +437,115 @@ def quantize(x, order, q, dx, qsum):
         dx[g], qsum[g] = (amax / float32(127.0) if finite else np.nan), s
 
 
-_factors_q8_0, _factors_q4_0, _factors_q4_1, _factors_q4_k = (cpu_factors(kind, half) for kind in Q8_KINDS)
-Z_Q8_0, Z_Q4_0 = float32(ZERO["q8_0"]), float32(ZERO["q4_0"])          # Q4_1's and Q4_K's zero points are 0
-
-
-@cpu_kernel(inline="always")
-def q8_factors(kid, w, n, s0, g):
-    """(a, b - a z) of group g of row n (records from byte s0) for Q8_KINDS[kid]: value = a c + (b - a z)."""
-    if kid == 0:
-        a, b = _factors_q8_0(w, n, s0, g)
-        return a, b - a * Z_Q8_0
-    if kid == 1:
-        a, b = _factors_q4_0(w, n, s0, g)
-        return a, b - a * Z_Q4_0
-    if kid == 2:
-        return _factors_q4_1(w, n, s0, g)                    # (zero point 0)
-    return _factors_q4_k(w, n, s0, g)
-
-
-@cpu_kernel(cache=True)
-def panel_q8(w, c, r0, r1, buf, kid):
-    """Rows r0 .. r1 - 1 dequantized into buf (in q8_order), a group a dequantize_u4/u8: one vector FMA."""
-    literally(kid)                                      # compiled per kind: kid a constant
-    K, CB = buf.shape[1], code_bytes(c)
-    for n in range(r0, r1):
-        for g in range(K // Q8_GROUP):
-            a, b = q8_factors(kid, w, n, CB * (K // Q8_GROUP), g)
-            dequantize(c[n], CB * g, a, b, buf[n - r0], Q8_GROUP * g)
-
-
-@cpu_kernel(inline="always")
-def _group(kid, w, c, n, s0, g, q, qs, d, acc):
-    """Group g of row n: acc += (a d) (c . q) (8 lanes) -> d qs (b - a z), the offset's part (a scalar)."""
-    a, b = q8_factors(kid, w, n, s0, g)
-    dot_acc(c[n], code_bytes(c) * g, q, Q8_GROUP * g, a * d, acc)
-    return d * float32(qs) * b
-
-
-@cpu_kernel(cache=True)
-def _gemv_task(w, c, r0, r1, q, dx, qsum, out, kid):
-    literally(kid)                                      # compiled per kind: kid a constant
-    G = dx.shape[0]
-    s0, acc, flat = code_bytes(c) * G, np.empty((DOT_ROWS, 8), np.float32), w.reshape(-1)
-    for n in range(r0, r1, DOT_ROWS):                   # DOT_ROWS = 4 rows at a time, each group's q read once
-        ahead = min(n + PREFETCH_ROWS, w.shape[0] - DOT_ROWS) * w.shape[1]
-        for o in range(ahead, ahead + DOT_ROWS * w.shape[1], 64):
-            prefetch(flat, o)
-        acc[:, :] = float32(0.0)
-        y0 = y1 = y2 = y3 = float32(0.0)
-        for g in range(G):
-            qs, d = qsum[g], dx[g]
-            y0 += _group(kid, w, c, n, s0, g, q, qs, d, acc[0])
-            y1 += _group(kid, w, c, n + 1, s0, g, q, qs, d, acc[1])
-            y2 += _group(kid, w, c, n + 2, s0, g, q, qs, d, acc[2])
-            y3 += _group(kid, w, c, n + 3, s0, g, q, qs, d, acc[3])
-        out[n], out[n + 1], out[n + 2], out[n + 3] = y0 + acc[0].sum(), y1 + acc[1].sum(), y2 + acc[2].sum(), \
-            y3 + acc[3].sum()
-
-
-@cpu_kernel(cache=True, parallel=True)
-def gemv_q8(w, c, x, order, out, kid):
-    """out[n] = W[n] . x~ for every row (w_bytes [N, 8 W], N a multiple of DOT_ROWS), x~ = dx q the int8
-    quantization of x (quantize, in `order`): per group, (a dx) (c . q) by dot_acc_u4/u8 (int32 sums of byte
-    products, scaled into 8 float lanes) and dx qsum (b - a z) once; the lanes added at the row's end. Rows split
-    over Numba's threads, ROW_BLOCK to a task, DOT_ROWS together, PREFETCH_ROWS ahead asked for."""
-    literally(kid)                                      # compiled per kind: kid a constant
-    K, n_rows = x.shape[0], w.shape[0]
-    q, dx, qsum = np.empty(K, np.int8), np.empty(K // Q8_GROUP, np.float32), np.empty(K // Q8_GROUP, np.int32)
-    quantize(x, order, q, dx, qsum)
-    for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        lo = b * ROW_BLOCK
-        _gemv_task(w, c, lo, min(n_rows, lo + ROW_BLOCK), q, dx, qsum, out, kid)
-
-
-@cpu_kernel(cache=True)
-def _gemm_task(w, c, r0, r1, q, dxT, dxqT, out, kid):
-    literally(kid)                                      # compiled per kind: kid a constant
-    G, Mp = dxT.shape
-    K, M, CB = G * Q8_GROUP, out.shape[0], code_bytes(c)
-    A, acc, y = np.empty(G, np.float32), np.empty(8 * TOKENS, np.float32), np.empty(Mp, np.float32)
-    for n in range(r0, r1):
-        y[:] = float32(0.0)
-        for g in range(G):                              # the row's factors, and its offsets' part for every token
-            a, b = q8_factors(kid, w, n, CB * G, g)
-            A[g] = a
-            for m in range(Mp):
-                y[m] += b * dxqT[g, m]
-        for m0 in range(0, Mp, TOKENS):                 # TOKENS tokens a call: the group's codes unpacked once
-            acc[:] = float32(0.0)
-            for g in range(G):
-                dot_tokens(c[n], CB * g, q, m0 * K + Q8_GROUP * g, K, A[g], dxT[g], m0, acc)
-            for t in range(min(TOKENS, M - m0)):
-                out[m0 + t, n] = y[m0 + t] + acc[8 * t:8 * t + 8].sum()
-
-
-@cpu_kernel(cache=True, parallel=True)
-def gemm_q8(w, c, x, order, out, kid):
-    """out [M, N] = x~ W^T for a prompt chunk x [M, K]: gemv_q8's arithmetic, each row's factors once, then TOKENS
-    tokens a dot_tokens call (the tokens padded to a multiple of TOKENS with zeros)."""
-    literally(kid)                                      # compiled per kind: kid a constant
-    (M, K), n_rows = x.shape, w.shape[0]
-    G, Mp = K // Q8_GROUP, (M + TOKENS - 1) // TOKENS * TOKENS
-    q, dx, qsum = np.zeros(Mp * K, np.int8), np.zeros((Mp, G), np.float32), np.zeros((Mp, G), np.int32)
-    for m in range(M):
-        quantize(x[m], order, q[m * K:(m + 1) * K], dx[m], qsum[m])
-    dxT, dxqT = np.ascontiguousarray(dx.T), np.ascontiguousarray((dx * qsum).T)       # [G, Mp]
-    for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        lo = b * ROW_BLOCK
-        _gemm_task(w, c, lo, min(n_rows, lo + ROW_BLOCK), q, dxT, dxqT, out, kid)
-
-
 @functools.lru_cache(maxsize=None)
 def q8_kernels(kind):
-    """(gemv, gemm, panel) of Q8_KINDS' `kind`: gemv_q8, gemm_q8 and panel_q8 with its kid a constant, so that Numba
-    compiles each for that kind alone (each kind's records read without a branch per group: a run-time kid cost
-    3.8x) and keeps them on disk (a closure over an int keys its cache entry by that int)."""
-    kid = Q8_KINDS.index(kind)
+    """(gemv, gemm, panel) of a kind in Q8_KINDS, all in q8_order, on its rows w (uint8, the scale records read
+    from them) and their codes c (the same bytes: int8 for Q8_0, whose dtype picks the codes' unpacking):
+    gemv(w, c, x, order, out): out[n] = W[n] . x~ for every row, x~ = dx q the int8 quantization of x (quantize):
+        per group, (a dx) (c . q) by dot_acc (int32 sums of byte products, scaled into 8 float lanes) and
+        dx qsum (b - a z) once; the lanes added at the row's end. Rows split over Numba's threads, ROW_BLOCK to a
+        task, DOT_ROWS together, PREFETCH_ROWS ahead asked for.
+    gemm(w, c, x, order, out): out [M, N] = x~ W^T for a chunk x [M, K]: each row's factors once, then TOKENS
+        tokens a dot_tokens call (the tokens padded to a multiple of TOKENS with zeros).
+    panel(w, c, r0, r1, buf): rows r0 .. r1 - 1 dequantized into buf (x in fp32: ACTIVATIONS), a group a
+        dequantize call: one vector FMA.
+    Kept compiled on disk under the kind (keyed_cache): a process loads them in ~0.2 s, compiling takes ~15 s."""
+    factors, Z = cpu_factors(kind, half), float32(ZERO[kind])
 
-    @cpu_kernel(cache=True)
-    def gemv(w, c, x, order, out):
-        gemv_q8(w, c, x, order, out, kid)
+    @cpu_kernel(inline="always")
+    def affine(w, n, s0, g):
+        """(a, b - a z) of group g of row n, records from byte s0: value = a c + (b - a z)."""
+        a, b = factors(w, n, s0, g)
+        return a, b - a * Z
 
-    @cpu_kernel(cache=True)
-    def gemm(w, c, x, order, out):
-        gemm_q8(w, c, x, order, out, kid)
-
-    @cpu_kernel(cache=True)
+    @cpu_kernel
     def panel(w, c, r0, r1, buf):
-        panel_q8(w, c, r0, r1, buf, kid)
-    stamp_cache((gemv, gemm, panel), DEPENDENCIES)
+        K, CB = buf.shape[1], code_bytes(c)
+        for n in range(r0, r1):
+            for g in range(K // Q8_GROUP):
+                a, b = affine(w, n, CB * (K // Q8_GROUP), g)
+                dequantize(c[n], CB * g, a, b, buf[n - r0], Q8_GROUP * g)
+    gemv, gemm = _make_int8_gemv(affine), _make_int8_gemm(affine)
+    keyed_cache((gemv, gemm, panel), ("int8 kernels", kind), DEPENDENCIES, CODE_CHOICES)
     return gemv, gemm, panel
 
 
-def stamp_cache(kernels, files):
-    """Make Numba's disk cache of `kernels` (cache=True) stale when any of `files` changes, not only their own
-    file, or the dot products' choice of code (cpu_dot.VNNI): Numba compares one source stamp, (mtime, size) of
-    the function's file; here it also covers `files`' and that choice.
-    (Numba's internals: where they differ, the cache keeps its own stamp, and a log line says so.)"""
-    extra = (tuple((os.stat(f).st_mtime, os.stat(f).st_size) for f in files), ("vnni", cpu_dot.VNNI))
-    for k in kernels:
-        cache_file = getattr(getattr(k, "_cache", None), "_cache_file", None)
-        if cache_file is None or not hasattr(cache_file, "_source_stamp"):
-            log.info("numbattn: Numba's cache has no source stamp to extend; %s follows its own file only",
-                     k.__name__)
-            continue
-        cache_file._source_stamp = (cache_file._source_stamp, extra)
+def _make_int8_gemv(affine):
+    """q8_kernels' gemv."""
+    @cpu_kernel(inline="always")
+    def group(w, c, n, s0, g, q, qs, d, acc):
+        """Group g of row n: acc += (a d) (c . q) (8 lanes) -> d qs (b - a z), the offset's part (a scalar)."""
+        a, b = affine(w, n, s0, g)
+        dot_acc(c[n], code_bytes(c) * g, q, Q8_GROUP * g, a * d, acc)
+        return d * float32(qs) * b
+
+    @cpu_kernel
+    def task(w, c, r0, r1, q, dx, qsum, out):
+        G = dx.shape[0]
+        s0, acc, flat = code_bytes(c) * G, np.empty((DOT_ROWS, 8), np.float32), w.reshape(-1)
+        for n in range(r0, r1, DOT_ROWS):               # DOT_ROWS = 4 rows at a time, each group's q read once
+            ahead = min(n + PREFETCH_ROWS, w.shape[0] - DOT_ROWS) * w.shape[1]
+            for o in range(ahead, ahead + DOT_ROWS * w.shape[1], 64):
+                prefetch(flat, o)
+            acc[:, :] = float32(0.0)
+            y0 = y1 = y2 = y3 = float32(0.0)
+            for g in range(G):
+                qs, d = qsum[g], dx[g]
+                y0 += group(w, c, n, s0, g, q, qs, d, acc[0])
+                y1 += group(w, c, n + 1, s0, g, q, qs, d, acc[1])
+                y2 += group(w, c, n + 2, s0, g, q, qs, d, acc[2])
+                y3 += group(w, c, n + 3, s0, g, q, qs, d, acc[3])
+            out[n], out[n + 1], out[n + 2], out[n + 3] = y0 + acc[0].sum(), y1 + acc[1].sum(), y2 + acc[2].sum(), \
+                y3 + acc[3].sum()
+
+    @cpu_kernel(parallel=True)
+    def gemv(w, c, x, order, out):
+        K, n_rows = x.shape[0], w.shape[0]
+        q, dx, qsum = np.empty(K, np.int8), np.empty(K // Q8_GROUP, np.float32), np.empty(K // Q8_GROUP, np.int32)
+        quantize(x, order, q, dx, qsum)
+        for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            lo = b * ROW_BLOCK
+            task(w, c, lo, min(n_rows, lo + ROW_BLOCK), q, dx, qsum, out)
+    return gemv
 
 
-class _KeyedCache(FunctionCache):
-    """Numba's disk cache for a closure whose cells hold compiled functions: Numba keys an entry by the pickled
-    cells, and a compiled function pickles differently in every process (each would add an entry, none be found
-    again); this keys it by `key` (what the cells were made from: the kind) instead."""
+def _make_int8_gemm(affine):
+    """q8_kernels' gemm."""
+    @cpu_kernel
+    def task(w, c, r0, r1, q, dxT, dxqT, out):
+        G, Mp = dxT.shape
+        K, M, CB = G * Q8_GROUP, out.shape[0], code_bytes(c)
+        A, acc, y = np.empty(G, np.float32), np.empty(8 * TOKENS, np.float32), np.empty(Mp, np.float32)
+        for n in range(r0, r1):
+            y[:] = float32(0.0)
+            for g in range(G):                          # the row's factors, and its offsets' part for every token
+                a, b = affine(w, n, CB * G, g)
+                A[g] = a
+                for m in range(Mp):
+                    y[m] += b * dxqT[g, m]
+            for m0 in range(0, Mp, TOKENS):             # TOKENS tokens a call: the group's codes unpacked once
+                acc[:] = float32(0.0)
+                for g in range(G):
+                    dot_tokens(c[n], CB * g, q, m0 * K + Q8_GROUP * g, K, A[g], dxT[g], m0, acc)
+                for t in range(min(TOKENS, M - m0)):
+                    out[m0 + t, n] = y[m0 + t] + acc[8 * t:8 * t + 8].sum()
 
-    def __init__(self, py_func, key):
-        super().__init__(py_func)
-        self._key = repr(key).encode()
-
-    def _index_key(self, sig, codegen):
-        code = hashlib.sha256(self._py_func.__code__.co_code).hexdigest()
-        return sig, codegen.magic_tuple(), (code, hashlib.sha256(self._key).hexdigest())
-
-
-def keyed_cache(kernels, key):
-    """Keep closures `kernels`, made for `key`, compiled on disk (_KeyedCache), stale when a dependency changes."""
-    for k in kernels:
-        k._cache = _KeyedCache(k.py_func, key)
-    stamp_cache(kernels, DEPENDENCIES)
+    @cpu_kernel(parallel=True)
+    def gemm(w, c, x, order, out):
+        (M, K), n_rows = x.shape, w.shape[0]
+        G, Mp = K // Q8_GROUP, (M + TOKENS - 1) // TOKENS * TOKENS
+        q, dx, qsum = np.zeros(Mp * K, np.int8), np.zeros((Mp, G), np.float32), np.zeros((Mp, G), np.int32)
+        for m in range(M):
+            quantize(x[m], order, q[m * K:(m + 1) * K], dx[m], qsum[m])
+        dxT, dxqT = np.ascontiguousarray(dx.T), np.ascontiguousarray((dx * qsum).T)       # [G, Mp]
+        for b in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            lo = b * ROW_BLOCK
+            task(w, c, lo, min(n_rows, lo + ROW_BLOCK), q, dxT, dxqT, out)
+    return gemm
 
 
+# What the CPU kernels' disk cache depends on besides this file: the files whose code they compile in (the dot
+# products, the scale records, the compile policy, the layout) and the dot products' choice of code.
 DEPENDENCIES = (cpu_dot.__file__, blocks_kernels.__file__, common.__file__, blocks.__file__)
-stamp_cache((quantize, panel_q8, _gemv_task, gemv_q8, _gemm_task, gemm_q8), DEPENDENCIES)
+CODE_CHOICES = (("vnni", cpu_dot.VNNI),)
+stamp_cache((quantize,), DEPENDENCIES, CODE_CHOICES)

@@ -40,7 +40,7 @@ def q8_rounded(x):
 @pytest.mark.parametrize("activations", ["fp32", "q8"])
 @pytest.mark.parametrize("kind", list(blocks.BLOCK_KINDS))
 def test_x_times_w_transposed_on_blocks(kind, activations, monkeypatch):
-    """1 and 2 tokens (the GEMV), 5 and 6 tokens (a chunk: with "q8", gemm_q8, TOKENS tokens a call, the last call
+    """1 and 2 tokens (the GEMV), 5 and 6 tokens (a chunk: with "q8", the int8 gemm, TOKENS tokens a call, the last call
     partial; with "fp32" panels of 16 rows: 70 rows = 4 panels, the last partial), [b, s, K]. With "q8", Q8_KINDS
     quantize x, and the reference takes x so quantized."""
     monkeypatch.setattr(cpu_linear, "PANEL_ROWS", 16)

@@ -9,6 +9,8 @@ NUMBATTN_TEST_GPU=1).
     kernel(**options)              how every numbattn kernel is compiled: cuda.jit with FASTMATH (decided here only)
     device                         how every device function is compiled: cuda.jit(device=True, inline=True)
     cpu_kernel(**options)          how the CPU kernels are compiled: numba.njit with the same FASTMATH
+    stamp_cache, keyed_cache       the CPU kernels kept compiled on disk (Numba's cache), stale when what they
+                                   compile in changes; closures keyed by what they were made for
     NEG_INF, FULL_MASK, SIM        the running max starts at NEG_INF; SIM: the simulator is on
     kv_head(h, n_heads, n_kv_heads)  grouped-query attention: the KV head query head h reads
     visible_keys, tile_is_whole    which keys a block of query rows sees (causal, sliding window): decided here once
@@ -28,12 +30,16 @@ NUMBATTN_TEST_GPU=1).
     arrive_last(...)               "am I the last block of this group to finish?": one atomic per block, so a
                                    launch can end with a reduction over its own blocks (no second launch)
 """
+import hashlib
+import logging
 import math
+import os
 import struct
 
 import numpy as np
 from llvmlite import ir
 from numba import config, cuda, float32, int32, uint32, uint64
+from numba.core.caching import FunctionCache
 from numba.cuda.extending import intrinsic
 
 from .. import kernel_cache
@@ -75,6 +81,46 @@ def cpu_kernel(fn=None, exact=False, **options):
     from numba import njit
     make = njit(fastmath=False if exact else FASTMATH, **options)
     return make if fn is None else make(fn)
+
+
+log = logging.getLogger("numbattn")
+
+
+def stamp_cache(kernels, files, choices=()):
+    """Make Numba's disk cache of CPU `kernels` stale when any of `files` changes, not only their own file, or
+    `choices` do (values their code depends on): Numba compares one source stamp, (mtime, size) of the function's
+    file; here it also covers `files`' and `choices`. (Numba's internals: where they differ, the cache keeps its
+    own stamp, and a log line says so.)"""
+    extra = (tuple((os.stat(f).st_mtime, os.stat(f).st_size) for f in files), tuple(choices))
+    for k in kernels:
+        cache_file = getattr(getattr(k, "_cache", None), "_cache_file", None)
+        if cache_file is None or not hasattr(cache_file, "_source_stamp"):
+            log.info("numbattn: Numba's cache has no source stamp to extend; %s follows its own file only",
+                     k.__name__)
+            continue
+        cache_file._source_stamp = (cache_file._source_stamp, extra)
+
+
+class _KeyedCache(FunctionCache):
+    """Numba's disk cache for a closure whose cells hold compiled functions: Numba keys an entry by the pickled
+    cells, and a compiled function pickles differently in every process (each would add an entry, none be found
+    again); this keys it by `key` (what the cells were made from: the kind) instead."""
+
+    def __init__(self, py_func, key):
+        super().__init__(py_func)
+        self._key = repr(key).encode()
+
+    def _index_key(self, sig, codegen):
+        code = hashlib.sha256(self._py_func.__code__.co_code).hexdigest()
+        return sig, codegen.magic_tuple(), (code, hashlib.sha256(self._key).hexdigest())
+
+
+def keyed_cache(kernels, key, files, choices=()):
+    """Keep closures `kernels`, made for `key`, compiled on disk (_KeyedCache), stale as stamp_cache says."""
+    for k in kernels:
+        k._cache = _KeyedCache(k.py_func, key)
+    stamp_cache(kernels, files, choices)
+
 
 
 @device
