@@ -77,5 +77,4 @@ def decode(q, K, V, lengths, scale, window=None, softcap=None):
     return out
 
 
-
 stamp_cache((_decode,), (common.__file__,))           # its compile policy (fastmath) lives there

@@ -30,7 +30,7 @@ near what the machine streams. Measured end to end: BENCHMARKS.md. RowStack serv
 same x (q/k/v, gate/up) with one call.
 
 Precision: the int8 kernels round x to 8 bits per group of 32 (a relative error of ~1/254 of the group's largest
-value, the logits ~1e-2 of their largest: what llama.cpp does); the float GEMV and the panels keep x in fp32. Sums
+value; SmolLM2's logits move by ~4% of their largest: what llama.cpp does); the float GEMV and the panels keep x in fp32. Sums
 are float32 (int32 inside a group). The record arithmetic (a group's factor a and offset b) is the GPU's, written
 once (kernels/blocks.py make_factors); the NumPy statements the kernels are tested against are blocks.dequantize
 and quantize_q8.
