@@ -231,10 +231,16 @@ def codes_of(kind, words, n_in):
         fields = raw[:, 8 * n_code:8 * (n_code + n_high)].view(np.uint16 if k.bits == 5 else np.uint32)
         fields = fields[:, :n_code].astype(np.int64)[..., None]
         codes |= (((fields >> (np.arange(16) * (k.bits - 4))) & ((1 << (k.bits - 4)) - 1)) << 4).astype(np.int32)
-    n_blocks = n_in // k.block
-    start = 8 * (n_code + n_high)
-    records = raw[:, start:start + n_blocks * k.record].reshape(n, n_blocks, k.record)
-    return codes.reshape(n, n_in), records
+    return codes.reshape(n, n_in), records_of(kind, words, n_in)
+
+
+def records_of(kind, words, n_in):
+    """Our rows of words [N, row_words] -> their scale records [N, n_blocks, record] uint8 (a view where it can)."""
+    k = BLOCK_KINDS[kind]
+    n_code, n_high, _ = row_layout(kind, n_in)
+    raw = np.ascontiguousarray(words).view(np.uint8).reshape(words.shape[0], -1)
+    start, n_blocks = 8 * (n_code + n_high), n_in // k.block
+    return raw[:, start:start + n_blocks * k.record].reshape(words.shape[0], n_blocks, k.record)
 
 
 def dequantize(kind, words, n_in):
@@ -261,6 +267,6 @@ def float_words(kind, words):
 def finite_scales(kind, words, n_in):
     """Whether every fp16 field of the scale records is finite (then every value a * c + b is)."""
     k = BLOCK_KINDS[kind]
-    _, records = codes_of(kind, words, n_in)
+    records = records_of(kind, words, n_in)                # (not the codes: unpacking them took most of a load)
     fields = {"q6_k": records[..., 16:18], "q4_k": records[..., :4], "q5_k": records[..., :4]}.get(kind, records)
     return bool(np.isfinite(np.ascontiguousarray(fields).view(np.float16)).all()) if k.record else True
