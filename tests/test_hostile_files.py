@@ -29,7 +29,7 @@ def run_limited(*args, cwd):
     """`python cli.py *args` under ADDRESS_SPACE and SECONDS -> (exit code, stdout, stderr, peak RSS in bytes,
     seconds). The peak comes from wait4's rusage of that one child."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cwd / "no_hf_cache"),
-               TINYLLM_CACHE=str(cwd / "no_tinyllm_cache"), OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+               TINYLLM_CACHE=str(cwd / "no_tinyllm_cache"), OPENBLAS_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     out, err = cwd / "stdout.txt", cwd / "stderr.txt"
 
     def limit():

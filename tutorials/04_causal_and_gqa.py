@@ -414,7 +414,10 @@ print("lesson 4 checks passed")
 
 # %%
 def make_loop(stop):
-    """A tile loop like exercise 4's, its end given by stop(q0, q_len, kv_len)."""
+    """A tile loop like exercise 4's, its end given by stop(q0, q_len, kv_len) (a Python function, compiled here as a
+    device function: the simulator calls a plain one, the GPU's compiler rejects it)."""
+    stop = cuda.jit(device=True)(stop)
+
     @cuda.jit(device=True)
     def loop(q, k, v, q0, t, Ks, Vs, state, out):
         for j0 in range(0, stop(q0, q.shape[0], k.shape[0]), BN4):
