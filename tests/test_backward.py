@@ -346,4 +346,4 @@ def test_gpu_windows_and_soft_caps(version, n, d, window, softcap):
     out, lse = numbattn.attention(q, k, v, causal=True, backend=KERNEL, return_lse=True, window=window,
                                   softcap=softcap)
     check(q, k, v, dout, causal=True, version=version, tiles=backward.gpu_tiles(version, d), out_lse=(out, lse),
-          window=window, softcap=softcap, rtol=2e-5)        # the H100 gave dq 1.15e-5 at 2048 x 128 (and 1024 x 256)
+          window=window, softcap=softcap, rtol=3e-5)        # H100: dq 1.15e-5 (2048 x 128), 1.78e-5 (1024 x 256)
