@@ -30,10 +30,10 @@ near what the machine streams. Measured end to end: BENCHMARKS.md. RowStack serv
 same x (q/k/v, gate/up) with one call.
 
 Precision: the int8 kernels round x to 8 bits per group of 32 (a relative error of ~1/254 of the group's largest
-value; SmolLM2's logits move by ~4% of their largest: what llama.cpp does); the float GEMV and the panels keep x in fp32. Sums
-are float32 (int32 inside a group). The record arithmetic (a group's factor a and offset b) is the GPU's, written
-once (kernels/blocks.py make_factors); the NumPy statements the kernels are tested against are blocks.dequantize
-and quantize_q8.
+value; SmolLM2's logits move by ~4% of their largest: what llama.cpp does); the float GEMV and the panels keep x in
+fp32. Sums are float32 (int32 inside a group). The record arithmetic (a group's factor a and offset b) is the GPU's,
+written once (kernels/blocks.py make_factors); the NumPy statements the kernels are tested against are
+blocks.dequantize and quantize_q8.
 
     W = BlockMatrix("q4_1", words, n_in)      # W [N, K] as stored: W.shape == (N, K)
     y = x @ W.T                               # x [..., K] -> [..., N]: the NumPy engine's `h @ lw.wq`, unchanged
@@ -120,12 +120,19 @@ class BlockMatrix:
             raise ValueError(f"words {words.dtype} {words.shape}: expected uint64 rows of "
                              f"{blocks.row_words(kind, n_in)} words ({kind}, {n_in} values)")
         pad = -words.shape[0] % DOT_ROWS                # zero rows to a multiple of the GEMV's row step (not read out)
-        self.kind, self.words, self.n_in = kind, np.ascontiguousarray(np.pad(words, ((0, pad), (0, 0)))), n_in
+        self.kind, self.n_in = kind, n_in
+        self.use_words(np.ascontiguousarray(np.pad(words, ((0, pad), (0, 0)))))
         self.shape, self.nbytes, self.dtype = (words.shape[0], n_in), self.words.nbytes, np.dtype(np.float32)
-        self.order = staged_order(kind, n_in)
-        self.q8_order = q8_order(kind, n_in)
-        self.kernels, self.bytes, self.group_bytes = make_cpu_kernels(kind), self.words.view(np.uint8), group_bytes(kind)
-        self.codes = self.bytes.view(np.int8) if kind == "q8_0" else self.bytes    # (its dtype: the codes' width)
+        self.order, self.q8_order = staged_order(kind, n_in), q8_order(kind, n_in)
+        self.kernels, self.group_bytes = make_cpu_kernels(kind), group_bytes(kind)
+        self.q8 = q8_kernels(kind) if kind in Q8_KINDS else None                 # (gemv, gemm, panel)
+
+    def use_words(self, words):
+        """Keep the padded rows `words` (uint64), and the byte views the kernels read: the rows as uint8 (the scale
+        records are read from them) and the codes (the same bytes, int8 for Q8_0: their dtype picks the codes'
+        width)."""
+        self.words, self.bytes = words, words.view(np.uint8)
+        self.codes = self.bytes.view(np.int8) if self.kind == "q8_0" else self.bytes
 
     @property
     def T(self):
@@ -142,8 +149,7 @@ class BlockMatrix:
         lead, (n, k) = x.shape[:-1], self.shape
         if x.shape[-1] != k:
             raise ValueError(f"x has shape {x.shape}; expected [..., {k}] for a {self.kind} matrix {self.shape}")
-        (gemv, panel), w, gb = self.kernels, self.bytes, self.group_bytes
-        q8 = q8_kernels(self.kind) if self.kind in Q8_KINDS else None          # (gemv, gemm, panel)
+        (gemv, panel), w, gb, q8 = self.kernels, self.bytes, self.group_bytes, self.q8
         x2 = np.ascontiguousarray(x.reshape(-1, k))
         int8 = q8 is not None and ACTIVATIONS == "q8"
         if int8 or x2.shape[0] <= GEMV_TOKENS:
@@ -192,16 +198,14 @@ class RowStack:
     """
 
     def __init__(self, parts):
+        if not RowStack.fits(parts):
+            raise ValueError(f"RowStack: parts of one kind and input length only, kept as blocks; not "
+                             f"{[(getattr(p, 'kind', type(p).__name__), getattr(p, 'n_in', None)) for p in parts]}")
         parts = [p.T if isinstance(p, Transposed) else p for p in parts]
-        if len({(p.kind, p.n_in) for p in parts}) != 1:
-            raise ValueError(f"RowStack: parts of one kind and input length only, not "
-                             f"{[(p.kind, p.n_in) for p in parts]}")
         self.matrix = BlockMatrix(parts[0].kind, np.concatenate([p.words for p in parts]), parts[0].n_in)
         self.spans, row = [], 0
         for p in parts:                                 # each part's words are padded to DOT_ROWS rows already
-            p.words = self.matrix.words[row:row + p.words.shape[0]]
-            p.bytes = p.words.view(np.uint8)
-            p.codes = p.bytes.view(np.int8) if p.kind == "q8_0" else p.bytes
+            p.use_words(self.matrix.words[row:row + p.words.shape[0]])
             self.spans.append((row, row + p.shape[0]))
             row += p.words.shape[0]
 
