@@ -16,6 +16,7 @@ from pathlib import Path
 import huggingface_hub
 import pexpect
 import pytest
+from children import child_env
 from click.testing import CliRunner
 
 import cli
@@ -710,8 +711,7 @@ def installed_tinyllm(tmp_path):
     script = tmp_path / "bin" / "tinyllm"
     script.parent.mkdir()
     script.write_text("import sys\nimport cli\nsys.exit(cli.main())\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hf"),
-               TINYLLM_CACHE=str(tmp_path / "cache"))
+    env = child_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hf"), TINYLLM_CACHE=str(tmp_path / "cache"))
     return lambda *args: subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
                                         text=True, env=env, cwd=tmp_path, timeout=120, stdin=subprocess.DEVNULL)
 

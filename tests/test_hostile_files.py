@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from children import child_env
 from gguf_files import byte_level_tokenizer, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,8 +29,8 @@ SECONDS = 60                # the child is killed after this (a hang fails the t
 def run_limited(*args, cwd):
     """`python cli.py *args` under ADDRESS_SPACE and SECONDS -> (exit code, stdout, stderr, peak RSS in bytes,
     seconds). The peak comes from wait4's rusage of that one child."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cwd / "no_hf_cache"),
-               TINYLLM_CACHE=str(cwd / "no_tinyllm_cache"), OPENBLAS_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = child_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cwd / "no_hf_cache"),
+                    TINYLLM_CACHE=str(cwd / "no_tinyllm_cache"), OPENBLAS_NUM_THREADS="1")
     out, err = cwd / "stdout.txt", cwd / "stderr.txt"
 
     def limit():

@@ -7,18 +7,16 @@ thing: kernels compiled in one process, loaded by the next (zero compiles), a tr
 """
 import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from children import child_env
 
 from numbattn import kernel_cache as kc
 from numbattn.kernels import gemm, gemv, rowwise
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGET = ("(12, 8)", "(9, 0)")
 
 
@@ -128,7 +126,7 @@ print(json.dumps(found))
 
 
 def run_script(script, *args, seed="0"):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), NUMBA_ENABLE_CUDASIM="1", PYTHONHASHSEED=seed)
+    env = child_env(NUMBA_ENABLE_CUDASIM="1", PYTHONHASHSEED=seed)
     done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -209,7 +207,7 @@ print("ok", me)
 def test_two_processes_filling_the_cache_at_once_both_succeed(tmp_path):
     """Both write the same entries (as two processes compiling the same kernels would) and read each back at
     once: every read sees a whole entry (never a half-written one), nothing is reported damaged."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), NUMBA_ENABLE_CUDASIM="1")
+    env = child_env(NUMBA_ENABLE_CUDASIM="1")
     procs = [subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, str(tmp_path), str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -240,7 +238,7 @@ print(json.dumps(dict(kc.COUNTS, outs=outs)))
 
 
 def gpu_run(folder):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), NUMBATTN_KERNEL_CACHE=str(folder))
+    env = child_env(NUMBATTN_KERNEL_CACHE=str(folder))
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     done = subprocess.run([sys.executable, "-c", GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -261,7 +259,7 @@ def test_second_process_compiles_nothing_and_a_truncated_entry_is_compiled_again
 
 @pytest.mark.gpu
 def test_two_real_processes_compiling_at_once_both_succeed(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), NUMBATTN_KERNEL_CACHE=str(tmp_path))
+    env = child_env(NUMBATTN_KERNEL_CACHE=str(tmp_path))
     procs = [subprocess.Popen([sys.executable, "-c", GPU_SCRIPT], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
@@ -287,7 +285,7 @@ print(type(k._cache).__name__, path.name, d["argtypes"][0], d["target"])
 def test_numba_kernels_carry_the_disk_cache(tmp_path):
     """Outside the simulator (no GPU needed to build a kernel object): a numbattn kernel's cache is ours, and it
     locates an entry from the argument types and the target, as Numba will ask it."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), NUMBATTN_KERNEL_CACHE=str(tmp_path))
+    env = child_env(NUMBATTN_KERNEL_CACHE=str(tmp_path))
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     done = subprocess.run([sys.executable, "-c", ATTACH_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

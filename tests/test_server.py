@@ -11,7 +11,6 @@ is bounded.
 import concurrent.futures
 import http.client
 import json
-import os
 import re
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import openai  # the official client (the test extra installs it)
 import pytest
+from children import child_env
 
 from tinyllm import StreamDecoder, load_model, make_tiny
 
@@ -30,7 +30,7 @@ TIMEOUT = 60
 
 def start_server(model_dir, *args, backend="numpy", timeout=TIMEOUT):
     """`cli.py serve` on port 0 -> (process, base url), once it says it listens (at most `timeout` s)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = child_env()
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "-m", str(model_dir), "--backend", backend,
                              "--port", "0", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -314,7 +314,7 @@ def test_load_generator_measures_this_server(server):
 
 def test_a_taken_port_is_one_error_line(server, model_dir):
     port = server.rsplit(":", 1)[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = child_env()
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "serve", "-m", str(model_dir), "--backend", "numpy",
                            "--port", port], capture_output=True, text=True, timeout=TIMEOUT, env=env)
