@@ -180,35 +180,48 @@ class _PreparedCall:
         self.launch(grid=(n_splits, self.n_kv_heads, self.batch))
 
 
+def check_query(q, cache, cache_type, layer):
+    """What both decode APIs check first (here and paged.py's): the cache's type, the layer, q's rank and dtype
+    -> (layer, batch, n_heads, head_dim)."""
+    if not isinstance(cache, cache_type):
+        raise ValueError(f"cache must be a numbattn.{cache_type.__name__}; got {type(cache).__name__}")
+    layer = cache.check_layer(layer)
+    check_rank("q", q, 3, "[batch, n_heads, head_dim]")
+    check_dtype("q", q)
+    check_heads("q", q.shape[1], "the cache", cache.n_kv_heads)
+    return (layer, *q.shape)
+
+
+def check_out_and_config(q, out, config, version, backend, n_kv_heads):
+    """What both decode APIs check last: out (None, or a float32 device array shaped as q) and the launch
+    config (None: the default for this version, backend, head_dim and group) -> the config."""
+    if out is not None and (tuple(out.shape) != tuple(q.shape) or np.dtype(out.dtype) != np.float32
+                            or not _backend.is_device_array(out)):
+        raise ValueError(f"out has shape {tuple(out.shape)} and dtype {np.dtype(out.dtype).name}; expected a "
+                         f"device array of shape {tuple(q.shape)}, float32")
+    if config is None:
+        return default_config(version, backend, q.shape[2], q.shape[1] // n_kv_heads)
+    check_config(config, version, q.shape[2])
+    return config
+
+
 def check_decode_args(q, cache, layer, scale, out, config, version, window, softcap):
     """Everything decode_attention checks, once per (cache, layer, q, out): -> (layer, scale, config, window,
     softcap), window an int: the layer's window (or a smaller one asked for), or its slots (every token held)."""
     from .kvcache import KVCache
-    if not isinstance(cache, KVCache):
-        raise ValueError(f"cache must be a numbattn.KVCache; got {type(cache).__name__}")
-    layer = cache.check_layer(layer)
-    check_rank("q", q, 3, "[batch, n_heads, head_dim]")
-    check_dtype("q", q)
-    batch, n_heads, head_dim = q.shape
+    layer, batch, n_heads, head_dim = check_query(q, cache, KVCache, layer)
     if batch != cache.batch or head_dim != cache.head_dim:
         raise ValueError(f"q has shape {tuple(q.shape)} but the cache holds batch {cache.batch}, head_dim "
                          f"{cache.head_dim}")
-    check_heads("q", n_heads, "the cache", cache.n_kv_heads)
     check_head_dim("q", head_dim)
     scale, softcap = check_scale(scale, head_dim), check_softcap(softcap)
     window, own = check_window(window), cache.window(layer)
     if window is not None and own is not None and window > own:
         raise ValueError(f"window={window}: layer {layer} keeps a sliding window of {own} tokens (a ring buffer); "
                          f"it cannot attend to more")
-    if out is not None and (tuple(out.shape) != tuple(q.shape) or np.dtype(out.dtype) != np.float32
-                            or not _backend.is_device_array(out)):
-        raise ValueError(f"out has shape {tuple(out.shape)} and dtype {np.dtype(out.dtype).name}; expected a "
-                         f"device array of shape {tuple(q.shape)}, float32")
     if version not in VERSIONS:
         raise ValueError(f"version={version!r}: expected one of {VERSIONS}")
-    if config is not None:
-        check_config(config, version, head_dim)
-    config = config or default_config(version, cache.backend, head_dim, n_heads // cache.n_kv_heads)
+    config = check_out_and_config(q, out, config, version, cache.backend, cache.n_kv_heads)
     return layer, scale, config, min(window or own or cache.slots(layer), cache.slots(layer)), softcap
 
 

@@ -40,7 +40,7 @@ from .kernels.paged_append import append_paged, fill_pages_nan, gather_pages
 from .kvcache import GPU_COPY, SIM_COPY, KVCache, _grid_x, poison_layer
 from .launch import Launch
 from .reference import LOG2E
-from .validate import (DTYPES, SUPPORTED_HEAD_DIMS, as_count, check_dtype, check_heads, check_rank, check_scale,
+from .validate import (DTYPES, SUPPORTED_HEAD_DIMS, as_count, check_dtype, check_rank, check_scale,
                        check_softcap)
 
 BLOCK_SIZE = 16     # tokens per page (vLLM's default): small pages waste little; each costs one table read
@@ -384,22 +384,12 @@ class _PreparedPaged:
 
 
 def check_paged_args(q, cache, layer, rows, scale, softcap, out, config):
-    if not isinstance(cache, PagedKVCache):
-        raise ValueError(f"cache must be a numbattn.PagedKVCache; got {type(cache).__name__}")
-    layer = cache.check_layer(layer)
-    check_rank("q", q, 3, "[batch, n_heads, head_dim]")
-    check_dtype("q", q)
-    batch, n_heads, head_dim = q.shape
+    layer, batch, n_heads, head_dim = decode.check_query(q, cache, PagedKVCache, layer)
     if head_dim != cache.head_dim or batch > cache.max_seqs:
         raise ValueError(f"q has shape {tuple(q.shape)} but the cache holds head_dim {cache.head_dim} and at most "
                          f"{cache.max_seqs} sequences")
-    check_heads("q", n_heads, "the cache", cache.n_kv_heads)
     host_rows = cache.check_rows(rows, batch)
-    if out is not None and (tuple(out.shape) != tuple(q.shape) or not _backend.is_device_array(out)):
-        raise ValueError(f"out has shape {tuple(out.shape)}; expected a float32 device array of shape {tuple(q.shape)}")
-    if config is not None:
-        decode.check_config(config, "v1", head_dim)
-    config = config or decode.default_config("v1", cache.backend, head_dim, n_heads // cache.n_kv_heads)
+    config = decode.check_out_and_config(q, out, config, "v1", cache.backend, cache.n_kv_heads)
     return layer, host_rows, check_scale(scale, head_dim), check_softcap(softcap), config
 
 

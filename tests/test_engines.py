@@ -196,7 +196,9 @@ def test_tinyllama_shape_greedy_64_steps_equal_the_numpy_engine(tinyllama_shaped
     assert got.ids == want.ids
     logits_d = device.forward(np.array([prompt[:17]]))
     logits_h = host.forward(np.array([prompt[:17]]))
-    assert rel_err(logits_d, logits_h) < RTOL
+    # 2x RTOL: both round K and V to fp16 for the cache, and a K the two engines computed 1e-7 apart (BLAS's sum
+    # order moves with its thread count) can round to neighbouring halves, 5e-4 apart (the H100 gave 1.9e-4 once)
+    assert rel_err(logits_d, logits_h) < 2 * RTOL
 
 
 def test_a_prompt_longer_than_the_buffers_runs_in_chunks(one_layer_dir, tiny_model, kernel_backend, monkeypatch):

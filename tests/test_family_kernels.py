@@ -71,12 +71,12 @@ def test_gelu_tanh_has_the_right_limits():
 def test_final_soft_cap():
     x = np.array([[-1e4, -60.0, -3.0, 0.0, 1e-3, 2.5, 29.0, 1e4]] * 2, np.float32)
     d = cuda.to_device(x)
-    families.make_soft_cap()[2, families.THREADS](d, np.float32(30.0))
+    families.make_row_map("soft cap")[2, families.THREADS](d, np.float32(30.0))
     np.testing.assert_allclose(d.copy_to_host(), reference.soft_cap(x.astype(np.float64), 30.0), rtol=1e-5, atol=1e-9)
 
 
 def test_scale_rows():
     x = np.arange(2 * 50, dtype=np.float32).reshape(2, 50) - 40
     d = cuda.to_device(x)
-    families.make_scale_rows()[2, families.THREADS](d, np.float32(25.298221))
+    families.make_row_map("scale")[2, families.THREADS](d, np.float32(25.298221))
     np.testing.assert_array_equal(d.copy_to_host(), x * np.float32(25.298221))

@@ -140,7 +140,13 @@ def test_lesson_runs(lesson, tmp_path):
             f"{lesson.name}: exercise {n}'s solution did not pass:\n{proc.stdout[-2000:]}"
     names = switches(source)
     assert names, f"{lesson.name}: no break switches"
+    simulator_only = set(re.findall(r'break_it\(\s*"([\w-]+)"[^\n]*(?:\n(?!_lesson)[^\n]*)*?simulator_only=True',
+                                    source))
     for name in names:                      # each confirmed in-process (break_it raises if not)
+        if GPU_RUN and name in simulator_only:
+            assert re.search(rf"^  --break {name}: not available here: it runs in the simulator only", proc.stdout,
+                             re.M), f"{lesson.name}: --break {name} was not offered as simulator-only"
+            continue
         assert re.search(rf"^  --break {name}: .*\n    predicted: .*\n    confirmed: ", proc.stdout, re.M), \
             f"{lesson.name}: --break {name} did not run or was not confirmed:\n{proc.stdout[-3000:]}"
 

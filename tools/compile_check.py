@@ -204,8 +204,8 @@ def model_kernels():
     for h, hkv, d, bias, norm in ((14, 2, 64, True, False), (16, 8, 128, False, True), (4, 1, 256, False, True)):
         yield (f"qkv_finish {h}/{hkv} d{d}{' bias' * bias}{' head norm' * norm}",     # Qwen2.5, Qwen3, Gemma 3
                families.make_qkv_finish(h, hkv, d, bias, norm), [arr(f32, 2)] + [arr(f32, 1)] * 3 + [f32])
-    yield "scale_rows", families.make_scale_rows(), [arr(f32, 2), f32]
-    yield "soft_cap", families.make_soft_cap(), [arr(f32, 2), f32]
+    yield "scale_rows", families.make_row_map("scale"), [arr(f32, 2), f32]
+    yield "soft_cap", families.make_row_map("soft cap"), [arr(f32, 2), f32]
     for dt in (f32, f16):
         for h, hkv, d in ((32, 4, 64), (16, 8, 128), (8, 4, 256)):      # TinyLlama's, Qwen3's and Gemma 2's heads
             yield (f"rope_append {h}/{hkv} d{d} {dt} cache", rowwise.make_rope_append(h, hkv, d),

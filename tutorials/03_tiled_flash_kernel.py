@@ -640,26 +640,26 @@ def v1_without_barrier():
     _lesson.check_races("v1 without its second barrier", tracer)
 
 
-if COUNTING:
-    _lesson.break_it("transposed-load", "the load takes (idx % BN, idx // BN): consecutive threads, consecutive keys",
-                     "the scores are still right (every element is loaded by some thread), but the counted owner "
-                     "map differs from the coalesced one: neighbouring threads read addresses D words apart",
-                     "thread that loaded K_tile[r, c], counted", lambda: score_load(load_transposed))
-    _lesson.break_it("every-thread-loads", "every thread copies the whole tile",
-                     "right scores, 4x the reads of k per thread: over the budget", "reads of k: the kernel made",
-                     lambda: _lesson.check_budget(None, "reads of k", max(run_tiled_scores(
-                         load_everything, qe, ke)[1].per_thread("k").values()), N_TILES_EX * BN_EX * D_EX // BM_EX))
-    _lesson.break_it("missing-barrier", "your tiled kernel without the barrier after the load",
-                     "the race check finds threads reading Ks elements that another thread writes between the same "
-                     "two barriers, on every run (in the simulator the scores may still come out right)",
-                     "shared-memory races", score_without_barrier)
-    _lesson.break_it("missing-barrier-v1", "numbattn/kernels/prefill_tiled.py (a copy) without the second "
-                     "cuda.syncthreads() of the v1 loop", "the same race, named in Ks and Vs of the real kernel",
-                     "v1 without its second barrier: ", v1_without_barrier)
-    _lesson.break_it("v0-traffic", "K read once per query row (v0) where once per query tile was promised",
-                     "the counted reads of k are BLOCK_M times the tiled formula", "counted reads of k vs the tiled "
-                     "formula", lambda: _lesson.close("counted reads of k vs the tiled formula",
-                                                      tracers["v0"].reads("k"), FORMULA["v1"]["k"]))
+_lesson.break_it("transposed-load", "the load takes (idx % BN, idx // BN): consecutive threads, consecutive keys",
+                 "the scores are still right (every element is loaded by some thread), but the counted owner "
+                 "map differs from the coalesced one: neighbouring threads read addresses D words apart",
+                 "thread that loaded K_tile[r, c], counted", lambda: score_load(load_transposed), simulator_only=True)
+_lesson.break_it("every-thread-loads", "every thread copies the whole tile",
+                 "right scores, 4x the reads of k per thread: over the budget", "reads of k: the kernel made",
+                 lambda: _lesson.check_budget(None, "reads of k", max(run_tiled_scores(
+                     load_everything, qe, ke)[1].per_thread("k").values()), N_TILES_EX * BN_EX * D_EX // BM_EX),
+                 simulator_only=True)
+_lesson.break_it("missing-barrier", "your tiled kernel without the barrier after the load",
+                 "the race check finds threads reading Ks elements that another thread writes between the same "
+                 "two barriers, on every run (in the simulator the scores may still come out right)",
+                 "shared-memory races", score_without_barrier, simulator_only=True)
+_lesson.break_it("missing-barrier-v1", "numbattn/kernels/prefill_tiled.py (a copy) without the second "
+                 "cuda.syncthreads() of the v1 loop", "the same race, named in Ks and Vs of the real kernel",
+                 "v1 without its second barrier: ", v1_without_barrier, simulator_only=True)
+_lesson.break_it("v0-traffic", "K read once per query row (v0) where once per query tile was promised",
+                 "the counted reads of k are BLOCK_M times the tiled formula", "counted reads of k vs the tiled "
+                 "formula", lambda: _lesson.close("counted reads of k vs the tiled formula",
+                                                  tracers["v0"].reads("k"), FORMULA["v1"]["k"]), simulator_only=True)
 _lesson.break_it("no-padding", "v2's shared rows of D words, not D + 1",
                  f"the {TC} threads of a row group hit one bank: the bank check names a {TC}-way conflict",
                  f"{TC}-way conflict", lambda: check_conflict_free(D))

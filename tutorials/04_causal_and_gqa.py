@@ -445,11 +445,10 @@ attend_tile_short = make_attend_tile(shift=-1)
 every_tile = make_loop(lambda q0, q_len, kv_len: kv_len)
 top_left = make_loop(lambda q0, q_len, kv_len: min(kv_len, q0 + BM4))
 
-if BACKEND == "sim":
-    _lesson.break_it("no-skip", "the tile loop runs over every key tile (the mask alone keeps it causal)",
-                     "right outputs, but block 0 reads every tile: over its budget",
-                     "reads of k in query block 0 (8x8)): the kernel made 32 per thread, the budget is 16",
-                     lambda: score_causal(every_tile))
+_lesson.break_it("no-skip", "the tile loop runs over every key tile (the mask alone keeps it causal)",
+                 "right outputs, but block 0 reads every tile: over its budget",
+                 "reads of k in query block 0 (8x8)): the kernel made 32 per thread, the budget is 16",
+                 lambda: score_causal(every_tile), simulator_only=True)
 _lesson.break_it("top-left", "the tile loop ends at q0 + BM (top-left alignment, no offset)",
                  "the square case passes; 6 queries over 14 keys fails: those rows never see their last keys",
                  "causal kernel, 6 queries over 14 keys", lambda: score_causal(top_left, check=plain))

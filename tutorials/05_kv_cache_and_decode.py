@@ -637,23 +637,23 @@ _lesson.break_it("read-past-length", "a row of the cache is read one slot past i
                                                   reference.decode_attention(q2.astype(np.float64), to_host(cache.k(0)),
                                                                              to_host(cache.v(0)), cache.lengths + 1),
                                                   want, atol=1e-5))
-if BACKEND == "sim":
-    _lesson.break_it("append-at-minus-1", "kv_append.py (a copy) appends at lengths[b] - 1",
-                     "nothing is written at all (the first append would start at slot -1: refused by the fit "
-                     "check), so the prompt's slots are NaN", "cache slots 0-4 vs the prompt's K: 320 of 320",
-                     lambda: append_checks(_lesson.edited(kv_append, "start = int64(lengths_in[b])",
-                                                          "start = int64(lengths_in[b]) - 1")))
-    _lesson.break_it("no-advance", "kv_append.py (a copy) never advances the lengths table",
-                     "the device lengths stay [0 0] (the host mirror would say [6 6]), so the step's token is "
-                     "written over the prompt's first: slot 0 differs, in both rows and heads (64 of 320 values)",
-                     "cache slots 0-4 vs the prompt's K: 64 of 320", lambda: append_checks(_lesson.edited(
-                         kv_append, "    advance_length(lengths_out, counters, b, start, t_new, fits,", "    (")))
-    _lesson.break_it("no-valid-check", "decode_slots.py (a copy) loads K/V words without `if valid`",
-                     "the answer is still right, but the counted reads of k exceed one per visible element",
-                     "counted reads of k vs one per visible element", decode_without_valid)
-    _lesson.break_it("two-pass-merge", "exercise 5b's merge in two passes (the max first)",
-                     "the right output, 4 reads of part per split: over the budget of 3",
-                     "reads of part): the kernel made", lambda: score_merge(merge_two_pass))
+_lesson.break_it("append-at-minus-1", "kv_append.py (a copy) appends at lengths[b] - 1",
+                 "nothing is written at all (the first append would start at slot -1: refused by the fit "
+                 "check), so the prompt's slots are NaN", "cache slots 0-4 vs the prompt's K: 320 of 320",
+                 lambda: append_checks(_lesson.edited(kv_append, "start = int64(lengths_in[b])",
+                                                      "start = int64(lengths_in[b]) - 1")), simulator_only=True)
+_lesson.break_it("no-advance", "kv_append.py (a copy) never advances the lengths table",
+                 "the device lengths stay [0 0] (the host mirror would say [6 6]), so the step's token is "
+                 "written over the prompt's first: slot 0 differs, in both rows and heads (64 of 320 values)",
+                 "cache slots 0-4 vs the prompt's K: 64 of 320", lambda: append_checks(_lesson.edited(
+                     kv_append, "    advance_length(lengths_out, counters, b, start, t_new, fits,", "    (")),
+                 simulator_only=True)
+_lesson.break_it("no-valid-check", "decode_slots.py (a copy) loads K/V words without `if valid`",
+                 "the answer is still right, but the counted reads of k exceed one per visible element",
+                 "counted reads of k vs one per visible element", decode_without_valid, simulator_only=True)
+_lesson.break_it("two-pass-merge", "exercise 5b's merge in two passes (the max first)",
+                 "the right output, 4 reads of part per split: over the budget of 3",
+                 "reads of part): the kernel made", lambda: score_merge(merge_two_pass), simulator_only=True)
 
 # %% [markdown]
 # ## Benchmark

@@ -552,11 +552,10 @@ def dequantize_byte_twice(q, d, dmin, sc, m, out):
 _lesson.break_it("nibbles-swapped", "exercise 6's kernel takes a byte's high nibble as weight 64j + t",
                  "every weight whose byte's two codes differ comes out wrong", "Q4_K super-block vs gguf's dequantize",
                  lambda: score_dequantize(dequantize_nibbles_swapped))
-if BACKEND == "sim":
-    _lesson.break_it("byte-twice", "exercise 6's kernel reads each byte once per code",
-                     "the right weights, 8 reads of q per thread: over the budget of 4",
-                     "reads of q): the kernel made 8 per thread, the budget is 4",
-                     lambda: score_dequantize(dequantize_byte_twice))
+_lesson.break_it("byte-twice", "exercise 6's kernel reads each byte once per code",
+                 "the right weights, 8 reads of q per thread: over the budget of 4",
+                 "reads of q): the kernel made 8 per thread, the budget is 4",
+                 lambda: score_dequantize(dequantize_byte_twice), simulator_only=True)
 
 # %% [markdown]
 # ## Other families: the same block, a few switches

@@ -123,10 +123,18 @@ def likely_cause(got, want):
     return ""
 
 
-def break_it(name, mistake, prediction, expect, run, catch=(AssertionError,)):
+SIMULATOR_ONLY = ("it runs in the simulator only: its check counts each thread's memory accesses "
+                  "(numbattn/lab/tracing.py) or runs a kernel on host arrays; run the lesson without "
+                  "NUMBATTN_TUTORIAL_GPU=1 to try it")
+
+
+def break_it(name, mistake, prediction, expect, run, catch=(AssertionError,), simulator_only=False):
     """A "break it" switch. run() makes `mistake`; a check must then fail (an exception of `catch`) with a message
     containing `expect`: the `prediction` comes true. Plain run: every switch is tried, one line each. With
-    --break NAME: only that switch runs, its whole message is printed, and the lesson stops there."""
+    --break NAME: only that switch runs, its whole message is printed, and the lesson stops there. A
+    `simulator_only` switch is offered on a GPU run as "not available here", with the reason."""
+    if simulator_only and os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0"):
+        return skip_break(name, SIMULATOR_ONLY)
     BREAKS.append(name)
     if BREAK and BREAK != name:
         return None

@@ -73,16 +73,24 @@ def shared_bytes(stationary_rows, tile_rows, head_dim):
     return 4 * (2 * (stationary_rows + tile_rows) * (head_dim + 4) + 2 * tile_rows)
 
 
+def _parts(stationary_rows, tile_rows, head_dim, threads, keys_stationary, capped):
+    """What both kernels are compiled from, for a block owning `stationary_rows` rows (keys in dkdv, queries in dq)
+    that walks over tiles of `tile_rows` rows of the other side -> (NC: the tile's 8-column blocks, NO: the output's,
+    DP: a padded shared row, SCRATCH, FB: B fragments of a k-step, NS: elements staged per thread, stage_rows (the
+    block's own rows), stage_pair (a tile's), abt, pb, probs)."""
+    _, KD, NC, NO, NL = layout(stationary_rows, tile_rows, threads, head_dim)
+    FB = max(NC, NO)
+    return (NC, NO, head_dim + 4, mma_scratch_shape(threads, FB), FB, max(NL, stationary_rows * head_dim // threads),
+            _make_stage(stationary_rows, head_dim, threads), _make_stage(tile_rows, head_dim, threads),
+            _make_abt(KD, NC), _make_pb(NC, NO), _make_probs(NC, keys_stationary, capped))
+
+
 @functools.lru_cache(maxsize=None)
 def make_dkdv_v3(head_dim, block_m, block_n, threads, capped=False):
     """block_n keys per block (16 per warp), query tiles of block_m rows; capped: soft-capped scores (compile time)."""
-    D, BM, BN, NT = head_dim, block_m, block_n, threads
-    W, KD, NQ, NO, NL = layout(BN, BM, NT, D)
-    DP, SCRATCH = D + 4, mma_scratch_shape(NT, max(NQ, NO))
-    FB, NS = max(NQ, NO), max(NL, BN * D // NT)    # B fragments of a k-step; elements staged per thread
-    stage_rows, stage_pair = _make_stage(BN, D, NT), _make_stage(BM, D, NT)
-    abt, pb = _make_abt(KD, NQ), _make_pb(NQ, NO)
-    probs, store_kv = _make_probs(NQ, True, capped), _make_store_dkdv(NO)
+    D, BM, BN = head_dim, block_m, block_n
+    NQ, NO, DP, SCRATCH, FB, NS, stage_rows, stage_pair, abt, pb, probs = _parts(BN, BM, D, threads, True, capped)
+    store_kv = _make_store_dkdv(NO)
 
     @kernel
     def attention_backward_dkdv_v3(q, k, v, dout, lse, delta, dk, dv, scale_log2, scale, causal, window, softcap):
@@ -133,13 +141,9 @@ def make_dkdv_v3(head_dim, block_m, block_n, threads, capped=False):
 @functools.lru_cache(maxsize=None)
 def make_dq_v3(head_dim, block_m, block_n, threads, capped=False):
     """block_m query rows per block (16 per warp), key tiles of block_n keys; capped: as make_dkdv_v3."""
-    D, BM, BN, NT = head_dim, block_m, block_n, threads
-    W, KD, NK, NO, NL = layout(BM, BN, NT, D)
-    DP, SCRATCH = D + 4, mma_scratch_shape(NT, max(NK, NO))
-    FB, NS = max(NK, NO), max(NL, BM * D // NT)    # B fragments of a k-step; elements staged per thread
-    stage_rows, stage_pair = _make_stage(BM, D, NT), _make_stage(BN, D, NT)
-    abt, pb = _make_abt(KD, NK), _make_pb(NK, NO)
-    probs, store_q = _make_probs(NK, False, capped), _make_store_dq(NO)
+    D, BM, BN = head_dim, block_m, block_n
+    NK, NO, DP, SCRATCH, FB, NS, stage_rows, stage_pair, abt, pb, probs = _parts(BM, BN, D, threads, False, capped)
+    store_q = _make_store_dq(NO)
 
     @kernel
     def attention_backward_dq_v3(q, k, v, dout, lse, delta, dq, scale_log2, scale, causal, window, softcap):

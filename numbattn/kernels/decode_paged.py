@@ -25,9 +25,9 @@ import functools
 
 from numba import cuda, float32, int32, int64
 
-from .common import NEG_INF, arrive_last, kernel
+from .common import arrive_last, kernel
 from .decode_slots import make_scan_split_v1
-from .decode_splitk import launch_bounds, make_merges, split_layout
+from .decode_splitk import launch_bounds, make_split_frame, split_layout
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,7 +38,7 @@ def make_decode_paged(head_dim, group, threads, dims_per_lane, keys_per_step=1, 
     LANES, SLOTS = split_layout(D, THREADS, DIMS_PER_LANE)
     # v1's scan, never the ring variant: a page's keys sit at offsets 0 .. BS - 1 and never wrap
     scan_split = make_scan_split_v1(D, G, THREADS, DIMS_PER_LANE, keys_per_step, itemsize, False, capped)
-    merge_slots, merge_splits = make_merges(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS)
+    reset, merge_slots, merge_splits = make_split_frame(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS)
 
     def decode_paged(q, k_pool, v_pool, block_tables, rows, lengths, split, scale_log2, softcap, part, counters, out):
         # q [B, H, D], k/v pool [n_blocks, Hkv, BS, words], block_tables [S, max_pages], rows [B], lengths [S],
@@ -58,10 +58,7 @@ def make_decode_paged(head_dim, group, threads, dims_per_lane, keys_per_step=1, 
         acc = cuda.local.array((G, DIMS_PER_LANE), float32)
         m = cuda.local.array(G, float32)
         l = cuda.local.array(G, float32)
-        for g in range(G):
-            m[g], l[g] = NEG_INF, float32(0.0)
-            for e in range(DIMS_PER_LANE):
-                acc[g, e] = float32(0.0)
+        reset(m, l, acc)
         for p0 in range(j_begin, j_end, BS):        # split is a multiple of BS: whole pages, in order
             page = block_tables[seq, p0 // BS]
             scan_split(q, k_pool[page, hk], v_pool[page, hk], b, h0, 0, min(BS, j_end - p0), scale_log2, softcap, t,

@@ -79,8 +79,7 @@ def make_split_kernel(name, D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_spl
     the online-softmax state (m, l, acc) of its key slot (acc: its DIMS_PER_LANE dims of each head); the slots merge
     into the split's partial, and the last split block of the group merges the splits into out. ring: compiled
     for a ring buffer (token p in slot p mod S); else a full layer (token p in slot p, p < S)."""
-    merge_slots = _make_merge_slots(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS)
-    merge_splits = _make_merge_splits(D, G, THREADS)
+    reset, merge_slots, merge_splits = make_split_frame(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS)
 
     def decode_split(q, k, v, lengths, split, scale_log2, window, softcap, part, counters, out):
         # q [B, H, D], k/v [B, Hkv, S, words] (each row as raw words), lengths [B], part [B, H, splits, D+2],
@@ -101,10 +100,7 @@ def make_split_kernel(name, D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS, scan_spl
         acc = cuda.local.array((G, DIMS_PER_LANE), float32)
         m = cuda.local.array(G, float32)
         l = cuda.local.array(G, float32)
-        for g in range(G):
-            m[g], l[g] = NEG_INF, float32(0.0)
-            for e in range(DIMS_PER_LANE):
-                acc[g, e] = float32(0.0)
+        reset(m, l, acc)
         scan_split(q, k[b, hk], v[b, hk], b, h0, s_begin, s_end, scale_log2, softcap, t, m, l, acc)
         merge_slots(m, l, acc, part, b, h0, s_idx, t)
         n_splits = (min(n, min(int64(window), slots)) + split - 1) // split    # = n - first: only n kept live
@@ -188,6 +184,18 @@ def _make_merge_splits(D, G, THREADS):
     return merge_splits
 
 
-def make_merges(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS):
-    """(merge_slots, merge_splits) of a split-K frame: for another frame over the same scans (decode_paged.py)."""
-    return _make_merge_slots(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS), _make_merge_splits(D, G, THREADS)
+def _make_reset(G, DIMS_PER_LANE):
+    @device
+    def reset(m, l, acc):
+        """A thread's online-softmax state before its first key: m = -inf, l = 0, acc = 0 for each of G heads."""
+        for g in range(G):
+            m[g], l[g] = NEG_INF, float32(0.0)
+            for e in range(DIMS_PER_LANE):
+                acc[g, e] = float32(0.0)
+    return reset
+
+
+def make_split_frame(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS):
+    """(reset, merge_slots, merge_splits): what a split-K kernel does around its scan (here and decode_paged.py)."""
+    return (_make_reset(G, DIMS_PER_LANE), _make_merge_slots(D, G, THREADS, DIMS_PER_LANE, LANES, SLOTS),
+            _make_merge_splits(D, G, THREADS))

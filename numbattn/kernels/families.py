@@ -10,9 +10,10 @@ by the launch itself, so they are one block per token row, simple loops, no tili
                  an RMSNorm over each head of q and of k (Qwen3, Gemma 3; one warp per head, its sum of squares a
                  warp reduction). One launch, whichever of the two the family has.
                  # qkv [M, (H + 2 Hkv) * D], bias [(H + 2 Hkv) * D], q_norm / k_norm [D] -> qkv
-    scale_rows   x *= s: Gemma's embeddings, scaled by sqrt(hidden). # x [M, dim]
-    soft_cap     x = cap * tanh(x / cap) in place: Gemma 2's final logits (common.soft_cap, an accurate tanh).
-                 # x [M, vocab]
+    row_map      one elementwise step over rows, in place (make_row_map(op)):
+                   "scale"     x * s: Gemma's embeddings, scaled by sqrt(hidden). # x [M, dim]
+                   "soft cap"  cap * tanh(x / cap): Gemma 2's final logits (common.soft_cap, an accurate tanh).
+                               # x [M, vocab]
 
 The rest of what the families change is elsewhere: Gemma's sandwich norms are rowwise.rms_norm with add, GeGLU an
 epilogue of the gate/up matmul (gemv.py, gemm.py). The NumPy twins are reference.rms_norm, a multiplication and
@@ -67,25 +68,22 @@ def make_qkv_finish(n_heads, n_kv_heads, head_dim, bias, head_norm):
     return qkv_finish
 
 
-@functools.lru_cache(maxsize=None)
-def make_scale_rows():
-    @kernel
-    def scale_rows(x, s):
-        # x [M, dim] *= s
-        m = cuda.blockIdx.x
-        for k in range(cuda.threadIdx.x, x.shape[1], THREADS):
-            x[m, k] *= s
-
-    return scale_rows
+ROW_MAPS = ("scale", "soft cap")
 
 
 @functools.lru_cache(maxsize=None)
-def make_soft_cap():
+def make_row_map(op):
+    """One elementwise step over rows, in place: "scale" x * c (Gemma's embeddings, c = sqrt(hidden)) or
+    "soft cap" c * tanh(x / c) (Gemma 2's final logits, c the cap)."""
+    if op not in ROW_MAPS:
+        raise ValueError(f"op must be one of {ROW_MAPS}; got {op!r}")
+    CAP = op == "soft cap"                  # a compile-time choice: each op its own kernel
+
     @kernel
-    def soft_cap_rows(x, cap):
-        # x [M, vocab] -> cap * tanh(x / cap), in place
+    def row_map(x, c):
+        # x [M, n] -> f(x, c), in place; one block per row
         m = cuda.blockIdx.x
         for k in range(cuda.threadIdx.x, x.shape[1], THREADS):
-            x[m, k] = soft_cap(x[m, k], cap)
+            x[m, k] = soft_cap(x[m, k], c) if CAP else x[m, k] * c
 
-    return soft_cap_rows
+    return row_map

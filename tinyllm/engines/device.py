@@ -139,7 +139,7 @@ class DeviceEngine:
         x = self.view("x", M)
         self.launch(("embed", M), rowwise.make_embed(kind), M, rowwise.THREADS, (ids_dev, words, x))
         if self.arch.embed_scale != 1.0:                     # Gemma: x * sqrt(hidden)
-            self.launch(("embed scale", M), families.make_scale_rows(), M, families.THREADS,
+            self.launch(("embed scale", M), families.make_row_map("scale"), M, families.THREADS,
                         (x, np.float32(self.arch.embed_scale)))
         return x
 
@@ -322,7 +322,8 @@ class DeviceEngine:
     def _soft_cap(self, logits):
         """Gemma 2's final soft cap, in place (nothing for the other families)."""
         if self.arch.final_softcap is not None:
-            self.launch(("soft cap", logits.shape[0]), families.make_soft_cap(), logits.shape[0], families.THREADS,
+            M = logits.shape[0]
+            self.launch(("soft cap", M), families.make_row_map("soft cap"), M, families.THREADS,
                         (logits, np.float32(self.arch.final_softcap)))
 
     def _last_rows(self, x, B, s, row):
