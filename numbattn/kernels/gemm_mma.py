@@ -183,11 +183,11 @@ def _make_x_staging(tiles, T):
     return fetch_x, stage_x
 
 
-def _make_staging(tiles, T):
-    """bf16 weights. fetch: the K tile at k0 from global memory into registers (x pairs, W words; zeros past M, N,
-    K); stage: registers -> shared, x split into its T bf16 terms, W's words as they are."""
-    _, _, _, _, _, WL = layout(tiles)
-    NT, BKW = tiles.threads, tiles.bk // 4
+def _make_fetch(tiles, T, WL, BKW, fetch_word):
+    """(fetch, stage_x): fetch brings x's K tile at k0 into registers (fetch_x) and W's WL words per thread,
+    consecutive threads on consecutive words of a tile row (BKW words a row): fetch_word(w, n, c, idx, k0, e, wr,
+    fr, rows) loads word c of row n into wr[e] (and its factors into fr[e], for blocks)."""
+    NT = tiles.threads
     fetch_x, stage_x = _make_x_staging(tiles, T)
 
     @device
@@ -197,8 +197,21 @@ def _make_staging(tiles, T):
         for e in range(WL):
             idx = t + e * NT
             r = idx // BKW
-            n, kw = n0 + r, k0 // 4 + idx - r * BKW
-            wr[e] = w[n, kw] if n < w.shape[0] and kw < w.shape[1] else uint64(0)
+            fetch_word(w, n0 + r, idx - r * BKW, idx, k0, e, wr, fr, rows)
+    return fetch, stage_x
+
+
+def _make_staging(tiles, T):
+    """bf16 weights. fetch: the K tile at k0 from global memory into registers (x pairs, W words; zeros past M, N,
+    K); stage: registers -> shared, x split into its T bf16 terms, W's words as they are."""
+    _, _, _, _, _, WL = layout(tiles)
+    NT, BKW = tiles.threads, tiles.bk // 4
+
+    @device
+    def fetch_word(w, n, c, idx, k0, e, wr, fr, rows):
+        kw = k0 // 4 + c
+        wr[e] = w[n, kw] if n < w.shape[0] and kw < w.shape[1] else uint64(0)
+    fetch, stage_x = _make_fetch(tiles, T, WL, BKW, fetch_word)
 
     @device
     def stage(w, n0, k0, xr, wr, fr, xs, ws, fs, rows):
@@ -222,22 +235,17 @@ def _make_block_staging(tiles, T, kind):
     VPW, STEPS = values_per_word(kind), tiles.bk // 16
     BKW, WORDS = BK // VPW, tiles.bn * BK // VPW                # code words per tile row, per tile
     WPG = BLOCK_KINDS[kind].group // VPW                        # code words per group
-    fetch_x, stage_x = _make_x_staging(tiles, T)
     factors, codes = gpu_factors(kind), make_codes(kind)
     OFFSET = has_offset(kind)
 
     @device
-    def fetch(x, w, m0, n0, k0, xr, wr, fr, rows):
-        fetch_x(x, m0, k0, xr)
-        t = cuda.threadIdx.x
-        for e in range(WL):
-            idx = t + e * NT
-            r = idx // BKW
-            n, i = n0 + r, k0 // VPW + idx - r * BKW
-            fr[e, 0], fr[e, 1], wr[e] = float32(0.0), float32(0.0), uint64(0)
-            if idx < WORDS and n < w.shape[0] and i < rows[0]:
-                wr[e] = w[n, i]
-                fr[e, 0], fr[e, 1] = factors(w, n, rows[2], i // WPG)
+    def fetch_word(w, n, c, idx, k0, e, wr, fr, rows):
+        i = k0 // VPW + c
+        fr[e, 0], fr[e, 1], wr[e] = float32(0.0), float32(0.0), uint64(0)
+        if idx < WORDS and n < w.shape[0] and i < rows[0]:
+            wr[e] = w[n, i]
+            fr[e, 0], fr[e, 1] = factors(w, n, rows[2], i // WPG)
+    fetch, stage_x = _make_fetch(tiles, T, WL, BKW, fetch_word)
 
     @device
     def stage(w, n0, k0, xr, wr, fr, xs, ws, fs, rows):
