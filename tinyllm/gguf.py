@@ -705,14 +705,18 @@ def merges_from_scores(tokens, scores, types):
     adjacent pair whose joined piece scores highest. As a merge list (what transformers' converter writes into
     tokenizer.json): every split of every normal piece into two pieces of the vocabulary, best score first."""
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
+    merges = []                             # (-score of the joined piece, left id, right id): sorted as they stand
     for piece, score, kind in zip(tokens, scores, types):
         if kind != NORMAL:
             continue
-        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-        merges += [(-score, vocab[a], vocab[b], a, b) for a, b in splits]
-    merges.sort(key=lambda m: m[:3])
-    return [(a, b) for _, _, _, a, b in merges]
+        for k in range(1, len(piece)):
+            left = vocab.get(piece[:k])
+            if left is not None:
+                right = vocab.get(piece[k:])
+                if right is not None:
+                    merges.append((-score, left, right))
+    merges.sort()
+    return [(tokens[left], tokens[right]) for _, left, right in merges]
 
 
 def gguf_tokenizer(meta):
@@ -762,8 +766,8 @@ def gguf_tokenizer(meta):
 def _items(meta, key, kind, default=None):
     """The array `key`, every item a `kind` (str, int, or float: any number) -> list."""
     values = meta.require(key, list) if default is None else meta.get(key, list, default)
-    ok = (int, float) if kind is float else kind
-    if not all(isinstance(v, ok) and not isinstance(v, bool) for v in values):
+    ok = {int, float} if kind is float else {kind}
+    if not set(map(type, values)) <= ok:                # exact types: a bool is not an int here
         raise TokenizerError(f"{meta.source}: {key} holds items that are not of type {kind.__name__}")
     return values
 
