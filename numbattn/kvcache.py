@@ -333,10 +333,15 @@ class KVCache:
             kh, vh = _backend.to_host(k), _backend.to_host(v)
             K = self._k[layer].copy_to_host() if self.on_device else self._k[layer]
             V = self._v[layer].copy_to_host() if self.on_device else self._v[layer]
+            S = self._slots[layer]
             for b, n in enumerate(lengths):
-                slots = (n + np.arange(t)) % self._slots[layer]
-                K[b, :, slots] = kh[b].swapaxes(0, 1)
-                V[b, :, slots] = vh[b].swapaxes(0, 1)
+                first = n % S
+                if first + t <= S:          # slots first .. first + t - 1: a slice (a token's decode step)
+                    K[b, :, first:first + t], V[b, :, first:first + t] = kh[b], vh[b]
+                else:                       # a ring wrapping past its last slot
+                    slots = (n + np.arange(t)) % S
+                    K[b, :, slots] = kh[b].swapaxes(0, 1)
+                    V[b, :, slots] = vh[b].swapaxes(0, 1)
             if self.on_device:
                 self._k[layer].copy_to_device(K)
                 self._v[layer].copy_to_device(V)

@@ -312,6 +312,21 @@ def test_ring_appends_wrap_around(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", [KERNEL, "numpy"])
+def test_a_chunk_that_wraps_the_ring_lands_in_both_ends(backend):
+    """3 tokens then 3 more into a ring of 5 slots: tokens 3, 4 go to slots 3, 4 and token 5 to slot 0 (the
+    NumPy path writes a slice when the chunk fits before the end, the slots one by one when it wraps)."""
+    rng = np.random.default_rng(11)
+    cache = numbattn.KVCache(1, 1, 2, 30, 16, backend=backend, windows=3, max_chunk=3)      # 5 slots
+    (k1, v1), (k2, v2) = rand_kv(rng, 1, 2, 3, 16), rand_kv(rng, 1, 2, 3, 16)
+    cache.append(0, k1, v1)
+    cache.append(0, k2, v2)
+    K, V = host(cache.k(0)), host(cache.v(0))
+    assert np.array_equal(K[:, :, 1:3], k1[:, :, 1:]) and np.array_equal(K[:, :, 3:], k2[:, :, :2])
+    assert np.array_equal(K[:, :, 0], k2[:, :, 2]) and np.array_equal(V[:, :, 0], v2[:, :, 2])
+    assert np.array_equal(V[:, :, 3:], v2[:, :, :2]) and cache.lengths.tolist() == [6]
+
+
+@pytest.mark.parametrize("backend", [KERNEL, "numpy"])
 def test_ring_append_longer_than_max_chunk_is_refused(backend):
     rng = np.random.default_rng(11)
     cache = numbattn.KVCache(2, 1, 1, 30, 16, backend=backend, windows=[3, None], max_chunk=2)   # 4 slots
