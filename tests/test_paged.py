@@ -135,6 +135,18 @@ def test_host_query_and_numpy_backend_agree():
             numbattn.paged_decode_attention(q, caches[KERNEL], 0, np.array([1, 0]), softcap=bad)
 
 
+def test_an_out_buffer_of_the_wrong_shape_or_dtype_is_refused():
+    """out must be a float32 device array shaped as q: a float16 one would hold the result rounded, silently."""
+    from numba import cuda
+    cache, _ = filled_cache(np.random.default_rng(6), [3, 6], KERNEL)
+    q = np.ones((2, 4, D), np.float32)
+    for out in (cuda.device_array((2, 4, D), np.float16), cuda.device_array((2, 2, D), np.float32),
+                np.zeros((2, 4, D), np.float32)):
+        with pytest.raises(ValueError, match="out has shape"):
+            numbattn.paged_decode_attention(cuda.to_device(q), cache, 0, cuda.to_device(np.array([1, 0], np.int32)),
+                                            out=out)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_paged_decode_at_tinyllama_shapes(dtype):
