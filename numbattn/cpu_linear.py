@@ -51,6 +51,7 @@ from .kernels.blocks import ZERO, cpu_factors
 from .kernels.common import cpu_kernel, keyed_cache, stamp_cache
 from .kernels.cpu_dot import TOKENS, code_bytes, dequantize, dot_acc, dot_tokens, f32_of_half, prefetch
 
+FEW_TOKENS = 3              # a prompt's last block of at most this many tokens: GEMV steps, not a TOKENS block
 GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (the int8 gemm, or panels and BLAS)
 PANEL_ROWS = 1024           # rows per dequantized panel (SmolLM2's 41-token prompt: 140 ms, 256 rows: 161 ms)
 # A panel is dequantized on the calling thread alone, between matmuls that OpenBLAS runs on all of them. On Numba's
@@ -450,7 +451,9 @@ def q8_kernels(kind):
         dx qsum (b - a z) once; the lanes added at the row's end. Rows split over Numba's threads, ROW_BLOCK to a
         task, DOT_ROWS together, PREFETCH_ROWS ahead asked for.
     gemm(w, c, x, order, out): out [M, N] = x~ W^T for a chunk x [M, K]: each row's factors once, then TOKENS
-        tokens a dot_tokens call (the tokens padded to a multiple of TOKENS with zeros).
+        tokens a dot_tokens call (the tokens padded to a multiple of TOKENS with zeros), except a last block of at
+        most FEW_TOKENS tokens: dot_acc a token at a time (41 tokens: 5 blocks and 1, not 6 blocks; a whole block
+        costs about what 4 single tokens do: SmolLM2's 1536 x 576 matrix, 41 tokens 0.78 -> 0.71 ms).
     panel(w, c, r0, r1, buf): rows r0 .. r1 - 1 dequantized into buf (x in fp32: ACTIVATIONS), a group a
         dequantize call: one vector FMA.
     Kept compiled on disk under the kind (keyed_cache): a process loads them in ~0.2 s, compiling takes ~15 s."""
@@ -520,6 +523,7 @@ def _make_int8_gemm(affine):
         G, Mp = dxT.shape
         K, M, CB = G * Q8_GROUP, out.shape[0], code_bytes(c)
         A, acc, y = np.empty(G, np.float32), np.empty(8 * TOKENS, np.float32), np.empty(Mp, np.float32)
+        lanes = acc.reshape(TOKENS, 8)                  # token t's 8 lanes: lanes[t] = acc[8t : 8t + 8]
         for n in range(r0, r1):
             y[:] = float32(0.0)
             for g in range(G):                          # the row's factors, and its offsets' part for every token
@@ -527,12 +531,18 @@ def _make_int8_gemm(affine):
                 A[g] = a
                 for m in range(Mp):
                     y[m] += b * dxqT[g, m]
-            for m0 in range(0, Mp, TOKENS):             # TOKENS tokens a call: the group's codes unpacked once
+            for m0 in range(0, Mp, TOKENS):
                 acc[:] = float32(0.0)
-                for g in range(G):
-                    dot_tokens(c[n], CB * g, q, m0 * K + Q8_GROUP * g, K, A[g], dxT[g], m0, acc)
-                for t in range(min(TOKENS, M - m0)):
-                    out[m0 + t, n] = y[m0 + t] + acc[8 * t:8 * t + 8].sum()
+                r = min(TOKENS, M - m0)
+                if r > FEW_TOKENS:                      # TOKENS tokens a call: the group's codes unpacked once
+                    for g in range(G):
+                        dot_tokens(c[n], CB * g, q, m0 * K + Q8_GROUP * g, K, A[g], dxT[g], m0, acc)
+                else:                                   # the last few: a token at a time, no work for the padding
+                    for t in range(r):
+                        for g in range(G):
+                            dot_acc(c[n], CB * g, q, (m0 + t) * K + Q8_GROUP * g, A[g] * dxT[g, m0 + t], lanes[t])
+                for t in range(r):
+                    out[m0 + t, n] = y[m0 + t] + lanes[t].sum()
 
     @cpu_kernel(parallel=True)
     def gemm(w, c, x, order, out):

@@ -40,16 +40,17 @@ def q8_rounded(x):
 @pytest.mark.parametrize("activations", ["fp32", "q8"])
 @pytest.mark.parametrize("kind", list(blocks.BLOCK_KINDS))
 def test_x_times_w_transposed_on_blocks(kind, activations, monkeypatch):
-    """1 and 2 tokens (the GEMV), 5 and 6 tokens (a chunk: with "q8", the int8 gemm, TOKENS tokens a call, the last call
-    partial; with "fp32" panels of 16 rows: 70 rows = 4 panels, the last partial), [b, s, K]. With "q8", Q8_KINDS
-    quantize x, and the reference takes x so quantized."""
+    """1 and 2 tokens (the GEMV), 3, 5, 6, 9 and 11 tokens (a chunk: with "q8", the int8 gemm, TOKENS tokens a call,
+    the last call partial, and a last block of at most FEW_TOKENS (3 alone, 8 + 1, 8 + 3) a token at a time; with
+    "fp32" panels of 16 rows: 70 rows = 4 panels, the last partial), [b, s, K]. With "q8", Q8_KINDS quantize x, and
+    the reference takes x so quantized."""
     monkeypatch.setattr(cpu_linear, "PANEL_ROWS", 16)
     monkeypatch.setattr(cpu_linear, "ACTIVATIONS", activations)
     rng = np.random.default_rng(len(kind))
     k = 512 if blocks.BLOCK_KINDS[kind].block == 256 else 96
     w, w64 = block_matrix(rng, kind, 70, k)
     assert w.shape == (70, k) and w.T.shape == (k, 70) and w.T.T is w
-    for shape in ((1, k), (2, k), (5, k), (2, 3, k), (1, 11, k)):
+    for shape in ((1, k), (2, k), (3, k), (5, k), (2, 3, k), (1, 9, k), (1, 11, k)):
         x = rng.standard_normal(shape).astype(np.float32)
         got = x @ w.T
         quantized = activations == "q8" and kind in cpu_linear.Q8_KINDS
