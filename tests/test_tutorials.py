@@ -166,24 +166,35 @@ def solution():
 _lesson.exercise(9, "a demo", stub, solution, score)
 _lesson.break_it("first", "a mistake", "it fails", "the answer", lambda: _lesson.close("the answer", 2.0, 1.0))
 _lesson.break_it("second", "another", "it fails too", "the answer", lambda: _lesson.close("the answer", 3.0, 1.0))
+_lesson.break_it("third", "a counted one", "it fails", "the answer", lambda: _lesson.close("the answer", 4.0, 1.0),
+                 simulator_only=True)
 print("the end")
 """
 
 
-def run_switches(*args, selftest=False):
+def run_switches(*args, selftest=False, simulator=True):
     code = LESSON_SWITCHES.format(tutorials=str(TUTORIALS))
-    env = dict(os.environ, NUMBATTN_TUTORIAL_SELFTEST="1" if selftest else "0")
+    env = dict(os.environ, NUMBATTN_TUTORIAL_SELFTEST="1" if selftest else "0",
+               NUMBA_ENABLE_CUDASIM="1" if simulator else "0")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)
 
 
 def test_the_command_line_switches(tmp_path):
-    """_lesson's switches, on a demo exercise and two demo breaks (no lesson runs: the lessons' own runs above
+    """_lesson's switches, on a demo exercise and three demo breaks (no lesson runs: the lessons' own runs above
     check their exercises and breaks): --exercise scores yours and stops at it with yours vs expected; --break
-    NAME runs up to that switch, prints its whole message, and stops; a plain run tries every switch; the selftest
-    scores the stub first; a budget overrun is a failure too."""
+    NAME runs up to that switch, prints its whole message, and stops; a plain run tries every switch (on a GPU
+    run, a simulator-only one says it is not available, and stops there when asked for); the selftest scores the
+    stub first; a budget overrun is a failure too."""
     plain = run_switches()
     assert plain.returncode == 0 and "solution passes: reads 3 <= 4" in plain.stdout and "the end" in plain.stdout
-    assert plain.stdout.count("confirmed: the answer") == 2
+    assert plain.stdout.count("confirmed: the answer") == 3
+    gpu = run_switches(simulator=False)             # a GPU run: the simulator-only switch is offered, not tried
+    assert gpu.returncode == 0 and gpu.stdout.count("confirmed: the answer") == 2 and "the end" in gpu.stdout
+    assert "--break third: not available here: it runs in the simulator only" in gpu.stdout
+    asked = run_switches("--break", "third", simulator=False)
+    assert "--break third: not available here" in asked.stdout and "the end" not in asked.stdout
+    other = run_switches("--break", "second", simulator=False)
+    assert "--break second: another" in other.stdout and "third" not in other.stdout
     mine = run_switches("--exercise")
     assert mine.returncode != 0 and "AssertionError: exercise 9 (the answer): 1 of 1 values differ" in mine.stderr
     assert "yours 0, expected 1" in mine.stderr and "the end" not in mine.stdout

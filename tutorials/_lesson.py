@@ -134,6 +134,9 @@ def break_it(name, mistake, prediction, expect, run, catch=(AssertionError,), si
     --break NAME: only that switch runs, its whole message is printed, and the lesson stops there. A
     `simulator_only` switch is offered on a GPU run as "not available here", with the reason."""
     if simulator_only and os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0"):
+        if BREAK and BREAK != name:                 # another switch was asked for: nothing to say about this one
+            BREAKS.append(name)
+            return None
         return skip_break(name, SIMULATOR_ONLY)
     BREAKS.append(name)
     if BREAK and BREAK != name:
