@@ -11,7 +11,7 @@ Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the
              is an int32 sum of byte products (kernels/cpu_dot.py: vpdpbusd where the CPU has VNNI), scaled once
              per group:  W[n] . x~ = sum_g dx_g (a_ng (c_ng . q_g - z qsum_g) + b_ng qsum_g)
     int8 gemm  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS: the same arithmetic, each group's codes
-             unpacked once for TOKENS tokens (kernels/cpu_dot.py dot_tokens), the row's factors once for all.
+             unpacked once for TOKENS tokens (kernels/cpu_dot.py dot_row_tokens), the row's factors once for all.
     gemv     one token, the other kinds (5- and 6-bit codes), or ACTIVATIONS = "fp32": each group's codes turned
              into floats in registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset
              added once as b' sum(x); x staged once per call in the codes' order (low nibbles, then high).
@@ -49,7 +49,7 @@ from .kernels import blocks as blocks_kernels
 from .kernels import common, cpu_dot
 from .kernels.blocks import ZERO, cpu_factors
 from .kernels.common import cpu_kernel, keyed_cache, stamp_cache
-from .kernels.cpu_dot import TOKENS, code_bytes, dequantize, dot_acc, dot_tokens, f32_of_half, prefetch
+from .kernels.cpu_dot import TOKENS, code_bytes, dequantize, dot_acc, dot_row_tokens, f32_of_half, prefetch
 
 FEW_TOKENS = 3              # a prompt's last block of at most this many tokens: GEMV steps, not a TOKENS block
 GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (the int8 gemm, or panels and BLAS)
@@ -451,7 +451,7 @@ def q8_kernels(kind):
         dx qsum (b - a z) once; the lanes added at the row's end. Rows split over Numba's threads, ROW_BLOCK to a
         task, DOT_ROWS together, PREFETCH_ROWS ahead asked for.
     gemm(w, c, x, order, out): out [M, N] = x~ W^T for a chunk x [M, K]: each row's factors once, then TOKENS
-        tokens a dot_tokens call (the tokens padded to a multiple of TOKENS with zeros), except a last block of at
+        tokens a dot_row_tokens call (the tokens padded to a multiple of TOKENS with zeros), except a last block of at
         most FEW_TOKENS tokens: dot_acc a token at a time (41 tokens: 5 blocks and 1, not 6 blocks; a whole block
         costs about what 4 single tokens do: SmolLM2's 1536 x 576 matrix, 41 tokens 0.78 -> 0.71 ms).
     panel(w, c, r0, r1, buf): rows r0 .. r1 - 1 dequantized into buf (x in fp32: ACTIVATIONS), a group a
@@ -535,8 +535,7 @@ def _make_int8_gemm(affine):
                 acc[:] = float32(0.0)
                 r = min(TOKENS, M - m0)
                 if r > FEW_TOKENS:                      # TOKENS tokens a call: the group's codes unpacked once
-                    for g in range(G):
-                        dot_tokens(c[n], CB * g, q, m0 * K + Q8_GROUP * g, K, A[g], dxT[g], m0, acc)
+                    dot_row_tokens(c[n], q, m0 * K, K, A, dxT, m0, acc)
                 else:                                   # the last few: a token at a time, no work for the padding
                     for t in range(r):
                         for g in range(G):

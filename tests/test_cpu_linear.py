@@ -139,8 +139,9 @@ def test_the_numpy_engine_refuses_bf16_weights(tmp_path, wide_dir):
 
 def test_the_int8_kernels_without_vnni_are_the_same_statement(tmp_path):
     """The portable IR (one int32 reduce per group and token), which CPUs without VNNI run, compiled on purpose in
-    a child process (NUMBATTN_CPU_VNNI=0, its own Numba cache): the GEMV and the GEMM on 9 tokens (a full call of
-    TOKENS and a partial one), Q4_1 and Q8_0, against the same float64 statement."""
+    a child process (NUMBATTN_CPU_VNNI=0, its own Numba cache): the GEMV, and the GEMM on 9 tokens (a full call of
+    TOKENS and one token alone) and 12 (a full call and a padded one), Q4_1 and Q8_0, against the same float64
+    statement."""
     script = tmp_path / "portable.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -153,7 +154,7 @@ def test_the_int8_kernels_without_vnni_are_the_same_statement(tmp_path):
         for kind in ("q4_1", "q8_0"):
             rng = np.random.default_rng(9)
             w, w64 = block_matrix(rng, kind, 12, 96)
-            for tokens in (1, 9):
+            for tokens in (1, 9, 12):
                 x = rng.standard_normal((tokens, 96)).astype(np.float32)
                 want = q8_rounded(x) @ w64.T
                 assert np.abs(x @ w.T - want).max() <= 1e-5 * np.abs(want).max(), (kind, tokens)

@@ -33,10 +33,13 @@ the callers (numbattn/cpu_linear.py) pass offsets of whole groups inside the row
     dot_acc(c, i, q, j, s, acc)      acc[0:8] += s * (codes . q[j : j+32]) spread over the 8 lanes; c uint8:
                                      16 bytes of 4-bit pairs at c[i] (low nibbles . q[j : j+16], high nibbles
                                      . q[j+16 : j+32]); c int8: 32 int8 codes (top bit flipped: c + 128)
-    dot_tokens(c, i, q, j, stride, a, s, k, acc)   the same for TOKENS tokens of a prompt chunk at once (token
-                                     t: q[j + t stride], scale a s[k+t], lanes acc[8t : 8t+8]), the codes
-                                     unpacked once: the int8 GEMM's step (8 tokens: as fast as 4 on one
-                                     thread, faster on two)
+    dot_row_tokens(c, q, j, stride, a, s, k, acc)   the same for TOKENS tokens of a prompt chunk and a
+                                     whole row (G groups) at once (token t's group g: q[j + t stride + 32 g],
+                                     scale a[g] s[g, k+t], lanes acc[8t : 8t+8]), each group's codes unpacked
+                                     once, the TOKENS accumulators kept in registers across the groups (with
+                                     a Numba loop over the groups they went through memory at every group:
+                                     4-7% slower): the int8 GEMM's step (8 tokens: as fast as 4 on one thread,
+                                     faster on two)
     dequantize(c, i, a, b, out, j)   out[j : j+32] = a * codes + b (one vector FMA; prefill's fp32 panels)
     The codes array's dtype picks their unpacking when Numba compiles the caller: uint8 4-bit, int8 8-bit.
     f32_of_half(bits)                an fp16's float32 (vcvtph2ps with F16C)
@@ -215,37 +218,51 @@ def prefetch(typingctx, a, i):
 
 
 # --------------------------------------------------------------------------------------------------------
-# A group's codes against TOKENS tokens at once (prefill): the codes unpacked once
+# A row's codes against TOKENS tokens at once (prefill): each group's codes unpacked once
 # --------------------------------------------------------------------------------------------------------
 TOKENS = 8          # tokens a call: more independent sums to hide vpdpbusd's latency behind, one unpacking
 
 
-def _accumulate_tokens(context, builder, signature, args, codes):
-    """acc[8t : 8t+8] += a s[k+t] (codes . q[j + t stride : +32]) for t < TOKENS; args = (c, i, q, j, stride, a, s,
-    k, acc)."""
-    _, _, q, j, stride, a, s, k, acc = args
-    scales = context.make_array(signature.args[6])(context, builder, s).data
+def _row_tokens(context, builder, signature, args):
+    """acc[8t : 8t+8] = sum_g a[g] s[g, k+t] (codes_g . q[j + t stride + 32 g : +32]) for t < TOKENS, over a row's
+    G groups in one loop: the TOKENS accumulators live in registers across the groups (allocas LLVM promotes),
+    stored to acc once. args = (c, q, j, stride, a, s, k, acc); s [G, Mp] C-contiguous."""
+    c, q, j, stride, a, s, k, acc = args
+    ctype, qtype, atype, stype, acctype = (signature.args[n] for n in (0, 1, 4, 5, 7))
+    f8 = ir.VectorType(F32, 8)
+    unpack = _unpack_for(ctype)
+    group_bytes = 32 if ctype.dtype == types.int8 else 16
+    s_array = context.make_array(stype)(context, builder, s)
+    G, Mp = cgutils.unpack_tuple(builder, s_array.shape, 2)
+    a_data, s_data = context.make_array(atype)(context, builder, a).data, s_array.data
+    lanes = [cgutils.alloca_once_value(builder, ir.Constant(f8, [0.0] * 8)) for _ in range(TOKENS)]
+    with cgutils.for_range(builder, G) as loop:
+        g = loop.index
+        codes = unpack(context, builder, ctype, c, builder.mul(g, ir.Constant(g.type, group_bytes)))
+        a_g = builder.load(builder.gep(a_data, [g]))
+        row = builder.mul(g, Mp)
+        for t in range(TOKENS):
+            offset = builder.add(builder.add(j, builder.mul(stride, ir.Constant(stride.type, t))),
+                                 builder.mul(g, ir.Constant(g.type, 32)))
+            x = builder.load(_vector_at(context, builder, qtype, q, offset, 32), align=1)
+            s_gt = builder.load(builder.gep(s_data, [builder.add(row, builder.add(k, ir.Constant(k.type, t)))]))
+            _add_scaled_dot(context, builder, codes, x, builder.fmul(a_g, s_gt), lanes[t])
     for t in range(TOKENS):
-        offset = builder.add(j, builder.mul(stride, ir.Constant(stride.type, t)))
-        x = builder.load(_vector_at(context, builder, signature.args[2], q, offset, 32), align=1)
-        scale = builder.fmul(a, builder.load(builder.gep(scales, [builder.add(k, ir.Constant(k.type, t))])))
-        lanes = _vector_at(context, builder, signature.args[8], acc, ir.Constant(I32, 8 * t), 8, F32)
-        _add_scaled_dot(context, builder, codes, x, scale, lanes)
+        out = _vector_at(context, builder, acctype, acc, ir.Constant(I32, 8 * t), 8, F32)
+        builder.store(builder.load(lanes[t]), out, align=4)
     return context.get_dummy_value()
 
 
-def _check_tokens(c, q, a, s, acc):
-    _check(c, q, a, acc)
-    if not (isinstance(s, types.Array) and s.ndim == 1 and s.dtype == types.float32):
-        raise TypeError(f"the scales of dot_tokens take a 1-D float32 array, not {s}")
-
-
 @intrinsic
-def dot_tokens(typingctx, c, i, q, j, stride, a, s, k, acc):
-    """dot_acc for TOKENS tokens at once, the group's codes unpacked once: token t's 32 int8 at q[j + t stride],
-    its scale a s[k + t], its 8 lanes acc[8t : 8t+8]."""
-    _check_tokens(c, q, a, s, acc)
-    return types.none(c, i, q, j, stride, a, s, k, acc), _with_codes(_unpack_for(c), _accumulate_tokens)
+def dot_row_tokens(typingctx, c, q, j, stride, a, s, k, acc):
+    """dot_acc for TOKENS tokens of a prompt chunk and a whole row at once: acc[8t : 8t+8] = the lanes of token t's
+    dot product with row c (G groups: s.shape[0]), token t's group g at q[j + t stride + 32 g], scaled by
+    a[g] s[g, k + t]; each group's codes unpacked once for the TOKENS tokens."""
+    _check(c, q, types.float32, acc)
+    if not (isinstance(s, types.Array) and s.ndim == 2 and s.layout == "C" and s.dtype == types.float32
+            and isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.float32):
+        raise TypeError(f"dot_row_tokens takes a [G] and s [G, Mp] float32 (C order), not {a}, {s}")
+    return types.none(c, q, j, stride, a, s, k, acc), _row_tokens
 
 
 @intrinsic
@@ -258,3 +275,4 @@ def code_bytes(typingctx, c):
     def codegen(context, builder, signature, args):
         return context.get_constant(types.intp, n)
     return types.intp(c), codegen
+
