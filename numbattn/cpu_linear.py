@@ -11,7 +11,7 @@ Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the
              is an int32 sum of byte products (kernels/cpu_dot.py: vpdpbusd where the CPU has VNNI), scaled once
              per group:  W[n] . x~ = sum_g dx_g (a_ng (c_ng . q_g - z qsum_g) + b_ng qsum_g)
     int8 gemm  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS: the same arithmetic, each group's codes
-             unpacked once for TOKENS tokens (kernels/cpu_dot.py dot_row_tokens), the row's factors once for all.
+             unpacked once for TOKENS tokens and x once for ROWS rows (kernels/cpu_dot.py dot_rows_tokens).
     gemv     one token, the other kinds (5- and 6-bit codes), or ACTIVATIONS = "fp32": each group's codes turned
              into floats in registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset
              added once as b' sum(x); x staged once per call in the codes' order (low nibbles, then high).
@@ -49,7 +49,7 @@ from .kernels import blocks as blocks_kernels
 from .kernels import common, cpu_dot
 from .kernels.blocks import ZERO, cpu_factors
 from .kernels.common import cpu_kernel, keyed_cache, stamp_cache
-from .kernels.cpu_dot import TOKENS, code_bytes, dequantize, dot_acc, dot_row_tokens, f32_of_half, prefetch
+from .kernels.cpu_dot import ROWS, TOKENS, code_bytes, dequantize, dot_acc, dot_rows_tokens, f32_of_half, prefetch
 
 FEW_TOKENS = 3              # a prompt's last block of at most this many tokens: GEMV steps, not a TOKENS block
 GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (the int8 gemm, or panels and BLAS)
@@ -62,6 +62,7 @@ PANEL_ROWS = 1024           # rows per dequantized panel (SmolLM2's 41-token pro
 ROW_BLOCK = 32              # rows per parallel task of the GEMV
 PREFETCH_ROWS = 8           # the int8 GEMV asks for the rows this far ahead while it works on 4
 DOT_ROWS = 4                # rows the GEMV takes together: each load of x serves 4 (1.8x faster than 1; 8: slower)
+assert DOT_ROWS % ROWS == 0 and ROW_BLOCK % DOT_ROWS == 0   # the int8 gemm steps ROWS rows through padded rows
 CPU_KINDS = tuple(blocks.BLOCK_KINDS)
 Q8_KINDS = ("q8_0", "q4_0", "q4_1", "q4_k")     # 8- or 4-bit codes in groups of 32: int8 dot products (see ACTIVATIONS)
 Q8_GROUP = 32
@@ -451,9 +452,10 @@ def q8_kernels(kind):
         dx qsum (b - a z) once; the lanes added at the row's end. Rows split over Numba's threads, ROW_BLOCK to a
         task, DOT_ROWS together, PREFETCH_ROWS ahead asked for.
     gemm(w, c, x, order, out): out [M, N] = x~ W^T for a chunk x [M, K]: each row's factors once, then TOKENS
-        tokens a dot_row_tokens call (the tokens padded to a multiple of TOKENS with zeros), except a last block of at
-        most FEW_TOKENS tokens: dot_acc a token at a time (41 tokens: 5 blocks and 1, not 6 blocks; a whole block
-        costs about what 4 single tokens do: SmolLM2's 1536 x 576 matrix, 41 tokens 0.78 -> 0.71 ms).
+        tokens and ROWS rows a dot_rows_tokens call (the tokens padded to a multiple of TOKENS with zeros), except
+        a last block of at most FEW_TOKENS tokens: dot_acc a token at a time (41 tokens: 5 blocks and 1, not 6
+        blocks; a whole block costs about what 4 single tokens do: SmolLM2's 1536 x 576 matrix, 41 tokens 0.78 ->
+        0.71 ms).
     panel(w, c, r0, r1, buf): rows r0 .. r1 - 1 dequantized into buf (x in fp32: ACTIVATIONS), a group a
         dequantize call: one vector FMA.
     Kept compiled on disk under the kind (keyed_cache): a process loads them in ~0.2 s, compiling takes ~15 s."""
@@ -522,26 +524,31 @@ def _make_int8_gemm(affine):
     def task(w, c, r0, r1, q, dxT, dxqT, out):
         G, Mp = dxT.shape
         K, M, CB = G * Q8_GROUP, out.shape[0], code_bytes(c)
-        A, acc, y = np.empty(G, np.float32), np.empty(8 * TOKENS, np.float32), np.empty(Mp, np.float32)
-        lanes = acc.reshape(TOKENS, 8)                  # token t's 8 lanes: lanes[t] = acc[8t : 8t + 8]
-        for n in range(r0, r1):
-            y[:] = float32(0.0)
-            for g in range(G):                          # the row's factors, and its offsets' part for every token
-                a, b = affine(w, n, CB * G, g)
-                A[g] = a
-                for m in range(Mp):
-                    y[m] += b * dxqT[g, m]
+        A, y = np.empty((ROWS, G), np.float32), np.empty((ROWS, Mp), np.float32)
+        acc = np.empty(ROWS * TOKENS * 8, np.float32)
+        lanes = acc.reshape(ROWS, TOKENS, 8)            # row r's token t: lanes[r, t] = acc[(r TOKENS + t) 8 : +8]
+        for n in range(r0, r1, ROWS):                   # (the rows are padded to a multiple of DOT_ROWS)
+            y[:, :] = float32(0.0)
+            for r in range(ROWS):
+                for g in range(G):                      # the row's factors, and its offsets' part for every token
+                    a, b = affine(w, n + r, CB * G, g)
+                    A[r, g] = a
+                    for m in range(Mp):
+                        y[r, m] += b * dxqT[g, m]
             for m0 in range(0, Mp, TOKENS):
                 acc[:] = float32(0.0)
-                r = min(TOKENS, M - m0)
-                if r > FEW_TOKENS:                      # TOKENS tokens a call: the group's codes unpacked once
-                    dot_row_tokens(c[n], q, m0 * K, K, A, dxT, m0, acc)
+                u = min(TOKENS, M - m0)
+                if u > FEW_TOKENS:                      # TOKENS tokens a call: the group's codes unpacked once
+                    dot_rows_tokens(c, n, q, m0 * K, K, A, dxT, m0, acc)
                 else:                                   # the last few: a token at a time, no work for the padding
-                    for t in range(r):
-                        for g in range(G):
-                            dot_acc(c[n], CB * g, q, (m0 + t) * K + Q8_GROUP * g, A[g] * dxT[g, m0 + t], lanes[t])
-                for t in range(r):
-                    out[m0 + t, n] = y[m0 + t] + lanes[t].sum()
+                    for r in range(ROWS):
+                        for t in range(u):
+                            for g in range(G):
+                                dot_acc(c[n + r], CB * g, q, (m0 + t) * K + Q8_GROUP * g, A[r, g] * dxT[g, m0 + t],
+                                        lanes[r, t])
+                for r in range(ROWS):
+                    for t in range(u):
+                        out[m0 + t, n + r] = y[r, m0 + t] + lanes[r, t].sum()
 
     @cpu_kernel(parallel=True)
     def gemm(w, c, x, order, out):

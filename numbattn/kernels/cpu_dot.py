@@ -33,13 +33,14 @@ the callers (numbattn/cpu_linear.py) pass offsets of whole groups inside the row
     dot_acc(c, i, q, j, s, acc)      acc[0:8] += s * (codes . q[j : j+32]) spread over the 8 lanes; c uint8:
                                      16 bytes of 4-bit pairs at c[i] (low nibbles . q[j : j+16], high nibbles
                                      . q[j+16 : j+32]); c int8: 32 int8 codes (top bit flipped: c + 128)
-    dot_row_tokens(c, q, j, stride, a, s, k, acc)   the same for TOKENS tokens of a prompt chunk and a
-                                     whole row (G groups) at once (token t's group g: q[j + t stride + 32 g],
-                                     scale a[g] s[g, k+t], lanes acc[8t : 8t+8]), each group's codes unpacked
-                                     once, the TOKENS accumulators kept in registers across the groups (with
-                                     a Numba loop over the groups they went through memory at every group:
-                                     4-7% slower): the int8 GEMM's step (8 tokens: as fast as 4 on one thread,
-                                     faster on two)
+    dot_rows_tokens(c, n, q, j, stride, a, s, k, acc)   the same for ROWS rows and TOKENS tokens of a
+                                     prompt chunk at once, over whole rows (G groups; row n + r, token t,
+                                     group g: codes c[n + r], x at q[j + t stride + 32 g], scale a[r, g]
+                                     s[g, k+t], lanes acc[(r TOKENS + t) 8 : +8]): each group's codes unpacked
+                                     once for the TOKENS tokens, each x loaded once for the ROWS rows, the
+                                     ROWS x TOKENS accumulators kept in registers across the groups (with a
+                                     Numba loop over the groups they went through memory at every group):
+                                     the int8 GEMM's step (8 tokens: as fast as 4 on one thread, faster on two)
     dequantize(c, i, a, b, out, j)   out[j : j+32] = a * codes + b (one vector FMA; prefill's fp32 panels)
     The codes array's dtype picks their unpacking when Numba compiles the caller: uint8 4-bit, int8 8-bit.
     f32_of_half(bits)                an fp16's float32 (vcvtph2ps with F16C)
@@ -223,46 +224,61 @@ def prefetch(typingctx, a, i):
 TOKENS = 8          # tokens a call: more independent sums to hide vpdpbusd's latency behind, one unpacking
 
 
-def _row_tokens(context, builder, signature, args):
-    """acc[8t : 8t+8] = sum_g a[g] s[g, k+t] (codes_g . q[j + t stride + 32 g : +32]) for t < TOKENS, over a row's
-    G groups in one loop: the TOKENS accumulators live in registers across the groups (allocas LLVM promotes),
-    stored to acc once. args = (c, q, j, stride, a, s, k, acc); s [G, Mp] C-contiguous."""
-    c, q, j, stride, a, s, k, acc = args
-    ctype, qtype, atype, stype, acctype = (signature.args[n] for n in (0, 1, 4, 5, 7))
+ROWS = 2            # rows a call: each token's 32 bytes of x, loaded once, serve both
+
+
+def _rows_tokens(context, builder, signature, args):
+    """acc[(r TOKENS + t) 8 : +8] = sum_g a[r, g] s[g, k+t] (codes of row n+r, group g) . q[j + t stride + 32 g :
+    +32] for r < ROWS, t < TOKENS, over the rows' G groups in one loop: the ROWS x TOKENS accumulators live in
+    registers across the groups (allocas LLVM promotes), stored to acc once. args = (c, n, q, j, stride, a, s, k,
+    acc); c [N, bytes] and s [G, Mp] C-contiguous, a [ROWS, G]."""
+    c, n, q, j, stride, a, s, k, acc = args
+    ctype, qtype, atype, stype, acctype = (signature.args[i] for i in (0, 2, 5, 6, 8))
     f8 = ir.VectorType(F32, 8)
     unpack = _unpack_for(ctype)
     group_bytes = 32 if ctype.dtype == types.int8 else 16
+    row_bytes = cgutils.unpack_tuple(builder, context.make_array(ctype)(context, builder, c).shape, 2)[1]
     s_array = context.make_array(stype)(context, builder, s)
     G, Mp = cgutils.unpack_tuple(builder, s_array.shape, 2)
     a_data, s_data = context.make_array(atype)(context, builder, a).data, s_array.data
-    lanes = [cgutils.alloca_once_value(builder, ir.Constant(f8, [0.0] * 8)) for _ in range(TOKENS)]
+    first = [builder.mul(builder.add(n, ir.Constant(n.type, r)), row_bytes) for r in range(ROWS)]
+    lanes = [[cgutils.alloca_once_value(builder, ir.Constant(f8, [0.0] * 8)) for _ in range(TOKENS)]
+             for _ in range(ROWS)]
     with cgutils.for_range(builder, G) as loop:
         g = loop.index
-        codes = unpack(context, builder, ctype, c, builder.mul(g, ir.Constant(g.type, group_bytes)))
-        a_g = builder.load(builder.gep(a_data, [g]))
+        at = builder.mul(g, ir.Constant(g.type, group_bytes))
+        codes = [unpack(context, builder, ctype, c, builder.add(first[r], at)) for r in range(ROWS)]
+        a_g = [builder.load(builder.gep(a_data, [builder.add(builder.mul(ir.Constant(G.type, r), G), g)]))
+               for r in range(ROWS)]
         row = builder.mul(g, Mp)
         for t in range(TOKENS):
             offset = builder.add(builder.add(j, builder.mul(stride, ir.Constant(stride.type, t))),
                                  builder.mul(g, ir.Constant(g.type, 32)))
             x = builder.load(_vector_at(context, builder, qtype, q, offset, 32), align=1)
             s_gt = builder.load(builder.gep(s_data, [builder.add(row, builder.add(k, ir.Constant(k.type, t)))]))
-            _add_scaled_dot(context, builder, codes, x, builder.fmul(a_g, s_gt), lanes[t])
-    for t in range(TOKENS):
-        out = _vector_at(context, builder, acctype, acc, ir.Constant(I32, 8 * t), 8, F32)
-        builder.store(builder.load(lanes[t]), out, align=4)
+            for r in range(ROWS):
+                _add_scaled_dot(context, builder, codes[r], x, builder.fmul(a_g[r], s_gt), lanes[r][t])
+    for r in range(ROWS):
+        for t in range(TOKENS):
+            out = _vector_at(context, builder, acctype, acc, ir.Constant(I32, 8 * (r * TOKENS + t)), 8, F32)
+            builder.store(builder.load(lanes[r][t]), out, align=4)
     return context.get_dummy_value()
 
 
 @intrinsic
-def dot_row_tokens(typingctx, c, q, j, stride, a, s, k, acc):
-    """dot_acc for TOKENS tokens of a prompt chunk and a whole row at once: acc[8t : 8t+8] = the lanes of token t's
-    dot product with row c (G groups: s.shape[0]), token t's group g at q[j + t stride + 32 g], scaled by
-    a[g] s[g, k + t]; each group's codes unpacked once for the TOKENS tokens."""
-    _check(c, q, types.float32, acc)
-    if not (isinstance(s, types.Array) and s.ndim == 2 and s.layout == "C" and s.dtype == types.float32
-            and isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.float32):
-        raise TypeError(f"dot_row_tokens takes a [G] and s [G, Mp] float32 (C order), not {a}, {s}")
-    return types.none(c, q, j, stride, a, s, k, acc), _row_tokens
+def dot_rows_tokens(typingctx, c, n, q, j, stride, a, s, k, acc):
+    """dot_acc for ROWS rows and TOKENS tokens of a prompt chunk at once, over whole rows: acc[(r TOKENS + t) 8 :
+    +8] = the lanes of token t's dot product with row n + r of c [N, bytes] (G groups: s.shape[0]), token t's group
+    g at q[j + t stride + 32 g], scaled by a[r, g] s[g, k + t]; each group's codes unpacked once for the TOKENS
+    tokens, each token's x once for the ROWS rows."""
+    ok = (isinstance(c, types.Array) and c.ndim == 2 and c.layout == "C" and c.dtype in (types.uint8, types.int8)
+          and isinstance(q, types.Array) and q.ndim == 1 and q.dtype == types.int8
+          and all(isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C" for x in (a, s, acc))
+          and (a.ndim, s.ndim, acc.ndim) == (2, 2, 1))
+    if not ok:
+        raise TypeError(f"dot_rows_tokens takes codes [N, bytes] (uint8 or int8), q int8, a [ROWS, G], s [G, Mp] and "
+                        f"acc float32 (C order); not {c}, {q}, {a}, {s}, {acc}")
+    return types.none(c, n, q, j, stride, a, s, k, acc), _rows_tokens
 
 
 @intrinsic
