@@ -17,8 +17,9 @@ Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the
              added once as b' sum(x); x staged once per call in the codes' order (low nibbles, then high).
     panel    a prompt chunk, the other kinds or ACTIVATIONS = "fp32": PANEL_ROWS rows at a time dequantized into
              an fp32 buffer, in the order x is staged, and multiplied by x with BLAS (x @ panel^T): every weight
-             decoded once per chunk, BLAS doing the O(M N K) work, x in fp32. SmolLM2's 41-token prompt takes
-             about as long this way as by the int8 gemm (180 ms both at 2 threads; BENCHMARKS.md).
+             decoded once per chunk, BLAS doing the O(M N K) work, x in fp32. SmolLM2's 41-token prompt took
+             about as long this way as by the int8 gemm on 2026-12-07 (180 ms both at 2 threads); the int8 gemm
+             has been made faster since (BENCHMARKS.md).
 
 Every kernel is kept compiled on disk (Numba's cache; closures made per kind are keyed by the kind, keyed_cache):
 compiling them takes 10-15 s, loading them ~0.2 s.
@@ -536,11 +537,11 @@ def _make_int8_gemm(affine):
                     for m in range(Mp):
                         y[r, m] += b * dxqT[g, m]
             for m0 in range(0, Mp, TOKENS):
-                acc[:] = float32(0.0)
                 u = min(TOKENS, M - m0)
                 if u > FEW_TOKENS:                      # TOKENS tokens a call: the group's codes unpacked once
-                    dot_rows_tokens(c, n, q, m0 * K, K, A, dxT, m0, acc)
+                    dot_rows_tokens(c, n, q, m0 * K, K, A, dxT, m0, acc)        # (sets every lane)
                 else:                                   # the last few: a token at a time, no work for the padding
+                    acc[:] = float32(0.0)
                     for r in range(ROWS):
                         for t in range(u):
                             for g in range(G):

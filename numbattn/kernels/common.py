@@ -122,7 +122,6 @@ def keyed_cache(kernels, key, files, choices=()):
     stamp_cache(kernels, files, choices)
 
 
-
 @device
 def kv_head(h, n_heads, n_kv_heads):
     """Grouped-query attention: query head h reads KV head h // (n_heads / n_kv_heads); K/V are never repeated."""

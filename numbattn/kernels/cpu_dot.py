@@ -222,9 +222,7 @@ def prefetch(typingctx, a, i):
 # A row's codes against TOKENS tokens at once (prefill): each group's codes unpacked once
 # --------------------------------------------------------------------------------------------------------
 TOKENS = 8          # tokens a call: more independent sums to hide vpdpbusd's latency behind, one unpacking
-
-
-ROWS = 2            # rows a call: each token's 32 bytes of x, loaded once, serve both
+ROWS = 2            # rows a call: each token's 32 bytes of x, loaded once, serve both (4: slower)
 
 
 def _rows_tokens(context, builder, signature, args):
@@ -236,7 +234,7 @@ def _rows_tokens(context, builder, signature, args):
     ctype, qtype, atype, stype, acctype = (signature.args[i] for i in (0, 2, 5, 6, 8))
     f8 = ir.VectorType(F32, 8)
     unpack = _unpack_for(ctype)
-    group_bytes = 32 if ctype.dtype == types.int8 else 16
+    group_bytes = _code_bytes(ctype)
     row_bytes = cgutils.unpack_tuple(builder, context.make_array(ctype)(context, builder, c).shape, 2)[1]
     s_array = context.make_array(stype)(context, builder, s)
     G, Mp = cgutils.unpack_tuple(builder, s_array.shape, 2)
@@ -281,12 +279,18 @@ def dot_rows_tokens(typingctx, c, n, q, j, stride, a, s, k, acc):
     return types.none(c, n, q, j, stride, a, s, k, acc), _rows_tokens
 
 
+def _code_bytes(c):
+    """Code bytes a group of 32 takes in rows of Numba array type c: 32 (int8: 8-bit codes) or 16 (uint8: 4-bit
+    pairs)."""
+    return 32 if c.dtype == types.int8 else 16
+
+
 @intrinsic
 def code_bytes(typingctx, c):
-    """Code bytes a group of 32 takes in rows c: 32 (int8 rows: 8-bit codes) or 16 (uint8 rows: 4-bit pairs)."""
+    """_code_bytes for the kernels: the code bytes a group of 32 takes in rows c (a compile-time constant)."""
     if not (isinstance(c, types.Array) and c.dtype in (types.uint8, types.int8)):
         raise TypeError(f"code_bytes takes an array of codes (uint8 or int8), not {c}")
-    n = 32 if c.dtype == types.int8 else 16
+    n = _code_bytes(c)
 
     def codegen(context, builder, signature, args):
         return context.get_constant(types.intp, n)
