@@ -92,6 +92,9 @@ def gpu_config(version, head_dim, group):
 
 
 def default_config(version, backend, head_dim, group):
+    """The launch shape for a backend: none for "numpy" (no launch: the CPU kernel), the GPU's, or the simulator's."""
+    if backend == "numpy":
+        return None
     if backend != "sim":
         return gpu_config(version, head_dim, group)
     if version == "v0":
@@ -225,6 +228,38 @@ def check_decode_args(q, cache, layer, scale, out, config, version, window, soft
     return layer, scale, config, min(window or own or cache.slots(layer), cache.slots(layer)), softcap
 
 
+def host_key(q, cache, out, key):
+    """The key under which a host cache keeps a host query's checked call (host_decode, made for its shape and dtype
+    with the call's other arguments: the checks depend on nothing else), or None: a device cache or query, an out,
+    an argument that cannot be a key. The NumPy engine's decode step then costs its kernel and ~2 us more (~15 us
+    of checks and set-up a layer before: a token of SmolLM2, 30 layers, spent 0.45 ms on them)."""
+    if out is not None or not isinstance(q, np.ndarray) or not hasattr(cache, "checked_calls") or cache.on_device:
+        return None
+    memo = (*key, q.shape, q.dtype.str)
+    try:
+        hash(memo)
+    except TypeError:                     # e.g. a list for a number: check_decode_args names it
+        return None
+    return memo
+
+
+def host_decode(cache, layer, scale, window, softcap):
+    """The NumPy backend's decode of one layer, arguments checked -> a function of a host q [batch, n_heads,
+    head_dim] -> float32 out: the CPU kernel reading a float32 cache's storage in place (a ring's slots too), or
+    for a float16 one the NumPy reference on the tokens each row sees (at the call: the function is kept)."""
+    k, v = _backend.to_host(cache.k(layer)), _backend.to_host(cache.v(layer))
+    if k.dtype == np.float32:
+        return cpu_attention.prepare(k, v, cache.host_lengths_view(layer), scale, window, softcap)
+
+    def reference_path(q):
+        if cache.kind(layer) == "full":     # token p in slot p already: the storage is the oracle's layout
+            keys, values, n = k, v, cache.layer_lengths(layer)
+        else:                               # a ring: each row's last min(n, window) tokens, gathered in order
+            keys, values, n = cache.last_tokens(layer, window)
+        return reference.decode_attention(q, keys, values, n, scale=scale, window=window, softcap=softcap)
+    return reference_path
+
+
 def decode_attention(q, cache, layer, scale=None, out=None, config=None, version=DEFAULT_VERSION, max_length=None,
                      stream=0, window=None, softcap=None):
     """One query token per row over the cached keys/values of `layer`: softmax(soft_cap(q k^T * scale)) v per row.
@@ -237,7 +272,8 @@ def decode_attention(q, cache, layer, scale=None, out=None, config=None, version
     without it, a device q's result lands in a buffer the cache keeps per layer: valid until the next call for
     that layer (pass `out` to keep results apart). `config` overrides the launch shape and `version` the kernel
     (tests use tiny splits and both kernels). A device q seen before (the same object, and the same out) skips
-    every check and goes straight to one launch. max_length: a bound on every row's length that fixes the grid
+    every check and goes straight to one launch; a host q on a host cache is checked once per shape, dtype and
+    argument set (host_key). max_length: a bound on every row's length that fixes the grid
     (so a launch captured into a CUDA graph stays right while the context grows up to it; default: the
     cache's current longest row). stream: a Numba stream for the launch (device q only).
     """
@@ -247,22 +283,21 @@ def decode_attention(q, cache, layer, scale=None, out=None, config=None, version
     if call is not None and call.q is q and (call.out is out or (out is None and call.owns_out)):
         call()                                           # the hot path: a device q (and out) seen before
         return call.out
-    layer, scale, config, window, softcap = check_decode_args(q, cache, layer, scale, out, config, version, window,
-                                                              softcap)
-    if max_length is not None and not 1 <= as_count("max_length", max_length) <= cache.max_len:
-        raise ValueError(f"max_length={max_length} must lie in [1, {cache.max_len}] (the cache's max_len)")
+    memo = host_key(q, cache, out, key)
+    host_call = cache.checked_calls.get(memo) if memo is not None else None
+    if host_call is None:
+        layer, scale, config, window, softcap = check_decode_args(q, cache, layer, scale, out, config, version,
+                                                                  window, softcap)
+        if max_length is not None and not 1 <= as_count("max_length", max_length) <= cache.max_len:
+            raise ValueError(f"max_length={max_length} must lie in [1, {cache.max_len}] (the cache's max_len)")
+        if memo is not None:
+            host_call = cache.checked_calls[memo] = host_decode(cache, layer, scale, window, softcap)
+    if host_call is not None:
+        return host_call(q)                              # a host q on a host cache
     on_device = _backend.is_device_array(q)
 
     def numpy_path():
-        k, v = _backend.to_host(cache.k(layer)), _backend.to_host(cache.v(layer))
-        if k.dtype == np.float32:           # the CPU kernel reads the storage in place (a ring's slots too)
-            o = cpu_attention.decode(_backend.to_host(q), k, v, cache.host_lengths_view(layer), scale, window, softcap)
-            return _backend.deliver(o, out, on_device)
-        if cache.kind(layer) == "full":     # token p in slot p already: the storage is the oracle's layout
-            n = cache.layer_lengths(layer)
-        else:                               # a ring: each row's last min(n, window) tokens, gathered in order
-            k, v, n = cache.last_tokens(layer, window)
-        o = reference.decode_attention(_backend.to_host(q), k, v, n, scale=scale, window=window, softcap=softcap)
+        o = host_decode(cache, layer, scale, window, softcap)(_backend.to_host(q))
         return _backend.deliver(o, out, on_device)
 
     def kernel_path():

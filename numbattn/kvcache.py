@@ -69,7 +69,18 @@ def _grid_x(n_elements, copy_shape):
 
 
 def check_append(k_new, v_new, k_cache, lengths_in, lengths_out, counters):
-    """Shapes and dtypes of one append: k_new, v_new [batch, n_kv_heads, t, head_dim] into the cache."""
+    """Shapes and dtypes of one append: k_new, v_new [batch, n_kv_heads, t, head_dim] into the cache, and the
+    length tables and tickets the kernel reads (int32 [batch])."""
+    check_new_tokens(k_new, v_new, k_cache)
+    b = k_cache.shape[0]
+    for name, x in (("lengths_in", lengths_in), ("lengths_out", lengths_out), ("counters", counters)):
+        if tuple(x.shape) != (b,) or np.dtype(x.dtype) != np.int32:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, dtype {np.dtype(x.dtype).name}; "
+                             f"expected ({b},) int32")
+
+
+def check_new_tokens(k_new, v_new, k_cache):
+    """k_new, v_new: arrays [batch, n_kv_heads, t >= 1, head_dim] of the cache's batch, KV heads and head_dim."""
     layout = "[batch, n_kv_heads, t, head_dim]"
     for name, x in (("k", k_new), ("v", v_new)):
         check_rank(name, x, 4, layout)
@@ -80,10 +91,6 @@ def check_append(k_new, v_new, k_cache, lengths_in, lengths_out, counters):
     if tuple(k_new.shape[:2]) != (b, h) or k_new.shape[3] != d or k_new.shape[2] < 1:
         raise ValueError(f"k has shape {tuple(k_new.shape)}; expected ({b}, {h}, t, {d}) with t >= 1 "
                          f"(the cache holds batch {b}, n_kv_heads {h}, head_dim {d})")
-    for name, x in (("lengths_in", lengths_in), ("lengths_out", lengths_out), ("counters", counters)):
-        if tuple(x.shape) != (b,) or np.dtype(x.dtype) != np.int32:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}, dtype {np.dtype(x.dtype).name}; "
-                             f"expected ({b},) int32")
 
 
 def launch_append(k_new, v_new, k_cache, v_cache, lengths_in, lengths_out, counters, copy_shape=GPU_COPY,
@@ -129,12 +136,13 @@ def layer_windows(windows, max_chunk, n_layers, max_len):
 def poison_layer(k, v, shape, dtype, on_device):
     """One layer's K and V arrays (host or device) all NaN again: what an empty slot holds, so that a kernel
     that reads one shows it (the module docstring)."""
+    if not on_device:
+        k.fill(np.nan)                  # in place: a NaN-filled copy first would double the bytes written
+        v.fill(np.nan)
+        return
     poison = np.full(shape, np.nan, dtype)
     for a in (k, v):
-        if on_device:
-            a.copy_to_device(poison)
-        else:
-            a[...] = poison
+        a.copy_to_device(poison)
 
 
 class KVCache:
@@ -179,6 +187,7 @@ class KVCache:
         self._lengths = np.zeros((self.n_layers, self.batch), np.int32)    # the host mirror of the lengths
         self._token_buffers = {}    # dtype -> device staging buffer for one decode token's k and v
         self._workspace = None          # numbattn.decode's buffers for this cache, made on first use
+        self.checked_calls = {}         # numbattn.decode's checked calls of host queries (decode.host_key)
         shapes = [self.layer_shape(layer) for layer in range(self.n_layers)]
         if self.on_device:
             self._k = [cuda.device_array(shape, dtype) for shape in shapes]
@@ -319,22 +328,18 @@ class KVCache:
         """Write k, v [batch, n_kv_heads, t, head_dim] at each row's current length of `layer` (a ring layer: at
         slots length mod slots, over its oldest tokens); advance it by t."""
         layer = self.check_layer(layer)
-        for name, x in (("k", k), ("v", v)):
-            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-                raise ValueError(f"{name} must be a NumPy or device array; got {type(x).__name__}")
+        check_new_tokens(k, v, self._k[layer])          # (the length tables are the cache's own)
         lengths = self._lengths[layer]
-        lengths_dev = self._len_views[layer] if self.on_device else lengths
-        check_append(k, v, self._k[layer], lengths_dev, lengths_dev, lengths_dev)
         t = k.shape[2]
         self._check_room(layer, t)
-        new_lengths = (lengths + t).astype(np.int32)
+        new_lengths = lengths + np.int32(t)
 
         def numpy_path():   # also the fallback if the kernel fails: host copies in, device copies back
             kh, vh = _backend.to_host(k), _backend.to_host(v)
             K = self._k[layer].copy_to_host() if self.on_device else self._k[layer]
             V = self._v[layer].copy_to_host() if self.on_device else self._v[layer]
             S = self._slots[layer]
-            for b, n in enumerate(lengths):
+            for b, n in enumerate(lengths.tolist()):
                 first = n % S
                 if first + t <= S:          # slots first .. first + t - 1: a slice (a token's decode step)
                     K[b, :, first:first + t], V[b, :, first:first + t] = kh[b], vh[b]
@@ -364,12 +369,13 @@ class KVCache:
         """Refuse (before anything is written) an append past max_len, or one longer than a ring layer can take
         while its first new query still sees its window: t <= slots - window + 1 (= max_chunk)."""
         lengths = self._lengths[layer]
-        if int(lengths.max()) + t > self.max_len:
+        top = int(lengths.max())
+        if top + t > self.max_len:
             rows = np.flatnonzero(lengths + t > self.max_len).tolist()
             raise ValueError(f"append of {t} tokens to layer {layer} overflows max_len {self.max_len}: rows "
                              f"{rows} hold {lengths[rows].tolist()} tokens; nothing was written")
         window, slots = self._windows[layer], self._slots[layer]
-        if window is not None and t > slots - window + 1 and int(lengths.max()) + t > slots:
+        if window is not None and t > slots - window + 1 and top + t > slots:
             raise ValueError(f"append of {t} tokens to layer {layer}: its ring of {slots} slots (window {window}) "
                              f"takes at most {slots - window + 1} tokens at once (max_chunk); nothing was written")
 

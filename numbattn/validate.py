@@ -21,7 +21,7 @@ def as_count(name, x):
 
 
 def check_dtype(name, x, allowed=DTYPES):
-    if np.dtype(x.dtype) not in [np.dtype(d) for d in allowed]:
+    if np.dtype(x.dtype) not in allowed:             # (a dtype equals its scalar type: np.dtype("f4") == np.float32)
         names = ", ".join(np.dtype(d).name for d in allowed)
         raise ValueError(f"{name} has dtype {np.dtype(x.dtype).name}; expected one of: {names}")
 

@@ -464,3 +464,25 @@ def test_the_cpu_decode_kernel_reads_a_wrapped_ring_in_place():
     for softcap in (None, 3.0):
         got, want = numbattn.decode_attention(q, cache, 0, softcap=softcap), hist.decode(q, 5, softcap)
         assert np.abs(got - want).max() <= RTOL * np.abs(want).max()
+
+
+def test_a_host_query_checked_once_still_follows_the_cache_and_refuses_bad_arguments():
+    """decode.host_key: a host cache keeps a host query's checked arguments per shape and argument set. A call of
+    the same shape after an append sees the new token; a wrong layer, window, dtype or shape after good calls is
+    still refused, and the cache is unchanged by the refusals."""
+    rng = np.random.default_rng(47)
+    cache, q = filled_cache(rng, [4, 2], n_heads=4, n_kv_heads=2, backend="numpy", n_layers=2)
+    for _ in range(3):
+        k, v = (rng.standard_normal((2, 2, 1, 16)).astype(np.float32) for _ in range(2))
+        cache.append(0, k, v)
+        got = numbattn.decode_attention(q, cache, 0)
+        assert np.abs(got - reference_fp64(q, cache, 0)).max() <= RTOL * np.abs(got).max()
+    assert len(cache.checked_calls) == 1
+    before = cache.layer_lengths(0).copy()
+    for bad in (dict(layer=2), dict(layer=0, window=0), dict(layer=0, window=[3]), dict(layer=0, scale=np.nan)):
+        with pytest.raises(ValueError):
+            numbattn.decode_attention(q, cache, **bad)
+    for bad_q in (q.astype(np.float64), q[:, :3], q[:1]):
+        with pytest.raises(ValueError):
+            numbattn.decode_attention(bad_q, cache, 0)
+    np.testing.assert_array_equal(cache.layer_lengths(0), before)

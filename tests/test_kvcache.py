@@ -156,7 +156,7 @@ def test_overflow_is_rejected_and_nothing_is_written():
      r"k has shape \(2, 1, 1, 16\); expected \(2, 2, t, 16\)"),
     (dict(k=np.zeros((2, 2, 1, 32), np.float32), v=np.zeros((2, 2, 1, 32), np.float32)), r"expected \(2, 2, t, 16\)"),
     (dict(k=np.zeros((2, 2, 0, 16), np.float32), v=np.zeros((2, 2, 0, 16), np.float32)), r"t >= 1"),
-    (dict(k=[[1.0]]), r"k must be a NumPy or device array"),
+    (dict(k=[[1.0]]), r"k is a list; expected a NumPy array or a Numba device array"),
 ])
 def test_bad_append_arguments_are_named_and_change_nothing(bad, match):
     rng = np.random.default_rng(5)

@@ -50,11 +50,14 @@ def tiny(seed=0):
 
 
 def test_training_forward_is_the_models_forward():
-    """The forward that keeps activations computes tinyllm's Llama, to the last bit on the NumPy engine."""
+    """The forward that keeps activations computes tinyllm's Llama on the NumPy engine, to float32 rounding (the
+    engine's RMSNorm and RoPE are numbattn's CPU kernels, the training forward's the NumPy lines: the sums round
+    in another order)."""
     config, w = tiny()
     ids = np.random.default_rng(1).integers(0, 32, (2, 7))
     logits, _ = train.forward(w, config, ids)
-    np.testing.assert_array_equal(logits, Llama(config, w, backend="numpy").forward(ids))
+    want = Llama(config, w, backend="numpy").forward(ids)
+    assert np.abs(logits - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def as_fp64(w):

@@ -18,7 +18,7 @@ a RoPE table per layer, scaled embeddings, soft caps. tinyllm/architecture.py de
 model (self.arch); the forward below reads those switches, and the engines read the rest.
 
 The arithmetic goes through an engine (tinyllm/engines/), so the forward below is the only one there is:
-NumpyEngine (every op a line of NumPy; attention through numbattn, on its NumPy reference or its kernels) or,
+NumpyEngine (every op a line of NumPy or a CPU kernel tested against one; attention through numbattn) or,
 with the weights uploaded to a GPU, DeviceEngine (every op a numbattn kernel, the weights resident, a decode
 step replayed as a CUDA graph). The math itself, one function per equation, is in numbattn/reference.py.
 A prompt (or a chunk of one) appends its K/V to the KV cache and attends over the whole cache with a

@@ -70,8 +70,9 @@ cfg = json.loads((model_dir / "config.json").read_text())
 print({k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                             "num_key_value_heads", "vocab_size", "rope_theta", "rms_norm_eps", "torch_dtype")})
 
-# tinyllm's NumPy engine (tinyllm/engines/host.py: every op a line of NumPy), with attention on the best numbattn
-# backend (the GPU or the simulator); lesson 8 checks the all-kernel device engine against it
+# tinyllm's NumPy engine (tinyllm/engines/host.py: every op a line of NumPy or a small CPU kernel tested against
+# one), with attention on the best numbattn backend (the GPU or the simulator); lesson 8 checks the all-kernel
+# device engine against it
 model = tinyllm.load_model(model_dir, engine="numpy")
 prompt = "Hello world! How are you?"
 ids = model.tokenizer.encode(prompt)
@@ -611,8 +612,8 @@ assert np.abs(windowed[4:] - unwindowed[4:]).max() > 1e-2
 # %% [markdown]
 # ## Benchmark
 #
-# The forward above is written once and runs on two engines (tinyllm/engines.py): the NumPy engine, every op
-# a line of NumPy (what this lesson checked), and, on a GPU, the device engine: the same forward with every op
+# The forward above is written once and runs on two engines (tinyllm/engines/): the NumPy engine, every op
+# a line of NumPy or a CPU kernel tested against one (what this lesson checked), and, on a GPU, the device engine: the same forward with every op
 # a numbattn kernel and the weights resident on the GPU. On a GPU we build a random model of TinyLlama's real
 # width (hidden 2048, 32/4 heads, MLP 5632, vocabulary 32000) but only 2 layers, and time a prefill at a few
 # prompt lengths plus one decode step on both engines. Without a GPU the same code runs on the miniature model

@@ -51,7 +51,7 @@ Shared device code:
         mma.py                 tensor-core MMAs from Numba (inline PTX: TF32 m16n8k8, bf16 m16n8k16) and their
                                simulator twins
 
-CPU code (Numba's @njit, for numbattn/cpu_linear.py and cpu_attention.py):
+CPU code (Numba's @njit, for numbattn/cpu_linear.py; cpu_attention.py and cpu_rowwise.py keep theirs):
 
         cpu_dot.py             int8 dot products of a group's codes with quantized activations (LLVM vector IR:
                                vpdpbusd where the CPU has VNNI), a group dequantized, fp16 widening, prefetch

@@ -23,7 +23,8 @@ What a family changes is read from the model's Architecture (tinyllm/architectur
 of the first new token, whether only the last position's logits are wanted, and the context bound the decode
 grid is sized for. The ops keep nothing about the call in progress.
 
-    host.py            NumpyEngine: the reference and the CPU path; every op a line of NumPy
+    host.py            NumpyEngine: the reference and the CPU path; every op a line of NumPy or a CPU kernel
+                       tested against one (norms, RoPE, GGUF-block matmuls, decode attention)
     device.py          DeviceEngine: weights resident on the GPU, every op a numbattn kernel, decode steps
                        replayed as CUDA graphs
     device_weights.py  the checkpoint uploaded once, as the kernels read it (bf16 or fp32 words, fused matrices)

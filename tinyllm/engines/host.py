@@ -1,11 +1,14 @@
 """NumpyEngine: the forward's arithmetic in NumPy float32, the reference and the CPU path (tinyllm/engines/__init__.py
-lists the ops). Every op is a line of NumPy from numbattn/reference.py, with attention through numbattn (its NumPy
-reference, or its kernels on the GPU or in the simulator: that mix keeps the matmuls on the host)."""
+lists the ops). Every op is a line of NumPy from numbattn/reference.py or one of numbattn's CPU kernels tested
+against it: RMSNorm and RoPE (numbattn/cpu_rowwise.py: a few NumPy calls each cost more than their arithmetic, ~1
+ms of SmolLM2's ~10 ms token), matmuls on GGUF blocks (cpu_linear.py), and attention through numbattn (its CPU
+decode kernel or NumPy reference, or its kernels on the GPU or in the simulator: that mix keeps the matmuls on the
+host)."""
 import numpy as np
 
 import numbattn
 from numbattn import backend as _backend
-from numbattn import reference
+from numbattn import cpu_rowwise, reference
 from numbattn.cpu_linear import BlockMatrix, RowStack, Transposed, compile_cpu_kernels
 from numbattn.prefill import chunk_attention
 
@@ -39,7 +42,7 @@ class NumpyEngine:
         return x * np.float32(self.arch.embed_scale) if self.arch.embed_scale != 1.0 else x
 
     def rms_norm(self, x, w):
-        return reference.rms_norm(x, w, self.eps)
+        return cpu_rowwise.rms_norm(x, w, self.eps)                      # reference.rms_norm
 
     def qkv(self, h, lw):
         qkv = self.stacks[id(lw)]["qkv"]
@@ -49,13 +52,13 @@ class NumpyEngine:
         return split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
 
     def head_norm(self, x, w):
-        return reference.rms_norm(x, w, self.eps)                        # over each head's head_dim values
+        return cpu_rowwise.rms_norm(x, w, self.eps)                      # over each head's head_dim values
 
     def rope(self, q, k, step, layer):
         cos, sin = self.rope_tables[self.arch.layers[layer].rope]
         positions = slice(step.start_pos, step.start_pos + step.seq)
         cos, sin = cos[positions], sin[positions]                       # [seq, head_dim / 2] each
-        return reference.rope(q, cos, sin), reference.rope(k, cos, sin)
+        return cpu_rowwise.rope(q, cos, sin), cpu_rowwise.rope(k, cos, sin)   # reference.rope
 
     def attention(self, layer, q, k, v, step):
         """Append k, v; a single token uses the decode kernel, a chunk the prefill kernel over the cache so far
@@ -75,7 +78,7 @@ class NumpyEngine:
         """residual + a @ w, or with post_norm (Gemma) residual + rms_norm(a @ w)."""
         y = a @ w
         if post_norm is not None:
-            y = reference.rms_norm(y, post_norm, self.eps)
+            y = cpu_rowwise.rms_norm(y, post_norm, self.eps)
         return y if residual is None else residual + y
 
     def glu(self, h, lw):
