@@ -6,22 +6,24 @@ On a CPU, decode is bound by the bytes of weights read per token as on a GPU: Sm
 Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the weights stay in their blocks
 (numbattn/blocks.py's layout, the file's bytes) and Numba kernels (@njit, compiled for this CPU) read them:
 
-    int8 gemv  one token, 4- or 8-bit codes in groups of 32 (Q8_KINDS, the default; q8_kernels): x is quantized
+    int8 gemv  one token, 4-, 5- or 8-bit codes in groups of 32 (Q8_GEMV_KINDS, the default; q8_kernels; a 5-bit
+             code's bit 4 merged into its nibble in the vector unpack, cpu_dot.dot_acc_high): x is quantized
              per group of 32 to int8 (dx * q, llama.cpp's Q8 step; quantize), and each group's dot product c . q
              is an int32 sum of byte products (kernels/cpu_dot.py: vpdpbusd where the CPU has VNNI), scaled once
              per group:  W[n] . x~ = sum_g dx_g (a_ng (c_ng . q_g - z qsum_g) + b_ng qsum_g)
     int8 gemm  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS: the same arithmetic, each group's codes
              unpacked once for TOKENS tokens and x once for ROWS rows (kernels/cpu_dot.py dot_rows_tokens).
-    gemv     one token, the other kinds (5- and 6-bit codes), or ACTIVATIONS = "fp32": each group's codes turned
-             into floats in registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset
-             added once as b' sum(x); x staged once per call in the codes' order (low nibbles, then high). 5- and
-             6-bit codes: each row dequantized first (the panels' pass), then one float dot product (their high
-             bits, read inside that loop, kept LLVM from vectorising it: Q5_0 2048 x 768, 1.64 -> 0.74 ms).
-    panel    a prompt chunk, the other kinds or ACTIVATIONS = "fp32": PANEL_ROWS rows at a time dequantized into
-             an fp32 buffer, in the order x is staged, and multiplied by x with BLAS (x @ panel^T): every weight
-             decoded once per chunk, BLAS doing the O(M N K) work, x in fp32. SmolLM2's 41-token prompt took
-             about as long this way as by the int8 gemm on 2026-12-07 (180 ms both at 2 threads); the int8 gemm
-             has been made faster since (BENCHMARKS.md).
+    gemv     one token, the other kind (Q6_K), or ACTIVATIONS = "fp32": each group's codes turned into floats in
+             registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset added once as
+             b' sum(x); x staged once per call in the codes' order (low nibbles, then high). 5- and 6-bit codes:
+             each row dequantized first (the panels' pass), then one float dot product (their high bits, read
+             inside that loop, kept LLVM from vectorising it: Q5_0 2048 x 768, 1.64 -> 0.74 ms; the int8 gemv
+             on the same matrix: 0.11 ms).
+    panel    a prompt chunk, the other kinds (5- and 6-bit codes) or ACTIVATIONS = "fp32": PANEL_ROWS rows at a
+             time dequantized into an fp32 buffer, in the order x is staged, and multiplied by x with BLAS
+             (x @ panel^T): every weight decoded once per chunk, BLAS doing the O(M N K) work, x in fp32.
+             SmolLM2's 41-token prompt took about as long this way as by the int8 gemm on 2026-12-07 (180 ms both
+             at 2 threads); the int8 gemm has been made faster since (BENCHMARKS.md).
 
 Every kernel is kept compiled on disk (Numba's cache; closures made per kind are keyed by the kind, keyed_cache):
 compiling them takes 10-15 s, loading them ~0.2 s.
@@ -52,7 +54,8 @@ from .kernels import blocks as blocks_kernels
 from .kernels import common, cpu_dot
 from .kernels.blocks import ZERO, cpu_factors
 from .kernels.common import cpu_kernel, keyed_cache, stamp_cache
-from .kernels.cpu_dot import ROWS, TOKENS, code_bytes, dequantize, dot_acc, dot_rows_tokens, f32_of_half, prefetch
+from .kernels.cpu_dot import (ROWS, TOKENS, code_bytes, dequantize, dot_acc, dot_acc_high, dot_rows_tokens, f32_of_half,
+                               prefetch)
 
 FEW_TOKENS = 3              # a prompt's last block of at most this many tokens: GEMV steps, not a TOKENS block
 GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (the int8 gemm, or panels and BLAS)
@@ -68,6 +71,7 @@ DOT_ROWS = 4                # rows the GEMV takes together: each load of x serve
 assert DOT_ROWS % ROWS == 0 and ROW_BLOCK % DOT_ROWS == 0   # the int8 gemm steps ROWS rows through padded rows
 CPU_KINDS = tuple(blocks.BLOCK_KINDS)
 Q8_KINDS = ("q8_0", "q4_0", "q4_1", "q4_k")     # 8- or 4-bit codes in groups of 32: int8 dot products (see ACTIVATIONS)
+Q8_GEMV_KINDS = Q8_KINDS + ("q5_0", "q5_1", "q5_k")  # 5-bit codes too, for one token (a prompt: the float panels)
 Q8_GROUP = 32
 # How a GEMV on Q8_KINDS weights takes x: "q8", quantized per group of 32 to int8 (llama.cpp's way: byte dot
 # products, kernels/cpu_dot.py; SmolLM2 Q4_1 decodes ~1.6x faster), or "fp32" (the float kernels every kind has).
@@ -130,7 +134,7 @@ class BlockMatrix:
         self.shape, self.nbytes, self.dtype = (words.shape[0], n_in), self.words.nbytes, np.dtype(np.float32)
         self.order, self.q8_order = staged_order(kind, n_in), q8_order(kind, n_in)
         self.kernels, self.group_bytes = make_cpu_kernels(kind), group_bytes(kind)
-        self.q8 = q8_kernels(kind) if kind in Q8_KINDS else None                 # (gemv, gemm, panel)
+        self.q8 = q8_kernels(kind) if kind in Q8_GEMV_KINDS else None     # (gemv, gemm, panel); 5-bit: gemv only
 
     def use_words(self, words):
         """Keep the padded rows `words` (uint64), and the byte views the kernels read: the rows as uint8 (the scale
@@ -161,7 +165,7 @@ class BlockMatrix:
             q8[0](w, self.codes, x.reshape(k), self.q8_order, out)
             return out[:n].reshape(*lead, n)
         x2 = np.ascontiguousarray(x.reshape(-1, k))
-        if int8 or x2.shape[0] <= GEMV_TOKENS:
+        if int8 and q8[1] is not None or x2.shape[0] <= GEMV_TOKENS:
             out = np.empty((x2.shape[0], w.shape[0]), np.float32)              # (the padding rows' too)
             if x2.shape[0] > GEMV_TOKENS:
                 q8[1](w, self.codes, x2, self.q8_order, out)                         # a chunk
@@ -172,12 +176,13 @@ class BlockMatrix:
                     else:
                         gemv(w, x2[m], self.order, out[m], gb)
             return out[:, :n].reshape(*lead, n)
-        xs = x2[:, self.order if q8 is None else self.q8_order]                # [M, K], staged as the panels are
+        q8_panel = q8 is not None and q8[2] is not None
+        xs = x2[:, self.q8_order if q8_panel else self.order]                # [M, K], staged as the panels are
         out = np.empty((xs.shape[0], n), np.float32)
         buf = np.empty((min(PANEL_ROWS, n), k), np.float32)
         for r0 in range(0, n, PANEL_ROWS):
             r1 = min(n, r0 + PANEL_ROWS)
-            if q8 is not None:                          # on the calling thread: see PANEL_ROWS
+            if q8_panel:                                # on the calling thread: see PANEL_ROWS
                 q8[2](w, self.codes, r0, r1, buf)           # (x in fp32: ACTIVATIONS; the int8 kinds' panels)
             else:
                 panel(w, r0, r1, buf, gb)
@@ -462,8 +467,9 @@ def quantize(x, order, q, dx, qsum):
 
 @functools.lru_cache(maxsize=None)
 def q8_kernels(kind):
-    """(gemv, gemm, panel) of a kind in Q8_KINDS, all in q8_order, on its rows w (uint8, the scale records read
-    from them) and their codes c (the same bytes: int8 for Q8_0, whose dtype picks the codes' unpacking):
+    """(gemv, gemm, panel) of a kind in Q8_KINDS ((gemv, None, None) for 5-bit codes, Q8_GEMV_KINDS), all in
+    q8_order, on its rows w (uint8, the scale records and high bits read from them) and their codes c (the same
+    bytes: int8 for Q8_0, whose dtype picks the codes' unpacking):
     gemv(w, c, x, order, out): out[n] = W[n] . x~ for every row, x~ = dx q the int8 quantization of x (quantize):
         per group, (a dx) (c . q) by dot_acc (int32 sums of byte products, scaled into 8 float lanes) and
         dx qsum (b - a z) once; the lanes added at the row's end. Rows split over Numba's threads, ROW_BLOCK to a
@@ -491,24 +497,33 @@ def q8_kernels(kind):
             for g in range(K // Q8_GROUP):
                 a, b = affine(w, n, CB * (K // Q8_GROUP), g)
                 dequantize(c[n], CB * g, a, b, buf[n - r0], Q8_GROUP * g)
-    gemv, gemm = _make_int8_gemv(affine), _make_int8_gemm(affine)
+    gemv = _make_int8_gemv(affine, _make_offsets(kind), blocks.BLOCK_KINDS[kind].bits == 5)
+    if blocks.BLOCK_KINDS[kind].bits == 5:              # one token only: dot_rows_tokens and dequantize take 4/8 bits
+        keyed_cache((gemv,), ("int8 kernels", kind), DEPENDENCIES, CODE_CHOICES)
+        return gemv, None, None
+    gemm = _make_int8_gemm(affine)
     keyed_cache((gemv, gemm, panel), ("int8 kernels", kind), DEPENDENCIES, CODE_CHOICES)
     return gemv, gemm, panel
 
 
-def _make_int8_gemv(affine):
-    """q8_kernels' gemv."""
+def _make_int8_gemv(affine, offsets, high):
+    """q8_kernels' gemv; high: 5-bit codes (bit 4 of each from the row's high-bit stream: dot_acc_high)."""
     @cpu_kernel(inline="always")
-    def group(w, c, n, s0, g, q, qs, d, acc):
+    def group(w, c, n, h0, s0, g, q, qs, d, acc):
         """Group g of row n: acc += (a d) (c . q) (8 lanes) -> d qs (b - a z), the offset's part (a scalar)."""
         a, b = affine(w, n, s0, g)
-        dot_acc(c[n], code_bytes(c) * g, q, Q8_GROUP * g, a * d, acc)
+        if high:                                        # the group's two 16-bit fields, as one 32-bit one
+            o = h0 + 4 * g
+            f = int(w[n, o]) | int(w[n, o + 1]) << 8 | int(w[n, o + 2]) << 16 | int(w[n, o + 3]) << 24
+            dot_acc_high(c[n], code_bytes(c) * g, f, q, Q8_GROUP * g, a * d, acc)
+        else:
+            dot_acc(c[n], code_bytes(c) * g, q, Q8_GROUP * g, a * d, acc)
         return d * float32(qs) * b
 
     @cpu_kernel
     def task(w, c, r0, r1, q, dx, qsum, out):
         G = dx.shape[0]
-        s0, acc, flat = code_bytes(c) * G, np.empty((DOT_ROWS, 8), np.float32), w.reshape(-1)
+        (h0, s0), acc, flat = offsets(G * Q8_GROUP), np.empty((DOT_ROWS, 8), np.float32), w.reshape(-1)
         for n in range(r0, r1, DOT_ROWS):               # DOT_ROWS = 4 rows at a time, each group's q read once
             ahead = min(n + PREFETCH_ROWS, w.shape[0] - DOT_ROWS) * w.shape[1]
             for o in range(ahead, ahead + DOT_ROWS * w.shape[1], 64):
@@ -517,10 +532,10 @@ def _make_int8_gemv(affine):
             y0 = y1 = y2 = y3 = float32(0.0)
             for g in range(G):
                 qs, d = qsum[g], dx[g]
-                y0 += group(w, c, n, s0, g, q, qs, d, acc[0])
-                y1 += group(w, c, n + 1, s0, g, q, qs, d, acc[1])
-                y2 += group(w, c, n + 2, s0, g, q, qs, d, acc[2])
-                y3 += group(w, c, n + 3, s0, g, q, qs, d, acc[3])
+                y0 += group(w, c, n, h0, s0, g, q, qs, d, acc[0])
+                y1 += group(w, c, n + 1, h0, s0, g, q, qs, d, acc[1])
+                y2 += group(w, c, n + 2, h0, s0, g, q, qs, d, acc[2])
+                y3 += group(w, c, n + 3, h0, s0, g, q, qs, d, acc[3])
             out[n], out[n + 1], out[n + 2], out[n + 3] = y0 + acc[0].sum(), y1 + acc[1].sum(), y2 + acc[2].sum(), \
                 y3 + acc[3].sum()
 

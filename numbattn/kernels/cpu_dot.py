@@ -33,6 +33,8 @@ the callers (numbattn/cpu_linear.py) pass offsets of whole groups inside the row
     dot_acc(c, i, q, j, s, acc)      acc[0:8] += s * (codes . q[j : j+32]) spread over the 8 lanes; c uint8:
                                      16 bytes of 4-bit pairs at c[i] (low nibbles . q[j : j+16], high nibbles
                                      . q[j+16 : j+32]); c int8: 32 int8 codes (top bit flipped: c + 128)
+    dot_acc_high(c, i, f, q, j, s, acc)   the same for 5-bit codes: the 4-bit pairs at c[i] and bit 4 of each
+                                     from f, the group's 32 high bits (HIGH_BIT_OF_LANE: which bit a lane takes)
     dot_rows_tokens(c, n, q, j, stride, a, s, k, acc)   the same for ROWS rows and TOKENS tokens of a
                                      prompt chunk at once, over whole rows (G groups; row n + r, token t,
                                      group g: codes c[n + r], x at q[j + t stride + 32 g], scale a[r, g]
@@ -156,6 +158,43 @@ def dot_acc(typingctx, c, i, q, j, scale, acc):
     codes at c[i], top bit flipped (c + 128)."""
     _check(c, q, scale, acc)
     return types.none(c, i, q, j, scale, acc), _with_codes(_unpack_for(c), _accumulate)
+
+
+# 5-bit codes (Q5_0, Q5_1, Q5_K): the group's 16 code bytes as for 4-bit codes, and bit 4 of each code from the
+# group's 32-bit high-bit field (its two code words' 16-bit fields): byte b (word b // 8, t = b % 8) holds code
+# 16 (b // 8) + t in its low nibble and code 16 (b // 8) + 8 + t in its high one, whose bit 4 is field bit
+# 16 (b // 8) + t or 16 (b // 8) + 8 + t: one shift count per lane of the unpacked <32 x i8>.
+HIGH_BIT_OF_LANE = ([16 * (b // 8) + b % 8 for b in range(16)] + [16 * (b // 8) + 8 + b % 8 for b in range(16)])
+
+
+def _codes_u5(context, builder, array_type, array, index, field):
+    """_codes_u4's 32 nibbles with bit 4 of each from field (i32): <32 x i8>, codes 0 .. 31."""
+    v32, b32 = ir.VectorType(I32, 32), ir.VectorType(I8, 32)
+    splat = builder.insert_element(ir.Constant(v32, ir.Undefined), field, ir.Constant(I32, 0))
+    splat = builder.shuffle_vector(splat, splat, ir.Constant(v32, [0] * 32))
+    bits = builder.and_(builder.lshr(splat, ir.Constant(v32, HIGH_BIT_OF_LANE)), ir.Constant(v32, [1] * 32))
+    high = builder.trunc(builder.shl(bits, ir.Constant(v32, [4] * 32)), b32)
+    return builder.or_(_codes_u4(context, builder, array_type, array, index), high)
+
+
+@intrinsic
+def dot_acc_high(typingctx, c, i, field, q, j, scale, acc):
+    """dot_acc for 5-bit codes: the 4-bit pairs at c[i] (uint8) with bit 4 of each from field, the group's 32
+    high bits (an integer; its low 32 bits: HIGH_BIT_OF_LANE)."""
+    _check(c, q, scale, acc)
+    if c.dtype != types.uint8 or not isinstance(field, types.Integer):
+        raise TypeError(f"dot_acc_high takes uint8 codes and an integer field, not {c}, {field}")
+
+    def codegen(context, builder, signature, args):
+        c_, i_, field_, q_, j_, scale_, acc_ = args
+        bits = builder.trunc(field_, I32) if field_.type.width > 32 else builder.zext(field_, I32) \
+            if field_.type.width < 32 else field_
+        codes = _codes_u5(context, builder, signature.args[0], c_, i_, bits)
+        x = builder.load(_vector_at(context, builder, signature.args[3], q_, j_, 32), align=1)
+        lanes = _vector_at(context, builder, signature.args[6], acc_, ir.Constant(I32, 0), 8, F32)
+        _add_scaled_dot(context, builder, codes, x, scale_, lanes)
+        return context.get_dummy_value()
+    return types.none(c, i, field, q, j, scale, acc), codegen
 
 
 # --------------------------------------------------------------------------------------------------------
