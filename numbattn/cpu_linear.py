@@ -6,19 +6,19 @@ On a CPU, decode is bound by the bytes of weights read per token as on a GPU: Sm
 Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the weights stay in their blocks
 (numbattn/blocks.py's layout, the file's bytes) and Numba kernels (@njit, compiled for this CPU) read them:
 
-    int8 gemv  one token, 4-, 5- or 8-bit codes in groups of 32 (Q8_GEMV_KINDS, the default; q8_kernels; a 5-bit
-             code's bit 4 merged into its nibble in the vector unpack, cpu_dot.dot_acc_high): x is quantized
+    int8 gemv  one token, every kind (Q8_GEMV_KINDS, the default; q8_kernels; a 5- or 6-bit code's high bits merged
+             into its nibble in the vector unpack, cpu_dot.dot_acc_high and dot_acc_q6): x is quantized
              per group of 32 to int8 (dx * q, llama.cpp's Q8 step; quantize), and each group's dot product c . q
              is an int32 sum of byte products (kernels/cpu_dot.py: vpdpbusd where the CPU has VNNI), scaled once
              per group:  W[n] . x~ = sum_g dx_g (a_ng (c_ng . q_g - z qsum_g) + b_ng qsum_g)
     int8 gemm  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS: the same arithmetic, each group's codes
              unpacked once for TOKENS tokens and x once for ROWS rows (kernels/cpu_dot.py dot_rows_tokens).
-    gemv     one token, the other kind (Q6_K), or ACTIVATIONS = "fp32": each group's codes turned into floats in
+    gemv     one token with ACTIVATIONS = "fp32": each group's codes turned into floats in
              registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset added once as
              b' sum(x); x staged once per call in the codes' order (low nibbles, then high). 5- and 6-bit codes:
              each row dequantized first (the panels' pass), then one float dot product (their high bits, read
              inside that loop, kept LLVM from vectorising it: Q5_0 2048 x 768, 1.64 -> 0.74 ms; the int8 gemv
-             on the same matrix: 0.11 ms).
+             on the same matrix: 0.08-0.11 ms, Q6_K's 0.13 against 0.80).
     panel    a prompt chunk, the other kinds (5- and 6-bit codes) or ACTIVATIONS = "fp32": PANEL_ROWS rows at a
              time dequantized into an fp32 buffer, in the order x is staged, and multiplied by x with BLAS
              (x @ panel^T): every weight decoded once per chunk, BLAS doing the O(M N K) work, x in fp32.
@@ -54,8 +54,8 @@ from .kernels import blocks as blocks_kernels
 from .kernels import common, cpu_dot
 from .kernels.blocks import ZERO, cpu_factors
 from .kernels.common import cpu_kernel, keyed_cache, stamp_cache
-from .kernels.cpu_dot import (ROWS, TOKENS, code_bytes, dequantize, dot_acc, dot_acc_high, dot_rows_tokens, f32_of_half,
-                               prefetch)
+from .kernels.cpu_dot import (ROWS, TOKENS, code_bytes, dequantize, dot_acc, dot_acc_high, dot_acc_q6, dot_rows_tokens,
+                               f32_of_half, prefetch)
 
 FEW_TOKENS = 3              # a prompt's last block of at most this many tokens: GEMV steps, not a TOKENS block
 GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (the int8 gemm, or panels and BLAS)
@@ -71,7 +71,7 @@ DOT_ROWS = 4                # rows the GEMV takes together: each load of x serve
 assert DOT_ROWS % ROWS == 0 and ROW_BLOCK % DOT_ROWS == 0   # the int8 gemm steps ROWS rows through padded rows
 CPU_KINDS = tuple(blocks.BLOCK_KINDS)
 Q8_KINDS = ("q8_0", "q4_0", "q4_1", "q4_k")     # 8- or 4-bit codes in groups of 32: int8 dot products (see ACTIVATIONS)
-Q8_GEMV_KINDS = Q8_KINDS + ("q5_0", "q5_1", "q5_k")  # 5-bit codes too, for one token (a prompt: the float panels)
+Q8_GEMV_KINDS = Q8_KINDS + ("q5_0", "q5_1", "q5_k", "q6_k")   # 5-, 6-bit codes for one token (a prompt: the panels)
 Q8_GROUP = 32
 # How a GEMV on Q8_KINDS weights takes x: "q8", quantized per group of 32 to int8 (llama.cpp's way: byte dot
 # products, kernels/cpu_dot.py; SmolLM2 Q4_1 decodes ~1.6x faster), or "fp32" (the float kernels every kind has).
@@ -467,7 +467,7 @@ def quantize(x, order, q, dx, qsum):
 
 @functools.lru_cache(maxsize=None)
 def q8_kernels(kind):
-    """(gemv, gemm, panel) of a kind in Q8_KINDS ((gemv, None, None) for 5-bit codes, Q8_GEMV_KINDS), all in
+    """(gemv, gemm, panel) of a kind in Q8_KINDS ((gemv, None, None) for 5- and 6-bit codes, Q8_GEMV_KINDS), all in
     q8_order, on its rows w (uint8, the scale records and high bits read from them) and their codes c (the same
     bytes: int8 for Q8_0, whose dtype picks the codes' unpacking):
     gemv(w, c, x, order, out): out[n] = W[n] . x~ for every row, x~ = dx q the int8 quantization of x (quantize):
@@ -497,8 +497,9 @@ def q8_kernels(kind):
             for g in range(K // Q8_GROUP):
                 a, b = affine(w, n, CB * (K // Q8_GROUP), g)
                 dequantize(c[n], CB * g, a, b, buf[n - r0], Q8_GROUP * g)
-    gemv = _make_int8_gemv(affine, _make_offsets(kind), blocks.BLOCK_KINDS[kind].bits == 5)
-    if blocks.BLOCK_KINDS[kind].bits == 5:              # one token only: dot_rows_tokens and dequantize take 4/8 bits
+    bits = blocks.BLOCK_KINDS[kind].bits
+    gemv = _make_int8_gemv(affine, _make_offsets(kind), bits)
+    if bits in (5, 6):                                  # one token only: dot_rows_tokens and dequantize take 4/8 bits
         keyed_cache((gemv,), ("int8 kernels", kind), DEPENDENCIES, CODE_CHOICES)
         return gemv, None, None
     gemm = _make_int8_gemm(affine)
@@ -506,16 +507,26 @@ def q8_kernels(kind):
     return gemv, gemm, panel
 
 
-def _make_int8_gemv(affine, offsets, high):
-    """q8_kernels' gemv; high: 5-bit codes (bit 4 of each from the row's high-bit stream: dot_acc_high)."""
+def _make_int8_gemv(affine, offsets, bits):
+    """q8_kernels' gemv for codes of `bits` bits: 4 and 8 (dot_acc), 5 (bit 4 of each from the row's high-bit
+    stream: dot_acc_high) or 6 (Q6_K: bits 4, 5 from it, a scale per 16 values and the zero point inside
+    dot_acc_q6)."""
+    @cpu_kernel(inline="always")
+    def u32(w, n, o):
+        return int(w[n, o]) | int(w[n, o + 1]) << 8 | int(w[n, o + 2]) << 16 | int(w[n, o + 3]) << 24
+
     @cpu_kernel(inline="always")
     def group(w, c, n, h0, s0, g, q, qs, d, acc):
         """Group g of row n: acc += (a d) (c . q) (8 lanes) -> d qs (b - a z), the offset's part (a scalar)."""
+        if bits == 6:                                   # two 16-value halves, each its scale and 32-bit field
+            a0, _ = affine(w, n, s0, 2 * g)
+            a1, _ = affine(w, n, s0, 2 * g + 1)
+            dot_acc_q6(c[n], code_bytes(c) * g, u32(w, n, h0 + 8 * g), u32(w, n, h0 + 8 * g + 4), q, Q8_GROUP * g,
+                       a0 * d, a1 * d, acc)
+            return float32(0.0)
         a, b = affine(w, n, s0, g)
-        if high:                                        # the group's two 16-bit fields, as one 32-bit one
-            o = h0 + 4 * g
-            f = int(w[n, o]) | int(w[n, o + 1]) << 8 | int(w[n, o + 2]) << 16 | int(w[n, o + 3]) << 24
-            dot_acc_high(c[n], code_bytes(c) * g, f, q, Q8_GROUP * g, a * d, acc)
+        if bits == 5:                                   # the group's two 16-bit fields, as one 32-bit one
+            dot_acc_high(c[n], code_bytes(c) * g, u32(w, n, h0 + 4 * g), q, Q8_GROUP * g, a * d, acc)
         else:
             dot_acc(c[n], code_bytes(c) * g, q, Q8_GROUP * g, a * d, acc)
         return d * float32(qs) * b

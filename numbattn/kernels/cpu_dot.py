@@ -35,6 +35,8 @@ the callers (numbattn/cpu_linear.py) pass offsets of whole groups inside the row
                                      . q[j+16 : j+32]); c int8: 32 int8 codes (top bit flipped: c + 128)
     dot_acc_high(c, i, f, q, j, s, acc)   the same for 5-bit codes: the 4-bit pairs at c[i] and bit 4 of each
                                      from f, the group's 32 high bits (HIGH_BIT_OF_LANE: which bit a lane takes)
+    dot_acc_q6(c, i, f0, f1, q, j, s0, s1, acc)   6-bit codes (Q6_K): two code words' 4-bit pairs at c[i] with
+                                     bits 4, 5 from their fields f0, f1, a scale each (s0, s1), zero point 32
     dot_rows_tokens(c, n, q, j, stride, a, s, k, acc)   the same for ROWS rows and TOKENS tokens of a
                                      prompt chunk at once, over whole rows (G groups; row n + r, token t,
                                      group g: codes c[n + r], x at q[j + t stride + 32 g], scale a[r, g]
@@ -195,6 +197,81 @@ def dot_acc_high(typingctx, c, i, field, q, j, scale, acc):
         _add_scaled_dot(context, builder, codes, x, scale_, lanes)
         return context.get_dummy_value()
     return types.none(c, i, field, q, j, scale, acc), codegen
+
+
+# 6-bit codes (Q6_K): value = a (c - 32), a scale a per 16 values (one code word). A call takes two code words
+# (32 values, one group of x's quantization): their 16 bytes unpacked as 4-bit pairs, bits 4 and 5 of each code
+# from its word's 32-bit field (bits 2t, 2t + 1 for code 16 w + t), and two scales. In the unpacked <32 x i8>
+# word 0's codes are byte lanes 0-7 and 16-23, word 1's 8-15 and 24-31; vpdpbusd sums four byte lanes into each
+# of 8 int32 lanes, so int32 lanes 0, 1, 4, 5 are word 0's and 2, 3, 6, 7 word 1's: a scale vector
+# [a0, a0, a1, a1, a0, a0, a1, a1] applies both scales without a horizontal sum. The zero point: 32 q . 1, the same
+# lanes' sums of q (one more vpdpbusd, against a vector of ones).
+Q6_WORD_OF_LANE = [b // 8 for b in range(16)] * 2
+Q6_SHIFT_OF_LANE = [2 * (b % 8) for b in range(16)] + [16 + 2 * (b % 8) for b in range(16)]
+Q6_SCALE_OF_I32_LANE = [0, 0, 1, 1, 0, 0, 1, 1]
+
+
+def _codes_u6(context, builder, array_type, array, index, fields):
+    """_codes_u4's 32 nibbles with bits 4 and 5 of each from fields (<2 x i32>: the two words'): <32 x i8>, 0 .. 63."""
+    v32, b32 = ir.VectorType(I32, 32), ir.VectorType(I8, 32)
+    per_lane = builder.shuffle_vector(fields, fields, ir.Constant(v32, Q6_WORD_OF_LANE))
+    bits = builder.and_(builder.lshr(per_lane, ir.Constant(v32, Q6_SHIFT_OF_LANE)), ir.Constant(v32, [3] * 32))
+    high = builder.trunc(builder.shl(bits, ir.Constant(v32, [4] * 32)), b32)
+    return builder.or_(_codes_u4(context, builder, array_type, array, index), high)
+
+
+def _add_q6_dot(builder, codes, x, scale0, scale1, lanes):
+    """lanes[0:8] += a_w (codes - 32) . x over each word w's lanes (scale0, scale1: a_0, a_1)."""
+    f8, v8 = ir.VectorType(F32, 8), ir.VectorType(I32, 8)
+    pair = builder.insert_element(builder.insert_element(ir.Constant(ir.VectorType(F32, 2), ir.Undefined), scale0,
+                                                         ir.Constant(I32, 0)), scale1, ir.Constant(I32, 1))
+    scales = builder.shuffle_vector(pair, pair, ir.Constant(v8, Q6_SCALE_OF_I32_LANE))
+    if VNNI:
+        vpdpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8, v8]),
+                                                  "llvm.x86.avx512.vpdpbusd.256")
+        zero, xs = ir.Constant(v8, [0] * 8), builder.bitcast(x, v8)
+        sums = builder.call(vpdpbusd, [zero, builder.bitcast(codes, v8), xs])
+        ones = builder.call(vpdpbusd, [zero, ir.Constant(v8, [0x01010101] * 8), xs])
+        dots = builder.sub(sums, builder.shl(ones, ir.Constant(v8, [5] * 8)))           # - 32 (q . 1)
+        builder.store(builder.fadd(builder.load(lanes, align=4), builder.fmul(scales, builder.sitofp(dots, f8))),
+                      lanes, align=4)
+        return
+    wide = ir.VectorType(I32, 32)
+    products = builder.mul(builder.sub(builder.zext(codes, wide), ir.Constant(wide, [32] * 32)), builder.sext(x, wide))
+    reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32, [wide]),
+                                            "llvm.vector.reduce.add.v32i32")
+    first = builder.bitcast(lanes, F32.as_pointer())
+    total = builder.load(first, align=4)
+    for w, scale in enumerate((scale0, scale1)):
+        mask = ir.Constant(wide, [1 if word == w else 0 for word in Q6_WORD_OF_LANE])
+        part = builder.call(reduce, [builder.mul(products, mask)])
+        total = builder.fadd(total, builder.fmul(scale, builder.sitofp(part, F32)))
+    builder.store(total, first, align=4)
+
+
+@intrinsic
+def dot_acc_q6(typingctx, c, i, field0, field1, q, j, scale0, scale1, acc):
+    """acc[0:8] += scale0 ((codes - 32) . q) over code word 0's 16 values + scale1 (...) over word 1's: 6-bit
+    codes, the 4-bit pairs at c[i] (uint8, two code words) with bits 4 and 5 from field0, field1 (the words' 32-bit
+    high-bit fields), q[j : j+32] in the same order as dot_acc's."""
+    _check(c, q, scale0, acc)
+    if c.dtype != types.uint8 or scale1 != types.float32 or not (isinstance(field0, types.Integer)
+                                                                 and isinstance(field1, types.Integer)):
+        raise TypeError(f"dot_acc_q6 takes uint8 codes, two integer fields and two float32 scales, not {c}, "
+                        f"{field0}, {field1}, {scale1}")
+
+    def codegen(context, builder, signature, args):
+        c_, i_, f0, f1, q_, j_, s0, s1, acc_ = args
+        fields = ir.Constant(ir.VectorType(I32, 2), ir.Undefined)
+        for k, f in enumerate((f0, f1)):
+            f32 = builder.trunc(f, I32) if f.type.width > 32 else builder.zext(f, I32) if f.type.width < 32 else f
+            fields = builder.insert_element(fields, f32, ir.Constant(I32, k))
+        codes = _codes_u6(context, builder, signature.args[0], c_, i_, fields)
+        x = builder.load(_vector_at(context, builder, signature.args[4], q_, j_, 32), align=1)
+        lanes = _vector_at(context, builder, signature.args[8], acc_, ir.Constant(I32, 0), 8, F32)
+        _add_q6_dot(builder, codes, x, s0, s1, lanes)
+        return context.get_dummy_value()
+    return types.none(c, i, field0, field1, q, j, scale0, scale1, acc), codegen
 
 
 # --------------------------------------------------------------------------------------------------------
