@@ -11,16 +11,17 @@ Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the
              per group of 32 to int8 (dx * q, llama.cpp's Q8 step; quantize), and each group's dot product c . q
              is an int32 sum of byte products (kernels/cpu_dot.py: vpdpbusd where the CPU has VNNI), scaled once
              per group:  W[n] . x~ = sum_g dx_g (a_ng (c_ng . q_g - z qsum_g) + b_ng qsum_g)
-    int8 gemm  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS: the same arithmetic, each group's codes
-             unpacked once for TOKENS tokens and x once for ROWS rows (kernels/cpu_dot.py dot_rows_tokens).
-    gemv     one token with ACTIVATIONS = "fp32": each group's codes turned into floats in
-             registers and multiplied into 16 (or 32) running sums, a * (c x), the group's offset added once as
+    int8 gemm  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS (every kind but Q6_K): the same arithmetic,
+             each group's codes unpacked once for TOKENS tokens and x once for ROWS rows (kernels/cpu_dot.py
+             dot_rows_tokens, dot_rows_tokens_high).
+    gemv     one token with ACTIVATIONS = "fp32": each group's codes turned into floats in registers and
+             multiplied into 16 (or 32) running sums, a * (c x), the group's offset added once as
              b' sum(x); x staged once per call in the codes' order (low nibbles, then high). 5- and 6-bit codes:
              each row dequantized first (the panels' pass), then one float dot product (their high bits, read
              inside that loop, kept LLVM from vectorising it: Q5_0 2048 x 768, 1.64 -> 0.74 ms; the int8 gemv
              on the same matrix: 0.08-0.11 ms, Q6_K's 0.13 against 0.80).
-    panel    a prompt chunk, the other kinds (5- and 6-bit codes) or ACTIVATIONS = "fp32": PANEL_ROWS rows at a
-             time dequantized into an fp32 buffer, in the order x is staged, and multiplied by x with BLAS
+    panel    a prompt chunk, Q6_K or ACTIVATIONS = "fp32": PANEL_ROWS rows at a time dequantized into an fp32
+             buffer, in the order x is staged, and multiplied by x with BLAS
              (x @ panel^T): every weight decoded once per chunk, BLAS doing the O(M N K) work, x in fp32.
              SmolLM2's 41-token prompt took about as long this way as by the int8 gemm on 2026-12-07 (180 ms both
              at 2 threads); the int8 gemm has been made faster since (BENCHMARKS.md).
@@ -55,7 +56,7 @@ from .kernels import common, cpu_dot
 from .kernels.blocks import ZERO, cpu_factors
 from .kernels.common import cpu_kernel, keyed_cache, stamp_cache
 from .kernels.cpu_dot import (ROWS, TOKENS, code_bytes, dequantize, dot_acc, dot_acc_high, dot_acc_q6, dot_rows_tokens,
-                               f32_of_half, prefetch)
+                               dot_rows_tokens_high, f32_of_half, prefetch)
 
 FEW_TOKENS = 3              # a prompt's last block of at most this many tokens: GEMV steps, not a TOKENS block
 GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (the int8 gemm, or panels and BLAS)
@@ -70,8 +71,9 @@ PREFETCH_ROWS = 8           # the int8 GEMV asks for the rows this far ahead whi
 DOT_ROWS = 4                # rows the GEMV takes together: each load of x serves 4 (1.8x faster than 1; 8: slower)
 assert DOT_ROWS % ROWS == 0 and ROW_BLOCK % DOT_ROWS == 0   # the int8 gemm steps ROWS rows through padded rows
 CPU_KINDS = tuple(blocks.BLOCK_KINDS)
-Q8_KINDS = ("q8_0", "q4_0", "q4_1", "q4_k")     # 8- or 4-bit codes in groups of 32: int8 dot products (see ACTIVATIONS)
-Q8_GEMV_KINDS = Q8_KINDS + ("q5_0", "q5_1", "q5_k", "q6_k")   # 5-, 6-bit codes for one token (a prompt: the panels)
+# 4-, 5- or 8-bit codes in groups of 32: int8 dot products (see ACTIVATIONS), for a token and a prompt
+Q8_KINDS = ("q8_0", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k")
+Q8_GEMV_KINDS = Q8_KINDS + ("q6_k",)            # and Q6_K's (a scale per 16 values) for a token; a prompt: the panels
 Q8_GROUP = 32
 # How a GEMV on Q8_KINDS weights takes x: "q8", quantized per group of 32 to int8 (llama.cpp's way: byte dot
 # products, kernels/cpu_dot.py; SmolLM2 Q4_1 decodes ~1.6x faster), or "fp32" (the float kernels every kind has).
@@ -497,24 +499,29 @@ def q8_kernels(kind):
             for g in range(K // Q8_GROUP):
                 a, b = affine(w, n, CB * (K // Q8_GROUP), g)
                 dequantize(c[n], CB * g, a, b, buf[n - r0], Q8_GROUP * g)
-    bits = blocks.BLOCK_KINDS[kind].bits
-    gemv = _make_int8_gemv(affine, _make_offsets(kind), bits)
-    if bits in (5, 6):                                  # one token only: dot_rows_tokens and dequantize take 4/8 bits
+    bits, offsets = blocks.BLOCK_KINDS[kind].bits, _make_offsets(kind)
+    gemv = _make_int8_gemv(affine, offsets, bits)
+    if bits == 6:                                       # one token only: dot_rows_tokens takes 4, 5 or 8 bits
         keyed_cache((gemv,), ("int8 kernels", kind), DEPENDENCIES, CODE_CHOICES)
         return gemv, None, None
-    gemm = _make_int8_gemm(affine)
+    gemm = _make_int8_gemm(affine, offsets, bits)
+    if bits == 5:                                       # (dequantize takes 4 or 8 bits: the float panels' instead)
+        keyed_cache((gemv, gemm), ("int8 kernels", kind), DEPENDENCIES, CODE_CHOICES)
+        return gemv, gemm, None
     keyed_cache((gemv, gemm, panel), ("int8 kernels", kind), DEPENDENCIES, CODE_CHOICES)
     return gemv, gemm, panel
+
+
+@cpu_kernel(inline="always")
+def u32(w, n, o):
+    """The little-endian 32-bit word at byte o of row n (a high-bit field)."""
+    return int(w[n, o]) | int(w[n, o + 1]) << 8 | int(w[n, o + 2]) << 16 | int(w[n, o + 3]) << 24
 
 
 def _make_int8_gemv(affine, offsets, bits):
     """q8_kernels' gemv for codes of `bits` bits: 4 and 8 (dot_acc), 5 (bit 4 of each from the row's high-bit
     stream: dot_acc_high) or 6 (Q6_K: bits 4, 5 from it, a scale per 16 values and the zero point inside
     dot_acc_q6)."""
-    @cpu_kernel(inline="always")
-    def u32(w, n, o):
-        return int(w[n, o]) | int(w[n, o + 1]) << 8 | int(w[n, o + 2]) << 16 | int(w[n, o + 3]) << 24
-
     @cpu_kernel(inline="always")
     def group(w, c, n, h0, s0, g, q, qs, d, acc):
         """Group g of row n: acc += (a d) (c . q) (8 lanes) -> d qs (b - a z), the offset's part (a scalar)."""
@@ -561,12 +568,14 @@ def _make_int8_gemv(affine, offsets, bits):
     return gemv
 
 
-def _make_int8_gemm(affine):
-    """q8_kernels' gemm."""
+def _make_int8_gemm(affine, offsets, bits):
+    """q8_kernels' gemm for codes of `bits` bits: 4 and 8, or 5 (bit 4 of each from the rows' high-bit stream:
+    dot_rows_tokens_high, dot_acc_high)."""
     @cpu_kernel
     def task(w, c, r0, r1, q, dxT, dxqT, out):
         G, Mp = dxT.shape
         K, M, CB = G * Q8_GROUP, out.shape[0], code_bytes(c)
+        h0, s0 = offsets(K)
         A, y = np.empty((ROWS, G), np.float32), np.empty((ROWS, Mp), np.float32)
         acc = np.empty(ROWS * TOKENS * 8, np.float32)
         lanes = acc.reshape(ROWS, TOKENS, 8)            # row r's token t: lanes[r, t] = acc[(r TOKENS + t) 8 : +8]
@@ -574,21 +583,27 @@ def _make_int8_gemm(affine):
             y[:, :] = float32(0.0)
             for r in range(ROWS):
                 for g in range(G):                      # the row's factors, and its offsets' part for every token
-                    a, b = affine(w, n + r, CB * G, g)
+                    a, b = affine(w, n + r, s0, g)
                     A[r, g] = a
                     for m in range(Mp):
                         y[r, m] += b * dxqT[g, m]
             for m0 in range(0, Mp, TOKENS):
                 u = min(TOKENS, M - m0)
                 if u > FEW_TOKENS:                      # TOKENS tokens a call: the group's codes unpacked once
-                    dot_rows_tokens(c, n, q, m0 * K, K, A, dxT, m0, acc)        # (sets every lane)
+                    if bits == 5:                                                   # (sets every lane)
+                        dot_rows_tokens_high(c, n, h0, q, m0 * K, K, A, dxT, m0, acc)
+                    else:
+                        dot_rows_tokens(c, n, q, m0 * K, K, A, dxT, m0, acc)
                 else:                                   # the last few: a token at a time, no work for the padding
                     acc[:] = float32(0.0)
                     for r in range(ROWS):
                         for t in range(u):
                             for g in range(G):
-                                dot_acc(c[n + r], CB * g, q, (m0 + t) * K + Q8_GROUP * g, A[r, g] * dxT[g, m0 + t],
-                                        lanes[r, t])
+                                j, scale = (m0 + t) * K + Q8_GROUP * g, A[r, g] * dxT[g, m0 + t]
+                                if bits == 5:
+                                    dot_acc_high(c[n + r], CB * g, u32(c, n + r, h0 + 4 * g), q, j, scale, lanes[r, t])
+                                else:
+                                    dot_acc(c[n + r], CB * g, q, j, scale, lanes[r, t])
                 for r in range(ROWS):
                     for t in range(u):
                         out[m0 + t, n + r] = y[r, m0 + t] + lanes[r, t].sum()

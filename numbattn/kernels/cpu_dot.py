@@ -45,6 +45,8 @@ the callers (numbattn/cpu_linear.py) pass offsets of whole groups inside the row
                                      ROWS x TOKENS accumulators kept in registers across the groups (with a
                                      Numba loop over the groups they went through memory at every group):
                                      the int8 GEMM's step (8 tokens: as fast as 4 on one thread, faster on two)
+    dot_rows_tokens_high(c, n, h0, q, j, stride, a, s, k, acc)   the same for 5-bit codes, their bit 4 from the
+                                     rows' high-bit stream at byte h0
     dequantize(c, i, a, b, out, j)   out[j : j+32] = a * codes + b (one vector FMA; prefill's fp32 panels)
     The codes array's dtype picks their unpacking when Numba compiles the caller: uint8 4-bit, int8 8-bit.
     f32_of_half(bits)                an fp16's float32 (vcvtph2ps with F16C)
@@ -177,6 +179,13 @@ def _codes_u5(context, builder, array_type, array, index, field):
     bits = builder.and_(builder.lshr(splat, ir.Constant(v32, HIGH_BIT_OF_LANE)), ir.Constant(v32, [1] * 32))
     high = builder.trunc(builder.shl(bits, ir.Constant(v32, [4] * 32)), b32)
     return builder.or_(_codes_u4(context, builder, array_type, array, index), high)
+
+
+def _codes_u5_in_row(context, builder, array_type, array, index, high_index):
+    """_codes_u5 with the group's field loaded from the same byte array at high_index (4 bytes, little-endian)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    field = builder.load(builder.bitcast(builder.gep(data, [high_index]), I32.as_pointer()), align=1)
+    return _codes_u5(context, builder, array_type, array, index, field)
 
 
 @intrinsic
@@ -346,8 +355,13 @@ def _rows_tokens(context, builder, signature, args):
     +32] for r < ROWS, t < TOKENS, over the rows' G groups in one loop: the ROWS x TOKENS accumulators live in
     registers across the groups (allocas LLVM promotes), stored to acc once. args = (c, n, q, j, stride, a, s, k,
     acc); c [N, bytes] and s [G, Mp] C-contiguous, a [ROWS, G]."""
-    c, n, q, j, stride, a, s, k, acc = args
-    ctype, qtype, atype, stype, acctype = (signature.args[i] for i in (0, 2, 5, 6, 8))
+    high = len(args) == 10                              # dot_rows_tokens_high: h0, the rows' high-bit stream
+    if high:
+        c, n, h0, q, j, stride, a, s, k, acc = args
+        ctype, qtype, atype, stype, acctype = (signature.args[i] for i in (0, 3, 6, 7, 9))
+    else:
+        c, n, q, j, stride, a, s, k, acc = args
+        ctype, qtype, atype, stype, acctype = (signature.args[i] for i in (0, 2, 5, 6, 8))
     f8 = ir.VectorType(F32, 8)
     unpack = _unpack_for(ctype)
     group_bytes = _code_bytes(ctype)
@@ -361,7 +375,13 @@ def _rows_tokens(context, builder, signature, args):
     with cgutils.for_range(builder, G) as loop:
         g = loop.index
         at = builder.mul(g, ir.Constant(g.type, group_bytes))
-        codes = [unpack(context, builder, ctype, c, builder.add(first[r], at)) for r in range(ROWS)]
+        if high:                                        # the group's 32-bit field: 4 bytes at h0 + 4 g
+            fields = [builder.add(builder.add(first[r], h0), builder.mul(g, ir.Constant(g.type, 4)))
+                      for r in range(ROWS)]
+            codes = [_codes_u5_in_row(context, builder, ctype, c, builder.add(first[r], at), fields[r])
+                     for r in range(ROWS)]
+        else:
+            codes = [unpack(context, builder, ctype, c, builder.add(first[r], at)) for r in range(ROWS)]
         a_g = [builder.load(builder.gep(a_data, [builder.add(builder.mul(ir.Constant(G.type, r), G), g)]))
                for r in range(ROWS)]
         row = builder.mul(g, Mp)
@@ -385,6 +405,11 @@ def dot_rows_tokens(typingctx, c, n, q, j, stride, a, s, k, acc):
     +8] = the lanes of token t's dot product with row n + r of c [N, bytes] (G groups: s.shape[0]), token t's group
     g at q[j + t stride + 32 g], scaled by a[r, g] s[g, k + t]; each group's codes unpacked once for the TOKENS
     tokens, each token's x once for the ROWS rows."""
+    _check_rows_tokens(c, q, a, s, acc)
+    return types.none(c, n, q, j, stride, a, s, k, acc), _rows_tokens
+
+
+def _check_rows_tokens(c, q, a, s, acc):
     ok = (isinstance(c, types.Array) and c.ndim == 2 and c.layout == "C" and c.dtype in (types.uint8, types.int8)
           and isinstance(q, types.Array) and q.ndim == 1 and q.dtype == types.int8
           and all(isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C" for x in (a, s, acc))
@@ -392,7 +417,16 @@ def dot_rows_tokens(typingctx, c, n, q, j, stride, a, s, k, acc):
     if not ok:
         raise TypeError(f"dot_rows_tokens takes codes [N, bytes] (uint8 or int8), q int8, a [ROWS, G], s [G, Mp] and "
                         f"acc float32 (C order); not {c}, {q}, {a}, {s}, {acc}")
-    return types.none(c, n, q, j, stride, a, s, k, acc), _rows_tokens
+
+
+@intrinsic
+def dot_rows_tokens_high(typingctx, c, n, h0, q, j, stride, a, s, k, acc):
+    """dot_rows_tokens for 5-bit codes (uint8 rows): bit 4 of each code from the row's high-bit stream at byte h0
+    (group g's 32-bit field at h0 + 4 g, as dot_acc_high takes it)."""
+    if not (isinstance(c, types.Array) and c.dtype == types.uint8 and isinstance(h0, types.Integer)):
+        raise TypeError(f"dot_rows_tokens_high takes uint8 codes and an integer h0, not {c}, {h0}")
+    _check_rows_tokens(c, q, a, s, acc)
+    return types.none(c, n, h0, q, j, stride, a, s, k, acc), _rows_tokens
 
 
 def _code_bytes(c):
