@@ -24,7 +24,9 @@ and into pmaddwd-style code where it has not; other CPUs get their own vector co
 compiles for this very CPU and it has VNNI (VNNI below), dot_acc calls vpdpbusd itself (llvm.x86.avx512.vpdpbusd
 .256) and keeps its 8 int32 sums as 8 float lanes of the row's accumulator: no horizontal sum per group, one per
 row (SmolLM2's Q8_0 head 1.23x faster; its Q4_1 matrices the same, their scale records then the limit). An int8
-code (Q8_0) is made unsigned first: c + 128 is the byte with its top bit flipped (z = 128).
+code (Q8_0) is made unsigned first: c + 128 is the byte with its top bit flipped (z = 128). 5- and 6-bit codes
+(Q5_0, Q5_1, Q5_K, Q6_K) are unpacked as 4-bit pairs with their high bits merged in from the row's high-bit stream
+(one vector shift per lane), and are then bytes like the others.
 
 Memory traffic: 16 (4-bit) or 32 (8-bit) code bytes and 32 activation bytes read, 8 floats of accumulator read
 and written (in L1); the caller keeps q in cache (K bytes a token) and streams the codes once. No bounds checks:
@@ -181,6 +183,12 @@ def _codes_u5(context, builder, array_type, array, index, field):
     return builder.or_(_codes_u4(context, builder, array_type, array, index), high)
 
 
+def _low_32(builder, v):
+    """An integer argument's low 32 bits as i32 (Numba passes its integers as i64)."""
+    width = v.type.width
+    return builder.trunc(v, I32) if width > 32 else builder.zext(v, I32) if width < 32 else v
+
+
 def _codes_u5_in_row(context, builder, array_type, array, index, high_index):
     """_codes_u5 with the group's field loaded from the same byte array at high_index (4 bytes, little-endian)."""
     data = context.make_array(array_type)(context, builder, array).data
@@ -198,9 +206,7 @@ def dot_acc_high(typingctx, c, i, field, q, j, scale, acc):
 
     def codegen(context, builder, signature, args):
         c_, i_, field_, q_, j_, scale_, acc_ = args
-        bits = builder.trunc(field_, I32) if field_.type.width > 32 else builder.zext(field_, I32) \
-            if field_.type.width < 32 else field_
-        codes = _codes_u5(context, builder, signature.args[0], c_, i_, bits)
+        codes = _codes_u5(context, builder, signature.args[0], c_, i_, _low_32(builder, field_))
         x = builder.load(_vector_at(context, builder, signature.args[3], q_, j_, 32), align=1)
         lanes = _vector_at(context, builder, signature.args[6], acc_, ir.Constant(I32, 0), 8, F32)
         _add_scaled_dot(context, builder, codes, x, scale_, lanes)
@@ -273,8 +279,7 @@ def dot_acc_q6(typingctx, c, i, field0, field1, q, j, scale0, scale1, acc):
         c_, i_, f0, f1, q_, j_, s0, s1, acc_ = args
         fields = ir.Constant(ir.VectorType(I32, 2), ir.Undefined)
         for k, f in enumerate((f0, f1)):
-            f32 = builder.trunc(f, I32) if f.type.width > 32 else builder.zext(f, I32) if f.type.width < 32 else f
-            fields = builder.insert_element(fields, f32, ir.Constant(I32, k))
+            fields = builder.insert_element(fields, _low_32(builder, f), ir.Constant(I32, k))
         codes = _codes_u6(context, builder, signature.args[0], c_, i_, fields)
         x = builder.load(_vector_at(context, builder, signature.args[4], q_, j_, 32), align=1)
         lanes = _vector_at(context, builder, signature.args[8], acc_, ir.Constant(I32, 0), 8, F32)
