@@ -6,23 +6,23 @@ On a CPU, decode is bound by the bytes of weights read per token as on a GPU: Sm
 Q4_1/Q8_0 blocks and 540 MB as the fp32 they used to be dequantized into. So the weights stay in their blocks
 (numbattn/blocks.py's layout, the file's bytes) and Numba kernels (@njit, compiled for this CPU) read them:
 
-    int8 gemv  one token, every kind (Q8_GEMV_KINDS, the default; q8_kernels; a 5- or 6-bit code's high bits merged
+    int8 gemv  one token, every kind (Q8_KINDS, the default; q8_kernels; a 5- or 6-bit code's high bits merged
              into its nibble in the vector unpack, cpu_dot.dot_acc_high and dot_acc_q6): x is quantized
              per group of 32 to int8 (dx * q, llama.cpp's Q8 step; quantize), and each group's dot product c . q
              is an int32 sum of byte products (kernels/cpu_dot.py: vpdpbusd where the CPU has VNNI), scaled once
              per group:  W[n] . x~ = sum_g dx_g (a_ng (c_ng . q_g - z qsum_g) + b_ng qsum_g)
-    int8 gemm  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS (every kind but Q6_K): the same arithmetic,
-             each group's codes unpacked once for TOKENS tokens and x once for ROWS rows (kernels/cpu_dot.py
-             dot_rows_tokens, dot_rows_tokens_high).
+    int8 gemm  a prompt chunk (more than GEMV_TOKENS tokens), Q8_KINDS: the same arithmetic, each group's codes
+             unpacked once for TOKENS tokens and x once for ROWS rows (kernels/cpu_dot.py dot_rows_tokens,
+             dot_rows_tokens_high, dot_rows_tokens_q6).
     gemv     one token with ACTIVATIONS = "fp32": each group's codes turned into floats in registers and
              multiplied into 16 (or 32) running sums, a * (c x), the group's offset added once as
              b' sum(x); x staged once per call in the codes' order (low nibbles, then high). 5- and 6-bit codes:
              each row dequantized first (the panels' pass), then one float dot product (their high bits, read
              inside that loop, kept LLVM from vectorising it: Q5_0 2048 x 768, 1.64 -> 0.74 ms; the int8 gemv
              on the same matrix: 0.08-0.11 ms, Q6_K's 0.13 against 0.80).
-    panel    a prompt chunk, Q6_K or ACTIVATIONS = "fp32": PANEL_ROWS rows at a time dequantized into an fp32
-             buffer, in the order x is staged, and multiplied by x with BLAS
-             (x @ panel^T): every weight decoded once per chunk, BLAS doing the O(M N K) work, x in fp32.
+    panel    a prompt chunk with ACTIVATIONS = "fp32": PANEL_ROWS rows at a time dequantized into an fp32
+             buffer, in the order x is staged, and multiplied by x with BLAS (x @ panel^T): every weight decoded
+             once per chunk, BLAS doing the O(M N K) work, x in fp32.
              SmolLM2's 41-token prompt took about as long this way as by the int8 gemm on 2026-12-07 (180 ms both
              at 2 threads); the int8 gemm has been made faster since (BENCHMARKS.md).
 
@@ -56,7 +56,7 @@ from .kernels import common, cpu_dot
 from .kernels.blocks import ZERO, cpu_factors
 from .kernels.common import cpu_kernel, keyed_cache, stamp_cache
 from .kernels.cpu_dot import (ROWS, TOKENS, code_bytes, dequantize, dot_acc, dot_acc_high, dot_acc_q6, dot_rows_tokens,
-                               dot_rows_tokens_high, f32_of_half, prefetch)
+                               dot_rows_tokens_high, dot_rows_tokens_q6, f32_of_half, prefetch)
 
 FEW_TOKENS = 3              # a prompt's last block of at most this many tokens: GEMV steps, not a TOKENS block
 GEMV_TOKENS = 2             # more tokens than this: the chunk kernels (the int8 gemm, or panels and BLAS)
@@ -71,9 +71,8 @@ PREFETCH_ROWS = 8           # the int8 GEMV asks for the rows this far ahead whi
 DOT_ROWS = 4                # rows the GEMV takes together: each load of x serves 4 (1.8x faster than 1; 8: slower)
 assert DOT_ROWS % ROWS == 0 and ROW_BLOCK % DOT_ROWS == 0   # the int8 gemm steps ROWS rows through padded rows
 CPU_KINDS = tuple(blocks.BLOCK_KINDS)
-# 4-, 5- or 8-bit codes in groups of 32: int8 dot products (see ACTIVATIONS), for a token and a prompt
-Q8_KINDS = ("q8_0", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k")
-Q8_GEMV_KINDS = Q8_KINDS + ("q6_k",)            # and Q6_K's (a scale per 16 values) for a token; a prompt: the panels
+# Codes in groups of 32 (Q6_K: two scales a group): int8 dot products (see ACTIVATIONS), for a token and a prompt
+Q8_KINDS = ("q8_0", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k")
 Q8_GROUP = 32
 # How a GEMV on Q8_KINDS weights takes x: "q8", quantized per group of 32 to int8 (llama.cpp's way: byte dot
 # products, kernels/cpu_dot.py; SmolLM2 Q4_1 decodes ~1.6x faster), or "fp32" (the float kernels every kind has).
@@ -136,7 +135,7 @@ class BlockMatrix:
         self.shape, self.nbytes, self.dtype = (words.shape[0], n_in), self.words.nbytes, np.dtype(np.float32)
         self.order, self.q8_order = staged_order(kind, n_in), q8_order(kind, n_in)
         self.kernels, self.group_bytes = make_cpu_kernels(kind), group_bytes(kind)
-        self.q8 = q8_kernels(kind) if kind in Q8_GEMV_KINDS else None     # (gemv, gemm, panel); 5-bit: gemv only
+        self.q8 = q8_kernels(kind) if kind in Q8_KINDS else None     # (gemv, gemm, panel); 5-, 6-bit: no panel
 
     def use_words(self, words):
         """Keep the padded rows `words` (uint64), and the byte views the kernels read: the rows as uint8 (the scale
@@ -469,7 +468,7 @@ def quantize(x, order, q, dx, qsum):
 
 @functools.lru_cache(maxsize=None)
 def q8_kernels(kind):
-    """(gemv, gemm, panel) of a kind in Q8_KINDS ((gemv, None, None) for 5- and 6-bit codes, Q8_GEMV_KINDS), all in
+    """(gemv, gemm, panel) of a kind in Q8_KINDS ((gemv, gemm, None) for 5- and 6-bit codes), all in
     q8_order, on its rows w (uint8, the scale records and high bits read from them) and their codes c (the same
     bytes: int8 for Q8_0, whose dtype picks the codes' unpacking):
     gemv(w, c, x, order, out): out[n] = W[n] . x~ for every row, x~ = dx q the int8 quantization of x (quantize):
@@ -501,11 +500,8 @@ def q8_kernels(kind):
                 dequantize(c[n], CB * g, a, b, buf[n - r0], Q8_GROUP * g)
     bits, offsets = blocks.BLOCK_KINDS[kind].bits, _make_offsets(kind)
     gemv = _make_int8_gemv(affine, offsets, bits)
-    if bits == 6:                                       # one token only: dot_rows_tokens takes 4, 5 or 8 bits
-        keyed_cache((gemv,), ("int8 kernels", kind), DEPENDENCIES, CODE_CHOICES)
-        return gemv, None, None
     gemm = _make_int8_gemm(affine, offsets, bits)
-    if bits == 5:                                       # (dequantize takes 4 or 8 bits: the float panels' instead)
+    if bits in (5, 6):                                  # (dequantize takes 4 or 8 bits: the float panels' instead)
         keyed_cache((gemv, gemm), ("int8 kernels", kind), DEPENDENCIES, CODE_CHOICES)
         return gemv, gemm, None
     keyed_cache((gemv, gemm, panel), ("int8 kernels", kind), DEPENDENCIES, CODE_CHOICES)
@@ -568,29 +564,51 @@ def _make_int8_gemv(affine, offsets, bits):
     return gemv
 
 
+def _make_one_token_group(bits):
+    """few(c, n, h0, g, q, j, A, r, s, lanes): group g of row n (row r of a GEMM step, its scales in A) against one
+    token's q[j : j+32], scaled by s, into lanes: the GEMM's last few tokens, by the GEMV's dot products."""
+    @cpu_kernel(inline="always")
+    def few(c, n, h0, g, q, j, A, r, s, lanes):
+        CB = code_bytes(c)
+        if bits == 6:
+            dot_acc_q6(c[n], CB * g, u32(c, n, h0 + 8 * g), u32(c, n, h0 + 8 * g + 4), q, j, A[r, 2 * g] * s,
+                       A[r, 2 * g + 1] * s, lanes)
+        elif bits == 5:
+            dot_acc_high(c[n], CB * g, u32(c, n, h0 + 4 * g), q, j, A[r, g] * s, lanes)
+        else:
+            dot_acc(c[n], CB * g, q, j, A[r, g] * s, lanes)
+    return few
+
+
 def _make_int8_gemm(affine, offsets, bits):
-    """q8_kernels' gemm for codes of `bits` bits: 4 and 8, or 5 (bit 4 of each from the rows' high-bit stream:
-    dot_rows_tokens_high, dot_acc_high)."""
+    """q8_kernels' gemm for codes of `bits` bits: 4 and 8, 5 (bit 4 of each from the rows' high-bit stream:
+    dot_rows_tokens_high, dot_acc_high) or 6 (Q6_K: a scale per 16 values, the zero point inside the dot products:
+    dot_rows_tokens_q6, dot_acc_q6)."""
+    H, few = (2 if bits == 6 else 1), _make_one_token_group(bits)     # H: scales a row keeps per group of 32
+
     @cpu_kernel
     def task(w, c, r0, r1, q, dxT, dxqT, out):
         G, Mp = dxT.shape
-        K, M, CB = G * Q8_GROUP, out.shape[0], code_bytes(c)
+        K, M = G * Q8_GROUP, out.shape[0]
         h0, s0 = offsets(K)
-        A, y = np.empty((ROWS, G), np.float32), np.empty((ROWS, Mp), np.float32)
+        A, y = np.empty((ROWS, H * G), np.float32), np.empty((ROWS, Mp), np.float32)
         acc = np.empty(ROWS * TOKENS * 8, np.float32)
         lanes = acc.reshape(ROWS, TOKENS, 8)            # row r's token t: lanes[r, t] = acc[(r TOKENS + t) 8 : +8]
         for n in range(r0, r1, ROWS):                   # (the rows are padded to a multiple of DOT_ROWS)
             y[:, :] = float32(0.0)
             for r in range(ROWS):
-                for g in range(G):                      # the row's factors, and its offsets' part for every token
+                for g in range(H * G):                  # the row's factors, and its offsets' part for every token
                     a, b = affine(w, n + r, s0, g)
                     A[r, g] = a
-                    for m in range(Mp):
-                        y[r, m] += b * dxqT[g, m]
+                    if H == 1:                          # (Q6_K: no offset; its zero point is in the dot products)
+                        for m in range(Mp):
+                            y[r, m] += b * dxqT[g, m]
             for m0 in range(0, Mp, TOKENS):
                 u = min(TOKENS, M - m0)
                 if u > FEW_TOKENS:                      # TOKENS tokens a call: the group's codes unpacked once
-                    if bits == 5:                                                   # (sets every lane)
+                    if bits == 6:                                                   # (sets every lane)
+                        dot_rows_tokens_q6(c, n, h0, q, m0 * K, K, A, dxT, m0, acc)
+                    elif bits == 5:
                         dot_rows_tokens_high(c, n, h0, q, m0 * K, K, A, dxT, m0, acc)
                     else:
                         dot_rows_tokens(c, n, q, m0 * K, K, A, dxT, m0, acc)
@@ -599,11 +617,7 @@ def _make_int8_gemm(affine, offsets, bits):
                     for r in range(ROWS):
                         for t in range(u):
                             for g in range(G):
-                                j, scale = (m0 + t) * K + Q8_GROUP * g, A[r, g] * dxT[g, m0 + t]
-                                if bits == 5:
-                                    dot_acc_high(c[n + r], CB * g, u32(c, n + r, h0 + 4 * g), q, j, scale, lanes[r, t])
-                                else:
-                                    dot_acc(c[n + r], CB * g, q, j, scale, lanes[r, t])
+                                few(c, n + r, h0, g, q, (m0 + t) * K + Q8_GROUP * g, A, r, dxT[g, m0 + t], lanes[r, t])
                 for r in range(ROWS):
                     for t in range(u):
                         out[m0 + t, n + r] = y[r, m0 + t] + lanes[r, t].sum()

@@ -42,8 +42,8 @@ def q8_rounded(x):
 def test_x_times_w_transposed_on_blocks(kind, activations, monkeypatch):
     """1 and 2 tokens (the GEMV), 3, 5, 6, 9 and 11 tokens (a chunk: with "q8", the int8 gemm, TOKENS tokens a call,
     the last call partial, and a last block of at most FEW_TOKENS (3 alone, 8 + 1, 8 + 3) a token at a time; with
-    "fp32" panels of 16 rows: 70 rows = 4 panels, the last partial), [b, s, K]. With "q8", Q8_KINDS quantize x (Q6_K,
-    in Q8_GEMV_KINDS only, for 1 and 2 tokens), and the reference takes x so quantized."""
+    "fp32" panels of 16 rows: 70 rows = 4 panels, the last partial), [b, s, K]. With "q8", Q8_KINDS quantize x, and
+    the reference takes x so quantized."""
     monkeypatch.setattr(cpu_linear, "PANEL_ROWS", 16)
     monkeypatch.setattr(cpu_linear, "ACTIVATIONS", activations)
     rng = np.random.default_rng(len(kind))
@@ -53,9 +53,7 @@ def test_x_times_w_transposed_on_blocks(kind, activations, monkeypatch):
     for shape in ((1, k), (2, k), (3, k), (5, k), (2, 3, k), (1, 9, k), (1, 11, k)):
         x = rng.standard_normal(shape).astype(np.float32)
         got = x @ w.T
-        tokens = int(np.prod(shape[:-1]))                 # Q6_K: int8 for the GEMV only
-        quantized = activations == "q8" and (kind in cpu_linear.Q8_KINDS or kind in cpu_linear.Q8_GEMV_KINDS
-                                              and tokens <= cpu_linear.GEMV_TOKENS)
+        quantized = activations == "q8" and kind in cpu_linear.Q8_KINDS
         want = (q8_rounded(x) if quantized else x.astype(np.float64)) @ w64.T
         assert got.shape == shape[:-1] + (70,) and got.dtype == np.float32
         assert np.abs(got - want).max() <= RTOL * np.abs(want).max(), shape
@@ -142,8 +140,8 @@ def test_the_numpy_engine_refuses_bf16_weights(tmp_path, wide_dir):
 def test_the_int8_kernels_without_vnni_are_the_same_statement(tmp_path):
     """The portable IR (one int32 reduce per group and token), which CPUs without VNNI run, compiled on purpose in
     a child process (NUMBATTN_CPU_VNNI=0, its own Numba cache): the GEMV, and the GEMM on 9 tokens (a full call of
-    TOKENS and one token alone) and 12 (a full call and a padded one), Q4_1, Q8_0 and Q5_1, and the 6-bit GEMV
-    (Q6_K), against the same float64 statement."""
+    TOKENS and one token alone) and 12 (a full call and a padded one), Q4_1, Q8_0, Q5_1 and Q6_K, against the same
+    float64 statement."""
     script = tmp_path / "portable.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -153,7 +151,7 @@ def test_the_int8_kernels_without_vnni_are_the_same_statement(tmp_path):
         from numbattn import cpu_linear
         from numbattn.kernels import cpu_dot
         assert not cpu_dot.VNNI
-        for kind, token_counts in (("q4_1", (1, 9, 12)), ("q8_0", (1, 9, 12)), ("q5_1", (1, 9, 12)), ("q6_k", (1,))):
+        for kind, token_counts in (("q4_1", (1, 9, 12)), ("q8_0", (1, 9, 12)), ("q5_1", (1, 9, 12)), ("q6_k", (1, 9, 12))):
             rng = np.random.default_rng(9)
             w, w64 = block_matrix(rng, kind, 12, 256 if kind == "q6_k" else 96)
             for tokens in token_counts:

@@ -49,6 +49,7 @@ the callers (numbattn/cpu_linear.py) pass offsets of whole groups inside the row
                                      the int8 GEMM's step (8 tokens: as fast as 4 on one thread, faster on two)
     dot_rows_tokens_high(c, n, h0, q, j, stride, a, s, k, acc)   the same for 5-bit codes, their bit 4 from the
                                      rows' high-bit stream at byte h0
+    dot_rows_tokens_q6(c, n, h0, q, j, stride, a, s, k, acc)   and for Q6_K (a [ROWS, 2 G]: a scale per 16)
     dequantize(c, i, a, b, out, j)   out[j : j+32] = a * codes + b (one vector FMA; prefill's fp32 panels)
     The codes array's dtype picks their unpacking when Numba compiles the caller: uint8 4-bit, int8 8-bit.
     f32_of_half(bits)                an fp16's float32 (vcvtph2ps with F16C)
@@ -189,11 +190,16 @@ def _low_32(builder, v):
     return builder.trunc(v, I32) if width > 32 else builder.zext(v, I32) if width < 32 else v
 
 
+def _load_i32(context, builder, array_type, array, index):
+    """The 4 bytes at array[index] (a byte array) as one little-endian i32."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.load(builder.bitcast(builder.gep(data, [index]), I32.as_pointer()), align=1)
+
+
 def _codes_u5_in_row(context, builder, array_type, array, index, high_index):
     """_codes_u5 with the group's field loaded from the same byte array at high_index (4 bytes, little-endian)."""
-    data = context.make_array(array_type)(context, builder, array).data
-    field = builder.load(builder.bitcast(builder.gep(data, [high_index]), I32.as_pointer()), align=1)
-    return _codes_u5(context, builder, array_type, array, index, field)
+    return _codes_u5(context, builder, array_type, array, index,
+                     _load_i32(context, builder, array_type, array, high_index))
 
 
 @intrinsic
@@ -355,53 +361,71 @@ TOKENS = 8          # tokens a call: more independent sums to hide vpdpbusd's la
 ROWS = 2            # rows a call: each token's 32 bytes of x, loaded once, serve both (4: slower)
 
 
-def _rows_tokens(context, builder, signature, args):
-    """acc[(r TOKENS + t) 8 : +8] = sum_g a[r, g] s[g, k+t] (codes of row n+r, group g) . q[j + t stride + 32 g :
-    +32] for r < ROWS, t < TOKENS, over the rows' G groups in one loop: the ROWS x TOKENS accumulators live in
-    registers across the groups (allocas LLVM promotes), stored to acc once. args = (c, n, q, j, stride, a, s, k,
-    acc); c [N, bytes] and s [G, Mp] C-contiguous, a [ROWS, G]."""
-    high = len(args) == 10                              # dot_rows_tokens_high: h0, the rows' high-bit stream
-    if high:
-        c, n, h0, q, j, stride, a, s, k, acc = args
-        ctype, qtype, atype, stype, acctype = (signature.args[i] for i in (0, 3, 6, 7, 9))
-    else:
-        c, n, q, j, stride, a, s, k, acc = args
-        ctype, qtype, atype, stype, acctype = (signature.args[i] for i in (0, 2, 5, 6, 8))
-    f8 = ir.VectorType(F32, 8)
-    unpack = _unpack_for(ctype)
-    group_bytes = _code_bytes(ctype)
-    row_bytes = cgutils.unpack_tuple(builder, context.make_array(ctype)(context, builder, c).shape, 2)[1]
-    s_array = context.make_array(stype)(context, builder, s)
-    G, Mp = cgutils.unpack_tuple(builder, s_array.shape, 2)
-    a_data, s_data = context.make_array(atype)(context, builder, a).data, s_array.data
-    first = [builder.mul(builder.add(n, ir.Constant(n.type, r)), row_bytes) for r in range(ROWS)]
-    lanes = [[cgutils.alloca_once_value(builder, ir.Constant(f8, [0.0] * 8)) for _ in range(TOKENS)]
-             for _ in range(ROWS)]
-    with cgutils.for_range(builder, G) as loop:
-        g = loop.index
-        at = builder.mul(g, ir.Constant(g.type, group_bytes))
-        if high:                                        # the group's 32-bit field: 4 bytes at h0 + 4 g
-            fields = [builder.add(builder.add(first[r], h0), builder.mul(g, ir.Constant(g.type, 4)))
-                      for r in range(ROWS)]
-            codes = [_codes_u5_in_row(context, builder, ctype, c, builder.add(first[r], at), fields[r])
-                     for r in range(ROWS)]
-        else:
-            codes = [unpack(context, builder, ctype, c, builder.add(first[r], at)) for r in range(ROWS)]
-        a_g = [builder.load(builder.gep(a_data, [builder.add(builder.mul(ir.Constant(G.type, r), G), g)]))
-               for r in range(ROWS)]
-        row = builder.mul(g, Mp)
-        for t in range(TOKENS):
-            offset = builder.add(builder.add(j, builder.mul(stride, ir.Constant(stride.type, t))),
-                                 builder.mul(g, ir.Constant(g.type, 32)))
-            x = builder.load(_vector_at(context, builder, qtype, q, offset, 32), align=1)
-            s_gt = builder.load(builder.gep(s_data, [builder.add(row, builder.add(k, ir.Constant(k.type, t)))]))
-            for r in range(ROWS):
-                _add_scaled_dot(context, builder, codes[r], x, builder.fmul(a_g[r], s_gt), lanes[r][t])
-    for r in range(ROWS):
-        for t in range(TOKENS):
-            out = _vector_at(context, builder, acctype, acc, ir.Constant(I32, 8 * (r * TOKENS + t)), 8, F32)
-            builder.store(builder.load(lanes[r][t]), out, align=4)
-    return context.get_dummy_value()
+def _make_rows_tokens(bits):
+    """The codegen of dot_rows_tokens (bits 0: 4 or 8, told by the codes' dtype), dot_rows_tokens_high (5) and
+    dot_rows_tokens_q6 (6): acc[(r TOKENS + t) 8 : +8] = sum_g a[r, g] s[g, k+t] (codes of row n+r, group g) .
+    q[j + t stride + 32 g : +32] for r < ROWS, t < TOKENS, over the rows' G groups in one loop (6 bits: a [ROWS,
+    2 G], a scale per 16 values, and the zero point 32): the ROWS x TOKENS accumulators live in registers across
+    the groups (allocas LLVM promotes), stored to acc once. args = (c, n, [h0,] q, j, stride, a, s, k, acc);
+    c [N, bytes] and s [G, Mp] C-contiguous."""
+    def codegen(context, builder, signature, args):
+        at = (0, 3, 6, 7, 9) if bits else (0, 2, 5, 6, 8)
+        c, n, h0 = args[0], args[1], (args[2] if bits else None)
+        q, j, stride, a, s, k, acc = (args[i] for i in range(3 if bits else 2, len(args)))
+        ctype, qtype, atype, stype, acctype = (signature.args[i] for i in at)
+        f8 = ir.VectorType(F32, 8)
+        row_bytes = cgutils.unpack_tuple(builder, context.make_array(ctype)(context, builder, c).shape, 2)[1]
+        s_array = context.make_array(stype)(context, builder, s)
+        G, Mp = cgutils.unpack_tuple(builder, s_array.shape, 2)
+        a_data, s_data = context.make_array(atype)(context, builder, a).data, s_array.data
+        first = [builder.mul(builder.add(n, ir.Constant(n.type, r)), row_bytes) for r in range(ROWS)]
+        lanes = [[cgutils.alloca_once_value(builder, ir.Constant(f8, [0.0] * 8)) for _ in range(TOKENS)]
+                 for _ in range(ROWS)]
+        per_row = 2 if bits == 6 else 1                 # scales a row keeps per group: a[r, per_row g + h]
+
+        def scale(r, g, h):
+            column = builder.add(builder.mul(g, ir.Constant(g.type, per_row)), ir.Constant(g.type, h))
+            return builder.load(builder.gep(a_data, [builder.add(builder.mul(ir.Constant(G.type, per_row * r), G),
+                                                                 column)]))
+        with cgutils.for_range(builder, G) as loop:
+            g = loop.index
+            codes = [_group_codes(context, builder, bits, ctype, c, first[r], g, h0) for r in range(ROWS)]
+            a_g = [[scale(r, g, h) for h in range(per_row)] for r in range(ROWS)]
+            row = builder.mul(g, Mp)
+            for t in range(TOKENS):
+                offset = builder.add(builder.add(j, builder.mul(stride, ir.Constant(stride.type, t))),
+                                     builder.mul(g, ir.Constant(g.type, 32)))
+                x = builder.load(_vector_at(context, builder, qtype, q, offset, 32), align=1)
+                s_gt = builder.load(builder.gep(s_data, [builder.add(row, builder.add(k, ir.Constant(k.type, t)))]))
+                for r in range(ROWS):
+                    scales = [builder.fmul(a_rh, s_gt) for a_rh in a_g[r]]
+                    if bits == 6:
+                        _add_q6_dot(builder, codes[r], x, *scales, lanes[r][t])
+                    else:
+                        _add_scaled_dot(context, builder, codes[r], x, scales[0], lanes[r][t])
+        for r in range(ROWS):
+            for t in range(TOKENS):
+                out = _vector_at(context, builder, acctype, acc, ir.Constant(I32, 8 * (r * TOKENS + t)), 8, F32)
+                builder.store(builder.load(lanes[r][t]), out, align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _group_codes(context, builder, bits, ctype, c, row_start, g, h0):
+    """Group g's 32 codes of the row starting at byte row_start, unpacked (<32 x i8>); 5 and 6 bits: with their
+    high bits from the row's stream at byte h0 (a 32-bit field per group, or per code word)."""
+    at = builder.add(row_start, builder.mul(g, ir.Constant(g.type, _code_bytes(ctype))))
+    if bits == 5:
+        field = builder.add(builder.add(row_start, h0), builder.mul(g, ir.Constant(g.type, 4)))
+        return _codes_u5_in_row(context, builder, ctype, c, at, field)
+    if bits == 6:
+        start = builder.add(builder.add(row_start, h0), builder.mul(g, ir.Constant(g.type, 8)))
+        fields = ir.Constant(ir.VectorType(I32, 2), ir.Undefined)
+        for w in range(2):
+            word = _load_i32(context, builder, ctype, c, builder.add(start, ir.Constant(start.type, 4 * w)))
+            fields = builder.insert_element(fields, word, ir.Constant(I32, w))
+        return _codes_u6(context, builder, ctype, c, at, fields)
+    return _unpack_for(ctype)(context, builder, ctype, c, at)
 
 
 @intrinsic
@@ -411,7 +435,7 @@ def dot_rows_tokens(typingctx, c, n, q, j, stride, a, s, k, acc):
     g at q[j + t stride + 32 g], scaled by a[r, g] s[g, k + t]; each group's codes unpacked once for the TOKENS
     tokens, each token's x once for the ROWS rows."""
     _check_rows_tokens(c, q, a, s, acc)
-    return types.none(c, n, q, j, stride, a, s, k, acc), _rows_tokens
+    return types.none(c, n, q, j, stride, a, s, k, acc), _make_rows_tokens(0)
 
 
 def _check_rows_tokens(c, q, a, s, acc):
@@ -424,14 +448,25 @@ def _check_rows_tokens(c, q, a, s, acc):
                         f"acc float32 (C order); not {c}, {q}, {a}, {s}, {acc}")
 
 
+def _high_rows_tokens(bits, c, n, h0, q, j, stride, a, s, k, acc):
+    if not (isinstance(c, types.Array) and c.dtype == types.uint8 and isinstance(h0, types.Integer)):
+        raise TypeError(f"dot_rows_tokens for {bits}-bit codes takes uint8 codes and an integer h0, not {c}, {h0}")
+    _check_rows_tokens(c, q, a, s, acc)
+    return types.none(c, n, h0, q, j, stride, a, s, k, acc), _make_rows_tokens(bits)
+
+
 @intrinsic
 def dot_rows_tokens_high(typingctx, c, n, h0, q, j, stride, a, s, k, acc):
     """dot_rows_tokens for 5-bit codes (uint8 rows): bit 4 of each code from the row's high-bit stream at byte h0
     (group g's 32-bit field at h0 + 4 g, as dot_acc_high takes it)."""
-    if not (isinstance(c, types.Array) and c.dtype == types.uint8 and isinstance(h0, types.Integer)):
-        raise TypeError(f"dot_rows_tokens_high takes uint8 codes and an integer h0, not {c}, {h0}")
-    _check_rows_tokens(c, q, a, s, acc)
-    return types.none(c, n, h0, q, j, stride, a, s, k, acc), _rows_tokens
+    return _high_rows_tokens(5, c, n, h0, q, j, stride, a, s, k, acc)
+
+
+@intrinsic
+def dot_rows_tokens_q6(typingctx, c, n, h0, q, j, stride, a, s, k, acc):
+    """dot_rows_tokens for Q6_K (uint8 rows): bits 4 and 5 from the row's high-bit stream at byte h0 (code word w's
+    32-bit field at h0 + 4 w), a [ROWS, 2 G]: a scale per 16 values, the zero point 32 (as dot_acc_q6)."""
+    return _high_rows_tokens(6, c, n, h0, q, j, stride, a, s, k, acc)
 
 
 def _code_bytes(c):
