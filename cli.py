@@ -474,7 +474,8 @@ ENGINES = {"cuda": "the device engine: the weights uploaded to the GPU once, eve
                    "steps replayed as CUDA graphs",
            "sim": "the device engine in Numba's CUDA simulator (every op a numbattn kernel, run on the CPU: slow)",
            "numpy": "the NumPy engine: weights in host memory (fp32, or a GGUF file's quantized blocks as stored, "
-                    "multiplied by Numba kernels), every other op in NumPy"}
+                    "multiplied by Numba kernels); norms, RoPE and decode attention by numbattn's CPU kernels, the "
+                    "rest in NumPy"}
 
 
 def open_model(model, backend, ctx_size=None, verbose=False, download=True):
