@@ -264,9 +264,9 @@ def make_cpu_kernels(kind):
     @cpu_kernel
     def dot_task(w, r0, r1, xs, xsum, out, gb):
         K = xs.shape[0]
-        lay, scratch = offsets(K), np.empty((2 * DOT_ROWS, K // 2), np.float32)
+        lay = offsets(K)
         if HIGH_BITS:                   # 5- and 6-bit codes: a row dequantized, then a float dot product
-            row = np.empty(K, np.float32)
+            row, scratch = np.empty(K, np.float32), np.empty((4, K // 2), np.float32)
             for n in range(r0, r1):
                 dequantize_row(w, n, lay, scratch, row, gb)
                 s = float32(0.0)
@@ -276,7 +276,7 @@ def make_cpu_kernels(kind):
             return
         v, a, b = np.empty((DOT_ROWS, gb), np.float32), np.empty(DOT_ROWS, np.float32), np.empty(DOT_ROWS, np.float32)
         for n0 in range(r0, r1, DOT_ROWS):
-            dot_rows(w, n0, lay, scratch, xs, xsum, v, a, b, out, gb)
+            dot_rows(w, n0, lay, xs, xsum, v, a, b, out, gb)
 
     @cpu_kernel
     def panel(w, r0, r1, buf, gb):
@@ -328,12 +328,13 @@ def _make_offsets(kind):
 # assembly (vpmovzxbd, vcvtdq2ps, vroundps, FMAs on 8 lanes):
 #   dequantize_row(w, n, lay, scratch, row, gb): row [K] = W[n] dequantized, staged: each group's factors spread
 #       first into per-byte arrays (scratch), then plain loops over the row's bytes with one stream of stores each;
-#   dot_row(w, n, lay, scratch, xs, xsum, v, gb) -> xs . W[n]: for each group, v[t] += a (lo_t x_lo,t + hi_t x_hi,t)
-#       over its gb bytes (v: gb running sums, added up at the end), and the group's offset once, b' sum(x) (b' = b - a z,
-#       xsum the group's sum of x): one FMA a weight and nothing stored.
+#   dot_rows(w, n0, lay, xs, xsum, v, a, b, out, gb) -> out[n0 + r] = xs . W[n0 + r], r < DOT_ROWS (4- and 8-bit
+#       codes): for each group, v[r, t] += a (lo_t x_lo,t + hi_t x_hi,t) over its gb bytes (v: gb running sums a row,
+#       added up at the end), and the group's offset once, b' sum(x) (b' = b - a z, xsum the group's sum of x): one
+#       FMA a weight and nothing stored.
 def _make_q4(kind):
-    """4- to 6-bit codes. scratch [4, K/2]: each byte's factor a, offset b (the zero point folded in: a c + b), and
-    the high bits of its low and high code."""
+    """4- to 6-bit codes (dot_rows: 4-bit only). scratch [4, K/2]: each byte's factor a, offset b (the zero point
+    folded in: a c + b), and the high bits of its low and high code."""
     factors = cpu_factors(kind, half)
     z, E, high_bits = float32(ZERO[kind]), blocks.BLOCK_KINDS[kind].bits - 4, _make_high_bits(kind)
 
@@ -359,12 +360,9 @@ def _make_q4(kind):
             row[H + i] = a[i] * hi + b[i]
 
     @cpu_kernel(inline="always")
-    def dot_rows(w, n0, lay, scratch, xs, xsum, v, a, b, out, gb):
-        H = xs.shape[0] // 2
-        for r in range(DOT_ROWS):
-            if E:
-                high_bits(w[n0 + r], lay[0], H, scratch[2 * r], scratch[2 * r + 1])
-            b[r] = float32(0.0)
+    def dot_rows(w, n0, lay, xs, xsum, v, a, b, out, gb):
+        H = xs.shape[0] // 2            # (4-bit codes only: make_cpu_kernels dequantizes 5- and 6-bit rows first)
+        b[:] = float32(0.0)
         v[:, :] = float32(0.0)
         for g in range(H // gb):
             base = g * gb
@@ -377,8 +375,6 @@ def _make_q4(kind):
                     c = float32(w[n0 + r, base + t])
                     hi = np.floor(c * float32(0.0625))
                     lo = c - float32(16.0) * hi
-                    if E:
-                        lo, hi = lo + scratch[2 * r, base + t], hi + scratch[2 * r + 1, base + t]
                     v[r, t] += a[r] * (lo * xl + hi * xh)
         for r in range(DOT_ROWS):
             s = b[r]
@@ -424,7 +420,7 @@ def _make_q8(kind):
             row[i] = a[i] * (c - float32(256.0) * np.floor(c * float32(1 / 128)))     # the byte's int8
 
     @cpu_kernel(inline="always")
-    def dot_rows(w, n0, lay, scratch, xs, xsum, v, a, b, out, gb):
+    def dot_rows(w, n0, lay, xs, xsum, v, a, b, out, gb):
         v[:, :] = float32(0.0)
         for g in range(xs.shape[0] // gb):
             base = g * gb
@@ -518,20 +514,18 @@ def _make_int8_gemv(affine, offsets, bits):
     """q8_kernels' gemv for codes of `bits` bits: 4 and 8 (dot_acc), 5 (bit 4 of each from the row's high-bit
     stream: dot_acc_high) or 6 (Q6_K: bits 4, 5 from it, a scale per 16 values and the zero point inside
     dot_acc_q6)."""
+    dot_group = _make_dot_group(bits)
+
     @cpu_kernel(inline="always")
     def group(w, c, n, h0, s0, g, q, qs, d, acc):
         """Group g of row n: acc += (a d) (c . q) (8 lanes) -> d qs (b - a z), the offset's part (a scalar)."""
-        if bits == 6:                                   # two 16-value halves, each its scale and 32-bit field
+        if bits == 6:                                   # two 16-value halves, each its scale; no offset
             a0, _ = affine(w, n, s0, 2 * g)
             a1, _ = affine(w, n, s0, 2 * g + 1)
-            dot_acc_q6(c[n], code_bytes(c) * g, u32(w, n, h0 + 8 * g), u32(w, n, h0 + 8 * g + 4), q, Q8_GROUP * g,
-                       a0 * d, a1 * d, acc)
+            dot_group(c, n, h0, g, q, Q8_GROUP * g, a0 * d, a1 * d, acc)
             return float32(0.0)
         a, b = affine(w, n, s0, g)
-        if bits == 5:                                   # the group's two 16-bit fields, as one 32-bit one
-            dot_acc_high(c[n], code_bytes(c) * g, u32(w, n, h0 + 4 * g), q, Q8_GROUP * g, a * d, acc)
-        else:
-            dot_acc(c[n], code_bytes(c) * g, q, Q8_GROUP * g, a * d, acc)
+        dot_group(c, n, h0, g, q, Q8_GROUP * g, a * d, float32(0.0), acc)
         return d * float32(qs) * b
 
     @cpu_kernel
@@ -564,27 +558,27 @@ def _make_int8_gemv(affine, offsets, bits):
     return gemv
 
 
-def _make_one_token_group(bits):
-    """few(c, n, h0, g, q, j, A, r, s, lanes): group g of row n (row r of a GEMM step, its scales in A) against one
-    token's q[j : j+32], scaled by s, into lanes: the GEMM's last few tokens, by the GEMV's dot products."""
+def _make_dot_group(bits):
+    """dot_group(c, n, h0, g, q, j, s0, s1, lanes): lanes += group g of row n of the codes c (uint8 or int8 rows, the
+    high-bit stream at byte h0) . q[j : j+32], scaled by s0 (Q6_K: s0 its first 16 values, s1 the other 16), by
+    the dot products for `bits`-bit codes: the GEMV's step, and the GEMM's for its last few tokens."""
     @cpu_kernel(inline="always")
-    def few(c, n, h0, g, q, j, A, r, s, lanes):
+    def dot_group(c, n, h0, g, q, j, s0, s1, lanes):
         CB = code_bytes(c)
-        if bits == 6:
-            dot_acc_q6(c[n], CB * g, u32(c, n, h0 + 8 * g), u32(c, n, h0 + 8 * g + 4), q, j, A[r, 2 * g] * s,
-                       A[r, 2 * g + 1] * s, lanes)
-        elif bits == 5:
-            dot_acc_high(c[n], CB * g, u32(c, n, h0 + 4 * g), q, j, A[r, g] * s, lanes)
+        if bits == 6:                                   # each code word its 32-bit field
+            dot_acc_q6(c[n], CB * g, u32(c, n, h0 + 8 * g), u32(c, n, h0 + 8 * g + 4), q, j, s0, s1, lanes)
+        elif bits == 5:                                 # the group's two 16-bit fields, as one 32-bit one
+            dot_acc_high(c[n], CB * g, u32(c, n, h0 + 4 * g), q, j, s0, lanes)
         else:
-            dot_acc(c[n], CB * g, q, j, A[r, g] * s, lanes)
-    return few
+            dot_acc(c[n], CB * g, q, j, s0, lanes)
+    return dot_group
 
 
 def _make_int8_gemm(affine, offsets, bits):
     """q8_kernels' gemm for codes of `bits` bits: 4 and 8, 5 (bit 4 of each from the rows' high-bit stream:
     dot_rows_tokens_high, dot_acc_high) or 6 (Q6_K: a scale per 16 values, the zero point inside the dot products:
     dot_rows_tokens_q6, dot_acc_q6)."""
-    H, few = (2 if bits == 6 else 1), _make_one_token_group(bits)     # H: scales a row keeps per group of 32
+    H, dot_group = (2 if bits == 6 else 1), _make_dot_group(bits)     # H: scales a row keeps per group of 32
 
     @cpu_kernel
     def task(w, c, r0, r1, q, dxT, dxqT, out):
@@ -617,7 +611,9 @@ def _make_int8_gemm(affine, offsets, bits):
                     for r in range(ROWS):
                         for t in range(u):
                             for g in range(G):
-                                few(c, n + r, h0, g, q, (m0 + t) * K + Q8_GROUP * g, A, r, dxT[g, m0 + t], lanes[r, t])
+                                s = dxT[g, m0 + t]
+                                dot_group(c, n + r, h0, g, q, (m0 + t) * K + Q8_GROUP * g, A[r, H * g] * s,
+                                          A[r, H * g + H - 1] * s, lanes[r, t])
                 for r in range(ROWS):
                     for t in range(u):
                         out[m0 + t, n + r] = y[r, m0 + t] + lanes[r, t].sum()
